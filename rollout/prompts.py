@@ -1,0 +1,105 @@
+"""Prompt data for a job: load and check the configured source, render, and sample batches.
+
+`builtin:arith` generates `a+b=` problems with reference answers; anything else is a file in one
+of the seed formats. Every bad record is reported as `FILE:LINE: reason`; the job then stops or
+skips them as `data.on_bad_record` says.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Iterator
+
+import msgspec
+
+from rollout.config import DataConfig
+from rollout.formats import FormatError, PromptRecord, parse_prompt, read_prompts
+from rollout.records import BadRecord
+from rollout.worker import PromptTask
+
+BUILTIN_ARITH = "builtin:arith"
+
+
+class DataError(ValueError):
+    """The prompt data has bad records and the config says to stop."""
+
+
+def arith_problems(count: int, max_operand: int, seed: int) -> Iterator[dict]:
+    """`a+b=` problems as SFT records; the same (count, max_operand, seed) gives the same list."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        yield {"prompt": f"{a}+{b}=", "completion": str(a + b)}
+
+
+def load_prompts(cfg: DataConfig, seed: int, *, log=sys.stderr) -> list[PromptRecord]:
+    """All records of the configured source; bad ones reported, then stop or skip per config."""
+    if cfg.prompts == BUILTIN_ARITH:
+        return [parse_prompt(obj, "sft", f"{BUILTIN_ARITH}:{i + 1}")
+                for i, obj in enumerate(arith_problems(cfg.builtin_size, cfg.builtin_max_operand, seed))]
+    records: list[PromptRecord] = []
+    bad: list[BadRecord] = []
+    for item in read_prompts(cfg.prompts, cfg.format):
+        if isinstance(item, BadRecord):
+            bad.append(item)
+            print(item, file=log)
+        else:
+            records.append(item)
+    if bad and cfg.on_bad_record == "stop":
+        raise DataError(f"{cfg.prompts}: {len(bad)} bad record(s), listed above; fix them, or set "
+                        "data.on_bad_record=skip to train on the rest")
+    if bad:
+        print(f"{cfg.prompts}: skipped {len(bad)} bad record(s)", file=log)
+    if not records:
+        raise DataError(f"{cfg.prompts}: no valid prompt records")
+    return records
+
+
+class PromptRenderer:
+    """Renders a record's messages with the tokenizer's chat template into a PromptTask."""
+
+    def __init__(self, tokenizer, max_prompt_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the model's tokenizer has no chat template; add one to its tokenizer_config.json")
+
+    def text(self, record: PromptRecord) -> str:
+        messages = [{"role": m.role, "content": m.content} for m in record.messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def render(self, record: PromptRecord) -> PromptTask:
+        text = self.text(record)
+        # The template already wrote the special tokens (bos); adding them again would double them.
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            raise FormatError(f"{record.source}: prompt is {len(ids)} tokens, longer than the maximum "
+                              f"{self.max_prompt_tokens} (model.max_prompt_tokens)")
+        return PromptTask(prompt_id=record.prompt_id, prompt=text, prompt_ids=ids)
+
+
+class PromptSampler(msgspec.Struct):
+    """Batches of prompts in a seeded order, epoch after epoch; its state is the data cursor."""
+    size: int
+    seed: int
+    shuffle: bool = True
+    epoch: int = 0
+    position: int = 0
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        indices: list[int] = []
+        while len(indices) < batch_size:
+            order = self._order()
+            take = min(batch_size - len(indices), self.size - self.position)
+            indices.extend(order[self.position:self.position + take])
+            self.position += take
+            if self.position == self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+        return indices
+
+    def _order(self) -> list[int]:
+        order = list(range(self.size))
+        if self.shuffle:
+            random.Random(self.seed * 7919 + self.epoch).shuffle(order)
+        return order

@@ -1,0 +1,193 @@
+"""Everything a PPO run holds between iterations, and the steps the job loop names.
+
+`Session.open` resolves the model (building the tiny one, SFT warm-up), starts or joins Ray,
+spawns the rollout, reward and learner actors, and resumes from the newest checkpoint in the run
+directory. A resumed run numbers its iterations after the last one already archived, so no
+(iteration, prompt_id, sample_index) is ever archived twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import ray
+
+from learner.tiny_model import resolve_model_path
+from rollout.archive import ArchiveWriter
+from rollout.config import JobConfig, check, to_yaml
+from rollout.engine import resolve_device
+from rollout.metrics import MetricsLog
+from rollout.pool import WorkerPool
+from rollout.prompts import PromptRenderer, PromptSampler, load_prompts
+from rollout.record import RolloutRecord
+from rollout.worker import PromptTask
+
+CHECKPOINTS = "checkpoints"
+
+
+def init_ray(cfg: JobConfig, needed_cpus: float) -> None:
+    """Join the cluster at ray.address / RAY_ADDRESS, else start a local Ray sized for the job."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Ray's CPU count is a scheduling budget, not a thread limit: generation, reward and learning
+    # take turns, so a 2-core machine can host the whole job.
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+class Session:
+    def __init__(self, cfg: JobConfig, run_dir: Path, log):
+        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+
+    @classmethod
+    def open(cls, cfg: JobConfig, run_dir: Path, *, log=sys.stderr) -> Session:
+        from reward.worker import RewardWorker
+        from rollout.job import last_archived_iteration
+
+        self = cls(cfg, run_dir, log)
+        check(cfg, cuda_available=resolve_device("auto") == "cuda")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.run_id = _run_id(run_dir, cfg.run_name)
+        self.records = load_prompts(cfg.data, cfg.seed, log=log)
+        self.by_id = {r.prompt_id: r for r in self.records}
+        self.sampler = PromptSampler(size=len(self.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
+
+        base_model = resolve_model_path(cfg.model.path)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        self.renderer = PromptRenderer(self.tokenizer, cfg.model.max_prompt_tokens)
+        self.tasks = {}
+        model = base_model
+        if cfg.model.sft_warmup:
+            from learner.sft import warm_start
+
+            model = warm_start(base_model, self.records, steps=cfg.model.sft_steps, lr=cfg.model.sft_lr,
+                               max_prompt_tokens=cfg.model.max_prompt_tokens, seed=cfg.seed, log=log)
+
+        checkpoint = latest_checkpoint(run_dir)
+        serving_model = str(checkpoint / "policy") if checkpoint else model
+        learner_gpus = 1 if resolve_device(cfg.learner.device) == "cuda" else 0
+        reward_cpus = 0.5
+        init_ray(cfg, cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + 1 + reward_cpus * cfg.reward.num_workers)
+        print(f"run {self.run_id}: {len(self.records)} prompts, model {model}, "
+              f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
+
+        from learner.learner import Learner
+
+        self.learner = ray.remote(Learner).options(num_cpus=1, num_gpus=learner_gpus).remote(cfg, model)
+        self.reward_workers = [
+            ray.remote(RewardWorker).options(num_cpus=reward_cpus).remote(cfg.reward, name=f"reward-{i}")
+            for i in range(cfg.reward.num_workers)
+        ]
+        self.pool = WorkerPool(cfg, serving_model)
+        self.first_iteration = 0
+        if checkpoint:
+            extra = ray.get(self.learner.load.remote(checkpoint))
+            self.sampler = msgspec.convert(extra["sampler"], PromptSampler)
+            self.first_iteration = max(extra["iteration"], last_archived_iteration(run_dir)) + 1
+            self.pool.sync_weights(ray.get(self.learner.version_number.remote()), self._weights())
+            print(f"resumed from {checkpoint.name}: continuing at iteration {self.first_iteration}", file=log)
+        self.iterations_left = max(0, cfg.iterations - (extra["iteration"] + 1 if checkpoint else 0))
+        self.last_iteration = self.first_iteration + self.iterations_left - 1
+        self.version = self.pool.version
+        self.archive = ArchiveWriter(run_dir / "rollouts", self._archive_metadata(model),
+                                     batch_rows=cfg.archive.batch_rows, rows_per_file=cfg.archive.rows_per_file)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        return self
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def sample_prompts(self) -> list[PromptTask]:
+        tasks = []
+        for index in self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration):
+            record = self.records[index]
+            if record.prompt_id not in self.tasks:
+                self.tasks[record.prompt_id] = self.renderer.render(record)
+            tasks.append(self.tasks[record.prompt_id])
+        return tasks
+
+    def generate_and_reward(self, tasks: list[PromptTask], iteration: int,
+                            timings: dict[str, float]) -> tuple[list[RolloutRecord], dict[str, float]]:
+        """Generation results go to the reward workers as they arrive, so scoring overlaps generation."""
+        start = time.perf_counter()
+        scoring: list[tuple[ray.ObjectRef, list[RolloutRecord]]] = []
+        tokens = 0
+        for n, result in enumerate(self.pool.generate(tasks, run_id=self.run_id, iteration=iteration)):
+            tokens += result.generated_tokens
+            items = [(self.by_id[r.prompt_id], r.prompt, r.response) for r in result.records]
+            worker = self.reward_workers[n % len(self.reward_workers)]
+            scoring.append((worker.score.remote(items), result.records))
+        timings["generate"] = time.perf_counter() - start
+        start = time.perf_counter()
+        records: list[RolloutRecord] = []
+        for ref, batch in scoring:
+            for record, result in zip(batch, ray.get(ref)):
+                record.reward = result.total
+                record.reward_components = result.components
+            records.extend(batch)
+        timings["reward"] = time.perf_counter() - start
+        position = {t.prompt_id: i for i, t in reversed(list(enumerate(tasks)))}
+        records.sort(key=lambda r: (position[r.prompt_id], r.sample_index))
+        return records, {"generated_tokens": tokens, "generate_seconds": timings["generate"]}
+
+    def sync_weights(self) -> None:
+        version = ray.get(self.learner.version_number.remote())
+        self.pool.sync_weights(version, self._weights())
+        self.version = version
+
+    def archive_iteration(self, records: list[RolloutRecord]) -> None:
+        self.archive.write(records)
+        self.archive.flush()
+
+    def checkpoint(self, iteration: int) -> None:
+        directory = self.run_dir / CHECKPOINTS / f"iter-{iteration:06d}"
+        extra = {"iteration": iteration, "sampler": msgspec.to_builtins(self.sampler), "run_id": self.run_id}
+        ray.get(self.learner.save.remote(directory, extra))
+        (self.run_dir / CHECKPOINTS / "latest").write_text(directory.name)
+
+    def close(self) -> None:
+        self.archive.close()
+        self.pool.shutdown()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _weights(self) -> ray.ObjectRef:
+        return self.learner.export_weights.remote()
+
+    def _archive_metadata(self, model: str) -> dict[str, str]:
+        lc = self.cfg.learner
+        return {
+            "run_id": self.run_id, "gamma": repr(lc.gamma), "lam": repr(lc.lam),
+            "kl_coef": repr(lc.kl.coef), "kl_estimator": lc.kl.estimator, "kl_target": repr(lc.kl.target),
+            "temperature": repr(self.cfg.rollout.sampling.temperature), "model": model,
+            "config": to_yaml(self.cfg),
+        }
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / CHECKPOINTS / "latest"
+    if not pointer.exists():
+        return None
+    directory = run_dir / CHECKPOINTS / pointer.read_text().strip()
+    return directory if (directory / "learner.pt").exists() else None
+
+
+def _run_id(run_dir: Path, name: str) -> str:
+    """Fixed at a run's first start and kept by resumes."""
+    path = run_dir / "run_id"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = f"{name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+    path.write_text(run_id)
+    return run_id

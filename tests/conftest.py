@@ -1,0 +1,25 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests share one cache of built artefacts (the tiny model), inside the checkout unless set.
+os.environ.setdefault("ROLLOUT_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    from learner.tiny_model import build_tiny_llama
+
+    return str(build_tiny_llama())
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model_path):
+    """One in-process CPU engine for the whole session: vLLM sets up process-wide state on start."""
+    pytest.importorskip("vllm")
+    from rollout.config import RolloutConfig
+    from rollout.engine import VLLMEngine
+
+    return VLLMEngine(tiny_model_path, RolloutConfig(device="cpu", max_model_len=128), seed=0)
