@@ -186,6 +186,30 @@ class Learner:
         """Policy weights with Hugging Face names, on CPU, for the rollout workers."""
         return [(k, v.detach().to("cpu").contiguous()) for k, v in self.policy.state_dict().items()]
 
+    # GPU clusters only: NCCL broadcast to the workers (rollout.weight_sync). Rank 0 is the learner.
+
+    def weight_group_address(self) -> tuple[str, int]:
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def open_weight_group(self, host: str, port: int, world_size: int) -> None:
+        from rollout.weight_sync import NcclWeightSender
+
+        self._sender = NcclWeightSender(host, port, world_size, self.device)
+
+    def weight_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        from rollout.weight_sync import NcclWeightSender
+
+        return NcclWeightSender.specs(list(self.policy.state_dict().items()))
+
+    def broadcast_weights(self) -> None:
+        self._sender.send(list(self.policy.state_dict().items()))
+
     def save(self, directory: Path, extra: dict) -> None:
         """Policy as a loadable model directory, plus everything needed to resume."""
         directory.mkdir(parents=True, exist_ok=True)

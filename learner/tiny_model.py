@@ -25,7 +25,7 @@ SPEC = {
     "intermediate_size": 256,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
-    "max_position_embeddings": 512,
+    "max_position_embeddings": 2048,
     "seed": 0,
 }
 
@@ -68,6 +68,9 @@ def build_tiny_llama(root: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a one-off build; its per-shard bars only clutter command output
         tokenizer = _train_tokenizer()
         tokenizer.save_pretrained(staging)
         _random_model(tokenizer).save_pretrained(staging, safe_serialization=True)

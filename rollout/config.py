@@ -41,7 +41,7 @@ class ModelConfig(Base):
     dtype: Annotated[Literal["float32", "bfloat16", "float16"], doc(
         "Weights dtype for generation and learning. float32 on CPU.")] = "float32"
     max_prompt_tokens: Annotated[int, doc(
-        "Longest rendered prompt, in tokens; longer records are reported as bad.", ge=1)] = 128
+        "Longest rendered prompt, in tokens; longer records are reported as bad.", ge=1)] = 1024
 
 
 class DataConfig(Base):
@@ -49,7 +49,7 @@ class DataConfig(Base):
         "Prompt file (SFT JSONL, XTuner JSON/JSONL or chat JSONL), or `builtin:arith`, "
         "generated `a+b=` problems with reference answers.")] = "builtin:arith"
     format: Annotated[Literal["auto", "sft", "xtuner", "chat"], doc(
-        "Prompt file format; `auto` detects it from the first record.")] = "auto"
+        "Prompt file format; `auto` detects it per record, so a file may mix formats.")] = "auto"
     on_bad_record: Annotated[Literal["stop", "skip"], doc(
         "What a bad record does: `stop` the run (after reporting every bad record), or `skip` it "
         "(reported and counted).")] = "stop"
@@ -85,7 +85,7 @@ class RolloutConfig(Base):
     gpu_memory_utilization: Annotated[float, doc(
         "Fraction of GPU memory vLLM may take (cuda).", gt=0.0, le=1.0)] = 0.5
     cpu_kv_cache_gb: Annotated[float, doc("KV cache size of the CPU engine, in GiB.", gt=0)] = 1.0
-    max_model_len: Annotated[int, doc("Longest prompt + completion the engine accepts.", ge=8)] = 256
+    max_model_len: Annotated[int, doc("Longest prompt + completion the engine accepts.", ge=8)] = 2048
     weight_sync_timeout_s: Annotated[float, doc(
         "A weight sync not finished in this time raises an error naming the worker.", gt=0)] = 300.0
 
@@ -171,8 +171,11 @@ class JobConfig(Base):
 RULE_NAMES = ("arithmetic", "similarity", "safety", "format", "length")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> JobConfig:
-    """Defaults, then the YAML file at `path`, then `a.b=v` overrides; field constraints checked."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), root: type[Base] = JobConfig):
+    """Defaults, then the YAML file at `path`, then `a.b=v` overrides; field constraints checked.
+
+    `root` is the tree's type: `JobConfig` for jobs, other roots (reward training) reuse the rules.
+    """
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -191,7 +194,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         source += f" + --set {item}"
     try:
         # strict=False: YAML reads "1e-4" as a string; numeric strings convert to the field type.
-        return msgspec.convert(tree, JobConfig, strict=False)
+        return msgspec.convert(tree, root, strict=False)
     except msgspec.ValidationError as e:
         raise ConfigError(f"{source}: {_readable(str(e))}") from None
 

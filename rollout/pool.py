@@ -68,7 +68,25 @@ class WorkerPool:
         to the workers through the object store without a copy in the driver.
         """
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
-        pending = {w.update_weights.remote(version, ref): name for w, name in zip(self.workers, self.names)}
+        self._await({w.update_weights.remote(version, ref): name for w, name in zip(self.workers, self.names)},
+                    version)
+
+    def sync_weights_nccl(self, version: int, learner: ray.actor.ActorHandle) -> None:
+        """GPU clusters: the learner actor broadcasts over NCCL while every worker receives."""
+        if not hasattr(self, "_specs"):
+            world = 1 + len(self.workers)
+            host, port = ray.get(learner.weight_group_address.remote())
+            joins = {learner.open_weight_group.remote(host, port, world): "learner"}
+            joins.update({w.init_weight_group.remote(host, port, i + 1, world): name
+                          for i, (w, name) in enumerate(zip(self.workers, self.names))})
+            self._await(joins, None)
+            self._specs = ray.get(learner.weight_specs.remote())
+        refs = {w.receive_weights.remote(version, self._specs): name for w, name in zip(self.workers, self.names)}
+        refs[learner.broadcast_weights.remote()] = "learner"
+        self._await(refs, None)
+        self.version = version
+
+    def _await(self, pending: dict[ray.ObjectRef, str], version: int | None) -> None:
         timeout = self.cfg.rollout.weight_sync_timeout_s
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
         if late:
@@ -76,9 +94,10 @@ class WorkerPool:
             raise WeightSyncError(f"weight sync to version {version} timed out after {timeout:.0f}s on {names}")
         for r in done:
             got = ray.get(r)
-            if got != version:
+            if version is not None and got != version:
                 raise WeightSyncError(f"{pending[r]} reports version {got} after a sync to {version}")
-        self.version = version
+        if version is not None:
+            self.version = version
 
     def shutdown(self) -> None:
         for w in self.workers:

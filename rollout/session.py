@@ -143,7 +143,10 @@ class Session:
 
     def sync_weights(self) -> None:
         version = ray.get(self.learner.version_number.remote())
-        self.pool.sync_weights(version, self._weights())
+        if resolve_device(self.cfg.rollout.device) == "cuda" and resolve_device(self.cfg.learner.device) == "cuda":
+            self.pool.sync_weights_nccl(version, self.learner)
+        else:
+            self.pool.sync_weights(version, self._weights())
         self.version = version
 
     def archive_iteration(self, records: list[RolloutRecord]) -> None:

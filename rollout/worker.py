@@ -64,5 +64,16 @@ class RolloutWorker:
         self.version = version
         return version
 
+    def init_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """GPU only: join the learner's NCCL group (see rollout.weight_sync)."""
+        self.engine.llm.collective_rpc("init_weight_group", args=(host, port, rank, world_size))
+
+    def receive_weights(self, version: int, specs: list[tuple[str, str, tuple[int, ...]]]) -> int:
+        """GPU only: receive the learner's NCCL broadcast of new weights."""
+        self.engine.llm.collective_rpc("receive_weights", args=(specs,))
+        self.engine.llm.reset_prefix_cache()
+        self.version = version
+        return version
+
     def ready(self) -> str:
         return self.name

@@ -1,0 +1,225 @@
+"""Scoring completions: weighted rule functions with a per-call timeout, and a reward model.
+
+`RuleScorer` runs the configured rules (`reward.rules`) on each sample and keeps every
+component: a rule that raises or runs past the timeout marks its component failed (NaN in
+`components`, its name in `failed`) and the rest of the sample is still scored. `RewardModelScorer`
+scores rendered prompt + response texts with a sequence classifier trained by `reward train`.
+Both are plain classes; the `RewardWorker` actor wraps them for Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from reward.rules import RULES, Rule, check_params, get_rule
+from rollout.config import RuleSpec
+
+log = logging.getLogger(__name__)
+
+
+class RewardResult(msgspec.Struct):
+    """One sample's reward: the weighted total and each component before weighting."""
+
+    total: float
+    components: dict[str, float]  # NaN where the component failed
+    failed: list[str]  # names of components that raised or timed out
+
+
+class ScorerStuckError(RuntimeError):
+    """Too many timed-out rule calls are still running; scoring more would pile up threads."""
+
+
+class _Component(msgspec.Struct, frozen=True):
+    name: str
+    weight: float
+    call: Callable[[str, str, Any], float]
+
+
+class RuleScorer:
+    """Weighted rule functions over (prompt, response, record) samples.
+
+    total = sum(weight * value) over components that succeeded, plus `failed_value` (unweighted)
+    for each that failed. A rule listed twice is named `name`, then `name#1`, `name#2`, ...
+
+    Timeouts: each rule call runs on a worker thread and the scorer waits `timeout_s` for it. A
+    thread cannot be killed, so a call that times out is abandoned: it runs on until it returns,
+    and its result is thrown away. The pool holds `max_abandoned + 1` threads, so one is always
+    free while fewer than `max_abandoned` abandoned calls are still running; at that bound
+    `score` raises ScorerStuckError instead of queueing work behind them. The timeout can only
+    fire while the rule lets go of the GIL (Python code, sleeps, I/O, the `regex` package with
+    `concurrent=True`); a C call that holds the GIL, such as a stdlib `re` match, blocks the
+    scorer until it returns, which is why the built-in regex rules use `regex` with a time limit.
+
+    Calls from several threads are serialised by a lock: the latency and failure counters and
+    the bound on abandoned threads hold per scorer.
+    """
+
+    def __init__(self, rules: Sequence[RuleSpec], *, timeout_s: float, failed_value: float = 0.0,
+                 max_abandoned: int = 8, registry: dict[str, Rule] = RULES):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if max_abandoned < 1:
+            raise ValueError(f"max_abandoned must be >= 1, got {max_abandoned}")
+        self.components = _bind(rules, registry)
+        self.timeout_s = timeout_s
+        self.failed_value = failed_value
+        self.max_abandoned = max_abandoned
+        self.latency: dict[str, float] = {c.name: 0.0 for c in self.components}  # cumulative seconds
+        self.failures: dict[str, int] = {c.name: 0 for c in self.components}
+        self._pool = ThreadPoolExecutor(max_workers=max_abandoned + 1, thread_name_prefix="reward-rule")
+        self._abandoned: list[Future] = []
+        self._lock = threading.Lock()
+
+    def score(self, prompt: str, response: str, record: Any) -> RewardResult:
+        """Every component of one sample, and their weighted total."""
+        with self._lock:
+            components: dict[str, float] = {}
+            failed: list[str] = []
+            total = 0.0
+            for component in self.components:
+                value = self._run(component, prompt, response, record)
+                components[component.name] = value
+                if math.isnan(value):
+                    failed.append(component.name)
+                    total += self.failed_value
+                else:
+                    total += component.weight * value
+            return RewardResult(total=total, components=components, failed=failed)
+
+    def score_batch(self, items: Sequence[tuple[str, str, Any]]) -> list[RewardResult]:
+        """`score` for each (prompt, response, record), in order."""
+        return [self.score(prompt, response, record) for prompt, response, record in items]
+
+    def close(self) -> None:
+        """Stop taking work; abandoned calls are not waited for."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, component: _Component, prompt: str, response: str, record: Any) -> float:
+        """The component's value, or NaN when it raised, timed out or returned a non-number."""
+        self._check_abandoned()
+        started = time.perf_counter()
+        future = self._pool.submit(component.call, prompt, response, record)
+        try:
+            value = future.result(timeout=self.timeout_s)
+            if not _is_number(value):
+                raise TypeError(f"returned {value!r}, not a finite number")
+            return float(value)
+        except FutureTimeout:
+            self._abandoned.append(future)
+            self._record_failure(component.name, f"timed out after {self.timeout_s}s (thread abandoned)")
+        except Exception as e:  # noqa: BLE001 - any error in a rule marks only that component failed
+            self._record_failure(component.name, f"{type(e).__name__}: {e}")
+        finally:
+            self.latency[component.name] += time.perf_counter() - started
+        return math.nan
+
+    def _check_abandoned(self) -> None:
+        self._abandoned = [f for f in self._abandoned if not f.done()]
+        if len(self._abandoned) >= self.max_abandoned:
+            raise ScorerStuckError(
+                f"{len(self._abandoned)} rule calls ran past the {self.timeout_s}s timeout and are still "
+                "running; fix the slow rule or pattern, or raise reward.timeout_s")
+
+    def _record_failure(self, name: str, reason: str) -> None:
+        self.failures[name] += 1
+        # The first failure of a component is worth a warning; every one after it would flood the log.
+        if self.failures[name] == 1:
+            log.warning("reward component %s failed: %s", name, reason)
+        else:
+            log.debug("reward component %s failed: %s", name, reason)
+
+
+def _bind(rules: Sequence[RuleSpec], registry: dict[str, Rule]) -> list[_Component]:
+    """Each spec as a named component with its params bound; ValueError for a bad name or param."""
+    components = []
+    seen: dict[str, int] = {}
+    for spec in rules:
+        rule = get_rule(spec.name, registry)
+        check_params(spec.name, rule, spec.params)
+        count = seen.get(spec.name, 0)
+        seen[spec.name] = count + 1
+        name = spec.name if count == 0 else f"{spec.name}#{count}"
+        components.append(_Component(name=name, weight=spec.weight, call=partial(rule, **spec.params)))
+    return components
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class RewardModelScorer:
+    """A scalar reward model: a sequence classifier with one label, saved by `save_pretrained`.
+
+    Texts are whole rendered samples (chat-templated prompt + response, special tokens included),
+    so the tokenizer adds none by default. Batches are padded on the right with the tokenizer's
+    pad token and the score is read at the last non-pad token; texts longer than `max_length`
+    lose their beginning, not the response at their end.
+    """
+
+    def __init__(self, path: str | Path, *, batch_size: int = 32, device: str = "auto",
+                 dtype: str | None = None, max_length: int | None = None, add_special_tokens: bool = False):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.add_special_tokens = add_special_tokens
+        self.device = torch.device(_resolve_device(device))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"
+        if self.tokenizer.pad_token is None:
+            raise ValueError(f"{path}: the reward model's tokenizer has no pad token; set one and save it again")
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=getattr(torch, dtype) if dtype else "auto")
+        # Tokenizers without a limit report a huge model_max_length; the positions the model has bound it.
+        self.max_length = max_length or min(
+            self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", math.inf))
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"{path}: a reward model has one output label, this one has "
+                             f"{self.model.config.num_labels}")
+        # The classifier finds each row's last real token by comparing ids with its pad id.
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(self.device).eval()
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        """One score per text, in order."""
+        import torch
+
+        # Batching texts of similar length wastes less compute on padding; scores are put back in order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        scores = [0.0] * len(texts)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                for index, value in zip(chunk, self._forward([texts[i] for i in chunk])):
+                    scores[index] = value
+        return scores
+
+    def _forward(self, texts: list[str]) -> list[float]:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                               add_special_tokens=self.add_special_tokens, return_tensors="pt")
+        if batch["input_ids"].shape[1] == 0 or not bool(batch["attention_mask"].sum(dim=1).all()):
+            raise ValueError("a text has no tokens: there is nothing to score it by")
+        batch = {key: value.to(self.device) for key, value in batch.items() if key in ("input_ids", "attention_mask")}
+        return self.model(**batch).logits[:, 0].float().tolist()
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

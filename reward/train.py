@@ -1,0 +1,298 @@
+"""`reward train`: a Bradley-Terry reward model from preference data in any of the three formats.
+
+The steps, in order: read every record (each bad one reported as `FILE:LINE: reason`, then stop or
+skip), split records into training and held-out sets with the seed, turn each record into
+(chosen, rejected) pairs, render every text exactly as `RewardWorker` feeds `RewardModelScorer`
+(chat-templated prompt with the generation prompt, then the response), train a one-output sequence
+classifier on the base model's backbone with loss `-logsigmoid(r_chosen - r_rejected)`, report the
+held-out pairwise accuracy after each epoch, and save the model, tokenizer and `eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+import torch
+import torch.nn.functional as F
+
+from learner.tiny_model import resolve_model_path
+from reward.preferences import PreferenceRecord, read_preferences
+from reward.train_config import RewardTrainConfig, check, to_yaml
+from rollout.formats import parse_prompt
+from rollout.prompts import PromptRenderer
+from rollout.records import BadRecord
+
+
+class DataError(ValueError):
+    """The preference data cannot be trained on: bad records with `stop`, or too little data."""
+
+
+class TextPair(msgspec.Struct, frozen=True):
+    """One comparison as the model sees it: two rendered samples and the loss weight."""
+
+    chosen: str
+    rejected: str
+    weight: float
+
+
+class EpochResult(msgspec.Struct):
+    epoch: int
+    train_loss: float  # mean weighted loss over the epoch's steps
+    accuracy: float  # held-out pairwise accuracy after the epoch
+    seconds: float  # elapsed since training started
+
+
+def train_reward_model(cfg: RewardTrainConfig, *, log: TextIO = sys.stderr) -> dict[str, Any]:
+    """Train per `cfg` into `cfg.out_dir`; returns what is written to OUT/eval.json.
+
+    Raises ConfigError for a config that cannot run here, DataError for unusable data and
+    OSError for a data file that cannot be read.
+    """
+    check(cfg, cuda_available=torch.cuda.is_available())
+    device = _resolve_device(cfg.train.device)
+    started = time.perf_counter()
+    records, bad = load_records(cfg.data.files, cfg.data.format, cfg.data.on_bad_record, log=log)
+    train_records, heldout_records = split_records(records, cfg.data.heldout_fraction, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    base = resolve_model_path(cfg.model.path)
+    model, tokenizer = build_reward_model(base)
+    model.to(device)
+    renderer = PromptRenderer(tokenizer, cfg.model.max_length)
+    train_pairs = weighted(text_pairs(train_records, renderer), cfg.train.margin_weighting)
+    heldout_pairs = weighted(text_pairs(heldout_records, renderer), margin_weighting=False)
+    if not train_pairs or not heldout_pairs:
+        raise DataError(f"no comparisons to {'train on' if not train_pairs else 'evaluate'}: every record "
+                        "of that split is a tie; add data or change data.heldout_fraction")
+    print(f"reward train: {len(records)} records; training on {len(train_records)} "
+          f"records / {len(train_pairs)} pairs, holding out {len(heldout_records)} records / "
+          f"{len(heldout_pairs)} pairs; base model {base} on {device}", file=log)
+
+    encoder = Encoder(tokenizer, cfg.model.max_length, device)
+    history = fit(model, encoder, train_pairs, heldout_pairs, cfg, started, log=log)
+
+    out = Path(cfg.out_dir)
+    model_dir = out / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    (out / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    report = {
+        "accuracy": history[-1].accuracy,
+        "pairs": len(heldout_pairs),
+        "records": len(heldout_records),
+        "train_pairs": len(train_pairs),
+        "train_records": len(train_records),
+        "bad_records": bad,
+        "epochs": [msgspec.to_builtins(e) for e in history],
+        "seconds": time.perf_counter() - started,
+        "base_model": base,
+        "model": str(model_dir),
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"reward train: held-out accuracy {report['accuracy']:.3f} on {len(heldout_pairs)} pairs; "
+          f"model in {model_dir}, eval in {out / 'eval.json'} ({report['seconds']:.0f}s)", file=log)
+    return report
+
+
+def load_records(files: Sequence[str], fmt: str, on_bad_record: str, *,
+                 log: TextIO = sys.stderr) -> tuple[list[PreferenceRecord], int]:
+    """Every good record of `files`, and the number of bad ones (each printed as FILE:LINE: reason).
+
+    With `stop`, any bad record raises DataError after all of them are reported, so one pass
+    shows everything to fix.
+    """
+    records: list[PreferenceRecord] = []
+    bad = 0
+    for file in files:
+        for item in read_preferences(file, fmt):
+            if isinstance(item, BadRecord):
+                bad += 1
+                print(item, file=log)
+            else:
+                records.append(item)
+    if bad and on_bad_record == "stop":
+        raise DataError(f"{bad} bad preference record(s), listed above; fix them, or set "
+                        "data.on_bad_record=skip to train on the rest")
+    if bad:
+        print(f"reward train: skipped {bad} bad record(s)", file=log)
+    if len(records) < 2:
+        raise DataError(f"{', '.join(files)}: {len(records)} valid preference record(s); training "
+                        "and a held-out set need at least 2")
+    return records, bad
+
+
+def split_records(records: Sequence[PreferenceRecord], fraction: float,
+                  seed: int) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+    """(training, held-out): a seeded shuffle of whole records, so a record's pairs stay together.
+
+    At least one record lands on each side.
+    """
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    count = min(max(1, round(fraction * len(records))), len(records) - 1)
+    heldout = sorted(order[:count])
+    chosen = set(heldout)
+    return [r for i, r in enumerate(records) if i not in chosen], [records[i] for i in heldout]
+
+
+def text_pairs(records: Iterable[PreferenceRecord],
+               renderer: PromptRenderer) -> list[tuple[str, str, float | None]]:
+    """(chosen text, rejected text, score margin or None) for each record's best-vs-rest pairs.
+
+    A text is the prompt as the rollout job renders it (one user turn, chat template, generation
+    prompt) followed by the response, which is what `RewardWorker` scores.
+    """
+    pairs = []
+    for record in records:
+        prompt = renderer.text(parse_prompt({"prompt": record.prompt}, "sft", record.source))
+        for chosen, rejected, margin in record.pairs():
+            pairs.append((prompt + record.responses[chosen], prompt + record.responses[rejected], margin))
+    return pairs
+
+
+def weighted(pairs: Sequence[tuple[str, str, float | None]], margin_weighting: bool) -> list[TextPair]:
+    """Loss weight 1 per pair, or with margin weighting the score margin over the mean margin."""
+    margins = [m for _, _, m in pairs if m is not None]
+    mean = sum(margins) / len(margins) if margins else 1.0
+    return [TextPair(chosen, rejected, margin / mean if margin_weighting and margin is not None else 1.0)
+            for chosen, rejected, margin in pairs]
+
+
+def build_reward_model(base: str):
+    """A one-label sequence classifier on `base`'s backbone, and its tokenizer (with a pad token).
+
+    The score head is new (initialised from the current torch seed); the base model's LM head,
+    if it has one, is not used.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        # The classifier finds each row's last real token by its pad id, so there must be one;
+        # eos is what the base model already ends texts with.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise DataError(f"{base}: the tokenizer has neither a pad nor an eos token to pad with")
+    # The load report lists the new score head and the dropped LM head: expected here, not news.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+class Encoder:
+    """Token ids of rendered texts, tokenized once, batched as `RewardModelScorer` batches them.
+
+    No special tokens are added (the chat template wrote them), long texts lose their beginning,
+    rows are padded on the right with the pad id.
+    """
+
+    def __init__(self, tokenizer, max_length: int, device: torch.device):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.device = device
+        self._ids: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._ids:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_length:]
+            if not ids:
+                raise DataError(f"a text has no tokens: {text!r}")
+            self._ids[text] = ids
+        return self._ids[text]
+
+    def batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        rows = [self.ids(t) for t in texts]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)] = torch.tensor(row)
+            attention[i, :len(row)] = 1
+        return {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device)}
+
+
+def rewards(model, encoder: Encoder, texts: Sequence[str]) -> torch.Tensor:
+    """The model's scalar score of each text, shape (len(texts),)."""
+    return model(**encoder.batch(texts)).logits[:, 0].float()
+
+
+def pair_loss(model, encoder: Encoder, pairs: Sequence[TextPair]) -> torch.Tensor:
+    """Weighted Bradley-Terry loss, mean over pairs; chosen and rejected share one forward pass."""
+    scores = rewards(model, encoder, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
+    weights = torch.tensor([p.weight for p in pairs], device=scores.device)
+    return (weights * -F.logsigmoid(chosen - rejected)).mean()
+
+
+def pairwise_accuracy(model, encoder: Encoder, pairs: Sequence[TextPair], batch_size: int) -> float:
+    """Fraction of pairs whose chosen text scores strictly higher than the rejected one.
+
+    Each distinct text is scored once; a tie counts as wrong.
+    """
+    texts = sorted({t for p in pairs for t in (p.chosen, p.rejected)}, key=len)
+    score: dict[str, float] = {}
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(texts), 2 * batch_size):
+            chunk = texts[start:start + 2 * batch_size]
+            score.update(zip(chunk, rewards(model, encoder, chunk).tolist()))
+    model.train()
+    return sum(score[p.chosen] > score[p.rejected] for p in pairs) / len(pairs)
+
+
+def fit(model, encoder: Encoder, train_pairs: list[TextPair], heldout_pairs: list[TextPair],
+        cfg: RewardTrainConfig, started: float, *, log: TextIO = sys.stderr) -> list[EpochResult]:
+    """The training loop: seeded shuffles, AdamW with warm-up and clipping, held-out accuracy per epoch."""
+    t = cfg.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = math.ceil(len(train_pairs) / t.batch_size)
+    total = steps_per_epoch * t.epochs
+    history: list[EpochResult] = []
+    step = 0
+    model.train()
+    for epoch in range(1, t.epochs + 1):
+        order = torch.randperm(len(train_pairs), generator=generator).tolist()
+        losses = []
+        for start in range(0, len(order), t.batch_size):
+            loss = pair_loss(model, encoder, [train_pairs[i] for i in order[start:start + t.batch_size]])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(loss.item())
+            if step % t.log_every == 0 or step == total:
+                print(f"step {step}/{total}  loss {loss.item():.4f}  "
+                      f"({time.perf_counter() - started:.0f}s)", file=log)
+        accuracy = pairwise_accuracy(model, encoder, heldout_pairs, t.batch_size)
+        result = EpochResult(epoch, sum(losses) / len(losses), accuracy, time.perf_counter() - started)
+        history.append(result)
+        print(f"epoch {epoch}/{t.epochs}  train loss {result.train_loss:.4f}  held-out accuracy "
+              f"{accuracy:.3f} ({len(heldout_pairs)} pairs)  ({result.seconds:.0f}s)", file=log, flush=True)
+    return history
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -1,0 +1,129 @@
+"""The Arrow archive: schema v1, round trip, streaming writes, a file cut by a crash."""
+
+import datetime as dt
+import math
+
+import msgspec
+import pyarrow as pa
+import pytest
+
+from rollout.archive import ArchiveCutWarning, ArchiveWriter, archive_files, iter_batches, read_metadata, read_table
+from rollout.record import ARCHIVE_SCHEMA, RolloutRecord, from_record_batch, to_record_batch
+
+DESIGN_COLUMNS = {
+    "run_id": pa.string(), "prompt_id": pa.string(), "iteration": pa.int32(), "policy_version": pa.int32(),
+    "sample_index": pa.int32(), "prompt": pa.string(), "response": pa.string(),
+    "prompt_ids": pa.list_(pa.int32()), "response_ids": pa.list_(pa.int32()),
+    "response_logprobs": pa.list_(pa.float32()), "ref_logprobs": pa.list_(pa.float32()),
+    "values": pa.list_(pa.float32()), "token_rewards": pa.list_(pa.float32()), "reward": pa.float32(),
+    "reward_components": pa.map_(pa.string(), pa.float32()), "advantages": pa.list_(pa.float32()),
+    "returns": pa.list_(pa.float32()), "finish_reason": pa.string(), "worker": pa.string(),
+}
+
+
+def make_records(n, iteration=0, learner=True):
+    out = []
+    for i in range(n):
+        t = 1 + i % 5
+        rec = RolloutRecord(
+            run_id="run", prompt_id=f"p{i // 4}", iteration=iteration, policy_version=iteration, sample_index=i % 4,
+            prompt=f"<s>{i}+1=", response=str(i + 1), prompt_ids=[1, 2, 3], response_ids=list(range(10, 10 + t)),
+            response_logprobs=[-0.5] * t, finish_reason="stop", worker="rollout-0",
+            generated_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+            reward=1.0, reward_components={"arithmetic": 1.0, "format": float("nan")},
+        )
+        if learner:
+            rec.ref_logprobs = rec.values = rec.token_rewards = rec.advantages = rec.returns = [0.25] * t
+        out.append(rec)
+    return out
+
+
+def test_schema_has_every_design_column_with_its_type():
+    for name, kind in DESIGN_COLUMNS.items():
+        assert ARCHIVE_SCHEMA.field(name).type == kind, name
+    assert ARCHIVE_SCHEMA.field("generated_at").type == pa.timestamp("us", tz="UTC")
+    assert set(ARCHIVE_SCHEMA.names) == set(DESIGN_COLUMNS) | {"generated_at"}
+    # The record type maps 1:1 to the schema.
+    assert set(msgspec.structs.fields(RolloutRecord)[i].name for i in range(len(ARCHIVE_SCHEMA))) == set(ARCHIVE_SCHEMA.names)
+
+
+def test_round_trip_keeps_every_field(tmp_path):
+    records = make_records(10)
+    with ArchiveWriter(tmp_path, {"gamma": "1.0", "lam": "0.95"}, batch_rows=4) as w:
+        w.write(records)
+    back = [r for b in iter_batches(tmp_path) for r in from_record_batch(b)]
+    assert len(back) == 10
+    for a, b in zip(records, back):
+        assert b.response_ids == a.response_ids and b.prompt_id == a.prompt_id
+        assert b.reward_components["arithmetic"] == 1.0 and math.isnan(b.reward_components["format"])
+        assert b.advantages == a.advantages
+    meta = read_metadata(tmp_path)
+    assert meta["schema_version"] == "1" and meta["gamma"] == "1.0" and meta["lam"] == "0.95"
+    # Record batches of batch_rows, the remainder flushed at close.
+    assert [b.num_rows for b in iter_batches(tmp_path)] == [4, 4, 2]
+
+
+def test_generate_archives_leave_learner_columns_null(tmp_path):
+    with ArchiveWriter(tmp_path, {}) as w:
+        w.write(make_records(3, learner=False))
+    table = read_table(tmp_path)
+    for column in ("ref_logprobs", "values", "token_rewards", "advantages", "returns"):
+        assert table[column].null_count == 3
+
+
+def test_files_roll_and_a_new_writer_never_reopens_old_files(tmp_path):
+    with ArchiveWriter(tmp_path, {}, batch_rows=4, rows_per_file=8) as w:
+        w.write(make_records(20))
+    assert [p.name for p in archive_files(tmp_path)] == ["part-00000.arrow", "part-00001.arrow", "part-00002.arrow"]
+    before = (tmp_path / "part-00000.arrow").read_bytes()
+    with ArchiveWriter(tmp_path, {}, batch_rows=4) as w:  # a resumed run
+        w.write(make_records(4, iteration=1))
+    assert (tmp_path / "part-00000.arrow").read_bytes() == before
+    assert archive_files(tmp_path)[-1].name == "part-00003.arrow"
+    assert read_table(tmp_path).num_rows == 24
+
+
+def test_a_file_cut_mid_batch_reads_up_to_its_last_complete_batch(tmp_path):
+    with ArchiveWriter(tmp_path, {}, batch_rows=5) as w:
+        w.write(make_records(15))
+    path = archive_files(tmp_path)[0]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])  # the crash: the last batch is incomplete, no end marker
+    with pytest.warns(ArchiveCutWarning, match="cut mid-batch"):
+        rows = sum(b.num_rows for b in iter_batches(tmp_path))
+    assert rows == 10
+
+
+def test_writer_errors_surface_to_the_producer(tmp_path):
+    w = ArchiveWriter(tmp_path, {})
+    bad = make_records(1)
+    bad[0].response_ids = ["not an int"]
+    w.write(bad)
+    with pytest.raises(RuntimeError, match="archive writer"):
+        w.flush()
+
+
+def test_other_readers_load_the_files(tmp_path):
+    with ArchiveWriter(tmp_path, {}) as w:
+        w.write(make_records(6))
+    path = str(archive_files(tmp_path)[0])
+    with pa.OSFile(path) as f:
+        assert pa.ipc.open_stream(f).read_all().num_rows == 6
+    polars = pytest.importorskip("polars")
+    frame = polars.read_ipc_stream(path)
+    assert frame.height == 6 and frame["response_ids"][0].to_list() == [10]
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="datasets (5.2) has no dtype for Arrow map columns such as reward_components")
+def test_datasets_loads_the_files(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    with ArchiveWriter(tmp_path, {}) as w:
+        w.write(make_records(6))
+    ds = datasets.Dataset.from_file(str(archive_files(tmp_path)[0]))
+    assert len(ds) == 6 and ds[0]["response_ids"] == [10]
+
+
+def test_to_record_batch_matches_schema():
+    batch = to_record_batch(make_records(2))
+    assert batch.schema.equals(ARCHIVE_SCHEMA)

@@ -1,0 +1,160 @@
+"""PPO policy and value losses, entropies and token log-probabilities against hand-worked values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+
+EPS = 0.2
+
+# Four tokens covering each side of the clip, laid out as a 3-row batch of unequal lengths:
+#   row 0: (A=+1, ρ=1.5), (A=+1, ρ=0.5), (A=−1, ρ=0.5);  row 1: (A=−1, ρ=1.5), pad, pad
+#   row 2: empty
+# Per token L = max(−A·ρ, −A·clip(ρ, 0.8, 1.2)):
+#   A=+1, ρ=1.5: max(−1.5, −1.2) = −1.2  clipped term active
+#   A=+1, ρ=0.5: max(−0.5, −0.8) = −0.5  unclipped (a low ratio is not clipped for A > 0)
+#   A=−1, ρ=0.5: max( 0.5,  0.8) =  0.8  clipped term active
+#   A=−1, ρ=1.5: max( 1.5,  1.2) =  1.5  unclipped (a high ratio is not clipped for A < 0)
+RATIOS = torch.tensor([[1.5, 0.5, 0.5], [1.5, 1.0, 1.0], [1.0, 1.0, 1.0]])
+ADVANTAGES = torch.tensor([[1.0, 1.0, -1.0], [-1.0, 7.0, 7.0], [3.0, 3.0, 3.0]])
+MASK = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+OLD_LOGPROBS = torch.tensor([[-1.0, -2.0, -0.7], [-0.3, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+
+
+def logprobs_for(ratios: torch.Tensor) -> torch.Tensor:
+    return (OLD_LOGPROBS + ratios.log()).requires_grad_()
+
+
+def test_policy_loss_token_mean_hand_values() -> None:
+    logprobs = logprobs_for(RATIOS)
+    loss, stats = policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, EPS, agg="token")
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 1.5) / 4)  # 0.15
+    assert stats["clip_frac"].item() == pytest.approx(2 / 4)
+    # k3 per token: ρ=1.5 gives 0.5 − ln 1.5; ρ=0.5 gives −0.5 + ln 2; two of each
+    k3 = (0.5 - math.log(1.5)) + (-0.5 + math.log(2))
+    assert stats["approx_kl"].item() == pytest.approx(2 * k3 / 4)
+    assert all(value.dim() == 0 and not value.requires_grad for value in stats.values())
+
+
+def test_policy_loss_sequence_mean_hand_values() -> None:
+    loss, _ = policy_loss(logprobs_for(RATIOS), OLD_LOGPROBS, ADVANTAGES, MASK, EPS, "sequence")
+    # row 0: (−1.2 − 0.5 + 0.8) / 3 = −0.3; row 1: 1.5; the empty row 2 does not count
+    assert loss.item() == pytest.approx((-0.3 + 1.5) / 2)
+
+
+def test_token_and_sequence_aggregation_differ_on_unequal_lengths_only() -> None:
+    logprobs = logprobs_for(RATIOS)
+    by_token, _ = policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, EPS, "token")
+    by_sequence, _ = policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, EPS, "sequence")
+    assert by_token.item() != pytest.approx(by_sequence.item())
+    full = torch.ones(3, 3)
+    by_token, _ = policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, full, EPS, "token")
+    by_sequence, _ = policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, full, EPS, "sequence")
+    assert by_token.item() == pytest.approx(by_sequence.item())
+
+
+def test_policy_gradient_is_cut_exactly_where_the_clip_is_active() -> None:
+    logprobs = logprobs_for(RATIOS)
+    loss, _ = policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, EPS, agg="token")
+    loss.backward()
+    # dL/dlogp = −A·ρ / 4 where the unclipped term is active, 0 where the clipped one is
+    expected = [[0.0, -1.0 * 0.5 / 4, 0.0], [1.0 * 1.5 / 4, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    torch.testing.assert_close(logprobs.grad, torch.tensor(expected))
+
+
+def test_policy_loss_inside_the_clip_range_is_the_plain_surrogate() -> None:
+    ratios = torch.tensor([[1.1, 0.9, 1.0]])
+    advantages = torch.tensor([[2.0, -3.0, 0.6]])
+    old = torch.zeros(1, 3)
+    loss, stats = policy_loss(ratios.log(), old, advantages, torch.ones(1, 3), EPS)
+    assert loss.item() == pytest.approx((-2.0 * 1.1 + 3.0 * 0.9 - 0.6) / 3, rel=1e-5)  # −0.1 / 3
+    assert stats["clip_frac"].item() == 0.0
+
+
+def test_policy_loss_padding_never_leaks_into_loss_or_gradient() -> None:
+    clean = logprobs_for(RATIOS)
+    clean_loss, clean_stats = policy_loss(clean, OLD_LOGPROBS, ADVANTAGES, MASK, EPS)
+    clean_loss.backward()
+    pad = ~MASK.bool()
+    dirty = torch.where(pad, math.nan, OLD_LOGPROBS + RATIOS.log()).requires_grad_()
+    dirty_old = torch.where(pad, -math.inf, OLD_LOGPROBS)
+    dirty_advantages = torch.where(pad, 1e6, ADVANTAGES)
+    for agg in ("token", "sequence"):
+        dirty.grad = None
+        loss, stats = policy_loss(dirty, dirty_old, dirty_advantages, MASK, EPS, agg)
+        loss.backward()
+        assert torch.isfinite(dirty.grad).all()
+        assert torch.all(dirty.grad[pad] == 0)
+    loss, stats = policy_loss(dirty, dirty_old, dirty_advantages, MASK, EPS, "token")
+    assert loss.item() == clean_loss.item()
+    assert {k: v.item() for k, v in stats.items()} == {k: v.item() for k, v in clean_stats.items()}
+
+
+def test_unknown_aggregation_is_rejected() -> None:
+    with pytest.raises(ValueError, match="mean"):
+        bad: str = "mean"
+        policy_loss(OLD_LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK, EPS, bad)  # type: ignore
+
+
+def test_value_loss_hand_values() -> None:
+    values = torch.tensor([[1.0, 1.0, 0.55, 99.0]], requires_grad=True)
+    old_values = torch.tensor([[0.5, 0.5, 0.5, -99.0]])
+    returns = torch.tensor([[0.6, 1.5, 0.0, math.nan]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # clip 0.2: V_clip = 0.5 + clip(0.5, ±0.2) = 0.7 for the first two, 0.55 (inside) for the third
+    #   (1 − 0.6)² = 0.16    vs (0.7 − 0.6)² = 0.01  -> 0.16   unclipped
+    #   (1 − 1.5)² = 0.25    vs (0.7 − 1.5)² = 0.64  -> 0.64   clipped active
+    #   (0.55 − 0)² = 0.3025 vs the same            -> 0.3025 neither
+    loss, stats = value_loss(values, old_values, returns, mask, clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.16 + 0.64 + 0.3025) / 3)
+    assert stats["value_clip_frac"].item() == pytest.approx(1 / 3)
+    loss.backward()
+    # d/dV of ½·mean: (V − R)/3 where unclipped is active; 0 where the clipped value is
+    torch.testing.assert_close(values.grad, torch.tensor([[0.4 / 3, 0.0, 0.55 / 3, 0.0]]))
+
+
+def test_entropy_of_uniform_logits_is_log_vocab() -> None:
+    logits = torch.full((2, 3, 50), 7.0)
+    torch.testing.assert_close(entropy_from_logits(logits), torch.full((2, 3), math.log(50)))
+
+
+def test_entropy_hand_value_and_large_logits() -> None:
+    # softmax([0, ln 3]) = [1/4, 3/4]: H = −(¼ ln ¼ + ¾ ln ¾)
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert entropy_from_logits(logits).item() == pytest.approx(expected, rel=1e-6)
+    # exp(100) overflows float32, so a naive softmax would give nan here
+    assert entropy_from_logits(logits + 100.0).item() == pytest.approx(expected, rel=1e-4)
+    assert entropy_from_logits(torch.tensor([[[1e4, 0.0, 0.0]]])).item() == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_logprobs_from_logits_equals_log_softmax_gather(temperature: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 11, generator=gen, dtype=torch.float64) * 4).requires_grad_()
+    tokens = torch.randint(0, 11, (3, 5), generator=gen)
+    got = logprobs_from_logits(logits, tokens, temperature)
+    want = torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got, want)
+    (grad_got,) = torch.autograd.grad(got.sum(), logits)
+    (grad_want,) = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(grad_got, grad_want)
+
+
+def test_logprobs_from_bf16_logits_come_back_in_float32() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 300, generator=gen) * 3
+    tokens = torch.randint(0, 300, (2, 4), generator=gen)
+    got = logprobs_from_logits(logits.bfloat16(), tokens)
+    want = torch.log_softmax(logits.bfloat16().double(), -1).gather(-1, tokens.unsqueeze(-1))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want.squeeze(-1), atol=1e-5, rtol=0)
+
+
+def test_logprobs_reject_non_positive_temperature() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        logprobs_from_logits(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), 0.0)
