@@ -117,7 +117,9 @@ def discounted_reverse_cumsum(x: torch.Tensor, discount: float, block: int = 64)
     batch, steps = x.shape
     block = max(1, min(block, steps))
     n_blocks = -(-steps // block)
-    blocks = torch.nn.functional.pad(x, (0, n_blocks * block - steps)).view(batch, n_blocks, block)
+    overhang = n_blocks * block - steps
+    blocks = torch.nn.functional.pad(x, (0, overhang)) if overhang else x
+    blocks = blocks.reshape(batch, n_blocks, block)
     lag = torch.arange(block, device=x.device)
     lag = lag.unsqueeze(0) - lag.unsqueeze(1)  # lag[t, k] = k − t
     gamma_matrix = torch.where(lag >= 0, discount ** lag.clamp(min=0).to(x.dtype), 0)

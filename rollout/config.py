@@ -124,8 +124,8 @@ class KLConfig(Base):
 
 class LearnerConfig(Base):
     device: Annotated[Literal["auto", "cpu", "cuda"], doc("Where the learner runs.")] = "auto"
-    lr: Annotated[float, doc("Policy learning rate.", gt=0)] = 1e-3
-    critic_lr: Annotated[float, doc("Critic learning rate.", gt=0)] = 1e-3
+    lr: Annotated[float, doc("Policy learning rate.", gt=0)] = 1e-6
+    critic_lr: Annotated[float, doc("Critic learning rate.", gt=0)] = 1e-5
     shared_critic: Annotated[bool, doc(
         "Value head on the policy backbone (true) or a separate critic backbone (false).")] = False
     ppo_epochs: Annotated[int, doc("Passes over each iteration's samples.", ge=1)] = 2

@@ -33,11 +33,12 @@ def arith_problems(count: int, max_operand: int, seed: int) -> Iterator[dict]:
         yield {"prompt": f"{a}+{b}=", "completion": str(a + b)}
 
 
-def load_prompts(cfg: DataConfig, seed: int, *, log=sys.stderr) -> list[PromptRecord]:
-    """All records of the configured source; bad ones reported, then stop or skip per config."""
+def load_prompts(cfg: DataConfig, seed: int, *, log=None) -> list[PromptRecord]:
+    """All records of the configured source; bad ones reported (to stderr), then stop or skip per config."""
+    log = log or sys.stderr
     if cfg.prompts == BUILTIN_ARITH:
-        return [parse_prompt(obj, "sft", f"{BUILTIN_ARITH}:{i + 1}")
-                for i, obj in enumerate(arith_problems(cfg.builtin_size, cfg.builtin_max_operand, seed))]
+        return unique_ids([parse_prompt(obj, "sft", f"{BUILTIN_ARITH}:{i + 1}")
+                           for i, obj in enumerate(arith_problems(cfg.builtin_size, cfg.builtin_max_operand, seed))])
     records: list[PromptRecord] = []
     bad: list[BadRecord] = []
     for item in read_prompts(cfg.prompts, cfg.format):
@@ -53,7 +54,18 @@ def load_prompts(cfg: DataConfig, seed: int, *, log=sys.stderr) -> list[PromptRe
         print(f"{cfg.prompts}: skipped {len(bad)} bad record(s)", file=log)
     if not records:
         raise DataError(f"{cfg.prompts}: no valid prompt records")
-    return records
+    return unique_ids(records)
+
+
+def unique_ids(records: list[PromptRecord]) -> list[PromptRecord]:
+    """Repeated identical records get `ID-2`, `ID-3`... in file order, so archive keys stay unique
+    and ids stay stable for the same file."""
+    seen: dict[str, int] = {}
+    out = []
+    for record in records:
+        count = seen[record.prompt_id] = seen.get(record.prompt_id, 0) + 1
+        out.append(record if count == 1 else msgspec.structs.replace(record, prompt_id=f"{record.prompt_id}-{count}"))
+    return out
 
 
 class PromptRenderer:
@@ -88,12 +100,20 @@ class PromptSampler(msgspec.Struct):
     position: int = 0
 
     def next_batch(self, batch_size: int) -> list[int]:
+        """`batch_size` distinct record indices. Across an epoch boundary, records the batch already
+        holds are skipped in the new epoch: they were just seen at the end of the previous one."""
+        if batch_size > self.size:
+            raise ValueError(f"rollout.prompts_per_iteration ({batch_size}) exceeds the {self.size} prompt "
+                             "records: lower it or add data")
         indices: list[int] = []
         while len(indices) < batch_size:
             order = self._order()
-            take = min(batch_size - len(indices), self.size - self.position)
-            indices.extend(order[self.position:self.position + take])
-            self.position += take
+            taken = set(indices)
+            while len(indices) < batch_size and self.position < self.size:
+                index = order[self.position]
+                self.position += 1
+                if index not in taken:
+                    indices.append(index)
             if self.position == self.size:
                 self.epoch, self.position = self.epoch + 1, 0
         return indices

@@ -157,6 +157,8 @@ class Session:
         directory = self.run_dir / CHECKPOINTS / f"iter-{iteration:06d}"
         extra = {"iteration": iteration, "sampler": msgspec.to_builtins(self.sampler), "run_id": self.run_id}
         ray.get(self.learner.save.remote(directory, extra))
+        # The policy directory is a complete model: a resumed run's engines load it directly.
+        self.tokenizer.save_pretrained(directory / "policy")
         (self.run_dir / CHECKPOINTS / "latest").write_text(directory.name)
 
     def close(self) -> None:

