@@ -31,6 +31,25 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(cfg)
     cfg.add_argument("--explain", action="store_true", help="every field with its default and meaning")
 
+    rep = sub.add_parser("replay", help="recompute token rewards, advantages and returns from an archive")
+    rep.add_argument("archive", help="run directory, its rollouts/ directory, or one .arrow file")
+    rep.add_argument("--out", type=Path, required=True, help="output directory (archive in OUT/rollouts)")
+    rep.add_argument("--gamma", type=float, default=None, help="GAE discount (default: the run's)")
+    rep.add_argument("--lam", type=float, default=None, help="GAE lambda (default: the run's)")
+    rep.add_argument("--estimator", choices=["gae", "grpo", "rloo"], default="gae",
+                     help="advantage estimator; grpo and rloo need n > 1 samples per prompt")
+    rep.add_argument("--kl-coef", type=float, default=None, help="new KL penalty coefficient (default: the run's)")
+    rep.add_argument("--reward-config", default=None, help="YAML with a reward: section; re-score with its rules")
+    rep.add_argument("--prompts", default=None,
+                     help="prompt file or builtin:arith holding the references to re-score against "
+                          "(default: the run's data.prompts)")
+
+    sta = sub.add_parser("stats", help="per-iteration throughput, reward, KL and lengths of an archive")
+    sta.add_argument("archive", help="run directory, its rollouts/ directory, or one .arrow file")
+    sta.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sta.add_argument("--plot", type=Path, default=None, metavar="PNG", help="plot reward and tokens/s to PNG")
+    sta.add_argument("--compare", default=None, metavar="OTHER", help="a second archive, side by side")
+
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -96,4 +115,45 @@ def cmd_config(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "generate": cmd_generate, "validate": cmd_validate, "config": cmd_config}
+def cmd_replay(args) -> int:
+    from rollout.replay import ReplayError, ReplayOptions, replay
+
+    options = ReplayOptions(gamma=args.gamma, lam=args.lam, estimator=args.estimator, kl_coef=args.kl_coef,
+                            reward_config=args.reward_config, prompts=args.prompts)
+    try:
+        report = replay(args.archive, args.out, options)
+    except (ReplayError, FileNotFoundError) as e:
+        print(f"replay: {e}", file=sys.stderr)
+        return 2
+    diff = "n/a" if report.max_return_diff is None else f"{report.max_return_diff:.3g}"
+    print(f"replayed {report.rows} samples into {report.out}  (max |returns - stored returns| = {diff})",
+          file=sys.stderr)
+    if report.unmatched_prompts:
+        print(f"{report.unmatched_prompts} samples re-scored without their data record (no reference)",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_stats(args) -> int:
+    import json
+
+    from rollout.stats import compute_stats, format_comparison, format_table, plot_runs
+
+    try:
+        runs = [compute_stats(a) for a in [args.archive, *([args.compare] if args.compare else [])]]
+    except FileNotFoundError as e:
+        print(f"stats: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(runs[0].to_json() if len(runs) == 1 else {"runs": [r.to_json() for r in runs]}, indent=1))
+    else:
+        print(format_table(runs[0]) if len(runs) == 1 else format_comparison(*runs), end="")
+    if args.plot:
+        labels = [f"{side}: {run.archive}" for side, run in zip("AB", runs)] if args.compare else None
+        plot_runs(runs, args.plot, labels)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "generate": cmd_generate, "validate": cmd_validate, "config": cmd_config,
+            "replay": cmd_replay, "stats": cmd_stats}

@@ -9,8 +9,10 @@ column there is a test failure, not a silent drop.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -75,8 +77,25 @@ def to_record_batch(records: list[RolloutRecord]) -> pa.RecordBatch:
         values = [getattr(r, field.name) for r in records]
         if field.name == "reward_components":
             values = [None if v is None else list(v.items()) for v in values]
-        columns.append(pa.array(values, type=field.type))
+        if pa.types.is_list(field.type):
+            columns.append(_list_array(values, field.type))
+        else:
+            columns.append(pa.array(values, type=field.type))
     return pa.RecordBatch.from_arrays(columns, schema=ARCHIVE_SCHEMA)
+
+
+def _list_array(rows: list[list | None], kind: pa.ListType) -> pa.ListArray:
+    """Token lists through one flat numpy buffer and offsets: per-element conversion by `pa.array`
+    dominates archive writing otherwise."""
+    nulls = np.fromiter((r is None for r in rows), dtype=bool, count=len(rows))
+    lengths = np.fromiter((0 if r is None else len(r) for r in rows), dtype=np.int32, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    dtype = np.int32 if pa.types.is_int32(kind.value_type) else np.float32
+    flat = np.fromiter(itertools.chain.from_iterable(r for r in rows if r is not None), dtype=dtype,
+                       count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=kind.value_type),
+                                    mask=pa.array(nulls) if nulls.any() else None)
 
 
 def from_record_batch(batch: pa.RecordBatch) -> list[RolloutRecord]:

@@ -1,0 +1,163 @@
+"""`rollout stats`: per-iteration figures of a hand-built archive, worked out by hand below."""
+
+import datetime as dt
+import json
+import math
+
+import pytest
+
+from rollout.archive import ArchiveWriter
+from rollout.cli import main
+from rollout.record import RolloutRecord
+from rollout.replay import replay
+from rollout.stats import KL_COEFS_KEY, compute_stats, format_comparison, format_table, kl_coefs, plot_runs
+
+T0 = dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)
+NAN = float("nan")
+KL_COEF = 0.1
+
+
+def record(iteration, version, kl, reward, components, finish, seconds, learner=True):
+    """One sample whose token rewards carry the per-token KL `kl` at coefficient KL_COEF."""
+    rewards = [-KL_COEF * k for k in kl]
+    if rewards:
+        rewards[-1] += reward
+    rec = RolloutRecord(
+        run_id="hand", prompt_id=f"p{iteration}", iteration=iteration, policy_version=version,
+        sample_index=0, prompt="1+1=", response="x" * len(kl), prompt_ids=[1], response_ids=[7] * len(kl),
+        response_logprobs=[-1.0] * len(kl), finish_reason=finish, worker="rollout-0",
+        generated_at=T0 + dt.timedelta(seconds=seconds), reward=reward, reward_components=components)
+    if learner:
+        rec.ref_logprobs = rec.values = rec.advantages = rec.returns = [0.0] * len(kl)
+        rec.token_rewards = rewards
+    return rec
+
+
+def hand_records(learner=True):
+    return [
+        # iteration 0: KL 0.8, 0.4 and 0 (empty); tokens 5 over 2 s; versions 3, 2, 3 -> lag 1/3
+        record(0, 3, [0.5, 0.3], 1.0, {"arithmetic": 1.0, "format": NAN}, "stop", 0, learner),
+        record(0, 2, [0.1, 0.1, 0.2], 0.0, {"arithmetic": 0.0, "format": 1.0}, "length", 2, learner),
+        record(0, 3, [], 0.5, {"arithmetic": 0.5, "format": NAN}, "error", 1, learner),
+        # iteration 1: KL 1.0 each; both stamped at the same instant; format always failed
+        record(1, 4, [0.25] * 4, 1.0, {"arithmetic": 1.0, "format": NAN}, "stop", 10, learner),
+        record(1, 4, [0.25] * 4, 1.0, {"arithmetic": 1.0, "format": NAN}, "stop", 10, learner),
+    ]
+
+
+def write(run_dir, records, metrics=None, **metadata):
+    meta = {"gamma": "1.0", "lam": "0.95", "kl_coef": repr(KL_COEF), "kl_estimator": "k1", "kl_target": "None"}
+    with ArchiveWriter(run_dir / "rollouts", meta | metadata, batch_rows=2) as writer:
+        writer.write(records)
+    if metrics:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return run_dir
+
+
+def test_per_iteration_figures(tmp_path):
+    stats = compute_stats(write(tmp_path / "run", hand_records()))
+    first, second = stats.iterations
+    assert first["iteration"] == 0 and first["samples"] == 3 and first["tokens"] == 5
+    assert first["tokens_per_s"] == pytest.approx(2.5)  # 5 tokens, first to last stamp 2 s
+    assert first["reward_mean"] == pytest.approx(0.5)
+    assert first["reward_std"] == pytest.approx(math.sqrt(0.5 / 3))
+    assert first["reward/arithmetic"] == pytest.approx(0.5)
+    assert first["reward/format"] == 1.0 and first["reward_failed/format"] == 2
+    assert first["reward_failed/arithmetic"] == 0
+    assert first["kl"] == pytest.approx((0.8 + 0.4 + 0.0) / 3, abs=1e-6)
+    assert first["response_length_mean"] == pytest.approx(5 / 3)
+    assert (first["finish/stop"], first["finish/length"], first["finish/error"]) == (1, 1, 1)
+    assert first["version_lag"] == pytest.approx(1 / 3)
+
+    assert second["tokens"] == 8 and second["tokens_per_s"] is None  # no time span to divide by
+    assert math.isnan(second["reward/format"]) and second["reward_failed/format"] == 2
+    assert second["kl"] == pytest.approx(1.0, abs=1e-6)
+    assert second["version_lag"] == 0 and second["finish/stop"] == 2
+
+    totals = stats.totals
+    assert (totals["iterations"], totals["samples"], totals["tokens"]) == (2, 5, 13)
+    assert totals["reward_mean"] == pytest.approx(0.7) and totals["reward_std"] == pytest.approx(0.4)
+    assert totals["reward/arithmetic"] == pytest.approx(0.7)
+    assert totals["reward/format"] == 1.0 and totals["reward_failed/format"] == 4
+    assert totals["kl"] == pytest.approx((0.4 * 3 + 1.0 * 2) / 5, abs=1e-6)
+    assert totals["response_length_mean"] == pytest.approx(2.6)
+    assert (totals["finish/stop"], totals["finish/length"], totals["finish/error"]) == (3, 1, 1)
+    assert totals["version_lag"] == pytest.approx(0.2)
+    assert totals["tokens_per_s"] == pytest.approx(2.5)
+
+
+def test_throughput_comes_from_the_runs_metrics_when_present(tmp_path):
+    run = write(tmp_path / "run", hand_records(), metrics=[{"iteration": 1, "tokens_per_s": 100.0}])
+    first, second = compute_stats(run).iterations
+    assert first["tokens_per_s"] == pytest.approx(2.5) and second["tokens_per_s"] == 100.0
+    assert compute_stats(run).totals["tokens_per_s"] == pytest.approx(13 / (2 + 0.08))
+    # A replayed archive has no metrics of its own: its source run's are used.
+    replay(run, tmp_path / "replayed")
+    assert compute_stats(tmp_path / "replayed").iterations[1]["tokens_per_s"] == 100.0
+
+
+def test_kl_is_null_without_learner_columns(tmp_path):
+    stats = compute_stats(write(tmp_path / "run", hand_records(learner=False)))
+    assert [s["kl"] for s in stats.iterations] == [None, None] and stats.totals["kl"] is None
+    assert stats.iterations[0]["reward_mean"] == pytest.approx(0.5)
+
+
+def test_kl_coefficients_of_an_adaptive_run():
+    meta = {"kl_coef": "0.1", "kl_target": "6.0"}
+    logged = {0: {"kl_coef": 0.2}, 1: {"kl_coef": 0.3}}
+    # Iteration i used the coefficient logged at the end of the iteration before it.
+    assert kl_coefs(meta, logged, [0, 1, 2]) == {0: 0.1, 1: 0.2, 2: 0.3}
+    assert kl_coefs(meta, {}, [0, 1]) == {0: None, 1: None}
+    assert kl_coefs({"kl_coef": "0.1", "kl_target": "None"}, {}, [4]) == {4: 0.1}
+    assert kl_coefs({**meta, KL_COEFS_KEY: '{"1": 0.5}'}, logged, [1, 2]) == {1: 0.5, 2: None}
+
+
+def test_adaptive_kl_uses_the_coefficient_of_each_iteration(tmp_path):
+    # The hand records carry coefficient 0.1 in both iterations; a log that says iteration 1 ran at
+    # 0.2 halves its measured KL.
+    run = write(tmp_path / "run", hand_records(), metrics=[{"iteration": 0, "kl_coef": 0.2}], kl_target="6.0")
+    first, second = compute_stats(run).iterations
+    assert first["kl"] == pytest.approx(0.4, abs=1e-6) and second["kl"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_table_and_comparison(tmp_path):
+    a = compute_stats(write(tmp_path / "a", hand_records()))
+    b = compute_stats(write(tmp_path / "b", hand_records()[:3]))
+    table = format_table(a).splitlines()
+    assert table[1].split()[:6] == ["iter", "samples", "tokens", "tok/s", "reward", "std"]
+    assert "r/format" in table[1] and "fail/format" in table[1]
+    assert table[-1].split()[0] == "all" and table[2].split()[:3] == ["0", "3", "5"]
+    assert len({len(line) for line in table[1:]}) == 1  # aligned
+    both = format_comparison(a, b).splitlines()
+    assert both[0].endswith("/a") and both[1].endswith("/b")
+    header = both[2].split()
+    assert header[:5] == ["iter", "samples", "A", "samples", "B"]
+    iteration_1 = both[4].split()
+    assert iteration_1[:3] == ["1", "2", "-"]  # run B has no iteration 1
+
+
+def test_plot_writes_a_png(tmp_path):
+    a = compute_stats(write(tmp_path / "a", hand_records()))
+    b = compute_stats(write(tmp_path / "b", hand_records()[:3]))
+    plot_runs([a, b], tmp_path / "both.png", labels=["a", "b"])
+    assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_stats(tmp_path, capsys):
+    run = write(tmp_path / "run", hand_records())
+    other = write(tmp_path / "other", hand_records(learner=False))
+    assert main(["stats", str(run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [s["samples"] for s in out["iterations"]] == [3, 2] and out["totals"]["samples"] == 5
+    assert out["iterations"][1]["reward/format"] is None  # NaN becomes JSON null
+
+    assert main(["stats", str(run / "rollouts"), "--plot", str(tmp_path / "p.png")]) == 0
+    assert "all" in capsys.readouterr().out and (tmp_path / "p.png").stat().st_size > 1000
+
+    assert main(["stats", str(run), "--compare", str(other), "--json", "--plot", str(tmp_path / "c.png")]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [r["totals"]["kl"] is None for r in runs] == [False, True]
+    assert (tmp_path / "c.png").exists()
+
+    assert main(["stats", str(tmp_path / "missing")]) == 2
+    assert "no archive here" in capsys.readouterr().err
