@@ -152,6 +152,9 @@ class RayConfig(Base):
     address: Annotated[str | None, doc(
         "Ray cluster address; null uses RAY_ADDRESS if set, else starts a local Ray.")] = None
     num_cpus: Annotated[int | None, doc("CPUs of a local Ray; null lets Ray decide.")] = None
+    metrics_export_port: Annotated[int | None, doc(
+        "Port of a local Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics); null picks one. "
+        "Clusters set it with `ray start --metrics-export-port`.")] = None
 
 
 class JobConfig(Base):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from rollout.record import RolloutRecord
+from rollout.telemetry import metric_name, record_stages
 
 STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive")
 
@@ -61,13 +62,17 @@ class MetricsLog:
 
     def _export(self, metrics: dict) -> None:
         try:
+            import ray
             from ray.util.metrics import Gauge
         except ImportError:
             return
+        if not ray.is_initialized():
+            return
+        record_stages({k[5:]: v for k, v in metrics.items() if k.startswith("time/") and k != "time/iteration"})
         for key, value in metrics.items():
             if not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
                 continue
-            name = "rollout_" + key.replace("/", "_")
+            name = metric_name(key)
             if name not in self._gauges:
                 self._gauges[name] = Gauge(name, description=f"PPO rollout service: {key} (per iteration)")
             self._gauges[name].set(float(value))

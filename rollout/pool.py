@@ -13,6 +13,7 @@ import ray
 
 from rollout.config import JobConfig
 from rollout.engine import resolve_device
+from rollout.telemetry import record_queue_depth
 from rollout.worker import GenerationResult, PromptTask, RolloutWorker
 
 
@@ -55,6 +56,7 @@ class WorkerPool:
                 if next_chunk < len(chunks):
                     submit(w)
         while in_flight:
+            record_queue_depth(len(in_flight))
             [done], _ = ray.wait(list(in_flight), num_returns=1)
             worker = in_flight.pop(done)
             if next_chunk < len(chunks):

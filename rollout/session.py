@@ -41,7 +41,8 @@ def init_ray(cfg: JobConfig, needed_cpus: float) -> None:
     # Ray's CPU count is a scheduling budget, not a thread limit: generation, reward and learning
     # take turns, so a 2-core machine can host the whole job.
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             _metrics_export_port=cfg.ray.metrics_export_port)
 
 
 class Session:

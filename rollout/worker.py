@@ -14,6 +14,7 @@ import msgspec
 from rollout.config import RolloutConfig
 from rollout.engine import VLLMEngine
 from rollout.record import RolloutRecord
+from rollout.telemetry import record_generation
 
 
 class PromptTask(msgspec.Struct):
@@ -55,8 +56,9 @@ class RolloutWorker:
             for i, c in enumerate(completions)
         ]
         tokens = sum(len(r.response_ids) for r in records)
-        return GenerationResult(records=records, worker=self.name, seconds=time.perf_counter() - start,
-                                generated_tokens=tokens)
+        seconds = time.perf_counter() - start
+        record_generation(self.name, tokens, len(records), seconds, self.version)
+        return GenerationResult(records=records, worker=self.name, seconds=seconds, generated_tokens=tokens)
 
     def update_weights(self, version: int, weights: list[tuple[str, object]]) -> int:
         """Load new policy weights (Hugging Face names); returns the version now served."""

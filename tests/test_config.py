@@ -80,11 +80,27 @@ def test_every_field_is_documented():
         assert description.strip(), f"{path} has no description"
 
 
-@pytest.mark.parametrize("name", ["tiny-arith.yaml", "tiny-arith-smoke.yaml", "tiny-rm.yaml"])
-def test_shipped_configs_load(name):
+@pytest.mark.parametrize("name", ["tiny-arith.yaml", "tiny-arith-smoke.yaml", "cluster-qwen-0.5b.yaml"])
+def test_shipped_job_configs_load(name):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "configs" / name
-    if not path.exists():
-        pytest.skip(f"{name} not shipped yet")
-    check(load_config(path), cuda_available=False)
+    check(load_config(path), cuda_available=True)
+
+
+def test_grafana_dashboard_queries_only_metrics_the_service_exports():
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    dashboard = json.loads((root / "configs" / "grafana" / "rollout-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    names = {n for e in exprs for n in re.findall(r"ray_rollout_[a-z_]+", e)}
+    source = "".join(p.read_text() for d in ("rollout", "learner") for p in (root / d).glob("*.py"))
+    for name in names:
+        base = re.sub(r"_(bucket|total)$", "", name.removeprefix("ray_"))
+        if base.startswith("rollout_time_") or base.startswith("rollout_reward_"):
+            continue  # mirrored from metrics.jsonl keys (time/STAGE, reward/NAME) by MetricsLog
+        key = base.removeprefix("rollout_")
+        assert f'"{base}"' in source or f'"{key}"' in source, f"{name} is not exported by rollout/"

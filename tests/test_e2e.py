@@ -168,3 +168,30 @@ def test_ray_job_submit_runs_the_smoke_job(tmp_path):
         assert read_table(out).num_rows == 96
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_project_metrics_appear_on_the_local_ray_prometheus_endpoint(tmp_path):
+    import urllib.request
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(tmp_path / "run"),
+           "--set", "iterations=20", "--set", f"ray.metrics_export_port={port}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    wanted = {"ray_rollout_tokens_per_s", "ray_rollout_reward_mean", "ray_rollout_kl",
+              "ray_rollout_worker_generated_tokens_total", "ray_rollout_stage_seconds_bucket",
+              "ray_rollout_queue_depth", "ray_rollout_version_lag"}
+    found: set[str] = set()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not wanted <= found:
+            time.sleep(2)
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            except OSError:
+                continue
+            found |= {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_rollout")}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert wanted <= found, f"missing from the endpoint: {sorted(wanted - found)}"
