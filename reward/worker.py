@@ -16,6 +16,13 @@ def last_user_message(record) -> str:
     return next((m.content for m in reversed(record.messages) if m.role == "user"), "")
 
 
+def apply_rewards(records, results: list[RewardResult]) -> None:
+    """Write each result's total and components into its rollout record."""
+    for record, result in zip(records, results, strict=True):
+        record.reward = result.total
+        record.reward_components = result.components
+
+
 class RewardWorker:
     def __init__(self, cfg: RewardConfig, *, name: str = "reward-0"):
         self.name = name

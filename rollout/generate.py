@@ -13,7 +13,7 @@ import ray
 from tqdm import tqdm
 
 from learner.tiny_model import resolve_model_path
-from reward.worker import RewardWorker
+from reward.worker import RewardWorker, apply_rewards
 from rollout.archive import ArchiveWriter
 from rollout.config import JobConfig, check, to_yaml
 from rollout.engine import resolve_device
@@ -77,9 +77,7 @@ def _archive_scored(pending: list, archive: ArchiveWriter, rewards: list[float],
         if ref not in ready:
             rest.append((ref, records))
             continue
-        for record, result in zip(records, ray.get(ref)):
-            record.reward = result.total
-            record.reward_components = result.components
-            rewards.append(result.total)
+        apply_rewards(records, ray.get(ref))
+        rewards.extend(r.reward for r in records)
         archive.write(records)
     return rest

@@ -18,6 +18,7 @@ import msgspec
 import ray
 
 from learner.tiny_model import resolve_model_path
+from reward.worker import RewardWorker, apply_rewards
 from rollout.archive import ArchiveWriter
 from rollout.config import JobConfig, check, to_yaml
 from rollout.engine import resolve_device
@@ -51,7 +52,6 @@ class Session:
 
     @classmethod
     def open(cls, cfg: JobConfig, run_dir: Path, *, log=sys.stderr) -> Session:
-        from reward.worker import RewardWorker
         from rollout.job import last_archived_iteration
 
         self = cls(cfg, run_dir, log)
@@ -133,9 +133,7 @@ class Session:
         start = time.perf_counter()
         records: list[RolloutRecord] = []
         for ref, batch in scoring:
-            for record, result in zip(batch, ray.get(ref)):
-                record.reward = result.total
-                record.reward_components = result.components
+            apply_rewards(batch, ray.get(ref))
             records.extend(batch)
         timings["reward"] = time.perf_counter() - start
         position = {t.prompt_id: i for i, t in reversed(list(enumerate(tasks)))}

@@ -175,7 +175,7 @@ def test_project_metrics_appear_on_the_local_ray_prometheus_endpoint(tmp_path):
 
     port = _free_port()
     cmd = [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(tmp_path / "run"),
-           "--set", "iterations=20", "--set", f"ray.metrics_export_port={port}"]
+           "--set", "iterations=1000", "--set", f"ray.metrics_export_port={port}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     wanted = {"ray_rollout_tokens_per_s", "ray_rollout_reward_mean", "ray_rollout_kl",
@@ -191,7 +191,10 @@ def test_project_metrics_appear_on_the_local_ray_prometheus_endpoint(tmp_path):
             except OSError:
                 continue
             found |= {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_rollout")}
+        ended = proc.poll()
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert ended is None, f"the run exited ({ended}) before its metrics were all seen"
     assert wanted <= found, f"missing from the endpoint: {sorted(wanted - found)}"
