@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from rollout.formats import FormatError, field_names, require_object, text_field, type_name
-from rollout.records import BadRecord, iter_json_records
+from rollout.records import BadRecord, parse_records
 
 PREFERENCE_FORMATS = ("pairwise", "multi", "scored")
 UNKNOWN_PREFERENCE_SHAPE = ("unknown record shape: expected response_a/response_b with label or "
@@ -83,24 +83,13 @@ def read_preferences(path: str | os.PathLike[str],
     """
     if fmt != "auto":
         _check_format_name(fmt)
-    return _read_preferences(os.fspath(path), fmt)
+    return parse_records(path, lambda obj, source: parse_preference(obj, fmt, source))
 
 
 def _check_format_name(fmt: str) -> None:
     if fmt not in PREFERENCE_FORMATS:
         raise ValueError(f"unknown preference format {fmt!r}; "
                          f"expected auto or one of {', '.join(PREFERENCE_FORMATS)}")
-
-
-def _read_preferences(file: str, fmt: str) -> Iterator[PreferenceRecord | BadRecord]:
-    for line, obj in iter_json_records(file):
-        if isinstance(obj, BadRecord):
-            yield obj
-            continue
-        try:
-            yield parse_preference(obj, fmt, f"{file}:{line}")
-        except FormatError as e:
-            yield BadRecord(file, line, str(e))
 
 
 def _parse_pairwise(record: dict[str, Any], source: str) -> PreferenceRecord:

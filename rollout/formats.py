@@ -19,15 +19,11 @@ from typing import Any
 
 import msgspec
 
-from rollout.records import BadRecord, iter_json_records
+from rollout.records import BadRecord, FormatError, parse_records
 
 PROMPT_FORMATS = ("sft", "xtuner", "chat")
 ROLES = ("system", "user", "assistant")
 UNKNOWN_PROMPT_SHAPE = "unknown record shape: expected one of prompt / conversation / messages"
-
-
-class FormatError(ValueError):
-    """A record does not fit its format; the message is the reason shown after `FILE:LINE:`."""
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -86,23 +82,12 @@ def read_prompts(path: str | os.PathLike[str], fmt: str = "auto") -> Iterator[Pr
     """
     if fmt != "auto":
         _check_format_name(fmt)
-    return _read_prompts(os.fspath(path), fmt)
+    return parse_records(path, lambda obj, source: parse_prompt(obj, fmt, source))
 
 
 def _check_format_name(fmt: str) -> None:
     if fmt not in PROMPT_FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}; expected auto or one of {', '.join(PROMPT_FORMATS)}")
-
-
-def _read_prompts(file: str, fmt: str) -> Iterator[PromptRecord | BadRecord]:
-    for line, obj in iter_json_records(file):
-        if isinstance(obj, BadRecord):
-            yield obj
-            continue
-        try:
-            yield parse_prompt(obj, fmt, f"{file}:{line}")
-        except FormatError as e:
-            yield BadRecord(file, line, str(e))
 
 
 def _parse_sft(record: dict[str, Any]) -> tuple[list[Message], str | None]:

@@ -12,10 +12,12 @@ import codecs
 import json
 import os
 import re
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
 
 _CHUNK_BYTES = 1 << 16
 _JSON_WHITESPACE = b" \t\r\n"
@@ -283,3 +285,21 @@ def _shown(char: str | None) -> str:
     if _ESCAPED_BYTE.match(char):
         return f"a byte that is not valid UTF-8 (0x{ord(char) - 0xDC00:02x})"
     return repr(char)
+
+
+class FormatError(ValueError):
+    """A decoded record does not fit its format; the message is the reason shown after FILE:LINE."""
+
+
+def parse_records(path: str | os.PathLike[str], parse: Callable[[Any, str], T]) -> Iterator[T | BadRecord]:
+    """Each record of a JSON/JSONL file through `parse(obj, "FILE:LINE")`; unreadable records and
+    those `parse` rejects with FormatError come back as BadRecord, in file order."""
+    file = os.fspath(path)
+    for line, obj in iter_json_records(file):
+        if isinstance(obj, BadRecord):
+            yield obj
+            continue
+        try:
+            yield parse(obj, f"{file}:{line}")
+        except FormatError as e:
+            yield BadRecord(file, line, str(e))
