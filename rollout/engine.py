@@ -32,6 +32,9 @@ def resolve_device(device: str) -> str:
 
 
 def _import_vllm(device: str):
+    # vLLM's per-request and per-reload INFO/WARNING lines would drown the job's progress output;
+    # VLLM_LOGGING_LEVEL=INFO in the environment brings them back.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     if device == "cpu":
         # In-process engine core: no extra process per worker, and weights can be reloaded in place
         # through collective_rpc without pickling them to another process.

@@ -92,14 +92,19 @@ class Session:
             for i in range(cfg.reward.num_workers)
         ]
         self.pool = WorkerPool(cfg, serving_model)
-        self.first_iteration = 0
+        trained = 0  # iterations whose updates the learner's weights hold
         if checkpoint:
             extra = ray.get(self.learner.load.remote(checkpoint))
             self.sampler = msgspec.convert(extra["sampler"], PromptSampler)
-            self.first_iteration = max(extra["iteration"], last_archived_iteration(run_dir)) + 1
+            trained = extra["iteration"] + 1
             self.pool.sync_weights(ray.get(self.learner.version_number.remote()), self._weights())
-            print(f"resumed from {checkpoint.name}: continuing at iteration {self.first_iteration}", file=log)
-        self.iterations_left = max(0, cfg.iterations - (extra["iteration"] + 1 if checkpoint else 0))
+        # Iterations archived after the last checkpoint lost their updates but keep their rows;
+        # numbering continues after them so no (iteration, prompt_id, sample_index) repeats.
+        self.first_iteration = max(trained, last_archived_iteration(run_dir) + 1)
+        if checkpoint or self.first_iteration:
+            print(f"resuming{' from ' + checkpoint.name if checkpoint else ' with no checkpoint'}: "
+                  f"continuing at iteration {self.first_iteration}", file=log)
+        self.iterations_left = max(0, cfg.iterations - trained)
         self.last_iteration = self.first_iteration + self.iterations_left - 1
         self.version = self.pool.version
         self.archive = ArchiveWriter(run_dir / "rollouts", self._archive_metadata(model),

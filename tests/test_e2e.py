@@ -91,7 +91,7 @@ def test_archived_returns_minus_values_is_gae_of_archived_token_rewards(smoke_ru
 def test_a_second_start_resumes_and_archives_nothing_twice(smoke_run, tmp_path):
     out, _ = smoke_run
     proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", "iterations=4")
-    assert "resumed from iter-000002" in proc.stderr
+    assert "resuming from iter-000002: continuing at iteration 3" in proc.stderr
     table = read_table(out)
     assert sorted(set(table["iteration"].to_pylist())) == [0, 1, 2, 3]
     assert len(set(keys(table))) == table.num_rows
