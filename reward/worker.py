@@ -47,6 +47,6 @@ class RewardWorker:
         self.scored += len(items)
         return results
 
-    def stats(self) -> dict:
-        return {"worker": self.name, "scored": self.scored, "seconds": self.seconds,
-                "rule_failures": dict(self.rules.failures), "rule_latency": dict(self.rules.latency)}
+    def latency(self) -> dict[str, float]:
+        """Cumulative scoring seconds: the whole call (`total`) and each rule."""
+        return {"total": self.seconds, **self.rules.latency}

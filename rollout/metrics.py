@@ -41,6 +41,7 @@ def iteration_metrics(iteration: int, records: list[RolloutRecord], gen: dict[st
         ok = arr[~np.isnan(arr)]
         metrics[f"reward/{name}"] = float(ok.mean()) if ok.size else float("nan")
         metrics[f"reward_failed/{name}"] = int(np.isnan(arr).sum())
+    metrics.update({k: float(v) for k, v in gen.items() if k.startswith("reward_latency/")})
     metrics.update({k: float(v) for k, v in learn.items()})
     metrics.update({f"time/{stage}": float(timings.get(stage, 0.0)) for stage in STAGES})
     metrics["time/iteration"] = total_seconds

@@ -49,6 +49,7 @@ def init_ray(cfg: JobConfig, needed_cpus: float) -> None:
 class Session:
     def __init__(self, cfg: JobConfig, run_dir: Path, log):
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        self._latency_seen: dict[str, float] = {}
 
     @classmethod
     def open(cls, cfg: JobConfig, run_dir: Path, *, log=sys.stderr) -> Session:
@@ -141,9 +142,10 @@ class Session:
             apply_rewards(batch, ray.get(ref))
             records.extend(batch)
         timings["reward"] = time.perf_counter() - start
+        latency = self._reward_latency()
         position = {t.prompt_id: i for i, t in reversed(list(enumerate(tasks)))}
         records.sort(key=lambda r: (position[r.prompt_id], r.sample_index))
-        return records, {"generated_tokens": tokens, "generate_seconds": timings["generate"]}
+        return records, {"generated_tokens": tokens, "generate_seconds": timings["generate"], **latency}
 
     def sync_weights(self) -> None:
         version = ray.get(self.learner.version_number.remote())
@@ -170,6 +172,15 @@ class Session:
         self.pool.shutdown()
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _reward_latency(self) -> dict[str, float]:
+        """Seconds the reward workers spent scoring this iteration, in total and per rule."""
+        now: dict[str, float] = {}
+        for worker_latency in ray.get([w.latency.remote() for w in self.reward_workers]):
+            for name, seconds in worker_latency.items():
+                now[name] = now.get(name, 0.0) + seconds
+        before, self._latency_seen = self._latency_seen, now
+        return {f"reward_latency/{name}": seconds - before.get(name, 0.0) for name, seconds in now.items()}
 
     def _weights(self) -> ray.ObjectRef:
         return self.learner.export_weights.remote()
