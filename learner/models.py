@@ -41,7 +41,16 @@ class Critic(nn.Module):
 
     def __init__(self, path: str, dtype: str):
         super().__init__()
-        self.backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype])
+        from transformers.utils import logging as hf_logging
+
+        # Loading a causal LM checkpoint as a bare backbone leaves its lm_head unused, which
+        # transformers reports at length; that is exactly what is intended here.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype])
+        finally:
+            hf_logging.set_verbosity(verbosity)
         self.head = ValueHead(self.backbone.config.hidden_size)
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:

@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="prompt file or builtin:arith holding the references to re-score against "
                           "(default: the run's data.prompts)")
 
+    rep.add_argument("--train", action="store_true",
+                     help="then run PPO updates on the replayed archive (off-policy, behaviour logprobs in the "
+                          "ratio) and save the policy to OUT/policy")
+    rep.add_argument("--config", default=None, help="with --train: job config for the learner (default: the run's)")
+    rep.add_argument("--model", default=None, help="with --train: starting policy (default: the run's model)")
+    rep.add_argument("--train-epochs", type=int, default=1, help="with --train: passes over the archive")
+
     sta = sub.add_parser("stats", help="per-iteration throughput, reward, KL and lengths of an archive")
     sta.add_argument("archive", help="run directory, its rollouts/ directory, or one .arrow file")
     sta.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -131,7 +138,24 @@ def cmd_replay(args) -> int:
     if report.unmatched_prompts:
         print(f"{report.unmatched_prompts} samples re-scored without their data record (no reference)",
               file=sys.stderr)
+    if args.train:
+        _train_offline(args)
     return 0
+
+
+def _train_offline(args) -> None:
+    from learner.offline import train_offline
+    from rollout.archive import read_metadata
+
+    metadata = read_metadata(args.archive)
+    config = args.config
+    if config is None:
+        config = args.out / "run-config.yaml"
+        config.write_text(metadata["config"])
+    cfg = load_config(config)
+    out = train_offline(args.out / "rollouts", cfg, args.out / "policy", model=args.model or metadata.get("model"),
+                        epochs=args.train_epochs)
+    print(f"offline-trained policy: {out}", file=sys.stderr)
 
 
 def cmd_stats(args) -> int:

@@ -114,3 +114,30 @@ def test_sft_trains_on_completions_only_and_lowers_the_loss(tiny_model_path, tmp
     out = train_sft(tiny_model_path, records, tmp_path / "sft", steps=30, lr=3e-3, batch_size=16,
                     max_prompt_tokens=64, log=open("/dev/null", "w"))
     assert loss(out) < 0.5 * loss(tiny_model_path)
+
+
+def test_offline_training_from_an_archive_moves_the_policy(cfg, tiny_model_path, tmp_path):
+    from safetensors.torch import load_file
+
+    from learner.offline import train_offline
+    from rollout.archive import ArchiveWriter
+
+    records, _, _ = Learner(cfg, tiny_model_path).learn(make_records())
+    with ArchiveWriter(tmp_path / "rollouts", {}) as archive:
+        archive.write(records)
+    out = train_offline(tmp_path / "rollouts", cfg, tmp_path / "policy", model=tiny_model_path,
+                        log=open("/dev/null", "w"))
+    before = load_file(f"{tiny_model_path}/model.safetensors")
+    after = load_file(str(out / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (out / "tokenizer.json").exists()
+
+
+def test_offline_training_refuses_an_archive_without_learner_columns(cfg, tiny_model_path, tmp_path):
+    from learner.offline import train_offline
+    from rollout.archive import ArchiveWriter
+
+    with ArchiveWriter(tmp_path / "rollouts", {}) as archive:
+        archive.write(make_records(4))
+    with pytest.raises(ValueError, match="needs the learner columns"):
+        train_offline(tmp_path / "rollouts", cfg, tmp_path / "policy", model=tiny_model_path)

@@ -1,0 +1,64 @@
+"""PPO updates from an archive, off-policy: no generation, the stored samples are the batch.
+
+The importance ratio's denominator is the stored behaviour logprob (`response_logprobs`, what
+the engine sampled with), and advantages, returns and old values are the archive's own (as written
+by the run, or by `rollout replay` with other settings). The policy starts from `model.path` or a
+checkpoint's `policy/` directory and is saved, with its tokenizer, as a loadable model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from learner.advantages import kl_penalty
+from learner.batch import collate, pad_rows
+from learner.learner import Learner, PreparedBatch
+from learner.tiny_model import resolve_model_path
+from rollout.archive import iter_batches
+from rollout.config import JobConfig
+from rollout.record import from_record_batch
+
+NEEDED = ("response_logprobs", "ref_logprobs", "values", "token_rewards", "advantages", "returns")
+
+
+def prepared_from_records(records, pad_id: int, device: torch.device, estimator: str) -> PreparedBatch:
+    """The archive's per-token columns as the learner's padded (B, T) batch."""
+    tokens = collate(records, pad_id).to(device)
+    T = tokens.mask.shape[1]
+
+    def column(name: str) -> torch.Tensor:
+        return pad_rows([getattr(r, name) for r in records], T).to(device)
+
+    behaviour, ref = column("response_logprobs"), column("ref_logprobs")
+    return PreparedBatch(
+        tokens=tokens, old_logprobs=behaviour, ref_logprobs=ref, values=column("values"),
+        token_rewards=column("token_rewards"), kl=kl_penalty(behaviour, ref, estimator) * tokens.mask,
+        advantages=column("advantages"), returns=column("returns"),
+    )
+
+
+def train_offline(archive: str | Path, cfg: JobConfig, out: Path, *, model: str | None = None,
+                  epochs: int = 1, log=None) -> Path:
+    log = log or sys.stderr
+    model_path = model or resolve_model_path(cfg.model.path)
+    learner = Learner(cfg, model_path)
+    for epoch in range(epochs):
+        for batch in iter_batches(archive):
+            records = from_record_batch(batch)
+            missing = [c for c in NEEDED if any(getattr(r, c) is None for r in records)]
+            if missing:
+                raise ValueError(f"{archive}: offline training needs the learner columns; {', '.join(missing)} "
+                                 "are null (a `rollout generate` archive? replay it with an estimator first)")
+            prepared = prepared_from_records(records, learner.pad_id, learner.device, cfg.learner.kl.estimator)
+            stats = learner.update(prepared)
+            print(f"offline epoch {epoch + 1}/{epochs}, {len(records)} samples: policy loss "
+                  f"{stats['policy_loss']:+.4f}  clip frac {stats['clip_frac']:.3f}  approx kl {stats['approx_kl']:.4f}",
+                  file=log)
+    out.mkdir(parents=True, exist_ok=True)
+    learner.policy.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
+    return out
