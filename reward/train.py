@@ -53,12 +53,14 @@ class EpochResult(msgspec.Struct):
     seconds: float  # elapsed since training started
 
 
-def train_reward_model(cfg: RewardTrainConfig, *, log: TextIO = sys.stderr) -> dict[str, Any]:
+def train_reward_model(cfg: RewardTrainConfig, *, log: TextIO | None = None) -> dict[str, Any]:
     """Train per `cfg` into `cfg.out_dir`; returns what is written to OUT/eval.json.
 
     Raises ConfigError for a config that cannot run here, DataError for unusable data and
-    OSError for a data file or base model that cannot be read.
+    OSError for a data file or base model that cannot be read. Progress goes to `log`
+    (default: stderr at call time).
     """
+    log = log or sys.stderr
     check(cfg, cuda_available=torch.cuda.is_available())
     started = time.perf_counter()
     records, bad = load_records(cfg.data.files, cfg.data.format, cfg.data.on_bad_record, log=log)
@@ -112,12 +114,13 @@ def save(model, tokenizer, cfg: RewardTrainConfig, out: Path) -> Path:
 
 
 def load_records(files: Sequence[str], fmt: str, on_bad_record: str, *,
-                 log: TextIO = sys.stderr) -> tuple[list[PreferenceRecord], int]:
+                 log: TextIO | None = None) -> tuple[list[PreferenceRecord], int]:
     """Every good record of `files`, and the number of bad ones (each printed as FILE:LINE: reason).
 
     With `stop`, any bad record raises DataError after all of them are reported, so one pass
     shows everything to fix.
     """
+    log = log or sys.stderr
     records: list[PreferenceRecord] = []
     bad = 0
     for file in files:
@@ -194,7 +197,7 @@ def build_reward_model(base: str):
         # eos is what the base model already ends texts with.
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token is None:
-        raise DataError(f"{base}: the tokenizer has neither a pad nor an eos token to pad with")
+        raise ConfigError(f"model.path: {base}: the tokenizer has neither a pad nor an eos token to pad with")
     # The load report lists the new score head and the dropped LM head: expected here, not news.
     with quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -234,10 +237,7 @@ class Encoder:
 
     def ids(self, text: str) -> list[int]:
         if text not in self._ids:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_length:]
-            if not ids:
-                raise DataError(f"a text has no tokens: {text!r}")
-            self._ids[text] = ids
+            self._ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_length:]
         return self._ids[text]
 
     def batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -281,8 +281,9 @@ def pairwise_accuracy(model, encoder: Encoder, pairs: Sequence[TextPair], batch_
 
 
 def fit(model, encoder: Encoder, train_pairs: list[TextPair], heldout_pairs: list[TextPair],
-        cfg: RewardTrainConfig, started: float, *, log: TextIO = sys.stderr) -> list[EpochResult]:
+        cfg: RewardTrainConfig, started: float, *, log: TextIO | None = None) -> list[EpochResult]:
     """The training loop: seeded shuffles, AdamW with warm-up and clipping, held-out accuracy per epoch."""
+    log = log or sys.stderr
     t = cfg.train
     total = math.ceil(len(train_pairs) / t.batch_size) * t.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)

@@ -1,0 +1,5 @@
+import sys
+
+from reward.cli import main
+
+sys.exit(main())
