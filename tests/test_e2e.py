@@ -198,3 +198,29 @@ def test_project_metrics_appear_on_the_local_ray_prometheus_endpoint(tmp_path):
         proc.wait()
     assert ended is None, f"the run exited ({ended}) before its metrics were all seen"
     assert wanted <= found, f"missing from the endpoint: {sorted(wanted - found)}"
+
+
+def test_generate_keeps_rule_and_reward_model_components(tmp_path):
+    import yaml
+
+    prefs = tmp_path / "prefs.jsonl"
+    subprocess.run([sys.executable, "-m", "reward.synthetic", "--format", "pairwise", "--count", "200",
+                    "--out", str(prefs)], cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "reward", "train", "--config", "configs/tiny-rm.yaml", "--data", str(prefs),
+                    "--out", str(tmp_path / "rm"), "--set", "train.epochs=1"],
+                   cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=300)
+    job = yaml.safe_load(Path(SMOKE).read_text())
+    job["reward"] = {
+        "rules": [{"name": "arithmetic"}, {"name": "length", "params": {"target": 4, "penalty_per_unit": 0.1}}],
+        "model": {"path": str(tmp_path / "rm" / "model"), "weight": 0.5},
+    }
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job))
+    rollout_cli("generate", "--config", str(config), "--prompts", "builtin:arith", "--out", str(tmp_path / "gen"),
+                "--set", "data.builtin_size=16")
+    table = read_table(tmp_path / "gen")
+    assert table.num_rows == 32
+    for total, components in zip(table["reward"].to_pylist(), table["reward_components"].to_pylist()):
+        parts = dict(components)
+        assert parts.keys() == {"arithmetic", "length", "reward_model"}
+        assert total == pytest.approx(parts["arithmetic"] + parts["length"] + 0.5 * parts["reward_model"], abs=1e-4)
