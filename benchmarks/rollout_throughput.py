@@ -35,12 +35,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunks-per-worker", type=int, default=2)
     args = parser.parse_args()
 
     model = str(build_tiny_llama())
     cfg = load_config(None, [f"rollout.n_samples={args.n}", f"rollout.sampling.max_tokens={args.max_tokens}",
                              f"data.builtin_size={args.prompts}", f"rollout.prompts_per_iteration={args.prompts}",
-                             "rollout.device=cpu", "rollout.max_model_len=128"])
+                             "rollout.device=cpu", "rollout.max_model_len=128",
+                             f"rollout.chunks_per_worker={args.chunks_per_worker}"])
     renderer = PromptRenderer(AutoTokenizer.from_pretrained(model), 64)
     tasks = [renderer.render(r) for r in load_prompts(cfg.data, seed=0)]
     ids = [t.prompt_ids for t in tasks]
