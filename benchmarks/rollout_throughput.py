@@ -2,6 +2,9 @@
 the service end to end (a RolloutWorker actor through the pool, records streamed to the archive),
 on the same prompts and sampling. Prints one JSON object; the figure to watch is `ratio`.
 
+Threads: the in-process engine keeps every core torch starts with (vLLM pins its threads), while
+Ray gives a one-CPU actor one thread. Run with OMP_NUM_THREADS=1 to compare like with like.
+
     .venv/bin/python benchmarks/rollout_throughput.py [--prompts 256] [--n 4] [--max-tokens 32]
 """
 
@@ -34,7 +37,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunks-per-worker", type=int, default=2)
     args = parser.parse_args()
 
@@ -78,6 +81,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "rollout_throughput", "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
         "workers": 1, "chunks_per_worker": cfg.rollout.chunks_per_worker, "cpus": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "raw_engine_tokens_per_s": round(raw_tps, 1), "service_tokens_per_s": round(service_tps, 1),
         "ratio": round(service_tps / raw_tps, 3),
         "raw_runs": [round(x, 1) for x in raw], "service_runs": [round(x, 1) for x in service],
