@@ -57,6 +57,14 @@ class ArchiveWriter:
         if records:
             self._queue.put(list(records))
 
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        """Queue a ready batch of ARCHIVE_SCHEMA (replay's path): no round trip through records."""
+        self._raise_if_failed()
+        if not batch.schema.remove_metadata().equals(ARCHIVE_SCHEMA):
+            raise ValueError(f"batch schema differs from the archive schema v{SCHEMA_VERSION}")
+        if batch.num_rows:
+            self._queue.put(batch)
+
     def flush(self) -> None:
         """Block until everything queued so far is on disk."""
         done = threading.Event()
@@ -92,7 +100,10 @@ class ArchiveWriter:
                     self._write_pending(final=True)
                     item.set()
                     continue
-                if self._error is None:
+                if self._error is None and isinstance(item, pa.RecordBatch):
+                    self._write_pending(final=True)  # keep rows in the order they were queued
+                    self._write_arrow(item)
+                elif self._error is None:
                     self._pending.extend(item)
                     self._write_pending(final=False)
             except BaseException as e:  # noqa: BLE001 - reported to the producer, not lost
@@ -106,6 +117,14 @@ class ArchiveWriter:
             take = min(self.batch_rows, room, len(self._pending))
             chunk, self._pending = self._pending[:take], self._pending[take:]
             self._write_batch(to_record_batch(chunk))
+
+    def _write_arrow(self, batch: pa.RecordBatch) -> None:
+        """A ready batch, split at the batch and file sizes like queued records."""
+        start = 0
+        while start < batch.num_rows:
+            take = min(self.batch_rows, self.rows_per_file - self._file_rows, batch.num_rows - start)
+            self._write_batch(batch.slice(start, take))
+            start += take
 
     def _write_batch(self, batch: pa.RecordBatch) -> None:
         if self._writer is None:

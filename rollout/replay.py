@@ -53,7 +53,7 @@ from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_met
 from rollout.config import ConfigError, JobConfig, RewardConfig, load_config
 from rollout.estimators import GROUP_ESTIMATORS, broadcast
 from rollout.formats import Message, PromptRecord
-from rollout.record import ARCHIVE_SCHEMA, from_record_batch
+from rollout.record import ARCHIVE_SCHEMA
 from rollout.stats import KL_COEFS_KEY, kl_coefs, read_run_metrics
 
 ESTIMATORS = ("gae", *GROUP_ESTIMATORS)
@@ -116,7 +116,7 @@ def replay(archive: str | Path, out: str | Path, options: ReplayOptions = Replay
             for batch, batch_scores in zip(iter_batches(archive), scores):
                 group = None if group_advantages is None else group_advantages[rows:rows + batch.num_rows]
                 replayed, diff = _replay_batch(batch, batch_scores, plan, old_coefs, group)
-                writer.write(from_record_batch(replayed))
+                writer.write_batch(replayed)
                 rows += batch.num_rows
                 if diff is not None:
                     max_diff = diff if max_diff is None else max(max_diff, diff)

@@ -127,3 +127,15 @@ def test_datasets_loads_the_files(tmp_path):
 def test_to_record_batch_matches_schema():
     batch = to_record_batch(make_records(2))
     assert batch.schema.equals(ARCHIVE_SCHEMA)
+
+
+def test_ready_batches_are_written_in_order_with_records(tmp_path):
+    records = make_records(10)
+    with ArchiveWriter(tmp_path, {}, batch_rows=4, rows_per_file=6) as w:
+        w.write(records[:3])
+        w.write_batch(to_record_batch(records[3:9]))
+        w.write(records[9:])
+    back = [r.response for b in iter_batches(tmp_path) for r in from_record_batch(b)]
+    assert back == [r.response for r in records]
+    with pytest.raises(ValueError, match="schema"):
+        ArchiveWriter(tmp_path / "x", {}).write_batch(pa.record_batch({"a": [1]}))
