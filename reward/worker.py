@@ -23,6 +23,14 @@ def apply_rewards(records, results: list[RewardResult]) -> None:
         record.reward_components = result.components
 
 
+def spawn_reward_workers(cfg: RewardConfig) -> list:
+    """The RewardWorker actors a job or `rollout generate` scores with."""
+    import ray
+
+    actor = ray.remote(RewardWorker).options(num_cpus=cfg.num_cpus_per_worker)
+    return [actor.remote(cfg, name=f"reward-{i}") for i in range(cfg.num_workers)]
+
+
 class RewardWorker:
     def __init__(self, cfg: RewardConfig, *, name: str = "reward-0"):
         self.name = name
@@ -32,7 +40,6 @@ class RewardWorker:
         if cfg.model is not None:
             self.model = RewardModelScorer(cfg.model.path, batch_size=cfg.model.batch_size)
         self.seconds = 0.0
-        self.scored = 0
 
     def score(self, items: list[tuple[object, str, str]]) -> list[RewardResult]:
         """One result per (record, rendered prompt, response), every component kept."""
@@ -44,7 +51,6 @@ class RewardWorker:
                 result.components[MODEL_COMPONENT] = float(score)
                 result.total += self.cfg.model.weight * float(score)
         self.seconds += time.perf_counter() - start
-        self.scored += len(items)
         return results
 
     def latency(self) -> dict[str, float]:

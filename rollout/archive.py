@@ -40,7 +40,6 @@ class ArchiveWriter:
         self.schema = ARCHIVE_SCHEMA.with_metadata({"schema_version": str(SCHEMA_VERSION), **metadata})
         self.batch_rows = batch_rows
         self.rows_per_file = rows_per_file
-        self.rows_written = 0
         self._next_file = _next_file_index(self.directory)
         self._file_rows = 0
         self._sink: pa.NativeFile | None = None
@@ -135,7 +134,6 @@ class ArchiveWriter:
         self._writer.write_batch(batch.replace_schema_metadata(self.schema.metadata))
         self._sink.flush()
         self._file_rows += batch.num_rows
-        self.rows_written += batch.num_rows
         if self._file_rows >= self.rows_per_file:
             self._close_file()
 

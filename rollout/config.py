@@ -108,6 +108,8 @@ class RewardConfig(Base):
         default_factory=lambda: [RuleSpec(name="arithmetic")])
     model: Annotated[RewardModelConfig | None, doc("Optional reward model.")] = None
     num_workers: Annotated[int, doc("RewardWorker actors.", ge=1)] = 1
+    num_cpus_per_worker: Annotated[float, doc(
+        "CPUs Ray reserves for each reward worker; rules are light, a reward model may want more.", gt=0)] = 0.5
     timeout_s: Annotated[float, doc(
         "A rule call slower than this marks that sample's component as failed.", gt=0)] = 5.0
     failed_value: Annotated[float, doc("Value a failed component contributes to the total.")] = 0.0

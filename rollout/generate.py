@@ -13,7 +13,7 @@ import ray
 from tqdm import tqdm
 
 from learner.tiny_model import resolve_model_path
-from reward.worker import RewardWorker, apply_rewards
+from reward.worker import apply_rewards, spawn_reward_workers
 from rollout.archive import ArchiveWriter
 from rollout.config import JobConfig, check, to_yaml
 from rollout.engine import resolve_device
@@ -33,10 +33,9 @@ def generate(cfg: JobConfig, out: Path, *, log=sys.stderr) -> dict:
     tasks = [renderer.render(r) for r in records]
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    init_ray(cfg, cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.reward.num_workers)
+    init_ray(cfg, learner=False)
     run_id = f"{cfg.run_name}-generate"
-    reward_workers = [ray.remote(RewardWorker).options(num_cpus=0.5).remote(cfg.reward, name=f"reward-{i}")
-                      for i in range(cfg.reward.num_workers)]
+    reward_workers = spawn_reward_workers(cfg.reward)
     pool = WorkerPool(cfg, model)
     metadata = {"run_id": run_id, "model": model, "config": to_yaml(cfg),
                 "temperature": repr(cfg.rollout.sampling.temperature)}

@@ -9,6 +9,7 @@ directory. A resumed run numbers its iterations after the last one already archi
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ import msgspec
 import ray
 
 from learner.tiny_model import resolve_model_path
-from reward.worker import RewardWorker, apply_rewards
+from reward.worker import apply_rewards, spawn_reward_workers
 from rollout.archive import ArchiveWriter
 from rollout.config import JobConfig, check, to_yaml
 from rollout.engine import resolve_device
@@ -31,8 +32,8 @@ from rollout.worker import PromptTask
 CHECKPOINTS = "checkpoints"
 
 
-def init_ray(cfg: JobConfig, needed_cpus: float) -> None:
-    """Join the cluster at ray.address / RAY_ADDRESS, else start a local Ray sized for the job."""
+def init_ray(cfg: JobConfig, *, learner: bool) -> None:
+    """Join the cluster at ray.address / RAY_ADDRESS, else start a local Ray sized for the job's actors."""
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -41,7 +42,9 @@ def init_ray(cfg: JobConfig, needed_cpus: float) -> None:
         return
     # Ray's CPU count is a scheduling budget, not a thread limit: generation, reward and learning
     # take turns, so a 2-core machine can host the whole job.
-    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999))
+    needed = (cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + int(learner)
+              + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker)
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
              _metrics_export_port=cfg.ray.metrics_export_port)
 
@@ -80,18 +83,14 @@ class Session:
         checkpoint = latest_checkpoint(run_dir)
         serving_model = str(checkpoint / "policy") if checkpoint else model
         learner_gpus = 1 if resolve_device(cfg.learner.device) == "cuda" else 0
-        reward_cpus = 0.5
-        init_ray(cfg, cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + 1 + reward_cpus * cfg.reward.num_workers)
+        init_ray(cfg, learner=True)
         print(f"run {self.run_id}: {len(self.records)} prompts, model {model}, "
               f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
 
         from learner.learner import Learner
 
         self.learner = ray.remote(Learner).options(num_cpus=1, num_gpus=learner_gpus).remote(cfg, model)
-        self.reward_workers = [
-            ray.remote(RewardWorker).options(num_cpus=reward_cpus).remote(cfg.reward, name=f"reward-{i}")
-            for i in range(cfg.reward.num_workers)
-        ]
+        self.reward_workers = spawn_reward_workers(cfg.reward)
         self.pool = WorkerPool(cfg, serving_model)
         trained = 0  # iterations whose updates the learner's weights hold
         if checkpoint:
