@@ -1,192 +1,319 @@
-"""The PPO learner: trainable policy, critic and frozen reference, on CUDA when present.
+"""The PPO learner, one rank of it: trainable policy (and critic), frozen reference, optimisers.
 
-One iteration is `learn(records)`, in three timed stages:
-    prepared = learner.evaluate(records)          # values: old logprobs, reference logprobs, values
-    learner.assign_advantages(prepared, scores)   # advantages: KL-penalised token rewards, GAE
-    stats = learner.update(prepared)              # update: ppo_epochs x minibatches
-then `export_weights()` goes to the rollout workers as version `learner.version`.
+One iteration is `learn(batch)` on a columnar `SampleBatch`, in three timed stages:
+    evaluated = self.evaluate(batch)        # values: old logprobs, reference logprobs, values
+    self.assign_advantages(...)             # advantages: KL-penalised token rewards, the estimator
+    stats = self.update(...)                # update: ppo_epochs x minibatches x micro-batches
+and returns `LearnerColumns`, the per-token results, with the stats and stage seconds.
+
+With `learner.num_ranks` > 1 every rank runs `learn` on the same batch: the no-grad passes split the
+rows between the ranks and gather the results, so every rank holds the whole batch's advantages;
+each minibatch is split between the ranks too, and its losses are normalised by the whole
+minibatch's counts, so the summed gradients equal one rank's. Policy, critic and reference are
+FSDP2-sharded; master weights and optimizer state stay float32 whatever the compute dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from learner.advantages import gae, masked_mean, masked_whiten, token_rewards
-from learner.batch import TokenBatch, collate, unpad_rows
+from learner import distributed as dist
+from learner.advantages import masked_mean, masked_whiten, token_rewards
+from learner.device import resolve_device
+from learner.estimators import CRITIC_FREE, estimate
 from learner.kl_control import make_kl_controller
-from learner.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from learner.models import Critic, ValueHead, load_policy, policy_logits
+from learner.losses import policy_loss, value_loss
+from learner.microbatch import plan
+from learner.models import DTYPES, CriticModel, PolicyModel, load_causal_lm
+from learner.samples import LearnerColumns, SampleBatch, token_spans
 from rollout.config import JobConfig
-from rollout.engine import resolve_device
-from rollout.record import RolloutRecord
+
+STATE_FILE = "learner.pt"  # kl controller, version, job state; written last, so its presence marks a whole checkpoint
 
 
 @dataclass
-class PreparedBatch:
-    tokens: TokenBatch
-    old_logprobs: torch.Tensor      # (B, T) policy logprobs of the sampled tokens before the update
-    ref_logprobs: torch.Tensor      # (B, T)
-    values: torch.Tensor            # (B, T)
-    token_rewards: torch.Tensor | None = None
-    kl: torch.Tensor | None = None  # (B, T) per-token KL estimate
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
+class Evaluated:
+    """Per-token outputs over the whole batch, (N, T) float32, zero on padding."""
+
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
 
 
 class Learner:
-    def __init__(self, cfg: JobConfig, model_path: str):
+    def __init__(self, cfg: JobConfig, model_path: str, *, rank: int = 0, world_size: int = 1,
+                 address: str | None = None):
         self.cfg = cfg
         lc = cfg.learner
-        self.device = torch.device(resolve_device(lc.device))
+        self.device = _device(lc.device)
+        if world_size > 1:
+            dist.init_process_group(rank, world_size, address, self.device)
+        self.rank, self.world_size = rank, world_size
         if self.device.type == "cpu":
-            # Generation and learning take turns, so the learner may use every core while it runs.
-            torch.set_num_threads(os.cpu_count() or 1)
+            # Generation and learning take turns, so the ranks may share every core while they run.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         torch.manual_seed(cfg.seed)
-        self.policy = load_policy(model_path, cfg.model.dtype, self.device).train()
-        self.reference = load_policy(model_path, cfg.model.dtype, self.device).eval().requires_grad_(False)
-        self.pad_id = self.policy.config.pad_token_id or 0
+        self.compute_dtype = DTYPES[cfg.model.dtype]
+        self.critic_free = lc.estimator in CRITIC_FREE
+        policy_lm = load_causal_lm(model_path, torch.float32)
+        self.pad_id = policy_lm.config.pad_token_id or 0
+        self.tied_head = bool(getattr(policy_lm.config, "tie_word_embeddings", False))
+        self.policy = self._place(PolicyModel(policy_lm, value_head=lc.shared_critic and not self.critic_free))
+        self.critic = None
+        if not (lc.shared_critic or self.critic_free):
+            self.critic = self._place(CriticModel(model_path, torch.float32))
+        reference = PolicyModel(load_causal_lm(model_path, self.compute_dtype)).eval().requires_grad_(False)
+        self.reference = self._place(reference)
+        if lc.gradient_checkpointing:
+            for backbone in filter(None, (policy_lm, self.critic and self.critic.backbone)):
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Logprobs of the distribution the engine sampled from; greedy decoding is scored at T = 1.
         self.temperature = cfg.rollout.sampling.temperature or 1.0
-        policy_params = list(self.policy.parameters())
-        if lc.shared_critic:
-            self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device)
-            self.critic = None
-            policy_params += list(self.value_head.parameters())
-            self.critic_opt = None
-        else:
-            self.value_head = None
-            self.critic = Critic(model_path, cfg.model.dtype).to(self.device).train()
-            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=lc.critic_lr)
-        self.policy_opt = torch.optim.AdamW(policy_params, lr=lc.lr)
+        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=lc.lr)
+        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=lc.critic_lr) if self.critic else None
         self.kl_controller = make_kl_controller(lc.kl.coef, lc.kl.target, lc.kl.horizon)
         self.version = 0
 
-    def learn(self, records: list[RolloutRecord]) -> tuple[list[RolloutRecord], dict[str, float], dict[str, float]]:
-        """One PPO iteration on scored records: (records with learner columns, stats, stage seconds)."""
+    def _place(self, module: torch.nn.Module) -> torch.nn.Module:
+        module = module.to(self.device)
+        return dist.shard(module, self.compute_dtype) if self.world_size > 1 else module
+
+    def _compute(self):
+        """One rank computes in the compute dtype by autocast; several by FSDP's mixed precision."""
+        if self.world_size == 1 and self.compute_dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
+    def learn(self, batch: SampleBatch) -> tuple[LearnerColumns, dict[str, float], dict[str, float]]:
+        """One PPO iteration on scored samples: (per-token columns, stats, stage seconds)."""
         timings = {}
         start = time.perf_counter()
-        prepared = self.evaluate(records)
+        ev = self.evaluate(batch)
         timings["values"] = time.perf_counter() - start
         start = time.perf_counter()
-        self.assign_advantages(prepared, torch.tensor([r.reward for r in records], dtype=torch.float32))
+        rewards, kl, advantages, returns = self.assign_advantages(batch, ev)
         timings["advantages"] = time.perf_counter() - start
         start = time.perf_counter()
-        stats = self.update(prepared)
+        stats = self.update(batch, ev, advantages, returns, kl)
         timings["update"] = time.perf_counter() - start
-        self.fill_records(records, prepared)
-        return records, stats, timings
+        columns = LearnerColumns(*(batch.flat(x) for x in (ev.old_logprobs, ev.ref_logprobs, ev.values, kl,
+                                                            rewards, advantages, returns)))
+        return columns, stats, timings
 
     # -- scoring ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, records: list[RolloutRecord]) -> PreparedBatch:
-        """Old policy logprobs, reference logprobs and critic values for every response token."""
-        tokens = collate(records, self.pad_id).to(self.device)
-        logits, hidden = policy_logits(self.policy, tokens)
-        old = logprobs_from_logits(logits, tokens.responses, self.temperature)
-        ref_logits, _ = policy_logits(self.reference, tokens)
-        ref = logprobs_from_logits(ref_logits, tokens.responses, self.temperature)
-        values = self._values(tokens, hidden)
-        m = tokens.mask
-        return PreparedBatch(tokens, old * m, ref * m, values * m)
+    def evaluate(self, batch: SampleBatch) -> Evaluated:
+        """Old policy logprobs, reference logprobs, values and entropies of every response token."""
+        rows = np.arange(len(batch))
+        plans = plan(rows, batch.prompt_lengths, batch.response_lengths, self.cfg.learner.micro_batch_tokens,
+                     self.world_size)
+        mine, outputs = [], []
+        for micro in plans[self.rank]:
+            tokens = batch.collate(micro.rows, self.pad_id).to(self.device)
+            with self._compute():
+                policy = self.policy(tokens, self.temperature, with_entropy=True)
+                ref = self.reference(tokens, self.temperature)
+                values = self._values(tokens, policy)
+            if micro.filler:
+                continue
+            keep = tokens.mask.bool()
+            mine.append(micro.rows)
+            outputs.append(torch.stack([policy.logprobs[keep], ref.logprobs[keep], values[keep],
+                                        policy.entropy[keep]], dim=1).cpu())
+        local = torch.cat(outputs) if outputs else torch.zeros((0, 4))
+        # Every rank's rows in rank order, then the tokens of each back to their place in the batch.
+        order = np.concatenate([np.concatenate([m.rows for m in p if not m.filler] or [np.zeros(0, np.int64)])
+                                for p in plans])
+        counts = [int(sum(batch.response_lengths[m.rows].sum() for m in p if not m.filler)) for p in plans]
+        gathered = dist.gather_rows(local.to(self.device), counts).cpu().numpy()
+        _, destination, _ = token_spans(batch.response_offsets[order], batch.response_lengths[order])
+        flat = np.empty((len(batch.response_ids), 4), dtype=np.float32)
+        flat[destination] = gathered
+        columns = [batch.padded(flat[:, c]).to(self.device) for c in range(4)]
+        mask = batch.padded(np.ones(len(batch.response_ids), dtype=np.float32)).to(self.device)
+        return Evaluated(mask, *columns)
 
-    def assign_advantages(self, batch: PreparedBatch, scores: torch.Tensor) -> None:
+    def assign_advantages(self, batch: SampleBatch, ev: Evaluated):
+        """(token rewards, kl, advantages, returns), each (N, T), by `learner.estimator`."""
         lc = self.cfg.learner
-        m = batch.tokens.mask
-        batch.token_rewards, batch.kl = token_rewards(
-            scores.to(self.device, torch.float32), batch.old_logprobs, batch.ref_logprobs, m,
-            self.kl_controller.coef, lc.kl.estimator)
-        batch.advantages, batch.returns = gae(batch.token_rewards, batch.values, m, lc.gamma, lc.lam)
+        scores = torch.tensor(batch.scores, dtype=torch.float32, device=self.device)
+        rewards, kl = token_rewards(scores, ev.old_logprobs, ev.ref_logprobs, ev.mask, self.kl_controller.coef,
+                                    lc.kl.estimator)
+        groups = torch.tensor(batch.groups, device=self.device)
+        advantages, returns = estimate(lc.estimator, rewards, ev.values, ev.mask, groups, lc.gamma, lc.lam)
+        return rewards, kl, advantages, returns
 
     # -- learning --------------------------------------------------------------------------------
 
-    def update(self, batch: PreparedBatch) -> dict[str, float]:
+    def update(self, batch: SampleBatch, ev: Evaluated, advantages: torch.Tensor, returns: torch.Tensor,
+               kl: torch.Tensor) -> dict[str, float]:
         lc = self.cfg.learner
-        m = batch.tokens.mask
-        advantages = masked_whiten(batch.advantages, m) if lc.whiten_advantages else batch.advantages
-        B = m.shape[0]
+        m = ev.mask
+        if lc.whiten_advantages:
+            advantages = masked_whiten(advantages, m)
+        N = len(batch)
         totals: dict[str, list[float]] = {}
-        for _ in range(lc.ppo_epochs):
-            order = torch.randperm(B)
-            for start in range(0, B, lc.minibatch_size):
-                idx = order[start:start + lc.minibatch_size].to(self.device)
-                stats = self._step(batch, advantages, idx)
+        for epoch in range(lc.ppo_epochs):
+            # The same order on every rank, and after a resume: seeded by (seed, version, epoch).
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.version * 101 + epoch)
+            order = torch.randperm(N, generator=generator).numpy()
+            for start in range(0, N, lc.minibatch_size):
+                stats = self._step(batch, ev, advantages, returns, order[start:start + lc.minibatch_size])
                 for k, v in stats.items():
                     totals.setdefault(k, []).append(v)
-        seq_kl = (batch.kl * m).sum(dim=1).mean().item()
-        self.kl_controller.update(seq_kl, B)
+        seq_kl = (kl * m).sum(dim=1).mean().item()
+        self.kl_controller.update(seq_kl, N)
         self.version += 1
         out = {k: float(np.mean(v)) for k, v in totals.items()}
-        out.update(kl=seq_kl, kl_coef=self.kl_controller.coef)
+        out.update({"kl": seq_kl, "kl_coef": self.kl_controller.coef, "entropy": masked_mean(ev.entropy, m).item()})
         return out
 
-    def _step(self, batch: PreparedBatch, advantages: torch.Tensor, idx: torch.Tensor) -> dict[str, float]:
+    def _step(self, batch: SampleBatch, ev: Evaluated, advantages: torch.Tensor, returns: torch.Tensor,
+              rows: np.ndarray) -> dict[str, float]:
+        """One optimizer step on the minibatch `rows`: this rank's share, in micro-batches."""
         lc = self.cfg.learner
-        tokens = batch.tokens.select(idx)
-        m = tokens.mask
-        logits, hidden = policy_logits(self.policy, tokens)
-        logprobs = logprobs_from_logits(logits, tokens.responses, self.temperature)
-        pg_loss, pg_stats = policy_loss(logprobs, batch.old_logprobs[idx], advantages[idx], m,
-                                        lc.clip_eps, lc.loss_agg)
-        entropy = masked_mean(entropy_from_logits(logits), m)
-        values = self._values(tokens, hidden)
-        vf_loss, vf_stats = value_loss(values, batch.values[idx], batch.returns[idx], m, lc.value_clip)
-        loss = pg_loss - lc.entropy_coef * entropy
-        if self.critic is None:
-            loss = loss + lc.vf_coef * vf_loss
+        lengths = batch.response_lengths[rows]
+        n_tokens = max(1, int(lengths.sum()))
+        denominator = n_tokens if lc.loss_agg == "token" else max(1, int((lengths > 0).sum()))
         self.policy_opt.zero_grad(set_to_none=True)
         if self.critic_opt is not None:
             self.critic_opt.zero_grad(set_to_none=True)
-            vf_loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), lc.max_grad_norm)
-            self.critic_opt.step()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for group in self.policy_opt.param_groups for p in group["params"]], lc.max_grad_norm)
+        # Summed over micro-batches: losses (already shares of the minibatch), token-weighted stats.
+        sums = torch.zeros(6, dtype=torch.float64)
+        for micro in plan(rows, batch.prompt_lengths, batch.response_lengths, lc.micro_batch_tokens,
+                          self.world_size)[self.rank]:
+            tokens = batch.collate(micro.rows, self.pad_id).to(self.device)
+            index = torch.from_numpy(micro.rows).to(self.device)
+            T = tokens.mask.shape[1]
+            keep = tokens.mask
+
+            def old(x: torch.Tensor) -> torch.Tensor:
+                return x[index, :T]
+
+            with self._compute():
+                policy = self.policy(tokens, self.temperature, with_entropy=lc.entropy_coef > 0)
+                values = self._values(tokens, policy)
+            pg_loss, pg_stats = policy_loss(policy.logprobs, old(ev.old_logprobs), old(advantages), keep,
+                                            lc.clip_eps, lc.loss_agg, denominator)
+            vf_loss, vf_stats = value_loss(values, old(ev.values), old(returns), keep, lc.value_clip, n_tokens)
+            loss = pg_loss
+            if policy.entropy is not None:
+                loss = loss - lc.entropy_coef * torch.where(keep.bool(), policy.entropy, 0).sum() / n_tokens
+            if not self.critic_free:
+                loss = loss + (lc.vf_coef if self.critic is None else 1.0) * vf_loss
+            weight = 0.0 if micro.filler else 1.0  # a filler only keeps the ranks' collectives in step
+            # FSDP averages the ranks' gradients; each rank's loss is a share of the whole minibatch's.
+            (weight * self.world_size * loss).backward()
+            local_tokens = weight * float(keep.sum())
+            sums += torch.tensor([weight * pg_loss.item(), weight * vf_loss.item(),
+                                  local_tokens * pg_stats["clip_frac"].item(),
+                                  local_tokens * pg_stats["approx_kl"].item(),
+                                  local_tokens * vf_stats["value_clip_frac"].item(), 0.0], dtype=torch.float64)
+        grad_norm = _clip(self.policy.parameters(), lc.max_grad_norm)
         self.policy_opt.step()
-        return {
-            "policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": entropy.item(),
-            "clip_frac": pg_stats["clip_frac"].item(), "approx_kl": pg_stats["approx_kl"].item(),
-            "value_clip_frac": vf_stats["value_clip_frac"].item(), "grad_norm": float(grad_norm),
-        }
+        if self.critic_opt is not None:
+            _clip(self.critic.parameters(), lc.max_grad_norm)
+            self.critic_opt.step()
+        sums = dist.all_reduce_sum(sums)
+        stats = {"policy_loss": sums[0].item(), "clip_frac": sums[2].item() / n_tokens,
+                 "approx_kl": sums[3].item() / n_tokens, "grad_norm": grad_norm}
+        if not self.critic_free:
+            stats.update(value_loss=sums[1].item(), value_clip_frac=sums[4].item() / n_tokens)
+        return stats
 
-    def _values(self, tokens: TokenBatch, policy_hidden: torch.Tensor) -> torch.Tensor:
-        if self.critic is None:
-            return self.value_head(policy_hidden)
-        return self.critic(tokens)
+    def _values(self, tokens, policy) -> torch.Tensor:
+        if self.critic is not None:
+            return self.critic(tokens)
+        if policy.values is not None:
+            return policy.values
+        return torch.zeros_like(policy.logprobs)  # critic-free estimators: no baseline from a critic
 
-    # -- records, weights, checkpoints -----------------------------------------------------------
-
-    @staticmethod
-    def fill_records(records: list[RolloutRecord], batch: PreparedBatch) -> None:
-        """Write the learner's per-token columns into the records, exactly as it used them."""
-        m = batch.tokens.mask
-        columns = {
-            "ref_logprobs": unpad_rows(batch.ref_logprobs, m),
-            "values": unpad_rows(batch.values, m),
-            "token_rewards": unpad_rows(batch.token_rewards, m),
-            "advantages": unpad_rows(batch.advantages, m),
-            "returns": unpad_rows(batch.returns, m),
-        }
-        for i, record in enumerate(records):
-            for name, rows in columns.items():
-                setattr(record, name, rows[i])
+    # -- weights and checkpoints -----------------------------------------------------------------
 
     def version_number(self) -> int:
         return self.version
 
-    def export_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """Policy weights with Hugging Face names, on CPU, for the rollout workers."""
-        return [(k, v.detach().to("cpu").contiguous()) for k, v in self.policy.state_dict().items()]
+    def export_weights(self) -> list[tuple[str, torch.Tensor]] | None:
+        """Policy weights with Hugging Face names, on CPU in the compute dtype: the full set on rank 0
+        (gathered once from the shards; every rank must call this), None on the others."""
+        state = _full_state_dict(self.policy)
+        if self.rank != 0:
+            return None
+        return [(name.removeprefix("lm."), tensor.to(self.compute_dtype).contiguous())
+                for name, tensor in state.items() if name.startswith("lm.")]
 
-    # GPU clusters only: NCCL broadcast to the workers (rollout.weight_sync). Rank 0 is the learner.
+    def save(self, directory: Path, extra: dict) -> None:
+        """Every rank: sharded training state (torch.distributed.checkpoint) in `learner/`; rank 0: the
+        policy as a loadable model in `policy/`, then `learner.pt`, which marks the checkpoint whole."""
+        import torch.distributed.checkpoint as dcp
+
+        directory = Path(directory)
+        with _single_process_note_quiet():
+            dcp.save(self._training_state(), checkpoint_id=str(directory / "learner"), no_dist=self.world_size == 1)
+        weights = self.export_weights()
+        if self.rank == 0:
+            self._save_policy(directory / "policy", weights)
+            torch.save({"kl_controller": self.kl_controller.state_dict(), "version": self.version,
+                        "extra": extra}, directory / STATE_FILE)
+        dist.barrier()
+
+    def load(self, directory: Path) -> dict:
+        """Restore from `save` (with any number of ranks); returns its `extra` (job state such as the data cursor)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        directory = Path(directory)
+        if not (directory / "learner").is_dir():
+            raise FileNotFoundError(f"{directory}: no learner/ training state (a checkpoint from before "
+                                    "sharded checkpoints); start a new run directory")
+        state = self._training_state()
+        with _single_process_note_quiet():
+            dcp.load(state, checkpoint_id=str(directory / "learner"), no_dist=self.world_size == 1)
+        set_model_state_dict(self.policy, state["policy"])
+        set_optimizer_state_dict(self.policy, self.policy_opt, state["policy_opt"])
+        if self.critic is not None:
+            set_model_state_dict(self.critic, state["critic"])
+            set_optimizer_state_dict(self.critic, self.critic_opt, state["critic_opt"])
+        small = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        self.kl_controller.load_state_dict(small["kl_controller"])
+        self.version = small["version"]
+        return small["extra"]
+
+    def _training_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state = {"policy": get_model_state_dict(self.policy),
+                 "policy_opt": get_optimizer_state_dict(self.policy, self.policy_opt)}
+        if self.critic is not None:
+            state.update(critic=get_model_state_dict(self.critic),
+                         critic_opt=get_optimizer_state_dict(self.critic, self.critic_opt))
+        return state
+
+    def _save_policy(self, directory: Path, weights: list[tuple[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        lm = self.policy.lm
+        lm.config.save_pretrained(directory)
+        if lm.generation_config is not None:
+            lm.generation_config.save_pretrained(directory)
+        tensors = dict(weights)
+        if self.tied_head:
+            tensors.pop("lm_head.weight", None)  # tied to the embedding, which loading restores it from
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+    # -- the GPU weight-sync path (rollout.weight_sync): rank 0 broadcasts over NCCL ---------------
 
     def weight_group_address(self) -> tuple[str, int]:
         import socket
@@ -198,48 +325,47 @@ class Learner:
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
     def open_weight_group(self, host: str, port: int, world_size: int) -> None:
-        from rollout.weight_sync import NcclWeightSender
+        from learner.nccl_sender import NcclWeightSender
 
-        self._sender = NcclWeightSender(host, port, world_size, self.device)
+        if self.rank == 0:
+            self._sender = NcclWeightSender(host, port, world_size, self.device)
 
-    def weight_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        from rollout.weight_sync import NcclWeightSender
+    def weight_specs(self) -> list[tuple[str, str, tuple[int, ...]]] | None:
+        from learner.nccl_sender import NcclWeightSender
 
-        return NcclWeightSender.specs(list(self.policy.state_dict().items()))
+        weights = self.export_weights()
+        return None if weights is None else NcclWeightSender.specs(weights)
 
     def broadcast_weights(self) -> None:
-        self._sender.send(list(self.policy.state_dict().items()))
+        weights = self.export_weights()
+        if weights is not None:
+            self._sender.send(weights)
 
-    def save(self, directory: Path, extra: dict) -> None:
-        """Policy as a loadable model directory, plus everything needed to resume."""
-        directory.mkdir(parents=True, exist_ok=True)
-        self.policy.save_pretrained(directory / "policy", safe_serialization=True)
-        torch.save({
-            "critic": self.critic.state_dict() if self.critic is not None else None,
-            "value_head": self.value_head.state_dict() if self.value_head is not None else None,
-            "policy_opt": self.policy_opt.state_dict(),
-            "critic_opt": self.critic_opt.state_dict() if self.critic_opt is not None else None,
-            "kl_controller": self.kl_controller.state_dict(),
-            "version": self.version,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            "extra": extra,
-        }, directory / "learner.pt")
 
-    def load(self, directory: Path) -> dict:
-        """Restore from `save`; returns its `extra` (job state such as the data cursor)."""
-        from safetensors.torch import load_file
+def _device(setting: str) -> torch.device:
+    device = torch.device(resolve_device(setting))
+    if device.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())  # an explicit index: collectives compare devices
+    return device
 
-        self.policy.load_state_dict(load_file(str(directory / "policy" / "model.safetensors")), strict=False)
-        state = torch.load(directory / "learner.pt", map_location=self.device, weights_only=False)
-        if self.critic is not None:
-            self.critic.load_state_dict(state["critic"])
-            self.critic_opt.load_state_dict(state["critic_opt"])
-        if self.value_head is not None:
-            self.value_head.load_state_dict(state["value_head"])
-        self.policy_opt.load_state_dict(state["policy_opt"])
-        self.kl_controller.load_state_dict(state["kl_controller"])
-        self.version = state["version"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        return state["extra"]
+
+def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded, on CPU; a collective when the module is sharded (every rank calls it, rank 0 gets the tensors)."""
+    if dist.world_size() == 1:
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextlib.contextmanager
+def _single_process_note_quiet():
+    """DCP warns that one process is 'assumed' even when told so (no_dist); one rank is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _clip(parameters, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -1,5 +1,8 @@
-"""PPO objectives on (batch, time) response tensors: per-token log-probabilities and entropies from
-logits, the clipped policy loss and the clipped value loss.
+"""PPO objectives on (batch, time) response tensors: the clipped policy loss and the clipped value loss.
+
+Both reduce to a mean by default; given a `denominator` (the whole minibatch's count of valid
+tokens, or of non-empty sequences, across micro-batches and ranks) they return this piece's share
+of it, so the shares of every micro-batch on every rank add up to the minibatch's mean.
 
 Masking follows `learner.advantages`: `mask` is (B, T), true on each row's valid response tokens.
 Inputs are zeroed on padding before any arithmetic, so garbage there (inf, nan) reaches neither the
@@ -17,35 +20,6 @@ from learner.advantages import masked_mean
 Aggregation = Literal["token", "sequence"]
 
 
-def logprobs_from_logits(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """log softmax(logits / temperature) at the given tokens.
-
-    logits: (B, T, V); tokens: (B, T) integer -> (B, T) in at least float32. Gathers the token's
-    logit and subtracts a logsumexp computed one row at a time, so the extra memory is one (T, V)
-    row in float32 rather than a full-size log_softmax (and a float32 copy of bf16 logits).
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    token_logits = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1).to(dtype)
-    normalisers = torch.stack(
-        [torch.logsumexp(row.to(dtype) / temperature, dim=-1) for row in logits]
-    )
-    return token_logits / temperature - normalisers  # log p(a) = z_a/τ − log Σ_v exp(z_v/τ)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dimension. (B, T, V) -> (B, T), in logits' dtype.
-
-    Written as logsumexp minus the expected logit, both of which shift by the max internally, so
-    large logits do not overflow.
-    """
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)  # H = log Σ e^z − Σ p·z
-
-
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -53,6 +27,7 @@ def policy_loss(
     mask: torch.Tensor,
     clip_eps: float,
     agg: Aggregation = "token",
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate loss (Schulman et al. 2017), to be minimised.
 
@@ -69,7 +44,7 @@ def policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     per_token = torch.maximum(unclipped, clipped)  # L_t = max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))
-    loss = _aggregate(per_token, keep, agg)
+    loss = _aggregate(per_token, keep, agg, denominator)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).to(per_token.dtype), keep),
@@ -84,6 +59,7 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip: float,
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss: the critic may not move more than `clip` from the values it had at
     rollout time, except where that would lower the loss.
@@ -99,17 +75,26 @@ def value_loss(
     values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)  # V_o + clip(ΔV, ±c)
     unclipped = (values - returns).square()
     clipped = (values_clipped - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), keep)  # ½ mean max((V−R)², (V_c−R)²)
+    worst = torch.maximum(unclipped, clipped)
+    if denominator is None:
+        loss = 0.5 * masked_mean(worst, keep)  # ½ mean max((V−R)², (V_c−R)²)
+    else:
+        loss = 0.5 * torch.where(keep, worst, 0).sum() / denominator
     with torch.no_grad():
         stats = {"value_clip_frac": masked_mean((clipped > unclipped).to(unclipped.dtype), keep)}
     return loss, stats
 
 
-def _aggregate(per_token: torch.Tensor, keep: torch.Tensor, agg: Aggregation) -> torch.Tensor:
+def _aggregate(per_token: torch.Tensor, keep: torch.Tensor, agg: Aggregation,
+               denominator: float | None) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a 0-dim one, by token or by sequence (see policy_loss)."""
     if agg == "token":
+        if denominator is not None:
+            return torch.where(keep, per_token, 0).sum() / denominator  # Σ m·L / N_tokens
         return masked_mean(per_token, keep)  # Σ m·L / Σ m
     if agg == "sequence":
         per_sequence = masked_mean(per_token, keep, dim=-1)  # (B,): Σ_t m·L / Σ_t m
+        if denominator is not None:
+            return torch.where(keep.any(-1), per_sequence, 0).sum() / denominator  # Σ_i L_i / N_sequences
         return masked_mean(per_sequence, keep.any(-1))  # over rows with at least one token
     raise ValueError(f"unknown aggregation {agg!r}: expected 'token' or 'sequence'")

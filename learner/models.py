@@ -1,30 +1,38 @@
-"""The learner's networks: the policy (a causal LM) and the critic (a backbone with a value head)."""
+"""The learner's networks, each one module whose forward returns per-response-token outputs.
+
+`PolicyModel` runs a causal LM's backbone, keeps the hidden states at response positions only and
+takes token logprobs through the chunked LM head (`learner.logprobs`): no full-vocabulary logits.
+With a shared critic it also carries the value head. `CriticModel` is a separate backbone with a
+value head. Being one module each, they are what FSDP2 shards (per decoder layer, then the root).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
 from learner.batch import TokenBatch
+from learner.logprobs import token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_policy(path: str, dtype: str, device: torch.device) -> nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    return model.to(device)
+def load_causal_lm(path: str, dtype: torch.dtype) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
-def policy_logits(policy: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Response-aligned logits (B, T, V) and the last hidden states (B, T, H) of the same positions."""
-    out = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                 position_ids=batch.position_ids, output_hidden_states=True, use_cache=False)
-    return batch.response_slice(out.logits).float(), batch.response_slice(out.hidden_states[-1])
+@dataclass
+class PolicyOutput:
+    logprobs: torch.Tensor              # (B, T) float32, zero on padding
+    entropy: torch.Tensor | None        # (B, T) float32, when asked
+    values: torch.Tensor | None         # (B, T) float32, shared critic only
 
 
 class ValueHead(nn.Module):
-    """Hidden state (B, T, H) -> value of the state before each response token (B, T)."""
+    """Hidden state (..., H) -> value of the state before each response token (...)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -33,13 +41,30 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden.float()).squeeze(-1)
+        return self.proj(hidden).squeeze(-1).float()
 
 
-class Critic(nn.Module):
+class PolicyModel(nn.Module):
+    def __init__(self, lm: nn.Module, value_head: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.value_head = ValueHead(lm.config.hidden_size) if value_head else None
+
+    def forward(self, batch: TokenBatch, temperature: float, with_entropy: bool = False) -> PolicyOutput:
+        hidden = self.lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                       position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        keep = batch.mask.bool()
+        hidden = batch.response_slice(hidden)[keep]  # (n valid tokens, H): the LM head sees nothing else
+        logprobs, entropy = token_logprobs(hidden, self.lm.get_output_embeddings().weight,
+                                           batch.responses[keep], temperature, with_entropy=with_entropy)
+        values = self.value_head(hidden) if self.value_head is not None else None
+        return PolicyOutput(_scatter(logprobs, keep), _scatter(entropy, keep), _scatter(values, keep))
+
+
+class CriticModel(nn.Module):
     """A separate backbone (initialised from the policy's weights) with its own value head."""
 
-    def __init__(self, path: str, dtype: str):
+    def __init__(self, path: str, dtype: torch.dtype):
         super().__init__()
         from transformers.utils import logging as hf_logging
 
@@ -48,12 +73,22 @@ class Critic(nn.Module):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            self.backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype])
+            self.backbone = AutoModel.from_pretrained(path, dtype=dtype)
         finally:
             hf_logging.set_verbosity(verbosity)
-        self.head = ValueHead(self.backbone.config.hidden_size)
+        self.head = ValueHead(self.backbone.config.hidden_size).to(dtype)
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
-        out = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids, use_cache=False)
-        return self.head(batch.response_slice(out.last_hidden_state))
+        """(B, T) float32 values, zero on padding."""
+        hidden = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        keep = batch.mask.bool()
+        return _scatter(self.head(batch.response_slice(hidden)[keep]), keep)
+
+
+def _scatter(values: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
+    """(n,) values of the valid positions -> (B, T) float32, zero elsewhere."""
+    if values is None:
+        return None
+    out = values.new_zeros(keep.shape, dtype=torch.float32)
+    return out.masked_scatter(keep, values.float())

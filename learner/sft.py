@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learner.tiny_model import cache_dir
 from rollout.formats import PromptRecord
-from rollout.prompts import PromptRenderer
+from rollout.rendering import PromptRenderer
 
 
 def sft_examples(records: list[PromptRecord], tokenizer, max_prompt_tokens: int) -> list[tuple[list[int], list[int]]]:

@@ -1,8 +1,9 @@
-"""A tiny Llama-architecture causal LM and its tokenizer, built on this machine with no download.
+"""Small Llama-architecture causal LMs and their tokenizer, built on this machine with no download.
 
 The tokenizer is a byte-level BPE trained on generated text (digits split one per token, so sums
-are learnable), with bos/eos/pad and a chat template; the model is a ~0.5M-parameter Llama with
-random weights. Both are saved with `save_pretrained` into one directory that transformers and
+are learnable), with bos/eos/pad and a chat template; the model is a Llama with random weights:
+`builtin:tiny-llama` (~0.5M parameters, the embedded default) or `builtin:small-llama` (~21M, for
+measuring the learner at a size where activations, not the interpreter, dominate). Both are saved with `save_pretrained` into one directory that transformers and
 vLLM load. The build is cached under `cache_dir()` and keyed by its spec, so it happens once.
 """
 
@@ -29,6 +30,12 @@ SPEC = {
     "seed": 0,
 }
 
+BUILTINS = {
+    "tiny-llama": SPEC,
+    "small-llama": {**SPEC, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6,
+                    "num_attention_heads": 8},
+}
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 # Roles are marked by special tokens; an assistant turn ends with eos so generation stops there.
@@ -50,30 +57,36 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(path: str) -> str:
-    """A config's `model.path` as a directory or hub id; `builtin:tiny-llama` is built if missing."""
+    """A config's `model.path` as a directory or hub id; a `builtin:NAME` model is built if missing."""
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX):]
-        if name != "tiny-llama":
-            raise ValueError(f"model.path: unknown builtin model {name!r}; the builtin is builtin:tiny-llama")
-        return str(build_tiny_llama())
+        if name not in BUILTINS:
+            raise ValueError(f"model.path: unknown builtin model {name!r}; the builtins are "
+                             + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS))
+        return str(build_builtin(name))
     return path
 
 
 def build_tiny_llama(root: Path | None = None) -> Path:
-    """Build (once) and return the directory of the tiny model; safe to call from many processes."""
-    key = hashlib.sha256(json.dumps(SPEC, sort_keys=True).encode()).hexdigest()[:12]
-    target = (root or cache_dir()) / f"tiny-llama-{key}"
+    return build_builtin("tiny-llama", root)
+
+
+def build_builtin(name: str, root: Path | None = None) -> Path:
+    """Build (once) and return the directory of a builtin model; safe to call from many processes."""
+    spec = BUILTINS[name]
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    target = (root or cache_dir()) / f"{name}-{key}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a one-off build; its per-shard bars only clutter command output
         tokenizer = _train_tokenizer()
         tokenizer.save_pretrained(staging)
-        _random_model(tokenizer).save_pretrained(staging, safe_serialization=True)
+        _random_model(tokenizer, spec).save_pretrained(staging, safe_serialization=True)
         try:
             staging.rename(target)  # atomic: a concurrent builder either wins or finds it built
         except OSError:
@@ -122,19 +135,19 @@ def _train_tokenizer():
     return tokenizer
 
 
-def _random_model(tokenizer):
+def _random_model(tokenizer, spec: dict):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(SPEC["seed"])
+    torch.manual_seed(spec["seed"])
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=SPEC["hidden_size"],
-        intermediate_size=SPEC["intermediate_size"],
-        num_hidden_layers=SPEC["num_hidden_layers"],
-        num_attention_heads=SPEC["num_attention_heads"],
-        num_key_value_heads=SPEC["num_attention_heads"],
-        max_position_embeddings=SPEC["max_position_embeddings"],
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"],
+        num_key_value_heads=spec["num_attention_heads"],
+        max_position_embeddings=spec["max_position_embeddings"],
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -147,4 +160,6 @@ def _random_model(tokenizer):
 
 
 if __name__ == "__main__":
-    print(build_tiny_llama())
+    import sys
+
+    print(build_builtin(sys.argv[1] if len(sys.argv) > 1 else "tiny-llama"))

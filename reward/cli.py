@@ -85,7 +85,7 @@ def cmd_score(args) -> int:
         return 1
     from reward.scorer import RewardModelScorer
     from reward.train import render_prompt
-    from rollout.prompts import PromptRenderer
+    from rollout.rendering import PromptRenderer
 
     try:
         scorer = RewardModelScorer(args.model, batch_size=args.batch_size, device=args.device)

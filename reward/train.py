@@ -30,8 +30,8 @@ from reward.preferences import PreferenceRecord, read_preferences
 from reward.train_config import RewardTrainConfig, check, to_yaml
 from rollout.config import ConfigError
 from rollout.formats import parse_prompt
-from rollout.prompts import PromptRenderer
 from rollout.records import BadRecord
+from rollout.rendering import PromptRenderer
 
 
 class DataError(ValueError):

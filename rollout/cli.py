@@ -104,7 +104,7 @@ def _prompt_length(cfg):
     from transformers import AutoTokenizer
 
     from learner.tiny_model import resolve_model_path
-    from rollout.prompts import PromptRenderer
+    from rollout.rendering import PromptRenderer
 
     renderer = PromptRenderer(AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path)), cfg.model.max_prompt_tokens)
     return lambda record: len(renderer.tokenizer(renderer.text(record), add_special_tokens=False)["input_ids"])
@@ -144,8 +144,8 @@ def cmd_replay(args) -> int:
 
 
 def _train_offline(args) -> None:
-    from learner.offline import train_offline
     from rollout.archive import read_metadata
+    from rollout.offline import train_offline
 
     metadata = read_metadata(args.archive)
     config = args.config

@@ -32,14 +32,17 @@ class Base(Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=False
 class ModelConfig(Base):
     path: Annotated[str, doc(
         "Policy model: a local directory, a Hugging Face id (where the hub is reachable), or "
-        "`builtin:tiny-llama`, a ~0.5M-parameter Llama built on this machine and cached.")] = "builtin:tiny-llama"
+        "`builtin:tiny-llama`, a ~0.5M-parameter Llama built on this machine and cached "
+        "(`builtin:small-llama`: the same at ~21M parameters).")] = "builtin:tiny-llama"
     sft_warmup: Annotated[bool, doc(
         "Warm the policy with SFT on the prompt file's reference completions before PPO "
         "(cached by data and settings), so PPO starts from a policy that is sometimes right.")] = False
     sft_steps: Annotated[int, doc("Optimizer steps of the SFT warm-up.", ge=1)] = 300
     sft_lr: Annotated[float, doc("Learning rate of the SFT warm-up.", gt=0)] = 3e-3
     dtype: Annotated[Literal["float32", "bfloat16", "float16"], doc(
-        "Weights dtype for generation and learning. float32 on CPU.")] = "float32"
+        "Compute dtype: the engines' weights and the learner's forward and backward passes. The "
+        "learner keeps float32 master weights and optimizer state whatever this is, and the frozen "
+        "reference model in this dtype. float32 on CPU.")] = "float32"
     max_prompt_tokens: Annotated[int, doc(
         "Longest rendered prompt, in tokens; longer records are reported as bad.", ge=1)] = 1024
 
@@ -126,6 +129,28 @@ class KLConfig(Base):
 
 class LearnerConfig(Base):
     device: Annotated[Literal["auto", "cpu", "cuda"], doc("Where the learner runs.")] = "auto"
+    num_ranks: Annotated[int, doc(
+        "Learner actors, one per GPU (or CPU process), joined by torch.distributed (NCCL on cuda, "
+        "gloo on cpu) with policy, critic and reference sharded by FSDP2. Each rank computes a "
+        "share of every pass; the update equals the one-rank update on the same samples.", ge=1)] = 1
+    num_cpus_per_rank: Annotated[float, doc("CPUs Ray reserves for each learner rank.", gt=0)] = 1.0
+    micro_batch_tokens: Annotated[int, doc(
+        "Token budget of one forward pass, padding included: the no-grad passes (old and reference "
+        "logprobs, values) and the training micro-batches (gradients accumulate up to "
+        "minibatch_size samples) run in length-sorted pieces of at most this many tokens, so "
+        "activation memory is bounded by it, not by the batch. A sample longer than the budget "
+        "runs alone.", ge=1)] = 8192
+    call_timeout_s: Annotated[float, doc(
+        "Longest a learner call (a whole iteration's learning, a checkpoint) may take before the job "
+        "fails naming the rank that did not answer.", gt=0)] = 3600.0
+    gradient_checkpointing: Annotated[bool, doc(
+        "Recompute each layer's activations in the backward pass instead of keeping them: "
+        "less memory per micro-batch, about a third more compute.")] = False
+    estimator: Annotated[Literal["gae", "grpo", "rloo", "reinforce_pp"], doc(
+        "Advantage estimator. `gae` uses the critic; `grpo` and `rloo` compare each sample's "
+        "KL-penalised return with the other samples of its prompt (rollout.n_samples >= 2) and "
+        "`reinforce_pp` whitens the KL-penalised returns over the batch; those three build no "
+        "critic (archived values are 0).")] = "gae"
     lr: Annotated[float, doc("Policy learning rate.", gt=0)] = 1e-6
     critic_lr: Annotated[float, doc("Critic learning rate.", gt=0)] = 1e-5
     shared_critic: Annotated[bool, doc(
@@ -240,6 +265,14 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
         problems.append(
             f"learner.minibatch_size ({cfg.learner.minibatch_size}) exceeds the samples per iteration "
             f"(rollout.prompts_per_iteration x rollout.n_samples = {samples}): lower it or raise those")
+    if cfg.learner.estimator in ("grpo", "rloo") and cfg.rollout.n_samples < 2:
+        problems.append(
+            f"learner.estimator {cfg.learner.estimator} compares the samples of each prompt, so it needs "
+            f"rollout.n_samples >= 2 (it is {cfg.rollout.n_samples}): raise n_samples or use gae")
+    if cfg.learner.num_ranks > cfg.learner.minibatch_size:
+        problems.append(
+            f"learner.num_ranks ({cfg.learner.num_ranks}) exceeds learner.minibatch_size "
+            f"({cfg.learner.minibatch_size}): every rank needs samples in each minibatch; raise minibatch_size")
     if cfg.rollout.num_workers > cfg.rollout.prompts_per_iteration:
         problems.append(
             f"rollout.num_workers ({cfg.rollout.num_workers}) exceeds rollout.prompts_per_iteration "

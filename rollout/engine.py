@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from learner.device import resolve_device
 from rollout.config import RolloutConfig, SamplingConfig
 
 SUPPORTED_VLLM = ((0, 10), (1, 0))  # [low, high): the V1 engine with collective_rpc("reload_weights")
@@ -21,14 +22,6 @@ class Completion(msgspec.Struct):
     logprobs: list[float]
     text: str
     finish_reason: str
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _import_vllm(device: str):

@@ -12,13 +12,14 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
+from learner.device import resolve_device
 from learner.tiny_model import resolve_model_path
 from reward.worker import apply_rewards, spawn_reward_workers
 from rollout.archive import ArchiveWriter
 from rollout.config import JobConfig, check, to_yaml
-from rollout.engine import resolve_device
 from rollout.pool import WorkerPool
-from rollout.prompts import PromptRenderer, load_prompts
+from rollout.prompts import load_prompts
+from rollout.rendering import PromptRenderer
 from rollout.session import init_ray
 
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pyarrow.compute as pc
-import ray
 
 from rollout.archive import archive_files, read_table
 from rollout.config import JobConfig
@@ -28,7 +27,7 @@ def run_job(cfg: JobConfig, run_dir: Path, *, log=sys.stderr) -> list[dict]:
             timings: dict[str, float] = {}
             tasks = session.sample_prompts()
             records, gen_stats = session.generate_and_reward(tasks, iteration, timings)
-            records, learn_stats, learn_timings = ray.get(session.learner.learn.remote(records))
+            records, learn_stats, learn_timings = session.learn(records)
             timings.update(learn_timings)
             timed(timings, "weight_sync", session.sync_weights)
             timed(timings, "archive", session.archive_iteration, records)

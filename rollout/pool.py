@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 import ray
 
+from learner.device import resolve_device
 from rollout.config import JobConfig
-from rollout.engine import resolve_device
+from rollout.rendering import PromptTask
 from rollout.telemetry import record_queue_depth
-from rollout.worker import GenerationResult, PromptTask, RolloutWorker
+from rollout.worker import GenerationResult, RolloutWorker
 
 
 class WeightSyncError(RuntimeError):
@@ -73,18 +74,21 @@ class WorkerPool:
         self._await({w.update_weights.remote(version, ref): name for w, name in zip(self.workers, self.names)},
                     version)
 
-    def sync_weights_nccl(self, version: int, learner: ray.actor.ActorHandle) -> None:
-        """GPU clusters: the learner actor broadcasts over NCCL while every worker receives."""
+    def sync_weights_nccl(self, version: int, learner) -> None:
+        """GPU clusters: learner rank 0 broadcasts over NCCL while every worker receives.
+
+        `learner` is the `LearnerGroup`; every rank takes part, since gathering the weights from their
+        shards is itself a collective."""
         if not hasattr(self, "_specs"):
             world = 1 + len(self.workers)
-            host, port = ray.get(learner.weight_group_address.remote())
-            joins = {learner.open_weight_group.remote(host, port, world): "learner"}
+            host, port = learner.rank0("weight_group_address")
+            joins = dict(zip(learner.submit("open_weight_group", host, port, world), learner.names()))
             joins.update({w.init_weight_group.remote(host, port, i + 1, world): name
                           for i, (w, name) in enumerate(zip(self.workers, self.names))})
             self._await(joins, None)
-            self._specs = ray.get(learner.weight_specs.remote())
+            self._specs = learner.call("weight_specs")
         refs = {w.receive_weights.remote(version, self._specs): name for w, name in zip(self.workers, self.names)}
-        refs[learner.broadcast_weights.remote()] = "learner"
+        refs.update(zip(learner.submit("broadcast_weights"), learner.names()))
         self._await(refs, None)
         self.version = version
 

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 import msgspec
 
 from rollout.config import DataConfig
-from rollout.formats import FormatError, PromptRecord, parse_prompt, read_prompts
+from rollout.formats import PromptRecord, parse_prompt, read_prompts
 from rollout.records import BadRecord
-from rollout.worker import PromptTask
 
 BUILTIN_ARITH = "builtin:arith"
 
@@ -66,29 +65,6 @@ def unique_ids(records: list[PromptRecord]) -> list[PromptRecord]:
         count = seen[record.prompt_id] = seen.get(record.prompt_id, 0) + 1
         out.append(record if count == 1 else msgspec.structs.replace(record, prompt_id=f"{record.prompt_id}-{count}"))
     return out
-
-
-class PromptRenderer:
-    """Renders a record's messages with the tokenizer's chat template into a PromptTask."""
-
-    def __init__(self, tokenizer, max_prompt_tokens: int):
-        self.tokenizer = tokenizer
-        self.max_prompt_tokens = max_prompt_tokens
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the model's tokenizer has no chat template; add one to its tokenizer_config.json")
-
-    def text(self, record: PromptRecord) -> str:
-        messages = [{"role": m.role, "content": m.content} for m in record.messages]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def render(self, record: PromptRecord) -> PromptTask:
-        text = self.text(record)
-        # The template already wrote the special tokens (bos); adding them again would double them.
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.max_prompt_tokens:
-            raise FormatError(f"{record.source}: prompt is {len(ids)} tokens, longer than the maximum "
-                              f"{self.max_prompt_tokens} (model.max_prompt_tokens)")
-        return PromptTask(prompt_id=record.prompt_id, prompt=text, prompt_ids=ids)
 
 
 class PromptSampler(msgspec.Struct):

@@ -49,9 +49,9 @@ import torch
 import yaml
 
 from learner.advantages import KLEstimator, gae, kl_penalty, last_token_mask
+from learner.estimators import GROUP_ESTIMATORS, broadcast
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_table
 from rollout.config import ConfigError, JobConfig, RewardConfig, load_config
-from rollout.estimators import GROUP_ESTIMATORS, broadcast
 from rollout.formats import Message, PromptRecord
 from rollout.record import ARCHIVE_SCHEMA
 from rollout.stats import KL_COEFS_KEY, kl_coefs, read_run_metrics

@@ -18,16 +18,18 @@ from pathlib import Path
 import msgspec
 import ray
 
+from learner.device import resolve_device
+from learner.samples import SampleBatch
 from learner.tiny_model import resolve_model_path
 from reward.worker import apply_rewards, spawn_reward_workers
 from rollout.archive import ArchiveWriter
 from rollout.config import JobConfig, check, to_yaml
-from rollout.engine import resolve_device
+from rollout.learner_group import LearnerGroup
 from rollout.metrics import MetricsLog
 from rollout.pool import WorkerPool
-from rollout.prompts import PromptRenderer, PromptSampler, load_prompts
+from rollout.prompts import PromptSampler, load_prompts
 from rollout.record import RolloutRecord
-from rollout.worker import PromptTask
+from rollout.rendering import PromptRenderer, PromptTask
 
 CHECKPOINTS = "checkpoints"
 
@@ -42,7 +44,8 @@ def init_ray(cfg: JobConfig, *, learner: bool) -> None:
         return
     # Ray's CPU count is a scheduling budget, not a thread limit: generation, reward and learning
     # take turns, so a 2-core machine can host the whole job.
-    needed = (cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + int(learner)
+    needed = (cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
+              + int(learner) * cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
               + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker)
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
@@ -82,22 +85,19 @@ class Session:
 
         checkpoint = latest_checkpoint(run_dir)
         serving_model = str(checkpoint / "policy") if checkpoint else model
-        learner_gpus = 1 if resolve_device(cfg.learner.device) == "cuda" else 0
         init_ray(cfg, learner=True)
         print(f"run {self.run_id}: {len(self.records)} prompts, model {model}, "
               f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
 
-        from learner.learner import Learner
-
-        self.learner = ray.remote(Learner).options(num_cpus=1, num_gpus=learner_gpus).remote(cfg, model)
+        self.learner = LearnerGroup(cfg, model)
         self.reward_workers = spawn_reward_workers(cfg.reward)
         self.pool = WorkerPool(cfg, serving_model)
         trained = 0  # iterations whose updates the learner's weights hold
         if checkpoint:
-            extra = ray.get(self.learner.load.remote(checkpoint))
+            extra = self.learner.call("load", checkpoint)
             self.sampler = msgspec.convert(extra["sampler"], PromptSampler)
             trained = extra["iteration"] + 1
-            self.pool.sync_weights(ray.get(self.learner.version_number.remote()), self._weights())
+            self.pool.sync_weights(self.learner.rank0("version_number"), self._weights())
         # Iterations archived after the last checkpoint lost their updates but keep their rows;
         # numbering continues after them so no (iteration, prompt_id, sample_index) repeats.
         self.first_iteration = max(trained, last_archived_iteration(run_dir) + 1)
@@ -146,8 +146,18 @@ class Session:
         records.sort(key=lambda r: (position[r.prompt_id], r.sample_index))
         return records, {"generated_tokens": tokens, "generate_seconds": timings["generate"], **latency}
 
+    def learn(self, records: list[RolloutRecord]) -> tuple[list[RolloutRecord], dict[str, float], dict[str, float]]:
+        """The learner's iteration on the scored records; they come back with the learner's columns."""
+        batch = SampleBatch.from_records(records)
+        columns, stats, timings = self.learner.call("learn", ray.put(batch))
+        rows = columns.rows(batch.response_offsets)
+        for name in ("ref_logprobs", "values", "token_rewards", "advantages", "returns"):
+            for record, row in zip(records, rows[name]):
+                setattr(record, name, row)
+        return records, stats, timings
+
     def sync_weights(self) -> None:
-        version = ray.get(self.learner.version_number.remote())
+        version = self.learner.rank0("version_number")
         if resolve_device(self.cfg.rollout.device) == "cuda" and resolve_device(self.cfg.learner.device) == "cuda":
             self.pool.sync_weights_nccl(version, self.learner)
         else:
@@ -161,7 +171,7 @@ class Session:
     def checkpoint(self, iteration: int) -> None:
         directory = self.run_dir / CHECKPOINTS / f"iter-{iteration:06d}"
         extra = {"iteration": iteration, "sampler": msgspec.to_builtins(self.sampler), "run_id": self.run_id}
-        ray.get(self.learner.save.remote(directory, extra))
+        self.learner.call("save", directory, extra)
         # The policy directory is a complete model: a resumed run's engines load it directly.
         self.tokenizer.save_pretrained(directory / "policy")
         (self.run_dir / CHECKPOINTS / "latest").write_text(directory.name)
@@ -169,6 +179,7 @@ class Session:
     def close(self) -> None:
         self.archive.close()
         self.pool.shutdown()
+        self.learner.shutdown()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -182,7 +193,7 @@ class Session:
         return {f"reward_latency/{name}": seconds - before.get(name, 0.0) for name, seconds in now.items()}
 
     def _weights(self) -> ray.ObjectRef:
-        return self.learner.export_weights.remote()
+        return self.learner.call_ref("export_weights")
 
     def _archive_metadata(self, model: str) -> dict[str, str]:
         lc = self.cfg.learner

@@ -14,14 +14,8 @@ import msgspec
 from rollout.config import RolloutConfig
 from rollout.engine import VLLMEngine
 from rollout.record import RolloutRecord
+from rollout.rendering import PromptTask
 from rollout.telemetry import record_generation
-
-
-class PromptTask(msgspec.Struct):
-    """A rendered prompt to sample `n` completions for."""
-    prompt_id: str
-    prompt: str
-    prompt_ids: list[int]
 
 
 class GenerationResult(msgspec.Struct):

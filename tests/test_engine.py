@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learner.batch import collate
-from learner.losses import logprobs_from_logits
+from learner.models import PolicyModel
+from learner.samples import SampleBatch
 from rollout.config import SamplingConfig
 from rollout.record import RolloutRecord
 
@@ -54,11 +54,9 @@ def test_logprobs_match_a_transformers_forward_pass(vllm_engine, tiny_model_path
     out = vllm_engine.generate(ids, SamplingConfig(max_tokens=10, temperature=temperature, seed=3), n=2)
     records = [_record(p, c) for p, completions in zip(ids, out) for c in completions]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
-    batch = collate(records, pad_id=model.config.pad_token_id)
+    batch = SampleBatch.from_records(records).collate(range(len(records)), pad_id=model.config.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids).logits
-    expected = logprobs_from_logits(batch.response_slice(logits), batch.responses, temperature)
+        expected = PolicyModel(model)(batch, temperature).logprobs  # the learner's own path: chunked LM head
     for i, r in enumerate(records):
         got = torch.tensor(r.response_logprobs)
         diff = (got - expected[i, :len(got)]).abs().max().item()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from learner.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from learner.losses import policy_loss, value_loss
 
 EPS = 0.2
 
@@ -117,44 +117,18 @@ def test_value_loss_hand_values() -> None:
     torch.testing.assert_close(values.grad, torch.tensor([[0.4 / 3, 0.0, 0.55 / 3, 0.0]]))
 
 
-def test_entropy_of_uniform_logits_is_log_vocab() -> None:
-    logits = torch.full((2, 3, 50), 7.0)
-    torch.testing.assert_close(entropy_from_logits(logits), torch.full((2, 3), math.log(50)))
-
-
-def test_entropy_hand_value_and_large_logits() -> None:
-    # softmax([0, ln 3]) = [1/4, 3/4]: H = −(¼ ln ¼ + ¾ ln ¾)
-    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    logits = torch.tensor([[[0.0, math.log(3.0)]]])
-    assert entropy_from_logits(logits).item() == pytest.approx(expected, rel=1e-6)
-    # exp(100) overflows float32, so a naive softmax would give nan here
-    assert entropy_from_logits(logits + 100.0).item() == pytest.approx(expected, rel=1e-4)
-    assert entropy_from_logits(torch.tensor([[[1e4, 0.0, 0.0]]])).item() == pytest.approx(0.0)
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
-def test_logprobs_from_logits_equals_log_softmax_gather(temperature: float) -> None:
-    gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(3, 5, 11, generator=gen, dtype=torch.float64) * 4).requires_grad_()
-    tokens = torch.randint(0, 11, (3, 5), generator=gen)
-    got = logprobs_from_logits(logits, tokens, temperature)
-    want = torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(got, want)
-    (grad_got,) = torch.autograd.grad(got.sum(), logits)
-    (grad_want,) = torch.autograd.grad(want.sum(), logits)
-    torch.testing.assert_close(grad_got, grad_want)
-
-
-def test_logprobs_from_bf16_logits_come_back_in_float32() -> None:
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(2, 4, 300, generator=gen) * 3
-    tokens = torch.randint(0, 300, (2, 4), generator=gen)
-    got = logprobs_from_logits(logits.bfloat16(), tokens)
-    want = torch.log_softmax(logits.bfloat16().double(), -1).gather(-1, tokens.unsqueeze(-1))
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want.squeeze(-1), atol=1e-5, rtol=0)
-
-
-def test_logprobs_reject_non_positive_temperature() -> None:
-    with pytest.raises(ValueError, match="temperature"):
-        logprobs_from_logits(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), 0.0)
+@pytest.mark.parametrize("agg", ["token", "sequence"])
+def test_shares_with_a_global_denominator_add_up_to_the_whole_loss(agg) -> None:
+    gen = torch.Generator().manual_seed(4)
+    logprobs = torch.randn(6, 5, generator=gen) * 0.1 - 1
+    old, adv = logprobs + torch.randn(6, 5, generator=gen) * 0.2, torch.randn(6, 5, generator=gen)
+    mask = torch.arange(5) < torch.tensor([[5], [3], [0], [1], [4], [2]])
+    whole, _ = policy_loss(logprobs, old, adv, mask, 0.2, agg)
+    count = float(mask.sum()) if agg == "token" else float(mask.any(-1).sum())
+    parts = [policy_loss(logprobs[i], old[i], adv[i], mask[i], 0.2, agg, count)[0] for i in ([0, 1], [2, 3, 4, 5])]
+    torch.testing.assert_close(sum(parts), whole)
+    values, returns = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    whole_v, _ = value_loss(values, values * 0.9, returns, mask, 0.2)
+    n = float(mask.sum())
+    parts_v = [value_loss(values[i], values[i] * 0.9, returns[i], mask[i], 0.2, n)[0] for i in ([0, 1, 2], [3, 4, 5])]
+    torch.testing.assert_close(sum(parts_v), whole_v)

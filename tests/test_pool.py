@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from rollout.config import load_config
 from rollout.pool import WeightSyncError, WorkerPool
-from rollout.worker import PromptTask
+from rollout.rendering import PromptTask
 
 pytestmark = pytest.mark.vllm
 

@@ -10,14 +10,27 @@ import torch
 import yaml
 
 from learner.advantages import gae, gae_reference, kl_penalty, token_rewards
-from learner.batch import pad_rows, unpad_rows
+from learner.estimators import broadcast, grpo_advantages, rloo_advantages
 from rollout.archive import ArchiveWriter, read_metadata, read_table
 from rollout.cli import main
 from rollout.config import JobConfig, to_yaml
-from rollout.estimators import broadcast, grpo_advantages, rloo_advantages
 from rollout.formats import record_id
 from rollout.record import RolloutRecord
 from rollout.replay import ReplayError, ReplayOptions, replay
+
+def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Ragged per-token lists -> (B, width) float tensor, zero-padded."""
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def unpad_rows(x: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    """(B, T) tensor -> per-row lists of the valid (mask == 1) prefix."""
+    lengths = mask.sum(dim=1).long().tolist()
+    return [x[i, :n].tolist() for i, n in enumerate(lengths)]
+
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 

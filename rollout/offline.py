@@ -15,30 +15,14 @@ import torch
 from transformers import AutoTokenizer
 
 from learner.advantages import kl_penalty
-from learner.batch import collate, pad_rows
-from learner.learner import Learner, PreparedBatch
+from learner.learner import Evaluated, Learner
+from learner.samples import SampleBatch
 from learner.tiny_model import resolve_model_path
 from rollout.archive import iter_batches
 from rollout.config import JobConfig
 from rollout.record import from_record_batch
 
 NEEDED = ("response_logprobs", "ref_logprobs", "values", "token_rewards", "advantages", "returns")
-
-
-def prepared_from_records(records, pad_id: int, device: torch.device, estimator: str) -> PreparedBatch:
-    """The archive's per-token columns as the learner's padded (B, T) batch."""
-    tokens = collate(records, pad_id).to(device)
-    T = tokens.mask.shape[1]
-
-    def column(name: str) -> torch.Tensor:
-        return pad_rows([getattr(r, name) for r in records], T).to(device)
-
-    behaviour, ref = column("response_logprobs"), column("ref_logprobs")
-    return PreparedBatch(
-        tokens=tokens, old_logprobs=behaviour, ref_logprobs=ref, values=column("values"),
-        token_rewards=column("token_rewards"), kl=kl_penalty(behaviour, ref, estimator) * tokens.mask,
-        advantages=column("advantages"), returns=column("returns"),
-    )
 
 
 def train_offline(archive: str | Path, cfg: JobConfig, out: Path, *, model: str | None = None,
@@ -53,12 +37,21 @@ def train_offline(archive: str | Path, cfg: JobConfig, out: Path, *, model: str 
             if missing:
                 raise ValueError(f"{archive}: offline training needs the learner columns; {', '.join(missing)} "
                                  "are null (a `rollout generate` archive? replay it with an estimator first)")
-            prepared = prepared_from_records(records, learner.pad_id, learner.device, cfg.learner.kl.estimator)
-            stats = learner.update(prepared)
+            samples = SampleBatch.from_records(records)
+
+            def column(name: str) -> torch.Tensor:
+                return samples.padded(samples.flatten_column([getattr(r, name) for r in records])).to(learner.device)
+
+            mask = samples.padded(torch.ones(len(samples.response_ids)).numpy()).to(learner.device)
+            behaviour, ref = column("response_logprobs"), column("ref_logprobs")
+            evaluated = Evaluated(mask=mask, old_logprobs=behaviour, ref_logprobs=ref, values=column("values"),
+                                  entropy=torch.zeros_like(mask))
+            kl = kl_penalty(behaviour, ref, cfg.learner.kl.estimator) * mask
+            stats = learner.update(samples, evaluated, column("advantages"), column("returns"), kl)
             print(f"offline epoch {epoch + 1}/{epochs}, {len(records)} samples: policy loss "
                   f"{stats['policy_loss']:+.4f}  clip frac {stats['clip_frac']:.3f}  approx kl {stats['approx_kl']:.4f}",
                   file=log)
     out.mkdir(parents=True, exist_ok=True)
-    learner.policy.save_pretrained(out, safe_serialization=True)
+    learner.policy.lm.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
     return out

@@ -1,6 +1,12 @@
-"""Group-baseline advantage estimators: GRPO and RLOO, the critic-free alternatives to GAE.
+"""Advantage estimators, one registry for the job and `rollout replay`: `estimate(name, ...)`.
 
-Both judge a completion against the other completions of the same prompt, so they need a group of
+- `gae`: generalised advantage estimation with the critic's values (`learner.advantages.gae`).
+- `grpo`, `rloo`: group baselines, critic-free. Each sample's return is its KL-penalised sequence
+  reward Σ_t r_t (score minus β·Σ kl), judged against the other samples of its prompt.
+- `reinforce_pp`: REINFORCE++ (Hu 2025), critic-free: the discounted return-to-go of the
+  KL-penalised token rewards, whitened over the whole batch by the update (`whiten_advantages`).
+
+GRPO and RLOO judge a completion against the other completions of the same prompt, so they need a group of
 n > 1 samples per prompt. They act on whole sequences: `rewards` and `groups` are (N,) tensors, N
 samples, `groups[i]` the index in [0, G) of sample i's prompt group, and they return (N,) sequence
 advantages; `broadcast` spreads those over the (N, T) response tokens. Math runs in float64: the
@@ -10,6 +16,8 @@ group means are sums of thousands of rewards when a run's n and prompt count are
 from __future__ import annotations
 
 import torch
+
+from learner.advantages import discounted_reverse_cumsum, gae
 
 GRPO_EPS = 1e-6  # keeps a group of identical rewards at advantage 0 instead of 0 / 0
 
@@ -70,3 +78,25 @@ def broadcast(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 GROUP_ESTIMATORS = {"grpo": grpo_advantages, "rloo": rloo_advantages}
+ESTIMATORS = ("gae", *GROUP_ESTIMATORS, "reinforce_pp")
+CRITIC_FREE = ESTIMATORS[1:]
+
+
+def estimate(name: str, token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+             groups: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), both (B, T) and zero on padding, by the estimator `name`.
+
+    token_rewards, values, mask: (B, T); groups: (B,) int64 prompt-group index of each row.
+    """
+    if name == "gae":
+        return gae(token_rewards, values, mask, gamma, lam)
+    keep = mask.bool()
+    rewards = torch.where(keep, token_rewards.float(), 0)
+    if name in GROUP_ESTIMATORS:
+        sequence_return = rewards.sum(-1)  # R_i = Σ_t r_t = score − β·Σ_t kl_t
+        advantages = broadcast(GROUP_ESTIMATORS[name](sequence_return, groups), keep).float()
+        return advantages, advantages
+    if name == "reinforce_pp":
+        returns = torch.where(keep, discounted_reverse_cumsum(rewards, gamma), 0)  # G_t = Σ_{k≥t} γ^(k−t) r_k
+        return returns, returns
+    raise ValueError(f"unknown advantage estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")

@@ -1,0 +1,107 @@
+"""Per-GPU memory of the learner, estimated from a model config and the learner settings the code uses.
+
+What one rank holds (P = policy parameters, R = learner.num_ranks, M = learner.micro_batch_tokens):
+- policy: float32 master weights, gradients and two AdamW moments, sharded: 16·P / R bytes;
+- critic (gae with a separate critic): the same for its backbone and value head;
+- reference: compute-dtype weights, sharded, no optimizer: 2·P / R bytes (bfloat16);
+- gathered working set: FSDP2 unshards one transformer block at a time (plus one prefetched) and
+  the root (embeddings, final norm, LM head) for the whole pass, in the compute dtype;
+- activations of one micro-batch of M tokens, kept for backward: per token and layer about
+  (10·h + 4·i) values in the compute dtype (attention by SDPA, so nothing grows with length²),
+  or only the layer input (h values) with gradient checkpointing, plus one layer recomputed;
+- LM head: one chunk of float32 logits (`learner.logprobs.LOGIT_CHUNK_BYTES`) about four times
+  over in the backward pass (logits, probabilities, their gradient, a temporary);
+- the iteration's per-token columns (old and reference logprobs, values, entropy, rewards,
+  advantages, returns) for `samples` x `response_tokens`, float32, on every rank.
+Framework overhead (CUDA context, allocator fragmentation, NCCL buffers) is not included: leave
+10-20% headroom. `python -m learner.memory` prints the README's table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from learner.logprobs import LOGIT_CHUNK_BYTES
+
+GIB = 2**30
+COLUMNS_KEPT = 8  # per-token float32 columns held for the whole iteration
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        """From a transformers config (Llama, Qwen2/3, Mistral and alike)."""
+        return cls(config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size,
+                   config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+                   or config.num_attention_heads, bool(getattr(config, "tie_word_embeddings", False)))
+
+    @property
+    def block_params(self) -> int:
+        head_dim = self.hidden // self.heads
+        attention = self.hidden * head_dim * (self.heads * 2 + self.kv_heads * 2)
+        return attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    @property
+    def root_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.block_params + self.root_params
+
+
+def estimate(shape: Shape, *, num_ranks: int, micro_batch_tokens: int, compute_bytes: int = 2,
+             separate_critic: bool = True, gradient_checkpointing: bool = False, samples: int = 0,
+             response_tokens: int = 0) -> dict[str, float]:
+    """GiB per rank by part, and their total."""
+    P = shape.params
+    critic = P - shape.vocab * shape.hidden * (0 if shape.tied else 1)  # a backbone: no LM head of its own
+    M, h, i = micro_batch_tokens, shape.hidden, shape.intermediate
+    per_token_layer = h if gradient_checkpointing else 10 * h + 4 * i
+    activations = M * shape.layers * per_token_layer * compute_bytes
+    if gradient_checkpointing:
+        activations += M * (10 * h + 4 * i) * compute_bytes  # the one layer being recomputed
+    parts = {
+        "policy_states": 16 * P / num_ranks,
+        "critic_states": 16 * critic / num_ranks if separate_critic else 0.0,
+        "reference": compute_bytes * P / num_ranks,
+        "gathered_weights": compute_bytes * (2 * shape.block_params + shape.root_params) * (1 if num_ranks > 1 else 0),
+        "activations": activations * (2 if separate_critic else 1),
+        "lm_head_chunk": 4 * LOGIT_CHUNK_BYTES,
+        "batch_columns": 4 * COLUMNS_KEPT * samples * response_tokens,
+    }
+    out = {k: v / GIB for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+QWEN25_05B = Shape(hidden=896, layers=24, intermediate=4864, vocab=151936, heads=14, kv_heads=2, tied=True)
+QWEN25_7B = Shape(hidden=3584, layers=28, intermediate=18944, vocab=152064, heads=28, kv_heads=4, tied=False)
+
+
+def table(samples: int = 20000, response_tokens: int = 512) -> str:
+    rows = ["| model | params | ranks | micro_batch_tokens | grad. ckpt | states (policy+critic+ref) | "
+            "activations | total GiB per GPU |", "|---|---|---|---|---|---|---|---|"]
+    for name, shape in (("Qwen2.5-0.5B", QWEN25_05B), ("Qwen2.5-7B", QWEN25_7B)):
+        for ranks in (1, 2, 4, 8):
+            for budget, checkpointing in ((4096, False), (8192, False), (16384, True)):
+                e = estimate(shape, num_ranks=ranks, micro_batch_tokens=budget, gradient_checkpointing=checkpointing,
+                             samples=samples, response_tokens=response_tokens)
+                states = e["policy_states"] + e["critic_states"] + e["reference"]
+                rows.append(f"| {name} | {shape.params / 1e9:.2f}B | {ranks} | {budget} | "
+                            f"{'yes' if checkpointing else 'no'} | {states:.1f} | {e['activations']:.1f} | "
+                            f"{e['total']:.1f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())

@@ -1,0 +1,105 @@
+"""The learner ranks as Ray actors: one placement group, one process group, every call to every rank.
+
+Each rank is a `Learner` (plain class, `learner/`) inside a thin actor. The actors are created
+empty so that rank 0 can name the process group's address before any rank joins it; then all of
+them build their `Learner` at once. Calls go to every rank (FSDP's collectives need them all) and
+rank 0's answer is the group's. Every wait has a timeout that names the rank it waited on.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from learner.device import resolve_device
+from rollout.config import JobConfig
+
+
+class LearnerError(RuntimeError):
+    """A learner rank could not be placed, failed or did not answer in time; the message names it."""
+
+
+class _Rank:
+    def address(self) -> str:
+        """A free port on this node, for the process group rank 0 serves."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"{ray.util.get_node_ip_address()}:{port}"
+
+    def start(self, cfg: JobConfig, model_path: str, rank: int, world_size: int, address: str) -> None:
+        from learner.learner import Learner
+
+        self.learner = Learner(cfg, model_path, rank=rank, world_size=world_size, address=address)
+        self.rank = rank
+
+    def call(self, method: str, *args):
+        """Every rank computes the same answer; only rank 0's travels back."""
+        result = getattr(self.learner, method)(*args)
+        return result if self.rank == 0 else None
+
+
+class LearnerGroup:
+    def __init__(self, cfg: JobConfig, model_path: str, *, place_timeout_s: float = 60.0):
+        lc = cfg.learner
+        self.timeout = lc.call_timeout_s
+        gpus = 1 if resolve_device(lc.device) == "cuda" else 0
+        bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": gpus} if gpus else {})}
+        self.group = placement_group([bundle] * lc.num_ranks, strategy="PACK")
+        ready, _ = ray.wait([self.group.ready()], timeout=place_timeout_s)
+        if not ready:
+            remove_placement_group(self.group)
+            raise LearnerError(
+                f"the learner's {lc.num_ranks} rank(s) x {bundle} could not be placed within "
+                f"{place_timeout_s:.0f}s; the cluster has {ray.available_resources()} free: lower "
+                "learner.num_ranks or learner.num_cpus_per_rank, or add nodes")
+        actor = ray.remote(_Rank)
+        self.ranks = [actor.options(num_cpus=lc.num_cpus_per_rank, num_gpus=gpus,
+                                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i)).remote()
+                      for i in range(lc.num_ranks)]
+        address = self._get(self.ranks[0].address.remote(), "learner rank 0")
+        self._finish([r.start.remote(cfg, model_path, i, lc.num_ranks, address) for i, r in enumerate(self.ranks)])
+
+    def submit(self, method: str, *args) -> list[ray.ObjectRef]:
+        """Start `method` on every rank; the refs, rank order."""
+        return [r.call.remote(method, *args) for r in self.ranks]
+
+    def call(self, method: str, *args):
+        """`method` on every rank; rank 0's result once all have finished."""
+        refs = self._finish(self.submit(method, *args))
+        return self._get(refs[0], "learner rank 0")
+
+    def call_ref(self, method: str, *args) -> ray.ObjectRef:
+        """Like `call`, but rank 0's result stays in the object store (weights go to workers from there)."""
+        return self._finish(self.submit(method, *args))[0]
+
+    def rank0(self, method: str, *args):
+        """A call that involves no collective, on rank 0 alone."""
+        return self._get(self.ranks[0].call.remote(method, *args), "learner rank 0")
+
+    def names(self) -> list[str]:
+        return [f"learner rank {i}" for i in range(len(self.ranks))]
+
+    def _finish(self, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """Wait for every rank; the other ranks' answers (None) are fetched to raise their errors."""
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=self.timeout)
+        if late:
+            names = ", ".join(name for name, ref in zip(self.names(), refs) if ref in late)
+            raise LearnerError(f"{names} did not finish within learner.call_timeout_s ({self.timeout:.0f}s)")
+        for name, ref in list(zip(self.names(), refs))[1:]:
+            self._get(ref, name)
+        return refs
+
+    def _get(self, ref: ray.ObjectRef, name: str):
+        try:
+            return ray.get(ref, timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise LearnerError(f"{name} did not answer within learner.call_timeout_s ({self.timeout:.0f}s)") from None
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            ray.kill(r)
+        remove_placement_group(self.group)
