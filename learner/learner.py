@@ -68,10 +68,11 @@ class Learner:
         policy_lm = load_causal_lm(model_path, torch.float32)
         self.pad_id = policy_lm.config.pad_token_id or 0
         self.tied_head = bool(getattr(policy_lm.config, "tie_word_embeddings", False))
-        self.policy = self._place(PolicyModel(policy_lm, value_head=lc.shared_critic and not self.critic_free))
+        # Training mode (transformers loads in eval mode): gradient checkpointing acts only in it.
+        self.policy = self._place(PolicyModel(policy_lm, value_head=lc.shared_critic and not self.critic_free).train())
         self.critic = None
         if not (lc.shared_critic or self.critic_free):
-            self.critic = self._place(CriticModel(model_path, torch.float32))
+            self.critic = self._place(CriticModel(model_path, torch.float32).train())
         reference = PolicyModel(load_causal_lm(model_path, self.compute_dtype)).eval().requires_grad_(False)
         self.reference = self._place(reference)
         if lc.gradient_checkpointing:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from learner.estimators import ESTIMATORS
 from rollout.config import ConfigError, load_config
 
 
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", type=Path, required=True, help="output directory (archive in OUT/rollouts)")
     rep.add_argument("--gamma", type=float, default=None, help="GAE discount (default: the run's)")
     rep.add_argument("--lam", type=float, default=None, help="GAE lambda (default: the run's)")
-    rep.add_argument("--estimator", choices=["gae", "grpo", "rloo"], default="gae",
-                     help="advantage estimator; grpo and rloo need n > 1 samples per prompt")
+    rep.add_argument("--estimator", choices=list(ESTIMATORS), default="gae",
+                     help="advantage estimator (learner/estimators.py); grpo and rloo need n > 1 samples per prompt")
     rep.add_argument("--kl-coef", type=float, default=None, help="new KL penalty coefficient (default: the run's)")
     rep.add_argument("--reward-config", default=None, help="YAML with a reward: section; re-score with its rules")
     rep.add_argument("--prompts", default=None,

@@ -24,6 +24,9 @@ What is recomputed, and from what:
   broadcast over the response tokens; returns equal the advantages. `values` stay as stored;
   `token_rewards` are the (rebuilt) ones, null where the archive has none, so group estimators
   also work on `rollout generate` archives.
+- --estimator reinforce_pp: the discounted return-to-go of the (rebuilt) token rewards, as the
+  learner computes it (`learner.estimators`); an archive without token rewards gets the score on
+  each row's last token.
 
 Record batches stream from the source archive to the new one (`ArchiveWriter`), each one padded to
 (batch, time) tensors from the Arrow list buffers, computed at once and cut back to lists: no loop
@@ -48,15 +51,14 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
-from learner.advantages import KLEstimator, gae, kl_penalty, last_token_mask
-from learner.estimators import GROUP_ESTIMATORS, broadcast
+from learner.advantages import KLEstimator, kl_penalty, last_token_mask
+from learner.estimators import ESTIMATORS, GROUP_ESTIMATORS, broadcast, estimate
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_table
 from rollout.config import ConfigError, JobConfig, RewardConfig, load_config
 from rollout.formats import Message, PromptRecord
 from rollout.record import ARCHIVE_SCHEMA
 from rollout.stats import KL_COEFS_KEY, kl_coefs, read_run_metrics
 
-ESTIMATORS = ("gae", *GROUP_ESTIMATORS)
 Scores = tuple[pa.Array, pa.Array]  # per batch: reward (float32), reward_components (map)
 
 
@@ -214,7 +216,11 @@ def _replay_batch(batch: pa.RecordBatch, scores: Scores, plan: _Plan, old_coefs:
     rewards = _token_rewards(batch, reward, plan, old_coefs, lengths, mask)
     if plan.estimator == "gae":
         values = _padded(_required(batch, "values", lengths), width)
-        advantages, returns = gae(rewards, values, mask, plan.gamma, plan.lam)
+        advantages, returns = estimate("gae", rewards, values, mask, None, plan.gamma, plan.lam)
+    elif plan.estimator == "reinforce_pp":
+        score_only = torch.where(last_token_mask(mask), torch.from_numpy(_floats(reward, "reward")).unsqueeze(1), 0)
+        advantages, returns = estimate("reinforce_pp", score_only if rewards is None else rewards, None, mask,
+                                       None, plan.gamma, plan.lam)
     else:
         advantages = broadcast(torch.from_numpy(group_advantages), mask).float()
         returns = advantages

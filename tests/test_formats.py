@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 
 import rollout.records
-from rollout.formats import (FormatError, Message, PromptRecord, detect_prompt_format, parse_prompt,
-                             read_prompts, record_id)
+from rollout.formats import (
+    FormatError,
+    Message,
+    PromptRecord,
+    detect_prompt_format,
+    parse_prompt,
+    read_prompts,
+    record_id,
+)
 from rollout.records import BadRecord, iter_json_records
 
 DATA = Path(__file__).parent / "data"

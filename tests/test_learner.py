@@ -120,6 +120,49 @@ def test_micro_batched_update_equals_the_whole_minibatch_update(tiny_model_path)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
 
 
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_path):
+    records = make_records(16, seed=8)
+    results = []
+    for checkpointing in ("false", "true"):
+        cfg = load_config(None, ["learner.device=cpu", "learner.minibatch_size=16", "learner.ppo_epochs=1",
+                                 "learner.lr=1e-4", f"learner.gradient_checkpointing={checkpointing}"])
+        learner = Learner(cfg, tiny_model_path)
+        batch = SampleBatch.from_records(records)
+        saved = []  # bytes autograd keeps for the backward pass of one policy forward
+
+        def pack(tensor):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            learner.policy(batch.collate(np.arange(len(batch)), learner.pad_id), 1.0)
+        _, stats, _ = learner.learn(batch)
+        results.append((dict(learner.export_weights()), stats["grad_norm"], sum(saved)))
+    (w1, g1, kept), (w2, g2, kept_checkpointed) = results
+    assert kept_checkpointed < 0.6 * kept  # layers keep their inputs only, and recompute the rest
+    assert g1 == pytest.approx(g2, rel=1e-5)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_that_move_like_float32(tiny_model_path):
+    """Pure-bf16 AdamW at a small learning rate rounds most updates away; float32 masters keep them."""
+    records = make_records(16, seed=9)
+    moved = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = load_config(None, ["learner.device=cpu", "learner.minibatch_size=16", "learner.ppo_epochs=1",
+                                 "learner.lr=1e-6", f"model.dtype={dtype}"])
+        learner = Learner(cfg, tiny_model_path)
+        assert all(p.dtype == torch.float32 for p in learner.policy.parameters())
+        assert all(p.dtype == getattr(torch, dtype) for p in learner.reference.parameters())
+        before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
+        learner.learn(SampleBatch.from_records(records))
+        after = learner.policy.state_dict()
+        moved[dtype] = sum((after[k] - before[k]).abs().sum().item() for k in before)
+        exported = dict(learner.export_weights())
+        assert exported["lm_head.weight"].dtype == getattr(torch, dtype)  # the engines' dtype
+    assert moved["bfloat16"] == pytest.approx(moved["float32"], rel=0.2)
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
 def test_critic_free_estimators_build_no_critic_and_learn(tiny_model_path, estimator):
     records = make_records(24)

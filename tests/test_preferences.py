@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from reward.preferences import (PreferenceRecord, detect_preference_format, parse_preference,
-                                read_preferences)
+from reward.preferences import PreferenceRecord, detect_preference_format, parse_preference, read_preferences
 from rollout.formats import FormatError
 from rollout.records import BadRecord
 

@@ -18,6 +18,7 @@ from rollout.formats import record_id
 from rollout.record import RolloutRecord
 from rollout.replay import ReplayError, ReplayOptions, replay
 
+
 def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     """Ragged per-token lists -> (B, width) float tensor, zero-padded."""
     out = torch.zeros((len(rows), width), dtype=torch.float32)
@@ -130,6 +131,17 @@ def test_other_gamma_and_lambda_give_the_gae_of_the_stored_token_rewards(tmp_pat
     assert (meta["gamma"], meta["lam"]) == ("0.9", "0.5")
     config = yaml.safe_load(meta["config"])["learner"]
     assert (config["gamma"], config["lam"]) == (0.9, 0.5)
+
+
+def test_reinforce_pp_gives_the_discounted_return_to_go_of_the_token_rewards(tmp_path):
+    run, _ = synthetic_run(tmp_path / "run")
+    replay(run, tmp_path / "out", ReplayOptions(estimator="reinforce_pp", gamma=0.9))
+    source, replayed = read_table(run), read_table(tmp_path / "out")
+    for rewards, returns, advantages in zip(source["token_rewards"].to_pylist(), replayed["returns"].to_pylist(),
+                                            replayed["advantages"].to_pylist()):
+        want = [sum(r * 0.9 ** k for k, r in enumerate(rewards[t:])) for t in range(len(rewards))]
+        assert returns == pytest.approx(want, abs=1e-5) and advantages == returns
+    assert read_metadata(tmp_path / "out")["advantage_estimator"] == "reinforce_pp"
 
 
 def test_a_new_kl_coefficient_rescales_the_learners_kl(tmp_path):
