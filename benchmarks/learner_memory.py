@@ -9,7 +9,7 @@ tokens/s of one iteration with 1 and 2 ranks (FSDP2 over gloo, each rank a proce
 cores / ranks threads).
 
     python benchmarks/learner_memory.py [--model builtin:small-llama] [--samples 16 32 64 128]
-        [--micro-batch-tokens 2048] [--prompt-tokens 64] [--response-tokens 64]
+        [--micro-batch-tokens 1024] [--prompt-tokens 64] [--response-tokens 64]
 
 Prints one JSON object. On a 2-core CPU the default run takes about ten minutes.
 """
@@ -112,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:small-llama")
     parser.add_argument("--samples", type=int, nargs="+", default=[16, 32, 64, 128])
-    parser.add_argument("--micro-batch-tokens", type=int, default=2048)
+    parser.add_argument("--micro-batch-tokens", type=int, default=1024)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--ranks", type=int, default=1, help=argparse.SUPPRESS)

@@ -29,7 +29,7 @@ from rollout.archive import ArchiveWriter  # noqa: E402
 from rollout.config import load_config  # noqa: E402
 from rollout.engine import VLLMEngine  # noqa: E402
 from rollout.pool import WorkerPool  # noqa: E402
-from rollout.prompts import load_prompts
+from rollout.prompts import load_prompts  # noqa: E402
 from rollout.rendering import PromptRenderer  # noqa: E402
 
 
