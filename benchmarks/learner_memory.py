@@ -55,7 +55,8 @@ def one_rank(args, rank: int = 0, world_size: int = 1, address: str | None = Non
     torch.manual_seed(0)
     cfg = load_config(None, [
         "learner.device=cpu", f"learner.micro_batch_tokens={args.micro_batch_tokens}", "learner.ppo_epochs=1",
-        f"learner.minibatch_size={args.samples_one}", f"learner.num_ranks={world_size}"])
+        f"learner.minibatch_size={args.samples_one}", f"learner.num_ranks={world_size}",
+        f"learner.num_cpus_per_rank={max(1, (os.cpu_count() or 1) // world_size)}"])  # the cores, shared out
     path = resolve_model_path(args.model)
     learner = Learner(cfg, path, rank=rank, world_size=world_size, address=address)
     batch = synthetic_batch(args.samples_one, args.prompt_tokens, args.response_tokens,

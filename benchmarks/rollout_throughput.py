@@ -1,5 +1,6 @@
 """Generated tokens/s: the raw engine (one `LLM.generate` over all prompts, in this process) against
-the service end to end (a RolloutWorker actor through the pool, records streamed to the archive),
+the service end to end (a RolloutWorker actor through the pool, chunks queued ahead, generation
+batches streamed to the archive),
 on the same prompts and sampling. Prints one JSON object; the figure to watch is `ratio`.
 
 Threads: the in-process engine keeps every core torch starts with (vLLM pins its threads), while
@@ -26,6 +27,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from learner.tiny_model import build_tiny_llama  # noqa: E402
 from rollout.archive import ArchiveWriter  # noqa: E402
+from rollout.columns import archive_batches  # noqa: E402
 from rollout.config import load_config  # noqa: E402
 from rollout.engine import VLLMEngine  # noqa: E402
 from rollout.pool import WorkerPool  # noqa: E402
@@ -62,17 +64,17 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     pool = WorkerPool(cfg, model)
-    for _ in pool.generate(tasks, run_id="bench", iteration=0):  # warm-up
-        pass
+    ray.get([c.summary for c in pool.submit(tasks, run_id="bench", iteration=0)])  # warm-up
     service = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             with ArchiveWriter(Path(tmp) / str(i), {}) as archive:
                 start = time.perf_counter()
                 tokens = 0
-                for result in pool.generate(tasks, run_id="bench", iteration=i + 1):
-                    archive.write(result.records)
-                    tokens += result.generated_tokens
+                chunks = pool.submit(tasks, run_id="bench", iteration=i + 1)
+                for chunk in chunks:  # in order: the worker runs its queue in order
+                    tokens += ray.get(chunk.summary).generated_tokens
+                    archive.write_later(lambda ref=chunk.batch: archive_batches([ray.get(ref)], None, None))
                 archive.flush()
                 service.append(tokens / (time.perf_counter() - start))
     pool.shutdown()

@@ -16,7 +16,6 @@ FSDP2-sharded; master weights and optimizer state stay float32 whatever the comp
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,10 +43,11 @@ class Evaluated:
     """Per-token outputs over the whole batch, (N, T) float32, zero on padding."""
 
     mask: torch.Tensor
-    old_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor  # the learner's, before the update: PPO's proximal policy
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     entropy: torch.Tensor
+    behaviour_logprobs: torch.Tensor  # the engine's, when it sampled
 
 
 class Learner:
@@ -60,8 +60,8 @@ class Learner:
             dist.init_process_group(rank, world_size, address, self.device)
         self.rank, self.world_size = rank, world_size
         if self.device.type == "cpu":
-            # Generation and learning take turns, so the ranks may share every core while they run.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+            # The CPUs Ray reserved for this rank: generation may run beside it (rollout.max_staleness).
+            torch.set_num_threads(max(1, int(lc.num_cpus_per_rank)))
         torch.manual_seed(cfg.seed)
         self.compute_dtype = DTYPES[cfg.model.dtype]
         self.critic_free = lc.estimator in CRITIC_FREE
@@ -143,7 +143,7 @@ class Learner:
         flat[destination] = gathered
         columns = [batch.padded(flat[:, c]).to(self.device) for c in range(4)]
         mask = batch.padded(np.ones(len(batch.response_ids), dtype=np.float32)).to(self.device)
-        return Evaluated(mask, *columns)
+        return Evaluated(mask, *columns, batch.padded(batch.behaviour_logprobs).to(self.device))
 
     def assign_advantages(self, batch: SampleBatch, ev: Evaluated):
         """(token rewards, kl, advantages, returns), each (N, T), by `learner.estimator`."""
@@ -163,6 +163,10 @@ class Learner:
         m = ev.mask
         if lc.whiten_advantages:
             advantages = masked_whiten(advantages, m)
+        log_ratio = torch.where(m.bool(), ev.old_logprobs - ev.behaviour_logprobs, 0)
+        is_weights = None
+        if lc.behaviour_is_cap is not None:
+            is_weights = torch.exp(log_ratio).clamp(max=lc.behaviour_is_cap)  # w = min(π_prox / π_behaviour, cap)
         N = len(batch)
         totals: dict[str, list[float]] = {}
         for epoch in range(lc.ppo_epochs):
@@ -170,18 +174,23 @@ class Learner:
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.version * 101 + epoch)
             order = torch.randperm(N, generator=generator).numpy()
             for start in range(0, N, lc.minibatch_size):
-                stats = self._step(batch, ev, advantages, returns, order[start:start + lc.minibatch_size])
+                stats = self._step(batch, ev, advantages, returns, is_weights, order[start:start + lc.minibatch_size])
                 for k, v in stats.items():
                     totals.setdefault(k, []).append(v)
         seq_kl = (kl * m).sum(dim=1).mean().item()
         self.kl_controller.update(seq_kl, N)
         self.version += 1
         out = {k: float(np.mean(v)) for k, v in totals.items()}
-        out.update({"kl": seq_kl, "kl_coef": self.kl_controller.coef, "entropy": masked_mean(ev.entropy, m).item()})
+        out.update({"kl": seq_kl, "kl_coef": self.kl_controller.coef, "entropy": masked_mean(ev.entropy, m).item(),
+                    # How far the engine's logprobs are from the learner's for the same tokens and weights
+                    # (or older weights, with staleness), and how much the IS cap cut.
+                    "behaviour_logprob_mismatch": masked_mean(log_ratio.abs(), m).item()})
+        if is_weights is not None:
+            out["behaviour_is_clip_frac"] = masked_mean((log_ratio.exp() > lc.behaviour_is_cap).float(), m).item()
         return out
 
     def _step(self, batch: SampleBatch, ev: Evaluated, advantages: torch.Tensor, returns: torch.Tensor,
-              rows: np.ndarray) -> dict[str, float]:
+              is_weights: torch.Tensor | None, rows: np.ndarray) -> dict[str, float]:
         """One optimizer step on the minibatch `rows`: this rank's share, in micro-batches."""
         lc = self.cfg.learner
         lengths = batch.response_lengths[rows]
@@ -206,7 +215,8 @@ class Learner:
                 policy = self.policy(tokens, self.temperature, with_entropy=lc.entropy_coef > 0)
                 values = self._values(tokens, policy)
             pg_loss, pg_stats = policy_loss(policy.logprobs, old(ev.old_logprobs), old(advantages), keep,
-                                            lc.clip_eps, lc.loss_agg, denominator)
+                                            lc.clip_eps, lc.loss_agg, denominator,
+                                            None if is_weights is None else old(is_weights))
             vf_loss, vf_stats = value_loss(values, old(ev.values), old(returns), keep, lc.value_clip, n_tokens)
             loss = pg_loss
             if policy.entropy is not None:

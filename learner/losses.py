@@ -28,8 +28,12 @@ def policy_loss(
     clip_eps: float,
     agg: Aggregation = "token",
     denominator: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate loss (Schulman et al. 2017), to be minimised.
+
+    `weights` (B, T), detached, scale each token's term: decoupled PPO (Hilton et al. 2022) passes
+    the truncated importance weight min(π_old / π_behaviour, cap) of samples drawn by other weights.
 
     logprobs (current policy), old_logprobs (the policy that sampled), advantages, mask: (B, T) ->
     (0-dim loss, stats). `agg` "token" averages over all valid tokens, so long responses weigh more;
@@ -44,6 +48,8 @@ def policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     per_token = torch.maximum(unclipped, clipped)  # L_t = max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))
+    if weights is not None:
+        per_token = torch.where(keep, weights, 0) * per_token  # w_t·L_t
     loss = _aggregate(per_token, keep, agg, denominator)
     with torch.no_grad():
         stats = {

@@ -1,12 +1,16 @@
-"""`RewardWorker`: scores (record, rendered prompt, response) items with the configured rules and
-reward model. A plain class; the job wraps it in a Ray actor."""
+"""`RewardWorker`: scores a generation batch (Arrow columns) with the configured rules and reward
+model, reading each sample's data record (reference answer, metadata) by its prompt id. A plain
+class; the job wraps it in a Ray actor, and hands it the prompt records once, at spawn."""
 
 from __future__ import annotations
 
 import time
 
+import pyarrow as pa
+
 from reward.scorer import RewardModelScorer, RewardResult, RuleScorer
 from rollout.config import RewardConfig
+from rollout.record import reward_batch
 
 MODEL_COMPONENT = "reward_model"
 
@@ -16,25 +20,20 @@ def last_user_message(record) -> str:
     return next((m.content for m in reversed(record.messages) if m.role == "user"), "")
 
 
-def apply_rewards(records, results: list[RewardResult]) -> None:
-    """Write each result's total and components into its rollout record."""
-    for record, result in zip(records, results, strict=True):
-        record.reward = result.total
-        record.reward_components = result.components
-
-
-def spawn_reward_workers(cfg: RewardConfig) -> list:
-    """The RewardWorker actors a job or `rollout generate` scores with."""
+def spawn_reward_workers(cfg: RewardConfig, prompts: list) -> list:
+    """The RewardWorker actors a job or `rollout generate` scores with; `prompts` are the data records."""
     import ray
 
     actor = ray.remote(RewardWorker).options(num_cpus=cfg.num_cpus_per_worker)
-    return [actor.remote(cfg, name=f"reward-{i}") for i in range(cfg.num_workers)]
+    records = ray.put(prompts)
+    return [actor.remote(cfg, records, name=f"reward-{i}") for i in range(cfg.num_workers)]
 
 
 class RewardWorker:
-    def __init__(self, cfg: RewardConfig, *, name: str = "reward-0"):
+    def __init__(self, cfg: RewardConfig, prompts: list = (), *, name: str = "reward-0"):
         self.name = name
         self.cfg = cfg
+        self.prompts = {record.prompt_id: record for record in prompts}
         self.rules = RuleScorer(cfg.rules, timeout_s=cfg.timeout_s, failed_value=cfg.failed_value)
         self.model = None
         if cfg.model is not None:
@@ -52,6 +51,11 @@ class RewardWorker:
                 result.total += self.cfg.model.weight * float(score)
         self.seconds += time.perf_counter() - start
         return results
+
+    def score_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The reward columns of a generation batch, row for row."""
+        ids, prompts, responses = (batch.column(name).to_pylist() for name in ("prompt_id", "prompt", "response"))
+        return reward_batch(self.score([(self.prompts[i], p, r) for i, p, r in zip(ids, prompts, responses)]))
 
     def latency(self) -> dict[str, float]:
         """Cumulative scoring seconds: the whole call (`total`) and each rule."""

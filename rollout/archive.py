@@ -11,10 +11,11 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rollout.record import ARCHIVE_SCHEMA, SCHEMA_VERSION, RolloutRecord, to_record_batch
 
@@ -59,10 +60,20 @@ class ArchiveWriter:
     def write_batch(self, batch: pa.RecordBatch) -> None:
         """Queue a ready batch of ARCHIVE_SCHEMA (replay's path): no round trip through records."""
         self._raise_if_failed()
-        if not batch.schema.remove_metadata().equals(ARCHIVE_SCHEMA):
-            raise ValueError(f"batch schema differs from the archive schema v{SCHEMA_VERSION}")
+        self._check_schema(batch)
         if batch.num_rows:
             self._queue.put(batch)
+
+    @staticmethod
+    def _check_schema(batch: pa.RecordBatch) -> None:
+        if not batch.schema.remove_metadata().equals(ARCHIVE_SCHEMA):
+            raise ValueError(f"batch schema differs from the archive schema v{SCHEMA_VERSION}")
+
+    def write_later(self, produce: Callable[[], list[pa.RecordBatch]]) -> None:
+        """Queue a function that returns ready ARCHIVE_SCHEMA batches; the writer thread calls it, so
+        fetching and joining the columns happens off the caller's path too."""
+        self._raise_if_failed()
+        self._queue.put(produce)
 
     def flush(self) -> None:
         """Block until everything queued so far is on disk."""
@@ -99,8 +110,13 @@ class ArchiveWriter:
                     self._write_pending(final=True)
                     item.set()
                     continue
-                if self._error is None and isinstance(item, pa.RecordBatch):
+                if self._error is None and callable(item):
                     self._write_pending(final=True)  # keep rows in the order they were queued
+                    for batch in item():
+                        self._check_schema(batch)
+                        self._write_arrow(batch)
+                elif self._error is None and isinstance(item, pa.RecordBatch):
+                    self._write_pending(final=True)
                     self._write_arrow(item)
                 elif self._error is None:
                     self._pending.extend(item)
@@ -190,6 +206,16 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     schema = ARCHIVE_SCHEMA if columns is None else pa.schema([ARCHIVE_SCHEMA.field(c) for c in columns])
     batches = [b.replace_schema_metadata(None) for b in iter_batches(path, columns)]
     return pa.Table.from_batches(batches, schema=schema).replace_schema_metadata(read_metadata(path))
+
+
+def last_archived_iteration(run_dir: str | Path) -> int:
+    """The highest iteration already in a run's archive, or -1."""
+    try:
+        archive_files(run_dir)
+    except FileNotFoundError:
+        return -1
+    table = read_table(run_dir, columns=["iteration"])
+    return -1 if table.num_rows == 0 else int(pc.max(table["iteration"]).as_py())
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -89,6 +89,13 @@ class RolloutConfig(Base):
         "Fraction of GPU memory vLLM may take (cuda).", gt=0.0, le=1.0)] = 0.5
     cpu_kv_cache_gb: Annotated[float, doc("KV cache size of the CPU engine, in GiB.", gt=0)] = 1.0
     max_model_len: Annotated[int, doc("Longest prompt + completion the engine accepts.", ge=8)] = 2048
+    max_staleness: Annotated[int, doc(
+        "Iterations generated ahead of the learner: 0 alternates generation and learning; k >= 1 "
+        "generates iteration i + k while the learner updates on i, so samples are up to k policy "
+        "versions old (the learner corrects for it, learner.behaviour_is_cap).", ge=0)] = 0
+    iteration_timeout_s: Annotated[float, doc(
+        "Longest wait for one iteration's generation, and then for its rewards, before the job fails "
+        "naming the stage.", gt=0)] = 3600.0
     weight_sync_timeout_s: Annotated[float, doc(
         "A weight sync not finished in this time raises an error naming the worker.", gt=0)] = 300.0
 
@@ -160,6 +167,11 @@ class LearnerConfig(Base):
     gamma: Annotated[float, doc("Discount factor of GAE.", ge=0.0, le=1.0)] = 1.0
     lam: Annotated[float, doc("GAE lambda.", ge=0.0, le=1.0)] = 0.95
     clip_eps: Annotated[float, doc("PPO policy ratio clip range.", gt=0.0)] = 0.2
+    behaviour_is_cap: Annotated[float | None, doc(
+        "Decoupled PPO: the clipped ratio is taken against the learner's own logprobs before the "
+        "update (the proximal policy), and each token is weighted by min(π_prox / π_behaviour, cap), "
+        "π_behaviour being the engine's logprob when it sampled (older weights with "
+        "rollout.max_staleness > 0, and numerically different ones always); more than 1. null: no weight.")] = 2.0
     value_clip: Annotated[float, doc("Value prediction clip range around the old values.", gt=0.0)] = 0.2
     vf_coef: Annotated[float, doc("Value loss coefficient (shared critic).", ge=0.0)] = 0.5
     entropy_coef: Annotated[float, doc("Entropy bonus coefficient.", ge=0.0)] = 0.0
@@ -176,6 +188,9 @@ class ArchiveConfig(Base):
 
 
 class RayConfig(Base):
+    actor_start_timeout_s: Annotated[float, doc(
+        "An actor (rollout worker, learner rank) not started in this time fails the job with its name: "
+        "its resources are missing, or its model does not load.", gt=0)] = 300.0
     address: Annotated[str | None, doc(
         "Ray cluster address; null uses RAY_ADDRESS if set, else starts a local Ray.")] = None
     num_cpus: Annotated[int | None, doc("CPUs of a local Ray; null lets Ray decide.")] = None
@@ -282,6 +297,8 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
             problems.append(f"reward.rules.{i}.name: unknown rule {rule.name!r}; known: {', '.join(RULE_NAMES)}")
     if not cfg.reward.rules and cfg.reward.model is None:
         problems.append("reward: no rules and no model; add reward.rules or reward.model")
+    if cfg.learner.behaviour_is_cap is not None and cfg.learner.behaviour_is_cap <= 1:
+        problems.append("learner.behaviour_is_cap must be more than 1 (it caps π_prox / π_behaviour), or null")
     if cfg.learner.kl.target is not None and cfg.learner.kl.target <= 0:
         problems.append("learner.kl.target must be positive, or null for a fixed coefficient")
     if cfg.model.max_prompt_tokens + cfg.rollout.sampling.max_tokens > cfg.rollout.max_model_len:

@@ -9,13 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 from tqdm import tqdm
 
 from learner.device import resolve_device
 from learner.tiny_model import resolve_model_path
-from reward.worker import apply_rewards, spawn_reward_workers
+from reward.worker import spawn_reward_workers
 from rollout.archive import ArchiveWriter
+from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
 from rollout.pool import WorkerPool
 from rollout.prompts import load_prompts
@@ -29,55 +31,45 @@ def generate(cfg: JobConfig, out: Path, *, log=sys.stderr) -> dict:
 
     model = resolve_model_path(cfg.model.path)
     records = load_prompts(cfg.data, cfg.seed, log=log)
-    by_id = {r.prompt_id: r for r in records}
     renderer = PromptRenderer(AutoTokenizer.from_pretrained(model), cfg.model.max_prompt_tokens)
     tasks = [renderer.render(r) for r in records]
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg, learner=False)
     run_id = f"{cfg.run_name}-generate"
-    reward_workers = spawn_reward_workers(cfg.reward)
+    reward_workers = spawn_reward_workers(cfg.reward, records)
     pool = WorkerPool(cfg, model)
     metadata = {"run_id": run_id, "model": model, "config": to_yaml(cfg),
                 "temperature": repr(cfg.rollout.sampling.temperature)}
+    timeout = cfg.rollout.iteration_timeout_s
     start = time.perf_counter()
-    tokens = 0
-    rewards: list[float] = []
+    tokens, rewards = 0, []
+    chunks = pool.submit(tasks, run_id=run_id, iteration=0)
+    scored = {c.summary: (c, reward_workers[n % len(reward_workers)].score_batch.remote(c.batch))
+              for n, c in enumerate(chunks)}
     with ArchiveWriter(out / "rollouts", metadata, batch_rows=cfg.archive.batch_rows,
                        rows_per_file=cfg.archive.rows_per_file) as archive, \
             tqdm(total=len(tasks) * cfg.rollout.n_samples, unit="sample", file=log, desc="generate") as bar:
-        pending = []
-        for n, result in enumerate(pool.generate(tasks, run_id=run_id, iteration=0)):
-            items = [(by_id[r.prompt_id], r.prompt, r.response) for r in result.records]
-            pending.append((reward_workers[n % len(reward_workers)].score.remote(items), result.records))
-            tokens += result.generated_tokens
-            bar.update(len(result.records))
+        waiting = list(scored)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=timeout)
+            if not done:
+                raise RuntimeError(f"no generation chunk finished within rollout.iteration_timeout_s ({timeout:.0f}s)")
+            summary = ray.get(done[0], timeout=timeout)
+            chunk, reward_ref = scored[done[0]]
+            reward = ray.get(reward_ref, timeout=timeout)
+            archive.write_later(lambda batch=chunk.batch, reward=reward:
+                                archive_batches([ray.get(batch, timeout=timeout)], [reward], None))
+            rewards.append(reward.column("reward").to_numpy(zero_copy_only=False))
+            tokens += summary.generated_tokens
+            bar.update(summary.samples)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-            pending = _archive_scored(pending, archive, rewards)
-        _archive_scored(pending, archive, rewards, wait=True)
     pool.shutdown()
     seconds = time.perf_counter() - start
-    summary = {"samples": len(rewards), "prompts": len(tasks), "generated_tokens": tokens, "seconds": seconds,
-               "tokens_per_s": tokens / seconds, "reward_mean": sum(rewards) / max(1, len(rewards))}
+    all_rewards = np.concatenate(rewards) if rewards else np.zeros(0)
+    summary = {"samples": len(all_rewards), "prompts": len(tasks), "generated_tokens": tokens, "seconds": seconds,
+               "tokens_per_s": tokens / seconds, "reward_mean": float(all_rewards.mean()) if len(all_rewards) else 0.0}
     print(f"generated {summary['samples']} samples ({len(tasks)} prompts x {cfg.rollout.n_samples}), "
           f"{tokens} tokens in {seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s), "
           f"mean reward {summary['reward_mean']:.3f} -> {out / 'rollouts'}", file=log)
     return summary
-
-
-def _archive_scored(pending: list, archive: ArchiveWriter, rewards: list[float], wait: bool = False) -> list:
-    """Archive every chunk whose rewards are in (all of them with `wait`); return the rest."""
-    if not pending:
-        return pending
-    refs = [ref for ref, _ in pending]
-    ready, _ = ray.wait(refs, num_returns=len(refs) if wait else len(refs), timeout=None if wait else 0)
-    ready = set(ready)
-    rest = []
-    for ref, records in pending:
-        if ref not in ready:
-            rest.append((ref, records))
-            continue
-        apply_rewards(records, ray.get(ref))
-        rewards.extend(r.reward for r in records)
-        archive.write(records)
-    return rest

@@ -41,10 +41,20 @@ class _Rank:
         result = getattr(self.learner, method)(*args)
         return result if self.rank == 0 else None
 
+    def learn(self, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef], timeout: float):
+        """One iteration on the generation and reward batches (fetched here, from the object store):
+        (per-token columns, for the archive; (stats, stage seconds), for the driver)."""
+        from rollout.columns import sample_batch
+
+        samples = sample_batch(ray.get(batches, timeout=timeout), ray.get(rewards, timeout=timeout))
+        columns, stats, timings = self.learner.learn(samples)
+        return (columns if self.rank == 0 else None), (stats, timings)
+
 
 class LearnerGroup:
-    def __init__(self, cfg: JobConfig, model_path: str, *, place_timeout_s: float = 60.0):
+    def __init__(self, cfg: JobConfig, model_path: str):
         lc = cfg.learner
+        place_timeout_s = cfg.ray.actor_start_timeout_s
         self.timeout = lc.call_timeout_s
         gpus = 1 if resolve_device(lc.device) == "cuda" else 0
         bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": gpus} if gpus else {})}
@@ -54,7 +64,7 @@ class LearnerGroup:
             remove_placement_group(self.group)
             raise LearnerError(
                 f"the learner's {lc.num_ranks} rank(s) x {bundle} could not be placed within "
-                f"{place_timeout_s:.0f}s; the cluster has {ray.available_resources()} free: lower "
+                f"ray.actor_start_timeout_s ({place_timeout_s:.0f}s); the cluster has {ray.available_resources()} free: lower "
                 "learner.num_ranks or learner.num_cpus_per_rank, or add nodes")
         actor = ray.remote(_Rank)
         self.ranks = [actor.options(num_cpus=lc.num_cpus_per_rank, num_gpus=gpus,
@@ -71,6 +81,14 @@ class LearnerGroup:
         """`method` on every rank; rank 0's result once all have finished."""
         refs = self._finish(self.submit(method, *args))
         return self._get(refs[0], "learner rank 0")
+
+    def learn(self, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef]
+              ) -> tuple[ray.ObjectRef, dict[str, float], dict[str, float]]:
+        """An iteration's learning: (ref to rank 0's LearnerColumns, stats, stage seconds)."""
+        pairs = [r.learn.options(num_returns=2).remote(batches, rewards, self.timeout) for r in self.ranks]
+        summaries = self._finish([summary for _, summary in pairs])
+        stats, timings = self._get(summaries[0], "learner rank 0")
+        return pairs[0][0], stats, timings
 
     def call_ref(self, method: str, *args) -> ray.ObjectRef:
         """Like `call`, but rank 0's result stays in the object store (weights go to workers from there)."""

@@ -8,44 +8,55 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from rollout.record import RolloutRecord
 from rollout.telemetry import metric_name, record_stages
 
 STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive")
 
 
-def iteration_metrics(iteration: int, records: list[RolloutRecord], gen: dict[str, float],
-                      learn: dict[str, float], timings: dict[str, float], version: int) -> dict:
-    rewards = np.array([r.reward for r in records], dtype=np.float64)
-    components: dict[str, list[float]] = {}
-    for r in records:
-        for name, value in (r.reward_components or {}).items():
-            components.setdefault(name, []).append(value)
+def iteration_metrics(iteration: int, summaries, rewards: list[pa.RecordBatch], learn: dict[str, float],
+                      timings: dict[str, float], version: int) -> dict:
+    """One iteration's figures from the generation summaries, the reward columns and the learner's stats."""
+    samples = sum(s.samples for s in summaries)
+    tokens = sum(s.generated_tokens for s in summaries)
+    # Workers generate side by side: an iteration's generation time is its busiest worker's.
+    busy: dict[str, float] = {}
+    for s in summaries:
+        busy[s.worker] = busy.get(s.worker, 0.0) + s.seconds
+    reward = np.concatenate([r.column("reward").to_numpy(zero_copy_only=False) for r in rewards]).astype(np.float64)
     total_seconds = sum(timings.values())
     metrics = {
         "iteration": iteration,
-        "samples": len(records),
-        "generated_tokens": int(gen["generated_tokens"]),
-        "tokens_per_s": gen["generated_tokens"] / max(gen["generate_seconds"], 1e-9),
-        "samples_per_s": len(records) / max(total_seconds, 1e-9),
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()),
-        "response_length_mean": float(np.mean([len(r.response_ids) for r in records])),
-        "finish_stop_frac": float(np.mean([r.finish_reason == "stop" for r in records])),
+        "samples": samples,
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / max(max(busy.values(), default=0.0), 1e-9),
+        "samples_per_s": samples / max(total_seconds, 1e-9),
+        "reward_mean": float(reward.mean()),
+        "reward_std": float(reward.std()),
+        "response_length_mean": tokens / max(samples, 1),
+        "finish_stop_frac": sum(s.stopped for s in summaries) / max(samples, 1),
         "policy_version": version,
-        "version_lag": version - 1 - min(r.policy_version for r in records),
+        "version_lag": version - 1 - min(s.policy_version for s in summaries),
     }
-    for name, values in components.items():
-        arr = np.array(values, dtype=np.float64)
-        ok = arr[~np.isnan(arr)]
+    for name, values in _components(rewards).items():
+        ok = values[~np.isnan(values)]
         metrics[f"reward/{name}"] = float(ok.mean()) if ok.size else float("nan")
-        metrics[f"reward_failed/{name}"] = int(np.isnan(arr).sum())
-    metrics.update({k: float(v) for k, v in gen.items() if k.startswith("reward_latency/")})
+        metrics[f"reward_failed/{name}"] = int(np.isnan(values).sum())
     metrics.update({k: float(v) for k, v in learn.items()})
     metrics.update({f"time/{stage}": float(timings.get(stage, 0.0)) for stage in STAGES})
     metrics["time/iteration"] = total_seconds
     return metrics
+
+
+def _components(rewards: list[pa.RecordBatch]) -> dict[str, np.ndarray]:
+    """Each reward component's values over the iteration, from the map columns."""
+    maps = pa.chunked_array([r.column("reward_components") for r in rewards]).combine_chunks()
+    offsets = maps.offsets.to_numpy()
+    first, count = int(offsets[0]), int(offsets[-1] - offsets[0])  # `keys`/`items` ignore a slice's offset
+    keys = maps.keys.slice(first, count).to_numpy(zero_copy_only=False)
+    values = maps.items.slice(first, count).to_numpy(zero_copy_only=False).astype(np.float64)
+    return {str(name): values[keys == name] for name in dict.fromkeys(keys)}
 
 
 class MetricsLog:

@@ -45,7 +45,7 @@ def train_offline(archive: str | Path, cfg: JobConfig, out: Path, *, model: str 
             mask = samples.padded(torch.ones(len(samples.response_ids)).numpy()).to(learner.device)
             behaviour, ref = column("response_logprobs"), column("ref_logprobs")
             evaluated = Evaluated(mask=mask, old_logprobs=behaviour, ref_logprobs=ref, values=column("values"),
-                                  entropy=torch.zeros_like(mask))
+                                  entropy=torch.zeros_like(mask), behaviour_logprobs=behaviour)
             kl = kl_penalty(behaviour, ref, cfg.learner.kl.estimator) * mask
             stats = learner.update(samples, evaluated, column("advantages"), column("returns"), kl)
             print(f"offline epoch {epoch + 1}/{epochs}, {len(records)} samples: policy loss "

@@ -1,13 +1,17 @@
-"""The driver's view of the RolloutWorker actors: spread prompts, collect in completion order, sync weights.
+"""The driver's view of the RolloutWorker actors: queue an iteration's chunks, sync weights between them.
 
-Prompts go out in chunks, each worker holding at most two in flight, and results come back through
-`ray.wait` as they finish: a slow worker takes fewer chunks instead of holding the others.
+An iteration's prompts go out at once, in `chunks_per_worker` chunks per worker, dealt round robin:
+each worker's engine finds its next chunk already queued, so it never waits on the driver between
+chunks. A weight sync is queued the same way, behind the chunks already there: the generation in
+flight finishes on the weights it started with, every chunk queued after the sync uses the new
+ones, and nothing is drained. The sync is confirmed (version checked, with a timeout that names
+the worker) when the first chunk that needs it is collected.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import ray
 
@@ -15,7 +19,18 @@ from learner.device import resolve_device
 from rollout.config import JobConfig
 from rollout.rendering import PromptTask
 from rollout.telemetry import record_queue_depth
-from rollout.worker import GenerationResult, RolloutWorker
+from rollout.worker import RolloutWorker
+
+
+@dataclass
+class Chunk:
+    batch: ray.ObjectRef    # the generation batch (Arrow), for the reward workers, the learner and the archive
+    summary: ray.ObjectRef  # its GenerationSummary, for the driver
+    worker: str
+
+
+class WorkerStartError(RuntimeError):
+    """A rollout worker did not start; the message names it and the resources it asked for."""
 
 
 class WeightSyncError(RuntimeError):
@@ -33,46 +48,57 @@ class WorkerPool:
             actor.remote(name, model_path, rollout, dtype=cfg.model.dtype, seed=cfg.seed + i)
             for i, name in enumerate(self.names)
         ]
-        ray.get([w.ready.remote() for w in self.workers])
+        ready = {w.ready.remote(): name for w, name in zip(self.workers, self.names)}
+        timeout = cfg.ray.actor_start_timeout_s
+        _, late = ray.wait(list(ready), num_returns=len(ready), timeout=timeout)
+        if late:
+            raise WorkerStartError(f"{', '.join(ready[r] for r in late)} did not start within "
+                                   f"ray.actor_start_timeout_s ({timeout:.0f}s): each needs "
+                                   f"{rollout.num_cpus_per_worker} CPU and {gpus} GPU; the cluster has "
+                                   f"{ray.available_resources()} free")
+        ray.get(list(ready), timeout=timeout)  # raises a worker's start-up error
         self.version = 0
+        self._queued: tuple[int, dict[ray.ObjectRef, str]] | None = None
 
-    def generate(self, tasks: list[PromptTask], *, run_id: str, iteration: int) -> Iterator[GenerationResult]:
-        """Yield each chunk's result as soon as it is done, whichever worker finishes first."""
+    def submit(self, tasks: list[PromptTask], *, run_id: str, iteration: int) -> list[Chunk]:
+        """Queue the iteration's chunks on the workers; each chunk's batch and summary come back as refs."""
         chunk = max(1, math.ceil(len(tasks) / (len(self.workers) * self.cfg.rollout.chunks_per_worker)))
-        chunks = [tasks[i:i + chunk] for i in range(0, len(tasks), chunk)]
         base_seed = self.cfg.rollout.sampling.seed
-        in_flight: dict[ray.ObjectRef, int] = {}
-        next_chunk = 0
-
-        def submit(worker: int) -> None:
-            nonlocal next_chunk
-            seed = None if base_seed is None else (base_seed * 1_000_003 + iteration) * 10_007 + next_chunk
-            ref = self.workers[worker].generate.remote(chunks[next_chunk], run_id=run_id, iteration=iteration,
-                                                       seed=seed)
-            in_flight[ref] = worker
-            next_chunk += 1
-
-        for _ in range(2):
-            for w in range(len(self.workers)):
-                if next_chunk < len(chunks):
-                    submit(w)
-        while in_flight:
-            record_queue_depth(len(in_flight))
-            [done], _ = ray.wait(list(in_flight), num_returns=1)
-            worker = in_flight.pop(done)
-            if next_chunk < len(chunks):
-                submit(worker)
-            yield ray.get(done)
+        chunks = []
+        for n, start in enumerate(range(0, len(tasks), chunk)):
+            seed = None if base_seed is None else (base_seed * 1_000_003 + iteration) * 10_007 + n
+            w = n % len(self.workers)
+            batch, summary = self.workers[w].generate.options(num_returns=2).remote(
+                tasks[start:start + chunk], run_id=run_id, iteration=iteration, seed=seed)
+            chunks.append(Chunk(batch, summary, self.names[w]))
+        record_queue_depth(len(chunks))
+        return chunks
 
     def sync_weights(self, version: int, weights: list[tuple[str, object]] | ray.ObjectRef) -> None:
-        """Every worker serves `version` when this returns; a worker that misses the timeout is named.
+        """Every worker serves `version` when this returns; a worker that misses the timeout is named."""
+        self.queue_weights(version, weights)
+        self.confirm_weights()
+
+    def queue_weights(self, version: int, weights: list[tuple[str, object]] | ray.ObjectRef) -> None:
+        """Queue `version` on every worker behind the chunks it already holds; `confirm_weights` checks it.
 
         `weights` may already be an ObjectRef (the learner's export): it then goes from the learner
         to the workers through the object store without a copy in the driver.
         """
+        self.confirm_weights()  # one sync in flight at a time: each is confirmed before the next
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
-        self._await({w.update_weights.remote(version, ref): name for w, name in zip(self.workers, self.names)},
-                    version)
+        self._queued = (version, {w.update_weights.remote(version, ref): name
+                                  for w, name in zip(self.workers, self.names)})
+
+    def has_queued_weights(self) -> bool:
+        return self._queued is not None
+
+    def confirm_weights(self) -> None:
+        """Wait for the queued sync, if any (it runs after the chunks queued before it)."""
+        if self._queued is not None:
+            version, pending = self._queued
+            self._queued = None
+            self._await(pending, version)
 
     def sync_weights_nccl(self, version: int, learner) -> None:
         """GPU clusters: learner rank 0 broadcasts over NCCL while every worker receives.

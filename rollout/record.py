@@ -68,6 +68,16 @@ ARCHIVE_SCHEMA = pa.schema([
 ])
 
 FINISH_REASONS = ("stop", "length", "error")
+REWARD_FIELDS = ("reward", "reward_components")
+REWARD_SCHEMA = pa.schema([ARCHIVE_SCHEMA.field(name) for name in REWARD_FIELDS])
+
+
+def reward_batch(results) -> pa.RecordBatch:
+    """Reward results (`total`, `components`), one per sample, as the archive's reward columns."""
+    return pa.RecordBatch.from_arrays([
+        pa.array(np.array([r.total for r in results], dtype=np.float32)),
+        pa.array([list(r.components.items()) for r in results], REWARD_SCHEMA.field("reward_components").type),
+    ], schema=REWARD_SCHEMA)
 
 
 def to_record_batch(records: list[RolloutRecord]) -> pa.RecordBatch:
@@ -99,9 +109,14 @@ def _list_array(rows: list[list | None], kind: pa.ListType) -> pa.ListArray:
 
 
 def from_record_batch(batch: pa.RecordBatch) -> list[RolloutRecord]:
-    """The inverse of `to_record_batch` (for tests and small archives; replay works on columns)."""
+    """The inverse of `to_record_batch` (for tests and small archives; the service works on columns).
+
+    A batch with only some of the columns (a rollout worker's generation batch) leaves the rest None.
+    """
     rows = batch.to_pylist()
     for row in rows:
+        for name in ARCHIVE_SCHEMA.names:
+            row.setdefault(name, None)
         if row["reward_components"] is not None:
             row["reward_components"] = dict(row["reward_components"])
     return [RolloutRecord(**row) for row in rows]

@@ -13,25 +13,55 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+import pyarrow as pa
 import ray
 
 from learner.device import resolve_device
-from learner.samples import SampleBatch
 from learner.tiny_model import resolve_model_path
-from reward.worker import apply_rewards, spawn_reward_workers
-from rollout.archive import ArchiveWriter
+from reward.worker import spawn_reward_workers
+from rollout.archive import ArchiveWriter, last_archived_iteration
+from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
 from rollout.learner_group import LearnerGroup
-from rollout.metrics import MetricsLog
-from rollout.pool import WorkerPool
+from rollout.metrics import MetricsLog, iteration_metrics
+from rollout.pool import Chunk, WorkerPool
 from rollout.prompts import PromptSampler, load_prompts
-from rollout.record import RolloutRecord
-from rollout.rendering import PromptRenderer, PromptTask
+from rollout.rendering import PromptRenderer
+from rollout.worker import GenerationSummary
 
 CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class Launched:
+    """An iteration whose generation and scoring are queued."""
+    chunks: list[Chunk]
+    rewards: list[ray.ObjectRef]  # one reward batch per chunk
+    sampler: dict                 # the data cursor after this iteration's prompts
+    after_sync: bool              # queued behind a weight sync that collect must confirm
+
+
+@dataclass
+class Samples:
+    """A collected iteration: the batches stay in the object store; summaries and rewards are here."""
+    iteration: int
+    chunks: list[Chunk]
+    summaries: list[GenerationSummary]
+    reward_refs: list[ray.ObjectRef]
+    rewards: list[pa.RecordBatch]
+    sampler: dict
+    latency: dict[str, float]     # reward scoring seconds since the last collect, in total and per rule
+
+
+@dataclass
+class Learned:
+    columns: ray.ObjectRef  # LearnerColumns, for the archive
+    stats: dict[str, float]
 
 
 def init_ray(cfg: JobConfig, *, learner: bool) -> None:
@@ -59,8 +89,6 @@ class Session:
 
     @classmethod
     def open(cls, cfg: JobConfig, run_dir: Path, *, log=sys.stderr) -> Session:
-        from rollout.job import last_archived_iteration
-
         self = cls(cfg, run_dir, log)
         check(cfg, cuda_available=resolve_device("auto") == "cuda")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +118,7 @@ class Session:
               f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
 
         self.learner = LearnerGroup(cfg, model)
-        self.reward_workers = spawn_reward_workers(cfg.reward)
+        self.reward_workers = spawn_reward_workers(cfg.reward, self.records)
         self.pool = WorkerPool(cfg, serving_model)
         trained = 0  # iterations whose updates the learner's weights hold
         if checkpoint:
@@ -107,6 +135,8 @@ class Session:
         self.iterations_left = max(0, cfg.iterations - trained)
         self.last_iteration = self.first_iteration + self.iterations_left - 1
         self.version = self.pool.version
+        self.launched: dict[int, Launched] = {}
+        self._last_recorded = time.perf_counter()
         self.archive = ArchiveWriter(run_dir / "rollouts", self._archive_metadata(model),
                                      batch_rows=cfg.archive.batch_rows, rows_per_file=cfg.archive.rows_per_file)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -114,63 +144,73 @@ class Session:
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def sample_prompts(self) -> list[PromptTask]:
-        tasks = []
-        for index in self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration):
-            record = self.records[index]
-            if record.prompt_id not in self.tasks:
-                self.tasks[record.prompt_id] = self.renderer.render(record)
-            tasks.append(self.tasks[record.prompt_id])
-        return tasks
+    def iterations(self) -> Iterator[int]:
+        """The iterations to run; generation for up to `rollout.max_staleness` later ones is kept in flight.
 
-    def generate_and_reward(self, tasks: list[PromptTask], iteration: int,
-                            timings: dict[str, float]) -> tuple[list[RolloutRecord], dict[str, float]]:
-        """Generation results go to the reward workers as they arrive, so scoring overlaps generation."""
+        Each iteration is launched after the weight sync that precedes it in the loop, so its samples
+        are at most `max_staleness` policy versions behind the learner that trains on them.
+        """
+        for iteration in range(self.first_iteration, self.last_iteration + 1):
+            ahead = min(iteration + self.cfg.rollout.max_staleness, self.last_iteration)
+            for later in range(iteration, ahead + 1):
+                if later not in self.launched:
+                    self.launched[later] = self._launch(later)
+            yield iteration
+
+    def collect(self, iteration: int, timings: dict[str, float]) -> Samples:
+        """Wait for the iteration's generation, then its rewards; only summaries and rewards come here."""
+        launched = self.launched.pop(iteration)
+        timeout = self.cfg.rollout.iteration_timeout_s
         start = time.perf_counter()
-        scoring: list[tuple[ray.ObjectRef, list[RolloutRecord]]] = []
-        tokens = 0
-        for n, result in enumerate(self.pool.generate(tasks, run_id=self.run_id, iteration=iteration)):
-            tokens += result.generated_tokens
-            items = [(self.by_id[r.prompt_id], r.prompt, r.response) for r in result.records]
-            worker = self.reward_workers[n % len(self.reward_workers)]
-            scoring.append((worker.score.remote(items), result.records))
+        if launched.after_sync:
+            self.pool.confirm_weights()
+        summaries = _get([c.summary for c in launched.chunks], timeout, f"generation of iteration {iteration}")
         timings["generate"] = time.perf_counter() - start
         start = time.perf_counter()
-        records: list[RolloutRecord] = []
-        for ref, batch in scoring:
-            apply_rewards(batch, ray.get(ref))
-            records.extend(batch)
+        rewards = _get(launched.rewards, timeout, f"rewards of iteration {iteration}")
         timings["reward"] = time.perf_counter() - start
-        latency = self._reward_latency()
-        position = {t.prompt_id: i for i, t in reversed(list(enumerate(tasks)))}
-        records.sort(key=lambda r: (position[r.prompt_id], r.sample_index))
-        return records, {"generated_tokens": tokens, "generate_seconds": timings["generate"], **latency}
+        return Samples(iteration, launched.chunks, summaries, launched.rewards, rewards, launched.sampler,
+                       self._reward_latency())
 
-    def learn(self, records: list[RolloutRecord]) -> tuple[list[RolloutRecord], dict[str, float], dict[str, float]]:
-        """The learner's iteration on the scored records; they come back with the learner's columns."""
-        batch = SampleBatch.from_records(records)
-        columns, stats, timings = self.learner.call("learn", ray.put(batch))
-        rows = columns.rows(batch.response_offsets)
-        for name in ("ref_logprobs", "values", "token_rewards", "advantages", "returns"):
-            for record, row in zip(records, rows[name]):
-                setattr(record, name, row)
-        return records, stats, timings
+    def learn(self, samples: Samples, timings: dict[str, float]) -> Learned:
+        columns, stats, learn_timings = self.learner.learn([c.batch for c in samples.chunks], samples.reward_refs)
+        timings.update(learn_timings)
+        return Learned(columns, stats)
 
     def sync_weights(self) -> None:
+        """Queue the new weights on every worker behind the generation already in flight."""
         version = self.learner.rank0("version_number")
         if resolve_device(self.cfg.rollout.device) == "cuda" and resolve_device(self.cfg.learner.device) == "cuda":
             self.pool.sync_weights_nccl(version, self.learner)
         else:
-            self.pool.sync_weights(version, self._weights())
+            self.pool.queue_weights(version, self._weights())
         self.version = version
 
-    def archive_iteration(self, records: list[RolloutRecord]) -> None:
-        self.archive.write(records)
-        self.archive.flush()
+    def archive_iteration(self, samples: Samples, learned: Learned) -> None:
+        """Queued: the archive's thread fetches the columns, joins and writes them, off this loop's path."""
+        timeout = self.cfg.rollout.iteration_timeout_s
+        batches = [c.batch for c in samples.chunks]
+        self.archive.write_later(lambda: archive_batches(ray.get(batches, timeout=timeout), samples.rewards,
+                                                         ray.get(learned.columns, timeout=timeout)))
 
-    def checkpoint(self, iteration: int) -> None:
+    def record_metrics(self, samples: Samples, learned: Learned, timings: dict[str, float]) -> dict:
+        metrics = iteration_metrics(samples.iteration, samples.summaries, samples.rewards,
+                                    {**learned.stats, **samples.latency}, timings, self.version)
+        # Wall-clock seconds since the last iteration's line; stages overlap, so it is not their sum.
+        now = time.perf_counter()
+        metrics["time/wall"], self._last_recorded = now - self._last_recorded, now
+        self.metrics.write(metrics)
+        print(self.metrics.progress_line(metrics, self.last_iteration), file=self.log, flush=True)
+        return metrics
+
+    def checkpoint_if_due(self, samples: Samples) -> None:
+        iteration = samples.iteration
+        if (iteration + 1) % self.cfg.checkpoint_every and iteration != self.last_iteration:
+            return
+        # The archive holds every trained iteration before a checkpoint says they were trained.
+        self.archive.flush()
         directory = self.run_dir / CHECKPOINTS / f"iter-{iteration:06d}"
-        extra = {"iteration": iteration, "sampler": msgspec.to_builtins(self.sampler), "run_id": self.run_id}
+        extra = {"iteration": iteration, "sampler": samples.sampler, "run_id": self.run_id}
         self.learner.call("save", directory, extra)
         # The policy directory is a complete model: a resumed run's engines load it directly.
         self.tokenizer.save_pretrained(directory / "policy")
@@ -192,6 +232,20 @@ class Session:
         before, self._latency_seen = self._latency_seen, now
         return {f"reward_latency/{name}": seconds - before.get(name, 0.0) for name, seconds in now.items()}
 
+    def _launch(self, iteration: int) -> Launched:
+        """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it."""
+        tasks = []
+        for index in self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration):
+            record = self.records[index]
+            if record.prompt_id not in self.tasks:
+                self.tasks[record.prompt_id] = self.renderer.render(record)
+            tasks.append(self.tasks[record.prompt_id])
+        chunks = self.pool.submit(tasks, run_id=self.run_id, iteration=iteration)
+        rewards = [self.reward_workers[n % len(self.reward_workers)].score_batch.remote(chunk.batch)
+                   for n, chunk in enumerate(chunks)]
+        # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
+        return Launched(chunks, rewards, msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
+
     def _weights(self) -> ray.ObjectRef:
         return self.learner.call_ref("export_weights")
 
@@ -203,6 +257,17 @@ class Session:
             "temperature": repr(self.cfg.rollout.sampling.temperature), "model": model,
             "config": to_yaml(self.cfg),
         }
+
+
+class PipelineTimeout(RuntimeError):
+    """Generation or scoring of an iteration did not finish in time; the message says which."""
+
+
+def _get(refs: list[ray.ObjectRef], timeout: float, what: str) -> list:
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise PipelineTimeout(f"{what} did not finish within rollout.iteration_timeout_s ({timeout:.0f}s)") from None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

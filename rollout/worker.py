@@ -1,7 +1,9 @@
-"""`RolloutWorker`: one engine, prompts in, rollout records (no rewards yet) out.
+"""`RolloutWorker`: one engine, prompts in, a generation batch (Arrow columns, no rewards yet) out.
 
-A plain class; `rollout.pool` wraps it in a Ray actor. Every record carries the version of the
-weights that generated it.
+A plain class; `rollout.pool` wraps it in a Ray actor. Every sample carries the version of the
+weights that generated it. `generate` returns the batch and a small summary separately, so the
+driver can read the summary while the batch goes from the object store to the reward workers,
+the learner and the archive without passing through it.
 """
 
 from __future__ import annotations
@@ -10,19 +12,22 @@ import datetime as dt
 import time
 
 import msgspec
+import pyarrow as pa
 
+from rollout.columns import generation_batch
 from rollout.config import RolloutConfig
 from rollout.engine import VLLMEngine
-from rollout.record import RolloutRecord
 from rollout.rendering import PromptTask
 from rollout.telemetry import record_generation
 
 
-class GenerationResult(msgspec.Struct):
-    records: list[RolloutRecord]
+class GenerationSummary(msgspec.Struct):
     worker: str
     seconds: float
+    samples: int
     generated_tokens: int
+    stopped: int  # samples that ended on a stop token or string (the rest hit max_tokens)
+    policy_version: int
 
 
 class RolloutWorker:
@@ -33,26 +38,18 @@ class RolloutWorker:
         self.engine = VLLMEngine(model_path, cfg, dtype=dtype, seed=seed)
 
     def generate(self, tasks: list[PromptTask], *, run_id: str, iteration: int,
-                 seed: int | None = None) -> GenerationResult:
+                 seed: int | None = None) -> tuple[pa.RecordBatch, GenerationSummary]:
         """`n_samples` completions per task. `seed` should differ per call, or samples repeat."""
         start = time.perf_counter()
         outputs = self.engine.generate([t.prompt_ids for t in tasks], self.cfg.sampling, self.cfg.n_samples,
                                        seed=seed)
-        now = dt.datetime.now(dt.timezone.utc)
-        records = [
-            RolloutRecord(
-                run_id=run_id, prompt_id=task.prompt_id, iteration=iteration, policy_version=self.version,
-                sample_index=i, prompt=task.prompt, response=c.text, prompt_ids=task.prompt_ids,
-                response_ids=c.token_ids, response_logprobs=c.logprobs, finish_reason=c.finish_reason,
-                worker=self.name, generated_at=now,
-            )
-            for task, completions in zip(tasks, outputs)
-            for i, c in enumerate(completions)
-        ]
-        tokens = sum(len(r.response_ids) for r in records)
+        batch = generation_batch(tasks, outputs, run_id=run_id, iteration=iteration, policy_version=self.version,
+                                 worker=self.name, generated_at=dt.datetime.now(dt.timezone.utc))
+        tokens = sum(len(c.token_ids) for samples in outputs for c in samples)
+        stopped = sum(c.finish_reason == "stop" for samples in outputs for c in samples)
         seconds = time.perf_counter() - start
-        record_generation(self.name, tokens, len(records), seconds, self.version)
-        return GenerationResult(records=records, worker=self.name, seconds=seconds, generated_tokens=tokens)
+        record_generation(self.name, tokens, batch.num_rows, seconds, self.version)
+        return batch, GenerationSummary(self.name, seconds, batch.num_rows, tokens, stopped, self.version)
 
     def update_weights(self, version: int, weights: list[tuple[str, object]]) -> int:
         """Load new policy weights (Hugging Face names); returns the version now served."""

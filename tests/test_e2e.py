@@ -75,6 +75,10 @@ def test_run_archives_every_column_and_logs_metrics(smoke_run):
 
 def test_archived_returns_minus_values_is_gae_of_archived_token_rewards(smoke_run):
     out, _ = smoke_run
+    assert_gae_consistent(out)
+
+
+def assert_gae_consistent(out):
     table = read_table(out)
     meta = read_metadata(out)
     gamma, lam = float(meta["gamma"]), float(meta["lam"])
@@ -134,6 +138,38 @@ def test_two_learner_ranks_with_grpo_train_and_resume(tmp_path):
     assert all(v == 0.0 for row in table["values"].to_pylist() for v in row)  # no critic
     for advantages in table["advantages"].to_pylist():
         assert len(set(advantages)) <= 1  # one sequence advantage on every token of a sample
+
+
+def test_a_killed_staleness_one_run_resumes_with_every_trained_iteration_whole(tmp_path):
+    """Generation one iteration ahead of the learner: samples at most one version old, and a SIGKILL
+    then a resume leave no sample twice and every checkpointed iteration complete."""
+    out = tmp_path / "stale"
+    cmd = [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out), "--set", "iterations=30",
+           "--set", "checkpoint_every=2", "--set", "rollout.max_staleness=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = max(read_table(out)["iteration"].to_pylist())
+    rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", f"iterations={done + 3}",
+                "--set", "checkpoint_every=2", "--set", "rollout.max_staleness=1")
+    table = read_table(out)
+    assert len(set(keys(table))) == table.num_rows, "a sample was archived twice"
+    per_iteration = {}
+    for iteration in table["iteration"].to_pylist():
+        per_iteration[iteration] = per_iteration.get(iteration, 0) + 1
+    latest = int((out / "checkpoints" / "latest").read_text().split("-")[1])
+    assert all(per_iteration.get(i) == 32 for i in range(latest + 1)), per_iteration
+    lags = [json.loads(line)["version_lag"] for line in metrics.read_text().splitlines()]
+    assert max(lags) == 1 and min(lags) >= 0
+    assert_gae_consistent(out)
 
 
 def test_generate_writes_schema_v1_rows_with_rewards(tmp_path):

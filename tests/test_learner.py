@@ -249,3 +249,19 @@ def test_offline_training_refuses_an_archive_without_learner_columns(cfg, tiny_m
         archive.write(make_records(4))
     with pytest.raises(ValueError, match="needs the learner columns"):
         train_offline(tmp_path / "rollouts", cfg, tmp_path / "policy", model=tiny_model_path)
+
+
+def test_behaviour_importance_weights_are_capped_and_scale_the_policy_gradient(tiny_model_path):
+    """Samples from far older weights (behaviour logprobs far below the learner's) get weight = cap."""
+    records = make_records(16, seed=10)
+    for r in records:
+        r.response_logprobs = [-50.0] * len(r.response_ids)
+    norms = {}
+    for cap in ("null", "2.0"):
+        cfg = load_config(None, ["learner.device=cpu", "learner.minibatch_size=16", "learner.ppo_epochs=1",
+                                 "learner.shared_critic=false", f"learner.behaviour_is_cap={cap}"])
+        _, stats, _ = Learner(cfg, tiny_model_path).learn(SampleBatch.from_records(records))
+        norms[cap] = stats["grad_norm"]
+        assert stats["behaviour_logprob_mismatch"] > 40
+    assert stats["behaviour_is_clip_frac"] == 1.0
+    assert norms["2.0"] == pytest.approx(2 * norms["null"], rel=1e-4)

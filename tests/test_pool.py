@@ -1,4 +1,5 @@
-"""RolloutWorker actors on a local Ray: results in completion order, versioned weight syncs, timeouts."""
+"""RolloutWorker actors on a local Ray: chunks queued ahead, columnar results, versioned weight syncs that
+queue behind generation in flight, timeouts that name the worker."""
 
 import pytest
 import ray
@@ -6,6 +7,7 @@ from safetensors.torch import load_file
 
 from rollout.config import load_config
 from rollout.pool import WeightSyncError, WorkerPool
+from rollout.record import from_record_batch
 from rollout.rendering import PromptTask
 
 pytestmark = pytest.mark.vllm
@@ -21,32 +23,45 @@ def pool(tiny_model_path):
     ray.shutdown()
 
 
-def tasks(count):
+def tasks(count, start=0):
     return [PromptTask(prompt_id=f"p{i}", prompt="x", prompt_ids=[1, 4, 27, 16, 27 + i % 5, 34, 204, 5])
-            for i in range(count)]
+            for i in range(start, start + count)]
 
 
-def test_every_prompt_comes_back_once_with_n_samples(pool):
-    results = list(pool.generate(tasks(24), run_id="r", iteration=0))
-    assert len(results) == 4  # chunks_per_worker=4 with one worker
-    records = [r for result in results for r in result.records]
+def rows(chunks):
+    """The samples of queued chunks, as row views (tests only: the service never leaves columns)."""
+    return [r for c in chunks for r in from_record_batch(ray.get(c.batch, timeout=120))]
+
+
+def test_every_prompt_comes_back_once_with_n_samples_as_columns(pool):
+    chunks = pool.submit(tasks(24), run_id="r", iteration=0)
+    assert len(chunks) == 4  # chunks_per_worker=4 with one worker
+    summaries = ray.get([c.summary for c in chunks], timeout=120)
+    records = rows(chunks)
     assert sorted((r.prompt_id, r.sample_index) for r in records) == sorted(
         (f"p{i}", s) for i in range(24) for s in range(2))
     assert all(r.policy_version == 0 and r.worker == "rollout-0" for r in records)
+    assert all(len(r.response_logprobs) == len(r.response_ids) for r in records)
+    assert sum(s.samples for s in summaries) == 48
+    assert sum(s.generated_tokens for s in summaries) == sum(len(r.response_ids) for r in records)
 
 
-def test_sync_sets_the_version_the_samples_carry(pool, tiny_model_path):
+def test_a_queued_sync_applies_to_later_chunks_only(pool, tiny_model_path):
     weights = list(load_file(f"{tiny_model_path}/model.safetensors").items())
-    pool.cfg = load_config(None, ["rollout.weight_sync_timeout_s=120"])  # a generous timeout here
-    pool.sync_weights(1, weights)
-    records = [r for result in pool.generate(tasks(4), run_id="r", iteration=1) for r in result.records]
-    assert {r.policy_version for r in records} == {1}
+    pool.cfg = load_config(None, ["rollout.weight_sync_timeout_s=120", "rollout.chunks_per_worker=2"])
+    before = pool.submit(tasks(8), run_id="r", iteration=1)
+    pool.queue_weights(1, weights)  # returns at once: the chunks above are still queued or running
+    after = pool.submit(tasks(8, start=8), run_id="r", iteration=2)
+    pool.confirm_weights()
+    assert {r.policy_version for r in rows(before)} == {0}
+    assert {r.policy_version for r in rows(after)} == {1}
 
 
 def test_a_sync_that_misses_its_timeout_names_the_worker(pool, tiny_model_path):
     weights = list(load_file(f"{tiny_model_path}/model.safetensors").items())
-    pool.cfg = load_config(None, ["rollout.weight_sync_timeout_s=0.05", "rollout.sampling.max_tokens=64"])
-    busy = pool.workers[0].generate.remote(tasks(256), run_id="r", iteration=2)  # the worker is busy for a while
+    pool.cfg = load_config(None, ["rollout.weight_sync_timeout_s=0.05", "rollout.sampling.max_tokens=64",
+                                  "rollout.chunks_per_worker=1"])
+    busy = pool.submit(tasks(256), run_id="r", iteration=3)  # the worker is busy for a while
     with pytest.raises(WeightSyncError, match=r"version 2 timed out after .* on rollout-0"):
         pool.sync_weights(2, weights)
-    ray.get(busy)
+    ray.get([c.summary for c in busy], timeout=300)
