@@ -10,7 +10,7 @@ medians over the iterations after the first two (engine warm-up), of the medians
 Seconds per iteration are wall-clock (`time/wall`); the stage figures are where the driver waited
 (generate, reward) or what the learner reports (values, advantages, update).
 
-    python benchmarks/pipeline.py [--iterations 12 --repeats 2 --prompts 64 --n 4 --max-tokens 48]
+    python benchmarks/pipeline.py [--iterations 12 --repeats 2 --prompts 64 --n 4 --max-tokens 64 --ppo-epochs 1]
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ def run(args, staleness: int, out: Path) -> dict[str, float]:
         f"rollout.sampling.max_tokens={args.max_tokens}", "rollout.max_model_len=128",
         "rollout.num_cpus_per_worker=1", "learner.num_cpus_per_rank=1", f"learner.ppo_epochs={args.ppo_epochs}",
         f"learner.minibatch_size={args.prompts * args.n // 2}", f"rollout.max_staleness={staleness}",
-        "ray.num_cpus=2",
     ]
     command = [sys.executable, "-m", "rollout", "run", "--config", str(ROOT / "configs" / "tiny-arith.yaml"),
                "--out", str(out)] + [x for s in settings for x in ("--set", s)]
@@ -55,8 +54,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--ppo-epochs", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--ppo-epochs", type=int, default=1)
     args = parser.parse_args()
     results: dict[int, list[dict[str, float]]] = {0: [], 1: []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,7 @@ pickle and to slice. The learner pads only the rows of one micro-batch at a time
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, fields
 
@@ -15,6 +16,10 @@ import numpy as np
 import torch
 
 from learner.batch import TokenBatch
+
+
+def padded_width(lengths: np.ndarray) -> int:
+    return max(1, int(lengths.max(initial=0)))
 
 
 def offsets_of(lengths: np.ndarray) -> np.ndarray:
@@ -64,10 +69,6 @@ class SampleBatch:
     def response_lengths(self) -> np.ndarray:
         return np.diff(self.response_offsets)
 
-    @property
-    def max_response_length(self) -> int:
-        return max(1, int(self.response_lengths.max(initial=0)))
-
     def collate(self, rows: np.ndarray, pad_id: int) -> TokenBatch:
         """The given rows as one padded TokenBatch: prompts left-padded, responses right-padded.
 
@@ -76,7 +77,7 @@ class SampleBatch:
         rows = np.asarray(rows, dtype=np.int64)
         p = self.prompt_lengths[rows]
         t = self.response_lengths[rows]
-        P, T, B = int(p.max(initial=1)), max(1, int(t.max(initial=0))), len(rows)
+        P, T, B = int(p.max(initial=1)), padded_width(t), len(rows)
         input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
         attention = torch.zeros((B, P + T), dtype=torch.long)
         responses = torch.zeros((B, T), dtype=torch.long)
@@ -105,19 +106,22 @@ class SampleBatch:
             raise ValueError("a per-token column's lengths differ from the responses' lengths")
         return flat
 
-    def padded(self, flat: np.ndarray, rows: np.ndarray | None = None) -> torch.Tensor:
-        """A per-response-token flat column -> (B, T) float32 tensor over `rows` (default all), zero-padded."""
-        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
-        t = self.response_lengths[rows]
-        out = torch.zeros((len(rows), max(1, int(t.max(initial=0)))), dtype=torch.float32)
-        row, src, within = token_spans(self.response_offsets[rows], t)
-        out[torch.from_numpy(row), torch.from_numpy(within)] = torch.from_numpy(flat[src].astype(np.float32))
+    @functools.cached_property
+    def _token_positions(self) -> torch.Tensor:
+        """Each response token's index into the row-major (N, T) padded layout, in flat order."""
+        lengths = torch.from_numpy(self.response_lengths)
+        mask = torch.arange(padded_width(self.response_lengths)) < lengths[:, None]
+        return mask.reshape(-1).nonzero().squeeze(1)
+
+    def padded(self, flat: np.ndarray) -> torch.Tensor:
+        """A per-response-token flat column -> (N, T) float32 tensor, zero-padded."""
+        out = torch.zeros((len(self), padded_width(self.response_lengths)), dtype=torch.float32)
+        out.view(-1)[self._token_positions] = torch.from_numpy(np.asarray(flat, dtype=np.float32))
         return out
 
     def flat(self, padded: torch.Tensor) -> np.ndarray:
-        """The inverse of `padded` over all rows: (N, T) -> (sum T_i,) float32."""
-        row, _, within = token_spans(self.response_offsets[:-1], self.response_lengths)
-        return padded.detach().float().cpu()[torch.from_numpy(row), torch.from_numpy(within)].numpy()
+        """The inverse of `padded`: (N, T) -> (sum T_i,) float32."""
+        return padded.detach().float().cpu().reshape(-1)[self._token_positions].numpy()
 
 
 def token_spans(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -52,10 +52,13 @@ class RewardWorker:
         self.seconds += time.perf_counter() - start
         return results
 
-    def score_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """The reward columns of a generation batch, row for row."""
+    def score_batch(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, dict[str, float]]:
+        """The reward columns of a generation batch, row for row, and the seconds this call spent
+        scoring it, in total and per rule (the caller adds them up per iteration)."""
+        before = self.latency()
         ids, prompts, responses = (batch.column(name).to_pylist() for name in ("prompt_id", "prompt", "response"))
-        return reward_batch(self.score([(self.prompts[i], p, r) for i, p, r in zip(ids, prompts, responses)]))
+        rewards = reward_batch(self.score([(self.prompts[i], p, r) for i, p, r in zip(ids, prompts, responses)]))
+        return rewards, {name: seconds - before.get(name, 0.0) for name, seconds in self.latency().items()}
 
     def latency(self) -> dict[str, float]:
         """Cumulative scoring seconds: the whole call (`total`) and each rule."""

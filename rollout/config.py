@@ -82,12 +82,17 @@ class RolloutConfig(Base):
     prompts_per_iteration: Annotated[int, doc("Prompts sampled per iteration.", ge=1)] = 64
     n_samples: Annotated[int, doc("Completions per prompt.", ge=1, le=4)] = 4
     chunks_per_worker: Annotated[int, doc(
-        "Requests each worker's share of an iteration is split into; more lets fast workers take "
-        "work from slow ones and rewards start earlier, fewer gives the engine bigger batches.", ge=1)] = 2
+        "Chunks each worker's share of an iteration is split into: scoring starts when the first "
+        "chunk is done, while the engine works through the rest, already queued.", ge=1)] = 2
     sampling: Annotated[SamplingConfig, doc("Sampling settings.")] = field(default_factory=SamplingConfig)
     gpu_memory_utilization: Annotated[float, doc(
         "Fraction of GPU memory vLLM may take (cuda).", gt=0.0, le=1.0)] = 0.5
-    cpu_kv_cache_gb: Annotated[float, doc("KV cache size of the CPU engine, in GiB.", gt=0)] = 1.0
+    cpu_kv_cache_gb: Annotated[float | None, doc(
+        "KV cache of the CPU engine, in GiB; null sizes it to hold one chunk (max_num_seqs sequences "
+        "of max_model_len tokens), between 1 and 8 GiB, so a chunk is not preempted.")] = None
+    max_num_seqs: Annotated[int | None, doc(
+        "Sequences the engine schedules together; null: one chunk's samples (n_samples x prompts per "
+        "chunk), at least 256 (vLLM's CPU default), so a chunk runs in as few engine steps as it can.")] = None
     max_model_len: Annotated[int, doc("Longest prompt + completion the engine accepts.", ge=8)] = 2048
     max_staleness: Annotated[int, doc(
         "Iterations generated ahead of the learner: 0 alternates generation and learning; k >= 1 "
@@ -297,6 +302,10 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
             problems.append(f"reward.rules.{i}.name: unknown rule {rule.name!r}; known: {', '.join(RULE_NAMES)}")
     if not cfg.reward.rules and cfg.reward.model is None:
         problems.append("reward: no rules and no model; add reward.rules or reward.model")
+    if cfg.rollout.cpu_kv_cache_gb is not None and cfg.rollout.cpu_kv_cache_gb <= 0:
+        problems.append("rollout.cpu_kv_cache_gb must be positive, or null to size it from the chunk")
+    if cfg.rollout.max_num_seqs is not None and cfg.rollout.max_num_seqs < 1:
+        problems.append("rollout.max_num_seqs must be at least 1, or null to size it from the chunk")
     if cfg.learner.behaviour_is_cap is not None and cfg.learner.behaviour_is_cap <= 1:
         problems.append("learner.behaviour_is_cap must be more than 1 (it caps π_prox / π_behaviour), or null")
     if cfg.learner.kl.target is not None and cfg.learner.kl.target <= 0:

@@ -6,6 +6,7 @@ This is the one module that imports vLLM, so any version gate lives here. On CPU
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -43,6 +44,22 @@ def _import_vllm(device: str):
     return vllm
 
 
+def chunk_samples(cfg: RolloutConfig) -> int:
+    """Samples in one chunk of an iteration, as the pool cuts it."""
+    return cfg.n_samples * math.ceil(cfg.prompts_per_iteration / (cfg.num_workers * cfg.chunks_per_worker))
+
+
+def kv_cache_bytes(model_path: str, dtype: str, tokens: int) -> float:
+    """Keys and values of `tokens` tokens, from the model's config (layers, KV heads, head size)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    return 2 * config.num_hidden_layers * heads * head_dim * width * tokens
+
+
 class VLLMEngine:
     """One vLLM instance. `generate` takes token ids (already rendered by the chat template)."""
 
@@ -60,8 +77,12 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=False,
         )
+        seqs = cfg.max_num_seqs or max(256, chunk_samples(cfg))
+        args["max_num_seqs"] = seqs
+        args["max_num_batched_tokens"] = max(4096, seqs, cfg.max_model_len)  # a prefill step takes whole prompts
         if self.device == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.cpu_kv_cache_gb))))
+            gib = cfg.cpu_kv_cache_gb or min(8, max(1, kv_cache_bytes(model_path, dtype, seqs * cfg.max_model_len) / 2**30))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(gib))))
             args["enforce_eager"] = True
         else:
             args["gpu_memory_utilization"] = cfg.gpu_memory_utilization

@@ -45,8 +45,8 @@ def generate(cfg: JobConfig, out: Path, *, log=sys.stderr) -> dict:
     start = time.perf_counter()
     tokens, rewards = 0, []
     chunks = pool.submit(tasks, run_id=run_id, iteration=0)
-    scored = {c.summary: (c, reward_workers[n % len(reward_workers)].score_batch.remote(c.batch))
-              for n, c in enumerate(chunks)}
+    scored = {c.summary: (c, reward_workers[n % len(reward_workers)].score_batch.options(num_returns=2).remote(
+        c.batch)[0]) for n, c in enumerate(chunks)}
     with ArchiveWriter(out / "rollouts", metadata, batch_rows=cfg.archive.batch_rows,
                        rows_per_file=cfg.archive.rows_per_file) as archive, \
             tqdm(total=len(tasks) * cfg.rollout.n_samples, unit="sample", file=log, desc="generate") as bar:

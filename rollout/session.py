@@ -42,6 +42,7 @@ class Launched:
     """An iteration whose generation and scoring are queued."""
     chunks: list[Chunk]
     rewards: list[ray.ObjectRef]  # one reward batch per chunk
+    latency: list[ray.ObjectRef]  # and the seconds its scoring took, per rule
     sampler: dict                 # the data cursor after this iteration's prompts
     after_sync: bool              # queued behind a weight sync that collect must confirm
 
@@ -55,7 +56,7 @@ class Samples:
     reward_refs: list[ray.ObjectRef]
     rewards: list[pa.RecordBatch]
     sampler: dict
-    latency: dict[str, float]     # reward scoring seconds since the last collect, in total and per rule
+    latency: dict[str, float]     # reward_latency/NAME: seconds scoring this iteration, in total and per rule
 
 
 @dataclass
@@ -85,7 +86,6 @@ def init_ray(cfg: JobConfig, *, learner: bool) -> None:
 class Session:
     def __init__(self, cfg: JobConfig, run_dir: Path, log):
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
-        self._latency_seen: dict[str, float] = {}
 
     @classmethod
     def open(cls, cfg: JobConfig, run_dir: Path, *, log=sys.stderr) -> Session:
@@ -168,9 +168,12 @@ class Session:
         timings["generate"] = time.perf_counter() - start
         start = time.perf_counter()
         rewards = _get(launched.rewards, timeout, f"rewards of iteration {iteration}")
+        latency: dict[str, float] = {}
+        for seconds in _get(launched.latency, timeout, f"rewards of iteration {iteration}"):
+            for name, value in seconds.items():
+                latency[f"reward_latency/{name}"] = latency.get(f"reward_latency/{name}", 0.0) + value
         timings["reward"] = time.perf_counter() - start
-        return Samples(iteration, launched.chunks, summaries, launched.rewards, rewards, launched.sampler,
-                       self._reward_latency())
+        return Samples(iteration, launched.chunks, summaries, launched.rewards, rewards, launched.sampler, latency)
 
     def learn(self, samples: Samples, timings: dict[str, float]) -> Learned:
         columns, stats, learn_timings = self.learner.learn([c.batch for c in samples.chunks], samples.reward_refs)
@@ -223,15 +226,6 @@ class Session:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _reward_latency(self) -> dict[str, float]:
-        """Seconds the reward workers spent scoring this iteration, in total and per rule."""
-        now: dict[str, float] = {}
-        for worker_latency in ray.get([w.latency.remote() for w in self.reward_workers]):
-            for name, seconds in worker_latency.items():
-                now[name] = now.get(name, 0.0) + seconds
-        before, self._latency_seen = self._latency_seen, now
-        return {f"reward_latency/{name}": seconds - before.get(name, 0.0) for name, seconds in now.items()}
-
     def _launch(self, iteration: int) -> Launched:
         """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it."""
         tasks = []
@@ -241,10 +235,11 @@ class Session:
                 self.tasks[record.prompt_id] = self.renderer.render(record)
             tasks.append(self.tasks[record.prompt_id])
         chunks = self.pool.submit(tasks, run_id=self.run_id, iteration=iteration)
-        rewards = [self.reward_workers[n % len(self.reward_workers)].score_batch.remote(chunk.batch)
-                   for n, chunk in enumerate(chunks)]
+        scored = [self.reward_workers[n % len(self.reward_workers)].score_batch.options(num_returns=2).remote(c.batch)
+                  for n, c in enumerate(chunks)]
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
-        return Launched(chunks, rewards, msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
+        return Launched(chunks, [r for r, _ in scored], [seconds for _, seconds in scored],
+                        msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
 
     def _weights(self) -> ray.ObjectRef:
         return self.learner.call_ref("export_weights")
