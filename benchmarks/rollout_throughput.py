@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--chunks-per-worker", type=int, default=2)
     args = parser.parse_args()
 
@@ -55,25 +55,21 @@ def main() -> None:
 
     engine = VLLMEngine(model, cfg.rollout, seed=0)
     engine.generate(ids, cfg.rollout.sampling, args.n)  # warm-up: the first call compiles kernels
-    raw = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        outputs = engine.generate(ids, cfg.rollout.sampling, args.n)
-        seconds = time.perf_counter() - start
-        raw.append(sum(len(c.token_ids) for cs in outputs for c in cs) / seconds)
-
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     pool = WorkerPool(cfg, model)
-    ray.get([c.summary for c in pool.submit(tasks, run_id="bench", iteration=0)])  # warm-up
-    service = []
+    pool.submit(tasks, run_id="bench", iteration=0).collect()  # warm-up
+    raw, service = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.repeats):
+        for i in range(args.repeats):  # alternating, so drift in the machine's speed hits both alike
+            start = time.perf_counter()
+            outputs = engine.generate(ids, cfg.rollout.sampling, args.n)
+            seconds = time.perf_counter() - start
+            raw.append(sum(len(c.token_ids) for cs in outputs for c in cs) / seconds)
             with ArchiveWriter(Path(tmp) / str(i), {}) as archive:
                 start = time.perf_counter()
                 tokens = 0
-                chunks = pool.submit(tasks, run_id="bench", iteration=i + 1)
-                for chunk in chunks:  # in order: the worker runs its queue in order
-                    tokens += ray.get(chunk.summary).generated_tokens
+                for chunk in pool.submit(tasks, run_id="bench", iteration=i + 1).chunks():
+                    tokens += chunk.summary.generated_tokens
                     archive.write_later(lambda ref=chunk.batch: archive_batches([ray.get(ref)], None, None))
                 archive.flush()
                 service.append(tokens / (time.perf_counter() - start))

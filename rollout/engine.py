@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -106,12 +107,35 @@ class VLLMEngine:
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, n: int,
                  seed: int | None = None) -> list[list[Completion]]:
         """n completions per prompt, in prompt order."""
+        return next(self.stream([(prompt_ids, seed)], sampling, n))[1]
+
+    def stream(self, batches: list[tuple[list[list[int]], int | None]], sampling: SamplingConfig,
+               n: int) -> Iterator[tuple[int, list[list[Completion]]]]:
+        """Every batch's prompts (each batch with its seed) into the engine at once, so it schedules
+        across batch boundaries and never drains between them; yields (batch index, n completions
+        per prompt in prompt order) as each batch completes."""
         from vllm.inputs import TokensPrompt
 
-        params = self.sampling_params(sampling, n, seed)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                                    use_tqdm=False)
-        return [[_completion(o) for o in out.outputs] for out in outputs]
+        owner: dict[str, tuple[int, int]] = {}
+        for b, (prompts, seed) in enumerate(batches):
+            ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                   self.sampling_params(sampling, n, seed), use_tqdm=False)
+            # enqueue returns vLLM's internal ids ("7-1a2b3c4d"); outputs carry the external part ("7").
+            owner.update({request.split("-")[0]: (b, i) for i, request in enumerate(ids)})
+        results: list[list] = [[None] * len(prompts) for prompts, _ in batches]
+        left = [len(prompts) for prompts, _ in batches]
+        for b in [b for b, count in enumerate(left) if count == 0]:
+            yield b, []
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                b, i = owner.pop(out.request_id)
+                results[b][i] = [_completion(o) for o in out.outputs]
+                left[b] -= 1
+                if left[b] == 0:
+                    yield b, results[b]
 
     def reload_weights(self, weights: list[tuple[str, Any]]) -> None:
         """Load checkpoint-format (Hugging Face named) weights in place.

@@ -44,25 +44,17 @@ def generate(cfg: JobConfig, out: Path, *, log=sys.stderr) -> dict:
     timeout = cfg.rollout.iteration_timeout_s
     start = time.perf_counter()
     tokens, rewards = 0, []
-    chunks = pool.submit(tasks, run_id=run_id, iteration=0)
-    scored = {c.summary: (c, reward_workers[n % len(reward_workers)].score_batch.options(num_returns=2).remote(
-        c.batch)[0]) for n, c in enumerate(chunks)}
+    generation = pool.submit(tasks, run_id=run_id, iteration=0, scorers=reward_workers)
     with ArchiveWriter(out / "rollouts", metadata, batch_rows=cfg.archive.batch_rows,
                        rows_per_file=cfg.archive.rows_per_file) as archive, \
             tqdm(total=len(tasks) * cfg.rollout.n_samples, unit="sample", file=log, desc="generate") as bar:
-        waiting = list(scored)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1, timeout=timeout)
-            if not done:
-                raise RuntimeError(f"no generation chunk finished within rollout.iteration_timeout_s ({timeout:.0f}s)")
-            summary = ray.get(done[0], timeout=timeout)
-            chunk, reward_ref = scored[done[0]]
-            reward = ray.get(reward_ref, timeout=timeout)
+        for chunk in generation.chunks():
+            reward = ray.get(chunk.rewards, timeout=timeout)
             archive.write_later(lambda batch=chunk.batch, reward=reward:
                                 archive_batches([ray.get(batch, timeout=timeout)], [reward], None))
             rewards.append(reward.column("reward").to_numpy(zero_copy_only=False))
-            tokens += summary.generated_tokens
-            bar.update(summary.samples)
+            tokens += chunk.summary.generated_tokens
+            bar.update(chunk.summary.samples)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
     pool.shutdown()
     seconds = time.perf_counter() - start

@@ -1,32 +1,118 @@
 """The driver's view of the RolloutWorker actors: queue an iteration's chunks, sync weights between them.
 
-An iteration's prompts go out at once, in `chunks_per_worker` chunks per worker, dealt round robin:
-each worker's engine finds its next chunk already queued, so it never waits on the driver between
-chunks. A weight sync is queued the same way, behind the chunks already there: the generation in
-flight finishes on the weights it started with, every chunk queued after the sync uses the new
-ones, and nothing is drained. The sync is confirmed (version checked, with a timeout that names
-the worker) when the first chunk that needs it is collected.
+An iteration's prompts go out at once, in `chunks_per_worker` chunks per worker, dealt round robin,
+one streaming call per worker: its engine holds all of them, and each chunk comes back as soon as it
+is done and goes to a reward worker from a collector thread, so scoring starts while the driver
+waits on something else. A weight sync is queued on each worker behind its call: the generation in flight
+finishes on the weights it started with, every call queued after the sync uses the new ones, and
+nothing is drained. The sync is confirmed (version checked, with a timeout that names the worker)
+when the first iteration that needs it is collected.
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
 import ray
 
 from learner.device import resolve_device
 from rollout.config import JobConfig
 from rollout.rendering import PromptTask
 from rollout.telemetry import record_queue_depth
-from rollout.worker import RolloutWorker
+from rollout.worker import GenerationSummary, RolloutWorker
 
 
 @dataclass
 class Chunk:
-    batch: ray.ObjectRef    # the generation batch (Arrow), for the reward workers, the learner and the archive
-    summary: ray.ObjectRef  # its GenerationSummary, for the driver
-    worker: str
+    """One chunk's results: refs to what stays in the object store, and its small summary."""
+    batch: ray.ObjectRef              # the generation batch (Arrow), for the scorer, the learner and the archive
+    rewards: ray.ObjectRef | None     # its reward columns, when the chunk was sent to a scorer
+    latency: ray.ObjectRef | None     # and the scorer's seconds, per rule
+    summary: GenerationSummary
+
+
+class _RolloutActor(RolloutWorker):
+    """The Ray edge of a RolloutWorker: a streaming call that yields each chunk's batch, then its summary.
+
+    Both are plain values, so their object-store copies belong to the caller: refs the actor made
+    itself and nested in a yield are not reliably kept alive once the actor drops them (seen with
+    Ray 2.60: "The object has already been deleted by the reference counting protocol")."""
+
+    def stream(self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str,
+               iteration: int) -> Iterator[pa.RecordBatch | GenerationSummary]:
+        for _, batch, summary in self.generate(chunks, seeds, run_id=run_id, iteration=iteration):
+            yield batch
+            yield summary
+
+
+class Launch:
+    """An iteration's generation in flight. A daemon thread reads the workers' streams as chunks
+    complete and hands each batch to a scorer at once, so scoring overlaps whatever the driver is
+    waiting on (the learner, with rollout.max_staleness > 0); `chunks` yields them as they come."""
+
+    _DONE = object()
+
+    def __init__(self, streams: list[ray.ObjectRefGenerator], scorers: list, timeout: float, what: str):
+        self.timeout, self.what = timeout, what
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(streams, scorers), daemon=True,
+                                        name=f"collect {what}")
+        self._thread.start()
+
+    def chunks(self) -> Iterator[Chunk]:
+        while True:
+            try:
+                item = self._queue.get(timeout=self.timeout)
+            except queue.Empty:
+                raise GenerationTimeout(f"{self.what}: no chunk finished within rollout.iteration_timeout_s "
+                                        f"({self.timeout:.0f}s)") from None
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def collect(self) -> list[Chunk]:
+        return list(self.chunks())
+
+    def _pump(self, streams: list[ray.ObjectRefGenerator], scorers: list) -> None:
+        try:
+            items = {stream: 0 for stream in streams}  # items read so far: even ones are batches
+            batches: dict[ray.ObjectRefGenerator, tuple] = {}
+            scored = 0
+            while items:
+                ready, _ = ray.wait(list(items), num_returns=1, timeout=self.timeout)
+                if not ready:
+                    raise GenerationTimeout(f"{self.what}: no chunk finished within "
+                                            f"rollout.iteration_timeout_s ({self.timeout:.0f}s)")
+                stream = ready[0]
+                try:
+                    ref = next(stream)
+                except StopIteration:
+                    del items[stream]
+                    continue
+                if items[stream] % 2 == 0:
+                    rewards = latency = None
+                    if scorers:
+                        scorer = scorers[scored % len(scorers)]
+                        rewards, latency = scorer.score_batch.options(num_returns=2).remote(ref)
+                        scored += 1
+                    batches[stream] = (ref, rewards, latency)
+                else:
+                    self._queue.put(Chunk(*batches.pop(stream), ray.get(ref, timeout=self.timeout)))
+                items[stream] += 1
+            self._queue.put(self._DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
+            self._queue.put(e)
+
+
+class GenerationTimeout(RuntimeError):
+    """No chunk of an iteration came back in time; the message says which iteration."""
 
 
 class WorkerStartError(RuntimeError):
@@ -42,7 +128,7 @@ class WorkerPool:
         self.cfg = cfg
         rollout = cfg.rollout
         gpus = rollout.num_gpus_per_worker if resolve_device(rollout.device) == "cuda" else 0
-        actor = ray.remote(RolloutWorker).options(num_cpus=rollout.num_cpus_per_worker, num_gpus=gpus)
+        actor = ray.remote(_RolloutActor).options(num_cpus=rollout.num_cpus_per_worker, num_gpus=gpus)
         self.names = [f"rollout-{i}" for i in range(rollout.num_workers)]
         self.workers = [
             actor.remote(name, model_path, rollout, dtype=cfg.model.dtype, seed=cfg.seed + i)
@@ -60,19 +146,21 @@ class WorkerPool:
         self.version = 0
         self._queued: tuple[int, dict[ray.ObjectRef, str]] | None = None
 
-    def submit(self, tasks: list[PromptTask], *, run_id: str, iteration: int) -> list[Chunk]:
-        """Queue the iteration's chunks on the workers; each chunk's batch and summary come back as refs."""
-        chunk = max(1, math.ceil(len(tasks) / (len(self.workers) * self.cfg.rollout.chunks_per_worker)))
+    def submit(self, tasks: list[PromptTask], *, run_id: str, iteration: int, scorers: list | None = None,
+               timeout: float | None = None) -> Launch:
+        """Queue the iteration's chunks, one streaming call per worker; the Launch collects them."""
+        size = max(1, math.ceil(len(tasks) / (len(self.workers) * self.cfg.rollout.chunks_per_worker)))
         base_seed = self.cfg.rollout.sampling.seed
-        chunks = []
-        for n, start in enumerate(range(0, len(tasks), chunk)):
-            seed = None if base_seed is None else (base_seed * 1_000_003 + iteration) * 10_007 + n
-            w = n % len(self.workers)
-            batch, summary = self.workers[w].generate.options(num_returns=2).remote(
-                tasks[start:start + chunk], run_id=run_id, iteration=iteration, seed=seed)
-            chunks.append(Chunk(batch, summary, self.names[w]))
-        record_queue_depth(len(chunks))
-        return chunks
+        shares: list[tuple[list, list]] = [([], []) for _ in self.workers]
+        for n, start in enumerate(range(0, len(tasks), size)):
+            chunks, seeds = shares[n % len(self.workers)]
+            chunks.append(tasks[start:start + size])
+            seeds.append(None if base_seed is None else (base_seed * 1_000_003 + iteration) * 10_007 + n)
+        record_queue_depth(sum(len(chunks) for chunks, _ in shares))
+        streams = [w.stream.options(num_returns="streaming").remote(chunks, seeds, run_id=run_id, iteration=iteration)
+                   for w, (chunks, seeds) in zip(self.workers, shares) if chunks]
+        return Launch(streams, scorers or [], timeout or self.cfg.rollout.iteration_timeout_s,
+                      f"generation of iteration {iteration}")
 
     def sync_weights(self, version: int, weights: list[tuple[str, object]] | ray.ObjectRef) -> None:
         """Every worker serves `version` when this returns; a worker that misses the timeout is named."""

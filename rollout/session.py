@@ -29,7 +29,7 @@ from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
 from rollout.learner_group import LearnerGroup
 from rollout.metrics import MetricsLog, iteration_metrics
-from rollout.pool import Chunk, WorkerPool
+from rollout.pool import Chunk, Launch, WorkerPool
 from rollout.prompts import PromptSampler, load_prompts
 from rollout.rendering import PromptRenderer
 from rollout.worker import GenerationSummary
@@ -40,11 +40,9 @@ CHECKPOINTS = "checkpoints"
 @dataclass
 class Launched:
     """An iteration whose generation and scoring are queued."""
-    chunks: list[Chunk]
-    rewards: list[ray.ObjectRef]  # one reward batch per chunk
-    latency: list[ray.ObjectRef]  # and the seconds its scoring took, per rule
-    sampler: dict                 # the data cursor after this iteration's prompts
-    after_sync: bool              # queued behind a weight sync that collect must confirm
+    generation: Launch                     # its chunks, handed to scorers as they complete
+    sampler: dict                          # the data cursor after this iteration's prompts
+    after_sync: bool                       # queued behind a weight sync that collect must confirm
 
 
 @dataclass
@@ -52,11 +50,13 @@ class Samples:
     """A collected iteration: the batches stay in the object store; summaries and rewards are here."""
     iteration: int
     chunks: list[Chunk]
-    summaries: list[GenerationSummary]
-    reward_refs: list[ray.ObjectRef]
-    rewards: list[pa.RecordBatch]
+    rewards: list[pa.RecordBatch]  # one per chunk
     sampler: dict
-    latency: dict[str, float]     # reward_latency/NAME: seconds scoring this iteration, in total and per rule
+    latency: dict[str, float]      # reward_latency/NAME: seconds scoring this iteration, in total and per rule
+
+    @property
+    def summaries(self) -> list[GenerationSummary]:
+        return [c.summary for c in self.chunks]
 
 
 @dataclass
@@ -164,19 +164,20 @@ class Session:
         start = time.perf_counter()
         if launched.after_sync:
             self.pool.confirm_weights()
-        summaries = _get([c.summary for c in launched.chunks], timeout, f"generation of iteration {iteration}")
+        chunks = launched.generation.collect()
         timings["generate"] = time.perf_counter() - start
         start = time.perf_counter()
-        rewards = _get(launched.rewards, timeout, f"rewards of iteration {iteration}")
+        rewards = _get([c.rewards for c in chunks], timeout, f"rewards of iteration {iteration}")
         latency: dict[str, float] = {}
-        for seconds in _get(launched.latency, timeout, f"rewards of iteration {iteration}"):
+        for seconds in _get([c.latency for c in chunks], timeout, f"rewards of iteration {iteration}"):
             for name, value in seconds.items():
                 latency[f"reward_latency/{name}"] = latency.get(f"reward_latency/{name}", 0.0) + value
         timings["reward"] = time.perf_counter() - start
-        return Samples(iteration, launched.chunks, summaries, launched.rewards, rewards, launched.sampler, latency)
+        return Samples(iteration, chunks, rewards, launched.sampler, latency)
 
     def learn(self, samples: Samples, timings: dict[str, float]) -> Learned:
-        columns, stats, learn_timings = self.learner.learn([c.batch for c in samples.chunks], samples.reward_refs)
+        columns, stats, learn_timings = self.learner.learn([c.batch for c in samples.chunks],
+                                                           [c.rewards for c in samples.chunks])
         timings.update(learn_timings)
         return Learned(columns, stats)
 
@@ -234,12 +235,9 @@ class Session:
             if record.prompt_id not in self.tasks:
                 self.tasks[record.prompt_id] = self.renderer.render(record)
             tasks.append(self.tasks[record.prompt_id])
-        chunks = self.pool.submit(tasks, run_id=self.run_id, iteration=iteration)
-        scored = [self.reward_workers[n % len(self.reward_workers)].score_batch.options(num_returns=2).remote(c.batch)
-                  for n, c in enumerate(chunks)]
+        generation = self.pool.submit(tasks, run_id=self.run_id, iteration=iteration, scorers=self.reward_workers)
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
-        return Launched(chunks, [r for r, _ in scored], [seconds for _, seconds in scored],
-                        msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
+        return Launched(generation, msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
 
     def _weights(self) -> ray.ObjectRef:
         return self.learner.call_ref("export_weights")

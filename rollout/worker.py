@@ -1,15 +1,16 @@
-"""`RolloutWorker`: one engine, prompts in, a generation batch (Arrow columns, no rewards yet) out.
+"""`RolloutWorker`: one engine, chunks of prompts in, generation batches (Arrow columns, no rewards
+yet) out, one per chunk as it completes.
 
 A plain class; `rollout.pool` wraps it in a Ray actor. Every sample carries the version of the
-weights that generated it. `generate` returns the batch and a small summary separately, so the
-driver can read the summary while the batch goes from the object store to the reward workers,
-the learner and the archive without passing through it.
+weights that generated it. All of a call's chunks go into the engine together, so its batch stays
+full across chunk boundaries, while each chunk is handed on (to scoring) as soon as it is done.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Iterator
 
 import msgspec
 import pyarrow as pa
@@ -37,19 +38,22 @@ class RolloutWorker:
         self.version = 0
         self.engine = VLLMEngine(model_path, cfg, dtype=dtype, seed=seed)
 
-    def generate(self, tasks: list[PromptTask], *, run_id: str, iteration: int,
-                 seed: int | None = None) -> tuple[pa.RecordBatch, GenerationSummary]:
-        """`n_samples` completions per task. `seed` should differ per call, or samples repeat."""
+    def generate(self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str,
+                 iteration: int) -> Iterator[tuple[int, pa.RecordBatch, GenerationSummary]]:
+        """`n_samples` completions per task of every chunk, all in the engine at once; yields (chunk
+        index, generation batch, summary) as each chunk completes. Seeds should differ per chunk."""
         start = time.perf_counter()
-        outputs = self.engine.generate([t.prompt_ids for t in tasks], self.cfg.sampling, self.cfg.n_samples,
-                                       seed=seed)
-        batch = generation_batch(tasks, outputs, run_id=run_id, iteration=iteration, policy_version=self.version,
-                                 worker=self.name, generated_at=dt.datetime.now(dt.timezone.utc))
-        tokens = sum(len(c.token_ids) for samples in outputs for c in samples)
-        stopped = sum(c.finish_reason == "stop" for samples in outputs for c in samples)
-        seconds = time.perf_counter() - start
-        record_generation(self.name, tokens, batch.num_rows, seconds, self.version)
-        return batch, GenerationSummary(self.name, seconds, batch.num_rows, tokens, stopped, self.version)
+        for index, outputs in self.engine.stream([([t.prompt_ids for t in chunk], seed)
+                                                  for chunk, seed in zip(chunks, seeds)],
+                                                 self.cfg.sampling, self.cfg.n_samples):
+            batch = generation_batch(chunks[index], outputs, run_id=run_id, iteration=iteration,
+                                     policy_version=self.version, worker=self.name,
+                                     generated_at=dt.datetime.now(dt.timezone.utc))
+            tokens = sum(len(c.token_ids) for samples in outputs for c in samples)
+            stopped = sum(c.finish_reason == "stop" for samples in outputs for c in samples)
+            seconds, start = time.perf_counter() - start, time.perf_counter()  # the engine's time since the last chunk
+            record_generation(self.name, tokens, batch.num_rows, seconds, self.version)
+            yield index, batch, GenerationSummary(self.name, seconds, batch.num_rows, tokens, stopped, self.version)
 
     def update_weights(self, version: int, weights: list[tuple[str, object]]) -> int:
         """Load new policy weights (Hugging Face names); returns the version now served."""

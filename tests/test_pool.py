@@ -29,14 +29,36 @@ def tasks(count, start=0):
 
 
 def rows(chunks):
-    """The samples of queued chunks, as row views (tests only: the service never leaves columns)."""
+    """The samples of collected chunks, as row views (tests only: the service never leaves columns)."""
     return [r for c in chunks for r in from_record_batch(ray.get(c.batch, timeout=120))]
 
 
+def collect(pool, launch):
+    return launch.collect()
+
+
+def test_chunks_come_back_scored_when_scorers_are_given(pool):
+    import msgspec
+
+    from reward.worker import RewardWorker
+    from rollout.config import RewardConfig, RuleSpec
+    from rollout.formats import parse_prompt
+
+    records = [msgspec.structs.replace(parse_prompt({"prompt": "x"}, "sft", f"t:{i}"), prompt_id=f"p{i}")
+               for i in range(2)]
+    scorer = ray.remote(RewardWorker).remote(RewardConfig(rules=[RuleSpec(name="length", params={"target": 3})]),
+                                             records)
+    chunks = collect(pool, pool.submit(tasks(2), run_id="r", iteration=9, scorers=[scorer]))
+    for chunk in chunks:
+        rewards, latency = ray.get([chunk.rewards, chunk.latency], timeout=120)
+        assert rewards.num_rows == chunk.summary.samples and set(latency) == {"total", "length"}
+    assert sum(c.summary.samples for c in chunks) == 4
+
+
 def test_every_prompt_comes_back_once_with_n_samples_as_columns(pool):
-    chunks = pool.submit(tasks(24), run_id="r", iteration=0)
+    chunks = collect(pool, pool.submit(tasks(24), run_id="r", iteration=0))
     assert len(chunks) == 4  # chunks_per_worker=4 with one worker
-    summaries = ray.get([c.summary for c in chunks], timeout=120)
+    summaries = [c.summary for c in chunks]
     records = rows(chunks)
     assert sorted((r.prompt_id, r.sample_index) for r in records) == sorted(
         (f"p{i}", s) for i in range(24) for s in range(2))
@@ -53,8 +75,8 @@ def test_a_queued_sync_applies_to_later_chunks_only(pool, tiny_model_path):
     pool.queue_weights(1, weights)  # returns at once: the chunks above are still queued or running
     after = pool.submit(tasks(8, start=8), run_id="r", iteration=2)
     pool.confirm_weights()
-    assert {r.policy_version for r in rows(before)} == {0}
-    assert {r.policy_version for r in rows(after)} == {1}
+    assert {r.policy_version for r in rows(collect(pool, before))} == {0}
+    assert {r.policy_version for r in rows(collect(pool, after))} == {1}
 
 
 def test_a_sync_that_misses_its_timeout_names_the_worker(pool, tiny_model_path):
@@ -64,4 +86,4 @@ def test_a_sync_that_misses_its_timeout_names_the_worker(pool, tiny_model_path):
     busy = pool.submit(tasks(256), run_id="r", iteration=3)  # the worker is busy for a while
     with pytest.raises(WeightSyncError, match=r"version 2 timed out after .* on rollout-0"):
         pool.sync_weights(2, weights)
-    ray.get([c.summary for c in busy], timeout=300)
+    collect(pool, busy)
