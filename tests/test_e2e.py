@@ -101,21 +101,26 @@ def test_a_second_start_resumes_and_archives_nothing_twice(smoke_run, tmp_path):
     assert len(set(keys(table))) == table.num_rows
 
 
-def test_a_killed_run_resumes_without_duplicates(tmp_path):
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out),
-           "--set", "iterations=30", "--set", "checkpoint_every=1"]
+def run_and_kill(out, *settings, after_iterations):
+    """`rollout run` of 30 smoke iterations, SIGKILLed (with its Ray) once it has logged `after_iterations`."""
+    cmd = [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out), "--set", "iterations=30",
+           *settings]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_iterations:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def test_a_killed_run_resumes_without_duplicates(tmp_path):
+    out = tmp_path / "killed"
+    run_and_kill(out, "--set", "checkpoint_every=1", after_iterations=3)
     archived = read_table(out)
     done = max(archived["iteration"].to_pylist())
     rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", f"iterations={done + 3}")
@@ -144,19 +149,8 @@ def test_a_killed_staleness_one_run_resumes_with_every_trained_iteration_whole(t
     """Generation one iteration ahead of the learner: samples at most one version old, and a SIGKILL
     then a resume leave no sample twice and every checkpointed iteration complete."""
     out = tmp_path / "stale"
-    cmd = [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out), "--set", "iterations=30",
-           "--set", "checkpoint_every=2", "--set", "rollout.max_staleness=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    run_and_kill(out, "--set", "checkpoint_every=2", "--set", "rollout.max_staleness=1", after_iterations=5)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
     done = max(read_table(out)["iteration"].to_pylist())
     rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", f"iterations={done + 3}",
                 "--set", "checkpoint_every=2", "--set", "rollout.max_staleness=1")
