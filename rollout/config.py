@@ -193,6 +193,9 @@ class ArchiveConfig(Base):
 
 
 class RayConfig(Base):
+    fail_if_short: Annotated[bool, doc(
+        "Stop at start-up, naming what is missing, when the cluster's resources cannot hold every actor "
+        "of the job; turn off on a cluster that adds nodes on demand.")] = True
     actor_start_timeout_s: Annotated[float, doc(
         "An actor (rollout worker, learner rank) not started in this time fails the job with its name: "
         "its resources are missing, or its model does not load.", gt=0)] = 300.0

@@ -22,6 +22,7 @@ from rollout.config import JobConfig, check, to_yaml
 from rollout.pool import WorkerPool
 from rollout.prompts import load_prompts
 from rollout.rendering import PromptRenderer
+from rollout.resources import check_fits
 from rollout.session import init_ray
 
 
@@ -36,6 +37,7 @@ def generate(cfg: JobConfig, out: Path, *, log=sys.stderr) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg, learner=False)
+    check_fits(cfg, ray.cluster_resources(), learner=False)
     run_id = f"{cfg.run_name}-generate"
     reward_workers = spawn_reward_workers(cfg.reward, records)
     pool = WorkerPool(cfg, model)

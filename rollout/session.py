@@ -32,6 +32,7 @@ from rollout.metrics import MetricsLog, iteration_metrics
 from rollout.pool import Chunk, Launch, WorkerPool
 from rollout.prompts import PromptSampler, load_prompts
 from rollout.rendering import PromptRenderer
+from rollout.resources import check_fits
 from rollout.worker import GenerationSummary
 
 CHECKPOINTS = "checkpoints"
@@ -98,6 +99,9 @@ class Session:
         self.by_id = {r.prompt_id: r for r in self.records}
         self.sampler = PromptSampler(size=len(self.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
 
+        # Before any model work: a cluster that cannot hold the actors fails the job here, in seconds.
+        init_ray(cfg, learner=True)
+        check_fits(cfg, ray.cluster_resources())
         base_model = resolve_model_path(cfg.model.path)
         from transformers import AutoTokenizer
 
@@ -113,7 +117,6 @@ class Session:
 
         checkpoint = latest_checkpoint(run_dir)
         serving_model = str(checkpoint / "policy") if checkpoint else model
-        init_ray(cfg, learner=True)
         print(f"run {self.run_id}: {len(self.records)} prompts, model {model}, "
               f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
 

@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from rollout.config import ConfigError, JobConfig, check, explain, load_config, to_yaml
+
+ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_defaults_load_and_pass_checks():
@@ -104,3 +108,20 @@ def test_grafana_dashboard_queries_only_metrics_the_service_exports():
             continue  # mirrored from metrics.jsonl keys (time/STAGE, reward/NAME) by MetricsLog
         key = base.removeprefix("rollout_")
         assert f'"{base}"' in source or f'"{key}"' in source, f"{name} is not exported by rollout/"
+
+
+def test_a_cluster_too_small_for_the_job_is_an_error_naming_needs_and_means():
+    from rollout.resources import check_fits
+
+    cfg = load_config(ROOT_CONFIGS / "tiny-arith-smoke.yaml")
+    check_fits(cfg, {"CPU": 3.0})  # 1 rollout worker + 1 learner rank + 0.5 reward worker
+    with pytest.raises(ConfigError) as error:
+        check_fits(cfg, {"CPU": 2.0})
+    text = str(error.value)
+    assert "needs 2.5 CPUs (1 rollout worker x 1, 1 reward worker x 0.5, 1 learner rank x 1) and the cluster has 2" in text
+    assert "learner.num_cpus_per_rank" in text
+    check_fits(load_config(ROOT_CONFIGS / "tiny-arith-smoke.yaml", ["learner.num_cpus_per_rank=0.5"]), {"CPU": 2.0})
+    check_fits(load_config(ROOT_CONFIGS / "tiny-arith-smoke.yaml", ["ray.fail_if_short=false"]), {"CPU": 1.0})
+    gpus = load_config(None, ["rollout.device=cuda", "rollout.num_workers=4", "learner.device=cuda"])
+    with pytest.raises(ConfigError, match="needs 5 GPUs .* the cluster has 4"):
+        check_fits(gpus, {"CPU": 64.0, "GPU": 4.0})

@@ -192,7 +192,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_runs_the_smoke_job(tmp_path):
+def test_ray_job_submit_fails_fast_on_a_small_head_then_runs_with_the_suggested_change(tmp_path):
+    """A 2-CPU head cannot hold the smoke job's 2.5 CPUs: the job says so within seconds, exit 2;
+    with one of the settings the message names lowered, the same submit runs."""
     ray_bin = Path(sys.executable).with_name("ray")
     env = _env()
     # Ray >= 2.52 turns on token auth for `ray start`; the client sends the token it wrote to
@@ -201,14 +203,24 @@ def test_ray_job_submit_runs_the_smoke_job(tmp_path):
     env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"
     dashboard = _free_port()
     start = [str(ray_bin), "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-             "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats"]
+             "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"]
     subprocess.run(start, check=True, capture_output=True, env=env, timeout=120)
     try:
         out = tmp_path / "job-run"
-        job = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
-             "--", "python", "-m", "rollout", "run", "--config", "configs/tiny-arith-smoke.yaml", "--out", str(out)],
-            cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+        def submit(*settings):
+            return subprocess.run(
+                [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
+                 "--", "python", "-m", "rollout", "run", "--config", "configs/tiny-arith-smoke.yaml",
+                 "--out", str(out), *settings],
+                cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+        started = time.time()
+        short = submit()
+        assert short.returncode != 0 and time.time() - started < 120
+        assert "needs 2.5 CPUs" in short.stdout + short.stderr and "the cluster has 2" in short.stdout + short.stderr
+        assert "learner.num_cpus_per_rank" in short.stdout + short.stderr
+        job = submit("--set", "learner.num_cpus_per_rank=0.5")
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout + job.stderr
         assert read_table(out).num_rows == 96
