@@ -37,13 +37,6 @@ class Shape:
     kv_heads: int
     tied: bool
 
-    @classmethod
-    def of(cls, config) -> Shape:
-        """From a transformers config (Llama, Qwen2/3, Mistral and alike)."""
-        return cls(config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size,
-                   config.num_attention_heads, getattr(config, "num_key_value_heads", None)
-                   or config.num_attention_heads, bool(getattr(config, "tie_word_embeddings", False)))
-
     @property
     def block_params(self) -> int:
         head_dim = self.hidden // self.heads

@@ -13,13 +13,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from learner.samples import LearnerColumns, SampleBatch, offsets_of
+from learner.samples import LearnerColumns, SampleBatch, flatten
 from rollout.record import ARCHIVE_SCHEMA, REWARD_FIELDS
 
 LEARNER_FIELDS = ("ref_logprobs", "values", "token_rewards", "advantages", "returns")
@@ -37,15 +36,9 @@ def generation_batch(tasks, completions, *, run_id: str, iteration: int, policy_
     """One row per (task, completion): `completions[i]` holds the engine's samples for `tasks[i]`."""
     pairs = [(task, i, c) for task, samples in zip(tasks, completions) for i, c in enumerate(samples)]
     n = len(pairs)
-
-    def flat(rows, dtype) -> tuple[np.ndarray, np.ndarray]:
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
-        offsets = offsets_of(lengths)
-        return np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1])), offsets
-
-    prompt_ids, prompt_offsets = flat([t.prompt_ids for t, _, _ in pairs], np.int32)
-    response_ids, response_offsets = flat([c.token_ids for _, _, c in pairs], np.int32)
-    logprobs, _ = flat([c.logprobs for _, _, c in pairs], np.float32)
+    prompt_ids, prompt_offsets = flatten([t.prompt_ids for t, _, _ in pairs], np.int32)
+    response_ids, response_offsets = flatten([c.token_ids for _, _, c in pairs], np.int32)
+    logprobs, _ = flatten([c.logprobs for _, _, c in pairs], np.float32)
     field = GENERATION_SCHEMA.field
     columns = {
         "run_id": pa.array([run_id] * n, pa.string()),
@@ -90,8 +83,9 @@ def sample_batch(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch
         if rewards else np.zeros(0, dtype=np.float32)
     ids = pa.chunked_array([g.column("prompt_id") for g in generations], pa.string())
     groups = pc.dictionary_encode(ids).combine_chunks().indices.to_numpy().astype(np.int64)
-    return SampleBatch(prompt_ids.astype(np.int32), prompt_offsets, response_ids.astype(np.int32), response_offsets,
-                       behaviour.astype(np.float32), scores.astype(np.float32), groups)
+    return SampleBatch(prompt_ids.astype(np.int32, copy=False), prompt_offsets,
+                       response_ids.astype(np.int32, copy=False), response_offsets,
+                       behaviour.astype(np.float32, copy=False), scores.astype(np.float32, copy=False), groups)
 
 
 def archive_batches(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch] | None,

@@ -69,8 +69,7 @@ class Launch:
             try:
                 item = self._queue.get(timeout=self.timeout)
             except queue.Empty:
-                raise GenerationTimeout(f"{self.what}: no chunk finished within rollout.iteration_timeout_s "
-                                        f"({self.timeout:.0f}s)") from None
+                raise self._timed_out() from None
             if item is self._DONE:
                 return
             if isinstance(item, BaseException):
@@ -80,6 +79,10 @@ class Launch:
     def collect(self) -> list[Chunk]:
         return list(self.chunks())
 
+    def _timed_out(self) -> GenerationTimeout:
+        return GenerationTimeout(f"{self.what}: no chunk finished within rollout.iteration_timeout_s "
+                                 f"({self.timeout:.0f}s)")
+
     def _pump(self, streams: list[ray.ObjectRefGenerator], scorers: list) -> None:
         try:
             items = {stream: 0 for stream in streams}  # items read so far: even ones are batches
@@ -88,8 +91,7 @@ class Launch:
             while items:
                 ready, _ = ray.wait(list(items), num_returns=1, timeout=self.timeout)
                 if not ready:
-                    raise GenerationTimeout(f"{self.what}: no chunk finished within "
-                                            f"rollout.iteration_timeout_s ({self.timeout:.0f}s)")
+                    raise self._timed_out()
                 stream = ready[0]
                 try:
                     ref = next(stream)

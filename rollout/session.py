@@ -32,7 +32,7 @@ from rollout.metrics import MetricsLog, iteration_metrics
 from rollout.pool import Chunk, Launch, WorkerPool
 from rollout.prompts import PromptSampler, load_prompts
 from rollout.rendering import PromptRenderer
-from rollout.resources import check_fits
+from rollout.resources import actor_requests, check_fits
 from rollout.worker import GenerationSummary
 
 CHECKPOINTS = "checkpoints"
@@ -76,9 +76,7 @@ def init_ray(cfg: JobConfig, *, learner: bool) -> None:
         return
     # Ray's CPU count is a scheduling budget, not a thread limit: generation, reward and learning
     # take turns, so a 2-core machine can host the whole job.
-    needed = (cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
-              + int(learner) * cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
-              + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker)
+    needed = sum(count * each["CPU"] for _, count, each in actor_requests(cfg, learner=learner))
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
              _metrics_export_port=cfg.ray.metrics_export_port)
@@ -96,7 +94,6 @@ class Session:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.run_id = _run_id(run_dir, cfg.run_name)
         self.records = load_prompts(cfg.data, cfg.seed, log=log)
-        self.by_id = {r.prompt_id: r for r in self.records}
         self.sampler = PromptSampler(size=len(self.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
 
         # Before any model work: a cluster that cannot hold the actors fails the job here, in seconds.
