@@ -33,7 +33,9 @@ import pyarrow as pa
 import torch
 
 from rollout.archive import ArchiveWriter, iter_batches
-from rollout.record import ARCHIVE_SCHEMA, SCHEMA_VERSION, RolloutRecord, to_record_batch
+from rollout.record import SCHEMA_VERSION, RolloutRecord, archive_schema, to_record_batch
+
+COMPONENTS = ("arithmetic", "length")
 from rollout.replay import replay
 from rollout.stats import compute_stats
 
@@ -59,7 +61,8 @@ def make_records(rows: int, prompt_tokens: int, response_tokens: int, iterations
             run_id="bench", prompt_id=f"prompt-{i // 4:08d}", iteration=iteration, policy_version=iteration,
             sample_index=i % 4, prompt="word " * (prompt_tokens // 2), response="word " * (response_tokens // 2),
             prompt_ids=prompt_ids[k], response_ids=ids[k], response_logprobs=floats[k],
-            ref_logprobs=floats[(k + 1) % POOL], values=floats[(k + 2) % POOL], token_rewards=floats[(k + 3) % POOL],
+            ref_logprobs=floats[(k + 1) % POOL], values=floats[(k + 2) % POOL], kl=floats[(k + 6) % POOL],
+            kl_coef=0.05, token_rewards=floats[(k + 3) % POOL],
             advantages=floats[(k + 4) % POOL], returns=floats[(k + 5) % POOL], reward=float(i % 2),
             reward_components={"arithmetic": float(i % 2), "length": 0.0}, finish_reason="stop",
             worker=f"rollout-{i % 4}", generated_at=start + dt.timedelta(milliseconds=i)))
@@ -73,18 +76,18 @@ def timed(fn) -> tuple[float, object]:
 
 
 def convert(records: list[RolloutRecord]) -> list[pa.RecordBatch]:
-    return [to_record_batch(records[i:i + BATCH_ROWS]) for i in range(0, len(records), BATCH_ROWS)]
+    return [to_record_batch(records[i:i + BATCH_ROWS], COMPONENTS) for i in range(0, len(records), BATCH_ROWS)]
 
 
 def write_raw(path: Path, batches: list[pa.RecordBatch], metadata: dict[str, str]) -> None:
-    schema = ARCHIVE_SCHEMA.with_metadata({"schema_version": str(SCHEMA_VERSION), **metadata})
+    schema = archive_schema(COMPONENTS).with_metadata({"schema_version": str(SCHEMA_VERSION), **metadata})
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in batches:
             writer.write_batch(batch)
 
 
 def write_archive(directory: Path, records: list[RolloutRecord]) -> None:
-    with ArchiveWriter(directory, METADATA, batch_rows=BATCH_ROWS) as writer:
+    with ArchiveWriter(directory, METADATA, COMPONENTS, batch_rows=BATCH_ROWS) as writer:
         writer.write(records)
 
 

@@ -42,7 +42,9 @@ from rollout.archive import ArchiveWriter  # noqa: E402
 from rollout.columns import archive_batches, generation_batch, sample_batch  # noqa: E402
 from rollout.engine import Completion  # noqa: E402
 from rollout.metrics import iteration_metrics  # noqa: E402
-from rollout.record import ARCHIVE_SCHEMA, reward_batch  # noqa: E402
+from rollout.record import archive_schema, reward_batch  # noqa: E402
+
+COMPONENTS = ("arithmetic", "length")
 from rollout.rendering import PromptTask  # noqa: E402
 from rollout.worker import GenerationSummary  # noqa: E402
 
@@ -83,7 +85,7 @@ class Worker:
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         rewards = np.random.default_rng(0).random(batch.num_rows)
         return reward_batch([RewardResult(total=float(r), components={"arithmetic": float(r), "length": 0.0},
-                                          failed=[]) for r in rewards])
+                                          failed=[]) for r in rewards], COMPONENTS)
 
 
 def main() -> None:
@@ -122,10 +124,10 @@ def main() -> None:
     stages["collate"] = time.perf_counter() - start
     padded = samples.padded(samples.behaviour_logprobs)  # stands in for any (N, T) output of the learner
     start = time.perf_counter()
-    columns_ref = ray.put(LearnerColumns(*(samples.flat(padded) for _ in range(7))))
+    columns_ref = ray.put(LearnerColumns(*(samples.flat(padded) for _ in range(7)), kl_coef=0.05))
     stages["learner_columns"] = time.perf_counter() - start
     start = time.perf_counter()
-    batches = archive_batches(generations, reward_batches, ray.get(columns_ref))
+    batches = archive_batches(generations, reward_batches, ray.get(columns_ref), COMPONENTS)
     stages["archive_batches"] = time.perf_counter() - start
     plumbing_seconds = sum(stages.values())
     rows = sum(b.num_rows for b in batches)
@@ -133,7 +135,7 @@ def main() -> None:
     driver, archive_seconds, raw_seconds = [], [], []
     for attempt in range(args.repeats):  # alternating, best of each: the disk's write-back is noisy
         with tempfile.TemporaryDirectory() as tmp:
-            archive = ArchiveWriter(Path(tmp) / "archive", {}, batch_rows=4096, rows_per_file=10**9)
+            archive = ArchiveWriter(Path(tmp) / "archive", {}, COMPONENTS, batch_rows=4096, rows_per_file=10**9)
             # The driver, as `Session.collect`, `record_metrics` and `archive_iteration` do it.
             start = time.perf_counter()
             summaries = ray.get([s for _, s in chunks], timeout=600)
@@ -141,7 +143,7 @@ def main() -> None:
             iteration_metrics(0, summaries, fetched, {}, {}, 1)
             queued = time.perf_counter()
             archive.write_later(lambda: archive_batches(ray.get(refs, timeout=600), fetched,
-                                                        ray.get(columns_ref, timeout=600)))
+                                                        ray.get(columns_ref, timeout=600), COMPONENTS))
             driver.append(time.perf_counter() - start)
             archive.flush()  # the writer thread: fetch from the object store, join, write
             archive_seconds.append(time.perf_counter() - queued)
@@ -150,7 +152,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             with pa.OSFile(str(Path(tmp) / "raw.arrow"), "wb") as sink, \
-                    pa.ipc.new_stream(sink, ARCHIVE_SCHEMA) as writer:
+                    pa.ipc.new_stream(sink, archive_schema(COMPONENTS)) as writer:
                 for b in batches:
                     for s in range(0, b.num_rows, 4096):
                         writer.write_batch(b.slice(s, 4096))

@@ -26,6 +26,7 @@ import ray  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from learner.tiny_model import build_tiny_llama  # noqa: E402
+from reward.worker import reward_components  # noqa: E402
 from rollout.archive import ArchiveWriter  # noqa: E402
 from rollout.columns import archive_batches  # noqa: E402
 from rollout.config import load_config  # noqa: E402
@@ -65,12 +66,13 @@ def main() -> None:
             outputs = engine.generate(ids, cfg.rollout.sampling, args.n)
             seconds = time.perf_counter() - start
             raw.append(sum(len(c.token_ids) for cs in outputs for c in cs) / seconds)
-            with ArchiveWriter(Path(tmp) / str(i), {}) as archive:
+            with ArchiveWriter(Path(tmp) / str(i), {}, reward_components(cfg.reward)) as archive:
                 start = time.perf_counter()
                 tokens = 0
                 for chunk in pool.submit(tasks, run_id="bench", iteration=i + 1).chunks():
                     tokens += chunk.summary.generated_tokens
-                    archive.write_later(lambda ref=chunk.batch: archive_batches([ray.get(ref)], None, None))
+                    archive.write_later(lambda ref=chunk.batch: archive_batches([ray.get(ref)], None, None,
+                                                                                archive.components))
                 archive.flush()
                 service.append(tokens / (time.perf_counter() - start))
     pool.shutdown()

@@ -102,13 +102,14 @@ class Learner:
         ev = self.evaluate(batch)
         timings["values"] = time.perf_counter() - start
         start = time.perf_counter()
+        kl_coef = self.kl_controller.coef  # the update moves it
         rewards, kl, advantages, returns = self.assign_advantages(batch, ev)
         timings["advantages"] = time.perf_counter() - start
         start = time.perf_counter()
         stats = self.update(batch, ev, advantages, returns, kl)
         timings["update"] = time.perf_counter() - start
         columns = LearnerColumns(*(batch.flat(x) for x in (ev.old_logprobs, ev.ref_logprobs, ev.values, kl,
-                                                            rewards, advantages, returns)))
+                                                            rewards, advantages, returns)), kl_coef=kl_coef)
         return columns, stats, timings
 
     # -- scoring ---------------------------------------------------------------------------------

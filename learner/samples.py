@@ -144,8 +144,10 @@ class LearnerColumns:
     token_rewards: np.ndarray  # -kl_coef * kl, plus the score on the last token
     advantages: np.ndarray
     returns: np.ndarray
+    kl_coef: float             # the KL coefficient β of token_rewards
 
     def rows(self, offsets: np.ndarray) -> dict[str, list[list[float]]]:
-        """Per-sample Python lists of each column (for records and small tools, not the hot path)."""
+        """Per-sample Python lists of each per-token column (for records and small tools, not the hot path)."""
         cut = offsets[1:-1]
-        return {f.name: [a.tolist() for a in np.split(getattr(self, f.name), cut)] for f in fields(self)}
+        return {f.name: [a.tolist() for a in np.split(getattr(self, f.name), cut)] for f in fields(self)
+                if f.name != "kl_coef"}

@@ -143,15 +143,21 @@ class RuleScorer:
 def _bind(rules: Sequence[RuleSpec], registry: dict[str, Rule]) -> list[_Component]:
     """Each spec as a named component with its params bound; ValueError for a bad name or param."""
     components = []
-    seen: dict[str, int] = {}
-    for spec in rules:
+    for spec, name in zip(rules, rule_component_names(rules)):
         rule = get_rule(spec.name, registry)
         check_params(spec.name, rule, spec.params)
-        count = seen.get(spec.name, 0)
-        seen[spec.name] = count + 1
-        name = spec.name if count == 0 else f"{spec.name}#{count}"
         components.append(_Component(name=name, weight=spec.weight, call=partial(rule, **spec.params)))
     return components
+
+
+def rule_component_names(rules: Sequence[RuleSpec]) -> list[str]:
+    """The component each rule scores into: its name, then `name#1`, `name#2`, ... for repeats."""
+    names, seen = [], {}
+    for spec in rules:
+        count = seen.get(spec.name, 0)
+        seen[spec.name] = count + 1
+        names.append(spec.name if count == 0 else f"{spec.name}#{count}")
+    return names
 
 
 def _is_number(value: Any) -> bool:

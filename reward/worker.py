@@ -8,7 +8,7 @@ import time
 
 import pyarrow as pa
 
-from reward.scorer import RewardModelScorer, RewardResult, RuleScorer
+from reward.scorer import RewardModelScorer, RewardResult, RuleScorer, rule_component_names
 from rollout.config import RewardConfig
 from rollout.record import reward_batch
 
@@ -20,13 +20,21 @@ def last_user_message(record) -> str:
     return next((m.content for m in reversed(record.messages) if m.role == "user"), "")
 
 
+def reward_components(cfg: RewardConfig) -> tuple[str, ...]:
+    """The run's reward components, in archive order: each rule's, then the reward model's."""
+    return (*rule_component_names(cfg.rules), *([MODEL_COMPONENT] if cfg.model is not None else []))
+
+
 def spawn_reward_workers(cfg: RewardConfig, prompts: list) -> list:
     """The RewardWorker actors a job or `rollout generate` scores with; `prompts` are the data records."""
     import ray
 
-    actor = ray.remote(RewardWorker).options(num_cpus=cfg.num_cpus_per_worker)
+    from rollout.console import actor_options
+
+    actor = ray.remote(_RewardActor)
     records = ray.put(prompts)
-    return [actor.remote(cfg, records, name=f"reward-{i}") for i in range(cfg.num_workers)]
+    return [actor.options(num_cpus=cfg.num_cpus_per_worker, **actor_options(f"reward-{i}"))
+            .remote(cfg, records, name=f"reward-{i}") for i in range(cfg.num_workers)]
 
 
 class RewardWorker:
@@ -34,6 +42,7 @@ class RewardWorker:
         self.name = name
         self.cfg = cfg
         self.prompts = {record.prompt_id: record for record in prompts}
+        self.components = reward_components(cfg)
         self.rules = RuleScorer(cfg.rules, timeout_s=cfg.timeout_s, failed_value=cfg.failed_value)
         self.model = None
         if cfg.model is not None:
@@ -57,9 +66,20 @@ class RewardWorker:
         scoring it, in total and per rule (the caller adds them up per iteration)."""
         before = self.latency()
         ids, prompts, responses = (batch.column(name).to_pylist() for name in ("prompt_id", "prompt", "response"))
-        rewards = reward_batch(self.score([(self.prompts[i], p, r) for i, p, r in zip(ids, prompts, responses)]))
+        rewards = reward_batch(self.score([(self.prompts[i], p, r) for i, p, r in zip(ids, prompts, responses)]),
+                               self.components)
         return rewards, {name: seconds - before.get(name, 0.0) for name, seconds in self.latency().items()}
 
     def latency(self) -> dict[str, float]:
         """Cumulative scoring seconds: the whole call (`total`) and each rule."""
         return {"total": self.seconds, **self.rules.latency}
+
+
+class _RewardActor(RewardWorker):
+    """The Ray edge of a RewardWorker: its console output is filtered into its log first."""
+
+    def __init__(self, *args, **kwargs):
+        from rollout.console import route_actor_output
+
+        route_actor_output()
+        super().__init__(*args, **kwargs)

@@ -1,23 +1,36 @@
-"""The rollout archive: Arrow IPC stream files of `ARCHIVE_SCHEMA`, written as samples complete.
+"""The rollout archive: Arrow IPC stream files of schema v2 (`rollout.record.archive_schema`), written as samples complete.
 
 Writing happens on a background thread so generation never waits on the disk; every record batch
 is flushed when written, so a crash loses at most the batch in flight. Files are never reopened
 for writing: a resumed run starts a new file after the last one. Reading tolerates a file cut
-mid-batch (a crash): it yields every complete batch and warns about the rest.
+mid-batch (a crash): it yields every complete batch and warns about the rest. Readers see one
+schema for the whole archive: v1 files are converted (`rollout/archive_v1.py`), and files written
+with other reward components (a run resumed with another reward config) have the union of them,
+null where a file lacks one.
 """
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rollout.record import ARCHIVE_SCHEMA, SCHEMA_VERSION, RolloutRecord, to_record_batch
+from rollout.archive_v1 import V1Upgrade, is_v1, map_keys
+from rollout.record import (
+    SCHEMA_VERSION,
+    RolloutRecord,
+    archive_schema,
+    components_array,
+    components_of,
+    to_record_batch,
+)
 
 FILE_PATTERN = "part-{:05d}.arrow"
 _CLOSE = object()
@@ -30,15 +43,19 @@ class ArchiveCutWarning(UserWarning):
 class ArchiveWriter:
     """Streams records to `directory/part-NNNNN.arrow`, rolling to a new file every `rows_per_file`.
 
+    `components` are the run's reward components: the fields of the `reward_components` struct.
+
     `write` only enqueues; a daemon thread converts and writes `batch_rows`-sized record batches.
     Errors on that thread surface on the next `write`, `flush` or `close`.
     """
 
-    def __init__(self, directory: str | Path, metadata: dict[str, str], *, batch_rows: int = 256,
-                 rows_per_file: int = 100_000, max_pending: int = 64):
+    def __init__(self, directory: str | Path, metadata: dict[str, str], components: Sequence[str], *,
+                 batch_rows: int = 256, rows_per_file: int = 100_000, max_pending: int = 64):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.schema = ARCHIVE_SCHEMA.with_metadata({"schema_version": str(SCHEMA_VERSION), **metadata})
+        self.components = tuple(components)
+        self.schema = archive_schema(self.components).with_metadata(
+            {**metadata, "schema_version": str(SCHEMA_VERSION)})
         self.batch_rows = batch_rows
         self.rows_per_file = rows_per_file
         self._next_file = _next_file_index(self.directory)
@@ -58,19 +75,19 @@ class ArchiveWriter:
             self._queue.put(list(records))
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
-        """Queue a ready batch of ARCHIVE_SCHEMA (replay's path): no round trip through records."""
+        """Queue a ready batch of the archive's schema (replay's path): no round trip through records."""
         self._raise_if_failed()
         self._check_schema(batch)
         if batch.num_rows:
             self._queue.put(batch)
 
-    @staticmethod
-    def _check_schema(batch: pa.RecordBatch) -> None:
-        if not batch.schema.remove_metadata().equals(ARCHIVE_SCHEMA):
-            raise ValueError(f"batch schema differs from the archive schema v{SCHEMA_VERSION}")
+    def _check_schema(self, batch: pa.RecordBatch) -> None:
+        if not batch.schema.remove_metadata().equals(self.schema.remove_metadata()):
+            raise ValueError(f"batch schema differs from the archive schema v{SCHEMA_VERSION} of components "
+                             f"{list(self.components)}:\n{batch.schema.remove_metadata()}")
 
     def write_later(self, produce: Callable[[], list[pa.RecordBatch]]) -> None:
-        """Queue a function that returns ready ARCHIVE_SCHEMA batches; the writer thread calls it, so
+        """Queue a function that returns ready batches of the archive's schema; the writer thread calls it, so
         fetching and joining the columns happens off the caller's path too."""
         self._raise_if_failed()
         self._queue.put(produce)
@@ -131,7 +148,7 @@ class ArchiveWriter:
             room = self.rows_per_file - self._file_rows
             take = min(self.batch_rows, room, len(self._pending))
             chunk, self._pending = self._pending[:take], self._pending[take:]
-            self._write_batch(to_record_batch(chunk))
+            self._write_batch(to_record_batch(chunk, self.components))
 
     def _write_arrow(self, batch: pa.RecordBatch) -> None:
         """A ready batch, split at the batch and file sizes like queued records."""
@@ -180,32 +197,98 @@ def archive_files(path: str | Path) -> list[Path]:
     return files
 
 
-def iter_batches(path: str | Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """Every complete record batch of an archive, across its files; a cut file warns and stops there."""
-    for file in archive_files(path):
+def _file_schema(file: Path) -> pa.Schema | None:
+    try:
         with pa.memory_map(str(file)) as source:
+            return pa.ipc.open_stream(source).schema
+    except (pa.ArrowInvalid, OSError):
+        return None
+
+
+def _metadata(schema: pa.Schema) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+
+
+def _file_batches(file: Path) -> Iterator[pa.RecordBatch]:
+    """A file's complete record batches; a cut file warns and stops there, an unreadable one is skipped."""
+    with pa.memory_map(str(file)) as source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except (pa.ArrowInvalid, OSError) as e:
+            warnings.warn(f"{file}: unreadable header ({e}); skipped", ArchiveCutWarning, stacklevel=3)
+            return
+        while True:
             try:
-                reader = pa.ipc.open_stream(source)
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
             except (pa.ArrowInvalid, OSError) as e:
-                warnings.warn(f"{file}: unreadable header ({e}); skipped", ArchiveCutWarning, stacklevel=2)
+                warnings.warn(f"{file}: cut mid-batch ({e}); read up to its last complete batch",
+                              ArchiveCutWarning, stacklevel=3)
+                return
+            yield batch
+
+
+class _Reader:
+    """One schema v2 view over an archive's files, whatever their version and reward components."""
+
+    def __init__(self, path: str | Path):
+        self.path = path
+        self.files = archive_files(path)
+        schemas = {file: _file_schema(file) for file in self.files}
+        self.v1_files = {f for f, s in schemas.items() if s is not None and is_v1(_metadata(s))}
+        components: dict[str, None] = {}
+        for file, schema in schemas.items():
+            if schema is None:
                 continue
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
-                except (pa.ArrowInvalid, OSError) as e:
-                    warnings.warn(f"{file}: cut mid-batch ({e}); read up to its last complete batch",
-                                  ArchiveCutWarning, stacklevel=2)
-                    break
+            if file in self.v1_files:
+                columns = (b.column("reward_components") for b in _file_batches(file))
+                with warnings.catch_warnings():  # the batch pass warns, once
+                    warnings.simplefilter("ignore", ArchiveCutWarning)
+                    components.update(dict.fromkeys(map_keys(columns)))
+            else:
+                components.update(dict.fromkeys(components_of(schema)))
+        self.schema = archive_schema(list(components))
+        first = next((s for s in schemas.values() if s is not None), None)
+        self.metadata = _metadata(first) if first is not None else {}
+        self._v1 = V1Upgrade(list(components), self.metadata, read_run_metrics(path)) if self.v1_files else None
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        for file in self.files:
+            for batch in _file_batches(file):
+                if file in self.v1_files:
+                    batch = self._v1(batch)
+                batch = self._conform(batch.replace_schema_metadata(None))
                 yield batch.select(columns) if columns else batch
+
+    def _conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The batch with the archive-wide `reward_components` fields, null where it lacks one."""
+        if batch.schema.equals(self.schema):
+            return batch
+        column = batch.column("reward_components")
+        names = components_of(self.schema)
+        rows = [None if r is None else {k: r.get(k) for k in names} for r in column.to_pylist()]
+        arrays = [components_array(rows, names) if f.name == "reward_components" else batch.column(f.name)
+                  for f in self.schema]
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+
+def read_schema(path: str | Path) -> pa.Schema:
+    """The archive's schema v2, as `iter_batches` yields it: every file's reward components."""
+    return _Reader(path).schema
+
+
+def iter_batches(path: str | Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Every complete record batch of an archive as schema v2, across its files; a cut file warns and stops there."""
+    return _Reader(path).batches(columns)
 
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """The whole archive as one table (columns selectable, to keep replay and stats lean)."""
-    schema = ARCHIVE_SCHEMA if columns is None else pa.schema([ARCHIVE_SCHEMA.field(c) for c in columns])
-    batches = [b.replace_schema_metadata(None) for b in iter_batches(path, columns)]
-    return pa.Table.from_batches(batches, schema=schema).replace_schema_metadata(read_metadata(path))
+    reader = _Reader(path)
+    schema = reader.schema if columns is None else pa.schema([reader.schema.field(c) for c in columns])
+    return pa.Table.from_batches(list(reader.batches(columns)), schema=schema).replace_schema_metadata(
+        reader.metadata)
 
 
 def last_archived_iteration(run_dir: str | Path) -> int:
@@ -220,6 +303,35 @@ def last_archived_iteration(run_dir: str | Path) -> int:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The schema metadata of the archive's first file (run settings: gamma, lam, KL, model, config)."""
-    with pa.memory_map(str(archive_files(path)[0])) as source:
-        metadata = pa.ipc.open_stream(source).schema.metadata or {}
-    return {k.decode(): v.decode() for k, v in metadata.items()}
+    return read_file_metadata(archive_files(path)[0])
+
+
+def read_file_metadata(file: Path) -> dict[str, str]:
+    """One archive file's schema metadata; {} for a file whose header cannot be read."""
+    schema = _file_schema(file)
+    return _metadata(schema) if schema is not None else {}
+
+
+# --- the run around the archive ------------------------------------------------------------------
+
+def run_dir_of(archive: str | Path) -> Path:
+    """The run directory an archive belongs to: the parent of its `rollouts/` folder."""
+    folder = archive_files(archive)[0].parent
+    return folder.parent if folder.name == "rollouts" else folder
+
+
+def read_run_metrics(archive: str | Path) -> dict[int, dict[str, Any]]:
+    """The run's `metrics.jsonl` lines by iteration (the last line wins), or {} when there is none.
+
+    A replayed archive has no metrics of its own: its generation happened in the run it was
+    replayed from (`replayed_from` in its metadata), whose metrics are read instead.
+    """
+    seen: set[Path] = set()
+    while archive is not None and Path(archive).exists() and Path(archive).resolve() not in seen:
+        seen.add(Path(archive).resolve())
+        path = run_dir_of(archive) / "metrics.jsonl"
+        if path.is_file():
+            lines = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            return {int(m["iteration"]): m for m in lines if "iteration" in m}
+        archive = read_metadata(archive).get("replayed_from")
+    return {}

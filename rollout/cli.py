@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,11 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="the PPO job: generate, reward, learn, archive")
     _config_args(run)
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/RUN_NAME)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show library output too (weight loading bars, INFO logs); also ROLLOUT_VERBOSE=1")
 
     gen = sub.add_parser("generate", help="rollouts and rewards, no learning, into an archive")
     _config_args(gen)
     gen.add_argument("--prompts", required=True, help="prompt file (any seed format) or builtin:arith")
     gen.add_argument("--out", type=Path, required=True, help="output directory (archive in OUT/rollouts)")
+    gen.add_argument("--verbose", action="store_true", help="show library output too; also ROLLOUT_VERBOSE=1")
 
     val = sub.add_parser("validate", help="check data files; FILE:LINE: reason for every bad record")
     val.add_argument("files", nargs="+")
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     sta.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sta.add_argument("--plot", type=Path, default=None, metavar="PNG", help="plot reward and tokens/s to PNG")
     sta.add_argument("--compare", default=None, metavar="OTHER", help="a second archive, side by side")
+    sta.add_argument("--manifest", action="store_true",
+                     help="print what produced the archive instead: code, versions, seeds, model, lineage")
 
     args = parser.parse_args(argv)
     try:
@@ -73,8 +79,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> int:
+    from rollout.console import VERBOSE_ENV
     from rollout.job import run_job
 
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     cfg = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / cfg.run_name
     run_job(cfg, out)
@@ -83,8 +92,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from rollout.console import VERBOSE_ENV
     from rollout.generate import generate
 
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     cfg = load_config(args.config, [*args.overrides, f"data.prompts={args.prompts}"])
     generate(cfg, args.out)
     return 0
@@ -162,8 +174,17 @@ def _train_offline(args) -> None:
 def cmd_stats(args) -> int:
     import json
 
+    from rollout.manifest import format_manifest, read_manifest
     from rollout.stats import compute_stats, format_comparison, format_table, plot_runs
 
+    if args.manifest:
+        try:
+            manifest = read_manifest(args.archive)
+        except FileNotFoundError as e:
+            print(f"stats: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(manifest, indent=1) if args.json else format_manifest(manifest), end="\n" if args.json else "")
+        return 0
     try:
         runs = [compute_stats(a) for a in [args.archive, *([args.compare] if args.compare else [])]]
     except FileNotFoundError as e:

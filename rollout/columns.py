@@ -19,10 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from learner.samples import LearnerColumns, SampleBatch, flatten
-from rollout.record import ARCHIVE_SCHEMA, REWARD_FIELDS
+from rollout.record import REWARD_FIELDS, archive_schema
 
-LEARNER_FIELDS = ("ref_logprobs", "values", "token_rewards", "advantages", "returns")
-GENERATION_SCHEMA = pa.schema([f for f in ARCHIVE_SCHEMA if f.name not in REWARD_FIELDS + LEARNER_FIELDS])
+LEARNER_FIELDS = ("ref_logprobs", "values", "kl", "token_rewards", "advantages", "returns")  # per token
+GENERATION_SCHEMA = pa.schema([f for f in archive_schema(()) if f.name not in (*REWARD_FIELDS, *LEARNER_FIELDS,
+                                                                                "kl_coef")])
 
 
 def list_array(flat: np.ndarray, offsets: np.ndarray, kind: pa.ListType) -> pa.ListArray:
@@ -89,30 +90,34 @@ def sample_batch(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch
 
 
 def archive_batches(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch] | None,
-                    learner: LearnerColumns | None) -> list[pa.RecordBatch]:
-    """Generation, reward and learner columns joined into ARCHIVE_SCHEMA batches, one per generation batch.
+                    learner: LearnerColumns | None, components: tuple[str, ...]) -> list[pa.RecordBatch]:
+    """Generation, reward and learner columns joined into `archive_schema(components)` batches, one
+    per generation batch.
 
     `learner`'s flat buffers cover all the generation batches' response tokens, in order; None (as in
     `rollout generate`) leaves the learner columns null, and so does `rewards` None for the reward columns.
     """
+    schema = archive_schema(components)
     out, token_base = [], 0
     for i, gen in enumerate(generations):
         columns = {name: gen.column(name) for name in GENERATION_SCHEMA.names}
         reward = rewards[i] if rewards is not None else None
         for name in REWARD_FIELDS:
             columns[name] = reward.column(name) if reward is not None else pa.nulls(gen.num_rows,
-                                                                                    ARCHIVE_SCHEMA.field(name).type)
+                                                                                    schema.field(name).type)
         _, offsets = _values_and_offsets(gen.column("response_ids"))
         tokens = int(offsets[-1])
         for name in LEARNER_FIELDS:
-            kind = ARCHIVE_SCHEMA.field(name).type
+            kind = schema.field(name).type
             if learner is None:
                 columns[name] = pa.nulls(gen.num_rows, kind)
             else:
                 flat = getattr(learner, name)[token_base:token_base + tokens]
                 columns[name] = list_array(flat, offsets, kind)
+        columns["kl_coef"] = (pa.nulls(gen.num_rows, pa.float32()) if learner is None
+                              else pa.array(np.full(gen.num_rows, learner.kl_coef, dtype=np.float32)))
         token_base += tokens
-        out.append(pa.RecordBatch.from_arrays([columns[n] for n in ARCHIVE_SCHEMA.names], schema=ARCHIVE_SCHEMA))
+        out.append(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
     if learner is not None and token_base != len(learner.returns):
         raise ValueError(f"the learner returned {len(learner.returns)} token values for {token_base} response tokens")
     return out

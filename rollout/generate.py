@@ -5,6 +5,7 @@ Chunks are scored and archived as they complete; learner columns stay null.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -15,12 +16,15 @@ from tqdm import tqdm
 
 from learner.device import resolve_device
 from learner.tiny_model import resolve_model_path
-from reward.worker import spawn_reward_workers
+from reward.worker import reward_components, spawn_reward_workers
 from rollout.archive import ArchiveWriter
 from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
+from rollout.console import configure_driver
+from rollout.manifest import RunManifest
 from rollout.pool import WorkerPool
 from rollout.prompts import load_prompts
+from rollout.record import SCHEMA_VERSION
 from rollout.rendering import PromptRenderer
 from rollout.resources import check_fits
 from rollout.session import init_ray
@@ -35,31 +39,37 @@ def generate(cfg: JobConfig, out: Path, *, log=sys.stderr) -> dict:
     renderer = PromptRenderer(AutoTokenizer.from_pretrained(model), cfg.model.max_prompt_tokens)
     tasks = [renderer.render(r) for r in records]
     out.mkdir(parents=True, exist_ok=True)
+    configure_driver(out)
     (out / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg, learner=False)
     check_fits(cfg, ray.cluster_resources(), learner=False)
     run_id = f"{cfg.run_name}-generate"
     reward_workers = spawn_reward_workers(cfg.reward, records)
     pool = WorkerPool(cfg, model)
-    metadata = {"run_id": run_id, "model": model, "config": to_yaml(cfg),
+    manifest = RunManifest(out, run_id)
+    start = manifest.start(config_yaml=to_yaml(cfg), model=model, schema_version=SCHEMA_VERSION,
+                           seeds={"seed": cfg.seed, "sampling_seed": cfg.rollout.sampling.seed}, resumed_from=None)
+    metadata = {"run_id": run_id, "model": model, "config": to_yaml(cfg), "manifest": json.dumps(start),
                 "temperature": repr(cfg.rollout.sampling.temperature)}
     timeout = cfg.rollout.iteration_timeout_s
-    start = time.perf_counter()
+    started = time.perf_counter()
     tokens, rewards = 0, []
     generation = pool.submit(tasks, run_id=run_id, iteration=0, scorers=reward_workers)
-    with ArchiveWriter(out / "rollouts", metadata, batch_rows=cfg.archive.batch_rows,
+    components = reward_components(cfg.reward)
+    with ArchiveWriter(out / "rollouts", metadata, components, batch_rows=cfg.archive.batch_rows,
                        rows_per_file=cfg.archive.rows_per_file) as archive, \
             tqdm(total=len(tasks) * cfg.rollout.n_samples, unit="sample", file=log, desc="generate") as bar:
         for chunk in generation.chunks():
             reward = ray.get(chunk.rewards, timeout=timeout)
             archive.write_later(lambda batch=chunk.batch, reward=reward:
-                                archive_batches([ray.get(batch, timeout=timeout)], [reward], None))
+                                archive_batches([ray.get(batch, timeout=timeout)], [reward], None, components))
             rewards.append(reward.column("reward").to_numpy(zero_copy_only=False))
             tokens += chunk.summary.generated_tokens
             bar.update(chunk.summary.samples)
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
     pool.shutdown()
-    seconds = time.perf_counter() - start
+    manifest.iteration(0, generated_by=[pool.version], policy_version=pool.version)
+    seconds = time.perf_counter() - started
     all_rewards = np.concatenate(rewards) if rewards else np.zeros(0)
     summary = {"samples": len(all_rewards), "prompts": len(tasks), "generated_tokens": tokens, "seconds": seconds,
                "tokens_per_s": tokens / seconds, "reward_mean": float(all_rewards.mean()) if len(all_rewards) else 0.0}

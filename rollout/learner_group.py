@@ -16,6 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.device import resolve_device
 from rollout.config import JobConfig
+from rollout.console import actor_options, route_actor_output
 
 
 class LearnerError(RuntimeError):
@@ -23,6 +24,9 @@ class LearnerError(RuntimeError):
 
 
 class _Rank:
+    def __init__(self):
+        route_actor_output()
+
     def address(self) -> str:
         """A free port on this node, for the process group rank 0 serves."""
         with socket.socket() as s:
@@ -67,7 +71,7 @@ class LearnerGroup:
                 f"ray.actor_start_timeout_s ({place_timeout_s:.0f}s); the cluster has {ray.available_resources()} free: lower "
                 "learner.num_ranks or learner.num_cpus_per_rank, or add nodes")
         actor = ray.remote(_Rank)
-        self.ranks = [actor.options(num_cpus=lc.num_cpus_per_rank, num_gpus=gpus,
+        self.ranks = [actor.options(num_cpus=lc.num_cpus_per_rank, num_gpus=gpus, **actor_options(f"learner-{i}"),
                                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i)).remote()
                       for i in range(lc.num_ranks)]
         address = self._get(self.ranks[0].address.remote(), "learner rank 0")

@@ -50,13 +50,10 @@ def iteration_metrics(iteration: int, summaries, rewards: list[pa.RecordBatch], 
 
 
 def _components(rewards: list[pa.RecordBatch]) -> dict[str, np.ndarray]:
-    """Each reward component's values over the iteration, from the map columns."""
-    maps = pa.chunked_array([r.column("reward_components") for r in rewards]).combine_chunks()
-    offsets = maps.offsets.to_numpy()
-    first, count = int(offsets[0]), int(offsets[-1] - offsets[0])  # `keys`/`items` ignore a slice's offset
-    keys = maps.keys.slice(first, count).to_numpy(zero_copy_only=False)
-    values = maps.items.slice(first, count).to_numpy(zero_copy_only=False).astype(np.float64)
-    return {str(name): values[keys == name] for name in dict.fromkeys(keys)}
+    """Each reward component's values over the iteration, from the struct columns."""
+    structs = pa.chunked_array([r.column("reward_components") for r in rewards]).combine_chunks()
+    return {field.name: child.to_numpy(zero_copy_only=False).astype(np.float64)
+            for field, child in zip(structs.type, structs.flatten())}
 
 
 class MetricsLog:

@@ -22,6 +22,7 @@ import ray
 
 from learner.device import resolve_device
 from rollout.config import JobConfig
+from rollout.console import actor_options, route_actor_output
 from rollout.rendering import PromptTask
 from rollout.telemetry import record_queue_depth
 from rollout.worker import GenerationSummary, RolloutWorker
@@ -42,6 +43,10 @@ class _RolloutActor(RolloutWorker):
     Both are plain values, so their object-store copies belong to the caller: refs the actor made
     itself and nested in a yield are not reliably kept alive once the actor drops them (seen with
     Ray 2.60: "The object has already been deleted by the reference counting protocol")."""
+
+    def __init__(self, *args, **kwargs):
+        route_actor_output()
+        super().__init__(*args, **kwargs)
 
     def stream(self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str,
                iteration: int) -> Iterator[pa.RecordBatch | GenerationSummary]:
@@ -130,10 +135,11 @@ class WorkerPool:
         self.cfg = cfg
         rollout = cfg.rollout
         gpus = rollout.num_gpus_per_worker if resolve_device(rollout.device) == "cuda" else 0
-        actor = ray.remote(_RolloutActor).options(num_cpus=rollout.num_cpus_per_worker, num_gpus=gpus)
+        actor = ray.remote(_RolloutActor)
         self.names = [f"rollout-{i}" for i in range(rollout.num_workers)]
         self.workers = [
-            actor.remote(name, model_path, rollout, dtype=cfg.model.dtype, seed=cfg.seed + i)
+            actor.options(num_cpus=rollout.num_cpus_per_worker, num_gpus=gpus, **actor_options(name))
+            .remote(name, model_path, rollout, dtype=cfg.model.dtype, seed=cfg.seed + i)
             for i, name in enumerate(self.names)
         ]
         ready = {w.ready.remote(): name for w, name in zip(self.workers, self.names)}

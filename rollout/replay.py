@@ -7,12 +7,11 @@ What is recomputed, and from what:
   behaviour `response_logprobs`, which differ slightly, so a KL rebuilt from them would not give
   the run's numbers. Keeping the stored token rewards reproduces the stored returns exactly (to
   float32 rounding).
-- --kl-coef or --reward-config change the token rewards, so they are rebuilt from what the archive
-  does hold: the KL part of the stored token rewards, kl_part_t = token_rewards_t − [t last]·score
-  (= −β_old·kl_t), scaled by β_new / β_old when --kl-coef is given, plus the (new) score on the last
-  token. β_old is the coefficient the run used in that iteration (`rollout.stats.kl_coefs`, per
-  iteration under an adaptive controller). Where β_old was 0 the stored rewards hold no KL to
-  scale, and kl_t is estimated from `response_logprobs` and `ref_logprobs` instead, with a warning.
+- --kl-coef or --reward-config change the token rewards: −β·kl_t plus the (new) score on the last
+  token. With --kl-coef, β is the new coefficient and kl_t the learner's per-token KL (`kl`); with
+  --reward-config alone, the KL part of the stored token rewards (r_t − [t last]·old score) is
+  kept as it is. Where `kl` is null because the run's β was 0 (a v1 archive), kl_t is estimated
+  from `response_logprobs` and `ref_logprobs` instead, with a warning.
 - --reward-config FILE re-scores every sample with the rule functions of the file's `reward:`
   section (rules only: a reward model is not loaded). Rules read the sample's data record
   (reference answer, metadata), looked up by `prompt_id` in --prompts (a prompt file or
@@ -36,7 +35,6 @@ can cut a prompt group.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from collections.abc import Iterable
@@ -53,13 +51,12 @@ import yaml
 
 from learner.advantages import KLEstimator, kl_penalty, last_token_mask
 from learner.estimators import ESTIMATORS, GROUP_ESTIMATORS, broadcast, estimate
-from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_table
+from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
 from rollout.config import ConfigError, JobConfig, RewardConfig, load_config
 from rollout.formats import Message, PromptRecord
-from rollout.record import ARCHIVE_SCHEMA
-from rollout.stats import KL_COEFS_KEY, kl_coefs, read_run_metrics
+from rollout.record import components_array, components_of
 
-Scores = tuple[pa.Array, pa.Array]  # per batch: reward (float32), reward_components (map)
+Scores = tuple[pa.Array, pa.Array]  # per batch: reward (float32), reward_components (struct)
 
 
 class ReplayError(ValueError):
@@ -102,8 +99,8 @@ def replay(archive: str | Path, out: str | Path, options: ReplayOptions = Replay
     metadata = read_metadata(archive)
     plan = _plan(metadata, options)
     target = _check_out(archive, out)
-    old_coefs = _old_kl_coefs(archive, metadata) if _needs_old_coefs(metadata, plan) else {}
     rescorer = _rescorer(options, metadata, log) if plan.rescore else None
+    components = rescorer.components if rescorer else components_of(read_schema(archive))
     scores: Iterable[Scores] = (rescorer(b) if rescorer else _stored_scores(b)
                                 for b in iter_batches(archive, ["prompt_id", "prompt", "response",
                                                                 "reward", "reward_components"]))
@@ -114,10 +111,10 @@ def replay(archive: str | Path, out: str | Path, options: ReplayOptions = Replay
 
     rows, max_diff = 0, None
     try:
-        with ArchiveWriter(target, _new_metadata(metadata, plan, archive, options, old_coefs)) as writer:
+        with ArchiveWriter(target, _new_metadata(metadata, plan, archive, options), components) as writer:
             for batch, batch_scores in zip(iter_batches(archive), scores):
                 group = None if group_advantages is None else group_advantages[rows:rows + batch.num_rows]
-                replayed, diff = _replay_batch(batch, batch_scores, plan, old_coefs, group)
+                replayed, diff = _replay_batch(batch, batch_scores, plan, group, writer.schema)
                 writer.write_batch(replayed)
                 rows += batch.num_rows
                 if diff is not None:
@@ -164,27 +161,12 @@ def _check_out(archive: str | Path, out: str | Path) -> Path:
     return target
 
 
-def _needs_old_coefs(metadata: dict[str, str], plan: _Plan) -> bool:
-    """Old β are needed to rescale KL, and recorded for an adaptive run whose β the replay keeps."""
-    return plan.kl_coef is not None or metadata.get("kl_target", "None") != "None"
-
-
-def _old_kl_coefs(archive: str | Path, metadata: dict[str, str]) -> dict[int, float | None]:
-    iterations = pc.unique(read_table(archive, ["iteration"])["iteration"]).to_pylist()
-    return kl_coefs(metadata, read_run_metrics(archive), sorted(iterations))
-
-
-def _new_metadata(metadata: dict[str, str], plan: _Plan, archive: str | Path, options: ReplayOptions,
-                  old_coefs: dict[int, float | None]) -> dict[str, str]:
+def _new_metadata(metadata: dict[str, str], plan: _Plan, archive: str | Path, options: ReplayOptions) -> dict[str, str]:
     new = {k: v for k, v in metadata.items() if k != "schema_version"}
     new.update(gamma=repr(plan.gamma), lam=repr(plan.lam), advantage_estimator=plan.estimator,
                replayed_from=str(Path(archive).resolve()))
     if plan.kl_coef is not None:
         new.update(kl_coef=repr(plan.kl_coef), kl_target="None")
-        new.pop(KL_COEFS_KEY, None)
-    elif old_coefs and None not in old_coefs.values():
-        # The replayed archive has no metrics.jsonl beside it: keep the adaptive β it still holds.
-        new[KL_COEFS_KEY] = json.dumps({str(i): c for i, c in old_coefs.items()})
     if plan.rescore:
         new["reward_config"] = str(Path(options.reward_config).resolve())
     if "config" in new:
@@ -206,14 +188,14 @@ def _updated_config(text: str, plan: _Plan, reward: RewardConfig | None) -> str:
 
 # --- one batch -----------------------------------------------------------------------------------
 
-def _replay_batch(batch: pa.RecordBatch, scores: Scores, plan: _Plan, old_coefs: dict[int, float | None],
-                  group_advantages: np.ndarray | None) -> tuple[pa.RecordBatch, float | None]:
+def _replay_batch(batch: pa.RecordBatch, scores: Scores, plan: _Plan, group_advantages: np.ndarray | None,
+                  schema: pa.Schema) -> tuple[pa.RecordBatch, float | None]:
     """The batch with new reward, token rewards, advantages and returns; and max |Δ returns|."""
     lengths = _lengths(batch.column("response_ids"))
     width = max(1, int(lengths.max(initial=0)))
     mask = torch.arange(width) < torch.from_numpy(lengths).unsqueeze(1)  # (B, T)
     reward, components = scores
-    rewards = _token_rewards(batch, reward, plan, old_coefs, lengths, mask)
+    rewards = _token_rewards(batch, reward, plan, lengths, mask)
     if plan.estimator == "gae":
         values = _padded(_required(batch, "values", lengths), width)
         advantages, returns = estimate("gae", rewards, values, mask, None, plan.gamma, plan.lam)
@@ -224,17 +206,19 @@ def _replay_batch(batch: pa.RecordBatch, scores: Scores, plan: _Plan, old_coefs:
     else:
         advantages = broadcast(torch.from_numpy(group_advantages), mask).float()
         returns = advantages
-    columns = {name: batch.column(name) for name in ARCHIVE_SCHEMA.names}
+    columns = {name: batch.column(name) for name in schema.names}
     columns.update(reward=reward, reward_components=components,
                    token_rewards=_ragged(rewards, mask) if rewards is not None else batch.column("token_rewards"),
                    advantages=_ragged(advantages, mask), returns=_ragged(returns, mask))
-    replayed = pa.RecordBatch.from_arrays([columns[n] for n in ARCHIVE_SCHEMA.names], schema=ARCHIVE_SCHEMA)
+    if plan.kl_coef is not None:
+        columns["kl_coef"] = pa.array(np.full(batch.num_rows, plan.kl_coef, dtype=np.float32))
+    replayed = pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema.remove_metadata())
     return replayed, _max_diff(batch.column("returns"), returns, lengths, mask)
 
 
-def _token_rewards(batch: pa.RecordBatch, reward: pa.Array, plan: _Plan, old_coefs: dict[int, float | None],
-                   lengths: np.ndarray, mask: torch.Tensor) -> torch.Tensor | None:
-    """(B, T) token rewards: stored, or rebuilt from their KL part and the (new) score."""
+def _token_rewards(batch: pa.RecordBatch, reward: pa.Array, plan: _Plan, lengths: np.ndarray,
+                   mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) token rewards: stored, or rebuilt as −β·kl_t plus the (new) score on the last token."""
     stored = batch.column("token_rewards")
     if stored.null_count:
         if plan.estimator == "gae":
@@ -245,34 +229,37 @@ def _token_rewards(batch: pa.RecordBatch, reward: pa.Array, plan: _Plan, old_coe
     if not plan.rescore and plan.kl_coef is None:
         return rewards
     last = last_token_mask(mask)
-    old_score = torch.from_numpy(_floats(batch.column("reward"), "reward")).unsqueeze(1)
-    kl_part = rewards - torch.where(last, old_score, 0)  # −β_old·kl_t
-    if plan.kl_coef is not None:
-        kl_part = _rescaled_kl(batch, kl_part, plan, old_coefs, lengths, mask)
+    if plan.kl_coef is None:
+        old_score = torch.from_numpy(_floats(batch.column("reward"), "reward")).unsqueeze(1)
+        kl_part = rewards - torch.where(last, old_score, 0)  # −β·kl_t, as the run computed it
+    else:
+        kl_part = -plan.kl_coef * _kl(batch, plan, lengths, mask)
     new_score = torch.from_numpy(_floats(reward, "reward")).unsqueeze(1)
     return torch.where(mask, kl_part, 0) + torch.where(last, new_score, 0)
 
 
-def _rescaled_kl(batch: pa.RecordBatch, kl_part: torch.Tensor, plan: _Plan,
-                 old_coefs: dict[int, float | None], lengths: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
-    """−β_new·kl_t from the stored −β_old·kl_t; (B, T) -> (B, T)."""
-    iterations, row_iteration = np.unique(batch.column("iteration").to_numpy(), return_inverse=True)
-    coefs = [old_coefs.get(int(i)) for i in iterations]
-    unknown = [int(i) for i, coef in zip(iterations, coefs) if coef is None]
-    if unknown:
+def _kl(batch: pa.RecordBatch, plan: _Plan, lengths: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-token KL: the `kl` column; estimated from the logprobs where the run's β was 0."""
+    column = batch.column("kl")
+    missing = column.is_null().to_numpy(zero_copy_only=False)
+    if not missing.any():
+        return _padded(_required_column(column, "kl", lengths), mask.shape[1])
+    coef = batch.column("kl_coef").to_numpy(zero_copy_only=False)  # NaN where unknown
+    unknown = np.isnan(coef) & missing
+    if unknown.any():
+        iterations = sorted(set(batch.column("iteration").to_numpy()[unknown].tolist()))
         raise ReplayError(
-            f"the KL coefficient the run used in iteration(s) {unknown[:5]} is unknown (an adaptive "
-            "controller, and no metrics.jsonl beside the archive to read it from): cannot rescale the KL")
-    beta_old = torch.tensor(coefs, dtype=torch.float32)[torch.from_numpy(row_iteration)].unsqueeze(1)
-    scaled = kl_part * (plan.kl_coef / beta_old.clamp(min=1e-30))
-    if bool((beta_old == 0).any()):
-        warnings.warn("the run's KL coefficient was 0, so its token rewards hold no KL: estimating it "
-                      "from the behaviour response_logprobs and ref_logprobs instead", stacklevel=3)
-        width = mask.shape[1]
-        kl = kl_penalty(_padded(_required(batch, "response_logprobs", lengths), width),
-                        _padded(_required(batch, "ref_logprobs", lengths), width), plan.kl_estimator)
-        scaled = torch.where(beta_old == 0, -plan.kl_coef * kl, scaled)
-    return scaled
+            f"the KL coefficient the run used in iteration(s) {iterations[:5]} is unknown (a v1 archive of an "
+            "adaptive controller, and no metrics.jsonl beside it to read it from): cannot rebuild its KL")
+    warnings.warn("the run's KL coefficient was 0, so its token rewards hold no KL: estimating it "
+                  "from the behaviour response_logprobs and ref_logprobs instead", stacklevel=4)
+    width = mask.shape[1]
+    estimated = kl_penalty(_padded(_required(batch, "response_logprobs", lengths), width),
+                           _padded(_required(batch, "ref_logprobs", lengths), width), plan.kl_estimator)
+    if missing.all():
+        return estimated
+    stored = _padded(column, width)
+    return torch.where(torch.from_numpy(missing).unsqueeze(1), estimated, stored)
 
 
 def _max_diff(stored: pa.Array, returns: torch.Tensor, lengths: np.ndarray, mask: torch.Tensor) -> float | None:
@@ -302,6 +289,7 @@ class Rescorer:
         except ValueError as e:
             raise ReplayError(f"reward config: {e}") from None
         self.prompts = prompts
+        self.components = tuple(c.name for c in self.scorer.components)
         self.unmatched = 0
 
     def __call__(self, batch: pa.RecordBatch) -> Scores:
@@ -318,9 +306,7 @@ class Rescorer:
             items.append((last_user_message(record), response, record))
         results = self.scorer.score_batch(items)
         reward = pa.array([r.total for r in results], pa.float32())
-        components = pa.array([list(r.components.items()) for r in results],
-                              type=ARCHIVE_SCHEMA.field("reward_components").type)
-        return reward, components
+        return reward, components_array([r.components for r in results], self.components)
 
     def close(self) -> None:
         self.scorer.close()

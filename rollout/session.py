@@ -9,6 +9,8 @@ directory. A resumed run numbers its iterations after the last one already archi
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 import math
 import os
 import sys
@@ -20,17 +22,21 @@ from pathlib import Path
 import msgspec
 import pyarrow as pa
 import ray
+from tqdm import tqdm
 
 from learner.device import resolve_device
 from learner.tiny_model import resolve_model_path
-from reward.worker import spawn_reward_workers
+from reward.worker import reward_components, spawn_reward_workers
 from rollout.archive import ArchiveWriter, last_archived_iteration
 from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
+from rollout.console import configure_driver
 from rollout.learner_group import LearnerGroup
+from rollout.manifest import RunManifest
 from rollout.metrics import MetricsLog, iteration_metrics
 from rollout.pool import Chunk, Launch, WorkerPool
 from rollout.prompts import PromptSampler, load_prompts
+from rollout.record import SCHEMA_VERSION
 from rollout.rendering import PromptRenderer
 from rollout.resources import actor_requests, check_fits
 from rollout.worker import GenerationSummary
@@ -72,13 +78,13 @@ def init_ray(cfg: JobConfig, *, learner: bool) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
         return
     # Ray's CPU count is a scheduling budget, not a thread limit: generation, reward and learning
     # take turns, so a 2-core machine can host the whole job.
     needed = sum(count * each["CPU"] for _, count, each in actor_requests(cfg, learner=learner))
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
              _metrics_export_port=cfg.ray.metrics_export_port)
 
 
@@ -91,8 +97,10 @@ class Session:
         self = cls(cfg, run_dir, log)
         check(cfg, cuda_available=resolve_device("auto") == "cuda")
         run_dir.mkdir(parents=True, exist_ok=True)
+        configure_driver(run_dir)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.run_id = _run_id(run_dir, cfg.run_name)
+        self.manifest = RunManifest(run_dir, self.run_id)
         self.records = load_prompts(cfg.data, cfg.seed, log=log)
         self.sampler = PromptSampler(size=len(self.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
 
@@ -121,11 +129,14 @@ class Session:
         self.reward_workers = spawn_reward_workers(cfg.reward, self.records)
         self.pool = WorkerPool(cfg, serving_model)
         trained = 0  # iterations whose updates the learner's weights hold
+        resumed_from = None
         if checkpoint:
             extra = self.learner.call("load", checkpoint)
             self.sampler = msgspec.convert(extra["sampler"], PromptSampler)
             trained = extra["iteration"] + 1
-            self.pool.sync_weights(self.learner.rank0("version_number"), self._weights())
+            version = self.learner.rank0("version_number")
+            self.pool.sync_weights(version, self._weights())
+            resumed_from = {"checkpoint": checkpoint.name, "iteration": extra["iteration"], "policy_version": version}
         # Iterations archived after the last checkpoint lost their updates but keep their rows;
         # numbering continues after them so no (iteration, prompt_id, sample_index) repeats.
         self.first_iteration = max(trained, last_archived_iteration(run_dir) + 1)
@@ -137,7 +148,11 @@ class Session:
         self.version = self.pool.version
         self.launched: dict[int, Launched] = {}
         self._last_recorded = time.perf_counter()
-        self.archive = ArchiveWriter(run_dir / "rollouts", self._archive_metadata(model),
+        self.components = reward_components(cfg.reward)
+        start = self.manifest.start(config_yaml=to_yaml(cfg), model=model, schema_version=SCHEMA_VERSION,
+                                    seeds={"seed": cfg.seed, "sampling_seed": cfg.rollout.sampling.seed},
+                                    resumed_from=resumed_from)
+        self.archive = ArchiveWriter(run_dir / "rollouts", self._archive_metadata(model, start), self.components,
                                      batch_rows=cfg.archive.batch_rows, rows_per_file=cfg.archive.rows_per_file)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         return self
@@ -164,7 +179,7 @@ class Session:
         start = time.perf_counter()
         if launched.after_sync:
             self.pool.confirm_weights()
-        chunks = launched.generation.collect()
+        chunks = self._collect_with_progress(iteration, launched.generation)
         timings["generate"] = time.perf_counter() - start
         start = time.perf_counter()
         rewards = _get([c.rewards for c in chunks], timeout, f"rewards of iteration {iteration}")
@@ -195,7 +210,7 @@ class Session:
         timeout = self.cfg.rollout.iteration_timeout_s
         batches = [c.batch for c in samples.chunks]
         self.archive.write_later(lambda: archive_batches(ray.get(batches, timeout=timeout), samples.rewards,
-                                                         ray.get(learned.columns, timeout=timeout)))
+                                                         ray.get(learned.columns, timeout=timeout), self.components))
 
     def record_metrics(self, samples: Samples, learned: Learned, timings: dict[str, float]) -> dict:
         metrics = iteration_metrics(samples.iteration, samples.summaries, samples.rewards,
@@ -204,6 +219,8 @@ class Session:
         now = time.perf_counter()
         metrics["time/wall"], self._last_recorded = now - self._last_recorded, now
         self.metrics.write(metrics)
+        self.manifest.iteration(samples.iteration, generated_by=[s.policy_version for s in samples.summaries],
+                                policy_version=self.version)
         print(self.metrics.progress_line(metrics, self.last_iteration), file=self.log, flush=True)
         return metrics
 
@@ -219,6 +236,7 @@ class Session:
         # The policy directory is a complete model: a resumed run's engines load it directly.
         self.tokenizer.save_pretrained(directory / "policy")
         (self.run_dir / CHECKPOINTS / "latest").write_text(directory.name)
+        self.manifest.checkpoint(iteration, directory.name)
 
     def close(self) -> None:
         self.archive.close()
@@ -239,12 +257,27 @@ class Session:
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
         return Launched(generation, msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
 
+    def _collect_with_progress(self, iteration: int, generation: Launch) -> list[Chunk]:
+        """The iteration's chunks, with a progress bar (samples, tokens/s) on a terminal."""
+        total = self.cfg.rollout.prompts_per_iteration * self.cfg.rollout.n_samples
+        interactive = hasattr(self.log, "isatty") and self.log.isatty()
+        chunks, tokens, start = [], 0, time.perf_counter()
+        with tqdm(total=total, unit="sample", desc=f"iter {iteration} generate", leave=False, file=self.log,
+                  disable=not interactive, dynamic_ncols=True) as bar:
+            for chunk in generation.chunks():
+                chunks.append(chunk)
+                tokens += chunk.summary.generated_tokens
+                bar.update(chunk.summary.samples)
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+        return chunks
+
     def _weights(self) -> ray.ObjectRef:
         return self.learner.call_ref("export_weights")
 
-    def _archive_metadata(self, model: str) -> dict[str, str]:
+    def _archive_metadata(self, model: str, start: dict) -> dict[str, str]:
         lc = self.cfg.learner
         return {
+            "manifest": json.dumps(start),
             "run_id": self.run_id, "gamma": repr(lc.gamma), "lam": repr(lc.lam),
             "kl_coef": repr(lc.kl.coef), "kl_estimator": lc.kl.estimator, "kl_target": repr(lc.kl.target),
             "temperature": repr(self.cfg.rollout.sampling.temperature), "model": model,

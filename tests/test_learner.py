@@ -231,7 +231,7 @@ def test_offline_training_from_an_archive_moves_the_policy(cfg, tiny_model_path,
     from rollout.offline import train_offline
 
     records, _, _ = learn(Learner(cfg, tiny_model_path), make_records())
-    with ArchiveWriter(tmp_path / "rollouts", {}) as archive:
+    with ArchiveWriter(tmp_path / "rollouts", {}, ("arithmetic",)) as archive:
         archive.write(records)
     out = train_offline(tmp_path / "rollouts", cfg, tmp_path / "policy", model=tiny_model_path,
                         log=open("/dev/null", "w"))
@@ -245,7 +245,7 @@ def test_offline_training_refuses_an_archive_without_learner_columns(cfg, tiny_m
     from rollout.archive import ArchiveWriter
     from rollout.offline import train_offline
 
-    with ArchiveWriter(tmp_path / "rollouts", {}) as archive:
+    with ArchiveWriter(tmp_path / "rollouts", {}, ("arithmetic",)) as archive:
         archive.write(make_records(4))
     with pytest.raises(ValueError, match="needs the learner columns"):
         train_offline(tmp_path / "rollouts", cfg, tmp_path / "policy", model=tiny_model_path)

@@ -57,11 +57,12 @@ def fill_learner_columns(records, *, kl_coef, estimator, gamma, lam, gen):
     ref = behaviour + 0.2 * torch.randn(behaviour.shape, generator=gen)
     values = torch.randn(behaviour.shape, generator=gen)
     scores = torch.tensor([r.reward for r in records])
-    rewards, _ = token_rewards(scores, policy * mask, ref * mask, mask, kl_coef, estimator)
+    rewards, kl = token_rewards(scores, policy * mask, ref * mask, mask, kl_coef, estimator)
     advantages, returns = gae(rewards, values * mask, mask, gamma, lam)
-    columns = [unpad_rows(x, mask) for x in (ref, values, rewards, advantages, returns)]
+    columns = [unpad_rows(x, mask) for x in (ref, values, kl, rewards, advantages, returns)]
     for record, *row in zip(records, *columns):
-        record.ref_logprobs, record.values, record.token_rewards, record.advantages, record.returns = row
+        record.ref_logprobs, record.values, record.kl, record.token_rewards, record.advantages, record.returns = row
+        record.kl_coef = kl_coef
     return unpad_rows(policy, mask)
 
 
@@ -72,7 +73,8 @@ def write_run(run_dir, records, *, gamma=1.0, lam=0.95, kl_coef=0.05, estimator=
     metadata = {"run_id": "synthetic", "gamma": repr(gamma), "lam": repr(lam), "kl_coef": repr(kl_coef),
                 "kl_estimator": estimator, "kl_target": "None", "temperature": "1.0", "model": "tiny",
                 "config": to_yaml(cfg)}
-    with ArchiveWriter(run_dir / "rollouts", metadata, batch_rows=batch_rows) as writer:
+    components = sorted({k for r in records for k in (r.reward_components or {})})
+    with ArchiveWriter(run_dir / "rollouts", metadata, components, batch_rows=batch_rows) as writer:
         writer.write(records)
     return run_dir
 
@@ -163,8 +165,14 @@ def test_a_new_kl_coefficient_rescales_the_learners_kl(tmp_path):
     assert meta["kl_coef"] == "0.2" and meta["kl_target"] == "None"
 
 
-def test_a_run_without_kl_penalty_gets_its_kl_from_the_behaviour_logprobs(tmp_path):
-    run, _ = synthetic_run(tmp_path / "run", kl_coef=0.0)
+def test_a_v1_run_without_kl_penalty_gets_its_kl_from_the_behaviour_logprobs(tmp_path):
+    """A v1 archive of a run at β = 0 reads with `kl` null (its token rewards hold none) and kl_coef 0."""
+    gen = torch.Generator().manual_seed(0)
+    records = [sample(0, f"p{i // 2}", i % 2, 1 + i % 5, float(i % 2), gen=gen) for i in range(8)]
+    fill_learner_columns(records, kl_coef=0.0, estimator="k1", gamma=1.0, lam=0.95, gen=gen)
+    for r in records:
+        r.kl = None
+    run = write_run(tmp_path / "run", records, kl_coef=0.0)
     with pytest.warns(UserWarning, match="behaviour"):
         replay(run, tmp_path / "out", ReplayOptions(kl_coef=0.1))
     source, replayed = read_table(run), read_table(tmp_path / "out")
@@ -271,6 +279,8 @@ def test_rescoring_with_a_reward_config_changes_reward_and_components(tmp_path):
         want = list(old["token_rewards"])
         want[-1] += new["reward"] - old["reward"]
         assert new["token_rewards"] == pytest.approx(want, abs=1e-6)
+    assert [f.name for f in read_table(tmp_path / "out").schema.field("reward_components").type] == \
+        ["arithmetic", "similarity", "length"]  # the re-scoring's own components
     meta = read_metadata(tmp_path / "out")
     rules = yaml.safe_load(meta["config"])["reward"]["rules"]
     assert [r["name"] for r in rules] == ["arithmetic", "similarity", "length"]

@@ -10,7 +10,7 @@ from rollout.archive import ArchiveWriter
 from rollout.cli import main
 from rollout.record import RolloutRecord
 from rollout.replay import replay
-from rollout.stats import KL_COEFS_KEY, compute_stats, format_comparison, format_table, kl_coefs, plot_runs
+from rollout.stats import compute_stats, format_comparison, format_table, plot_runs
 
 T0 = dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)
 NAN = float("nan")
@@ -29,7 +29,7 @@ def record(iteration, version, kl, reward, components, finish, seconds, learner=
         generated_at=T0 + dt.timedelta(seconds=seconds), reward=reward, reward_components=components)
     if learner:
         rec.ref_logprobs = rec.values = rec.advantages = rec.returns = [0.0] * len(kl)
-        rec.token_rewards = rewards
+        rec.token_rewards, rec.kl, rec.kl_coef = rewards, kl, KL_COEF
     return rec
 
 
@@ -47,7 +47,7 @@ def hand_records(learner=True):
 
 def write(run_dir, records, metrics=None, **metadata):
     meta = {"gamma": "1.0", "lam": "0.95", "kl_coef": repr(KL_COEF), "kl_estimator": "k1", "kl_target": "None"}
-    with ArchiveWriter(run_dir / "rollouts", meta | metadata, batch_rows=2) as writer:
+    with ArchiveWriter(run_dir / "rollouts", meta | metadata, ("arithmetic", "format"), batch_rows=2) as writer:
         writer.write(records)
     if metrics:
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -102,22 +102,11 @@ def test_kl_is_null_without_learner_columns(tmp_path):
     assert stats.iterations[0]["reward_mean"] == pytest.approx(0.5)
 
 
-def test_kl_coefficients_of_an_adaptive_run():
-    meta = {"kl_coef": "0.1", "kl_target": "6.0"}
-    logged = {0: {"kl_coef": 0.2}, 1: {"kl_coef": 0.3}}
-    # Iteration i used the coefficient logged at the end of the iteration before it.
-    assert kl_coefs(meta, logged, [0, 1, 2]) == {0: 0.1, 1: 0.2, 2: 0.3}
-    assert kl_coefs(meta, {}, [0, 1]) == {0: None, 1: None}
-    assert kl_coefs({"kl_coef": "0.1", "kl_target": "None"}, {}, [4]) == {4: 0.1}
-    assert kl_coefs({**meta, KL_COEFS_KEY: '{"1": 0.5}'}, logged, [1, 2]) == {1: 0.5, 2: None}
-
-
-def test_adaptive_kl_uses_the_coefficient_of_each_iteration(tmp_path):
-    # The hand records carry coefficient 0.1 in both iterations; a log that says iteration 1 ran at
-    # 0.2 halves its measured KL.
+def test_kl_is_the_learners_whatever_the_logged_coefficient(tmp_path):
+    """v2 archives carry the per-token KL: the coefficient an adaptive run logged does not enter it."""
     run = write(tmp_path / "run", hand_records(), metrics=[{"iteration": 0, "kl_coef": 0.2}], kl_target="6.0")
     first, second = compute_stats(run).iterations
-    assert first["kl"] == pytest.approx(0.4, abs=1e-6) and second["kl"] == pytest.approx(0.5, abs=1e-6)
+    assert first["kl"] == pytest.approx(0.4, abs=1e-6) and second["kl"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_table_and_comparison(tmp_path):

