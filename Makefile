@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export ROLLOUT_CACHE ?= $(CURDIR)/.cache
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup tools run test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,10 +25,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import vllm, torch, ray; print('engine ready: vllm', vllm.__version__, 'torch', torch.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
 
+# Debian's prometheus lets the dashboard test evaluate every panel query on a real Prometheus. It is
+# installed where this user can (root with apt-get); elsewhere that one test is skipped and says why.
+tools:
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { $(APT_INSTALL) prometheus || { timeout 600 apt-get update -qq && $(APT_INSTALL) prometheus; }; } \
+	  >/dev/null 2>&1 && echo "installed prometheus (Debian package) for the dashboard test"; } || \
+	  echo "prometheus is not installed: the dashboard test will be skipped (apt-get install prometheus)"
+
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends
+
 run: setup
 	$(BIN)/python -m rollout run --config configs/tiny-arith.yaml --out runs/tiny-arith
 
-test: setup
+test: setup tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests selected"; exit 0; fi; exit $$rc
 
 test-fast: setup

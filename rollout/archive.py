@@ -27,7 +27,6 @@ from rollout.record import (
     SCHEMA_VERSION,
     RolloutRecord,
     archive_schema,
-    components_array,
     components_of,
     to_record_batch,
 )
@@ -266,10 +265,12 @@ class _Reader:
         if batch.schema.equals(self.schema):
             return batch
         column = batch.column("reward_components")
-        names = components_of(self.schema)
-        rows = [None if r is None else {k: r.get(k) for k in names} for r in column.to_pylist()]
-        arrays = [components_array(rows, names) if f.name == "reward_components" else batch.column(f.name)
-                  for f in self.schema]
+        own = dict(zip((f.name for f in column.type), column.flatten()))
+        fields = list(self.schema.field("reward_components").type)
+        children = [own.get(f.name, pa.nulls(len(column), pa.float32())) for f in fields]
+        components = pa.StructArray.from_arrays(children, fields=fields, mask=column.is_null()) if fields else \
+            pa.array([{}] * len(column), pa.struct([]))
+        arrays = [components if f.name == "reward_components" else batch.column(f.name) for f in self.schema]
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
 

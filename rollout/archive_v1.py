@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from rollout.record import archive_schema, components_array
+from rollout.record import archive_schema
 
 KL_COEFS_KEY = "kl_coef_by_iteration"  # v1 replay metadata: {iteration: β} as JSON
 
@@ -76,11 +77,19 @@ class V1Upgrade:
         coefs = kl_coefs(self.metadata, self.run_metrics, np.unique(iterations).tolist())
         beta = np.array([np.nan if coefs[int(i)] is None else coefs[int(i)] for i in iterations], dtype=np.float64)
         columns = {name: batch.column(name) for name in batch.schema.names}
-        columns["reward_components"] = components_array(
-            [None if m is None else dict(m) for m in batch.column("reward_components").to_pylist()], self.components)
+        columns["reward_components"] = _struct_of_map(batch.column("reward_components"), self.components)
         columns["kl_coef"] = pa.array(beta.astype(np.float32), mask=np.isnan(beta))
         columns["kl"] = _kl(batch.column("token_rewards"), batch.column("reward"), beta)
         return pa.RecordBatch.from_arrays([columns[f.name] for f in self.schema], schema=self.schema)
+
+
+def _struct_of_map(maps: pa.MapArray, components: list[str]) -> pa.StructArray:
+    """The map column as a struct of `components`; a key a row lacks is null there."""
+    fields = list(archive_schema(components).field("reward_components").type)
+    if not fields:
+        return pa.array([None if m is None else {} for m in maps.to_pylist()], pa.struct([]))
+    children = [pc.map_lookup(maps, pa.scalar(name), "first").cast(pa.float32()) for name in components]
+    return pa.StructArray.from_arrays(children, fields=fields, mask=maps.is_null())
 
 
 def _kl(token_rewards: pa.ListArray, reward: pa.Array, beta: np.ndarray) -> pa.ListArray:
