@@ -269,15 +269,24 @@ class Learner:
         """Every rank: sharded training state (torch.distributed.checkpoint) in `learner/`; rank 0: the
         policy as a loadable model in `policy/`, then `learner.pt`, which marks the checkpoint whole."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         directory = Path(directory)
-        with _single_process_note_quiet():
-            dcp.save(self._training_state(), checkpoint_id=str(directory / "learner"), no_dist=self.world_size == 1)
-        weights = self.export_weights()
-        if self.rank == 0:
-            self._save_policy(directory / "policy", weights)
-            torch.save({"kl_controller": self.kl_controller.state_dict(), "version": self.version,
-                        "extra": extra}, directory / STATE_FILE)
+        try:
+            with _single_process_note_quiet():
+                dcp.save(self._training_state(), checkpoint_id=str(directory / "learner"),
+                         no_dist=self.world_size == 1)
+            weights = self.export_weights()
+            if self.rank == 0:
+                self._save_policy(directory / "policy", weights)
+                torch.save({"kl_controller": self.kl_controller.state_dict(), "version": self.version,
+                            "extra": extra}, directory / STATE_FILE)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            # torch's writers report a full disk as "unexpected pos ...": say what the disk says.
+            cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP: the failure per rank
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise CheckpointWriteError(f"writing checkpoint {directory} failed ({first}); "
+                                       f"{_free_space(directory)} free on its disk") from None
         dist.barrier()
 
     def load(self, directory: Path) -> dict:
@@ -368,6 +377,19 @@ def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only or failing device); the message names it."""
+
+
+def _free_space(directory: Path) -> str:
+    import shutil
+
+    for path in (directory, *directory.parents):
+        if path.exists():
+            return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    return "unknown"
 
 
 @contextlib.contextmanager

@@ -39,6 +39,10 @@ class ArchiveCutWarning(UserWarning):
     """An archive file ended mid-batch; the complete batches before the cut were read."""
 
 
+class ArchiveWriteError(OSError):
+    """Writing the archive failed (a full disk, a read-only or failing device); the message names the file."""
+
+
 class ArchiveWriter:
     """Streams records to `directory/part-NNNNN.arrow`, rolling to a new file every `rows_per_file`.
 
@@ -60,6 +64,7 @@ class ArchiveWriter:
         self._next_file = _next_file_index(self.directory)
         self._file_rows = 0
         self._sink: pa.NativeFile | None = None
+        self._path: Path | None = None
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._pending: list[RolloutRecord] = []
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -99,6 +104,7 @@ class ArchiveWriter:
         self._raise_if_failed()
 
     def close(self) -> None:
+        """Write what is queued and close the file; the writer thread always ends, failed or not."""
         if self._thread.is_alive():
             self._queue.put(_CLOSE)
             self._thread.join()
@@ -111,19 +117,30 @@ class ArchiveWriter:
         self.close()
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"archive writer in {self.directory} failed: {self._error}") from self._error
+        error = self._error
+        if error is None:
+            return
+        if isinstance(error, OSError):
+            where = error.filename or self._path or self.directory
+            raise ArchiveWriteError(error.errno, f"archive write to {where} failed: {error.strerror or error}") \
+                from error
+        raise RuntimeError(f"archive writer in {self.directory} failed: {error}") from error
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            try:
-                if item is _CLOSE:
-                    self._write_pending(final=True)
+            if item is _CLOSE:
+                try:
+                    if self._error is None:
+                        self._write_pending(final=True)
                     self._close_file()
-                    return
+                except BaseException as e:  # noqa: BLE001 - reported by close()
+                    self._error = self._error or e
+                return
+            try:
                 if isinstance(item, threading.Event):
-                    self._write_pending(final=True)
+                    if self._error is None:
+                        self._write_pending(final=True)
                     item.set()
                     continue
                 if self._error is None and callable(item):
@@ -138,7 +155,7 @@ class ArchiveWriter:
                     self._pending.extend(item)
                     self._write_pending(final=False)
             except BaseException as e:  # noqa: BLE001 - reported to the producer, not lost
-                self._error = e
+                self._error = self._error or e
                 if isinstance(item, threading.Event):
                     item.set()
 
@@ -161,6 +178,7 @@ class ArchiveWriter:
         if self._writer is None:
             path = self.directory / FILE_PATTERN.format(self._next_file)
             self._next_file += 1
+            self._path = path
             self._sink = pa.OSFile(str(path), "wb")
             self._writer = pa.ipc.new_stream(self._sink, self.schema)
         self._writer.write_batch(batch.replace_schema_metadata(self.schema.metadata))
@@ -170,10 +188,15 @@ class ArchiveWriter:
             self._close_file()
 
     def _close_file(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._sink.close()
+        """End the file's stream; after a failed write only the file is closed (its batches are whole)."""
+        writer, sink = self._writer, self._sink
         self._writer, self._sink, self._file_rows = None, None, 0
+        try:
+            if writer is not None and self._error is None:
+                writer.close()
+        finally:
+            if sink is not None:
+                sink.close()
 
 
 def _next_file_index(directory: Path) -> int:

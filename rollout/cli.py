@@ -9,10 +9,15 @@ from pathlib import Path
 
 from learner.estimators import ESTIMATORS
 from rollout.config import ConfigError, load_config
+from rollout.stopping import JobStopped
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rollout", description="Distributed PPO rollout service for LLMs.")
+    parser = argparse.ArgumentParser(prog="rollout", description="Distributed PPO rollout service for LLMs.",
+                                     epilog="Exit codes: 0 done, 1 the job failed, 2 a usage, config or data "
+                                            "error, 130/143 stopped by SIGINT/SIGTERM (the same command resumes).")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also ROLLOUT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the PPO job: generate, reward, learn, archive")
@@ -70,6 +75,49 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except JobStopped as e:
+        print(f"rollout {args.command}: {e}; every finished iteration is archived, the same command resumes",
+              file=sys.stderr)
+        return e.exit_code
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None or args.debug or os.environ.get("ROLLOUT_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"rollout {args.command}: {_one_line(e)}", file=sys.stderr)
+        return code
+
+
+def _exit_code(error: BaseException) -> int | None:
+    """2 for what the user must fix in what they passed (files, data, options), 1 for a job that
+    failed on its way (disk, actors, timeouts); None for anything else, which is a bug: traceback."""
+    from rollout.prompts import DataError
+    from rollout.records import FormatError
+    from rollout.run_lock import RunDirBusy
+
+    error = _cause(error)
+    if isinstance(error, (DataError, FormatError, RunDirBusy, FileNotFoundError, IsADirectoryError,
+                          NotADirectoryError, PermissionError)):
+        return 2
+    if isinstance(error, OSError):  # a full disk, a read-only or failing device
+        return 1
+    failures = {"LearnerError", "GenerationTimeout", "WorkerStartError", "WeightSyncError", "PipelineTimeout",
+                "ReplayError", "CheckpointWriteError", "ArchiveWriteError"}
+    if any(kind.__name__ in failures for kind in type(error).__mro__):
+        return 2 if type(error).__name__ == "ReplayError" else 1
+    return None
+
+
+def _cause(error: BaseException) -> BaseException:
+    """An actor's error as raised there, not Ray's wrapper with the remote traceback."""
+    exceptions = sys.modules.get("ray.exceptions")  # not imported: no actor ran, nothing to unwrap
+    while exceptions and isinstance(error, exceptions.RayTaskError) and getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(_cause(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

@@ -212,6 +212,9 @@ class JobConfig(Base):
     seed: Annotated[int, doc("Seed of data order, initialisation and learning.")] = 0
     iterations: Annotated[int, doc("PPO iterations.", ge=1)] = 20
     checkpoint_every: Annotated[int, doc("Iterations between checkpoints.", ge=1)] = 5
+    checkpoint_keep_last: Annotated[Annotated[int, Meta(ge=1)] | None, doc(
+        "Checkpoints kept in RUN_DIR/checkpoints, the newest; older ones are deleted after each save. "
+        "null keeps them all.")] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -262,7 +265,11 @@ def _apply_override(tree: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw) if raw else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({problem})") from None
 
 
 def _readable(message: str) -> str:

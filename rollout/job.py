@@ -10,13 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+from rollout import stopping
 from rollout.config import JobConfig
 from rollout.metrics import print_summary
 from rollout.session import Session
 
 
 def run_job(cfg: JobConfig, run_dir: Path, *, log=sys.stderr) -> list[dict]:
-    """Train for `cfg.iterations`, resuming from the newest checkpoint in `run_dir` if there is one."""
+    """Train for `cfg.iterations`, resuming from the newest checkpoint in `run_dir` if there is one.
+
+    SIGTERM or SIGINT raise `stopping.JobStopped` out of here once the session is closed."""
+    stopping.install()
     session = Session.open(cfg, run_dir, log=log)
     history: list[dict] = []
     try:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from learner.device import resolve_device
 from learner.tiny_model import resolve_model_path
 from reward.worker import reward_components, spawn_reward_workers
+from rollout import stopping
 from rollout.archive import ArchiveWriter, last_archived_iteration
 from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
@@ -39,6 +41,7 @@ from rollout.prompts import PromptSampler, load_prompts
 from rollout.record import SCHEMA_VERSION
 from rollout.rendering import PromptRenderer
 from rollout.resources import actor_requests, check_fits
+from rollout.run_lock import RunLock
 from rollout.worker import GenerationSummary
 
 CHECKPOINTS = "checkpoints"
@@ -96,7 +99,18 @@ class Session:
     def open(cls, cfg: JobConfig, run_dir: Path, *, log=sys.stderr) -> Session:
         self = cls(cfg, run_dir, log)
         check(cfg, cuda_available=resolve_device("auto") == "cuda")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock.acquire(run_dir)  # before anything is written there
+        if self.lock.stale_warning():
+            print(self.lock.stale_warning(), file=log)
+        try:
+            self._start()
+        except BaseException:
+            self._abandon()
+            raise
+        return self
+
+    def _start(self) -> None:
+        cfg, run_dir, log = self.cfg, self.run_dir, self.log
         configure_driver(run_dir)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.run_id = _run_id(run_dir, cfg.run_name)
@@ -106,6 +120,7 @@ class Session:
 
         # Before any model work: a cluster that cannot hold the actors fails the job here, in seconds.
         init_ray(cfg, learner=True)
+        stopping.install()  # again: ray.init installs its own SIGTERM handler
         check_fits(cfg, ray.cluster_resources())
         base_model = resolve_model_path(cfg.model.path)
         from transformers import AutoTokenizer
@@ -128,22 +143,24 @@ class Session:
         self.learner = LearnerGroup(cfg, model)
         self.reward_workers = spawn_reward_workers(cfg.reward, self.records)
         self.pool = WorkerPool(cfg, serving_model)
-        trained = 0  # iterations whose updates the learner's weights hold
-        resumed_from = None
+        updates = 0  # PPO updates the learner's weights hold: its policy version
+        next_iteration, resumed_from = 0, None
         if checkpoint:
             extra = self.learner.call("load", checkpoint)
             self.sampler = msgspec.convert(extra["sampler"], PromptSampler)
-            trained = extra["iteration"] + 1
-            version = self.learner.rank0("version_number")
-            self.pool.sync_weights(version, self._weights())
-            resumed_from = {"checkpoint": checkpoint.name, "iteration": extra["iteration"], "policy_version": version}
+            next_iteration = extra["iteration"] + 1
+            updates = self.learner.rank0("version_number")
+            self.pool.sync_weights(updates, self._weights())
+            resumed_from = {"checkpoint": checkpoint.name, "iteration": extra["iteration"], "policy_version": updates}
         # Iterations archived after the last checkpoint lost their updates but keep their rows;
-        # numbering continues after them so no (iteration, prompt_id, sample_index) repeats.
-        self.first_iteration = max(trained, last_archived_iteration(run_dir) + 1)
+        # numbering continues after them so no (iteration, prompt_id, sample_index) repeats, and the
+        # run goes on until the weights hold `iterations` updates, however many crashes came before.
+        self.first_iteration = max(next_iteration, last_archived_iteration(run_dir) + 1)
         if checkpoint or self.first_iteration:
             print(f"resuming{' from ' + checkpoint.name if checkpoint else ' with no checkpoint'}: "
-                  f"continuing at iteration {self.first_iteration}", file=log)
-        self.iterations_left = max(0, cfg.iterations - trained)
+                  f"{updates} of {cfg.iterations} updates done, continuing at iteration {self.first_iteration}",
+                  file=log)
+        self.iterations_left = max(0, cfg.iterations - updates)
         self.last_iteration = self.first_iteration + self.iterations_left - 1
         self.version = self.pool.version
         self.launched: dict[int, Launched] = {}
@@ -155,7 +172,16 @@ class Session:
         self.archive = ArchiveWriter(run_dir / "rollouts", self._archive_metadata(model, start), self.components,
                                      batch_rows=cfg.archive.batch_rows, rows_per_file=cfg.archive.rows_per_file)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
-        return self
+
+    def _abandon(self) -> None:
+        """A start that failed half-way: release what it started and the run directory."""
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+        for part in ("pool", "learner"):
+            if hasattr(self, part):
+                getattr(self, part).shutdown()
+        for worker in getattr(self, "reward_workers", []):
+            ray.kill(worker)
+        self.lock.release()
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -225,23 +251,39 @@ class Session:
         return metrics
 
     def checkpoint_if_due(self, samples: Samples) -> None:
+        """Every `checkpoint_every` iterations and after the last: written under a temporary name and
+        renamed whole, so `latest` never names half a checkpoint; then old ones are pruned."""
         iteration = samples.iteration
         if (iteration + 1) % self.cfg.checkpoint_every and iteration != self.last_iteration:
             return
         # The archive holds every trained iteration before a checkpoint says they were trained.
         self.archive.flush()
-        directory = self.run_dir / CHECKPOINTS / f"iter-{iteration:06d}"
+        root = self.run_dir / CHECKPOINTS
+        directory, partial = root / f"iter-{iteration:06d}", root / f"iter-{iteration:06d}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # a save a crash cut short
         extra = {"iteration": iteration, "sampler": samples.sampler, "run_id": self.run_id}
-        self.learner.call("save", directory, extra)
+        self.learner.call("save", partial, extra)
         # The policy directory is a complete model: a resumed run's engines load it directly.
-        self.tokenizer.save_pretrained(directory / "policy")
-        (self.run_dir / CHECKPOINTS / "latest").write_text(directory.name)
+        self.tokenizer.save_pretrained(partial / "policy")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(partial, directory)
+        _write_atomically(root / "latest", directory.name)
         self.manifest.checkpoint(iteration, directory.name)
+        keep = self.cfg.checkpoint_keep_last
+        if keep is not None:
+            for old in sorted(p for p in root.glob("iter-*") if p.is_dir() and p.suffix != ".partial")[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
-        self.archive.close()
-        self.pool.shutdown()
-        self.learner.shutdown()
+        # Results still in flight die with their actors: Ray would report each as an "unhandled error".
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+        try:
+            self.archive.close()
+        finally:
+            self.pool.shutdown()
+            self.learner.shutdown()
+            self.lock.release()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -294,6 +336,12 @@ def _get(refs: list[ray.ObjectRef], timeout: float, what: str) -> list:
         return ray.get(refs, timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         raise PipelineTimeout(f"{what} did not finish within rollout.iteration_timeout_s ({timeout:.0f}s)") from None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -113,7 +113,7 @@ def assert_gae_consistent(out):
 def test_a_second_start_resumes_and_archives_nothing_twice(smoke_run, tmp_path):
     out, _ = smoke_run
     proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", "iterations=4")
-    assert "resuming from iter-000002: continuing at iteration 3" in proc.stderr
+    assert "resuming from iter-000002: 3 of 4 updates done, continuing at iteration 3" in proc.stderr
     table = read_table(out)
     assert sorted(set(table["iteration"].to_pylist())) == [0, 1, 2, 3]
     assert len(set(keys(table))) == table.num_rows
@@ -161,7 +161,7 @@ def test_two_learner_ranks_with_grpo_train_and_resume(tmp_path):
     rollout_cli("run", "--config", SMOKE, "--out", str(out), *ranks, "--set", "iterations=2")
     assert (out / "checkpoints" / "iter-000001" / "learner" / ".metadata").exists()
     proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), *ranks, "--set", "iterations=3")
-    assert "resuming from iter-000001: continuing at iteration 2" in proc.stderr
+    assert "resuming from iter-000001: 2 of 3 updates done, continuing at iteration 2" in proc.stderr
     table = read_table(out)
     assert sorted(set(table["iteration"].to_pylist())) == [0, 1, 2]
     assert len(set(keys(table))) == table.num_rows
@@ -405,3 +405,79 @@ def test_a_clean_run_shows_its_progress_lines_and_summary_and_nothing_else(tmp_p
     logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
     assert {"rollout-0.log", "reward-0.log", "learner-0.log"} <= logs.keys()
     assert "Loading safetensors checkpoint shards" in logs["rollout-0.log"]
+
+
+def test_a_second_run_is_refused_and_sigterm_stops_the_first_cleanly_then_it_resumes(tmp_path):
+    import warnings
+
+    from rollout.archive import ArchiveCutWarning
+
+    out = tmp_path / "run"
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out),
+                              "--set", "iterations=200"], cwd=ROOT, env=_env(), stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None:
+            if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        started = time.time()
+        second = rollout_cli("run", "--config", SMOKE, "--out", str(out), check=False, timeout=120)
+        assert second.returncode == 2 and time.time() - started < 30
+        assert f"is in use by pid {first.pid}" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        assert first.poll() is None, "the refused second run disturbed the first"
+        first.send_signal(signal.SIGTERM)
+        stopping = time.time()
+        assert first.wait(timeout=60) == 143 and time.time() - stopping < 30
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert "stopped by SIGTERM" in (tmp_path / "first.log").read_text().splitlines()[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ArchiveCutWarning)  # stopped, not cut: every file ends whole
+        table = read_table(out)
+    stopped_at = max(table["iteration"].to_pylist())
+    assert sorted(set(table["iteration"].to_pylist())) == list(range(stopped_at + 1))
+    proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", f"iterations={stopped_at + 2}")
+    assert "resuming from iter-" in proc.stderr
+    table = read_table(out)
+    assert len(set(keys(table))) == table.num_rows
+    assert json.loads((out / "manifest.json").read_text())["iterations"][-1]["policy_version"] == stopped_at + 2
+
+
+def test_two_crashes_and_two_resumes_end_with_exactly_the_configured_updates(tmp_path):
+    out = tmp_path / "crashy"
+    run_and_kill(out, "--set", "checkpoint_every=3", after_iterations=4)
+    logged = len((out / "metrics.jsonl").read_text().splitlines())
+    run_and_kill(out, "--set", "checkpoint_every=3", after_iterations=logged + 4)
+    rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", "iterations=12", "--set", "checkpoint_every=3")
+    table = read_table(out)
+    assert len(set(keys(table))) == table.num_rows
+    iterations = sorted(set(table["iteration"].to_pylist()))
+    assert iterations == list(range(len(iterations)))  # contiguous, nothing partial skipped
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["starts"]) == 3
+    trained = [it for it in manifest["iterations"] if not it.get("update_lost")]
+    assert manifest["iterations"][-1]["policy_version"] == 12 and len(trained) == 12
+    assert any(it.get("update_lost") for it in manifest["iterations"])  # the crashes cost some updates
+
+
+def test_a_full_disk_ends_the_job_within_seconds_with_one_line(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()}); needs root")
+    try:
+        (disk / "filler").write_bytes(b"\0" * 1850 * 1024)
+        started = time.time()
+        proc = rollout_cli("run", "--config", SMOKE, "--out", str(disk / "run"), "--set", "iterations=100",
+                           "--set", "checkpoint_every=1000", check=False, timeout=300)
+        assert proc.returncode == 1 and time.time() - started < 120
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("rollout run: ") and "No space left on device" in last and "part-0000" in last, \
+            proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
