@@ -25,6 +25,22 @@ def reward_components(cfg: RewardConfig) -> tuple[str, ...]:
     return (*rule_component_names(cfg.rules), *([MODEL_COMPONENT] if cfg.model is not None else []))
 
 
+def check_reward_model(cfg: RewardConfig) -> None:
+    """A reward model given as a local path must be a saved model there: found before any actor starts."""
+    from pathlib import Path
+
+    from rollout.config import ConfigError
+
+    if cfg.model is None:
+        return
+    path = Path(cfg.model.path).expanduser()
+    looks_local = cfg.model.path.startswith(("/", ".", "~")) or path.exists() or cfg.model.path.count("/") != 1
+    if looks_local and not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "holds no config.json (not a saved model)"
+        raise ConfigError(f"reward.model.path: {cfg.model.path} {what}; point it at the model directory "
+                          "`reward train` wrote (OUT/model)")
+
+
 def spawn_reward_workers(cfg: RewardConfig, prompts: list) -> list:
     """The RewardWorker actors a job or `rollout generate` scores with; `prompts` are the data records."""
     import ray

@@ -39,6 +39,10 @@ class ArchiveCutWarning(UserWarning):
     """An archive file ended mid-batch; the complete batches before the cut were read."""
 
 
+class ArchiveCorruptError(ValueError):
+    """An archive file holds a record batch that is not valid Arrow data; the message names file and batch."""
+
+
 class ArchiveWriteError(OSError):
     """Writing the archive failed (a full disk, a read-only or failing device); the message names the file."""
 
@@ -231,24 +235,46 @@ def _metadata(schema: pa.Schema) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
 
 
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
 def _file_batches(file: Path) -> Iterator[pa.RecordBatch]:
-    """A file's complete record batches; a cut file warns and stops there, an unreadable one is skipped."""
+    """A file's record batches, each fully validated (offsets, lengths, UTF-8), so corrupt data never
+    reaches a reader. A file a crash cut (no end-of-stream marker) warns and stops at its last whole
+    batch; one that was closed whole and still fails to read, or a batch that fails validation, is
+    corrupt: ArchiveCorruptError names the file and the batch. A file with no readable header is skipped."""
+    closed_whole = file.stat().st_size >= 8 and _tail(file) == _END_OF_STREAM
     with pa.memory_map(str(file)) as source:
         try:
             reader = pa.ipc.open_stream(source)
         except (pa.ArrowInvalid, OSError) as e:
             warnings.warn(f"{file}: unreadable header ({e}); skipped", ArchiveCutWarning, stacklevel=3)
             return
+        index = 0
         while True:
             try:
                 batch = reader.read_next_batch()
             except StopIteration:
                 return
             except (pa.ArrowInvalid, OSError) as e:
+                if closed_whole:
+                    raise ArchiveCorruptError(f"{file}: record batch {index} cannot be read ({e}), though the "
+                                              "file was closed whole: it is corrupt") from None
                 warnings.warn(f"{file}: cut mid-batch ({e}); read up to its last complete batch",
                               ArchiveCutWarning, stacklevel=3)
                 return
+            try:
+                batch.validate(full=True)
+            except (pa.ArrowInvalid, pa.ArrowException) as e:
+                raise ArchiveCorruptError(f"{file}: record batch {index} is corrupt ({e})") from None
             yield batch
+            index += 1
+
+
+def _tail(file: Path) -> bytes:
+    with file.open("rb") as f:
+        f.seek(-8, 2)
+        return f.read(8)
 
 
 class _Reader:

@@ -90,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_code(error: BaseException) -> int | None:
     """2 for what the user must fix in what they passed (files, data, options), 1 for a job that
     failed on its way (disk, actors, timeouts); None for anything else, which is a bug: traceback."""
+    from rollout.archive import ArchiveCorruptError
     from rollout.prompts import DataError
     from rollout.records import FormatError
     from rollout.run_lock import RunDirBusy
 
     error = _cause(error)
-    if isinstance(error, (DataError, FormatError, RunDirBusy, FileNotFoundError, IsADirectoryError,
-                          NotADirectoryError, PermissionError)):
+    if isinstance(error, (DataError, FormatError, RunDirBusy, ArchiveCorruptError, FileNotFoundError,
+                          IsADirectoryError, NotADirectoryError, PermissionError)):
         return 2
     if isinstance(error, OSError):  # a full disk, a read-only or failing device
         return 1

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from learner.device import resolve_device
 from learner.tiny_model import resolve_model_path
-from reward.worker import reward_components, spawn_reward_workers
+from reward.worker import check_reward_model, reward_components, spawn_reward_workers
 from rollout.archive import ArchiveWriter
 from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
@@ -25,19 +25,22 @@ from rollout.manifest import RunManifest
 from rollout.pool import WorkerPool
 from rollout.prompts import load_prompts
 from rollout.record import SCHEMA_VERSION
-from rollout.rendering import PromptRenderer
+from rollout.rendering import PromptRenderer, render_prompts
 from rollout.resources import check_fits
 from rollout.session import init_ray
 
 
-def generate(cfg: JobConfig, out: Path, *, log=sys.stderr) -> dict:
+def generate(cfg: JobConfig, out: Path, *, log=None) -> dict:
+    log = log or sys.stderr
     check(cfg, cuda_available=resolve_device("auto") == "cuda")
     from transformers import AutoTokenizer
 
     model = resolve_model_path(cfg.model.path)
-    records = load_prompts(cfg.data, cfg.seed, log=log)
+    check_reward_model(cfg.reward)
     renderer = PromptRenderer(AutoTokenizer.from_pretrained(model), cfg.model.max_prompt_tokens)
-    tasks = [renderer.render(r) for r in records]
+    records, rendered = render_prompts(load_prompts(cfg.data, cfg.seed, log=log), renderer,
+                                       on_bad_record=cfg.data.on_bad_record, source=cfg.data.prompts, log=log)
+    tasks = [rendered[r.prompt_id] for r in records]
     out.mkdir(parents=True, exist_ok=True)
     configure_driver(out)
     (out / "config.yaml").write_text(to_yaml(cfg))

@@ -16,10 +16,11 @@ from rollout.metrics import print_summary
 from rollout.session import Session
 
 
-def run_job(cfg: JobConfig, run_dir: Path, *, log=sys.stderr) -> list[dict]:
+def run_job(cfg: JobConfig, run_dir: Path, *, log=None) -> list[dict]:
     """Train for `cfg.iterations`, resuming from the newest checkpoint in `run_dir` if there is one.
 
     SIGTERM or SIGINT raise `stopping.JobStopped` out of here once the session is closed."""
+    log = log or sys.stderr
     stopping.install()
     session = Session.open(cfg, run_dir, log=log)
     history: list[dict] = []

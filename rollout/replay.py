@@ -35,6 +35,8 @@ can cut a prompt group.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import warnings
 from collections.abc import Iterable
@@ -94,8 +96,9 @@ class _Plan:
 
 
 def replay(archive: str | Path, out: str | Path, options: ReplayOptions = ReplayOptions(), *,
-           log: TextIO = sys.stderr) -> ReplayReport:
+           log: TextIO | None = None) -> ReplayReport:
     """Replay `archive` (run dir, rollouts/ or a file) into `out`/rollouts; see the module docstring."""
+    log = log or sys.stderr
     metadata = read_metadata(archive)
     plan = _plan(metadata, options)
     target = _check_out(archive, out)
@@ -110,8 +113,11 @@ def replay(archive: str | Path, out: str | Path, options: ReplayOptions = Replay
         group_advantages = _group_advantages(archive, [reward for reward, _ in scores], plan.estimator)
 
     rows, max_diff = 0, None
+    # Written under a temporary name and renamed when whole: a failed replay leaves no partial archive.
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
     try:
-        with ArchiveWriter(target, _new_metadata(metadata, plan, archive, options), components) as writer:
+        with ArchiveWriter(partial, _new_metadata(metadata, plan, archive, options), components) as writer:
             for batch, batch_scores in zip(iter_batches(archive), scores):
                 group = None if group_advantages is None else group_advantages[rows:rows + batch.num_rows]
                 replayed, diff = _replay_batch(batch, batch_scores, plan, group, writer.schema)
@@ -119,9 +125,15 @@ def replay(archive: str | Path, out: str | Path, options: ReplayOptions = Replay
                 rows += batch.num_rows
                 if diff is not None:
                     max_diff = diff if max_diff is None else max(max_diff, diff)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     finally:
         if rescorer:
             rescorer.close()
+    if target.exists():
+        target.rmdir()  # empty: `_check_out` refused one that holds an archive
+    os.replace(partial, target)
     return ReplayReport(rows, target, max_diff, rescorer.unmatched if rescorer else 0)
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from learner.device import resolve_device
 from learner.tiny_model import resolve_model_path
-from reward.worker import reward_components, spawn_reward_workers
+from reward.worker import check_reward_model, reward_components, spawn_reward_workers
 from rollout import stopping
 from rollout.archive import ArchiveWriter, last_archived_iteration
 from rollout.columns import archive_batches
@@ -39,7 +39,7 @@ from rollout.metrics import MetricsLog, iteration_metrics
 from rollout.pool import Chunk, Launch, WorkerPool
 from rollout.prompts import PromptSampler, load_prompts
 from rollout.record import SCHEMA_VERSION
-from rollout.rendering import PromptRenderer
+from rollout.rendering import PromptRenderer, render_prompts
 from rollout.resources import actor_requests, check_fits
 from rollout.run_lock import RunLock
 from rollout.worker import GenerationSummary
@@ -96,8 +96,8 @@ class Session:
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
 
     @classmethod
-    def open(cls, cfg: JobConfig, run_dir: Path, *, log=sys.stderr) -> Session:
-        self = cls(cfg, run_dir, log)
+    def open(cls, cfg: JobConfig, run_dir: Path, *, log=None) -> Session:
+        self = cls(cfg, run_dir, log or sys.stderr)
         check(cfg, cuda_available=resolve_device("auto") == "cuda")
         self.lock = RunLock.acquire(run_dir)  # before anything is written there
         if self.lock.stale_warning():
@@ -115,19 +115,22 @@ class Session:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.run_id = _run_id(run_dir, cfg.run_name)
         self.manifest = RunManifest(run_dir, self.run_id)
-        self.records = load_prompts(cfg.data, cfg.seed, log=log)
+        check_reward_model(cfg.reward)
+        # Every prompt rendered before Ray starts: bad data fails here, not iterations later.
+        base_model = resolve_model_path(cfg.model.path)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        self.renderer = PromptRenderer(self.tokenizer, cfg.model.max_prompt_tokens)
+        self.records, self.tasks = render_prompts(load_prompts(cfg.data, cfg.seed, log=log), self.renderer,
+                                                  on_bad_record=cfg.data.on_bad_record, source=cfg.data.prompts,
+                                                  log=log)
         self.sampler = PromptSampler(size=len(self.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
 
         # Before any model work: a cluster that cannot hold the actors fails the job here, in seconds.
         init_ray(cfg, learner=True)
         stopping.install()  # again: ray.init installs its own SIGTERM handler
         check_fits(cfg, ray.cluster_resources())
-        base_model = resolve_model_path(cfg.model.path)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
-        self.renderer = PromptRenderer(self.tokenizer, cfg.model.max_prompt_tokens)
-        self.tasks = {}
         model = base_model
         if cfg.model.sft_warmup:
             from learner.sft import warm_start
@@ -291,10 +294,7 @@ class Session:
         """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it."""
         tasks = []
         for index in self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration):
-            record = self.records[index]
-            if record.prompt_id not in self.tasks:
-                self.tasks[record.prompt_id] = self.renderer.render(record)
-            tasks.append(self.tasks[record.prompt_id])
+            tasks.append(self.tasks[self.records[index].prompt_id])
         generation = self.pool.submit(tasks, run_id=self.run_id, iteration=iteration, scorers=self.reward_workers)
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
         return Launched(generation, msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())

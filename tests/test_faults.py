@@ -2,6 +2,7 @@
 the archive writer, and command-line errors as one line with a documented exit code."""
 
 import datetime as dt
+import json
 import os
 import time
 
@@ -17,7 +18,8 @@ from rollout.run_lock import RunDirBusy, RunLock
 def record(i=0):
     return RolloutRecord(run_id="r", prompt_id=f"p{i}", iteration=0, policy_version=0, sample_index=0, prompt="1+1=",
                          response="2", prompt_ids=[1, 2], response_ids=[3, 4], response_logprobs=[-1.0, -2.0],
-                         finish_reason="stop", worker="w", generated_at=dt.datetime.now(dt.timezone.utc))
+                         finish_reason="stop", worker="w", generated_at=dt.datetime.now(dt.timezone.utc),
+                         reward=1.0, reward_components={"arithmetic": 1.0})
 
 
 def test_a_held_run_directory_is_refused_with_its_holder(tmp_path):
@@ -58,9 +60,9 @@ def test_a_full_disk_fails_the_archive_writer_fast_and_close_does_not_hang(tmp_p
     (["validate", "/nonexistent/prompts.jsonl", "--no-length-check"], 1, "/nonexistent/prompts.jsonl: no such file"),
     (["stats", "/nonexistent/run"], 2, "/nonexistent/run"),
 ])
-def test_command_line_errors_are_one_line_with_their_exit_code(argv, code, message, capsys):
+def test_command_line_errors_are_one_line_with_their_exit_code(argv, code, message, capfd):
     assert main(argv) == code
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     err = (captured.out + captured.err).strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) <= 2, err
 
@@ -73,3 +75,68 @@ def test_a_bad_prompt_file_is_one_line_and_exit_2(tmp_path, capsys):
         assert main(["run", "--set", f"data.prompts={prompts}", "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("rollout run: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def long_prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    good = [json.dumps({"prompt": f"{a}+{a}=", "completion": str(2 * a)}) for a in range(199)]
+    path.write_text("\n".join([*good[:150], json.dumps({"prompt": "9" * 100_000, "completion": "1"}), *good[150:]]) + "\n")
+    return path
+
+
+def test_a_prompt_too_long_for_the_model_stops_the_run_at_load_before_ray_starts(tmp_path, capfd):
+    prompts = long_prompt_file(tmp_path)
+    started = time.monotonic()
+    assert main(["run", "--set", f"data.prompts={prompts}", "--out", str(tmp_path / "run")]) == 2
+    err = capfd.readouterr().err
+    assert f"{prompts}:151: prompt is" in err and "longer than the maximum 1024" in err
+    assert "1 prompt(s) longer than model.max_prompt_tokens" in err.splitlines()[-1]
+    import ray
+
+    assert not ray.is_initialized() and time.monotonic() - started < 60
+
+
+def test_prompts_too_long_are_skipped_when_the_config_says_so(tmp_path, tiny_model_path, capsys):
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from rollout.config import DataConfig
+    from rollout.prompts import load_prompts
+    from rollout.rendering import PromptRenderer, render_prompts
+
+    prompts = long_prompt_file(tmp_path)
+    data = DataConfig(prompts=str(prompts), on_bad_record="skip")
+    renderer = PromptRenderer(AutoTokenizer.from_pretrained(tiny_model_path), 32)
+    records, tasks = render_prompts(load_prompts(data, 0, log=sys.stderr), renderer, on_bad_record="skip",
+                                    source=str(prompts), log=sys.stderr)
+    assert len(records) == 199 and set(tasks) == {r.prompt_id for r in records}
+    assert "skipped 1 prompt(s) longer than model.max_prompt_tokens" in capsys.readouterr().err
+
+
+def test_a_missing_reward_model_fails_before_any_actor_starts(tmp_path, capfd):
+    started = time.monotonic()
+    assert main(["run", "--set", f"reward.model.path={tmp_path / 'no-rm'}", "--out", str(tmp_path / "run")]) == 2
+    err = capfd.readouterr().err.strip()
+    assert f"reward.model.path: {tmp_path / 'no-rm'} does not exist" in err and len(err.splitlines()) == 1, err
+    assert time.monotonic() - started < 30
+
+
+def test_a_corrupt_archive_is_reported_with_its_file_and_batch_and_replay_leaves_nothing(tmp_path, capfd):
+    from rollout.archive import archive_files
+
+    run = tmp_path / "run"
+    with ArchiveWriter(run / "rollouts", {"gamma": "1.0", "lam": "0.95"}, ("arithmetic",), batch_rows=4) as writer:
+        writer.write([record(i) for i in range(64)])
+    [path] = archive_files(run)
+    data = bytearray(path.read_bytes())
+    rng = __import__("random").Random(0)
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(rng.randrange(256) for _ in range(min(4096, len(data) - middle - 8)))[:4096]
+    path.write_bytes(bytes(data))
+    assert main(["stats", str(run)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"rollout stats: {path}: record batch ") and "corrupt" in err[-1], err
+    assert main(["replay", str(run), "--out", str(tmp_path / "out"), "--estimator", "reinforce_pp"]) == 2
+    assert "corrupt" in capfd.readouterr().err
+    assert not any((tmp_path / "out").glob("rollouts*/part-*.arrow"))  # no partial output archive
