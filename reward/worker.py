@@ -1,6 +1,7 @@
 """`RewardWorker`: scores a generation batch (Arrow columns) with the configured rules and reward
 model, reading each sample's data record (reference answer, metadata) by its prompt id. A plain
-class; the job wraps it in a Ray actor, and hands it the prompt records once, at spawn."""
+class; the job wraps it in a Ray actor. The data records of a batch's prompts come with the batch, so a
+worker holds no state but its scorers: Ray restarts a dead one and runs the lost call again there."""
 
 from __future__ import annotations
 
@@ -41,23 +42,23 @@ def check_reward_model(cfg: RewardConfig) -> None:
                           "`reward train` wrote (OUT/model)")
 
 
-def spawn_reward_workers(cfg: RewardConfig, prompts: list) -> list:
-    """The RewardWorker actors a job or `rollout generate` scores with; `prompts` are the data records."""
+def spawn_reward_workers(cfg: RewardConfig) -> list:
+    """The RewardWorker actors a job or `rollout generate` scores with."""
     import ray
 
     from rollout.console import actor_options
 
     actor = ray.remote(_RewardActor)
-    records = ray.put(prompts)
-    return [actor.options(num_cpus=cfg.num_cpus_per_worker, **actor_options(f"reward-{i}"))
-            .remote(cfg, records, name=f"reward-{i}") for i in range(cfg.num_workers)]
+    # A worker whose process dies is restarted by Ray, and the call it was serving runs again there.
+    return [actor.options(num_cpus=cfg.num_cpus_per_worker, max_restarts=cfg.max_restarts,
+                          max_task_retries=cfg.max_restarts, **actor_options(f"reward-{i}"))
+            .remote(cfg, name=f"reward-{i}") for i in range(cfg.num_workers)]
 
 
 class RewardWorker:
-    def __init__(self, cfg: RewardConfig, prompts: list = (), *, name: str = "reward-0"):
+    def __init__(self, cfg: RewardConfig, *, name: str = "reward-0"):
         self.name = name
         self.cfg = cfg
-        self.prompts = {record.prompt_id: record for record in prompts}
         self.components = reward_components(cfg)
         self.rules = RuleScorer(cfg.rules, timeout_s=cfg.timeout_s, failed_value=cfg.failed_value)
         self.model = None
@@ -77,12 +78,14 @@ class RewardWorker:
         self.seconds += time.perf_counter() - start
         return results
 
-    def score_batch(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, dict[str, float]]:
+    def score_batch(self, batch: pa.RecordBatch, records: list) -> tuple[pa.RecordBatch, dict[str, float]]:
         """The reward columns of a generation batch, row for row, and the seconds this call spent
-        scoring it, in total and per rule (the caller adds them up per iteration)."""
+        scoring it, in total and per rule (the caller adds them up per iteration). `records` are the
+        data records of the batch's prompts (reference answers, metadata)."""
         before = self.latency()
+        by_id = {record.prompt_id: record for record in records}
         ids, prompts, responses = (batch.column(name).to_pylist() for name in ("prompt_id", "prompt", "response"))
-        rewards = reward_batch(self.score([(self.prompts[i], p, r) for i, p, r in zip(ids, prompts, responses)]),
+        rewards = reward_batch(self.score([(by_id[i], p, r) for i, p, r in zip(ids, prompts, responses)]),
                                self.components)
         return rewards, {name: seconds - before.get(name, 0.0) for name, seconds in self.latency().items()}
 
@@ -96,6 +99,8 @@ class _RewardActor(RewardWorker):
 
     def __init__(self, *args, **kwargs):
         from rollout.console import route_actor_output
+        from rollout.telemetry import announce_if_restarted
 
         route_actor_output()
         super().__init__(*args, **kwargs)
+        announce_if_restarted("reward", self.name)

@@ -77,6 +77,10 @@ class RolloutConfig(Base):
     device: Annotated[Literal["auto", "cpu", "cuda"], doc(
         "Where generation runs; `auto` picks cuda when a GPU is visible.")] = "auto"
     num_workers: Annotated[int, doc("RolloutWorker actors.", ge=1)] = 1
+    max_restarts: Annotated[int, doc(
+        "Times Ray restarts a rollout worker whose process died (engine out of memory, node lost). The "
+        "restarted worker loads the newest weights, then its unfinished chunks are generated again.",
+        ge=0)] = 3
     num_cpus_per_worker: Annotated[float, doc("CPUs Ray reserves for each worker.", gt=0)] = 1.0
     num_gpus_per_worker: Annotated[float, doc("GPUs Ray reserves for each worker on cuda.", ge=0)] = 1.0
     prompts_per_iteration: Annotated[int, doc("Prompts sampled per iteration.", ge=1)] = 64
@@ -123,6 +127,9 @@ class RewardConfig(Base):
         default_factory=lambda: [RuleSpec(name="arithmetic")])
     model: Annotated[RewardModelConfig | None, doc("Optional reward model.")] = None
     num_workers: Annotated[int, doc("RewardWorker actors.", ge=1)] = 1
+    max_restarts: Annotated[int, doc(
+        "Times Ray restarts a reward worker whose process died; the batch it was scoring is scored again.",
+        ge=0)] = 3
     num_cpus_per_worker: Annotated[float, doc(
         "CPUs Ray reserves for each reward worker; rules are light, a reward model may want more.", gt=0)] = 0.5
     timeout_s: Annotated[float, doc(

@@ -47,7 +47,7 @@ def generate(cfg: JobConfig, out: Path, *, log=None) -> dict:
     init_ray(cfg, learner=False)
     check_fits(cfg, ray.cluster_resources(), learner=False)
     run_id = f"{cfg.run_name}-generate"
-    reward_workers = spawn_reward_workers(cfg.reward, records)
+    reward_workers = spawn_reward_workers(cfg.reward)
     pool = WorkerPool(cfg, model)
     manifest = RunManifest(out, run_id)
     start = manifest.start(config_yaml=to_yaml(cfg), model=model, schema_version=SCHEMA_VERSION,
@@ -57,7 +57,8 @@ def generate(cfg: JobConfig, out: Path, *, log=None) -> dict:
     timeout = cfg.rollout.iteration_timeout_s
     started = time.perf_counter()
     tokens, rewards = 0, []
-    generation = pool.submit(tasks, run_id=run_id, iteration=0, scorers=reward_workers)
+    generation = pool.submit(tasks, run_id=run_id, iteration=0, scorers=reward_workers,
+                             records={r.prompt_id: r for r in records})
     components = reward_components(cfg.reward)
     with ArchiveWriter(out / "rollouts", metadata, components, batch_rows=cfg.archive.batch_rows,
                        rows_per_file=cfg.archive.rows_per_file) as archive, \

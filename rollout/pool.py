@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 import queue
+import sys
 import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import ray
@@ -24,7 +26,7 @@ from learner.device import resolve_device
 from rollout.config import JobConfig
 from rollout.console import actor_options, route_actor_output
 from rollout.rendering import PromptTask
-from rollout.telemetry import record_queue_depth
+from rollout.telemetry import announce_if_restarted, record_queue_depth
 from rollout.worker import GenerationSummary, RolloutWorker
 
 
@@ -47,23 +49,41 @@ class _RolloutActor(RolloutWorker):
     def __init__(self, *args, **kwargs):
         route_actor_output()
         super().__init__(*args, **kwargs)
+        announce_if_restarted("rollout", self.name)
 
     def stream(self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str,
-               iteration: int) -> Iterator[pa.RecordBatch | GenerationSummary]:
-        for _, batch, summary in self.generate(chunks, seeds, run_id=run_id, iteration=iteration):
+               iteration: int) -> Iterator[pa.RecordBatch | tuple[int, GenerationSummary]]:
+        """Each chunk as it completes (in any order): its batch, then (its index, its summary)."""
+        for index, batch, summary in self.generate(chunks, seeds, run_id=run_id, iteration=iteration):
             yield batch
-            yield summary
+            yield index, summary
+
+
+@dataclass
+class _Share:
+    """One worker's part of an iteration: its chunks (with their seeds), and which came back."""
+    worker: int
+    chunks: list[list[PromptTask]]
+    seeds: list[int | None]
+    done: set[int] = field(default_factory=set)
 
 
 class Launch:
     """An iteration's generation in flight. A daemon thread reads the workers' streams as chunks
     complete and hands each batch to a scorer at once, so scoring overlaps whatever the driver is
-    waiting on (the learner, with rollout.max_staleness > 0); `chunks` yields them as they come."""
+    waiting on (the learner, with rollout.max_staleness > 0); `chunks` yields them as they come.
+
+    A stream whose worker died is replaced: `restart(share)` waits for Ray to restart the worker,
+    gives it the newest weights and streams the share's unfinished chunks from there. A chunk is
+    handed on only once its summary arrived, so a chunk cut by the death is generated again, once."""
 
     _DONE = object()
 
-    def __init__(self, streams: list[ray.ObjectRefGenerator], scorers: list, timeout: float, what: str):
+    def __init__(self, streams: dict[ray.ObjectRefGenerator, _Share], scorers: list, records: dict, timeout: float,
+                 what: str, restart):
         self.timeout, self.what = timeout, what
+        self._records = records
+        self._restart = restart
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._pump, args=(streams, scorers), daemon=True,
                                         name=f"collect {what}")
@@ -88,34 +108,60 @@ class Launch:
         return GenerationTimeout(f"{self.what}: no chunk finished within rollout.iteration_timeout_s "
                                  f"({self.timeout:.0f}s)")
 
-    def _pump(self, streams: list[ray.ObjectRefGenerator], scorers: list) -> None:
+    def _pump(self, streams: dict[ray.ObjectRefGenerator, _Share], scorers: list) -> None:
         try:
-            items = {stream: 0 for stream in streams}  # items read so far: even ones are batches
-            batches: dict[ray.ObjectRefGenerator, tuple] = {}
+            batches: dict[ray.ObjectRefGenerator, ray.ObjectRef] = {}  # a chunk's batch, until its summary
             scored = 0
-            while items:
-                ready, _ = ray.wait(list(items), num_returns=1, timeout=self.timeout)
+            while streams:
+                ready, _ = ray.wait(list(streams), num_returns=1, timeout=self.timeout)
                 if not ready:
                     raise self._timed_out()
                 stream = ready[0]
                 try:
                     ref = next(stream)
+                    if stream not in batches:
+                        batches[stream] = ref
+                        continue
+                    index, summary = ray.get(ref, timeout=self.timeout)
                 except StopIteration:
-                    del items[stream]
+                    if stream in batches:  # a batch and no summary: the worker ended mid-chunk
+                        self._replace(stream, streams, batches)
+                    else:
+                        del streams[stream]
                     continue
-                if items[stream] % 2 == 0:
-                    rewards = latency = None
-                    if scorers:
-                        scorer = scorers[scored % len(scorers)]
-                        rewards, latency = scorer.score_batch.options(num_returns=2).remote(ref)
-                        scored += 1
-                    batches[stream] = (ref, rewards, latency)
-                else:
-                    self._queue.put(Chunk(*batches.pop(stream), ray.get(ref, timeout=self.timeout)))
-                items[stream] += 1
+                except ray.exceptions.RayActorError:
+                    self._replace(stream, streams, batches)
+                    continue
+                rewards = latency = None
+                batch, share = batches.pop(stream), streams[stream]
+                if scorers:
+                    records = [self._records[i] for i in dict.fromkeys(t.prompt_id for t in share.chunks[index])]
+                    rewards, latency = scorers[scored % len(scorers)].score_batch.options(num_returns=2).remote(
+                        batch, records)
+                    scored += 1
+                share.done.add(index)
+                self._queue.put(Chunk(batch, rewards, latency, summary))
             self._queue.put(self._DONE)
         except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
             self._queue.put(e)
+
+    def _replace(self, stream, streams: dict, batches: dict) -> None:
+        share = streams.pop(stream)
+        lost = batches.pop(stream, None)
+        if lost is not None:
+            _discard(lost)
+        todo = [i for i in range(len(share.chunks)) if i not in share.done]
+        left = _Share(share.worker, [share.chunks[i] for i in todo], [share.seeds[i] for i in todo])
+        if left.chunks:
+            streams[self._restart(left)] = left
+
+
+def _discard(ref: ray.ObjectRef) -> None:
+    """Fetch a result lost with its worker, so that Ray does not report it as an unhandled error."""
+    try:
+        ray.get(ref, timeout=1)
+    except Exception:  # noqa: BLE001 - the error is the point: it is known and handled here
+        pass
 
 
 class GenerationTimeout(RuntimeError):
@@ -123,7 +169,7 @@ class GenerationTimeout(RuntimeError):
 
 
 class WorkerStartError(RuntimeError):
-    """A rollout worker did not start; the message names it and the resources it asked for."""
+    """A rollout worker did not start (or restart); the message names it and the resources it asked for."""
 
 
 class WeightSyncError(RuntimeError):
@@ -138,7 +184,8 @@ class WorkerPool:
         actor = ray.remote(_RolloutActor)
         self.names = [f"rollout-{i}" for i in range(rollout.num_workers)]
         self.workers = [
-            actor.options(num_cpus=rollout.num_cpus_per_worker, num_gpus=gpus, **actor_options(name))
+            actor.options(num_cpus=rollout.num_cpus_per_worker, num_gpus=gpus, max_restarts=rollout.max_restarts,
+                          **actor_options(name))
             .remote(name, model_path, rollout, dtype=cfg.model.dtype, seed=cfg.seed + i)
             for i, name in enumerate(self.names)
         ]
@@ -153,10 +200,14 @@ class WorkerPool:
         ray.get(list(ready), timeout=timeout)  # raises a worker's start-up error
         self.version = 0
         self._queued: tuple[int, dict[ray.ObjectRef, str]] | None = None
+        self._newest: tuple[int, ray.ObjectRef] | None = None  # the last weights sent: what a restart loads
+        self._lock = threading.Lock()  # restarts run on collector threads
+        self._restart_lock = threading.Lock()
 
     def submit(self, tasks: list[PromptTask], *, run_id: str, iteration: int, scorers: list | None = None,
-               timeout: float | None = None) -> Launch:
-        """Queue the iteration's chunks, one streaming call per worker; the Launch collects them."""
+               records: dict | None = None, timeout: float | None = None) -> Launch:
+        """Queue the iteration's chunks, one streaming call per worker; the Launch collects them and
+        sends each to a scorer with the data records (`records`, by prompt id) of its prompts."""
         size = max(1, math.ceil(len(tasks) / (len(self.workers) * self.cfg.rollout.chunks_per_worker)))
         base_seed = self.cfg.rollout.sampling.seed
         shares: list[tuple[list, list]] = [([], []) for _ in self.workers]
@@ -165,10 +216,54 @@ class WorkerPool:
             chunks.append(tasks[start:start + size])
             seeds.append(None if base_seed is None else (base_seed * 1_000_003 + iteration) * 10_007 + n)
         record_queue_depth(sum(len(chunks) for chunks, _ in shares))
-        streams = [w.stream.options(num_returns="streaming").remote(chunks, seeds, run_id=run_id, iteration=iteration)
-                   for w, (chunks, seeds) in zip(self.workers, shares) if chunks]
-        return Launch(streams, scorers or [], timeout or self.cfg.rollout.iteration_timeout_s,
-                      f"generation of iteration {iteration}")
+
+        def stream(share: _Share) -> ray.ObjectRefGenerator:
+            return self.workers[share.worker].stream.options(num_returns="streaming").remote(
+                share.chunks, share.seeds, run_id=run_id, iteration=iteration)
+
+        def restart(share: _Share) -> ray.ObjectRefGenerator:
+            self.restarted(share.worker)
+            return stream(share)
+
+        streams = {stream(share): share for share in (_Share(i, chunks, seeds)
+                                                      for i, (chunks, seeds) in enumerate(shares) if chunks)}
+        return Launch(streams, scorers or [], records or {}, timeout or self.cfg.rollout.iteration_timeout_s,
+                      f"generation of iteration {iteration}", restart)
+
+    def restarted(self, index: int) -> None:
+        """Worker `index` died: wait for Ray to restart it, then load the newest weights into it.
+
+        Both the collector thread and a weight sync can find the same death: the first one back
+        restores the worker, the other finds it serving the newest weights already. WorkerStartError
+        when it does not come back (its restarts spent, or no room to place it)."""
+        name, worker = self.names[index], self.workers[index]
+        timeout = self.cfg.ray.actor_start_timeout_s
+        deadline = time.monotonic() + timeout
+        with self._restart_lock:
+            while True:
+                try:
+                    ray.get(worker.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except ray.exceptions.ActorUnavailableError:  # restarting: not up yet
+                    if time.monotonic() > deadline:
+                        raise WorkerStartError(f"{name} died and was not back within ray.actor_start_timeout_s "
+                                               f"({timeout:.0f}s)") from None
+                    time.sleep(0.5)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                    raise WorkerStartError(f"{name} died and did not come back (rollout.max_restarts "
+                                           f"{self.cfg.rollout.max_restarts}; ray.actor_start_timeout_s "
+                                           f"{timeout:.0f}s): {str(e).strip().splitlines()[0]}") from None
+            with self._lock:
+                newest = self._newest
+            version, weights = newest if newest is not None else (0, None)
+            sync_timeout = self.cfg.rollout.weight_sync_timeout_s
+            if ray.get(worker.serving_version.remote(), timeout=sync_timeout) == version:
+                return
+            print(f"{name}: back after a restart; loading weights version {version}, then generating its lost "
+                  "chunks again", file=sys.stderr, flush=True)
+            got = ray.get(worker.update_weights.remote(version, weights), timeout=sync_timeout)
+            if got != version:
+                raise WeightSyncError(f"{name} reports version {got} after a restart and a sync to {version}")
 
     def sync_weights(self, version: int, weights: list[tuple[str, object]] | ray.ObjectRef) -> None:
         """Every worker serves `version` when this returns; a worker that misses the timeout is named."""
@@ -183,6 +278,8 @@ class WorkerPool:
         """
         self.confirm_weights()  # one sync in flight at a time: each is confirmed before the next
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        with self._lock:
+            self._newest = (version, ref)
         self._queued = (version, {w.update_weights.remote(version, ref): name
                                   for w, name in zip(self.workers, self.names)})
 
@@ -221,7 +318,11 @@ class WorkerPool:
             names = ", ".join(pending[r] for r in late)
             raise WeightSyncError(f"weight sync to version {version} timed out after {timeout:.0f}s on {names}")
         for r in done:
-            got = ray.get(r)
+            try:
+                got = ray.get(r)
+            except ray.exceptions.RayActorError:  # it died: restarted, it loads the newest weights
+                self.restarted(self.names.index(pending[r]))
+                continue
             if version is not None and got != version:
                 raise WeightSyncError(f"{pending[r]} reports version {got} after a sync to {version}")
         if version is not None:

@@ -125,6 +125,7 @@ class Session:
         self.records, self.tasks = render_prompts(load_prompts(cfg.data, cfg.seed, log=log), self.renderer,
                                                   on_bad_record=cfg.data.on_bad_record, source=cfg.data.prompts,
                                                   log=log)
+        self.records_by_id = {record.prompt_id: record for record in self.records}
         self.sampler = PromptSampler(size=len(self.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
 
         # Before any model work: a cluster that cannot hold the actors fails the job here, in seconds.
@@ -144,7 +145,7 @@ class Session:
               f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
 
         self.learner = LearnerGroup(cfg, model)
-        self.reward_workers = spawn_reward_workers(cfg.reward, self.records)
+        self.reward_workers = spawn_reward_workers(cfg.reward)
         self.pool = WorkerPool(cfg, serving_model)
         updates = 0  # PPO updates the learner's weights hold: its policy version
         next_iteration, resumed_from = 0, None
@@ -295,7 +296,8 @@ class Session:
         tasks = []
         for index in self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration):
             tasks.append(self.tasks[self.records[index].prompt_id])
-        generation = self.pool.submit(tasks, run_id=self.run_id, iteration=iteration, scorers=self.reward_workers)
+        generation = self.pool.submit(tasks, run_id=self.run_id, iteration=iteration, scorers=self.reward_workers,
+                                      records=self.records_by_id)
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
         return Launched(generation, msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
 

@@ -80,3 +80,32 @@ def record_stages(timings: dict[str, float]) -> None:
     if _ray_ready():
         for stage, seconds in timings.items():
             _stage_histogram().observe(seconds, tags={"stage": stage})
+
+
+@cache
+def _restart_counter():
+    from ray.util.metrics import Counter
+
+    return Counter("rollout_restarts", description="Actors restarted after their process died, by kind.",
+                   tag_keys=("kind",))
+
+
+def record_restart(kind: str) -> None:
+    """In a restarted actor: one restart of a `kind` actor (rollout, reward)."""
+    if _ray_ready():
+        _restart_counter().inc(1, tags={"kind": kind})
+
+
+def announce_if_restarted(kind: str, name: str) -> bool:
+    """In an actor's constructor: True (with a log line and a count) when Ray is restarting it."""
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():  # the property reads Ray's own deprecated `actor_id` inside
+        warnings.simplefilter("ignore")
+        if not ray.get_runtime_context().was_current_actor_reconstructed:
+            return False
+    print(f"{name}: restarted after its process died", flush=True)
+    record_restart(kind)
+    return True

@@ -74,3 +74,6 @@ class RolloutWorker:
 
     def ready(self) -> str:
         return self.name
+
+    def serving_version(self) -> int:
+        return self.version

@@ -396,3 +396,41 @@ def test_a_full_disk_ends_the_job_within_seconds_with_one_line(tmp_path):
         assert "Traceback" not in proc.stderr
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _actor_pid(kind: str) -> int:
+    pids = subprocess.run(["pgrep", "-f", f"ray::{kind}"], capture_output=True, text=True).stdout.split()
+    assert len(pids) == 1, f"expected one {kind} process, found {pids}"
+    return int(pids[0])
+
+
+def test_killed_rollout_and_reward_workers_are_restarted_and_the_run_finishes(tmp_path):
+    out = tmp_path / "run"
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out),
+                             "--set", "iterations=12", "--set", "checkpoint_every=100"],
+                            cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True)
+
+    def wait_for(iterations):
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= iterations:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"the run did not reach iteration {iterations}")
+
+    try:
+        wait_for(3)
+        os.kill(_actor_pid("_RolloutActor"), signal.SIGKILL)
+        wait_for(7)
+        os.kill(_actor_pid("_RewardActor"), signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "run.log").read_text()
+    assert "rollout-0: restarted after its process died" in text and "reward-0: restarted after its process died" in text
+    table = read_table(out)
+    assert len(set(keys(table))) == table.num_rows  # no sample twice
+    counts = pc.value_counts(table["iteration"]).to_pylist()
+    assert sorted(c["values"] for c in counts) == list(range(12)) and {c["counts"] for c in counts} == {32}
