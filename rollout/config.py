@@ -159,6 +159,9 @@ class LearnerConfig(Base):
         "minibatch_size samples) run in length-sorted pieces of at most this many tokens, so "
         "activation memory is bounded by it, not by the batch. A sample longer than the budget "
         "runs alone.", ge=1)] = 8192
+    max_restarts: Annotated[int, doc(
+        "Times a learner group that lost a rank (its process died) is rebuilt from the newest checkpoint "
+        "during a run; the updates since that checkpoint are redone on later iterations.", ge=0)] = 3
     call_timeout_s: Annotated[float, doc(
         "Longest a learner call (a whole iteration's learning, a checkpoint) may take before the job "
         "fails naming the rank that did not answer.", gt=0)] = 3600.0

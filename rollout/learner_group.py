@@ -9,6 +9,7 @@ rank 0's answer is the group's. Every wait has a timeout that names the rank it 
 from __future__ import annotations
 
 import socket
+import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -106,13 +107,17 @@ class LearnerGroup:
         return [f"learner rank {i}" for i in range(len(self.ranks))]
 
     def _finish(self, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
-        """Wait for every rank; the other ranks' answers (None) are fetched to raise their errors."""
-        _, late = ray.wait(refs, num_returns=len(refs), timeout=self.timeout)
-        if late:
-            names = ", ".join(name for name, ref in zip(self.names(), refs) if ref in late)
-            raise LearnerError(f"{names} did not finish within learner.call_timeout_s ({self.timeout:.0f}s)")
-        for name, ref in list(zip(self.names(), refs))[1:]:
-            self._get(ref, name)
+        """Wait for every rank, raising as soon as one fails: the others may be blocked in a collective
+        with it, and would only give up at the timeout. The other ranks' answers are None."""
+        names = dict(zip(refs, self.names()))
+        pending, deadline = list(refs), time.monotonic() + self.timeout
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                late = ", ".join(names[r] for r in pending)
+                raise LearnerError(f"{late} did not finish within learner.call_timeout_s ({self.timeout:.0f}s)")
+            if done[0] is not refs[0]:
+                self._get(done[0], names[done[0]])
         return refs
 
     def _get(self, ref: ray.ObjectRef, name: str):

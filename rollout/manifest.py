@@ -95,7 +95,7 @@ class RunManifest:
                     from None
 
     def start(self, *, config_yaml: str, seeds: dict[str, Any], model: str, schema_version: int,
-              resumed_from: dict[str, Any] | None) -> dict[str, Any]:
+              resumed_from: dict[str, Any] | None, reason: str | None = None) -> dict[str, Any]:
         """Record a start of the run; returns its entry (also what the archive's metadata carries).
 
         Iterations an earlier start trained after the checkpoint this one resumes from (or all of
@@ -130,6 +130,8 @@ class RunManifest:
             "resumed_from": resumed_from,
             "lineage": lineage,
         }
+        if reason:
+            entry["reason"] = reason  # a start within a process: a rebuilt learner
         starts.append(entry)
         self.save()
         return entry
@@ -189,7 +191,8 @@ def format_manifest(data: dict[str, Any]) -> str:
         versions = " ".join(f"{k} {v}" for k, v in s.get("versions", {}).items())
         lines += [
             f"start {s['start']}: {s['started_at']} on {s.get('host')}, commit {commit}, "
-            f"config sha256:{s['config_sha256'][:16]}, schema v{s.get('schema_version')}",
+            f"config sha256:{s['config_sha256'][:16]}, schema v{s.get('schema_version')}"
+            + (f" ({s['reason']})" if s.get("reason") else ""),
             f"  versions: {versions}",
             f"  seeds: {json.dumps(s.get('seeds'))}",
             f"  lineage: {' -> '.join(s.get('lineage', []))}",

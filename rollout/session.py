@@ -33,7 +33,7 @@ from rollout.archive import ArchiveWriter, last_archived_iteration
 from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
 from rollout.console import configure_driver
-from rollout.learner_group import LearnerGroup
+from rollout.learner_group import LearnerError, LearnerGroup
 from rollout.manifest import RunManifest
 from rollout.metrics import MetricsLog, iteration_metrics
 from rollout.pool import Chunk, Launch, WorkerPool
@@ -42,6 +42,7 @@ from rollout.record import SCHEMA_VERSION
 from rollout.rendering import PromptRenderer, render_prompts
 from rollout.resources import actor_requests, check_fits
 from rollout.run_lock import RunLock
+from rollout.telemetry import record_restart
 from rollout.worker import GenerationSummary
 
 CHECKPOINTS = "checkpoints"
@@ -144,7 +145,9 @@ class Session:
         print(f"run {self.run_id}: {len(self.records)} prompts, model {model}, "
               f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
 
+        self.model = model
         self.learner = LearnerGroup(cfg, model)
+        self.learner_restarts = 0
         self.reward_workers = spawn_reward_workers(cfg.reward)
         self.pool = WorkerPool(cfg, serving_model)
         updates = 0  # PPO updates the learner's weights hold: its policy version
@@ -177,6 +180,34 @@ class Session:
                                      batch_rows=cfg.archive.batch_rows, rows_per_file=cfg.archive.rows_per_file)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
 
+    def _rebuild_learner(self, error: BaseException, iteration: int) -> None:
+        """New learner ranks from the newest checkpoint (or the start model); the workers follow."""
+        self.learner_restarts += 1
+        limit = self.cfg.learner.max_restarts
+        first_line = str(error).strip().splitlines()[0]
+        if self.learner_restarts > limit:
+            raise LearnerError(f"a learner rank died again ({first_line}); learner.max_restarts ({limit}) spent") \
+                from error
+        checkpoint = latest_checkpoint(self.run_dir)
+        print(f"learner: a rank died in iteration {iteration} ({first_line}); rebuilding it from "
+              f"{checkpoint.name if checkpoint else 'the start model'} (restart {self.learner_restarts} of {limit})",
+              file=self.log, flush=True)
+        record_restart("learner")
+        self.learner.shutdown()
+        self.learner = LearnerGroup(self.cfg, self.model)
+        updates, resumed_from = 0, None
+        if checkpoint:
+            extra = self.learner.call("load", checkpoint)
+            updates = self.learner.rank0("version_number")
+            resumed_from = {"checkpoint": checkpoint.name, "iteration": extra["iteration"], "policy_version": updates}
+        # The lost updates are made again on iterations after the last one planned.
+        self.last_iteration += self.version - updates
+        self.manifest.start(config_yaml=to_yaml(self.cfg), model=self.model, schema_version=SCHEMA_VERSION,
+                            seeds={"seed": self.cfg.seed, "sampling_seed": self.cfg.rollout.sampling.seed},
+                            resumed_from=resumed_from, reason=f"learner rebuilt in iteration {iteration}")
+        self.pool.queue_weights(updates, self._weights())
+        self.version = updates
+
     def _abandon(self) -> None:
         """A start that failed half-way: release what it started and the run directory."""
         os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
@@ -195,12 +226,14 @@ class Session:
         Each iteration is launched after the weight sync that precedes it in the loop, so its samples
         are at most `max_staleness` policy versions behind the learner that trains on them.
         """
-        for iteration in range(self.first_iteration, self.last_iteration + 1):
+        iteration = self.first_iteration
+        while iteration <= self.last_iteration:  # a rebuilt learner moves the last iteration on
             ahead = min(iteration + self.cfg.rollout.max_staleness, self.last_iteration)
             for later in range(iteration, ahead + 1):
                 if later not in self.launched:
                     self.launched[later] = self._launch(later)
             yield iteration
+            iteration += 1
 
     def collect(self, iteration: int, timings: dict[str, float]) -> Samples:
         """Wait for the iteration's generation, then its rewards; only summaries and rewards come here."""
@@ -221,8 +254,15 @@ class Session:
         return Samples(iteration, chunks, rewards, launched.sampler, latency)
 
     def learn(self, samples: Samples, timings: dict[str, float]) -> Learned:
-        columns, stats, learn_timings = self.learner.learn([c.batch for c in samples.chunks],
-                                                           [c.rewards for c in samples.chunks])
+        """One PPO update on the iteration's samples. A learner rank whose process died costs the
+        updates since the newest checkpoint: the group is rebuilt from it and learns on these samples."""
+        while True:
+            try:
+                columns, stats, learn_timings = self.learner.learn([c.batch for c in samples.chunks],
+                                                                   [c.rewards for c in samples.chunks])
+                break
+            except ray.exceptions.RayActorError as e:
+                self._rebuild_learner(e, samples.iteration)
         timings.update(learn_timings)
         return Learned(columns, stats)
 

@@ -404,11 +404,11 @@ def _actor_pid(kind: str) -> int:
     return int(pids[0])
 
 
-def test_killed_rollout_and_reward_workers_are_restarted_and_the_run_finishes(tmp_path):
+def test_a_rollout_worker_a_reward_worker_and_the_learner_killed_in_turn_and_the_run_finishes(tmp_path):
     out = tmp_path / "run"
     log = open(tmp_path / "run.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out),
-                             "--set", "iterations=12", "--set", "checkpoint_every=100"],
+                             "--set", "iterations=14", "--set", "checkpoint_every=4"],
                             cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True)
 
     def wait_for(iterations):
@@ -420,17 +420,21 @@ def test_killed_rollout_and_reward_workers_are_restarted_and_the_run_finishes(tm
         raise AssertionError(f"the run did not reach iteration {iterations}")
 
     try:
-        wait_for(3)
-        os.kill(_actor_pid("_RolloutActor"), signal.SIGKILL)
-        wait_for(7)
-        os.kill(_actor_pid("_RewardActor"), signal.SIGKILL)
+        for after, kind in ((3, "_RolloutActor"), (6, "_RewardActor"), (10, "_Rank")):
+            wait_for(after)
+            os.kill(_actor_pid(kind), signal.SIGKILL)
         assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = (tmp_path / "run.log").read_text()
     assert "rollout-0: restarted after its process died" in text and "reward-0: restarted after its process died" in text
+    assert "learner: a rank died in iteration" in text and "rebuilding it from iter-000007" in text
     table = read_table(out)
     assert len(set(keys(table))) == table.num_rows  # no sample twice
     counts = pc.value_counts(table["iteration"]).to_pylist()
-    assert sorted(c["values"] for c in counts) == list(range(12)) and {c["counts"] for c in counts} == {32}
+    iterations = sorted(c["values"] for c in counts)
+    assert iterations == list(range(len(iterations))) and {c["counts"] for c in counts} == {32}  # no gap, none partial
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["iterations"][-1]["policy_version"] == 14  # the lost updates were made again
+    assert len(iterations) == 14 + sum(1 for it in manifest["iterations"] if it.get("update_lost"))
