@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--model", default=None, help="with --train: starting policy (default: the run's model)")
     rep.add_argument("--train-epochs", type=int, default=1, help="with --train: passes over the archive")
 
+    pln = sub.add_parser("plan", help="the job's actors, their placement and memory per GPU, before a cluster is used")
+    _config_args(pln)
+    pln.add_argument("--address", default=None, help="a Ray cluster (ray://, host:port or auto) to check the plan against")
+    pln.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU size to check the memory estimates against")
+
     sta = sub.add_parser("stats", help="per-iteration throughput, reward, KL and lengths of an archive")
     sta.add_argument("archive", help="run directory, its rollouts/ directory, or one .arrow file")
     sta.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -250,5 +255,23 @@ def cmd_stats(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "generate": cmd_generate, "validate": cmd_validate, "config": cmd_config,
+def cmd_plan(args) -> int:
+    from rollout.plan import format_plan, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    cluster = None
+    if args.address:
+        import ray
+
+        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+        try:
+            cluster = ray.cluster_resources()
+        finally:
+            ray.shutdown()
+    plan = make_plan(cfg, cluster, args.gpu_memory_gb)
+    print(format_plan(plan), end="")
+    return 1 if plan.problems else 0
+
+
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "generate": cmd_generate, "validate": cmd_validate, "config": cmd_config,
             "replay": cmd_replay, "stats": cmd_stats}

