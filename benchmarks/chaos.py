@@ -42,7 +42,10 @@ def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random) 
     log = out.with_suffix(".log")
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", str(SMOKE), "--out", str(out),
-                             "--set", f"iterations={iterations}", "--set", "checkpoint_every=5"],
+                             "--set", f"iterations={iterations}", "--set", "checkpoint_every=5",
+                             # Enough restarts for any draw of kinds: the bound is not what is measured here.
+                             "--set", "rollout.max_restarts=20", "--set", "reward.max_restarts=20",
+                             "--set", "learner.max_restarts=20"],
                             cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     kills: collections.Counter[str] = collections.Counter()
     next_kill = kill_every
@@ -63,6 +66,8 @@ def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random) 
             os.killpg(proc.pid, signal.SIGKILL)
     seconds = time.perf_counter() - start
     text = log.read_text()
+    if code != 0:
+        print(f"{out.name} run exited {code}; its last lines:\n" + "\n".join(text.splitlines()[-60:]), file=sys.stderr)
     return {"exit": code, "seconds": seconds, "kills": dict(kills),
             "recoveries": {"rollout": text.count("rollout-0: restarted after its process died"),
                            "reward": text.count("reward-0: restarted after its process died"),

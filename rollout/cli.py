@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def _exit_code(error: BaseException) -> int | None:
         return 2
     if isinstance(error, OSError):  # a full disk, a read-only or failing device
         return 1
+    exceptions = sys.modules.get("ray.exceptions")
+    if exceptions and isinstance(error, exceptions.RayActorError):  # an actor gone for good
+        return 1
     failures = {"LearnerError", "GenerationTimeout", "WorkerStartError", "WeightSyncError", "PipelineTimeout",
                 "ReplayError", "CheckpointWriteError", "ArchiveWriteError"}
     if any(kind.__name__ in failures for kind in type(error).__mro__):
@@ -122,7 +126,15 @@ def _cause(error: BaseException) -> BaseException:
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(_cause(error)).strip()
+    error = _cause(error)
+    text = str(error).strip()
+    exceptions = sys.modules.get("ray.exceptions")
+    if exceptions and isinstance(error, exceptions.RayActorError):
+        actor = re.search(r"class_name: (\w+)", text)
+        kind = {"_RolloutActor": "a rollout worker (rollout", "_RewardActor": "a reward worker (reward",
+                "_Rank": "a learner rank (learner"}.get(actor.group(1) if actor else "", "an actor (")
+        return (f"{kind}.max_restarts) died and was not restarted: its restarts are spent, or it could not be "
+                f"placed again; its log is under RUN_DIR/logs")
     return text.splitlines()[0] if text else type(error).__name__
 
 

@@ -253,6 +253,10 @@ class Session:
         timings["reward"] = time.perf_counter() - start
         return Samples(iteration, chunks, rewards, launched.sampler, latency)
 
+    @property
+    def launched_iteration(self) -> int:
+        return max(self.launched, default=-1)
+
     def learn(self, samples: Samples, timings: dict[str, float]) -> Learned:
         """One PPO update on the iteration's samples. A learner rank whose process died costs the
         updates since the newest checkpoint: the group is rebuilt from it and learns on these samples."""
@@ -268,11 +272,15 @@ class Session:
 
     def sync_weights(self) -> None:
         """Queue the new weights on every worker behind the generation already in flight."""
-        version = self.learner.rank0("version_number")
-        if resolve_device(self.cfg.rollout.device) == "cuda" and resolve_device(self.cfg.learner.device) == "cuda":
-            self.pool.sync_weights_nccl(version, self.learner)
-        else:
-            self.pool.queue_weights(version, self._weights())
+        try:
+            version = self.learner.rank0("version_number")
+            if resolve_device(self.cfg.rollout.device) == "cuda" and resolve_device(self.cfg.learner.device) == "cuda":
+                self.pool.sync_weights_nccl(version, self.learner)
+            else:
+                self.pool.queue_weights(version, self._weights())
+        except ray.exceptions.RayActorError as e:  # the rebuilt learner queues its own weights
+            self._rebuild_learner(e, self.launched_iteration)
+            return
         self.version = version
 
     def archive_iteration(self, samples: Samples, learned: Learned) -> None:
@@ -306,7 +314,12 @@ class Session:
         directory, partial = root / f"iter-{iteration:06d}", root / f"iter-{iteration:06d}.partial"
         shutil.rmtree(partial, ignore_errors=True)  # a save a crash cut short
         extra = {"iteration": iteration, "sampler": samples.sampler, "run_id": self.run_id}
-        self.learner.call("save", partial, extra)
+        try:
+            self.learner.call("save", partial, extra)
+        except ray.exceptions.RayActorError as e:  # this iteration's update is lost with the rank
+            shutil.rmtree(partial, ignore_errors=True)
+            self._rebuild_learner(e, iteration)
+            return
         # The policy directory is a complete model: a resumed run's engines load it directly.
         self.tokenizer.save_pretrained(partial / "policy")
         if directory.exists():
