@@ -55,15 +55,14 @@ def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random) 
             logged = _lines(out / "metrics.jsonl")
             if kill_every and logged >= next_kill and logged < iterations - 2:
                 kind = rng.choice(sorted(KINDS))
-                pid = _pid(KINDS[kind])
+                pid = _pid(KINDS[kind], proc.pid)
                 if pid is not None:
                     os.kill(pid, signal.SIGKILL)
                     kills[kind] += 1
                 next_kill = logged + kill_every
         code = proc.wait(timeout=900)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-s", str(proc.pid)], capture_output=True)  # Ray's workers included
     seconds = time.perf_counter() - start
     text = log.read_text()
     if code != 0:
@@ -98,8 +97,10 @@ def _lines(path: Path) -> int:
         return 0
 
 
-def _pid(kind: str) -> int | None:
-    pids = subprocess.run(["pgrep", "-f", f"ray::{kind}"], capture_output=True, text=True).stdout.split()
+def _pid(kind: str, session: int) -> int | None:
+    """The run's `kind` actor: Ray's processes stay in the session of the driver that started them."""
+    pids = subprocess.run(["pgrep", "-s", str(session), "-f", f"ray::{kind}"], capture_output=True,
+                          text=True).stdout.split()
     return int(pids[0]) if pids else None
 
 

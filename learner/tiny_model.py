@@ -1,9 +1,12 @@
-"""Small Llama-architecture causal LMs and their tokenizer, built on this machine with no download.
+"""Small causal LMs and their tokenizer, built on this machine with no download.
 
 The tokenizer is a byte-level BPE trained on generated text (digits split one per token, so sums
 are learnable), with bos/eos/pad and a chat template; the model is a Llama with random weights:
 `builtin:tiny-llama` (~0.5M parameters, the embedded default) or `builtin:small-llama` (~21M, for
-measuring the learner at a size where activations, not the interpreter, dominate). Both are saved with `save_pretrained` into one directory that transformers and
+measuring the learner at a size where activations, not the interpreter, dominate), and tiny builds
+of the other families users bring (`builtin:tiny-qwen2`, `builtin:tiny-qwen3`,
+`builtin:tiny-mistral`; a Llama spec names no family, so its cache key is unchanged). All are
+saved with `save_pretrained` into one directory that transformers and
 vLLM load. The build is cached under `cache_dir()` and keyed by its spec, so it happens once.
 """
 
@@ -30,10 +33,16 @@ SPEC = {
     "seed": 0,
 }
 
+# The families users bring, each as small as the tiny Llama, with what sets it apart: Qwen2 ties the
+# LM head to the embeddings and has q/k/v biases, Qwen3 normalises q and k per head, Mistral uses
+# grouped-query attention; all three with 2 key-value heads for 4 query heads.
 BUILTINS = {
     "tiny-llama": SPEC,
     "small-llama": {**SPEC, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6,
                     "num_attention_heads": 8},
+    "tiny-qwen2": {**SPEC, "family": "qwen2", "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "tiny-qwen3": {**SPEC, "family": "qwen3", "num_key_value_heads": 2, "head_dim": 32},
+    "tiny-mistral": {**SPEC, "family": "mistral", "num_key_value_heads": 2},
 }
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -137,24 +146,30 @@ def _train_tokenizer():
 
 def _random_model(tokenizer, spec: dict):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(spec["seed"])
-    config = LlamaConfig(
+    heads = spec["num_attention_heads"]
+    extra = {"head_dim": spec["head_dim"]} if "head_dim" in spec else {}
+    if spec.get("family", "llama") == "mistral":
+        extra["sliding_window"] = None  # full attention at these lengths, as vLLM's CPU path expects
+    config = AutoConfig.for_model(
+        spec.get("family", "llama"),
         vocab_size=len(tokenizer),
         hidden_size=spec["hidden_size"],
         intermediate_size=spec["intermediate_size"],
         num_hidden_layers=spec["num_hidden_layers"],
-        num_attention_heads=spec["num_attention_heads"],
-        num_key_value_heads=spec["num_attention_heads"],
+        num_attention_heads=heads,
+        num_key_value_heads=spec.get("num_key_value_heads", heads),
         max_position_embeddings=spec["max_position_embeddings"],
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.get("tie_word_embeddings", False),
         torch_dtype="float32",
+        **extra,
     )
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 

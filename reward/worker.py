@@ -14,6 +14,7 @@ from rollout.config import RewardConfig
 from rollout.record import reward_batch
 
 MODEL_COMPONENT = "reward_model"
+RESTARTED = "restarted"  # in score_batch's seconds: 1 on the first call after a restart
 
 
 def last_user_message(record) -> str:
@@ -50,7 +51,8 @@ def spawn_reward_workers(cfg: RewardConfig) -> list:
 
     actor = ray.remote(_RewardActor)
     # A worker whose process dies is restarted by Ray, and the call it was serving runs again there.
-    return [actor.options(num_cpus=cfg.num_cpus_per_worker, max_restarts=cfg.max_restarts,
+    gpus = cfg.model.num_gpus if cfg.model is not None else 0.0
+    return [actor.options(num_cpus=cfg.num_cpus_per_worker, num_gpus=gpus, max_restarts=cfg.max_restarts,
                           max_task_retries=cfg.max_restarts, **actor_options(f"reward-{i}"))
             .remote(cfg, name=f"reward-{i}") for i in range(cfg.num_workers)]
 
@@ -103,4 +105,10 @@ class _RewardActor(RewardWorker):
 
         route_actor_output()
         super().__init__(*args, **kwargs)
-        announce_if_restarted("reward", self.name)
+        self._restarted = announce_if_restarted("reward", self.name)
+
+    def score_batch(self, batch, records):
+        rewards, seconds = super().score_batch(batch, records)
+        if self._restarted:
+            seconds, self._restarted = {**seconds, RESTARTED: 1.0}, False
+        return rewards, seconds

@@ -106,7 +106,9 @@ class RolloutConfig(Base):
         "Longest wait for one iteration's generation, and then for its rewards, before the job fails "
         "naming the stage.", gt=0)] = 3600.0
     weight_sync_timeout_s: Annotated[float, doc(
-        "A weight sync not finished in this time raises an error naming the worker.", gt=0)] = 300.0
+        "A worker that has not applied a weight sync in this time (queued behind its generation) is "
+        "restarted and loads the newest weights; on the collective path the sync fails naming it.",
+        gt=0)] = 300.0
 
 
 class RuleSpec(Base):
@@ -120,6 +122,9 @@ class RewardModelConfig(Base):
     path: Annotated[str, doc("Directory of a reward model trained by `reward train`.")]
     weight: Annotated[float, doc("Weight of the model score in the total reward.")] = 1.0
     batch_size: Annotated[int, doc("Samples scored per forward pass.", ge=1)] = 32
+    num_gpus: Annotated[float, doc(
+        "GPUs Ray reserves for each reward worker; with any, the reward model scores on its GPU (a 7B "
+        "reward model on CPU is far too slow), with 0 on CPU.", ge=0)] = 0.0
 
 
 class RewardConfig(Base):

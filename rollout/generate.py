@@ -14,7 +14,6 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from learner.device import resolve_device
 from learner.tiny_model import resolve_model_path
 from reward.worker import check_reward_model, reward_components, spawn_reward_workers
 from rollout.archive import ArchiveWriter
@@ -26,13 +25,13 @@ from rollout.pool import WorkerPool
 from rollout.prompts import load_prompts
 from rollout.record import SCHEMA_VERSION
 from rollout.rendering import PromptRenderer, render_prompts
-from rollout.resources import check_fits
+from rollout.resources import check_fits, resolve_devices
 from rollout.session import init_ray
 
 
 def generate(cfg: JobConfig, out: Path, *, log=None) -> dict:
     log = log or sys.stderr
-    check(cfg, cuda_available=resolve_device("auto") == "cuda")
+    check(cfg)  # devices are checked against the cluster once it is joined
     from transformers import AutoTokenizer
 
     model = resolve_model_path(cfg.model.path)
@@ -45,6 +44,7 @@ def generate(cfg: JobConfig, out: Path, *, log=None) -> dict:
     configure_driver(out)
     (out / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg, learner=False)
+    cfg = resolve_devices(cfg, ray.cluster_resources())
     check_fits(cfg, ray.cluster_resources(), learner=False)
     run_id = f"{cfg.run_name}-generate"
     reward_workers = spawn_reward_workers(cfg.reward)

@@ -46,6 +46,10 @@ class _Rank:
         result = getattr(self.learner, method)(*args)
         return result if self.rank == 0 else None
 
+    def call_checked(self, method: str, *args):
+        """`call`, with a second, small return that says it finished: read without fetching the first."""
+        return self.call(method, *args), True
+
     def learn(self, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef], timeout: float):
         """One iteration on the generation and reward batches (fetched here, from the object store):
         (per-token columns, for the archive; (stats, stage seconds), for the driver)."""
@@ -96,8 +100,12 @@ class LearnerGroup:
         return pairs[0][0], stats, timings
 
     def call_ref(self, method: str, *args) -> ray.ObjectRef:
-        """Like `call`, but rank 0's result stays in the object store (weights go to workers from there)."""
-        return self._finish(self.submit(method, *args))[0]
+        """Like `call`, but rank 0's result stays in the object store (weights go to workers from there).
+        Every rank's finish flag is read, so a rank that died raises here, not in whoever reads the result."""
+        pairs = [r.call_checked.options(num_returns=2).remote(method, *args) for r in self.ranks]
+        flags = self._finish([flag for _, flag in pairs])
+        self._get(flags[0], "learner rank 0")
+        return pairs[0][0]
 
     def rank0(self, method: str, *args):
         """A call that involves no collective, on rank 0 alone."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from learner.memory import GIB, QWEN25_05B, QWEN25_7B, Shape, estimate
 from rollout.config import JobConfig
-from rollout.resources import actor_requests, check_fits
+from rollout.resources import actor_requests, check_fits, resolve_devices
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Hub models whose shapes are known without downloading their config.
@@ -54,6 +54,11 @@ def model_shape(path: str) -> Shape | None:
 
 def make_plan(cfg: JobConfig, cluster: dict[str, float] | None = None, gpu_memory_gb: float | None = None) -> Plan:
     lines, problems = [], []
+    if cluster is not None:
+        try:
+            cfg = resolve_devices(cfg, cluster)  # `auto` as the cluster decides it, as a run would
+        except ValueError as e:
+            problems.append(str(e))
     requests = actor_requests(cfg)
     lines.append(f"{'actor':<16}{'count':>6}{'CPU each':>10}{'GPU each':>10}  placement")
     for what, count, each in requests:

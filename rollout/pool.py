@@ -203,6 +203,7 @@ class WorkerPool:
         self._newest: tuple[int, ray.ObjectRef] | None = None  # the last weights sent: what a restart loads
         self._lock = threading.Lock()  # restarts run on collector threads
         self._restart_lock = threading.Lock()
+        self.restarts = 0  # workers found restarted and brought up to date
 
     def submit(self, tasks: list[PromptTask], *, run_id: str, iteration: int, scorers: list | None = None,
                records: dict | None = None, timeout: float | None = None) -> Launch:
@@ -256,9 +257,13 @@ class WorkerPool:
             with self._lock:
                 newest = self._newest
             version, weights = newest if newest is not None else (0, None)
-            sync_timeout = self.cfg.rollout.weight_sync_timeout_s
+            # A fresh engine loads the weights before it takes work: as long as it may take to start.
+            sync_timeout = max(self.cfg.rollout.weight_sync_timeout_s, timeout)
             if ray.get(worker.serving_version.remote(), timeout=sync_timeout) == version:
+                if newest is None:  # nothing to load: a restart before the first sync
+                    self.restarts += 1
                 return
+            self.restarts += 1
             print(f"{name}: back after a restart; loading weights version {version}, then generating its lost "
                   "chunks again", file=sys.stderr, flush=True)
             got = ray.get(worker.update_weights.remote(version, weights), timeout=sync_timeout)
@@ -314,9 +319,15 @@ class WorkerPool:
     def _await(self, pending: dict[ray.ObjectRef, str], version: int | None) -> None:
         timeout = self.cfg.rollout.weight_sync_timeout_s
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
-        if late:
+        if late and version is None:  # the collective path: its peers cannot be restarted one by one
             names = ", ".join(pending[r] for r in late)
-            raise WeightSyncError(f"weight sync to version {version} timed out after {timeout:.0f}s on {names}")
+            raise WeightSyncError(f"weight sync timed out after {timeout:.0f}s on {names}")
+        for r in late:  # stuck, or busier than the timeout allows: restarted, it loads the newest weights
+            print(f"{pending[r]}: no answer to the weight sync to version {version} within "
+                  f"rollout.weight_sync_timeout_s ({timeout:g}s); restarting it", file=sys.stderr, flush=True)
+            index = self.names.index(pending[r])
+            ray.kill(self.workers[index], no_restart=False)
+            self.restarted(index)
         for r in done:
             try:
                 got = ray.get(r)

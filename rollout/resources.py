@@ -6,8 +6,28 @@ at start-up that names what is needed, what exists and the settings that change 
 
 from __future__ import annotations
 
+import msgspec
+
 from learner.device import resolve_device
 from rollout.config import ConfigError, JobConfig
+
+
+def resolve_devices(cfg: JobConfig, cluster: dict[str, float]) -> JobConfig:
+    """The config with `auto` devices decided by the cluster: cuda when it has GPUs. A driver that
+    `ray job submit` ran on a GPU-less head so sees the workers' GPUs, not its own torch's. An explicit
+    cuda on a cluster without GPUs is an error (unless ray.fail_if_short is off: nodes may come)."""
+    gpus = cluster.get("GPU", 0.0) > 0
+    changes, problems = {}, []
+    for section in ("rollout", "learner"):
+        device = getattr(cfg, section).device
+        if device == "auto":
+            changes[section] = msgspec.structs.replace(getattr(cfg, section), device="cuda" if gpus else "cpu")
+        elif device == "cuda" and not gpus and cfg.ray.fail_if_short:
+            problems.append(f"{section}.device is cuda but the cluster has no GPUs: set it to auto or cpu, "
+                            "or add GPU nodes (ray.fail_if_short=false if they come on demand)")
+    if problems:
+        raise ConfigError("the cluster cannot hold the job:\n  - " + "\n  - ".join(problems))
+    return msgspec.structs.replace(cfg, **changes)
 
 
 def actor_requests(cfg: JobConfig, *, learner: bool = True) -> list[tuple[str, int, dict[str, float]]]:
@@ -15,7 +35,9 @@ def actor_requests(cfg: JobConfig, *, learner: bool = True) -> list[tuple[str, i
     rollout_gpus = cfg.rollout.num_gpus_per_worker if resolve_device(cfg.rollout.device) == "cuda" else 0
     requests = [("rollout worker", cfg.rollout.num_workers,
                  {"CPU": cfg.rollout.num_cpus_per_worker, "GPU": rollout_gpus}),
-                ("reward worker", cfg.reward.num_workers, {"CPU": cfg.reward.num_cpus_per_worker, "GPU": 0.0})]
+                ("reward worker", cfg.reward.num_workers,
+                 {"CPU": cfg.reward.num_cpus_per_worker,
+                  "GPU": cfg.reward.model.num_gpus if cfg.reward.model is not None else 0.0})]
     if learner:
         learner_gpus = 1.0 if resolve_device(cfg.learner.device) == "cuda" else 0.0
         requests.append(("learner rank", cfg.learner.num_ranks,
@@ -25,7 +47,7 @@ def actor_requests(cfg: JobConfig, *, learner: bool = True) -> list[tuple[str, i
 
 KNOBS = {"CPU": "rollout.num_cpus_per_worker, reward.num_cpus_per_worker, learner.num_cpus_per_rank, "
                 "rollout.num_workers, reward.num_workers or learner.num_ranks",
-         "GPU": "rollout.num_gpus_per_worker, rollout.num_workers or learner.num_ranks"}
+         "GPU": "rollout.num_gpus_per_worker, rollout.num_workers, reward.model.num_gpus or learner.num_ranks"}
 
 
 def check_fits(cfg: JobConfig, cluster: dict[str, float], *, learner: bool = True) -> None:

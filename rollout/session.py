@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from learner.device import resolve_device
 from learner.tiny_model import resolve_model_path
-from reward.worker import check_reward_model, reward_components, spawn_reward_workers
+from reward.worker import RESTARTED, check_reward_model, reward_components, spawn_reward_workers
 from rollout import stopping
 from rollout.archive import ArchiveWriter, last_archived_iteration
 from rollout.columns import archive_batches
@@ -40,7 +40,7 @@ from rollout.pool import Chunk, Launch, WorkerPool
 from rollout.prompts import PromptSampler, load_prompts
 from rollout.record import SCHEMA_VERSION
 from rollout.rendering import PromptRenderer, render_prompts
-from rollout.resources import actor_requests, check_fits
+from rollout.resources import actor_requests, check_fits, resolve_devices
 from rollout.run_lock import RunLock
 from rollout.telemetry import record_restart
 from rollout.worker import GenerationSummary
@@ -99,7 +99,7 @@ class Session:
     @classmethod
     def open(cls, cfg: JobConfig, run_dir: Path, *, log=None) -> Session:
         self = cls(cfg, run_dir, log or sys.stderr)
-        check(cfg, cuda_available=resolve_device("auto") == "cuda")
+        check(cfg)  # devices are checked against the cluster once it is joined
         self.lock = RunLock.acquire(run_dir)  # before anything is written there
         if self.lock.stale_warning():
             print(self.lock.stale_warning(), file=log)
@@ -132,6 +132,7 @@ class Session:
         # Before any model work: a cluster that cannot hold the actors fails the job here, in seconds.
         init_ray(cfg, learner=True)
         stopping.install()  # again: ray.init installs its own SIGTERM handler
+        self.cfg = cfg = resolve_devices(cfg, ray.cluster_resources())
         check_fits(cfg, ray.cluster_resources())
         model = base_model
         if cfg.model.sft_warmup:
@@ -172,6 +173,7 @@ class Session:
         self.version = self.pool.version
         self.launched: dict[int, Launched] = {}
         self._last_recorded = time.perf_counter()
+        self._restarts_seen: dict[str, int] = {}
         self.components = reward_components(cfg.reward)
         start = self.manifest.start(config_yaml=to_yaml(cfg), model=model, schema_version=SCHEMA_VERSION,
                                     seeds={"seed": cfg.seed, "sampling_seed": cfg.rollout.sampling.seed},
@@ -249,7 +251,8 @@ class Session:
         latency: dict[str, float] = {}
         for seconds in _get([c.latency for c in chunks], timeout, f"rewards of iteration {iteration}"):
             for name, value in seconds.items():
-                latency[f"reward_latency/{name}"] = latency.get(f"reward_latency/{name}", 0.0) + value
+                key = "restarts/reward" if name == RESTARTED else f"reward_latency/{name}"
+                latency[key] = latency.get(key, 0.0) + value
         timings["reward"] = time.perf_counter() - start
         return Samples(iteration, chunks, rewards, launched.sampler, latency)
 
@@ -296,6 +299,12 @@ class Session:
         # Wall-clock seconds since the last iteration's line; stages overlap, so it is not their sum.
         now = time.perf_counter()
         metrics["time/wall"], self._last_recorded = now - self._last_recorded, now
+        # Restarts since the last line (reward workers report theirs with the first batch they score).
+        counts = {"rollout": self.pool.restarts, "learner": self.learner_restarts}
+        for kind, count in counts.items():
+            metrics[f"restarts/{kind}"] = count - self._restarts_seen.get(kind, 0)
+        metrics["restarts/reward"] = int(metrics.get("restarts/reward", 0))
+        self._restarts_seen = counts
         self.metrics.write(metrics)
         self.manifest.iteration(samples.iteration, generated_by=[s.policy_version for s in samples.summaries],
                                 policy_version=self.version)
@@ -308,6 +317,9 @@ class Session:
         iteration = samples.iteration
         if (iteration + 1) % self.cfg.checkpoint_every and iteration != self.last_iteration:
             return
+        # The next iteration's weights are queued already: its generation runs while the learner saves.
+        if iteration + 1 <= self.last_iteration and iteration + 1 not in self.launched:
+            self.launched[iteration + 1] = self._launch(iteration + 1)
         # The archive holds every trained iteration before a checkpoint says they were trained.
         self.archive.flush()
         root = self.run_dir / CHECKPOINTS

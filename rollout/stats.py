@@ -2,7 +2,8 @@
 
 Per iteration: samples, generated tokens, generation tokens/s, reward mean/std and each component's
 mean (a NaN component is a failed rule: left out of the mean and counted), KL, response length,
-finish reasons and policy-version lag; plus the same over the whole archive. Everything is column
+finish reasons, policy-version lag and actor restarts (from the run's metrics); plus the same over
+the whole archive. Everything is column
 arithmetic on the few columns it needs (pyarrow group_by, numpy over list offsets), never a Python
 loop over rows, so a million-row archive takes seconds.
 
@@ -71,6 +72,7 @@ def compute_stats(archive: str | Path) -> RunStats:
         item["response_length_mean"] = row["length_mean"]
         item.update({f"finish/{reason}": finish.get((i, reason), 0) for reason in _reasons(finish)})
         item["version_lag"] = row["version_max"] - row["version_mean"]
+        item["restarts"] = _restarts(run_metrics.get(i))
         stats.append(item)
     return RunStats(str(archive), stats, _totals(rows, stats, components, finish))
 
@@ -170,6 +172,13 @@ def _component_means(components: pa.Table, keys: list[str]) -> dict[Any, dict[st
     return out
 
 
+def _restarts(metrics: dict[str, Any] | None) -> int | None:
+    """Actors restarted during the iteration (rollout, reward, learner), from the run's metrics."""
+    counts = [metrics[k] for k in ("restarts/rollout", "restarts/reward", "restarts/learner")
+              if metrics and metrics.get(k) is not None]
+    return int(sum(counts)) if counts else None
+
+
 def _tokens_per_s(row: dict[str, Any], metrics: dict[str, Any] | None) -> float | None:
     if metrics and metrics.get("tokens_per_s") is not None:
         return float(metrics["tokens_per_s"])
@@ -201,6 +210,8 @@ def _totals(rows: pa.Table, stats: list[dict[str, Any]], components: pa.Table,
                    for reason in _reasons(finish)})
     totals["version_lag"] = (sum(s["version_lag"] * s["samples"] for s in stats) / samples
                              if samples else None)
+    known = [s["restarts"] for s in stats if s["restarts"] is not None]
+    totals["restarts"] = sum(known) if known else None
     return totals
 
 
@@ -255,7 +266,9 @@ def _columns_with_components(run: RunStats) -> list[tuple[str, str, str]]:
     extra += [(f"fail/{name}", f"reward_failed/{name}", "d") for name in names
               if run.totals.get(f"reward_failed/{name}")]
     at = [key for _, key, _ in _COLUMNS].index("reward_std") + 1
-    return [*_COLUMNS[:at], *extra, *_COLUMNS[at:]]
+    # A restarts column only for runs that had any.
+    restarts = [("restarts", "restarts", "d")] if run.totals.get("restarts") else []
+    return [*_COLUMNS[:at], *extra, *_COLUMNS[at:], *restarts]
 
 
 def _cell(value: Any, fmt: str) -> str:

@@ -57,6 +57,10 @@ def test_v1_files_read_as_schema_v2(archive):
 def test_v1_stats_as_v1_computed_them(archive):
     stats = compute_stats(archive).to_json()
     stats["archive"] = None
+    # Figures added since v1 (restarts) are left out: every figure v1 computed is compared.
+    stats["iterations"] = [{k: it[k] for k in want} for it, want in zip(stats["iterations"],
+                                                                        EXPECTED["stats"]["iterations"])]
+    stats["totals"] = {k: stats["totals"][k] for k in EXPECTED["stats"]["totals"]}
     assert close(stats, EXPECTED["stats"]), (stats, EXPECTED["stats"])
 
 

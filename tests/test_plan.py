@@ -47,3 +47,26 @@ def test_memory_per_gpu_without_a_cluster_and_a_gpu_too_small(capsys):
     assert main(["plan", "--config", CLUSTER_CONFIG, "--gpu-memory-gb", "16"]) == 1
     out = capsys.readouterr().out
     assert "does not fit:" in out and "raise learner.num_ranks" in out
+
+
+def test_a_reward_model_on_gpus_is_in_the_plan():
+    cfg = load_config(CLUSTER_CONFIG, ["reward.model.path=/models/rm", "reward.model.num_gpus=1"])
+    plan = make_plan(cfg, {"CPU": 40.0, "GPU": 4.0}, gpu_memory_gb=24)
+    assert "reward worker        2       0.5         1" in format_plan(plan)
+    assert any("needs 6 GPUs" in p and "reward.model.num_gpus" in p for p in plan.problems), plan.problems
+
+
+def test_auto_devices_follow_the_cluster_not_the_drivers_torch():
+    import pytest
+
+    from rollout.config import ConfigError
+    from rollout.resources import resolve_devices
+
+    auto = load_config(None, ["rollout.device=auto", "learner.device=auto"])
+    on_gpus = resolve_devices(auto, {"CPU": 40.0, "GPU": 4.0})  # a driver on a GPU-less head, GPU workers
+    assert (on_gpus.rollout.device, on_gpus.learner.device) == ("cuda", "cuda")
+    assert resolve_devices(auto, {"CPU": 8.0}).learner.device == "cpu"
+    with pytest.raises(ConfigError, match="learner.device is cuda but the cluster has no GPUs"):
+        resolve_devices(load_config(CLUSTER_CONFIG), {"CPU": 8.0})
+    assert resolve_devices(load_config(CLUSTER_CONFIG, ["ray.fail_if_short=false"]), {"CPU": 8.0}).learner.device \
+        == "cuda"  # an autoscaling cluster adds its GPU nodes on demand

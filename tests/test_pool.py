@@ -6,7 +6,7 @@ import ray
 from safetensors.torch import load_file
 
 from rollout.config import load_config
-from rollout.pool import WeightSyncError, WorkerPool
+from rollout.pool import WorkerPool
 from rollout.record import from_record_batch
 from rollout.rendering import PromptTask
 
@@ -46,9 +46,9 @@ def test_chunks_come_back_scored_when_scorers_are_given(pool):
 
     records = [msgspec.structs.replace(parse_prompt({"prompt": "x"}, "sft", f"t:{i}"), prompt_id=f"p{i}")
                for i in range(2)]
-    scorer = ray.remote(RewardWorker).remote(RewardConfig(rules=[RuleSpec(name="length", params={"target": 3})]),
-                                             records)
-    chunks = collect(pool, pool.submit(tasks(2), run_id="r", iteration=9, scorers=[scorer]))
+    scorer = ray.remote(RewardWorker).remote(RewardConfig(rules=[RuleSpec(name="length", params={"target": 3})]))
+    chunks = collect(pool, pool.submit(tasks(2), run_id="r", iteration=9, scorers=[scorer],
+                                       records={r.prompt_id: r for r in records}))
     for chunk in chunks:
         rewards, latency = ray.get([chunk.rewards, chunk.latency], timeout=120)
         assert rewards.num_rows == chunk.summary.samples and set(latency) == {"total", "length"}
@@ -79,11 +79,14 @@ def test_a_queued_sync_applies_to_later_chunks_only(pool, tiny_model_path):
     assert {r.policy_version for r in rows(collect(pool, after))} == {1}
 
 
-def test_a_sync_that_misses_its_timeout_names_the_worker(pool, tiny_model_path):
+def test_a_worker_that_misses_a_sync_is_restarted_with_the_new_weights(pool, tiny_model_path, capfd):
     weights = list(load_file(f"{tiny_model_path}/model.safetensors").items())
     pool.cfg = load_config(None, ["rollout.weight_sync_timeout_s=0.05", "rollout.sampling.max_tokens=64",
                                   "rollout.chunks_per_worker=1"])
     busy = pool.submit(tasks(256), run_id="r", iteration=3)  # the worker is busy for a while
-    with pytest.raises(WeightSyncError, match=r"version 2 timed out after .* on rollout-0"):
-        pool.sync_weights(2, weights)
-    collect(pool, busy)
+    pool.sync_weights(2, weights)  # too late: rollout-0 is restarted, and loads version 2
+    assert pool.version == 2 and pool.restarts == 1
+    assert "rollout-0: no answer to the weight sync to version 2" in capfd.readouterr().err
+    records = rows(collect(pool, busy))  # its chunk is generated again, on the new weights
+    assert sorted(r.prompt_id for r in records) == sorted(f"p{i}" for i in range(256) for _ in range(2))
+    assert {r.policy_version for r in records} == {2}

@@ -150,3 +150,16 @@ def test_cli_stats(tmp_path, capsys):
 
     assert main(["stats", str(tmp_path / "missing")]) == 2
     assert "no archive here" in capsys.readouterr().err
+
+
+def test_restarts_per_iteration_come_from_the_runs_metrics(tmp_path):
+    run = write(tmp_path / "run", hand_records(), metrics=[
+        {"iteration": 0, "restarts/rollout": 1, "restarts/reward": 0, "restarts/learner": 0},
+        {"iteration": 1, "restarts/rollout": 0, "restarts/reward": 1, "restarts/learner": 1}])
+    stats = compute_stats(run)
+    assert [s["restarts"] for s in stats.iterations] == [1, 2] and stats.totals["restarts"] == 3
+    header = format_table(stats).splitlines()[1].split()
+    assert header[-1] == "restarts"
+    # A run without any has no restarts column.
+    calm = format_table(compute_stats(write(tmp_path / "calm", hand_records()))).splitlines()
+    assert "restarts" not in calm[1]
