@@ -91,8 +91,12 @@ def route_actor_output() -> None:
     if not path or verbose() or getattr(route_actor_output, "done", False):
         return
     route_actor_output.done = True
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    log = open(path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        log = open(path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+    except OSError as e:  # a full or read-only disk: the console filter still runs, with no log
+        print(f"console: cannot write {path} ({e}); library output of this actor is dropped", file=sys.stderr)
+        log = None
     warnings.formatwarning = _one_line_warning
     for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
         stream.flush()
@@ -111,13 +115,21 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def _pump(read: int, original: int, log) -> None:
-    """Copy everything to `log`; lines (ended by \\n or a tqdm \\r) that are not noise to `original`."""
+    """Copy everything to `log`; lines (ended by \\n or a tqdm \\r) that are not noise to `original`.
+
+    It must never stop reading: the actor would block on a full pipe. A log that cannot be written
+    (a full disk) is given up, with one line, and the console lines go on."""
     pending = b""
     while True:
         data = os.read(read, 65536)
         if not data:
             return
-        log.write(data)
+        if log is not None:
+            try:
+                log.write(data)
+            except OSError as e:
+                log = None
+                os.write(original, f"console: writing this actor's log failed ({e}); it goes on without\n".encode())
         pending += data
         *lines, pending = re.split(rb"(?<=[\r\n])", pending)
         for line in lines:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from learner.tiny_model import resolve_model_path
 from reward.worker import check_reward_model, reward_components, spawn_reward_workers
+from rollout import stopping
 from rollout.archive import ArchiveWriter
 from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
@@ -26,6 +27,7 @@ from rollout.prompts import load_prompts
 from rollout.record import SCHEMA_VERSION
 from rollout.rendering import PromptRenderer, render_prompts
 from rollout.resources import check_fits, resolve_devices
+from rollout.run_lock import RunLock
 from rollout.session import init_ray
 
 
@@ -40,10 +42,19 @@ def generate(cfg: JobConfig, out: Path, *, log=None) -> dict:
     records, rendered = render_prompts(load_prompts(cfg.data, cfg.seed, log=log), renderer,
                                        on_bad_record=cfg.data.on_bad_record, source=cfg.data.prompts, log=log)
     tasks = [rendered[r.prompt_id] for r in records]
-    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock.acquire(out)  # one writer per directory, as for `rollout run`
+    stopping.install()
+    try:
+        return _generate(cfg, out, records, tasks, model, log)
+    finally:
+        lock.release()
+
+
+def _generate(cfg: JobConfig, out: Path, records: list, tasks: list, model: str, log) -> dict:
     configure_driver(out)
     (out / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg, learner=False)
+    stopping.install()  # again: ray.init installs its own SIGTERM handler
     cfg = resolve_devices(cfg, ray.cluster_resources())
     check_fits(cfg, ray.cluster_resources(), learner=False)
     run_id = f"{cfg.run_name}-generate"

@@ -40,12 +40,13 @@ _CATEGORIES = (
 
 
 def validate_files(paths: list[str], *, prompt_length: Callable[[PromptRecord], int] | None = None,
-                   max_prompt_tokens: int | None = None, out: TextIO = sys.stdout) -> int:
-    """Check every record of every file and print the report to `out`; 0 if all valid, else 1.
+                   max_prompt_tokens: int | None = None, out: TextIO | None = None) -> int:
+    """Check every record of every file and print the report to `out` (stdout); 0 if all valid, else 1.
 
     `prompt_length` (the rendered prompt's token count) with `max_prompt_tokens` also reports
     prompts that are too long. A file that is missing, unreadable or has no records fails too.
     """
+    out = out or sys.stdout
     summaries: list[str] = []
     reasons: Counter[str] = Counter()
     failed = False
