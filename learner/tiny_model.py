@@ -3,7 +3,8 @@
 The tokenizer is a byte-level BPE trained on generated text (digits split one per token, so sums
 are learnable), with bos/eos/pad and a chat template; the model is a Llama with random weights:
 `builtin:tiny-llama` (~0.5M parameters, the embedded default) or `builtin:small-llama` (~21M, for
-measuring the learner at a size where activations, not the interpreter, dominate), and tiny builds
+measuring the learner at a size where activations, not the interpreter, dominate),
+`builtin:medium-llama` (~100M, for weight-sync and memory figures), and tiny builds
 of the other families users bring (`builtin:tiny-qwen2`, `builtin:tiny-qwen3`,
 `builtin:tiny-mistral`; a Llama spec names no family, so its cache key is unchanged). All are
 saved with `save_pretrained` into one directory that transformers and
@@ -40,6 +41,8 @@ BUILTINS = {
     "tiny-llama": SPEC,
     "small-llama": {**SPEC, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6,
                     "num_attention_heads": 8},
+    "medium-llama": {**SPEC, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 14,
+                     "num_attention_heads": 12},
     "tiny-qwen2": {**SPEC, "family": "qwen2", "num_key_value_heads": 2, "tie_word_embeddings": True},
     "tiny-qwen3": {**SPEC, "family": "qwen3", "num_key_value_heads": 2, "head_dim": 32},
     "tiny-mistral": {**SPEC, "family": "mistral", "num_key_value_heads": 2},
