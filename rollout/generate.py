@@ -24,7 +24,6 @@ from rollout.console import configure_driver
 from rollout.manifest import RunManifest
 from rollout.pool import WorkerPool
 from rollout.prompts import load_prompts
-from rollout.record import SCHEMA_VERSION
 from rollout.rendering import PromptRenderer, render_prompts
 from rollout.resources import check_fits, resolve_devices
 from rollout.run_lock import RunLock
@@ -61,8 +60,7 @@ def _generate(cfg: JobConfig, out: Path, records: list, tasks: list, model: str,
     reward_workers = spawn_reward_workers(cfg.reward)
     pool = WorkerPool(cfg, model)
     manifest = RunManifest(out, run_id)
-    start = manifest.start(config_yaml=to_yaml(cfg), model=model, schema_version=SCHEMA_VERSION,
-                           seeds={"seed": cfg.seed, "sampling_seed": cfg.rollout.sampling.seed}, resumed_from=None)
+    start = manifest.start_run(cfg, model)
     metadata = {"run_id": run_id, "model": model, "config": to_yaml(cfg), "manifest": json.dumps(start),
                 "temperature": repr(cfg.rollout.sampling.temperature)}
     timeout = cfg.rollout.iteration_timeout_s

@@ -136,6 +136,16 @@ class RunManifest:
         self.save()
         return entry
 
+    def start_run(self, cfg, model: str, resumed_from: dict[str, Any] | None = None,
+                  reason: str | None = None) -> dict[str, Any]:
+        """`start` with what a job config says: its YAML, its seeds, the schema written."""
+        from rollout.config import to_yaml
+        from rollout.record import SCHEMA_VERSION
+
+        return self.start(config_yaml=to_yaml(cfg), model=model, schema_version=SCHEMA_VERSION,
+                          seeds={"seed": cfg.seed, "sampling_seed": cfg.rollout.sampling.seed},
+                          resumed_from=resumed_from, reason=reason)
+
     def iteration(self, iteration: int, *, generated_by: list[int], policy_version: int) -> None:
         """An iteration was trained: its samples came from versions `generated_by`; the update made `policy_version`."""
         self.data["iterations"].append({

@@ -38,7 +38,6 @@ from rollout.manifest import RunManifest
 from rollout.metrics import MetricsLog, iteration_metrics
 from rollout.pool import Chunk, Launch, WorkerPool
 from rollout.prompts import PromptSampler, load_prompts
-from rollout.record import SCHEMA_VERSION
 from rollout.rendering import PromptRenderer, render_prompts
 from rollout.resources import actor_requests, check_fits, resolve_devices
 from rollout.run_lock import RunLock
@@ -106,7 +105,7 @@ class Session:
         try:
             self._start()
         except BaseException:
-            self._abandon()
+            self._release()
             raise
         return self
 
@@ -175,9 +174,7 @@ class Session:
         self._last_recorded = time.perf_counter()
         self._restarts_seen: dict[str, int] = {}
         self.components = reward_components(cfg.reward)
-        start = self.manifest.start(config_yaml=to_yaml(cfg), model=model, schema_version=SCHEMA_VERSION,
-                                    seeds={"seed": cfg.seed, "sampling_seed": cfg.rollout.sampling.seed},
-                                    resumed_from=resumed_from)
+        start = self.manifest.start_run(cfg, model, resumed_from)
         self.archive = ArchiveWriter(run_dir / "rollouts", self._archive_metadata(model, start), self.components,
                                      batch_rows=cfg.archive.batch_rows, rows_per_file=cfg.archive.rows_per_file)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -204,14 +201,14 @@ class Session:
             resumed_from = {"checkpoint": checkpoint.name, "iteration": extra["iteration"], "policy_version": updates}
         # The lost updates are made again on iterations after the last one planned.
         self.last_iteration += self.version - updates
-        self.manifest.start(config_yaml=to_yaml(self.cfg), model=self.model, schema_version=SCHEMA_VERSION,
-                            seeds={"seed": self.cfg.seed, "sampling_seed": self.cfg.rollout.sampling.seed},
-                            resumed_from=resumed_from, reason=f"learner rebuilt in iteration {iteration}")
+        self.manifest.start_run(self.cfg, self.model, resumed_from, reason=f"learner rebuilt in iteration {iteration}")
         self.pool.queue_weights(updates, self._weights())
         self.version = updates
 
-    def _abandon(self) -> None:
-        """A start that failed half-way: release what it started and the run directory."""
+    def _release(self) -> None:
+        """Kill what was started (all of it, or what a start that failed half-way got to) and free the
+        run directory. Results still in flight die with their actors: Ray would report each as an
+        "unhandled error", so it is told not to."""
         os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
         for part in ("pool", "learner"):
             if hasattr(self, part):
@@ -345,14 +342,10 @@ class Session:
                 shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
-        # Results still in flight die with their actors: Ray would report each as an "unhandled error".
-        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
         try:
             self.archive.close()
         finally:
-            self.pool.shutdown()
-            self.learner.shutdown()
-            self.lock.release()
+            self._release()
 
     # -- helpers ---------------------------------------------------------------------------------
 
