@@ -33,6 +33,7 @@ from learner.losses import policy_loss, value_loss
 from learner.microbatch import plan
 from learner.models import DTYPES, CriticModel, PolicyModel, load_causal_lm
 from learner.samples import LearnerColumns, SampleBatch, token_spans
+from learner.weight_broadcast import SyncAbandoned, SyncPlan, WeightGroup, plan_buckets
 from rollout.config import JobConfig
 
 STATE_FILE = "learner.pt"  # kl controller, version, job state; written last, so its presence marks a whole checkpoint
@@ -334,33 +335,49 @@ class Learner:
             tensors.pop("lm_head.weight", None)  # tied to the embedding, which loading restores it from
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
-    # -- the GPU weight-sync path (rollout.weight_sync): rank 0 broadcasts over NCCL ---------------
+    # -- the collective weight sync (rollout.weight_sync): rank 0 broadcasts into the engines ---------
 
-    def weight_group_address(self) -> tuple[str, int]:
-        import socket
+    def weight_plan(self, dtype: str, bucket_bytes: int) -> SyncPlan:
+        """The buckets of every sync (the shapes never change); a tied head is sent once, as the embedding."""
+        shapes = [(name.removeprefix("lm."), tuple(tensor.shape)) for name, tensor in self.policy.state_dict().items()
+                  if name.startswith("lm.") and not (self.tied_head and name == "lm.lm_head.weight")]
+        tied = ()
+        if self.tied_head:
+            embedding = self.policy.lm.get_input_embeddings().weight
+            tied = tuple(("lm_head.weight", name) for name, p in self.policy.lm.named_parameters() if p is embedding)
+        return plan_buckets(shapes, dtype, bucket_bytes, tied)
 
-        import ray
+    def open_weight_group(self, store_host: str, store_port: int, epoch: int, world_size: int,
+                          arrive_timeout_s: float, op_timeout_s: float) -> bool:
+        """Rank 0 joins the sync group as its sender; False if the driver called the group off."""
+        self._weight_group = None
+        if self.rank != 0:
+            return True
+        try:
+            self._weight_group = WeightGroup(store_host, store_port, epoch, 0, world_size, self.device,
+                                             arrive_timeout_s=arrive_timeout_s, op_timeout_s=op_timeout_s)
+        except SyncAbandoned:
+            return False
+        return True
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
-
-    def open_weight_group(self, host: str, port: int, world_size: int) -> None:
-        from learner.nccl_sender import NcclWeightSender
-
-        if self.rank == 0:
-            self._sender = NcclWeightSender(host, port, world_size, self.device)
-
-    def weight_specs(self) -> list[tuple[str, str, tuple[int, ...]]] | None:
-        from learner.nccl_sender import NcclWeightSender
-
+    def broadcast_weights(self, plan: SyncPlan, sync: int) -> bool:
+        """Every rank gathers the weights (a collective when sharded); rank 0 sends them once every
+        engine has arrived. False if the driver called the sync off before it began."""
         weights = self.export_weights()
-        return None if weights is None else NcclWeightSender.specs(weights)
+        if self.rank != 0:
+            return True
+        if self._weight_group is None:
+            return False
+        try:
+            self._weight_group.arrive(f"sync{sync}")
+        except SyncAbandoned:
+            return False
+        self._weight_group.send(plan, dict(weights))
+        return True
 
-    def broadcast_weights(self) -> None:
-        weights = self.export_weights()
-        if weights is not None:
-            self._sender.send(weights)
+    def versioned_weights(self) -> tuple[int, list[tuple[str, torch.Tensor]] | None]:
+        """(version, weights) read together, for an engine restarted between collective syncs."""
+        return self.version, self.export_weights()
 
 
 def _device(setting: str) -> torch.device:

@@ -105,6 +105,15 @@ class RolloutConfig(Base):
     iteration_timeout_s: Annotated[float, doc(
         "Longest wait for one iteration's generation, and then for its rewards, before the job fails "
         "naming the stage.", gt=0)] = 3600.0
+    weight_sync: Annotated[Literal["auto", "object_store", "collective"], doc(
+        "How new weights reach the engines. object_store: the learner's export goes through Ray's "
+        "object store and each engine fetches and loads it. collective: the learner broadcasts them "
+        "in buckets over a process group (NCCL on GPU, gloo on CPU) straight into every engine, "
+        "without a copy in the object store. auto: collective when the learner and the engines are "
+        "both on cuda, object_store otherwise.")] = "auto"
+    weight_sync_bucket_mb: Annotated[float, doc(
+        "Collective sync: MiB per broadcast; each engine loads one bucket before it receives the "
+        "next, so this bounds the extra memory a sync takes on an engine.", gt=0)] = 256.0
     weight_sync_timeout_s: Annotated[float, doc(
         "A worker that has not applied a weight sync in this time (queued behind its generation) is "
         "restarted and loads the newest weights; on the collective path the sync fails naming it.",

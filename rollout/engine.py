@@ -87,7 +87,7 @@ class VLLMEngine:
             args["enforce_eager"] = True
         else:
             args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-            args["worker_extension_cls"] = "rollout.weight_sync.NcclWeightReceiver"
+        args["worker_extension_cls"] = "rollout.weight_sync.WeightReceiver"  # the collective sync's receiver
         args.update(extra_args or {})
         self._vllm = vllm
         self.llm = vllm.LLM(**args)

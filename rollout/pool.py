@@ -23,6 +23,7 @@ import pyarrow as pa
 import ray
 
 from learner.device import resolve_device
+from rollout.collective_sync import CollectiveSync, WeightSyncError
 from rollout.config import JobConfig
 from rollout.console import actor_options, route_actor_output
 from rollout.rendering import PromptTask
@@ -172,10 +173,6 @@ class WorkerStartError(RuntimeError):
     """A rollout worker did not start (or restart); the message names it and the resources it asked for."""
 
 
-class WeightSyncError(RuntimeError):
-    """A worker did not confirm a weight update in time; the message names it."""
-
-
 class WorkerPool:
     def __init__(self, cfg: JobConfig, model_path: str):
         self.cfg = cfg
@@ -204,6 +201,14 @@ class WorkerPool:
         self._lock = threading.Lock()  # restarts run on collector threads
         self._restart_lock = threading.Lock()
         self.restarts = 0  # workers found restarted and brought up to date
+        self.collective: CollectiveSync | None = None  # set by use_collective: rollout.weight_sync collective
+
+    def use_collective(self, learner) -> None:
+        """Sync through the collective path from `learner` (a LearnerGroup; again after it was rebuilt)."""
+        if self.collective is None:
+            self.collective = CollectiveSync(self.cfg, learner, self.workers, self.names)
+        else:
+            self.collective.members_changed(learner)
 
     def submit(self, tasks: list[PromptTask], *, run_id: str, iteration: int, scorers: list | None = None,
                records: dict | None = None, timeout: float | None = None) -> Launch:
@@ -254,11 +259,19 @@ class WorkerPool:
                     raise WorkerStartError(f"{name} died and did not come back (rollout.max_restarts "
                                            f"{self.cfg.rollout.max_restarts}; ray.actor_start_timeout_s "
                                            f"{timeout:.0f}s): {str(e).strip().splitlines()[0]}") from None
+            # A fresh engine loads the weights before it takes work: as long as it may take to start.
+            sync_timeout = max(self.cfg.rollout.weight_sync_timeout_s, timeout)
+            if self.collective is not None:  # the group lost a member: the newest weights come another way
+                self.collective.members_changed()
+                self.restarts += 1
+                print(f"{name}: back after a restart; loading the learner's weights, then generating its lost "
+                      "chunks again", file=sys.stderr, flush=True)
+                ray.get(worker.load_versioned.remote(self.collective.learner.call_ref("versioned_weights")),
+                        timeout=sync_timeout)
+                return
             with self._lock:
                 newest = self._newest
             version, weights = newest if newest is not None else (0, None)
-            # A fresh engine loads the weights before it takes work: as long as it may take to start.
-            sync_timeout = max(self.cfg.rollout.weight_sync_timeout_s, timeout)
             if ray.get(worker.serving_version.remote(), timeout=sync_timeout) == version:
                 if newest is None:  # nothing to load: a restart before the first sync
                     self.restarts += 1
@@ -288,56 +301,57 @@ class WorkerPool:
         self._queued = (version, {w.update_weights.remote(version, ref): name
                                   for w, name in zip(self.workers, self.names)})
 
+    def queue_weights_collective(self, version: int) -> None:
+        """Queue `version` on every worker behind the chunks it holds, sent by the learner over the
+        collective group (`use_collective`); `confirm_weights` checks it."""
+        self.confirm_weights()
+        self.collective.queue(version)
+        self._queued = (version, None)
+
     def has_queued_weights(self) -> bool:
         return self._queued is not None
 
     def confirm_weights(self) -> None:
         """Wait for the queued sync, if any (it runs after the chunks queued before it)."""
-        if self._queued is not None:
-            version, pending = self._queued
-            self._queued = None
+        if self._queued is None:
+            return
+        version, pending = self._queued
+        self._queued = None
+        if pending is not None:
             self._await(pending, version)
+        elif self.collective.confirm():
+            self.version = version
+        else:  # called off because the group lost a member: every worker loads the learner's weights instead
+            pair = self.collective.learner.call_ref("versioned_weights")
+            self.version = min(self._await({w.load_versioned.remote(pair): name
+                                            for w, name in zip(self.workers, self.names)}, None))
 
-    def sync_weights_nccl(self, version: int, learner) -> None:
-        """GPU clusters: learner rank 0 broadcasts over NCCL while every worker receives.
-
-        `learner` is the `LearnerGroup`; every rank takes part, since gathering the weights from their
-        shards is itself a collective."""
-        if not hasattr(self, "_specs"):
-            world = 1 + len(self.workers)
-            host, port = learner.rank0("weight_group_address")
-            joins = dict(zip(learner.submit("open_weight_group", host, port, world), learner.names()))
-            joins.update({w.init_weight_group.remote(host, port, i + 1, world): name
-                          for i, (w, name) in enumerate(zip(self.workers, self.names))})
-            self._await(joins, None)
-            self._specs = learner.call("weight_specs")
-        refs = {w.receive_weights.remote(version, self._specs): name for w, name in zip(self.workers, self.names)}
-        refs.update(zip(learner.submit("broadcast_weights"), learner.names()))
-        self._await(refs, None)
-        self.version = version
-
-    def _await(self, pending: dict[ray.ObjectRef, str], version: int | None) -> None:
+    def _await(self, pending: dict[ray.ObjectRef, str], version: int | None) -> list[int]:
+        """Wait for each worker's load; `version`: the one each must report (None: any). The versions
+        reported (a worker restarted on the way reports its own)."""
         timeout = self.cfg.rollout.weight_sync_timeout_s
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
-        if late and version is None:  # the collective path: its peers cannot be restarted one by one
-            names = ", ".join(pending[r] for r in late)
-            raise WeightSyncError(f"weight sync timed out after {timeout:.0f}s on {names}")
         for r in late:  # stuck, or busier than the timeout allows: restarted, it loads the newest weights
             print(f"{pending[r]}: no answer to the weight sync to version {version} within "
                   f"rollout.weight_sync_timeout_s ({timeout:g}s); restarting it", file=sys.stderr, flush=True)
             index = self.names.index(pending[r])
             ray.kill(self.workers[index], no_restart=False)
             self.restarted(index)
+        versions = []
         for r in done:
             try:
                 got = ray.get(r)
             except ray.exceptions.RayActorError:  # it died: restarted, it loads the newest weights
-                self.restarted(self.names.index(pending[r]))
+                index = self.names.index(pending[r])
+                self.restarted(index)
+                versions.append(ray.get(self.workers[index].serving_version.remote(), timeout=timeout))
                 continue
             if version is not None and got != version:
                 raise WeightSyncError(f"{pending[r]} reports version {got} after a sync to {version}")
+            versions.append(got)
         if version is not None:
             self.version = version
+        return versions
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -25,11 +25,11 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from learner.device import resolve_device
 from learner.tiny_model import resolve_model_path
 from reward.worker import RESTARTED, check_reward_model, reward_components, spawn_reward_workers
 from rollout import stopping
 from rollout.archive import ArchiveWriter, last_archived_iteration
+from rollout.collective_sync import weight_sync_path
 from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
 from rollout.console import configure_driver
@@ -150,6 +150,8 @@ class Session:
         self.learner_restarts = 0
         self.reward_workers = spawn_reward_workers(cfg.reward)
         self.pool = WorkerPool(cfg, serving_model)
+        if weight_sync_path(cfg) == "collective":
+            self.pool.use_collective(self.learner)
         updates = 0  # PPO updates the learner's weights hold: its policy version
         next_iteration, resumed_from = 0, None
         if checkpoint:
@@ -202,6 +204,8 @@ class Session:
         # The lost updates are made again on iterations after the last one planned.
         self.last_iteration += self.version - updates
         self.manifest.start_run(self.cfg, self.model, resumed_from, reason=f"learner rebuilt in iteration {iteration}")
+        if self.pool.collective is not None:
+            self.pool.use_collective(self.learner)  # the group forms again around the new rank 0
         self.pool.queue_weights(updates, self._weights())
         self.version = updates
 
@@ -274,8 +278,8 @@ class Session:
         """Queue the new weights on every worker behind the generation already in flight."""
         try:
             version = self.learner.rank0("version_number")
-            if resolve_device(self.cfg.rollout.device) == "cuda" and resolve_device(self.cfg.learner.device) == "cuda":
-                self.pool.sync_weights_nccl(version, self.learner)
+            if self.pool.collective is not None:
+                self.pool.queue_weights_collective(version)
             else:
                 self.pool.queue_weights(version, self._weights())
         except ray.exceptions.RayActorError as e:  # the rebuilt learner queues its own weights

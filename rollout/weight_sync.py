@@ -1,34 +1,43 @@
-"""GPU weight sync: the learner broadcasts new weights over NCCL straight into the vLLM workers.
+"""The engines' end of the collective weight sync, mixed into every vLLM worker (`worker_extension_cls`).
 
-`NcclWeightReceiver` is mixed into vLLM's GPU worker (`worker_extension_cls`), so its methods run
-inside every engine process through `LLM.collective_rpc`; `learner.nccl_sender` is the learner's end.
-Rank 0 of the group is the learner, the engines' tensor-parallel ranks follow. Only GPU clusters use
-this path (NCCL needs CUDA); CPU engines reload through `VLLMEngine.reload_weights` instead.
+Its methods run inside each engine process through `LLM.collective_rpc`: the worker joins the sync
+group (`learner.weight_broadcast`) as one more rank per tensor-parallel shard, and loads each bucket
+as it arrives through the worker's own `reload_weights`, which re-runs vLLM's post-load processing
+(on CPU, vLLM repacks weights after loading: a plain `load_weights` would write into tensors the
+kernels no longer read). Loading from a stream keeps one bucket, not a second copy of the model.
 """
 
 from __future__ import annotations
 
-import torch
-
-from learner.nccl_sender import nccl_communicator
+from learner.weight_broadcast import SyncAbandoned, SyncPlan, WeightGroup
 
 
-class NcclWeightReceiver:
-    """Methods added to each vLLM GPU worker; `self` is the worker (it has `device`, `model_runner`)."""
+class WeightReceiver:
+    """Methods added to each vLLM worker; `self` is the worker (it has `device` and `reload_weights`)."""
 
-    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        from vllm.distributed.parallel_state import get_world_group
+    def open_weight_group(self, store_host: str, store_port: int, epoch: int, rank_offset: int, world_size: int,
+                          arrive_timeout_s: float, op_timeout_s: float) -> bool:
+        """Join the group as rank `rank_offset` + this worker's tensor-parallel rank; False if called off."""
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-        rank = get_world_group().rank + rank_offset
-        self._weight_comm = nccl_communicator(host, port, rank, world_size, self.device)
+        self._weight_group = None
+        try:
+            self._weight_group = WeightGroup(store_host, store_port, epoch, rank_offset + get_tensor_model_parallel_rank(),
+                                             world_size, self.device, arrive_timeout_s=arrive_timeout_s,
+                                             op_timeout_s=op_timeout_s)
+        except SyncAbandoned:
+            return False
+        return True
 
-    def receive_weights(self, specs: list[tuple[str, str, tuple[int, ...]]]) -> None:
-        """Receive each (name, dtype, shape) broadcast by the learner, in order, then load them."""
-        weights = []
-        for name, dtype, shape in specs:
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._weight_comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
-            weights.append((name, tensor))
-        torch.cuda.synchronize()
-        # On GPU vLLM keeps checkpoint-shaped parameters, so the model's own loader applies them.
-        self.model_runner.model.load_weights(weights=weights)
+    def receive_weights(self, plan: SyncPlan, sync: int) -> bool:
+        """Receive sync number `sync` and load it bucket by bucket; False if the driver called it off."""
+        if self._weight_group is None:
+            return False
+        try:
+            self._weight_group.arrive(f"sync{sync}")
+        except SyncAbandoned:
+            return False
+        # From here the reload has taken the model's layers apart: a failed bucket leaves the engine
+        # unusable, and the error goes up (the driver names this worker and fails the sync).
+        self.reload_weights(weights_iterator=self._weight_group.receive(plan))
+        return True

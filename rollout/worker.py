@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import msgspec
 import pyarrow as pa
 
+from learner.weight_broadcast import SyncPlan
 from rollout.columns import generation_batch
 from rollout.config import RolloutConfig
 from rollout.engine import VLLMEngine
@@ -61,13 +62,22 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def init_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
-        """GPU only: join the learner's NCCL group (see rollout.weight_sync)."""
-        self.engine.llm.collective_rpc("init_weight_group", args=(host, port, rank, world_size))
+    def load_versioned(self, versioned: tuple[int, list[tuple[str, object]]]) -> int:
+        """`update_weights` with (version, weights) read together by the learner (`versioned_weights`)."""
+        version, weights = versioned
+        return self.update_weights(version, weights)
 
-    def receive_weights(self, version: int, specs: list[tuple[str, str, tuple[int, ...]]]) -> int:
-        """GPU only: receive the learner's NCCL broadcast of new weights."""
-        self.engine.llm.collective_rpc("receive_weights", args=(specs,))
+    def open_weight_group(self, store_host: str, store_port: int, epoch: int, rank_offset: int, world_size: int,
+                          arrive_timeout_s: float, op_timeout_s: float) -> bool:
+        """Join the collective sync's group (see rollout.weight_sync); False if the driver called it off."""
+        return all(self.engine.llm.collective_rpc(
+            "open_weight_group", args=(store_host, store_port, epoch, rank_offset, world_size, arrive_timeout_s,
+                                       op_timeout_s)))
+
+    def receive_weights(self, version: int, plan: SyncPlan, sync: int) -> int | None:
+        """Receive and load the learner's broadcast; the version now served, None if the sync was called off."""
+        if not all(self.engine.llm.collective_rpc("receive_weights", args=(plan, sync))):
+            return None
         self.engine.llm.reset_prefix_cache()
         self.version = version
         return version

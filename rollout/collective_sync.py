@@ -1,0 +1,130 @@
+"""The driver's side of the collective weight sync: it forms the group, queues each sync on the learner
+and every engine, and confirms it, naming whoever failed or did not arrive.
+
+The driver hosts the group's store (`learner.weight_broadcast.SyncStore`) and sends no weights. A sync
+is queued on each engine behind the generation it holds, like the object-store one; the members meet
+in the store first, so the collective itself only starts once all of them are there, and every
+broadcast has `rollout.weight_sync_timeout_s`. The group is formed at the first sync and formed again
+after its membership changed (an engine restarted, the learner rebuilt): a sync queued when that
+happens is called off in the store, and the engines load the learner's weights through the object
+store instead, with the version read together with them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from learner.device import resolve_device
+from learner.weight_broadcast import SyncPlan, SyncStore
+from rollout.config import JobConfig
+
+
+class WeightSyncError(RuntimeError):
+    """A worker did not confirm a weight update in time, or failed it; the message names it."""
+
+
+def weight_sync_path(cfg: JobConfig) -> str:
+    """"object_store" or "collective", `rollout.weight_sync` with auto resolved."""
+    if cfg.rollout.weight_sync != "auto":
+        return cfg.rollout.weight_sync
+    on_gpu = resolve_device(cfg.rollout.device) == "cuda" and resolve_device(cfg.learner.device) == "cuda"
+    return "collective" if on_gpu else "object_store"
+
+
+class CollectiveSync:
+    """Group membership and the sync in flight. `learner` is the `LearnerGroup`; workers are actors."""
+
+    def __init__(self, cfg: JobConfig, learner, workers: list, names: list[str]):
+        self.cfg = cfg
+        self.learner, self.workers, self.names = learner, workers, names
+        self.store = SyncStore(ray.util.get_node_ip_address())
+        self.epoch = 0          # the group's generation; 0: none formed yet
+        self.sync = 0           # syncs queued in this epoch
+        self.formed = False
+        self.plan: SyncPlan | None = None
+        self._pending: dict[ray.ObjectRef, tuple[str, str]] = {}
+        self._version = 0
+        self._called_off = False
+
+    def members_changed(self, learner=None) -> None:
+        """An engine restarted or the learner was rebuilt: call off what is queued, form a new group next time."""
+        if learner is not None:
+            self.learner = learner
+        if self._pending:
+            self.store.abandon(self.epoch, "open")
+            self.store.abandon(self.epoch, f"sync{self.sync}")
+            self._called_off = True
+        self.formed = False
+
+    def queue(self, version: int) -> None:
+        """Queue `version`'s broadcast on the learner and its receipt on every worker (behind their generation)."""
+        rc = self.cfg.rollout
+        if self.plan is None:
+            self.plan = self.learner.call("weight_plan", self.cfg.model.dtype, int(rc.weight_sync_bucket_mb * 2**20))
+        pending: dict[ray.ObjectRef, tuple[str, str]] = {}  # ref -> (member, step)
+        if not self.formed:
+            self.epoch, self.sync, self.formed = self.epoch + 1, 0, True
+            world = 1 + len(self.workers)
+            timeouts = (rc.iteration_timeout_s, rc.weight_sync_timeout_s)
+            address = (self.store.host, self.store.port, self.epoch)
+            pending.update({ref: (name, "open") for ref, name in
+                            zip(self.learner.submit("open_weight_group", *address, world, *timeouts), self.learner.names())})
+            pending.update({w.open_weight_group.remote(*address, i + 1, world, *timeouts): (name, "open")
+                            for i, (w, name) in enumerate(zip(self.workers, self.names))})
+        self.sync += 1
+        pending.update({ref: (name, "send") for ref, name in
+                        zip(self.learner.submit("broadcast_weights", self.plan, self.sync), self.learner.names())})
+        pending.update({w.receive_weights.remote(version, self.plan, self.sync): (name, "receive")
+                        for w, name in zip(self.workers, self.names)})
+        self._pending, self._version, self._called_off = pending, version, False
+
+    def confirm(self) -> bool:
+        """Wait for the queued sync: True when every engine serves it, False when it was called off (the
+        caller loads the weights another way). Raises WeightSyncError naming who failed or is late."""
+        pending, version = self._pending, self._version
+        self._pending = {}
+        timeout = self.cfg.rollout.weight_sync_timeout_s
+        deadline = time.monotonic() + timeout
+        called_off = False
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                self.members_changed()
+                raise WeightSyncError(f"the weight sync to version {version} did not finish within "
+                                      f"rollout.weight_sync_timeout_s ({timeout:g}s): still waiting on "
+                                      f"{_names(pending)}{self._absent()}")
+            name, step = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayActorError as e:
+                if self._called_off:  # it died generating; the sync was called off for it
+                    called_off = True
+                    continue
+                self.members_changed()
+                raise WeightSyncError(f"{name} died during the weight sync to version {version} "
+                                      f"({_first_line(e)})") from None
+            except ray.exceptions.RayTaskError as e:
+                self.members_changed()
+                raise WeightSyncError(f"the weight sync to version {version} failed on {name}: {_first_line(e)}"
+                                      + (f"; not finished: {_names(pending)}" if pending else "")) from None
+            if result is False or (result is None and step == "receive"):
+                called_off = True
+            elif step == "receive" and result != version:
+                raise WeightSyncError(f"{name} reports version {result} after a sync to {version}")
+        return not called_off
+
+    def _absent(self) -> str:
+        arrived = self.store.arrived(self.epoch, f"sync{self.sync}")
+        return f" ({arrived} of {1 + len(self.workers)} group members had arrived at it)"
+
+
+def _names(pending: dict[ray.ObjectRef, tuple[str, str]]) -> str:
+    return ", ".join(dict.fromkeys(name for name, _ in pending.values()))
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    # A task error's text is a traceback: its last line is the error itself.
+    return (lines[-1] if isinstance(error, ray.exceptions.RayTaskError) else lines[0]).strip() if lines else type(error).__name__
