@@ -35,8 +35,8 @@ tools:
 
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends
 
-run: setup
-	$(BIN)/python -m rollout run --config configs/tiny-arith.yaml --out runs/tiny-arith
+run: setup  # more settings: make run ARGS="--set rollout.weight_sync=collective"
+	$(BIN)/python -m rollout run --config configs/tiny-arith.yaml --out runs/tiny-arith $(ARGS)
 
 test: setup tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests selected"; exit 0; fi; exit $$rc

@@ -26,6 +26,7 @@ import torch
 
 from learner import distributed as dist
 from learner.advantages import masked_mean, masked_whiten, token_rewards
+from learner.batch import TokenBatch
 from learner.device import resolve_device
 from learner.estimators import CRITIC_FREE, estimate
 from learner.kl_control import make_kl_controller
@@ -374,6 +375,15 @@ class Learner:
             return False
         self._weight_group.send(plan, dict(weights))
         return True
+
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the policy, at temperature 1 (every
+        rank: the forward is a collective when sharded); the engines' must match after a sync."""
+        ids = torch.tensor([token_ids], device=self.device)
+        probe = TokenBatch(ids, torch.ones_like(ids), torch.arange(len(token_ids), device=self.device)[None],
+                           ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.float32), prompt_width=1)
+        with torch.no_grad(), self._compute():
+            return self.policy(probe, temperature=1.0).logprobs[0].float().tolist()
 
     def versioned_weights(self) -> tuple[int, list[tuple[str, torch.Tensor]] | None]:
         """(version, weights) read together, for an engine restarted between collective syncs."""

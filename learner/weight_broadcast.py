@@ -136,6 +136,7 @@ class WeightGroup:
     def arrive(self, step: str) -> None:
         """Count in at `step` ("open", "sync3"), then wait for every member; raises SyncAbandoned if
         the driver calls the step off first, TimeoutError after `arrive_timeout_s`."""
+        self.store.set(f"{step}/rank{self.rank}", "1")  # who, for the driver's message if some never come
         self.store.add(f"{step}/arrived", 1)
         deadline = time.monotonic() + self.arrive_timeout_s
         while self.store.add(f"{step}/arrived", 0) < self.world_size:
@@ -167,3 +168,7 @@ class SyncStore:
 
     def arrived(self, epoch: int, step: str) -> int:
         return self.store.add(f"weights/{epoch}/{step}/arrived", 0)
+
+    def absent(self, epoch: int, step: str, world_size: int) -> list[int]:
+        """The ranks that have not arrived at `step`."""
+        return [r for r in range(world_size) if not self.store.check([f"weights/{epoch}/{step}/rank{r}"])]

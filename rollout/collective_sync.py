@@ -19,6 +19,7 @@ import ray
 from learner.device import resolve_device
 from learner.weight_broadcast import SyncPlan, SyncStore
 from rollout.config import JobConfig
+from rollout.worker import Served
 
 
 class WeightSyncError(RuntimeError):
@@ -80,14 +81,15 @@ class CollectiveSync:
                         for w, name in zip(self.workers, self.names)})
         self._pending, self._version, self._called_off = pending, version, False
 
-    def confirm(self) -> bool:
-        """Wait for the queued sync: True when every engine serves it, False when it was called off (the
-        caller loads the weights another way). Raises WeightSyncError naming who failed or is late."""
+    def confirm(self) -> dict[str, Served] | None:
+        """Wait for the queued sync: what each worker serves after it, or None when it was called off
+        (the caller loads the weights another way). Raises WeightSyncError naming who failed or is late."""
         pending, version = self._pending, self._version
         self._pending = {}
         timeout = self.cfg.rollout.weight_sync_timeout_s
         deadline = time.monotonic() + timeout
         called_off = False
+        served: dict[str, Served] = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
@@ -111,13 +113,18 @@ class CollectiveSync:
                                       + (f"; not finished: {_names(pending)}" if pending else "")) from None
             if result is False or (result is None and step == "receive"):
                 called_off = True
-            elif step == "receive" and result != version:
-                raise WeightSyncError(f"{name} reports version {result} after a sync to {version}")
-        return not called_off
+            elif step == "receive":
+                served[name] = result
+        return None if called_off else served
 
     def _absent(self) -> str:
-        arrived = self.store.arrived(self.epoch, f"sync{self.sync}")
-        return f" ({arrived} of {1 + len(self.workers)} group members had arrived at it)"
+        members = ["learner rank 0", *self.names]
+        for step in ("open", f"sync{self.sync}"):
+            absent = self.store.absent(self.epoch, step, len(members))
+            if absent:
+                what = "the group" if step == "open" else "the sync"
+                return f"; never joined {what}: {', '.join(members[r] for r in absent)}"
+        return ""
 
 
 def _names(pending: dict[ray.ObjectRef, tuple[str, str]]) -> str:

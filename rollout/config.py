@@ -114,6 +114,11 @@ class RolloutConfig(Base):
     weight_sync_bucket_mb: Annotated[float, doc(
         "Collective sync: MiB per broadcast; each engine loads one bucket before it receives the "
         "next, so this bounds the extra memory a sync takes on an engine.", gt=0)] = 256.0
+    weight_sync_max_logprob_gap: Annotated[Annotated[float, Meta(gt=0)] | None, doc(
+        "After every sync each engine's logprobs of 16 fixed tokens are compared with the learner's "
+        "(metric weight_sync/logprob_gap, the largest difference); a larger gap fails the job naming "
+        "the engine: the weights it serves are not the ones sent. 0.5 catches a broken load without "
+        "tripping on bfloat16 kernels; float32 engines agree to about 1e-5. null: report only.")] = 0.5
     weight_sync_timeout_s: Annotated[float, doc(
         "A worker that has not applied a weight sync in this time (queued behind its generation) is "
         "restarted and loads the newest weights; on the collective path the sync fails naming it.",

@@ -148,6 +148,16 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
 
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token_ids[t] | token_ids[:t]) for t >= 1, at temperature 1: compared with the learner's
+        after a weight sync, to check that the weights the engine serves are the learner's."""
+        from vllm.inputs import TokensPrompt
+
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)[0]
+        return [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], token_ids[1:])]
+
+
 def _completion(output) -> Completion:
     token_ids = list(output.token_ids)
     logprobs = [entry[token].logprob for entry, token in zip(output.logprobs or [], token_ids)]

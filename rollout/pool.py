@@ -28,7 +28,7 @@ from rollout.config import JobConfig
 from rollout.console import actor_options, route_actor_output
 from rollout.rendering import PromptTask
 from rollout.telemetry import announce_if_restarted, record_queue_depth
-from rollout.worker import GenerationSummary, RolloutWorker
+from rollout.worker import GenerationSummary, RolloutWorker, Served
 
 
 @dataclass
@@ -202,6 +202,8 @@ class WorkerPool:
         self._restart_lock = threading.Lock()
         self.restarts = 0  # workers found restarted and brought up to date
         self.collective: CollectiveSync | None = None  # set by use_collective: rollout.weight_sync collective
+        self._expected_probes: dict[int, list[float]] = {}  # the learner's probe logprobs, per version
+        self.logprob_gap: float | None = None  # of the last sync checked: engines' probe logprobs vs the learner's
 
     def use_collective(self, learner) -> None:
         """Sync through the collective path from `learner` (a LearnerGroup; again after it was rebuilt)."""
@@ -266,8 +268,8 @@ class WorkerPool:
                 self.restarts += 1
                 print(f"{name}: back after a restart; loading the learner's weights, then generating its lost "
                       "chunks again", file=sys.stderr, flush=True)
-                ray.get(worker.load_versioned.remote(self.collective.learner.call_ref("versioned_weights")),
-                        timeout=sync_timeout)
+                self._checked(name, ray.get(worker.load_versioned.remote(
+                    self.collective.learner.call_ref("versioned_weights")), timeout=sync_timeout))
                 return
             with self._lock:
                 newest = self._newest
@@ -279,7 +281,7 @@ class WorkerPool:
             self.restarts += 1
             print(f"{name}: back after a restart; loading weights version {version}, then generating its lost "
                   "chunks again", file=sys.stderr, flush=True)
-            got = ray.get(worker.update_weights.remote(version, weights), timeout=sync_timeout)
+            got = self._checked(name, ray.get(worker.update_weights.remote(version, weights), timeout=sync_timeout))
             if got != version:
                 raise WeightSyncError(f"{name} reports version {got} after a restart and a sync to {version}")
 
@@ -317,14 +319,40 @@ class WorkerPool:
             return
         version, pending = self._queued
         self._queued = None
+        self.logprob_gap = None
         if pending is not None:
             self._await(pending, version)
-        elif self.collective.confirm():
+            return
+        served = self.collective.confirm()
+        if served is not None:
+            for name, result in served.items():
+                if self._checked(name, result) != version:
+                    raise WeightSyncError(f"{name} reports version {result.version} after a sync to {version}")
             self.version = version
         else:  # called off because the group lost a member: every worker loads the learner's weights instead
             pair = self.collective.learner.call_ref("versioned_weights")
             self.version = min(self._await({w.load_versioned.remote(pair): name
                                             for w, name in zip(self.workers, self.names)}, None))
+
+    def expect_probe(self, version: int, logprobs: list[float]) -> None:
+        """The learner's logprobs of `rollout.worker.PROBE_IDS` at `version`: every engine that loads it
+        must give the same, within rollout.weight_sync_max_logprob_gap."""
+        self._expected_probes = {v: p for v, p in self._expected_probes.items() if v >= version - 4}
+        self._expected_probes[version] = logprobs
+
+    def _checked(self, name: str, served: Served) -> int:
+        """The version a worker serves, once its probe logprobs are checked against the learner's."""
+        expected = self._expected_probes.get(served.version)
+        if expected is None:
+            return served.version
+        gap = max((abs(a - b) for a, b in zip(served.probe, expected)), default=0.0)
+        self.logprob_gap = max(gap, self.logprob_gap or 0.0)
+        limit = self.cfg.rollout.weight_sync_max_logprob_gap
+        if limit is not None and gap > limit:
+            raise WeightSyncError(f"{name} serves version {served.version}, but its logprobs of the probe tokens "
+                                  f"differ from the learner's by up to {gap:.3g} (rollout.weight_sync_max_logprob_gap "
+                                  f"{limit:g}): the weights it loaded are not the ones sent")
+        return served.version
 
     def _await(self, pending: dict[ray.ObjectRef, str], version: int | None) -> list[int]:
         """Wait for each worker's load; `version`: the one each must report (None: any). The versions
@@ -340,7 +368,7 @@ class WorkerPool:
         versions = []
         for r in done:
             try:
-                got = ray.get(r)
+                got = self._checked(pending[r], ray.get(r))
             except ray.exceptions.RayActorError:  # it died: restarted, it loads the newest weights
                 index = self.names.index(pending[r])
                 self.restarted(index)

@@ -42,7 +42,7 @@ from rollout.rendering import PromptRenderer, render_prompts
 from rollout.resources import actor_requests, check_fits, resolve_devices
 from rollout.run_lock import RunLock
 from rollout.telemetry import record_restart
-from rollout.worker import GenerationSummary
+from rollout.worker import PROBE_IDS, GenerationSummary
 
 CHECKPOINTS = "checkpoints"
 
@@ -278,6 +278,7 @@ class Session:
         """Queue the new weights on every worker behind the generation already in flight."""
         try:
             version = self.learner.rank0("version_number")
+            self.pool.expect_probe(version, self.learner.call("probe_logprobs", list(PROBE_IDS)))
             if self.pool.collective is not None:
                 self.pool.queue_weights_collective(version)
             else:
@@ -300,6 +301,8 @@ class Session:
         # Wall-clock seconds since the last iteration's line; stages overlap, so it is not their sum.
         now = time.perf_counter()
         metrics["time/wall"], self._last_recorded = now - self._last_recorded, now
+        if self.pool.logprob_gap is not None:  # of the last sync confirmed
+            metrics["weight_sync/logprob_gap"] = self.pool.logprob_gap
         # Restarts since the last line (reward workers report theirs with the first batch they score).
         counts = {"rollout": self.pool.restarts, "learner": self.learner_restarts}
         for kind, count in counts.items():

@@ -32,6 +32,15 @@ class GenerationSummary(msgspec.Struct):
     policy_version: int
 
 
+PROBE_IDS = tuple(range(1, 17))  # the tokens whose logprobs check a weight sync (any vocabulary has them)
+
+
+class Served(msgspec.Struct):
+    """What a worker serves after it loaded weights: their version, and its logprobs of `PROBE_IDS`."""
+    version: int
+    probe: list[float]
+
+
 class RolloutWorker:
     def __init__(self, name: str, model_path: str, cfg: RolloutConfig, *, dtype: str = "float32", seed: int = 0):
         self.name = name
@@ -56,13 +65,16 @@ class RolloutWorker:
             record_generation(self.name, tokens, batch.num_rows, seconds, self.version)
             yield index, batch, GenerationSummary(self.name, seconds, batch.num_rows, tokens, stopped, self.version)
 
-    def update_weights(self, version: int, weights: list[tuple[str, object]]) -> int:
-        """Load new policy weights (Hugging Face names); returns the version now served."""
+    def update_weights(self, version: int, weights: list[tuple[str, object]]) -> Served:
+        """Load new policy weights (Hugging Face names)."""
         self.engine.reload_weights(weights)
         self.version = version
-        return version
+        return self.served()
 
-    def load_versioned(self, versioned: tuple[int, list[tuple[str, object]]]) -> int:
+    def served(self) -> Served:
+        return Served(self.version, self.engine.probe_logprobs(list(PROBE_IDS)))
+
+    def load_versioned(self, versioned: tuple[int, list[tuple[str, object]]]) -> Served:
         """`update_weights` with (version, weights) read together by the learner (`versioned_weights`)."""
         version, weights = versioned
         return self.update_weights(version, weights)
@@ -74,13 +86,13 @@ class RolloutWorker:
             "open_weight_group", args=(store_host, store_port, epoch, rank_offset, world_size, arrive_timeout_s,
                                        op_timeout_s)))
 
-    def receive_weights(self, version: int, plan: SyncPlan, sync: int) -> int | None:
-        """Receive and load the learner's broadcast; the version now served, None if the sync was called off."""
+    def receive_weights(self, version: int, plan: SyncPlan, sync: int) -> Served | None:
+        """Receive and load the learner's broadcast; None if the sync was called off."""
         if not all(self.engine.llm.collective_rpc("receive_weights", args=(plan, sync))):
             return None
         self.engine.llm.reset_prefix_cache()
         self.version = version
-        return version
+        return self.served()
 
     def ready(self) -> str:
         return self.name

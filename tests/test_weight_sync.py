@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from learner.tiny_model import build_builtin
+from rollout.collective_sync import WeightSyncError
 from rollout.config import load_config
 from rollout.learner_group import LearnerGroup
 from rollout.pool import WorkerPool
 from rollout.record import from_record_batch
 from rollout.rendering import PromptTask
+from rollout.worker import PROBE_IDS
 
 pytestmark = pytest.mark.vllm
 
@@ -56,8 +58,11 @@ def test_a_collective_sync_gives_the_engine_outputs_of_an_object_store_sync(loca
     try:
         before = outputs(pool, 0)
         pool.use_collective(learner)
+        probe = learner.call("probe_logprobs", list(PROBE_IDS))
+        pool.expect_probe(1, probe)
         pool.queue_weights_collective(1)
         pool.confirm_weights()
+        assert pool.logprob_gap < 1e-4  # the engine's logprobs of the probe tokens are the learner's
         assert len(pool.collective.plan.buckets) > 3  # 50 KiB buckets: the weights went in several
         # A tied head (Qwen2) is sent once, as the embedding, and loaded under both names.
         assert bool(pool.collective.plan.tied) == (family == "tiny-qwen2")
@@ -70,6 +75,101 @@ def test_a_collective_sync_gives_the_engine_outputs_of_an_object_store_sync(loca
         pool.queue_weights_collective(3)  # the group formed once serves the next sync too
         pool.confirm_weights()
         assert pool.version == 3 and outputs(pool, 0) == collective
+        pool.expect_probe(4, [p + 1.0 for p in probe])  # as if the engine had loaded something else
+        pool.queue_weights_collective(4)
+        with pytest.raises(WeightSyncError, match=r"rollout-0 serves version 4, but its logprobs of the probe tokens "
+                                                  r"differ from the learner's by up to 1 \(rollout.weight_sync_max"):
+            pool.confirm_weights()
+    finally:
+        pool.shutdown()
+        learner.shutdown()
+
+
+def _pid(actor) -> int:
+    import os
+
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+
+
+def two_worker_pool(tmp_path, *settings):
+    path = str(build_builtin("tiny-llama"))
+    cfg = load_config(None, [f"model.path={path}", "rollout.device=cpu", "learner.device=cpu", "rollout.max_model_len=64",
+                             "rollout.num_workers=2", "rollout.n_samples=2", "rollout.sampling.max_tokens=6",
+                             "rollout.num_cpus_per_worker=0.5", "learner.num_cpus_per_rank=0.5",
+                             "rollout.weight_sync=collective", *settings])
+    learner = LearnerGroup(cfg, path)
+    pool = WorkerPool(cfg, other_weights(path, tmp_path))
+    pool.use_collective(learner)
+    return pool, learner
+
+
+def test_a_worker_killed_during_a_collective_sync_fails_it_within_the_timeout_naming_the_worker(local_ray, tmp_path):
+    import os
+    import signal
+    import time
+
+    pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=20")
+    try:
+        pid = _pid(pool.workers[1])
+        os.kill(pid, signal.SIGSTOP)  # hung first, so that the others are inside the sync when it dies
+        pool.queue_weights_collective(1)
+        deadline = time.monotonic() + 60
+        while pool.collective.store.arrived(1, "open") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WeightSyncError, match=r"rollout-1 died during the weight sync to version 1"):
+            pool.confirm_weights()
+        assert time.monotonic() - start < 20
+    finally:
+        pool.shutdown()
+        learner.shutdown()
+
+
+def test_a_hung_worker_fails_a_collective_sync_within_the_timeout_naming_it(local_ray, tmp_path):
+    import os
+    import signal
+    import time
+
+    pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=5")
+    pid = _pid(pool.workers[0])
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        pool.queue_weights_collective(1)
+        start = time.monotonic()
+        with pytest.raises(WeightSyncError, match=r"within rollout.weight_sync_timeout_s \(5s\).*never joined the "
+                                                  r"group: rollout-0$"):
+            pool.confirm_weights()
+        assert time.monotonic() - start < 15
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        pool.shutdown()
+        learner.shutdown()
+
+
+def test_a_worker_restarted_while_a_collective_sync_waits_gets_the_weights_and_the_group_forms_again(
+        local_ray, tmp_path):
+    import os
+    import signal
+
+    pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=1", "rollout.weight_sync_timeout_s=120",
+                                    "rollout.sampling.max_tokens=40", "rollout.max_model_len=64")
+    try:
+        tasks = [PromptTask(prompt_id=f"p{i}", prompt="x", prompt_ids=[1, 4, 27, 16, 27 + i % 7, 34, 204, 5])
+                 for i in range(64)]
+        pid = _pid(pool.workers[1])  # asked first: the actor answers calls in order
+        launch = pool.submit(tasks, run_id="r", iteration=0)
+        pool.queue_weights_collective(1)  # behind the generation: called off when rollout-1 dies in it
+        os.kill(pid, signal.SIGKILL)
+        chunks = launch.collect()  # rollout-1's chunks come back from the restarted worker
+        assert sum(c.summary.samples for c in chunks) == 128
+        pool.confirm_weights()
+        assert pool.restarts == 1 and pool.version == 0  # the learner's weights, read with their version
+        assert ray.get([w.serving_version.remote() for w in pool.workers], timeout=60) == [0, 0]
+        epoch = pool.collective.epoch
+        pool.queue_weights_collective(1)
+        pool.confirm_weights()
+        assert pool.collective.epoch == epoch + 1 and pool.version == 1
     finally:
         pool.shutdown()
         learner.shutdown()
