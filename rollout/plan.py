@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from learner.memory import GIB, QWEN25_05B, QWEN25_7B, Shape, estimate
+from rollout.collective_sync import weight_sync_path
 from rollout.config import JobConfig
 from rollout.resources import actor_requests, check_fits, resolve_devices
 
@@ -112,6 +113,13 @@ def _memory(cfg: JobConfig, shape: Shape, requests, gpu_memory_gb: float | None,
         if weights >= budget:
             problems.append(f"a rollout engine's weights ({weights:.1f} GiB) exceed rollout.gpu_memory_utilization x "
                             f"GPU memory ({budget:.1f} GiB): raise gpu_memory_utilization or use larger GPUs")
+
+    path = weight_sync_path(cfg)
+    if path == "collective":
+        extra = f"up to one {r.weight_sync_bucket_mb:g} MiB bucket (or the largest tensor) on each engine while it loads"
+    else:
+        extra = f"a {weights:.2f} GiB copy of the weights in each worker's host memory while it loads"
+    lines.append(f"  weight sync: {path} (rollout.weight_sync {r.weight_sync}); {extra}")
 
     lc = cfg.learner
     e = estimate(shape, num_ranks=lc.num_ranks, micro_batch_tokens=lc.micro_batch_tokens, compute_bytes=dtype,

@@ -464,15 +464,19 @@ def test_a_rollout_worker_a_reward_worker_and_the_learner_killed_in_turn_and_the
 @pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-qwen3", "tiny-mistral"])
 def test_the_smoke_job_runs_with_each_model_family(tmp_path, family):
     """Qwen2 (tied LM head, qkv bias), Qwen3 (q/k norms) and Mistral (GQA) through engine load, the
-    learner, weight syncs and a resume from a checkpoint; the engine's logprobs match the learner's."""
+    learner, collective weight syncs and a resume from a checkpoint; the engine's logprobs match the
+    learner's. (Both sync paths, per family, are compared in test_weight_sync.)"""
     out = tmp_path / family
-    common = ["--config", SMOKE, "--out", str(out), "--set", f"model.path=builtin:{family}", "--set", "checkpoint_every=1"]
+    common = ["--config", SMOKE, "--out", str(out), "--set", f"model.path=builtin:{family}", "--set", "checkpoint_every=1",
+              "--set", "rollout.weight_sync=collective"]
     rollout_cli("run", *common, "--set", "iterations=2")
     proc = rollout_cli("run", *common, "--set", "iterations=3")  # the engine now loads the checkpoint's policy
     assert "resuming from iter-000001" in proc.stderr
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in lines] == [0, 1, 2]
-    # Same weights on both sides (fresh, after an object-store sync, after a resume): float32 parity.
+    # Same weights on both sides (fresh, after a collective sync, after a resume): float32 parity.
     assert all(m["behaviour_logprob_mismatch"] < 1e-4 for m in lines), [m["behaviour_logprob_mismatch"] for m in lines]
+    gaps = [m["weight_sync/logprob_gap"] for m in lines if "weight_sync/logprob_gap" in m]
+    assert gaps and max(gaps) < 1e-4, gaps  # each sync checked: the probe tokens' logprobs, engine vs learner
     table = read_table(out)
     assert table.num_rows == 3 * 32 and table["policy_version"].to_pylist()[-1] == 2
