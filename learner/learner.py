@@ -34,7 +34,7 @@ from learner.losses import policy_loss, value_loss
 from learner.microbatch import plan
 from learner.models import DTYPES, CriticModel, PolicyModel, load_causal_lm
 from learner.samples import LearnerColumns, SampleBatch, token_spans
-from learner.weight_broadcast import SyncAbandoned, SyncPlan, WeightGroup, plan_buckets
+from learner.weight_broadcast import SyncPlan, WeightGroup, plan_buckets
 from rollout.config import JobConfig
 
 STATE_FILE = "learner.pt"  # kl controller, version, job state; written last, so its presence marks a whole checkpoint
@@ -354,12 +354,9 @@ class Learner:
         self._weight_group = None
         if self.rank != 0:
             return True
-        try:
-            self._weight_group = WeightGroup(store_host, store_port, epoch, 0, world_size, self.device,
-                                             arrive_timeout_s=arrive_timeout_s, op_timeout_s=op_timeout_s)
-        except SyncAbandoned:
-            return False
-        return True
+        self._weight_group = WeightGroup.join(store_host, store_port, epoch, 0, world_size, self.device,
+                                              arrive_timeout_s=arrive_timeout_s, op_timeout_s=op_timeout_s)
+        return self._weight_group is not None
 
     def broadcast_weights(self, plan: SyncPlan, sync: int) -> bool:
         """Every rank gathers the weights (a collective when sharded); rank 0 sends them once every
@@ -367,11 +364,7 @@ class Learner:
         weights = self.export_weights()
         if self.rank != 0:
             return True
-        if self._weight_group is None:
-            return False
-        try:
-            self._weight_group.arrive(f"sync{sync}")
-        except SyncAbandoned:
+        if self._weight_group is None or not self._weight_group.ready(sync):
             return False
         self._weight_group.send(plan, dict(weights))
         return True

@@ -103,6 +103,22 @@ class WeightGroup:
         else:
             self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
 
+    @classmethod
+    def join(cls, *args, **kwargs) -> WeightGroup | None:
+        """A member (the constructor's arguments), or None if the driver called the group off first."""
+        try:
+            return cls(*args, **kwargs)
+        except SyncAbandoned:
+            return None
+
+    def ready(self, sync: int) -> bool:
+        """Arrive at sync number `sync` and wait for every member: False if the driver called it off."""
+        try:
+            self.arrive(f"sync{sync}")
+        except SyncAbandoned:
+            return False
+        return True
+
     def send(self, plan: SyncPlan, weights: dict[str, torch.Tensor]) -> None:
         """Rank 0, after `arrive`: broadcast `weights` (name -> tensor, any dtype and device) bucket by bucket."""
         dtype = getattr(torch, plan.dtype)

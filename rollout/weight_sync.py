@@ -9,7 +9,7 @@ kernels no longer read). Loading from a stream keeps one bucket, not a second co
 
 from __future__ import annotations
 
-from learner.weight_broadcast import SyncAbandoned, SyncPlan, WeightGroup
+from learner.weight_broadcast import SyncPlan, WeightGroup
 
 
 class WeightReceiver:
@@ -20,22 +20,14 @@ class WeightReceiver:
         """Join the group as rank `rank_offset` + this worker's tensor-parallel rank; False if called off."""
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-        self._weight_group = None
-        try:
-            self._weight_group = WeightGroup(store_host, store_port, epoch, rank_offset + get_tensor_model_parallel_rank(),
-                                             world_size, self.device, arrive_timeout_s=arrive_timeout_s,
-                                             op_timeout_s=op_timeout_s)
-        except SyncAbandoned:
-            return False
-        return True
+        self._weight_group = WeightGroup.join(store_host, store_port, epoch,
+                                              rank_offset + get_tensor_model_parallel_rank(), world_size, self.device,
+                                              arrive_timeout_s=arrive_timeout_s, op_timeout_s=op_timeout_s)
+        return self._weight_group is not None
 
     def receive_weights(self, plan: SyncPlan, sync: int) -> bool:
         """Receive sync number `sync` and load it bucket by bucket; False if the driver called it off."""
-        if self._weight_group is None:
-            return False
-        try:
-            self._weight_group.arrive(f"sync{sync}")
-        except SyncAbandoned:
+        if self._weight_group is None or not self._weight_group.ready(sync):
             return False
         # From here the reload has taken the model's layers apart: a failed bucket leaves the engine
         # unusable, and the error goes up (the driver names this worker and fails the sync).
