@@ -10,7 +10,9 @@ Prints JSON: kills by kind, recoveries logged by the run, rows lost (iterations 
 than prompts x samples, in rows) and doubled, the updates held, and the wall seconds of both runs
 with their ratio.
 
-    .venv/bin/python benchmarks/chaos.py [--iterations 40] [--every 5] [--seed 0]
+    .venv/bin/python benchmarks/chaos.py [--iterations 40] [--every 5] [--seed 0] [--set KEY=VALUE ...]
+
+`--set` goes to both runs (`--set rollout.weight_sync=collective`: the collective sync path).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ KINDS = {"rollout": "_RolloutActor", "reward": "_RewardActor", "learner": "_Rank
 ROWS_PER_ITERATION = 16 * 2  # the smoke config's prompts_per_iteration x n_samples
 
 
-def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random) -> dict:
+def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random, settings: list[str]) -> dict:
     """One `rollout run`; with `kill_every`, SIGKILL a random actor each time that many more iterations are logged."""
     log = out.with_suffix(".log")
     start = time.perf_counter()
@@ -45,7 +47,7 @@ def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random) 
                              "--set", f"iterations={iterations}", "--set", "checkpoint_every=5",
                              # Enough restarts for any draw of kinds: the bound is not what is measured here.
                              "--set", "rollout.max_restarts=20", "--set", "reward.max_restarts=20",
-                             "--set", "learner.max_restarts=20"],
+                             "--set", "learner.max_restarts=20", *(a for kv in settings for a in ("--set", kv))],
                             cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     kills: collections.Counter[str] = collections.Counter()
     next_kill = kill_every
@@ -109,12 +111,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--every", type=int, default=5, help="iterations between kills")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        calm = run(Path(tmp) / "calm", args.iterations, None, random.Random(args.seed))
-        chaos = run(Path(tmp) / "chaos", args.iterations, args.every, random.Random(args.seed))
+        calm = run(Path(tmp) / "calm", args.iterations, None, random.Random(args.seed), args.settings)
+        chaos = run(Path(tmp) / "chaos", args.iterations, args.every, random.Random(args.seed), args.settings)
     print(json.dumps({
-        "iterations": args.iterations, "kill_every": args.every,
+        "iterations": args.iterations, "kill_every": args.every, "settings": args.settings,
         "kills": chaos["kills"], "recoveries": chaos["recoveries"],
         "rows_lost": chaos["rows_lost"], "rows_doubled": chaos["rows_doubled"],
         "contiguous": chaos["contiguous"], "updates": chaos["updates"],
