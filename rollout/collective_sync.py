@@ -84,8 +84,7 @@ class CollectiveSync:
     def confirm(self) -> dict[str, Served] | None:
         """Wait for the queued sync: what each worker serves after it, or None when it was called off
         (the caller loads the weights another way). Raises WeightSyncError naming who failed or is late."""
-        pending, version = self._pending, self._version
-        self._pending = {}
+        pending, version = dict(self._pending), self._version
         timeout = self.cfg.rollout.weight_sync_timeout_s
         deadline = time.monotonic() + timeout
         called_off = False
@@ -101,7 +100,11 @@ class CollectiveSync:
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayActorError as e:
-                if self._called_off:  # it died generating; the sync was called off for it
+                if self._called_off or not self._began(step):
+                    # It died before the broadcast began (generating, idle, or waiting for the others):
+                    # nobody has loaded anything, so the sync is called off; it restarts and every
+                    # engine loads the weights another way.
+                    self.members_changed()
                     called_off = True
                     continue
                 self.members_changed()
@@ -115,7 +118,13 @@ class CollectiveSync:
                 called_off = True
             elif step == "receive":
                 served[name] = result
+        self._pending = {}
         return None if called_off else served
+
+    def _began(self, step: str) -> bool:
+        """Whether every member had arrived at `step`: only then can some be inside the collective."""
+        key = "open" if step == "open" else f"sync{self.sync}"
+        return self.store.arrived(self.epoch, key) >= 1 + len(self.workers)
 
     def _absent(self) -> str:
         members = ["learner rank 0", *self.names]
