@@ -83,37 +83,39 @@ class CollectiveSync:
 
     def confirm(self) -> dict[str, Served] | None:
         """Wait for the queued sync: what each worker serves after it, or None when it was called off
-        (the caller loads the weights another way). Raises WeightSyncError naming who failed or is late."""
+        (the caller loads the weights another way; a worker that died restarts on the way).
+
+        A worker that died before the broadcast began calls it off at once. One that died in it is
+        judged by the others: if they finish, only it lost the weights (it restarts and loads them); if
+        they fail (their collective times out on it), the sync fails naming it. Raises WeightSyncError
+        naming who died, failed or is late."""
         pending, version = dict(self._pending), self._version
         timeout = self.cfg.rollout.weight_sync_timeout_s
         deadline = time.monotonic() + timeout
         called_off = False
         served: dict[str, Served] = {}
+        died: list[str] = []  # in the broadcast
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
                 self.members_changed()
                 raise WeightSyncError(f"the weight sync to version {version} did not finish within "
-                                      f"rollout.weight_sync_timeout_s ({timeout:g}s): still waiting on "
+                                      f"rollout.weight_sync_timeout_s ({timeout:g}s){_died(died)}: still waiting on "
                                       f"{_names(pending)}{self._absent()}")
             name, step = pending.pop(done[0])
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayActorError as e:
-                if self._called_off or not self._began(step):
-                    # It died before the broadcast began (generating, idle, or waiting for the others):
-                    # nobody has loaded anything, so the sync is called off; it restarts and every
-                    # engine loads the weights another way.
-                    self.members_changed()
-                    called_off = True
-                    continue
-                self.members_changed()
-                raise WeightSyncError(f"{name} died during the weight sync to version {version} "
-                                      f"({_first_line(e)})") from None
+                if not (self._called_off or not self._began(step)):
+                    died.append(f"{name} ({_first_line(e)})")
+                self.members_changed()  # no effect on members already in the broadcast
+                called_off = True
+                continue
             except ray.exceptions.RayTaskError as e:
                 self.members_changed()
-                raise WeightSyncError(f"the weight sync to version {version} failed on {name}: {_first_line(e)}"
-                                      + (f"; not finished: {_names(pending)}" if pending else "")) from None
+                raise WeightSyncError(f"the weight sync to version {version} failed{_died(died)}; {name}: "
+                                      f"{_first_line(e)}" + (f"; not finished: {_names(pending)}" if pending else "")
+                                      ) from None
             if result is False or (result is None and step == "receive"):
                 called_off = True
             elif step == "receive":
@@ -134,6 +136,10 @@ class CollectiveSync:
                 what = "the group" if step == "open" else "the sync"
                 return f"; never joined {what}: {', '.join(members[r] for r in absent)}"
         return ""
+
+
+def _died(died: list[str]) -> str:
+    return f": {', '.join(died)} died during it" if died else ""
 
 
 def _names(pending: dict[ray.ObjectRef, tuple[str, str]]) -> str:

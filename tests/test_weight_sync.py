@@ -131,6 +131,42 @@ def test_a_worker_killed_in_a_collective_sync_fails_it_within_the_timeout_naming
         learner.shutdown()
 
 
+def test_a_worker_killed_inside_the_broadcast_fails_the_sync_naming_it(local_ray, tmp_path):
+    """Every member in the broadcast, then rollout-1 dies: the others' collective fails on it, and so
+    does the sync, naming it, well within the timeout."""
+    import os
+    import signal
+    import time
+
+    pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=30")
+    try:
+        pool.queue_weights_collective(1)  # forms the group
+        pool.confirm_weights()
+        sender, worker = _pid(learner.ranks[0]), _pid(pool.workers[1])
+
+        def wait_for(count):
+            deadline = time.monotonic() + 60
+            while pool.collective.store.arrived(pool.collective.epoch, "sync2") < count:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+
+        os.kill(sender, signal.SIGSTOP)  # the engines arrive and wait for the learner
+        pool.queue_weights_collective(2)
+        wait_for(2)
+        os.kill(worker, signal.SIGSTOP)
+        os.kill(sender, signal.SIGCONT)  # every member is in: the broadcast starts, and stalls on rollout-1
+        wait_for(3)
+        time.sleep(0.5)
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WeightSyncError, match=r"the weight sync to version 2 failed.*rollout-1"):
+            pool.confirm_weights()
+        assert time.monotonic() - start < 30
+    finally:
+        pool.shutdown()
+        learner.shutdown()
+
+
 def test_a_hung_worker_fails_a_collective_sync_within_the_timeout_naming_it(local_ray, tmp_path):
     import os
     import signal
