@@ -26,6 +26,15 @@ class WeightSyncError(RuntimeError):
     """A worker did not confirm a weight update in time, or failed it; the message names it."""
 
 
+class SyncFailed(WeightSyncError):
+    """A collective sync failed part-way: `broken` names the workers whose engines may be half-loaded
+    (their receipt failed, or they died in it); the others and the learner are whole."""
+
+    def __init__(self, message: str, broken: list[str]):
+        super().__init__(message)
+        self.broken = broken
+
+
 def weight_sync_path(cfg: JobConfig) -> str:
     """"object_store" or "collective", `rollout.weight_sync` with auto resolved."""
     if cfg.rollout.weight_sync != "auto":
@@ -95,6 +104,8 @@ class CollectiveSync:
         called_off = False
         served: dict[str, Served] = {}
         died: list[str] = []  # in the broadcast
+        broken: list[str] = []  # workers whose engines may be half-loaded
+        failures: list[str] = []
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
@@ -106,21 +117,29 @@ class CollectiveSync:
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayActorError as e:
-                if not (self._called_off or not self._began(step)):
+                if self._called_off or not self._began(step):
+                    self.members_changed()  # the others are waiting for it: released
+                else:  # the others are in the broadcast with it, and fail or finish on their own
                     died.append(f"{name} ({_first_line(e)})")
-                self.members_changed()  # no effect on members already in the broadcast
+                    broken += [name] if name in self.names else []
                 called_off = True
                 continue
             except ray.exceptions.RayTaskError as e:
-                self.members_changed()
-                raise WeightSyncError(f"the weight sync to version {version} failed{_died(died)}; {name}: "
-                                      f"{_first_line(e)}" + (f"; not finished: {_names(pending)}" if pending else "")
-                                      ) from None
+                # The others' collectives fail on the same cause within the timeout: wait for them, so
+                # that every engine left half-loaded is known.
+                failures.append(f"{name}: {_first_line(e)}")
+                broken += [name] if step == "receive" else []
+                continue
             if result is False or (result is None and step == "receive"):
                 called_off = True
             elif step == "receive":
                 served[name] = result
+        if died or failures:
+            self.members_changed()
         self._pending = {}
+        if failures:
+            raise SyncFailed(f"the weight sync to version {version} failed{_died(died)}; {'; '.join(failures)}",
+                             broken)
         return None if called_off else served
 
     def _began(self, step: str) -> bool:

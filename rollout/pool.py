@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 
 from learner.device import resolve_device
-from rollout.collective_sync import CollectiveSync, WeightSyncError
+from rollout.collective_sync import CollectiveSync, SyncFailed, WeightSyncError
 from rollout.config import JobConfig
 from rollout.console import actor_options, route_actor_output
 from rollout.rendering import PromptTask
@@ -323,7 +323,17 @@ class WorkerPool:
         if pending is not None:
             self._await(pending, version)
             return
-        served = self.collective.confirm()
+        try:
+            served = self.collective.confirm()
+        except SyncFailed as e:
+            if not e.broken or self.cfg.rollout.max_restarts == 0:
+                raise
+            # Half-loaded engines must not serve: restarted, they load the learner's weights.
+            print(f"{e}; restarting {', '.join(e.broken)} (rollout.max_restarts), whose engines were part-way "
+                  "through loading", file=sys.stderr, flush=True)
+            for name in e.broken:
+                ray.kill(self.workers[self.names.index(name)], no_restart=False)
+            served = None
         if served is not None:
             for name, result in served.items():
                 if self._checked(name, result) != version:

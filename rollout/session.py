@@ -244,7 +244,10 @@ class Session:
         timeout = self.cfg.rollout.iteration_timeout_s
         start = time.perf_counter()
         if launched.after_sync:
-            self.pool.confirm_weights()
+            try:
+                self.pool.confirm_weights()
+            except ray.exceptions.RayActorError as e:  # the learner died in a collective sync: rebuilt, it resends
+                self._rebuild_learner(e, iteration)
         chunks = self._collect_with_progress(iteration, launched.generation)
         timings["generate"] = time.perf_counter() - start
         start = time.perf_counter()
