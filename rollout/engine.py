@@ -147,7 +147,6 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
 
-
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
         """log p(token_ids[t] | token_ids[:t]) for t >= 1, at temperature 1: compared with the learner's
         after a weight sync, to check that the weights the engine serves are the learner's."""

@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 
 from learner.device import resolve_device
-from rollout.collective_sync import CollectiveSync, SyncFailed, WeightSyncError
+from rollout.collective_sync import CollectiveSync, SyncFailed, WeightSyncError, weight_sync_path
 from rollout.config import JobConfig
 from rollout.console import actor_options, route_actor_output
 from rollout.rendering import PromptTask
@@ -201,16 +201,19 @@ class WorkerPool:
         self._lock = threading.Lock()  # restarts run on collector threads
         self._restart_lock = threading.Lock()
         self.restarts = 0  # workers found restarted and brought up to date
-        self.collective: CollectiveSync | None = None  # set by use_collective: rollout.weight_sync collective
+        self.learner = None  # the LearnerGroup whose weights the workers serve (use_learner)
+        self.collective: CollectiveSync | None = None  # rollout.weight_sync resolved to collective
         self._expected_probes: dict[int, list[float]] = {}  # the learner's probe logprobs, per version
         self.logprob_gap: float | None = None  # of the last sync checked: engines' probe logprobs vs the learner's
 
-    def use_collective(self, learner) -> None:
-        """Sync through the collective path from `learner` (a LearnerGroup; again after it was rebuilt)."""
-        if self.collective is None:
-            self.collective = CollectiveSync(self.cfg, learner, self.workers, self.names)
-        else:
-            self.collective.members_changed(learner)
+    def use_learner(self, learner) -> None:
+        """Serve `learner`'s weights (a LearnerGroup; again after it was rebuilt): `queue_newest` sends
+        them by the path rollout.weight_sync names."""
+        self.learner = learner
+        if self.collective is not None:
+            self.collective.members_changed()  # the group forms again around the new rank 0
+        elif weight_sync_path(self.cfg) == "collective":
+            self.collective = CollectiveSync(self.cfg, self.workers, self.names)
 
     def submit(self, tasks: list[PromptTask], *, run_id: str, iteration: int, scorers: list | None = None,
                records: dict | None = None, timeout: float | None = None) -> Launch:
@@ -268,8 +271,8 @@ class WorkerPool:
                 self.restarts += 1
                 print(f"{name}: back after a restart; loading the learner's weights, then generating its lost "
                       "chunks again", file=sys.stderr, flush=True)
-                self._checked(name, ray.get(worker.load_versioned.remote(
-                    self.collective.learner.call_ref("versioned_weights")), timeout=sync_timeout))
+                self._checked(name, ray.get(worker.load_versioned.remote(self.learner.call_ref("versioned_weights")),
+                                            timeout=sync_timeout))
                 return
             with self._lock:
                 newest = self._newest
@@ -303,11 +306,14 @@ class WorkerPool:
         self._queued = (version, {w.update_weights.remote(version, ref): name
                                   for w, name in zip(self.workers, self.names)})
 
-    def queue_weights_collective(self, version: int) -> None:
-        """Queue `version` on every worker behind the chunks it holds, sent by the learner over the
-        collective group (`use_collective`); `confirm_weights` checks it."""
+    def queue_newest(self, version: int) -> None:
+        """Queue the learner's weights, which are `version`, on every worker behind the chunks it holds:
+        broadcast over the collective group, or exported to the object store; `confirm_weights` checks it."""
+        if self.collective is None:
+            self.queue_weights(version, self.learner.call_ref("export_weights"))
+            return
         self.confirm_weights()
-        self.collective.queue(version)
+        self.collective.queue(version, self.learner)
         self._queued = (version, None)
 
     def has_queued_weights(self) -> bool:
@@ -340,7 +346,7 @@ class WorkerPool:
                     raise WeightSyncError(f"{name} reports version {result.version} after a sync to {version}")
             self.version = version
         else:  # called off because the group lost a member: every worker loads the learner's weights instead
-            pair = self.collective.learner.call_ref("versioned_weights")
+            pair = self.learner.call_ref("versioned_weights")
             self.version = min(self._await({w.load_versioned.remote(pair): name
                                             for w, name in zip(self.workers, self.names)}, None))
 
@@ -369,20 +375,18 @@ class WorkerPool:
         reported (a worker restarted on the way reports its own)."""
         timeout = self.cfg.rollout.weight_sync_timeout_s
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+        versions = []
         for r in late:  # stuck, or busier than the timeout allows: restarted, it loads the newest weights
             print(f"{pending[r]}: no answer to the weight sync to version {version} within "
                   f"rollout.weight_sync_timeout_s ({timeout:g}s); restarting it", file=sys.stderr, flush=True)
             index = self.names.index(pending[r])
             ray.kill(self.workers[index], no_restart=False)
-            self.restarted(index)
-        versions = []
+            versions.append(self._restored(index))
         for r in done:
             try:
                 got = self._checked(pending[r], ray.get(r))
             except ray.exceptions.RayActorError:  # it died: restarted, it loads the newest weights
-                index = self.names.index(pending[r])
-                self.restarted(index)
-                versions.append(ray.get(self.workers[index].serving_version.remote(), timeout=timeout))
+                versions.append(self._restored(self.names.index(pending[r])))
                 continue
             if version is not None and got != version:
                 raise WeightSyncError(f"{pending[r]} reports version {got} after a sync to {version}")
@@ -390,6 +394,11 @@ class WorkerPool:
         if version is not None:
             self.version = version
         return versions
+
+    def _restored(self, index: int) -> int:
+        """Worker `index` back from a restart with the newest weights: the version it serves."""
+        self.restarted(index)
+        return ray.get(self.workers[index].serving_version.remote(), timeout=self.cfg.rollout.weight_sync_timeout_s)
 
     def shutdown(self) -> None:
         for w in self.workers:

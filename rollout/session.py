@@ -29,7 +29,6 @@ from learner.tiny_model import resolve_model_path
 from reward.worker import RESTARTED, check_reward_model, reward_components, spawn_reward_workers
 from rollout import stopping
 from rollout.archive import ArchiveWriter, last_archived_iteration
-from rollout.collective_sync import weight_sync_path
 from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
 from rollout.console import configure_driver
@@ -150,8 +149,7 @@ class Session:
         self.learner_restarts = 0
         self.reward_workers = spawn_reward_workers(cfg.reward)
         self.pool = WorkerPool(cfg, serving_model)
-        if weight_sync_path(cfg) == "collective":
-            self.pool.use_collective(self.learner)
+        self.pool.use_learner(self.learner)
         updates = 0  # PPO updates the learner's weights hold: its policy version
         next_iteration, resumed_from = 0, None
         if checkpoint:
@@ -159,7 +157,8 @@ class Session:
             self.sampler = msgspec.convert(extra["sampler"], PromptSampler)
             next_iteration = extra["iteration"] + 1
             updates = self.learner.rank0("version_number")
-            self.pool.sync_weights(updates, self._weights())
+            self.pool.queue_newest(updates)
+            self.pool.confirm_weights()
             resumed_from = {"checkpoint": checkpoint.name, "iteration": extra["iteration"], "policy_version": updates}
         # Iterations archived after the last checkpoint lost their updates but keep their rows;
         # numbering continues after them so no (iteration, prompt_id, sample_index) repeats, and the
@@ -204,9 +203,8 @@ class Session:
         # The lost updates are made again on iterations after the last one planned.
         self.last_iteration += self.version - updates
         self.manifest.start_run(self.cfg, self.model, resumed_from, reason=f"learner rebuilt in iteration {iteration}")
-        if self.pool.collective is not None:
-            self.pool.use_collective(self.learner)  # the group forms again around the new rank 0
-        self.pool.queue_weights(updates, self._weights())
+        self.pool.use_learner(self.learner)
+        self.pool.queue_newest(updates)
         self.version = updates
 
     def _release(self) -> None:
@@ -282,10 +280,7 @@ class Session:
         try:
             version = self.learner.rank0("version_number")
             self.pool.expect_probe(version, self.learner.call("probe_logprobs", list(PROBE_IDS)))
-            if self.pool.collective is not None:
-                self.pool.queue_weights_collective(version)
-            else:
-                self.pool.queue_weights(version, self._weights())
+            self.pool.queue_newest(version)
         except ray.exceptions.RayActorError as e:  # the rebuilt learner queues its own weights
             self._rebuild_learner(e, self.launched_iteration)
             return
@@ -382,9 +377,6 @@ class Session:
                 bar.update(chunk.summary.samples)
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
         return chunks
-
-    def _weights(self) -> ray.ObjectRef:
-        return self.learner.call_ref("export_weights")
 
     def _archive_metadata(self, model: str, start: dict) -> dict[str, str]:
         lc = self.cfg.learner

@@ -98,7 +98,7 @@ def test_the_driver_can_call_off_a_sync_a_member_never_reaches():
 
     def abandon_open(store: SyncStore) -> None:
         deadline = time.monotonic() + 30
-        while store.arrived(0, "open") < 2 and time.monotonic() < deadline:
+        while store.arrived(0, "open", 3) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         store.abandon(0, "open")
 

@@ -2,7 +2,10 @@
 collective one (the learner broadcasts buckets over gloo into the engine's worker extension) gives the
 same engine outputs as the object-store one with the same weights."""
 
+import os
 import shutil
+import signal
+import time
 
 import pytest
 import ray
@@ -57,10 +60,10 @@ def test_a_collective_sync_gives_the_engine_outputs_of_an_object_store_sync(loca
     pool = WorkerPool(cfg, other_weights(path, tmp_path))
     try:
         before = outputs(pool, 0)
-        pool.use_collective(learner)
+        pool.use_learner(learner)
         probe = learner.call("probe_logprobs", list(PROBE_IDS))
         pool.expect_probe(1, probe)
-        pool.queue_weights_collective(1)
+        pool.queue_newest(1)
         pool.confirm_weights()
         assert pool.logprob_gap < 1e-4  # the engine's logprobs of the probe tokens are the learner's
         assert len(pool.collective.plan.buckets) > 3  # 50 KiB buckets: the weights went in several
@@ -72,11 +75,11 @@ def test_a_collective_sync_gives_the_engine_outputs_of_an_object_store_sync(loca
         assert [o[:3] for o in collective] == [o[:3] for o in object_store]
         assert [x for o in collective for x in o[3]] == pytest.approx([x for o in object_store for x in o[3]], abs=1e-6)
         assert collective != before
-        pool.queue_weights_collective(3)  # the group formed once serves the next sync too
+        pool.queue_newest(3)  # the group formed once serves the next sync too
         pool.confirm_weights()
         assert pool.version == 3 and outputs(pool, 0) == collective
         pool.expect_probe(4, [p + 1.0 for p in probe])  # as if the engine had loaded something else
-        pool.queue_weights_collective(4)
+        pool.queue_newest(4)
         with pytest.raises(WeightSyncError, match=r"rollout-0 serves version 4, but its logprobs of the probe tokens "
                                                   r"differ from the learner's by up to 1 \(rollout.weight_sync_max"):
             pool.confirm_weights()
@@ -86,9 +89,15 @@ def test_a_collective_sync_gives_the_engine_outputs_of_an_object_store_sync(loca
 
 
 def _pid(actor) -> int:
-    import os
-
     return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+
+
+def _wait_until_arrived(pool, step: str, count: int) -> None:
+    """Until `count` of the 3 members (learner, rollout-0, rollout-1) have arrived at `step` of the current group."""
+    deadline = time.monotonic() + 60
+    while pool.collective.store.arrived(pool.collective.epoch, step, 3) < count:
+        assert time.monotonic() < deadline, f"{count} members never arrived at {step}"
+        time.sleep(0.02)
 
 
 def two_worker_pool(tmp_path, *settings):
@@ -99,17 +108,13 @@ def two_worker_pool(tmp_path, *settings):
                              "rollout.weight_sync=collective", *settings])
     learner = LearnerGroup(cfg, path)
     pool = WorkerPool(cfg, other_weights(path, tmp_path))
-    pool.use_collective(learner)
+    pool.use_learner(learner)
     return pool, learner
 
 
 def test_a_worker_killed_in_a_collective_sync_fails_it_within_the_timeout_naming_the_worker(local_ray, tmp_path):
     """Killed while the others wait for it in the sync: the sync is called off, and with no restarts
     left the pool fails naming the worker (with restarts, the next test: everyone gets the weights)."""
-    import os
-    import signal
-    import time
-
     from rollout.pool import WorkerStartError
 
     pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=20",
@@ -117,10 +122,8 @@ def test_a_worker_killed_in_a_collective_sync_fails_it_within_the_timeout_naming
     try:
         pid = _pid(pool.workers[1])
         os.kill(pid, signal.SIGSTOP)  # hung first, so that the others are inside the sync when it dies
-        pool.queue_weights_collective(1)
-        deadline = time.monotonic() + 60
-        while pool.collective.store.arrived(1, "open") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        pool.queue_newest(1)
+        _wait_until_arrived(pool, "open", 2)
         os.kill(pid, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(WorkerStartError, match=r"rollout-1 died and did not come back \(rollout.max_restarts 0"):
@@ -134,28 +137,17 @@ def test_a_worker_killed_in_a_collective_sync_fails_it_within_the_timeout_naming
 def test_a_worker_killed_inside_the_broadcast_fails_the_sync_naming_it(local_ray, tmp_path):
     """Every member in the broadcast, then rollout-1 dies: the others' collective fails on it, and so
     does the sync, naming it, well within the timeout."""
-    import os
-    import signal
-    import time
-
     pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=30")
     try:
-        pool.queue_weights_collective(1)  # forms the group
+        pool.queue_newest(1)  # forms the group
         pool.confirm_weights()
         sender, worker = _pid(learner.ranks[0]), _pid(pool.workers[1])
-
-        def wait_for(count):
-            deadline = time.monotonic() + 60
-            while pool.collective.store.arrived(pool.collective.epoch, "sync2") < count:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-
         os.kill(sender, signal.SIGSTOP)  # the engines arrive and wait for the learner
-        pool.queue_weights_collective(2)
-        wait_for(2)
+        pool.queue_newest(2)
+        _wait_until_arrived(pool, "sync2", 2)
         os.kill(worker, signal.SIGSTOP)
         os.kill(sender, signal.SIGCONT)  # every member is in: the broadcast starts, and stalls on rollout-1
-        wait_for(3)
+        _wait_until_arrived(pool, "sync2", 3)
         time.sleep(0.5)
         os.kill(worker, signal.SIGKILL)
         start = time.monotonic()
@@ -168,15 +160,11 @@ def test_a_worker_killed_inside_the_broadcast_fails_the_sync_naming_it(local_ray
 
 
 def test_a_hung_worker_fails_a_collective_sync_within_the_timeout_naming_it(local_ray, tmp_path):
-    import os
-    import signal
-    import time
-
     pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=5")
     pid = _pid(pool.workers[0])
     try:
         os.kill(pid, signal.SIGSTOP)
-        pool.queue_weights_collective(1)
+        pool.queue_newest(1)
         start = time.monotonic()
         with pytest.raises(WeightSyncError, match=r"within rollout.weight_sync_timeout_s \(5s\).*never joined the "
                                                   r"group: rollout-0$"):
@@ -190,9 +178,6 @@ def test_a_hung_worker_fails_a_collective_sync_within_the_timeout_naming_it(loca
 
 def test_a_worker_restarted_while_a_collective_sync_waits_gets_the_weights_and_the_group_forms_again(
         local_ray, tmp_path):
-    import os
-    import signal
-
     pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=1", "rollout.weight_sync_timeout_s=120",
                                     "rollout.sampling.max_tokens=40", "rollout.max_model_len=64")
     try:
@@ -200,7 +185,7 @@ def test_a_worker_restarted_while_a_collective_sync_waits_gets_the_weights_and_t
                  for i in range(64)]
         pid = _pid(pool.workers[1])  # asked first: the actor answers calls in order
         launch = pool.submit(tasks, run_id="r", iteration=0)
-        pool.queue_weights_collective(1)  # behind the generation: called off when rollout-1 dies in it
+        pool.queue_newest(1)  # behind the generation: called off when rollout-1 dies in it
         os.kill(pid, signal.SIGKILL)
         chunks = launch.collect()  # rollout-1's chunks come back from the restarted worker
         assert sum(c.summary.samples for c in chunks) == 128
@@ -208,7 +193,7 @@ def test_a_worker_restarted_while_a_collective_sync_waits_gets_the_weights_and_t
         assert pool.restarts == 1 and pool.version == 0  # the learner's weights, read with their version
         assert ray.get([w.serving_version.remote() for w in pool.workers], timeout=60) == [0, 0]
         epoch = pool.collective.epoch
-        pool.queue_weights_collective(1)
+        pool.queue_newest(1)
         pool.confirm_weights()
         assert pool.collective.epoch == epoch + 1 and pool.version == 1
     finally:
