@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     sta.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sta.add_argument("--plot", type=Path, default=None, metavar="PNG", help="plot reward and tokens/s to PNG")
     sta.add_argument("--compare", default=None, metavar="OTHER", help="a second archive, side by side")
+    sta.add_argument("--last", type=_positive, default=None, metavar="N", help="only the last N iterations' rows")
+    sta.add_argument("--every", type=_positive, default=None, metavar="K",
+                     help="every K-th iteration's row (and the last), for long runs")
     sta.add_argument("--manifest", action="store_true",
                      help="print what produced the archive instead: code, versions, seeds, model, lineage")
 
@@ -136,6 +139,13 @@ def _one_line(error: BaseException) -> str:
         return (f"{kind}.max_restarts) died and was not restarted: its restarts are spent, or it could not be "
                 f"placed again; its log is under RUN_DIR/logs")
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -257,9 +267,10 @@ def cmd_stats(args) -> int:
         print(f"stats: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(runs[0].to_json() if len(runs) == 1 else {"runs": [r.to_json() for r in runs]}, indent=1))
+        shown = [r.to_json(args.last, args.every) for r in runs]
+        print(json.dumps(shown[0] if len(runs) == 1 else {"runs": shown}, indent=1))
     else:
-        print(format_table(runs[0]) if len(runs) == 1 else format_comparison(*runs), end="")
+        print(format_table(runs[0], args.last, args.every) if len(runs) == 1 else format_comparison(*runs), end="")
     if args.plot:
         labels = [f"{side}: {run.archive}" for side, run in zip("AB", runs)] if args.compare else None
         plot_runs(runs, args.plot, labels)

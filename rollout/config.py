@@ -92,11 +92,19 @@ class RolloutConfig(Base):
     gpu_memory_utilization: Annotated[float, doc(
         "Fraction of GPU memory vLLM may take (cuda).", gt=0.0, le=1.0)] = 0.5
     cpu_kv_cache_gb: Annotated[float | None, doc(
-        "KV cache of the CPU engine, in GiB; null sizes it to hold one chunk (max_num_seqs sequences "
-        "of max_model_len tokens), between 1 and 8 GiB, so a chunk is not preempted.")] = None
-    max_num_seqs: Annotated[int | None, doc(
-        "Sequences the engine schedules together; null: one chunk's samples (n_samples x prompts per "
-        "chunk), at least 256 (vLLM's CPU default), so a chunk runs in as few engine steps as it can.")] = None
+        "KV cache of the CPU engine, in GiB; null sizes it to hold one engine batch (max_num_seqs "
+        "sequences of max_model_len tokens), between 1 and 8 GiB.")] = None
+    max_num_seqs: Annotated[Annotated[int, Meta(ge=1)] | None, doc(
+        "Sequences the engine schedules in one step; null: 256 on CPU (vLLM's CPU default), vLLM's "
+        "own default on GPU. With the KV cache it sets a worker's memory, whatever the batch size: "
+        "at most twice this many sequences are in the engine at once, the rest wait as token ids.")] = None
+    max_num_batched_tokens: Annotated[Annotated[int, Meta(ge=1)] | None, doc(
+        "Tokens the engine processes in one step; null: on CPU the larger of 4096, max_num_seqs and "
+        "max_model_len (a step takes whole prompts), vLLM's own default on GPU.")] = None
+    max_chunk_prompts: Annotated[int, doc(
+        "Most prompts in one chunk: a worker's share is cut into chunks_per_worker chunks, or more "
+        "where a chunk would hold more than this, so what a chunk holds in the worker and in one "
+        "reward call is bounded by this, not by prompts_per_iteration.", ge=1)] = 256
     max_model_len: Annotated[int, doc("Longest prompt + completion the engine accepts.", ge=8)] = 2048
     max_staleness: Annotated[int, doc(
         "Iterations generated ahead of the learner: 0 alternates generation and learning; k >= 1 "
@@ -242,8 +250,9 @@ class JobConfig(Base):
     iterations: Annotated[int, doc("PPO iterations.", ge=1)] = 20
     checkpoint_every: Annotated[int, doc("Iterations between checkpoints.", ge=1)] = 5
     checkpoint_keep_last: Annotated[Annotated[int, Meta(ge=1)] | None, doc(
-        "Checkpoints kept in RUN_DIR/checkpoints, the newest; older ones are deleted after each save. "
-        "null keeps them all.")] = None
+        "Checkpoints kept in RUN_DIR/checkpoints, the newest; older ones are deleted after each save "
+        "(a resume needs only the newest, and falls back to the one before when it is broken). "
+        "null keeps them all.")] = 3
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -342,9 +351,7 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
     if not cfg.reward.rules and cfg.reward.model is None:
         problems.append("reward: no rules and no model; add reward.rules or reward.model")
     if cfg.rollout.cpu_kv_cache_gb is not None and cfg.rollout.cpu_kv_cache_gb <= 0:
-        problems.append("rollout.cpu_kv_cache_gb must be positive, or null to size it from the chunk")
-    if cfg.rollout.max_num_seqs is not None and cfg.rollout.max_num_seqs < 1:
-        problems.append("rollout.max_num_seqs must be at least 1, or null to size it from the chunk")
+        problems.append("rollout.cpu_kv_cache_gb must be positive, or null to size it from the engine batch")
     if cfg.learner.behaviour_is_cap is not None and cfg.learner.behaviour_is_cap <= 1:
         problems.append("learner.behaviour_is_cap must be more than 1 (it caps π_prox / π_behaviour), or null")
     if cfg.learner.kl.target is not None and cfg.learner.kl.target <= 0:

@@ -114,12 +114,20 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"{filename}:{lineno}: {category.__name__}: {message}\n"
 
 
+# vLLM's engine-failure dumps (scheduler state, megabytes on one line): the log keeps them whole and
+# the console gets one line naming the log. So does any line longer than the console should carry.
+DUMP = re.compile(rb"\[dump_input\.py:\d+\]")
+LONGEST_CONSOLE_LINE = 4096
+
+
 def _pump(read: int, original: int, log) -> None:
     """Copy everything to `log`; lines (ended by \\n or a tqdm \\r) that are not noise to `original`.
 
     It must never stop reading: the actor would block on a full pipe. A log that cannot be written
     (a full disk) is given up, with one line, and the console lines go on."""
     pending = b""
+    cut = False  # inside a line too long for the console, already announced
+    where = getattr(log, "name", "this actor's log")
     while True:
         data = os.read(read, 65536)
         if not data:
@@ -129,9 +137,27 @@ def _pump(read: int, original: int, log) -> None:
                 log.write(data)
             except OSError as e:
                 log = None
+                where = "no log (it could not be written)"
                 os.write(original, f"console: writing this actor's log failed ({e}); it goes on without\n".encode())
         pending += data
         *lines, pending = re.split(rb"(?<=[\r\n])", pending)
+        if len(pending) > LONGEST_CONSOLE_LINE:  # a line still going: judge it by its start
+            lines.append(pending)
+            pending = b""
         for line in lines:
-            if not is_noise(line.decode(errors="replace")):
+            ended = line.endswith((b"\n", b"\r"))
+            if cut:
+                cut = not ended
+                continue
+            if DUMP.search(line) or len(line) > LONGEST_CONSOLE_LINE:
+                if not DUMP.search(line) or b"Dumping input data" in line:
+                    os.write(original, f"{_announce(line)} ({where})\n".encode())
+                cut = not ended
+            elif not is_noise(line.decode(errors="replace")):
                 os.write(original, line if line.endswith(b"\n") else line.rstrip(b"\r") + b"\n")
+
+
+def _announce(line: bytes) -> str:
+    if DUMP.search(line):
+        return "vllm: the engine failed and dumped its state to the actor's log"
+    return f"{line[:200].decode(errors='replace').rstrip()} ... [a {len(line)}+ byte line, whole in the log]"

@@ -6,8 +6,8 @@ This is the one module that imports vLLM, so any version gate lives here. On CPU
 
 from __future__ import annotations
 
-import math
 import os
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +15,7 @@ import msgspec
 
 from learner.device import resolve_device
 from rollout.config import RolloutConfig, SamplingConfig
+from rollout.engine_sizing import engine_sizing
 
 SUPPORTED_VLLM = ((0, 10), (1, 0))  # [low, high): the V1 engine with collective_rpc("reload_weights")
 
@@ -45,11 +46,6 @@ def _import_vllm(device: str):
     return vllm
 
 
-def chunk_samples(cfg: RolloutConfig) -> int:
-    """Samples in one chunk of an iteration, as the pool cuts it."""
-    return cfg.n_samples * math.ceil(cfg.prompts_per_iteration / (cfg.num_workers * cfg.chunks_per_worker))
-
-
 def kv_cache_bytes(model_path: str, dtype: str, tokens: int) -> float:
     """Keys and values of `tokens` tokens, from the model's config (layers, KV heads, head size)."""
     from transformers import AutoConfig
@@ -78,12 +74,12 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=False,
         )
-        seqs = cfg.max_num_seqs or max(256, chunk_samples(cfg))
-        args["max_num_seqs"] = seqs
-        args["max_num_batched_tokens"] = max(4096, seqs, cfg.max_model_len)  # a prefill step takes whole prompts
+        self.sizing = engine_sizing(cfg, self.device, kv_cache_bytes(model_path, dtype, 1))
+        for key in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self.sizing, key) is not None:
+                args[key] = getattr(self.sizing, key)
         if self.device == "cpu":
-            gib = cfg.cpu_kv_cache_gb or min(8, max(1, kv_cache_bytes(model_path, dtype, seqs * cfg.max_model_len) / 2**30))
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(gib))))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.sizing.cpu_kv_cache_gib))
             args["enforce_eager"] = True
         else:
             args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
@@ -91,6 +87,8 @@ class VLLMEngine:
         args.update(extra_args or {})
         self._vllm = vllm
         self.llm = vllm.LLM(**args)
+        # What the engine settled on (on GPU, vLLM picks its batch by the device it finds).
+        self.window = self.sizing.window(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
 
     def sampling_params(self, sampling: SamplingConfig, n: int, seed: int | None = None):
         return self._vllm.SamplingParams(
@@ -111,23 +109,33 @@ class VLLMEngine:
 
     def stream(self, batches: list[tuple[list[list[int]], int | None]], sampling: SamplingConfig,
                n: int) -> Iterator[tuple[int, list[list[Completion]]]]:
-        """Every batch's prompts (each batch with its seed) into the engine at once, so it schedules
-        across batch boundaries and never drains between them; yields (batch index, n completions
-        per prompt in prompt order) as each batch completes."""
+        """Every batch's prompts (each batch with its seed), in order, through the engine; yields (batch
+        index, n completions per prompt in prompt order) as each batch completes.
+
+        At most `window` sequences are in the engine at once, and it is topped up as they finish, so
+        it schedules across batch boundaries and never drains, while its memory stays that of a
+        window whatever the batches hold. Each request carries its batch's seed, so what it samples
+        does not depend on which window it was fed in."""
         from vllm.inputs import TokensPrompt
 
+        waiting = deque((b, i) for b, (prompts, _) in enumerate(batches) for i in range(len(prompts)))
+        params = [self.sampling_params(sampling, n, seed) for _, seed in batches]
         owner: dict[str, tuple[int, int]] = {}
-        for b, (prompts, seed) in enumerate(batches):
-            ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                   self.sampling_params(sampling, n, seed), use_tqdm=False)
-            # enqueue returns vLLM's internal ids ("7-1a2b3c4d"); outputs carry the external part ("7").
-            owner.update({request.split("-")[0]: (b, i) for i, request in enumerate(ids)})
         results: list[list] = [[None] * len(prompts) for prompts, _ in batches]
         left = [len(prompts) for prompts, _ in batches]
         for b in [b for b, count in enumerate(left) if count == 0]:
             yield b, []
         engine = self.llm.llm_engine
-        while engine.has_unfinished_requests():
+        while waiting or owner:
+            room = max(0 if owner else 1, (self.window - n * len(owner)) // n)  # a window under n still runs
+            feed = [waiting.popleft() for _ in range(min(room, len(waiting)))]
+            if feed:
+                ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=batches[b][0][i]) for b, i in feed],
+                                       [params[b] for b, _ in feed], use_tqdm=False)
+                # enqueue returns vLLM's internal ids ("7-1a2b3c4d"); outputs carry the external part ("7").
+                owner.update({request.split("-")[0]: place for request, place in zip(ids, feed)})
+            if not engine.has_unfinished_requests():
+                raise RuntimeError(f"the engine finished with {len(owner)} requests unanswered")
             for out in engine.step():
                 if not out.finished:
                     continue
@@ -136,6 +144,7 @@ class VLLMEngine:
                 left[b] -= 1
                 if left[b] == 0:
                     yield b, results[b]
+                    results[b] = None  # handed on: the worker keeps no finished chunk
 
     def reload_weights(self, weights: list[tuple[str, Any]]) -> None:
         """Load checkpoint-format (Hugging Face named) weights in place.

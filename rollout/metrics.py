@@ -96,21 +96,28 @@ class MetricsLog:
 
 
 def print_summary(history: list[dict], log) -> None:
-    """First vs last iteration and first vs last fifth, per reward component."""
+    """`summary_lines`, then the samples, tokens and seconds of the run."""
     if not history:
         print("no iterations ran", file=log)
         return
+    print("\n" + "\n".join(summary_lines(history)), file=log)
+    seconds = sum(h["time/iteration"] for h in history)
+    tokens = sum(h["generated_tokens"] for h in history)
+    print(f"  {sum(h['samples'] for h in history)} samples, {tokens} tokens in {seconds:.0f}s", file=log)
+
+
+def summary_lines(history: list[dict]) -> list[str]:
+    """First vs last iteration and first vs last fifth, of the reward and each component: what `run`
+    ends with, and `rollout stats` too (its per-iteration items carry the same names)."""
     fifth = max(1, len(history) // 5)
-    keys = ["reward_mean"] + sorted(k for k in history[0] if k.startswith("reward/"))
-    print(f"\nsummary over {len(history)} iterations (first fifth = {fifth} iterations):", file=log)
+    keys = ["reward_mean"] + sorted({k for h in history for k in h if k.startswith("reward/")})
+    lines = [f"summary over {len(history)} iterations (first fifth = {fifth} iterations):"]
     for key in keys:
         values = [h.get(key) for h in history]
         values = [v for v in values if v is not None and v == v]
         if not values:
             continue
         head, tail = np.mean(values[:fifth]), np.mean(values[-fifth:])
-        print(f"  {key:28s} first {values[0]:.3f}  last {values[-1]:.3f}   "
-              f"first fifth {head:.3f} -> last fifth {tail:.3f} ({tail - head:+.3f})", file=log)
-    seconds = sum(h["time/iteration"] for h in history)
-    tokens = sum(h["generated_tokens"] for h in history)
-    print(f"  {sum(h['samples'] for h in history)} samples, {tokens} tokens in {seconds:.0f}s", file=log)
+        lines.append(f"  {key:28s} first {values[0]:.3f}  last {values[-1]:.3f}   "
+                     f"first fifth {head:.3f} -> last fifth {tail:.3f} ({tail - head:+.3f})")
+    return lines

@@ -5,8 +5,8 @@ Memory per GPU, from the model's config (its `config.json`; a few hub models are
 machines that cannot reach the hub) and the job's settings:
 - a rollout engine holds its weights in `model.dtype` and, in what `rollout.gpu_memory_utilization`
   leaves, a KV cache of 2 x layers x kv_heads x head_dim values per token; the plan shows the cache
-  one full batch of sequences (`rollout.max_num_seqs`, else every sample of a worker's share of an
-  iteration, at `rollout.max_model_len` tokens) would take;
+  one engine batch (`rollout.engine_sizing`: max_num_seqs sequences of `rollout.max_model_len` tokens)
+  takes, and the batch and cache sizes the engine will use;
 - a learner rank holds what `learner.memory.estimate` counts (sharded states, the gathered working
   set, one micro-batch of activations, a logit chunk, the iteration's per-token columns).
 With `--address`, the plan is also checked against the cluster's CPUs and GPUs; with
@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from learner.memory import GIB, QWEN25_05B, QWEN25_7B, Shape, estimate
 from rollout.collective_sync import weight_sync_path
 from rollout.config import JobConfig
+from rollout.engine_sizing import engine_sizing
 from rollout.resources import actor_requests, check_fits, resolve_devices
 
+GPU_DEFAULT_MAX_NUM_SEQS = 1024  # the largest batch vLLM picks by itself (large GPUs, offline LLM class)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Hub models whose shapes are known without downloading their config.
 KNOWN_SHAPES = {"Qwen/Qwen2.5-0.5B": QWEN25_05B, "Qwen/Qwen2.5-0.5B-Instruct": QWEN25_05B,
@@ -98,12 +100,14 @@ def _memory(cfg: JobConfig, shape: Shape, requests, gpu_memory_gb: float | None,
     head_dim = shape.hidden // shape.heads
     kv_per_token = 2 * shape.layers * shape.kv_heads * head_dim * dtype
     r = cfg.rollout
-    share = math.ceil(r.prompts_per_iteration / r.num_workers) * r.n_samples
-    sequences = min(r.max_num_seqs or share, share)
+    sizing = engine_sizing(r, "cuda" if rollout_gpus else "cpu", kv_per_token)
+    # On GPU with no setting, vLLM picks its batch by the GPU; the largest it picks is shown.
+    sequences = sizing.max_num_seqs or GPU_DEFAULT_MAX_NUM_SEQS
     kv = sequences * r.max_model_len * kv_per_token / GIB
     where = "per GPU" if rollout_gpus else "CPU memory"
     lines.append(f"  rollout worker ({where}): weights {weights:.2f} + KV cache for {sequences} sequences x "
                  f"{r.max_model_len} tokens {kv:.2f} ({kv_per_token / 2**10:.0f} KiB per token)")
+    lines.append(f"    {sizing.describe('cuda' if rollout_gpus else 'cpu')}")
     if rollout_gpus and gpu_memory_gb:
         budget = r.gpu_memory_utilization * gpu_memory_gb
         verdict = "fits" if weights < budget else "does not fit"

@@ -1,6 +1,7 @@
 """The driver's view of the RolloutWorker actors: queue an iteration's chunks, sync weights between them.
 
-An iteration's prompts go out at once, in `chunks_per_worker` chunks per worker, dealt round robin,
+An iteration's prompts go out at once, in `chunks_per_worker` chunks per worker (more where a chunk
+would exceed `max_chunk_prompts`), dealt round robin,
 one streaming call per worker: its engine holds all of them, and each chunk comes back as soon as it
 is done and goes to a reward worker from a collector thread, so scoring starts while the driver
 waits on something else. A weight sync is queued on each worker behind its call: the generation in flight
@@ -219,7 +220,8 @@ class WorkerPool:
                records: dict | None = None, timeout: float | None = None) -> Launch:
         """Queue the iteration's chunks, one streaming call per worker; the Launch collects them and
         sends each to a scorer with the data records (`records`, by prompt id) of its prompts."""
-        size = max(1, math.ceil(len(tasks) / (len(self.workers) * self.cfg.rollout.chunks_per_worker)))
+        r = self.cfg.rollout
+        size = max(1, min(r.max_chunk_prompts, math.ceil(len(tasks) / (len(self.workers) * r.chunks_per_worker))))
         base_seed = self.cfg.rollout.sampling.seed
         shares: list[tuple[list, list]] = [([], []) for _ in self.workers]
         for n, start in enumerate(range(0, len(tasks), size)):

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rollout.archive import read_run_metrics, read_table
+from rollout.metrics import summary_lines
 from rollout.record import FINISH_REASONS
 
 STATS_COLUMNS = ["iteration", "policy_version", "response_ids", "reward", "reward_components", "kl",
@@ -41,10 +42,17 @@ class RunStats:
     iterations: list[dict[str, Any]]
     totals: dict[str, Any]
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON: NaN and inf become null."""
-        return {"archive": self.archive, "iterations": [_finite(d) for d in self.iterations],
+    def to_json(self, last: int | None = None, every: int | None = None) -> dict[str, Any]:
+        """Plain JSON: NaN and inf become null; the iterations `shown` picks."""
+        return {"archive": self.archive, "iterations": [_finite(d) for d in self.shown(last, every)],
                 "totals": _finite(self.totals)}
+
+    def shown(self, last: int | None = None, every: int | None = None) -> list[dict[str, Any]]:
+        """The iterations a long table keeps: the `last` N, and of those every K-th (and the final one)."""
+        items = self.iterations[-last:] if last else self.iterations
+        if every and every > 1:
+            items = [item for k, item in enumerate(items) if k % every == 0 or k == len(items) - 1]
+        return items
 
 
 def compute_stats(archive: str | Path) -> RunStats:
@@ -201,6 +209,8 @@ def _totals(rows: pa.Table, stats: list[dict[str, Any]], components: pa.Table,
                          if timed else None),
         "reward_mean": pc.mean(rows["reward"]).as_py(),
         "reward_std": pc.stddev(rows["reward"]).as_py(),
+        "reward_min": pc.min(rows["reward"]).as_py(),
+        "reward_max": pc.max(rows["reward"]).as_py(),
     }
     totals.update(_component_means(components, ["key"]).get(None, {}))
     totals["kl"] = (sum(s["kl"] * s["samples"] for s in kl_known) / sum(s["samples"] for s in kl_known)
@@ -231,14 +241,16 @@ _COLUMNS = [  # (header, key, format) in table order; components are inserted af
 _COMPARE_KEYS = ["samples", "tokens_per_s", "reward_mean", "kl", "response_length_mean", "version_lag"]
 
 
-def format_table(run: RunStats) -> str:
-    """An aligned table: one line per iteration, then `all` for the whole archive."""
+def format_table(run: RunStats, last: int | None = None, every: int | None = None) -> str:
+    """An aligned table: one line per iteration `shown`, then `all` for the whole archive, then the
+    first-fifth -> last-fifth summary `rollout run` ends with (over every iteration)."""
     columns = _columns_with_components(run)
     header = [h for h, _, _ in columns]
-    body = [[_cell(item.get(key), fmt) for _, key, fmt in columns] for item in run.iterations]
+    body = [[_cell(item.get(key), fmt) for _, key, fmt in columns] for item in run.shown(last, every)]
     totals = [_cell(run.totals.get(key), fmt) for _, key, fmt in columns]
     totals[0] = "all"
-    return f"{run.archive}\n" + _render(header, [*body, totals])
+    summary = "\n".join(summary_lines(run.iterations)) + "\n" if run.iterations else ""
+    return f"{run.archive}\n" + _render(header, [*body, totals]) + "\n" + summary
 
 
 def format_comparison(a: RunStats, b: RunStats) -> str:
@@ -282,8 +294,12 @@ def _render(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(cells, widths)) for cells in [header, *rows]) + "\n"
 
 
-def plot_runs(runs: list[RunStats], png: str | Path, labels: list[str] | None = None) -> None:
-    """Reward (mean ± std) and generation tokens/s over iterations, one line per run, to a PNG."""
+def plot_runs(runs: list[RunStats], png: str | Path, labels: list[str] | None = None):
+    """Reward and generation tokens/s over iterations, one colour per run, to a PNG.
+
+    Each iteration's mean is a faint line; over it, its moving average (`smooth`) and a band of the
+    moving average of the per-sample std around it, cut to the rewards the archive holds, so a
+    binary reward's band never leaves [0, 1]. Markers only where there are few iterations."""
     # A bare Figure renders with Agg and leaves the process-wide pyplot backend alone.
     from matplotlib.figure import Figure
 
@@ -294,16 +310,46 @@ def plot_runs(runs: list[RunStats], png: str | Path, labels: list[str] | None = 
         x = np.array([s["iteration"] for s in run.iterations])
         mean = np.array([_nan_if_none(s["reward_mean"]) for s in run.iterations])
         std = np.array([_nan_if_none(s["reward_std"]) for s in run.iterations])
-        (line,) = reward_axis.plot(x, mean, marker=".", label=label)
-        reward_axis.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-        speed_axis.plot(x, [_nan_if_none(s["tokens_per_s"]) for s in run.iterations], marker=".", label=label)
-    reward_axis.set_ylabel("reward (mean ± std)")
+        speed = np.array([_nan_if_none(s["tokens_per_s"]) for s in run.iterations])
+        marker = "." if len(x) <= 60 else None
+        (raw,) = reward_axis.plot(x, mean, marker=marker, alpha=0.35, linewidth=0.8)
+        colour = raw.get_color()
+        smoothed = smooth(mean)
+        reward_axis.plot(x, smoothed, color=colour, linewidth=2, label=label)
+        low, high = _nan_if_none(run.totals.get("reward_min")), _nan_if_none(run.totals.get("reward_max"))
+        band = smooth(std)
+        reward_axis.fill_between(x, np.clip(smoothed - band, low, high), np.clip(smoothed + band, low, high),
+                                 color=colour, alpha=0.15, linewidth=0)
+        speed_axis.plot(x, speed, color=colour, alpha=0.35, linewidth=0.8, marker=marker)
+        speed_axis.plot(x, smooth(speed), color=colour, linewidth=2, label=label)
+    window = max(smoothing_window(len(run.iterations)) for run in runs) if runs else 1
+    reward_axis.set_ylabel(f"reward (moving mean of {window}, ± std)" if window > 1 else "reward (mean ± std)")
     speed_axis.set_ylabel("generated tokens / s")
     speed_axis.set_xlabel("iteration")
     for axis in (reward_axis, speed_axis):
         axis.grid(alpha=0.3)
         axis.legend(loc="best")
     figure.savefig(png, dpi=110)
+    return figure
+
+
+def smoothing_window(points: int) -> int:
+    """About 1/25 of the run, odd, at least 1: 500 iterations -> 21, 20 -> 1."""
+    return max(1, points // 25) | 1
+
+
+def smooth(values: np.ndarray) -> np.ndarray:
+    """Centred moving average over `smoothing_window(len)` points, NaNs skipped, the ends over what
+    there is. (T,) -> (T,)."""
+    window = smoothing_window(len(values))
+    if window == 1:
+        return values
+    ok = np.isfinite(values)
+    kernel = np.ones(window)
+    total = np.convolve(np.where(ok, values, 0.0), kernel, mode="same")  # Σ of the finite values in the window
+    count = np.convolve(ok.astype(float), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan)
 
 
 def _nan_if_none(value: float | None) -> float:

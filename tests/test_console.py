@@ -58,3 +58,30 @@ def test_verbose_lets_everything_through(tmp_path):
     console, log = run_actor(tmp_path, **{VERBOSE_ENV: "1"})
     assert "Loading weights" in console and "NUMA binding" in console and "reduce_op" in console
     assert not log.exists()
+
+
+# What vLLM's engine prints when it fails (vllm/logging_utils/dump_input.py): megabytes on one line.
+DUMPING = r'''
+import os, sys, time
+from rollout.console import route_actor_output
+route_actor_output()
+state = "x" * 3_000_000
+print("ERROR 12-02 12:00:00 [dump_input.py:72] Dumping input data for V1 LLM engine (v0.32.0) with config: " + state)
+print("ERROR 12-02 12:00:00 [dump_input.py:79] Dumping scheduler output for model execution: " + state)
+print("long " + "y" * 10_000)
+print("RuntimeError: the engine died")
+sys.stdout.flush(); time.sleep(0.5)
+'''
+
+
+def test_a_vllm_dump_goes_to_the_log_and_the_console_gets_one_line_naming_it(tmp_path):
+    log = tmp_path / "logs" / "rollout-0.log"
+    proc = subprocess.run([sys.executable, "-c", DUMPING], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", LOG_FILE_ENV: str(log)})
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 3, [line[:100] for line in lines]
+    assert lines[0] == f"vllm: the engine failed and dumped its state to the actor's log ({log})"
+    assert lines[1].startswith("long yyy") and "whole in the log" in lines[1] and len(lines[1]) < 400
+    assert lines[2] == "RuntimeError: the engine died"
+    assert log.stat().st_size > 6_000_000  # the log has the dumps whole

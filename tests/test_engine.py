@@ -81,3 +81,46 @@ def test_weight_reload_changes_outputs_and_restoring_brings_them_back(vllm_engin
     assert [t for t, _ in restored] == [t for t, _ in before]
     for (_, a), (_, b) in zip(restored, before):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+def test_a_small_window_feeds_every_prompt_and_samples_the_same(vllm_engine, tiny_model_path):
+    """Requests enter the engine a window at a time; each carries its chunk's seed, so the outputs do
+    not depend on the window, and the engine never holds more than the window."""
+    prompts = (_prompt_ids(tiny_model_path) * 12)[:30]
+    chunks = [(prompts[:11], 5), (prompts[11:], 6), ([], 7)]
+    sampling = SamplingConfig(max_tokens=5, seed=0)
+    engine = vllm_engine.llm.llm_engine
+    seen = []
+    step = engine.step
+    engine.step = lambda: (seen.append(engine.get_num_unfinished_requests()), step())[1]
+    wide = vllm_engine.window
+    try:
+        vllm_engine.window = 6  # three prompts of n=2 at a time
+        narrow = dict(vllm_engine.stream(chunks, sampling, 2))
+    finally:
+        vllm_engine.window = wide
+        engine.step = step
+    assert max(seen) <= 6 and len(seen) > 10
+    full = dict(vllm_engine.stream(chunks, sampling, 2))
+    assert sorted(narrow) == [0, 1, 2] and narrow[2] == []
+    for b in (0, 1):
+        assert len(narrow[b]) == len(chunks[b][0])
+        assert [[c.token_ids for c in p] for p in narrow[b]] == [[c.token_ids for c in p] for p in full[b]]
+
+
+def test_the_cpu_engine_is_sized_by_its_settings_not_the_batch():
+    from rollout.config import RolloutConfig
+    from rollout.engine_sizing import engine_sizing
+
+    small = engine_sizing(RolloutConfig(prompts_per_iteration=64, max_model_len=64), "cpu", 1024)
+    large = engine_sizing(RolloutConfig(prompts_per_iteration=5000, max_model_len=64), "cpu", 1024)
+    assert small == large and small.max_num_seqs == 256 and small.cpu_kv_cache_gib == 1
+    assert small.max_num_batched_tokens == 4096
+    explicit = engine_sizing(RolloutConfig(max_num_seqs=32, max_num_batched_tokens=512, cpu_kv_cache_gb=2.5),
+                             "cpu", 1024)
+    assert (explicit.max_num_seqs, explicit.max_num_batched_tokens, explicit.cpu_kv_cache_gib) == (32, 512, 3)
+    # 0.5B-sized: 256 sequences x 2048 tokens x 12 KiB = 6 GiB; capped at 8.
+    assert engine_sizing(RolloutConfig(max_model_len=2048), "cpu", 12 * 1024).cpu_kv_cache_gib == 6
+    assert engine_sizing(RolloutConfig(max_model_len=8192), "cpu", 12 * 1024).cpu_kv_cache_gib == 8
+    gpu = engine_sizing(RolloutConfig(), "cuda", 12 * 1024)
+    assert gpu.max_num_seqs is None and gpu.cpu_kv_cache_gib is None  # vLLM picks by the GPU

@@ -4,6 +4,7 @@ import datetime as dt
 import json
 import math
 
+import numpy as np
 import pytest
 
 from rollout.archive import ArchiveWriter
@@ -112,11 +113,19 @@ def test_kl_is_the_learners_whatever_the_logged_coefficient(tmp_path):
 def test_table_and_comparison(tmp_path):
     a = compute_stats(write(tmp_path / "a", hand_records()))
     b = compute_stats(write(tmp_path / "b", hand_records()[:3]))
-    table = format_table(a).splitlines()
+    text = format_table(a)
+    table, summary = text.split("\n\n")
+    table = table.splitlines()
     assert table[1].split()[:6] == ["iter", "samples", "tokens", "tok/s", "reward", "std"]
     assert "r/format" in table[1] and "fail/format" in table[1]
     assert table[-1].split()[0] == "all" and table[2].split()[:3] == ["0", "3", "5"]
     assert len({len(line) for line in table[1:]}) == 1  # aligned
+    # The summary `rollout run` prints: reward 0.5 -> 1.0 over the two iterations.
+    summary = summary.splitlines()
+    assert summary[0] == "summary over 2 iterations (first fifth = 1 iterations):"
+    assert summary[1].split()[:5] == ["reward_mean", "first", "0.500", "last", "1.000"]
+    assert "first fifth 0.500 -> last fifth 1.000 (+0.500)" in summary[1]
+    assert any(line.split()[0] == "reward/arithmetic" for line in summary[2:])
     both = format_comparison(a, b).splitlines()
     assert both[0].endswith("/a") and both[1].endswith("/b")
     header = both[2].split()
@@ -163,3 +172,54 @@ def test_restarts_per_iteration_come_from_the_runs_metrics(tmp_path):
     # A run without any has no restarts column.
     calm = format_table(compute_stats(write(tmp_path / "calm", hand_records()))).splitlines()
     assert "restarts" not in calm[1]
+
+
+def long_run(tmp_path, iterations=500):
+    """A run of `iterations` iterations of a 0/1 reward that rises from 0.3 to 0.8, four samples each."""
+    records = []
+    for i in range(iterations):
+        rate = 0.3 + 0.5 * i / (iterations - 1)
+        for k in range(4):
+            reward = float((i * 7 + k * 3) % 10 < rate * 10)
+            rec = record(i, i, [0.1], reward, {"arithmetic": reward, "format": 1.0}, "stop", i)
+            rec.sample_index = k
+            records.append(rec)
+    return compute_stats(write(tmp_path / "long", records))
+
+
+def test_a_long_table_keeps_its_last_rows_or_every_kth(tmp_path, capsys):
+    run = long_run(tmp_path, 60)
+    assert [s["iteration"] for s in run.shown(last=5)] == [55, 56, 57, 58, 59]
+    assert [s["iteration"] for s in run.shown(every=20)] == [0, 20, 40, 59]
+    assert [s["iteration"] for s in run.shown(last=10, every=4)] == [50, 54, 58, 59]
+    assert main(["stats", str(tmp_path / "long"), "--last", "3"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.split("\n\n")[0].splitlines()[2:]]
+    assert rows == ["57", "58", "59", "all"]
+    assert main(["stats", str(tmp_path / "long"), "--every", "30", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [s["iteration"] for s in out["iterations"]] == [0, 30, 59] and out["totals"]["iterations"] == 60
+    with pytest.raises(SystemExit):
+        main(["stats", str(tmp_path / "long"), "--every", "0"])
+
+
+def test_the_plot_smooths_a_long_run_and_its_band_stays_in_the_rewards_range(tmp_path):
+    from rollout.stats import smooth, smoothing_window
+
+    assert smoothing_window(500) == 21 and smoothing_window(20) == 1 and smoothing_window(50) == 3
+    assert smooth(np.array([1.0, 2.0, 3.0])).tolist() == [1.0, 2.0, 3.0]  # short runs are drawn as they are
+    values = np.array([0.0, 1.0] * 50 + [np.nan])
+    smoothed = smooth(values)
+    assert np.all(np.abs(smoothed[2:-3] - 0.5) <= 0.1 + 1e-9) and np.isfinite(smoothed[-1])  # NaN skipped
+    run = long_run(tmp_path)
+    assert (run.totals["reward_min"], run.totals["reward_max"]) == (0.0, 1.0)
+    figure = plot_runs([run], tmp_path / "long.png")
+    from matplotlib.image import imread
+
+    assert imread(tmp_path / "long.png").shape[1] > 900
+    band = figure.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() >= 0.0 and band.max() <= 1.0  # the reward's range, though mean + std passes 1 early on
+    assert (np.array([s["reward_mean"] + s["reward_std"] for s in run.iterations]) > 1.0).any()
+    line = figure.axes[0].lines[1].get_ydata()  # the smoothed reward: rising, and steadier than the raw means
+    assert line[-25:].mean() - line[:25].mean() > 0.3
+    raw = np.array([s["reward_mean"] for s in run.iterations])
+    assert np.abs(np.diff(line)).mean() < 0.5 * np.abs(np.diff(raw)).mean()
