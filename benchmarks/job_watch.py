@@ -68,6 +68,11 @@ class Watched:
     peak_mb: dict[int, float] = field(default_factory=dict)
     samples: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
     log: Path | None = None
+    first_line_s: float | None = None  # seconds from the command's start to its first metrics line
+
+    def startup_s(self, rows: list[dict]) -> float | None:
+        """Start-up: from the command's start to the first iteration's start (±the sampling period)."""
+        return None if self.first_line_s is None or not rows else round(self.first_line_s - rows[0]["time/wall"], 1)
 
     def peak_by_kind(self) -> dict[str, float]:
         """The largest peak RSS of each kind's processes (a restarted actor counts as another process)."""
@@ -102,6 +107,8 @@ def watch_run(out: Path, config: Path, settings: list[str], *, every_s: float = 
             if metrics_path.exists():
                 with metrics_path.open("rb") as f:
                     lines = sum(1 for _ in f)
+                if lines and watched.first_line_s is None:
+                    watched.first_line_s = time.perf_counter() - start
             for pid in _session_pids(proc.pid):
                 if pid not in watched.kinds:
                     kind = _kind(pid, proc.pid)
@@ -112,7 +119,7 @@ def watch_run(out: Path, config: Path, settings: list[str], *, every_s: float = 
                 if status:
                     watched.peak_mb[pid] = max(watched.peak_mb.get(pid, 0.0), status["VmHWM"])
                     watched.samples.setdefault(pid, []).append((lines, status["VmRSS"]))
-            time.sleep(every_s)
+            time.sleep(every_s if lines else min(every_s, 0.2))  # the first line's time is the start-up's
     finally:
         if proc.poll() is None:
             proc.kill()

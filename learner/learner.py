@@ -16,6 +16,7 @@ FSDP2-sharded; master weights and optimizer state stay float32 whatever the comp
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -52,6 +53,18 @@ class Evaluated:
     behaviour_logprobs: torch.Tensor  # the engine's, when it sampled
 
 
+def cpu_threads(cfg: JobConfig) -> int:
+    """Torch threads of one CPU rank (learner.num_threads)."""
+    lc = cfg.learner
+    if lc.num_threads is not None:
+        return lc.num_threads
+    reserved = max(1, int(lc.num_cpus_per_rank))
+    if cfg.rollout.max_staleness > 0:  # generation runs beside the learner: only what Ray reserved
+        return reserved
+    # Generation and learning alternate: the cores the idle engines reserved are the learner's too.
+    return max(reserved, len(os.sched_getaffinity(0)) // lc.num_ranks)
+
+
 class Learner:
     def __init__(self, cfg: JobConfig, model_path: str, *, rank: int = 0, world_size: int = 1,
                  address: str | None = None):
@@ -62,8 +75,7 @@ class Learner:
             dist.init_process_group(rank, world_size, address, self.device)
         self.rank, self.world_size = rank, world_size
         if self.device.type == "cpu":
-            # The CPUs Ray reserved for this rank: generation may run beside it (rollout.max_staleness).
-            torch.set_num_threads(max(1, int(lc.num_cpus_per_rank)))
+            torch.set_num_threads(cpu_threads(cfg))
         torch.manual_seed(cfg.seed)
         self.compute_dtype = DTYPES[cfg.model.dtype]
         self.critic_free = lc.estimator in CRITIC_FREE

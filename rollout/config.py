@@ -180,6 +180,10 @@ class LearnerConfig(Base):
         "gloo on cpu) with policy, critic and reference sharded by FSDP2. Each rank computes a "
         "share of every pass; the update equals the one-rank update on the same samples.", ge=1)] = 1
     num_cpus_per_rank: Annotated[float, doc("CPUs Ray reserves for each learner rank.", gt=0)] = 1.0
+    num_threads: Annotated[Annotated[int, Meta(ge=1)] | None, doc(
+        "Torch threads of each rank on CPU. null: with rollout.max_staleness 0 the engines and reward "
+        "workers are idle while the learner works, so the ranks share the node's cores between them; "
+        "with generation running beside the learner, num_cpus_per_rank.")] = None
     micro_batch_tokens: Annotated[int, doc(
         "Token budget of one forward pass, padding included: the no-grad passes (old and reference "
         "logprobs, values) and the training micro-batches (gradients accumulate up to "

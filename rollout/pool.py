@@ -175,7 +175,9 @@ class WorkerStartError(RuntimeError):
 
 
 class WorkerPool:
-    def __init__(self, cfg: JobConfig, model_path: str):
+    def __init__(self, cfg: JobConfig, model_path: str, *, wait: bool = True):
+        """Spawn the workers; with `wait`, return once every engine is up (else call `wait_started`,
+        so the caller starts the learner while the engines load)."""
         self.cfg = cfg
         rollout = cfg.rollout
         gpus = rollout.num_gpus_per_worker if resolve_device(rollout.device) == "cuda" else 0
@@ -187,15 +189,8 @@ class WorkerPool:
             .remote(name, model_path, rollout, dtype=cfg.model.dtype, seed=cfg.seed + i)
             for i, name in enumerate(self.names)
         ]
-        ready = {w.ready.remote(): name for w, name in zip(self.workers, self.names)}
-        timeout = cfg.ray.actor_start_timeout_s
-        _, late = ray.wait(list(ready), num_returns=len(ready), timeout=timeout)
-        if late:
-            raise WorkerStartError(f"{', '.join(ready[r] for r in late)} did not start within "
-                                   f"ray.actor_start_timeout_s ({timeout:.0f}s): each needs "
-                                   f"{rollout.num_cpus_per_worker} CPU and {gpus} GPU; the cluster has "
-                                   f"{ray.available_resources()} free")
-        ray.get(list(ready), timeout=timeout)  # raises a worker's start-up error
+        self._ready = {w.ready.remote(): name for w, name in zip(self.workers, self.names)}
+        self._asked = f"{rollout.num_cpus_per_worker} CPU and {gpus} GPU"
         self.version = 0
         self._queued: tuple[int, dict[ray.ObjectRef, str]] | None = None
         self._newest: tuple[int, ray.ObjectRef] | None = None  # the last weights sent: what a restart loads
@@ -206,6 +201,19 @@ class WorkerPool:
         self.collective: CollectiveSync | None = None  # rollout.weight_sync resolved to collective
         self._expected_probes: dict[int, list[float]] = {}  # the learner's probe logprobs, per version
         self.logprob_gap: float | None = None  # of the last sync checked: engines' probe logprobs vs the learner's
+
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> None:
+        """Every engine up, or WorkerStartError naming the late ones and what they asked for."""
+        ready, timeout = self._ready, self.cfg.ray.actor_start_timeout_s
+        _, late = ray.wait(list(ready), num_returns=len(ready), timeout=timeout)
+        if late:
+            raise WorkerStartError(f"{', '.join(ready[r] for r in late)} did not start within "
+                                   f"ray.actor_start_timeout_s ({timeout:.0f}s): each needs {self._asked}; "
+                                   f"the cluster has {ray.available_resources()} free")
+        ray.get(list(ready), timeout=timeout)  # raises a worker's start-up error
 
     def use_learner(self, learner) -> None:
         """Serve `learner`'s weights (a LearnerGroup; again after it was rebuilt): `queue_newest` sends

