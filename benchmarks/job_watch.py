@@ -1,7 +1,9 @@
 """Run `rollout run` in its own session and watch every process of it: the driver and each Ray actor.
 
 Shared by `seed_scale.py` and `soak.py`. Memory is read from /proc: VmRSS now and VmHWM (the
-kernel's peak RSS of the process, so no spike between two samples is missed). Each process is
+kernel's peak RSS of the process, so no spike between two samples is missed), and RssAnon, the
+process's private memory: VmRSS also counts the pages of Ray's shared object store a process has
+touched, which grow as objects land at new places in the store without the process holding more. Each process is
 named by its kind (driver, rollout, reward, learner; Ray's own daemons as `ray`) from its command
 line, which Ray sets to `ray::CLASS.method` for actors.
 """
@@ -21,7 +23,7 @@ KINDS = {"_RolloutActor": "rollout", "_RewardActor": "reward", "_Rank": "learner
 
 
 def _status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of `pid` in MB; {} once it is gone."""
+    """VmRSS, VmHWM and RssAnon of `pid` in MB; {} once it is gone."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
@@ -29,7 +31,7 @@ def _status(pid: int) -> dict[str, int]:
     out = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon"):
             out[key] = int(value.split()[0]) / 1024
     return out
 
@@ -61,12 +63,12 @@ def _kind(pid: int, driver: int) -> str | None:
 
 @dataclass
 class Watched:
-    """What one run showed: per process, its kind, peak RSS and (iteration, RSS MB) samples."""
+    """What one run showed: per process, its kind, peak RSS and (iteration, RSS MB, private MB) samples."""
     returncode: int
     seconds: float
     kinds: dict[int, str] = field(default_factory=dict)
     peak_mb: dict[int, float] = field(default_factory=dict)
-    samples: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    samples: dict[int, list[tuple[int, float, float]]] = field(default_factory=dict)
     log: Path | None = None
     first_line_s: float | None = None  # seconds from the command's start to its first metrics line
 
@@ -118,7 +120,7 @@ def watch_run(out: Path, config: Path, settings: list[str], *, every_s: float = 
                 status = _status(pid)
                 if status:
                     watched.peak_mb[pid] = max(watched.peak_mb.get(pid, 0.0), status["VmHWM"])
-                    watched.samples.setdefault(pid, []).append((lines, status["VmRSS"]))
+                    watched.samples.setdefault(pid, []).append((lines, status["VmRSS"], status["RssAnon"]))
             time.sleep(every_s if lines else min(every_s, 0.2))  # the first line's time is the start-up's
     finally:
         if proc.poll() is None:

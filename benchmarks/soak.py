@@ -4,7 +4,8 @@
 config's cadence, every process's RSS sampled each second with the iteration the run had logged.
 Prints JSON: per process kind (driver, rollout, reward, learner) the RSS slope in MB per 100
 iterations (least squares over iterations 10 onward, past the engine's and allocator's warm-up),
-its RSS at iteration 10 and at the end; `wall_drift` = median iteration time over the last 50
+the same for its private memory (RssAnon: RSS less the shared object-store pages it touched) and
+over the second half of the run alone, its RSS at iteration 10 and at the end; `wall_drift` = median iteration time over the last 50
 iterations / over iterations 10-59, and the same ratio per stage, so a drift names its stage.
 Bars (issue 18): slope <= 10 MB per 100 iterations, wall_drift <= 1.1.
 
@@ -31,17 +32,21 @@ STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync",
 
 
 def slopes(watched) -> dict[str, dict[str, float]]:
-    """Per kind: MB per 100 iterations (the largest over that kind's processes), RSS at WARM and at the end."""
+    """Per kind (the process with the steepest RSS slope): MB per 100 iterations of RSS and of private
+    memory (RssAnon), and the RSS at WARM and at the end."""
     out: dict[str, dict[str, float]] = {}
     for pid, kind in watched.kinds.items():
-        points = [(i, mb) for i, mb in watched.samples.get(pid, []) if i >= WARM]
+        points = [p for p in watched.samples.get(pid, []) if p[0] >= WARM]
         if len(points) < 10 or points[-1][0] - points[0][0] < 50:
             continue  # a process that did not live through the run (a restart's predecessor)
-        x, y = np.array(points, dtype=float).T
-        slope = float(np.polyfit(x, y, 1)[0]) * 100
+        x, rss, private = np.array(points, dtype=float).T
+        slope = float(np.polyfit(x, rss, 1)[0]) * 100
+        late = x >= (x[0] + x[-1]) / 2  # a growth that levels off shows here
         if kind not in out or slope > out[kind]["mb_per_100_iterations"]:
-            out[kind] = {"mb_per_100_iterations": round(slope, 2), "rss_mb_at_warm": round(float(y[0]), 1),
-                         "rss_mb_at_end": round(float(y[-1]), 1)}
+            out[kind] = {"mb_per_100_iterations": round(slope, 2),
+                         "private_mb_per_100_iterations": round(float(np.polyfit(x, private, 1)[0]) * 100, 2),
+                         "second_half_mb_per_100_iterations": round(float(np.polyfit(x[late], rss[late], 1)[0]) * 100, 2),
+                         "rss_mb_at_warm": round(float(rss[0]), 1), "rss_mb_at_end": round(float(rss[-1]), 1)}
     return out
 
 
