@@ -149,15 +149,16 @@ def _pump(read: int, original: int, log) -> None:
             if cut:
                 cut = not ended
                 continue
-            if DUMP.search(line) or len(line) > LONGEST_CONSOLE_LINE:
-                if not DUMP.search(line) or b"Dumping input data" in line:
-                    os.write(original, f"{_announce(line)} ({where})\n".encode())
+            dump = DUMP.search(line) is not None
+            if dump or len(line) > LONGEST_CONSOLE_LINE:
+                if not dump or b"Dumping input data" in line:  # one line per dump, not per dumped part
+                    os.write(original, f"{_announce(line, dump)} ({where})\n".encode())
                 cut = not ended
             elif not is_noise(line.decode(errors="replace")):
                 os.write(original, line if line.endswith(b"\n") else line.rstrip(b"\r") + b"\n")
 
 
-def _announce(line: bytes) -> str:
-    if DUMP.search(line):
+def _announce(line: bytes, dump: bool) -> str:
+    if dump:
         return "vllm: the engine failed and dumped its state to the actor's log"
     return f"{line[:200].decode(errors='replace').rstrip()} ... [a {len(line)}+ byte line, whole in the log]"

@@ -15,7 +15,6 @@ With `--address`, the plan is also checked against the cluster's CPUs and GPUs; 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from learner.memory import GIB, QWEN25_05B, QWEN25_7B, Shape, estimate
@@ -100,14 +99,15 @@ def _memory(cfg: JobConfig, shape: Shape, requests, gpu_memory_gb: float | None,
     head_dim = shape.hidden // shape.heads
     kv_per_token = 2 * shape.layers * shape.kv_heads * head_dim * dtype
     r = cfg.rollout
-    sizing = engine_sizing(r, "cuda" if rollout_gpus else "cpu", kv_per_token)
+    device = "cuda" if rollout_gpus else "cpu"
+    sizing = engine_sizing(r, device, kv_per_token)
     # On GPU with no setting, vLLM picks its batch by the GPU; the largest it picks is shown.
     sequences = sizing.max_num_seqs or GPU_DEFAULT_MAX_NUM_SEQS
     kv = sequences * r.max_model_len * kv_per_token / GIB
     where = "per GPU" if rollout_gpus else "CPU memory"
     lines.append(f"  rollout worker ({where}): weights {weights:.2f} + KV cache for {sequences} sequences x "
                  f"{r.max_model_len} tokens {kv:.2f} ({kv_per_token / 2**10:.0f} KiB per token)")
-    lines.append(f"    {sizing.describe('cuda' if rollout_gpus else 'cpu')}")
+    lines.append(f"    {sizing.describe(device)}")
     if rollout_gpus and gpu_memory_gb:
         budget = r.gpu_memory_utilization * gpu_memory_gb
         verdict = "fits" if weights < budget else "does not fit"
