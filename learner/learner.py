@@ -16,15 +16,17 @@ FSDP2-sharded; master weights and optimizer state stay float32 whatever the comp
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from learner import checkpoint
+from learner.checkpoint import NonFiniteError
 from learner import distributed as dist
 from learner.advantages import masked_mean, masked_whiten, token_rewards
 from learner.batch import TokenBatch
@@ -37,8 +39,6 @@ from learner.models import DTYPES, CriticModel, PolicyModel, load_causal_lm
 from learner.samples import LearnerColumns, SampleBatch, token_spans
 from learner.weight_broadcast import SyncPlan, WeightGroup, plan_buckets
 from rollout.config import JobConfig
-
-STATE_FILE = "learner.pt"  # kl controller, version, job state; written last, so its presence marks a whole checkpoint
 
 
 @dataclass
@@ -98,6 +98,7 @@ class Learner:
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=lc.critic_lr) if self.critic else None
         self.kl_controller = make_kl_controller(lc.kl.coef, lc.kl.target, lc.kl.horizon)
         self.version = 0
+        self.nonfinite_in_a_row = 0  # optimizer steps skipped one after another
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.to(self.device)
@@ -184,18 +185,23 @@ class Learner:
             is_weights = torch.exp(log_ratio).clamp(max=lc.behaviour_is_cap)  # w = min(π_prox / π_behaviour, cap)
         N = len(batch)
         totals: dict[str, list[float]] = {}
+        skipped = 0
         for epoch in range(lc.ppo_epochs):
             # The same order on every rank, and after a resume: seeded by (seed, version, epoch).
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.version * 101 + epoch)
             order = torch.randperm(N, generator=generator).numpy()
             for start in range(0, N, lc.minibatch_size):
                 stats = self._step(batch, ev, advantages, returns, is_weights, order[start:start + lc.minibatch_size])
+                if stats is None:
+                    skipped += 1
+                    continue
                 for k, v in stats.items():
                     totals.setdefault(k, []).append(v)
         seq_kl = (kl * m).sum(dim=1).mean().item()
         self.kl_controller.update(seq_kl, N)
         self.version += 1
         out = {k: float(np.mean(v)) for k, v in totals.items()}
+        out["skipped_steps"] = skipped
         out.update({"kl": seq_kl, "kl_coef": self.kl_controller.coef, "entropy": masked_mean(ev.entropy, m).item(),
                     # How far the engine's logprobs are from the learner's for the same tokens and weights
                     # (or older weights, with staleness), and how much the IS cap cut.
@@ -205,8 +211,9 @@ class Learner:
         return out
 
     def _step(self, batch: SampleBatch, ev: Evaluated, advantages: torch.Tensor, returns: torch.Tensor,
-              is_weights: torch.Tensor | None, rows: np.ndarray) -> dict[str, float]:
-        """One optimizer step on the minibatch `rows`: this rank's share, in micro-batches."""
+              is_weights: torch.Tensor | None, rows: np.ndarray) -> dict[str, float] | None:
+        """One optimizer step on the minibatch `rows`: this rank's share, in micro-batches. None when
+        the step was skipped: its loss or gradient norm was not finite (the same on every rank)."""
         lc = self.cfg.learner
         lengths = batch.response_lengths[rows]
         n_tokens = max(1, int(lengths.sum()))
@@ -246,17 +253,39 @@ class Learner:
                                   local_tokens * pg_stats["clip_frac"].item(),
                                   local_tokens * pg_stats["approx_kl"].item(),
                                   local_tokens * vf_stats["value_clip_frac"].item(), 0.0], dtype=torch.float64)
+        sums = dist.all_reduce_sum(sums)
         grad_norm = _clip(self.policy.parameters(), lc.max_grad_norm)
+        critic_norm = _clip(self.critic.parameters(), lc.max_grad_norm) if self.critic_opt is not None else 0.0
+        if self._skip_non_finite({"policy_loss": sums[0].item(), "value_loss": sums[1].item(),
+                                  "grad_norm": grad_norm, "critic_grad_norm": critic_norm}):
+            return None
         self.policy_opt.step()
         if self.critic_opt is not None:
-            _clip(self.critic.parameters(), lc.max_grad_norm)
             self.critic_opt.step()
-        sums = dist.all_reduce_sum(sums)
         stats = {"policy_loss": sums[0].item(), "clip_frac": sums[2].item() / n_tokens,
                  "approx_kl": sums[3].item() / n_tokens, "grad_norm": grad_norm}
         if not self.critic_free:
             stats.update(value_loss=sums[1].item(), value_clip_frac=sums[4].item() / n_tokens)
         return stats
+
+    def _skip_non_finite(self, figures: dict[str, float]) -> bool:
+        """True when a figure of this step is inf or NaN: its gradients are dropped, and the step
+        skipped; learner.max_nonfinite_steps such steps in a row fail the job, naming the figure."""
+        bad = [(name, value) for name, value in figures.items() if not math.isfinite(value)]
+        if not bad:
+            self.nonfinite_in_a_row = 0
+            return False
+        self.nonfinite_in_a_row += 1
+        limit = self.cfg.learner.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            name, value = bad[0]
+            raise NonFiniteError(f"{limit} optimizer steps in a row had a non-finite {name} ({value}), after "
+                                 f"update {self.version}; each was skipped, so the weights are those before them "
+                                 f"(learner.max_nonfinite_steps): check the rewards, or lower learner.lr")
+        self.policy_opt.zero_grad(set_to_none=True)
+        if self.critic_opt is not None:
+            self.critic_opt.zero_grad(set_to_none=True)
+        return True
 
     def _values(self, tokens, policy) -> torch.Tensor:
         if self.critic is not None:
@@ -280,73 +309,22 @@ class Learner:
                 for name, tensor in state.items() if name.startswith("lm.")]
 
     def save(self, directory: Path, extra: dict) -> None:
-        """Every rank: sharded training state (torch.distributed.checkpoint) in `learner/`; rank 0: the
-        policy as a loadable model in `policy/`, then `learner.pt`, which marks the checkpoint whole."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        directory = Path(directory)
-        try:
-            with _single_process_note_quiet():
-                dcp.save(self._training_state(), checkpoint_id=str(directory / "learner"),
-                         no_dist=self.world_size == 1)
-            weights = self.export_weights()
-            if self.rank == 0:
-                self._save_policy(directory / "policy", weights)
-                torch.save({"kl_controller": self.kl_controller.state_dict(), "version": self.version,
-                            "extra": extra}, directory / STATE_FILE)
-        except (OSError, RuntimeError, CheckpointException) as e:
-            # torch's writers report a full disk as "unexpected pos ...": say what the disk says.
-            cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP: the failure per rank
-            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            raise CheckpointWriteError(f"writing checkpoint {directory} failed ({first}); "
-                                       f"{_free_space(directory)} free on its disk") from None
+        """Every rank: write its part of checkpoint `directory` (learner/checkpoint.py)."""
+        checkpoint.save(self, directory, extra)
         dist.barrier()
 
     def load(self, directory: Path) -> dict:
         """Restore from `save` (with any number of ranks); returns its `extra` (job state such as the data cursor)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        return checkpoint.load(self, directory)
 
-        directory = Path(directory)
-        if not (directory / "learner").is_dir():
-            raise FileNotFoundError(f"{directory}: no learner/ training state (a checkpoint from before "
-                                    "sharded checkpoints); start a new run directory")
-        state = self._training_state()
-        with _single_process_note_quiet():
-            dcp.load(state, checkpoint_id=str(directory / "learner"), no_dist=self.world_size == 1)
-        set_model_state_dict(self.policy, state["policy"])
-        set_optimizer_state_dict(self.policy, self.policy_opt, state["policy_opt"])
-        if self.critic is not None:
-            set_model_state_dict(self.critic, state["critic"])
-            set_optimizer_state_dict(self.critic, self.critic_opt, state["critic_opt"])
-        small = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-        self.kl_controller.load_state_dict(small["kl_controller"])
-        self.version = small["version"]
-        return small["extra"]
-
-    def _training_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        state = {"policy": get_model_state_dict(self.policy),
-                 "policy_opt": get_optimizer_state_dict(self.policy, self.policy_opt)}
-        if self.critic is not None:
-            state.update(critic=get_model_state_dict(self.critic),
-                         critic_opt=get_optimizer_state_dict(self.critic, self.critic_opt))
-        return state
-
-    def _save_policy(self, directory: Path, weights: list[tuple[str, torch.Tensor]]) -> None:
-        from safetensors.torch import save_file
-
-        directory.mkdir(parents=True, exist_ok=True)
-        lm = self.policy.lm
-        lm.config.save_pretrained(directory)
-        if lm.generation_config is not None:
-            lm.generation_config.save_pretrained(directory)
-        tensors = dict(weights)
-        if self.tied_head:
-            tensors.pop("lm_head.weight", None)  # tied to the embedding, which loading restores it from
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    def weights_finite(self) -> bool:
+        """Every trainable weight finite, on every rank (a collective when sharded)."""
+        bad = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for module in filter(None, (self.policy, self.critic)):
+            for p in module.parameters():
+                local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+                bad += (~torch.isfinite(local)).sum()
+        return dist.all_reduce_sum(bad).item() == 0
 
     # -- the collective weight sync (rollout.weight_sync): rank 0 broadcasts into the engines ---------
 
@@ -409,27 +387,6 @@ def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (full disk, read-only or failing device); the message names it."""
-
-
-def _free_space(directory: Path) -> str:
-    import shutil
-
-    for path in (directory, *directory.parents):
-        if path.exists():
-            return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
-    return "unknown"
-
-
-@contextlib.contextmanager
-def _single_process_note_quiet():
-    """DCP warns that one process is 'assumed' even when told so (no_dist); one rank is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
 
 
 def _clip(parameters, max_norm: float) -> float:

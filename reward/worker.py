@@ -107,6 +107,9 @@ class _RewardActor(RewardWorker):
         super().__init__(*args, **kwargs)
         self._restarted = announce_if_restarted("reward", self.name)
 
+    def __repr__(self) -> str:  # Ray names the actor by it in its errors and log lines
+        return self.name
+
     def score_batch(self, batch, records):
         rewards, seconds = super().score_batch(batch, records)
         if self._restarted:

@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/RUN_NAME)")
     run.add_argument("--verbose", action="store_true",
                      help="show library output too (weight loading bars, INFO logs); also ROLLOUT_VERBOSE=1")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument("--resume-from", type=Path, default=None, metavar="CHECKPOINT",
+                       help="resume from this checkpoint directory (default: the run directory's newest whole one)")
+    start.add_argument("--no-resume", action="store_true",
+                       help="start from the model whatever checkpoints the run directory holds")
 
     gen = sub.add_parser("generate", help="rollouts and rewards, no learning, into an archive")
     _config_args(gen)
@@ -100,12 +105,14 @@ def _exit_code(error: BaseException) -> int | None:
     """2 for what the user must fix in what they passed (files, data, options), 1 for a job that
     failed on its way (disk, actors, timeouts); None for anything else, which is a bug: traceback."""
     from rollout.archive import ArchiveCorruptError
+    from rollout.checkpoints import ResumeError
     from rollout.prompts import DataError
     from rollout.records import FormatError
     from rollout.run_lock import RunDirBusy
 
+    raised_in_actor = _actor(error) is not None
     error = _cause(error)
-    if isinstance(error, (DataError, FormatError, RunDirBusy, ArchiveCorruptError, FileNotFoundError,
+    if isinstance(error, (DataError, FormatError, RunDirBusy, ResumeError, ArchiveCorruptError, FileNotFoundError,
                           IsADirectoryError, NotADirectoryError, PermissionError)):
         return 2
     if isinstance(error, OSError):  # a full disk, a read-only or failing device
@@ -114,9 +121,19 @@ def _exit_code(error: BaseException) -> int | None:
     if exceptions and isinstance(error, exceptions.RayActorError):  # an actor gone for good
         return 1
     failures = {"LearnerError", "GenerationTimeout", "WorkerStartError", "WeightSyncError", "PipelineTimeout",
-                "ReplayError", "CheckpointWriteError", "ArchiveWriteError"}
+                "ReplayError", "CheckpointWriteError", "ArchiveWriteError", "NonFiniteError"}
     if any(kind.__name__ in failures for kind in type(error).__mro__):
         return 2 if type(error).__name__ == "ReplayError" else 1
+    # Raised by an actor's code (the engine refusing a request, a rule's bug): an error of the job,
+    # shown with the actor's name and its own message, not retried.
+    return 1 if raised_in_actor else None
+
+
+def _actor(error: BaseException) -> str | None:
+    """The name of the actor whose code raised `error` (the actors' __repr__), if one did."""
+    exceptions = sys.modules.get("ray.exceptions")
+    if exceptions and isinstance(error, exceptions.RayTaskError):
+        return getattr(error, "actor_repr", None) or getattr(error, "function_name", None) or "an actor"
     return None
 
 
@@ -129,8 +146,12 @@ def _cause(error: BaseException) -> BaseException:
 
 
 def _one_line(error: BaseException) -> str:
+    actor = _actor(error)
     error = _cause(error)
     text = str(error).strip()
+    if actor is not None and not isinstance(error, sys.modules["ray.exceptions"].RayError):
+        first = text.splitlines()[0] if text else ""
+        return f"{actor} raised {type(error).__name__}{': ' + first if first else ''}"
     exceptions = sys.modules.get("ray.exceptions")
     if exceptions and isinstance(error, exceptions.RayActorError):
         actor = re.search(r"class_name: (\w+)", text)
@@ -155,6 +176,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> int:
+    from rollout.checkpoints import AUTO, NEVER
     from rollout.console import VERBOSE_ENV
     from rollout.job import run_job
 
@@ -162,7 +184,7 @@ def cmd_run(args) -> int:
         os.environ[VERBOSE_ENV] = "1"
     cfg = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / cfg.run_name
-    run_job(cfg, out)
+    run_job(cfg, out, resume=NEVER if args.no_resume else args.resume_from or AUTO)
     print(f"run directory: {out}  (archive {out}/rollouts, metrics {out}/metrics.jsonl)", file=sys.stderr)
     return 0
 

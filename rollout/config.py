@@ -7,6 +7,7 @@ trees merged over the defaults; unknown keys are errors that name their full pat
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -62,7 +63,9 @@ class DataConfig(Base):
 
 
 class SamplingConfig(Base):
-    temperature: Annotated[float, doc("Sampling temperature; 0 is greedy.", ge=0.0)] = 1.0
+    temperature: Annotated[float, doc(
+        "Sampling temperature, 0 (greedy, which needs rollout.n_samples 1) or 0.01 to 2, the range "
+        "vLLM samples at as asked.", ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, doc("Nucleus sampling mass.", gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, doc("Top-k sampling; -1 disables it.", ge=-1)] = -1
     max_tokens: Annotated[int, doc("Most tokens generated per completion.", ge=1)] = 16
@@ -222,6 +225,10 @@ class LearnerConfig(Base):
     vf_coef: Annotated[float, doc("Value loss coefficient (shared critic).", ge=0.0)] = 0.5
     entropy_coef: Annotated[float, doc("Entropy bonus coefficient.", ge=0.0)] = 0.0
     max_grad_norm: Annotated[float, doc("Gradient clipping norm.", gt=0.0)] = 1.0
+    max_nonfinite_steps: Annotated[int, doc(
+        "Optimizer steps in a row whose loss or gradient norm is inf or NaN before the job fails naming "
+        "the figure; each such step is skipped (no update) and counted in the metric skipped_steps.",
+        ge=1)] = 3
     whiten_advantages: Annotated[bool, doc("Normalise advantages over valid tokens.")] = True
     loss_agg: Annotated[Literal["token", "sequence"], doc(
         "Policy loss mean over all valid tokens, or per sequence then over sequences.")] = "token"
@@ -292,9 +299,28 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         source += f" + --set {item}"
     try:
         # strict=False: YAML reads "1e-4" as a string; numeric strings convert to the field type.
-        return msgspec.convert(tree, root, strict=False)
+        cfg = msgspec.convert(tree, root, strict=False)
     except msgspec.ValidationError as e:
         raise ConfigError(f"{source}: {_readable(str(e))}") from None
+    infinite = _non_finite(cfg)
+    if infinite:
+        raise ConfigError(f"{source}: {', '.join(infinite)}: must be a finite number")
+    return cfg
+
+
+def _non_finite(node: Any, path: str = "") -> list[str]:
+    """Dotted paths of float fields holding inf or nan: `gt=0` lets inf through, and one inf learning
+    rate turns every weight into NaN after the first update."""
+    if isinstance(node, float):
+        return [] if math.isfinite(node) else [path]
+    if isinstance(node, Struct):
+        return [bad for name in node.__struct_fields__
+                for bad in _non_finite(getattr(node, name), f"{path}.{name}" if path else name)]
+    if isinstance(node, list):
+        return [bad for i, item in enumerate(node) for bad in _non_finite(item, f"{path}.{i}")]
+    if isinstance(node, dict):  # rule params
+        return [bad for key, item in node.items() for bad in _non_finite(item, f"{path}.{key}")]
+    return []
 
 
 def _apply_override(tree: dict[str, Any], item: str) -> None:
@@ -345,6 +371,7 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
         problems.append(
             f"learner.num_ranks ({cfg.learner.num_ranks}) exceeds learner.minibatch_size "
             f"({cfg.learner.minibatch_size}): every rank needs samples in each minibatch; raise minibatch_size")
+    problems.extend(_engine_rejects(cfg.rollout))
     if cfg.rollout.num_workers > cfg.rollout.prompts_per_iteration:
         problems.append(
             f"rollout.num_workers ({cfg.rollout.num_workers}) exceeds rollout.prompts_per_iteration "
@@ -371,6 +398,22 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
                 problems.append(f"{section}.device is cuda but no GPU is visible: set it to auto or cpu")
     if problems:
         raise ConfigError("the config needs changes:\n  - " + "\n  - ".join(problems))
+
+
+def _engine_rejects(rollout: RolloutConfig) -> list[str]:
+    """Sampling settings vLLM's SamplingParams would refuse (or quietly change) in the worker, where
+    the error would surface only once generation began."""
+    sampling, problems = rollout.sampling, []
+    if sampling.temperature == 0 and rollout.n_samples > 1:
+        problems.append(f"rollout.sampling.temperature 0 is greedy decoding, which gives one completion per "
+                        f"prompt, but rollout.n_samples is {rollout.n_samples}: set n_samples to 1 or raise the "
+                        "temperature")
+    if 0 < sampling.temperature < 0.01:  # vLLM raises it to 0.01, and the learner would score at another one
+        problems.append(f"rollout.sampling.temperature {sampling.temperature:g} is below 0.01, which vLLM "
+                        "samples at instead: use 0 (greedy) or at least 0.01")
+    if any(not s for s in sampling.stop):
+        problems.append("rollout.sampling.stop holds an empty string, which the engine refuses: remove it")
+    return problems
 
 
 def to_yaml(cfg: JobConfig) -> str:

@@ -11,18 +11,20 @@ import time
 from pathlib import Path
 
 from rollout import stopping
+from rollout.checkpoints import AUTO
 from rollout.config import JobConfig
 from rollout.metrics import print_summary
 from rollout.session import Session
 
 
-def run_job(cfg: JobConfig, run_dir: Path, *, log=None) -> list[dict]:
-    """Train for `cfg.iterations`, resuming from the newest checkpoint in `run_dir` if there is one.
+def run_job(cfg: JobConfig, run_dir: Path, *, log=None, resume: str | Path = AUTO) -> list[dict]:
+    """Train for `cfg.iterations`, resuming from the newest whole checkpoint in `run_dir` if there is
+    one (`resume`: checkpoints.AUTO, NEVER or a checkpoint directory).
 
     SIGTERM or SIGINT raise `stopping.JobStopped` out of here once the session is closed."""
     log = log or sys.stderr
     stopping.install()
-    session = Session.open(cfg, run_dir, log=log)
+    session = Session.open(cfg, run_dir, log=log, resume=resume)
     history: list[dict] = []
     try:
         for iteration in session.iterations():

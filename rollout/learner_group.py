@@ -27,6 +27,10 @@ class LearnerError(RuntimeError):
 class _Rank:
     def __init__(self):
         route_actor_output()
+        self.rank = None
+
+    def __repr__(self) -> str:  # Ray names the actor by it in its errors and log lines
+        return "learner" if self.rank is None else f"learner rank {self.rank}"
 
     def address(self) -> str:
         """A free port on this node, for the process group rank 0 serves."""
@@ -38,8 +42,8 @@ class _Rank:
     def start(self, cfg: JobConfig, model_path: str, rank: int, world_size: int, address: str) -> None:
         from learner.learner import Learner
 
-        self.learner = Learner(cfg, model_path, rank=rank, world_size=world_size, address=address)
         self.rank = rank
+        self.learner = Learner(cfg, model_path, rank=rank, world_size=world_size, address=address)
 
     def call(self, method: str, *args):
         """Every rank computes the same answer; only rank 0's travels back."""

@@ -65,7 +65,7 @@ class MetricsLog:
 
     def write(self, metrics: dict) -> None:
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+            f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                 for k, v in metrics.items()}) + "\n")
         self._export(metrics)
 

@@ -53,6 +53,9 @@ class _RolloutActor(RolloutWorker):
         super().__init__(*args, **kwargs)
         announce_if_restarted("rollout", self.name)
 
+    def __repr__(self) -> str:  # Ray names the actor by it in its errors and log lines
+        return self.name
+
     def stream(self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str,
                iteration: int) -> Iterator[pa.RecordBatch | tuple[int, GenerationSummary]]:
         """Each chunk as it completes (in any order): its batch, then (its index, its summary)."""
@@ -126,7 +129,8 @@ class Launch:
                         continue
                     index, summary = ray.get(ref, timeout=self.timeout)
                 except StopIteration:
-                    if stream in batches:  # a batch and no summary: the worker ended mid-chunk
+                    if stream in batches:  # a batch and no summary: the worker died or raised mid-chunk
+                        _raise_if_raised(batches[stream])
                         self._replace(stream, streams, batches)
                     else:
                         del streams[stream]
@@ -156,6 +160,18 @@ class Launch:
         left = _Share(share.worker, [share.chunks[i] for i in todo], [share.seeds[i] for i in todo])
         if left.chunks:
             streams[self._restart(left)] = left
+
+
+def _raise_if_raised(ref: ray.ObjectRef) -> None:
+    """Raise the exception the worker's code raised, if that is what `ref` holds: an error of the job,
+    the same on any worker, so it is shown once instead of generated again. A death is not raised:
+    the worker is restarted and its chunks redone."""
+    try:
+        ray.get(ref, timeout=10)
+    except ray.exceptions.RayTaskError:
+        raise
+    except Exception:  # noqa: BLE001 - lost with the worker's process: the restart redoes it
+        pass
 
 
 def _discard(ref: ray.ObjectRef) -> None:
@@ -371,7 +387,9 @@ class WorkerPool:
         expected = self._expected_probes.get(served.version)
         if expected is None:
             return served.version
-        gap = max((abs(a - b) for a, b in zip(served.probe, expected)), default=0.0)
+        # A NaN compares false against any limit: non-finite logprobs make the gap inf, which fails.
+        gap = max((abs(a - b) if math.isfinite(a - b) else math.inf for a, b in zip(served.probe, expected)),
+                  default=0.0)
         self.logprob_gap = max(gap, self.logprob_gap or 0.0)
         limit = self.cfg.rollout.weight_sync_max_logprob_gap
         if limit is not None and gap > limit:
@@ -395,6 +413,8 @@ class WorkerPool:
         for r in done:
             try:
                 got = self._checked(pending[r], ray.get(r))
+            except ray.exceptions.RayTaskError:  # its code raised: the same weights fail the same way again
+                raise
             except ray.exceptions.RayActorError:  # it died: restarted, it loads the newest weights
                 versions.append(self._restored(self.names.index(pending[r])))
                 continue

@@ -25,10 +25,12 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
+from learner.checkpoint import NonFiniteError
 from learner.tiny_model import resolve_model_path
 from reward.worker import RESTARTED, check_reward_model, reward_components, spawn_reward_workers
 from rollout import stopping
 from rollout.archive import ArchiveWriter, last_archived_iteration
+from rollout.checkpoints import AUTO, Checkpoints
 from rollout.columns import archive_batches
 from rollout.config import JobConfig, check, to_yaml
 from rollout.console import configure_driver
@@ -42,9 +44,6 @@ from rollout.resources import actor_requests, check_fits, resolve_devices
 from rollout.run_lock import RunLock
 from rollout.telemetry import record_restart
 from rollout.worker import PROBE_IDS, GenerationSummary
-
-CHECKPOINTS = "checkpoints"
-
 
 @dataclass
 class Launched:
@@ -82,11 +81,12 @@ def init_ray(cfg: JobConfig, *, learner: bool) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
         return
+    # "local", not None: with None, Ray joins any cluster `ray start` left on this machine.
     # Ray's CPU count is a scheduling budget, not a thread limit: generation, reward and learning
     # take turns, so a 2-core machine can host the whole job.
     needed = sum(count * each["CPU"] for _, count, each in actor_requests(cfg, learner=learner))
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
              _metrics_export_port=cfg.ray.metrics_export_port)
 
 
@@ -95,8 +95,10 @@ class Session:
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
 
     @classmethod
-    def open(cls, cfg: JobConfig, run_dir: Path, *, log=None) -> Session:
+    def open(cls, cfg: JobConfig, run_dir: Path, *, log=None, resume: str | Path = AUTO) -> Session:
+        """`resume`: checkpoints.AUTO (the newest whole checkpoint, if any), NEVER, or a checkpoint directory."""
         self = cls(cfg, run_dir, log or sys.stderr)
+        self.resume = resume
         check(cfg)  # devices are checked against the cluster once it is joined
         self.lock = RunLock.acquire(run_dir)  # before anything is written there
         if self.lock.stale_warning():
@@ -139,7 +141,9 @@ class Session:
             model = warm_start(base_model, self.records, steps=cfg.model.sft_steps, lr=cfg.model.sft_lr,
                                max_prompt_tokens=cfg.model.max_prompt_tokens, seed=cfg.seed, log=log)
 
-        checkpoint = latest_checkpoint(run_dir)
+        self.checkpoints = Checkpoints(run_dir, cfg.checkpoint_keep_last)
+        # What a rebuilt learner restarts from: this checkpoint, then each one this run commits.
+        self.restart_from = checkpoint = self.checkpoints.resume_point(self.resume, log)
         serving_model = str(checkpoint / "policy") if checkpoint else model
         print(f"run {self.run_id}: {len(self.records)} prompts, model {model}, "
               f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
@@ -190,7 +194,7 @@ class Session:
         if self.learner_restarts > limit:
             raise LearnerError(f"a learner rank died again ({first_line}); learner.max_restarts ({limit}) spent") \
                 from error
-        checkpoint = latest_checkpoint(self.run_dir)
+        checkpoint = self.restart_from
         print(f"learner: a rank died in iteration {iteration} ({first_line}); rebuilding it from "
               f"{checkpoint.name if checkpoint else 'the start model'} (restart {self.learner_restarts} of {limit})",
               file=self.log, flush=True)
@@ -274,6 +278,10 @@ class Session:
                 break
             except ray.exceptions.RayActorError as e:
                 self._rebuild_learner(e, samples.iteration)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, NonFiniteError):  # the learner cannot say which iteration it was
+                    raise NonFiniteError(f"iteration {samples.iteration}: {e.cause}") from None
+                raise
         timings.update(learn_timings)
         return Learned(columns, stats)
 
@@ -326,9 +334,7 @@ class Session:
             self.launched[iteration + 1] = self._launch(iteration + 1)
         # The archive holds every trained iteration before a checkpoint says they were trained.
         self.archive.flush()
-        root = self.run_dir / CHECKPOINTS
-        directory, partial = root / f"iter-{iteration:06d}", root / f"iter-{iteration:06d}.partial"
-        shutil.rmtree(partial, ignore_errors=True)  # a save a crash cut short
+        partial = self.checkpoints.partial(iteration)
         extra = {"iteration": iteration, "sampler": samples.sampler, "run_id": self.run_id}
         try:
             self.learner.call("save", partial, extra)
@@ -338,15 +344,8 @@ class Session:
             return
         # The policy directory is a complete model: a resumed run's engines load it directly.
         self.tokenizer.save_pretrained(partial / "policy")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(partial, directory)
-        _write_atomically(root / "latest", directory.name)
-        self.manifest.checkpoint(iteration, directory.name)
-        keep = self.cfg.checkpoint_keep_last
-        if keep is not None:
-            for old in sorted(p for p in root.glob("iter-*") if p.is_dir() and p.suffix != ".partial")[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        self.restart_from = self.checkpoints.commit(partial)
+        self.manifest.checkpoint(iteration, self.restart_from.name)
 
     def close(self) -> None:
         try:
@@ -400,20 +399,6 @@ def _get(refs: list[ray.ObjectRef], timeout: float, what: str) -> list:
         return ray.get(refs, timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         raise PipelineTimeout(f"{what} did not finish within rollout.iteration_timeout_s ({timeout:.0f}s)") from None
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / CHECKPOINTS / "latest"
-    if not pointer.exists():
-        return None
-    directory = run_dir / CHECKPOINTS / pointer.read_text().strip()
-    return directory if (directory / "learner.pt").exists() else None
 
 
 def _run_id(run_dir: Path, name: str) -> str:

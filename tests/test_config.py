@@ -125,3 +125,30 @@ def test_a_cluster_too_small_for_the_job_is_an_error_naming_needs_and_means():
     gpus = load_config(None, ["rollout.device=cuda", "rollout.num_workers=4", "learner.device=cuda"])
     with pytest.raises(ConfigError, match="needs 5 GPUs .* the cluster has 4"):
         check_fits(gpus, {"CPU": 64.0, "GPU": 4.0})
+
+
+@pytest.mark.parametrize("override, field", [
+    ("learner.lr=inf", "learner.lr"), ("learner.lr=.inf", "learner.lr"), ("reward.failed_value=nan", "reward.failed_value"),
+    ("reward.failed_value=-.inf", "reward.failed_value"), ("reward.rules=[{name: length, params: {target: .inf}}]",
+                                                           "reward.rules.0.params.target")])
+def test_non_finite_numbers_are_refused_at_load_naming_the_field(override, field):
+    # `gt=0` lets inf through, and one inf learning rate makes every weight NaN after the first update.
+    with pytest.raises(ConfigError, match=rf"{field}: must be a finite number"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.sampling.temperature=0", "rollout.n_samples=4"], "temperature 0 is greedy decoding"),
+    (["rollout.sampling.temperature=0.005"], "below 0.01"),
+    (["rollout.sampling.stop=['']"], "stop holds an empty string"),
+])
+def test_sampling_settings_the_engine_would_refuse_are_refused_at_start_up(overrides, message):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=message):
+        check(cfg)
+
+
+def test_greedy_with_one_sample_and_a_temperature_above_two_are_told_apart():
+    check(load_config(None, ["rollout.sampling.temperature=0", "rollout.n_samples=1", "learner.minibatch_size=64"]))
+    with pytest.raises(ConfigError, match="rollout.sampling.temperature: expected float <= 2.0"):
+        load_config(None, ["rollout.sampling.temperature=3"])

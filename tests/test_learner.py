@@ -265,3 +265,40 @@ def test_behaviour_importance_weights_are_capped_and_scale_the_policy_gradient(t
         assert stats["behaviour_logprob_mismatch"] > 40
     assert stats["behaviour_is_clip_frac"] == 1.0
     assert norms["2.0"] == pytest.approx(2 * norms["null"], rel=1e-4)
+
+
+def poisoned(records, bad=float("nan")):
+    """A reward model that returned NaN (or inf) for one sample: every advantage it touches is too."""
+    records[0].reward = bad
+    return records
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_counted_and_leaves_the_weights(cfg, tiny_model_path):
+    learner = Learner(cfg, tiny_model_path)
+    before = [t.clone() for _, t in learner.export_weights()]
+    records, stats, _ = learn(learner, poisoned(make_records(8)))  # 8 samples, minibatch 8: 2 steps, both NaN
+    assert stats["skipped_steps"] == 2 and learner.nonfinite_in_a_row == 2
+    for a, (name, b) in zip(before, learner.export_weights()):
+        assert torch.equal(a, b), name
+    assert learner.weights_finite()
+    # A finite batch steps again, and resets the count.
+    records, stats, _ = learn(learner, make_records(8, seed=1))
+    assert stats["skipped_steps"] == 0 and learner.nonfinite_in_a_row == 0
+    assert any(not torch.equal(a, b) for a, (_, b) in zip(before, learner.export_weights()))
+
+
+def test_max_nonfinite_steps_in_a_row_fail_naming_the_figure_and_nothing_non_finite_is_saved(tiny_model_path,
+                                                                                              tmp_path):
+    from learner.checkpoint import NonFiniteError
+
+    cfg = load_config(None, ["learner.minibatch_size=8", "learner.device=cpu", "learner.ppo_epochs=3",
+                             "learner.max_nonfinite_steps=3"])
+    learner = Learner(cfg, tiny_model_path)
+    with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row had a non-finite policy_loss \(nan\)"):
+        learn(learner, poisoned(make_records(8), float("inf")))
+    with torch.no_grad():
+        next(learner.policy.parameters())[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="not writing checkpoint ckpt"):
+        learner.save(tmp_path / "ckpt", {})
+    assert not (tmp_path / "ckpt" / "policy").exists()
+

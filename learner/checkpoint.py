@@ -1,0 +1,167 @@
+"""A learner checkpoint on disk, and how to tell a whole one from a broken one.
+
+    DIR/learner/            every rank's sharded training state (torch.distributed.checkpoint)
+    DIR/policy/             the policy as a loadable model (rank 0), which a resumed run's engines serve
+    DIR/learner.pt          KL controller, policy version and the job's state (rank 0), written last
+    DIR/manifest.json       every file above with its size and sha256, written once the rest is there
+
+A resume reads the manifest again (`problem`) before it loads anything, so a truncated shard or a
+missing file is found in one line, and the run falls back to the checkpoint before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+STATE_FILE = "learner.pt"
+MANIFEST_FILE = "manifest.json"
+_HASH_BLOCK = 1 << 20
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only or failing device); the message names it."""
+
+
+class NonFiniteError(RuntimeError):
+    """Losses, gradients or weights hold inf or NaN: such weights are never saved or served."""
+
+
+def save(learner, directory: Path, extra: dict) -> None:
+    """Every rank: its training state shards; rank 0: `policy/`, then `learner.pt`."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    directory = Path(directory)
+    if not learner.weights_finite():
+        raise NonFiniteError(f"not writing checkpoint {directory.name}: the learner's weights hold inf or NaN")
+    try:
+        with _single_process_note_quiet():
+            dcp.save(training_state(learner), checkpoint_id=str(directory / "learner"),
+                     no_dist=learner.world_size == 1)
+        weights = learner.export_weights()
+        if learner.rank == 0:
+            _save_policy(learner, directory / "policy", weights)
+            torch.save({"kl_controller": learner.kl_controller.state_dict(), "version": learner.version,
+                        "extra": extra}, directory / STATE_FILE)
+    except (OSError, RuntimeError, CheckpointException) as e:
+        # torch's writers report a full disk as "unexpected pos ...": say what the disk says.
+        cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP: the failure per rank
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise CheckpointWriteError(f"writing checkpoint {directory} failed ({first}); "
+                                   f"{_free_space(directory)} free on its disk") from None
+
+
+def load(learner, directory: Path) -> dict:
+    """Restore what `save` wrote (with any number of ranks); returns its `extra`."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    directory = Path(directory)
+    if not (directory / "learner").is_dir():
+        raise FileNotFoundError(f"{directory}: no learner/ training state (a checkpoint from before "
+                                "sharded checkpoints); start a new run directory")
+    state = training_state(learner)
+    with _single_process_note_quiet():
+        dcp.load(state, checkpoint_id=str(directory / "learner"), no_dist=learner.world_size == 1)
+    set_model_state_dict(learner.policy, state["policy"])
+    set_optimizer_state_dict(learner.policy, learner.policy_opt, state["policy_opt"])
+    if learner.critic is not None:
+        set_model_state_dict(learner.critic, state["critic"])
+        set_optimizer_state_dict(learner.critic, learner.critic_opt, state["critic_opt"])
+    small = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    learner.kl_controller.load_state_dict(small["kl_controller"])
+    learner.version = small["version"]
+    return small["extra"]
+
+
+def training_state(learner) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"policy": get_model_state_dict(learner.policy),
+             "policy_opt": get_optimizer_state_dict(learner.policy, learner.policy_opt)}
+    if learner.critic is not None:
+        state.update(critic=get_model_state_dict(learner.critic),
+                     critic_opt=get_optimizer_state_dict(learner.critic, learner.critic_opt))
+    return state
+
+
+def _save_policy(learner, directory: Path, weights: list[tuple[str, object]]) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lm = learner.policy.lm
+    lm.config.save_pretrained(directory)
+    if lm.generation_config is not None:
+        lm.generation_config.save_pretrained(directory)
+    tensors = dict(weights)
+    if learner.tied_head:
+        tensors.pop("lm_head.weight", None)  # tied to the embedding, which loading restores it from
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+# -- whole or broken ------------------------------------------------------------------------------
+
+def write_manifest(directory: Path) -> None:
+    """List every file of the finished checkpoint with its size and sha256 (written atomically, last)."""
+    directory = Path(directory)
+    files = {str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE}
+    temporary = directory / (MANIFEST_FILE + ".tmp")
+    temporary.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(temporary, directory / MANIFEST_FILE)
+
+
+def problem(directory: Path) -> str | None:
+    """None when the checkpoint is whole, else what is wrong with it, in a phrase."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return "its directory is missing"
+    manifest = directory / MANIFEST_FILE
+    if not manifest.exists():
+        # Written before checkpoints carried a manifest: learner.pt, written last, marks it whole.
+        return None if (directory / STATE_FILE).exists() else f"no {MANIFEST_FILE} and no {STATE_FILE}"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{MANIFEST_FILE} is unreadable ({e})"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, its manifest says {expected['bytes']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its sha256 in {MANIFEST_FILE}"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _free_space(directory: Path) -> str:
+    for path in (directory, *directory.parents):
+        if path.exists():
+            return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    return "unknown"
+
+
+@contextlib.contextmanager
+def _single_process_note_quiet():
+    """DCP warns that one process is 'assumed' even when told so (no_dist); one rank is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
