@@ -132,9 +132,12 @@ def _exit_code(error: BaseException) -> int | None:
 def _actor(error: BaseException) -> str | None:
     """The name of the actor whose code raised `error` (the actors' __repr__), if one did."""
     exceptions = sys.modules.get("ray.exceptions")
-    if exceptions and isinstance(error, exceptions.RayTaskError):
-        return getattr(error, "actor_repr", None) or getattr(error, "function_name", None) or "an actor"
-    return None
+    if not (exceptions and isinstance(error, exceptions.RayTaskError)):
+        return None
+    # Ray's first line: "ray::_RolloutActor.stream() (pid=.., ip=.., actor_id=.., repr=rollout-0)".
+    header = str(error).split("\n", 1)[0]
+    named = re.search(r"repr=([^)]+)\)", header) or re.search(r"ray::([\w.]+)\(", header)
+    return named.group(1) if named else "an actor"
 
 
 def _cause(error: BaseException) -> BaseException:

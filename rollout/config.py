@@ -248,7 +248,9 @@ class RayConfig(Base):
         "An actor (rollout worker, learner rank) not started in this time fails the job with its name: "
         "its resources are missing, or its model does not load.", gt=0)] = 300.0
     address: Annotated[str | None, doc(
-        "Ray cluster address; null uses RAY_ADDRESS if set, else starts a local Ray.")] = None
+        "Ray cluster address (host:port, ray://..., or `auto` for the cluster `ray start` runs on this "
+        "machine); null uses RAY_ADDRESS if set, else starts a Ray of the run's own, even beside a "
+        "cluster `ray start` left running.")] = None
     num_cpus: Annotated[int | None, doc("CPUs of a local Ray; null lets Ray decide.")] = None
     metrics_export_port: Annotated[int | None, doc(
         "Port of a local Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics); null picks one. "
