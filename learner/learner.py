@@ -279,9 +279,9 @@ class Learner:
         limit = self.cfg.learner.max_nonfinite_steps
         if self.nonfinite_in_a_row >= limit:
             name, value = bad[0]
-            raise NonFiniteError(f"{limit} optimizer steps in a row had a non-finite {name} ({value}), after "
-                                 f"update {self.version}; each was skipped, so the weights are those before them "
-                                 f"(learner.max_nonfinite_steps): check the rewards, or lower learner.lr")
+            raise NonFiniteError(f"{limit} optimizer steps in a row had a non-finite {name} ({value}); each was "
+                                 "skipped, so the weights are those before them (learner.max_nonfinite_steps): "
+                                 f"check the rewards, or lower learner.lr ({self.cfg.learner.lr:g})")
         self.policy_opt.zero_grad(set_to_none=True)
         if self.critic_opt is not None:
             self.critic_opt.zero_grad(set_to_none=True)

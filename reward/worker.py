@@ -37,10 +37,21 @@ def check_reward_model(cfg: RewardConfig) -> None:
         return
     path = Path(cfg.model.path).expanduser()
     looks_local = cfg.model.path.startswith(("/", ".", "~")) or path.exists() or cfg.model.path.count("/") != 1
-    if looks_local and not (path / "config.json").is_file():
+    if not looks_local:
+        return
+    if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "holds no config.json (not a saved model)"
         raise ConfigError(f"reward.model.path: {cfg.model.path} {what}; point it at the model directory "
                           "`reward train` wrote (OUT/model)")
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    labels = len(config.get("id2label") or {0: "score"})
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or labels != 1:
+        raise ConfigError(f"reward.model.path: {cfg.model.path} holds {', '.join(architectures) or 'a model'} with "
+                          f"{labels} label(s), not a reward model (a sequence-classification head with one label, "
+                          "as `reward train` writes); a policy or causal LM cannot score")
 
 
 def spawn_reward_workers(cfg: RewardConfig) -> list:

@@ -32,7 +32,7 @@ from rollout import stopping
 from rollout.archive import ArchiveWriter, last_archived_iteration
 from rollout.checkpoints import AUTO, Checkpoints
 from rollout.columns import archive_batches
-from rollout.config import JobConfig, check, to_yaml
+from rollout.config import ConfigError, JobConfig, check, to_yaml
 from rollout.console import configure_driver
 from rollout.learner_group import LearnerError, LearnerGroup
 from rollout.manifest import RunManifest
@@ -100,6 +100,7 @@ class Session:
         self = cls(cfg, run_dir, log or sys.stderr)
         self.resume = resume
         check(cfg)  # devices are checked against the cluster once it is joined
+        self._read_data()  # a run refused for its config or data leaves nothing in the run directory
         self.lock = RunLock.acquire(run_dir)  # before anything is written there
         if self.lock.stale_warning():
             print(self.lock.stale_warning(), file=log)
@@ -110,24 +111,33 @@ class Session:
             raise
         return self
 
+    def _read_data(self) -> None:
+        """The reward model's directory checked and every prompt rendered before Ray starts: bad data
+        fails here, in seconds, not iterations later."""
+        cfg, log = self.cfg, self.log
+        check_reward_model(cfg.reward)
+        self.base_model = resolve_model_path(cfg.model.path)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        self.renderer = PromptRenderer(self.tokenizer, cfg.model.max_prompt_tokens)
+        self.records, self.tasks = render_prompts(load_prompts(cfg.data, cfg.seed, log=log), self.renderer,
+                                                  on_bad_record=cfg.data.on_bad_record, source=cfg.data.prompts,
+                                                  log=log)
+        if cfg.rollout.prompts_per_iteration > len(self.records):
+            raise ConfigError(f"rollout.prompts_per_iteration ({cfg.rollout.prompts_per_iteration}) exceeds the "
+                              f"{len(self.records)} usable prompts of data.prompts ({cfg.data.prompts}): lower it, "
+                              "or give more prompts")
+        self.records_by_id = {record.prompt_id: record for record in self.records}
+        self.sampler = PromptSampler(size=len(self.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
+
     def _start(self) -> None:
         cfg, run_dir, log = self.cfg, self.run_dir, self.log
         configure_driver(run_dir)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.run_id = _run_id(run_dir, cfg.run_name)
         self.manifest = RunManifest(run_dir, self.run_id)
-        check_reward_model(cfg.reward)
-        # Every prompt rendered before Ray starts: bad data fails here, not iterations later.
-        base_model = resolve_model_path(cfg.model.path)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
-        self.renderer = PromptRenderer(self.tokenizer, cfg.model.max_prompt_tokens)
-        self.records, self.tasks = render_prompts(load_prompts(cfg.data, cfg.seed, log=log), self.renderer,
-                                                  on_bad_record=cfg.data.on_bad_record, source=cfg.data.prompts,
-                                                  log=log)
-        self.records_by_id = {record.prompt_id: record for record in self.records}
-        self.sampler = PromptSampler(size=len(self.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
+        base_model = self.base_model
 
         # Before any model work: a cluster that cannot hold the actors fails the job here, in seconds.
         init_ray(cfg, learner=True)

@@ -126,6 +126,44 @@ def test_a_second_start_resumes_and_archives_nothing_twice(smoke_run, tmp_path):
     assert "start 1:" in stats and "lineage:" in stats and "iter 3: start 1" in stats
 
 
+def test_a_dangling_latest_and_a_truncated_newest_checkpoint_resume_from_the_one_before(smoke_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "broken"
+    shutil.copytree(smoke_run[0], out)
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("iter-*"))
+    newest, before = checkpoints[-1], checkpoints[-2]
+    (out / "checkpoints" / "latest").write_text("iter-000099")  # a directory someone deleted
+    shard = next((out / "checkpoints" / newest / "learner").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", "iterations=5")
+    lines = proc.stderr.splitlines()
+    assert f"checkpoint iter-000099 is broken (its directory is missing): resuming from {before}" in lines
+    assert any(line.startswith(f"checkpoint {newest} is broken (learner/{shard.name} has ") and
+               line.endswith(f"resuming from {before}") for line in lines), proc.stderr[-3000:]
+    assert f"resuming from {before}:" in proc.stderr
+    table = read_table(out)
+    assert len(set(keys(table))) == table.num_rows, "a sample was archived twice"
+    assert (out / "checkpoints" / "latest").read_text() > newest
+
+
+def test_an_inf_learning_rate_is_refused_and_a_huge_one_fails_loudly_with_nothing_non_finite_kept(tmp_path):
+    refused = rollout_cli("run", "--config", SMOKE, "--out", str(tmp_path / "inf"), "--set", "learner.lr=inf",
+                          check=False)
+    assert refused.returncode == 2 and "learner.lr: must be a finite number" in refused.stderr
+    assert not (tmp_path / "inf").exists()
+    out = tmp_path / "huge"  # 1e6 for 1e-6: the first step sends the weights past what a forward survives
+    proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", "learner.lr=1e6", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("rollout run: iteration ") and "non-finite" in last, \
+        proc.stderr[-3000:]
+    assert not list(out.glob("checkpoints/iter-*"))
+    if list(out.glob("rollouts/*.arrow")):  # iterations before the one that failed, if any: no NaN in them
+        table = read_table(out)
+        for column in ("response_logprobs", "advantages"):
+            assert pc.sum(pc.is_nan(pc.list_flatten(table[column]))).as_py() == 0, column
+
+
 def run_and_kill(out, *settings, after_iterations):
     """`rollout run` of 30 smoke iterations, SIGKILLed (with its Ray) once it has logged `after_iterations`."""
     cmd = [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out), "--set", "iterations=30",

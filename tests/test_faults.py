@@ -122,6 +122,25 @@ def test_a_missing_reward_model_fails_before_any_actor_starts(tmp_path, capfd):
     assert time.monotonic() - started < 30
 
 
+def test_a_causal_lm_as_reward_model_is_refused_before_ray_starts(tmp_path, tiny_model_path, capfd):
+    assert main(["run", "--set", f"reward.model.path={tiny_model_path}", "--out", str(tmp_path / "run")]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds LlamaForCausalLM" in err and "not a reward model" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_prompts_per_iteration_than_the_data_holds_is_one_line_and_leaves_no_run_directory(tmp_path, capfd):
+    import ray
+
+    out = tmp_path / "run"
+    assert main(["run", "--set", "data.builtin_size=50", "--set", "rollout.prompts_per_iteration=64",
+                 "--out", str(out)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["config error: rollout.prompts_per_iteration (64) exceeds the 50 usable prompts of data.prompts "
+                   "(builtin:arith): lower it, or give more prompts"], err
+    assert not out.exists() and not ray.is_initialized()
+
+
 def test_a_corrupt_archive_is_reported_with_its_file_and_batch_and_replay_leaves_nothing(tmp_path, capfd):
     from rollout.archive import archive_files
 
@@ -140,3 +159,14 @@ def test_a_corrupt_archive_is_reported_with_its_file_and_batch_and_replay_leaves
     assert main(["replay", str(run), "--out", str(tmp_path / "out"), "--estimator", "reinforce_pp"]) == 2
     assert "corrupt" in capfd.readouterr().err
     assert not any((tmp_path / "out").glob("rollouts*/part-*.arrow"))  # no partial output archive
+
+
+def test_greedy_sampling_with_several_samples_is_refused_at_load(tmp_path, capfd):
+    import ray
+
+    out = tmp_path / "run"
+    assert main(["run", "--set", "rollout.sampling.temperature=0", "--set", "rollout.n_samples=4",
+                 "--out", str(out)]) == 2
+    err = capfd.readouterr().err
+    assert "rollout.sampling.temperature 0 is greedy decoding" in err and "rollout.n_samples is 4" in err
+    assert not out.exists() and not ray.is_initialized()
