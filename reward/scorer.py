@@ -199,6 +199,7 @@ class RewardModelScorer:
         # The classifier finds each row's last real token by comparing ids with its pad id.
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(self.device).eval()
+        self.batches_done = 0  # forwards so far: a caller watching for a stall sees it advance
 
     def score(self, texts: Sequence[str]) -> list[float]:
         """One score per text, in order."""
@@ -212,6 +213,7 @@ class RewardModelScorer:
                 chunk = order[start:start + self.batch_size]
                 for index, value in zip(chunk, self._forward([texts[i] for i in chunk])):
                     scores[index] = value
+                self.batches_done += 1
         return scores
 
     def _forward(self, texts: list[str]) -> list[float]:

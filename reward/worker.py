@@ -60,7 +60,9 @@ def spawn_reward_workers(cfg: RewardConfig) -> list:
 
     from rollout.console import actor_options
 
-    actor = ray.remote(_RewardActor)
+    from rollout.stall import CONCURRENCY_GROUPS
+
+    actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(_RewardActor)
     # A worker whose process dies is restarted by Ray, and the call it was serving runs again there.
     gpus = cfg.model.num_gpus if cfg.model is not None else 0.0
     return [actor.options(num_cpus=cfg.num_cpus_per_worker, num_gpus=gpus, max_restarts=cfg.max_restarts,
@@ -78,11 +80,16 @@ class RewardWorker:
         if cfg.model is not None:
             self.model = RewardModelScorer(cfg.model.path, batch_size=cfg.model.batch_size)
         self.seconds = 0.0
+        self.scored = 0  # samples whose rules ran, plus reward-model batches: what a stall watch sees move
+
+    def progress(self) -> int:
+        return self.scored + (self.model.batches_done if self.model is not None else 0)
 
     def score(self, items: list[tuple[object, str, str]]) -> list[RewardResult]:
         """One result per (record, rendered prompt, response), every component kept."""
         start = time.perf_counter()
         results = self.rules.score_batch([(last_user_message(rec), response, rec) for rec, _, response in items])
+        self.scored += len(items)
         if self.model is not None:
             scores = self.model.score([prompt + response for _, prompt, response in items])
             for result, score in zip(results, scores):

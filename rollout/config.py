@@ -113,6 +113,10 @@ class RolloutConfig(Base):
         "Iterations generated ahead of the learner: 0 alternates generation and learning; k >= 1 "
         "generates iteration i + k while the learner updates on i, so samples are up to k policy "
         "versions old (the learner corrects for it, learner.behaviour_is_cap).", ge=0)] = 0
+    stall_timeout_s: Annotated[float, doc(
+        "A rollout worker holding work whose engine takes no step (or does not answer) for this long is "
+        "killed and restarted as if it had died (a stopped or wedged process), and its chunks redone.",
+        gt=0)] = 120.0
     iteration_timeout_s: Annotated[float, doc(
         "Longest wait for one iteration's generation, and then for its rewards, before the job fails "
         "naming the stage.", gt=0)] = 3600.0
@@ -164,6 +168,9 @@ class RewardConfig(Base):
         "CPUs Ray reserves for each reward worker; rules are light, a reward model may want more.", gt=0)] = 0.5
     timeout_s: Annotated[float, doc(
         "A rule call slower than this marks that sample's component as failed.", gt=0)] = 5.0
+    stall_timeout_s: Annotated[float, doc(
+        "A reward worker holding batches that scores nothing (or does not answer) for this long is killed "
+        "and restarted as if it had died, and the batch it held is scored again.", gt=0)] = 120.0
     failed_value: Annotated[float, doc("Value a failed component contributes to the total.")] = 0.0
 
 
@@ -196,6 +203,10 @@ class LearnerConfig(Base):
     max_restarts: Annotated[int, doc(
         "Times a learner group that lost a rank (its process died) is rebuilt from the newest checkpoint "
         "during a run; the updates since that checkpoint are redone on later iterations.", ge=0)] = 3
+    stall_timeout_s: Annotated[float, doc(
+        "A learner rank that, while learning, finishes no micro-batch (or, in any call, does not answer) "
+        "for this long is killed, and the group rebuilt from the newest checkpoint as after a death.",
+        gt=0)] = 120.0
     call_timeout_s: Annotated[float, doc(
         "Longest a learner call (a whole iteration's learning, a checkpoint) may take before the job "
         "fails naming the rank that did not answer.", gt=0)] = 3600.0

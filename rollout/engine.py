@@ -90,6 +90,7 @@ class VLLMEngine:
         args.update(extra_args or {})
         self._vllm = vllm
         self.llm = vllm.LLM(**args)
+        self.steps = 0
         # What the engine settled on (on GPU, vLLM picks its batch by the device it finds).
         self.window = self.sizing.window(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
 
@@ -139,7 +140,9 @@ class VLLMEngine:
                 owner.update({request.split("-")[0]: place for request, place in zip(ids, feed)})
             if not engine.has_unfinished_requests():
                 raise RuntimeError(f"the engine finished with {len(owner)} requests unanswered")
-            for out in engine.step():
+            outputs = engine.step()
+            self.steps += 1  # what the driver's stall watch sees advance
+            for out in outputs:
                 if not out.finished:
                     continue
                 b, i = owner.pop(out.request_id)

@@ -9,6 +9,7 @@ rank 0's answer is the group's. Every wait has a timeout that names the rank it 
 from __future__ import annotations
 
 import socket
+import sys
 import time
 
 import ray
@@ -18,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from learner.device import resolve_device
 from rollout.config import JobConfig
 from rollout.console import actor_options, route_actor_output
+from rollout.stall import CONCURRENCY_GROUPS, POLL_S, StallWatch, stalled_message
 
 
 class LearnerError(RuntimeError):
@@ -28,6 +30,7 @@ class _Rank:
     def __init__(self):
         route_actor_output()
         self.rank = None
+        self.learning = False
 
     def __repr__(self) -> str:  # Ray names the actor by it in its errors and log lines
         return "learner" if self.rank is None else f"learner rank {self.rank}"
@@ -45,6 +48,11 @@ class _Rank:
         self.rank = rank
         self.learner = Learner(cfg, model_path, rank=rank, world_size=world_size, address=address)
 
+    def progress(self) -> int | None:
+        """Micro-batches done while learning (rollout.stall); None in the other calls, which are single
+        library calls (a checkpoint, a gather) whose answer is progress enough."""
+        return self.learner.micro_batches_done if self.learning else None
+
     def call(self, method: str, *args):
         """Every rank computes the same answer; only rank 0's travels back."""
         result = getattr(self.learner, method)(*args)
@@ -60,7 +68,11 @@ class _Rank:
         from rollout.columns import sample_batch
 
         samples = sample_batch(ray.get(batches, timeout=timeout), ray.get(rewards, timeout=timeout))
-        columns, stats, timings = self.learner.learn(samples)
+        self.learning = True
+        try:
+            columns, stats, timings = self.learner.learn(samples)
+        finally:
+            self.learning = False
         return (columns if self.rank == 0 else None), (stats, timings)
 
 
@@ -79,7 +91,8 @@ class LearnerGroup:
                 f"the learner's {lc.num_ranks} rank(s) x {bundle} could not be placed within "
                 f"ray.actor_start_timeout_s ({place_timeout_s:.0f}s); the cluster has {ray.available_resources()} free: lower "
                 "learner.num_ranks or learner.num_cpus_per_rank, or add nodes")
-        actor = ray.remote(_Rank)
+        actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(_Rank)
+        self.watch = StallWatch(lc.stall_timeout_s)
         self.ranks = [actor.options(num_cpus=lc.num_cpus_per_rank, num_gpus=gpus, **actor_options(f"learner-{i}"),
                                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i)).remote()
                       for i in range(lc.num_ranks)]
@@ -113,7 +126,9 @@ class LearnerGroup:
 
     def rank0(self, method: str, *args):
         """A call that involves no collective, on rank 0 alone."""
-        return self._get(self.ranks[0].call.remote(method, *args), "learner rank 0")
+        ref = self.ranks[0].call.remote(method, *args)
+        self._finish([ref])  # watched, as every wait on a rank is
+        return self._get(ref, "learner rank 0")
 
     def names(self) -> list[str]:
         return [f"learner rank {i}" for i in range(len(self.ranks))]
@@ -124,13 +139,26 @@ class LearnerGroup:
         names = dict(zip(refs, self.names()))
         pending, deadline = list(refs), time.monotonic() + self.timeout
         while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, min(POLL_S, deadline - time.monotonic())))
             if not done:
-                late = ", ".join(names[r] for r in pending)
-                raise LearnerError(f"{late} did not finish within learner.call_timeout_s ({self.timeout:.0f}s)")
+                if time.monotonic() >= deadline:
+                    late = ", ".join(names[r] for r in pending)
+                    raise LearnerError(f"{late} did not finish within learner.call_timeout_s ({self.timeout:.0f}s)")
+                self._kill_stalled({names[r] for r in pending})
+                continue
             if done[0] is not refs[0]:
                 self._get(done[0], names[done[0]])
         return refs
+
+    def _kill_stalled(self, busy: set[str]) -> None:
+        """A rank that makes no progress is killed: its call then fails as a death does, and the
+        driver rebuilds the group from the newest checkpoint."""
+        ranks = dict(zip(self.names(), self.ranks))
+        for name in self.watch.stalled({name: ranks[name] for name in busy}):
+            print(stalled_message(name, self.watch.timeout_s, "learner.stall_timeout_s",
+                                  "killing it; the learner is rebuilt from the newest checkpoint"),
+                  file=sys.stderr, flush=True)
+            ray.kill(ranks[name])
 
     def _get(self, ref: ray.ObjectRef, name: str):
         try:

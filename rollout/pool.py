@@ -28,6 +28,7 @@ from rollout.collective_sync import CollectiveSync, SyncFailed, WeightSyncError,
 from rollout.config import JobConfig
 from rollout.console import actor_options, route_actor_output
 from rollout.rendering import PromptTask
+from rollout.stall import CONCURRENCY_GROUPS, POLL_S, StallWatch, stalled_message, wait_watched
 from rollout.telemetry import announce_if_restarted, record_queue_depth
 from rollout.worker import GenerationSummary, RolloutWorker, Served
 
@@ -39,6 +40,7 @@ class Chunk:
     rewards: ray.ObjectRef | None     # its reward columns, when the chunk was sent to a scorer
     latency: ray.ObjectRef | None     # and the scorer's seconds, per rule
     summary: GenerationSummary
+    scorer: int | None = None         # which reward worker scores it
 
 
 class _RolloutActor(RolloutWorker):
@@ -55,7 +57,6 @@ class _RolloutActor(RolloutWorker):
 
     def __repr__(self) -> str:  # Ray names the actor by it in its errors and log lines
         return self.name
-
     def stream(self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str,
                iteration: int) -> Iterator[pa.RecordBatch | tuple[int, GenerationSummary]]:
         """Each chunk as it completes (in any order): its batch, then (its index, its summary)."""
@@ -80,15 +81,19 @@ class Launch:
 
     A stream whose worker died is replaced: `restart(share)` waits for Ray to restart the worker,
     gives it the newest weights and streams the share's unfinished chunks from there. A chunk is
-    handed on only once its summary arrived, so a chunk cut by the death is generated again, once."""
+    handed on only once its summary arrived, so a chunk cut by the death is generated again, once.
+    A worker that makes no progress is killed by `kill_stalled(worker indices)`, and so replaced too;
+    a restart starts the iteration's deadline again."""
 
     _DONE = object()
+    _RESTARTED = object()
 
     def __init__(self, streams: dict[ray.ObjectRefGenerator, _Share], scorers: list, records: dict, timeout: float,
-                 what: str, restart):
+                 what: str, restart, kill_stalled):
         self.timeout, self.what = timeout, what
         self._records = records
         self._restart = restart
+        self._kill_stalled = kill_stalled
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._pump, args=(streams, scorers), daemon=True,
                                         name=f"collect {what}")
@@ -102,6 +107,8 @@ class Launch:
                 raise self._timed_out() from None
             if item is self._DONE:
                 return
+            if item is self._RESTARTED:
+                continue
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -117,10 +124,15 @@ class Launch:
         try:
             batches: dict[ray.ObjectRefGenerator, ray.ObjectRef] = {}  # a chunk's batch, until its summary
             scored = 0
+            self._last_item = time.monotonic()
             while streams:
-                ready, _ = ray.wait(list(streams), num_returns=1, timeout=self.timeout)
+                ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_S)
                 if not ready:
-                    raise self._timed_out()
+                    if time.monotonic() - self._last_item > self.timeout:
+                        raise self._timed_out()
+                    self._kill_stalled({share.worker for share in streams.values()})
+                    continue
+                self._last_item = time.monotonic()
                 stream = ready[0]
                 try:
                     ref = next(stream)
@@ -138,15 +150,15 @@ class Launch:
                 except ray.exceptions.RayActorError:
                     self._replace(stream, streams, batches)
                     continue
-                rewards = latency = None
+                rewards = latency = scorer = None
                 batch, share = batches.pop(stream), streams[stream]
                 if scorers:
                     records = [self._records[i] for i in dict.fromkeys(t.prompt_id for t in share.chunks[index])]
-                    rewards, latency = scorers[scored % len(scorers)].score_batch.options(num_returns=2).remote(
-                        batch, records)
+                    scorer = scored % len(scorers)
+                    rewards, latency = scorers[scorer].score_batch.options(num_returns=2).remote(batch, records)
                     scored += 1
                 share.done.add(index)
-                self._queue.put(Chunk(batch, rewards, latency, summary))
+                self._queue.put(Chunk(batch, rewards, latency, summary, scorer))
             self._queue.put(self._DONE)
         except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
             self._queue.put(e)
@@ -159,7 +171,10 @@ class Launch:
         todo = [i for i in range(len(share.chunks)) if i not in share.done]
         left = _Share(share.worker, [share.chunks[i] for i in todo], [share.seeds[i] for i in todo])
         if left.chunks:
+            self._queue.put(self._RESTARTED)  # a restart may take a while: no deadline runs out meanwhile
             streams[self._restart(left)] = left
+            self._last_item = time.monotonic()
+            self._queue.put(self._RESTARTED)  # the reader's deadline starts again
 
 
 def _raise_if_raised(ref: ray.ObjectRef) -> None:
@@ -197,7 +212,7 @@ class WorkerPool:
         self.cfg = cfg
         rollout = cfg.rollout
         gpus = rollout.num_gpus_per_worker if resolve_device(rollout.device) == "cuda" else 0
-        actor = ray.remote(_RolloutActor)
+        actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(_RolloutActor)
         self.names = [f"rollout-{i}" for i in range(rollout.num_workers)]
         self.workers = [
             actor.options(num_cpus=rollout.num_cpus_per_worker, num_gpus=gpus, max_restarts=rollout.max_restarts,
@@ -217,6 +232,7 @@ class WorkerPool:
         self.collective: CollectiveSync | None = None  # rollout.weight_sync resolved to collective
         self._expected_probes: dict[int, list[float]] = {}  # the learner's probe logprobs, per version
         self.logprob_gap: float | None = None  # of the last sync checked: engines' probe logprobs vs the learner's
+        self.watch = StallWatch(rollout.stall_timeout_s)
 
         if wait:
             self.wait_started()
@@ -260,12 +276,26 @@ class WorkerPool:
 
         def restart(share: _Share) -> ray.ObjectRefGenerator:
             self.restarted(share.worker)
+            self.watch.reset(self.names[share.worker])
             return stream(share)
 
         streams = {stream(share): share for share in (_Share(i, chunks, seeds)
                                                       for i, (chunks, seeds) in enumerate(shares) if chunks)}
         return Launch(streams, scorers or [], records or {}, timeout or self.cfg.rollout.iteration_timeout_s,
-                      f"generation of iteration {iteration}", restart)
+                      f"generation of iteration {iteration}", restart, self.kill_stalled)
+
+    def kill_stalled(self, busy: set[int]) -> None:
+        """Kill the workers among `busy` that made no progress for rollout.stall_timeout_s, as if they
+        had died: Ray restarts them and their unfinished chunks are generated again."""
+        for name in self.watch.stalled({self.names[i]: self.workers[i] for i in busy}):
+            self._kill(name)
+            self.watch.reset(name)
+
+    def _kill(self, name: str) -> None:
+        print(stalled_message(name, self.watch.timeout_s, "rollout.stall_timeout_s",
+                              "killing it; restarted, it loads the newest weights and redoes its work"),
+              file=sys.stderr, flush=True)
+        ray.kill(self.workers[self.names.index(name)], no_restart=False)
 
     def restarted(self, index: int) -> None:
         """Worker `index` died: wait for Ray to restart it, then load the newest weights into it.
@@ -402,7 +432,10 @@ class WorkerPool:
         """Wait for each worker's load; `version`: the one each must report (None: any). The versions
         reported (a worker restarted on the way reports its own)."""
         timeout = self.cfg.rollout.weight_sync_timeout_s
-        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+        # A stopped worker is killed at its stall timeout (restarted, it loads the newest weights)
+        # rather than waited on for the whole sync timeout.
+        wait_watched(pending, dict(zip(self.names, self.workers)), self.watch, timeout, self._kill)
+        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=0)
         versions = []
         for r in late:  # stuck, or busier than the timeout allows: restarted, it loads the newest weights
             print(f"{pending[r]}: no answer to the weight sync to version {version} within "

@@ -42,6 +42,7 @@ from rollout.prompts import PromptSampler, load_prompts
 from rollout.rendering import PromptRenderer, render_prompts
 from rollout.resources import actor_requests, check_fits, resolve_devices
 from rollout.run_lock import RunLock
+from rollout.stall import StallWatch, stalled_message, wait_watched
 from rollout.telemetry import record_restart
 from rollout.worker import PROBE_IDS, GenerationSummary
 
@@ -162,6 +163,7 @@ class Session:
         # The engines load while the learner builds: neither start waits for the other.
         self.pool = WorkerPool(cfg, serving_model, wait=False)
         self.reward_workers = spawn_reward_workers(cfg.reward)
+        self.reward_watch = StallWatch(cfg.reward.stall_timeout_s)
         self.learner = LearnerGroup(cfg, model)
         self.learner_restarts = 0
         self.pool.wait_started()
@@ -265,6 +267,7 @@ class Session:
         chunks = self._collect_with_progress(iteration, launched.generation)
         timings["generate"] = time.perf_counter() - start
         start = time.perf_counter()
+        self._await_scoring(chunks, timeout, f"rewards of iteration {iteration}")
         rewards = _get([c.rewards for c in chunks], timeout, f"rewards of iteration {iteration}")
         latency: dict[str, float] = {}
         for seconds in _get([c.latency for c in chunks], timeout, f"rewards of iteration {iteration}"):
@@ -374,6 +377,20 @@ class Session:
                                       records=self.records_by_id)
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
         return Launched(generation, msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
+
+    def _await_scoring(self, chunks: list[Chunk], timeout: float, what: str) -> None:
+        """Every chunk scored; a reward worker that holds a chunk and scores nothing for
+        reward.stall_timeout_s is killed, and restarted by Ray it scores the chunk again."""
+        workers = {f"reward-{i}": worker for i, worker in enumerate(self.reward_workers)}
+
+        def kill(name: str) -> None:
+            print(stalled_message(name, self.reward_watch.timeout_s, "reward.stall_timeout_s",
+                                  "killing it; restarted, it scores its batches again"), file=self.log, flush=True)
+            ray.kill(workers[name], no_restart=False)
+
+        pending = {c.rewards: f"reward-{c.scorer}" for c in chunks}
+        if not wait_watched(pending, workers, self.reward_watch, timeout, kill):
+            raise PipelineTimeout(f"{what} did not finish within rollout.iteration_timeout_s ({timeout:.0f}s)")
 
     def _collect_with_progress(self, iteration: int, generation: Launch) -> list[Chunk]:
         """The iteration's chunks, with a progress bar (samples, tokens/s) on a terminal."""

@@ -46,6 +46,7 @@ class RolloutWorker:
         self.name = name
         self.cfg = cfg
         self.version = 0
+        self.loading = False
         self.engine = VLLMEngine(model_path, cfg, dtype=dtype, seed=seed)
 
     def generate(self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str,
@@ -67,9 +68,17 @@ class RolloutWorker:
 
     def update_weights(self, version: int, weights: list[tuple[str, object]]) -> Served:
         """Load new policy weights (Hugging Face names)."""
-        self.engine.reload_weights(weights)
+        self.loading = True
+        try:
+            self.engine.reload_weights(weights)
+        finally:
+            self.loading = False
         self.version = version
         return self.served()
+
+    def progress(self) -> int | None:
+        """Engine steps so far (rollout.stall); None while weights load, one call that reports nothing."""
+        return None if self.loading else self.engine.steps
 
     def served(self) -> Served:
         return Served(self.version, self.engine.probe_logprobs(list(PROBE_IDS)))
@@ -88,7 +97,12 @@ class RolloutWorker:
 
     def receive_weights(self, version: int, plan: SyncPlan, sync: int) -> Served | None:
         """Receive and load the learner's broadcast; None if the sync was called off."""
-        if not all(self.engine.llm.collective_rpc("receive_weights", args=(plan, sync))):
+        self.loading = True
+        try:
+            received = all(self.engine.llm.collective_rpc("receive_weights", args=(plan, sync)))
+        finally:
+            self.loading = False
+        if not received:
             return None
         self.engine.llm.reset_prefix_cache()
         self.version = version

@@ -499,6 +499,50 @@ def test_a_rollout_worker_a_reward_worker_and_the_learner_killed_in_turn_and_the
     assert len(iterations) == 14 + sum(1 for it in manifest["iterations"] if it.get("update_lost"))
 
 
+def test_a_stopped_rollout_worker_reward_worker_and_learner_rank_are_found_restarted_and_the_run_finishes(tmp_path):
+    """SIGSTOP leaves each process alive to Ray: only the stall watch can find it."""
+    out = tmp_path / "run"
+    log = open(tmp_path / "run.log", "w")
+    stall = 15
+    proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out),
+                             "--set", "iterations=12", "--set", "checkpoint_every=3",
+                             *(f"--set={section}.stall_timeout_s={stall}" for section in ("rollout", "reward", "learner"))],
+                            cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True)
+    found = {}
+    try:
+        for after, kind, name in ((2, "_RolloutActor", "rollout-0"), (5, "_RewardActor", "reward-0"),
+                                  (8, "_Rank", "learner rank 0")):
+            _wait_for_iterations(proc, out, after)
+            os.kill(_actor_pid(kind, proc.pid), signal.SIGSTOP)
+            stopped = time.monotonic()
+            while f"{name}: no progress for {stall}s" not in (tmp_path / "run.log").read_text():
+                assert proc.poll() is None and time.monotonic() - stopped < stall + 60, \
+                    (tmp_path / "run.log").read_text()[-3000:]
+                time.sleep(0.5)
+            found[name] = time.monotonic() - stopped
+        assert proc.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        _kill_session(proc.pid)
+    text = (tmp_path / "run.log").read_text()
+    assert "rollout-0: restarted after its process died" in text and "reward-0: restarted after its process died" in text
+    assert "learner: a rank died in iteration" in text
+    table = read_table(out)
+    assert len(set(keys(table))) == table.num_rows  # no sample twice
+    counts = pc.value_counts(table["iteration"]).to_pylist()
+    assert {c["counts"] for c in counts} == {32}  # none partial
+    assert json.loads((out / "manifest.json").read_text())["iterations"][-1]["policy_version"] == 12
+    print("detected after (s):", found)
+
+
+def _wait_for_iterations(proc, out, iterations):
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= iterations:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the run did not reach iteration {iterations}")
+
+
 @pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-qwen3", "tiny-mistral"])
 def test_the_smoke_job_runs_with_each_model_family(tmp_path, family):
     """Qwen2 (tied LM head, qkv bias), Qwen3 (q/k norms) and Mistral (GQA) through engine load, the
