@@ -126,7 +126,7 @@ class _RewardActor(RewardWorker):
         self._restarted = announce_if_restarted("reward", self.name)
 
     def __repr__(self) -> str:  # Ray names the actor by it in its errors and log lines
-        return self.name
+        return getattr(self, "name", type(self).__name__)  # asked for even when __init__ failed
 
     def score_batch(self, batch, records):
         rewards, seconds = super().score_batch(batch, records)

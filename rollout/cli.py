@@ -157,9 +157,15 @@ def _one_line(error: BaseException) -> str:
         return f"{actor} raised {type(error).__name__}{': ' + first if first else ''}"
     exceptions = sys.modules.get("ray.exceptions")
     if exceptions and isinstance(error, exceptions.RayActorError):
-        actor = re.search(r"class_name: (\w+)", text)
+        actor = re.search(r"class_name: (\w+)", text) or re.search(r"ray::(\w+)\.", text)
         kind = {"_RolloutActor": "a rollout worker (rollout", "_RewardActor": "a reward worker (reward",
                 "_Rank": "a learner rank (learner"}.get(actor.group(1) if actor else "", "an actor (")
+        if "error raised in its creation task" in text:  # its own start-up failed: say with what
+            raised = [line for line in text.splitlines() if re.match(r"^[\w.]+(Error|Exception)\w*: ", line)]
+            named = re.search(r"repr=([\w -]+)\)", text)
+            who = named.group(1) if named and not named.group(1).startswith("_") else kind.split(" (")[0]
+            return (f"{who} failed in its start-up: {raised[-1] if raised else text.splitlines()[0]}; its log is "
+                    "under RUN_DIR/logs")
         return (f"{kind}.max_restarts) died and was not restarted: its restarts are spent, or it could not be "
                 f"placed again; its log is under RUN_DIR/logs")
     return text.splitlines()[0] if text else type(error).__name__

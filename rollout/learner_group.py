@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from learner.device import resolve_device
 from rollout.config import JobConfig
 from rollout.console import actor_options, route_actor_output
-from rollout.stall import CONCURRENCY_GROUPS, POLL_S, StallWatch, stalled_message
+from rollout.stall import CONCURRENCY_GROUPS, POLL_S, Patience, StallWatch, stalled_message
 
 
 class LearnerError(RuntimeError):
@@ -138,6 +138,7 @@ class LearnerGroup:
         with it, and would only give up at the timeout. The other ranks' answers are None."""
         names = dict(zip(refs, self.names()))
         pending, deadline = list(refs), time.monotonic() + self.timeout
+        patience = Patience()
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, min(POLL_S, deadline - time.monotonic())))
             if not done:
@@ -145,6 +146,7 @@ class LearnerGroup:
                     late = ", ".join(names[r] for r in pending)
                     raise LearnerError(f"{late} did not finish within learner.call_timeout_s ({self.timeout:.0f}s)")
                 self._kill_stalled({names[r] for r in pending})
+                patience.note(lambda: ", ".join(names[r] for r in pending))
                 continue
             if done[0] is not refs[0]:
                 self._get(done[0], names[done[0]])

@@ -28,7 +28,7 @@ from rollout.collective_sync import CollectiveSync, SyncFailed, WeightSyncError,
 from rollout.config import JobConfig
 from rollout.console import actor_options, route_actor_output
 from rollout.rendering import PromptTask
-from rollout.stall import CONCURRENCY_GROUPS, POLL_S, StallWatch, stalled_message, wait_watched
+from rollout.stall import CONCURRENCY_GROUPS, POLL_S, Patience, StallWatch, stalled_message, wait_watched
 from rollout.telemetry import announce_if_restarted, record_queue_depth
 from rollout.worker import GenerationSummary, RolloutWorker, Served
 
@@ -56,7 +56,7 @@ class _RolloutActor(RolloutWorker):
         announce_if_restarted("rollout", self.name)
 
     def __repr__(self) -> str:  # Ray names the actor by it in its errors and log lines
-        return self.name
+        return getattr(self, "name", type(self).__name__)  # asked for even when __init__ failed
     def stream(self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str,
                iteration: int) -> Iterator[pa.RecordBatch | tuple[int, GenerationSummary]]:
         """Each chunk as it completes (in any order): its batch, then (its index, its summary)."""
@@ -89,8 +89,9 @@ class Launch:
     _RESTARTED = object()
 
     def __init__(self, streams: dict[ray.ObjectRefGenerator, _Share], scorers: list, records: dict, timeout: float,
-                 what: str, restart, kill_stalled):
+                 what: str, restart, kill_stalled, names: list[str]):
         self.timeout, self.what = timeout, what
+        self._names = names
         self._records = records
         self._restart = restart
         self._kill_stalled = kill_stalled
@@ -125,14 +126,17 @@ class Launch:
             batches: dict[ray.ObjectRefGenerator, ray.ObjectRef] = {}  # a chunk's batch, until its summary
             scored = 0
             self._last_item = time.monotonic()
+            patience = Patience()
             while streams:
                 ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_S)
                 if not ready:
                     if time.monotonic() - self._last_item > self.timeout:
                         raise self._timed_out()
                     self._kill_stalled({share.worker for share in streams.values()})
+                    patience.note(lambda: self._waiting_for(streams))
                     continue
                 self._last_item = time.monotonic()
+                patience.restart()
                 stream = ready[0]
                 try:
                     ref = next(stream)
@@ -162,6 +166,11 @@ class Launch:
             self._queue.put(self._DONE)
         except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
             self._queue.put(e)
+
+    def _waiting_for(self, streams: dict) -> str:
+        shares = list(streams.values())
+        return f"{self.what}: " + ", ".join(f"{self._names[s.worker]} ({len(s.done)} of {len(s.chunks)} chunks back)"
+                                            for s in shares)
 
     def _replace(self, stream, streams: dict, batches: dict) -> None:
         share = streams.pop(stream)
@@ -282,7 +291,7 @@ class WorkerPool:
         streams = {stream(share): share for share in (_Share(i, chunks, seeds)
                                                       for i, (chunks, seeds) in enumerate(shares) if chunks)}
         return Launch(streams, scorers or [], records or {}, timeout or self.cfg.rollout.iteration_timeout_s,
-                      f"generation of iteration {iteration}", restart, self.kill_stalled)
+                      f"generation of iteration {iteration}", restart, self.kill_stalled, self.names)
 
     def kill_stalled(self, busy: set[int]) -> None:
         """Kill the workers among `busy` that made no progress for rollout.stall_timeout_s, as if they
@@ -434,7 +443,8 @@ class WorkerPool:
         timeout = self.cfg.rollout.weight_sync_timeout_s
         # A stopped worker is killed at its stall timeout (restarted, it loads the newest weights)
         # rather than waited on for the whole sync timeout.
-        wait_watched(pending, dict(zip(self.names, self.workers)), self.watch, timeout, self._kill)
+        wait_watched(pending, dict(zip(self.names, self.workers)), self.watch, timeout, self._kill,
+                     f"the weight sync to version {version}")
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=0)
         versions = []
         for r in late:  # stuck, or busier than the timeout allows: restarted, it loads the newest weights

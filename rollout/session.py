@@ -190,6 +190,7 @@ class Session:
         self.last_iteration = self.first_iteration + self.iterations_left - 1
         self.version = self.pool.version
         self.launched: dict[int, Launched] = {}
+        self.current_iteration = self.first_iteration
         self._last_recorded = time.perf_counter()
         self._restarts_seen: dict[str, int] = {}
         self.components = reward_components(cfg.reward)
@@ -257,6 +258,7 @@ class Session:
     def collect(self, iteration: int, timings: dict[str, float]) -> Samples:
         """Wait for the iteration's generation, then its rewards; only summaries and rewards come here."""
         launched = self.launched.pop(iteration)
+        self.current_iteration = iteration  # what a failure in the steps after this one is reported in
         timeout = self.cfg.rollout.iteration_timeout_s
         start = time.perf_counter()
         if launched.after_sync:
@@ -276,10 +278,6 @@ class Session:
                 latency[key] = latency.get(key, 0.0) + value
         timings["reward"] = time.perf_counter() - start
         return Samples(iteration, chunks, rewards, launched.sampler, latency)
-
-    @property
-    def launched_iteration(self) -> int:
-        return max(self.launched, default=-1)
 
     def learn(self, samples: Samples, timings: dict[str, float]) -> Learned:
         """One PPO update on the iteration's samples. A learner rank whose process died costs the
@@ -305,7 +303,7 @@ class Session:
             self.pool.expect_probe(version, self.learner.call("probe_logprobs", list(PROBE_IDS)))
             self.pool.queue_newest(version)
         except ray.exceptions.RayActorError as e:  # the rebuilt learner queues its own weights
-            self._rebuild_learner(e, self.launched_iteration)
+            self._rebuild_learner(e, self.current_iteration)
             return
         self.version = version
 
@@ -389,7 +387,7 @@ class Session:
             ray.kill(workers[name], no_restart=False)
 
         pending = {c.rewards: f"reward-{c.scorer}" for c in chunks}
-        if not wait_watched(pending, workers, self.reward_watch, timeout, kill):
+        if not wait_watched(pending, workers, self.reward_watch, timeout, kill, what):
             raise PipelineTimeout(f"{what} did not finish within rollout.iteration_timeout_s ({timeout:.0f}s)")
 
     def _collect_with_progress(self, iteration: int, generation: Launch) -> list[Chunk]:

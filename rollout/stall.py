@@ -12,6 +12,7 @@ when, for `timeout_s`, its probe went unanswered or its value stood still.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 
@@ -20,6 +21,7 @@ import ray
 WATCH_GROUP = "watch"
 CONCURRENCY_GROUPS = {WATCH_GROUP: 1}  # for ray.remote(concurrency_groups=...) of a watched actor class
 POLL_S = 5.0  # how often the waits that watch an actor look at it
+NOTE_S = 30.0  # a wait this long says on the console what it waits for, and again every NOTE_S x 2
 
 
 class StallWatch:
@@ -69,15 +71,33 @@ class StallWatch:
             self._since[name] = time.monotonic()
 
 
+class Patience:
+    """The console line of a long wait: what it waits for, after NOTE_S and every 2 x NOTE_S after."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self._start, self._next = time.monotonic(), NOTE_S
+
+    def note(self, what) -> None:
+        """`what()`: the wait's subject, asked for only when a line is due."""
+        waited = time.monotonic() - self._start
+        if waited >= self._next:
+            print(f"waiting {waited:.0f}s for {what()}", file=sys.stderr, flush=True)
+            self._next += 2 * NOTE_S
+
+
 def stalled_message(name: str, timeout_s: float, setting: str, then: str) -> str:
     return f"{name}: no progress for {timeout_s:g}s ({setting}); {then}"
 
 
 def wait_watched(pending: dict[ray.ObjectRef, str], actors: dict[str, ray.actor.ActorHandle], watch: StallWatch,
-                 timeout_s: float, on_stalled) -> bool:
+                 timeout_s: float, on_stalled, what: str) -> bool:
     """Wait for every ref of `pending` (ref -> name of the actor doing it), calling `on_stalled(name)`
     for an actor that holds one and made no progress; False if `timeout_s` passed first."""
     left, deadline = dict(pending), time.monotonic() + timeout_s
+    patience = Patience()
     while left:
         done, _ = ray.wait(list(left), num_returns=len(left),
                            timeout=max(0.0, min(POLL_S, deadline - time.monotonic())))
@@ -90,4 +110,5 @@ def wait_watched(pending: dict[ray.ObjectRef, str], actors: dict[str, ray.actor.
         for name in watch.stalled({name: actors[name] for name in set(left.values())}):
             on_stalled(name)
             watch.reset(name)
+        patience.note(lambda: f"{what}: {', '.join(sorted(set(left.values())))}")
     return True

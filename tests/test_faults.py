@@ -170,3 +170,27 @@ def test_greedy_sampling_with_several_samples_is_refused_at_load(tmp_path, capfd
     err = capfd.readouterr().err
     assert "rollout.sampling.temperature 0 is greedy decoding" in err and "rollout.n_samples is 4" in err
     assert not out.exists() and not ray.is_initialized()
+
+
+def test_an_actor_that_fails_in_its_own_start_up_is_named_with_its_first_error():
+    import ray
+
+    from rollout.cli import _exit_code, _one_line
+
+    class _RewardActor:  # named as the job's, so the message says what kind of actor it was
+        def __init__(self):
+            raise ValueError("reward model /x holds LlamaForCausalLM, not a sequence classifier")
+
+        def ping(self):
+            return True
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        actor = ray.remote(_RewardActor).remote()
+        with pytest.raises(ray.exceptions.RayActorError) as raised:
+            ray.get(actor.ping.remote(), timeout=60)
+    finally:
+        ray.shutdown()
+    assert _one_line(raised.value) == ("a reward worker failed in its start-up: ValueError: reward model /x holds "
+                                       "LlamaForCausalLM, not a sequence classifier; its log is under RUN_DIR/logs")
+    assert _exit_code(raised.value) == 1
