@@ -37,7 +37,8 @@ from rollout.console import configure_driver
 from rollout.learner_group import LearnerError, LearnerGroup
 from rollout.manifest import RunManifest
 from rollout.metrics import MetricsLog, iteration_metrics
-from rollout.pool import Chunk, Launch, WorkerPool
+from rollout.launch import Chunk, Launch
+from rollout.pool import WorkerPool
 from rollout.prompts import PromptSampler, load_prompts
 from rollout.rendering import PromptRenderer, render_prompts
 from rollout.resources import actor_requests, check_fits, resolve_devices

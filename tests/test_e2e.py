@@ -467,17 +467,9 @@ def test_a_rollout_worker_a_reward_worker_and_the_learner_killed_in_turn_and_the
                              "--set", "iterations=14", "--set", "checkpoint_every=4"],
                             cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True)
 
-    def wait_for(iterations):
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= iterations:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"the run did not reach iteration {iterations}")
-
     try:
         for after, kind in ((3, "_RolloutActor"), (6, "_RewardActor"), (10, "_Rank")):
-            wait_for(after)
+            _wait_for_iterations(proc, out, after)
             os.kill(_actor_pid(kind, proc.pid), signal.SIGKILL)
         assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
