@@ -34,10 +34,10 @@ from rollout.checkpoints import AUTO, Checkpoints
 from rollout.columns import archive_batches
 from rollout.config import ConfigError, JobConfig, check, to_yaml
 from rollout.console import configure_driver
+from rollout.launch import Chunk, Launch
 from rollout.learner_group import LearnerError, LearnerGroup
 from rollout.manifest import RunManifest
 from rollout.metrics import MetricsLog, iteration_metrics
-from rollout.launch import Chunk, Launch
 from rollout.pool import WorkerPool
 from rollout.prompts import PromptSampler, load_prompts
 from rollout.rendering import PromptRenderer, render_prompts
@@ -46,6 +46,7 @@ from rollout.run_lock import RunLock
 from rollout.stall import StallWatch, stalled_message, wait_watched
 from rollout.telemetry import record_restart
 from rollout.worker import PROBE_IDS, GenerationSummary
+
 
 @dataclass
 class Launched:
@@ -83,13 +84,13 @@ def init_ray(cfg: JobConfig, *, learner: bool) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
         return
-    # "local", not None: with None, Ray joins any cluster `ray start` left on this machine.
     # Ray's CPU count is a scheduling budget, not a thread limit: generation, reward and learning
     # take turns, so a 2-core machine can host the whole job.
     needed = sum(count * each["CPU"] for _, count, each in actor_requests(cfg, learner=learner))
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
-             _metrics_export_port=cfg.ray.metrics_export_port)
+    # "local", not None: with None, Ray joins any cluster `ray start` left on this machine.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             logging_level=logging.WARNING, _metrics_export_port=cfg.ray.metrics_export_port)
 
 
 class Session:
