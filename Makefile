@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export ROLLOUT_CACHE ?= $(CURDIR)/.cache
 PYTEST_ARGS ?=
 
-.PHONY: setup tools run test test-fast bench clean
+.PHONY: setup tools lint run test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -38,10 +38,13 @@ APT_INSTALL := DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq
 run: setup  # more settings: make run ARGS="--set rollout.weight_sync=collective"
 	$(BIN)/python -m rollout run --config configs/tiny-arith.yaml --out runs/tiny-arith $(ARGS)
 
-test: setup tools
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup tools lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests selected"; exit 0; fi; exit $$rc
 
-test-fast: setup
+test-fast: setup lint
 	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 bench: setup

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from learner import checkpoint
-from learner.checkpoint import NonFiniteError
 from learner import distributed as dist
 from learner.advantages import masked_mean, masked_whiten, token_rewards
 from learner.batch import TokenBatch
+from learner.checkpoint import NonFiniteError
 from learner.device import resolve_device
 from learner.estimators import CRITIC_FREE, estimate
 from learner.kl_control import make_kl_controller

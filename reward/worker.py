@@ -59,7 +59,6 @@ def spawn_reward_workers(cfg: RewardConfig) -> list:
     import ray
 
     from rollout.console import actor_options
-
     from rollout.stall import CONCURRENCY_GROUPS
 
     actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(_RewardActor)
