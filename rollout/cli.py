@@ -136,8 +136,14 @@ def _actor(error: BaseException) -> str | None:
         return None
     # Ray's first line: "ray::_RolloutActor.stream() (pid=.., ip=.., actor_id=.., repr=rollout-0)".
     header = str(error).split("\n", 1)[0]
-    named = re.search(r"repr=([^)]+)\)", header) or re.search(r"ray::([\w.]+)\(", header)
-    return named.group(1) if named else "an actor"
+    method = re.search(r"ray::([\w.]+)\(", header)
+    return _repr_name(header) or (method.group(1) if method else "an actor")
+
+
+def _repr_name(text: str) -> str | None:
+    """The actor's own name from Ray's "repr=..." (None where __init__ failed before naming it)."""
+    named = re.search(r"repr=([^)]+)\)", text)
+    return named.group(1) if named and not named.group(1).startswith(("_", "<")) else None
 
 
 def _cause(error: BaseException) -> BaseException:
@@ -162,8 +168,7 @@ def _one_line(error: BaseException) -> str:
                 "_Rank": "a learner rank (learner"}.get(actor.group(1) if actor else "", "an actor (")
         if "error raised in its creation task" in text:  # its own start-up failed: say with what
             raised = [line for line in text.splitlines() if re.match(r"^[\w.]+(Error|Exception)\w*: ", line)]
-            named = re.search(r"repr=([\w -]+)\)", text)
-            who = named.group(1) if named and not named.group(1).startswith("_") else kind.split(" (")[0]
+            who = _repr_name(text) or kind.split(" (")[0]
             return (f"{who} failed in its start-up: {raised[-1] if raised else text.splitlines()[0]}; its log is "
                     "under RUN_DIR/logs")
         return (f"{kind}.max_restarts) died and was not restarted: its restarts are spent, or it could not be "
