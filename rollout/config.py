@@ -268,6 +268,52 @@ class RayConfig(Base):
         "Clusters set it with `ray start --metrics-export-port`.")] = None
 
 
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]
+
+
+class TensorBoardConfig(Base):
+    logdir: Annotated[str | None, doc(
+        "Directory of the event files; null: RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR/tensorboard`).")] = None
+
+
+class WandbConfig(Base):
+    project: Annotated[str, doc("W&B project.")] = "ppo-rollout"
+    entity: Annotated[str | None, doc("W&B entity (user or team); null: the API key's default.")] = None
+    name: Annotated[str | None, doc("Display name of the W&B run; null: the run's id.")] = None
+    run_id: Annotated[str | None, doc(
+        "W&B run id; null: the run's id (RUN_DIR/run_id), so a resumed job continues the same W&B run.")] = None
+    mode: Annotated[Literal["online", "offline"], doc(
+        "online: stream to the W&B server (WANDB_API_KEY, WANDB_BASE_URL); offline: write the run under "
+        "RUN_DIR/wandb/ only, for `wandb sync` later (no network needed).")] = "online"
+
+
+class MlflowConfig(Base):
+    tracking_uri: Annotated[str | None, doc(
+        "MLflow tracking URI (http://host:5000, sqlite:///path.db); null: MLFLOW_TRACKING_URI if set, else "
+        "a SQLite store at RUN_DIR/mlflow.db (`mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db`).")] = None
+    experiment: Annotated[str, doc("MLflow experiment, created if missing.")] = "ppo-rollout"
+    run_name: Annotated[str | None, doc("Name of the MLflow run; null: the run's id.")] = None
+
+
+class TrackingConfig(Base):
+    backends: Annotated[list[TrackerName], doc(
+        "Experiment trackers that get every figure of metrics.jsonl (same names, the iteration as step), "
+        "the resolved config and the manifest, e.g. `--set 'tracking.backends=[tensorboard,wandb]'`. "
+        "Installed with `pip install -e '.[tracking]'`. A backend that fails is one warning line; "
+        "metrics.jsonl stays the record.")] = field(default_factory=list)
+    samples_every: Annotated[int, doc(
+        "Every K iterations, a table of sampled prompts, responses, rewards and components to the backends "
+        "(W&B table, TensorBoard text, MLflow artifact); 0: none.", ge=0)] = 10
+    samples_rows: Annotated[int, doc("Rows of each sample table.", ge=1, le=1000)] = 8
+    timeout_s: Annotated[float, doc(
+        "At the end of a job, how long to wait for the backends to take the last figures before "
+        "leaving without them (a tracker server that does not answer never holds up the job before that).",
+        gt=0)] = 60.0
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
 class JobConfig(Base):
     run_name: Annotated[str, doc("Name of the run, recorded in the archive.")] = "run"
     seed: Annotated[int, doc("Seed of data order, initialisation and learning.")] = 0
@@ -284,6 +330,7 @@ class JobConfig(Base):
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 RULE_NAMES = ("arithmetic", "similarity", "safety", "format", "length")
@@ -392,6 +439,9 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
     for i, rule in enumerate(cfg.reward.rules):
         if rule.name not in RULE_NAMES:
             problems.append(f"reward.rules.{i}.name: unknown rule {rule.name!r}; known: {', '.join(RULE_NAMES)}")
+    repeated = sorted({b for b in cfg.tracking.backends if cfg.tracking.backends.count(b) > 1})
+    if repeated:
+        problems.append(f"tracking.backends: {', '.join(repeated)} named twice; name each backend once")
     if not cfg.reward.rules and cfg.reward.model is None:
         problems.append("reward: no rules and no model; add reward.rules or reward.model")
     if cfg.rollout.cpu_kv_cache_gb is not None and cfg.rollout.cpu_kv_cache_gb <= 0:

@@ -35,8 +35,10 @@ def run_job(cfg: JobConfig, run_dir: Path, *, log=None, resume: str | Path = AUT
             timed(timings, "archive", session.archive_iteration, samples, learned)
             history.append(session.record_metrics(samples, learned, timings))
             session.checkpoint_if_due(samples)
-    finally:
-        session.close()
+    except BaseException:
+        session.close(failed=True)
+        raise
+    session.close()
     print_summary(history, log)
     return history
 

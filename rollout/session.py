@@ -45,6 +45,8 @@ from rollout.resources import actor_requests, check_fits, resolve_devices
 from rollout.run_lock import RunLock
 from rollout.stall import StallWatch, stalled_message, wait_watched
 from rollout.telemetry import record_restart
+from rollout.trackers import TrackedRun
+from rollout.tracking import Tracking, sample_table
 from rollout.worker import PROBE_IDS, GenerationSummary
 
 
@@ -200,6 +202,9 @@ class Session:
         self.archive = ArchiveWriter(run_dir / "rollouts", self._archive_metadata(model, start), self.components,
                                      batch_rows=cfg.archive.batch_rows, rows_per_file=cfg.archive.rows_per_file)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        start = {key: value for key, value in start.items() if key != "config_yaml"}  # the config goes whole
+        self.tracking = Tracking(cfg.tracking, TrackedRun(run_dir, self.run_id, msgspec.to_builtins(cfg),
+                                                          to_yaml(cfg), start), log)
 
     def _rebuild_learner(self, error: BaseException, iteration: int) -> None:
         """New learner ranks from the newest checkpoint (or the start model); the workers follow."""
@@ -331,6 +336,11 @@ class Session:
         metrics["restarts/reward"] = int(metrics.get("restarts/reward", 0))
         self._restarts_seen = counts
         self.metrics.write(metrics)
+        table = None
+        if self.tracking.wants_samples(samples.iteration):
+            texts = ray.get(samples.chunks[0].batch, timeout=self.cfg.rollout.iteration_timeout_s)
+            table = sample_table(texts, samples.rewards[0], self.cfg.tracking.samples_rows)
+        self.tracking.log_iteration(metrics, table)
         self.manifest.iteration(samples.iteration, generated_by=[s.policy_version for s in samples.summaries],
                                 policy_version=self.version)
         print(self.metrics.progress_line(metrics, self.last_iteration), file=self.log, flush=True)
@@ -360,10 +370,11 @@ class Session:
         self.restart_from = self.checkpoints.commit(partial)
         self.manifest.checkpoint(iteration, self.restart_from.name)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         try:
             self.archive.close()
         finally:
+            self.tracking.close(failed=failed)
             self._release()
 
     # -- helpers ---------------------------------------------------------------------------------

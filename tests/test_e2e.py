@@ -46,10 +46,15 @@ def keys(table):
                     table["sample_index"].to_pylist()))
 
 
+# The smoke run logs to every tracker, so its resume below checks they continue their runs.
+TRACKERS = ("--set", "tracking.backends=[tensorboard,wandb,mlflow]", "--set", "tracking.wandb.mode=offline",
+            "--set", "tracking.samples_every=2")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
-    proc = rollout_cli("run", "--config", SMOKE, "--out", str(out))
+    proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), *TRACKERS)
     return out, proc
 
 
@@ -112,8 +117,10 @@ def assert_gae_consistent(out):
 
 def test_a_second_start_resumes_and_archives_nothing_twice(smoke_run, tmp_path):
     out, _ = smoke_run
-    proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", "iterations=4")
+    proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", "iterations=4", *TRACKERS)
     assert "resuming from iter-000002: 3 of 4 updates done, continuing at iteration 3" in proc.stderr
+    assert "tracking:" not in proc.stderr
+    assert_trackers_hold_every_figure(out, [0, 1, 2, 3])
     table = read_table(out)
     assert sorted(set(table["iteration"].to_pylist())) == [0, 1, 2, 3]
     assert len(set(keys(table))) == table.num_rows
@@ -124,6 +131,79 @@ def test_a_second_start_resumes_and_archives_nothing_twice(smoke_run, tmp_path):
     assert manifest["iterations"][-1]["iteration"] == 3 and manifest["iterations"][-1]["start"] == 1
     stats = rollout_cli("stats", str(out), "--manifest").stdout
     assert "start 1:" in stats and "lineage:" in stats and "iter 3: start 1" in stats
+
+
+def test_the_run_report_renders_every_chart_in_a_headless_browser(smoke_run, tmp_path):
+    import shutil
+
+    out, _ = smoke_run
+    page_path = tmp_path / "report.html"
+    iterations = len((out / "metrics.jsonl").read_text().splitlines())
+    proc = rollout_cli("report", str(out), "--out", str(page_path))
+    assert proc.stderr == f"report: {page_path} ({iterations} iterations)\n"
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (`make tools` installs it where it runs as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        problems, requests = [], []
+        page.on("console", lambda m: problems.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(page_path.as_uri())
+        charts = page.evaluate("""() => [...document.querySelectorAll('figure.chart-box')].map(f => ({
+            title: f.querySelector('figcaption').textContent,
+            series: [...f.querySelectorAll('svg.chart path.series')].map(p => ({
+                name: p.dataset.series, points: Number(p.dataset.points), width: p.getBBox().width}))}))""")
+        rows = page.evaluate("document.querySelectorAll('table.samples tbody tr').length")
+        browser.close()
+    assert problems == [] and requests == [page_path.as_uri()]  # nothing fetched: readable offline
+    assert len(charts) == 9
+    for chart in charts:
+        assert chart["series"], f"{chart['title']}: no line drawn"
+        for series in chart["series"]:  # every line through every iteration, across the plot's width
+            assert series["points"] == iterations and series["width"] > 300, (chart["title"], series)
+    reward = next(c for c in charts if c["title"].startswith("Reward"))
+    assert [s["name"] for s in reward["series"]] == ["reward", "arithmetic"]
+    assert rows == 8
+
+
+def assert_trackers_hold_every_figure(out, steps):
+    """Each backend, read with its own reader, has every figure of metrics.jsonl at every iteration, once,
+    in one tracker run over both starts, with the config, manifest and sample tables."""
+    from tracker_readers import mlflow_run, tensorboard_scalars, wandb_offline
+
+    from rollout.tracking import figures_of
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == steps
+    names = set().union(*(figures_of(m) for m in lines))
+    assert {"reward_mean", "reward/arithmetic", "kl", "kl_coef", "tokens_per_s", "time/update"} <= names
+    every = {name: [m["iteration"] for m in lines if name in figures_of(m)] for name in names}
+    scalars, texts = tensorboard_scalars(out / "tensorboard")
+    assert scalars == every
+    assert texts["sample_table/text_summary"] == [0, 2] and texts["config/text_summary"] == [0, 3]
+    run_id = (out / "run_id").read_text().strip()
+    history, config = wandb_offline(out, run_id)
+    assert [row["_step"] for row in history] == steps
+    for row, m in zip(history, lines):
+        assert figures_of(m).keys() <= row.keys()
+    assert config["rollout"]["prompts_per_iteration"] == 16 and config["manifest"]["start"] == 1
+    state = json.loads((out / "tracking.json").read_text())
+    run, metric_steps, artifacts, client = mlflow_run(state["mlflow"]["tracking_uri"], state["mlflow"]["run_id"])
+    assert metric_steps == every and run.info.status == "FINISHED"
+    assert run.data.params["rollout.prompts_per_iteration"] == "16"
+    tables = {"sample_tables/iteration-000000.json", "sample_tables/iteration-000002.json"}
+    assert {"config.yaml", "manifest.json", *tables} <= set(artifacts)
+    import mlflow.artifacts
+
+    table = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/sample_tables/iteration-000002.json")
+    assert table["columns"][:4] == ["prompt_id", "sample_index", "prompt", "response"] and len(table["rows"]) == 8
 
 
 def test_a_dangling_latest_and_a_truncated_newest_checkpoint_resume_from_the_one_before(smoke_run, tmp_path):
@@ -356,13 +436,18 @@ def run_in_terminal(args, timeout=600):
 
 def test_a_clean_run_shows_its_progress_lines_and_summary_and_nothing_else(tmp_path):
     out = tmp_path / "run"
-    code, shown = run_in_terminal(["run", "--config", SMOKE, "--out", str(out), "--set", "iterations=2"])
+    (tmp_path / "a-file").write_text("")  # an MLflow store that cannot be made: one warning, the job goes on
+    trackers = ["--set", "tracking.backends=[tensorboard,wandb,mlflow]", "--set", "tracking.wandb.mode=offline",
+                "--set", f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/a-file/mlflow.db"]
+    code, shown = run_in_terminal(["run", "--config", SMOKE, "--out", str(out), "--set", "iterations=2", *trackers])
     text = shown.decode(errors="replace")
     assert code == 0, text[-3000:]
+    assert text.count("tracking: mlflow failed starting (FileExistsError") == 1, text[-3000:]
+    assert (out / "tensorboard").is_dir() and list(out.glob("wandb/offline-run-*"))
     assert "iter 0 generate" in text and "tok_s=" in text  # the generation bar, cleared when done
     lines = [line.split("\r")[-1] for line in text.split("\r\n")]  # what stays on screen
     allowed = re.compile(r"^(sft (warm-up|step)\b.*|run \S+: \d+ prompts, .*|iter \d+/\d+  reward .*|"
-                         r"summary over \d+ iterations .*|  \S.*|run directory: .*|\x1b\[0m|)$")
+                         r"summary over \d+ iterations .*|  \S.*|run directory: .*|\x1b\[0m|tracking: mlflow .*|)$")
     assert [line for line in lines if not allowed.match(line)] == [], text[-3000:]
     assert sum(line.startswith("iter ") for line in lines) == 2
     # The library output the console did not show is in the actors' logs.
