@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from rollout.archive import iter_batches, last_archived_iteration, read_run_metrics
@@ -138,22 +139,29 @@ def _path(x: list[int], values: np.ndarray, sx, sy) -> str:
 def _sample_html(run_dir: str | Path, rows: int) -> str:
     """The last iteration's first `rows` samples, read batch by batch (only those rows are kept)."""
     last = last_archived_iteration(run_dir)
+    kept = []
     for batch in iter_batches(run_dir, SAMPLE_COLUMNS):
         mine = batch.filter(pc.equal(batch.column("iteration"), last))
-        if mine.num_rows:
-            table = sample_table(mine, mine, rows)
+        kept += [mine] if mine.num_rows else []
+        if sum(b.num_rows for b in kept) >= rows:
             break
-    else:
+    if not kept:
         return '<p class="empty">no samples archived</p>'
+    table = sample_table(*[pa.Table.from_batches(kept)] * 2, rows)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_short(v) if isinstance(v, float) else str(v))}</td>"
-                                    for v in row) + "</tr>" for row in table.rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in table.rows)
     return (f"<p>Iteration {last}, the first {len(table.rows)} samples.</p>"
             f'<table class="samples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
 
 
 def _per_second(counts: list[Any], seconds: list[Any]) -> list[float | None]:
     return [c / t if _finite(c) and _finite(t) and t > 0 else None for c, t in zip(counts, seconds)]
+
+
+def _cell(value: Any) -> str:
+    if value is None:  # a reward component that is NaN: its rule failed on this sample
+        return "failed"
+    return _short(value) if isinstance(value, float) else str(value)
 
 
 def _cumulative(values: list[Any]) -> list[float | None]:

@@ -38,3 +38,29 @@ def test_names_are_escaped():
 
 def test_axis_labels_are_short():
     assert [_short(v) for v in (1_449_000.0, 12_345.0, 44.67, 0.05)] == ["1.449M", "12.35k", "44.67", "0.05"]
+
+
+def test_an_archive_with_no_metrics_or_learner_columns_still_gets_a_page(tmp_path):
+    """A `rollout generate` archive: no metrics.jsonl, no KL. Those charts say so; the rest draw."""
+    from test_stats import hand_records, write
+
+    from rollout.report import write_report
+
+    run_dir = write(tmp_path / "run", hand_records(learner=False))
+    assert write_report(run_dir, tmp_path / "page.html") == 2
+    page = (tmp_path / "page.html").read_text()
+    assert page.count("no data in this run") == 4  # KL, its coefficient, seconds per stage, restarts
+    assert 'data-series="arithmetic"' in page and 'data-series="stop"' in page
+    assert "Iteration 1, the first 2 samples." in page and "<script" not in page
+
+
+def test_a_500_iteration_run_is_one_page_of_smoothed_lines(tmp_path):
+    from test_stats import long_run
+
+    from rollout.report import write_report
+
+    stats = long_run(tmp_path)
+    assert write_report(stats.archive, tmp_path / "page.html", samples=3) == 500
+    page = (tmp_path / "page.html").read_text()
+    assert 'data-points="500"' in page and page.count('class="smoothed"') >= 5
+    assert "Iteration 499, the first 3 samples." in page
