@@ -48,13 +48,17 @@ def _session_pids(session: int) -> list[int]:
     return pids
 
 
-def _kind(pid: int, driver: int) -> str | None:
-    if pid == driver:
-        return "driver"
+def _kind(pid: int, started: int) -> str | None:
+    """`started` is the pid the watcher started: `rollout run`'s parent (`rollout/supervise.py`); the job it runs is
+    the driver of the Ray job."""
+    if pid == started:
+        return "supervisor"
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return None
+    if "-m rollout run" in cmd:
+        return "driver"
     for cls, kind in KINDS.items():
         if f"ray::{cls}" in cmd:
             return kind

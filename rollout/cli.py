@@ -7,10 +7,11 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import get_args
 
-from learner.estimators import ESTIMATORS
-from rollout.config import ConfigError, load_config
+from rollout.config import ConfigError, EstimatorName, load_config
 from rollout.stopping import JobStopped
+from rollout.supervise import mark_finished, supervise, supervised
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", type=Path, required=True, help="output directory (archive in OUT/rollouts)")
     rep.add_argument("--gamma", type=float, default=None, help="GAE discount (default: the run's)")
     rep.add_argument("--lam", type=float, default=None, help="GAE lambda (default: the run's)")
-    rep.add_argument("--estimator", choices=list(ESTIMATORS), default="gae",
+    rep.add_argument("--estimator", choices=get_args(EstimatorName), default="gae",
                      help="advantage estimator (learner/estimators.py); grpo and rloo need n > 1 samples per prompt")
     rep.add_argument("--kl-coef", type=float, default=None, help="new KL penalty coefficient (default: the run's)")
     rep.add_argument("--reward-config", default=None, help="YAML with a reward: section; re-score with its rules")
@@ -89,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                      help="print what produced the archive instead: code, versions, seeds, model, lineage")
 
     args = parser.parse_args(argv)
+    if args.command == "run" and argv is None and not supervised():  # the program itself, not a call in-process
+        return supervise(sys.argv[1:])
+    try:
+        return _dispatch(args)
+    finally:
+        mark_finished()  # a job that got here reported its own end, even as a traceback
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:

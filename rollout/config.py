@@ -183,6 +183,9 @@ class KLConfig(Base):
     horizon: Annotated[int, doc("Adaptive controller horizon, in samples.", ge=1)] = 10000
 
 
+EstimatorName = Literal["gae", "grpo", "rloo", "reinforce_pp"]  # learner/estimators.py's ESTIMATORS (tested)
+
+
 class LearnerConfig(Base):
     device: Annotated[Literal["auto", "cpu", "cuda"], doc("Where the learner runs.")] = "auto"
     num_ranks: Annotated[int, doc(
@@ -213,7 +216,7 @@ class LearnerConfig(Base):
     gradient_checkpointing: Annotated[bool, doc(
         "Recompute each layer's activations in the backward pass instead of keeping them: "
         "less memory per micro-batch, about a third more compute.")] = False
-    estimator: Annotated[Literal["gae", "grpo", "rloo", "reinforce_pp"], doc(
+    estimator: Annotated[EstimatorName, doc(
         "Advantage estimator. `gae` uses the critic; `grpo` and `rloo` compare each sample's "
         "KL-penalised return with the other samples of its prompt (rollout.n_samples >= 2) and "
         "`reinforce_pp` whitens the KL-penalised returns over the batch; those three build no "

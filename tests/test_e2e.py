@@ -474,7 +474,10 @@ def test_a_second_run_is_refused_and_sigterm_stops_the_first_cleanly_then_it_res
         started = time.time()
         second = rollout_cli("run", "--config", SMOKE, "--out", str(out), check=False, timeout=120)
         assert second.returncode == 2 and time.time() - started < 30
-        assert f"is in use by pid {first.pid}" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        # The holder named is the job, the process `rollout run` started (rollout/supervise.py).
+        holder = int(re.search(r"is in use by pid (\d+)", second.stderr).group(1))
+        assert Path(f"/proc/{holder}/stat").read_text().split()[3] == str(first.pid)
+        assert len(second.stderr.strip().splitlines()) == 1
         assert first.poll() is None, "the refused second run disturbed the first"
         first.send_signal(signal.SIGTERM)
         stopping = time.time()
@@ -609,6 +612,27 @@ def test_a_stopped_rollout_worker_reward_worker_and_learner_rank_are_found_resta
     assert {c["counts"] for c in counts} == {32}  # none partial
     assert json.loads((out / "manifest.json").read_text())["iterations"][-1]["policy_version"] == 12
     print("detected after (s):", found)
+
+
+def test_a_killed_raylet_ends_the_run_with_one_line_and_a_non_zero_exit(tmp_path):
+    """Ray ends a driver whose raylet died, with its own dump: the job cannot report, `rollout run`'s
+    parent does."""
+    out = tmp_path / "run"
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out),
+                             "--set", "iterations=30"], cwd=ROOT, env=_env(), stdout=log, stderr=log,
+                            start_new_session=True)
+    try:
+        _wait_for_iterations(proc, out, 2)
+        [raylet] = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "/raylet "], capture_output=True,
+                                  text=True).stdout.split()
+        os.kill(int(raylet), signal.SIGKILL)
+        code = proc.wait(timeout=180)
+    finally:
+        _kill_session(proc.pid)
+    shown = (tmp_path / "run.log").read_text().splitlines()
+    assert code != 0 and shown[-1].startswith("rollout run: "), shown[-20:]
+    assert len(read_table(out)) >= 2 * 32  # what was archived stays
 
 
 def _wait_for_iterations(proc, out, iterations):
