@@ -212,7 +212,7 @@ def cmd_run(args) -> int:
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     cfg = load_config(args.config, args.overrides)
-    out = args.out or Path("runs") / cfg.run_name
+    out = _local_out(args.out or Path("runs") / cfg.run_name)
     run_job(cfg, out, resume=NEVER if args.no_resume else args.resume_from or AUTO)
     print(f"run directory: {out}  (archive {out}/rollouts, metrics {out}/metrics.jsonl)", file=sys.stderr)
     return 0
@@ -225,8 +225,21 @@ def cmd_generate(args) -> int:
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     cfg = load_config(args.config, [*args.overrides, f"data.prompts={args.prompts}"])
-    generate(cfg, args.out)
+    generate(cfg, _local_out(args.out))
     return 0
+
+
+def _local_out(out: Path) -> Path:
+    """A run directory on this machine's disk. A URI (s3://, gs://: argparse has made it `s3:/...`) would
+    be a local folder named `s3:`; under `ray job submit` a relative path is inside Ray's temporary
+    copy of the working directory, which Ray deletes with the job."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(out)):
+        raise ConfigError(f"--out {str(out).replace(':/', '://', 1)}: a URI; run storage on object stores is not supported yet: give a "
+                          "local path (on a cluster, one every node mounts)")
+    if not out.is_absolute() and "runtime_resources" in Path.cwd().parts:
+        print(f"rollout: warning: --out {out} is inside Ray's temporary copy of the working directory "
+              f"({Path.cwd()}), which Ray deletes with the job; give an absolute path", file=sys.stderr)
+    return out
 
 
 def cmd_validate(args) -> int:
@@ -347,16 +360,18 @@ def cmd_plan(args) -> int:
     from rollout.plan import format_plan, make_plan
 
     cfg = load_config(args.config, args.overrides)
-    cluster = None
+    cluster = nodes = None
     if args.address:
         import ray
 
+        from rollout.resources import node_resources
+
         ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
         try:
-            cluster = ray.cluster_resources()
+            cluster, nodes = ray.cluster_resources(), node_resources()
         finally:
             ray.shutdown()
-    plan = make_plan(cfg, cluster, args.gpu_memory_gb)
+    plan = make_plan(cfg, cluster, args.gpu_memory_gb, nodes=nodes)
     print(format_plan(plan), end="")
     return 1 if plan.problems else 0
 

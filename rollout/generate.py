@@ -25,7 +25,7 @@ from rollout.manifest import RunManifest
 from rollout.pool import WorkerPool
 from rollout.prompts import load_prompts
 from rollout.rendering import PromptRenderer, render_prompts
-from rollout.resources import check_fits, resolve_devices
+from rollout.resources import check_fits, node_resources, resolve_devices
 from rollout.run_lock import RunLock
 from rollout.session import init_ray
 
@@ -55,7 +55,7 @@ def _generate(cfg: JobConfig, out: Path, records: list, tasks: list, model: str,
     init_ray(cfg, learner=False)
     stopping.install()  # again: ray.init installs its own SIGTERM handler
     cfg = resolve_devices(cfg, ray.cluster_resources())
-    check_fits(cfg, ray.cluster_resources(), learner=False)
+    check_fits(cfg, ray.cluster_resources(), learner=False, nodes=node_resources())
     run_id = f"{cfg.run_name}-generate"
     reward_workers = spawn_reward_workers(cfg.reward)
     pool = WorkerPool(cfg, model)

@@ -54,7 +54,8 @@ def model_shape(path: str) -> Shape | None:
                  tied=bool(getattr(config, "tie_word_embeddings", False)))
 
 
-def make_plan(cfg: JobConfig, cluster: dict[str, float] | None = None, gpu_memory_gb: float | None = None) -> Plan:
+def make_plan(cfg: JobConfig, cluster: dict[str, float] | None = None, gpu_memory_gb: float | None = None, *,
+              nodes: dict[str, dict[str, float]] | None = None) -> Plan:
     lines, problems = [], []
     if cluster is not None:
         try:
@@ -80,9 +81,10 @@ def make_plan(cfg: JobConfig, cluster: dict[str, float] | None = None, gpu_memor
         lines += _memory(cfg, shape, requests, gpu_memory_gb, problems)
     if cluster is not None:
         lines.append("")
-        lines.append("cluster: " + ", ".join(f"{k} {v:g}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU")))
+        lines.append("cluster: " + ", ".join(f"{k} {v:g}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU"))
+                     + (f" on {len(nodes)} nodes" if nodes else ""))
         try:
-            check_fits(cfg, cluster)
+            check_fits(cfg, cluster, nodes=nodes)
             lines.append("fits: the cluster holds every actor at once")
         except ValueError as e:
             problems.append(str(e))

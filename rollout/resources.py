@@ -50,8 +50,10 @@ KNOBS = {"CPU": "rollout.num_cpus_per_worker, reward.num_cpus_per_worker, learne
          "GPU": "rollout.num_gpus_per_worker, rollout.num_workers, reward.model.num_gpus or learner.num_ranks"}
 
 
-def check_fits(cfg: JobConfig, cluster: dict[str, float], *, learner: bool = True) -> None:
-    """Raise ConfigError when the cluster's total resources cannot hold every actor at once."""
+def check_fits(cfg: JobConfig, cluster: dict[str, float], *, learner: bool = True,
+               nodes: dict[str, dict[str, float]] | None = None) -> None:
+    """Raise ConfigError when the cluster cannot hold every actor at once: by its totals, then (given
+    `nodes`, each node's resources by its name) with every actor on one node, as Ray places them."""
     requests = actor_requests(cfg, learner=learner)
     problems = []
     for resource in ("CPU", "GPU"):
@@ -62,6 +64,63 @@ def check_fits(cfg: JobConfig, cluster: dict[str, float], *, learner: bool = Tru
                               for what, count, each in requests if each[resource])
             problems.append(f"the job needs {needed:g} {resource}s ({parts}) and the cluster has {have:g}: "
                             f"lower {KNOBS[resource]}, or add nodes")
+    if not problems and nodes and len(nodes) > 1:
+        stranded = unplaced(requests, nodes)
+        if stranded:
+            what, each = stranded
+            sizes = ", ".join(f"{name} {r.get('CPU', 0):g} CPU / {r.get('GPU', 0):g} GPU" for name, r in nodes.items())
+            problems.append(f"the totals fit, but no node has room for a {what} ({each['CPU']:g} CPU, "
+                            f"{each['GPU']:g} GPU) beside the other actors: an actor runs on one node, and the "
+                            f"nodes are {sizes}; lower {KNOBS['CPU' if each['CPU'] else 'GPU']}, or add a larger node")
     if problems and cfg.ray.fail_if_short:
         raise ConfigError("the cluster cannot hold the job:\n  - " + "\n  - ".join(problems) +
                           "\n  (on a cluster that adds nodes on demand, set ray.fail_if_short=false)")
+
+
+def unplaced(requests, nodes: dict[str, dict[str, float]], budget: int = 100_000):
+    """(what, resources) of an actor that no placement of all of them on the nodes has room for, or
+    None when they all fit (or when the search gives up after `budget` steps: no false alarm).
+    Largest first, each onto a node with room, backtracking on a dead end."""
+    actors = sorted(((what, each) for what, count, each in requests for _ in range(count)),
+                    key=lambda a: (a[1]["GPU"], a[1]["CPU"]), reverse=True)
+    free = [[r.get("CPU", 0.0), r.get("GPU", 0.0)] for r in nodes.values()]
+    steps = 0
+    deepest = 0
+
+    def place(i: int) -> bool | None:
+        nonlocal steps, deepest
+        deepest = max(deepest, i)
+        if i == len(actors):
+            return True
+        steps += 1
+        if steps > budget:
+            return None
+        cpu, gpu = actors[i][1]["CPU"], actors[i][1]["GPU"]
+        tried = set()
+        for room in free:
+            if (room[0], room[1]) in tried or room[0] + 1e-9 < cpu or room[1] + 1e-9 < gpu:
+                continue  # a node with the same room as one tried already ends the same way
+            tried.add((room[0], room[1]))
+            room[0] -= cpu
+            room[1] -= gpu
+            found = place(i + 1)
+            room[0] += cpu
+            room[1] += gpu
+            if found is not False:
+                return found
+        return False
+
+    return actors[deepest] if place(0) is False else None
+
+
+def node_resources() -> dict[str, dict[str, float]]:
+    """Each live node's CPU and GPU, by its address (and id, where two share an address)."""
+    import ray
+
+    nodes = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            name = node.get("NodeManagerAddress", "node")
+            name = name if name not in nodes else f"{name} ({node['NodeID'][:8]})"
+            nodes[name] = {r: float(node.get("Resources", {}).get(r, 0.0)) for r in ("CPU", "GPU")}
+    return nodes

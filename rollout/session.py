@@ -41,7 +41,7 @@ from rollout.metrics import MetricsLog, iteration_metrics
 from rollout.pool import WorkerPool
 from rollout.prompts import PromptSampler, load_prompts
 from rollout.rendering import PromptRenderer, render_prompts
-from rollout.resources import actor_requests, check_fits, resolve_devices
+from rollout.resources import actor_requests, check_fits, node_resources, resolve_devices
 from rollout.run_lock import RunLock
 from rollout.stall import StallWatch, stalled_message, wait_watched
 from rollout.telemetry import record_restart
@@ -148,7 +148,7 @@ class Session:
         init_ray(cfg, learner=True)
         stopping.install()  # again: ray.init installs its own SIGTERM handler
         self.cfg = cfg = resolve_devices(cfg, ray.cluster_resources())
-        check_fits(cfg, ray.cluster_resources())
+        check_fits(cfg, ray.cluster_resources(), nodes=node_resources())
         model = base_model
         if cfg.model.sft_warmup:
             from learner.sft import warm_start

@@ -152,3 +152,24 @@ def test_greedy_with_one_sample_and_a_temperature_above_two_are_told_apart():
     check(load_config(None, ["rollout.sampling.temperature=0", "rollout.n_samples=1", "learner.minibatch_size=64"]))
     with pytest.raises(ConfigError, match="rollout.sampling.temperature: expected float <= 2.0"):
         load_config(None, ["rollout.sampling.temperature=3"])
+
+
+def test_actors_are_checked_node_by_node_where_the_totals_fit():
+    from rollout.resources import check_fits, unplaced
+
+    cfg = load_config(ROOT_CONFIGS / "tiny-arith-smoke.yaml",
+                      ["rollout.num_cpus_per_worker=3", "learner.num_cpus_per_rank=0.5"])  # 3 + 0.5 + 0.5 CPUs
+    check_fits(cfg, {"CPU": 4.0})
+    check_fits(cfg, {"CPU": 4.0}, nodes={"head": {"CPU": 1.0}, "worker": {"CPU": 3.0}})
+    with pytest.raises(ConfigError) as error:
+        check_fits(cfg, {"CPU": 4.0}, nodes={"head": {"CPU": 2.0}, "worker": {"CPU": 2.0}})
+    assert "no node has room for a rollout worker (3 CPU, 0 GPU)" in str(error.value)
+    assert "head 2 CPU / 0 GPU, worker 2 CPU / 0 GPU" in str(error.value)
+    # Largest first is not always enough: 3 + 3 + 2 + 2 + 2 on two 6s needs 3 + 3 together.
+    requests = [("a", 2, {"CPU": 3.0, "GPU": 0.0}), ("b", 3, {"CPU": 2.0, "GPU": 0.0})]
+    assert unplaced(requests, {"x": {"CPU": 6.0}, "y": {"CPU": 6.0}}) is None
+    assert unplaced(requests, {"x": {"CPU": 5.0}, "y": {"CPU": 7.0}}) is None
+    assert unplaced(requests, {"x": {"CPU": 4.0}, "y": {"CPU": 8.0}}) is None
+    assert unplaced(requests, {"x": {"CPU": 1.0}, "y": {"CPU": 11.0}}) == ("b", {"CPU": 2.0, "GPU": 0.0})
+    assert unplaced([("gpu rank", 2, {"CPU": 1.0, "GPU": 1.0})], {"x": {"CPU": 8.0, "GPU": 1.0},
+                                                                   "y": {"CPU": 8.0, "GPU": 0.0}}) is not None

@@ -194,3 +194,10 @@ def test_an_actor_that_fails_in_its_own_start_up_is_named_with_its_first_error()
     assert _one_line(raised.value) == ("a reward worker failed in its start-up: ValueError: reward model /x holds "
                                        "LlamaForCausalLM, not a sequence classifier; its log is under RUN_DIR/logs")
     assert _exit_code(raised.value) == 1
+
+
+def test_an_object_store_out_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--out", "s3://bucket/run"]) == 2
+    assert "--out s3://bucket/run: a URI; run storage on object stores is not supported yet" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
