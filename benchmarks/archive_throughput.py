@@ -11,8 +11,8 @@ keeps the process small without changing any conversion cost.
 - `archive_writer`: `ArchiveWriter.write` + `close` of the records (conversion, writes, flushes);
   `vs_raw` is its rows/s over the raw rows/s.
 - `scan`: `iter_batches` over the written archive (memory-mapped, the file still in the page cache).
-- `stats`: `rollout.stats.compute_stats` on the whole archive.
-- `replay`: `rollout.replay.replay` with the run's settings on the first `--replay-rows` rows.
+- `stats`: `rollout.offline.stats.compute_stats` on the whole archive.
+- `replay`: `rollout.offline.replay.replay` with the run's settings on the first `--replay-rows` rows.
 
 MB are file bytes / 1e6. Torch runs on one thread, as on the shared machines this is measured on.
 
@@ -32,12 +32,12 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from contracts.schema import SCHEMA_VERSION, RolloutRecord, archive_schema, to_record_batch
 from rollout.archive import ArchiveWriter, iter_batches
-from rollout.record import SCHEMA_VERSION, RolloutRecord, archive_schema, to_record_batch
 
 COMPONENTS = ("arithmetic", "length")
-from rollout.replay import replay
-from rollout.stats import compute_stats
+from rollout.offline.replay import replay
+from rollout.offline.stats import compute_stats
 
 BATCH_ROWS = 256
 POOL = 64

@@ -3,15 +3,15 @@
 20,000 samples of 512 prompt + 512 response tokens go through the functions the job runs:
 
 - `worker_columns_seconds`: a rollout worker's completions -> its generation batch
-  (`rollout.columns.generation_batch`); on the workers, in parallel, next to generation;
+  (`rollout.archive.columns.generation_batch`); on the workers, in parallel, next to generation;
 - through Ray's object store, as the job moves them: a worker actor returns the generation batches
-  and a reward actor their reward columns (`rollout.record.reward_batch`), both as refs;
+  and a reward actor their reward columns (`contracts.schema.reward_batch`), both as refs;
 - `driver_seconds`: what the driver itself does for the iteration: fetch the chunk summaries and
   reward columns, compute the iteration's metrics, queue the archive write;
 - `plumbing_seconds`: the reshaping on the learner's critical path: generation + reward batches ->
-  `SampleBatch` (`rollout.columns.sample_batch`), every micro-batch's padded tensors
+  `SampleBatch` (`rollout.archive.columns.sample_batch`), every micro-batch's padded tensors
   (`SampleBatch.collate`, one pass at `--micro-batch-tokens`), the learner's (N, T) outputs -> flat
-  `LearnerColumns`, and the archive's record batches (`rollout.columns.archive_batches`);
+  `LearnerColumns`, and the archive's record batches (`rollout.archive.columns.archive_batches`);
 - `archive_rows_per_s`: `ArchiveWriter` joining and writing those columns (write_later + flush),
   against `raw_ipc_rows_per_s`, pyarrow's IPC stream writer on the same finished batches.
 
@@ -35,18 +35,18 @@ import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from contracts.schema import archive_schema, reward_batch  # noqa: E402
 from learner.microbatch import plan  # noqa: E402
 from learner.samples import LearnerColumns  # noqa: E402
 from reward.scorer import RewardResult  # noqa: E402
 from rollout.archive import ArchiveWriter  # noqa: E402
-from rollout.columns import archive_batches, generation_batch, sample_batch  # noqa: E402
-from rollout.engine import Completion  # noqa: E402
-from rollout.metrics import iteration_metrics  # noqa: E402
-from rollout.record import archive_schema, reward_batch  # noqa: E402
+from rollout.archive.columns import archive_batches, generation_batch, sample_batch  # noqa: E402
+from rollout.driver.metrics import iteration_metrics  # noqa: E402
+from rollout.generation.engine import Completion  # noqa: E402
 
 COMPONENTS = ("arithmetic", "length")
-from rollout.rendering import PromptTask  # noqa: E402
-from rollout.worker import GenerationSummary  # noqa: E402
+from contracts.rendering import PromptTask  # noqa: E402
+from rollout.generation.worker import GenerationSummary  # noqa: E402
 
 
 def engine_outputs(prompts: int, n: int, prompt_tokens: int, response_tokens: int, seed: int):

@@ -49,7 +49,7 @@ def _session_pids(session: int) -> list[int]:
 
 
 def _kind(pid: int, started: int) -> str | None:
-    """`started` is the pid the watcher started: `rollout run`'s parent (`rollout/supervise.py`); the job it runs is
+    """`started` is the pid the watcher started: `rollout run`'s parent (`rollout/driver/supervise.py`); the job it runs is
     the driver of the Ray job."""
     if pid == started:
         return "supervisor"

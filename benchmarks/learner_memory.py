@@ -48,9 +48,9 @@ def synthetic_batch(samples: int, prompt_tokens: int, response_tokens: int, voca
 def one_rank(args, rank: int = 0, world_size: int = 1, address: str | None = None, out=None) -> dict:
     import torch
 
+    from contracts.builtin_model import resolve_model_path
+    from contracts.config import load_config
     from learner.learner import Learner
-    from learner.tiny_model import resolve_model_path
-    from rollout.config import load_config
 
     torch.manual_seed(0)
     cfg = load_config(None, [
@@ -125,7 +125,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from learner.tiny_model import resolve_model_path
+    from contracts.builtin_model import resolve_model_path
 
     resolve_model_path(args.model)  # build once, before the measured processes
     points = [measure(args, n, args.micro_batch_tokens) for n in args.samples]

@@ -25,15 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from learner.tiny_model import build_tiny_llama  # noqa: E402
+from contracts.builtin_model import build_tiny_llama  # noqa: E402
+from contracts.config import load_config  # noqa: E402
+from contracts.rendering import PromptRenderer  # noqa: E402
 from reward.worker import reward_components  # noqa: E402
 from rollout.archive import ArchiveWriter  # noqa: E402
-from rollout.columns import archive_batches  # noqa: E402
-from rollout.config import load_config  # noqa: E402
-from rollout.engine import VLLMEngine  # noqa: E402
-from rollout.pool import WorkerPool  # noqa: E402
-from rollout.prompts import load_prompts  # noqa: E402
-from rollout.rendering import PromptRenderer  # noqa: E402
+from rollout.archive.columns import archive_batches  # noqa: E402
+from rollout.driver.prompts import load_prompts  # noqa: E402
+from rollout.generation.engine import VLLMEngine  # noqa: E402
+from rollout.generation.pool import WorkerPool  # noqa: E402
 
 
 def main() -> None:

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from learner.tiny_model import build_builtin  # noqa: E402
-from rollout.config import load_config  # noqa: E402
-from rollout.learner_group import LearnerGroup  # noqa: E402
-from rollout.pool import WorkerPool  # noqa: E402
+from contracts.builtin_model import build_builtin  # noqa: E402
+from contracts.config import load_config  # noqa: E402
+from rollout.driver.learner_group import LearnerGroup  # noqa: E402
+from rollout.generation.pool import WorkerPool  # noqa: E402
 
 MODELS = ("tiny-llama", "small-llama", "medium-llama")
 
@@ -50,7 +50,7 @@ def measure(name: str, workers: int, repeats: int, bucket_mb: float) -> dict:
     pool = WorkerPool(cfg, path)
     pool.use_learner(learner)
     paths = {
-        "object_store": lambda version: pool.sync_weights(version, learner.call_ref("export_weights")),
+        "object_store": lambda version: pool.sync_weights(version, learner.weights_ref()),
         "collective": lambda version: (pool.queue_newest(version), pool.confirm_weights()),
     }
     results = {}

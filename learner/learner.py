@@ -25,20 +25,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contracts.config import JobConfig
+from contracts.device import resolve_device
 from learner import checkpoint
 from learner import distributed as dist
 from learner.advantages import masked_mean, masked_whiten, token_rewards
 from learner.batch import TokenBatch
 from learner.checkpoint import NonFiniteError
-from learner.device import resolve_device
 from learner.estimators import CRITIC_FREE, estimate
 from learner.kl_control import make_kl_controller
 from learner.losses import policy_loss, value_loss
 from learner.microbatch import plan
 from learner.models import DTYPES, CriticModel, PolicyModel, load_causal_lm
 from learner.samples import LearnerColumns, SampleBatch, token_spans
-from learner.weight_broadcast import SyncPlan, WeightGroup, plan_buckets
-from rollout.config import JobConfig
 
 
 @dataclass
@@ -299,9 +298,6 @@ class Learner:
 
     # -- weights and checkpoints -----------------------------------------------------------------
 
-    def version_number(self) -> int:
-        return self.version
-
     def export_weights(self) -> list[tuple[str, torch.Tensor]] | None:
         """Policy weights with Hugging Face names, on CPU in the compute dtype: the full set on rank 0
         (gathered once from the shards; every rank must call this), None on the others."""
@@ -328,39 +324,6 @@ class Learner:
                 local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()
                 bad += (~torch.isfinite(local)).sum()
         return dist.all_reduce_sum(bad).item() == 0
-
-    # -- the collective weight sync (rollout.weight_sync): rank 0 broadcasts into the engines ---------
-
-    def weight_plan(self, dtype: str, bucket_bytes: int) -> SyncPlan:
-        """The buckets of every sync (the shapes never change); a tied head is sent once, as the embedding."""
-        shapes = [(name.removeprefix("lm."), tuple(tensor.shape)) for name, tensor in self.policy.state_dict().items()
-                  if name.startswith("lm.") and not (self.tied_head and name == "lm.lm_head.weight")]
-        tied = ()
-        if self.tied_head:
-            embedding = self.policy.lm.get_input_embeddings().weight
-            tied = tuple(("lm_head.weight", name) for name, p in self.policy.lm.named_parameters() if p is embedding)
-        return plan_buckets(shapes, dtype, bucket_bytes, tied)
-
-    def open_weight_group(self, store_host: str, store_port: int, epoch: int, world_size: int,
-                          arrive_timeout_s: float, op_timeout_s: float) -> bool:
-        """Rank 0 joins the sync group as its sender; False if the driver called the group off."""
-        self._weight_group = None
-        if self.rank != 0:
-            return True
-        self._weight_group = WeightGroup.join(store_host, store_port, epoch, 0, world_size, self.device,
-                                              arrive_timeout_s=arrive_timeout_s, op_timeout_s=op_timeout_s)
-        return self._weight_group is not None
-
-    def broadcast_weights(self, plan: SyncPlan, sync: int) -> bool:
-        """Every rank gathers the weights (a collective when sharded); rank 0 sends them once every
-        engine has arrived. False if the driver called the sync off before it began."""
-        weights = self.export_weights()
-        if self.rank != 0:
-            return True
-        if self._weight_group is None or not self._weight_group.ready(sync):
-            return False
-        self._weight_group.send(plan, dict(weights))
-        return True
 
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
         """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the policy, at temperature 1 (every

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learner.tiny_model import cache_dir
-from rollout.formats import PromptRecord
-from rollout.rendering import PromptRenderer
+from contracts.builtin_model import cache_dir
+from contracts.formats import PromptRecord
+from contracts.rendering import PromptRenderer
 
 
 def sft_examples(records: list[PromptRecord], tokenizer, max_prompt_tokens: int) -> list[tuple[list[int], list[int]]]:

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from rollout.config import ConfigError, load_config
+from contracts.config import ConfigError, load_config
 
 
 class ScoreDataError(ValueError):
@@ -83,9 +83,9 @@ def cmd_score(args) -> int:
     except ScoreDataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 1
+    from contracts.rendering import PromptRenderer
     from reward.scorer import RewardModelScorer
     from reward.train import render_prompt
-    from rollout.rendering import PromptRenderer
 
     try:
         scorer = RewardModelScorer(args.model, batch_size=args.batch_size, device=args.device)
@@ -108,8 +108,8 @@ def cmd_score(args) -> int:
 
 def read_samples(path: str) -> list[tuple[str, str, str]]:
     """(prompt, response, "FILE:LINE") per record; every bad record printed, then ScoreDataError."""
-    from rollout.formats import FormatError, require_object, text_field
-    from rollout.records import BadRecord, iter_json_records
+    from contracts.formats import FormatError, require_object, text_field
+    from contracts.jsonl import BadRecord, iter_json_records
 
     samples: list[tuple[str, str, str]] = []
     bad: list[BadRecord] = []
@@ -131,7 +131,7 @@ def read_samples(path: str) -> list[tuple[str, str, str]]:
 
 def _response(record: dict) -> str:
     """The `response` field: any string, empty included (a completion may be empty)."""
-    from rollout.formats import FormatError, field_names, type_name
+    from contracts.formats import FormatError, field_names, type_name
 
     label, missing = field_names("response")
     if "response" not in record:

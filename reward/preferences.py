@@ -18,8 +18,8 @@ from typing import Any
 
 import msgspec
 
-from rollout.formats import FormatError, field_names, require_object, text_field, type_name
-from rollout.records import BadRecord, parse_records
+from contracts.formats import FormatError, field_names, require_object, text_field, type_name
+from contracts.jsonl import BadRecord, parse_records
 
 PREFERENCE_FORMATS = ("pairwise", "multi", "scored")
 UNKNOWN_PREFERENCE_SHAPE = ("unknown record shape: expected response_a/response_b with label or "

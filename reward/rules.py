@@ -5,7 +5,7 @@ Every rule is
     rule(prompt: str, response: str, record, **params) -> float
 
 `prompt` is the rendered prompt text, `response` the decoded completion, and `record` the data
-record the prompt came from (a `rollout.formats.PromptRecord`); rules read only its `reference`
+record the prompt came from (a `contracts.formats.PromptRecord`); rules read only its `reference`
 and `metadata` attributes, so any object with those (or None, where a rule needs neither) will do.
 `params` are the rule's keyword arguments from the config's `reward.rules[].params`; a bad value
 raises ValueError, and `check_params` runs the same checks once, before any sample is scored.

@@ -22,8 +22,8 @@ from typing import Any
 
 import msgspec
 
+from contracts.config import RuleSpec
 from reward.rules import RULES, Rule, check_params, get_rule
-from rollout.config import RuleSpec
 
 log = logging.getLogger(__name__)
 

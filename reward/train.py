@@ -25,13 +25,13 @@ import msgspec
 import torch
 import torch.nn.functional as F
 
-from learner.tiny_model import resolve_model_path
+from contracts.builtin_model import resolve_model_path
+from contracts.config import ConfigError
+from contracts.formats import parse_prompt
+from contracts.jsonl import BadRecord
+from contracts.rendering import PromptRenderer
 from reward.preferences import PreferenceRecord, read_preferences
 from reward.train_config import RewardTrainConfig, check, to_yaml
-from rollout.config import ConfigError
-from rollout.formats import parse_prompt
-from rollout.records import BadRecord
-from rollout.rendering import PromptRenderer
 
 
 class DataError(ValueError):

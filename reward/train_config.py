@@ -14,7 +14,7 @@ import msgspec
 import yaml
 from msgspec import Meta, field
 
-from rollout.config import Base, ConfigError, doc
+from contracts.config import Base, ConfigError, doc
 
 
 class RewardModelSection(Base):

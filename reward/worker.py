@@ -9,9 +9,9 @@ import time
 
 import pyarrow as pa
 
+from contracts.config import RewardConfig
+from contracts.schema import reward_batch
 from reward.scorer import RewardModelScorer, RewardResult, RuleScorer, rule_component_names
-from rollout.config import RewardConfig
-from rollout.record import reward_batch
 
 MODEL_COMPONENT = "reward_model"
 RESTARTED = "restarted"  # in score_batch's seconds: 1 on the first call after a restart
@@ -31,7 +31,7 @@ def check_reward_model(cfg: RewardConfig) -> None:
     """A reward model given as a local path must be a saved model there: found before any actor starts."""
     from pathlib import Path
 
-    from rollout.config import ConfigError
+    from contracts.config import ConfigError
 
     if cfg.model is None:
         return
@@ -52,21 +52,6 @@ def check_reward_model(cfg: RewardConfig) -> None:
         raise ConfigError(f"reward.model.path: {cfg.model.path} holds {', '.join(architectures) or 'a model'} with "
                           f"{labels} label(s), not a reward model (a sequence-classification head with one label, "
                           "as `reward train` writes); a policy or causal LM cannot score")
-
-
-def spawn_reward_workers(cfg: RewardConfig) -> list:
-    """The RewardWorker actors a job or `rollout generate` scores with."""
-    import ray
-
-    from rollout.console import actor_options
-    from rollout.stall import CONCURRENCY_GROUPS
-
-    actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(_RewardActor)
-    # A worker whose process dies is restarted by Ray, and the call it was serving runs again there.
-    gpus = cfg.model.num_gpus if cfg.model is not None else 0.0
-    return [actor.options(num_cpus=cfg.num_cpus_per_worker, num_gpus=gpus, max_restarts=cfg.max_restarts,
-                          max_task_retries=cfg.max_restarts, **actor_options(f"reward-{i}"))
-            .remote(cfg, name=f"reward-{i}") for i in range(cfg.num_workers)]
 
 
 class RewardWorker:
@@ -111,24 +96,3 @@ class RewardWorker:
     def latency(self) -> dict[str, float]:
         """Cumulative scoring seconds: the whole call (`total`) and each rule."""
         return {"total": self.seconds, **self.rules.latency}
-
-
-class _RewardActor(RewardWorker):
-    """The Ray edge of a RewardWorker: its console output is filtered into its log first."""
-
-    def __init__(self, *args, **kwargs):
-        from rollout.console import route_actor_output
-        from rollout.telemetry import announce_if_restarted
-
-        route_actor_output()
-        super().__init__(*args, **kwargs)
-        self._restarted = announce_if_restarted("reward", self.name)
-
-    def __repr__(self) -> str:  # Ray names the actor by it in its errors and log lines
-        return getattr(self, "name", type(self).__name__)  # asked for even when __init__ failed
-
-    def score_batch(self, batch, records):
-        rewards, seconds = super().score_batch(batch, records)
-        if self._restarted:
-            seconds, self._restarted = {**seconds, RESTARTED: 1.0}, False
-        return rewards, seconds

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from rollout.config import ConfigError, EstimatorName, load_config
-from rollout.stopping import JobStopped
-from rollout.supervise import mark_finished, supervise, supervised
+from contracts.config import ConfigError, EstimatorName, load_config
+from rollout.driver.stopping import JobStopped
+from rollout.driver.supervise import mark_finished, supervise, supervised
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,11 +119,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _exit_code(error: BaseException) -> int | None:
     """2 for what the user must fix in what they passed (files, data, options), 1 for a job that
     failed on its way (disk, actors, timeouts); None for anything else, which is a bug: traceback."""
+    from contracts.jsonl import FormatError
     from rollout.archive import ArchiveCorruptError
-    from rollout.checkpoints import ResumeError
-    from rollout.prompts import DataError
-    from rollout.records import FormatError
-    from rollout.run_lock import RunDirBusy
+    from rollout.driver.checkpoints import ResumeError
+    from rollout.driver.prompts import DataError
+    from rollout.driver.run_lock import RunDirBusy
 
     raised_in_actor = _actor(error) is not None
     error = _cause(error)
@@ -205,9 +205,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> int:
-    from rollout.checkpoints import AUTO, NEVER
-    from rollout.console import VERBOSE_ENV
-    from rollout.job import run_job
+    from contracts.console import VERBOSE_ENV
+    from rollout.driver.checkpoints import AUTO, NEVER
+    from rollout.driver.job import run_job
 
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
@@ -219,8 +219,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from rollout.console import VERBOSE_ENV
-    from rollout.generate import generate
+    from contracts.console import VERBOSE_ENV
+    from rollout.driver.generate import generate
 
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
@@ -243,7 +243,7 @@ def _local_out(out: Path) -> Path:
 
 
 def cmd_validate(args) -> int:
-    from rollout.validate import validate_files
+    from rollout.offline.validate import validate_files
 
     prompt_length, max_tokens = None, None
     if not args.no_length_check:
@@ -256,15 +256,15 @@ def cmd_validate(args) -> int:
 def _prompt_length(cfg):
     from transformers import AutoTokenizer
 
-    from learner.tiny_model import resolve_model_path
-    from rollout.rendering import PromptRenderer
+    from contracts.builtin_model import resolve_model_path
+    from contracts.rendering import PromptRenderer
 
     renderer = PromptRenderer(AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path)), cfg.model.max_prompt_tokens)
     return lambda record: len(renderer.tokenizer(renderer.text(record), add_special_tokens=False)["input_ids"])
 
 
 def cmd_config(args) -> int:
-    from rollout.config import check, explain, to_yaml
+    from contracts.config import check, explain, to_yaml
 
     if args.explain:
         print("\n".join(explain()))
@@ -276,7 +276,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from rollout.replay import ReplayError, ReplayOptions, replay
+    from rollout.offline.replay import ReplayError, ReplayOptions, replay
 
     options = ReplayOptions(gamma=args.gamma, lam=args.lam, estimator=args.estimator, kl_coef=args.kl_coef,
                             reward_config=args.reward_config, prompts=args.prompts)
@@ -298,7 +298,7 @@ def cmd_replay(args) -> int:
 
 def _train_offline(args) -> None:
     from rollout.archive import read_metadata
-    from rollout.offline import train_offline
+    from rollout.offline.train import train_offline
 
     metadata = read_metadata(args.archive)
     config = args.config
@@ -314,8 +314,8 @@ def _train_offline(args) -> None:
 def cmd_stats(args) -> int:
     import json
 
-    from rollout.manifest import format_manifest, read_manifest
-    from rollout.stats import compute_stats, format_comparison, format_table, plot_runs
+    from rollout.archive.manifest import format_manifest, read_manifest
+    from rollout.offline.stats import compute_stats, format_comparison, format_table, plot_runs
 
     if args.manifest:
         try:
@@ -344,7 +344,7 @@ def cmd_stats(args) -> int:
 
 def cmd_report(args) -> int:
     from rollout.archive import run_dir_of
-    from rollout.report import write_report
+    from rollout.offline.report import write_report
 
     try:
         out = args.out or run_dir_of(args.run_dir) / "report.html"
@@ -357,14 +357,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from rollout.plan import format_plan, make_plan
+    from rollout.offline.plan import format_plan, make_plan
 
     cfg = load_config(args.config, args.overrides)
     cluster = nodes = None
     if args.address:
         import ray
 
-        from rollout.resources import node_resources
+        from rollout.driver.resources import node_resources
 
         ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
         try:

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
-    from learner.tiny_model import build_tiny_llama
+    from contracts.builtin_model import build_tiny_llama
 
     return str(build_tiny_llama())
 
@@ -19,7 +19,7 @@ def tiny_model_path() -> str:
 def vllm_engine(tiny_model_path):
     """One in-process CPU engine for the whole session: vLLM sets up process-wide state on start."""
     pytest.importorskip("vllm")
-    from rollout.config import RolloutConfig
-    from rollout.engine import VLLMEngine
+    from contracts.config import RolloutConfig
+    from rollout.generation.engine import VLLMEngine
 
     return VLLMEngine(tiny_model_path, RolloutConfig(device="cpu", max_model_len=128), seed=0)

@@ -7,6 +7,7 @@ import msgspec
 import pyarrow as pa
 import pytest
 
+from contracts.schema import RolloutRecord, archive_schema, from_record_batch, to_record_batch
 from rollout.archive import (
     ArchiveCutWarning,
     ArchiveWriter,
@@ -16,7 +17,6 @@ from rollout.archive import (
     read_schema,
     read_table,
 )
-from rollout.record import RolloutRecord, archive_schema, from_record_batch, to_record_batch
 
 COMPONENTS = ("arithmetic", "format")
 ARCHIVE_SCHEMA = archive_schema(COMPONENTS)

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from contracts.schema import archive_schema
 from rollout.archive import iter_batches, read_metadata, read_schema, read_table
-from rollout.record import archive_schema
-from rollout.replay import ReplayOptions, replay
-from rollout.stats import compute_stats
+from rollout.offline.replay import ReplayOptions, replay
+from rollout.offline.stats import compute_stats
 
 FIXTURE = Path(__file__).parent / "data" / "archive-v1"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())

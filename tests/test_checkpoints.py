@@ -4,10 +4,10 @@ import io
 
 import pytest
 
+from contracts.config import load_config
 from learner.checkpoint import MANIFEST_FILE, problem
 from learner.learner import Learner
-from rollout.checkpoints import AUTO, NEVER, Checkpoints, ResumeError
-from rollout.config import load_config
+from rollout.driver.checkpoints import AUTO, NEVER, Checkpoints, ResumeError
 
 
 @pytest.fixture(scope="module")

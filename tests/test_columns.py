@@ -5,14 +5,14 @@ import datetime as dt
 import numpy as np
 import pyarrow as pa
 
+from contracts.schema import archive_schema, from_record_batch, reward_batch
 from learner.samples import LearnerColumns
 from reward.scorer import RewardResult
-from rollout.columns import GENERATION_SCHEMA, archive_batches, generation_batch, sample_batch
-from rollout.engine import Completion
-from rollout.record import archive_schema, from_record_batch, reward_batch
+from rollout.archive.columns import GENERATION_SCHEMA, archive_batches, generation_batch, sample_batch
+from rollout.generation.engine import Completion
 
 COMPONENTS = ("a", "b")
-from rollout.rendering import PromptTask
+from contracts.rendering import PromptTask
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from rollout.config import ConfigError, JobConfig, check, explain, load_config, to_yaml
+from contracts.config import ConfigError, JobConfig, check, explain, load_config, to_yaml
 
 ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -101,7 +101,7 @@ def test_grafana_dashboard_queries_only_metrics_the_service_exports():
     dashboard = json.loads((root / "configs" / "grafana" / "rollout-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     names = {n for e in exprs for n in re.findall(r"ray_rollout_[a-z_]+", e)}
-    source = "".join(p.read_text() for d in ("rollout", "learner") for p in (root / d).glob("*.py"))
+    source = "".join(p.read_text() for d in ("contracts", "rollout", "learner") for p in (root / d).rglob("*.py"))
     for name in names:
         base = re.sub(r"_(bucket|total)$", "", name.removeprefix("ray_"))
         if base.startswith("rollout_time_") or base.startswith("rollout_reward_"):
@@ -111,7 +111,7 @@ def test_grafana_dashboard_queries_only_metrics_the_service_exports():
 
 
 def test_a_cluster_too_small_for_the_job_is_an_error_naming_needs_and_means():
-    from rollout.resources import check_fits
+    from rollout.driver.resources import check_fits
 
     cfg = load_config(ROOT_CONFIGS / "tiny-arith-smoke.yaml")
     check_fits(cfg, {"CPU": 3.0})  # 1 rollout worker + 1 learner rank + 0.5 reward worker
@@ -155,7 +155,7 @@ def test_greedy_with_one_sample_and_a_temperature_above_two_are_told_apart():
 
 
 def test_actors_are_checked_node_by_node_where_the_totals_fit():
-    from rollout.resources import check_fits, unplaced
+    from rollout.driver.resources import check_fits, unplaced
 
     cfg = load_config(ROOT_CONFIGS / "tiny-arith-smoke.yaml",
                       ["rollout.num_cpus_per_worker=3", "learner.num_cpus_per_rank=0.5"])  # 3 + 0.5 + 0.5 CPUs

@@ -4,14 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rollout.console import LOG_FILE_ENV, VERBOSE_ENV, is_noise
+from contracts.console import LOG_FILE_ENV, VERBOSE_ENV, is_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # What an actor prints, as seen in a run of the smoke job (Python, tqdm, torch C++ and vLLM output).
 ACTOR = r'''
 import os, sys, warnings
-from rollout.console import route_actor_output
+from contracts.console import route_actor_output
 route_actor_output()
 print("Loading weights:   0%|          | 0/21 [00:00<?, ?it/s]\rLoading weights: 100%|##| 21/21 [00:00<00:00, 5230.43it/s]")
 print("INFO 11-23 15:09:08 [engine.py:12] Initializing a V1 LLM engine")
@@ -63,7 +63,7 @@ def test_verbose_lets_everything_through(tmp_path):
 # What vLLM's engine prints when it fails (vllm/logging_utils/dump_input.py): megabytes on one line.
 DUMPING = r'''
 import os, sys, time
-from rollout.console import route_actor_output
+from contracts.console import route_actor_output
 route_actor_output()
 state = "x" * 3_000_000
 print("ERROR 12-02 12:00:00 [dump_input.py:72] Dumping input data for V1 LLM engine (v0.32.0) with config: " + state)

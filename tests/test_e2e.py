@@ -178,7 +178,7 @@ def assert_trackers_hold_every_figure(out, steps):
     in one tracker run over both starts, with the config, manifest and sample tables."""
     from tracker_readers import mlflow_run, tensorboard_scalars, wandb_offline
 
-    from rollout.tracking import figures_of
+    from rollout.driver.tracking import figures_of
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in lines] == steps
@@ -474,7 +474,7 @@ def test_a_second_run_is_refused_and_sigterm_stops_the_first_cleanly_then_it_res
         started = time.time()
         second = rollout_cli("run", "--config", SMOKE, "--out", str(out), check=False, timeout=120)
         assert second.returncode == 2 and time.time() - started < 30
-        # The holder named is the job, the process `rollout run` started (rollout/supervise.py).
+        # The holder named is the job, the process `rollout run` started (rollout/driver/supervise.py).
         holder = int(re.search(r"is in use by pid (\d+)", second.stderr).group(1))
         assert Path(f"/proc/{holder}/stat").read_text().split()[3] == str(first.pid)
         assert len(second.stderr.strip().splitlines()) == 1

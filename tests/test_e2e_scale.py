@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rollout.archive import read_table
-from rollout.stats import compute_stats
+from rollout.offline.stats import compute_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from contracts.config import SamplingConfig
+from contracts.schema import RolloutRecord
 from learner.models import PolicyModel
 from learner.samples import SampleBatch
-from rollout.config import SamplingConfig
-from rollout.record import RolloutRecord
 
 pytestmark = pytest.mark.vllm
 
@@ -109,8 +109,8 @@ def test_a_small_window_feeds_every_prompt_and_samples_the_same(vllm_engine, tin
 
 
 def test_the_cpu_engine_is_sized_by_its_settings_not_the_batch():
-    from rollout.config import RolloutConfig
-    from rollout.engine_sizing import engine_sizing
+    from contracts.config import RolloutConfig
+    from rollout.generation.engine_sizing import engine_sizing
 
     small = engine_sizing(RolloutConfig(prompts_per_iteration=64, max_model_len=64), "cpu", 1024)
     large = engine_sizing(RolloutConfig(prompts_per_iteration=5000, max_model_len=64), "cpu", 1024)

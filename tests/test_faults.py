@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from rollout import archive as archive_module
+from contracts.schema import RolloutRecord
 from rollout.archive import ArchiveWriteError, ArchiveWriter
+from rollout.archive import writer as archive_module
 from rollout.cli import main
-from rollout.record import RolloutRecord
-from rollout.run_lock import RunDirBusy, RunLock
+from rollout.driver.run_lock import RunDirBusy, RunLock
 
 
 def record(i=0):
@@ -101,9 +101,9 @@ def test_prompts_too_long_are_skipped_when_the_config_says_so(tmp_path, tiny_mod
 
     from transformers import AutoTokenizer
 
-    from rollout.config import DataConfig
-    from rollout.prompts import load_prompts
-    from rollout.rendering import PromptRenderer, render_prompts
+    from contracts.config import DataConfig
+    from contracts.rendering import PromptRenderer, render_prompts
+    from rollout.driver.prompts import load_prompts
 
     prompts = long_prompt_file(tmp_path)
     data = DataConfig(prompts=str(prompts), on_bad_record="skip")

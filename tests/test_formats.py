@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import rollout.records
-from rollout.formats import (
+import contracts.jsonl
+from contracts.formats import (
     FormatError,
     Message,
     PromptRecord,
@@ -20,7 +20,7 @@ from rollout.formats import (
     read_prompts,
     record_id,
 )
-from rollout.records import BadRecord, iter_json_records
+from contracts.jsonl import BadRecord, iter_json_records
 
 DATA = Path(__file__).parent / "data"
 
@@ -99,7 +99,7 @@ def test_array_reads_the_same_whatever_the_chunk_size(tmp_path, monkeypatch, chu
     path = tmp_path / "a.json"
     path.write_text(text, encoding="utf-8")
     starts = [n for n, line in enumerate(text.split("\n"), 1) if line[:2] in (' {', ' 7', ' "', ' n', ' [')]
-    monkeypatch.setattr(rollout.records, "_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(contracts.jsonl, "_CHUNK_BYTES", chunk)
     records = list(iter_json_records(path))
     assert [r for _, r in records] == elements
     assert [line for line, _ in records] == starts

@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from contracts.config import load_config
+from contracts.formats import parse_prompt
+from contracts.schema import RolloutRecord
 from learner.advantages import gae_reference
 from learner.learner import Learner
 from learner.microbatch import plan
 from learner.samples import SampleBatch
 from learner.sft import sft_batch, sft_examples, train_sft
-from rollout.config import load_config
-from rollout.formats import parse_prompt
-from rollout.record import RolloutRecord
 
 
 def make_records(n=24, seed=0, vocab=300):
@@ -228,7 +228,7 @@ def test_offline_training_from_an_archive_moves_the_policy(cfg, tiny_model_path,
     from safetensors.torch import load_file
 
     from rollout.archive import ArchiveWriter
-    from rollout.offline import train_offline
+    from rollout.offline.train import train_offline
 
     records, _, _ = learn(Learner(cfg, tiny_model_path), make_records())
     with ArchiveWriter(tmp_path / "rollouts", {}, ("arithmetic",)) as archive:
@@ -243,7 +243,7 @@ def test_offline_training_from_an_archive_moves_the_policy(cfg, tiny_model_path,
 
 def test_offline_training_refuses_an_archive_without_learner_columns(cfg, tiny_model_path, tmp_path):
     from rollout.archive import ArchiveWriter
-    from rollout.offline import train_offline
+    from rollout.offline.train import train_offline
 
     with ArchiveWriter(tmp_path / "rollouts", {}, ("arithmetic",)) as archive:
         archive.write(make_records(4))

@@ -6,9 +6,9 @@ import ray
 import torch
 from test_learner import make_records
 
+from contracts.config import load_config
 from learner.samples import SampleBatch
-from rollout.config import load_config
-from rollout.learner_group import LearnerGroup
+from rollout.driver.learner_group import LearnerGroup
 
 # One optimizer step per update (see test_micro_batched_update_equals_the_whole_minibatch_update).
 ONE_STEP = ["learner.device=cpu", "learner.minibatch_size=32", "learner.ppo_epochs=1", "learner.lr=1e-4",
@@ -30,8 +30,12 @@ def group(tiny_model_path, ranks, *extra):
 
 
 def learn_and_export(learners, batch):
-    _, stats, _ = learners.call("learn", ray.put(batch))
-    return dict(learners.call("export_weights")), stats
+    _, stats, _ = learners.learn_samples(batch)
+    return exported(learners), stats
+
+
+def exported(learners):
+    return dict(ray.get(learners.weights_ref(), timeout=120))
 
 
 def test_two_ranks_give_the_one_rank_update(local_ray, tiny_model_path):
@@ -40,8 +44,8 @@ def test_two_ranks_give_the_one_rank_update(local_ray, tiny_model_path):
     for ranks in (1, 2):
         learners = group(tiny_model_path, ranks)
         try:
-            columns, _, _ = learners.call("learn", ray.put(batch))
-            results.append((dict(learners.call("export_weights")), learners.call("version_number"), columns))
+            columns, _, _ = learners.learn_samples(batch)
+            results.append((exported(learners), learners.version(), columns))
         finally:
             learners.shutdown()
     (w1, v1, c1), (w2, v2, c2) = results
@@ -57,14 +61,14 @@ def test_two_ranks_stopped_and_resumed_continue_exactly(local_ray, tiny_model_pa
     first, second = (SampleBatch.from_records(make_records(32, seed=s)) for s in (6, 7))
     learners = group(tiny_model_path, 2, "learner.ppo_epochs=2", "learner.minibatch_size=8")
     try:
-        learners.call("learn", ray.put(first))
-        learners.call("save", tmp_path / "ckpt", {"iteration": 0})
+        learners.learn_samples(first)
+        learners.save(tmp_path / "ckpt", {"iteration": 0})
         straight, straight_stats = learn_and_export(learners, second)
     finally:
         learners.shutdown()
     resumed = group(tiny_model_path, 2, "learner.ppo_epochs=2", "learner.minibatch_size=8")
     try:
-        assert resumed.call("load", tmp_path / "ckpt") == {"iteration": 0}
+        assert resumed.load(tmp_path / "ckpt") == {"iteration": 0}
         again, again_stats = learn_and_export(resumed, second)
     finally:
         resumed.shutdown()

@@ -10,8 +10,8 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 START_OWN = """
-from rollout.config import load_config
-from rollout.session import init_ray
+from contracts.config import load_config
+from rollout.driver.session import init_ray
 import ray
 init_ray(load_config(None, ["ray.num_cpus=2"]), learner=True)
 print("GCS", ray.get_runtime_context().gcs_address)

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
+from contracts.schema import RolloutRecord
 from rollout.archive import ArchiveWriter
+from rollout.archive.manifest import MANIFEST, RunManifest, format_manifest, model_hash, read_manifest
 from rollout.cli import main
-from rollout.manifest import MANIFEST, RunManifest, format_manifest, model_hash, read_manifest
-from rollout.record import RolloutRecord
 
 SEEDS = {"seed": 3, "sampling_seed": None}
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import yaml
 
+from contracts.config import load_config
 from rollout.cli import main
-from rollout.config import load_config
-from rollout.plan import format_plan, make_plan
+from rollout.offline.plan import format_plan, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_CONFIG = str(ROOT / "configs" / "cluster-qwen-0.5b.yaml")
@@ -59,8 +59,8 @@ def test_a_reward_model_on_gpus_is_in_the_plan():
 def test_auto_devices_follow_the_cluster_not_the_drivers_torch():
     import pytest
 
-    from rollout.config import ConfigError
-    from rollout.resources import resolve_devices
+    from contracts.config import ConfigError
+    from rollout.driver.resources import resolve_devices
 
     auto = load_config(None, ["rollout.device=auto", "learner.device=auto"])
     on_gpus = resolve_devices(auto, {"CPU": 40.0, "GPU": 4.0})  # a driver on a GPU-less head, GPU workers

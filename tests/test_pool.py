@@ -5,10 +5,10 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
-from rollout.config import load_config
-from rollout.pool import WorkerPool
-from rollout.record import from_record_batch
-from rollout.rendering import PromptTask
+from contracts.config import load_config
+from contracts.rendering import PromptTask
+from contracts.schema import from_record_batch
+from rollout.generation.pool import WorkerPool
 
 pytestmark = pytest.mark.vllm
 
@@ -40,9 +40,9 @@ def collect(pool, launch):
 def test_chunks_come_back_scored_when_scorers_are_given(pool):
     import msgspec
 
+    from contracts.config import RewardConfig, RuleSpec
+    from contracts.formats import parse_prompt
     from reward.worker import RewardWorker
-    from rollout.config import RewardConfig, RuleSpec
-    from rollout.formats import parse_prompt
 
     records = [msgspec.structs.replace(parse_prompt({"prompt": "x"}, "sft", f"t:{i}"), prompt_id=f"p{i}")
                for i in range(2)]

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from contracts.formats import FormatError
+from contracts.jsonl import BadRecord
 from reward.preferences import PreferenceRecord, detect_preference_format, parse_preference, read_preferences
-from rollout.formats import FormatError
-from rollout.records import BadRecord
 
 DATA = Path(__file__).parent / "data"
 

@@ -1,7 +1,7 @@
 import pytest
 
-from rollout.config import DataConfig
-from rollout.prompts import DataError, PromptSampler, arith_problems, load_prompts
+from contracts.config import DataConfig
+from rollout.driver.prompts import DataError, PromptSampler, arith_problems, load_prompts
 
 
 def test_sampler_batches_are_distinct_and_cover_each_epoch():

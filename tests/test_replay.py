@@ -9,14 +9,14 @@ import pytest
 import torch
 import yaml
 
+from contracts.config import JobConfig, to_yaml
+from contracts.formats import record_id
+from contracts.schema import RolloutRecord
 from learner.advantages import gae, gae_reference, kl_penalty, token_rewards
 from learner.estimators import broadcast, grpo_advantages, rloo_advantages
 from rollout.archive import ArchiveWriter, read_metadata, read_table
 from rollout.cli import main
-from rollout.config import JobConfig, to_yaml
-from rollout.formats import record_id
-from rollout.record import RolloutRecord
-from rollout.replay import ReplayError, ReplayOptions, replay
+from rollout.offline.replay import ReplayError, ReplayOptions, replay
 
 
 def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:

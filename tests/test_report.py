@@ -3,7 +3,7 @@ a long run smoothed, and text escaped. The page in a real browser is checked end
 
 import re
 
-from rollout.report import _short, line_chart
+from rollout.offline.report import _short, line_chart
 
 
 def paths(svg: str) -> list[str]:
@@ -44,7 +44,7 @@ def test_an_archive_with_no_metrics_or_learner_columns_still_gets_a_page(tmp_pat
     """A `rollout generate` archive: no metrics.jsonl, no KL. Those charts say so; the rest draw."""
     from test_stats import hand_records, write
 
-    from rollout.report import write_report
+    from rollout.offline.report import write_report
 
     run_dir = write(tmp_path / "run", hand_records(learner=False))
     assert write_report(run_dir, tmp_path / "page.html") == 2
@@ -57,7 +57,7 @@ def test_an_archive_with_no_metrics_or_learner_columns_still_gets_a_page(tmp_pat
 def test_a_500_iteration_run_is_one_page_of_smoothed_lines(tmp_path):
     from test_stats import long_run
 
-    from rollout.report import write_report
+    from rollout.offline.report import write_report
 
     stats = long_run(tmp_path)
     assert write_report(stats.archive, tmp_path / "page.html", samples=3) == 500

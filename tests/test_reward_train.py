@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from contracts.jsonl import BadRecord
 from reward.cli import main
 from reward.preferences import read_preferences
 from reward.synthetic import preference_records, write_jsonl
 from reward.train import lr_factor, split_records, weighted
-from rollout.records import BadRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny-rm.yaml")
@@ -244,8 +244,8 @@ def test_synthetic_records_prefer_the_correct_sum(tmp_path, fmt: str) -> None:
 
 
 def test_the_config_is_documented_and_the_shipped_file_loads() -> None:
+    from contracts.config import explain, load_config
     from reward.train_config import RewardTrainConfig
-    from rollout.config import explain, load_config
 
     lines = explain(RewardTrainConfig)
     assert len(lines) > 10 and all(line.split("  # ", 1)[1].strip() for line in lines)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from contracts.config import RuleSpec
 from reward.rules import RULES
 from reward.scorer import RewardModelScorer, RewardResult, RuleScorer, ScorerStuckError
-from rollout.config import RuleSpec
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def test_bad_settings() -> None:
 
 
 def test_default_config_rules() -> None:
-    from rollout.config import RewardConfig
+    from contracts.config import RewardConfig
 
     cfg = RewardConfig()
     s = RuleScorer(cfg.rules, timeout_s=cfg.timeout_s, failed_value=cfg.failed_value)
@@ -186,7 +186,7 @@ def reward_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from learner.tiny_model import build_tiny_llama
+    from contracts.builtin_model import build_tiny_llama
 
     base = build_tiny_llama()
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -239,7 +239,7 @@ def test_reward_model_rejects_empty_text(reward_model_dir: str) -> None:
 
 
 def test_reward_model_rejects_a_causal_lm(tmp_path) -> None:
-    from learner.tiny_model import build_tiny_llama
+    from contracts.builtin_model import build_tiny_llama
 
     # The tiny policy saved as a causal LM loads as a classifier with the default two labels.
     with pytest.raises(ValueError, match="one output label"):

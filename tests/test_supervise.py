@@ -49,8 +49,8 @@ def test_the_job_runs_in_a_process_group_of_its_own_so_a_group_signal_reaches_it
 
 
 def test_the_command_lines_estimator_names_are_the_learners():
+    from contracts.config import EstimatorName
     from learner.estimators import ESTIMATORS
-    from rollout.config import EstimatorName
 
     assert get_args(EstimatorName) == ESTIMATORS
 

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 from tracker_readers import mlflow_run, tensorboard_scalars, wandb_offline
 
-from rollout.config import ConfigError, check, load_config, to_yaml
-from rollout.trackers import SampleTable, TrackedRun
-from rollout.tracking import Tracking, figures_of, sample_table
+from contracts.config import ConfigError, check, load_config, to_yaml
+from rollout.driver.trackers import SampleTable, TrackedRun
+from rollout.driver.tracking import Tracking, figures_of, sample_table
 
 ALL = ["tracking.backends=[tensorboard,wandb,mlflow]", "tracking.wandb.mode=offline", "tracking.samples_every=2"]
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from rollout.formats import PromptRecord
-from rollout.validate import detect_data_kind, reason_category, validate_files
+from contracts.formats import PromptRecord
+from rollout.offline.validate import detect_data_kind, reason_category, validate_files
 
 DATA = Path(__file__).parent / "data"
 VALID = ["sft_seed.jsonl", "xtuner_seed.json", "xtuner.jsonl", "chat.jsonl", "mixed_prompts.jsonl",

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from learner.weight_broadcast import ALIGN, SyncAbandoned, SyncStore, WeightGroup, plan_buckets
+from rollout.weight_sync.wire import ALIGN, GroupAddress, SyncAbandoned, SyncStore, WeightGroup, plan_buckets
 
 
 def test_buckets_hold_at_most_the_limit_and_a_larger_tensor_goes_alone():
@@ -27,8 +27,8 @@ def _weights() -> dict[str, torch.Tensor]:
 
 def _member(rank: int, world: int, port: int, plan, die_after: int | None, out) -> None:
     try:
-        group = WeightGroup("127.0.0.1", port, 0, rank, world, torch.device("cpu"),
-                            arrive_timeout_s=20, op_timeout_s=3)
+        address = GroupAddress("127.0.0.1", port, 0, world, arrive_timeout_s=20, op_timeout_s=3)
+        group = WeightGroup(address, rank, torch.device("cpu"))
         if rank == 0:
             start = time.monotonic()
             try:

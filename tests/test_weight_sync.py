@@ -12,14 +12,13 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
-from learner.tiny_model import build_builtin
-from rollout.collective_sync import WeightSyncError
-from rollout.config import load_config
-from rollout.learner_group import LearnerGroup
-from rollout.pool import WorkerPool
-from rollout.record import from_record_batch
-from rollout.rendering import PromptTask
-from rollout.worker import PROBE_IDS
+from contracts.builtin_model import build_builtin
+from contracts.config import load_config
+from contracts.rendering import PromptTask
+from contracts.schema import from_record_batch
+from rollout.driver.learner_group import LearnerGroup
+from rollout.generation.pool import WorkerPool
+from rollout.weight_sync.check import PROBE_IDS, WeightSyncError
 
 pytestmark = pytest.mark.vllm
 
@@ -61,16 +60,16 @@ def test_a_collective_sync_gives_the_engine_outputs_of_an_object_store_sync(loca
     try:
         before = outputs(pool, 0)
         pool.use_learner(learner)
-        probe = learner.call("probe_logprobs", list(PROBE_IDS))
-        pool.expect_probe(1, probe)
+        probe = learner.probe_logprobs(list(PROBE_IDS))
+        pool.probe.expect(1, probe)
         pool.queue_newest(1)
         pool.confirm_weights()
-        assert pool.logprob_gap < 1e-4  # the engine's logprobs of the probe tokens are the learner's
+        assert pool.probe.gap < 1e-4  # the engine's logprobs of the probe tokens are the learner's
         assert len(pool.collective.plan.buckets) > 3  # 50 KiB buckets: the weights went in several
         # A tied head (Qwen2) is sent once, as the embedding, and loaded under both names.
         assert bool(pool.collective.plan.tied) == (family == "tiny-qwen2")
         collective = outputs(pool, 0)
-        pool.sync_weights(2, ray.get(learner.call_ref("export_weights"), timeout=120))
+        pool.sync_weights(2, ray.get(learner.weights_ref(), timeout=120))
         object_store = outputs(pool, 0)
         assert [o[:3] for o in collective] == [o[:3] for o in object_store]
         assert [x for o in collective for x in o[3]] == pytest.approx([x for o in object_store for x in o[3]], abs=1e-6)
@@ -78,7 +77,7 @@ def test_a_collective_sync_gives_the_engine_outputs_of_an_object_store_sync(loca
         pool.queue_newest(3)  # the group formed once serves the next sync too
         pool.confirm_weights()
         assert pool.version == 3 and outputs(pool, 0) == collective
-        pool.expect_probe(4, [p + 1.0 for p in probe])  # as if the engine had loaded something else
+        pool.probe.expect(4, [p + 1.0 for p in probe])  # as if the engine had loaded something else
         pool.queue_newest(4)
         with pytest.raises(WeightSyncError, match=r"rollout-0 serves version 4, but its logprobs of the probe tokens "
                                                   r"differ from the learner's by up to 1 \(rollout.weight_sync_max"):
@@ -115,7 +114,7 @@ def two_worker_pool(tmp_path, *settings):
 def test_a_worker_killed_in_a_collective_sync_fails_it_within_the_timeout_naming_the_worker(local_ray, tmp_path):
     """Killed while the others wait for it in the sync: the sync is called off, and with no restarts
     left the pool fails naming the worker (with restarts, the next test: everyone gets the weights)."""
-    from rollout.pool import WorkerStartError
+    from rollout.generation.pool import WorkerStartError
 
     pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=20",
                                     "ray.actor_start_timeout_s=60")

@@ -1,0 +1,65 @@
+"""Prompt rendering, a contract shared by the service and the learner's SFT warm-start: a record's
+messages through the model's chat template into token ids, checked against the prompt budget."""
+
+from __future__ import annotations
+
+import msgspec
+
+from contracts.formats import FormatError, PromptRecord
+
+
+class PromptTask(msgspec.Struct):
+    """A rendered prompt to sample `n` completions for."""
+    prompt_id: str
+    prompt: str
+    prompt_ids: list[int]
+
+
+class PromptRenderer:
+    """Renders a record's messages with the tokenizer's chat template into a PromptTask."""
+
+    def __init__(self, tokenizer, max_prompt_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the model's tokenizer has no chat template; add one to its tokenizer_config.json")
+
+    def text(self, record: PromptRecord) -> str:
+        messages = [{"role": m.role, "content": m.content} for m in record.messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def render(self, record: PromptRecord) -> PromptTask:
+        text = self.text(record)
+        # The template already wrote the special tokens (bos); adding them again would double them.
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            raise FormatError(f"{record.source}: prompt is {len(ids)} tokens, longer than the maximum "
+                              f"{self.max_prompt_tokens} (model.max_prompt_tokens)")
+        return PromptTask(prompt_id=record.prompt_id, prompt=text, prompt_ids=ids)
+
+
+def render_prompts(records: list[PromptRecord], renderer: PromptRenderer, *, on_bad_record: str, source: str,
+                   log) -> tuple[list[PromptRecord], dict[str, PromptTask]]:
+    """Every record rendered once, at load, so a prompt too long for `model.max_prompt_tokens` is found
+    before the cluster is used: reported as FILE:LINE, then the load stops or skips them per
+    `data.on_bad_record`. Returns the records kept and their tasks by prompt id."""
+    kept, tasks, too_long = [], {}, []
+    for record in records:
+        try:
+            tasks[record.prompt_id] = renderer.render(record)
+            kept.append(record)
+        except FormatError as e:
+            too_long.append(str(e))
+    for line in too_long[:20]:
+        print(line, file=log)
+    if len(too_long) > 20:
+        print(f"... and {len(too_long) - 20} more", file=log)
+    if too_long and on_bad_record == "stop":
+        raise FormatError(f"{source}: {len(too_long)} prompt(s) longer than model.max_prompt_tokens "
+                          f"({renderer.max_prompt_tokens}), listed above; shorten them, raise the limit, or set "
+                          "data.on_bad_record=skip to train on the rest")
+    if too_long:
+        print(f"{source}: skipped {len(too_long)} prompt(s) longer than model.max_prompt_tokens", file=log)
+    if not kept:
+        raise FormatError(f"{source}: no prompt fits model.max_prompt_tokens ({renderer.max_prompt_tokens})")
+    return kept, tasks

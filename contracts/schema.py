@@ -1,0 +1,166 @@
+"""The rollout record: one sample (prompt x completion), field for field the archive's schema v2.
+
+Generation fills the engine fields, reward fills `reward` and `reward_components`, the learner
+fills `ref_logprobs`, `values`, `kl`, `kl_coef`, `token_rewards`, `advantages` and `returns` (left
+None by `rollout generate`). `archive_schema` is derived from nothing else: a field added here
+without a column there is a test failure, not a silent drop.
+
+`reward_components` is a struct with one float32 field per component, so every Arrow reader
+(`datasets`, pandas, polars, DuckDB) loads it. The components are fixed when a run starts (the
+reward config's rules, then the reward model), so the schema of a run is `archive_schema(names)`.
+Version 1 archives (a string -> float32 map, no `kl` / `kl_coef`) are converted on read
+(`rollout/archive/v1.py`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from collections.abc import Sequence
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 2
+
+
+class RolloutRecord(msgspec.Struct, kw_only=True):
+    run_id: str
+    prompt_id: str
+    iteration: int
+    policy_version: int
+    sample_index: int
+    prompt: str
+    response: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float]
+    finish_reason: str
+    worker: str
+    generated_at: dt.datetime
+    reward: float | None = None
+    reward_components: dict[str, float] | None = None
+    ref_logprobs: list[float] | None = None
+    values: list[float] | None = None
+    kl: list[float] | None = None
+    kl_coef: float | None = None
+    token_rewards: list[float] | None = None
+    advantages: list[float] | None = None
+    returns: list[float] | None = None
+
+
+_f32_list = pa.list_(pa.float32())
+_i32_list = pa.list_(pa.int32())
+
+
+def components_type(components: Sequence[str]) -> pa.StructType:
+    """The `reward_components` column's type: one float32 field per component, in run order."""
+    if len(set(components)) != len(components):
+        raise ValueError(f"reward component names repeat: {list(components)}")
+    return pa.struct([pa.field(name, pa.float32()) for name in components])
+
+
+def archive_schema(components: Sequence[str]) -> pa.Schema:
+    """Schema v2 of a run whose reward components are `components`."""
+    return pa.schema([
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("iteration", pa.int32(), nullable=False),
+        pa.field("policy_version", pa.int32(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("response", pa.string(), nullable=False),
+        pa.field("prompt_ids", _i32_list, nullable=False),
+        pa.field("response_ids", _i32_list, nullable=False),
+        pa.field("response_logprobs", _f32_list, nullable=False),
+        pa.field("ref_logprobs", _f32_list),
+        pa.field("values", _f32_list),
+        pa.field("kl", _f32_list),
+        pa.field("kl_coef", pa.float32()),
+        pa.field("token_rewards", _f32_list),
+        pa.field("reward", pa.float32()),
+        pa.field("reward_components", components_type(components)),
+        pa.field("advantages", _f32_list),
+        pa.field("returns", _f32_list),
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("worker", pa.string(), nullable=False),
+        pa.field("generated_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ])
+
+
+def components_of(schema: pa.Schema) -> tuple[str, ...]:
+    """The reward component names of a v2 schema."""
+    return tuple(f.name for f in schema.field("reward_components").type)
+
+
+FINISH_REASONS = ("stop", "length", "error")
+REWARD_FIELDS = ("reward", "reward_components")
+
+
+def reward_schema(components: Sequence[str]) -> pa.Schema:
+    schema = archive_schema(components)
+    return pa.schema([schema.field(name) for name in REWARD_FIELDS])
+
+
+def components_array(rows: Sequence[dict[str, float] | None], components: Sequence[str]) -> pa.StructArray:
+    """Per-sample {component: value} (None for an unscored sample) as a `reward_components` column;
+    a component a row lacks is null there."""
+    if not components:  # a struct with no fields has no child to carry the length
+        return pa.array([None if r is None else {} for r in rows], pa.struct([]))
+    mask = np.fromiter((r is None for r in rows), dtype=bool, count=len(rows))
+    children = [pa.array([None if r is None else r.get(name) for r in rows], pa.float32()) for name in components]
+    return pa.StructArray.from_arrays(children, fields=list(components_type(components)),
+                                      mask=pa.array(mask) if mask.any() else None)
+
+
+def reward_batch(results, components: Sequence[str]) -> pa.RecordBatch:
+    """Reward results (`total`, `components`), one per sample, as the archive's reward columns."""
+    return pa.RecordBatch.from_arrays([
+        pa.array(np.array([r.total for r in results], dtype=np.float32)),
+        components_array([r.components for r in results], components),
+    ], schema=reward_schema(components))
+
+
+def to_record_batch(records: list[RolloutRecord], components: Sequence[str]) -> pa.RecordBatch:
+    """Column-wise conversion of records to one Arrow batch of `archive_schema(components)`."""
+    schema = archive_schema(components)
+    columns = []
+    for field in schema:
+        values = [getattr(r, field.name) for r in records]
+        if field.name == "reward_components":
+            columns.append(components_array(values, components))
+        elif pa.types.is_list(field.type):
+            columns.append(_list_array(values, field.type))
+        else:
+            columns.append(pa.array(values, type=field.type))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _list_array(rows: list[list | None], kind: pa.ListType) -> pa.ListArray:
+    """Token lists through one flat numpy buffer and offsets: per-element conversion by `pa.array`
+    dominates archive writing otherwise."""
+    nulls = np.fromiter((r is None for r in rows), dtype=bool, count=len(rows))
+    lengths = np.fromiter((0 if r is None else len(r) for r in rows), dtype=np.int32, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    dtype = np.int32 if pa.types.is_int32(kind.value_type) else np.float32
+    flat = np.fromiter(itertools.chain.from_iterable(r for r in rows if r is not None), dtype=dtype,
+                       count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=kind.value_type),
+                                    mask=pa.array(nulls) if nulls.any() else None)
+
+
+def from_record_batch(batch: pa.RecordBatch) -> list[RolloutRecord]:
+    """The inverse of `to_record_batch` (for tests and small archives; the service works on columns).
+
+    A batch with only some of the columns (a rollout worker's generation batch) leaves the rest None.
+    """
+    rows = batch.to_pylist()
+    names = msgspec.structs.fields(RolloutRecord)
+    for row in rows:
+        for field in names:
+            row.setdefault(field.name, None)
+        if row["reward_components"] is not None:
+            row["reward_components"] = {k: v for k, v in row["reward_components"].items() if v is not None}
+    return [RolloutRecord(**row) for row in rows]

@@ -1,0 +1,123 @@
+"""Samples as Arrow columns, from the engines to the archive; no per-token Python objects on the way.
+
+- A rollout worker turns its engine's completions into one `generation batch` (the engine columns
+  of the archive schema), built from flat numpy buffers.
+- A reward worker reads that batch's prompt ids and texts and returns a `reward batch` (`reward`,
+  `reward_components`), one row per sample, in the same order.
+- The learner's input (`SampleBatch`) is the generation batches' token buffers, concatenated,
+  with the rewards; its output (`LearnerColumns`) is flat per-token buffers in the same order.
+- The archive's record batches are the three joined column by column: list columns are built
+  from offsets and value buffers, zero-copy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from contracts.schema import REWARD_FIELDS, archive_schema
+from learner.samples import LearnerColumns, SampleBatch, flatten
+
+LEARNER_FIELDS = ("ref_logprobs", "values", "kl", "token_rewards", "advantages", "returns")  # per token
+GENERATION_SCHEMA = pa.schema([f for f in archive_schema(()) if f.name not in (*REWARD_FIELDS, *LEARNER_FIELDS,
+                                                                                "kl_coef")])
+
+
+def list_array(flat: np.ndarray, offsets: np.ndarray, kind: pa.ListType) -> pa.ListArray:
+    """A list column from one value buffer and (N + 1,) offsets, without copying the values."""
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)),
+                                    pa.array(flat, type=kind.value_type))
+
+
+def generation_batch(tasks, completions, *, run_id: str, iteration: int, policy_version: int, worker: str,
+                     generated_at: dt.datetime) -> pa.RecordBatch:
+    """One row per (task, completion): `completions[i]` holds the engine's samples for `tasks[i]`."""
+    pairs = [(task, i, c) for task, samples in zip(tasks, completions) for i, c in enumerate(samples)]
+    n = len(pairs)
+    prompt_ids, prompt_offsets = flatten([t.prompt_ids for t, _, _ in pairs], np.int32)
+    response_ids, response_offsets = flatten([c.token_ids for _, _, c in pairs], np.int32)
+    logprobs, _ = flatten([c.logprobs for _, _, c in pairs], np.float32)
+    field = GENERATION_SCHEMA.field
+    columns = {
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "prompt_id": pa.array([t.prompt_id for t, _, _ in pairs], pa.string()),
+        "iteration": pa.array(np.full(n, iteration, dtype=np.int32)),
+        "policy_version": pa.array(np.full(n, policy_version, dtype=np.int32)),
+        "sample_index": pa.array(np.fromiter((i for _, i, _ in pairs), dtype=np.int32, count=n)),
+        "prompt": pa.array([t.prompt for t, _, _ in pairs], pa.string()),
+        "response": pa.array([c.text for _, _, c in pairs], pa.string()),
+        "prompt_ids": list_array(prompt_ids, prompt_offsets, field("prompt_ids").type),
+        "response_ids": list_array(response_ids, response_offsets, field("response_ids").type),
+        "response_logprobs": list_array(logprobs, response_offsets, field("response_logprobs").type),
+        "finish_reason": pa.array([c.finish_reason for _, _, c in pairs], pa.string()),
+        "worker": pa.array([worker] * n, pa.string()),
+        "generated_at": pa.array([generated_at] * n, field("generated_at").type),
+    }
+    return pa.RecordBatch.from_arrays([columns[f.name] for f in GENERATION_SCHEMA], schema=GENERATION_SCHEMA)
+
+
+def _values_and_offsets(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list column's values and offsets from 0, whatever slice of a larger array it is."""
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
+def _concat(batches: list[pa.RecordBatch], name: str) -> tuple[np.ndarray, np.ndarray]:
+    values, offsets, base = [], [np.zeros(1, dtype=np.int64)], 0
+    for batch in batches:
+        v, o = _values_and_offsets(batch.column(name))
+        values.append(v)
+        offsets.append(o[1:] + base)
+        base += int(o[-1])
+    return np.concatenate(values) if values else np.zeros(0), np.concatenate(offsets)
+
+
+def sample_batch(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch]) -> SampleBatch:
+    """The learner's input: the generation batches' tokens in order, with their rewards and prompt groups."""
+    prompt_ids, prompt_offsets = _concat(generations, "prompt_ids")
+    response_ids, response_offsets = _concat(generations, "response_ids")
+    behaviour, _ = _concat(generations, "response_logprobs")
+    scores = np.concatenate([r.column("reward").to_numpy(zero_copy_only=False) for r in rewards]) \
+        if rewards else np.zeros(0, dtype=np.float32)
+    ids = pa.chunked_array([g.column("prompt_id") for g in generations], pa.string())
+    groups = pc.dictionary_encode(ids).combine_chunks().indices.to_numpy().astype(np.int64)
+    return SampleBatch(prompt_ids.astype(np.int32, copy=False), prompt_offsets,
+                       response_ids.astype(np.int32, copy=False), response_offsets,
+                       behaviour.astype(np.float32, copy=False), scores.astype(np.float32, copy=False), groups)
+
+
+def archive_batches(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch] | None,
+                    learner: LearnerColumns | None, components: tuple[str, ...]) -> list[pa.RecordBatch]:
+    """Generation, reward and learner columns joined into `archive_schema(components)` batches, one
+    per generation batch.
+
+    `learner`'s flat buffers cover all the generation batches' response tokens, in order; None (as in
+    `rollout generate`) leaves the learner columns null, and so does `rewards` None for the reward columns.
+    """
+    schema = archive_schema(components)
+    out, token_base = [], 0
+    for i, gen in enumerate(generations):
+        columns = {name: gen.column(name) for name in GENERATION_SCHEMA.names}
+        reward = rewards[i] if rewards is not None else None
+        for name in REWARD_FIELDS:
+            columns[name] = reward.column(name) if reward is not None else pa.nulls(gen.num_rows,
+                                                                                    schema.field(name).type)
+        _, offsets = _values_and_offsets(gen.column("response_ids"))
+        tokens = int(offsets[-1])
+        for name in LEARNER_FIELDS:
+            kind = schema.field(name).type
+            if learner is None:
+                columns[name] = pa.nulls(gen.num_rows, kind)
+            else:
+                flat = getattr(learner, name)[token_base:token_base + tokens]
+                columns[name] = list_array(flat, offsets, kind)
+        columns["kl_coef"] = (pa.nulls(gen.num_rows, pa.float32()) if learner is None
+                              else pa.array(np.full(gen.num_rows, learner.kl_coef, dtype=np.float32)))
+        token_base += tokens
+        out.append(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
+    if learner is not None and token_base != len(learner.returns):
+        raise ValueError(f"the learner returned {len(learner.returns)} token values for {token_base} response tokens")
+    return out

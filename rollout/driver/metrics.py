@@ -1,0 +1,123 @@
+"""Per-iteration figures: one JSON line in `RUN_DIR/metrics.jsonl`, the same through Ray's metrics
+(Prometheus), and a progress line for people."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rollout.actors.telemetry import metric_name, record_stages
+
+STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive")
+
+
+def iteration_metrics(iteration: int, summaries, rewards: list[pa.RecordBatch], learn: dict[str, float],
+                      timings: dict[str, float], version: int) -> dict:
+    """One iteration's figures from the generation summaries, the reward columns and the learner's stats."""
+    samples = sum(s.samples for s in summaries)
+    tokens = sum(s.generated_tokens for s in summaries)
+    # Workers generate side by side: an iteration's generation time is its busiest worker's.
+    busy: dict[str, float] = {}
+    for s in summaries:
+        busy[s.worker] = busy.get(s.worker, 0.0) + s.seconds
+    reward = np.concatenate([r.column("reward").to_numpy(zero_copy_only=False) for r in rewards]).astype(np.float64)
+    total_seconds = sum(timings.values())
+    metrics = {
+        "iteration": iteration,
+        "samples": samples,
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / max(max(busy.values(), default=0.0), 1e-9),
+        "samples_per_s": samples / max(total_seconds, 1e-9),
+        "reward_mean": float(reward.mean()),
+        "reward_std": float(reward.std()),
+        "response_length_mean": tokens / max(samples, 1),
+        "finish_stop_frac": sum(s.stopped for s in summaries) / max(samples, 1),
+        "policy_version": version,
+        "version_lag": version - 1 - min(s.policy_version for s in summaries),
+    }
+    for name, values in _components(rewards).items():
+        ok = values[~np.isnan(values)]
+        metrics[f"reward/{name}"] = float(ok.mean()) if ok.size else float("nan")
+        metrics[f"reward_failed/{name}"] = int(np.isnan(values).sum())
+    metrics.update({k: float(v) for k, v in learn.items()})
+    metrics.update({f"time/{stage}": float(timings.get(stage, 0.0)) for stage in STAGES})
+    metrics["time/iteration"] = total_seconds
+    return metrics
+
+
+def _components(rewards: list[pa.RecordBatch]) -> dict[str, np.ndarray]:
+    """Each reward component's values over the iteration, from the struct columns."""
+    structs = pa.chunked_array([r.column("reward_components") for r in rewards]).combine_chunks()
+    return {field.name: child.to_numpy(zero_copy_only=False).astype(np.float64)
+            for field, child in zip(structs.type, structs.flatten())}
+
+
+class MetricsLog:
+    """Appends metrics lines and mirrors the numeric ones as Ray gauges (Prometheus)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._gauges: dict[str, object] = {}
+
+    def write(self, metrics: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                for k, v in metrics.items()}) + "\n")
+        self._export(metrics)
+
+    def _export(self, metrics: dict) -> None:
+        try:
+            import ray
+            from ray.util.metrics import Gauge
+        except ImportError:
+            return
+        if not ray.is_initialized():
+            return
+        record_stages({k[5:]: v for k, v in metrics.items() if k.startswith("time/") and k != "time/iteration"})
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+                continue
+            name = metric_name(key)
+            if name not in self._gauges:
+                self._gauges[name] = Gauge(name, description=f"PPO rollout service: {key} (per iteration)")
+            self._gauges[name].set(float(value))
+
+    @staticmethod
+    def progress_line(m: dict, last_iteration: int) -> str:
+        parts = [f"iter {m['iteration']}/{last_iteration}", f"reward {m['reward_mean']:+.3f}"]
+        parts += [f"{k[7:]} {v:.3f}" for k, v in m.items() if k.startswith("reward/") and v == v]
+        parts += [f"kl {m.get('kl', 0.0):.4f}", f"{m['tokens_per_s']:.0f} tok/s",
+                  f"len {m['response_length_mean']:.1f}", f"{m['time/iteration']:.1f}s"]
+        return "  ".join(parts)
+
+
+def print_summary(history: list[dict], log) -> None:
+    """`summary_lines`, then the samples, tokens and seconds of the run."""
+    if not history:
+        print("no iterations ran", file=log)
+        return
+    print("\n" + "\n".join(summary_lines(history)), file=log)
+    seconds = sum(h["time/iteration"] for h in history)
+    tokens = sum(h["generated_tokens"] for h in history)
+    print(f"  {sum(h['samples'] for h in history)} samples, {tokens} tokens in {seconds:.0f}s", file=log)
+
+
+def summary_lines(history: list[dict]) -> list[str]:
+    """First vs last iteration and first vs last fifth, of the reward and each component: what `run`
+    ends with, and `rollout stats` too (its per-iteration items carry the same names)."""
+    fifth = max(1, len(history) // 5)
+    keys = ["reward_mean"] + sorted({k for h in history for k in h if k.startswith("reward/")})
+    lines = [f"summary over {len(history)} iterations (first fifth = {fifth} iterations):"]
+    for key in keys:
+        values = [h.get(key) for h in history]
+        values = [v for v in values if v is not None and v == v]
+        if not values:
+            continue
+        head, tail = np.mean(values[:fifth]), np.mean(values[-fifth:])
+        lines.append(f"  {key:28s} first {values[0]:.3f}  last {values[-1]:.3f}   "
+                     f"first fifth {head:.3f} -> last fifth {tail:.3f} ({tail - head:+.3f})")
+    return lines

@@ -1,0 +1,416 @@
+"""Everything a PPO run holds between iterations, and the steps the job loop names.
+
+`Session.open` resolves the model (building the tiny one, SFT warm-up), starts or joins Ray,
+spawns the rollout, reward and learner actors, and resumes from the newest checkpoint in the run
+directory. A resumed run numbers its iterations after the last one already archived, so no
+(iteration, prompt_id, sample_index) is ever archived twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import pyarrow as pa
+import ray
+from tqdm import tqdm
+
+from contracts.builtin_model import resolve_model_path
+from contracts.config import ConfigError, JobConfig, check, to_yaml
+from contracts.console import configure_driver
+from contracts.rendering import PromptRenderer, render_prompts
+from learner.checkpoint import NonFiniteError
+from reward.worker import check_reward_model, reward_components
+from rollout.actors.telemetry import record_restart
+from rollout.archive import ArchiveWriter, last_archived_iteration
+from rollout.archive.columns import archive_batches
+from rollout.archive.manifest import RunManifest
+from rollout.driver import stopping
+from rollout.driver.checkpoints import AUTO, Checkpoints
+from rollout.driver.learner_group import LearnerError, LearnerGroup
+from rollout.driver.metrics import MetricsLog, iteration_metrics
+from rollout.driver.prompts import PromptSampler, load_prompts
+from rollout.driver.resources import actor_requests, check_fits, node_resources, resolve_devices
+from rollout.driver.reward_group import RewardGroup
+from rollout.driver.run_lock import RunLock
+from rollout.driver.trackers import TrackedRun
+from rollout.driver.tracking import Tracking, sample_table
+from rollout.generation.launch import Chunk, Launch
+from rollout.generation.pool import WorkerPool
+from rollout.generation.worker import GenerationSummary
+from rollout.weight_sync.check import PROBE_IDS
+
+
+@dataclass
+class Launched:
+    """An iteration whose generation and scoring are queued."""
+    generation: Launch                     # its chunks, handed to scorers as they complete
+    sampler: dict                          # the data cursor after this iteration's prompts
+    after_sync: bool                       # queued behind a weight sync that collect must confirm
+
+
+@dataclass
+class Samples:
+    """A collected iteration: the batches stay in the object store; summaries and rewards are here."""
+    iteration: int
+    chunks: list[Chunk]
+    rewards: list[pa.RecordBatch]  # one per chunk
+    sampler: dict
+    latency: dict[str, float]      # reward_latency/NAME: seconds scoring this iteration, in total and per rule
+
+    @property
+    def summaries(self) -> list[GenerationSummary]:
+        return [c.summary for c in self.chunks]
+
+
+@dataclass
+class Learned:
+    columns: ray.ObjectRef  # LearnerColumns, for the archive
+    stats: dict[str, float]
+
+
+def init_ray(cfg: JobConfig, *, learner: bool) -> None:
+    """Join the cluster at ray.address / RAY_ADDRESS, else start a local Ray sized for the job's actors."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        return
+    # Ray's CPU count is a scheduling budget, not a thread limit: generation, reward and learning
+    # take turns, so a 2-core machine can host the whole job.
+    needed = sum(count * each["CPU"] for _, count, each in actor_requests(cfg, learner=learner))
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    # "local", not None: with None, Ray joins any cluster `ray start` left on this machine.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             logging_level=logging.WARNING, _metrics_export_port=cfg.ray.metrics_export_port)
+
+
+class Session:
+    def __init__(self, cfg: JobConfig, run_dir: Path, log):
+        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+
+    @classmethod
+    def open(cls, cfg: JobConfig, run_dir: Path, *, log=None, resume: str | Path = AUTO) -> Session:
+        """`resume`: checkpoints.AUTO (the newest whole checkpoint, if any), NEVER, or a checkpoint directory."""
+        self = cls(cfg, run_dir, log or sys.stderr)
+        self.resume = resume
+        check(cfg)  # devices are checked against the cluster once it is joined
+        self._read_data()  # a run refused for its config or data leaves nothing in the run directory
+        self.lock = RunLock.acquire(run_dir)  # before anything is written there
+        if self.lock.stale_warning():
+            print(self.lock.stale_warning(), file=log)
+        try:
+            self._start()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _read_data(self) -> None:
+        """The reward model's directory checked and every prompt rendered before Ray starts: bad data
+        fails here, in seconds, not iterations later."""
+        cfg, log = self.cfg, self.log
+        check_reward_model(cfg.reward)
+        self.base_model = resolve_model_path(cfg.model.path)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        self.renderer = PromptRenderer(self.tokenizer, cfg.model.max_prompt_tokens)
+        self.records, self.tasks = render_prompts(load_prompts(cfg.data, cfg.seed, log=log), self.renderer,
+                                                  on_bad_record=cfg.data.on_bad_record, source=cfg.data.prompts,
+                                                  log=log)
+        if cfg.rollout.prompts_per_iteration > len(self.records):
+            raise ConfigError(f"rollout.prompts_per_iteration ({cfg.rollout.prompts_per_iteration}) exceeds the "
+                              f"{len(self.records)} usable prompts of data.prompts ({cfg.data.prompts}): lower it, "
+                              "or give more prompts")
+        self.records_by_id = {record.prompt_id: record for record in self.records}
+        self.sampler = PromptSampler(size=len(self.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
+
+    def _start(self) -> None:
+        cfg, run_dir, log = self.cfg, self.run_dir, self.log
+        configure_driver(run_dir)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.run_id = _run_id(run_dir, cfg.run_name)
+        self.manifest = RunManifest(run_dir, self.run_id)
+        base_model = self.base_model
+
+        # Before any model work: a cluster that cannot hold the actors fails the job here, in seconds.
+        init_ray(cfg, learner=True)
+        stopping.install()  # again: ray.init installs its own SIGTERM handler
+        self.cfg = cfg = resolve_devices(cfg, ray.cluster_resources())
+        check_fits(cfg, ray.cluster_resources(), nodes=node_resources())
+        model = base_model
+        if cfg.model.sft_warmup:
+            from learner.sft import warm_start
+
+            model = warm_start(base_model, self.records, steps=cfg.model.sft_steps, lr=cfg.model.sft_lr,
+                               max_prompt_tokens=cfg.model.max_prompt_tokens, seed=cfg.seed, log=log)
+
+        self.checkpoints = Checkpoints(run_dir, cfg.checkpoint_keep_last)
+        # What a rebuilt learner restarts from: this checkpoint, then each one this run commits.
+        self.restart_from = checkpoint = self.checkpoints.resume_point(self.resume, log)
+        serving_model = str(checkpoint / "policy") if checkpoint else model
+        print(f"run {self.run_id}: {len(self.records)} prompts, model {model}, "
+              f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
+
+        self.model = model
+        # The engines load while the learner builds: neither start waits for the other.
+        self.pool = WorkerPool(cfg, serving_model, wait=False)
+        self.rewards = RewardGroup(cfg.reward, self.log)
+        self.learner = LearnerGroup(cfg, model)
+        self.learner_restarts = 0
+        self.pool.wait_started()
+        self.pool.use_learner(self.learner)
+        updates = 0  # PPO updates the learner's weights hold: its policy version
+        next_iteration, resumed_from = 0, None
+        if checkpoint:
+            extra = self.learner.load(checkpoint)
+            self.sampler = msgspec.convert(extra["sampler"], PromptSampler)
+            next_iteration = extra["iteration"] + 1
+            updates = self.learner.version()
+            self.pool.queue_newest(updates)
+            self.pool.confirm_weights()
+            resumed_from = {"checkpoint": checkpoint.name, "iteration": extra["iteration"], "policy_version": updates}
+        # Iterations archived after the last checkpoint lost their updates but keep their rows;
+        # numbering continues after them so no (iteration, prompt_id, sample_index) repeats, and the
+        # run goes on until the weights hold `iterations` updates, however many crashes came before.
+        self.first_iteration = max(next_iteration, last_archived_iteration(run_dir) + 1)
+        if checkpoint or self.first_iteration:
+            print(f"resuming{' from ' + checkpoint.name if checkpoint else ' with no checkpoint'}: "
+                  f"{updates} of {cfg.iterations} updates done, continuing at iteration {self.first_iteration}",
+                  file=log)
+        self.iterations_left = max(0, cfg.iterations - updates)
+        self.last_iteration = self.first_iteration + self.iterations_left - 1
+        self.version = self.pool.version
+        self.launched: dict[int, Launched] = {}
+        self.current_iteration = self.first_iteration
+        self._last_recorded = time.perf_counter()
+        self._restarts_seen: dict[str, int] = {}
+        self.components = reward_components(cfg.reward)
+        start = self.manifest.start_run(cfg, model, resumed_from)
+        self.archive = ArchiveWriter(run_dir / "rollouts", self._archive_metadata(model, start), self.components,
+                                     batch_rows=cfg.archive.batch_rows, rows_per_file=cfg.archive.rows_per_file)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        start = {key: value for key, value in start.items() if key != "config_yaml"}  # the config goes whole
+        self.tracking = Tracking(cfg.tracking, TrackedRun(run_dir, self.run_id, msgspec.to_builtins(cfg),
+                                                          to_yaml(cfg), start), log)
+
+    def _rebuild_learner(self, error: BaseException, iteration: int) -> None:
+        """New learner ranks from the newest checkpoint (or the start model); the workers follow."""
+        self.learner_restarts += 1
+        limit = self.cfg.learner.max_restarts
+        first_line = str(error).strip().splitlines()[0]
+        if self.learner_restarts > limit:
+            raise LearnerError(f"a learner rank died again ({first_line}); learner.max_restarts ({limit}) spent") \
+                from error
+        checkpoint = self.restart_from
+        print(f"learner: a rank died in iteration {iteration} ({first_line}); rebuilding it from "
+              f"{checkpoint.name if checkpoint else 'the start model'} (restart {self.learner_restarts} of {limit})",
+              file=self.log, flush=True)
+        record_restart("learner")
+        self.learner.shutdown()
+        self.learner = LearnerGroup(self.cfg, self.model)
+        updates, resumed_from = 0, None
+        if checkpoint:
+            extra = self.learner.load(checkpoint)
+            updates = self.learner.version()
+            resumed_from = {"checkpoint": checkpoint.name, "iteration": extra["iteration"], "policy_version": updates}
+        # The lost updates are made again on iterations after the last one planned.
+        self.last_iteration += self.version - updates
+        self.manifest.start_run(self.cfg, self.model, resumed_from, reason=f"learner rebuilt in iteration {iteration}")
+        self.pool.use_learner(self.learner)
+        self.pool.queue_newest(updates)
+        self.version = updates
+
+    def _release(self) -> None:
+        """Kill what was started (all of it, or what a start that failed half-way got to) and free the
+        run directory. Results still in flight die with their actors: Ray would report each as an
+        "unhandled error", so it is told not to."""
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+        for part in ("pool", "learner", "rewards"):
+            if hasattr(self, part):
+                getattr(self, part).shutdown()
+        self.lock.release()
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def iterations(self) -> Iterator[int]:
+        """The iterations to run; generation for up to `rollout.max_staleness` later ones is kept in flight.
+
+        Each iteration is launched after the weight sync that precedes it in the loop, so its samples
+        are at most `max_staleness` policy versions behind the learner that trains on them.
+        """
+        iteration = self.first_iteration
+        while iteration <= self.last_iteration:  # a rebuilt learner moves the last iteration on
+            ahead = min(iteration + self.cfg.rollout.max_staleness, self.last_iteration)
+            for later in range(iteration, ahead + 1):
+                if later not in self.launched:
+                    self.launched[later] = self._launch(later)
+            yield iteration
+            iteration += 1
+
+    def collect(self, iteration: int, timings: dict[str, float]) -> Samples:
+        """Wait for the iteration's generation, then its rewards; only summaries and rewards come here."""
+        launched = self.launched.pop(iteration)
+        self.current_iteration = iteration  # what a failure in the steps after this one is reported in
+        timeout = self.cfg.rollout.iteration_timeout_s
+        start = time.perf_counter()
+        if launched.after_sync:
+            try:
+                self.pool.confirm_weights()
+            except ray.exceptions.RayActorError as e:  # the learner died in a collective sync: rebuilt, it resends
+                self._rebuild_learner(e, iteration)
+        chunks = self._collect_with_progress(iteration, launched.generation)
+        timings["generate"] = time.perf_counter() - start
+        start = time.perf_counter()
+        rewards, latency = self.rewards.scores(chunks, timeout, f"rewards of iteration {iteration}")
+        timings["reward"] = time.perf_counter() - start
+        return Samples(iteration, chunks, rewards, launched.sampler, latency)
+
+    def learn(self, samples: Samples, timings: dict[str, float]) -> Learned:
+        """One PPO update on the iteration's samples. A learner rank whose process died costs the
+        updates since the newest checkpoint: the group is rebuilt from it and learns on these samples."""
+        while True:
+            try:
+                columns, stats, learn_timings = self.learner.learn([c.batch for c in samples.chunks],
+                                                                   [c.rewards for c in samples.chunks])
+                break
+            except ray.exceptions.RayActorError as e:
+                self._rebuild_learner(e, samples.iteration)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, NonFiniteError):  # the learner cannot say which iteration it was
+                    raise NonFiniteError(f"iteration {samples.iteration}: {e.cause}") from None
+                raise
+        timings.update(learn_timings)
+        return Learned(columns, stats)
+
+    def sync_weights(self) -> None:
+        """Queue the new weights on every worker behind the generation already in flight."""
+        try:
+            version = self.learner.version()
+            self.pool.probe.expect(version, self.learner.probe_logprobs(list(PROBE_IDS)))
+            self.pool.queue_newest(version)
+        except ray.exceptions.RayActorError as e:  # the rebuilt learner queues its own weights
+            self._rebuild_learner(e, self.current_iteration)
+            return
+        self.version = version
+
+    def archive_iteration(self, samples: Samples, learned: Learned) -> None:
+        """Queued: the archive's thread fetches the columns, joins and writes them, off this loop's path."""
+        timeout = self.cfg.rollout.iteration_timeout_s
+        batches = [c.batch for c in samples.chunks]
+        self.archive.write_later(lambda: archive_batches(ray.get(batches, timeout=timeout), samples.rewards,
+                                                         ray.get(learned.columns, timeout=timeout), self.components))
+
+    def record_metrics(self, samples: Samples, learned: Learned, timings: dict[str, float]) -> dict:
+        metrics = iteration_metrics(samples.iteration, samples.summaries, samples.rewards,
+                                    {**learned.stats, **samples.latency}, timings, self.version)
+        # Wall-clock seconds since the last iteration's line; stages overlap, so it is not their sum.
+        now = time.perf_counter()
+        metrics["time/wall"], self._last_recorded = now - self._last_recorded, now
+        if self.pool.probe.gap is not None:  # of the last sync confirmed
+            metrics["weight_sync/logprob_gap"] = self.pool.probe.gap
+        # Restarts since the last line (reward workers report theirs with the first batch they score).
+        counts = {"rollout": self.pool.restarts, "learner": self.learner_restarts}
+        for kind, count in counts.items():
+            metrics[f"restarts/{kind}"] = count - self._restarts_seen.get(kind, 0)
+        metrics["restarts/reward"] = int(metrics.get("restarts/reward", 0))
+        self._restarts_seen = counts
+        self.metrics.write(metrics)
+        table = None
+        if self.tracking.wants_samples(samples.iteration):
+            texts = ray.get(samples.chunks[0].batch, timeout=self.cfg.rollout.iteration_timeout_s)
+            table = sample_table(texts, samples.rewards[0], self.cfg.tracking.samples_rows)
+        self.tracking.log_iteration(metrics, table)
+        self.manifest.iteration(samples.iteration, generated_by=[s.policy_version for s in samples.summaries],
+                                policy_version=self.version)
+        print(self.metrics.progress_line(metrics, self.last_iteration), file=self.log, flush=True)
+        return metrics
+
+    def checkpoint_if_due(self, samples: Samples) -> None:
+        """Every `checkpoint_every` iterations and after the last: written under a temporary name and
+        renamed whole, so `latest` never names half a checkpoint; then old ones are pruned."""
+        iteration = samples.iteration
+        if (iteration + 1) % self.cfg.checkpoint_every and iteration != self.last_iteration:
+            return
+        # The next iteration's weights are queued already: its generation runs while the learner saves.
+        if iteration + 1 <= self.last_iteration and iteration + 1 not in self.launched:
+            self.launched[iteration + 1] = self._launch(iteration + 1)
+        # The archive holds every trained iteration before a checkpoint says they were trained.
+        self.archive.flush()
+        partial = self.checkpoints.partial(iteration)
+        extra = {"iteration": iteration, "sampler": samples.sampler, "run_id": self.run_id}
+        try:
+            self.learner.save(partial, extra)
+        except ray.exceptions.RayActorError as e:  # this iteration's update is lost with the rank
+            shutil.rmtree(partial, ignore_errors=True)
+            self._rebuild_learner(e, iteration)
+            return
+        # The policy directory is a complete model: a resumed run's engines load it directly.
+        self.tokenizer.save_pretrained(partial / "policy")
+        self.restart_from = self.checkpoints.commit(partial)
+        self.manifest.checkpoint(iteration, self.restart_from.name)
+
+    def close(self, *, failed: bool = False) -> None:
+        try:
+            self.archive.close()
+        finally:
+            self.tracking.close(failed=failed)
+            self._release()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _launch(self, iteration: int) -> Launched:
+        """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it."""
+        tasks = []
+        for index in self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration):
+            tasks.append(self.tasks[self.records[index].prompt_id])
+        generation = self.pool.submit(tasks, run_id=self.run_id, iteration=iteration, scorers=self.rewards.workers,
+                                      records=self.records_by_id)
+        # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
+        return Launched(generation, msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
+
+    def _collect_with_progress(self, iteration: int, generation: Launch) -> list[Chunk]:
+        """The iteration's chunks, with a progress bar (samples, tokens/s) on a terminal."""
+        total = self.cfg.rollout.prompts_per_iteration * self.cfg.rollout.n_samples
+        interactive = hasattr(self.log, "isatty") and self.log.isatty()
+        chunks, tokens, start = [], 0, time.perf_counter()
+        with tqdm(total=total, unit="sample", desc=f"iter {iteration} generate", leave=False, file=self.log,
+                  disable=not interactive, dynamic_ncols=True) as bar:
+            for chunk in generation.chunks():
+                chunks.append(chunk)
+                tokens += chunk.summary.generated_tokens
+                bar.update(chunk.summary.samples)
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+        return chunks
+
+    def _archive_metadata(self, model: str, start: dict) -> dict[str, str]:
+        lc = self.cfg.learner
+        return {
+            "manifest": json.dumps(start),
+            "run_id": self.run_id, "gamma": repr(lc.gamma), "lam": repr(lc.lam),
+            "kl_coef": repr(lc.kl.coef), "kl_estimator": lc.kl.estimator, "kl_target": repr(lc.kl.target),
+            "temperature": repr(self.cfg.rollout.sampling.temperature), "model": model,
+            "config": to_yaml(self.cfg),
+        }
+
+
+def _run_id(run_dir: Path, name: str) -> str:
+    """Fixed at a run's first start and kept by resumes."""
+    path = run_dir / "run_id"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = f"{name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+    path.write_text(run_id)
+    return run_id

@@ -1,0 +1,172 @@
+"""An iteration's generation in flight: each worker's stream of chunks read as they complete, each
+chunk handed to a scorer at once, and a worker that died, raised or stalled told apart.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import ray
+
+from contracts.rendering import PromptTask
+from rollout.actors.stall import POLL_S, Patience
+from rollout.generation.worker import GenerationSummary
+
+
+@dataclass
+class Chunk:
+    """One chunk's results: refs to what stays in the object store, and its small summary."""
+    batch: ray.ObjectRef              # the generation batch (Arrow), for the scorer, the learner and the archive
+    rewards: ray.ObjectRef | None     # its reward columns, when the chunk was sent to a scorer
+    latency: ray.ObjectRef | None     # and the scorer's seconds, per rule
+    summary: GenerationSummary
+    scorer: int | None = None         # which reward worker scores it
+
+
+@dataclass
+class Share:
+    """One worker's part of an iteration: its chunks (with their seeds), and which came back."""
+    worker: int
+    chunks: list[list[PromptTask]]
+    seeds: list[int | None]
+    done: set[int] = field(default_factory=set)
+
+
+class Launch:
+    """An iteration's generation in flight. A daemon thread reads the workers' streams as chunks
+    complete and hands each batch to a scorer at once, so scoring overlaps whatever the driver is
+    waiting on (the learner, with rollout.max_staleness > 0); `chunks` yields them as they come.
+
+    A stream whose worker died is replaced: `restart(share)` waits for Ray to restart the worker,
+    gives it the newest weights and streams the share's unfinished chunks from there. A chunk is
+    handed on only once its summary arrived, so a chunk cut by the death is generated again, once.
+    A worker that makes no progress is killed by `kill_stalled(worker indices)`, and so replaced too;
+    a restart starts the iteration's deadline again."""
+
+    _DONE = object()
+    _RESTARTED = object()
+
+    def __init__(self, streams: dict[ray.ObjectRefGenerator, Share], scorers: list, records: dict, timeout: float,
+                 what: str, restart, kill_stalled, names: list[str]):
+        self.timeout, self.what = timeout, what
+        self._names = names
+        self._records = records
+        self._restart = restart
+        self._kill_stalled = kill_stalled
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(streams, scorers), daemon=True,
+                                        name=f"collect {what}")
+        self._thread.start()
+
+    def chunks(self) -> Iterator[Chunk]:
+        while True:
+            try:
+                item = self._queue.get(timeout=self.timeout)
+            except queue.Empty:
+                raise self._timed_out() from None
+            if item is self._DONE:
+                return
+            if item is self._RESTARTED:
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def collect(self) -> list[Chunk]:
+        return list(self.chunks())
+
+    def _timed_out(self) -> GenerationTimeout:
+        return GenerationTimeout(f"{self.what}: no chunk finished within rollout.iteration_timeout_s "
+                                 f"({self.timeout:.0f}s)")
+
+    def _pump(self, streams: dict[ray.ObjectRefGenerator, Share], scorers: list) -> None:
+        try:
+            batches: dict[ray.ObjectRefGenerator, ray.ObjectRef] = {}  # a chunk's batch, until its summary
+            scored = 0
+            self._last_item = time.monotonic()
+            patience = Patience()
+            while streams:
+                ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_S)
+                if not ready:
+                    if time.monotonic() - self._last_item > self.timeout:
+                        raise self._timed_out()
+                    self._kill_stalled({share.worker for share in streams.values()})
+                    patience.note(lambda: self._waiting_for(streams))
+                    continue
+                self._last_item = time.monotonic()
+                patience.restart()
+                stream = ready[0]
+                try:
+                    ref = next(stream)
+                    if stream not in batches:
+                        batches[stream] = ref
+                        continue
+                    index, summary = ray.get(ref, timeout=self.timeout)
+                except StopIteration:
+                    if stream in batches:  # a batch and no summary: the worker died or raised mid-chunk
+                        _raise_if_raised(batches[stream])
+                        self._replace(stream, streams, batches)
+                    else:
+                        del streams[stream]
+                    continue
+                except ray.exceptions.RayActorError:
+                    self._replace(stream, streams, batches)
+                    continue
+                rewards = latency = scorer = None
+                batch, share = batches.pop(stream), streams[stream]
+                if scorers:
+                    records = [self._records[i] for i in dict.fromkeys(t.prompt_id for t in share.chunks[index])]
+                    scorer = scored % len(scorers)
+                    rewards, latency = scorers[scorer].score_batch.options(num_returns=2).remote(batch, records)
+                    scored += 1
+                share.done.add(index)
+                self._queue.put(Chunk(batch, rewards, latency, summary, scorer))
+            self._queue.put(self._DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
+            self._queue.put(e)
+
+    def _waiting_for(self, streams: dict) -> str:
+        shares = list(streams.values())
+        return f"{self.what}: " + ", ".join(f"{self._names[s.worker]} ({len(s.done)} of {len(s.chunks)} chunks back)"
+                                            for s in shares)
+
+    def _replace(self, stream, streams: dict, batches: dict) -> None:
+        share = streams.pop(stream)
+        lost = batches.pop(stream, None)
+        if lost is not None:
+            _discard(lost)
+        todo = [i for i in range(len(share.chunks)) if i not in share.done]
+        left = Share(share.worker, [share.chunks[i] for i in todo], [share.seeds[i] for i in todo])
+        if left.chunks:
+            self._queue.put(self._RESTARTED)  # a restart may take a while: no deadline runs out meanwhile
+            streams[self._restart(left)] = left
+            self._last_item = time.monotonic()
+            self._queue.put(self._RESTARTED)  # the reader's deadline starts again
+
+
+def _raise_if_raised(ref: ray.ObjectRef) -> None:
+    """Raise the exception the worker's code raised, if that is what `ref` holds: an error of the job,
+    the same on any worker, so it is shown once instead of generated again. A death is not raised:
+    the worker is restarted and its chunks redone."""
+    try:
+        ray.get(ref, timeout=10)
+    except ray.exceptions.RayTaskError:
+        raise
+    except Exception:  # noqa: BLE001 - lost with the worker's process: the restart redoes it
+        pass
+
+
+def _discard(ref: ray.ObjectRef) -> None:
+    """Fetch a result lost with its worker, so that Ray does not report it as an unhandled error."""
+    try:
+        ray.get(ref, timeout=1)
+    except Exception:  # noqa: BLE001 - the error is the point: it is known and handled here
+        pass
+
+
+class GenerationTimeout(RuntimeError):
+    """No chunk of an iteration came back in time; the message says which iteration."""

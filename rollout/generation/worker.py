@@ -1,0 +1,105 @@
+"""`RolloutWorker`: one engine, chunks of prompts in, generation batches (Arrow columns, no rewards
+yet) out, one per chunk as it completes.
+
+A plain class; `rollout.generation.pool` wraps it in a Ray actor. Every sample carries the version of the
+weights that generated it. All of a call's chunks go into the engine together, so its batch stays
+full across chunk boundaries, while each chunk is handed on (to scoring) as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+
+import msgspec
+import pyarrow as pa
+
+from contracts.config import RolloutConfig
+from contracts.rendering import PromptTask
+from rollout.actors.telemetry import record_generation
+from rollout.archive.columns import generation_batch
+from rollout.generation.engine import VLLMEngine
+from rollout.weight_sync.check import PROBE_IDS, Served
+from rollout.weight_sync.wire import GroupAddress, SyncPlan
+
+
+class GenerationSummary(msgspec.Struct):
+    worker: str
+    seconds: float
+    samples: int
+    generated_tokens: int
+    stopped: int  # samples that ended on a stop token or string (the rest hit max_tokens)
+    policy_version: int
+
+
+class RolloutWorker:
+    def __init__(self, name: str, model_path: str, cfg: RolloutConfig, *, dtype: str = "float32", seed: int = 0):
+        self.name = name
+        self.cfg = cfg
+        self.version = 0
+        self.loading = False
+        self.engine = VLLMEngine(model_path, cfg, dtype=dtype, seed=seed)
+
+    def generate(self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str,
+                 iteration: int) -> Iterator[tuple[int, pa.RecordBatch, GenerationSummary]]:
+        """`n_samples` completions per task of every chunk, all in the engine at once; yields (chunk
+        index, generation batch, summary) as each chunk completes. Seeds should differ per chunk."""
+        start = time.perf_counter()
+        for index, outputs in self.engine.stream([([t.prompt_ids for t in chunk], seed)
+                                                  for chunk, seed in zip(chunks, seeds)],
+                                                 self.cfg.sampling, self.cfg.n_samples):
+            batch = generation_batch(chunks[index], outputs, run_id=run_id, iteration=iteration,
+                                     policy_version=self.version, worker=self.name,
+                                     generated_at=dt.datetime.now(dt.timezone.utc))
+            tokens = sum(len(c.token_ids) for samples in outputs for c in samples)
+            stopped = sum(c.finish_reason == "stop" for samples in outputs for c in samples)
+            seconds, start = time.perf_counter() - start, time.perf_counter()  # the engine's time since the last chunk
+            record_generation(self.name, tokens, batch.num_rows, seconds, self.version)
+            yield index, batch, GenerationSummary(self.name, seconds, batch.num_rows, tokens, stopped, self.version)
+
+    def update_weights(self, version: int, weights: list[tuple[str, object]]) -> Served:
+        """Load new policy weights (Hugging Face names)."""
+        self.loading = True
+        try:
+            self.engine.reload_weights(weights)
+        finally:
+            self.loading = False
+        self.version = version
+        return self.served()
+
+    def progress(self) -> int | None:
+        """Engine steps so far (rollout.stall); None while weights load, one call that reports nothing."""
+        return None if self.loading else self.engine.steps
+
+    def served(self) -> Served:
+        return Served(self.version, self.engine.probe_logprobs(list(PROBE_IDS)))
+
+    def load_versioned(self, versioned: tuple[int, list[tuple[str, object]]]) -> Served:
+        """`update_weights` with (version, weights) read together by the learner (`versioned_weights`)."""
+        version, weights = versioned
+        return self.update_weights(version, weights)
+
+    def join_weight_group(self, address: GroupAddress, rank_offset: int) -> bool:
+        """Every engine process joins the collective sync's group (rollout/weight_sync/receiver.py);
+        False if the driver called it off."""
+        return all(self.engine.llm.collective_rpc("open_weight_group", args=(address, rank_offset)))
+
+    def receive_weights(self, version: int, plan: SyncPlan, sync: int) -> Served | None:
+        """Receive and load the learner's broadcast; None if the sync was called off."""
+        self.loading = True
+        try:
+            received = all(self.engine.llm.collective_rpc("receive_weights", args=(plan, sync)))
+        finally:
+            self.loading = False
+        if not received:
+            return None
+        self.engine.llm.reset_prefix_cache()
+        self.version = version
+        return self.served()
+
+    def ready(self) -> str:
+        return self.name
+
+    def serving_version(self) -> int:
+        return self.version

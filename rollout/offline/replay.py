@@ -1,0 +1,430 @@
+"""`rollout replay`: recompute a run's token rewards, advantages and returns offline, into a new archive.
+
+What is recomputed, and from what:
+- GAE with the run's own settings: the stored `token_rewards` and `values`, with γ/λ from the
+  archive metadata (or --gamma/--lam). The learner built those token rewards from the KL between
+  *its own* recomputed old-policy logprobs and the reference; the archive keeps only the engine's
+  behaviour `response_logprobs`, which differ slightly, so a KL rebuilt from them would not give
+  the run's numbers. Keeping the stored token rewards reproduces the stored returns exactly (to
+  float32 rounding).
+- --kl-coef or --reward-config change the token rewards: −β·kl_t plus the (new) score on the last
+  token. With --kl-coef, β is the new coefficient and kl_t the learner's per-token KL (`kl`); with
+  --reward-config alone, the KL part of the stored token rewards (r_t − [t last]·old score) is
+  kept as it is. Where `kl` is null because the run's β was 0 (a v1 archive), kl_t is estimated
+  from `response_logprobs` and `ref_logprobs` instead, with a warning.
+- --reward-config FILE re-scores every sample with the rule functions of the file's `reward:`
+  section (rules only: a reward model is not loaded). Rules read the sample's data record
+  (reference answer, metadata), looked up by `prompt_id` in --prompts (a prompt file or
+  `builtin:arith`), by default the run's own `data.prompts`; a sample without one is scored
+  against its rendered prompt and no reference, so rules that need a reference fail that
+  component (NaN), as they would in a run.
+- --estimator grpo|rloo: critic-free advantages from the sequence rewards (`reward`, re-scored if
+  asked) within each prompt group, i.e. all samples with the same iteration and `prompt_id`,
+  broadcast over the response tokens; returns equal the advantages. `values` stay as stored;
+  `token_rewards` are the (rebuilt) ones, null where the archive has none, so group estimators
+  also work on `rollout generate` archives.
+- --estimator reinforce_pp: the discounted return-to-go of the (rebuilt) token rewards, as the
+  learner computes it (`learner.estimators`); an archive without token rewards gets the score on
+  each row's last token.
+
+Record batches stream from the source archive to the new one (`ArchiveWriter`), each one padded to
+(batch, time) tensors from the Arrow list buffers, computed at once and cut back to lists: no loop
+over tokens. Group estimators read the rewards of the whole archive first, since a batch boundary
+can cut a prompt group.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO, cast
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import yaml
+
+from contracts.config import ConfigError, JobConfig, RewardConfig, load_config
+from contracts.formats import Message, PromptRecord
+from contracts.schema import components_array, components_of
+from learner.advantages import KLEstimator, kl_penalty, last_token_mask
+from learner.estimators import ESTIMATORS, GROUP_ESTIMATORS, broadcast, estimate
+from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
+
+Scores = tuple[pa.Array, pa.Array]  # per batch: reward (float32), reward_components (struct)
+
+
+class ReplayError(ValueError):
+    """The archive or the options do not allow this replay; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """What to change; None keeps the run's own setting from the archive metadata."""
+
+    gamma: float | None = None
+    lam: float | None = None
+    estimator: str = "gae"
+    kl_coef: float | None = None
+    reward_config: str | Path | None = None
+    prompts: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    rows: int
+    out: Path
+    max_return_diff: float | None  # max |new − stored| over the returns the source archive holds
+    unmatched_prompts: int  # re-scored samples whose data record was not found
+
+
+@dataclass(frozen=True)
+class _Plan:
+    gamma: float
+    lam: float
+    estimator: str
+    kl_coef: float | None  # the new β, or None to keep each iteration's own
+    kl_estimator: KLEstimator
+    rescore: bool
+
+
+def replay(archive: str | Path, out: str | Path, options: ReplayOptions = ReplayOptions(), *,
+           log: TextIO | None = None) -> ReplayReport:
+    """Replay `archive` (run dir, rollouts/ or a file) into `out`/rollouts; see the module docstring."""
+    log = log or sys.stderr
+    metadata = read_metadata(archive)
+    plan = _plan(metadata, options)
+    target = _check_out(archive, out)
+    rescorer = _rescorer(options, metadata, log) if plan.rescore else None
+    components = rescorer.components if rescorer else components_of(read_schema(archive))
+    scores: Iterable[Scores] = (rescorer(b) if rescorer else _stored_scores(b)
+                                for b in iter_batches(archive, ["prompt_id", "prompt", "response",
+                                                                "reward", "reward_components"]))
+    group_advantages = None
+    if plan.estimator in GROUP_ESTIMATORS:
+        scores = list(scores)  # scored once, used twice: for the group baselines, then per batch
+        group_advantages = _group_advantages(archive, [reward for reward, _ in scores], plan.estimator)
+
+    rows, max_diff = 0, None
+    # Written under a temporary name and renamed when whole: a failed replay leaves no partial archive.
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with ArchiveWriter(partial, _new_metadata(metadata, plan, archive, options), components) as writer:
+            for batch, batch_scores in zip(iter_batches(archive), scores):
+                group = None if group_advantages is None else group_advantages[rows:rows + batch.num_rows]
+                replayed, diff = _replay_batch(batch, batch_scores, plan, group, writer.schema)
+                writer.write_batch(replayed)
+                rows += batch.num_rows
+                if diff is not None:
+                    max_diff = diff if max_diff is None else max(max_diff, diff)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        if rescorer:
+            rescorer.close()
+    if target.exists():
+        target.rmdir()  # empty: `_check_out` refused one that holds an archive
+    os.replace(partial, target)
+    return ReplayReport(rows, target, max_diff, rescorer.unmatched if rescorer else 0)
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+def _plan(metadata: dict[str, str], options: ReplayOptions) -> _Plan:
+    if options.estimator not in ESTIMATORS:
+        raise ReplayError(f"unknown estimator {options.estimator!r}; expected one of {', '.join(ESTIMATORS)}")
+    gamma = options.gamma if options.gamma is not None else _metadata_float(metadata, "gamma", "--gamma")
+    lam = options.lam if options.lam is not None else _metadata_float(metadata, "lam", "--lam")
+    for name, value in (("gamma", gamma), ("lam", lam)):
+        if not 0.0 <= value <= 1.0:
+            raise ReplayError(f"--{name} must lie in [0, 1], got {value}")
+    if options.kl_coef is not None and options.kl_coef < 0:
+        raise ReplayError(f"--kl-coef must be >= 0, got {options.kl_coef}")
+    estimator = metadata.get("kl_estimator", "k1")
+    if estimator not in ("k1", "k3"):
+        raise ReplayError(f"the archive's kl_estimator {estimator!r} is neither k1 nor k3")
+    return _Plan(gamma, lam, options.estimator, options.kl_coef, cast(KLEstimator, estimator),
+                 rescore=options.reward_config is not None)
+
+
+def _metadata_float(metadata: dict[str, str], key: str, flag: str) -> float:
+    try:
+        return float(metadata[key])
+    except (KeyError, ValueError):
+        raise ReplayError(f"the archive metadata has no usable {key!r} ({metadata.get(key)!r}); pass {flag}") from None
+
+
+def _check_out(archive: str | Path, out: str | Path) -> Path:
+    target = Path(out) / "rollouts"
+    source = archive_files(archive)[0].parent.resolve()
+    if target.resolve() == source:
+        raise ReplayError(f"--out {out} is the source archive's own directory; choose another")
+    if any(target.glob("part-*.arrow")):
+        raise ReplayError(f"{target} already holds an archive; replay into an empty directory")
+    return target
+
+
+def _new_metadata(metadata: dict[str, str], plan: _Plan, archive: str | Path, options: ReplayOptions) -> dict[str, str]:
+    new = {k: v for k, v in metadata.items() if k != "schema_version"}
+    new.update(gamma=repr(plan.gamma), lam=repr(plan.lam), advantage_estimator=plan.estimator,
+               replayed_from=str(Path(archive).resolve()))
+    if plan.kl_coef is not None:
+        new.update(kl_coef=repr(plan.kl_coef), kl_target="None")
+    if plan.rescore:
+        new["reward_config"] = str(Path(options.reward_config).resolve())
+    if "config" in new:
+        new["config"] = _updated_config(new["config"], plan, _reward_config(options) if plan.rescore else None)
+    return new
+
+
+def _updated_config(text: str, plan: _Plan, reward: RewardConfig | None) -> str:
+    """The run's config YAML with the replay's settings in place of the run's."""
+    tree = yaml.safe_load(text) or {}
+    learner = tree.setdefault("learner", {})
+    learner.update(gamma=plan.gamma, lam=plan.lam)
+    if plan.kl_coef is not None:
+        learner.setdefault("kl", {}).update(coef=plan.kl_coef, target=None)
+    if reward is not None:
+        tree["reward"] = msgspec.to_builtins(reward)
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+# --- one batch -----------------------------------------------------------------------------------
+
+def _replay_batch(batch: pa.RecordBatch, scores: Scores, plan: _Plan, group_advantages: np.ndarray | None,
+                  schema: pa.Schema) -> tuple[pa.RecordBatch, float | None]:
+    """The batch with new reward, token rewards, advantages and returns; and max |Δ returns|."""
+    lengths = _lengths(batch.column("response_ids"))
+    width = max(1, int(lengths.max(initial=0)))
+    mask = torch.arange(width) < torch.from_numpy(lengths).unsqueeze(1)  # (B, T)
+    reward, components = scores
+    rewards = _token_rewards(batch, reward, plan, lengths, mask)
+    if plan.estimator == "gae":
+        values = _padded(_required(batch, "values", lengths), width)
+        advantages, returns = estimate("gae", rewards, values, mask, None, plan.gamma, plan.lam)
+    elif plan.estimator == "reinforce_pp":
+        score_only = torch.where(last_token_mask(mask), torch.from_numpy(_floats(reward, "reward")).unsqueeze(1), 0)
+        advantages, returns = estimate("reinforce_pp", score_only if rewards is None else rewards, None, mask,
+                                       None, plan.gamma, plan.lam)
+    else:
+        advantages = broadcast(torch.from_numpy(group_advantages), mask).float()
+        returns = advantages
+    columns = {name: batch.column(name) for name in schema.names}
+    columns.update(reward=reward, reward_components=components,
+                   token_rewards=_ragged(rewards, mask) if rewards is not None else batch.column("token_rewards"),
+                   advantages=_ragged(advantages, mask), returns=_ragged(returns, mask))
+    if plan.kl_coef is not None:
+        columns["kl_coef"] = pa.array(np.full(batch.num_rows, plan.kl_coef, dtype=np.float32))
+    replayed = pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema.remove_metadata())
+    return replayed, _max_diff(batch.column("returns"), returns, lengths, mask)
+
+
+def _token_rewards(batch: pa.RecordBatch, reward: pa.Array, plan: _Plan, lengths: np.ndarray,
+                   mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) token rewards: stored, or rebuilt as −β·kl_t plus the (new) score on the last token."""
+    stored = batch.column("token_rewards")
+    if stored.null_count:
+        if plan.estimator == "gae":
+            raise ReplayError("the archive has no learner columns (token_rewards, values are null, as "
+                              "`rollout generate` writes them): GAE needs them; use --estimator grpo or rloo")
+        return None
+    rewards = _padded(_required(batch, "token_rewards", lengths), mask.shape[1])
+    if not plan.rescore and plan.kl_coef is None:
+        return rewards
+    last = last_token_mask(mask)
+    if plan.kl_coef is None:
+        old_score = torch.from_numpy(_floats(batch.column("reward"), "reward")).unsqueeze(1)
+        kl_part = rewards - torch.where(last, old_score, 0)  # −β·kl_t, as the run computed it
+    else:
+        kl_part = -plan.kl_coef * _kl(batch, plan, lengths, mask)
+    new_score = torch.from_numpy(_floats(reward, "reward")).unsqueeze(1)
+    return torch.where(mask, kl_part, 0) + torch.where(last, new_score, 0)
+
+
+def _kl(batch: pa.RecordBatch, plan: _Plan, lengths: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-token KL: the `kl` column; estimated from the logprobs where the run's β was 0."""
+    column = batch.column("kl")
+    missing = column.is_null().to_numpy(zero_copy_only=False)
+    if not missing.any():
+        return _padded(_required_column(column, "kl", lengths), mask.shape[1])
+    coef = batch.column("kl_coef").to_numpy(zero_copy_only=False)  # NaN where unknown
+    unknown = np.isnan(coef) & missing
+    if unknown.any():
+        iterations = sorted(set(batch.column("iteration").to_numpy()[unknown].tolist()))
+        raise ReplayError(
+            f"the KL coefficient the run used in iteration(s) {iterations[:5]} is unknown (a v1 archive of an "
+            "adaptive controller, and no metrics.jsonl beside it to read it from): cannot rebuild its KL")
+    warnings.warn("the run's KL coefficient was 0, so its token rewards hold no KL: estimating it "
+                  "from the behaviour response_logprobs and ref_logprobs instead", stacklevel=4)
+    width = mask.shape[1]
+    estimated = kl_penalty(_padded(_required(batch, "response_logprobs", lengths), width),
+                           _padded(_required(batch, "ref_logprobs", lengths), width), plan.kl_estimator)
+    if missing.all():
+        return estimated
+    stored = _padded(column, width)
+    return torch.where(torch.from_numpy(missing).unsqueeze(1), estimated, stored)
+
+
+def _max_diff(stored: pa.Array, returns: torch.Tensor, lengths: np.ndarray, mask: torch.Tensor) -> float | None:
+    if stored.null_count:
+        return None
+    old = _padded(_required_column(stored, "returns", lengths), mask.shape[1])
+    return float(torch.where(mask, (returns - old).abs(), 0).max()) if mask.any() else 0.0
+
+
+# --- scores --------------------------------------------------------------------------------------
+
+def _stored_scores(batch: pa.RecordBatch) -> Scores:
+    return batch.column("reward"), batch.column("reward_components")
+
+
+class Rescorer:
+    """Scores archived samples again with the rule functions of a reward config."""
+
+    def __init__(self, cfg: RewardConfig, prompts: dict[str, PromptRecord]):
+        from reward.scorer import RuleScorer
+
+        if cfg.model is not None:
+            raise ReplayError("re-scoring with a reward model is not supported by replay (rules only); "
+                              "remove reward.model from the reward config")
+        try:
+            self.scorer = RuleScorer(cfg.rules, timeout_s=cfg.timeout_s, failed_value=cfg.failed_value)
+        except ValueError as e:
+            raise ReplayError(f"reward config: {e}") from None
+        self.prompts = prompts
+        self.components = tuple(c.name for c in self.scorer.components)
+        self.unmatched = 0
+
+    def __call__(self, batch: pa.RecordBatch) -> Scores:
+        from reward.worker import last_user_message
+
+        items = []
+        # Rules are Python callables on one sample each: this loop is the scoring itself.
+        for prompt_id, rendered, response in zip(*(batch.column(c).to_pylist()
+                                                   for c in ("prompt_id", "prompt", "response"))):
+            record = self.prompts.get(prompt_id)
+            if record is None:
+                self.unmatched += 1
+                record = PromptRecord(prompt_id, [Message("user", rendered)], None, {}, "archive")
+            items.append((last_user_message(record), response, record))
+        results = self.scorer.score_batch(items)
+        reward = pa.array([r.total for r in results], pa.float32())
+        return reward, components_array([r.components for r in results], self.components)
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+def _reward_config(options: ReplayOptions) -> RewardConfig:
+    try:
+        return load_config(options.reward_config).reward
+    except ConfigError as e:
+        raise ReplayError(f"--reward-config: {e}") from None
+
+
+def _rescorer(options: ReplayOptions, metadata: dict[str, str], log: TextIO) -> Rescorer:
+    return Rescorer(_reward_config(options), load_prompt_records(options.prompts, metadata, log))
+
+
+def load_prompt_records(source: str | None, metadata: dict[str, str], log: TextIO) -> dict[str, PromptRecord]:
+    """Data records by prompt_id from `source` (a prompt file or builtin:arith), by default the
+    run's own `data.prompts`; {} with a warning when the run's default cannot be read."""
+    from rollout.driver.prompts import DataError, load_prompts
+
+    run = _run_config(metadata)
+    data = run.data if run else JobConfig().data
+    explicit = source is not None
+    data = msgspec.structs.replace(data, prompts=source or data.prompts, on_bad_record="skip",
+                                   format="auto" if explicit else data.format)
+    try:
+        records = load_prompts(data, run.seed if run else 0, log=log)
+    except (OSError, DataError) as e:
+        if explicit:
+            raise ReplayError(f"--prompts {source}: {e}") from None
+        print(f"replay: the run's prompts {data.prompts} are not readable here ({e}); re-scoring without "
+              "references (pass --prompts)", file=log)
+        return {}
+    return {r.prompt_id: r for r in records}
+
+
+def _run_config(metadata: dict[str, str]) -> JobConfig | None:
+    """The run's config from the archive metadata, or None when absent or not readable."""
+    try:
+        return msgspec.convert(yaml.safe_load(metadata["config"]), JobConfig, strict=False)
+    except (KeyError, yaml.YAMLError, msgspec.ValidationError):
+        return None
+
+
+def _group_advantages(archive: str | Path, rewards: list[pa.Array], estimator: str) -> np.ndarray:
+    """(N,) sequence advantages over the whole archive, grouped by (iteration, prompt_id)."""
+    keys = read_table(archive, ["iteration", "prompt_id"])
+    reward = pa.chunked_array(rewards, type=pa.float32())
+    if reward.null_count:
+        raise ReplayError(f"{reward.null_count} samples have no reward: score them (--reward-config) first")
+    # One string key per (iteration, prompt_id) pair; its dictionary index is the group number.
+    joined = pc.binary_join_element_wise(keys["iteration"].cast(pa.string()), keys["prompt_id"], "\x1f")
+    groups = pc.dictionary_encode(joined).combine_chunks().indices.to_numpy().astype(np.int64)
+    try:
+        advantages = GROUP_ESTIMATORS[estimator](torch.from_numpy(_floats(reward, "reward")),
+                                                 torch.from_numpy(groups))
+    except ValueError as e:
+        raise ReplayError(f"--estimator {estimator}: {e}") from None
+    return advantages.numpy()
+
+
+# --- Arrow lists <-> padded tensors --------------------------------------------------------------
+
+def _lengths(column: pa.Array) -> np.ndarray:
+    """(B,) int64 list lengths."""
+    return np.diff(np.asarray(column.offsets)).astype(np.int64)
+
+
+def _required(batch: pa.RecordBatch, name: str, lengths: np.ndarray) -> pa.Array:
+    return _required_column(batch.column(name), name, lengths)
+
+
+def _required_column(column: pa.Array, name: str, lengths: np.ndarray) -> pa.Array:
+    """The list column, checked to be non-null with one entry per response token."""
+    if column.null_count:
+        raise ReplayError(f"column {name} is null in {column.null_count} rows; replay needs it")
+    mismatched = np.flatnonzero(_lengths(column) != lengths)
+    if mismatched.size:
+        raise ReplayError(f"column {name} does not have one entry per response token in "
+                          f"{mismatched.size} rows (first: batch row {mismatched[0]})")
+    return column
+
+
+def _padded(column: pa.Array, width: int) -> torch.Tensor:
+    """Ragged float lists -> (B, width) float32 tensor, zero-padded, from the list buffers."""
+    offsets = np.asarray(column.offsets).astype(np.int64)
+    lengths = np.diff(offsets)
+    values = column.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    rows = np.repeat(np.arange(lengths.size), lengths)
+    cols = np.arange(values.size) - np.repeat(offsets[:-1] - offsets[0], lengths)  # t within the row
+    out = np.zeros((lengths.size, width), dtype=np.float32)
+    out[rows, cols] = values
+    return torch.from_numpy(out)
+
+
+def _ragged(x: torch.Tensor, mask: torch.Tensor) -> pa.Array:
+    """(B, T) tensor -> list<float32> of each row's valid prefix."""
+    lengths = mask.sum(dim=1).numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = x[mask].to(torch.float32).numpy()  # row-major: each row's prefix, rows in order
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
+
+
+def _floats(column: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
+    if column.null_count:
+        raise ReplayError(f"column {name} is null in {column.null_count} rows; replay needs it")
+    return column.to_numpy().astype(np.float32)
+

@@ -1,0 +1,356 @@
+"""`rollout stats`: per-iteration figures of a run, computed from its archive alone.
+
+Per iteration: samples, generated tokens, generation tokens/s, reward mean/std and each component's
+mean (a NaN component is a failed rule: left out of the mean and counted), KL, response length,
+finish reasons, policy-version lag and actor restarts (from the run's metrics); plus the same over
+the whole archive. Everything is column
+arithmetic on the few columns it needs (pyarrow group_by, numpy over list offsets), never a Python
+loop over rows, so a million-row archive takes seconds.
+
+Tokens/s needs more than the rows: the per-sample `generated_at` stamps only bound when results
+came back, not when generation started, so `tokens_per_s` from the run's `metrics.jsonl` (next to
+`rollouts/`, or the source run's for a replayed archive) is used where it exists; otherwise tokens /
+(last − first `generated_at`) of the iteration. KL is the mean over samples of Σ_t kl_t, the
+learner's per-token KL (`kl` column; null in `rollout generate` archives, and in v1 archives where
+the run's coefficient is unknown or 0, which leaves the iteration's KL null).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from contracts.schema import FINISH_REASONS
+from rollout.archive import read_run_metrics, read_table
+from rollout.driver.metrics import summary_lines
+
+STATS_COLUMNS = ["iteration", "policy_version", "response_ids", "reward", "reward_components", "kl",
+                 "finish_reason", "generated_at"]
+
+
+# --- per-iteration figures -----------------------------------------------------------------------
+
+@dataclass
+class RunStats:
+    archive: str
+    iterations: list[dict[str, Any]]
+    totals: dict[str, Any]
+
+    def to_json(self, last: int | None = None, every: int | None = None) -> dict[str, Any]:
+        """Plain JSON: NaN and inf become null; the iterations `shown` picks."""
+        return {"archive": self.archive, "iterations": [_finite(d) for d in self.shown(last, every)],
+                "totals": _finite(self.totals)}
+
+    def shown(self, last: int | None = None, every: int | None = None) -> list[dict[str, Any]]:
+        """The iterations a long table keeps: the `last` N, and of those every K-th (and the final one)."""
+        items = self.iterations[-last:] if last else self.iterations
+        if every and every > 1:
+            items = [item for k, item in enumerate(items) if k % every == 0 or k == len(items) - 1]
+        return items
+
+
+def compute_stats(archive: str | Path) -> RunStats:
+    table = read_table(archive, STATS_COLUMNS)
+    run_metrics = read_run_metrics(archive)
+    rows = _row_table(table)
+    per_iteration = _aggregate_iterations(rows)
+    finish = _finish_counts(rows)
+    components = _component_table(table)
+    by_iteration_components = _component_means(components, ["iteration", "key"])
+
+    stats = []
+    for row in per_iteration.to_pylist():
+        i = row["iteration"]
+        item = {
+            "iteration": i,
+            "samples": row["samples"],
+            "tokens": row["tokens"],
+            "tokens_per_s": _tokens_per_s(row, run_metrics.get(i)),
+            "reward_mean": row["reward_mean"],
+            "reward_std": row["reward_std"],
+        }
+        item.update(by_iteration_components.get(i, {}))
+        item["kl"] = None if row["missing_kl"] else row["kl_sum"] / row["samples"]
+        item["response_length_mean"] = row["length_mean"]
+        item.update({f"finish/{reason}": finish.get((i, reason), 0) for reason in _reasons(finish)})
+        item["version_lag"] = row["version_max"] - row["version_mean"]
+        item["restarts"] = _restarts(run_metrics.get(i))
+        stats.append(item)
+    return RunStats(str(archive), stats, _totals(rows, stats, components, finish))
+
+
+def _row_table(table: pa.Table) -> pa.Table:
+    """One row per sample of the scalars the figures need; the sequence KL Σ_t kl_t included."""
+    lengths = pc.list_value_length(table["response_ids"]).cast(pa.int64())
+    return pa.table({
+        "iteration": table["iteration"],
+        "policy_version": table["policy_version"],
+        "length": lengths,
+        "reward": table["reward"].cast(pa.float64()),
+        "kl": _row_sums(table["kl"]),
+        "finish_reason": table["finish_reason"],
+        "generated_at": table["generated_at"],
+    })
+
+
+def _row_sums(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Σ of each row's float list, in float64; null where the list is null. (N,) lists -> (N,)."""
+    sums = []
+    for chunk in column.chunks:
+        offsets = np.asarray(chunk.offsets)  # absolute positions in chunk.values, slices included
+        values = chunk.values.to_numpy(zero_copy_only=False).astype(np.float64)
+        running = np.concatenate([[0.0], np.cumsum(values)])
+        sums.append(pa.array(running[offsets[1:]] - running[offsets[:-1]],
+                             mask=chunk.is_null().to_numpy(zero_copy_only=False)))
+    return pa.chunked_array(sums, type=pa.float64())
+
+
+_NULLS = pc.CountOptions(mode="only_null")
+
+
+def _aggregate_iterations(rows: pa.Table) -> pa.Table:
+    aggregated = rows.group_by("iteration").aggregate([
+        ("length", "count"), ("length", "sum"), ("length", "mean"),
+        ("reward", "mean"), ("reward", "stddev"),
+        ("kl", "sum"), ("kl", "count", _NULLS),
+        ("policy_version", "max"), ("policy_version", "mean"),
+        ("generated_at", "min"), ("generated_at", "max"),
+    ]).sort_by("iteration")
+    return aggregated.rename_columns({
+        "length_count": "samples", "length_sum": "tokens", "length_mean": "length_mean",
+        "reward_mean": "reward_mean", "reward_stddev": "reward_std",
+        "kl_sum": "kl_sum", "kl_count": "missing_kl",
+        "policy_version_max": "version_max", "policy_version_mean": "version_mean",
+        "generated_at_min": "first_at", "generated_at_max": "last_at",
+    })
+
+
+
+def _finish_counts(rows: pa.Table) -> dict[tuple[int, str], int]:
+    """{(iteration, finish_reason): samples}."""
+    counted = rows.group_by(["iteration", "finish_reason"]).aggregate(
+        [("finish_reason", "count", pc.CountOptions(mode="all"))])
+    return dict(zip(zip(counted["iteration"].to_pylist(), counted["finish_reason"].to_pylist()),
+                    counted["finish_reason_count"].to_pylist()))
+
+
+def _reasons(finish: dict[tuple, int]) -> list[str]:
+    """The three known finish reasons, then any other the archive holds."""
+    seen = {reason for _, reason in finish}
+    return [*FINISH_REASONS, *sorted(seen - set(FINISH_REASONS))]
+
+
+def _component_table(table: pa.Table) -> pa.Table:
+    """One row per (sample, reward component): iteration, key, value (null where NaN), failed.
+
+    A component null for a sample (not scored, or absent from the file that holds it) has no row."""
+    parts = []
+    for iteration_chunk, struct_chunk in zip(table["iteration"].chunks, table["reward_components"].chunks):
+        for field, child in zip(struct_chunk.type, struct_chunk.flatten()):
+            present = child.is_valid()
+            value = child.filter(present).cast(pa.float64())
+            failed = pc.is_nan(value)
+            parts.append(pa.table({
+                "iteration": iteration_chunk.filter(present),
+                "key": pa.array([field.name] * len(value), pa.string()),
+                "value": pc.if_else(failed, None, value),  # null so that the mean skips failed components
+                "failed": failed.cast(pa.int64()),
+            }))
+    schema = pa.schema([("iteration", pa.int32()), ("key", pa.string()), ("value", pa.float64()),
+                        ("failed", pa.int64())])
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def _component_means(components: pa.Table, keys: list[str]) -> dict[Any, dict[str, Any]]:
+    """{group: {"reward/NAME": mean, "reward_failed/NAME": count}} grouped by `keys` (last is "key")."""
+    aggregated = components.group_by(keys).aggregate([("value", "mean"), ("failed", "sum")])
+    out: dict[Any, dict[str, Any]] = {}
+    for row in aggregated.sort_by("key").to_pylist():
+        group = row[keys[0]] if len(keys) == 2 else None
+        entry = out.setdefault(group, {})
+        mean = row["value_mean"]
+        entry[f"reward/{row['key']}"] = math.nan if mean is None else mean
+        entry[f"reward_failed/{row['key']}"] = row["failed_sum"]
+    return out
+
+
+def _restarts(metrics: dict[str, Any] | None) -> int | None:
+    """Actors restarted during the iteration (rollout, reward, learner), from the run's metrics."""
+    counts = [metrics[k] for k in ("restarts/rollout", "restarts/reward", "restarts/learner")
+              if metrics and metrics.get(k) is not None]
+    return int(sum(counts)) if counts else None
+
+
+def _tokens_per_s(row: dict[str, Any], metrics: dict[str, Any] | None) -> float | None:
+    if metrics and metrics.get("tokens_per_s") is not None:
+        return float(metrics["tokens_per_s"])
+    seconds = (row["last_at"] - row["first_at"]).total_seconds()
+    return row["tokens"] / seconds if seconds > 0 else None
+
+
+def _totals(rows: pa.Table, stats: list[dict[str, Any]], components: pa.Table,
+            finish: dict[tuple, int]) -> dict[str, Any]:
+    samples = rows.num_rows
+    tokens = sum(s["tokens"] for s in stats)
+    timed = [s for s in stats if s["tokens_per_s"]]
+    kl_known = [s for s in stats if s["kl"] is not None]
+    totals = {
+        "iterations": len(stats),
+        "samples": samples,
+        "tokens": tokens,
+        # Σ tokens / Σ generation seconds, over the iterations whose throughput is known.
+        "tokens_per_s": (sum(s["tokens"] for s in timed) / sum(s["tokens"] / s["tokens_per_s"] for s in timed)
+                         if timed else None),
+        "reward_mean": pc.mean(rows["reward"]).as_py(),
+        "reward_std": pc.stddev(rows["reward"]).as_py(),
+        "reward_min": pc.min(rows["reward"]).as_py(),
+        "reward_max": pc.max(rows["reward"]).as_py(),
+    }
+    totals.update(_component_means(components, ["key"]).get(None, {}))
+    totals["kl"] = (sum(s["kl"] * s["samples"] for s in kl_known) / sum(s["samples"] for s in kl_known)
+                    if kl_known else None)
+    totals["response_length_mean"] = tokens / samples if samples else None
+    totals.update({f"finish/{reason}": sum(n for (_, r), n in finish.items() if r == reason)
+                   for reason in _reasons(finish)})
+    totals["version_lag"] = (sum(s["version_lag"] * s["samples"] for s in stats) / samples
+                             if samples else None)
+    known = [s["restarts"] for s in stats if s["restarts"] is not None]
+    totals["restarts"] = sum(known) if known else None
+    return totals
+
+
+def _finite(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in item.items()}
+
+
+# --- output --------------------------------------------------------------------------------------
+
+_COLUMNS = [  # (header, key, format) in table order; components are inserted after the reward
+    ("iter", "iteration", "d"), ("samples", "samples", "d"), ("tokens", "tokens", "d"),
+    ("tok/s", "tokens_per_s", ".1f"), ("reward", "reward_mean", ".4f"), ("std", "reward_std", ".4f"),
+    ("kl", "kl", ".4f"), ("len", "response_length_mean", ".2f"),
+    ("stop", "finish/stop", "d"), ("length", "finish/length", "d"), ("error", "finish/error", "d"),
+    ("lag", "version_lag", ".2f"),
+]
+_COMPARE_KEYS = ["samples", "tokens_per_s", "reward_mean", "kl", "response_length_mean", "version_lag"]
+
+
+def format_table(run: RunStats, last: int | None = None, every: int | None = None) -> str:
+    """An aligned table: one line per iteration `shown`, then `all` for the whole archive, then the
+    first-fifth -> last-fifth summary `rollout run` ends with (over every iteration)."""
+    columns = _columns_with_components(run)
+    header = [h for h, _, _ in columns]
+    body = [[_cell(item.get(key), fmt) for _, key, fmt in columns] for item in run.shown(last, every)]
+    totals = [_cell(run.totals.get(key), fmt) for _, key, fmt in columns]
+    totals[0] = "all"
+    summary = "\n".join(summary_lines(run.iterations)) + "\n" if run.iterations else ""
+    return f"{run.archive}\n" + _render(header, [*body, totals]) + "\n" + summary
+
+
+def format_comparison(a: RunStats, b: RunStats) -> str:
+    """Two runs side by side, iterations matched by number; `A`/`B` columns for each figure."""
+    by_iteration = [{s["iteration"]: s for s in run.iterations} for run in (a, b)]
+    keys = _COMPARE_KEYS + sorted({k for run in (a, b) for k in run.totals if k.startswith("reward/")})
+    formats = {key: fmt for _, key, fmt in _COLUMNS} | {k: ".4f" for k in keys if k.startswith("reward/")}
+    names = {key: header for header, key, _ in _COLUMNS} | {k: "r/" + k[len("reward/"):] for k in keys
+                                                           if k.startswith("reward/")}
+    header = ["iter"] + [f"{names[k]} {side}" for k in keys for side in "AB"]
+    lines = []
+    for i in sorted(by_iteration[0].keys() | by_iteration[1].keys()):
+        cells = [str(i)]
+        for key in keys:
+            cells += [_cell(run.get(i, {}).get(key), formats[key]) for run in by_iteration]
+        lines.append(cells)
+    lines.append(["all"] + [_cell(run.totals.get(k), formats[k]) for k in keys for run in (a, b)])
+    return f"A = {a.archive}\nB = {b.archive}\n" + _render(header, lines)
+
+
+def _columns_with_components(run: RunStats) -> list[tuple[str, str, str]]:
+    names = sorted(k[len("reward/"):] for k in run.totals if k.startswith("reward/"))
+    extra = [(f"r/{name}", f"reward/{name}", ".4f") for name in names]
+    # A failure column only for components that ever failed: most runs have none.
+    extra += [(f"fail/{name}", f"reward_failed/{name}", "d") for name in names
+              if run.totals.get(f"reward_failed/{name}")]
+    at = [key for _, key, _ in _COLUMNS].index("reward_std") + 1
+    # A restarts column only for runs that had any.
+    restarts = [("restarts", "restarts", "d")] if run.totals.get("restarts") else []
+    return [*_COLUMNS[:at], *extra, *_COLUMNS[at:], *restarts]
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
+
+
+def _render(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(cells, widths)) for cells in [header, *rows]) + "\n"
+
+
+def plot_runs(runs: list[RunStats], png: str | Path, labels: list[str] | None = None):
+    """Reward and generation tokens/s over iterations, one colour per run, to a PNG.
+
+    Each iteration's mean is a faint line; over it, its moving average (`smooth`) and a band of the
+    moving average of the per-sample std around it, cut to the rewards the archive holds, so a
+    binary reward's band never leaves [0, 1]. Markers only where there are few iterations."""
+    # A bare Figure renders with Agg and leaves the process-wide pyplot backend alone.
+    from matplotlib.figure import Figure
+
+    labels = labels or [Path(run.archive).name for run in runs]
+    figure = Figure(figsize=(9, 6.5), layout="constrained")
+    reward_axis, speed_axis = figure.subplots(2, 1, sharex=True)
+    for run, label in zip(runs, labels):
+        x = np.array([s["iteration"] for s in run.iterations])
+        mean = np.array([_nan_if_none(s["reward_mean"]) for s in run.iterations])
+        std = np.array([_nan_if_none(s["reward_std"]) for s in run.iterations])
+        speed = np.array([_nan_if_none(s["tokens_per_s"]) for s in run.iterations])
+        marker = "." if len(x) <= 60 else None
+        (raw,) = reward_axis.plot(x, mean, marker=marker, alpha=0.35, linewidth=0.8)
+        colour = raw.get_color()
+        smoothed = smooth(mean)
+        reward_axis.plot(x, smoothed, color=colour, linewidth=2, label=label)
+        low, high = _nan_if_none(run.totals.get("reward_min")), _nan_if_none(run.totals.get("reward_max"))
+        band = smooth(std)
+        reward_axis.fill_between(x, np.clip(smoothed - band, low, high), np.clip(smoothed + band, low, high),
+                                 color=colour, alpha=0.15, linewidth=0)
+        speed_axis.plot(x, speed, color=colour, alpha=0.35, linewidth=0.8, marker=marker)
+        speed_axis.plot(x, smooth(speed), color=colour, linewidth=2, label=label)
+    window = max(smoothing_window(len(run.iterations)) for run in runs) if runs else 1
+    reward_axis.set_ylabel(f"reward (moving mean of {window}, ± std)" if window > 1 else "reward (mean ± std)")
+    speed_axis.set_ylabel("generated tokens / s")
+    speed_axis.set_xlabel("iteration")
+    for axis in (reward_axis, speed_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(loc="best")
+    figure.savefig(png, dpi=110)
+    return figure
+
+
+def smoothing_window(points: int) -> int:
+    """About 1/25 of the run, odd, at least 1: 500 iterations -> 21, 20 -> 1."""
+    return max(1, points // 25) | 1
+
+
+def smooth(values: np.ndarray) -> np.ndarray:
+    """Centred moving average over `smoothing_window(len)` points, NaNs skipped, the ends over what
+    there is. (T,) -> (T,)."""
+    window = smoothing_window(len(values))
+    if window == 1:
+        return values
+    ok = np.isfinite(values)
+    kernel = np.ones(window)
+    total = np.convolve(np.where(ok, values, 0.0), kernel, mode="same")  # Σ of the finite values in the window
+    count = np.convolve(ok.astype(float), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan)
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
