@@ -183,7 +183,10 @@ class KLConfig(Base):
     horizon: Annotated[int, doc("Adaptive controller horizon, in samples.", ge=1)] = 10000
 
 
-EstimatorName = Literal["gae", "grpo", "rloo", "reinforce_pp"]  # learner/estimators.py's ESTIMATORS (tested)
+# The names of learner/estimators.py's ESTIMATORS and learner/losses.py's POLICY_LOSSES, which check at
+# import that they agree (contracts/ imports no learner code, so the registries cannot be read from here).
+EstimatorName = Literal["gae", "grpo", "rloo", "reinforce_pp"]
+PolicyLossName = Literal["ppo_clip", "dual_clip"]
 
 
 class LearnerConfig(Base):
@@ -230,6 +233,11 @@ class LearnerConfig(Base):
     gamma: Annotated[float, doc("Discount factor of GAE.", ge=0.0, le=1.0)] = 1.0
     lam: Annotated[float, doc("GAE lambda.", ge=0.0, le=1.0)] = 0.95
     clip_eps: Annotated[float, doc("PPO policy ratio clip range.", gt=0.0)] = 0.2
+    policy_loss: Annotated[PolicyLossName, doc(
+        "Policy objective. `ppo_clip`: PPO's clipped surrogate. `dual_clip`: the same, with the loss of a "
+        "negative-advantage token bounded by dual_clip_c·|A|, so a ratio far above 1 + clip_eps (a sample "
+        "from much older weights) cannot dominate a minibatch (Ye et al. 2020).")] = "ppo_clip"
+    dual_clip_c: Annotated[float, doc("The bound c of `dual_clip`, more than 1.", gt=1.0)] = 3.0
     behaviour_is_cap: Annotated[float | None, doc(
         "Decoupled PPO: the clipped ratio is taken against the learner's own logprobs before the "
         "update (the proximal policy), and each token is weighted by min(π_prox / π_behaviour, cap), "

@@ -15,8 +15,13 @@ group means are sums of thousands of rewards when a run's n and prompt count are
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import get_args
+
 import torch
 
+from contracts.config import EstimatorName
 from learner.advantages import discounted_reverse_cumsum, gae
 
 GRPO_EPS = 1e-6  # keeps a group of identical rewards at advantage 0 instead of 0 / 0
@@ -77,26 +82,57 @@ def broadcast(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), advantages.unsqueeze(-1), 0)
 
 
-GROUP_ESTIMATORS = {"grpo": grpo_advantages, "rloo": rloo_advantages}
-ESTIMATORS = ("gae", *GROUP_ESTIMATORS, "reinforce_pp")
-CRITIC_FREE = ESTIMATORS[1:]
+def reinforce_pp_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """REINFORCE++ returns. token_rewards, mask: (B, T) -> (B, T), zero on padding."""
+    keep = mask.bool()
+    rewards = torch.where(keep, token_rewards.float(), 0)
+    return torch.where(keep, discounted_reverse_cumsum(rewards, gamma), 0)  # G_t = Σ_{k≥t} γ^(k−t) r_k
 
 
-def estimate(name: str, token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+GroupBaseline = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One registry entry. `group` is set for a group-baseline estimator: (N,) sequence rewards and their
+    (N,) prompt-group indices -> (N,) advantages; replay calls it on a whole archive's rewards."""
+
+    needs_critic: bool
+    group: GroupBaseline | None = None
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "gae": Estimator(needs_critic=True),
+    "grpo": Estimator(needs_critic=False, group=grpo_advantages),
+    "rloo": Estimator(needs_critic=False, group=rloo_advantages),
+    "reinforce_pp": Estimator(needs_critic=False),
+}
+# The config (contracts/, which imports no learner code) spells the names as a Literal; the two must agree.
+if set(ESTIMATORS) != set(get_args(EstimatorName)):
+    raise ImportError(f"learner.estimators {sorted(ESTIMATORS)} and contracts.config.EstimatorName "
+                      f"{sorted(get_args(EstimatorName))} disagree: add the name to both")
+
+
+def estimator(name: str) -> Estimator:
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown advantage estimator {name!r}; expected one of {', '.join(ESTIMATORS)}") from None
+
+
+def estimate(name: str, token_rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor,
              groups: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns), both (B, T) and zero on padding, by the estimator `name`.
 
     token_rewards, values, mask: (B, T); groups: (B,) int64 prompt-group index of each row.
     """
-    if name == "gae":
+    entry = estimator(name)
+    if entry.needs_critic:
         return gae(token_rewards, values, mask, gamma, lam)
-    keep = mask.bool()
-    rewards = torch.where(keep, token_rewards.float(), 0)
-    if name in GROUP_ESTIMATORS:
-        sequence_return = rewards.sum(-1)  # R_i = Σ_t r_t = score − β·Σ_t kl_t
-        advantages = broadcast(GROUP_ESTIMATORS[name](sequence_return, groups), keep).float()
+    if entry.group is not None:
+        keep = mask.bool()
+        sequence_return = torch.where(keep, token_rewards.float(), 0).sum(-1)  # R_i = Σ_t r_t = score − β·Σ_t kl_t
+        advantages = broadcast(entry.group(sequence_return, groups), keep).float()
         return advantages, advantages
-    if name == "reinforce_pp":
-        returns = torch.where(keep, discounted_reverse_cumsum(rewards, gamma), 0)  # G_t = Σ_{k≥t} γ^(k−t) r_k
-        return returns, returns
-    raise ValueError(f"unknown advantage estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
+    returns = reinforce_pp_returns(token_rewards, mask, gamma)
+    return returns, returns

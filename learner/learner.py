@@ -32,7 +32,7 @@ from learner import distributed as dist
 from learner.advantages import masked_mean, masked_whiten, token_rewards
 from learner.batch import TokenBatch
 from learner.checkpoint import NonFiniteError
-from learner.estimators import CRITIC_FREE, estimate
+from learner.estimators import estimate, estimator
 from learner.kl_control import make_kl_controller
 from learner.losses import policy_loss, value_loss
 from learner.microbatch import plan
@@ -77,7 +77,7 @@ class Learner:
             torch.set_num_threads(cpu_threads(cfg))
         torch.manual_seed(cfg.seed)
         self.compute_dtype = DTYPES[cfg.model.dtype]
-        self.critic_free = lc.estimator in CRITIC_FREE
+        self.critic_free = not estimator(lc.estimator).needs_critic
         policy_lm = load_causal_lm(model_path, torch.float32)
         self.pad_id = policy_lm.config.pad_token_id or 0
         self.tied_head = bool(getattr(policy_lm.config, "tie_word_embeddings", False))
@@ -239,7 +239,8 @@ class Learner:
                 values = self._values(tokens, policy)
             pg_loss, pg_stats = policy_loss(policy.logprobs, old(ev.old_logprobs), old(advantages), keep,
                                             lc.clip_eps, lc.loss_agg, denominator,
-                                            None if is_weights is None else old(is_weights))
+                                            None if is_weights is None else old(is_weights),
+                                            lc.policy_loss, lc.dual_clip_c)
             vf_loss, vf_stats = value_loss(values, old(ev.values), old(returns), keep, lc.value_clip, n_tokens)
             loss = pg_loss
             if policy.entropy is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-LOGIT_CHUNK_BYTES = 128 * 2**20  # one chunk's float32 logits: 220 tokens at a 152K vocabulary
+from learner.memory import LOGIT_CHUNK_BYTES
 
 
 def chunk_tokens(vocab_size: int) -> int:

@@ -1,4 +1,5 @@
-"""PPO objectives on (batch, time) response tensors: the clipped policy loss and the clipped value loss.
+"""PPO objectives on (batch, time) response tensors: the policy losses (a registry, `POLICY_LOSSES`, keyed
+by `learner.policy_loss`) and the clipped value loss.
 
 Both reduce to a mean by default; given a `denominator` (the whole minibatch's count of valid
 tokens, or of non-empty sequences, across micro-batches and ranks) they return this piece's share
@@ -11,13 +12,44 @@ loss nor its gradient.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 
+from contracts.config import PolicyLossName
 from learner.advantages import masked_mean
 
 Aggregation = Literal["token", "sequence"]
+
+
+def ppo_clip(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, dual_clip_c: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017), per token, to be minimised.
+
+    ratio ρ = π / π_old, advantages: (B, T) -> (loss (B, T), (B, T) bool: the clipped term is the active one).
+    """
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    return torch.maximum(unclipped, clipped), clipped > unclipped  # L_t = max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))
+
+
+def dual_clip(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, dual_clip_c: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dual-clip PPO (Ye et al. 2020): where A < 0, the clipped loss is bounded by −c·A, so a huge ratio
+    (which the plain clip leaves unbounded for a negative advantage) adds at most c·|A|. Shapes as ppo_clip;
+    a token held at the bound counts as clipped."""
+    loss, clipped = ppo_clip(ratio, advantages, clip_eps, dual_clip_c)
+    bound = -dual_clip_c * advantages
+    held = (advantages < 0) & (loss > bound)
+    return torch.where(held, bound, loss), clipped | held  # L_t = min(L_t, −c·A) where A < 0
+
+
+PolicyLoss = Callable[[torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor]]
+POLICY_LOSSES: dict[str, PolicyLoss] = {"ppo_clip": ppo_clip, "dual_clip": dual_clip}
+if set(POLICY_LOSSES) != set(get_args(PolicyLossName)):
+    raise ImportError(f"learner.losses {sorted(POLICY_LOSSES)} and contracts.config.PolicyLossName "
+                      f"{sorted(get_args(PolicyLossName))} disagree: add the name to both")
 
 
 def policy_loss(
@@ -29,8 +61,10 @@ def policy_loss(
     agg: Aggregation = "token",
     denominator: float | None = None,
     weights: torch.Tensor | None = None,
+    kind: str = "ppo_clip",
+    dual_clip_c: float = 3.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate loss (Schulman et al. 2017), to be minimised.
+    """The policy loss `kind` (a POLICY_LOSSES name; PPO's clipped surrogate by default), to be minimised.
 
     `weights` (B, T), detached, scale each token's term: decoupled PPO (Hilton et al. 2022) passes
     the truncated importance weight min(π_old / π_behaviour, cap) of samples drawn by other weights.
@@ -38,22 +72,22 @@ def policy_loss(
     logprobs (current policy), old_logprobs (the policy that sampled), advantages, mask: (B, T) ->
     (0-dim loss, stats). `agg` "token" averages over all valid tokens, so long responses weigh more;
     "sequence" averages within each response first, then over responses with at least one token.
-    stats (0-dim, detached): "clip_frac", the share of valid tokens where the clipped term is the
+    stats (0-dim, detached): "clip_frac", the share of valid tokens where a clipped term is the
     active one, and "approx_kl", the k3 estimate of KL(old || current).
     """
+    if kind not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {kind!r}; expected one of {', '.join(POLICY_LOSSES)}")
     keep = mask.bool()
     log_ratio = torch.where(keep, logprobs - old_logprobs, 0)
     advantages = torch.where(keep, advantages, 0)
     ratio = torch.exp(log_ratio)  # ρ_t = π(a_t) / π_old(a_t)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    per_token = torch.maximum(unclipped, clipped)  # L_t = max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))
+    per_token, clipped = POLICY_LOSSES[kind](ratio, advantages, clip_eps, dual_clip_c)
     if weights is not None:
         per_token = torch.where(keep, weights, 0) * per_token  # w_t·L_t
     loss = _aggregate(per_token, keep, agg, denominator)
     with torch.no_grad():
         stats = {
-            "clip_frac": masked_mean((clipped > unclipped).to(per_token.dtype), keep),
+            "clip_frac": masked_mean(clipped.to(per_token.dtype), keep),
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, keep),  # (ρ − 1) − log ρ
         }
     return loss, stats

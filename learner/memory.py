@@ -9,7 +9,7 @@ What one rank holds (P = policy parameters, R = learner.num_ranks, M = learner.m
 - activations of one micro-batch of M tokens, kept for backward: per token and layer about
   (10·h + 4·i) values in the compute dtype (attention by SDPA, so nothing grows with length²),
   or only the layer input (h values) with gradient checkpointing, plus one layer recomputed;
-- LM head: one chunk of float32 logits (`learner.logprobs.LOGIT_CHUNK_BYTES`) about four times
+- LM head: one chunk of float32 logits (`LOGIT_CHUNK_BYTES`) about four times
   over in the backward pass (logits, probabilities, their gradient, a temporary);
 - the iteration's per-token columns (old and reference logprobs, values, entropy, rewards,
   advantages, returns) for `samples` x `response_tokens`, float32, on every rank.
@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from learner.logprobs import LOGIT_CHUNK_BYTES
-
 GIB = 2**30
+# One chunk's float32 logits in `learner.logprobs`: 220 tokens at a 152K vocabulary. Kept here so the
+# estimate (and `rollout plan`, which reads it) imports no torch.
+LOGIT_CHUNK_BYTES = 128 * 2**20
 COLUMNS_KEPT = 8  # per-token float32 columns held for the whole iteration
 
 

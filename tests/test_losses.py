@@ -132,3 +132,38 @@ def test_shares_with_a_global_denominator_add_up_to_the_whole_loss(agg) -> None:
     n = float(mask.sum())
     parts_v = [value_loss(values[i], values[i] * 0.9, returns[i], mask[i], 0.2, n)[0] for i in ([0, 1, 2], [3, 4, 5])]
     torch.testing.assert_close(sum(parts_v), whole_v)
+
+
+def test_dual_clip_bounds_a_negative_advantages_loss_and_leaves_the_rest_alone() -> None:
+    ratios = torch.tensor([[0.5, 1.1, 5.0, 9.0]])
+    advantages = torch.tensor([[-1.0, -1.0, -1.0, 2.0]])
+    mask = torch.ones(1, 4)
+    old = torch.zeros(1, 4)
+    plain, plain_stats = policy_loss(ratios.log(), old, advantages, mask, 0.2, kind="ppo_clip")
+    dual, dual_stats = policy_loss(ratios.log(), old, advantages, mask, 0.2, kind="dual_clip", dual_clip_c=3.0)
+    # per token, ppo_clip: max(-A·ρ, -A·clip(ρ)) = [0.8, 1.1, 5.0, -2.4]; dual_clip caps A<0 at -c·A = 3.
+    assert plain.item() == pytest.approx((0.8 + 1.1 + 5.0 - 2.4) / 4)
+    assert dual.item() == pytest.approx((0.8 + 1.1 + 3.0 - 2.4) / 4)
+    assert plain_stats["clip_frac"].item() == pytest.approx(2 / 4)  # 0.5 and 9.0 clipped
+    assert dual_stats["clip_frac"].item() == pytest.approx(3 / 4)  # and 5.0 held at the bound
+    ratios.requires_grad_(True)
+    loss, _ = policy_loss(ratios.log(), old, advantages, mask, 0.2, kind="dual_clip")
+    loss.backward()
+    assert ratios.grad[0, 2].item() == 0.0  # held at the bound: no gradient pushes the ratio further
+    assert ratios.grad[0, 1].item() == pytest.approx(0.25)  # -A/4 inside the clip range
+
+
+def test_an_unknown_policy_loss_is_refused_naming_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown policy loss 'ppo2'; expected one of ppo_clip, dual_clip"):
+        policy_loss(OLD_LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK, EPS, kind="ppo2")
+
+
+def test_the_registries_and_the_configs_names_agree() -> None:
+    from typing import get_args
+
+    from contracts.config import EstimatorName, PolicyLossName
+    from learner.estimators import ESTIMATORS
+    from learner.losses import POLICY_LOSSES
+
+    assert get_args(PolicyLossName) == tuple(POLICY_LOSSES)
+    assert get_args(EstimatorName) == tuple(ESTIMATORS)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import get_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,13 +45,6 @@ def test_the_job_runs_in_a_process_group_of_its_own_so_a_group_signal_reaches_it
     finally:
         subprocess.run(["pkill", "-9", "-s", str(proc.pid)], capture_output=True)
         proc.communicate(timeout=60)
-
-
-def test_the_command_lines_estimator_names_are_the_learners():
-    from contracts.config import EstimatorName
-    from learner.estimators import ESTIMATORS
-
-    assert get_args(EstimatorName) == ESTIMATORS
 
 
 def _child(parent: int, timeout: float = 30.0) -> int:

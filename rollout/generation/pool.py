@@ -30,7 +30,8 @@ from rollout.actors.telemetry import announce_if_restarted, record_queue_depth
 from rollout.generation.launch import Launch, Share
 from rollout.generation.worker import GenerationSummary, RolloutWorker
 from rollout.weight_sync.check import ProbeCheck, WeightSyncError
-from rollout.weight_sync.collective import CollectiveSync, SyncFailed, weight_sync_path
+from rollout.weight_sync.collective import CollectiveSync, SyncFailed
+from rollout.weight_sync.path import weight_sync_path
 
 
 class _RolloutActor(RolloutWorker):

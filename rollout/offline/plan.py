@@ -21,7 +21,7 @@ from contracts.config import JobConfig
 from learner.memory import GIB, QWEN25_05B, QWEN25_7B, Shape, estimate
 from rollout.driver.resources import actor_requests, check_fits, resolve_devices
 from rollout.generation.engine_sizing import engine_sizing
-from rollout.weight_sync.collective import weight_sync_path
+from rollout.weight_sync.path import weight_sync_path
 
 GPU_DEFAULT_MAX_NUM_SEQS = 1024  # the largest batch vLLM picks by itself (large GPUs, offline LLM class)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -55,7 +55,7 @@ from contracts.config import ConfigError, JobConfig, RewardConfig, load_config
 from contracts.formats import Message, PromptRecord
 from contracts.schema import components_array, components_of
 from learner.advantages import KLEstimator, kl_penalty, last_token_mask
-from learner.estimators import ESTIMATORS, GROUP_ESTIMATORS, broadcast, estimate
+from learner.estimators import broadcast, estimate, estimator
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
 
 Scores = tuple[pa.Array, pa.Array]  # per batch: reward (float32), reward_components (struct)
@@ -108,7 +108,7 @@ def replay(archive: str | Path, out: str | Path, options: ReplayOptions = Replay
                                 for b in iter_batches(archive, ["prompt_id", "prompt", "response",
                                                                 "reward", "reward_components"]))
     group_advantages = None
-    if plan.estimator in GROUP_ESTIMATORS:
+    if estimator(plan.estimator).group is not None:
         scores = list(scores)  # scored once, used twice: for the group baselines, then per batch
         group_advantages = _group_advantages(archive, [reward for reward, _ in scores], plan.estimator)
 
@@ -140,8 +140,10 @@ def replay(archive: str | Path, out: str | Path, options: ReplayOptions = Replay
 # --- settings ------------------------------------------------------------------------------------
 
 def _plan(metadata: dict[str, str], options: ReplayOptions) -> _Plan:
-    if options.estimator not in ESTIMATORS:
-        raise ReplayError(f"unknown estimator {options.estimator!r}; expected one of {', '.join(ESTIMATORS)}")
+    try:
+        estimator(options.estimator)
+    except ValueError as e:
+        raise ReplayError(str(e)) from None
     gamma = options.gamma if options.gamma is not None else _metadata_float(metadata, "gamma", "--gamma")
     lam = options.lam if options.lam is not None else _metadata_float(metadata, "lam", "--lam")
     for name, value in (("gamma", gamma), ("lam", lam)):
@@ -149,10 +151,10 @@ def _plan(metadata: dict[str, str], options: ReplayOptions) -> _Plan:
             raise ReplayError(f"--{name} must lie in [0, 1], got {value}")
     if options.kl_coef is not None and options.kl_coef < 0:
         raise ReplayError(f"--kl-coef must be >= 0, got {options.kl_coef}")
-    estimator = metadata.get("kl_estimator", "k1")
-    if estimator not in ("k1", "k3"):
-        raise ReplayError(f"the archive's kl_estimator {estimator!r} is neither k1 nor k3")
-    return _Plan(gamma, lam, options.estimator, options.kl_coef, cast(KLEstimator, estimator),
+    kl_estimator = metadata.get("kl_estimator", "k1")
+    if kl_estimator not in ("k1", "k3"):
+        raise ReplayError(f"the archive's kl_estimator {kl_estimator!r} is neither k1 nor k3")
+    return _Plan(gamma, lam, options.estimator, options.kl_coef, cast(KLEstimator, kl_estimator),
                  rescore=options.reward_config is not None)
 
 
@@ -208,16 +210,18 @@ def _replay_batch(batch: pa.RecordBatch, scores: Scores, plan: _Plan, group_adva
     mask = torch.arange(width) < torch.from_numpy(lengths).unsqueeze(1)  # (B, T)
     reward, components = scores
     rewards = _token_rewards(batch, reward, plan, lengths, mask)
-    if plan.estimator == "gae":
-        values = _padded(_required(batch, "values", lengths), width)
-        advantages, returns = estimate("gae", rewards, values, mask, None, plan.gamma, plan.lam)
-    elif plan.estimator == "reinforce_pp":
-        score_only = torch.where(last_token_mask(mask), torch.from_numpy(_floats(reward, "reward")).unsqueeze(1), 0)
-        advantages, returns = estimate("reinforce_pp", score_only if rewards is None else rewards, None, mask,
-                                       None, plan.gamma, plan.lam)
-    else:
+    entry = estimator(plan.estimator)
+    if entry.group is not None:
         advantages = broadcast(torch.from_numpy(group_advantages), mask).float()
         returns = advantages
+    else:
+        values = _padded(_required(batch, "values", lengths), width) if entry.needs_critic else None
+        if rewards is None:  # no stored token rewards and no KL to rebuild them: the score on the last token
+            score = torch.from_numpy(_floats(reward, "reward")).unsqueeze(1)
+            token_rewards = torch.where(last_token_mask(mask), score, 0)
+        else:
+            token_rewards = rewards
+        advantages, returns = estimate(plan.estimator, token_rewards, values, mask, None, plan.gamma, plan.lam)
     columns = {name: batch.column(name) for name in schema.names}
     columns.update(reward=reward, reward_components=components,
                    token_rewards=_ragged(rewards, mask) if rewards is not None else batch.column("token_rewards"),
@@ -233,7 +237,7 @@ def _token_rewards(batch: pa.RecordBatch, reward: pa.Array, plan: _Plan, lengths
     """(B, T) token rewards: stored, or rebuilt as −β·kl_t plus the (new) score on the last token."""
     stored = batch.column("token_rewards")
     if stored.null_count:
-        if plan.estimator == "gae":
+        if estimator(plan.estimator).needs_critic:
             raise ReplayError("the archive has no learner columns (token_rewards, values are null, as "
                               "`rollout generate` writes them): GAE needs them; use --estimator grpo or rloo")
         return None
@@ -364,7 +368,7 @@ def _run_config(metadata: dict[str, str]) -> JobConfig | None:
         return None
 
 
-def _group_advantages(archive: str | Path, rewards: list[pa.Array], estimator: str) -> np.ndarray:
+def _group_advantages(archive: str | Path, rewards: list[pa.Array], name: str) -> np.ndarray:
     """(N,) sequence advantages over the whole archive, grouped by (iteration, prompt_id)."""
     keys = read_table(archive, ["iteration", "prompt_id"])
     reward = pa.chunked_array(rewards, type=pa.float32())
@@ -374,10 +378,10 @@ def _group_advantages(archive: str | Path, rewards: list[pa.Array], estimator: s
     joined = pc.binary_join_element_wise(keys["iteration"].cast(pa.string()), keys["prompt_id"], "\x1f")
     groups = pc.dictionary_encode(joined).combine_chunks().indices.to_numpy().astype(np.int64)
     try:
-        advantages = GROUP_ESTIMATORS[estimator](torch.from_numpy(_floats(reward, "reward")),
+        advantages = estimator(name).group(torch.from_numpy(_floats(reward, "reward")),
                                                  torch.from_numpy(groups))
     except ValueError as e:
-        raise ReplayError(f"--estimator {estimator}: {e}") from None
+        raise ReplayError(f"--estimator {name}: {e}") from None
     return advantages.numpy()
 
 

@@ -17,7 +17,6 @@ import time
 import ray
 
 from contracts.config import JobConfig
-from contracts.device import resolve_device
 from rollout.weight_sync.check import Served, WeightSyncError
 from rollout.weight_sync.wire import GroupAddress, SyncPlan, SyncStore
 
@@ -29,14 +28,6 @@ class SyncFailed(WeightSyncError):
     def __init__(self, message: str, broken: list[str]):
         super().__init__(message)
         self.broken = broken
-
-
-def weight_sync_path(cfg: JobConfig) -> str:
-    """"object_store" or "collective", `rollout.weight_sync` with auto resolved."""
-    if cfg.rollout.weight_sync != "auto":
-        return cfg.rollout.weight_sync
-    on_gpu = resolve_device(cfg.rollout.device) == "cuda" and resolve_device(cfg.learner.device) == "cuda"
-    return "collective" if on_gpu else "object_store"
 
 
 class CollectiveSync:
