@@ -49,7 +49,7 @@ def one_rank(args, rank: int = 0, world_size: int = 1, address: str | None = Non
     import torch
 
     from contracts.builtin_model import resolve_model_path
-    from contracts.config import load_config
+    from contracts.config_load import load_config
     from learner.learner import Learner
 
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ import ray  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from contracts.builtin_model import build_tiny_llama  # noqa: E402
-from contracts.config import load_config  # noqa: E402
+from contracts.config_load import load_config  # noqa: E402
 from contracts.rendering import PromptRenderer  # noqa: E402
 from reward.worker import reward_components  # noqa: E402
 from rollout.archive import ArchiveWriter  # noqa: E402

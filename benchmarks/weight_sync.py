@@ -29,7 +29,7 @@ import ray  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from contracts.builtin_model import build_builtin  # noqa: E402
-from contracts.config import load_config  # noqa: E402
+from contracts.config_load import load_config  # noqa: E402
 from rollout.driver.learner_group import LearnerGroup  # noqa: E402
 from rollout.generation.pool import WorkerPool  # noqa: E402
 

@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from contracts.config import ConfigError, load_config
+from contracts.config import ConfigError
+from contracts.config_load import load_config
 
 
 class ScoreDataError(ValueError):

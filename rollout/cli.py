@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from contracts.config import ConfigError, EstimatorName, load_config
+from contracts.config import ConfigError, EstimatorName
+from contracts.config_load import load_config
 from rollout.driver.stopping import JobStopped
 from rollout.driver.supervise import mark_finished, supervise, supervised
 
@@ -264,7 +265,7 @@ def _prompt_length(cfg):
 
 
 def cmd_config(args) -> int:
-    from contracts.config import check, explain, to_yaml
+    from contracts.config_load import check, explain, to_yaml
 
     if args.explain:
         print("\n".join(explain()))

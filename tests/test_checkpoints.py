@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from contracts.config import load_config
+from contracts.config_load import load_config
 from learner.checkpoint import MANIFEST_FILE, problem
 from learner.learner import Learner
 from rollout.driver.checkpoints import AUTO, NEVER, Checkpoints, ResumeError

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from contracts.config import ConfigError, JobConfig, check, explain, load_config, to_yaml
+from contracts.config import ConfigError, JobConfig
+from contracts.config_load import check, explain, load_config, to_yaml
 
 ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

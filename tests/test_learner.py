@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from contracts.config import load_config
+from contracts.config_load import load_config
 from contracts.formats import parse_prompt
 from contracts.schema import RolloutRecord
 from learner.advantages import gae_reference

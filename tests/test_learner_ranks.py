@@ -6,7 +6,7 @@ import ray
 import torch
 from test_learner import make_records
 
-from contracts.config import load_config
+from contracts.config_load import load_config
 from learner.samples import SampleBatch
 from rollout.driver.learner_group import LearnerGroup
 

@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 START_OWN = """
-from contracts.config import load_config
+from contracts.config_load import load_config
 from rollout.driver.session import init_ray
 import ray
 init_ray(load_config(None, ["ray.num_cpus=2"]), learner=True)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from contracts.config import load_config
+from contracts.config_load import load_config
 from rollout.cli import main
 from rollout.offline.plan import format_plan, make_plan
 

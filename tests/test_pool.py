@@ -5,7 +5,7 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
-from contracts.config import load_config
+from contracts.config_load import load_config
 from contracts.rendering import PromptTask
 from contracts.schema import from_record_batch
 from rollout.generation.pool import WorkerPool

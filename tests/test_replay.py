@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from contracts.config import JobConfig, to_yaml
+from contracts.config import JobConfig
+from contracts.config_load import to_yaml
 from contracts.formats import record_id
 from contracts.schema import RolloutRecord
 from learner.advantages import gae, gae_reference, kl_penalty, token_rewards

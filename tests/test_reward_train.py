@@ -244,7 +244,7 @@ def test_synthetic_records_prefer_the_correct_sum(tmp_path, fmt: str) -> None:
 
 
 def test_the_config_is_documented_and_the_shipped_file_loads() -> None:
-    from contracts.config import explain, load_config
+    from contracts.config_load import explain, load_config
     from reward.train_config import RewardTrainConfig
 
     lines = explain(RewardTrainConfig)

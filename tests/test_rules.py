@@ -279,7 +279,7 @@ def test_length_bad_params() -> None:
 # --- the registry -------------------------------------------------------------------------------
 
 def test_registry_names_match_the_config() -> None:
-    from contracts.config import RULE_NAMES
+    from contracts.config_load import RULE_NAMES
 
     assert set(rules.RULES) == set(RULE_NAMES) == {"arithmetic", "similarity", "safety", "format", "length"}
 

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 from tracker_readers import mlflow_run, tensorboard_scalars, wandb_offline
 
-from contracts.config import ConfigError, check, load_config, to_yaml
+from contracts.config import ConfigError
+from contracts.config_load import check, load_config, to_yaml
 from rollout.driver.trackers import SampleTable, TrackedRun
 from rollout.driver.tracking import Tracking, figures_of, sample_table
 

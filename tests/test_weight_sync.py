@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from contracts.builtin_model import build_builtin
-from contracts.config import load_config
+from contracts.config_load import load_config
 from contracts.rendering import PromptTask
 from contracts.schema import from_record_batch
 from rollout.driver.learner_group import LearnerGroup

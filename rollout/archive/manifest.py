@@ -139,7 +139,7 @@ class RunManifest:
     def start_run(self, cfg, model: str, resumed_from: dict[str, Any] | None = None,
                   reason: str | None = None) -> dict[str, Any]:
         """`start` with what a job config says: its YAML, its seeds, the schema written."""
-        from contracts.config import to_yaml
+        from contracts.config_load import to_yaml
         from contracts.schema import SCHEMA_VERSION
 
         return self.start(config_yaml=to_yaml(cfg), model=model, schema_version=SCHEMA_VERSION,

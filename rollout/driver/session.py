@@ -26,7 +26,8 @@ import ray
 from tqdm import tqdm
 
 from contracts.builtin_model import resolve_model_path
-from contracts.config import ConfigError, JobConfig, check, to_yaml
+from contracts.config import ConfigError, JobConfig
+from contracts.config_load import check, to_yaml
 from contracts.console import configure_driver
 from contracts.rendering import PromptRenderer, render_prompts
 from learner.checkpoint import NonFiniteError

@@ -51,7 +51,8 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
-from contracts.config import ConfigError, JobConfig, RewardConfig, load_config
+from contracts.config import ConfigError, JobConfig, RewardConfig
+from contracts.config_load import load_config
 from contracts.formats import Message, PromptRecord
 from contracts.schema import components_array, components_of
 from learner.advantages import KLEstimator, kl_penalty, last_token_mask

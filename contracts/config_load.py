@@ -1,0 +1,185 @@
+"""Reading a config: YAML files and `--set a.b=v` overrides merged over the defaults of the tree in
+`contracts.config`, field constraints checked on load, cross-field rules once at start-up (`check`),
+and the tree written back (`to_yaml`) or described field by field (`explain`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+from msgspec import Struct
+
+from contracts.config import Base, ConfigError, JobConfig, RolloutConfig
+
+RULE_NAMES = ("arithmetic", "similarity", "safety", "format", "length")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), root: type[Base] = JobConfig):
+    """Defaults, then the YAML file at `path`, then `a.b=v` overrides; field constraints checked.
+
+    `root` is the tree's type: `JobConfig` for jobs, other roots (reward training) reuse the rules.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for item in overrides:
+        _apply_override(tree, item)
+        source += f" + --set {item}"
+    try:
+        # strict=False: YAML reads "1e-4" as a string; numeric strings convert to the field type.
+        cfg = msgspec.convert(tree, root, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{source}: {_readable(str(e))}") from None
+    infinite = _non_finite(cfg)
+    if infinite:
+        raise ConfigError(f"{source}: {', '.join(infinite)}: must be a finite number")
+    return cfg
+
+
+def _non_finite(node: Any, path: str = "") -> list[str]:
+    """Dotted paths of float fields holding inf or nan: `gt=0` lets inf through, and one inf learning
+    rate turns every weight into NaN after the first update."""
+    if isinstance(node, float):
+        return [] if math.isfinite(node) else [path]
+    if isinstance(node, Struct):
+        return [bad for name in node.__struct_fields__
+                for bad in _non_finite(getattr(node, name), f"{path}.{name}" if path else name)]
+    if isinstance(node, list):
+        return [bad for i, item in enumerate(node) for bad in _non_finite(item, f"{path}.{i}")]
+    if isinstance(node, dict):  # rule params
+        return [bad for key, item in node.items() for bad in _non_finite(item, f"{path}.{key}")]
+    return []
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. learner.lr=1e-4")
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item}: {part} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({problem})") from None
+
+
+def _readable(message: str) -> str:
+    """msgspec says 'Object contains unknown field `x` - at `$.a`'; users want 'a.x: unknown key'."""
+    text, _, where = message.partition(" - at `$")
+    path = where.rstrip("`").lstrip(".")
+    path = path.replace("[", ".").replace("]", "")
+    if text.startswith("Object contains unknown field `"):
+        name = text.split("`")[1]
+        return f"{path + '.' if path else ''}{name}: unknown key"
+    if text.startswith("Object missing required field `"):
+        name = text.split("`")[1]
+        return f"{path + '.' if path else ''}{name}: required key missing"
+    text = text.replace("`", "")
+    return f"{path}: {text[0].lower() + text[1:]}" if path else text
+
+
+def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
+    """Cross-field rules, once at start-up. Raises ConfigError listing every problem and its fix."""
+    problems: list[str] = []
+    samples = cfg.rollout.prompts_per_iteration * cfg.rollout.n_samples
+    if cfg.learner.minibatch_size > samples:
+        problems.append(
+            f"learner.minibatch_size ({cfg.learner.minibatch_size}) exceeds the samples per iteration "
+            f"(rollout.prompts_per_iteration x rollout.n_samples = {samples}): lower it or raise those")
+    if cfg.learner.estimator in ("grpo", "rloo") and cfg.rollout.n_samples < 2:
+        problems.append(
+            f"learner.estimator {cfg.learner.estimator} compares the samples of each prompt, so it needs "
+            f"rollout.n_samples >= 2 (it is {cfg.rollout.n_samples}): raise n_samples or use gae")
+    if cfg.learner.num_ranks > cfg.learner.minibatch_size:
+        problems.append(
+            f"learner.num_ranks ({cfg.learner.num_ranks}) exceeds learner.minibatch_size "
+            f"({cfg.learner.minibatch_size}): every rank needs samples in each minibatch; raise minibatch_size")
+    problems.extend(_engine_rejects(cfg.rollout))
+    if cfg.rollout.num_workers > cfg.rollout.prompts_per_iteration:
+        problems.append(
+            f"rollout.num_workers ({cfg.rollout.num_workers}) exceeds rollout.prompts_per_iteration "
+            f"({cfg.rollout.prompts_per_iteration}): some workers would idle; lower num_workers")
+    for i, rule in enumerate(cfg.reward.rules):
+        if rule.name not in RULE_NAMES:
+            problems.append(f"reward.rules.{i}.name: unknown rule {rule.name!r}; known: {', '.join(RULE_NAMES)}")
+    repeated = sorted({b for b in cfg.tracking.backends if cfg.tracking.backends.count(b) > 1})
+    if repeated:
+        problems.append(f"tracking.backends: {', '.join(repeated)} named twice; name each backend once")
+    if not cfg.reward.rules and cfg.reward.model is None:
+        problems.append("reward: no rules and no model; add reward.rules or reward.model")
+    if cfg.rollout.cpu_kv_cache_gb is not None and cfg.rollout.cpu_kv_cache_gb <= 0:
+        problems.append("rollout.cpu_kv_cache_gb must be positive, or null to size it from the engine batch")
+    if cfg.learner.behaviour_is_cap is not None and cfg.learner.behaviour_is_cap <= 1:
+        problems.append("learner.behaviour_is_cap must be more than 1 (it caps π_prox / π_behaviour), or null")
+    if cfg.learner.kl.target is not None and cfg.learner.kl.target <= 0:
+        problems.append("learner.kl.target must be positive, or null for a fixed coefficient")
+    if cfg.model.max_prompt_tokens + cfg.rollout.sampling.max_tokens > cfg.rollout.max_model_len:
+        problems.append(
+            f"model.max_prompt_tokens + rollout.sampling.max_tokens "
+            f"({cfg.model.max_prompt_tokens} + {cfg.rollout.sampling.max_tokens}) exceeds "
+            f"rollout.max_model_len ({cfg.rollout.max_model_len}): raise max_model_len")
+    if cuda_available is False:
+        for section in ("rollout", "learner"):
+            if getattr(cfg, section).device == "cuda":
+                problems.append(f"{section}.device is cuda but no GPU is visible: set it to auto or cpu")
+    if problems:
+        raise ConfigError("the config needs changes:\n  - " + "\n  - ".join(problems))
+
+
+def _engine_rejects(rollout: RolloutConfig) -> list[str]:
+    """Sampling settings vLLM's SamplingParams would refuse (or quietly change) in the worker, where
+    the error would surface only once generation began."""
+    sampling, problems = rollout.sampling, []
+    if sampling.temperature == 0 and rollout.n_samples > 1:
+        problems.append(f"rollout.sampling.temperature 0 is greedy decoding, which gives one completion per "
+                        f"prompt, but rollout.n_samples is {rollout.n_samples}: set n_samples to 1 or raise the "
+                        "temperature")
+    if 0 < sampling.temperature < 0.01:  # vLLM raises it to 0.01, and the learner would score at another one
+        problems.append(f"rollout.sampling.temperature {sampling.temperature:g} is below 0.01, which vLLM "
+                        "samples at instead: use 0 (greedy) or at least 0.01")
+    if any(not s for s in sampling.stop):
+        problems.append("rollout.sampling.stop holds an empty string, which the engine refuses: remove it")
+    return problems
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    """The resolved config, as a YAML file `load_config` reads back to the same tree."""
+    return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)
+
+
+def explain(struct: type[Struct] = JobConfig, prefix: str = "") -> list[str]:
+    """One line per leaf field: `dotted.path = default  # description`, for `rollout config --explain`."""
+    lines = []
+    for f in msgspec.inspect.type_info(struct).fields:
+        kind, description = f.type, ""
+        if isinstance(kind, msgspec.inspect.Metadata):
+            description = (kind.extra_json_schema or {}).get("description", "")
+            kind = kind.type
+        path = prefix + f.name
+        if isinstance(kind, msgspec.inspect.StructType):
+            lines.extend(explain(kind.cls, path + "."))
+            continue
+        default = f.default if f.default is not msgspec.NODEFAULT else (
+            f.default_factory() if f.default_factory is not msgspec.NODEFAULT else "(required)")
+        lines.append(f"{path} = {msgspec.json.encode(msgspec.to_builtins(default)).decode()}  # {description}")
+    return lines
