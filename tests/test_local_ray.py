@@ -11,7 +11,7 @@ pytestmark = pytest.mark.e2e
 
 START_OWN = """
 from contracts.config_load import load_config
-from rollout.driver.session import init_ray
+from rollout.driver.startup import init_ray
 import ray
 init_ray(load_config(None, ["ray.num_cpus=2"]), learner=True)
 print("GCS", ray.get_runtime_context().gcs_address)

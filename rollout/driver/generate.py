@@ -5,7 +5,6 @@ Chunks are scored and archived as they complete; learner columns stay null.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -14,62 +13,40 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from contracts.builtin_model import resolve_model_path
 from contracts.config import JobConfig
-from contracts.config_load import check, to_yaml
-from contracts.console import configure_driver
-from contracts.rendering import PromptRenderer, render_prompts
-from reward.worker import check_reward_model, reward_components
+from reward.worker import reward_components
 from rollout.archive import ArchiveWriter
 from rollout.archive.columns import archive_batches
 from rollout.archive.manifest import RunManifest
+from rollout.archive.metadata import run_metadata
 from rollout.driver import stopping
-from rollout.driver.prompts import load_prompts
-from rollout.driver.resources import check_fits, node_resources, resolve_devices
 from rollout.driver.reward_group import RewardGroup
-from rollout.driver.run_lock import RunLock
-from rollout.driver.session import init_ray
+from rollout.driver.startup import RunData, lock_run_dir, read_data, start_cluster
 from rollout.generation.pool import WorkerPool
 
 
 def generate(cfg: JobConfig, out: Path, *, log=None) -> dict:
     log = log or sys.stderr
-    check(cfg)  # devices are checked against the cluster once it is joined
-    from transformers import AutoTokenizer
-
-    model = resolve_model_path(cfg.model.path)
-    check_reward_model(cfg.reward)
-    renderer = PromptRenderer(AutoTokenizer.from_pretrained(model), cfg.model.max_prompt_tokens)
-    records, rendered = render_prompts(load_prompts(cfg.data, cfg.seed, log=log), renderer,
-                                       on_bad_record=cfg.data.on_bad_record, source=cfg.data.prompts, log=log)
-    tasks = [rendered[r.prompt_id] for r in records]
-    lock = RunLock.acquire(out)  # one writer per directory, as for `rollout run`
+    data = read_data(cfg, log)
+    lock = lock_run_dir(out, log)
     stopping.install()
     try:
-        return _generate(cfg, out, records, tasks, model, log)
+        return _generate(start_cluster(cfg, out, learner=False), out, data, log)
     finally:
         lock.release()
 
 
-def _generate(cfg: JobConfig, out: Path, records: list, tasks: list, model: str, log) -> dict:
-    configure_driver(out)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    init_ray(cfg, learner=False)
-    stopping.install()  # again: ray.init installs its own SIGTERM handler
-    cfg = resolve_devices(cfg, ray.cluster_resources())
-    check_fits(cfg, ray.cluster_resources(), learner=False, nodes=node_resources())
-    run_id = f"{cfg.run_name}-generate"
+def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
+    run_id, model = f"{cfg.run_name}-generate", data.base_model
+    tasks = [data.tasks[r.prompt_id] for r in data.records]
     scorers = RewardGroup(cfg.reward, log)
     pool = WorkerPool(cfg, model)
     manifest = RunManifest(out, run_id)
-    start = manifest.start_run(cfg, model)
-    metadata = {"run_id": run_id, "model": model, "config": to_yaml(cfg), "manifest": json.dumps(start),
-                "temperature": repr(cfg.rollout.sampling.temperature)}
+    metadata = run_metadata(cfg, run_id, model, manifest.start_run(cfg, model), learner=False)
     timeout = cfg.rollout.iteration_timeout_s
     started = time.perf_counter()
     tokens, rewards = 0, []
-    generation = pool.submit(tasks, run_id=run_id, iteration=0, scorers=scorers.workers,
-                             records={r.prompt_id: r for r in records})
+    generation = pool.submit(tasks, run_id=run_id, iteration=0, scorers=scorers.workers, records=data.records_by_id)
     components = reward_components(cfg.reward)
     with ArchiveWriter(out / "rollouts", metadata, components, batch_rows=cfg.archive.batch_rows,
                        rows_per_file=cfg.archive.rows_per_file) as archive, \

@@ -9,9 +9,6 @@ directory. A resumed run numbers its iterations after the last one already archi
 from __future__ import annotations
 
 import datetime as dt
-import json
-import logging
-import math
 import os
 import shutil
 import sys
@@ -25,25 +22,21 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from contracts.builtin_model import resolve_model_path
-from contracts.config import ConfigError, JobConfig
-from contracts.config_load import check, to_yaml
-from contracts.console import configure_driver
-from contracts.rendering import PromptRenderer, render_prompts
+from contracts.config import JobConfig
+from contracts.config_load import to_yaml
 from learner.checkpoint import NonFiniteError
-from reward.worker import check_reward_model, reward_components
+from reward.worker import reward_components
 from rollout.actors.telemetry import record_restart
 from rollout.archive import ArchiveWriter, last_archived_iteration
 from rollout.archive.columns import archive_batches
 from rollout.archive.manifest import RunManifest
-from rollout.driver import stopping
+from rollout.archive.metadata import run_metadata
 from rollout.driver.checkpoints import AUTO, Checkpoints
 from rollout.driver.learner_group import LearnerError, LearnerGroup
 from rollout.driver.metrics import MetricsLog, iteration_metrics
-from rollout.driver.prompts import PromptSampler, load_prompts
-from rollout.driver.resources import actor_requests, check_fits, node_resources, resolve_devices
+from rollout.driver.prompts import PromptSampler
 from rollout.driver.reward_group import RewardGroup
-from rollout.driver.run_lock import RunLock
+from rollout.driver.startup import lock_run_dir, read_data, start_cluster
 from rollout.driver.trackers import TrackedRun
 from rollout.driver.tracking import Tracking, sample_table
 from rollout.generation.launch import Chunk, Launch
@@ -80,23 +73,6 @@ class Learned:
     stats: dict[str, float]
 
 
-def init_ray(cfg: JobConfig, *, learner: bool) -> None:
-    """Join the cluster at ray.address / RAY_ADDRESS, else start a local Ray sized for the job's actors."""
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
-        return
-    # Ray's CPU count is a scheduling budget, not a thread limit: generation, reward and learning
-    # take turns, so a 2-core machine can host the whole job.
-    needed = sum(count * each["CPU"] for _, count, each in actor_requests(cfg, learner=learner))
-    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    # "local", not None: with None, Ray joins any cluster `ray start` left on this machine.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             logging_level=logging.WARNING, _metrics_export_port=cfg.ray.metrics_export_port)
-
-
 class Session:
     def __init__(self, cfg: JobConfig, run_dir: Path, log):
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
@@ -106,11 +82,9 @@ class Session:
         """`resume`: checkpoints.AUTO (the newest whole checkpoint, if any), NEVER, or a checkpoint directory."""
         self = cls(cfg, run_dir, log or sys.stderr)
         self.resume = resume
-        check(cfg)  # devices are checked against the cluster once it is joined
-        self._read_data()  # a run refused for its config or data leaves nothing in the run directory
-        self.lock = RunLock.acquire(run_dir)  # before anything is written there
-        if self.lock.stale_warning():
-            print(self.lock.stale_warning(), file=log)
+        self.data = read_data(cfg, self.log, prompts_needed=cfg.rollout.prompts_per_iteration)
+        self.sampler = PromptSampler(size=len(self.data.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.lock = lock_run_dir(run_dir, self.log)
         try:
             self._start()
         except BaseException:
@@ -118,53 +92,24 @@ class Session:
             raise
         return self
 
-    def _read_data(self) -> None:
-        """The reward model's directory checked and every prompt rendered before Ray starts: bad data
-        fails here, in seconds, not iterations later."""
-        cfg, log = self.cfg, self.log
-        check_reward_model(cfg.reward)
-        self.base_model = resolve_model_path(cfg.model.path)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        self.renderer = PromptRenderer(self.tokenizer, cfg.model.max_prompt_tokens)
-        self.records, self.tasks = render_prompts(load_prompts(cfg.data, cfg.seed, log=log), self.renderer,
-                                                  on_bad_record=cfg.data.on_bad_record, source=cfg.data.prompts,
-                                                  log=log)
-        if cfg.rollout.prompts_per_iteration > len(self.records):
-            raise ConfigError(f"rollout.prompts_per_iteration ({cfg.rollout.prompts_per_iteration}) exceeds the "
-                              f"{len(self.records)} usable prompts of data.prompts ({cfg.data.prompts}): lower it, "
-                              "or give more prompts")
-        self.records_by_id = {record.prompt_id: record for record in self.records}
-        self.sampler = PromptSampler(size=len(self.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
-
     def _start(self) -> None:
-        cfg, run_dir, log = self.cfg, self.run_dir, self.log
-        configure_driver(run_dir)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        cfg, run_dir, log, data = self.cfg, self.run_dir, self.log, self.data
         self.run_id = _run_id(run_dir, cfg.run_name)
         self.manifest = RunManifest(run_dir, self.run_id)
-        base_model = self.base_model
-
-        # Before any model work: a cluster that cannot hold the actors fails the job here, in seconds.
-        init_ray(cfg, learner=True)
-        stopping.install()  # again: ray.init installs its own SIGTERM handler
-        self.cfg = cfg = resolve_devices(cfg, ray.cluster_resources())
-        check_fits(cfg, ray.cluster_resources(), nodes=node_resources())
-        model = base_model
+        self.cfg = cfg = start_cluster(cfg, run_dir, learner=True)
+        model = data.base_model
         if cfg.model.sft_warmup:
             from learner.sft import warm_start
 
-            model = warm_start(base_model, self.records, steps=cfg.model.sft_steps, lr=cfg.model.sft_lr,
+            model = warm_start(data.base_model, data.records, steps=cfg.model.sft_steps, lr=cfg.model.sft_lr,
                                max_prompt_tokens=cfg.model.max_prompt_tokens, seed=cfg.seed, log=log)
 
         self.checkpoints = Checkpoints(run_dir, cfg.checkpoint_keep_last)
         # What a rebuilt learner restarts from: this checkpoint, then each one this run commits.
         self.restart_from = checkpoint = self.checkpoints.resume_point(self.resume, log)
         serving_model = str(checkpoint / "policy") if checkpoint else model
-        print(f"run {self.run_id}: {len(self.records)} prompts, model {model}, "
+        print(f"run {self.run_id}: {len(data.records)} prompts, model {model}, "
               f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
-
         self.model = model
         # The engines load while the learner builds: neither start waits for the other.
         self.pool = WorkerPool(cfg, serving_model, wait=False)
@@ -200,7 +145,8 @@ class Session:
         self._restarts_seen: dict[str, int] = {}
         self.components = reward_components(cfg.reward)
         start = self.manifest.start_run(cfg, model, resumed_from)
-        self.archive = ArchiveWriter(run_dir / "rollouts", self._archive_metadata(model, start), self.components,
+        metadata = run_metadata(cfg, self.run_id, model, start, learner=True)
+        self.archive = ArchiveWriter(run_dir / "rollouts", metadata, self.components,
                                      batch_rows=cfg.archive.batch_rows, rows_per_file=cfg.archive.rows_per_file)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         start = {key: value for key, value in start.items() if key != "config_yaml"}  # the config goes whole
@@ -359,7 +305,7 @@ class Session:
             self._rebuild_learner(e, iteration)
             return
         # The policy directory is a complete model: a resumed run's engines load it directly.
-        self.tokenizer.save_pretrained(partial / "policy")
+        self.data.tokenizer.save_pretrained(partial / "policy")
         self.restart_from = self.checkpoints.commit(partial)
         self.manifest.checkpoint(iteration, self.restart_from.name)
 
@@ -376,9 +322,9 @@ class Session:
         """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it."""
         tasks = []
         for index in self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration):
-            tasks.append(self.tasks[self.records[index].prompt_id])
+            tasks.append(self.data.tasks[self.data.records[index].prompt_id])
         generation = self.pool.submit(tasks, run_id=self.run_id, iteration=iteration, scorers=self.rewards.workers,
-                                      records=self.records_by_id)
+                                      records=self.data.records_by_id)
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
         return Launched(generation, msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
 
@@ -395,16 +341,6 @@ class Session:
                 bar.update(chunk.summary.samples)
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
         return chunks
-
-    def _archive_metadata(self, model: str, start: dict) -> dict[str, str]:
-        lc = self.cfg.learner
-        return {
-            "manifest": json.dumps(start),
-            "run_id": self.run_id, "gamma": repr(lc.gamma), "lam": repr(lc.lam),
-            "kl_coef": repr(lc.kl.coef), "kl_estimator": lc.kl.estimator, "kl_target": repr(lc.kl.target),
-            "temperature": repr(self.cfg.rollout.sampling.temperature), "model": model,
-            "config": to_yaml(self.cfg),
-        }
 
 
 def _run_id(run_dir: Path, name: str) -> str:

@@ -58,6 +58,7 @@ from contracts.schema import components_array, components_of
 from learner.advantages import KLEstimator, kl_penalty, last_token_mask
 from learner.estimators import broadcast, estimate, estimator
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
+from rollout.archive.metadata import learner_settings
 
 Scores = tuple[pa.Array, pa.Array]  # per batch: reward (float32), reward_components (struct)
 
@@ -178,10 +179,10 @@ def _check_out(archive: str | Path, out: str | Path) -> Path:
 
 def _new_metadata(metadata: dict[str, str], plan: _Plan, archive: str | Path, options: ReplayOptions) -> dict[str, str]:
     new = {k: v for k, v in metadata.items() if k != "schema_version"}
-    new.update(gamma=repr(plan.gamma), lam=repr(plan.lam), advantage_estimator=plan.estimator,
-               replayed_from=str(Path(archive).resolve()))
-    if plan.kl_coef is not None:
-        new.update(kl_coef=repr(plan.kl_coef), kl_target="None")
+    settings = learner_settings(plan.gamma, plan.lam, plan.kl_coef or 0.0, plan.kl_estimator, kl_target=None)
+    if plan.kl_coef is None:  # each iteration keeps the β it was trained with
+        settings = {k: v for k, v in settings.items() if k not in ("kl_coef", "kl_target")}
+    new.update(settings, advantage_estimator=plan.estimator, replayed_from=str(Path(archive).resolve()))
     if plan.rescore:
         new["reward_config"] = str(Path(options.reward_config).resolve())
     if "config" in new:

@@ -1,0 +1,94 @@
+"""The start-up steps `rollout run` and `rollout generate` share, in the order they take them.
+
+    read_data (config rules, reward model, prompts rendered: bad input fails before Ray starts)
+    -> lock the run directory -> start_cluster (driver log, config.yaml, Ray, devices, fit check)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from contracts.builtin_model import resolve_model_path
+from contracts.config import ConfigError, JobConfig
+from contracts.config_load import check, to_yaml
+from contracts.console import configure_driver
+from contracts.formats import PromptRecord
+from contracts.rendering import PromptRenderer, PromptTask, render_prompts
+from reward.worker import check_reward_model
+from rollout.driver import stopping
+from rollout.driver.prompts import load_prompts
+from rollout.driver.resources import actor_requests, check_fits, node_resources, resolve_devices
+from rollout.driver.run_lock import RunLock
+
+
+@dataclass
+class RunData:
+    """The job's prompts, rendered once by the tokenizer of the model it starts from."""
+    base_model: str                 # a directory: the builtin tiny model is built on first use
+    tokenizer: Any
+    records: list[PromptRecord]     # in data order
+    tasks: dict[str, PromptTask]    # by prompt_id
+    records_by_id: dict[str, PromptRecord]
+
+
+def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
+    """Config rules, the reward model's directory and every prompt, checked before anything starts:
+    bad data fails here, in seconds, and leaves nothing in the run directory."""
+    check(cfg)  # devices are checked against the cluster once it is joined
+    check_reward_model(cfg.reward)
+    base_model = resolve_model_path(cfg.model.path)
+    from transformers import AutoTokenizer  # slow to import: only the commands that start a job pay it
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    renderer = PromptRenderer(tokenizer, cfg.model.max_prompt_tokens)
+    records, tasks = render_prompts(load_prompts(cfg.data, cfg.seed, log=log), renderer,
+                                    on_bad_record=cfg.data.on_bad_record, source=cfg.data.prompts, log=log)
+    if prompts_needed > len(records):
+        raise ConfigError(f"rollout.prompts_per_iteration ({prompts_needed}) exceeds the {len(records)} usable "
+                          f"prompts of data.prompts ({cfg.data.prompts}): lower it, or give more prompts")
+    return RunData(base_model, tokenizer, records, tasks, {record.prompt_id: record for record in records})
+
+
+def lock_run_dir(run_dir: Path, log) -> RunLock:
+    """One writer per run directory; taken before anything is written there."""
+    lock = RunLock.acquire(run_dir)
+    if lock.stale_warning():
+        print(lock.stale_warning(), file=log)
+    return lock
+
+
+def start_cluster(cfg: JobConfig, run_dir: Path, *, learner: bool) -> JobConfig:
+    """The driver's log and config.yaml in the run directory, Ray joined or started, and the config
+    with its devices resolved against the cluster, which is checked to hold every actor: a cluster
+    that cannot fails the job here, in seconds, before any model work."""
+    configure_driver(run_dir)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    init_ray(cfg, learner=learner)
+    stopping.install()  # again: ray.init installs its own SIGTERM handler
+    cfg = resolve_devices(cfg, ray.cluster_resources())
+    check_fits(cfg, ray.cluster_resources(), learner=learner, nodes=node_resources())
+    return cfg
+
+
+def init_ray(cfg: JobConfig, *, learner: bool) -> None:
+    """Join the cluster at ray.address / RAY_ADDRESS, else start a local Ray sized for the job's actors."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        return
+    # Ray's CPU count is a scheduling budget, not a thread limit: generation, reward and learning
+    # take turns, so a 2-core machine can host the whole job.
+    needed = sum(count * each["CPU"] for _, count, each in actor_requests(cfg, learner=learner))
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    # "local", not None: with None, Ray joins any cluster `ray start` left on this machine.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             logging_level=logging.WARNING, _metrics_export_port=cfg.ray.metrics_export_port)
