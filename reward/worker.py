@@ -93,6 +93,9 @@ class RewardWorker:
                                self.components)
         return rewards, {name: seconds - before.get(name, 0.0) for name, seconds in self.latency().items()}
 
+    def close(self) -> None:
+        self.rules.close()
+
     def latency(self) -> dict[str, float]:
         """Cumulative scoring seconds: the whole call (`total`) and each rule."""
         return {"total": self.seconds, **self.rules.latency}

@@ -54,7 +54,7 @@ import yaml
 from contracts.config import ConfigError, JobConfig, RewardConfig
 from contracts.config_load import load_config
 from contracts.formats import Message, PromptRecord
-from contracts.schema import components_array, components_of
+from contracts.schema import components_of
 from learner.advantages import KLEstimator, kl_penalty, last_token_mask
 from learner.estimators import broadcast, estimate, estimator
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
@@ -294,40 +294,35 @@ def _stored_scores(batch: pa.RecordBatch) -> Scores:
 
 
 class Rescorer:
-    """Scores archived samples again with the rule functions of a reward config."""
+    """Scores archived samples again, as the job's reward workers do, with the rules of a reward config."""
 
     def __init__(self, cfg: RewardConfig, prompts: dict[str, PromptRecord]):
-        from reward.scorer import RuleScorer
+        from reward.worker import RewardWorker
 
         if cfg.model is not None:
             raise ReplayError("re-scoring with a reward model is not supported by replay (rules only); "
                               "remove reward.model from the reward config")
         try:
-            self.scorer = RuleScorer(cfg.rules, timeout_s=cfg.timeout_s, failed_value=cfg.failed_value)
+            self.worker = RewardWorker(cfg, name="replay")
         except ValueError as e:
             raise ReplayError(f"reward config: {e}") from None
         self.prompts = prompts
-        self.components = tuple(c.name for c in self.scorer.components)
+        self.components = self.worker.components
         self.unmatched = 0
 
     def __call__(self, batch: pa.RecordBatch) -> Scores:
-        from reward.worker import last_user_message
-
-        items = []
-        # Rules are Python callables on one sample each: this loop is the scoring itself.
-        for prompt_id, rendered, response in zip(*(batch.column(c).to_pylist()
-                                                   for c in ("prompt_id", "prompt", "response"))):
+        records = []
+        for prompt_id, rendered in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()):
             record = self.prompts.get(prompt_id)
-            if record is None:
+            if record is None:  # the rules read the archived prompt; a reference answer is missing
                 self.unmatched += 1
                 record = PromptRecord(prompt_id, [Message("user", rendered)], None, {}, "archive")
-            items.append((last_user_message(record), response, record))
-        results = self.scorer.score_batch(items)
-        reward = pa.array([r.total for r in results], pa.float32())
-        return reward, components_array([r.components for r in results], self.components)
+            records.append(record)
+        rewards, _ = self.worker.score_batch(batch, records)
+        return rewards.column("reward"), rewards.column("reward_components")
 
     def close(self) -> None:
-        self.scorer.close()
+        self.worker.close()
 
 
 def _reward_config(options: ReplayOptions) -> RewardConfig:
