@@ -12,8 +12,8 @@ import codecs
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, BinaryIO, TextIO, TypeVar
 
 import msgspec
 
@@ -40,6 +40,22 @@ class BadRecord(msgspec.Struct, frozen=True):
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.reason}"
+
+
+def report_bad(bad: Sequence[object], *, on_bad_record: str, source: str, what: str, fix: str,
+               error: type[Exception], log: TextIO, listed: int | None = None) -> None:
+    """Print the bad records (`FILE:LINE: reason`; the first `listed` of them if given), then stop or
+    skip as `data.on_bad_record` says. With "stop", `error` is raised once all are reported, so one
+    pass shows everything to fix; with "skip", a line counts what was left out."""
+    for item in bad[:listed]:
+        print(item, file=log)
+    if listed is not None and len(bad) > listed:
+        print(f"... and {len(bad) - listed} more", file=log)
+    if bad and on_bad_record == "stop":
+        raise error(f"{source}: {len(bad)} {what}, listed above; {fix}, or set data.on_bad_record=skip "
+                    "to train on the rest")
+    if bad:
+        print(f"{source}: skipped {len(bad)} {what}", file=log)
 
 
 def iter_json_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any | BadRecord]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 
 from contracts.formats import FormatError, PromptRecord
+from contracts.jsonl import report_bad
 
 
 class PromptTask(msgspec.Struct):
@@ -50,16 +51,10 @@ def render_prompts(records: list[PromptRecord], renderer: PromptRenderer, *, on_
             kept.append(record)
         except FormatError as e:
             too_long.append(str(e))
-    for line in too_long[:20]:
-        print(line, file=log)
-    if len(too_long) > 20:
-        print(f"... and {len(too_long) - 20} more", file=log)
-    if too_long and on_bad_record == "stop":
-        raise FormatError(f"{source}: {len(too_long)} prompt(s) longer than model.max_prompt_tokens "
-                          f"({renderer.max_prompt_tokens}), listed above; shorten them, raise the limit, or set "
-                          "data.on_bad_record=skip to train on the rest")
-    if too_long:
-        print(f"{source}: skipped {len(too_long)} prompt(s) longer than model.max_prompt_tokens", file=log)
+    report_bad(too_long, on_bad_record=on_bad_record, source=source,
+               what="prompt(s) longer than model.max_prompt_tokens",
+               fix=f"shorten them or raise the limit ({renderer.max_prompt_tokens})", error=FormatError, log=log,
+               listed=20)
     if not kept:
         raise FormatError(f"{source}: no prompt fits model.max_prompt_tokens ({renderer.max_prompt_tokens})")
     return kept, tasks

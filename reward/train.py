@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from contracts.builtin_model import resolve_model_path
 from contracts.config import ConfigError
 from contracts.formats import parse_prompt
-from contracts.jsonl import BadRecord
+from contracts.jsonl import BadRecord, report_bad
 from contracts.rendering import PromptRenderer
 from reward.preferences import PreferenceRecord, read_preferences
 from reward.train_config import RewardTrainConfig, check, to_yaml
@@ -122,23 +122,16 @@ def load_records(files: Sequence[str], fmt: str, on_bad_record: str, *,
     """
     log = log or sys.stderr
     records: list[PreferenceRecord] = []
-    bad = 0
+    bad: list[BadRecord] = []
     for file in files:
         for item in read_preferences(file, fmt):
-            if isinstance(item, BadRecord):
-                bad += 1
-                print(item, file=log)
-            else:
-                records.append(item)
-    if bad and on_bad_record == "stop":
-        raise DataError(f"{bad} bad preference record(s), listed above; fix them, or set "
-                        "data.on_bad_record=skip to train on the rest")
-    if bad:
-        print(f"reward train: skipped {bad} bad record(s)", file=log)
+            (bad if isinstance(item, BadRecord) else records).append(item)
+    report_bad(bad, on_bad_record=on_bad_record, source=", ".join(files), what="bad preference record(s)",
+               fix="fix them", error=DataError, log=log)
     if len(records) < 2:
         raise DataError(f"{', '.join(files)}: {len(records)} valid preference record(s); training "
                         "and a held-out set need at least 2")
-    return records, bad
+    return records, len(bad)
 
 
 def split_records(records: Sequence[PreferenceRecord], fraction: float,

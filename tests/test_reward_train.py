@@ -177,7 +177,7 @@ def test_bad_records_are_counted_when_skipped(tmp_path, capsys) -> None:
                "--set", "data.on_bad_record=skip", "--set", "train.epochs=1"])
     err = capsys.readouterr().err
     assert rc == 0
-    assert f"{data}:2: " in err and "skipped 4 bad record(s)" in err
+    assert f"{data}:2: " in err and "skipped 4 bad preference record(s)" in err
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert report["bad_records"] == 4
     assert report["records"] + report["train_records"] == 21  # the first line and the 20 good ones

@@ -15,7 +15,7 @@ import msgspec
 
 from contracts.config import DataConfig
 from contracts.formats import PromptRecord, parse_prompt, read_prompts
-from contracts.jsonl import BadRecord
+from contracts.jsonl import BadRecord, report_bad
 
 BUILTIN_ARITH = "builtin:arith"
 
@@ -41,16 +41,9 @@ def load_prompts(cfg: DataConfig, seed: int, *, log=None) -> list[PromptRecord]:
     records: list[PromptRecord] = []
     bad: list[BadRecord] = []
     for item in read_prompts(cfg.prompts, cfg.format):
-        if isinstance(item, BadRecord):
-            bad.append(item)
-            print(item, file=log)
-        else:
-            records.append(item)
-    if bad and cfg.on_bad_record == "stop":
-        raise DataError(f"{cfg.prompts}: {len(bad)} bad record(s), listed above; fix them, or set "
-                        "data.on_bad_record=skip to train on the rest")
-    if bad:
-        print(f"{cfg.prompts}: skipped {len(bad)} bad record(s)", file=log)
+        (bad if isinstance(item, BadRecord) else records).append(item)
+    report_bad(bad, on_bad_record=cfg.on_bad_record, source=cfg.prompts, what="bad record(s)", fix="fix them",
+               error=DataError, log=log)
     if not records:
         raise DataError(f"{cfg.prompts}: no valid prompt records")
     return unique_ids(records)
