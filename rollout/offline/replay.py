@@ -51,20 +51,13 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
-from contracts.config import ConfigError, JobConfig, RewardConfig
-from contracts.config_load import load_config
-from contracts.formats import Message, PromptRecord
+from contracts.config import RewardConfig
 from contracts.schema import components_of
 from learner.advantages import KLEstimator, kl_penalty, last_token_mask
 from learner.estimators import broadcast, estimate, estimator
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
 from rollout.archive.metadata import learner_settings
-
-Scores = tuple[pa.Array, pa.Array]  # per batch: reward (float32), reward_components (struct)
-
-
-class ReplayError(ValueError):
-    """The archive or the options do not allow this replay; the message says why and what to change."""
+from rollout.offline.rescore import ReplayError, Rescorer, Scores, reward_config
 
 
 @dataclass(frozen=True)
@@ -104,7 +97,7 @@ def replay(archive: str | Path, out: str | Path, options: ReplayOptions = Replay
     metadata = read_metadata(archive)
     plan = _plan(metadata, options)
     target = _check_out(archive, out)
-    rescorer = _rescorer(options, metadata, log) if plan.rescore else None
+    rescorer = Rescorer.open(options.reward_config, options.prompts, metadata, log) if plan.rescore else None
     components = rescorer.components if rescorer else components_of(read_schema(archive))
     scores: Iterable[Scores] = (rescorer(b) if rescorer else _stored_scores(b)
                                 for b in iter_batches(archive, ["prompt_id", "prompt", "response",
@@ -186,7 +179,7 @@ def _new_metadata(metadata: dict[str, str], plan: _Plan, archive: str | Path, op
     if plan.rescore:
         new["reward_config"] = str(Path(options.reward_config).resolve())
     if "config" in new:
-        new["config"] = _updated_config(new["config"], plan, _reward_config(options) if plan.rescore else None)
+        new["config"] = _updated_config(new["config"], plan, reward_config(options.reward_config) if plan.rescore else None)
     return new
 
 
@@ -291,78 +284,6 @@ def _max_diff(stored: pa.Array, returns: torch.Tensor, lengths: np.ndarray, mask
 
 def _stored_scores(batch: pa.RecordBatch) -> Scores:
     return batch.column("reward"), batch.column("reward_components")
-
-
-class Rescorer:
-    """Scores archived samples again, as the job's reward workers do, with the rules of a reward config."""
-
-    def __init__(self, cfg: RewardConfig, prompts: dict[str, PromptRecord]):
-        from reward.worker import RewardWorker
-
-        if cfg.model is not None:
-            raise ReplayError("re-scoring with a reward model is not supported by replay (rules only); "
-                              "remove reward.model from the reward config")
-        try:
-            self.worker = RewardWorker(cfg, name="replay")
-        except ValueError as e:
-            raise ReplayError(f"reward config: {e}") from None
-        self.prompts = prompts
-        self.components = self.worker.components
-        self.unmatched = 0
-
-    def __call__(self, batch: pa.RecordBatch) -> Scores:
-        records = []
-        for prompt_id, rendered in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()):
-            record = self.prompts.get(prompt_id)
-            if record is None:  # the rules read the archived prompt; a reference answer is missing
-                self.unmatched += 1
-                record = PromptRecord(prompt_id, [Message("user", rendered)], None, {}, "archive")
-            records.append(record)
-        rewards, _ = self.worker.score_batch(batch, records)
-        return rewards.column("reward"), rewards.column("reward_components")
-
-    def close(self) -> None:
-        self.worker.close()
-
-
-def _reward_config(options: ReplayOptions) -> RewardConfig:
-    try:
-        return load_config(options.reward_config).reward
-    except ConfigError as e:
-        raise ReplayError(f"--reward-config: {e}") from None
-
-
-def _rescorer(options: ReplayOptions, metadata: dict[str, str], log: TextIO) -> Rescorer:
-    return Rescorer(_reward_config(options), load_prompt_records(options.prompts, metadata, log))
-
-
-def load_prompt_records(source: str | None, metadata: dict[str, str], log: TextIO) -> dict[str, PromptRecord]:
-    """Data records by prompt_id from `source` (a prompt file or builtin:arith), by default the
-    run's own `data.prompts`; {} with a warning when the run's default cannot be read."""
-    from rollout.driver.prompts import DataError, load_prompts
-
-    run = _run_config(metadata)
-    data = run.data if run else JobConfig().data
-    explicit = source is not None
-    data = msgspec.structs.replace(data, prompts=source or data.prompts, on_bad_record="skip",
-                                   format="auto" if explicit else data.format)
-    try:
-        records = load_prompts(data, run.seed if run else 0, log=log)
-    except (OSError, DataError) as e:
-        if explicit:
-            raise ReplayError(f"--prompts {source}: {e}") from None
-        print(f"replay: the run's prompts {data.prompts} are not readable here ({e}); re-scoring without "
-              "references (pass --prompts)", file=log)
-        return {}
-    return {r.prompt_id: r for r in records}
-
-
-def _run_config(metadata: dict[str, str]) -> JobConfig | None:
-    """The run's config from the archive metadata, or None when absent or not readable."""
-    try:
-        return msgspec.convert(yaml.safe_load(metadata["config"]), JobConfig, strict=False)
-    except (KeyError, yaml.YAMLError, msgspec.ValidationError):
-        return None
 
 
 def _group_advantages(archive: str | Path, rewards: list[pa.Array], name: str) -> np.ndarray:
