@@ -175,7 +175,7 @@ def test_greedy_sampling_with_several_samples_is_refused_at_load(tmp_path, capfd
 def test_an_actor_that_fails_in_its_own_start_up_is_named_with_its_first_error():
     import ray
 
-    from rollout.cli import _exit_code, _one_line
+    from rollout.errors import exit_code, one_line
 
     class _RewardActor:  # named as the job's, so the message says what kind of actor it was
         def __init__(self):
@@ -191,9 +191,9 @@ def test_an_actor_that_fails_in_its_own_start_up_is_named_with_its_first_error()
             ray.get(actor.ping.remote(), timeout=60)
     finally:
         ray.shutdown()
-    assert _one_line(raised.value) == ("a reward worker failed in its start-up: ValueError: reward model /x holds "
+    assert one_line(raised.value) == ("a reward worker failed in its start-up: ValueError: reward model /x holds "
                                        "LlamaForCausalLM, not a sequence classifier; its log is under RUN_DIR/logs")
-    assert _exit_code(raised.value) == 1
+    assert exit_code(raised.value) == 1
 
 
 def test_an_object_store_out_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):

@@ -93,15 +93,15 @@ def test_a_worker_that_misses_a_sync_is_restarted_with_the_new_weights(pool, tin
 
 
 def test_an_exception_raised_by_the_engine_is_raised_once_not_generated_again(pool):
-    from rollout.cli import _exit_code, _one_line
+    from rollout.errors import exit_code, one_line
 
     restarts = pool.restarts
     vocab = 1 << 20  # far past the tiny model's vocabulary: vLLM refuses the request in the worker
     bad = [PromptTask(prompt_id="bad", prompt="x", prompt_ids=[1, vocab, 5])]
     with pytest.raises(ray.exceptions.RayTaskError) as raised:
         pool.submit(tasks(3) + bad, run_id="r", iteration=11).collect()
-    line = _one_line(raised.value)
+    line = one_line(raised.value)
     assert line.startswith("rollout-0 raised ") and "out of vocabulary" in line and "\n" not in line, line
-    assert _exit_code(raised.value) == 1
+    assert exit_code(raised.value) == 1
     assert pool.restarts == restarts  # nothing was killed or resubmitted
     assert sum(c.summary.samples for c in pool.submit(tasks(3), run_id="r", iteration=12).collect()) == 6
