@@ -43,6 +43,7 @@ run: setup  # more settings: make run ARGS="--set rollout.weight_sync=collective
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
 test: setup tools lint

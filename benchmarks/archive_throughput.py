@@ -41,12 +41,21 @@ from rollout.offline.stats import compute_stats
 
 BATCH_ROWS = 256
 POOL = 64
-METADATA = {"run_id": "bench", "gamma": "1.0", "lam": "0.95", "kl_coef": "0.05", "kl_estimator": "k1",
-            "kl_target": "None", "temperature": "1.0", "model": "synthetic"}
+METADATA = {
+    "run_id": "bench",
+    "gamma": "1.0",
+    "lam": "0.95",
+    "kl_coef": "0.05",
+    "kl_estimator": "k1",
+    "kl_target": "None",
+    "temperature": "1.0",
+    "model": "synthetic",
+}
 
 
-def make_records(rows: int, prompt_tokens: int, response_tokens: int, iterations: int,
-                 seed: int) -> list[RolloutRecord]:
+def make_records(
+    rows: int, prompt_tokens: int, response_tokens: int, iterations: int, seed: int
+) -> list[RolloutRecord]:
     rng = random.Random(seed)
     ids = [[rng.randrange(32_000) for _ in range(response_tokens)] for _ in range(POOL)]
     prompt_ids = [[rng.randrange(32_000) for _ in range(prompt_tokens)] for _ in range(POOL)]
@@ -57,15 +66,32 @@ def make_records(rows: int, prompt_tokens: int, response_tokens: int, iterations
     for i in range(rows):
         k = i % POOL
         iteration = i // per_iteration
-        records.append(RolloutRecord(
-            run_id="bench", prompt_id=f"prompt-{i // 4:08d}", iteration=iteration, policy_version=iteration,
-            sample_index=i % 4, prompt="word " * (prompt_tokens // 2), response="word " * (response_tokens // 2),
-            prompt_ids=prompt_ids[k], response_ids=ids[k], response_logprobs=floats[k],
-            ref_logprobs=floats[(k + 1) % POOL], values=floats[(k + 2) % POOL], kl=floats[(k + 6) % POOL],
-            kl_coef=0.05, token_rewards=floats[(k + 3) % POOL],
-            advantages=floats[(k + 4) % POOL], returns=floats[(k + 5) % POOL], reward=float(i % 2),
-            reward_components={"arithmetic": float(i % 2), "length": 0.0}, finish_reason="stop",
-            worker=f"rollout-{i % 4}", generated_at=start + dt.timedelta(milliseconds=i)))
+        records.append(
+            RolloutRecord(
+                run_id="bench",
+                prompt_id=f"prompt-{i // 4:08d}",
+                iteration=iteration,
+                policy_version=iteration,
+                sample_index=i % 4,
+                prompt="word " * (prompt_tokens // 2),
+                response="word " * (response_tokens // 2),
+                prompt_ids=prompt_ids[k],
+                response_ids=ids[k],
+                response_logprobs=floats[k],
+                ref_logprobs=floats[(k + 1) % POOL],
+                values=floats[(k + 2) % POOL],
+                kl=floats[(k + 6) % POOL],
+                kl_coef=0.05,
+                token_rewards=floats[(k + 3) % POOL],
+                advantages=floats[(k + 4) % POOL],
+                returns=floats[(k + 5) % POOL],
+                reward=float(i % 2),
+                reward_components={"arithmetic": float(i % 2), "length": 0.0},
+                finish_reason="stop",
+                worker=f"rollout-{i % 4}",
+                generated_at=start + dt.timedelta(milliseconds=i),
+            )
+        )
     return records
 
 
@@ -76,7 +102,7 @@ def timed(fn) -> tuple[float, object]:
 
 
 def convert(records: list[RolloutRecord]) -> list[pa.RecordBatch]:
-    return [to_record_batch(records[i:i + BATCH_ROWS], COMPONENTS) for i in range(0, len(records), BATCH_ROWS)]
+    return [to_record_batch(records[i : i + BATCH_ROWS], COMPONENTS) for i in range(0, len(records), BATCH_ROWS)]
 
 
 def write_raw(path: Path, batches: list[pa.RecordBatch], metadata: dict[str, str]) -> None:
@@ -129,22 +155,29 @@ def main() -> None:
         subset = tmp / "subset" / "rollouts"
         subset.mkdir(parents=True)
         replay_rows = min(args.replay_rows, args.rows)
-        write_raw(subset / "part-00000.arrow", batches[:-(-replay_rows // BATCH_ROWS)], METADATA)
+        write_raw(subset / "part-00000.arrow", batches[: -(-replay_rows // BATCH_ROWS)], METADATA)
         replay_s, report = timed(lambda: replay(subset, tmp / "replayed"))
 
     writer = rates(args.rows, writer_s, archive_bytes)
     raw = rates(args.rows, raw_s, raw_bytes)
     writer["vs_raw"] = round(writer["rows_per_s"] / raw["rows_per_s"], 4)
-    print(json.dumps({
-        "rows": args.rows, "prompt_tokens": args.prompt_tokens, "response_tokens": args.response_tokens,
-        "archive_mb": round(archive_bytes / 1e6, 1),
-        "to_record_batch": rates(args.rows, convert_s),
-        "raw_ipc_write": raw,
-        "archive_writer": writer,
-        "scan": rates(args.rows, scan_s, archive_bytes),
-        "stats": rates(args.rows, stats_s),
-        "replay": {"rows": report.rows, **rates(report.rows, replay_s)},
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "prompt_tokens": args.prompt_tokens,
+                "response_tokens": args.response_tokens,
+                "archive_mb": round(archive_bytes / 1e6, 1),
+                "to_record_batch": rates(args.rows, convert_s),
+                "raw_ipc_write": raw,
+                "archive_writer": writer,
+                "scan": rates(args.rows, scan_s, archive_bytes),
+                "stats": rates(args.rows, stats_s),
+                "replay": {"rows": report.rows, **rates(report.rows, replay_s)},
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -44,18 +44,41 @@ ROWS_PER_ITERATION = 16 * 2  # the smoke config's prompts_per_iteration x n_samp
 STALLED = "no progress for"  # the console line of a stall found
 
 
-def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random, settings: list[str],
-        fault: str = "kill") -> dict:
+def run(
+    out: Path, iterations: int, kill_every: int | None, rng: random.Random, settings: list[str], fault: str = "kill"
+) -> dict:
     """One `rollout run`; with `kill_every`, SIGKILL (or SIGSTOP) a random actor each time that many
     more iterations are logged."""
     log = out.with_suffix(".log")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", str(SMOKE), "--out", str(out),
-                             "--set", f"iterations={iterations}", "--set", "checkpoint_every=5",
-                             # Enough restarts for any draw of kinds: the bound is not what is measured here.
-                             "--set", "rollout.max_restarts=20", "--set", "reward.max_restarts=20",
-                             "--set", "learner.max_restarts=20", *(a for kv in settings for a in ("--set", kv))],
-                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rollout",
+            "run",
+            "--config",
+            str(SMOKE),
+            "--out",
+            str(out),
+            "--set",
+            f"iterations={iterations}",
+            "--set",
+            "checkpoint_every=5",
+            # Enough restarts for any draw of kinds: the bound is not what is measured here.
+            "--set",
+            "rollout.max_restarts=20",
+            "--set",
+            "reward.max_restarts=20",
+            "--set",
+            "learner.max_restarts=20",
+            *(a for kv in settings for a in ("--set", kv)),
+        ],
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     kills: collections.Counter[str] = collections.Counter()
     next_kill = kill_every
     stopped_at: float | None = None  # a SIGSTOP not found yet
@@ -84,11 +107,18 @@ def run(out: Path, iterations: int, kill_every: int | None, rng: random.Random, 
     text = log.read_text()
     if code != 0:
         print(f"{out.name} run exited {code}; its last lines:\n" + "\n".join(text.splitlines()[-60:]), file=sys.stderr)
-    return {"exit": code, "seconds": seconds, "kills": dict(kills), "detection_s": detection,
-            "recoveries": {"rollout": text.count("rollout-0: restarted after its process died"),
-                           "reward": text.count("reward-0: restarted after its process died"),
-                           "learner": text.count("learner: a rank died")},
-            **_check(out)}
+    return {
+        "exit": code,
+        "seconds": seconds,
+        "kills": dict(kills),
+        "detection_s": detection,
+        "recoveries": {
+            "rollout": text.count("rollout-0: restarted after its process died"),
+            "reward": text.count("reward-0: restarted after its process died"),
+            "learner": text.count("learner: a rank died"),
+        },
+        **_check(out),
+    }
 
 
 def _check(out: Path) -> dict:
@@ -116,8 +146,9 @@ def _lines(path: Path) -> int:
 
 def _pid(kind: str, session: int) -> int | None:
     """The run's `kind` actor: Ray's processes stay in the session of the driver that started them."""
-    pids = subprocess.run(["pgrep", "-s", str(session), "-f", f"ray::{kind}"], capture_output=True,
-                          text=True).stdout.split()
+    pids = subprocess.run(
+        ["pgrep", "-s", str(session), "-f", f"ray::{kind}"], capture_output=True, text=True
+    ).stdout.split()
     return int(pids[0]) if pids else None
 
 
@@ -125,25 +156,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--every", type=int, default=5, help="iterations between kills")
-    parser.add_argument("--fault", choices=["kill", "stop"], default="kill",
-                        help="SIGKILL the actor, or SIGSTOP it (a hang: found by the stall timeouts)")
+    parser.add_argument(
+        "--fault",
+        choices=["kill", "stop"],
+        default="kill",
+        help="SIGKILL the actor, or SIGSTOP it (a hang: found by the stall timeouts)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         calm = run(Path(tmp) / "calm", args.iterations, None, random.Random(args.seed), args.settings)
-        chaos = run(Path(tmp) / "chaos", args.iterations, args.every, random.Random(args.seed), args.settings,
-                    args.fault)
-    print(json.dumps({
-        "iterations": args.iterations, "kill_every": args.every, "fault": args.fault, "settings": args.settings,
-        "kills": chaos["kills"], "recoveries": chaos["recoveries"], "detection_s": chaos["detection_s"],
-        "rows_lost": chaos["rows_lost"], "rows_doubled": chaos["rows_doubled"],
-        "contiguous": chaos["contiguous"], "updates": chaos["updates"],
-        "updates_lost_and_redone": chaos["updates_lost_and_redone"], "exit": chaos["exit"],
-        "undisturbed_seconds": round(calm["seconds"], 1), "chaos_seconds": round(chaos["seconds"], 1),
-        "wall_ratio": round(chaos["seconds"] / calm["seconds"], 2),
-        "undisturbed": {k: calm[k] for k in ("exit", "rows_lost", "rows_doubled", "updates")},
-    }, indent=1))
+        chaos = run(
+            Path(tmp) / "chaos", args.iterations, args.every, random.Random(args.seed), args.settings, args.fault
+        )
+    print(
+        json.dumps(
+            {
+                "iterations": args.iterations,
+                "kill_every": args.every,
+                "fault": args.fault,
+                "settings": args.settings,
+                "kills": chaos["kills"],
+                "recoveries": chaos["recoveries"],
+                "detection_s": chaos["detection_s"],
+                "rows_lost": chaos["rows_lost"],
+                "rows_doubled": chaos["rows_doubled"],
+                "contiguous": chaos["contiguous"],
+                "updates": chaos["updates"],
+                "updates_lost_and_redone": chaos["updates_lost_and_redone"],
+                "exit": chaos["exit"],
+                "undisturbed_seconds": round(calm["seconds"], 1),
+                "chaos_seconds": round(chaos["seconds"], 1),
+                "wall_ratio": round(chaos["seconds"] / calm["seconds"], 2),
+                "undisturbed": {k: calm[k] for k in ("exit", "rows_lost", "rows_doubled", "updates")},
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,13 +55,20 @@ def engine_outputs(prompts: int, n: int, prompt_tokens: int, response_tokens: in
     tasks, completions = [], []
     for i in range(prompts):
         p = int(rng.integers(prompt_tokens * 3 // 4, prompt_tokens + 1))
-        tasks.append(PromptTask(prompt_id=f"s{seed}-p{i}", prompt="x" * 64,
-                                prompt_ids=rng.integers(0, 32000, p).tolist()))
+        tasks.append(
+            PromptTask(prompt_id=f"s{seed}-p{i}", prompt="x" * 64, prompt_ids=rng.integers(0, 32000, p).tolist())
+        )
         samples = []
         for _ in range(n):
             t = int(rng.integers(response_tokens * 3 // 4, response_tokens + 1))
-            samples.append(Completion(token_ids=rng.integers(0, 32000, t).tolist(),
-                                      logprobs=(-rng.random(t)).tolist(), text="y" * 64, finish_reason="stop"))
+            samples.append(
+                Completion(
+                    token_ids=rng.integers(0, 32000, t).tolist(),
+                    logprobs=(-rng.random(t)).tolist(),
+                    text="y" * 64,
+                    finish_reason="stop",
+                )
+            )
         completions.append(samples)
     return tasks, completions
 
@@ -76,16 +83,28 @@ class Worker:
         a = self.args
         tasks, completions = engine_outputs(a.prompts_per_chunk, a.n, a.prompt_tokens, a.response_tokens, chunk)
         start = time.perf_counter()
-        batch = generation_batch(tasks, completions, run_id="bench", iteration=0, policy_version=0,
-                                 worker="w", generated_at=dt.datetime.now(dt.timezone.utc))
+        batch = generation_batch(
+            tasks,
+            completions,
+            run_id="bench",
+            iteration=0,
+            policy_version=0,
+            worker="w",
+            generated_at=dt.datetime.now(dt.timezone.utc),
+        )
         seconds = time.perf_counter() - start
         tokens = sum(len(c.token_ids) for s in completions for c in s)
         return batch, GenerationSummary("w", seconds, batch.num_rows, tokens, batch.num_rows, 0)
 
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         rewards = np.random.default_rng(0).random(batch.num_rows)
-        return reward_batch([RewardResult(total=float(r), components={"arithmetic": float(r), "length": 0.0},
-                                          failed=[]) for r in rewards], COMPONENTS)
+        return reward_batch(
+            [
+                RewardResult(total=float(r), components={"arithmetic": float(r), "length": 0.0}, failed=[])
+                for r in rewards
+            ],
+            COMPONENTS,
+        )
 
 
 def main() -> None:
@@ -117,8 +136,9 @@ def main() -> None:
     samples = sample_batch(generations, reward_batches)
     stages["sample_batch"] = time.perf_counter() - start
     start = time.perf_counter()
-    micro = plan(np.arange(len(samples)), samples.prompt_lengths, samples.response_lengths,
-                 args.micro_batch_tokens, 1)[0]
+    micro = plan(np.arange(len(samples)), samples.prompt_lengths, samples.response_lengths, args.micro_batch_tokens, 1)[
+        0
+    ]
     for m in micro:
         samples.collate(m.rows, 0)
     stages["collate"] = time.perf_counter() - start
@@ -142,8 +162,11 @@ def main() -> None:
             fetched = ray.get(rewards, timeout=600)
             iteration_metrics(0, summaries, fetched, {}, {}, 1)
             queued = time.perf_counter()
-            archive.write_later(lambda: archive_batches(ray.get(refs, timeout=600), fetched,
-                                                        ray.get(columns_ref, timeout=600), COMPONENTS))
+            archive.write_later(
+                lambda: archive_batches(
+                    ray.get(refs, timeout=600), fetched, ray.get(columns_ref, timeout=600), COMPONENTS
+                )
+            )
             driver.append(time.perf_counter() - start)
             archive.flush()  # the writer thread: fetch from the object store, join, write
             archive_seconds.append(time.perf_counter() - queued)
@@ -151,8 +174,10 @@ def main() -> None:
             archive_bytes = sum(p.stat().st_size for p in (Path(tmp) / "archive").glob("*.arrow"))
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            with pa.OSFile(str(Path(tmp) / "raw.arrow"), "wb") as sink, \
-                    pa.ipc.new_stream(sink, archive_schema(COMPONENTS)) as writer:
+            with (
+                pa.OSFile(str(Path(tmp) / "raw.arrow"), "wb") as sink,
+                pa.ipc.new_stream(sink, archive_schema(COMPONENTS)) as writer,
+            ):
                 for b in batches:
                     for s in range(0, b.num_rows, 4096):
                         writer.write_batch(b.slice(s, 4096))
@@ -161,18 +186,24 @@ def main() -> None:
 
     worker_seconds = sum(s.seconds for s in summaries)
     ray.shutdown()
-    print(json.dumps({
-        "samples": rows, "prompt_tokens": args.prompt_tokens, "response_tokens": args.response_tokens,
-        "driver_seconds": round(driver_seconds, 4),
-        "plumbing_seconds": round(plumbing_seconds, 3),
-        "plumbing_stages": {k: round(v, 3) for k, v in stages.items()},
-        "micro_batches": len(micro),
-        "worker_columns_seconds": round(worker_seconds, 3),
-        "archive_rows_per_s": round(rows / archive_seconds),
-        "raw_ipc_rows_per_s": round(rows / raw_seconds),
-        "archive_vs_raw": round(raw_seconds / archive_seconds, 3),
-        "archive_mb": round(archive_bytes / 1e6, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "samples": rows,
+                "prompt_tokens": args.prompt_tokens,
+                "response_tokens": args.response_tokens,
+                "driver_seconds": round(driver_seconds, 4),
+                "plumbing_seconds": round(plumbing_seconds, 3),
+                "plumbing_stages": {k: round(v, 3) for k, v in stages.items()},
+                "micro_batches": len(micro),
+                "worker_columns_seconds": round(worker_seconds, 3),
+                "archive_rows_per_s": round(rows / archive_seconds),
+                "raw_ipc_rows_per_s": round(rows / raw_seconds),
+                "archive_vs_raw": round(raw_seconds / archive_seconds, 3),
+                "archive_mb": round(archive_bytes / 1e6, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

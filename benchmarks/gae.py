@@ -78,9 +78,7 @@ def main() -> None:
     gae_seconds = statistics.median(gae_times)
 
     rows = slice(0, args.ref_rows)
-    run_reference = functools.partial(
-        gae_reference, rewards[rows], values[rows], mask[rows], args.gamma, args.lam
-    )
+    run_reference = functools.partial(gae_reference, rewards[rows], values[rows], mask[rows], args.gamma, args.lam)
     ref_times = []
     for _ in range(3):
         seconds, (ref_advantages, ref_returns) = timed(run_reference, device)

@@ -68,6 +68,7 @@ def _kind(pid: int, started: int) -> str | None:
 @dataclass
 class Watched:
     """What one run showed: per process, its kind, peak RSS and (iteration, RSS MB, private MB) samples."""
+
     returncode: int
     seconds: float
     kinds: dict[int, str] = field(default_factory=dict)
@@ -93,15 +94,31 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def watch_run(out: Path, config: Path, settings: list[str], *, every_s: float = 1.0,
-              timeout_s: float = 7200.0) -> Watched:
+def watch_run(
+    out: Path, config: Path, settings: list[str], *, every_s: float = 1.0, timeout_s: float = 7200.0
+) -> Watched:
     """`rollout run --config CONFIG --out OUT --set ...` to its end, sampling every process's memory."""
     log = out.with_suffix(".log")
     start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", str(config), "--out", str(out),
-                             *(a for kv in settings for a in ("--set", kv))],
-                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rollout",
+            "run",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            *(a for kv in settings for a in ("--set", kv)),
+        ],
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
     watched = Watched(returncode=-1, seconds=0.0, log=log)
     lines = 0
     try:

@@ -39,35 +39,50 @@ def synthetic_batch(samples: int, prompt_tokens: int, response_tokens: int, voca
     p = rng.integers(prompt_tokens * 3 // 4, prompt_tokens + 1, samples)
     t = rng.integers(response_tokens * 3 // 4, response_tokens + 1, samples)
     return SampleBatch(
-        prompt_ids=rng.integers(6, vocab, int(p.sum())).astype(np.int32), prompt_offsets=offsets_of(p),
-        response_ids=rng.integers(6, vocab, int(t.sum())).astype(np.int32), response_offsets=offsets_of(t),
+        prompt_ids=rng.integers(6, vocab, int(p.sum())).astype(np.int32),
+        prompt_offsets=offsets_of(p),
+        response_ids=rng.integers(6, vocab, int(t.sum())).astype(np.int32),
+        response_offsets=offsets_of(t),
         behaviour_logprobs=np.full(int(t.sum()), -5.0, dtype=np.float32),
-        scores=rng.random(samples).astype(np.float32), groups=np.arange(samples) // 4)
+        scores=rng.random(samples).astype(np.float32),
+        groups=np.arange(samples) // 4,
+    )
 
 
 def one_rank(args, rank: int = 0, world_size: int = 1, address: str | None = None, out=None) -> dict:
     import torch
 
     from contracts.builtin_model import resolve_model_path
-    from contracts.config_load import load_config
+    from contracts.config.load import load_config
     from learner.learner import Learner
 
     torch.manual_seed(0)
-    cfg = load_config(None, [
-        "learner.device=cpu", f"learner.micro_batch_tokens={args.micro_batch_tokens}", "learner.ppo_epochs=1",
-        f"learner.minibatch_size={args.samples_one}", f"learner.num_ranks={world_size}",
-        f"learner.num_cpus_per_rank={max(1, (os.cpu_count() or 1) // world_size)}"])  # the cores, shared out
+    cfg = load_config(
+        None,
+        [
+            "learner.device=cpu",
+            f"learner.micro_batch_tokens={args.micro_batch_tokens}",
+            "learner.ppo_epochs=1",
+            f"learner.minibatch_size={args.samples_one}",
+            f"learner.num_ranks={world_size}",
+            f"learner.num_cpus_per_rank={max(1, (os.cpu_count() or 1) // world_size)}",
+        ],
+    )  # the cores, shared out
     path = resolve_model_path(args.model)
     learner = Learner(cfg, path, rank=rank, world_size=world_size, address=address)
-    batch = synthetic_batch(args.samples_one, args.prompt_tokens, args.response_tokens,
-                            learner.policy.lm.config.vocab_size)
+    batch = synthetic_batch(
+        args.samples_one, args.prompt_tokens, args.response_tokens, learner.policy.lm.config.vocab_size
+    )
     start = time.perf_counter()
     learner.learn(batch)
     seconds = time.perf_counter() - start
     tokens = int(batch.prompt_lengths.sum() + batch.response_lengths.sum())
-    result = {"params": sum(p.numel() for p in learner.policy.parameters()),  # a DTensor's numel is the whole
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "tokens_per_s": tokens / seconds, "seconds": seconds}
+    result = {
+        "params": sum(p.numel() for p in learner.policy.parameters()),  # a DTensor's numel is the whole
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "tokens_per_s": tokens / seconds,
+        "seconds": seconds,
+    }
     if out is not None:
         out.put(result)
     return result
@@ -92,15 +107,30 @@ def ranks(args, world_size: int) -> dict:
     results = [out.get(timeout=3600) for _ in procs]
     for p in procs:
         p.join(timeout=60)
-    return {"tokens_per_s": min(r["tokens_per_s"] for r in results),
-            "peak_rss_mb_per_rank": max(r["peak_rss_mb"] for r in results)}
+    return {
+        "tokens_per_s": min(r["tokens_per_s"] for r in results),
+        "peak_rss_mb_per_rank": max(r["peak_rss_mb"] for r in results),
+    }
 
 
 def measure(args, samples: int, budget: int, world_size: int = 1) -> dict:
     """A fresh interpreter per point: ru_maxrss only ever grows within one."""
-    command = [sys.executable, __file__, "--one", str(samples), "--model", args.model,
-               "--micro-batch-tokens", str(budget), "--prompt-tokens", str(args.prompt_tokens),
-               "--response-tokens", str(args.response_tokens), "--ranks", str(world_size)]
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        str(samples),
+        "--model",
+        args.model,
+        "--micro-batch-tokens",
+        str(budget),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--response-tokens",
+        str(args.response_tokens),
+        "--ranks",
+        str(world_size),
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         raise SystemExit(f"measuring {samples} samples failed:\n{proc.stderr[-3000:]}")
@@ -133,22 +163,26 @@ def main() -> None:
     middle = args.samples[len(args.samples) // 2]
     two = measure(args, middle, args.micro_batch_tokens, world_size=2)
     peaks = [p["peak_rss_mb"] for p in points]
-    print(json.dumps({
-        "model": args.model,
-        "model_params": points[0]["params"],
-        "micro_batch_tokens": args.micro_batch_tokens,
-        "tokens_per_sample": args.prompt_tokens + args.response_tokens,
-        "samples": args.samples,
-        "peak_rss_mb": [round(p, 1) for p in peaks],
-        "tokens_per_s": [round(p["tokens_per_s"], 1) for p in points],
-        "peak_ratio_largest_to_smallest": round(peaks[-1] / peaks[0], 3),
-        "whole_batch_samples": [args.samples[0], args.samples[-1]],
-        "whole_batch_peak_rss_mb": [round(w["peak_rss_mb"], 1) for w in whole],
-        "ranks_samples": middle,
-        "tokens_per_s_1_rank": round(points[len(args.samples) // 2]["tokens_per_s"], 1),
-        "tokens_per_s_2_ranks": round(two["tokens_per_s"], 1),
-        "peak_rss_mb_per_rank_2_ranks": round(two["peak_rss_mb_per_rank"], 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "model_params": points[0]["params"],
+                "micro_batch_tokens": args.micro_batch_tokens,
+                "tokens_per_sample": args.prompt_tokens + args.response_tokens,
+                "samples": args.samples,
+                "peak_rss_mb": [round(p, 1) for p in peaks],
+                "tokens_per_s": [round(p["tokens_per_s"], 1) for p in points],
+                "peak_ratio_largest_to_smallest": round(peaks[-1] / peaks[0], 3),
+                "whole_batch_samples": [args.samples[0], args.samples[-1]],
+                "whole_batch_peak_rss_mb": [round(w["peak_rss_mb"], 1) for w in whole],
+                "ranks_samples": middle,
+                "tokens_per_s_1_rank": round(points[len(args.samples) // 2]["tokens_per_s"], 1),
+                "tokens_per_s_2_ranks": round(two["tokens_per_s"], 1),
+                "peak_rss_mb_per_rank_2_ranks": round(two["peak_rss_mb_per_rank"], 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,10 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from job_watch import ROOT, metrics, watch_run  # noqa: E402
 
-JOB = ["model.sft_warmup=false", "rollout.prompts_per_iteration=256", "rollout.sampling.max_tokens=32",
-       "learner.minibatch_size=256", "checkpoint_every=1000"]
-SETTINGS = {"defaults": [], "num_cpus_per_rank=2": ["learner.num_cpus_per_rank=2"],
-            "num_threads=1": ["learner.num_threads=1"]}
+JOB = [
+    "model.sft_warmup=false",
+    "rollout.prompts_per_iteration=256",
+    "rollout.sampling.max_tokens=32",
+    "learner.minibatch_size=256",
+    "checkpoint_every=1000",
+]
+SETTINGS = {
+    "defaults": [],
+    "num_cpus_per_rank=2": ["learner.num_cpus_per_rank=2"],
+    "num_threads=1": ["learner.num_threads=1"],
+}
 STAGES = ("generate", "reward", "values", "update")
 
 
@@ -39,20 +47,26 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name, extra in SETTINGS.items():
                 out = Path(tmp) / f"{name}-{repeat}"
-                watched = watch_run(out, ROOT / "configs" / "tiny-arith.yaml",
-                                    [*JOB, f"iterations={args.iterations}", *extra])
+                watched = watch_run(
+                    out, ROOT / "configs" / "tiny-arith.yaml", [*JOB, f"iterations={args.iterations}", *extra]
+                )
                 if watched.returncode != 0:
                     raise SystemExit(f"{name}: exit {watched.returncode}\n{watched.log.read_text()[-3000:]}")
                 rows = metrics(out)
                 fifth = max(1, len(rows) // 5)
-                runs[name].append({
-                    "seconds_per_iteration": statistics.median(r["time/wall"] for r in rows[2:]),
-                    **{s: statistics.median(r[f"time/{s}"] for r in rows[2:]) for s in STAGES},
-                    "reward_first_fifth": statistics.mean(r["reward_mean"] for r in rows[:fifth]),
-                    "reward_last_fifth": statistics.mean(r["reward_mean"] for r in rows[-fifth:]),
-                    "startup_s": watched.startup_s(rows)})
-    figures = {name: {k: round(statistics.median(r[k] for r in results), 3) for k in results[0]}
-               for name, results in runs.items()}
+                runs[name].append(
+                    {
+                        "seconds_per_iteration": statistics.median(r["time/wall"] for r in rows[2:]),
+                        **{s: statistics.median(r[f"time/{s}"] for r in rows[2:]) for s in STAGES},
+                        "reward_first_fifth": statistics.mean(r["reward_mean"] for r in rows[:fifth]),
+                        "reward_last_fifth": statistics.mean(r["reward_mean"] for r in rows[-fifth:]),
+                        "startup_s": watched.startup_s(rows),
+                    }
+                )
+    figures = {
+        name: {k: round(statistics.median(r[k] for r in results), 3) for k in results[0]}
+        for name, results in runs.items()
+    }
     base = figures["defaults"]["seconds_per_iteration"]
     for name in SETTINGS:
         figures[name]["over_defaults"] = round(figures[name]["seconds_per_iteration"] / base, 3)

@@ -30,14 +30,29 @@ STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync",
 
 def run(args, staleness: int, out: Path) -> dict[str, float]:
     settings = [
-        f"iterations={args.iterations}", "checkpoint_every=1000", "model.sft_warmup=false",
-        f"rollout.prompts_per_iteration={args.prompts}", f"rollout.n_samples={args.n}",
-        f"rollout.sampling.max_tokens={args.max_tokens}", "rollout.max_model_len=128",
-        "rollout.num_cpus_per_worker=1", "learner.num_cpus_per_rank=1", f"learner.ppo_epochs={args.ppo_epochs}",
-        f"learner.minibatch_size={args.prompts * args.n // 2}", f"rollout.max_staleness={staleness}",
+        f"iterations={args.iterations}",
+        "checkpoint_every=1000",
+        "model.sft_warmup=false",
+        f"rollout.prompts_per_iteration={args.prompts}",
+        f"rollout.n_samples={args.n}",
+        f"rollout.sampling.max_tokens={args.max_tokens}",
+        "rollout.max_model_len=128",
+        "rollout.num_cpus_per_worker=1",
+        "learner.num_cpus_per_rank=1",
+        f"learner.ppo_epochs={args.ppo_epochs}",
+        f"learner.minibatch_size={args.prompts * args.n // 2}",
+        f"rollout.max_staleness={staleness}",
     ]
-    command = [sys.executable, "-m", "rollout", "run", "--config", str(ROOT / "configs" / "tiny-arith.yaml"),
-               "--out", str(out)] + [x for s in settings for x in ("--set", s)]
+    command = [
+        sys.executable,
+        "-m",
+        "rollout",
+        "run",
+        "--config",
+        str(ROOT / "configs" / "tiny-arith.yaml"),
+        "--out",
+        str(out),
+    ] + [x for s in settings for x in ("--set", s)]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"max_staleness={staleness} failed:\n{proc.stderr[-3000:]}")
@@ -45,7 +60,8 @@ def run(args, staleness: int, out: Path) -> dict[str, float]:
     return {stage: statistics.median(r[f"time/{stage}"] for r in rows) for stage in STAGES} | {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
         "version_lag": max(r["version_lag"] for r in rows),
-        "reward_mean": statistics.mean(r["reward_mean"] for r in rows)}
+        "reward_mean": statistics.mean(r["reward_mean"] for r in rows),
+    }
 
 
 def main() -> None:
@@ -63,16 +79,31 @@ def main() -> None:
             for staleness in (0, 1):
                 figures = run(args, staleness, Path(tmp) / f"s{staleness}-{repeat}")
                 results[staleness].append(figures)
-                print(f"  max_staleness={staleness} run {repeat + 1}: {figures['wall']:.3f} s/iteration",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  max_staleness={staleness} run {repeat + 1}: {figures['wall']:.3f} s/iteration",
+                    file=sys.stderr,
+                    flush=True,
+                )
     summary = {s: {k: round(statistics.median(r[k] for r in rs), 4) for k in rs[0]} for s, rs in results.items()}
-    print(json.dumps({
-        "job": {"prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens, "ppo_epochs": args.ppo_epochs,
-                "iterations": args.iterations, "repeats": args.repeats, "cpus": os.cpu_count()},
-        "staleness_0": summary[0], "staleness_1": summary[1],
-        "seconds_per_iteration": [summary[0]["wall"], summary[1]["wall"]],
-        "ratio": round(summary[1]["wall"] / summary[0]["wall"], 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "job": {
+                    "prompts": args.prompts,
+                    "n": args.n,
+                    "max_tokens": args.max_tokens,
+                    "ppo_epochs": args.ppo_epochs,
+                    "iterations": args.iterations,
+                    "repeats": args.repeats,
+                    "cpus": os.cpu_count(),
+                },
+                "staleness_0": summary[0],
+                "staleness_1": summary[1],
+                "seconds_per_iteration": [summary[0]["wall"], summary[1]["wall"]],
+                "ratio": round(summary[1]["wall"] / summary[0]["wall"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

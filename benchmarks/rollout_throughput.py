@@ -26,7 +26,7 @@ import ray  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from contracts.builtin_model import build_tiny_llama  # noqa: E402
-from contracts.config_load import load_config  # noqa: E402
+from contracts.config.load import load_config  # noqa: E402
 from contracts.rendering import PromptRenderer  # noqa: E402
 from reward.worker import reward_components  # noqa: E402
 from rollout.archive import ArchiveWriter  # noqa: E402
@@ -46,10 +46,18 @@ def main() -> None:
     args = parser.parse_args()
 
     model = str(build_tiny_llama())
-    cfg = load_config(None, [f"rollout.n_samples={args.n}", f"rollout.sampling.max_tokens={args.max_tokens}",
-                             f"data.builtin_size={args.prompts}", f"rollout.prompts_per_iteration={args.prompts}",
-                             "rollout.device=cpu", "rollout.max_model_len=128",
-                             f"rollout.chunks_per_worker={args.chunks_per_worker}"])
+    cfg = load_config(
+        None,
+        [
+            f"rollout.n_samples={args.n}",
+            f"rollout.sampling.max_tokens={args.max_tokens}",
+            f"data.builtin_size={args.prompts}",
+            f"rollout.prompts_per_iteration={args.prompts}",
+            "rollout.device=cpu",
+            "rollout.max_model_len=128",
+            f"rollout.chunks_per_worker={args.chunks_per_worker}",
+        ],
+    )
     renderer = PromptRenderer(AutoTokenizer.from_pretrained(model), 64)
     tasks = [renderer.render(r) for r in load_prompts(cfg.data, seed=0)]
     ids = [t.prompt_ids for t in tasks]
@@ -71,22 +79,34 @@ def main() -> None:
                 tokens = 0
                 for chunk in pool.submit(tasks, run_id="bench", iteration=i + 1).chunks():
                     tokens += chunk.summary.generated_tokens
-                    archive.write_later(lambda ref=chunk.batch: archive_batches([ray.get(ref)], None, None,
-                                                                                archive.components))
+                    archive.write_later(
+                        lambda ref=chunk.batch: archive_batches([ray.get(ref)], None, None, archive.components)
+                    )
                 archive.flush()
                 service.append(tokens / (time.perf_counter() - start))
     pool.shutdown()
     ray.shutdown()
 
     raw_tps, service_tps = statistics.median(raw), statistics.median(service)
-    print(json.dumps({
-        "benchmark": "rollout_throughput", "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
-        "workers": 1, "chunks_per_worker": cfg.rollout.chunks_per_worker, "cpus": os.cpu_count(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "raw_engine_tokens_per_s": round(raw_tps, 1), "service_tokens_per_s": round(service_tps, 1),
-        "ratio": round(service_tps / raw_tps, 3),
-        "raw_runs": [round(x, 1) for x in raw], "service_runs": [round(x, 1) for x in service],
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "rollout_throughput",
+                "prompts": args.prompts,
+                "n": args.n,
+                "max_tokens": args.max_tokens,
+                "workers": 1,
+                "chunks_per_worker": cfg.rollout.chunks_per_worker,
+                "cpus": os.cpu_count(),
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                "raw_engine_tokens_per_s": round(raw_tps, 1),
+                "service_tokens_per_s": round(service_tps, 1),
+                "ratio": round(service_tps / raw_tps, 3),
+                "raw_runs": [round(x, 1) for x in raw],
+                "service_runs": [round(x, 1) for x in service],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

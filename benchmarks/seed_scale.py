@@ -31,8 +31,13 @@ STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync",
 
 def one_size(prompts: int, args, root: Path) -> dict:
     out = root / f"p{prompts}"
-    settings = [f"rollout.prompts_per_iteration={prompts}", f"rollout.n_samples={args.n}",
-                f"data.builtin_size={max(2000, 2 * prompts)}", f"iterations={args.iterations}", *args.set]
+    settings = [
+        f"rollout.prompts_per_iteration={prompts}",
+        f"rollout.n_samples={args.n}",
+        f"data.builtin_size={max(2000, 2 * prompts)}",
+        f"iterations={args.iterations}",
+        *args.set,
+    ]
     watched = watch_run(out, ROOT / "configs" / "tiny-arith.yaml", settings)
     if watched.returncode != 0:
         tail = watched.log.read_text()[-3000:]
@@ -41,7 +46,9 @@ def one_size(prompts: int, args, root: Path) -> dict:
     samples = prompts * args.n
     seconds = statistics.median(r["time/wall"] for r in rows)
     result = {
-        "prompts": prompts, "n_samples": args.n, "samples_per_iteration": samples,
+        "prompts": prompts,
+        "n_samples": args.n,
+        "samples_per_iteration": samples,
         "seconds_per_iteration": round(seconds, 3),
         "stages": {s: round(statistics.median(r[f"time/{s}"] for r in rows), 3) for s in STAGES},
         "peak_rss_mb": watched.peak_by_kind(),
@@ -68,7 +75,8 @@ def main() -> None:
         small, large = by_prompts[1000], by_prompts[5000]
         figures["seconds_per_sample_20k_over_4k"] = round(large["seconds_per_sample"] / small["seconds_per_sample"], 3)
         figures["largest_peak_rss_20k_over_4k"] = round(
-            max(large["peak_rss_mb"].values()) / max(small["peak_rss_mb"].values()), 3)
+            max(large["peak_rss_mb"].values()) / max(small["peak_rss_mb"].values()), 3
+        )
     print(json.dumps(figures, indent=1))
 
 

@@ -43,15 +43,18 @@ def slopes(watched) -> dict[str, dict[str, float]]:
         slope = float(np.polyfit(x, rss, 1)[0]) * 100
         late = x >= (x[0] + x[-1]) / 2  # a growth that levels off shows here
         if kind not in out or slope > out[kind]["mb_per_100_iterations"]:
-            out[kind] = {"mb_per_100_iterations": round(slope, 2),
-                         "private_mb_per_100_iterations": round(float(np.polyfit(x, private, 1)[0]) * 100, 2),
-                         "second_half_mb_per_100_iterations": round(float(np.polyfit(x[late], rss[late], 1)[0]) * 100, 2),
-                         "rss_mb_at_warm": round(float(rss[0]), 1), "rss_mb_at_end": round(float(rss[-1]), 1)}
+            out[kind] = {
+                "mb_per_100_iterations": round(slope, 2),
+                "private_mb_per_100_iterations": round(float(np.polyfit(x, private, 1)[0]) * 100, 2),
+                "second_half_mb_per_100_iterations": round(float(np.polyfit(x[late], rss[late], 1)[0]) * 100, 2),
+                "rss_mb_at_warm": round(float(rss[0]), 1),
+                "rss_mb_at_end": round(float(rss[-1]), 1),
+            }
     return out
 
 
 def drift(rows: list[dict], key: str) -> float | None:
-    early = [r[key] for r in rows[WARM:WARM + 50]]
+    early = [r[key] for r in rows[WARM : WARM + 50]]
     late = [r[key] for r in rows[-50:]]
     base = statistics.median(early) if early else 0
     return round(statistics.median(late) / base, 3) if base > 0 else None
@@ -64,22 +67,30 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         out = Path(tmp) / "run"
-        watched = watch_run(out, ROOT / "configs" / "tiny-arith.yaml", [f"iterations={args.iterations}", *args.set],
-                            timeout_s=6 * 3600)
+        watched = watch_run(
+            out, ROOT / "configs" / "tiny-arith.yaml", [f"iterations={args.iterations}", *args.set], timeout_s=6 * 3600
+        )
         if watched.returncode != 0:
             raise SystemExit(f"exit {watched.returncode}\n{watched.log.read_text()[-3000:]}")
         rows = metrics(out)
         checkpoints = sorted(p.name for p in (out / "checkpoints").glob("iter-*"))
-    print(json.dumps({
-        "iterations": len(rows),
-        "rss": slopes(watched),
-        "wall_drift": drift(rows, "time/wall"),
-        "stage_drift": {s: drift(rows, f"time/{s}") for s in STAGES},
-        "median_wall_s": {"iterations_10_59": round(statistics.median(r["time/wall"] for r in rows[WARM:WARM + 50]), 3),
-                          "last_50": round(statistics.median(r["time/wall"] for r in rows[-50:]), 3)},
-        "checkpoints_kept": checkpoints,
-        "job_seconds": round(watched.seconds, 1),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "iterations": len(rows),
+                "rss": slopes(watched),
+                "wall_drift": drift(rows, "time/wall"),
+                "stage_drift": {s: drift(rows, f"time/{s}") for s in STAGES},
+                "median_wall_s": {
+                    "iterations_10_59": round(statistics.median(r["time/wall"] for r in rows[WARM : WARM + 50]), 3),
+                    "last_50": round(statistics.median(r["time/wall"] for r in rows[-50:]), 3),
+                },
+                "checkpoints_kept": checkpoints,
+                "job_seconds": round(watched.seconds, 1),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

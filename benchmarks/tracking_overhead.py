@@ -34,10 +34,12 @@ def measure(out: Path, iterations: int, settings: list[str]) -> dict:
         raise SystemExit(f"run failed ({watched.returncode}); see {watched.log}")
     rows = metrics(out)
     run_s = sum(r["time/wall"] for r in rows)
-    return {"s_per_iteration": round(statistics.median(r["time/wall"] for r in rows[WARM:]), 4),
-            "command_s": round(watched.seconds, 1),
-            "after_last_iteration_s": round(watched.seconds - watched.first_line_s - run_s + rows[0]["time/wall"], 1),
-            "driver_peak_mb": round(watched.peak_by_kind().get("driver", 0.0), 1)}
+    return {
+        "s_per_iteration": round(statistics.median(r["time/wall"] for r in rows[WARM:]), 4),
+        "command_s": round(watched.seconds, 1),
+        "after_last_iteration_s": round(watched.seconds - watched.first_line_s - run_s + rows[0]["time/wall"], 1),
+        "driver_peak_mb": round(watched.peak_by_kind().get("driver", 0.0), 1),
+    }
 
 
 def main() -> None:
@@ -47,12 +49,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         none = measure(Path(tmp) / "none", args.iterations, ["tracking.backends=[]"])
         tracked = measure(Path(tmp) / "all", args.iterations, ALL)
-    print(json.dumps({
-        "iterations": args.iterations, "none": none, "all_three": tracked,
-        "wall_ratio": round(tracked["s_per_iteration"] / none["s_per_iteration"], 3),
-        "driver_peak_ratio": round(tracked["driver_peak_mb"] / none["driver_peak_mb"], 3),
-        "end_s_delta": round(tracked["after_last_iteration_s"] - none["after_last_iteration_s"], 1),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "iterations": args.iterations,
+                "none": none,
+                "all_three": tracked,
+                "wall_ratio": round(tracked["s_per_iteration"] / none["s_per_iteration"], 3),
+                "driver_peak_ratio": round(tracked["driver_peak_mb"] / none["driver_peak_mb"], 3),
+                "end_s_delta": round(tracked["after_last_iteration_s"] - none["after_last_iteration_s"], 1),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

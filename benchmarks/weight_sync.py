@@ -29,7 +29,7 @@ import ray  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from contracts.builtin_model import build_builtin  # noqa: E402
-from contracts.config_load import load_config  # noqa: E402
+from contracts.config.load import load_config  # noqa: E402
 from rollout.driver.learner_group import LearnerGroup  # noqa: E402
 from rollout.generation.pool import WorkerPool  # noqa: E402
 
@@ -41,11 +41,22 @@ def measure(name: str, workers: int, repeats: int, bucket_mb: float) -> dict:
     weights = list(load_file(f"{path}/model.safetensors").items())
     params = sum(t.numel() for _, t in weights)
     nbytes = sum(t.numel() * t.element_size() for _, t in weights)
-    cfg = load_config(None, [f"model.path={path}", "rollout.device=cpu", "learner.device=cpu",
-                             "rollout.max_model_len=128", f"rollout.num_workers={workers}",
-                             "rollout.num_cpus_per_worker=0.5", "learner.num_cpus_per_rank=0.5",
-                             "rollout.prompts_per_iteration=16", "rollout.weight_sync_timeout_s=600", "rollout.weight_sync=collective",
-                             f"rollout.weight_sync_bucket_mb={bucket_mb}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={path}",
+            "rollout.device=cpu",
+            "learner.device=cpu",
+            "rollout.max_model_len=128",
+            f"rollout.num_workers={workers}",
+            "rollout.num_cpus_per_worker=0.5",
+            "learner.num_cpus_per_rank=0.5",
+            "rollout.prompts_per_iteration=16",
+            "rollout.weight_sync_timeout_s=600",
+            "rollout.weight_sync=collective",
+            f"rollout.weight_sync_bucket_mb={bucket_mb}",
+        ],
+    )
     learner = LearnerGroup(cfg, path)
     pool = WorkerPool(cfg, path)
     pool.use_learner(learner)
@@ -66,14 +77,22 @@ def measure(name: str, workers: int, repeats: int, bucket_mb: float) -> dict:
                 sync(version)
                 seconds.append(time.perf_counter() - start)
             median = statistics.median(seconds)
-            results[label] = {"seconds_per_sync": round(median, 3), "mb_per_s": round(nbytes / 2**20 / median, 1),
-                              "seconds_all": [round(s, 3) for s in seconds]}
+            results[label] = {
+                "seconds_per_sync": round(median, 3),
+                "mb_per_s": round(nbytes / 2**20 / median, 1),
+                "seconds_all": [round(s, 3) for s in seconds],
+            }
     finally:
         pool.shutdown()
         learner.shutdown()
-    return {"parameters": params, "mb": round(nbytes / 2**20, 1), **results,
-            "collective_over_object_store": round(results["collective"]["seconds_per_sync"]
-                                                  / results["object_store"]["seconds_per_sync"], 2)}
+    return {
+        "parameters": params,
+        "mb": round(nbytes / 2**20, 1),
+        **results,
+        "collective_over_object_store": round(
+            results["collective"]["seconds_per_sync"] / results["object_store"]["seconds_per_sync"], 2
+        ),
+    }
 
 
 def main() -> None:

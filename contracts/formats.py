@@ -122,8 +122,7 @@ def _turn_system(turn: dict[str, Any], where: str, index: int, system: str | Non
     if turn_system is None:
         return system
     if index > 0:
-        raise FormatError(f"{where}.system: a system prompt is only allowed at the top level "
-                          "or in the first turn")
+        raise FormatError(f"{where}.system: a system prompt is only allowed at the top level or in the first turn")
     if system is not None and system != turn_system:
         raise FormatError(f'two different system prompts: field "system" and {where}.system')
     return turn_system
@@ -157,8 +156,10 @@ def _check_turn_order(messages: list[Message]) -> None:
             raise FormatError(f"messages[{i}].role is system: a system message is only allowed first")
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if role != expected:
-            raise FormatError(f"messages[{i}].role must be {expected}, got {role} "
-                              "(turns alternate user/assistant, starting with user)")
+            raise FormatError(
+                f"messages[{i}].role must be {expected}, got {role} "
+                "(turns alternate user/assistant, starting with user)"
+            )
 
 
 def _metadata(record: dict[str, Any], used_keys: frozenset[str]) -> dict[str, Any]:
@@ -180,10 +181,10 @@ _PARSERS: dict[str, tuple[Callable[[dict[str, Any]], tuple[list[Message], str | 
 # Field helpers shared by the data formats. A top-level field is named `field "key"`; a nested one
 # by its path, `conversation[1].input`, as the user would look for it in the file.
 
+
 def type_name(value: Any) -> str:
     """The JSON type of a decoded value, as reasons name it (int and float kept apart)."""
-    names = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list",
-             dict: "object"}
+    names = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "object"}
     return names.get(type(value), type(value).__name__)
 
 
@@ -202,8 +203,9 @@ def field_names(key: str, where: str | None = None) -> tuple[str, str]:
     return f"{where}.{key}", f"{where}.{key} is missing"
 
 
-def text_field(record: dict[str, Any], key: str, *, where: str | None = None, required: bool = True,
-               allow_empty: bool = False) -> str | None:
+def text_field(
+    record: dict[str, Any], key: str, *, where: str | None = None, required: bool = True, allow_empty: bool = False
+) -> str | None:
     """The string at `record[key]`: FormatError if missing (when required), not a string or blank.
 
     An optional field that is absent or null gives None, and so does a blank one if `allow_empty`.

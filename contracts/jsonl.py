@@ -42,8 +42,17 @@ class BadRecord(msgspec.Struct, frozen=True):
         return f"{self.file}:{self.line}: {self.reason}"
 
 
-def report_bad(bad: Sequence[object], *, on_bad_record: str, source: str, what: str, fix: str,
-               error: type[Exception], log: TextIO, listed: int | None = None) -> None:
+def report_bad(
+    bad: Sequence[object],
+    *,
+    on_bad_record: str,
+    source: str,
+    what: str,
+    fix: str,
+    error: type[Exception],
+    log: TextIO,
+    listed: int | None = None,
+) -> None:
     """Print the bad records (`FILE:LINE: reason`; the first `listed` of them if given), then stop or
     skip as `data.on_bad_record` says. With "stop", `error` is raised once all are reported, so one
     pass shows everything to fix; with "skip", a line counts what was left out."""
@@ -52,8 +61,9 @@ def report_bad(bad: Sequence[object], *, on_bad_record: str, source: str, what: 
     if listed is not None and len(bad) > listed:
         print(f"... and {len(bad) - listed} more", file=log)
     if bad and on_bad_record == "stop":
-        raise error(f"{source}: {len(bad)} {what}, listed above; {fix}, or set data.on_bad_record=skip "
-                    "to train on the rest")
+        raise error(
+            f"{source}: {len(bad)} {what}, listed above; {fix}, or set data.on_bad_record=skip to train on the rest"
+        )
     if bad:
         print(f"{source}: skipped {len(bad)} {what}", file=log)
 
@@ -126,7 +136,7 @@ class _TextStream:
         """Read one more chunk; False at end of file."""
         chunk = self._f.read(_CHUNK_BYTES)
         text = self._decoder.decode(chunk, final=not chunk)
-        self.buf = self.buf[self.pos:] + text
+        self.buf = self.buf[self.pos :] + text
         self.pos = 0
         return bool(chunk) or bool(text)
 
@@ -207,8 +217,12 @@ def _array_elements(stream: _TextStream, file: str) -> Iterator[tuple[int, Any |
         last_line = stream.line
         following = stream.peek()
         if following in (None, "]"):
-            raise _broken(stream, file, f"expected a record after ',', got {_shown(following)}",
-                          last_line if following is None else None)
+            raise _broken(
+                stream,
+                file,
+                f"expected a record after ',', got {_shown(following)}",
+                last_line if following is None else None,
+            )
 
 
 def _broken(stream: _TextStream, file: str, message: str, line: int | None = None) -> _Broken:
@@ -224,9 +238,13 @@ def _read_element(stream: _TextStream, file: str) -> Any | BadRecord:
     try:
         end = _element_end(stream)
     except _Truncated:
-        raise _broken(stream, file, f"unexpected end of file, the record starting at line {start_line} "
-                      "is not closed", line=stream.line_of_last_text()) from None
-    text = stream.buf[stream.pos:end]
+        raise _broken(
+            stream,
+            file,
+            f"unexpected end of file, the record starting at line {start_line} is not closed",
+            line=stream.line_of_last_text(),
+        ) from None
+    text = stream.buf[stream.pos : end]
     stream.advance(end)
     bad_byte = _ESCAPED_BYTE.search(text)
     if bad_byte:

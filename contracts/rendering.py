@@ -11,6 +11,7 @@ from contracts.jsonl import report_bad
 
 class PromptTask(msgspec.Struct):
     """A rendered prompt to sample `n` completions for."""
+
     prompt_id: str
     prompt: str
     prompt_ids: list[int]
@@ -34,13 +35,16 @@ class PromptRenderer:
         # The template already wrote the special tokens (bos); adding them again would double them.
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
-            raise FormatError(f"{record.source}: prompt is {len(ids)} tokens, longer than the maximum "
-                              f"{self.max_prompt_tokens} (model.max_prompt_tokens)")
+            raise FormatError(
+                f"{record.source}: prompt is {len(ids)} tokens, longer than the maximum "
+                f"{self.max_prompt_tokens} (model.max_prompt_tokens)"
+            )
         return PromptTask(prompt_id=record.prompt_id, prompt=text, prompt_ids=ids)
 
 
-def render_prompts(records: list[PromptRecord], renderer: PromptRenderer, *, on_bad_record: str, source: str,
-                   log) -> tuple[list[PromptRecord], dict[str, PromptTask]]:
+def render_prompts(
+    records: list[PromptRecord], renderer: PromptRenderer, *, on_bad_record: str, source: str, log
+) -> tuple[list[PromptRecord], dict[str, PromptTask]]:
     """Every record rendered once, at load, so a prompt too long for `model.max_prompt_tokens` is found
     before the cluster is used: reported as FILE:LINE, then the load stops or skips them per
     `data.on_bad_record`. Returns the records kept and their tasks by prompt id."""
@@ -51,10 +55,16 @@ def render_prompts(records: list[PromptRecord], renderer: PromptRenderer, *, on_
             kept.append(record)
         except FormatError as e:
             too_long.append(str(e))
-    report_bad(too_long, on_bad_record=on_bad_record, source=source,
-               what="prompt(s) longer than model.max_prompt_tokens",
-               fix=f"shorten them or raise the limit ({renderer.max_prompt_tokens})", error=FormatError, log=log,
-               listed=20)
+    report_bad(
+        too_long,
+        on_bad_record=on_bad_record,
+        source=source,
+        what="prompt(s) longer than model.max_prompt_tokens",
+        fix=f"shorten them or raise the limit ({renderer.max_prompt_tokens})",
+        error=FormatError,
+        log=log,
+        listed=20,
+    )
     if not kept:
         raise FormatError(f"{source}: no prompt fits model.max_prompt_tokens ({renderer.max_prompt_tokens})")
     return kept, tasks

@@ -63,30 +63,32 @@ def components_type(components: Sequence[str]) -> pa.StructType:
 
 def archive_schema(components: Sequence[str]) -> pa.Schema:
     """Schema v2 of a run whose reward components are `components`."""
-    return pa.schema([
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("iteration", pa.int32(), nullable=False),
-        pa.field("policy_version", pa.int32(), nullable=False),
-        pa.field("sample_index", pa.int32(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("response", pa.string(), nullable=False),
-        pa.field("prompt_ids", _i32_list, nullable=False),
-        pa.field("response_ids", _i32_list, nullable=False),
-        pa.field("response_logprobs", _f32_list, nullable=False),
-        pa.field("ref_logprobs", _f32_list),
-        pa.field("values", _f32_list),
-        pa.field("kl", _f32_list),
-        pa.field("kl_coef", pa.float32()),
-        pa.field("token_rewards", _f32_list),
-        pa.field("reward", pa.float32()),
-        pa.field("reward_components", components_type(components)),
-        pa.field("advantages", _f32_list),
-        pa.field("returns", _f32_list),
-        pa.field("finish_reason", pa.string(), nullable=False),
-        pa.field("worker", pa.string(), nullable=False),
-        pa.field("generated_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    ])
+    return pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("iteration", pa.int32(), nullable=False),
+            pa.field("policy_version", pa.int32(), nullable=False),
+            pa.field("sample_index", pa.int32(), nullable=False),
+            pa.field("prompt", pa.string(), nullable=False),
+            pa.field("response", pa.string(), nullable=False),
+            pa.field("prompt_ids", _i32_list, nullable=False),
+            pa.field("response_ids", _i32_list, nullable=False),
+            pa.field("response_logprobs", _f32_list, nullable=False),
+            pa.field("ref_logprobs", _f32_list),
+            pa.field("values", _f32_list),
+            pa.field("kl", _f32_list),
+            pa.field("kl_coef", pa.float32()),
+            pa.field("token_rewards", _f32_list),
+            pa.field("reward", pa.float32()),
+            pa.field("reward_components", components_type(components)),
+            pa.field("advantages", _f32_list),
+            pa.field("returns", _f32_list),
+            pa.field("finish_reason", pa.string(), nullable=False),
+            pa.field("worker", pa.string(), nullable=False),
+            pa.field("generated_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    )
 
 
 def components_of(schema: pa.Schema) -> tuple[str, ...]:
@@ -110,16 +112,20 @@ def components_array(rows: Sequence[dict[str, float] | None], components: Sequen
         return pa.array([None if r is None else {} for r in rows], pa.struct([]))
     mask = np.fromiter((r is None for r in rows), dtype=bool, count=len(rows))
     children = [pa.array([None if r is None else r.get(name) for r in rows], pa.float32()) for name in components]
-    return pa.StructArray.from_arrays(children, fields=list(components_type(components)),
-                                      mask=pa.array(mask) if mask.any() else None)
+    return pa.StructArray.from_arrays(
+        children, fields=list(components_type(components)), mask=pa.array(mask) if mask.any() else None
+    )
 
 
 def reward_batch(results, components: Sequence[str]) -> pa.RecordBatch:
     """Reward results (`total`, `components`), one per sample, as the archive's reward columns."""
-    return pa.RecordBatch.from_arrays([
-        pa.array(np.array([r.total for r in results], dtype=np.float32)),
-        components_array([r.components for r in results], components),
-    ], schema=reward_schema(components))
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(np.array([r.total for r in results], dtype=np.float32)),
+            components_array([r.components for r in results], components),
+        ],
+        schema=reward_schema(components),
+    )
 
 
 def to_record_batch(records: list[RolloutRecord], components: Sequence[str]) -> pa.RecordBatch:
@@ -145,10 +151,12 @@ def _list_array(rows: list[list | None], kind: pa.ListType) -> pa.ListArray:
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     dtype = np.int32 if pa.types.is_int32(kind.value_type) else np.float32
-    flat = np.fromiter(itertools.chain.from_iterable(r for r in rows if r is not None), dtype=dtype,
-                       count=int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=kind.value_type),
-                                    mask=pa.array(nulls) if nulls.any() else None)
+    flat = np.fromiter(
+        itertools.chain.from_iterable(r for r in rows if r is not None), dtype=dtype, count=int(offsets[-1])
+    )
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(flat, type=kind.value_type), mask=pa.array(nulls) if nulls.any() else None
+    )
 
 
 def from_record_batch(batch: pa.RecordBatch) -> list[RolloutRecord]:

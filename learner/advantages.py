@@ -57,9 +57,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return torch.where(mask.bool(), whitened, 0)
 
 
-def kl_penalty(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1"
-) -> torch.Tensor:
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probabilities.
 
     logprobs, ref_logprobs: (B, T) -> (B, T). Elementwise and unmasked: the caller zeroes padding
@@ -172,9 +170,7 @@ def gae_reference(
     """
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
     all_advantages, all_returns = [], []
-    for row_rewards, row_values, row_mask in zip(
-        rewards.tolist(), values.tolist(), mask.bool().tolist()
-    ):
+    for row_rewards, row_values, row_mask in zip(rewards.tolist(), values.tolist(), mask.bool().tolist()):
         steps = len(row_rewards)
         advantages, returns = [0.0] * steps, [0.0] * steps
         next_advantage, next_value, next_valid = 0.0, 0.0, False

@@ -43,19 +43,21 @@ def save(learner, directory: Path, extra: dict) -> None:
         raise NonFiniteError(f"not writing checkpoint {directory.name}: the learner's weights hold inf or NaN")
     try:
         with _single_process_note_quiet():
-            dcp.save(training_state(learner), checkpoint_id=str(directory / "learner"),
-                     no_dist=learner.world_size == 1)
+            dcp.save(training_state(learner), checkpoint_id=str(directory / "learner"), no_dist=learner.world_size == 1)
         weights = learner.export_weights()
         if learner.rank == 0:
             _save_policy(learner, directory / "policy", weights)
-            torch.save({"kl_controller": learner.kl_controller.state_dict(), "version": learner.version,
-                        "extra": extra}, directory / STATE_FILE)
+            torch.save(
+                {"kl_controller": learner.kl_controller.state_dict(), "version": learner.version, "extra": extra},
+                directory / STATE_FILE,
+            )
     except (OSError, RuntimeError, CheckpointException) as e:
         # torch's writers report a full disk as "unexpected pos ...": say what the disk says.
         cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP: the failure per rank
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise CheckpointWriteError(f"writing checkpoint {directory} failed ({first}); "
-                                   f"{_free_space(directory)} free on its disk") from None
+        raise CheckpointWriteError(
+            f"writing checkpoint {directory} failed ({first}); {_free_space(directory)} free on its disk"
+        ) from None
 
 
 def load(learner, directory: Path) -> dict:
@@ -66,8 +68,10 @@ def load(learner, directory: Path) -> dict:
 
     directory = Path(directory)
     if not (directory / "learner").is_dir():
-        raise FileNotFoundError(f"{directory}: no learner/ training state (a checkpoint from before "
-                                "sharded checkpoints); start a new run directory")
+        raise FileNotFoundError(
+            f"{directory}: no learner/ training state (a checkpoint from before "
+            "sharded checkpoints); start a new run directory"
+        )
     state = training_state(learner)
     with _single_process_note_quiet():
         dcp.load(state, checkpoint_id=str(directory / "learner"), no_dist=learner.world_size == 1)
@@ -85,11 +89,15 @@ def load(learner, directory: Path) -> dict:
 def training_state(learner) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    state = {"policy": get_model_state_dict(learner.policy),
-             "policy_opt": get_optimizer_state_dict(learner.policy, learner.policy_opt)}
+    state = {
+        "policy": get_model_state_dict(learner.policy),
+        "policy_opt": get_optimizer_state_dict(learner.policy, learner.policy_opt),
+    }
     if learner.critic is not None:
-        state.update(critic=get_model_state_dict(learner.critic),
-                     critic_opt=get_optimizer_state_dict(learner.critic, learner.critic_opt))
+        state.update(
+            critic=get_model_state_dict(learner.critic),
+            critic_opt=get_optimizer_state_dict(learner.critic, learner.critic_opt),
+        )
     return state
 
 
@@ -109,11 +117,15 @@ def _save_policy(learner, directory: Path, weights: list[tuple[str, object]]) ->
 
 # -- whole or broken ------------------------------------------------------------------------------
 
+
 def write_manifest(directory: Path) -> None:
     """List every file of the finished checkpoint with its size and sha256 (written atomically, last)."""
     directory = Path(directory)
-    files = {str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE}
+    files = {
+        str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
     temporary = directory / (MANIFEST_FILE + ".tmp")
     temporary.write_text(json.dumps({"files": files}, indent=1))
     os.replace(temporary, directory / MANIFEST_FILE)

@@ -18,8 +18,9 @@ COLLECTIVE_TIMEOUT = dt.timedelta(minutes=10)  # a lost peer fails the collectiv
 def init_process_group(rank: int, world_size: int, address: str, device: torch.device) -> None:
     """Join the learner group at `address` ("host:port", served by rank 0)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world_size,
-                            timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        backend, init_method=f"tcp://{address}", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+    )
 
 
 def world_size() -> int:
@@ -59,7 +60,7 @@ def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
         return local
     width = max(counts)
     padded = local.new_zeros((width, *local.shape[1:]))
-    padded[:local.shape[0]] = local
+    padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
     return torch.cat([part[:n] for part, n in zip(parts, counts)])

@@ -39,7 +39,8 @@ def group_counts(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
         raise ValueError(
             f"{lonely} of {n_groups} prompt groups hold a single sample: group baselines compare each "
             "completion with the others of its prompt, so they need n > 1 completions per prompt "
-            "(rollout.n_samples >= 2); use the gae estimator for this archive")
+            "(rollout.n_samples >= 2); use the gae estimator for this archive"
+        )
     return counts
 
 
@@ -109,8 +110,10 @@ ESTIMATORS: dict[str, Estimator] = {
 }
 # The config (contracts/, which imports no learner code) spells the names as a Literal; the two must agree.
 if set(ESTIMATORS) != set(get_args(EstimatorName)):
-    raise ImportError(f"learner.estimators {sorted(ESTIMATORS)} and contracts.config.EstimatorName "
-                      f"{sorted(get_args(EstimatorName))} disagree: add the name to both")
+    raise ImportError(
+        f"learner.estimators {sorted(ESTIMATORS)} and contracts.config.EstimatorName "
+        f"{sorted(get_args(EstimatorName))} disagree: add the name to both"
+    )
 
 
 def estimator(name: str) -> Estimator:
@@ -120,8 +123,15 @@ def estimator(name: str) -> Estimator:
         raise ValueError(f"unknown advantage estimator {name!r}; expected one of {', '.join(ESTIMATORS)}") from None
 
 
-def estimate(name: str, token_rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor,
-             groups: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def estimate(
+    name: str,
+    token_rewards: torch.Tensor,
+    values: torch.Tensor | None,
+    mask: torch.Tensor,
+    groups: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns), both (B, T) and zero on padding, by the estimator `name`.
 
     token_rewards, values, mask: (B, T); groups: (B,) int64 prompt-group index of each row.

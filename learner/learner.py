@@ -65,8 +65,9 @@ def cpu_threads(cfg: JobConfig) -> int:
 
 
 class Learner:
-    def __init__(self, cfg: JobConfig, model_path: str, *, rank: int = 0, world_size: int = 1,
-                 address: str | None = None):
+    def __init__(
+        self, cfg: JobConfig, model_path: str, *, rank: int = 0, world_size: int = 1, address: str | None = None
+    ):
         self.cfg = cfg
         lc = cfg.learner
         self.device = _device(lc.device)
@@ -123,8 +124,10 @@ class Learner:
         start = time.perf_counter()
         stats = self.update(batch, ev, advantages, returns, kl)
         timings["update"] = time.perf_counter() - start
-        columns = LearnerColumns(*(batch.flat(x) for x in (ev.old_logprobs, ev.ref_logprobs, ev.values, kl,
-                                                            rewards, advantages, returns)), kl_coef=kl_coef)
+        columns = LearnerColumns(
+            *(batch.flat(x) for x in (ev.old_logprobs, ev.ref_logprobs, ev.values, kl, rewards, advantages, returns)),
+            kl_coef=kl_coef,
+        )
         return columns, stats, timings
 
     # -- scoring ---------------------------------------------------------------------------------
@@ -133,8 +136,9 @@ class Learner:
     def evaluate(self, batch: SampleBatch) -> Evaluated:
         """Old policy logprobs, reference logprobs, values and entropies of every response token."""
         rows = np.arange(len(batch))
-        plans = plan(rows, batch.prompt_lengths, batch.response_lengths, self.cfg.learner.micro_batch_tokens,
-                     self.world_size)
+        plans = plan(
+            rows, batch.prompt_lengths, batch.response_lengths, self.cfg.learner.micro_batch_tokens, self.world_size
+        )
         mine, outputs = [], []
         for micro in plans[self.rank]:
             tokens = batch.collate(micro.rows, self.pad_id).to(self.device)
@@ -147,12 +151,16 @@ class Learner:
                 continue
             keep = tokens.mask.bool()
             mine.append(micro.rows)
-            outputs.append(torch.stack([policy.logprobs[keep], ref.logprobs[keep], values[keep],
-                                        policy.entropy[keep]], dim=1).cpu())
+            outputs.append(
+                torch.stack(
+                    [policy.logprobs[keep], ref.logprobs[keep], values[keep], policy.entropy[keep]], dim=1
+                ).cpu()
+            )
         local = torch.cat(outputs) if outputs else torch.zeros((0, 4))
         # Every rank's rows in rank order, then the tokens of each back to their place in the batch.
-        order = np.concatenate([np.concatenate([m.rows for m in p if not m.filler] or [np.zeros(0, np.int64)])
-                                for p in plans])
+        order = np.concatenate(
+            [np.concatenate([m.rows for m in p if not m.filler] or [np.zeros(0, np.int64)]) for p in plans]
+        )
         counts = [int(sum(batch.response_lengths[m.rows].sum() for m in p if not m.filler)) for p in plans]
         gathered = dist.gather_rows(local.to(self.device), counts).cpu().numpy()
         _, destination, _ = token_spans(batch.response_offsets[order], batch.response_lengths[order])
@@ -166,16 +174,18 @@ class Learner:
         """(token rewards, kl, advantages, returns), each (N, T), by `learner.estimator`."""
         lc = self.cfg.learner
         scores = torch.tensor(batch.scores, dtype=torch.float32, device=self.device)
-        rewards, kl = token_rewards(scores, ev.old_logprobs, ev.ref_logprobs, ev.mask, self.kl_controller.coef,
-                                    lc.kl.estimator)
+        rewards, kl = token_rewards(
+            scores, ev.old_logprobs, ev.ref_logprobs, ev.mask, self.kl_controller.coef, lc.kl.estimator
+        )
         groups = torch.tensor(batch.groups, device=self.device)
         advantages, returns = estimate(lc.estimator, rewards, ev.values, ev.mask, groups, lc.gamma, lc.lam)
         return rewards, kl, advantages, returns
 
     # -- learning --------------------------------------------------------------------------------
 
-    def update(self, batch: SampleBatch, ev: Evaluated, advantages: torch.Tensor, returns: torch.Tensor,
-               kl: torch.Tensor) -> dict[str, float]:
+    def update(
+        self, batch: SampleBatch, ev: Evaluated, advantages: torch.Tensor, returns: torch.Tensor, kl: torch.Tensor
+    ) -> dict[str, float]:
         lc = self.cfg.learner
         m = ev.mask
         if lc.whiten_advantages:
@@ -192,7 +202,7 @@ class Learner:
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.version * 101 + epoch)
             order = torch.randperm(N, generator=generator).numpy()
             for start in range(0, N, lc.minibatch_size):
-                stats = self._step(batch, ev, advantages, returns, is_weights, order[start:start + lc.minibatch_size])
+                stats = self._step(batch, ev, advantages, returns, is_weights, order[start : start + lc.minibatch_size])
                 if stats is None:
                     skipped += 1
                     continue
@@ -203,16 +213,29 @@ class Learner:
         self.version += 1
         out = {k: float(np.mean(v)) for k, v in totals.items()}
         out["skipped_steps"] = skipped
-        out.update({"kl": seq_kl, "kl_coef": self.kl_controller.coef, "entropy": masked_mean(ev.entropy, m).item(),
-                    # How far the engine's logprobs are from the learner's for the same tokens and weights
-                    # (or older weights, with staleness), and how much the IS cap cut.
-                    "behaviour_logprob_mismatch": masked_mean(log_ratio.abs(), m).item()})
+        out.update(
+            {
+                "kl": seq_kl,
+                "kl_coef": self.kl_controller.coef,
+                "entropy": masked_mean(ev.entropy, m).item(),
+                # How far the engine's logprobs are from the learner's for the same tokens and weights
+                # (or older weights, with staleness), and how much the IS cap cut.
+                "behaviour_logprob_mismatch": masked_mean(log_ratio.abs(), m).item(),
+            }
+        )
         if is_weights is not None:
             out["behaviour_is_clip_frac"] = masked_mean((log_ratio.exp() > lc.behaviour_is_cap).float(), m).item()
         return out
 
-    def _step(self, batch: SampleBatch, ev: Evaluated, advantages: torch.Tensor, returns: torch.Tensor,
-              is_weights: torch.Tensor | None, rows: np.ndarray) -> dict[str, float] | None:
+    def _step(
+        self,
+        batch: SampleBatch,
+        ev: Evaluated,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        is_weights: torch.Tensor | None,
+        rows: np.ndarray,
+    ) -> dict[str, float] | None:
         """One optimizer step on the minibatch `rows`: this rank's share, in micro-batches. None when
         the step was skipped: its loss or gradient norm was not finite (the same on every rank)."""
         lc = self.cfg.learner
@@ -224,8 +247,9 @@ class Learner:
             self.critic_opt.zero_grad(set_to_none=True)
         # Summed over micro-batches: losses (already shares of the minibatch), token-weighted stats.
         sums = torch.zeros(6, dtype=torch.float64)
-        for micro in plan(rows, batch.prompt_lengths, batch.response_lengths, lc.micro_batch_tokens,
-                          self.world_size)[self.rank]:
+        for micro in plan(rows, batch.prompt_lengths, batch.response_lengths, lc.micro_batch_tokens, self.world_size)[
+            self.rank
+        ]:
             tokens = batch.collate(micro.rows, self.pad_id).to(self.device)
             index = torch.from_numpy(micro.rows).to(self.device)
             T = tokens.mask.shape[1]
@@ -237,10 +261,18 @@ class Learner:
             with self._compute():
                 policy = self.policy(tokens, self.temperature, with_entropy=lc.entropy_coef > 0)
                 values = self._values(tokens, policy)
-            pg_loss, pg_stats = policy_loss(policy.logprobs, old(ev.old_logprobs), old(advantages), keep,
-                                            lc.clip_eps, lc.loss_agg, denominator,
-                                            None if is_weights is None else old(is_weights),
-                                            lc.policy_loss, lc.dual_clip_c)
+            pg_loss, pg_stats = policy_loss(
+                policy.logprobs,
+                old(ev.old_logprobs),
+                old(advantages),
+                keep,
+                lc.clip_eps,
+                lc.loss_agg,
+                denominator,
+                None if is_weights is None else old(is_weights),
+                lc.policy_loss,
+                lc.dual_clip_c,
+            )
             vf_loss, vf_stats = value_loss(values, old(ev.values), old(returns), keep, lc.value_clip, n_tokens)
             loss = pg_loss
             if policy.entropy is not None:
@@ -252,21 +284,38 @@ class Learner:
             (weight * self.world_size * loss).backward()
             self.micro_batches_done += 1
             local_tokens = weight * float(keep.sum())
-            sums += torch.tensor([weight * pg_loss.item(), weight * vf_loss.item(),
-                                  local_tokens * pg_stats["clip_frac"].item(),
-                                  local_tokens * pg_stats["approx_kl"].item(),
-                                  local_tokens * vf_stats["value_clip_frac"].item(), 0.0], dtype=torch.float64)
+            sums += torch.tensor(
+                [
+                    weight * pg_loss.item(),
+                    weight * vf_loss.item(),
+                    local_tokens * pg_stats["clip_frac"].item(),
+                    local_tokens * pg_stats["approx_kl"].item(),
+                    local_tokens * vf_stats["value_clip_frac"].item(),
+                    0.0,
+                ],
+                dtype=torch.float64,
+            )
         sums = dist.all_reduce_sum(sums)
         grad_norm = _clip(self.policy.parameters(), lc.max_grad_norm)
         critic_norm = _clip(self.critic.parameters(), lc.max_grad_norm) if self.critic_opt is not None else 0.0
-        if self._skip_non_finite({"policy_loss": sums[0].item(), "value_loss": sums[1].item(),
-                                  "grad_norm": grad_norm, "critic_grad_norm": critic_norm}):
+        if self._skip_non_finite(
+            {
+                "policy_loss": sums[0].item(),
+                "value_loss": sums[1].item(),
+                "grad_norm": grad_norm,
+                "critic_grad_norm": critic_norm,
+            }
+        ):
             return None
         self.policy_opt.step()
         if self.critic_opt is not None:
             self.critic_opt.step()
-        stats = {"policy_loss": sums[0].item(), "clip_frac": sums[2].item() / n_tokens,
-                 "approx_kl": sums[3].item() / n_tokens, "grad_norm": grad_norm}
+        stats = {
+            "policy_loss": sums[0].item(),
+            "clip_frac": sums[2].item() / n_tokens,
+            "approx_kl": sums[3].item() / n_tokens,
+            "grad_norm": grad_norm,
+        }
         if not self.critic_free:
             stats.update(value_loss=sums[1].item(), value_clip_frac=sums[4].item() / n_tokens)
         return stats
@@ -282,9 +331,11 @@ class Learner:
         limit = self.cfg.learner.max_nonfinite_steps
         if self.nonfinite_in_a_row >= limit:
             name, value = bad[0]
-            raise NonFiniteError(f"{limit} optimizer steps in a row had a non-finite {name} ({value}); each was "
-                                 "skipped, so the weights are those before them (learner.max_nonfinite_steps): "
-                                 f"check the rewards, or lower learner.lr ({self.cfg.learner.lr:g})")
+            raise NonFiniteError(
+                f"{limit} optimizer steps in a row had a non-finite {name} ({value}); each was "
+                "skipped, so the weights are those before them (learner.max_nonfinite_steps): "
+                f"check the rewards, or lower learner.lr ({self.cfg.learner.lr:g})"
+            )
         self.policy_opt.zero_grad(set_to_none=True)
         if self.critic_opt is not None:
             self.critic_opt.zero_grad(set_to_none=True)
@@ -305,8 +356,11 @@ class Learner:
         state = _full_state_dict(self.policy)
         if self.rank != 0:
             return None
-        return [(name.removeprefix("lm."), tensor.to(self.compute_dtype).contiguous())
-                for name, tensor in state.items() if name.startswith("lm.")]
+        return [
+            (name.removeprefix("lm."), tensor.to(self.compute_dtype).contiguous())
+            for name, tensor in state.items()
+            if name.startswith("lm.")
+        ]
 
     def save(self, directory: Path, extra: dict) -> None:
         """Every rank: write its part of checkpoint `directory` (learner/checkpoint.py)."""
@@ -330,8 +384,14 @@ class Learner:
         """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the policy, at temperature 1 (every
         rank: the forward is a collective when sharded); the engines' must match after a sync."""
         ids = torch.tensor([token_ids], device=self.device)
-        probe = TokenBatch(ids, torch.ones_like(ids), torch.arange(len(token_ids), device=self.device)[None],
-                           ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.float32), prompt_width=1)
+        probe = TokenBatch(
+            ids,
+            torch.ones_like(ids),
+            torch.arange(len(token_ids), device=self.device)[None],
+            ids[:, 1:],
+            torch.ones_like(ids[:, 1:], dtype=torch.float32),
+            prompt_width=1,
+        )
         with torch.no_grad(), self._compute():
             return self.policy(probe, temperature=1.0).logprobs[0].float().tolist()
 

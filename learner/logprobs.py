@@ -17,9 +17,15 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(1, LOGIT_CHUNK_BYTES // (4 * vocab_size))
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                   *, with_entropy: bool = False, chunk: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    *,
+    with_entropy: bool = False,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(h·Wᵀ / τ) at each token, and the distribution's entropy when asked.
 
     hidden: (N, H); weight: (V, H), the LM head; tokens: (N,) integer -> (logprobs (N,) float32,
@@ -46,13 +52,15 @@ class _ChunkedLogprobs(torch.autograd.Function):
         normalisers = hidden.new_empty(n, dtype=torch.float32)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, n, chunk):
-                z = _chunk_logits(hidden[s:s + chunk], weight, temperature)
+                z = _chunk_logits(hidden[s : s + chunk], weight, temperature)
                 lse = torch.logsumexp(z, dim=-1)
-                normalisers[s:s + chunk] = lse
-                logprobs[s:s + chunk] = z.gather(-1, tokens[s:s + chunk, None].long()).squeeze(-1) - lse  # z_a − log Σ e^z
+                normalisers[s : s + chunk] = lse
+                logprobs[s : s + chunk] = (
+                    z.gather(-1, tokens[s : s + chunk, None].long()).squeeze(-1) - lse
+                )  # z_a − log Σ e^z
                 if with_entropy:
                     logp = z - lse[:, None]
-                    entropy[s:s + chunk] = -(logp.exp() * logp).sum(-1)  # H = −Σ p·log p
+                    entropy[s : s + chunk] = -(logp.exp() * logp).sum(-1)  # H = −Σ p·log p
         ctx.save_for_backward(hidden, weight, tokens, normalisers)
         ctx.set_materialize_grads(False)  # an unused entropy then costs nothing in the backward pass
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
@@ -63,25 +71,26 @@ class _ChunkedLogprobs(torch.autograd.Function):
         hidden, weight, tokens, normalisers = ctx.saved_tensors
         temperature = ctx.temperature
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
         w = weight.to(hidden.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], ctx.chunk):
-                h = hidden[s:s + ctx.chunk]
-                logp = _chunk_logits(h, weight, temperature) - normalisers[s:s + ctx.chunk, None]
+                h = hidden[s : s + ctx.chunk]
+                logp = _chunk_logits(h, weight, temperature) - normalisers[s : s + ctx.chunk, None]
                 p = torch.exp(logp)
                 grad_z = torch.zeros_like(p)
                 if grad_logprobs is not None:
-                    g = grad_logprobs[s:s + ctx.chunk, None]
+                    g = grad_logprobs[s : s + ctx.chunk, None]
                     grad_z -= p * g  # ∂ log p_a / ∂z = onehot(a) − p
-                    grad_z.scatter_add_(-1, tokens[s:s + ctx.chunk, None].long(), g)
+                    grad_z.scatter_add_(-1, tokens[s : s + ctx.chunk, None].long(), g)
                 if grad_entropy is not None:
                     H = -(p * logp).sum(-1, keepdim=True)
-                    grad_z -= grad_entropy[s:s + ctx.chunk, None] * p * (logp + H)  # ∂H/∂z = −p·(log p + H)
+                    grad_z -= grad_entropy[s : s + ctx.chunk, None] * p * (logp + H)  # ∂H/∂z = −p·(log p + H)
                 grad_z = (grad_z / temperature).to(h.dtype)  # z = h·Wᵀ / τ
                 if grad_hidden is not None:
-                    grad_hidden[s:s + ctx.chunk] = grad_z @ w
+                    grad_hidden[s : s + ctx.chunk] = grad_z @ w
                 if grad_weight is not None:
                     grad_weight += (grad_z.T @ h).float()
         if grad_weight is not None:

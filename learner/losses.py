@@ -23,8 +23,9 @@ from learner.advantages import masked_mean
 Aggregation = Literal["token", "sequence"]
 
 
-def ppo_clip(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, dual_clip_c: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_clip(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, dual_clip_c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017), per token, to be minimised.
 
     ratio ρ = π / π_old, advantages: (B, T) -> (loss (B, T), (B, T) bool: the clipped term is the active one).
@@ -34,8 +35,9 @@ def ppo_clip(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, dua
     return torch.maximum(unclipped, clipped), clipped > unclipped  # L_t = max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))
 
 
-def dual_clip(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, dual_clip_c: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def dual_clip(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, dual_clip_c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dual-clip PPO (Ye et al. 2020): where A < 0, the clipped loss is bounded by −c·A, so a huge ratio
     (which the plain clip leaves unbounded for a negative advantage) adds at most c·|A|. Shapes as ppo_clip;
     a token held at the bound counts as clipped."""
@@ -48,8 +50,10 @@ def dual_clip(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, du
 PolicyLoss = Callable[[torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor]]
 POLICY_LOSSES: dict[str, PolicyLoss] = {"ppo_clip": ppo_clip, "dual_clip": dual_clip}
 if set(POLICY_LOSSES) != set(get_args(PolicyLossName)):
-    raise ImportError(f"learner.losses {sorted(POLICY_LOSSES)} and contracts.config.PolicyLossName "
-                      f"{sorted(get_args(PolicyLossName))} disagree: add the name to both")
+    raise ImportError(
+        f"learner.losses {sorted(POLICY_LOSSES)} and contracts.config.PolicyLossName "
+        f"{sorted(get_args(PolicyLossName))} disagree: add the name to both"
+    )
 
 
 def policy_loss(
@@ -125,8 +129,9 @@ def value_loss(
     return loss, stats
 
 
-def _aggregate(per_token: torch.Tensor, keep: torch.Tensor, agg: Aggregation,
-               denominator: float | None) -> torch.Tensor:
+def _aggregate(
+    per_token: torch.Tensor, keep: torch.Tensor, agg: Aggregation, denominator: float | None
+) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a 0-dim one, by token or by sequence (see policy_loss)."""
     if agg == "token":
         if denominator is not None:

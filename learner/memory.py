@@ -53,9 +53,17 @@ class Shape:
         return self.layers * self.block_params + self.root_params
 
 
-def estimate(shape: Shape, *, num_ranks: int, micro_batch_tokens: int, compute_bytes: int = 2,
-             separate_critic: bool = True, gradient_checkpointing: bool = False, samples: int = 0,
-             response_tokens: int = 0) -> dict[str, float]:
+def estimate(
+    shape: Shape,
+    *,
+    num_ranks: int,
+    micro_batch_tokens: int,
+    compute_bytes: int = 2,
+    separate_critic: bool = True,
+    gradient_checkpointing: bool = False,
+    samples: int = 0,
+    response_tokens: int = 0,
+) -> dict[str, float]:
     """GiB per rank by part, and their total."""
     P = shape.params
     critic = P - shape.vocab * shape.hidden * (0 if shape.tied else 1)  # a backbone: no LM head of its own
@@ -83,17 +91,28 @@ QWEN25_7B = Shape(hidden=3584, layers=28, intermediate=18944, vocab=152064, head
 
 
 def table(samples: int = 20000, response_tokens: int = 512) -> str:
-    rows = ["| model | params | ranks | micro_batch_tokens | grad. ckpt | states (policy+critic+ref) | "
-            "activations | total GiB per GPU |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | params | ranks | micro_batch_tokens | grad. ckpt | states (policy+critic+ref) | "
+        "activations | total GiB per GPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, shape in (("Qwen2.5-0.5B", QWEN25_05B), ("Qwen2.5-7B", QWEN25_7B)):
         for ranks in (1, 2, 4, 8):
             for budget, checkpointing in ((4096, False), (8192, False), (16384, True)):
-                e = estimate(shape, num_ranks=ranks, micro_batch_tokens=budget, gradient_checkpointing=checkpointing,
-                             samples=samples, response_tokens=response_tokens)
+                e = estimate(
+                    shape,
+                    num_ranks=ranks,
+                    micro_batch_tokens=budget,
+                    gradient_checkpointing=checkpointing,
+                    samples=samples,
+                    response_tokens=response_tokens,
+                )
                 states = e["policy_states"] + e["critic_states"] + e["reference"]
-                rows.append(f"| {name} | {shape.params / 1e9:.2f}B | {ranks} | {budget} | "
-                            f"{'yes' if checkpointing else 'no'} | {states:.1f} | {e['activations']:.1f} | "
-                            f"{e['total']:.1f} |")
+                rows.append(
+                    f"| {name} | {shape.params / 1e9:.2f}B | {ranks} | {budget} | "
+                    f"{'yes' if checkpointing else 'no'} | {states:.1f} | {e['activations']:.1f} | "
+                    f"{e['total']:.1f} |"
+                )
     return "\n".join(rows)
 
 

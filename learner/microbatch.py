@@ -31,8 +31,7 @@ def deal(rows: np.ndarray, cost: np.ndarray, world_size: int) -> list[np.ndarray
     return [np.sort(np.array(s, dtype=np.int64)) for s in shares]
 
 
-def pack(rows: np.ndarray, prompt_lengths: np.ndarray, response_lengths: np.ndarray,
-         budget: int) -> list[np.ndarray]:
+def pack(rows: np.ndarray, prompt_lengths: np.ndarray, response_lengths: np.ndarray, budget: int) -> list[np.ndarray]:
     """Length-sorted rows in micro-batches of at most `budget` padded tokens (a longer row runs alone)."""
     order = rows[np.argsort(prompt_lengths[rows] + response_lengths[rows], kind="stable")]
     batches, current, width_p, width_t = [], [], 0, 0
@@ -49,8 +48,9 @@ def pack(rows: np.ndarray, prompt_lengths: np.ndarray, response_lengths: np.ndar
     return batches
 
 
-def plan(rows: np.ndarray, prompt_lengths: np.ndarray, response_lengths: np.ndarray, budget: int,
-         world_size: int) -> list[list[MicroBatch]]:
+def plan(
+    rows: np.ndarray, prompt_lengths: np.ndarray, response_lengths: np.ndarray, budget: int, world_size: int
+) -> list[list[MicroBatch]]:
     """Per rank, its micro-batches over `rows`; every rank gets the same number."""
     cost = prompt_lengths + np.maximum(response_lengths, 1)
     per_rank = [pack(share, prompt_lengths, response_lengths, budget) for share in deal(rows, cost, world_size)]

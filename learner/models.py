@@ -26,9 +26,9 @@ def load_causal_lm(path: str, dtype: torch.dtype) -> nn.Module:
 
 @dataclass
 class PolicyOutput:
-    logprobs: torch.Tensor              # (B, T) float32, zero on padding
-    entropy: torch.Tensor | None        # (B, T) float32, when asked
-    values: torch.Tensor | None         # (B, T) float32, shared critic only
+    logprobs: torch.Tensor  # (B, T) float32, zero on padding
+    entropy: torch.Tensor | None  # (B, T) float32, when asked
+    values: torch.Tensor | None  # (B, T) float32, shared critic only
 
 
 class ValueHead(nn.Module):
@@ -51,12 +51,21 @@ class PolicyModel(nn.Module):
         self.value_head = ValueHead(lm.config.hidden_size) if value_head else None
 
     def forward(self, batch: TokenBatch, temperature: float, with_entropy: bool = False) -> PolicyOutput:
-        hidden = self.lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                       position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        hidden = self.lm.get_decoder()(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
         keep = batch.mask.bool()
         hidden = batch.response_slice(hidden)[keep]  # (n valid tokens, H): the LM head sees nothing else
-        logprobs, entropy = token_logprobs(hidden, self.lm.get_output_embeddings().weight,
-                                           batch.responses[keep], temperature, with_entropy=with_entropy)
+        logprobs, entropy = token_logprobs(
+            hidden,
+            self.lm.get_output_embeddings().weight,
+            batch.responses[keep],
+            temperature,
+            with_entropy=with_entropy,
+        )
         values = self.value_head(hidden) if self.value_head is not None else None
         return PolicyOutput(_scatter(logprobs, keep), _scatter(entropy, keep), _scatter(values, keep))
 
@@ -80,8 +89,12 @@ class CriticModel(nn.Module):
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         """(B, T) float32 values, zero on padding."""
-        hidden = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        hidden = self.backbone(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
         keep = batch.mask.bool()
         return _scatter(self.head(batch.response_slice(hidden)[keep]), keep)
 

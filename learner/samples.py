@@ -39,13 +39,13 @@ def flatten(rows, dtype) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class SampleBatch:
-    prompt_ids: np.ndarray          # (sum P_i,) int32
-    prompt_offsets: np.ndarray      # (N + 1,) int64
-    response_ids: np.ndarray        # (sum T_i,) int32
-    response_offsets: np.ndarray    # (N + 1,) int64
+    prompt_ids: np.ndarray  # (sum P_i,) int32
+    prompt_offsets: np.ndarray  # (N + 1,) int64
+    response_ids: np.ndarray  # (sum T_i,) int32
+    response_offsets: np.ndarray  # (N + 1,) int64
     behaviour_logprobs: np.ndarray  # (sum T_i,) float32, the engine's logprob of each response token
-    scores: np.ndarray              # (N,) float32, the sequence reward
-    groups: np.ndarray              # (N,) int64, index of the sample's prompt group (same prompt, same iteration)
+    scores: np.ndarray  # (N,) float32, the sequence reward
+    groups: np.ndarray  # (N,) int64, index of the sample's prompt group (same prompt, same iteration)
 
     @classmethod
     def from_records(cls, records) -> SampleBatch:
@@ -55,8 +55,9 @@ class SampleBatch:
         behaviour, _ = flatten([r.response_logprobs for r in records], np.float32)
         scores = np.array([np.nan if r.reward is None else r.reward for r in records], dtype=np.float32)
         _, groups = np.unique(np.array([r.prompt_id for r in records], dtype=object), return_inverse=True)
-        return cls(prompt_ids, prompt_offsets, response_ids, response_offsets, behaviour, scores,
-                   groups.astype(np.int64))
+        return cls(
+            prompt_ids, prompt_offsets, response_ids, response_offsets, behaviour, scores, groups.astype(np.int64)
+        )
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -137,17 +138,20 @@ def token_spans(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np
 class LearnerColumns:
     """Per-response-token float32 columns, aligned with the batch's `response_ids`, as the learner used them."""
 
-    old_logprobs: np.ndarray   # the learner's own logprobs of the sampled tokens before the update
+    old_logprobs: np.ndarray  # the learner's own logprobs of the sampled tokens before the update
     ref_logprobs: np.ndarray
-    values: np.ndarray         # critic values; 0 for the critic-free estimators
-    kl: np.ndarray             # per-token KL estimate toward the reference
+    values: np.ndarray  # critic values; 0 for the critic-free estimators
+    kl: np.ndarray  # per-token KL estimate toward the reference
     token_rewards: np.ndarray  # -kl_coef * kl, plus the score on the last token
     advantages: np.ndarray
     returns: np.ndarray
-    kl_coef: float             # the KL coefficient β of token_rewards
+    kl_coef: float  # the KL coefficient β of token_rewards
 
     def rows(self, offsets: np.ndarray) -> dict[str, list[list[float]]]:
         """Per-sample Python lists of each per-token column (for records and small tools, not the hot path)."""
         cut = offsets[1:-1]
-        return {f.name: [a.tolist() for a in np.split(getattr(self, f.name), cut)] for f in fields(self)
-                if f.name != "kl_coef"}
+        return {
+            f.name: [a.tolist() for a in np.split(getattr(self, f.name), cut)]
+            for f in fields(self)
+            if f.name != "kl_coef"
+        }

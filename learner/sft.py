@@ -46,14 +46,24 @@ def sft_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[
     attention = torch.zeros((len(examples), width), dtype=torch.long)
     for i, (p, c) in enumerate(examples):
         ids = p + c
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, len(p):len(ids)] = torch.tensor(c)
-        attention[i, :len(ids)] = 1
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, len(p) : len(ids)] = torch.tensor(c)
+        attention[i, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def train_sft(model_path: str, records: list[PromptRecord], out: Path, *, steps: int, lr: float,
-              batch_size: int = 64, max_prompt_tokens: int = 128, seed: int = 0, log=sys.stderr) -> Path:
+def train_sft(
+    model_path: str,
+    records: list[PromptRecord],
+    out: Path,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int = 64,
+    max_prompt_tokens: int = 128,
+    seed: int = 0,
+    log=sys.stderr,
+) -> Path:
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
@@ -76,13 +86,28 @@ def train_sft(model_path: str, records: list[PromptRecord], out: Path, *, steps:
     return out
 
 
-def warm_start(model_path: str, records: list[PromptRecord], *, steps: int, lr: float,
-               max_prompt_tokens: int, seed: int, log=sys.stderr) -> str:
+def warm_start(
+    model_path: str,
+    records: list[PromptRecord],
+    *,
+    steps: int,
+    lr: float,
+    max_prompt_tokens: int,
+    seed: int,
+    log=sys.stderr,
+) -> str:
     """The SFT-warmed model directory for these inputs, trained once and then reused from the cache."""
-    key = hashlib.sha256(json.dumps({
-        "model": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
-        "data": [r.prompt_id for r in records], "steps": steps, "lr": lr, "seed": seed,
-    }).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "model": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+                "data": [r.prompt_id for r in records],
+                "steps": steps,
+                "lr": lr,
+                "seed": seed,
+            }
+        ).encode()
+    ).hexdigest()[:12]
     target = cache_dir() / f"sft-{key}"
     if (target / "config.json").exists():
         print(f"sft warm-up: reusing {target}", file=log)
@@ -91,8 +116,9 @@ def warm_start(model_path: str, records: list[PromptRecord], *, steps: int, lr: 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".sft-", dir=target.parent))
     try:
-        train_sft(model_path, records, staging, steps=steps, lr=lr, max_prompt_tokens=max_prompt_tokens,
-                  seed=seed, log=log)
+        train_sft(
+            model_path, records, staging, steps=steps, lr=lr, max_prompt_tokens=max_prompt_tokens, seed=seed, log=log
+        )
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -108,8 +108,9 @@ def _tokenize(text: str) -> list[str]:
             break
         match = _TOKEN.match(text, position)
         if match is None:
-            raise ArithmeticSyntaxError(f"unexpected character {text[position:].lstrip()[0]!r} "
-                                        f"at position {position} of {text!r}")
+            raise ArithmeticSyntaxError(
+                f"unexpected character {text[position:].lstrip()[0]!r} at position {position} of {text!r}"
+            )
         tokens.append(match.group("num") or match.group("op"))
         position = match.end()
     return tokens

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from contracts.config import ConfigError
-from contracts.config_load import load_config
+from contracts.config.load import load_config
 
 
 class ScoreDataError(ValueError):
@@ -32,11 +32,18 @@ def main(argv: list[str] | None = None) -> int:
 
     train = sub.add_parser("train", help="train a reward model from preference data (any of the three formats)")
     train.add_argument("--config", default=None, help="YAML reward-training config (overrides of the defaults)")
-    train.add_argument("--data", nargs="+", default=None, metavar="FILE",
-                       help="preference files; replace data.files of the config")
+    train.add_argument(
+        "--data", nargs="+", default=None, metavar="FILE", help="preference files; replace data.files of the config"
+    )
     train.add_argument("--out", default=None, help="output directory; replaces out_dir of the config")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one field, e.g. --set train.lr=1e-3 (repeatable)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set train.lr=1e-3 (repeatable)",
+    )
 
     score = sub.add_parser("score", help="score {prompt, response} records with a trained reward model")
     score.add_argument("--model", required=True, help="reward model directory (OUT/model of reward train)")

@@ -22,8 +22,9 @@ from contracts.formats import FormatError, field_names, require_object, text_fie
 from contracts.jsonl import BadRecord, parse_records
 
 PREFERENCE_FORMATS = ("pairwise", "multi", "scored")
-UNKNOWN_PREFERENCE_SHAPE = ("unknown record shape: expected response_a/response_b with label or "
-                            "score_a/score_b, or responses with label")
+UNKNOWN_PREFERENCE_SHAPE = (
+    "unknown record shape: expected response_a/response_b with label or score_a/score_b, or responses with label"
+)
 
 
 class PreferenceRecord(msgspec.Struct, frozen=True):
@@ -75,8 +76,7 @@ def parse_preference(obj: Any, fmt: str, source: str) -> PreferenceRecord:
     return _PARSERS[fmt](record, source)
 
 
-def read_preferences(path: str | os.PathLike[str],
-                     fmt: str = "auto") -> Iterator[PreferenceRecord | BadRecord]:
+def read_preferences(path: str | os.PathLike[str], fmt: str = "auto") -> Iterator[PreferenceRecord | BadRecord]:
     """Stream a preference file: a PreferenceRecord per good record, a BadRecord per bad one.
 
     With "auto" each record's format is detected from its keys, so one file may mix formats.
@@ -88,8 +88,7 @@ def read_preferences(path: str | os.PathLike[str],
 
 def _check_format_name(fmt: str) -> None:
     if fmt not in PREFERENCE_FORMATS:
-        raise ValueError(f"unknown preference format {fmt!r}; "
-                         f"expected auto or one of {', '.join(PREFERENCE_FORMATS)}")
+        raise ValueError(f"unknown preference format {fmt!r}; expected auto or one of {', '.join(PREFERENCE_FORMATS)}")
 
 
 def _parse_pairwise(record: dict[str, Any], source: str) -> PreferenceRecord:

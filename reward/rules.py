@@ -49,8 +49,16 @@ _SPACE = regex.compile(r"\s+")
 
 # --- arithmetic --------------------------------------------------------------------------------
 
-def arithmetic(prompt: str, response: str, record: Any, tolerance: float = 1e-6,
-               correct: float = 1.0, wrong: float = 0.0, missing: float = 0.0) -> float:
+
+def arithmetic(
+    prompt: str,
+    response: str,
+    record: Any,
+    tolerance: float = 1e-6,
+    correct: float = 1.0,
+    wrong: float = 0.0,
+    missing: float = 0.0,
+) -> float:
     """`correct` when the response's final number is within `tolerance` of the expected answer.
 
     The expected answer is the final number of `record.reference` when it has one, else the value
@@ -82,8 +90,10 @@ def _expected_answer(prompt: str, record: Any) -> Fraction:
             return answer
     expression = find_expression(prompt)
     if expression is None:
-        raise ValueError("arithmetic: no expected answer: the record's reference has no number and "
-                         f"the prompt has no arithmetic expression (prompt: {prompt[-80:]!r})")
+        raise ValueError(
+            "arithmetic: no expected answer: the record's reference has no number and "
+            f"the prompt has no arithmetic expression (prompt: {prompt[-80:]!r})"
+        )
     return evaluate(expression)
 
 
@@ -125,7 +135,7 @@ def _char_ngrams(text: str, n: int) -> Counter[str]:
     text = _SPACE.sub(" ", text.lower()).strip()
     if len(text) <= n:
         return Counter([text] if text else [])
-    return Counter(text[i:i + n] for i in range(len(text) - n + 1))
+    return Counter(text[i : i + n] for i in range(len(text) - n + 1))
 
 
 def _f1(predicted: Counter[str], reference: Counter[str]) -> float:
@@ -141,9 +151,16 @@ def _f1(predicted: Counter[str], reference: Counter[str]) -> float:
 
 # --- safety ------------------------------------------------------------------------------------
 
-def safety(prompt: str, response: str, record: Any, blocklist: Sequence[str] = DEFAULT_BLOCKLIST,
-           patterns: Sequence[str] = (), penalty: float = -1.0,
-           regex_timeout_s: float = REGEX_TIMEOUT_S) -> float:
+
+def safety(
+    prompt: str,
+    response: str,
+    record: Any,
+    blocklist: Sequence[str] = DEFAULT_BLOCKLIST,
+    patterns: Sequence[str] = (),
+    penalty: float = -1.0,
+    regex_timeout_s: float = REGEX_TIMEOUT_S,
+) -> float:
     """`penalty` when the response contains a blocklisted phrase or matches a pattern, else 0.0.
 
     Both are case-insensitive. A phrase matches as whole words where it begins or ends with a
@@ -185,9 +202,17 @@ def _phrase_pattern(phrase: str) -> str:
 
 # --- format ------------------------------------------------------------------------------------
 
-def format(prompt: str, response: str, record: Any, pattern: str = r"\s*-?\d+(?:\.\d+)?\s*",
-           match: float = 1.0, mismatch: float = 0.0, full: bool = True,
-           regex_timeout_s: float = REGEX_TIMEOUT_S) -> float:
+
+def format(
+    prompt: str,
+    response: str,
+    record: Any,
+    pattern: str = r"\s*-?\d+(?:\.\d+)?\s*",
+    match: float = 1.0,
+    mismatch: float = 0.0,
+    full: bool = True,
+    regex_timeout_s: float = REGEX_TIMEOUT_S,
+) -> float:
     """`match` when the response fits `pattern`, else `mismatch`.
 
     `full=True` needs the whole response to match (fullmatch); `full=False` searches for the
@@ -219,8 +244,15 @@ def _compile_cached(pattern: str) -> regex.Pattern:
 LENGTH_UNITS = ("chars", "words")
 
 
-def length(prompt: str, response: str, record: Any, target: int = 200, unit: str = "chars",
-           penalty_per_unit: float = 0.01, max_penalty: float = 1.0) -> float:
+def length(
+    prompt: str,
+    response: str,
+    record: Any,
+    target: int = 200,
+    unit: str = "chars",
+    penalty_per_unit: float = 0.01,
+    max_penalty: float = 1.0,
+) -> float:
     """A penalty for responses longer than `target`, never positive.
 
     Returns -min(max_penalty, penalty_per_unit * max(0, len(response) - target)), with the length
@@ -235,8 +267,7 @@ def length(prompt: str, response: str, record: Any, target: int = 200, unit: str
 def _check_length(target: int, unit: str, penalty_per_unit: float, max_penalty: float) -> None:
     if unit not in LENGTH_UNITS:
         raise ValueError(f"length: unknown unit {unit!r}; known: {', '.join(LENGTH_UNITS)}")
-    for name, value in (("target", target), ("penalty_per_unit", penalty_per_unit),
-                        ("max_penalty", max_penalty)):
+    for name, value in (("target", target), ("penalty_per_unit", penalty_per_unit), ("max_penalty", max_penalty)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"length: {name} must be a finite number >= 0, got {value!r}")
 
@@ -281,8 +312,9 @@ def check_params(name: str, rule: Rule, params: dict[str, Any]) -> None:
     accepted = dict(list(signature.parameters.items())[3:])  # after prompt, response, record
     for key, value in params.items():
         if key not in accepted:
-            raise ValueError(f"reward rule {name!r} has no parameter {key!r}; "
-                             f"its parameters: {', '.join(accepted) or '(none)'}")
+            raise ValueError(
+                f"reward rule {name!r} has no parameter {key!r}; its parameters: {', '.join(accepted) or '(none)'}"
+            )
         problem = _kind_problem(accepted[key].default, value)
         if problem:
             raise ValueError(f"reward rule {name!r}: parameter {key!r} {problem}")

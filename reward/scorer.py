@@ -65,8 +65,15 @@ class RuleScorer:
     the bound on abandoned threads hold per scorer.
     """
 
-    def __init__(self, rules: Sequence[RuleSpec], *, timeout_s: float, failed_value: float = 0.0,
-                 max_abandoned: int = 8, registry: dict[str, Rule] = RULES):
+    def __init__(
+        self,
+        rules: Sequence[RuleSpec],
+        *,
+        timeout_s: float,
+        failed_value: float = 0.0,
+        max_abandoned: int = 8,
+        registry: dict[str, Rule] = RULES,
+    ):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if max_abandoned < 1:
@@ -129,7 +136,8 @@ class RuleScorer:
         if len(self._abandoned) >= self.max_abandoned:
             raise ScorerStuckError(
                 f"{len(self._abandoned)} rule calls ran past the {self.timeout_s}s timeout and are still "
-                "running; fix the slow rule or pattern, or raise reward.timeout_s")
+                "running; fix the slow rule or pattern, or raise reward.timeout_s"
+            )
 
     def _record_failure(self, name: str, reason: str) -> None:
         self.failures[name] += 1
@@ -173,8 +181,16 @@ class RewardModelScorer:
     lose their beginning, not the response at their end.
     """
 
-    def __init__(self, path: str | Path, *, batch_size: int = 32, device: str = "auto",
-                 dtype: str | None = None, max_length: int | None = None, add_special_tokens: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        batch_size: int = 32,
+        device: str = "auto",
+        dtype: str | None = None,
+        max_length: int | None = None,
+        add_special_tokens: bool = False,
+    ):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -189,13 +205,16 @@ class RewardModelScorer:
         if self.tokenizer.pad_token is None:
             raise ValueError(f"{path}: the reward model's tokenizer has no pad token; set one and save it again")
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=getattr(torch, dtype) if dtype else "auto")
+            path, dtype=getattr(torch, dtype) if dtype else "auto"
+        )
         # Tokenizers without a limit report a huge model_max_length; the positions the model has bound it.
         self.max_length = max_length or min(
-            self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", math.inf))
+            self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", math.inf)
+        )
         if self.model.config.num_labels != 1:
-            raise ValueError(f"{path}: a reward model has one output label, this one has "
-                             f"{self.model.config.num_labels}")
+            raise ValueError(
+                f"{path}: a reward model has one output label, this one has {self.model.config.num_labels}"
+            )
         # The classifier finds each row's last real token by comparing ids with its pad id.
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(self.device).eval()
@@ -210,15 +229,21 @@ class RewardModelScorer:
         scores = [0.0] * len(texts)
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
+                chunk = order[start : start + self.batch_size]
                 for index, value in zip(chunk, self._forward([texts[i] for i in chunk])):
                     scores[index] = value
                 self.batches_done += 1
         return scores
 
     def _forward(self, texts: list[str]) -> list[float]:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                               add_special_tokens=self.add_special_tokens, return_tensors="pt")
+        batch = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            add_special_tokens=self.add_special_tokens,
+            return_tensors="pt",
+        )
         if batch["input_ids"].shape[1] == 0 or not bool(batch["attention_mask"].sum(dim=1).all()):
             raise ValueError("a text has no tokens: there is nothing to score it by")
         batch = {key: value.to(self.device) for key, value in batch.items() if key in ("input_ids", "attention_mask")}

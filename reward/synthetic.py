@@ -62,8 +62,13 @@ def _scored(rng: random.Random, prompt: str, total: int) -> dict:
     answers = [total, wrong_answers(rng, total, 1)[0]]
     rng.shuffle(answers)
     scores = [round(10 - 2 * abs(n - total) - rng.random(), 2) for n in answers]
-    return {"prompt": prompt, "response_a": str(answers[0]), "response_b": str(answers[1]),
-            "score_a": scores[0], "score_b": scores[1]}
+    return {
+        "prompt": prompt,
+        "response_a": str(answers[0]),
+        "response_b": str(answers[1]),
+        "score_a": scores[0],
+        "score_b": scores[1],
+    }
 
 
 def write_jsonl(records: Iterator[dict], path: Path) -> int:
@@ -87,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1 or args.max_operand < 0:
         parser.error("--count must be >= 1 and --max-operand >= 0")
-    n = write_jsonl(preference_records(args.format, args.count, max_operand=args.max_operand, seed=args.seed),
-                    args.out)
+    n = write_jsonl(preference_records(args.format, args.count, max_operand=args.max_operand, seed=args.seed), args.out)
     print(f"wrote {n} {args.format} records to {args.out}", file=sys.stderr)
     return 0
 

@@ -75,13 +75,19 @@ def train_reward_model(cfg: RewardTrainConfig, *, log: TextIO | None = None) -> 
         train_pairs = weighted(text_pairs(train_records, renderer), cfg.train.margin_weighting)
         heldout_pairs = weighted(text_pairs(heldout_records, renderer), margin_weighting=False)
         if not train_pairs or not heldout_pairs:
-            raise DataError(f"no comparisons to {'train on' if not train_pairs else 'evaluate'}: every "
-                            "record of that split is a tie; add data or change data.heldout_fraction")
-        print(f"reward train: {len(records)} records; training on {len(train_records)} records / "
-              f"{len(train_pairs)} pairs, holding out {len(heldout_records)} records / "
-              f"{len(heldout_pairs)} pairs; base model {base} on {device}", file=log)
-        history = fit(model, Encoder(tokenizer, cfg.model.max_length, device), train_pairs, heldout_pairs,
-                      cfg, started, log=log)
+            raise DataError(
+                f"no comparisons to {'train on' if not train_pairs else 'evaluate'}: every "
+                "record of that split is a tie; add data or change data.heldout_fraction"
+            )
+        print(
+            f"reward train: {len(records)} records; training on {len(train_records)} records / "
+            f"{len(train_pairs)} pairs, holding out {len(heldout_records)} records / "
+            f"{len(heldout_pairs)} pairs; base model {base} on {device}",
+            file=log,
+        )
+        history = fit(
+            model, Encoder(tokenizer, cfg.model.max_length, device), train_pairs, heldout_pairs, cfg, started, log=log
+        )
     out = Path(cfg.out_dir)
     model_dir = save(model, tokenizer, cfg, out)
     report = {
@@ -97,8 +103,11 @@ def train_reward_model(cfg: RewardTrainConfig, *, log: TextIO | None = None) -> 
         "model": str(model_dir),
     }
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"reward train: held-out accuracy {report['accuracy']:.3f} on {len(heldout_pairs)} pairs; "
-          f"model in {model_dir}, eval in {out / 'eval.json'} ({report['seconds']:.0f}s)", file=log)
+    print(
+        f"reward train: held-out accuracy {report['accuracy']:.3f} on {len(heldout_pairs)} pairs; "
+        f"model in {model_dir}, eval in {out / 'eval.json'} ({report['seconds']:.0f}s)",
+        file=log,
+    )
     return report
 
 
@@ -113,8 +122,9 @@ def save(model, tokenizer, cfg: RewardTrainConfig, out: Path) -> Path:
     return model_dir
 
 
-def load_records(files: Sequence[str], fmt: str, on_bad_record: str, *,
-                 log: TextIO | None = None) -> tuple[list[PreferenceRecord], int]:
+def load_records(
+    files: Sequence[str], fmt: str, on_bad_record: str, *, log: TextIO | None = None
+) -> tuple[list[PreferenceRecord], int]:
     """Every good record of `files`, and the number of bad ones (each printed as FILE:LINE: reason).
 
     With `stop`, any bad record raises DataError after all of them are reported, so one pass
@@ -126,16 +136,26 @@ def load_records(files: Sequence[str], fmt: str, on_bad_record: str, *,
     for file in files:
         for item in read_preferences(file, fmt):
             (bad if isinstance(item, BadRecord) else records).append(item)
-    report_bad(bad, on_bad_record=on_bad_record, source=", ".join(files), what="bad preference record(s)",
-               fix="fix them", error=DataError, log=log)
+    report_bad(
+        bad,
+        on_bad_record=on_bad_record,
+        source=", ".join(files),
+        what="bad preference record(s)",
+        fix="fix them",
+        error=DataError,
+        log=log,
+    )
     if len(records) < 2:
-        raise DataError(f"{', '.join(files)}: {len(records)} valid preference record(s); training "
-                        "and a held-out set need at least 2")
+        raise DataError(
+            f"{', '.join(files)}: {len(records)} valid preference record(s); training "
+            "and a held-out set need at least 2"
+        )
     return records, len(bad)
 
 
-def split_records(records: Sequence[PreferenceRecord], fraction: float,
-                  seed: int) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+def split_records(
+    records: Sequence[PreferenceRecord], fraction: float, seed: int
+) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
     """(training, held-out): a seeded shuffle of whole records, so a record's pairs stay together.
 
     At least one record lands on each side.
@@ -148,8 +168,7 @@ def split_records(records: Sequence[PreferenceRecord], fraction: float,
     return [r for i, r in enumerate(records) if i not in chosen], [records[i] for i in heldout]
 
 
-def text_pairs(records: Iterable[PreferenceRecord],
-               renderer: PromptRenderer) -> list[tuple[str, str, float | None]]:
+def text_pairs(records: Iterable[PreferenceRecord], renderer: PromptRenderer) -> list[tuple[str, str, float | None]]:
     """(chosen text, rejected text, score margin or None) for each record's best-vs-rest pairs.
 
     A text is the prompt as the rollout job renders it (one user turn, chat template, generation
@@ -172,8 +191,10 @@ def weighted(pairs: Sequence[tuple[str, str, float | None]], margin_weighting: b
     """Loss weight 1 per pair, or with margin weighting the score margin over the mean margin."""
     margins = [m for _, _, m in pairs if m is not None]
     mean = sum(margins) / len(margins) if margins else 1.0
-    return [TextPair(chosen, rejected, margin / mean if margin_weighting and margin is not None else 1.0)
-            for chosen, rejected, margin in pairs]
+    return [
+        TextPair(chosen, rejected, margin / mean if margin_weighting and margin is not None else 1.0)
+        for chosen, rejected, margin in pairs
+    ]
 
 
 def build_reward_model(base: str):
@@ -194,7 +215,8 @@ def build_reward_model(base: str):
     # The load report lists the new score head and the dropped LM head: expected here, not news.
     with quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(
-            base, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
+            base, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -230,7 +252,7 @@ class Encoder:
 
     def ids(self, text: str) -> list[int]:
         if text not in self._ids:
-            self._ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_length:]
+            self._ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_length :]
         return self._ids[text]
 
     def batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -239,8 +261,8 @@ class Encoder:
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
-            input_ids[i, :len(row)] = torch.tensor(row)
-            attention[i, :len(row)] = 1
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention[i, : len(row)] = 1
         return {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device)}
 
 
@@ -252,7 +274,7 @@ def rewards(model, encoder: Encoder, texts: Sequence[str]) -> torch.Tensor:
 def pair_loss(model, encoder: Encoder, pairs: Sequence[TextPair]) -> torch.Tensor:
     """Weighted Bradley-Terry loss, mean over pairs; chosen and rejected share one forward pass."""
     scores = rewards(model, encoder, [p.chosen for p in pairs] + [p.rejected for p in pairs])
-    chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
+    chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
     weights = torch.tensor([p.weight for p in pairs], device=scores.device)
     return (weights * -F.logsigmoid(chosen - rejected)).mean()
 
@@ -267,14 +289,22 @@ def pairwise_accuracy(model, encoder: Encoder, pairs: Sequence[TextPair], batch_
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(texts), 2 * batch_size):
-            chunk = texts[start:start + 2 * batch_size]
+            chunk = texts[start : start + 2 * batch_size]
             score.update(zip(chunk, rewards(model, encoder, chunk).tolist()))
     model.train()
     return sum(score[p.chosen] > score[p.rejected] for p in pairs) / len(pairs)
 
 
-def fit(model, encoder: Encoder, train_pairs: list[TextPair], heldout_pairs: list[TextPair],
-        cfg: RewardTrainConfig, started: float, *, log: TextIO | None = None) -> list[EpochResult]:
+def fit(
+    model,
+    encoder: Encoder,
+    train_pairs: list[TextPair],
+    heldout_pairs: list[TextPair],
+    cfg: RewardTrainConfig,
+    started: float,
+    *,
+    log: TextIO | None = None,
+) -> list[EpochResult]:
     """The training loop: seeded shuffles, AdamW with warm-up and clipping, held-out accuracy per epoch."""
     log = log or sys.stderr
     t = cfg.train
@@ -289,7 +319,7 @@ def fit(model, encoder: Encoder, train_pairs: list[TextPair], heldout_pairs: lis
         order = torch.randperm(len(train_pairs), generator=generator).tolist()
         losses = []
         for start in range(0, len(order), t.batch_size):
-            loss = pair_loss(model, encoder, [train_pairs[i] for i in order[start:start + t.batch_size]])
+            loss = pair_loss(model, encoder, [train_pairs[i] for i in order[start : start + t.batch_size]])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -298,13 +328,16 @@ def fit(model, encoder: Encoder, train_pairs: list[TextPair], heldout_pairs: lis
             step += 1
             losses.append(loss.item())
             if step % t.log_every == 0 or step == total:
-                print(f"step {step}/{total}  loss {loss.item():.4f}  "
-                      f"({time.perf_counter() - started:.0f}s)", file=log)
+                print(f"step {step}/{total}  loss {loss.item():.4f}  ({time.perf_counter() - started:.0f}s)", file=log)
         accuracy = pairwise_accuracy(model, encoder, heldout_pairs, t.batch_size)
         result = EpochResult(epoch, sum(losses) / len(losses), accuracy, time.perf_counter() - started)
         history.append(result)
-        print(f"epoch {epoch}/{t.epochs}  train loss {result.train_loss:.4f}  held-out accuracy "
-              f"{accuracy:.3f} ({len(heldout_pairs)} pairs)  ({result.seconds:.0f}s)", file=log, flush=True)
+        print(
+            f"epoch {epoch}/{t.epochs}  train loss {result.train_loss:.4f}  held-out accuracy "
+            f"{accuracy:.3f} ({len(heldout_pairs)} pairs)  ({result.seconds:.0f}s)",
+            file=log,
+            flush=True,
+        )
     return history
 
 

@@ -41,17 +41,21 @@ def check_reward_model(cfg: RewardConfig) -> None:
         return
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "holds no config.json (not a saved model)"
-        raise ConfigError(f"reward.model.path: {cfg.model.path} {what}; point it at the model directory "
-                          "`reward train` wrote (OUT/model)")
+        raise ConfigError(
+            f"reward.model.path: {cfg.model.path} {what}; point it at the model directory "
+            "`reward train` wrote (OUT/model)"
+        )
     import json
 
     config = json.loads((path / "config.json").read_text())
     architectures = config.get("architectures") or []
     labels = len(config.get("id2label") or {0: "score"})
     if not any(a.endswith("ForSequenceClassification") for a in architectures) or labels != 1:
-        raise ConfigError(f"reward.model.path: {cfg.model.path} holds {', '.join(architectures) or 'a model'} with "
-                          f"{labels} label(s), not a reward model (a sequence-classification head with one label, "
-                          "as `reward train` writes); a policy or causal LM cannot score")
+        raise ConfigError(
+            f"reward.model.path: {cfg.model.path} holds {', '.join(architectures) or 'a model'} with "
+            f"{labels} label(s), not a reward model (a sequence-classification head with one label, "
+            "as `reward train` writes); a policy or causal LM cannot score"
+        )
 
 
 class RewardWorker:
@@ -89,8 +93,9 @@ class RewardWorker:
         before = self.latency()
         by_id = {record.prompt_id: record for record in records}
         ids, prompts, responses = (batch.column(name).to_pylist() for name in ("prompt_id", "prompt", "response"))
-        rewards = reward_batch(self.score([(by_id[i], p, r) for i, p, r in zip(ids, prompts, responses)]),
-                               self.components)
+        rewards = reward_batch(
+            self.score([(by_id[i], p, r) for i, p, r in zip(ids, prompts, responses)]), self.components
+        )
         return rewards, {name: seconds - before.get(name, 0.0) for name, seconds in self.latency().items()}
 
     def close(self) -> None:

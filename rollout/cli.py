@@ -10,30 +10,41 @@ from pathlib import Path
 from typing import get_args
 
 from contracts.config import ConfigError, EstimatorName
-from contracts.config_load import load_config
+from contracts.config.load import load_config
 from rollout.driver.stopping import JobStopped
 from rollout.driver.supervise import mark_finished, supervise, supervised
 from rollout.errors import exit_code, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rollout", description="Distributed PPO rollout service for LLMs.",
-                                     epilog="Exit codes: 0 done, 1 the job failed, 2 a usage, config or data "
-                                            "error, 130/143 stopped by SIGINT/SIGTERM (the same command resumes).")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (also ROLLOUT_DEBUG=1)")
+    parser = argparse.ArgumentParser(
+        prog="rollout",
+        description="Distributed PPO rollout service for LLMs.",
+        epilog="Exit codes: 0 done, 1 the job failed, 2 a usage, config or data "
+        "error, 130/143 stopped by SIGINT/SIGTERM (the same command resumes).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also ROLLOUT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the PPO job: generate, reward, learn, archive")
     _config_args(run)
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/RUN_NAME)")
-    run.add_argument("--verbose", action="store_true",
-                     help="show library output too (weight loading bars, INFO logs); also ROLLOUT_VERBOSE=1")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show library output too (weight loading bars, INFO logs); also ROLLOUT_VERBOSE=1",
+    )
     start = run.add_mutually_exclusive_group()
-    start.add_argument("--resume-from", type=Path, default=None, metavar="CHECKPOINT",
-                       help="resume from this checkpoint directory (default: the run directory's newest whole one)")
-    start.add_argument("--no-resume", action="store_true",
-                       help="start from the model whatever checkpoints the run directory holds")
+    start.add_argument(
+        "--resume-from",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="resume from this checkpoint directory (default: the run directory's newest whole one)",
+    )
+    start.add_argument(
+        "--no-resume", action="store_true", help="start from the model whatever checkpoints the run directory holds"
+    )
 
     gen = sub.add_parser("generate", help="rollouts and rewards, no learning, into an archive")
     _config_args(gen)
@@ -55,29 +66,43 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", type=Path, required=True, help="output directory (archive in OUT/rollouts)")
     rep.add_argument("--gamma", type=float, default=None, help="GAE discount (default: the run's)")
     rep.add_argument("--lam", type=float, default=None, help="GAE lambda (default: the run's)")
-    rep.add_argument("--estimator", choices=get_args(EstimatorName), default="gae",
-                     help="advantage estimator (learner/estimators.py); grpo and rloo need n > 1 samples per prompt")
+    rep.add_argument(
+        "--estimator",
+        choices=get_args(EstimatorName),
+        default="gae",
+        help="advantage estimator (learner/estimators.py); grpo and rloo need n > 1 samples per prompt",
+    )
     rep.add_argument("--kl-coef", type=float, default=None, help="new KL penalty coefficient (default: the run's)")
     rep.add_argument("--reward-config", default=None, help="YAML with a reward: section; re-score with its rules")
-    rep.add_argument("--prompts", default=None,
-                     help="prompt file or builtin:arith holding the references to re-score against "
-                          "(default: the run's data.prompts)")
+    rep.add_argument(
+        "--prompts",
+        default=None,
+        help="prompt file or builtin:arith holding the references to re-score against "
+        "(default: the run's data.prompts)",
+    )
 
-    rep.add_argument("--train", action="store_true",
-                     help="then run PPO updates on the replayed archive (off-policy, behaviour logprobs in the "
-                          "ratio) and save the policy to OUT/policy")
+    rep.add_argument(
+        "--train",
+        action="store_true",
+        help="then run PPO updates on the replayed archive (off-policy, behaviour logprobs in the "
+        "ratio) and save the policy to OUT/policy",
+    )
     rep.add_argument("--config", default=None, help="with --train: job config for the learner (default: the run's)")
     rep.add_argument("--model", default=None, help="with --train: starting policy (default: the run's model)")
     rep.add_argument("--train-epochs", type=int, default=1, help="with --train: passes over the archive")
 
     rpt = sub.add_parser("report", help="one self-contained HTML page of a run: its charts and a sample table")
     rpt.add_argument("run_dir", help="run directory (or its rollouts/ directory)")
-    rpt.add_argument("--out", type=Path, default=None, metavar="HTML", help="page to write (default RUN_DIR/report.html)")
+    rpt.add_argument(
+        "--out", type=Path, default=None, metavar="HTML", help="page to write (default RUN_DIR/report.html)"
+    )
     rpt.add_argument("--samples", type=_positive, default=8, metavar="N", help="rows of the sample table")
 
     pln = sub.add_parser("plan", help="the job's actors, their placement and memory per GPU, before a cluster is used")
     _config_args(pln)
-    pln.add_argument("--address", default=None, help="a Ray cluster (ray://, host:port or auto) to check the plan against")
+    pln.add_argument(
+        "--address", default=None, help="a Ray cluster (ray://, host:port or auto) to check the plan against"
+    )
     pln.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU size to check the memory estimates against")
 
     sta = sub.add_parser("stats", help="per-iteration throughput, reward, KL and lengths of an archive")
@@ -86,10 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     sta.add_argument("--plot", type=Path, default=None, metavar="PNG", help="plot reward and tokens/s to PNG")
     sta.add_argument("--compare", default=None, metavar="OTHER", help="a second archive, side by side")
     sta.add_argument("--last", type=_positive, default=None, metavar="N", help="only the last N iterations' rows")
-    sta.add_argument("--every", type=_positive, default=None, metavar="K",
-                     help="every K-th iteration's row (and the last), for long runs")
-    sta.add_argument("--manifest", action="store_true",
-                     help="print what produced the archive instead: code, versions, seeds, model, lineage")
+    sta.add_argument(
+        "--every",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help="every K-th iteration's row (and the last), for long runs",
+    )
+    sta.add_argument(
+        "--manifest",
+        action="store_true",
+        help="print what produced the archive instead: code, versions, seeds, model, lineage",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "run" and argv is None and not supervised():  # the program itself, not a call in-process
@@ -107,8 +140,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except JobStopped as e:
-        print(f"rollout {args.command}: {e}; every finished iteration is archived, the same command resumes",
-              file=sys.stderr)
+        print(
+            f"rollout {args.command}: {e}; every finished iteration is archived, the same command resumes",
+            file=sys.stderr,
+        )
         return e.exit_code
     except Exception as e:
         code = exit_code(e)
@@ -127,8 +162,14 @@ def _positive(text: str) -> int:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML job config (overrides of the defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field, e.g. --set learner.lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set learner.lr=1e-4 (repeatable)",
+    )
 
 
 def cmd_run(args) -> int:
@@ -161,11 +202,16 @@ def _local_out(out: Path) -> Path:
     be a local folder named `s3:`; under `ray job submit` a relative path is inside Ray's temporary
     copy of the working directory, which Ray deletes with the job."""
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(out)):
-        raise ConfigError(f"--out {str(out).replace(':/', '://', 1)}: a URI; run storage on object stores is not supported yet: give a "
-                          "local path (on a cluster, one every node mounts)")
+        raise ConfigError(
+            f"--out {str(out).replace(':/', '://', 1)}: a URI; run storage on object stores is not supported yet: give a "
+            "local path (on a cluster, one every node mounts)"
+        )
     if not out.is_absolute() and "runtime_resources" in Path.cwd().parts:
-        print(f"rollout: warning: --out {out} is inside Ray's temporary copy of the working directory "
-              f"({Path.cwd()}), which Ray deletes with the job; give an absolute path", file=sys.stderr)
+        print(
+            f"rollout: warning: --out {out} is inside Ray's temporary copy of the working directory "
+            f"({Path.cwd()}), which Ray deletes with the job; give an absolute path",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -186,12 +232,14 @@ def _prompt_length(cfg):
     from contracts.builtin_model import resolve_model_path
     from contracts.rendering import PromptRenderer
 
-    renderer = PromptRenderer(AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path)), cfg.model.max_prompt_tokens)
+    renderer = PromptRenderer(
+        AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path)), cfg.model.max_prompt_tokens
+    )
     return lambda record: len(renderer.tokenizer(renderer.text(record), add_special_tokens=False)["input_ids"])
 
 
 def cmd_config(args) -> int:
-    from contracts.config_load import check, explain, to_yaml
+    from contracts.config.load import check, explain, to_yaml
 
     if args.explain:
         print("\n".join(explain()))
@@ -205,19 +253,25 @@ def cmd_config(args) -> int:
 def cmd_replay(args) -> int:
     from rollout.offline.replay import ReplayError, ReplayOptions, replay
 
-    options = ReplayOptions(gamma=args.gamma, lam=args.lam, estimator=args.estimator, kl_coef=args.kl_coef,
-                            reward_config=args.reward_config, prompts=args.prompts)
+    options = ReplayOptions(
+        gamma=args.gamma,
+        lam=args.lam,
+        estimator=args.estimator,
+        kl_coef=args.kl_coef,
+        reward_config=args.reward_config,
+        prompts=args.prompts,
+    )
     try:
         report = replay(args.archive, args.out, options)
     except (ReplayError, FileNotFoundError) as e:
         print(f"replay: {e}", file=sys.stderr)
         return 2
     diff = "n/a" if report.max_return_diff is None else f"{report.max_return_diff:.3g}"
-    print(f"replayed {report.rows} samples into {report.out}  (max |returns - stored returns| = {diff})",
-          file=sys.stderr)
+    print(
+        f"replayed {report.rows} samples into {report.out}  (max |returns - stored returns| = {diff})", file=sys.stderr
+    )
     if report.unmatched_prompts:
-        print(f"{report.unmatched_prompts} samples re-scored without their data record (no reference)",
-              file=sys.stderr)
+        print(f"{report.unmatched_prompts} samples re-scored without their data record (no reference)", file=sys.stderr)
     if args.train:
         _train_offline(args)
     return 0
@@ -233,8 +287,13 @@ def _train_offline(args) -> None:
         config = args.out / "run-config.yaml"
         config.write_text(metadata["config"])
     cfg = load_config(config)
-    out = train_offline(args.out / "rollouts", cfg, args.out / "policy", model=args.model or metadata.get("model"),
-                        epochs=args.train_epochs)
+    out = train_offline(
+        args.out / "rollouts",
+        cfg,
+        args.out / "policy",
+        model=args.model or metadata.get("model"),
+        epochs=args.train_epochs,
+    )
     print(f"offline-trained policy: {out}", file=sys.stderr)
 
 
@@ -303,5 +362,13 @@ def cmd_plan(args) -> int:
     return 1 if plan.problems else 0
 
 
-COMMANDS = {"plan": cmd_plan, "run": cmd_run, "generate": cmd_generate, "validate": cmd_validate, "config": cmd_config,
-            "replay": cmd_replay, "stats": cmd_stats, "report": cmd_report}
+COMMANDS = {
+    "plan": cmd_plan,
+    "run": cmd_run,
+    "generate": cmd_generate,
+    "validate": cmd_validate,
+    "config": cmd_config,
+    "replay": cmd_replay,
+    "stats": cmd_stats,
+    "report": cmd_report,
+}

@@ -18,16 +18,37 @@ def exit_code(error: BaseException) -> int | None:
 
     raised_in_actor = _actor(error) is not None
     error = _cause(error)
-    if isinstance(error, (DataError, FormatError, RunDirBusy, ResumeError, ArchiveCorruptError, FileNotFoundError,
-                          IsADirectoryError, NotADirectoryError, PermissionError)):
+    if isinstance(
+        error,
+        (
+            DataError,
+            FormatError,
+            RunDirBusy,
+            ResumeError,
+            ArchiveCorruptError,
+            FileNotFoundError,
+            IsADirectoryError,
+            NotADirectoryError,
+            PermissionError,
+        ),
+    ):
         return 2
     if isinstance(error, OSError):  # a full disk, a read-only or failing device
         return 1
     exceptions = sys.modules.get("ray.exceptions")
     if exceptions and isinstance(error, exceptions.RayActorError):  # an actor gone for good
         return 1
-    failures = {"LearnerError", "GenerationTimeout", "WorkerStartError", "WeightSyncError", "PipelineTimeout",
-                "ReplayError", "CheckpointWriteError", "ArchiveWriteError", "NonFiniteError"}
+    failures = {
+        "LearnerError",
+        "GenerationTimeout",
+        "WorkerStartError",
+        "WeightSyncError",
+        "PipelineTimeout",
+        "ReplayError",
+        "CheckpointWriteError",
+        "ArchiveWriteError",
+        "NonFiniteError",
+    }
     if any(kind.__name__ in failures for kind in type(error).__mro__):
         return 2 if type(error).__name__ == "ReplayError" else 1
     # Raised by an actor's code (the engine refusing a request, a rule's bug): an error of the job,
@@ -70,13 +91,20 @@ def one_line(error: BaseException) -> str:
     exceptions = sys.modules.get("ray.exceptions")
     if exceptions and isinstance(error, exceptions.RayActorError):
         actor = re.search(r"class_name: (\w+)", text) or re.search(r"ray::(\w+)\.", text)
-        kind = {"_RolloutActor": "a rollout worker (rollout", "_RewardActor": "a reward worker (reward",
-                "_Rank": "a learner rank (learner"}.get(actor.group(1) if actor else "", "an actor (")
+        kind = {
+            "_RolloutActor": "a rollout worker (rollout",
+            "_RewardActor": "a reward worker (reward",
+            "_Rank": "a learner rank (learner",
+        }.get(actor.group(1) if actor else "", "an actor (")
         if "error raised in its creation task" in text:  # its own start-up failed: say with what
             raised = [line for line in text.splitlines() if re.match(r"^[\w.]+(Error|Exception)\w*: ", line)]
             who = _repr_name(text) or kind.split(" (")[0]
-            return (f"{who} failed in its start-up: {raised[-1] if raised else text.splitlines()[0]}; its log is "
-                    "under RUN_DIR/logs")
-        return (f"{kind}.max_restarts) died and was not restarted: its restarts are spent, or it could not be "
-                f"placed again; its log is under RUN_DIR/logs")
+            return (
+                f"{who} failed in its start-up: {raised[-1] if raised else text.splitlines()[0]}; its log is "
+                "under RUN_DIR/logs"
+            )
+        return (
+            f"{kind}.max_restarts) died and was not restarted: its restarts are spent, or it could not be "
+            f"placed again; its log is under RUN_DIR/logs"
+        )
     return text.splitlines()[0] if text else type(error).__name__

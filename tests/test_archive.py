@@ -22,15 +22,27 @@ COMPONENTS = ("arithmetic", "format")
 ARCHIVE_SCHEMA = archive_schema(COMPONENTS)
 
 DESIGN_COLUMNS = {
-    "run_id": pa.string(), "prompt_id": pa.string(), "iteration": pa.int32(), "policy_version": pa.int32(),
-    "sample_index": pa.int32(), "prompt": pa.string(), "response": pa.string(),
-    "prompt_ids": pa.list_(pa.int32()), "response_ids": pa.list_(pa.int32()),
-    "response_logprobs": pa.list_(pa.float32()), "ref_logprobs": pa.list_(pa.float32()),
-    "values": pa.list_(pa.float32()), "kl": pa.list_(pa.float32()), "kl_coef": pa.float32(),
-    "token_rewards": pa.list_(pa.float32()), "reward": pa.float32(),
+    "run_id": pa.string(),
+    "prompt_id": pa.string(),
+    "iteration": pa.int32(),
+    "policy_version": pa.int32(),
+    "sample_index": pa.int32(),
+    "prompt": pa.string(),
+    "response": pa.string(),
+    "prompt_ids": pa.list_(pa.int32()),
+    "response_ids": pa.list_(pa.int32()),
+    "response_logprobs": pa.list_(pa.float32()),
+    "ref_logprobs": pa.list_(pa.float32()),
+    "values": pa.list_(pa.float32()),
+    "kl": pa.list_(pa.float32()),
+    "kl_coef": pa.float32(),
+    "token_rewards": pa.list_(pa.float32()),
+    "reward": pa.float32(),
     "reward_components": pa.struct([("arithmetic", pa.float32()), ("format", pa.float32())]),
     "advantages": pa.list_(pa.float32()),
-    "returns": pa.list_(pa.float32()), "finish_reason": pa.string(), "worker": pa.string(),
+    "returns": pa.list_(pa.float32()),
+    "finish_reason": pa.string(),
+    "worker": pa.string(),
 }
 
 
@@ -39,11 +51,21 @@ def make_records(n, iteration=0, learner=True):
     for i in range(n):
         t = 1 + i % 5
         rec = RolloutRecord(
-            run_id="run", prompt_id=f"p{i // 4}", iteration=iteration, policy_version=iteration, sample_index=i % 4,
-            prompt=f"<s>{i}+1=", response=str(i + 1), prompt_ids=[1, 2, 3], response_ids=list(range(10, 10 + t)),
-            response_logprobs=[-0.5] * t, finish_reason="stop", worker="rollout-0",
+            run_id="run",
+            prompt_id=f"p{i // 4}",
+            iteration=iteration,
+            policy_version=iteration,
+            sample_index=i % 4,
+            prompt=f"<s>{i}+1=",
+            response=str(i + 1),
+            prompt_ids=[1, 2, 3],
+            response_ids=list(range(10, 10 + t)),
+            response_logprobs=[-0.5] * t,
+            finish_reason="stop",
+            worker="rollout-0",
             generated_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
-            reward=1.0, reward_components={"arithmetic": 1.0, "format": float("nan")},
+            reward=1.0,
+            reward_components={"arithmetic": 1.0, "format": float("nan")},
         )
         if learner:
             rec.ref_logprobs = rec.values = rec.kl = rec.token_rewards = rec.advantages = rec.returns = [0.25] * t
@@ -58,7 +80,9 @@ def test_schema_has_every_design_column_with_its_type():
     assert ARCHIVE_SCHEMA.field("generated_at").type == pa.timestamp("us", tz="UTC")
     assert set(ARCHIVE_SCHEMA.names) == set(DESIGN_COLUMNS) | {"generated_at"}
     # The record type maps 1:1 to the schema.
-    assert set(msgspec.structs.fields(RolloutRecord)[i].name for i in range(len(ARCHIVE_SCHEMA))) == set(ARCHIVE_SCHEMA.names)
+    assert set(msgspec.structs.fields(RolloutRecord)[i].name for i in range(len(ARCHIVE_SCHEMA))) == set(
+        ARCHIVE_SCHEMA.names
+    )
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -147,9 +171,11 @@ def test_duckdb_queries_the_files(tmp_path):
         w.write(make_records(4, iteration=1))
     # The README's recipe: every file's stream as one Arrow reader, which DuckDB scans.
     rollouts = pa.RecordBatchReader.from_batches(read_schema(tmp_path), iter_batches(tmp_path))  # noqa: F841 (scanned by name)
-    rows = duckdb.sql("SELECT iteration, avg(reward) AS reward, count(*) AS n, "
-                      "avg(reward_components.arithmetic) AS arithmetic, sum(len(response_ids)) AS tokens "
-                      "FROM rollouts GROUP BY iteration ORDER BY iteration").fetchall()
+    rows = duckdb.sql(
+        "SELECT iteration, avg(reward) AS reward, count(*) AS n, "
+        "avg(reward_components.arithmetic) AS arithmetic, sum(len(response_ids)) AS tokens "
+        "FROM rollouts GROUP BY iteration ORDER BY iteration"
+    ).fetchall()
     assert rows == [(0, 1.0, 8, 1.0, 1 + 2 + 3 + 4 + 5 + 1 + 2 + 3), (1, 1.0, 4, 1.0, 1 + 2 + 3 + 4)]
 
 

@@ -15,8 +15,12 @@ from rollout.offline.stats import compute_stats
 
 FIXTURE = Path(__file__).parent / "data" / "archive-v1"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
-REPLAYS = {"gae": ReplayOptions(), "kl_coef_0.2": ReplayOptions(kl_coef=0.2), "grpo": ReplayOptions(estimator="grpo"),
-           "reinforce_pp": ReplayOptions(estimator="reinforce_pp")}
+REPLAYS = {
+    "gae": ReplayOptions(),
+    "kl_coef_0.2": ReplayOptions(kl_coef=0.2),
+    "grpo": ReplayOptions(estimator="grpo"),
+    "reinforce_pp": ReplayOptions(estimator="reinforce_pp"),
+}
 
 
 def close(a, b, tol=1e-5):
@@ -58,8 +62,9 @@ def test_v1_stats_as_v1_computed_them(archive):
     stats = compute_stats(archive).to_json()
     stats["archive"] = None
     # Figures added since v1 (restarts) are left out: every figure v1 computed is compared.
-    stats["iterations"] = [{k: it[k] for k in want} for it, want in zip(stats["iterations"],
-                                                                        EXPECTED["stats"]["iterations"])]
+    stats["iterations"] = [
+        {k: it[k] for k in want} for it, want in zip(stats["iterations"], EXPECTED["stats"]["iterations"])
+    ]
     stats["totals"] = {k: stats["totals"][k] for k in EXPECTED["stats"]["totals"]}
     assert close(stats, EXPECTED["stats"]), (stats, EXPECTED["stats"])
 

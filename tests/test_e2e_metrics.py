@@ -16,10 +16,25 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 def live_job(tmp_path_factory):
     """A smoke job that keeps running (no checkpoints) with its Ray metrics on a known port; killed at the end."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", str(tmp_path_factory.mktemp("live") / "run"),
-           "--set", "iterations=100000", "--set", "checkpoint_every=100000", "--set", f"ray.metrics_export_port={port}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "rollout",
+        "run",
+        "--config",
+        SMOKE,
+        "--out",
+        str(tmp_path_factory.mktemp("live") / "run"),
+        "--set",
+        "iterations=100000",
+        "--set",
+        "checkpoint_every=100000",
+        "--set",
+        f"ray.metrics_export_port={port}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         yield proc, port
     finally:
@@ -31,9 +46,16 @@ def test_project_metrics_appear_on_the_local_ray_prometheus_endpoint(live_job):
     import urllib.request
 
     proc, port = live_job
-    wanted = {"ray_rollout_tokens_per_s", "ray_rollout_reward_mean", "ray_rollout_kl",
-              "ray_rollout_worker_generated_tokens_total", "ray_rollout_stage_seconds_bucket",
-              "ray_rollout_queue_depth", "ray_rollout_version_lag", "ray_rollout_behaviour_logprob_mismatch"}
+    wanted = {
+        "ray_rollout_tokens_per_s",
+        "ray_rollout_reward_mean",
+        "ray_rollout_kl",
+        "ray_rollout_worker_generated_tokens_total",
+        "ray_rollout_stage_seconds_bucket",
+        "ray_rollout_queue_depth",
+        "ray_rollout_version_lag",
+        "ray_rollout_behaviour_logprob_mismatch",
+    }
     found: set[str] = set()
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not wanted <= found:
@@ -66,10 +88,18 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(live_jo
     web = _free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}]\n")
-    server = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                               f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{web}"],
-                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}]\n"
+    )
+    server = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{web}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "w"),
+    )
     queries = dashboard_queries()
     results: dict[str, list] = {}
     try:

@@ -24,9 +24,18 @@ PROMPTS, N = 2000, 4
 
 def test_a_2000_x_4_iteration_runs_with_every_process_bounded_by_its_settings(tmp_path):
     out = tmp_path / "run"
-    watched = watch_run(out, ROOT / "configs" / "tiny-arith-smoke.yaml", [
-        f"rollout.prompts_per_iteration={PROMPTS}", f"rollout.n_samples={N}", f"data.builtin_size={PROMPTS}",
-        "iterations=1", "learner.minibatch_size=1000"], timeout_s=1200)
+    watched = watch_run(
+        out,
+        ROOT / "configs" / "tiny-arith-smoke.yaml",
+        [
+            f"rollout.prompts_per_iteration={PROMPTS}",
+            f"rollout.n_samples={N}",
+            f"data.builtin_size={PROMPTS}",
+            "iterations=1",
+            "learner.minibatch_size=1000",
+        ],
+        timeout_s=1200,
+    )
     assert watched.returncode == 0, watched.log.read_text()[-3000:]
     table = read_table(out)
     assert table.num_rows == PROMPTS * N

@@ -19,16 +19,29 @@ PROMPTS = ["3+4=", "What is 12+30?", "hello there"]
 
 def _prompt_ids(path):
     tok = AutoTokenizer.from_pretrained(path)
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in PROMPTS]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def _record(prompt_ids, completion):
-    return RolloutRecord(run_id="t", prompt_id="p", iteration=0, policy_version=0, sample_index=0, prompt="",
-                         response=completion.text, prompt_ids=prompt_ids, response_ids=completion.token_ids,
-                         response_logprobs=completion.logprobs, finish_reason=completion.finish_reason,
-                         worker="w", generated_at=dt.datetime.now(dt.timezone.utc))
+    return RolloutRecord(
+        run_id="t",
+        prompt_id="p",
+        iteration=0,
+        policy_version=0,
+        sample_index=0,
+        prompt="",
+        response=completion.text,
+        prompt_ids=prompt_ids,
+        response_ids=completion.token_ids,
+        response_logprobs=completion.logprobs,
+        finish_reason=completion.finish_reason,
+        worker="w",
+        generated_at=dt.datetime.now(dt.timezone.utc),
+    )
 
 
 def test_generates_n_completions_with_a_logprob_per_token(vllm_engine, tiny_model_path):
@@ -59,7 +72,7 @@ def test_logprobs_match_a_transformers_forward_pass(vllm_engine, tiny_model_path
         expected = PolicyModel(model)(batch, temperature).logprobs  # the learner's own path: chunked LM head
     for i, r in enumerate(records):
         got = torch.tensor(r.response_logprobs)
-        diff = (got - expected[i, :len(got)]).abs().max().item()
+        diff = (got - expected[i, : len(got)]).abs().max().item()
         assert diff < 1e-4, f"sample {i}: engine and transformers logprobs differ by {diff}"
 
 
@@ -116,8 +129,9 @@ def test_the_cpu_engine_is_sized_by_its_settings_not_the_batch():
     large = engine_sizing(RolloutConfig(prompts_per_iteration=5000, max_model_len=64), "cpu", 1024)
     assert small == large and small.max_num_seqs == 256 and small.cpu_kv_cache_gib == 1
     assert small.max_num_batched_tokens == 4096
-    explicit = engine_sizing(RolloutConfig(max_num_seqs=32, max_num_batched_tokens=512, cpu_kv_cache_gb=2.5),
-                             "cpu", 1024)
+    explicit = engine_sizing(
+        RolloutConfig(max_num_seqs=32, max_num_batched_tokens=512, cpu_kv_cache_gb=2.5), "cpu", 1024
+    )
     assert (explicit.max_num_seqs, explicit.max_num_batched_tokens, explicit.cpu_kv_cache_gib) == (32, 512, 3)
     # 0.5B-sized: 256 sequences x 2048 tokens x 12 KiB = 6 GiB; capped at 8.
     assert engine_sizing(RolloutConfig(max_model_len=2048), "cpu", 12 * 1024).cpu_kv_cache_gib == 6

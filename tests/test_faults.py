@@ -16,10 +16,23 @@ from rollout.driver.run_lock import RunDirBusy, RunLock
 
 
 def record(i=0):
-    return RolloutRecord(run_id="r", prompt_id=f"p{i}", iteration=0, policy_version=0, sample_index=0, prompt="1+1=",
-                         response="2", prompt_ids=[1, 2], response_ids=[3, 4], response_logprobs=[-1.0, -2.0],
-                         finish_reason="stop", worker="w", generated_at=dt.datetime.now(dt.timezone.utc),
-                         reward=1.0, reward_components={"arithmetic": 1.0})
+    return RolloutRecord(
+        run_id="r",
+        prompt_id=f"p{i}",
+        iteration=0,
+        policy_version=0,
+        sample_index=0,
+        prompt="1+1=",
+        response="2",
+        prompt_ids=[1, 2],
+        response_ids=[3, 4],
+        response_logprobs=[-1.0, -2.0],
+        finish_reason="stop",
+        worker="w",
+        generated_at=dt.datetime.now(dt.timezone.utc),
+        reward=1.0,
+        reward_components={"arithmetic": 1.0},
+    )
 
 
 def test_a_held_run_directory_is_refused_with_its_holder(tmp_path):
@@ -55,11 +68,18 @@ def test_a_full_disk_fails_the_archive_writer_fast_and_close_does_not_hang(tmp_p
     assert time.monotonic() - start < 10 and not writer._thread.is_alive()
 
 
-@pytest.mark.parametrize("argv, code, message", [
-    (["config", "--set", "learner.lr=[1,"], 2, "--set learner.lr=[1,: the value is not valid YAML"),
-    (["validate", "/nonexistent/prompts.jsonl", "--no-length-check"], 1, "/nonexistent/prompts.jsonl: no such file"),
-    (["stats", "/nonexistent/run"], 2, "/nonexistent/run"),
-])
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["config", "--set", "learner.lr=[1,"], 2, "--set learner.lr=[1,: the value is not valid YAML"),
+        (
+            ["validate", "/nonexistent/prompts.jsonl", "--no-length-check"],
+            1,
+            "/nonexistent/prompts.jsonl: no such file",
+        ),
+        (["stats", "/nonexistent/run"], 2, "/nonexistent/run"),
+    ],
+)
 def test_command_line_errors_are_one_line_with_their_exit_code(argv, code, message, capfd):
     assert main(argv) == code
     captured = capfd.readouterr()
@@ -70,8 +90,11 @@ def test_command_line_errors_are_one_line_with_their_exit_code(argv, code, messa
 def test_a_bad_prompt_file_is_one_line_and_exit_2(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    for prompts, message in ((empty, "no valid prompt records"), (tmp_path, "Is a directory"),
-                             (tmp_path / "missing.jsonl", "No such file")):
+    for prompts, message in (
+        (empty, "no valid prompt records"),
+        (tmp_path, "Is a directory"),
+        (tmp_path / "missing.jsonl", "No such file"),
+    ):
         assert main(["run", "--set", f"data.prompts={prompts}", "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("rollout run: ") and message in err and len(err.splitlines()) == 1, err
@@ -80,7 +103,9 @@ def test_a_bad_prompt_file_is_one_line_and_exit_2(tmp_path, capsys):
 def long_prompt_file(tmp_path):
     path = tmp_path / "prompts.jsonl"
     good = [json.dumps({"prompt": f"{a}+{a}=", "completion": str(2 * a)}) for a in range(199)]
-    path.write_text("\n".join([*good[:150], json.dumps({"prompt": "9" * 100_000, "completion": "1"}), *good[150:]]) + "\n")
+    path.write_text(
+        "\n".join([*good[:150], json.dumps({"prompt": "9" * 100_000, "completion": "1"}), *good[150:]]) + "\n"
+    )
     return path
 
 
@@ -108,8 +133,9 @@ def test_prompts_too_long_are_skipped_when_the_config_says_so(tmp_path, tiny_mod
     prompts = long_prompt_file(tmp_path)
     data = DataConfig(prompts=str(prompts), on_bad_record="skip")
     renderer = PromptRenderer(AutoTokenizer.from_pretrained(tiny_model_path), 32)
-    records, tasks = render_prompts(load_prompts(data, 0, log=sys.stderr), renderer, on_bad_record="skip",
-                                    source=str(prompts), log=sys.stderr)
+    records, tasks = render_prompts(
+        load_prompts(data, 0, log=sys.stderr), renderer, on_bad_record="skip", source=str(prompts), log=sys.stderr
+    )
     assert len(records) == 199 and set(tasks) == {r.prompt_id for r in records}
     assert "skipped 1 prompt(s) longer than model.max_prompt_tokens" in capsys.readouterr().err
 
@@ -133,11 +159,15 @@ def test_more_prompts_per_iteration_than_the_data_holds_is_one_line_and_leaves_n
     import ray
 
     out = tmp_path / "run"
-    assert main(["run", "--set", "data.builtin_size=50", "--set", "rollout.prompts_per_iteration=64",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["run", "--set", "data.builtin_size=50", "--set", "rollout.prompts_per_iteration=64", "--out", str(out)])
+        == 2
+    )
     err = capfd.readouterr().err.strip().splitlines()
-    assert err == ["config error: rollout.prompts_per_iteration (64) exceeds the 50 usable prompts of data.prompts "
-                   "(builtin:arith): lower it, or give more prompts"], err
+    assert err == [
+        "config error: rollout.prompts_per_iteration (64) exceeds the 50 usable prompts of data.prompts "
+        "(builtin:arith): lower it, or give more prompts"
+    ], err
     assert not out.exists() and not ray.is_initialized()
 
 
@@ -151,7 +181,7 @@ def test_a_corrupt_archive_is_reported_with_its_file_and_batch_and_replay_leaves
     data = bytearray(path.read_bytes())
     rng = __import__("random").Random(0)
     middle = len(data) // 2
-    data[middle:middle + 4096] = bytes(rng.randrange(256) for _ in range(min(4096, len(data) - middle - 8)))[:4096]
+    data[middle : middle + 4096] = bytes(rng.randrange(256) for _ in range(min(4096, len(data) - middle - 8)))[:4096]
     path.write_bytes(bytes(data))
     assert main(["stats", str(run)]) == 2
     err = capfd.readouterr().err.strip().splitlines()
@@ -165,8 +195,9 @@ def test_greedy_sampling_with_several_samples_is_refused_at_load(tmp_path, capfd
     import ray
 
     out = tmp_path / "run"
-    assert main(["run", "--set", "rollout.sampling.temperature=0", "--set", "rollout.n_samples=4",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["run", "--set", "rollout.sampling.temperature=0", "--set", "rollout.n_samples=4", "--out", str(out)]) == 2
+    )
     err = capfd.readouterr().err
     assert "rollout.sampling.temperature 0 is greedy decoding" in err and "rollout.n_samples is 4" in err
     assert not out.exists() and not ray.is_initialized()
@@ -191,8 +222,10 @@ def test_an_actor_that_fails_in_its_own_start_up_is_named_with_its_first_error()
             ray.get(actor.ping.remote(), timeout=60)
     finally:
         ray.shutdown()
-    assert one_line(raised.value) == ("a reward worker failed in its start-up: ValueError: reward model /x holds "
-                                       "LlamaForCausalLM, not a sequence classifier; its log is under RUN_DIR/logs")
+    assert one_line(raised.value) == (
+        "a reward worker failed in its start-up: ValueError: reward model /x holds "
+        "LlamaForCausalLM, not a sequence classifier; its log is under RUN_DIR/logs"
+    )
     assert exit_code(raised.value) == 1
 
 

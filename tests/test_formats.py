@@ -44,6 +44,7 @@ def bad_lines(records: list) -> list[str]:
 
 # --- iter_json_records: JSONL -------------------------------------------------------------------
 
+
 def test_jsonl_line_numbers_skip_blank_lines():
     lines = [line for line, _ in iter_json_records(data("sft_seed.jsonl"))]
     assert lines == [1, 2, 3, 5, 6]
@@ -52,7 +53,11 @@ def test_jsonl_line_numbers_skip_blank_lines():
 def test_jsonl_goes_on_after_bad_utf8():
     records = list(iter_json_records(data("bad_utf8.jsonl")))
     assert [(line, type(r).__name__) for line, r in records] == [
-        (1, "dict"), (2, "BadRecord"), (3, "dict"), (4, "BadRecord")]
+        (1, "dict"),
+        (2, "BadRecord"),
+        (3, "dict"),
+        (4, "BadRecord"),
+    ]
     assert str(records[1][1]) == f"{data('bad_utf8.jsonl')}:2: not valid UTF-8 (byte 0xe9)"
     assert records[2][1] == {"prompt": "合同纠纷如何处理?"}
 
@@ -84,6 +89,7 @@ def test_empty_file_has_no_records(tmp_path):
 
 # --- iter_json_records: JSON arrays -------------------------------------------------------------
 
+
 def test_pretty_printed_array_reports_element_start_lines():
     records = list(iter_json_records(data("xtuner_seed.json")))
     assert [line for line, _ in records] == [2, 11, 23, 32]
@@ -98,7 +104,7 @@ def test_array_reads_the_same_whatever_the_chunk_size(tmp_path, monkeypatch, chu
     text = json.dumps(elements, ensure_ascii=False, indent=1)
     path = tmp_path / "a.json"
     path.write_text(text, encoding="utf-8")
-    starts = [n for n, line in enumerate(text.split("\n"), 1) if line[:2] in (' {', ' 7', ' "', ' n', ' [')]
+    starts = [n for n, line in enumerate(text.split("\n"), 1) if line[:2] in (" {", " 7", ' "', " n", " [")]
     monkeypatch.setattr(contracts.jsonl, "_CHUNK_BYTES", chunk)
     records = list(iter_json_records(path))
     assert [r for _, r in records] == elements
@@ -112,25 +118,31 @@ def test_array_goes_on_after_bad_utf8():
     assert records[2][1] == {"prompt": "still read"}
 
 
-@pytest.mark.parametrize("name, line, reason", [
-    ("truncated.json", 13, "invalid JSON: unexpected end of file, the record starting at line 10 is not closed"),
-    ("garbled.json", 7, "invalid JSON: Expecting ',' delimiter (column 40)"),
-    ("missing_comma.json", 3, "invalid JSON: expected ',' or ']' after a record, got '{'"),
-])
+@pytest.mark.parametrize(
+    "name, line, reason",
+    [
+        ("truncated.json", 13, "invalid JSON: unexpected end of file, the record starting at line 10 is not closed"),
+        ("garbled.json", 7, "invalid JSON: Expecting ',' delimiter (column 40)"),
+        ("missing_comma.json", 3, "invalid JSON: expected ',' or ']' after a record, got '{'"),
+    ],
+)
 def test_broken_array_reports_once_where_it_broke_then_stops(name, line, reason):
     records = list(iter_json_records(data(name)))
     assert [type(r) for _, r in records] == [dict, BadRecord]
     assert records[-1] == (line, BadRecord(data(name), line, reason))
 
 
-@pytest.mark.parametrize("text, line, reason", [
-    ('[\n{"a": 1},\n]\n', 3, "expected a record after ',', got ']'"),
-    ('[\n{"a": 1},\n\n', 2, "expected a record after ',', got end of file"),
-    ('[\n{"a": 1}\n\n', 2, "unexpected end of file, the array is not closed with ']'"),
-    ('[\n\n', 1, "unexpected end of file, the array is not closed with ']'"),
-    ('[{"a": 1}]\n\n]', 3, "unexpected text after the end of the array: ']'"),
-    ('[{"a": 1}, {"b": 2 x}]', 1, "Expecting ',' delimiter (column 20)"),
-])
+@pytest.mark.parametrize(
+    "text, line, reason",
+    [
+        ('[\n{"a": 1},\n]\n', 3, "expected a record after ',', got ']'"),
+        ('[\n{"a": 1},\n\n', 2, "expected a record after ',', got end of file"),
+        ('[\n{"a": 1}\n\n', 2, "unexpected end of file, the array is not closed with ']'"),
+        ("[\n\n", 1, "unexpected end of file, the array is not closed with ']'"),
+        ('[{"a": 1}]\n\n]', 3, "unexpected text after the end of the array: ']'"),
+        ('[{"a": 1}, {"b": 2 x}]', 1, "Expecting ',' delimiter (column 20)"),
+    ],
+)
 def test_array_structure_errors(tmp_path, text, line, reason):
     path = tmp_path / "a.json"
     path.write_text(text)
@@ -144,6 +156,7 @@ def test_empty_array_has_no_records(tmp_path):
 
 # --- SFT ----------------------------------------------------------------------------------------
 
+
 def test_sft_seed_examples_keep_the_prompt_as_written():
     records = good(prompts("sft_seed.jsonl"))
     assert [r.messages for r in records[:2]] == [
@@ -151,8 +164,12 @@ def test_sft_seed_examples_keep_the_prompt_as_written():
         [Message("user", "<|SYSTEM|>你是一名旅游助手。\n<|USER|>去巴黎有什么推荐?")],
     ]
     assert [r.reference for r in records] == [
-        "首先,应当……并在必要时咨询专业律师。", "巴黎的必去景点包括埃菲尔铁塔……",
-        "First, review the contract terms, and consult a qualified lawyer when needed.", "42", None]
+        "首先,应当……并在必要时咨询专业律师。",
+        "巴黎的必去景点包括埃菲尔铁塔……",
+        "First, review the contract terms, and consult a qualified lawyer when needed.",
+        "42",
+        None,
+    ]
     assert [r.source for r in records] == [f"{data('sft_seed.jsonl')}:{n}" for n in (1, 2, 3, 5, 6)]
 
 
@@ -164,6 +181,7 @@ def test_sft_metadata_and_unused_keys_are_kept():
 
 
 # --- XTuner -------------------------------------------------------------------------------------
+
 
 def test_xtuner_seed_examples_from_a_pretty_printed_array():
     records = good(prompts("xtuner_seed.json", "xtuner"))
@@ -177,8 +195,10 @@ def test_xtuner_seed_examples_from_a_pretty_printed_array():
         Message("user", "能详细解释一下神经网络吗?"),
     ]
     assert multi.reference == "神经网络是由多个神经元组成的..."
-    assert top_system.messages == [Message("system", "你是一个专业的AI编程助手,擅长Python和深度学习"),
-                                   Message("user", "如何用PyTorch实现一个CNN?")]
+    assert top_system.messages == [
+        Message("system", "你是一个专业的AI编程助手,擅长Python和深度学习"),
+        Message("user", "如何用PyTorch实现一个CNN?"),
+    ]
     assert first_turn_system.messages == [
         Message("system", "You are a patient math tutor."),
         Message("user", "What is a prime number?"),
@@ -195,11 +215,14 @@ def test_xtuner_jsonl_multi_turn_with_top_level_system():
     assert records[1].reference == "在卷积层之后加入 nn.BatchNorm2d ..."
 
 
-@pytest.mark.parametrize("record, system", [
-    ({"system": "S", "conversation": [{"system": "S", "input": "q", "output": "a"}]}, "S"),
-    ({"system": "", "conversation": [{"system": "", "input": "q", "output": "a"}]}, None),
-    ({"system": None, "conversation": [{"input": "q"}]}, None),
-])
+@pytest.mark.parametrize(
+    "record, system",
+    [
+        ({"system": "S", "conversation": [{"system": "S", "input": "q", "output": "a"}]}, "S"),
+        ({"system": "", "conversation": [{"system": "", "input": "q", "output": "a"}]}, None),
+        ({"system": None, "conversation": [{"input": "q"}]}, None),
+    ],
+)
 def test_xtuner_system_given_once_twice_alike_or_empty(record, system):
     parsed = parse_prompt(record, "xtuner", "f:1")
     assert [m.content for m in parsed.messages if m.role == "system"] == ([system] if system else [])
@@ -214,10 +237,13 @@ def test_xtuner_last_output_is_optional_but_earlier_ones_are_not():
 
 # --- chat ---------------------------------------------------------------------------------------
 
+
 def test_chat_final_assistant_message_is_the_reference():
     records = good(prompts("chat.jsonl"))
-    assert records[0].messages == [Message("system", "You are a helpful assistant."),
-                                   Message("user", "What is the capital of France?")]
+    assert records[0].messages == [
+        Message("system", "You are a helpful assistant."),
+        Message("user", "What is the capital of France?"),
+    ]
     assert records[0].reference == "Paris."
     assert [m.role for m in records[1].messages] == ["user", "assistant", "user"]
     assert records[1].reference is None
@@ -226,10 +252,12 @@ def test_chat_final_assistant_message_is_the_reference():
 
 # --- detection and bad records ------------------------------------------------------------------
 
+
 def test_mixed_formats_in_one_file_are_detected_per_record():
     records = good(prompts("mixed_prompts.jsonl"))
-    assert [detect_prompt_format(json.loads(line)) for line in (DATA / "mixed_prompts.jsonl").open(encoding="utf-8")] \
-        == ["sft", "xtuner", "chat"]
+    assert [
+        detect_prompt_format(json.loads(line)) for line in (DATA / "mixed_prompts.jsonl").open(encoding="utf-8")
+    ] == ["sft", "xtuner", "chat"]
     assert [r.reference for r in records] == ["巴黎的必去景点包括埃菲尔铁塔……", "42", "chat"]
     assert records[1].messages[0] == Message("system", "You are a math tutor.")
 
@@ -280,6 +308,7 @@ def test_unknown_format_name_is_a_usage_error():
 
 # --- prompt_id ----------------------------------------------------------------------------------
 
+
 def test_prompt_id_is_stable_and_distinct():
     first = [r.prompt_id for r in prompts("sft_seed.jsonl")]
     assert first == [r.prompt_id for r in prompts("sft_seed.jsonl")]
@@ -298,6 +327,7 @@ def test_prompt_id_is_the_hash_of_the_canonical_record():
 
 
 # --- streaming ----------------------------------------------------------------------------------
+
 
 def consume_in_constant_memory(read: Callable[[], Iterator], size: int) -> int:
     """Read all records of `read()`, checking memory stays far below the file's `size`; return the count.
@@ -326,6 +356,7 @@ def test_a_large_jsonl_file_streams_in_constant_memory(tmp_path):
     with path.open("w", encoding="utf-8") as f:
         for i in range(200_000):
             f.write(f'{{"prompt": "What is {i} + {i}? 请回答。", "completion": "{2 * i}"}}\n')
+
     def read() -> Iterator[PromptRecord]:
         return (r for r in read_prompts(path) if isinstance(r, PromptRecord))
 
@@ -337,9 +368,14 @@ def test_a_large_array_streams_in_constant_memory(tmp_path):
     with path.open("w", encoding="utf-8") as f:
         f.write("[\n")
         answer = "。这是一个较长的参考答案,让文件大一些" * 3
-        f.write(",\n".join(f'  {{"conversation": [{{"input": "{i} 加 {i}?", "output": "{2 * i}{answer}"}}]}}'
-                           for i in range(50_000)))
+        f.write(
+            ",\n".join(
+                f'  {{"conversation": [{{"input": "{i} 加 {i}?", "output": "{2 * i}{answer}"}}]}}'
+                for i in range(50_000)
+            )
+        )
         f.write("\n]\n")
+
     def read() -> Iterator[PromptRecord]:  # element i starts on line i + 2, after the "["
         return (r for i, r in enumerate(read_prompts(path)) if r.source == f"{path}:{i + 2}")
 

@@ -73,9 +73,7 @@ def test_factory_picks_the_controller_from_the_target() -> None:
     assert (tracking.coef, tracking.target, tracking.horizon) == (0.2, 6.0, 5_000)
 
 
-@pytest.mark.parametrize(
-    "args", [(0.0, 6.0, 10_000), (0.1, 0.0, 10_000), (0.1, 6.0, 0), (-0.1, 6.0, 10_000)]
-)
+@pytest.mark.parametrize("args", [(0.0, 6.0, 10_000), (0.1, 0.0, 10_000), (0.1, 6.0, 0), (-0.1, 6.0, 10_000)])
 def test_adaptive_rejects_bad_settings(args: tuple[float, float, float]) -> None:
     with pytest.raises(ValueError):
         AdaptiveKLController(*args)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from contracts.config_load import load_config
+from contracts.config.load import load_config
 from contracts.formats import parse_prompt
 from contracts.schema import RolloutRecord
 from learner.advantages import gae_reference
@@ -23,19 +23,32 @@ def make_records(n=24, seed=0, vocab=300):
     out = []
     for i in range(n):
         p, t = rng.randint(3, 9), rng.randint(0, 6)
-        out.append(RolloutRecord(
-            run_id="r", prompt_id=f"p{i}", iteration=0, policy_version=0, sample_index=0, prompt="", response="",
-            prompt_ids=[1] + [rng.randint(6, vocab) for _ in range(p)],
-            response_ids=[rng.randint(6, vocab) for _ in range(t)], response_logprobs=[-1.0] * t,
-            finish_reason="stop", worker="w", generated_at=dt.datetime.now(dt.timezone.utc),
-            reward=float(rng.random())))
+        out.append(
+            RolloutRecord(
+                run_id="r",
+                prompt_id=f"p{i}",
+                iteration=0,
+                policy_version=0,
+                sample_index=0,
+                prompt="",
+                response="",
+                prompt_ids=[1] + [rng.randint(6, vocab) for _ in range(p)],
+                response_ids=[rng.randint(6, vocab) for _ in range(t)],
+                response_logprobs=[-1.0] * t,
+                finish_reason="stop",
+                worker="w",
+                generated_at=dt.datetime.now(dt.timezone.utc),
+                reward=float(rng.random()),
+            )
+        )
     return out
 
 
 @pytest.fixture
 def cfg():
-    return load_config(None, ["learner.minibatch_size=8", "learner.lr=1e-3", "learner.device=cpu",
-                              "rollout.sampling.temperature=0.8"])
+    return load_config(
+        None, ["learner.minibatch_size=8", "learner.lr=1e-3", "learner.device=cpu", "rollout.sampling.temperature=0.8"]
+    )
 
 
 def test_padded_batch_scores_each_response_token_like_an_unpadded_forward(tiny_model_path):
@@ -43,14 +56,17 @@ def test_padded_batch_scores_each_response_token_like_an_unpadded_forward(tiny_m
     records = make_records(6)
     batch = SampleBatch.from_records(records).collate(range(len(records)), pad_id=model.config.pad_token_id)
     with torch.no_grad():
-        logits = batch.response_slice(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                            position_ids=batch.position_ids).logits)
+        logits = batch.response_slice(
+            model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+            ).logits
+        )
         for i, r in enumerate(records):
             if not r.response_ids:
                 continue
             alone = model(input_ids=torch.tensor([r.prompt_ids + r.response_ids])).logits[0]
-            expected = alone[len(r.prompt_ids) - 1:len(r.prompt_ids) - 1 + len(r.response_ids)]
-            assert torch.allclose(logits[i, :len(r.response_ids)], expected, atol=1e-4)
+            expected = alone[len(r.prompt_ids) - 1 : len(r.prompt_ids) - 1 + len(r.response_ids)]
+            assert torch.allclose(logits[i, : len(r.response_ids)], expected, atol=1e-4)
 
 
 def learn(learner, records):
@@ -66,8 +82,15 @@ def learn(learner, records):
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_learn_fills_every_column_consistently_and_moves_the_policy(cfg, tiny_model_path, shared):
-    cfg = load_config(None, ["learner.minibatch_size=8", "learner.lr=1e-3", "learner.device=cpu",
-                             f"learner.shared_critic={str(shared).lower()}"])
+    cfg = load_config(
+        None,
+        [
+            "learner.minibatch_size=8",
+            "learner.lr=1e-3",
+            "learner.device=cpu",
+            f"learner.shared_critic={str(shared).lower()}",
+        ],
+    )
     learner = Learner(cfg, tiny_model_path)
     before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
     records, stats, timings = learn(learner, make_records())
@@ -109,8 +132,16 @@ def test_micro_batched_update_equals_the_whole_minibatch_update(tiny_model_path)
     records = make_records(32, seed=4)
     results = []
     for budget in (100000, 30):
-        cfg = load_config(None, ["learner.device=cpu", "learner.minibatch_size=32", "learner.ppo_epochs=1",
-                                 "learner.lr=1e-4", f"learner.micro_batch_tokens={budget}"])
+        cfg = load_config(
+            None,
+            [
+                "learner.device=cpu",
+                "learner.minibatch_size=32",
+                "learner.ppo_epochs=1",
+                "learner.lr=1e-4",
+                f"learner.micro_batch_tokens={budget}",
+            ],
+        )
         learner = Learner(cfg, tiny_model_path)
         _, stats, _ = learner.learn(SampleBatch.from_records(records))
         results.append((dict(learner.export_weights()), stats))
@@ -124,8 +155,16 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_path):
     records = make_records(16, seed=8)
     results = []
     for checkpointing in ("false", "true"):
-        cfg = load_config(None, ["learner.device=cpu", "learner.minibatch_size=16", "learner.ppo_epochs=1",
-                                 "learner.lr=1e-4", f"learner.gradient_checkpointing={checkpointing}"])
+        cfg = load_config(
+            None,
+            [
+                "learner.device=cpu",
+                "learner.minibatch_size=16",
+                "learner.ppo_epochs=1",
+                "learner.lr=1e-4",
+                f"learner.gradient_checkpointing={checkpointing}",
+            ],
+        )
         learner = Learner(cfg, tiny_model_path)
         batch = SampleBatch.from_records(records)
         saved = []  # bytes autograd keeps for the backward pass of one policy forward
@@ -149,8 +188,16 @@ def test_bfloat16_compute_keeps_float32_master_weights_that_move_like_float32(ti
     records = make_records(16, seed=9)
     moved = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = load_config(None, ["learner.device=cpu", "learner.minibatch_size=16", "learner.ppo_epochs=1",
-                                 "learner.lr=1e-6", f"model.dtype={dtype}"])
+        cfg = load_config(
+            None,
+            [
+                "learner.device=cpu",
+                "learner.minibatch_size=16",
+                "learner.ppo_epochs=1",
+                "learner.lr=1e-6",
+                f"model.dtype={dtype}",
+            ],
+        )
         learner = Learner(cfg, tiny_model_path)
         assert all(p.dtype == torch.float32 for p in learner.policy.parameters())
         assert all(p.dtype == getattr(torch, dtype) for p in learner.reference.parameters())
@@ -168,8 +215,9 @@ def test_critic_free_estimators_build_no_critic_and_learn(tiny_model_path, estim
     records = make_records(24)
     for i, r in enumerate(records):
         r.prompt_id = f"p{i // 4}"  # groups of four samples
-    cfg = load_config(None, ["learner.device=cpu", "learner.minibatch_size=8", "learner.lr=1e-3",
-                             f"learner.estimator={estimator}"])
+    cfg = load_config(
+        None, ["learner.device=cpu", "learner.minibatch_size=8", "learner.lr=1e-3", f"learner.estimator={estimator}"]
+    )
     learner = Learner(cfg, tiny_model_path)
     assert learner.critic is None and learner.policy.value_head is None
     records, stats, _ = learn(learner, records)
@@ -205,13 +253,15 @@ def test_checkpoint_round_trip_restores_weights_optimiser_and_state(cfg, tiny_mo
 
 def test_sft_trains_on_completions_only_and_lowers_the_loss(tiny_model_path, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
-    records = [parse_prompt({"prompt": f"{a}+{b}=", "completion": str(a + b)}, "sft", f"t:{i}")
-               for i, (a, b) in enumerate((a, b) for a in range(4) for b in range(4))]
+    records = [
+        parse_prompt({"prompt": f"{a}+{b}=", "completion": str(a + b)}, "sft", f"t:{i}")
+        for i, (a, b) in enumerate((a, b) for a in range(4) for b in range(4))
+    ]
     examples = sft_examples(records, tokenizer, 64)
     batch = sft_batch(examples[:2], tokenizer.pad_token_id)
     prompt, completion = examples[0]
-    assert (batch["labels"][0, :len(prompt)] == -100).all()
-    assert batch["labels"][0, len(prompt):len(prompt) + len(completion)].tolist() == completion
+    assert (batch["labels"][0, : len(prompt)] == -100).all()
+    assert batch["labels"][0, len(prompt) : len(prompt) + len(completion)].tolist() == completion
     assert completion[-1] == tokenizer.eos_token_id
 
     def loss(path):
@@ -219,8 +269,16 @@ def test_sft_trains_on_completions_only_and_lowers_the_loss(tiny_model_path, tmp
         with torch.no_grad():
             return model(**sft_batch(examples, tokenizer.pad_token_id)).loss.item()
 
-    out = train_sft(tiny_model_path, records, tmp_path / "sft", steps=30, lr=3e-3, batch_size=16,
-                    max_prompt_tokens=64, log=open("/dev/null", "w"))
+    out = train_sft(
+        tiny_model_path,
+        records,
+        tmp_path / "sft",
+        steps=30,
+        lr=3e-3,
+        batch_size=16,
+        max_prompt_tokens=64,
+        log=open("/dev/null", "w"),
+    )
     assert loss(out) < 0.5 * loss(tiny_model_path)
 
 
@@ -233,8 +291,9 @@ def test_offline_training_from_an_archive_moves_the_policy(cfg, tiny_model_path,
     records, _, _ = learn(Learner(cfg, tiny_model_path), make_records())
     with ArchiveWriter(tmp_path / "rollouts", {}, ("arithmetic",)) as archive:
         archive.write(records)
-    out = train_offline(tmp_path / "rollouts", cfg, tmp_path / "policy", model=tiny_model_path,
-                        log=open("/dev/null", "w"))
+    out = train_offline(
+        tmp_path / "rollouts", cfg, tmp_path / "policy", model=tiny_model_path, log=open("/dev/null", "w")
+    )
     before = load_file(f"{tiny_model_path}/model.safetensors")
     after = load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -258,8 +317,16 @@ def test_behaviour_importance_weights_are_capped_and_scale_the_policy_gradient(t
         r.response_logprobs = [-50.0] * len(r.response_ids)
     norms = {}
     for cap in ("null", "2.0"):
-        cfg = load_config(None, ["learner.device=cpu", "learner.minibatch_size=16", "learner.ppo_epochs=1",
-                                 "learner.shared_critic=false", f"learner.behaviour_is_cap={cap}"])
+        cfg = load_config(
+            None,
+            [
+                "learner.device=cpu",
+                "learner.minibatch_size=16",
+                "learner.ppo_epochs=1",
+                "learner.shared_critic=false",
+                f"learner.behaviour_is_cap={cap}",
+            ],
+        )
         _, stats, _ = Learner(cfg, tiny_model_path).learn(SampleBatch.from_records(records))
         norms[cap] = stats["grad_norm"]
         assert stats["behaviour_logprob_mismatch"] > 40
@@ -287,12 +354,13 @@ def test_a_step_with_a_non_finite_loss_is_skipped_counted_and_leaves_the_weights
     assert any(not torch.equal(a, b) for a, (_, b) in zip(before, learner.export_weights()))
 
 
-def test_max_nonfinite_steps_in_a_row_fail_naming_the_figure_and_nothing_non_finite_is_saved(tiny_model_path,
-                                                                                              tmp_path):
+def test_max_nonfinite_steps_in_a_row_fail_naming_the_figure_and_nothing_non_finite_is_saved(tiny_model_path, tmp_path):
     from learner.checkpoint import NonFiniteError
 
-    cfg = load_config(None, ["learner.minibatch_size=8", "learner.device=cpu", "learner.ppo_epochs=3",
-                             "learner.max_nonfinite_steps=3"])
+    cfg = load_config(
+        None,
+        ["learner.minibatch_size=8", "learner.device=cpu", "learner.ppo_epochs=3", "learner.max_nonfinite_steps=3"],
+    )
     learner = Learner(cfg, tiny_model_path)
     with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row had a non-finite policy_loss \(nan\)"):
         learn(learner, poisoned(make_records(8), float("inf")))
@@ -301,4 +369,3 @@ def test_max_nonfinite_steps_in_a_row_fail_naming_the_figure_and_nothing_non_fin
     with pytest.raises(NonFiniteError, match="not writing checkpoint ckpt"):
         learner.save(tmp_path / "ckpt", {})
     assert not (tmp_path / "ckpt" / "policy").exists()
-

@@ -6,13 +6,19 @@ import ray
 import torch
 from test_learner import make_records
 
-from contracts.config_load import load_config
+from contracts.config.load import load_config
 from learner.samples import SampleBatch
 from rollout.driver.learner_group import LearnerGroup
 
 # One optimizer step per update (see test_micro_batched_update_equals_the_whole_minibatch_update).
-ONE_STEP = ["learner.device=cpu", "learner.minibatch_size=32", "learner.ppo_epochs=1", "learner.lr=1e-4",
-            "learner.micro_batch_tokens=64", "rollout.sampling.temperature=0.8"]
+ONE_STEP = [
+    "learner.device=cpu",
+    "learner.minibatch_size=32",
+    "learner.ppo_epochs=1",
+    "learner.lr=1e-4",
+    "learner.micro_batch_tokens=64",
+    "rollout.sampling.temperature=0.8",
+]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 START_OWN = """
-from contracts.config_load import load_config
+from contracts.config.load import load_config
 from rollout.driver.startup import init_ray
 import ray
 init_ray(load_config(None, ["ray.num_cpus=2"]), learner=True)
@@ -29,11 +29,23 @@ def test_a_cluster_started_on_the_machine_does_not_capture_a_local_run():
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # `ray start` leaves its address in Ray's temporary directory, where ray.init(address=None) finds it.
-    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
+    subprocess.run(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
     try:
-        done = subprocess.run([sys.executable, "-c", START_OWN], capture_output=True, text=True, env=env,
-                              timeout=180)
+        done = subprocess.run([sys.executable, "-c", START_OWN], capture_output=True, text=True, env=env, timeout=180)
         assert done.returncode == 0, done.stderr[-2000:]
         gcs = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("GCS ")]
         assert gcs and not gcs[0].endswith(f":{port}"), (gcs, port)

@@ -20,7 +20,10 @@ def test_chunked_logprobs_entropy_and_gradients_equal_a_full_log_softmax(tempera
     hidden = torch.randn(13, 8, generator=gen, dtype=torch.float64).requires_grad_()
     weight = (torch.randn(29, 8, generator=gen, dtype=torch.float64) * 2).requires_grad_()
     tokens = torch.randint(0, 29, (13,), generator=gen)
-    g_lp, g_ent = torch.randn(13, generator=gen, dtype=torch.float64), torch.randn(13, generator=gen, dtype=torch.float64)
+    g_lp, g_ent = (
+        torch.randn(13, generator=gen, dtype=torch.float64),
+        torch.randn(13, generator=gen, dtype=torch.float64),
+    )
 
     want_lp, want_ent = reference(hidden, weight, tokens, temperature)
     want_grads = torch.autograd.grad((want_lp * g_lp).sum() + (want_ent * g_ent).sum(), (hidden, weight))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from contracts.config_load import load_config
+from contracts.config.load import load_config
 from rollout.cli import main
 from rollout.offline.plan import format_plan, make_plan
 
@@ -68,5 +68,6 @@ def test_auto_devices_follow_the_cluster_not_the_drivers_torch():
     assert resolve_devices(auto, {"CPU": 8.0}).learner.device == "cpu"
     with pytest.raises(ConfigError, match="learner.device is cuda but the cluster has no GPUs"):
         resolve_devices(load_config(CLUSTER_CONFIG), {"CPU": 8.0})
-    assert resolve_devices(load_config(CLUSTER_CONFIG, ["ray.fail_if_short=false"]), {"CPU": 8.0}).learner.device \
-        == "cuda"  # an autoscaling cluster adds its GPU nodes on demand
+    assert (
+        resolve_devices(load_config(CLUSTER_CONFIG, ["ray.fail_if_short=false"]), {"CPU": 8.0}).learner.device == "cuda"
+    )  # an autoscaling cluster adds its GPU nodes on demand

@@ -5,7 +5,7 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
-from contracts.config_load import load_config
+from contracts.config.load import load_config
 from contracts.rendering import PromptTask
 from contracts.schema import from_record_batch
 from rollout.generation.pool import WorkerPool
@@ -16,16 +16,26 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def pool(tiny_model_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    cfg = load_config(None, ["rollout.device=cpu", "rollout.max_model_len=128", "rollout.n_samples=2",
-                             "rollout.sampling.max_tokens=8", "rollout.weight_sync_timeout_s=0.05",
-                             "rollout.chunks_per_worker=4"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.device=cpu",
+            "rollout.max_model_len=128",
+            "rollout.n_samples=2",
+            "rollout.sampling.max_tokens=8",
+            "rollout.weight_sync_timeout_s=0.05",
+            "rollout.chunks_per_worker=4",
+        ],
+    )
     yield WorkerPool(cfg, tiny_model_path)
     ray.shutdown()
 
 
 def tasks(count, start=0):
-    return [PromptTask(prompt_id=f"p{i}", prompt="x", prompt_ids=[1, 4, 27, 16, 27 + i % 5, 34, 204, 5])
-            for i in range(start, start + count)]
+    return [
+        PromptTask(prompt_id=f"p{i}", prompt="x", prompt_ids=[1, 4, 27, 16, 27 + i % 5, 34, 204, 5])
+        for i in range(start, start + count)
+    ]
 
 
 def rows(chunks):
@@ -44,11 +54,14 @@ def test_chunks_come_back_scored_when_scorers_are_given(pool):
     from contracts.formats import parse_prompt
     from reward.worker import RewardWorker
 
-    records = [msgspec.structs.replace(parse_prompt({"prompt": "x"}, "sft", f"t:{i}"), prompt_id=f"p{i}")
-               for i in range(2)]
+    records = [
+        msgspec.structs.replace(parse_prompt({"prompt": "x"}, "sft", f"t:{i}"), prompt_id=f"p{i}") for i in range(2)
+    ]
     scorer = ray.remote(RewardWorker).remote(RewardConfig(rules=[RuleSpec(name="length", params={"target": 3})]))
-    chunks = collect(pool, pool.submit(tasks(2), run_id="r", iteration=9, scorers=[scorer],
-                                       records={r.prompt_id: r for r in records}))
+    chunks = collect(
+        pool,
+        pool.submit(tasks(2), run_id="r", iteration=9, scorers=[scorer], records={r.prompt_id: r for r in records}),
+    )
     for chunk in chunks:
         rewards, latency = ray.get([chunk.rewards, chunk.latency], timeout=120)
         assert rewards.num_rows == chunk.summary.samples and set(latency) == {"total", "length"}
@@ -61,7 +74,8 @@ def test_every_prompt_comes_back_once_with_n_samples_as_columns(pool):
     summaries = [c.summary for c in chunks]
     records = rows(chunks)
     assert sorted((r.prompt_id, r.sample_index) for r in records) == sorted(
-        (f"p{i}", s) for i in range(24) for s in range(2))
+        (f"p{i}", s) for i in range(24) for s in range(2)
+    )
     assert all(r.policy_version == 0 and r.worker == "rollout-0" for r in records)
     assert all(len(r.response_logprobs) == len(r.response_ids) for r in records)
     assert sum(s.samples for s in summaries) == 48
@@ -81,8 +95,9 @@ def test_a_queued_sync_applies_to_later_chunks_only(pool, tiny_model_path):
 
 def test_a_worker_that_misses_a_sync_is_restarted_with_the_new_weights(pool, tiny_model_path, capfd):
     weights = list(load_file(f"{tiny_model_path}/model.safetensors").items())
-    pool.cfg = load_config(None, ["rollout.weight_sync_timeout_s=0.05", "rollout.sampling.max_tokens=64",
-                                  "rollout.chunks_per_worker=1"])
+    pool.cfg = load_config(
+        None, ["rollout.weight_sync_timeout_s=0.05", "rollout.sampling.max_tokens=64", "rollout.chunks_per_worker=1"]
+    )
     busy = pool.submit(tasks(256), run_id="r", iteration=3)  # the worker is busy for a while
     pool.sync_weights(2, weights)  # too late: rollout-0 is restarted, and loads version 2
     assert pool.version == 2 and pool.restarts == 1

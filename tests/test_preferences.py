@@ -23,8 +23,9 @@ def good(records: list) -> list[PreferenceRecord]:
 
 def test_pairwise_seed_example():
     seed, english = good(read("pairwise_seed.jsonl", "pairwise"))
-    assert seed == PreferenceRecord("如何写一封求职信?", ["尊敬的招聘经理……", "你好,我想要这份工作……"], 0, None,
-                                    f"{DATA / 'pairwise_seed.jsonl'}:1")
+    assert seed == PreferenceRecord(
+        "如何写一封求职信?", ["尊敬的招聘经理……", "你好,我想要这份工作……"], 0, None, f"{DATA / 'pairwise_seed.jsonl'}:1"
+    )
     assert seed.pairs() == [(0, 1, None)]
     assert english.best == 1
     assert english.pairs() == [(1, 0, None)]
@@ -51,20 +52,25 @@ def test_scored_higher_score_wins_with_the_difference_as_margin():
     assert tie.pairs() == []
 
 
-@pytest.mark.parametrize("record, fmt", [
-    ({"prompt": "p", "response_a": "a", "response_b": "b", "label": 0}, "pairwise"),
-    ({"prompt": "p", "responses": ["a", "b"], "label": 1}, "multi"),
-    ({"prompt": "p", "response_a": "a", "response_b": "b", "score_a": 1, "score_b": 2}, "scored"),
-    ({"prompt": "p", "completion": "c"}, None),
-    (["p", "a"], None),
-])
+@pytest.mark.parametrize(
+    "record, fmt",
+    [
+        ({"prompt": "p", "response_a": "a", "response_b": "b", "label": 0}, "pairwise"),
+        ({"prompt": "p", "responses": ["a", "b"], "label": 1}, "multi"),
+        ({"prompt": "p", "response_a": "a", "response_b": "b", "score_a": 1, "score_b": 2}, "scored"),
+        ({"prompt": "p", "completion": "c"}, None),
+        (["p", "a"], None),
+    ],
+)
 def test_detection_by_keys(record, fmt):
     assert detect_preference_format(record) == fmt
 
 
 def test_a_file_may_mix_the_formats(tmp_path):
-    lines = [(DATA / name).read_text(encoding="utf-8").splitlines()[0]
-             for name in ("pairwise_seed.jsonl", "multi_choice.jsonl", "scored.jsonl")]
+    lines = [
+        (DATA / name).read_text(encoding="utf-8").splitlines()[0]
+        for name in ("pairwise_seed.jsonl", "multi_choice.jsonl", "scored.jsonl")
+    ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     records = good(list(read_preferences(path)))
@@ -94,18 +100,32 @@ def test_each_kind_of_bad_preference_record_is_reported_at_its_line():
     assert [r.source for r in records if isinstance(r, PreferenceRecord)] == [f"{f}:1", f"{f}:13"]
 
 
-@pytest.mark.parametrize("record, fmt, reason", [
-    ({"prompt": "p", "responses": [], "label": 0}, "multi", 'field "responses" must have at least 2 responses, got 0'),
-    ({"prompt": "p", "responses": "ab", "label": 0}, "multi", 'field "responses" must be a list, got string'),
-    ({"prompt": "p", "responses": ["a", " "], "label": 0}, "multi", "responses[1] is empty"),
-    ({"prompt": "p", "responses": ["a", "b"], "label": -1}, "multi", 'field "label" is -1, out of range'),
-    ({"prompt": "p", "response_a": "a", "response_b": "b", "score_a": math.inf, "score_b": 1}, "scored",
-     'field "score_a" must be a finite number, got Infinity'),
-    ({"prompt": "p", "response_a": "a", "response_b": "b", "score_a": 1}, "scored", 'missing field "score_b"'),
-    ({"prompt": "p", "response_a": "a", "label": 0}, "pairwise", 'missing field "response_b"'),
-    ({"prompt": 3, "response_a": "a", "response_b": "b", "label": 0}, "pairwise", 'field "prompt" must be a string, got int'),
-    ("text", "auto", "record must be a JSON object, got string"),
-])
+@pytest.mark.parametrize(
+    "record, fmt, reason",
+    [
+        (
+            {"prompt": "p", "responses": [], "label": 0},
+            "multi",
+            'field "responses" must have at least 2 responses, got 0',
+        ),
+        ({"prompt": "p", "responses": "ab", "label": 0}, "multi", 'field "responses" must be a list, got string'),
+        ({"prompt": "p", "responses": ["a", " "], "label": 0}, "multi", "responses[1] is empty"),
+        ({"prompt": "p", "responses": ["a", "b"], "label": -1}, "multi", 'field "label" is -1, out of range'),
+        (
+            {"prompt": "p", "response_a": "a", "response_b": "b", "score_a": math.inf, "score_b": 1},
+            "scored",
+            'field "score_a" must be a finite number, got Infinity',
+        ),
+        ({"prompt": "p", "response_a": "a", "response_b": "b", "score_a": 1}, "scored", 'missing field "score_b"'),
+        ({"prompt": "p", "response_a": "a", "label": 0}, "pairwise", 'missing field "response_b"'),
+        (
+            {"prompt": 3, "response_a": "a", "response_b": "b", "label": 0},
+            "pairwise",
+            'field "prompt" must be a string, got int',
+        ),
+        ("text", "auto", "record must be a JSON object, got string"),
+    ],
+)
 def test_bad_records_raise_a_specific_reason(record, fmt, reason):
     with pytest.raises(FormatError) as e:
         parse_preference(record, fmt, "f:1")
@@ -113,8 +133,9 @@ def test_bad_records_raise_a_specific_reason(record, fmt, reason):
 
 
 def test_integer_scores_are_numbers():
-    record = parse_preference({"prompt": "p", "response_a": "a", "response_b": "b", "score_a": 2, "score_b": 7},
-                              "scored", "f:1")
+    record = parse_preference(
+        {"prompt": "p", "response_a": "a", "response_b": "b", "score_a": 2, "score_b": 7}, "scored", "f:1"
+    )
     assert record.scores == [2.0, 7.0]
     assert record.pairs() == [(1, 0, 5.0)]
 

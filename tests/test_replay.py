@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from contracts.config import JobConfig
-from contracts.config_load import to_yaml
+from contracts.config.load import to_yaml
 from contracts.formats import record_id
 from contracts.schema import RolloutRecord
 from learner.advantages import gae, gae_reference, kl_penalty, token_rewards
@@ -24,7 +24,7 @@ def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     """Ragged per-token lists -> (B, width) float tensor, zero-padded."""
     out = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
     return out
 
 
@@ -41,11 +41,22 @@ def sample(iteration, prompt_id, index, response_len, reward, *, prompt="1+1=", 
     """An engine-side record: token ids and behaviour logprobs, scored, no learner columns yet."""
     logprobs = (-torch.rand(response_len, generator=gen) * 2).tolist()
     return RolloutRecord(
-        run_id="synthetic", prompt_id=prompt_id, iteration=iteration, policy_version=iteration,
-        sample_index=index, prompt=f"<s><|user|>{prompt}\n<|assistant|>", response=response,
-        prompt_ids=[1, 2, 3], response_ids=list(range(5, 5 + response_len)), response_logprobs=logprobs,
-        finish_reason="stop", worker="rollout-0", generated_at=T0 + dt.timedelta(seconds=iteration),
-        reward=reward, reward_components={"arithmetic": reward})
+        run_id="synthetic",
+        prompt_id=prompt_id,
+        iteration=iteration,
+        policy_version=iteration,
+        sample_index=index,
+        prompt=f"<s><|user|>{prompt}\n<|assistant|>",
+        response=response,
+        prompt_ids=[1, 2, 3],
+        response_ids=list(range(5, 5 + response_len)),
+        response_logprobs=logprobs,
+        finish_reason="stop",
+        worker="rollout-0",
+        generated_at=T0 + dt.timedelta(seconds=iteration),
+        reward=reward,
+        reward_components={"arithmetic": reward},
+    )
 
 
 def fill_learner_columns(records, *, kl_coef, estimator, gamma, lam, gen):
@@ -67,13 +78,22 @@ def fill_learner_columns(records, *, kl_coef, estimator, gamma, lam, gen):
     return unpad_rows(policy, mask)
 
 
-def write_run(run_dir, records, *, gamma=1.0, lam=0.95, kl_coef=0.05, estimator="k1", batch_rows=7,
-              prompts="builtin:arith"):
+def write_run(
+    run_dir, records, *, gamma=1.0, lam=0.95, kl_coef=0.05, estimator="k1", batch_rows=7, prompts="builtin:arith"
+):
     cfg = JobConfig()
     cfg.data.prompts = prompts
-    metadata = {"run_id": "synthetic", "gamma": repr(gamma), "lam": repr(lam), "kl_coef": repr(kl_coef),
-                "kl_estimator": estimator, "kl_target": "None", "temperature": "1.0", "model": "tiny",
-                "config": to_yaml(cfg)}
+    metadata = {
+        "run_id": "synthetic",
+        "gamma": repr(gamma),
+        "lam": repr(lam),
+        "kl_coef": repr(kl_coef),
+        "kl_estimator": estimator,
+        "kl_target": "None",
+        "temperature": "1.0",
+        "model": "tiny",
+        "config": to_yaml(cfg),
+    }
     components = sorted({k for r in records for k in (r.reward_components or {})})
     with ArchiveWriter(run_dir / "rollouts", metadata, components, batch_rows=batch_rows) as writer:
         writer.write(records)
@@ -102,6 +122,7 @@ def padded(table, column):
 
 
 # --- GAE ------------------------------------------------------------------------------------------
+
 
 def test_replay_with_the_runs_settings_reproduces_its_returns(tmp_path):
     run, _ = synthetic_run(tmp_path / "run", estimator="k3")
@@ -140,9 +161,10 @@ def test_reinforce_pp_gives_the_discounted_return_to_go_of_the_token_rewards(tmp
     run, _ = synthetic_run(tmp_path / "run")
     replay(run, tmp_path / "out", ReplayOptions(estimator="reinforce_pp", gamma=0.9))
     source, replayed = read_table(run), read_table(tmp_path / "out")
-    for rewards, returns, advantages in zip(source["token_rewards"].to_pylist(), replayed["returns"].to_pylist(),
-                                            replayed["advantages"].to_pylist()):
-        want = [sum(r * 0.9 ** k for k, r in enumerate(rewards[t:])) for t in range(len(rewards))]
+    for rewards, returns, advantages in zip(
+        source["token_rewards"].to_pylist(), replayed["returns"].to_pylist(), replayed["advantages"].to_pylist()
+    ):
+        want = [sum(r * 0.9**k for k, r in enumerate(rewards[t:])) for t in range(len(rewards))]
         assert returns == pytest.approx(want, abs=1e-5) and advantages == returns
     assert read_metadata(tmp_path / "out")["advantage_estimator"] == "reinforce_pp"
 
@@ -203,6 +225,7 @@ def test_replay_refuses_an_output_that_already_holds_an_archive(tmp_path):
 
 # --- group baselines ------------------------------------------------------------------------------
 
+
 def test_grpo_and_rloo_by_hand():
     rewards = torch.tensor([1.0, 0.0, 0.5, 2.0, 2.0, 3.0, 1.0])
     groups = torch.tensor([0, 0, 0, 1, 1, 2, 2])
@@ -226,10 +249,13 @@ def test_group_estimators_need_more_than_one_sample_per_prompt(estimator, tmp_pa
         grpo_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("estimator, want", [
-    ("grpo", [1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1 / math.sqrt(2), -1 / math.sqrt(2)]),
-    ("rloo", [0.75, -0.75, 0.0, 0.0, 0.0, 0.0, 1.0, -1.0]),
-])
+@pytest.mark.parametrize(
+    "estimator, want",
+    [
+        ("grpo", [1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1 / math.sqrt(2), -1 / math.sqrt(2)]),
+        ("rloo", [0.75, -0.75, 0.0, 0.0, 0.0, 0.0, 1.0, -1.0]),
+    ],
+)
 def test_group_estimators_group_by_iteration_and_prompt_across_batches(estimator, want, tmp_path):
     rewards = [1.0, 0.0, 0.5, 2.0, 2.0, 2.0, 1.0, 0.0]
     keys = [(0, "a"), (0, "a"), (0, "a"), (0, "b"), (0, "b"), (0, "b"), (1, "a"), (1, "a")]
@@ -248,6 +274,7 @@ def test_group_estimators_group_by_iteration_and_prompt_across_batches(estimator
 
 # --- re-scoring -----------------------------------------------------------------------------------
 
+
 def test_rescoring_with_a_reward_config_changes_reward_and_components(tmp_path):
     data = [{"prompt": "2+3=", "completion": "5"}, {"prompt": "4+4=", "completion": "8"}]
     prompts = tmp_path / "prompts.jsonl"
@@ -255,17 +282,28 @@ def test_rescoring_with_a_reward_config_changes_reward_and_components(tmp_path):
     ids = [record_id(d) for d in data]
     gen = torch.Generator().manual_seed(1)
     # Rewards as archived (all 0); responses right, wrong, and one from a prompt not in the file.
-    records = [sample(0, ids[0], 0, 2, 0.0, prompt="2+3=", response="5", gen=gen),
-               sample(0, ids[0], 1, 3, 0.0, prompt="2+3=", response="6", gen=gen),
-               sample(0, ids[1], 0, 1, 0.0, prompt="4+4=", response="8", gen=gen),
-               sample(0, "unknown", 0, 4, 0.0, prompt="1+2=", response="3", gen=gen)]
+    records = [
+        sample(0, ids[0], 0, 2, 0.0, prompt="2+3=", response="5", gen=gen),
+        sample(0, ids[0], 1, 3, 0.0, prompt="2+3=", response="6", gen=gen),
+        sample(0, ids[1], 0, 1, 0.0, prompt="4+4=", response="8", gen=gen),
+        sample(0, "unknown", 0, 4, 0.0, prompt="1+2=", response="3", gen=gen),
+    ]
     fill_learner_columns(records, kl_coef=0.1, estimator="k1", gamma=1.0, lam=0.95, gen=gen)
     run = write_run(tmp_path / "run", records, kl_coef=0.1)
     config = tmp_path / "reward.yaml"
-    config.write_text(yaml.safe_dump({"reward": {"rules": [
-        {"name": "arithmetic", "weight": 1.0},
-        {"name": "similarity", "weight": 0.5},
-        {"name": "length", "weight": 1.0, "params": {"target": 0, "penalty_per_unit": 0.1}}]}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "reward": {
+                    "rules": [
+                        {"name": "arithmetic", "weight": 1.0},
+                        {"name": "similarity", "weight": 0.5},
+                        {"name": "length", "weight": 1.0, "params": {"target": 0, "penalty_per_unit": 0.1}},
+                    ]
+                }
+            }
+        )
+    )
 
     report = replay(run, tmp_path / "out", ReplayOptions(reward_config=config, prompts=str(prompts)))
     assert report.unmatched_prompts == 1
@@ -280,8 +318,11 @@ def test_rescoring_with_a_reward_config_changes_reward_and_components(tmp_path):
         want = list(old["token_rewards"])
         want[-1] += new["reward"] - old["reward"]
         assert new["token_rewards"] == pytest.approx(want, abs=1e-6)
-    assert [f.name for f in read_table(tmp_path / "out").schema.field("reward_components").type] == \
-        ["arithmetic", "similarity", "length"]  # the re-scoring's own components
+    assert [f.name for f in read_table(tmp_path / "out").schema.field("reward_components").type] == [
+        "arithmetic",
+        "similarity",
+        "length",
+    ]  # the re-scoring's own components
     meta = read_metadata(tmp_path / "out")
     rules = yaml.safe_load(meta["config"])["reward"]["rules"]
     assert [r["name"] for r in rules] == ["arithmetic", "similarity", "length"]
@@ -297,10 +338,15 @@ def test_a_reward_config_with_an_unknown_rule_is_a_clear_error(tmp_path):
 
 # --- command line ---------------------------------------------------------------------------------
 
+
 def test_cli_replay(tmp_path, capsys):
     run, _ = synthetic_run(tmp_path / "run", iterations=2)
-    assert main(["replay", str(run / "rollouts"), "--out", str(tmp_path / "out"), "--gamma", "0.99",
-                 "--estimator", "rloo"]) == 0
+    assert (
+        main(
+            ["replay", str(run / "rollouts"), "--out", str(tmp_path / "out"), "--gamma", "0.99", "--estimator", "rloo"]
+        )
+        == 0
+    )
     assert "replayed 24 samples" in capsys.readouterr().err
     meta = read_metadata(tmp_path / "out")
     assert (meta["gamma"], meta["advantage_estimator"]) == ("0.99", "rloo")

@@ -27,8 +27,9 @@ def train(tmp: Path, fmt: str, count: int, *extra: str) -> tuple[int, Path]:
     data = tmp / f"{fmt}.jsonl"
     write_jsonl(preference_records(fmt, count, seed=0), data)
     out = tmp / "out"
-    rc = main(["train", "--config", CONFIG, "--data", str(data), "--out", str(out),
-               "--set", "train.log_every=1000", *extra])
+    rc = main(
+        ["train", "--config", CONFIG, "--data", str(data), "--out", str(out), "--set", "train.log_every=1000", *extra]
+    )
     return rc, out
 
 
@@ -44,6 +45,7 @@ def small_runs(tmp_path_factory):
             assert rc == 0
             runs[fmt] = out, json.loads((out / "eval.json").read_text())
         return runs[fmt]
+
     return get
 
 
@@ -55,11 +57,13 @@ def trained(request, small_runs) -> tuple[str, Path, dict]:
 
 def chat_prompt(tokenizer, prompt: str) -> str:
     """The rendering `RewardWorker` hands the scorer: one user turn plus the generation prompt."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 # --- learning ---------------------------------------------------------------------------------
+
 
 def test_held_out_accuracy_clears_the_bar(trained) -> None:
     fmt, out, report = trained
@@ -92,7 +96,7 @@ def test_the_scorer_reproduces_the_held_out_accuracy(trained) -> None:
             chosen.append(prompt + record.responses[best])
             rejected.append(prompt + record.responses[other])
     scores = scorer.score(chosen + rejected)
-    wins = sum(c > r for c, r in zip(scores[:len(chosen)], scores[len(chosen):]))
+    wins = sum(c > r for c, r in zip(scores[: len(chosen)], scores[len(chosen) :]))
     assert len(chosen) == report["pairs"]
     # Same texts, same model: only float noise between padded batches may flip a near tie.
     assert abs(wins / len(chosen) - report["accuracy"]) <= 1 / len(chosen)
@@ -117,8 +121,12 @@ def test_reward_score_command(small_runs, tmp_path, capsys) -> None:
     from reward.scorer import RewardModelScorer
 
     model = small_runs("pairwise")[0] / "model"
-    samples = [{"prompt": "3+4=", "response": "7"}, {"prompt": "3+4=", "response": "8"},
-               {"prompt": "9+9=", "response": "18"}, {"prompt": "9+9=", "response": ""}]
+    samples = [
+        {"prompt": "3+4=", "response": "7"},
+        {"prompt": "3+4=", "response": "8"},
+        {"prompt": "9+9=", "response": "18"},
+        {"prompt": "9+9=", "response": ""},
+    ]
     data = tmp_path / "samples.jsonl"
     write_jsonl(iter(samples), data)
     scored = tmp_path / "scored.jsonl"
@@ -173,8 +181,21 @@ def test_bad_records_are_reported_and_stop_by_default(tmp_path, capsys) -> None:
 
 def test_bad_records_are_counted_when_skipped(tmp_path, capsys) -> None:
     data = bad_file(tmp_path)
-    rc = main(["train", "--config", CONFIG, "--data", str(data), "--out", str(tmp_path / "out"),
-               "--set", "data.on_bad_record=skip", "--set", "train.epochs=1"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            CONFIG,
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            "data.on_bad_record=skip",
+            "--set",
+            "train.epochs=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0
     assert f"{data}:2: " in err and "skipped 4 bad preference record(s)" in err
@@ -184,17 +205,19 @@ def test_bad_records_are_counted_when_skipped(tmp_path, capsys) -> None:
     assert 0.0 <= report["accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("train.lr=-1", "train.lr"),
-    ("data.format=xml", "data.format"),
-    ("train.epohcs=3", "train.epohcs: unknown key"),
-    ("model.path=builtin:gpt-9", "unknown builtin model"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=-1", "train.lr"),
+        ("data.format=xml", "data.format"),
+        ("train.epohcs=3", "train.epohcs: unknown key"),
+        ("model.path=builtin:gpt-9", "unknown builtin model"),
+    ],
+)
 def test_config_errors_exit_2(tmp_path, capsys, override: str, message: str) -> None:
     data = tmp_path / "p.jsonl"
     write_jsonl(preference_records("pairwise", 10), data)
-    rc = main(["train", "--config", CONFIG, "--data", str(data), "--out", str(tmp_path / "out"),
-               "--set", override])
+    rc = main(["train", "--config", CONFIG, "--data", str(data), "--out", str(tmp_path / "out"), "--set", override])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("config error:") and message in err
@@ -223,6 +246,7 @@ def test_score_reports_bad_records(tmp_path, capsys) -> None:
 
 # --- the pieces -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["pairwise", "multi", "scored"])
 def test_synthetic_records_prefer_the_correct_sum(tmp_path, fmt: str) -> None:
     path = tmp_path / "p.jsonl"
@@ -244,7 +268,7 @@ def test_synthetic_records_prefer_the_correct_sum(tmp_path, fmt: str) -> None:
 
 
 def test_the_config_is_documented_and_the_shipped_file_loads() -> None:
-    from contracts.config_load import explain, load_config
+    from contracts.config.load import explain, load_config
     from reward.train_config import RewardTrainConfig
 
     lines = explain(RewardTrainConfig)

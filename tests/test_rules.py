@@ -25,29 +25,34 @@ NO_RECORD = Record()
 
 # --- the parser ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("expression, value", [
-    ("2+3*4", 14),
-    ("(2+3)*4", 20),
-    ("10-4-3", 3),  # left associative
-    ("8/4/2", 1),
-    ("7/2", Fraction(7, 2)),
-    ("-3+5", 2),
-    ("2*-3", -6),
-    ("-(2+3)", -5),
-    ("--4", 4),
-    ("0.1+0.2", Fraction(3, 10)),  # exact, not 0.30000000000000004
-    ("1.5 * 4", 6),
-    ("1,234 + 1", 1235),
-    ("3 × (4 − 1)", 9),
-    ("（2+3）÷5", 1),
-    (" ( ( 1 ) ) ", 1),
-])
+
+@pytest.mark.parametrize(
+    "expression, value",
+    [
+        ("2+3*4", 14),
+        ("(2+3)*4", 20),
+        ("10-4-3", 3),  # left associative
+        ("8/4/2", 1),
+        ("7/2", Fraction(7, 2)),
+        ("-3+5", 2),
+        ("2*-3", -6),
+        ("-(2+3)", -5),
+        ("--4", 4),
+        ("0.1+0.2", Fraction(3, 10)),  # exact, not 0.30000000000000004
+        ("1.5 * 4", 6),
+        ("1,234 + 1", 1235),
+        ("3 × (4 − 1)", 9),
+        ("（2+3）÷5", 1),
+        (" ( ( 1 ) ) ", 1),
+    ],
+)
 def test_evaluate(expression: str, value: Fraction) -> None:
     assert evaluate(expression) == value
 
 
-@pytest.mark.parametrize("expression", ["", "3+", "(3", "3)", "3 4", "2(3)", "a+b", "3 ** 2", "1e5+1",
-                                        "(" * 100 + "1" + ")" * 100])
+@pytest.mark.parametrize(
+    "expression", ["", "3+", "(3", "3)", "3 4", "2(3)", "a+b", "3 ** 2", "1e5+1", "(" * 100 + "1" + ")" * 100]
+)
 def test_evaluate_rejects_text_outside_the_grammar(expression: str) -> None:
     with pytest.raises(ArithmeticSyntaxError):
         evaluate(expression)
@@ -62,18 +67,21 @@ def test_long_runs_of_signs_do_not_recurse() -> None:
     assert evaluate("-" * 5001 + "5") == -5
 
 
-@pytest.mark.parametrize("text, expression", [
-    ("12+7=", "12+7"),
-    ("What is 3 * (4 - 1)?", "3 * (4 - 1)"),
-    ("计算 5+6", "5+6"),
-    ("（2+3）×4 等于多少？", "(2+3)*4"),
-    ("Compute 1,234 + 5.", "1,234 + 5"),
-    ("Add 3, 4 + 5", "4 + 5"),  # a comma before a space is prose, not a thousands separator
-    ("(see 3+4)", "3+4"),  # parentheses of the sentence are not the expression's
-    ("Solve 2+2. Then what is 6/3?", "6/3"),  # the last expression is the question
-    ("<s><|user|>12+7=\n<|assistant|>", "12+7"),  # a chat-rendered prompt
-    ("What is 5/0?", "5/0"),
-])
+@pytest.mark.parametrize(
+    "text, expression",
+    [
+        ("12+7=", "12+7"),
+        ("What is 3 * (4 - 1)?", "3 * (4 - 1)"),
+        ("计算 5+6", "5+6"),
+        ("（2+3）×4 等于多少？", "(2+3)*4"),
+        ("Compute 1,234 + 5.", "1,234 + 5"),
+        ("Add 3, 4 + 5", "4 + 5"),  # a comma before a space is prose, not a thousands separator
+        ("(see 3+4)", "3+4"),  # parentheses of the sentence are not the expression's
+        ("Solve 2+2. Then what is 6/3?", "6/3"),  # the last expression is the question
+        ("<s><|user|>12+7=\n<|assistant|>", "12+7"),  # a chat-rendered prompt
+        ("What is 5/0?", "5/0"),
+    ],
+)
 def test_find_expression(text: str, expression: str) -> None:
     assert find_expression(text) == expression
 
@@ -83,17 +91,20 @@ def test_find_expression_needs_a_binary_operator(text: str) -> None:
     assert find_expression(text) is None
 
 
-@pytest.mark.parametrize("text, numbers", [
-    ("12-7=5", [12, 7, 5]),  # a minus after a digit is an operator, not a sign
-    ("the answer is -5", [-5]),
-    ("答案是-5", [-5]),
-    ("x-5", [5]),  # a hyphen after a letter
-    ("1,234 and 1,2,3", [1234, 1, 2, 3]),
-    ("1,2345", [1, 2345]),
-    ("It costs 3.50.", [Fraction(7, 2)]),
-    ("−7", [-7]),
-    ("no digits here", []),
-])
+@pytest.mark.parametrize(
+    "text, numbers",
+    [
+        ("12-7=5", [12, 7, 5]),  # a minus after a digit is an operator, not a sign
+        ("the answer is -5", [-5]),
+        ("答案是-5", [-5]),
+        ("x-5", [5]),  # a hyphen after a letter
+        ("1,234 and 1,2,3", [1234, 1, 2, 3]),
+        ("1,2345", [1, 2345]),
+        ("It costs 3.50.", [Fraction(7, 2)]),
+        ("−7", [-7]),
+        ("no digits here", []),
+    ],
+)
 def test_numbers_in(text: str, numbers: list[Fraction]) -> None:
     assert numbers_in(text) == numbers
 
@@ -104,6 +115,7 @@ def test_final_number() -> None:
 
 
 # --- arithmetic ---------------------------------------------------------------------------------
+
 
 def test_arithmetic_against_the_prompt() -> None:
     assert rules.arithmetic("12+7=", "19", NO_RECORD) == 1.0
@@ -150,6 +162,7 @@ def test_arithmetic_without_an_expected_answer_raises() -> None:
 
 # --- similarity ---------------------------------------------------------------------------------
 
+
 def test_similarity_token_f1() -> None:
     assert rules.similarity("", "The cat sat", Record(reference="the CAT sat!")) == 1.0
     assert rules.similarity("", "dog", Record(reference="the cat sat")) == 0.0
@@ -166,7 +179,9 @@ def test_similarity_chinese_uses_characters() -> None:
     # 今天天气很好 vs 今天天气不错: 4 of 6 characters shared on each side.
     assert rules.similarity("", "今天天气很好", Record(reference="今天天气不错")) == pytest.approx(4 / 6)
     assert rules.similarity("", "你好", Record(reference="再见")) == 0.0
-    assert rules.similarity("", "答案是 42", Record(reference="答案 42")) == pytest.approx(2 * (3 / 4 * 1) / (3 / 4 + 1))
+    assert rules.similarity("", "答案是 42", Record(reference="答案 42")) == pytest.approx(
+        2 * (3 / 4 * 1) / (3 / 4 + 1)
+    )
 
 
 def test_similarity_char_ngram() -> None:
@@ -175,7 +190,8 @@ def test_similarity_char_ngram() -> None:
     # 3-grams abc, bcd vs abc, bcx: one shared of two each.
     assert rules.similarity("", "abcx", record, method="char_ngram") == pytest.approx(0.5)
     assert rules.similarity("", "今天天气", Record(reference="今天天气不错"), method="char_ngram") == pytest.approx(
-        2 * (2 / 2 * 2 / 4) / (1 + 2 / 4))
+        2 * (2 / 2 * 2 / 4) / (1 + 2 / 4)
+    )
     assert rules.similarity("", "ab", Record(reference="ab"), method="char_ngram") == 1.0
 
 
@@ -197,6 +213,7 @@ def test_similarity_bad_inputs() -> None:
 
 # --- safety -------------------------------------------------------------------------------------
 
+
 def test_safety_default_blocklist() -> None:
     assert rules.safety("", "You should KILL YOURSELF.", NO_RECORD) == -1.0
     assert rules.safety("", "The answer is 19.", NO_RECORD) == 0.0
@@ -213,8 +230,7 @@ def test_safety_chinese_phrase_inside_running_text() -> None:
 
 
 def test_safety_patterns_and_penalty() -> None:
-    assert rules.safety("", "call 555-1234", NO_RECORD, blocklist=[], patterns=[r"\d{3}-\d{4}"],
-                        penalty=-2.5) == -2.5
+    assert rules.safety("", "call 555-1234", NO_RECORD, blocklist=[], patterns=[r"\d{3}-\d{4}"], penalty=-2.5) == -2.5
     assert rules.safety("", "SECRET token", NO_RECORD, blocklist=[], patterns=["secret"]) == -1.0
     assert rules.safety("", "anything", NO_RECORD, blocklist=[], patterns=[]) == 0.0
 
@@ -234,6 +250,7 @@ def test_safety_catastrophic_pattern_stops_at_its_time_limit() -> None:
 
 
 # --- format -------------------------------------------------------------------------------------
+
 
 def test_format_default_is_a_single_number() -> None:
     assert rules.format("", " 42 ", NO_RECORD) == 1.0
@@ -256,6 +273,7 @@ def test_format_invalid_pattern_names_it() -> None:
 
 # --- length -------------------------------------------------------------------------------------
 
+
 def test_length_chars() -> None:
     assert rules.length("", "x" * 10, NO_RECORD, target=10, penalty_per_unit=0.1) == 0.0
     assert rules.length("", "x" * 13, NO_RECORD, target=10, penalty_per_unit=0.1) == pytest.approx(-0.3)
@@ -264,8 +282,7 @@ def test_length_chars() -> None:
 
 
 def test_length_words() -> None:
-    assert rules.length("", "one two three four", NO_RECORD, target=2, unit="words",
-                        penalty_per_unit=0.5) == -1.0
+    assert rules.length("", "one two three four", NO_RECORD, target=2, unit="words", penalty_per_unit=0.5) == -1.0
     assert rules.length("", "今天天气很好", NO_RECORD, target=4, unit="words", penalty_per_unit=0.25) == -0.5
 
 
@@ -278,8 +295,9 @@ def test_length_bad_params() -> None:
 
 # --- the registry -------------------------------------------------------------------------------
 
+
 def test_registry_names_match_the_config() -> None:
-    from contracts.config_load import RULE_NAMES
+    from contracts.config.load import RULE_NAMES
 
     assert set(rules.RULES) == set(RULE_NAMES) == {"arithmetic", "similarity", "safety", "format", "length"}
 
@@ -292,21 +310,25 @@ def test_get_rule() -> None:
 
 def test_rules_accept_a_real_prompt_record() -> None:
     from contracts import formats
+
     record = formats.PromptRecord(prompt_id="p", messages=[], reference="19", metadata={}, source="x:1")
     assert rules.arithmetic("12+7=", "19", record) == 1.0
     assert rules.similarity("", "19", record) == 1.0
 
 
-@pytest.mark.parametrize("name, params, message", [
-    ("format", {"colour": 1}, "reward rule 'format' has no parameter 'colour'"),
-    ("format", {"full": "yes"}, "parameter 'full' must be true or false"),
-    ("arithmetic", {"tolerance": "1e-6"}, "must be a number.*write 1.0e-6"),
-    ("safety", {"blocklist": "kill"}, "parameter 'blocklist' must be a list"),
-    ("safety", {"patterns": ["("]}, r"invalid regular expression '\('"),
-    ("similarity", {"method": "bleu"}, "unknown method"),
-    ("length", {"unit": "tokens"}, "unknown unit"),
-    ("arithmetic", {"tolerance": -1.0}, "tolerance must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("format", {"colour": 1}, "reward rule 'format' has no parameter 'colour'"),
+        ("format", {"full": "yes"}, "parameter 'full' must be true or false"),
+        ("arithmetic", {"tolerance": "1e-6"}, "must be a number.*write 1.0e-6"),
+        ("safety", {"blocklist": "kill"}, "parameter 'blocklist' must be a list"),
+        ("safety", {"patterns": ["("]}, r"invalid regular expression '\('"),
+        ("similarity", {"method": "bleu"}, "unknown method"),
+        ("length", {"unit": "tokens"}, "unknown unit"),
+        ("arithmetic", {"tolerance": -1.0}, "tolerance must be >= 0"),
+    ],
+)
 def test_check_params_rejects(name: str, params: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         rules.check_params(name, rules.RULES[name], params)

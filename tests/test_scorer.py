@@ -53,8 +53,10 @@ def scorer(*specs: RuleSpec, **kwargs: Any) -> RuleScorer:
 
 
 def test_weighted_total_and_components() -> None:
-    s = scorer(RuleSpec(name="arithmetic", weight=2.0),
-               RuleSpec(name="length", weight=0.5, params={"target": 1, "penalty_per_unit": 0.1}))
+    s = scorer(
+        RuleSpec(name="arithmetic", weight=2.0),
+        RuleSpec(name="length", weight=0.5, params={"target": 1, "penalty_per_unit": 0.1}),
+    )
     result = s.score("12+7=", "19 !", Record())
     assert result.components == {"arithmetic": 1.0, "length": pytest.approx(-0.3)}
     assert result.total == pytest.approx(2.0 * 1.0 + 0.5 * -0.3)
@@ -62,8 +64,11 @@ def test_weighted_total_and_components() -> None:
 
 
 def test_repeated_rules_get_numbered_names() -> None:
-    s = scorer(RuleSpec(name="format"), RuleSpec(name="format", params={"pattern": "x"}),
-               RuleSpec(name="format", params={"pattern": "19"}))
+    s = scorer(
+        RuleSpec(name="format"),
+        RuleSpec(name="format", params={"pattern": "x"}),
+        RuleSpec(name="format", params={"pattern": "19"}),
+    )
     result = s.score("", "19", Record())
     assert list(result.components) == ["format", "format#1", "format#2"]
     assert result.components == {"format": 1.0, "format#1": 0.0, "format#2": 1.0}

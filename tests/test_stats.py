@@ -24,10 +24,22 @@ def record(iteration, version, kl, reward, components, finish, seconds, learner=
     if rewards:
         rewards[-1] += reward
     rec = RolloutRecord(
-        run_id="hand", prompt_id=f"p{iteration}", iteration=iteration, policy_version=version,
-        sample_index=0, prompt="1+1=", response="x" * len(kl), prompt_ids=[1], response_ids=[7] * len(kl),
-        response_logprobs=[-1.0] * len(kl), finish_reason=finish, worker="rollout-0",
-        generated_at=T0 + dt.timedelta(seconds=seconds), reward=reward, reward_components=components)
+        run_id="hand",
+        prompt_id=f"p{iteration}",
+        iteration=iteration,
+        policy_version=version,
+        sample_index=0,
+        prompt="1+1=",
+        response="x" * len(kl),
+        prompt_ids=[1],
+        response_ids=[7] * len(kl),
+        response_logprobs=[-1.0] * len(kl),
+        finish_reason=finish,
+        worker="rollout-0",
+        generated_at=T0 + dt.timedelta(seconds=seconds),
+        reward=reward,
+        reward_components=components,
+    )
     if learner:
         rec.ref_logprobs = rec.values = rec.advantages = rec.returns = [0.0] * len(kl)
         rec.token_rewards, rec.kl, rec.kl_coef = rewards, kl, KL_COEF
@@ -162,9 +174,14 @@ def test_cli_stats(tmp_path, capsys):
 
 
 def test_restarts_per_iteration_come_from_the_runs_metrics(tmp_path):
-    run = write(tmp_path / "run", hand_records(), metrics=[
-        {"iteration": 0, "restarts/rollout": 1, "restarts/reward": 0, "restarts/learner": 0},
-        {"iteration": 1, "restarts/rollout": 0, "restarts/reward": 1, "restarts/learner": 1}])
+    run = write(
+        tmp_path / "run",
+        hand_records(),
+        metrics=[
+            {"iteration": 0, "restarts/rollout": 1, "restarts/reward": 0, "restarts/learner": 0},
+            {"iteration": 1, "restarts/rollout": 0, "restarts/reward": 1, "restarts/learner": 1},
+        ],
+    )
     stats = compute_stats(run)
     assert [s["restarts"] for s in stats.iterations] == [1, 2] and stats.totals["restarts"] == 3
     header = format_table(stats).splitlines()[1].split()

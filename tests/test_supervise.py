@@ -12,8 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def rollout_run(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "rollout", "run", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rollout", "run", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def test_an_end_the_job_reports_is_its_own_line_and_exit_code(tmp_path):
@@ -33,7 +40,8 @@ def test_a_job_killed_from_outside_gets_one_line_naming_how_and_exit_128_plus_th
         subprocess.run(["pkill", "-9", "-s", str(proc.pid)], capture_output=True)
     assert proc.returncode == 128 + signal.SIGKILL
     assert err.splitlines()[-1].startswith(
-        f"rollout run: the job's process ended before it could report (killed by SIGKILL, pid {job}); ")
+        f"rollout run: the job's process ended before it could report (killed by SIGKILL, pid {job}); "
+    )
     assert "the same command resumes from the newest checkpoint" in err
 
 

@@ -11,7 +11,7 @@ import pytest
 from tracker_readers import mlflow_run, tensorboard_scalars, wandb_offline
 
 from contracts.config import ConfigError
-from contracts.config_load import check, load_config, to_yaml
+from contracts.config.load import check, load_config, to_yaml
 from rollout.driver.trackers import SampleTable, TrackedRun
 from rollout.driver.tracking import Tracking, figures_of, sample_table
 
@@ -25,8 +25,15 @@ def track(run_dir, iterations, overrides=ALL, timeout_s=None):
     log = io.StringIO()
     tracking = Tracking(cfg.tracking, run, log)
     for i in iterations:
-        metrics = {"iteration": i, "samples": 32, "reward_mean": 0.1 * i, "reward/arithmetic": 0.5, "time/generate": 1.0,
-                   "restarts/rollout": 0, "kl": float("nan")}
+        metrics = {
+            "iteration": i,
+            "samples": 32,
+            "reward_mean": 0.1 * i,
+            "reward/arithmetic": 0.5,
+            "time/generate": 1.0,
+            "restarts/rollout": 0,
+            "kl": float("nan"),
+        }
         table = SampleTable(["prompt", "reward"], [["1+1=", 1.0]]) if tracking.wants_samples(i) else None
         tracking.log_iteration(metrics, table)
     tracking.close()
@@ -61,15 +68,27 @@ def test_three_backends_hold_every_figure_at_every_step_and_a_resume_continues_t
 def test_an_mlflow_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here
     store = tmp_path / "stores" / "mlflow.db"
-    assert track(tmp_path / "run", range(1), ["tracking.backends=[mlflow]",
-                                                f"tracking.mlflow.tracking_uri=sqlite:///{store}"]) == ""
+    assert (
+        track(
+            tmp_path / "run",
+            range(1),
+            ["tracking.backends=[mlflow]", f"tracking.mlflow.tracking_uri=sqlite:///{store}"],
+        )
+        == ""
+    )
     assert (tmp_path / "stores" / "mlflow-artifacts").is_dir() and not (tmp_path / "mlruns").exists()
 
 
 def test_a_backend_that_cannot_start_is_one_warning_and_the_others_go_on(tmp_path):
     (tmp_path / "a-file").write_text("")  # the store's directory would have to be inside a file
-    log = track(tmp_path, range(3), ["tracking.backends=[mlflow,tensorboard]",
-                                     f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/a-file/mlflow.db"])
+    log = track(
+        tmp_path,
+        range(3),
+        [
+            "tracking.backends=[mlflow,tensorboard]",
+            f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/a-file/mlflow.db",
+        ],
+    )
     [line] = log.splitlines()
     assert line.startswith("tracking: mlflow failed starting (") and "going on without it" in line
     scalars, _ = tensorboard_scalars(tmp_path / "tensorboard")
@@ -81,10 +100,16 @@ def test_a_tracker_server_that_never_answers_holds_up_the_end_by_timeout_s_only(
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        log = track(tmp_path, range(2), ["tracking.backends=[tensorboard,mlflow]", f"tracking.mlflow.tracking_uri={uri}"],
-                    timeout_s=2)
-    assert log.splitlines() == ["tracking: mlflow did not finish starting within tracking.timeout_s (2s); "
-                                "leaving without it (metrics.jsonl has every figure)"]
+        log = track(
+            tmp_path,
+            range(2),
+            ["tracking.backends=[tensorboard,mlflow]", f"tracking.mlflow.tracking_uri={uri}"],
+            timeout_s=2,
+        )
+    assert log.splitlines() == [
+        "tracking: mlflow did not finish starting within tracking.timeout_s (2s); "
+        "leaving without it (metrics.jsonl has every figure)"
+    ]
 
 
 def test_no_backends_start_nothing(tmp_path):
@@ -100,16 +125,32 @@ def test_backends_are_checked_at_load():
 
 
 def test_figures_are_the_finite_numbers_without_the_step():
-    assert figures_of({"iteration": 3, "a": 1, "b": float("inf"), "c": "text", "d": True, "e": 0.5}) == \
-        {"a": 1.0, "e": 0.5}
+    assert figures_of({"iteration": 3, "a": 1, "b": float("inf"), "c": "text", "d": True, "e": 0.5}) == {
+        "a": 1.0,
+        "e": 0.5,
+    }
 
 
 def test_sample_table_joins_texts_and_reward_components():
-    texts = pa.record_batch({"prompt_id": ["p0", "p1"], "sample_index": [0, 1], "prompt": ["1+1=", "2+2="],
-                             "response": ["2", "5"], "finish_reason": ["stop", "length"]})
+    texts = pa.record_batch(
+        {
+            "prompt_id": ["p0", "p1"],
+            "sample_index": [0, 1],
+            "prompt": ["1+1=", "2+2="],
+            "response": ["2", "5"],
+            "finish_reason": ["stop", "length"],
+        }
+    )
     components = pa.StructArray.from_arrays([pa.array([1.0, float("nan")], pa.float32())], ["arithmetic"])
     rewards = pa.record_batch({"reward": pa.array([1.0, 0.0], pa.float32()), "reward_components": components})
     table = sample_table(texts, rewards, rows=5)
-    assert table.columns == ["prompt_id", "sample_index", "prompt", "response", "finish_reason", "reward",
-                             "reward/arithmetic"]
+    assert table.columns == [
+        "prompt_id",
+        "sample_index",
+        "prompt",
+        "response",
+        "finish_reason",
+        "reward",
+        "reward/arithmetic",
+    ]
     assert table.rows == [["p0", 0, "1+1=", "2", "stop", 1.0, 1.0], ["p1", 1, "2+2=", "5", "length", 0.0, None]]

@@ -9,8 +9,16 @@ from contracts.formats import PromptRecord
 from rollout.offline.validate import detect_data_kind, reason_category, validate_files
 
 DATA = Path(__file__).parent / "data"
-VALID = ["sft_seed.jsonl", "xtuner_seed.json", "xtuner.jsonl", "chat.jsonl", "mixed_prompts.jsonl",
-         "pairwise_seed.jsonl", "multi_choice.jsonl", "scored.jsonl"]
+VALID = [
+    "sft_seed.jsonl",
+    "xtuner_seed.json",
+    "xtuner.jsonl",
+    "chat.jsonl",
+    "mixed_prompts.jsonl",
+    "pairwise_seed.jsonl",
+    "multi_choice.jsonl",
+    "scored.jsonl",
+]
 
 
 def data(name: str) -> str:
@@ -26,21 +34,31 @@ def run(paths: list[str], **kwargs) -> tuple[int, list[str]]:
 def test_valid_files_pass_with_a_summary_and_no_reports():
     code, lines = run([data(n) for n in VALID])
     assert code == 0
-    assert lines == [f"{data('sft_seed.jsonl')}: 5 records, 0 bad",
-                     f"{data('xtuner_seed.json')}: 4 records, 0 bad",
-                     f"{data('xtuner.jsonl')}: 2 records, 0 bad",
-                     f"{data('chat.jsonl')}: 3 records, 0 bad",
-                     f"{data('mixed_prompts.jsonl')}: 3 records, 0 bad",
-                     f"{data('pairwise_seed.jsonl')}: 2 records, 0 bad",
-                     f"{data('multi_choice.jsonl')}: 2 records, 0 bad",
-                     f"{data('scored.jsonl')}: 3 records, 0 bad"]
+    assert lines == [
+        f"{data('sft_seed.jsonl')}: 5 records, 0 bad",
+        f"{data('xtuner_seed.json')}: 4 records, 0 bad",
+        f"{data('xtuner.jsonl')}: 2 records, 0 bad",
+        f"{data('chat.jsonl')}: 3 records, 0 bad",
+        f"{data('mixed_prompts.jsonl')}: 3 records, 0 bad",
+        f"{data('pairwise_seed.jsonl')}: 2 records, 0 bad",
+        f"{data('multi_choice.jsonl')}: 2 records, 0 bad",
+        f"{data('scored.jsonl')}: 3 records, 0 bad",
+    ]
 
 
-@pytest.mark.parametrize("name, kind", [
-    ("sft_seed.jsonl", "prompt"), ("xtuner_seed.json", "prompt"), ("chat.jsonl", "prompt"),
-    ("pairwise_seed.jsonl", "preference"), ("multi_choice.jsonl", "preference"), ("scored.jsonl", "preference"),
-    ("bad_preferences.jsonl", "preference"), ("bad_prompts.jsonl", "prompt"),
-])
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("sft_seed.jsonl", "prompt"),
+        ("xtuner_seed.json", "prompt"),
+        ("chat.jsonl", "prompt"),
+        ("pairwise_seed.jsonl", "preference"),
+        ("multi_choice.jsonl", "preference"),
+        ("scored.jsonl", "preference"),
+        ("bad_preferences.jsonl", "preference"),
+        ("bad_prompts.jsonl", "prompt"),
+    ],
+)
 def test_file_kind_comes_from_the_first_recognised_record(name, kind):
     assert detect_data_kind(data(name)) == kind
 
@@ -75,9 +93,11 @@ def test_bad_preference_file_counts_by_reason():
     f = data("bad_preferences.jsonl")
     code, lines = run([f])
     assert code == 1
-    assert lines[:3] == [f'{f}:2: field "label" is 2, out of range for 2 responses (0..1)',
-                         f'{f}:3: field "label" must be an int, got bool',
-                         f'{f}:4: missing field "label"']
+    assert lines[:3] == [
+        f'{f}:2: field "label" is 2, out of range for 2 responses (0..1)',
+        f'{f}:3: field "label" must be an int, got bool',
+        f'{f}:4: missing field "label"',
+    ]
     assert lines[-2:] == [
         f"{f}: 15 records, 13 bad",
         "bad records by reason: non-numeric score 3, wrong type 3, label out of range 2, missing field 2, "
@@ -85,16 +105,19 @@ def test_bad_preference_file_counts_by_reason():
     ]
 
 
-@pytest.mark.parametrize("name, reports", [
-    ("bad_utf8.jsonl", ["2: not valid UTF-8 (byte 0xe9)", "4: not valid UTF-8 (byte 0xe5)"]),
-    ("bad_utf8.json", ["4: not valid UTF-8 (byte 0xff)"]),
-    ("truncated.json", ["13: invalid JSON: unexpected end of file, the record starting at line 10 is not closed"]),
-    ("garbled.json", ["7: invalid JSON: Expecting ',' delimiter (column 40)"]),
-])
+@pytest.mark.parametrize(
+    "name, reports",
+    [
+        ("bad_utf8.jsonl", ["2: not valid UTF-8 (byte 0xe9)", "4: not valid UTF-8 (byte 0xe5)"]),
+        ("bad_utf8.json", ["4: not valid UTF-8 (byte 0xff)"]),
+        ("truncated.json", ["13: invalid JSON: unexpected end of file, the record starting at line 10 is not closed"]),
+        ("garbled.json", ["7: invalid JSON: Expecting ',' delimiter (column 40)"]),
+    ],
+)
 def test_unreadable_records_are_reported_with_their_line(name, reports):
     code, lines = run([data(name)])
     assert code == 1
-    assert lines[:len(reports)] == [f"{data(name)}:{r}" for r in reports]
+    assert lines[: len(reports)] == [f"{data(name)}:{r}" for r in reports]
     assert lines[len(reports)].startswith(f"{data(name)}: ")
 
 
@@ -104,9 +127,7 @@ def test_missing_and_empty_files_fail_but_the_others_are_still_checked(tmp_path)
     missing = str(tmp_path / "missing.jsonl")
     code, lines = run([missing, str(empty), data("scored.jsonl")])
     assert code == 1
-    assert lines == [f"{missing}: no such file",
-                     f"{empty}: no records",
-                     f"{data('scored.jsonl')}: 3 records, 0 bad"]
+    assert lines == [f"{missing}: no such file", f"{empty}: no records", f"{data('scored.jsonl')}: 3 records, 0 bad"]
 
 
 def test_a_directory_is_not_a_data_file(tmp_path):
@@ -122,9 +143,11 @@ def test_prompts_longer_than_the_maximum_are_reported():
     f = data("sft_seed.jsonl")
     code, lines = run([f], prompt_length=characters, max_prompt_tokens=50)
     assert code == 1
-    assert lines == [f"{f}:3: prompt is 84 tokens, longer than the maximum 50",
-                     f"{f}: 5 records, 1 bad",
-                     "bad records by reason: prompt too long 1"]
+    assert lines == [
+        f"{f}:3: prompt is 84 tokens, longer than the maximum 50",
+        f"{f}: 5 records, 1 bad",
+        "bad records by reason: prompt too long 1",
+    ]
     assert run([f], prompt_length=characters, max_prompt_tokens=84)[0] == 0
 
 
@@ -144,22 +167,27 @@ def test_a_prompt_the_template_cannot_render_is_a_bad_record():
     assert lines[0] == f"{f}:1: prompt could not be rendered: ValueError: System role not supported"
 
 
-@pytest.mark.parametrize("reason, category", [
-    ("not valid UTF-8 (byte 0xff)", "not UTF-8"),
-    ("invalid JSON: Expecting value (column 1)", "bad JSON"),
-    ('missing field "prompt"', "missing field"),
-    ("conversation[1].input is missing", "missing field"),
-    ('field "prompt" must be a string, got int', "wrong type"),
-    ('field "prompt" is empty', "empty text"),
-    ('field "label" is 2, out of range for 2 responses (0..1)', "label out of range"),
-    ('field "responses" must have at least 2 responses, got 1', "fewer than 2 responses"),
-    ('field "score_a" must be a number, got string', "non-numeric score"),
-    ('field "score_a" must be a finite number, got NaN', "non-numeric score"),
-    ("prompt is 300 tokens, longer than the maximum 128", "prompt too long"),
-    ("messages[2].role must be assistant, got user (turns alternate user/assistant, starting with user)",
-     "bad turn order"),
-    ('messages[0].role must be one of system/user/assistant, got "bot"', "bad role"),
-    ("record must be a JSON object, got list", "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "reason, category",
+    [
+        ("not valid UTF-8 (byte 0xff)", "not UTF-8"),
+        ("invalid JSON: Expecting value (column 1)", "bad JSON"),
+        ('missing field "prompt"', "missing field"),
+        ("conversation[1].input is missing", "missing field"),
+        ('field "prompt" must be a string, got int', "wrong type"),
+        ('field "prompt" is empty', "empty text"),
+        ('field "label" is 2, out of range for 2 responses (0..1)', "label out of range"),
+        ('field "responses" must have at least 2 responses, got 1', "fewer than 2 responses"),
+        ('field "score_a" must be a number, got string', "non-numeric score"),
+        ('field "score_a" must be a finite number, got NaN', "non-numeric score"),
+        ("prompt is 300 tokens, longer than the maximum 128", "prompt too long"),
+        (
+            "messages[2].role must be assistant, got user (turns alternate user/assistant, starting with user)",
+            "bad turn order",
+        ),
+        ('messages[0].role must be one of system/user/assistant, got "bot"', "bad role"),
+        ("record must be a JSON object, got list", "not a JSON object"),
+    ],
+)
 def test_reason_categories(reason, category):
     assert reason_category(reason) == category

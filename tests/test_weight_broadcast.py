@@ -16,13 +16,18 @@ def test_buckets_hold_at_most_the_limit_and_a_larger_tensor_goes_alone():
     assert [[s.name for s in b.tensors] for b in plan.buckets] == [["a", "b"], ["big"], ["c"]]
     assert plan.buckets[0].tensors[1].offset == ALIGN  # 40 bytes of "a", rounded up
     assert [b.nbytes for b in plan.buckets] == [ALIGN + 48, 400, 8]
-    assert plan_buckets(shapes, "bfloat16", bucket_bytes=10**6).buckets[0].nbytes == 6 * ALIGN + 4  # big (200 bytes) at 128, c at 384
+    assert (
+        plan_buckets(shapes, "bfloat16", bucket_bytes=10**6).buckets[0].nbytes == 6 * ALIGN + 4
+    )  # big (200 bytes) at 128, c at 384
 
 
 def _weights() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"embed": torch.randn(7, 5, generator=g), "norm": torch.randn(5, generator=g),
-            "head": torch.randn(3, 5, generator=g)}
+    return {
+        "embed": torch.randn(7, 5, generator=g),
+        "norm": torch.randn(5, generator=g),
+        "head": torch.randn(3, 5, generator=g),
+    }
 
 
 def _member(rank: int, world: int, port: int, plan, die_after: int | None, out) -> None:
@@ -43,6 +48,7 @@ def _member(rank: int, world: int, port: int, plan, die_after: int | None, out) 
         for i, (name, tensor) in enumerate(group.receive(plan)):
             if die_after is not None and i == die_after:
                 import os
+
                 os._exit(1)  # a worker killed mid-sync
             got[name] = tensor.clone()
         out.put((rank, "received", {k: v.tolist() for k, v in got.items()}))

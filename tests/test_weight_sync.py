@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from contracts.builtin_model import build_builtin
-from contracts.config_load import load_config
+from contracts.config.load import load_config
 from contracts.rendering import PromptTask
 from contracts.schema import from_record_batch
 from rollout.driver.learner_group import LearnerGroup
@@ -35,26 +35,43 @@ def other_weights(path, tmp_path):
     copy = tmp_path / "other"
     shutil.copytree(path, copy)
     g = torch.Generator().manual_seed(1)
-    weights = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in load_file(f"{copy}/model.safetensors").items()}
+    weights = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in load_file(f"{copy}/model.safetensors").items()
+    }
     save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
     return str(copy)
 
 
 def outputs(pool, iteration):
     tasks = [PromptTask(prompt_id=f"p{i}", prompt="x", prompt_ids=[1, 4, 27, 16, 27 + i, 34, 204, 5]) for i in range(4)]
-    rows = [r for c in pool.submit(tasks, run_id="r", iteration=iteration).collect()
-            for r in from_record_batch(ray.get(c.batch, timeout=120))]
+    rows = [
+        r
+        for c in pool.submit(tasks, run_id="r", iteration=iteration).collect()
+        for r in from_record_batch(ray.get(c.batch, timeout=120))
+    ]
     return sorted((r.prompt_id, r.sample_index, tuple(r.response_ids), tuple(r.response_logprobs)) for r in rows)
 
 
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"])
 def test_a_collective_sync_gives_the_engine_outputs_of_an_object_store_sync(local_ray, family, tmp_path):
     path = str(build_builtin(family))
-    cfg = load_config(None, [f"model.path={path}", "rollout.device=cpu", "learner.device=cpu", "rollout.max_model_len=64",
-                             "rollout.n_samples=2", "rollout.sampling.max_tokens=6", "rollout.sampling.seed=3",
-                             "rollout.num_cpus_per_worker=0.5", "learner.num_cpus_per_rank=0.5",
-                             "rollout.weight_sync=collective", "rollout.weight_sync_bucket_mb=0.05",
-                             "rollout.weight_sync_timeout_s=60"])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={path}",
+            "rollout.device=cpu",
+            "learner.device=cpu",
+            "rollout.max_model_len=64",
+            "rollout.n_samples=2",
+            "rollout.sampling.max_tokens=6",
+            "rollout.sampling.seed=3",
+            "rollout.num_cpus_per_worker=0.5",
+            "learner.num_cpus_per_rank=0.5",
+            "rollout.weight_sync=collective",
+            "rollout.weight_sync_bucket_mb=0.05",
+            "rollout.weight_sync_timeout_s=60",
+        ],
+    )
     learner = LearnerGroup(cfg, path)  # holds the builtin's weights
     pool = WorkerPool(cfg, other_weights(path, tmp_path))
     try:
@@ -79,8 +96,11 @@ def test_a_collective_sync_gives_the_engine_outputs_of_an_object_store_sync(loca
         assert pool.version == 3 and outputs(pool, 0) == collective
         pool.probe.expect(4, [p + 1.0 for p in probe])  # as if the engine had loaded something else
         pool.queue_newest(4)
-        with pytest.raises(WeightSyncError, match=r"rollout-0 serves version 4, but its logprobs of the probe tokens "
-                                                  r"differ from the learner's by up to 1 \(rollout.weight_sync_max"):
+        with pytest.raises(
+            WeightSyncError,
+            match=r"rollout-0 serves version 4, but its logprobs of the probe tokens "
+            r"differ from the learner's by up to 1 \(rollout.weight_sync_max",
+        ):
             pool.confirm_weights()
     finally:
         pool.shutdown()
@@ -101,10 +121,22 @@ def _wait_until_arrived(pool, step: str, count: int) -> None:
 
 def two_worker_pool(tmp_path, *settings):
     path = str(build_builtin("tiny-llama"))
-    cfg = load_config(None, [f"model.path={path}", "rollout.device=cpu", "learner.device=cpu", "rollout.max_model_len=64",
-                             "rollout.num_workers=2", "rollout.n_samples=2", "rollout.sampling.max_tokens=6",
-                             "rollout.num_cpus_per_worker=0.5", "learner.num_cpus_per_rank=0.5",
-                             "rollout.weight_sync=collective", *settings])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={path}",
+            "rollout.device=cpu",
+            "learner.device=cpu",
+            "rollout.max_model_len=64",
+            "rollout.num_workers=2",
+            "rollout.n_samples=2",
+            "rollout.sampling.max_tokens=6",
+            "rollout.num_cpus_per_worker=0.5",
+            "learner.num_cpus_per_rank=0.5",
+            "rollout.weight_sync=collective",
+            *settings,
+        ],
+    )
     learner = LearnerGroup(cfg, path)
     pool = WorkerPool(cfg, other_weights(path, tmp_path))
     pool.use_learner(learner)
@@ -116,8 +148,9 @@ def test_a_worker_killed_in_a_collective_sync_fails_it_within_the_timeout_naming
     left the pool fails naming the worker (with restarts, the next test: everyone gets the weights)."""
     from rollout.generation.pool import WorkerStartError
 
-    pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=20",
-                                    "ray.actor_start_timeout_s=60")
+    pool, learner = two_worker_pool(
+        tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=20", "ray.actor_start_timeout_s=60"
+    )
     try:
         pid = _pid(pool.workers[1])
         os.kill(pid, signal.SIGSTOP)  # hung first, so that the others are inside the sync when it dies
@@ -165,8 +198,11 @@ def test_a_hung_worker_fails_a_collective_sync_within_the_timeout_naming_it(loca
         os.kill(pid, signal.SIGSTOP)
         pool.queue_newest(1)
         start = time.monotonic()
-        with pytest.raises(WeightSyncError, match=r"within rollout.weight_sync_timeout_s \(5s\).*never joined the "
-                                                  r"group: rollout-0$"):
+        with pytest.raises(
+            WeightSyncError,
+            match=r"within rollout.weight_sync_timeout_s \(5s\).*never joined the "
+            r"group: rollout-0$",
+        ):
             pool.confirm_weights()
         assert time.monotonic() - start < 15
     finally:
@@ -176,12 +212,20 @@ def test_a_hung_worker_fails_a_collective_sync_within_the_timeout_naming_it(loca
 
 
 def test_a_worker_restarted_while_a_collective_sync_waits_gets_the_weights_and_the_group_forms_again(
-        local_ray, tmp_path):
-    pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=1", "rollout.weight_sync_timeout_s=120",
-                                    "rollout.sampling.max_tokens=40", "rollout.max_model_len=64")
+    local_ray, tmp_path
+):
+    pool, learner = two_worker_pool(
+        tmp_path,
+        "rollout.max_restarts=1",
+        "rollout.weight_sync_timeout_s=120",
+        "rollout.sampling.max_tokens=40",
+        "rollout.max_model_len=64",
+    )
     try:
-        tasks = [PromptTask(prompt_id=f"p{i}", prompt="x", prompt_ids=[1, 4, 27, 16, 27 + i % 7, 34, 204, 5])
-                 for i in range(64)]
+        tasks = [
+            PromptTask(prompt_id=f"p{i}", prompt="x", prompt_ids=[1, 4, 27, 16, 27 + i % 7, 34, 204, 5])
+            for i in range(64)
+        ]
         pid = _pid(pool.workers[1])  # asked first: the actor answers calls in order
         launch = pool.submit(tasks, run_id="r", iteration=0)
         pool.queue_newest(1)  # behind the generation: called off when rollout-1 dies in it

@@ -42,8 +42,8 @@ def wandb_records(path: Path):
         if _BLOCK - position % _BLOCK < _HEADER:  # a block's tail too short for a header is padding
             position += _BLOCK - position % _BLOCK
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[position:position + _HEADER])
-        fragments.append(data[position + _HEADER:position + _HEADER + length])
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + _HEADER])
+        fragments.append(data[position + _HEADER : position + _HEADER + length])
         position += _HEADER + length
         if kind in (_FULL, _LAST):
             record = wandb_internal_pb2.Record()
@@ -61,8 +61,9 @@ def wandb_offline(run_dir: Path, run_id: str) -> tuple[list[dict], dict]:
         for record in wandb_records(file):
             kind = record.WhichOneof("record_type")
             if kind == "history":
-                history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                for item in record.history.item})
+                history.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
             elif kind == "run":
                 config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
             elif kind == "config":

@@ -96,15 +96,22 @@ def stalled_message(name: str, timeout_s: float, setting: str, then: str) -> str
     return f"{name}: no progress for {timeout_s:g}s ({setting}); {then}"
 
 
-def wait_watched(pending: dict[ray.ObjectRef, str], actors: dict[str, ray.actor.ActorHandle], watch: StallWatch,
-                 timeout_s: float, on_stalled, what: str) -> bool:
+def wait_watched(
+    pending: dict[ray.ObjectRef, str],
+    actors: dict[str, ray.actor.ActorHandle],
+    watch: StallWatch,
+    timeout_s: float,
+    on_stalled,
+    what: str,
+) -> bool:
     """Wait for every ref of `pending` (ref -> name of the actor doing it), calling `on_stalled(name)`
     for an actor that holds one and made no progress; False if `timeout_s` passed first."""
     left, deadline = dict(pending), time.monotonic() + timeout_s
     patience = Patience()
     while left:
-        done, _ = ray.wait(list(left), num_returns=len(left),
-                           timeout=max(0.0, min(POLL_S, deadline - time.monotonic())))
+        done, _ = ray.wait(
+            list(left), num_returns=len(left), timeout=max(0.0, min(POLL_S, deadline - time.monotonic()))
+        )
         for ref in done:
             del left[ref]
         if not left:

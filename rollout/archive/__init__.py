@@ -16,6 +16,18 @@ from rollout.archive.reader import (
 )
 from rollout.archive.writer import ArchiveWriteError, ArchiveWriter
 
-__all__ = ["ArchiveCorruptError", "ArchiveCutWarning", "ArchiveWriteError", "ArchiveWriter", "archive_files",
-           "iter_batches", "last_archived_iteration", "read_file_metadata", "read_metadata", "read_run_metrics",
-           "read_schema", "read_table", "run_dir_of"]
+__all__ = [
+    "ArchiveCorruptError",
+    "ArchiveCutWarning",
+    "ArchiveWriteError",
+    "ArchiveWriter",
+    "archive_files",
+    "iter_batches",
+    "last_archived_iteration",
+    "read_file_metadata",
+    "read_metadata",
+    "read_run_metrics",
+    "read_schema",
+    "read_table",
+    "run_dir_of",
+]

@@ -22,18 +22,21 @@ from contracts.schema import REWARD_FIELDS, archive_schema
 from learner.samples import LearnerColumns, SampleBatch, flatten
 
 LEARNER_FIELDS = ("ref_logprobs", "values", "kl", "token_rewards", "advantages", "returns")  # per token
-GENERATION_SCHEMA = pa.schema([f for f in archive_schema(()) if f.name not in (*REWARD_FIELDS, *LEARNER_FIELDS,
-                                                                                "kl_coef")])
+GENERATION_SCHEMA = pa.schema(
+    [f for f in archive_schema(()) if f.name not in (*REWARD_FIELDS, *LEARNER_FIELDS, "kl_coef")]
+)
 
 
 def list_array(flat: np.ndarray, offsets: np.ndarray, kind: pa.ListType) -> pa.ListArray:
     """A list column from one value buffer and (N + 1,) offsets, without copying the values."""
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)),
-                                    pa.array(flat, type=kind.value_type))
+    return pa.ListArray.from_arrays(
+        pa.array(offsets.astype(np.int32, copy=False)), pa.array(flat, type=kind.value_type)
+    )
 
 
-def generation_batch(tasks, completions, *, run_id: str, iteration: int, policy_version: int, worker: str,
-                     generated_at: dt.datetime) -> pa.RecordBatch:
+def generation_batch(
+    tasks, completions, *, run_id: str, iteration: int, policy_version: int, worker: str, generated_at: dt.datetime
+) -> pa.RecordBatch:
     """One row per (task, completion): `completions[i]` holds the engine's samples for `tasks[i]`."""
     pairs = [(task, i, c) for task, samples in zip(tasks, completions) for i, c in enumerate(samples)]
     n = len(pairs)
@@ -80,17 +83,30 @@ def sample_batch(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch
     prompt_ids, prompt_offsets = _concat(generations, "prompt_ids")
     response_ids, response_offsets = _concat(generations, "response_ids")
     behaviour, _ = _concat(generations, "response_logprobs")
-    scores = np.concatenate([r.column("reward").to_numpy(zero_copy_only=False) for r in rewards]) \
-        if rewards else np.zeros(0, dtype=np.float32)
+    scores = (
+        np.concatenate([r.column("reward").to_numpy(zero_copy_only=False) for r in rewards])
+        if rewards
+        else np.zeros(0, dtype=np.float32)
+    )
     ids = pa.chunked_array([g.column("prompt_id") for g in generations], pa.string())
     groups = pc.dictionary_encode(ids).combine_chunks().indices.to_numpy().astype(np.int64)
-    return SampleBatch(prompt_ids.astype(np.int32, copy=False), prompt_offsets,
-                       response_ids.astype(np.int32, copy=False), response_offsets,
-                       behaviour.astype(np.float32, copy=False), scores.astype(np.float32, copy=False), groups)
+    return SampleBatch(
+        prompt_ids.astype(np.int32, copy=False),
+        prompt_offsets,
+        response_ids.astype(np.int32, copy=False),
+        response_offsets,
+        behaviour.astype(np.float32, copy=False),
+        scores.astype(np.float32, copy=False),
+        groups,
+    )
 
 
-def archive_batches(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch] | None,
-                    learner: LearnerColumns | None, components: tuple[str, ...]) -> list[pa.RecordBatch]:
+def archive_batches(
+    generations: list[pa.RecordBatch],
+    rewards: list[pa.RecordBatch] | None,
+    learner: LearnerColumns | None,
+    components: tuple[str, ...],
+) -> list[pa.RecordBatch]:
     """Generation, reward and learner columns joined into `archive_schema(components)` batches, one
     per generation batch.
 
@@ -103,8 +119,9 @@ def archive_batches(generations: list[pa.RecordBatch], rewards: list[pa.RecordBa
         columns = {name: gen.column(name) for name in GENERATION_SCHEMA.names}
         reward = rewards[i] if rewards is not None else None
         for name in REWARD_FIELDS:
-            columns[name] = reward.column(name) if reward is not None else pa.nulls(gen.num_rows,
-                                                                                    schema.field(name).type)
+            columns[name] = (
+                reward.column(name) if reward is not None else pa.nulls(gen.num_rows, schema.field(name).type)
+            )
         _, offsets = _values_and_offsets(gen.column("response_ids"))
         tokens = int(offsets[-1])
         for name in LEARNER_FIELDS:
@@ -112,10 +129,13 @@ def archive_batches(generations: list[pa.RecordBatch], rewards: list[pa.RecordBa
             if learner is None:
                 columns[name] = pa.nulls(gen.num_rows, kind)
             else:
-                flat = getattr(learner, name)[token_base:token_base + tokens]
+                flat = getattr(learner, name)[token_base : token_base + tokens]
                 columns[name] = list_array(flat, offsets, kind)
-        columns["kl_coef"] = (pa.nulls(gen.num_rows, pa.float32()) if learner is None
-                              else pa.array(np.full(gen.num_rows, learner.kl_coef, dtype=np.float32)))
+        columns["kl_coef"] = (
+            pa.nulls(gen.num_rows, pa.float32())
+            if learner is None
+            else pa.array(np.full(gen.num_rows, learner.kl_coef, dtype=np.float32))
+        )
         token_base += tokens
         out.append(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
     if learner is not None and token_base != len(learner.returns):

@@ -45,10 +45,16 @@ def library_versions() -> dict[str, str]:
 def git_commit(root: Path = PROJECT_ROOT) -> dict[str, Any] | None:
     """The project's commit and whether its tracked files differ from it; None outside a git checkout."""
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(status.strip())}
@@ -91,11 +97,20 @@ class RunManifest:
             try:
                 self.data = json.loads(self.path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as e:
-                raise RuntimeError(f"{self.path}: unreadable run manifest ({e}); move it aside to start a new one") \
-                    from None
+                raise RuntimeError(
+                    f"{self.path}: unreadable run manifest ({e}); move it aside to start a new one"
+                ) from None
 
-    def start(self, *, config_yaml: str, seeds: dict[str, Any], model: str, schema_version: int,
-              resumed_from: dict[str, Any] | None, reason: str | None = None) -> dict[str, Any]:
+    def start(
+        self,
+        *,
+        config_yaml: str,
+        seeds: dict[str, Any],
+        model: str,
+        schema_version: int,
+        resumed_from: dict[str, Any] | None,
+        reason: str | None = None,
+    ) -> dict[str, Any]:
         """Record a start of the run; returns its entry (also what the archive's metadata carries).
 
         Iterations an earlier start trained after the checkpoint this one resumes from (or all of
@@ -104,14 +119,17 @@ class RunManifest:
         kept_through = resumed_from["iteration"] if resumed_from is not None else -1
         for it in self.data["iterations"]:
             if it["iteration"] > kept_through and not it.get("update_lost"):
-                it["update_lost"] = f"start {len(starts)} resumed from " + \
-                    (resumed_from["checkpoint"] if resumed_from is not None else "no checkpoint")
+                it["update_lost"] = f"start {len(starts)} resumed from " + (
+                    resumed_from["checkpoint"] if resumed_from is not None else "no checkpoint"
+                )
         earlier = next((s["model"] for s in reversed(starts) if s["model"]["path"] == model), None)
         model_entry = model_hash(model, earlier)
         lineage = [f"model {model} sha256:{(model_entry['sha256'] or 'none')[:16]}"]
         if resumed_from is not None:
-            saved_by = next((it for it in reversed(self.data["iterations"])
-                             if it.get("checkpoint") == resumed_from["checkpoint"]), None)
+            saved_by = next(
+                (it for it in reversed(self.data["iterations"]) if it.get("checkpoint") == resumed_from["checkpoint"]),
+                None,
+            )
             if saved_by is not None and saved_by["start"] < len(starts):
                 lineage = list(starts[saved_by["start"]]["lineage"])
             lineage.append(f"checkpoint {resumed_from['checkpoint']} (policy version {resumed_from['policy_version']})")
@@ -136,25 +154,33 @@ class RunManifest:
         self.save()
         return entry
 
-    def start_run(self, cfg, model: str, resumed_from: dict[str, Any] | None = None,
-                  reason: str | None = None) -> dict[str, Any]:
+    def start_run(
+        self, cfg, model: str, resumed_from: dict[str, Any] | None = None, reason: str | None = None
+    ) -> dict[str, Any]:
         """`start` with what a job config says: its YAML, its seeds, the schema written."""
-        from contracts.config_load import to_yaml
+        from contracts.config.load import to_yaml
         from contracts.schema import SCHEMA_VERSION
 
-        return self.start(config_yaml=to_yaml(cfg), model=model, schema_version=SCHEMA_VERSION,
-                          seeds={"seed": cfg.seed, "sampling_seed": cfg.rollout.sampling.seed},
-                          resumed_from=resumed_from, reason=reason)
+        return self.start(
+            config_yaml=to_yaml(cfg),
+            model=model,
+            schema_version=SCHEMA_VERSION,
+            seeds={"seed": cfg.seed, "sampling_seed": cfg.rollout.sampling.seed},
+            resumed_from=resumed_from,
+            reason=reason,
+        )
 
     def iteration(self, iteration: int, *, generated_by: list[int], policy_version: int) -> None:
         """An iteration was trained: its samples came from versions `generated_by`; the update made `policy_version`."""
-        self.data["iterations"].append({
-            "iteration": iteration,
-            "start": len(self.data["starts"]) - 1,
-            "generated_by": sorted(set(generated_by)),
-            "policy_version": policy_version,
-            "checkpoint": None,
-        })
+        self.data["iterations"].append(
+            {
+                "iteration": iteration,
+                "start": len(self.data["starts"]) - 1,
+                "generated_by": sorted(set(generated_by)),
+                "policy_version": policy_version,
+                "checkpoint": None,
+            }
+        )
         self.save()
 
     def checkpoint(self, iteration: int, name: str) -> None:
@@ -187,8 +213,9 @@ def read_manifest(archive: str | Path) -> dict[str, Any]:
             start = json.loads(metadata["manifest"])
             starts[start["start"]] = start
     if not starts:
-        raise FileNotFoundError(f"{archive}: no manifest.json beside it and none in its metadata (written before "
-                                "schema v2)")
+        raise FileNotFoundError(
+            f"{archive}: no manifest.json beside it and none in its metadata (written before schema v2)"
+        )
     return {"run_id": run_id, "starts": [starts[k] for k in sorted(starts)], "iterations": []}
 
 
@@ -212,6 +239,8 @@ def format_manifest(data: dict[str, Any]) -> str:
         made = f"generated by version {versions[0]}" if len(versions) == 1 else f"generated by versions {versions}"
         saved = f", saved as {it['checkpoint']}" if it.get("checkpoint") else ""
         lost = f"; update lost ({it['update_lost']})" if it.get("update_lost") else ""
-        lines.append(f"iter {it['iteration']}: start {it['start']}, {made}, update -> version "
-                     f"{it['policy_version']}{saved}{lost}")
+        lines.append(
+            f"iter {it['iteration']}: start {it['start']}, {made}, update -> version "
+            f"{it['policy_version']}{saved}{lost}"
+        )
     return "\n".join(lines) + "\n"

@@ -9,20 +9,31 @@ from __future__ import annotations
 import json
 
 from contracts.config import JobConfig
-from contracts.config_load import to_yaml
+from contracts.config.load import to_yaml
 
 
-def learner_settings(gamma: float, lam: float, kl_coef: float, kl_estimator: str,
-                     kl_target: float | None) -> dict[str, str]:
+def learner_settings(
+    gamma: float, lam: float, kl_coef: float, kl_estimator: str, kl_target: float | None
+) -> dict[str, str]:
     """What advantages and token rewards in the archive were computed with."""
-    return {"gamma": repr(gamma), "lam": repr(lam), "kl_coef": repr(kl_coef), "kl_estimator": kl_estimator,
-            "kl_target": repr(kl_target)}
+    return {
+        "gamma": repr(gamma),
+        "lam": repr(lam),
+        "kl_coef": repr(kl_coef),
+        "kl_estimator": kl_estimator,
+        "kl_target": repr(kl_target),
+    }
 
 
 def run_metadata(cfg: JobConfig, run_id: str, model: str, start: dict, *, learner: bool) -> dict[str, str]:
     """A run's (`learner` true) or a generation's metadata; `start` is its manifest entry (RunManifest)."""
-    metadata = {"manifest": json.dumps(start), "run_id": run_id, "model": model, "config": to_yaml(cfg),
-                "temperature": repr(cfg.rollout.sampling.temperature)}
+    metadata = {
+        "manifest": json.dumps(start),
+        "run_id": run_id,
+        "model": model,
+        "config": to_yaml(cfg),
+        "temperature": repr(cfg.rollout.sampling.temperature),
+    }
     if learner:
         lc = cfg.learner
         metadata.update(learner_settings(lc.gamma, lc.lam, lc.kl.coef, lc.kl.estimator, lc.kl.target))

@@ -82,10 +82,13 @@ def _file_batches(file: Path) -> Iterator[pa.RecordBatch]:
                 return
             except (pa.ArrowInvalid, OSError) as e:
                 if closed_whole:
-                    raise ArchiveCorruptError(f"{file}: record batch {index} cannot be read ({e}), though the "
-                                              "file was closed whole: it is corrupt") from None
-                warnings.warn(f"{file}: cut mid-batch ({e}); read up to its last complete batch",
-                              ArchiveCutWarning, stacklevel=3)
+                    raise ArchiveCorruptError(
+                        f"{file}: record batch {index} cannot be read ({e}), though the "
+                        "file was closed whole: it is corrupt"
+                    ) from None
+                warnings.warn(
+                    f"{file}: cut mid-batch ({e}); read up to its last complete batch", ArchiveCutWarning, stacklevel=3
+                )
                 return
             try:
                 batch.validate(full=True)
@@ -141,8 +144,11 @@ class _Reader:
         own = dict(zip((f.name for f in column.type), column.flatten()))
         fields = list(self.schema.field("reward_components").type)
         children = [own.get(f.name, pa.nulls(len(column), pa.float32())) for f in fields]
-        components = pa.StructArray.from_arrays(children, fields=fields, mask=column.is_null()) if fields else \
-            pa.array([{}] * len(column), pa.struct([]))
+        components = (
+            pa.StructArray.from_arrays(children, fields=fields, mask=column.is_null())
+            if fields
+            else pa.array([{}] * len(column), pa.struct([]))
+        )
         arrays = [components if f.name == "reward_components" else batch.column(f.name) for f in self.schema]
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
@@ -161,8 +167,7 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """The whole archive as one table (columns selectable, to keep replay and stats lean)."""
     reader = _Reader(path)
     schema = reader.schema if columns is None else pa.schema([reader.schema.field(c) for c in columns])
-    return pa.Table.from_batches(list(reader.batches(columns)), schema=schema).replace_schema_metadata(
-        reader.metadata)
+    return pa.Table.from_batches(list(reader.batches(columns)), schema=schema).replace_schema_metadata(reader.metadata)
 
 
 def last_archived_iteration(run_dir: str | Path) -> int:
@@ -187,6 +192,7 @@ def read_file_metadata(file: Path) -> dict[str, str]:
 
 
 # --- the run around the archive ------------------------------------------------------------------
+
 
 def run_dir_of(archive: str | Path) -> Path:
     """The run directory an archive belongs to: the parent of its `rollouts/` folder."""

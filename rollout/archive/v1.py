@@ -41,8 +41,9 @@ def map_keys(columns: Iterable[pa.MapArray]) -> list[str]:
     return list(seen)
 
 
-def kl_coefs(metadata: dict[str, str], run_metrics: dict[int, dict[str, Any]],
-             iterations: Iterable[int]) -> dict[int, float | None]:
+def kl_coefs(
+    metadata: dict[str, str], run_metrics: dict[int, dict[str, Any]], iterations: Iterable[int]
+) -> dict[int, float | None]:
     """The KL coefficient β the learner used in each iteration; None where it cannot be known."""
     iterations = list(iterations)
     if KL_COEFS_KEY in metadata:
@@ -96,15 +97,20 @@ def _kl(token_rewards: pa.ListArray, reward: pa.Array, beta: np.ndarray) -> pa.L
     """kl_t = −(r_t − [t last]·score) / β per row; null where r, the score or β (or β = 0) is missing."""
     offsets = np.asarray(token_rewards.offsets).astype(np.int64)
     lengths = np.diff(offsets)
-    values = token_rewards.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]].astype(np.float64)
+    values = token_rewards.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].astype(np.float64)
     score = reward.to_numpy(zero_copy_only=False).astype(np.float64)  # NaN where null
     has_last = lengths > 0
     last = (offsets[1:] - offsets[0] - 1)[has_last]
     values[last] -= score[has_last]
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = -values / np.repeat(beta, lengths)
-    missing = (token_rewards.is_null().to_numpy(zero_copy_only=False) | reward.is_null().to_numpy(zero_copy_only=False)
-               | np.isnan(beta) | (beta == 0))
+    missing = (
+        token_rewards.is_null().to_numpy(zero_copy_only=False)
+        | reward.is_null().to_numpy(zero_copy_only=False)
+        | np.isnan(beta)
+        | (beta == 0)
+    )
     new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(kl.astype(np.float32)),
-                                    mask=pa.array(missing) if missing.any() else None)
+    return pa.ListArray.from_arrays(
+        pa.array(new_offsets), pa.array(kl.astype(np.float32)), mask=pa.array(missing) if missing.any() else None
+    )

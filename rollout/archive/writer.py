@@ -39,13 +39,20 @@ class ArchiveWriter:
     Errors on that thread surface on the next `write`, `flush` or `close`.
     """
 
-    def __init__(self, directory: str | Path, metadata: dict[str, str], components: Sequence[str], *,
-                 batch_rows: int = 256, rows_per_file: int = 100_000, max_pending: int = 64):
+    def __init__(
+        self,
+        directory: str | Path,
+        metadata: dict[str, str],
+        components: Sequence[str],
+        *,
+        batch_rows: int = 256,
+        rows_per_file: int = 100_000,
+        max_pending: int = 64,
+    ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.components = tuple(components)
-        self.schema = archive_schema(self.components).with_metadata(
-            {**metadata, "schema_version": str(SCHEMA_VERSION)})
+        self.schema = archive_schema(self.components).with_metadata({**metadata, "schema_version": str(SCHEMA_VERSION)})
         self.batch_rows = batch_rows
         self.rows_per_file = rows_per_file
         self._next_file = _next_file_index(self.directory)
@@ -74,8 +81,10 @@ class ArchiveWriter:
 
     def _check_schema(self, batch: pa.RecordBatch) -> None:
         if not batch.schema.remove_metadata().equals(self.schema.remove_metadata()):
-            raise ValueError(f"batch schema differs from the archive schema v{SCHEMA_VERSION} of components "
-                             f"{list(self.components)}:\n{batch.schema.remove_metadata()}")
+            raise ValueError(
+                f"batch schema differs from the archive schema v{SCHEMA_VERSION} of components "
+                f"{list(self.components)}:\n{batch.schema.remove_metadata()}"
+            )
 
     def write_later(self, produce: Callable[[], list[pa.RecordBatch]]) -> None:
         """Queue a function that returns ready batches of the archive's schema; the writer thread calls it, so
@@ -109,8 +118,9 @@ class ArchiveWriter:
             return
         if isinstance(error, OSError):
             where = error.filename or self._path or self.directory
-            raise ArchiveWriteError(error.errno, f"archive write to {where} failed: {error.strerror or error}") \
-                from error
+            raise ArchiveWriteError(
+                error.errno, f"archive write to {where} failed: {error.strerror or error}"
+            ) from error
         raise RuntimeError(f"archive writer in {self.directory} failed: {error}") from error
 
     def _run(self) -> None:
@@ -189,5 +199,3 @@ class ArchiveWriter:
 def _next_file_index(directory: Path) -> int:
     indices = [int(p.stem.split("-")[1]) for p in directory.glob("part-*.arrow")]
     return max(indices, default=-1) + 1
-
-

@@ -19,8 +19,8 @@ from learner import checkpoint
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-AUTO = "auto"      # resume from the newest whole checkpoint in the run directory, if there is one
-NEVER = "never"    # start from the start model whatever the run directory holds
+AUTO = "auto"  # resume from the newest whole checkpoint in the run directory, if there is one
+NEVER = "never"  # start from the start model whatever the run directory holds
 
 
 class ResumeError(ValueError):
@@ -47,7 +47,7 @@ class Checkpoints:
         os.replace(partial, directory)
         _write_atomically(self.root / LATEST, directory.name)
         if self.keep_last is not None:
-            for old in self._whole_or_not()[self.keep_last:]:
+            for old in self._whole_or_not()[self.keep_last :]:
                 shutil.rmtree(old, ignore_errors=True)
         return directory
 
@@ -71,8 +71,11 @@ class Checkpoints:
                 return directory
             broken.append((directory.name, problem))
         for name, why in broken:
-            print(f"checkpoint {name} is broken ({why}) and no whole one is left: starting from the start model",
-                  file=log, flush=True)
+            print(
+                f"checkpoint {name} is broken ({why}) and no whole one is left: starting from the start model",
+                file=log,
+                flush=True,
+            )
         return None
 
     def _named_latest(self) -> str | None:

@@ -48,13 +48,23 @@ def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
     tokens, rewards = 0, []
     generation = pool.submit(tasks, run_id=run_id, iteration=0, scorers=scorers.workers, records=data.records_by_id)
     components = reward_components(cfg.reward)
-    with ArchiveWriter(out / "rollouts", metadata, components, batch_rows=cfg.archive.batch_rows,
-                       rows_per_file=cfg.archive.rows_per_file) as archive, \
-            tqdm(total=len(tasks) * cfg.rollout.n_samples, unit="sample", file=log, desc="generate") as bar:
+    with (
+        ArchiveWriter(
+            out / "rollouts",
+            metadata,
+            components,
+            batch_rows=cfg.archive.batch_rows,
+            rows_per_file=cfg.archive.rows_per_file,
+        ) as archive,
+        tqdm(total=len(tasks) * cfg.rollout.n_samples, unit="sample", file=log, desc="generate") as bar,
+    ):
         for chunk in generation.chunks():
             [reward], _ = scorers.scores([chunk], timeout, "the rewards of `rollout generate`")
-            archive.write_later(lambda batch=chunk.batch, reward=reward:
-                                archive_batches([ray.get(batch, timeout=timeout)], [reward], None, components))
+            archive.write_later(
+                lambda batch=chunk.batch, reward=reward: archive_batches(
+                    [ray.get(batch, timeout=timeout)], [reward], None, components
+                )
+            )
             rewards.append(reward.column("reward").to_numpy(zero_copy_only=False))
             tokens += chunk.summary.generated_tokens
             bar.update(chunk.summary.samples)
@@ -64,9 +74,18 @@ def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
     manifest.iteration(0, generated_by=[pool.version], policy_version=pool.version)
     seconds = time.perf_counter() - started
     all_rewards = np.concatenate(rewards) if rewards else np.zeros(0)
-    summary = {"samples": len(all_rewards), "prompts": len(tasks), "generated_tokens": tokens, "seconds": seconds,
-               "tokens_per_s": tokens / seconds, "reward_mean": float(all_rewards.mean()) if len(all_rewards) else 0.0}
-    print(f"generated {summary['samples']} samples ({len(tasks)} prompts x {cfg.rollout.n_samples}), "
-          f"{tokens} tokens in {seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s), "
-          f"mean reward {summary['reward_mean']:.3f} -> {out / 'rollouts'}", file=log)
+    summary = {
+        "samples": len(all_rewards),
+        "prompts": len(tasks),
+        "generated_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "reward_mean": float(all_rewards.mean()) if len(all_rewards) else 0.0,
+    }
+    print(
+        f"generated {summary['samples']} samples ({len(tasks)} prompts x {cfg.rollout.n_samples}), "
+        f"{tokens} tokens in {seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s), "
+        f"mean reward {summary['reward_mean']:.3f} -> {out / 'rollouts'}",
+        file=log,
+    )
     return summary

@@ -1,7 +1,7 @@
 """The PPO job (`rollout run`): the loop is a list of named steps; each step is a method of `Session`.
 
-    launch generation ahead -> collect (generate, reward) -> learn (values, advantages, update)
-    -> weight sync (queued behind generation in flight) -> archive (streamed) -> metrics -> checkpoint
+launch generation ahead -> collect (generate, reward) -> learn (values, advantages, update)
+-> weight sync (queued behind generation in flight) -> archive (streamed) -> metrics -> checkpoint
 """
 
 from __future__ import annotations

@@ -122,17 +122,25 @@ class LearnerGroup:
             raise LearnerError(
                 f"the learner's {lc.num_ranks} rank(s) x {bundle} could not be placed within "
                 f"ray.actor_start_timeout_s ({place_timeout_s:.0f}s); the cluster has {ray.available_resources()} free: lower "
-                "learner.num_ranks or learner.num_cpus_per_rank, or add nodes")
+                "learner.num_ranks or learner.num_cpus_per_rank, or add nodes"
+            )
         actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(_Rank)
         self.watch = StallWatch(lc.stall_timeout_s)
-        self.ranks = [actor.options(num_cpus=lc.num_cpus_per_rank, num_gpus=gpus, **actor_options(f"learner-{i}"),
-                                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i)).remote()
-                      for i in range(lc.num_ranks)]
+        self.ranks = [
+            actor.options(
+                num_cpus=lc.num_cpus_per_rank,
+                num_gpus=gpus,
+                **actor_options(f"learner-{i}"),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i),
+            ).remote()
+            for i in range(lc.num_ranks)
+        ]
         address = self._get(self.ranks[0].address.remote(), "learner rank 0")
         self._finish([r.start.remote(cfg, model_path, i, lc.num_ranks, address) for i, r in enumerate(self.ranks)])
 
-    def learn(self, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef]
-              ) -> tuple[ray.ObjectRef, dict[str, float], dict[str, float]]:
+    def learn(
+        self, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef]
+    ) -> tuple[ray.ObjectRef, dict[str, float], dict[str, float]]:
         """An iteration's learning: (ref to rank 0's LearnerColumns, stats, stage seconds)."""
         pairs = [r.learn.options(num_returns=2).remote(batches, rewards, self.timeout) for r in self.ranks]
         return self._learned(pairs)
@@ -140,8 +148,9 @@ class LearnerGroup:
     def learn_samples(self, samples: SampleBatch) -> tuple[LearnerColumns, dict[str, float], dict[str, float]]:
         """`learn` on a batch already assembled (an archive's samples, a test's)."""
         ref = ray.put(samples)
-        columns, stats, timings = self._learned([r.learn_samples.options(num_returns=2).remote(ref)
-                                                 for r in self.ranks])
+        columns, stats, timings = self._learned(
+            [r.learn_samples.options(num_returns=2).remote(ref) for r in self.ranks]
+        )
         return self._get(columns, "learner rank 0"), stats, timings
 
     def save(self, directory: Path, extra: dict) -> None:
@@ -225,9 +234,16 @@ class LearnerGroup:
         driver rebuilds the group from the newest checkpoint."""
         ranks = dict(zip(self.names(), self.ranks))
         for name in self.watch.stalled({name: ranks[name] for name in busy}):
-            print(stalled_message(name, self.watch.timeout_s, "learner.stall_timeout_s",
-                                  "killing it; the learner is rebuilt from the newest checkpoint"),
-                  file=sys.stderr, flush=True)
+            print(
+                stalled_message(
+                    name,
+                    self.watch.timeout_s,
+                    "learner.stall_timeout_s",
+                    "killing it; the learner is rebuilt from the newest checkpoint",
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
             ray.kill(ranks[name])
 
     def _get(self, ref: ray.ObjectRef, name: str):

@@ -15,8 +15,14 @@ from rollout.actors.telemetry import metric_name, record_stages
 STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive")
 
 
-def iteration_metrics(iteration: int, summaries, rewards: list[pa.RecordBatch], learn: dict[str, float],
-                      timings: dict[str, float], version: int) -> dict:
+def iteration_metrics(
+    iteration: int,
+    summaries,
+    rewards: list[pa.RecordBatch],
+    learn: dict[str, float],
+    timings: dict[str, float],
+    version: int,
+) -> dict:
     """One iteration's figures from the generation summaries, the reward columns and the learner's stats."""
     samples = sum(s.samples for s in summaries)
     tokens = sum(s.generated_tokens for s in summaries)
@@ -52,8 +58,10 @@ def iteration_metrics(iteration: int, summaries, rewards: list[pa.RecordBatch], 
 def _components(rewards: list[pa.RecordBatch]) -> dict[str, np.ndarray]:
     """Each reward component's values over the iteration, from the struct columns."""
     structs = pa.chunked_array([r.column("reward_components") for r in rewards]).combine_chunks()
-    return {field.name: child.to_numpy(zero_copy_only=False).astype(np.float64)
-            for field, child in zip(structs.type, structs.flatten())}
+    return {
+        field.name: child.to_numpy(zero_copy_only=False).astype(np.float64)
+        for field, child in zip(structs.type, structs.flatten())
+    }
 
 
 class MetricsLog:
@@ -65,8 +73,12 @@ class MetricsLog:
 
     def write(self, metrics: dict) -> None:
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                for k, v in metrics.items()}) + "\n")
+            f.write(
+                json.dumps(
+                    {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+                )
+                + "\n"
+            )
         self._export(metrics)
 
     def _export(self, metrics: dict) -> None:
@@ -90,8 +102,12 @@ class MetricsLog:
     def progress_line(m: dict, last_iteration: int) -> str:
         parts = [f"iter {m['iteration']}/{last_iteration}", f"reward {m['reward_mean']:+.3f}"]
         parts += [f"{k[7:]} {v:.3f}" for k, v in m.items() if k.startswith("reward/") and v == v]
-        parts += [f"kl {m.get('kl', 0.0):.4f}", f"{m['tokens_per_s']:.0f} tok/s",
-                  f"len {m['response_length_mean']:.1f}", f"{m['time/iteration']:.1f}s"]
+        parts += [
+            f"kl {m.get('kl', 0.0):.4f}",
+            f"{m['tokens_per_s']:.0f} tok/s",
+            f"len {m['response_length_mean']:.1f}",
+            f"{m['time/iteration']:.1f}s",
+        ]
         return "  ".join(parts)
 
 
@@ -118,6 +134,8 @@ def summary_lines(history: list[dict]) -> list[str]:
         if not values:
             continue
         head, tail = np.mean(values[:fifth]), np.mean(values[-fifth:])
-        lines.append(f"  {key:28s} first {values[0]:.3f}  last {values[-1]:.3f}   "
-                     f"first fifth {head:.3f} -> last fifth {tail:.3f} ({tail - head:+.3f})")
+        lines.append(
+            f"  {key:28s} first {values[0]:.3f}  last {values[-1]:.3f}   "
+            f"first fifth {head:.3f} -> last fifth {tail:.3f} ({tail - head:+.3f})"
+        )
     return lines

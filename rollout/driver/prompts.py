@@ -36,14 +36,25 @@ def load_prompts(cfg: DataConfig, seed: int, *, log=None) -> list[PromptRecord]:
     """All records of the configured source; bad ones reported (to stderr), then stop or skip per config."""
     log = log or sys.stderr
     if cfg.prompts == BUILTIN_ARITH:
-        return unique_ids([parse_prompt(obj, "sft", f"{BUILTIN_ARITH}:{i + 1}")
-                           for i, obj in enumerate(arith_problems(cfg.builtin_size, cfg.builtin_max_operand, seed))])
+        return unique_ids(
+            [
+                parse_prompt(obj, "sft", f"{BUILTIN_ARITH}:{i + 1}")
+                for i, obj in enumerate(arith_problems(cfg.builtin_size, cfg.builtin_max_operand, seed))
+            ]
+        )
     records: list[PromptRecord] = []
     bad: list[BadRecord] = []
     for item in read_prompts(cfg.prompts, cfg.format):
         (bad if isinstance(item, BadRecord) else records).append(item)
-    report_bad(bad, on_bad_record=cfg.on_bad_record, source=cfg.prompts, what="bad record(s)", fix="fix them",
-               error=DataError, log=log)
+    report_bad(
+        bad,
+        on_bad_record=cfg.on_bad_record,
+        source=cfg.prompts,
+        what="bad record(s)",
+        fix="fix them",
+        error=DataError,
+        log=log,
+    )
     if not records:
         raise DataError(f"{cfg.prompts}: no valid prompt records")
     return unique_ids(records)
@@ -62,6 +73,7 @@ def unique_ids(records: list[PromptRecord]) -> list[PromptRecord]:
 
 class PromptSampler(msgspec.Struct):
     """Batches of prompts in a seeded order, epoch after epoch; its state is the data cursor."""
+
     size: int
     seed: int
     shuffle: bool = True
@@ -72,8 +84,10 @@ class PromptSampler(msgspec.Struct):
         """`batch_size` distinct record indices. Across an epoch boundary, records the batch already
         holds are skipped in the new epoch: they were just seen at the end of the previous one."""
         if batch_size > self.size:
-            raise ValueError(f"rollout.prompts_per_iteration ({batch_size}) exceeds the {self.size} prompt "
-                             "records: lower it or add data")
+            raise ValueError(
+                f"rollout.prompts_per_iteration ({batch_size}) exceeds the {self.size} prompt "
+                "records: lower it or add data"
+            )
         indices: list[int] = []
         while len(indices) < batch_size:
             order = self._order()

@@ -23,8 +23,10 @@ def resolve_devices(cfg: JobConfig, cluster: dict[str, float]) -> JobConfig:
         if device == "auto":
             changes[section] = msgspec.structs.replace(getattr(cfg, section), device="cuda" if gpus else "cpu")
         elif device == "cuda" and not gpus and cfg.ray.fail_if_short:
-            problems.append(f"{section}.device is cuda but the cluster has no GPUs: set it to auto or cpu, "
-                            "or add GPU nodes (ray.fail_if_short=false if they come on demand)")
+            problems.append(
+                f"{section}.device is cuda but the cluster has no GPUs: set it to auto or cpu, "
+                "or add GPU nodes (ray.fail_if_short=false if they come on demand)"
+            )
     if problems:
         raise ConfigError("the cluster cannot hold the job:\n  - " + "\n  - ".join(problems))
     return msgspec.structs.replace(cfg, **changes)
@@ -33,25 +35,35 @@ def resolve_devices(cfg: JobConfig, cluster: dict[str, float]) -> JobConfig:
 def actor_requests(cfg: JobConfig, *, learner: bool = True) -> list[tuple[str, int, dict[str, float]]]:
     """(what, how many, resources each) for every kind of actor the job starts."""
     rollout_gpus = cfg.rollout.num_gpus_per_worker if resolve_device(cfg.rollout.device) == "cuda" else 0
-    requests = [("rollout worker", cfg.rollout.num_workers,
-                 {"CPU": cfg.rollout.num_cpus_per_worker, "GPU": rollout_gpus}),
-                ("reward worker", cfg.reward.num_workers,
-                 {"CPU": cfg.reward.num_cpus_per_worker,
-                  "GPU": cfg.reward.model.num_gpus if cfg.reward.model is not None else 0.0})]
+    requests = [
+        ("rollout worker", cfg.rollout.num_workers, {"CPU": cfg.rollout.num_cpus_per_worker, "GPU": rollout_gpus}),
+        (
+            "reward worker",
+            cfg.reward.num_workers,
+            {
+                "CPU": cfg.reward.num_cpus_per_worker,
+                "GPU": cfg.reward.model.num_gpus if cfg.reward.model is not None else 0.0,
+            },
+        ),
+    ]
     if learner:
         learner_gpus = 1.0 if resolve_device(cfg.learner.device) == "cuda" else 0.0
-        requests.append(("learner rank", cfg.learner.num_ranks,
-                         {"CPU": cfg.learner.num_cpus_per_rank, "GPU": learner_gpus}))
+        requests.append(
+            ("learner rank", cfg.learner.num_ranks, {"CPU": cfg.learner.num_cpus_per_rank, "GPU": learner_gpus})
+        )
     return requests
 
 
-KNOBS = {"CPU": "rollout.num_cpus_per_worker, reward.num_cpus_per_worker, learner.num_cpus_per_rank, "
-                "rollout.num_workers, reward.num_workers or learner.num_ranks",
-         "GPU": "rollout.num_gpus_per_worker, rollout.num_workers, reward.model.num_gpus or learner.num_ranks"}
+KNOBS = {
+    "CPU": "rollout.num_cpus_per_worker, reward.num_cpus_per_worker, learner.num_cpus_per_rank, "
+    "rollout.num_workers, reward.num_workers or learner.num_ranks",
+    "GPU": "rollout.num_gpus_per_worker, rollout.num_workers, reward.model.num_gpus or learner.num_ranks",
+}
 
 
-def check_fits(cfg: JobConfig, cluster: dict[str, float], *, learner: bool = True,
-               nodes: dict[str, dict[str, float]] | None = None) -> None:
+def check_fits(
+    cfg: JobConfig, cluster: dict[str, float], *, learner: bool = True, nodes: dict[str, dict[str, float]] | None = None
+) -> None:
     """Raise ConfigError when the cluster cannot hold every actor at once: by its totals, then (given
     `nodes`, each node's resources by its name) with every actor on one node, as Ray places them."""
     requests = actor_requests(cfg, learner=learner)
@@ -60,29 +72,42 @@ def check_fits(cfg: JobConfig, cluster: dict[str, float], *, learner: bool = Tru
         needed = sum(count * each[resource] for _, count, each in requests)
         have = cluster.get(resource, 0.0)
         if needed > have + 1e-9:
-            parts = ", ".join(f"{count} {what}{'s' if count > 1 else ''} x {each[resource]:g}"
-                              for what, count, each in requests if each[resource])
-            problems.append(f"the job needs {needed:g} {resource}s ({parts}) and the cluster has {have:g}: "
-                            f"lower {KNOBS[resource]}, or add nodes")
+            parts = ", ".join(
+                f"{count} {what}{'s' if count > 1 else ''} x {each[resource]:g}"
+                for what, count, each in requests
+                if each[resource]
+            )
+            problems.append(
+                f"the job needs {needed:g} {resource}s ({parts}) and the cluster has {have:g}: "
+                f"lower {KNOBS[resource]}, or add nodes"
+            )
     if not problems and nodes and len(nodes) > 1:
         stranded = unplaced(requests, nodes)
         if stranded:
             what, each = stranded
             sizes = ", ".join(f"{name} {r.get('CPU', 0):g} CPU / {r.get('GPU', 0):g} GPU" for name, r in nodes.items())
-            problems.append(f"the totals fit, but no node has room for a {what} ({each['CPU']:g} CPU, "
-                            f"{each['GPU']:g} GPU) beside the other actors: an actor runs on one node, and the "
-                            f"nodes are {sizes}; lower {KNOBS['CPU' if each['CPU'] else 'GPU']}, or add a larger node")
+            problems.append(
+                f"the totals fit, but no node has room for a {what} ({each['CPU']:g} CPU, "
+                f"{each['GPU']:g} GPU) beside the other actors: an actor runs on one node, and the "
+                f"nodes are {sizes}; lower {KNOBS['CPU' if each['CPU'] else 'GPU']}, or add a larger node"
+            )
     if problems and cfg.ray.fail_if_short:
-        raise ConfigError("the cluster cannot hold the job:\n  - " + "\n  - ".join(problems) +
-                          "\n  (on a cluster that adds nodes on demand, set ray.fail_if_short=false)")
+        raise ConfigError(
+            "the cluster cannot hold the job:\n  - "
+            + "\n  - ".join(problems)
+            + "\n  (on a cluster that adds nodes on demand, set ray.fail_if_short=false)"
+        )
 
 
 def unplaced(requests, nodes: dict[str, dict[str, float]], budget: int = 100_000):
     """(what, resources) of an actor that no placement of all of them on the nodes has room for, or
     None when they all fit (or when the search gives up after `budget` steps: no false alarm).
     Largest first, each onto a node with room, backtracking on a dead end."""
-    actors = sorted(((what, each) for what, count, each in requests for _ in range(count)),
-                    key=lambda a: (a[1]["GPU"], a[1]["CPU"]), reverse=True)
+    actors = sorted(
+        ((what, each) for what, count, each in requests for _ in range(count)),
+        key=lambda a: (a[1]["GPU"], a[1]["CPU"]),
+        reverse=True,
+    )
     free = [[r.get("CPU", 0.0), r.get("GPU", 0.0)] for r in nodes.values()]
     steps = 0
     deepest = 0

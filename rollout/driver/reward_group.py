@@ -42,9 +42,16 @@ class RewardGroup:
     def __init__(self, cfg: RewardConfig, log=sys.stderr):
         actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(_RewardActor)
         gpus = cfg.model.num_gpus if cfg.model is not None else 0.0
-        self.workers = [actor.options(num_cpus=cfg.num_cpus_per_worker, num_gpus=gpus, max_restarts=cfg.max_restarts,
-                                      max_task_retries=cfg.max_restarts, **actor_options(f"reward-{i}"))
-                        .remote(cfg, name=f"reward-{i}") for i in range(cfg.num_workers)]
+        self.workers = [
+            actor.options(
+                num_cpus=cfg.num_cpus_per_worker,
+                num_gpus=gpus,
+                max_restarts=cfg.max_restarts,
+                max_task_retries=cfg.max_restarts,
+                **actor_options(f"reward-{i}"),
+            ).remote(cfg, name=f"reward-{i}")
+            for i in range(cfg.num_workers)
+        ]
         self.watch = StallWatch(cfg.stall_timeout_s)
         self.log = log
 
@@ -64,8 +71,16 @@ class RewardGroup:
         workers = {f"reward-{i}": worker for i, worker in enumerate(self.workers)}
 
         def kill(name: str) -> None:
-            print(stalled_message(name, self.watch.timeout_s, "reward.stall_timeout_s",
-                                  "killing it; restarted, it scores its batches again"), file=self.log, flush=True)
+            print(
+                stalled_message(
+                    name,
+                    self.watch.timeout_s,
+                    "reward.stall_timeout_s",
+                    "killing it; restarted, it scores its batches again",
+                ),
+                file=self.log,
+                flush=True,
+            )
             ray.kill(workers[name], no_restart=False)
 
         pending = {c.rewards: f"reward-{c.scorer}" for c in chunks}

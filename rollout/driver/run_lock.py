@@ -40,11 +40,16 @@ class RunLock:
         except BlockingIOError:
             holder = _read(fd)
             os.close(fd)
-            raise RunDirBusy(f"{run_dir} is in use by {_describe(holder)}; wait for that run to end, stop it, "
-                             "or pass another --out") from None
+            raise RunDirBusy(
+                f"{run_dir} is in use by {_describe(holder)}; wait for that run to end, stop it, or pass another --out"
+            ) from None
         previous = _read(fd)
-        me = {"host": platform.node(), "pid": os.getpid(), "command": " ".join(sys.argv),
-              "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        me = {
+            "host": platform.node(),
+            "pid": os.getpid(),
+            "command": " ".join(sys.argv),
+            "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         return cls(run_dir, fd, previous or None)
@@ -60,8 +65,10 @@ class RunLock:
     def stale_warning(self) -> str | None:
         if not self.previous:
             return None
-        return (f"warning: took over the lock of {self.path.parent} from {_describe(self.previous)}, which "
-                "ended without releasing it (a crash or a kill)")
+        return (
+            f"warning: took over the lock of {self.path.parent} from {_describe(self.previous)}, which "
+            "ended without releasing it (a crash or a kill)"
+        )
 
 
 def _read(fd: int) -> dict:
@@ -77,5 +84,7 @@ def _read(fd: int) -> dict:
 def _describe(holder: dict) -> str:
     if "pid" not in holder:
         return "another process"
-    return (f"pid {holder['pid']} on {holder.get('host', '?')} (since {holder.get('since', '?')}: "
-            f"{holder.get('command', '?')})")
+    return (
+        f"pid {holder['pid']} on {holder.get('host', '?')} (since {holder.get('since', '?')}: "
+        f"{holder.get('command', '?')})"
+    )

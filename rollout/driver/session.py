@@ -23,7 +23,7 @@ import ray
 from tqdm import tqdm
 
 from contracts.config import JobConfig
-from contracts.config_load import to_yaml
+from contracts.config.load import to_yaml
 from learner.checkpoint import NonFiniteError
 from reward.worker import reward_components
 from rollout.actors.telemetry import record_restart
@@ -48,19 +48,21 @@ from rollout.weight_sync.check import PROBE_IDS
 @dataclass
 class Launched:
     """An iteration whose generation and scoring are queued."""
-    generation: Launch                     # its chunks, handed to scorers as they complete
-    sampler: dict                          # the data cursor after this iteration's prompts
-    after_sync: bool                       # queued behind a weight sync that collect must confirm
+
+    generation: Launch  # its chunks, handed to scorers as they complete
+    sampler: dict  # the data cursor after this iteration's prompts
+    after_sync: bool  # queued behind a weight sync that collect must confirm
 
 
 @dataclass
 class Samples:
     """A collected iteration: the batches stay in the object store; summaries and rewards are here."""
+
     iteration: int
     chunks: list[Chunk]
     rewards: list[pa.RecordBatch]  # one per chunk
     sampler: dict
-    latency: dict[str, float]      # reward_latency/NAME: seconds scoring this iteration, in total and per rule
+    latency: dict[str, float]  # reward_latency/NAME: seconds scoring this iteration, in total and per rule
 
     @property
     def summaries(self) -> list[GenerationSummary]:
@@ -101,15 +103,25 @@ class Session:
         if cfg.model.sft_warmup:
             from learner.sft import warm_start
 
-            model = warm_start(data.base_model, data.records, steps=cfg.model.sft_steps, lr=cfg.model.sft_lr,
-                               max_prompt_tokens=cfg.model.max_prompt_tokens, seed=cfg.seed, log=log)
+            model = warm_start(
+                data.base_model,
+                data.records,
+                steps=cfg.model.sft_steps,
+                lr=cfg.model.sft_lr,
+                max_prompt_tokens=cfg.model.max_prompt_tokens,
+                seed=cfg.seed,
+                log=log,
+            )
 
         self.checkpoints = Checkpoints(run_dir, cfg.checkpoint_keep_last)
         # What a rebuilt learner restarts from: this checkpoint, then each one this run commits.
         self.restart_from = checkpoint = self.checkpoints.resume_point(self.resume, log)
         serving_model = str(checkpoint / "policy") if checkpoint else model
-        print(f"run {self.run_id}: {len(data.records)} prompts, model {model}, "
-              f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}", file=log)
+        print(
+            f"run {self.run_id}: {len(data.records)} prompts, model {model}, "
+            f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}",
+            file=log,
+        )
         self.model = model
         # The engines load while the learner builds: neither start waits for the other.
         self.pool = WorkerPool(cfg, serving_model, wait=False)
@@ -133,9 +145,11 @@ class Session:
         # run goes on until the weights hold `iterations` updates, however many crashes came before.
         self.first_iteration = max(next_iteration, last_archived_iteration(run_dir) + 1)
         if checkpoint or self.first_iteration:
-            print(f"resuming{' from ' + checkpoint.name if checkpoint else ' with no checkpoint'}: "
-                  f"{updates} of {cfg.iterations} updates done, continuing at iteration {self.first_iteration}",
-                  file=log)
+            print(
+                f"resuming{' from ' + checkpoint.name if checkpoint else ' with no checkpoint'}: "
+                f"{updates} of {cfg.iterations} updates done, continuing at iteration {self.first_iteration}",
+                file=log,
+            )
         self.iterations_left = max(0, cfg.iterations - updates)
         self.last_iteration = self.first_iteration + self.iterations_left - 1
         self.version = self.pool.version
@@ -146,12 +160,18 @@ class Session:
         self.components = reward_components(cfg.reward)
         start = self.manifest.start_run(cfg, model, resumed_from)
         metadata = run_metadata(cfg, self.run_id, model, start, learner=True)
-        self.archive = ArchiveWriter(run_dir / "rollouts", metadata, self.components,
-                                     batch_rows=cfg.archive.batch_rows, rows_per_file=cfg.archive.rows_per_file)
+        self.archive = ArchiveWriter(
+            run_dir / "rollouts",
+            metadata,
+            self.components,
+            batch_rows=cfg.archive.batch_rows,
+            rows_per_file=cfg.archive.rows_per_file,
+        )
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         start = {key: value for key, value in start.items() if key != "config_yaml"}  # the config goes whole
-        self.tracking = Tracking(cfg.tracking, TrackedRun(run_dir, self.run_id, msgspec.to_builtins(cfg),
-                                                          to_yaml(cfg), start), log)
+        self.tracking = Tracking(
+            cfg.tracking, TrackedRun(run_dir, self.run_id, msgspec.to_builtins(cfg), to_yaml(cfg), start), log
+        )
 
     def _rebuild_learner(self, error: BaseException, iteration: int) -> None:
         """New learner ranks from the newest checkpoint (or the start model); the workers follow."""
@@ -159,12 +179,16 @@ class Session:
         limit = self.cfg.learner.max_restarts
         first_line = str(error).strip().splitlines()[0]
         if self.learner_restarts > limit:
-            raise LearnerError(f"a learner rank died again ({first_line}); learner.max_restarts ({limit}) spent") \
-                from error
+            raise LearnerError(
+                f"a learner rank died again ({first_line}); learner.max_restarts ({limit}) spent"
+            ) from error
         checkpoint = self.restart_from
-        print(f"learner: a rank died in iteration {iteration} ({first_line}); rebuilding it from "
-              f"{checkpoint.name if checkpoint else 'the start model'} (restart {self.learner_restarts} of {limit})",
-              file=self.log, flush=True)
+        print(
+            f"learner: a rank died in iteration {iteration} ({first_line}); rebuilding it from "
+            f"{checkpoint.name if checkpoint else 'the start model'} (restart {self.learner_restarts} of {limit})",
+            file=self.log,
+            flush=True,
+        )
         record_restart("learner")
         self.learner.shutdown()
         self.learner = LearnerGroup(self.cfg, self.model)
@@ -230,8 +254,9 @@ class Session:
         updates since the newest checkpoint: the group is rebuilt from it and learns on these samples."""
         while True:
             try:
-                columns, stats, learn_timings = self.learner.learn([c.batch for c in samples.chunks],
-                                                                   [c.rewards for c in samples.chunks])
+                columns, stats, learn_timings = self.learner.learn(
+                    [c.batch for c in samples.chunks], [c.rewards for c in samples.chunks]
+                )
                 break
             except ray.exceptions.RayActorError as e:
                 self._rebuild_learner(e, samples.iteration)
@@ -257,12 +282,24 @@ class Session:
         """Queued: the archive's thread fetches the columns, joins and writes them, off this loop's path."""
         timeout = self.cfg.rollout.iteration_timeout_s
         batches = [c.batch for c in samples.chunks]
-        self.archive.write_later(lambda: archive_batches(ray.get(batches, timeout=timeout), samples.rewards,
-                                                         ray.get(learned.columns, timeout=timeout), self.components))
+        self.archive.write_later(
+            lambda: archive_batches(
+                ray.get(batches, timeout=timeout),
+                samples.rewards,
+                ray.get(learned.columns, timeout=timeout),
+                self.components,
+            )
+        )
 
     def record_metrics(self, samples: Samples, learned: Learned, timings: dict[str, float]) -> dict:
-        metrics = iteration_metrics(samples.iteration, samples.summaries, samples.rewards,
-                                    {**learned.stats, **samples.latency}, timings, self.version)
+        metrics = iteration_metrics(
+            samples.iteration,
+            samples.summaries,
+            samples.rewards,
+            {**learned.stats, **samples.latency},
+            timings,
+            self.version,
+        )
         # Wall-clock seconds since the last iteration's line; stages overlap, so it is not their sum.
         now = time.perf_counter()
         metrics["time/wall"], self._last_recorded = now - self._last_recorded, now
@@ -280,8 +317,9 @@ class Session:
             texts = ray.get(samples.chunks[0].batch, timeout=self.cfg.rollout.iteration_timeout_s)
             table = sample_table(texts, samples.rewards[0], self.cfg.tracking.samples_rows)
         self.tracking.log_iteration(metrics, table)
-        self.manifest.iteration(samples.iteration, generated_by=[s.policy_version for s in samples.summaries],
-                                policy_version=self.version)
+        self.manifest.iteration(
+            samples.iteration, generated_by=[s.policy_version for s in samples.summaries], policy_version=self.version
+        )
         print(self.metrics.progress_line(metrics, self.last_iteration), file=self.log, flush=True)
         return metrics
 
@@ -323,8 +361,13 @@ class Session:
         tasks = []
         for index in self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration):
             tasks.append(self.data.tasks[self.data.records[index].prompt_id])
-        generation = self.pool.submit(tasks, run_id=self.run_id, iteration=iteration, scorers=self.rewards.workers,
-                                      records=self.data.records_by_id)
+        generation = self.pool.submit(
+            tasks,
+            run_id=self.run_id,
+            iteration=iteration,
+            scorers=self.rewards.workers,
+            records=self.data.records_by_id,
+        )
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
         return Launched(generation, msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
 
@@ -333,8 +376,15 @@ class Session:
         total = self.cfg.rollout.prompts_per_iteration * self.cfg.rollout.n_samples
         interactive = hasattr(self.log, "isatty") and self.log.isatty()
         chunks, tokens, start = [], 0, time.perf_counter()
-        with tqdm(total=total, unit="sample", desc=f"iter {iteration} generate", leave=False, file=self.log,
-                  disable=not interactive, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=total,
+            unit="sample",
+            desc=f"iter {iteration} generate",
+            leave=False,
+            file=self.log,
+            disable=not interactive,
+            dynamic_ncols=True,
+        ) as bar:
             for chunk in generation.chunks():
                 chunks.append(chunk)
                 tokens += chunk.summary.generated_tokens

@@ -1,7 +1,7 @@
 """The start-up steps `rollout run` and `rollout generate` share, in the order they take them.
 
-    read_data (config rules, reward model, prompts rendered: bad input fails before Ray starts)
-    -> lock the run directory -> start_cluster (driver log, config.yaml, Ray, devices, fit check)
+read_data (config rules, reward model, prompts rendered: bad input fails before Ray starts)
+-> lock the run directory -> start_cluster (driver log, config.yaml, Ray, devices, fit check)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import ray
 
 from contracts.builtin_model import resolve_model_path
 from contracts.config import ConfigError, JobConfig
-from contracts.config_load import check, to_yaml
+from contracts.config.load import check, to_yaml
 from contracts.console import configure_driver
 from contracts.formats import PromptRecord
 from contracts.rendering import PromptRenderer, PromptTask, render_prompts
@@ -31,10 +31,11 @@ from rollout.driver.run_lock import RunLock
 @dataclass
 class RunData:
     """The job's prompts, rendered once by the tokenizer of the model it starts from."""
-    base_model: str                 # a directory: the builtin tiny model is built on first use
+
+    base_model: str  # a directory: the builtin tiny model is built on first use
     tokenizer: Any
-    records: list[PromptRecord]     # in data order
-    tasks: dict[str, PromptTask]    # by prompt_id
+    records: list[PromptRecord]  # in data order
+    tasks: dict[str, PromptTask]  # by prompt_id
     records_by_id: dict[str, PromptRecord]
 
 
@@ -48,11 +49,18 @@ def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     renderer = PromptRenderer(tokenizer, cfg.model.max_prompt_tokens)
-    records, tasks = render_prompts(load_prompts(cfg.data, cfg.seed, log=log), renderer,
-                                    on_bad_record=cfg.data.on_bad_record, source=cfg.data.prompts, log=log)
+    records, tasks = render_prompts(
+        load_prompts(cfg.data, cfg.seed, log=log),
+        renderer,
+        on_bad_record=cfg.data.on_bad_record,
+        source=cfg.data.prompts,
+        log=log,
+    )
     if prompts_needed > len(records):
-        raise ConfigError(f"rollout.prompts_per_iteration ({prompts_needed}) exceeds the {len(records)} usable "
-                          f"prompts of data.prompts ({cfg.data.prompts}): lower it, or give more prompts")
+        raise ConfigError(
+            f"rollout.prompts_per_iteration ({prompts_needed}) exceeds the {len(records)} usable "
+            f"prompts of data.prompts ({cfg.data.prompts}): lower it, or give more prompts"
+        )
     return RunData(base_model, tokenizer, records, tasks, {record.prompt_id: record for record in records})
 
 
@@ -90,5 +98,11 @@ def init_ray(cfg: JobConfig, *, learner: bool) -> None:
     needed = sum(count * each["CPU"] for _, count, each in actor_requests(cfg, learner=learner))
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
     # "local", not None: with None, Ray joins any cluster `ray start` left on this machine.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             logging_level=logging.WARNING, _metrics_export_port=cfg.ray.metrics_export_port)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+        _metrics_export_port=cfg.ray.metrics_export_port,
+    )

@@ -48,7 +48,11 @@ def supervise(argv: list[str]) -> int:
         if finished.exists():
             return code
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-    print(f"rollout run: the job's process ended before it could report ({how}, pid {job.pid}); the lines above "
-          "say why (a raylet or node that died, the OOM killer). Every finished iteration is archived; "
-          "the same command resumes from the newest checkpoint", file=sys.stderr, flush=True)
+    print(
+        f"rollout run: the job's process ended before it could report ({how}, pid {job.pid}); the lines above "
+        "say why (a raylet or node that died, the OOM killer). Every finished iteration is archived; "
+        "the same command resumes from the newest checkpoint",
+        file=sys.stderr,
+        flush=True,
+    )
     return 128 - code if code < 0 else 1

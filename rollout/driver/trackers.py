@@ -27,11 +27,12 @@ from contracts.console import verbose
 @dataclass
 class TrackedRun:
     """What every backend records about the run, once per start."""
+
     run_dir: Path
     run_id: str
-    config: dict[str, Any]     # the resolved config tree, as plain JSON
+    config: dict[str, Any]  # the resolved config tree, as plain JSON
     config_yaml: str
-    manifest: dict[str, Any]   # this start's manifest entry: code, versions, seeds, model, lineage
+    manifest: dict[str, Any]  # this start's manifest entry: code, versions, seeds, model, lineage
 
 
 @dataclass
@@ -50,8 +51,10 @@ class TensorBoardTracker:
         logdir = Path(cfg.logdir) if cfg.logdir else run.run_dir / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(logdir))
         self.state = {"logdir": str(logdir)}
-        self._start_texts = {"config": _code_block(run.config_yaml),
-                             "manifest": _code_block(json.dumps(run.manifest, indent=1))}
+        self._start_texts = {
+            "config": _code_block(run.config_yaml),
+            "manifest": _code_block(json.dumps(run.manifest, indent=1)),
+        }
 
     def log(self, step: int, figures: dict[str, float], samples: SampleTable | None) -> None:
         for name, value in figures.items():
@@ -75,11 +78,20 @@ class WandbTracker:
         import wandb
 
         run_id = state.get("run_id") or cfg.run_id or run.run_id
-        settings = wandb.Settings(console="off", silent=not verbose(), x_disable_stats=True, disable_git=True,
-                                  save_code=False)
+        settings = wandb.Settings(
+            console="off", silent=not verbose(), x_disable_stats=True, disable_git=True, save_code=False
+        )
         self.wandb = wandb
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run.run_id, id=run_id,
-                              resume="allow", mode=cfg.mode, dir=str(run.run_dir), settings=settings)
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or run.run_id,
+            id=run_id,
+            resume="allow",
+            mode=cfg.mode,
+            dir=str(run.run_dir),
+            settings=settings,
+        )
         self.run.config.update({**run.config, "manifest": run.manifest}, allow_val_change=True)
         self.state = {"run_id": run_id}
 
@@ -108,24 +120,31 @@ class MlflowTracker:
             for name in ("mlflow", "alembic"):
                 logging.getLogger(name).setLevel(logging.WARNING)
             warnings.filterwarnings("ignore", module=r"mlflow\.")
-        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-            f"sqlite:///{(run.run_dir / 'mlflow.db').resolve()}"
+        uri = (
+            cfg.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{(run.run_dir / 'mlflow.db').resolve()}"
+        )
         artifacts = None  # a server's experiments keep their artifacts where the server says
         if uri.startswith("sqlite:///"):  # beside the database, not under the working directory (MLflow's default)
-            artifacts = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlflow-artifacts").as_uri()
+            artifacts = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlflow-artifacts").as_uri()
         self.client = client = MlflowClient(tracking_uri=uri)
         self.run_id = state.get("run_id")
         if self.run_id:
             client.update_run(self.run_id, status="RUNNING")
         else:
             experiment = client.get_experiment_by_name(cfg.experiment)
-            experiment_id = (experiment.experiment_id if experiment
-                             else client.create_experiment(cfg.experiment, artifact_location=artifacts))
-            self.run_id = client.create_run(experiment_id, run_name=cfg.run_name or run.run_id,
-                                            tags={"rollout.run_id": run.run_id}).info.run_id
+            experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else client.create_experiment(cfg.experiment, artifact_location=artifacts)
+            )
+            self.run_id = client.create_run(
+                experiment_id, run_name=cfg.run_name or run.run_id, tags={"rollout.run_id": run.run_id}
+            ).info.run_id
             params = [Param(key, value[:6000]) for key, value in _flatten(run.config).items()]
             for i in range(0, len(params), self._BATCH):
-                client.log_batch(self.run_id, params=params[i:i + self._BATCH])
+                client.log_batch(self.run_id, params=params[i : i + self._BATCH])
         client.log_text(self.run_id, run.config_yaml, "config.yaml")
         client.log_dict(self.run_id, run.manifest, "manifest.json")
         self.state = {"run_id": self.run_id, "tracking_uri": uri}
@@ -136,10 +155,13 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         metrics = [Metric(name, value, now, step) for name, value in figures.items()]
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         if samples is not None:
-            self.client.log_dict(self.run_id, {"columns": samples.columns, "rows": samples.rows},
-                                 f"sample_tables/iteration-{step:06d}.json")
+            self.client.log_dict(
+                self.run_id,
+                {"columns": samples.columns, "rows": samples.rows},
+                f"sample_tables/iteration-{step:06d}.json",
+            )
 
     def close(self, failed: bool) -> None:
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")

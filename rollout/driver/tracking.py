@@ -61,8 +61,10 @@ class Tracking:
         self._thread.join(self.cfg.timeout_s)
         if self._thread.is_alive():
             backend, doing = self._busy or ("a backend", "work")
-            self._warn(f"{backend} did not finish {doing} within tracking.timeout_s ({self.cfg.timeout_s:.0f}s); "
-                       f"leaving without it (metrics.jsonl has every figure)")
+            self._warn(
+                f"{backend} did not finish {doing} within tracking.timeout_s ({self.cfg.timeout_s:.0f}s); "
+                f"leaving without it (metrics.jsonl has every figure)"
+            )
 
     # -- the tracking thread -------------------------------------------------------------------------
 
@@ -85,8 +87,10 @@ class Tracking:
             for name, tracker in list(self._trackers.items()):
                 if step <= self._state[name].get("last_step", -1):
                     continue
-                if self._call(name, f"logging iteration {step}", lambda: tracker.log(step, figures, samples)) \
-                        is not None:
+                if (
+                    self._call(name, f"logging iteration {step}", lambda: tracker.log(step, figures, samples))
+                    is not None
+                ):
                     self._state[name]["last_step"] = step
             self._save_state()
 
@@ -100,8 +104,10 @@ class Tracking:
             self._warn(f"{name}: {e.name} is not installed (pip install -e '.[tracking]'); going on without {name}")
         except Exception as e:  # any failure of a tracker library: the job goes on, metrics.jsonl has it all
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            self._warn(f"{name} failed {doing} ({type(e).__name__}: {first}); going on without it "
-                       f"(metrics.jsonl has every figure)")
+            self._warn(
+                f"{name} failed {doing} ({type(e).__name__}: {first}); going on without it "
+                f"(metrics.jsonl has every figure)"
+            )
         finally:
             self._busy = None
         self._trackers.pop(name, None)
@@ -131,9 +137,14 @@ class Tracking:
 def figures_of(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers of a metrics line, the step (`iteration`) left out; non-finite ones are null in
     metrics.jsonl, so they are left out here too."""
-    return {key: float(value) for key, value in metrics.items()
-            if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value)}
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if key != "iteration"
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    }
 
 
 def sample_table(texts: pa.RecordBatch | pa.Table, rewards: pa.RecordBatch | pa.Table, rows: int) -> SampleTable:
@@ -144,11 +155,15 @@ def sample_table(texts: pa.RecordBatch | pa.Table, rewards: pa.RecordBatch | pa.
     structs = rewards.column("reward_components")
     if isinstance(structs, pa.ChunkedArray):
         structs = structs.combine_chunks()
-    components = {field.name: child.slice(0, n).to_numpy(zero_copy_only=False)
-                  for field, child in zip(structs.type, structs.flatten())}
+    components = {
+        field.name: child.slice(0, n).to_numpy(zero_copy_only=False)
+        for field, child in zip(structs.type, structs.flatten())
+    }
     columns = ["prompt_id", "sample_index", "prompt", "response", "finish_reason"]
     table = [texts.column(c).slice(0, n).to_pylist() for c in columns]
     table.append(rewards.column("reward").slice(0, n).to_pylist())
     table += [[None if np.isnan(v) else float(v) for v in values] for values in components.values()]
-    return SampleTable(columns=[*columns, "reward", *(f"reward/{name}" for name in components)],
-                       rows=[list(row) for row in zip(*table)])
+    return SampleTable(
+        columns=[*columns, "reward", *(f"reward/{name}" for name in components)],
+        rows=[list(row) for row in zip(*table)],
+    )

@@ -42,7 +42,9 @@ def _import_vllm(device: str):
         raise RuntimeError(f"the vllm engine is not installed: {hint}") from e
     version = tuple(int(p) for p in vllm.__version__.split(".")[:2] if p.isdigit())
     if not SUPPORTED_VLLM[0] <= version < SUPPORTED_VLLM[1]:
-        raise RuntimeError(f"vllm {vllm.__version__} is not supported: need >= {SUPPORTED_VLLM[0]} and < {SUPPORTED_VLLM[1]}")
+        raise RuntimeError(
+            f"vllm {vllm.__version__} is not supported: need >= {SUPPORTED_VLLM[0]} and < {SUPPORTED_VLLM[1]}"
+        )
     return vllm
 
 
@@ -60,8 +62,15 @@ def kv_cache_bytes(model_path: str, dtype: str, tokens: int) -> float:
 class VLLMEngine:
     """One vLLM instance. `generate` takes token ids (already rendered by the chat template)."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, *, dtype: str = "float32", seed: int = 0,
-                 extra_args: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        cfg: RolloutConfig,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        extra_args: dict[str, Any] | None = None,
+    ):
         self.device = resolve_device(cfg.device)
         vllm = _import_vllm(self.device)
         args: dict[str, Any] = dict(
@@ -106,13 +115,15 @@ class VLLMEngine:
             logprobs=0,  # the sampled token's own logprob only
         )
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, n: int,
-                 seed: int | None = None) -> list[list[Completion]]:
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: int | None = None
+    ) -> list[list[Completion]]:
         """n completions per prompt, in prompt order."""
         return next(self.stream([(prompt_ids, seed)], sampling, n))[1]
 
-    def stream(self, batches: list[tuple[list[list[int]], int | None]], sampling: SamplingConfig,
-               n: int) -> Iterator[tuple[int, list[list[Completion]]]]:
+    def stream(
+        self, batches: list[tuple[list[list[int]], int | None]], sampling: SamplingConfig, n: int
+    ) -> Iterator[tuple[int, list[list[Completion]]]]:
         """Every batch's prompts (each batch with its seed), in order, through the engine; yields (batch
         index, n completions per prompt in prompt order) as each batch completes.
 
@@ -134,8 +145,11 @@ class VLLMEngine:
             room = max(0 if owner else 1, (self.window - n * len(owner)) // n)  # a window under n still runs
             feed = [waiting.popleft() for _ in range(min(room, len(waiting)))]
             if feed:
-                ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=batches[b][0][i]) for b, i in feed],
-                                       [params[b] for b, _ in feed], use_tqdm=False)
+                ids = self.llm.enqueue(
+                    [TokensPrompt(prompt_token_ids=batches[b][0][i]) for b, i in feed],
+                    [params[b] for b, _ in feed],
+                    use_tqdm=False,
+                )
                 # enqueue returns vLLM's internal ids ("7-1a2b3c4d"); outputs carry the external part ("7").
                 owner.update({request.split("-")[0]: place for request, place in zip(ids, feed)})
             if not engine.has_unfinished_requests():

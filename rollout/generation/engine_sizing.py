@@ -33,10 +33,15 @@ class EngineSizing:
     def describe(self, device: str) -> str:
         seqs = self.max_num_seqs if self.max_num_seqs is not None else "vLLM's default"
         tokens = self.max_num_batched_tokens if self.max_num_batched_tokens is not None else "vLLM's default"
-        kv = (f"CPU KV cache {self.cpu_kv_cache_gib} GiB" if device == "cpu"
-              else "KV cache in what rollout.gpu_memory_utilization leaves")
-        return (f"engine batch: max_num_seqs {seqs}, max_num_batched_tokens {tokens}, {kv}; requests fed in "
-                f"windows of {WINDOW_BATCHES} x max_num_seqs sequences")
+        kv = (
+            f"CPU KV cache {self.cpu_kv_cache_gib} GiB"
+            if device == "cpu"
+            else "KV cache in what rollout.gpu_memory_utilization leaves"
+        )
+        return (
+            f"engine batch: max_num_seqs {seqs}, max_num_batched_tokens {tokens}, {kv}; requests fed in "
+            f"windows of {WINDOW_BATCHES} x max_num_seqs sequences"
+        )
 
 
 def engine_sizing(cfg: RolloutConfig, device: str, kv_bytes_per_token: float) -> EngineSizing:

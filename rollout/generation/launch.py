@@ -20,16 +20,18 @@ from rollout.generation.worker import GenerationSummary
 @dataclass
 class Chunk:
     """One chunk's results: refs to what stays in the object store, and its small summary."""
-    batch: ray.ObjectRef              # the generation batch (Arrow), for the scorer, the learner and the archive
-    rewards: ray.ObjectRef | None     # its reward columns, when the chunk was sent to a scorer
-    latency: ray.ObjectRef | None     # and the scorer's seconds, per rule
+
+    batch: ray.ObjectRef  # the generation batch (Arrow), for the scorer, the learner and the archive
+    rewards: ray.ObjectRef | None  # its reward columns, when the chunk was sent to a scorer
+    latency: ray.ObjectRef | None  # and the scorer's seconds, per rule
     summary: GenerationSummary
-    scorer: int | None = None         # which reward worker scores it
+    scorer: int | None = None  # which reward worker scores it
 
 
 @dataclass
 class Share:
     """One worker's part of an iteration: its chunks (with their seeds), and which came back."""
+
     worker: int
     chunks: list[list[PromptTask]]
     seeds: list[int | None]
@@ -50,16 +52,24 @@ class Launch:
     _DONE = object()
     _RESTARTED = object()
 
-    def __init__(self, streams: dict[ray.ObjectRefGenerator, Share], scorers: list, records: dict, timeout: float,
-                 what: str, restart, kill_stalled, names: list[str]):
+    def __init__(
+        self,
+        streams: dict[ray.ObjectRefGenerator, Share],
+        scorers: list,
+        records: dict,
+        timeout: float,
+        what: str,
+        restart,
+        kill_stalled,
+        names: list[str],
+    ):
         self.timeout, self.what = timeout, what
         self._names = names
         self._records = records
         self._restart = restart
         self._kill_stalled = kill_stalled
         self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._pump, args=(streams, scorers), daemon=True,
-                                        name=f"collect {what}")
+        self._thread = threading.Thread(target=self._pump, args=(streams, scorers), daemon=True, name=f"collect {what}")
         self._thread.start()
 
     def chunks(self) -> Iterator[Chunk]:
@@ -80,8 +90,9 @@ class Launch:
         return list(self.chunks())
 
     def _timed_out(self) -> GenerationTimeout:
-        return GenerationTimeout(f"{self.what}: no chunk finished within rollout.iteration_timeout_s "
-                                 f"({self.timeout:.0f}s)")
+        return GenerationTimeout(
+            f"{self.what}: no chunk finished within rollout.iteration_timeout_s ({self.timeout:.0f}s)"
+        )
 
     def _pump(self, streams: dict[ray.ObjectRefGenerator, Share], scorers: list) -> None:
         try:
@@ -131,8 +142,9 @@ class Launch:
 
     def _waiting_for(self, streams: dict) -> str:
         shares = list(streams.values())
-        return f"{self.what}: " + ", ".join(f"{self._names[s.worker]} ({len(s.done)} of {len(s.chunks)} chunks back)"
-                                            for s in shares)
+        return f"{self.what}: " + ", ".join(
+            f"{self._names[s.worker]} ({len(s.done)} of {len(s.chunks)} chunks back)" for s in shares
+        )
 
     def _replace(self, stream, streams: dict, batches: dict) -> None:
         share = streams.pop(stream)

@@ -48,8 +48,10 @@ class _RolloutActor(RolloutWorker):
 
     def __repr__(self) -> str:  # Ray names the actor by it in its errors and log lines
         return getattr(self, "name", type(self).__name__)  # asked for even when __init__ failed
-    def stream(self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str,
-               iteration: int) -> Iterator[pa.RecordBatch | tuple[int, GenerationSummary]]:
+
+    def stream(
+        self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str, iteration: int
+    ) -> Iterator[pa.RecordBatch | tuple[int, GenerationSummary]]:
         """Each chunk as it completes (in any order): its batch, then (its index, its summary)."""
         for index, batch, summary in self.generate(chunks, seeds, run_id=run_id, iteration=iteration):
             yield batch
@@ -70,9 +72,12 @@ class WorkerPool:
         actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(_RolloutActor)
         self.names = [f"rollout-{i}" for i in range(rollout.num_workers)]
         self.workers = [
-            actor.options(num_cpus=rollout.num_cpus_per_worker, num_gpus=gpus, max_restarts=rollout.max_restarts,
-                          **actor_options(name))
-            .remote(name, model_path, rollout, dtype=cfg.model.dtype, seed=cfg.seed + i)
+            actor.options(
+                num_cpus=rollout.num_cpus_per_worker,
+                num_gpus=gpus,
+                max_restarts=rollout.max_restarts,
+                **actor_options(name),
+            ).remote(name, model_path, rollout, dtype=cfg.model.dtype, seed=cfg.seed + i)
             for i, name in enumerate(self.names)
         ]
         self._ready = {w.ready.remote(): name for w, name in zip(self.workers, self.names)}
@@ -96,9 +101,11 @@ class WorkerPool:
         ready, timeout = self._ready, self.cfg.ray.actor_start_timeout_s
         _, late = ray.wait(list(ready), num_returns=len(ready), timeout=timeout)
         if late:
-            raise WorkerStartError(f"{', '.join(ready[r] for r in late)} did not start within "
-                                   f"ray.actor_start_timeout_s ({timeout:.0f}s): each needs {self._asked}; "
-                                   f"the cluster has {ray.available_resources()} free")
+            raise WorkerStartError(
+                f"{', '.join(ready[r] for r in late)} did not start within "
+                f"ray.actor_start_timeout_s ({timeout:.0f}s): each needs {self._asked}; "
+                f"the cluster has {ray.available_resources()} free"
+            )
         ray.get(list(ready), timeout=timeout)  # raises a worker's start-up error
 
     def use_learner(self, learner) -> None:
@@ -110,8 +117,16 @@ class WorkerPool:
         elif weight_sync_path(self.cfg) == "collective":
             self.collective = CollectiveSync(self.cfg, self.workers, self.names)
 
-    def submit(self, tasks: list[PromptTask], *, run_id: str, iteration: int, scorers: list | None = None,
-               records: dict | None = None, timeout: float | None = None) -> Launch:
+    def submit(
+        self,
+        tasks: list[PromptTask],
+        *,
+        run_id: str,
+        iteration: int,
+        scorers: list | None = None,
+        records: dict | None = None,
+        timeout: float | None = None,
+    ) -> Launch:
         """Queue the iteration's chunks, one streaming call per worker; the Launch collects them and
         sends each to a scorer with the data records (`records`, by prompt id) of its prompts."""
         r = self.cfg.rollout
@@ -120,23 +135,36 @@ class WorkerPool:
         shares: list[tuple[list, list]] = [([], []) for _ in self.workers]
         for n, start in enumerate(range(0, len(tasks), size)):
             chunks, seeds = shares[n % len(self.workers)]
-            chunks.append(tasks[start:start + size])
+            chunks.append(tasks[start : start + size])
             seeds.append(None if base_seed is None else (base_seed * 1_000_003 + iteration) * 10_007 + n)
         record_queue_depth(sum(len(chunks) for chunks, _ in shares))
 
         def stream(share: Share) -> ray.ObjectRefGenerator:
-            return self.workers[share.worker].stream.options(num_returns="streaming").remote(
-                share.chunks, share.seeds, run_id=run_id, iteration=iteration)
+            return (
+                self.workers[share.worker]
+                .stream.options(num_returns="streaming")
+                .remote(share.chunks, share.seeds, run_id=run_id, iteration=iteration)
+            )
 
         def restart(share: Share) -> ray.ObjectRefGenerator:
             self.restarted(share.worker)
             self.watch.reset(self.names[share.worker])
             return stream(share)
 
-        streams = {stream(share): share for share in (Share(i, chunks, seeds)
-                                                      for i, (chunks, seeds) in enumerate(shares) if chunks)}
-        return Launch(streams, scorers or [], records or {}, timeout or self.cfg.rollout.iteration_timeout_s,
-                      f"generation of iteration {iteration}", restart, self.kill_stalled, self.names)
+        streams = {
+            stream(share): share
+            for share in (Share(i, chunks, seeds) for i, (chunks, seeds) in enumerate(shares) if chunks)
+        }
+        return Launch(
+            streams,
+            scorers or [],
+            records or {},
+            timeout or self.cfg.rollout.iteration_timeout_s,
+            f"generation of iteration {iteration}",
+            restart,
+            self.kill_stalled,
+            self.names,
+        )
 
     def kill_stalled(self, busy: set[int]) -> None:
         """Kill the workers among `busy` that made no progress for rollout.stall_timeout_s, as if they
@@ -146,9 +174,16 @@ class WorkerPool:
             self.watch.reset(name)
 
     def _kill(self, name: str) -> None:
-        print(stalled_message(name, self.watch.timeout_s, "rollout.stall_timeout_s",
-                              "killing it; restarted, it loads the newest weights and redoes its work"),
-              file=sys.stderr, flush=True)
+        print(
+            stalled_message(
+                name,
+                self.watch.timeout_s,
+                "rollout.stall_timeout_s",
+                "killing it; restarted, it loads the newest weights and redoes its work",
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
         ray.kill(self.workers[self.names.index(name)], no_restart=False)
 
     def restarted(self, index: int) -> None:
@@ -167,22 +202,31 @@ class WorkerPool:
                     break
                 except ray.exceptions.ActorUnavailableError:  # restarting: not up yet
                     if time.monotonic() > deadline:
-                        raise WorkerStartError(f"{name} died and was not back within ray.actor_start_timeout_s "
-                                               f"({timeout:.0f}s)") from None
+                        raise WorkerStartError(
+                            f"{name} died and was not back within ray.actor_start_timeout_s ({timeout:.0f}s)"
+                        ) from None
                     time.sleep(0.5)
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                    raise WorkerStartError(f"{name} died and did not come back (rollout.max_restarts "
-                                           f"{self.cfg.rollout.max_restarts}; ray.actor_start_timeout_s "
-                                           f"{timeout:.0f}s): {str(e).strip().splitlines()[0]}") from None
+                    raise WorkerStartError(
+                        f"{name} died and did not come back (rollout.max_restarts "
+                        f"{self.cfg.rollout.max_restarts}; ray.actor_start_timeout_s "
+                        f"{timeout:.0f}s): {str(e).strip().splitlines()[0]}"
+                    ) from None
             # A fresh engine loads the weights before it takes work: as long as it may take to start.
             sync_timeout = max(self.cfg.rollout.weight_sync_timeout_s, timeout)
             if self.collective is not None:  # the group lost a member: the newest weights come another way
                 self.collective.members_changed()
                 self.restarts += 1
-                print(f"{name}: back after a restart; loading the learner's weights, then generating its lost "
-                      "chunks again", file=sys.stderr, flush=True)
-                self.probe.check(name, ray.get(worker.load_versioned.remote(self.learner.versioned_weights_ref()),
-                                            timeout=sync_timeout))
+                print(
+                    f"{name}: back after a restart; loading the learner's weights, then generating its lost "
+                    "chunks again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.probe.check(
+                    name,
+                    ray.get(worker.load_versioned.remote(self.learner.versioned_weights_ref()), timeout=sync_timeout),
+                )
                 return
             with self._lock:
                 newest = self._newest
@@ -192,8 +236,12 @@ class WorkerPool:
                     self.restarts += 1
                 return
             self.restarts += 1
-            print(f"{name}: back after a restart; loading weights version {version}, then generating its lost "
-                  "chunks again", file=sys.stderr, flush=True)
+            print(
+                f"{name}: back after a restart; loading weights version {version}, then generating its lost "
+                "chunks again",
+                file=sys.stderr,
+                flush=True,
+            )
             got = self.probe.check(name, ray.get(worker.update_weights.remote(version, weights), timeout=sync_timeout))
             if got != version:
                 raise WeightSyncError(f"{name} reports version {got} after a restart and a sync to {version}")
@@ -213,8 +261,10 @@ class WorkerPool:
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         with self._lock:
             self._newest = (version, ref)
-        self._queued = (version, {w.update_weights.remote(version, ref): name
-                                  for w, name in zip(self.workers, self.names)})
+        self._queued = (
+            version,
+            {w.update_weights.remote(version, ref): name for w, name in zip(self.workers, self.names)},
+        )
 
     def queue_newest(self, version: int) -> None:
         """Queue the learner's weights, which are `version`, on every worker behind the chunks it holds:
@@ -245,8 +295,12 @@ class WorkerPool:
             if not e.broken or self.cfg.rollout.max_restarts == 0:
                 raise
             # Half-loaded engines must not serve: restarted, they load the learner's weights.
-            print(f"{e}; restarting {', '.join(e.broken)} (rollout.max_restarts), whose engines were part-way "
-                  "through loading", file=sys.stderr, flush=True)
+            print(
+                f"{e}; restarting {', '.join(e.broken)} (rollout.max_restarts), whose engines were part-way "
+                "through loading",
+                file=sys.stderr,
+                flush=True,
+            )
             for name in e.broken:
                 ray.kill(self.workers[self.names.index(name)], no_restart=False)
             served = None
@@ -257,8 +311,9 @@ class WorkerPool:
             self.version = version
         else:  # called off because the group lost a member: every worker loads the learner's weights instead
             pair = self.learner.versioned_weights_ref()
-            self.version = min(self._await({w.load_versioned.remote(pair): name
-                                            for w, name in zip(self.workers, self.names)}, None))
+            self.version = min(
+                self._await({w.load_versioned.remote(pair): name for w, name in zip(self.workers, self.names)}, None)
+            )
 
     def _await(self, pending: dict[ray.ObjectRef, str], version: int | None) -> list[int]:
         """Wait for each worker's load; `version`: the one each must report (None: any). The versions
@@ -266,13 +321,23 @@ class WorkerPool:
         timeout = self.cfg.rollout.weight_sync_timeout_s
         # A stopped worker is killed at its stall timeout (restarted, it loads the newest weights)
         # rather than waited on for the whole sync timeout.
-        wait_watched(pending, dict(zip(self.names, self.workers)), self.watch, timeout, self._kill,
-                     f"the weight sync to version {version}")
+        wait_watched(
+            pending,
+            dict(zip(self.names, self.workers)),
+            self.watch,
+            timeout,
+            self._kill,
+            f"the weight sync to version {version}",
+        )
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=0)
         versions = []
         for r in late:  # stuck, or busier than the timeout allows: restarted, it loads the newest weights
-            print(f"{pending[r]}: no answer to the weight sync to version {version} within "
-                  f"rollout.weight_sync_timeout_s ({timeout:g}s); restarting it", file=sys.stderr, flush=True)
+            print(
+                f"{pending[r]}: no answer to the weight sync to version {version} within "
+                f"rollout.weight_sync_timeout_s ({timeout:g}s); restarting it",
+                file=sys.stderr,
+                flush=True,
+            )
             index = self.names.index(pending[r])
             ray.kill(self.workers[index], no_restart=False)
             versions.append(self._restored(index))

@@ -41,17 +41,26 @@ class RolloutWorker:
         self.loading = False
         self.engine = VLLMEngine(model_path, cfg, dtype=dtype, seed=seed)
 
-    def generate(self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str,
-                 iteration: int) -> Iterator[tuple[int, pa.RecordBatch, GenerationSummary]]:
+    def generate(
+        self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str, iteration: int
+    ) -> Iterator[tuple[int, pa.RecordBatch, GenerationSummary]]:
         """`n_samples` completions per task of every chunk, all in the engine at once; yields (chunk
         index, generation batch, summary) as each chunk completes. Seeds should differ per chunk."""
         start = time.perf_counter()
-        for index, outputs in self.engine.stream([([t.prompt_ids for t in chunk], seed)
-                                                  for chunk, seed in zip(chunks, seeds)],
-                                                 self.cfg.sampling, self.cfg.n_samples):
-            batch = generation_batch(chunks[index], outputs, run_id=run_id, iteration=iteration,
-                                     policy_version=self.version, worker=self.name,
-                                     generated_at=dt.datetime.now(dt.timezone.utc))
+        for index, outputs in self.engine.stream(
+            [([t.prompt_ids for t in chunk], seed) for chunk, seed in zip(chunks, seeds)],
+            self.cfg.sampling,
+            self.cfg.n_samples,
+        ):
+            batch = generation_batch(
+                chunks[index],
+                outputs,
+                run_id=run_id,
+                iteration=iteration,
+                policy_version=self.version,
+                worker=self.name,
+                generated_at=dt.datetime.now(dt.timezone.utc),
+            )
             tokens = sum(len(c.token_ids) for samples in outputs for c in samples)
             stopped = sum(c.finish_reason == "stop" for samples in outputs for c in samples)
             seconds, start = time.perf_counter() - start, time.perf_counter()  # the engine's time since the last chunk

@@ -26,8 +26,12 @@ from rollout.weight_sync.path import weight_sync_path
 GPU_DEFAULT_MAX_NUM_SEQS = 1024  # the largest batch vLLM picks by itself (large GPUs, offline LLM class)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Hub models whose shapes are known without downloading their config.
-KNOWN_SHAPES = {"Qwen/Qwen2.5-0.5B": QWEN25_05B, "Qwen/Qwen2.5-0.5B-Instruct": QWEN25_05B,
-                "Qwen/Qwen2.5-7B": QWEN25_7B, "Qwen/Qwen2.5-7B-Instruct": QWEN25_7B}
+KNOWN_SHAPES = {
+    "Qwen/Qwen2.5-0.5B": QWEN25_05B,
+    "Qwen/Qwen2.5-0.5B-Instruct": QWEN25_05B,
+    "Qwen/Qwen2.5-7B": QWEN25_7B,
+    "Qwen/Qwen2.5-7B-Instruct": QWEN25_7B,
+}
 
 
 @dataclass
@@ -49,13 +53,24 @@ def model_shape(path: str) -> Shape | None:
     except (OSError, ValueError):
         return None
     heads = config.num_attention_heads
-    return Shape(hidden=config.hidden_size, layers=config.num_hidden_layers, intermediate=config.intermediate_size,
-                 vocab=config.vocab_size, heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                 tied=bool(getattr(config, "tie_word_embeddings", False)))
+    return Shape(
+        hidden=config.hidden_size,
+        layers=config.num_hidden_layers,
+        intermediate=config.intermediate_size,
+        vocab=config.vocab_size,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+    )
 
 
-def make_plan(cfg: JobConfig, cluster: dict[str, float] | None = None, gpu_memory_gb: float | None = None, *,
-              nodes: dict[str, dict[str, float]] | None = None) -> Plan:
+def make_plan(
+    cfg: JobConfig,
+    cluster: dict[str, float] | None = None,
+    gpu_memory_gb: float | None = None,
+    *,
+    nodes: dict[str, dict[str, float]] | None = None,
+) -> Plan:
     lines, problems = [], []
     if cluster is not None:
         try:
@@ -65,9 +80,11 @@ def make_plan(cfg: JobConfig, cluster: dict[str, float] | None = None, gpu_memor
     requests = actor_requests(cfg)
     lines.append(f"{'actor':<16}{'count':>6}{'CPU each':>10}{'GPU each':>10}  placement")
     for what, count, each in requests:
-        placement = {"learner rank": f"one placement group of {count} bundle(s), PACK (ranks join one process group)",
-                     "rollout worker": "one actor each, anywhere with room",
-                     "reward worker": "one actor each, anywhere with room"}[what]
+        placement = {
+            "learner rank": f"one placement group of {count} bundle(s), PACK (ranks join one process group)",
+            "rollout worker": "one actor each, anywhere with room",
+            "reward worker": "one actor each, anywhere with room",
+        }[what]
         lines.append(f"{what:<16}{count:>6}{each['CPU']:>10g}{each['GPU']:>10g}  {placement}")
     total = {r: sum(count * each[r] for _, count, each in requests) for r in ("CPU", "GPU")}
     lines.append(f"{'total':<16}{'':>6}{total['CPU']:>10g}{total['GPU']:>10g}")
@@ -75,14 +92,19 @@ def make_plan(cfg: JobConfig, cluster: dict[str, float] | None = None, gpu_memor
     shape = model_shape(cfg.model.path)
     lines.append("")
     if shape is None:
-        lines.append(f"memory: no config.json reachable for model.path {cfg.model.path!r}; give a local directory "
-                     "(or a cached hub model) for the per-GPU estimate")
+        lines.append(
+            f"memory: no config.json reachable for model.path {cfg.model.path!r}; give a local directory "
+            "(or a cached hub model) for the per-GPU estimate"
+        )
     else:
         lines += _memory(cfg, shape, requests, gpu_memory_gb, problems)
     if cluster is not None:
         lines.append("")
-        lines.append("cluster: " + ", ".join(f"{k} {v:g}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU"))
-                     + (f" on {len(nodes)} nodes" if nodes else ""))
+        lines.append(
+            "cluster: "
+            + ", ".join(f"{k} {v:g}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU"))
+            + (f" on {len(nodes)} nodes" if nodes else "")
+        )
         try:
             check_fits(cfg, cluster, nodes=nodes)
             lines.append("fits: the cluster holds every actor at once")
@@ -107,30 +129,45 @@ def _memory(cfg: JobConfig, shape: Shape, requests, gpu_memory_gb: float | None,
     sequences = sizing.max_num_seqs or GPU_DEFAULT_MAX_NUM_SEQS
     kv = sequences * r.max_model_len * kv_per_token / GIB
     where = "per GPU" if rollout_gpus else "CPU memory"
-    lines.append(f"  rollout worker ({where}): weights {weights:.2f} + KV cache for {sequences} sequences x "
-                 f"{r.max_model_len} tokens {kv:.2f} ({kv_per_token / 2**10:.0f} KiB per token)")
+    lines.append(
+        f"  rollout worker ({where}): weights {weights:.2f} + KV cache for {sequences} sequences x "
+        f"{r.max_model_len} tokens {kv:.2f} ({kv_per_token / 2**10:.0f} KiB per token)"
+    )
     lines.append(f"    {sizing.describe(device)}")
     if rollout_gpus and gpu_memory_gb:
         budget = r.gpu_memory_utilization * gpu_memory_gb
         verdict = "fits" if weights < budget else "does not fit"
-        lines.append(f"    gpu_memory_utilization {r.gpu_memory_utilization} of {gpu_memory_gb:g} GiB = {budget:.1f}: "
-                     f"{verdict}; {max(0.0, budget - weights):.1f} left for the KV cache "
-                     f"({'all' if budget - weights >= kv else 'part'} of a full batch)")
+        lines.append(
+            f"    gpu_memory_utilization {r.gpu_memory_utilization} of {gpu_memory_gb:g} GiB = {budget:.1f}: "
+            f"{verdict}; {max(0.0, budget - weights):.1f} left for the KV cache "
+            f"({'all' if budget - weights >= kv else 'part'} of a full batch)"
+        )
         if weights >= budget:
-            problems.append(f"a rollout engine's weights ({weights:.1f} GiB) exceed rollout.gpu_memory_utilization x "
-                            f"GPU memory ({budget:.1f} GiB): raise gpu_memory_utilization or use larger GPUs")
+            problems.append(
+                f"a rollout engine's weights ({weights:.1f} GiB) exceed rollout.gpu_memory_utilization x "
+                f"GPU memory ({budget:.1f} GiB): raise gpu_memory_utilization or use larger GPUs"
+            )
 
     path = weight_sync_path(cfg)
     if path == "collective":
-        extra = f"up to one {r.weight_sync_bucket_mb:g} MiB bucket (or the largest tensor) on each engine while it loads"
+        extra = (
+            f"up to one {r.weight_sync_bucket_mb:g} MiB bucket (or the largest tensor) on each engine while it loads"
+        )
     else:
         extra = f"a {weights:.2f} GiB copy of the weights in each worker's host memory while it loads"
     lines.append(f"  weight sync: {path} (rollout.weight_sync {r.weight_sync}); {extra}")
 
     lc = cfg.learner
-    e = estimate(shape, num_ranks=lc.num_ranks, micro_batch_tokens=lc.micro_batch_tokens, compute_bytes=dtype,
-                 separate_critic=lc.estimator == "gae", gradient_checkpointing=lc.gradient_checkpointing,
-                 samples=r.prompts_per_iteration * r.n_samples, response_tokens=r.sampling.max_tokens)
+    e = estimate(
+        shape,
+        num_ranks=lc.num_ranks,
+        micro_batch_tokens=lc.micro_batch_tokens,
+        compute_bytes=dtype,
+        separate_critic=lc.estimator == "gae",
+        gradient_checkpointing=lc.gradient_checkpointing,
+        samples=r.prompts_per_iteration * r.n_samples,
+        response_tokens=r.sampling.max_tokens,
+    )
     where = "per GPU" if learner_gpus else "CPU memory"
     parts = ", ".join(f"{k} {v:.2f}" for k, v in e.items() if k != "total")
     lines.append(f"  learner rank ({where}): {e['total']:.2f} ({parts}); framework overhead not included")
@@ -138,9 +175,11 @@ def _memory(cfg: JobConfig, shape: Shape, requests, gpu_memory_gb: float | None,
         verdict = "fits" if e["total"] * 1.15 <= gpu_memory_gb else "does not fit"
         lines.append(f"    with 15% headroom on {gpu_memory_gb:g} GiB: {verdict}")
         if verdict != "fits":
-            problems.append(f"a learner rank needs about {e['total']:.1f} GiB (+15% headroom) and a GPU has "
-                            f"{gpu_memory_gb:g}: raise learner.num_ranks, lower learner.micro_batch_tokens or set "
-                            "learner.gradient_checkpointing")
+            problems.append(
+                f"a learner rank needs about {e['total']:.1f} GiB (+15% headroom) and a GPU has "
+                f"{gpu_memory_gb:g}: raise learner.num_ranks, lower learner.micro_batch_tokens or set "
+                "learner.gradient_checkpointing"
+            )
     return lines
 
 

@@ -90,8 +90,9 @@ class _Plan:
     rescore: bool
 
 
-def replay(archive: str | Path, out: str | Path, options: ReplayOptions = ReplayOptions(), *,
-           log: TextIO | None = None) -> ReplayReport:
+def replay(
+    archive: str | Path, out: str | Path, options: ReplayOptions = ReplayOptions(), *, log: TextIO | None = None
+) -> ReplayReport:
     """Replay `archive` (run dir, rollouts/ or a file) into `out`/rollouts; see the module docstring."""
     log = log or sys.stderr
     metadata = read_metadata(archive)
@@ -99,9 +100,10 @@ def replay(archive: str | Path, out: str | Path, options: ReplayOptions = Replay
     target = _check_out(archive, out)
     rescorer = Rescorer.open(options.reward_config, options.prompts, metadata, log) if plan.rescore else None
     components = rescorer.components if rescorer else components_of(read_schema(archive))
-    scores: Iterable[Scores] = (rescorer(b) if rescorer else _stored_scores(b)
-                                for b in iter_batches(archive, ["prompt_id", "prompt", "response",
-                                                                "reward", "reward_components"]))
+    scores: Iterable[Scores] = (
+        rescorer(b) if rescorer else _stored_scores(b)
+        for b in iter_batches(archive, ["prompt_id", "prompt", "response", "reward", "reward_components"])
+    )
     group_advantages = None
     if estimator(plan.estimator).group is not None:
         scores = list(scores)  # scored once, used twice: for the group baselines, then per batch
@@ -114,7 +116,7 @@ def replay(archive: str | Path, out: str | Path, options: ReplayOptions = Replay
     try:
         with ArchiveWriter(partial, _new_metadata(metadata, plan, archive, options), components) as writer:
             for batch, batch_scores in zip(iter_batches(archive), scores):
-                group = None if group_advantages is None else group_advantages[rows:rows + batch.num_rows]
+                group = None if group_advantages is None else group_advantages[rows : rows + batch.num_rows]
                 replayed, diff = _replay_batch(batch, batch_scores, plan, group, writer.schema)
                 writer.write_batch(replayed)
                 rows += batch.num_rows
@@ -134,6 +136,7 @@ def replay(archive: str | Path, out: str | Path, options: ReplayOptions = Replay
 
 # --- settings ------------------------------------------------------------------------------------
 
+
 def _plan(metadata: dict[str, str], options: ReplayOptions) -> _Plan:
     try:
         estimator(options.estimator)
@@ -149,8 +152,14 @@ def _plan(metadata: dict[str, str], options: ReplayOptions) -> _Plan:
     kl_estimator = metadata.get("kl_estimator", "k1")
     if kl_estimator not in ("k1", "k3"):
         raise ReplayError(f"the archive's kl_estimator {kl_estimator!r} is neither k1 nor k3")
-    return _Plan(gamma, lam, options.estimator, options.kl_coef, cast(KLEstimator, kl_estimator),
-                 rescore=options.reward_config is not None)
+    return _Plan(
+        gamma,
+        lam,
+        options.estimator,
+        options.kl_coef,
+        cast(KLEstimator, kl_estimator),
+        rescore=options.reward_config is not None,
+    )
 
 
 def _metadata_float(metadata: dict[str, str], key: str, flag: str) -> float:
@@ -179,7 +188,9 @@ def _new_metadata(metadata: dict[str, str], plan: _Plan, archive: str | Path, op
     if plan.rescore:
         new["reward_config"] = str(Path(options.reward_config).resolve())
     if "config" in new:
-        new["config"] = _updated_config(new["config"], plan, reward_config(options.reward_config) if plan.rescore else None)
+        new["config"] = _updated_config(
+            new["config"], plan, reward_config(options.reward_config) if plan.rescore else None
+        )
     return new
 
 
@@ -197,8 +208,10 @@ def _updated_config(text: str, plan: _Plan, reward: RewardConfig | None) -> str:
 
 # --- one batch -----------------------------------------------------------------------------------
 
-def _replay_batch(batch: pa.RecordBatch, scores: Scores, plan: _Plan, group_advantages: np.ndarray | None,
-                  schema: pa.Schema) -> tuple[pa.RecordBatch, float | None]:
+
+def _replay_batch(
+    batch: pa.RecordBatch, scores: Scores, plan: _Plan, group_advantages: np.ndarray | None, schema: pa.Schema
+) -> tuple[pa.RecordBatch, float | None]:
     """The batch with new reward, token rewards, advantages and returns; and max |Δ returns|."""
     lengths = _lengths(batch.column("response_ids"))
     width = max(1, int(lengths.max(initial=0)))
@@ -218,23 +231,30 @@ def _replay_batch(batch: pa.RecordBatch, scores: Scores, plan: _Plan, group_adva
             token_rewards = rewards
         advantages, returns = estimate(plan.estimator, token_rewards, values, mask, None, plan.gamma, plan.lam)
     columns = {name: batch.column(name) for name in schema.names}
-    columns.update(reward=reward, reward_components=components,
-                   token_rewards=_ragged(rewards, mask) if rewards is not None else batch.column("token_rewards"),
-                   advantages=_ragged(advantages, mask), returns=_ragged(returns, mask))
+    columns.update(
+        reward=reward,
+        reward_components=components,
+        token_rewards=_ragged(rewards, mask) if rewards is not None else batch.column("token_rewards"),
+        advantages=_ragged(advantages, mask),
+        returns=_ragged(returns, mask),
+    )
     if plan.kl_coef is not None:
         columns["kl_coef"] = pa.array(np.full(batch.num_rows, plan.kl_coef, dtype=np.float32))
     replayed = pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema.remove_metadata())
     return replayed, _max_diff(batch.column("returns"), returns, lengths, mask)
 
 
-def _token_rewards(batch: pa.RecordBatch, reward: pa.Array, plan: _Plan, lengths: np.ndarray,
-                   mask: torch.Tensor) -> torch.Tensor | None:
+def _token_rewards(
+    batch: pa.RecordBatch, reward: pa.Array, plan: _Plan, lengths: np.ndarray, mask: torch.Tensor
+) -> torch.Tensor | None:
     """(B, T) token rewards: stored, or rebuilt as −β·kl_t plus the (new) score on the last token."""
     stored = batch.column("token_rewards")
     if stored.null_count:
         if estimator(plan.estimator).needs_critic:
-            raise ReplayError("the archive has no learner columns (token_rewards, values are null, as "
-                              "`rollout generate` writes them): GAE needs them; use --estimator grpo or rloo")
+            raise ReplayError(
+                "the archive has no learner columns (token_rewards, values are null, as "
+                "`rollout generate` writes them): GAE needs them; use --estimator grpo or rloo"
+            )
         return None
     rewards = _padded(_required(batch, "token_rewards", lengths), mask.shape[1])
     if not plan.rescore and plan.kl_coef is None:
@@ -261,12 +281,19 @@ def _kl(batch: pa.RecordBatch, plan: _Plan, lengths: np.ndarray, mask: torch.Ten
         iterations = sorted(set(batch.column("iteration").to_numpy()[unknown].tolist()))
         raise ReplayError(
             f"the KL coefficient the run used in iteration(s) {iterations[:5]} is unknown (a v1 archive of an "
-            "adaptive controller, and no metrics.jsonl beside it to read it from): cannot rebuild its KL")
-    warnings.warn("the run's KL coefficient was 0, so its token rewards hold no KL: estimating it "
-                  "from the behaviour response_logprobs and ref_logprobs instead", stacklevel=4)
+            "adaptive controller, and no metrics.jsonl beside it to read it from): cannot rebuild its KL"
+        )
+    warnings.warn(
+        "the run's KL coefficient was 0, so its token rewards hold no KL: estimating it "
+        "from the behaviour response_logprobs and ref_logprobs instead",
+        stacklevel=4,
+    )
     width = mask.shape[1]
-    estimated = kl_penalty(_padded(_required(batch, "response_logprobs", lengths), width),
-                           _padded(_required(batch, "ref_logprobs", lengths), width), plan.kl_estimator)
+    estimated = kl_penalty(
+        _padded(_required(batch, "response_logprobs", lengths), width),
+        _padded(_required(batch, "ref_logprobs", lengths), width),
+        plan.kl_estimator,
+    )
     if missing.all():
         return estimated
     stored = _padded(column, width)
@@ -282,6 +309,7 @@ def _max_diff(stored: pa.Array, returns: torch.Tensor, lengths: np.ndarray, mask
 
 # --- scores --------------------------------------------------------------------------------------
 
+
 def _stored_scores(batch: pa.RecordBatch) -> Scores:
     return batch.column("reward"), batch.column("reward_components")
 
@@ -296,14 +324,14 @@ def _group_advantages(archive: str | Path, rewards: list[pa.Array], name: str) -
     joined = pc.binary_join_element_wise(keys["iteration"].cast(pa.string()), keys["prompt_id"], "\x1f")
     groups = pc.dictionary_encode(joined).combine_chunks().indices.to_numpy().astype(np.int64)
     try:
-        advantages = estimator(name).group(torch.from_numpy(_floats(reward, "reward")),
-                                                 torch.from_numpy(groups))
+        advantages = estimator(name).group(torch.from_numpy(_floats(reward, "reward")), torch.from_numpy(groups))
     except ValueError as e:
         raise ReplayError(f"--estimator {name}: {e}") from None
     return advantages.numpy()
 
 
 # --- Arrow lists <-> padded tensors --------------------------------------------------------------
+
 
 def _lengths(column: pa.Array) -> np.ndarray:
     """(B,) int64 list lengths."""
@@ -320,8 +348,10 @@ def _required_column(column: pa.Array, name: str, lengths: np.ndarray) -> pa.Arr
         raise ReplayError(f"column {name} is null in {column.null_count} rows; replay needs it")
     mismatched = np.flatnonzero(_lengths(column) != lengths)
     if mismatched.size:
-        raise ReplayError(f"column {name} does not have one entry per response token in "
-                          f"{mismatched.size} rows (first: batch row {mismatched[0]})")
+        raise ReplayError(
+            f"column {name} does not have one entry per response token in "
+            f"{mismatched.size} rows (first: batch row {mismatched[0]})"
+        )
     return column
 
 
@@ -329,7 +359,7 @@ def _padded(column: pa.Array, width: int) -> torch.Tensor:
     """Ragged float lists -> (B, width) float32 tensor, zero-padded, from the list buffers."""
     offsets = np.asarray(column.offsets).astype(np.int64)
     lengths = np.diff(offsets)
-    values = column.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    values = column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
     rows = np.repeat(np.arange(lengths.size), lengths)
     cols = np.arange(values.size) - np.repeat(offsets[:-1] - offsets[0], lengths)  # t within the row
     out = np.zeros((lengths.size, width), dtype=np.float32)
@@ -349,4 +379,3 @@ def _floats(column: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
     if column.null_count:
         raise ReplayError(f"column {name} is null in {column.null_count} rows; replay needs it")
     return column.to_numpy().astype(np.float32)
-

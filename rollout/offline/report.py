@@ -26,8 +26,16 @@ from rollout.offline.stats import compute_stats, smooth
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 480, 220, 60, 12, 12, 28
-SAMPLE_COLUMNS = ["iteration", "prompt_id", "sample_index", "prompt", "response", "finish_reason", "reward",
-                  "reward_components"]
+SAMPLE_COLUMNS = [
+    "iteration",
+    "prompt_id",
+    "sample_index",
+    "prompt",
+    "response",
+    "finish_reason",
+    "reward",
+    "reward_components",
+]
 
 
 def write_report(run_dir: str | Path, out: str | Path, *, samples: int = 8) -> int:
@@ -43,22 +51,38 @@ def write_report(run_dir: str | Path, out: str | Path, *, samples: int = 8) -> i
     components = sorted({k for row in rows for k in row if k.startswith("reward/")})
     reasons = sorted({k for row in rows for k in row if k.startswith("finish/")})
     charts = [
-        line_chart("Reward (mean) and each component", x, {"reward": column("reward_mean"),
-                                                           **{k[7:]: column(k) for k in components}}),
+        line_chart(
+            "Reward (mean) and each component",
+            x,
+            {"reward": column("reward_mean"), **{k[7:]: column(k) for k in components}},
+        ),
         line_chart("KL to the reference (mean Σ per sample)", x, {"kl": column("kl")}),
         line_chart("KL coefficient", x, {"kl_coef": column("kl_coef", "metrics")}),
         line_chart("Response length (tokens)", x, {"mean": column("response_length_mean")}),
-        line_chart("Finish reasons (fraction of samples)", x,
-                   {k[7:]: [c / max(row["samples"], 1) for c, row in zip(column(k), rows)] for k in reasons}),
-        line_chart("Tokens/s per stage (generated tokens / the stage's seconds)", x,
-                   {"generate": column("tokens_per_s"),
-                    **{s: _per_second(column("tokens"), column(f"time/{s}", "metrics"))
-                       for s in STAGES if s not in ("generate", "weight_sync")}}),
+        line_chart(
+            "Finish reasons (fraction of samples)",
+            x,
+            {k[7:]: [c / max(row["samples"], 1) for c, row in zip(column(k), rows)] for k in reasons},
+        ),
+        line_chart(
+            "Tokens/s per stage (generated tokens / the stage's seconds)",
+            x,
+            {
+                "generate": column("tokens_per_s"),
+                **{
+                    s: _per_second(column("tokens"), column(f"time/{s}", "metrics"))
+                    for s in STAGES
+                    if s not in ("generate", "weight_sync")
+                },
+            },
+        ),
         line_chart("Seconds per stage", x, {s: column(f"time/{s}", "metrics") for s in STAGES}),
         line_chart("Policy-version lag (mean, versions)", x, {"lag": column("version_lag")}),
-        line_chart("Actor restarts (cumulative)", x,
-                   {kind: _cumulative(column(f"restarts/{kind}", "metrics")) for kind in ("rollout", "reward",
-                                                                                       "learner")}),
+        line_chart(
+            "Actor restarts (cumulative)",
+            x,
+            {kind: _cumulative(column(f"restarts/{kind}", "metrics")) for kind in ("rollout", "reward", "learner")},
+        ),
     ]
     history = [metrics[i] for i in x if i in metrics] or rows
     summary = summary_lines(history) if history else ["no iterations"]
@@ -66,8 +90,10 @@ def write_report(run_dir: str | Path, out: str | Path, *, samples: int = 8) -> i
     page = _PAGE.format(
         title=html.escape(f"Run report: {Path(run_dir).resolve().name}"),
         heading=html.escape(Path(run_dir).resolve().name),
-        facts=html.escape(f"{len(rows)} iterations, {totals.get('samples', 0)} samples, "
-                          f"{totals.get('tokens', 0)} generated tokens; archive {stats.archive}"),
+        facts=html.escape(
+            f"{len(rows)} iterations, {totals.get('samples', 0)} samples, "
+            f"{totals.get('tokens', 0)} generated tokens; archive {stats.archive}"
+        ),
         charts="\n".join(charts),
         summary=html.escape("\n".join(summary)),
         samples=_sample_html(run_dir, samples),
@@ -94,12 +120,16 @@ def line_chart(title: str, x: list[int], series: dict[str, list[float | None]]) 
     def sy(v: float) -> float:
         return TOP + (HEIGHT - TOP - BOTTOM) * (1 - (v - low) / (high - low))
 
-    parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
-             f'role="img" aria-label="{html.escape(title)}">']
+    parts = [
+        f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
+        f'role="img" aria-label="{html.escape(title)}">'
+    ]
     for fraction in (0.0, 0.5, 1.0):
         value = low + fraction * (high - low)
-        parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{sy(value):.1f}" y2="{sy(value):.1f}"/>'
-                     f'<text class="tick" x="{LEFT - 4}" y="{sy(value) + 4:.1f}" text-anchor="end">{_short(value)}</text>')
+        parts.append(
+            f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{sy(value):.1f}" y2="{sy(value):.1f}"/>'
+            f'<text class="tick" x="{LEFT - 4}" y="{sy(value) + 4:.1f}" text-anchor="end">{_short(value)}</text>'
+        )
     parts.append(f'<text class="tick" x="{sx(first):.1f}" y="{HEIGHT - 8}" text-anchor="middle">{first}</text>')
     if last != first:
         parts.append(f'<text class="tick" x="{sx(last):.1f}" y="{HEIGHT - 8}" text-anchor="middle">{last}</text>')
@@ -110,15 +140,22 @@ def line_chart(title: str, x: list[int], series: dict[str, list[float | None]]) 
             continue
         raw = np.array([v if _finite(v) else math.nan for v in values], dtype=float)
         many = len(x) > 60
-        parts.append(f'<path class="series" data-series="{html.escape(name)}" data-points="{len(points)}" '
-                     f'd="{_path(x, raw, sx, sy)}" stroke="{colour}" fill="none" '
-                     f'stroke-width="{1 if many else 1.8}" opacity="{0.35 if many else 1}"/>')
+        parts.append(
+            f'<path class="series" data-series="{html.escape(name)}" data-points="{len(points)}" '
+            f'd="{_path(x, raw, sx, sy)}" stroke="{colour}" fill="none" '
+            f'stroke-width="{1 if many else 1.8}" opacity="{0.35 if many else 1}"/>'
+        )
         if many:
-            parts.append(f'<path class="smoothed" d="{_path(x, smooth(raw), sx, sy)}" stroke="{colour}" '
-                         f'fill="none" stroke-width="2"/>')
+            parts.append(
+                f'<path class="smoothed" d="{_path(x, smooth(raw), sx, sy)}" stroke="{colour}" '
+                f'fill="none" stroke-width="2"/>'
+            )
         else:
-            parts += [f'<circle cx="{sx(i):.1f}" cy="{sy(v):.1f}" r="2.2" fill="{colour}">'
-                      f'<title>{html.escape(name)} at iteration {i}: {_short(v)}</title></circle>' for i, v in points]
+            parts += [
+                f'<circle cx="{sx(i):.1f}" cy="{sy(v):.1f}" r="2.2" fill="{colour}">'
+                f"<title>{html.escape(name)} at iteration {i}: {_short(v)}</title></circle>"
+                for i, v in points
+            ]
         legend.append(f'<span class="key"><i style="background:{colour}"></i>{html.escape(name)}</span>')
     parts.append("</svg>")
     return f'<figure class="chart-box">{caption}{"".join(parts)}<div class="legend">{"".join(legend)}</div></figure>'
@@ -150,8 +187,10 @@ def _sample_html(run_dir: str | Path, rows: int) -> str:
     table = sample_table(*[pa.Table.from_batches(kept)] * 2, rows)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in table.rows)
-    return (f"<p>Iteration {last}, the first {len(table.rows)} samples.</p>"
-            f'<table class="samples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+    return (
+        f"<p>Iteration {last}, the first {len(table.rows)} samples.</p>"
+        f'<table class="samples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    )
 
 
 def _per_second(counts: list[Any], seconds: list[Any]) -> list[float | None]:

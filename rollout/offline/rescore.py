@@ -11,7 +11,7 @@ import pyarrow as pa
 import yaml
 
 from contracts.config import ConfigError, JobConfig, RewardConfig
-from contracts.config_load import load_config
+from contracts.config.load import load_config
 from contracts.formats import Message, PromptRecord
 
 Scores = tuple[pa.Array, pa.Array]  # per batch: reward (float32), reward_components (struct)
@@ -28,8 +28,10 @@ class Rescorer:
         from reward.worker import RewardWorker
 
         if cfg.model is not None:
-            raise ReplayError("re-scoring with a reward model is not supported by replay (rules only); "
-                              "remove reward.model from the reward config")
+            raise ReplayError(
+                "re-scoring with a reward model is not supported by replay (rules only); "
+                "remove reward.model from the reward config"
+            )
         try:
             self.worker = RewardWorker(cfg, name="replay")
         except ValueError as e:
@@ -73,15 +75,19 @@ def load_prompt_records(source: str | None, metadata: dict[str, str], log: TextI
     run = run_config(metadata)
     data = run.data if run else JobConfig().data
     explicit = source is not None
-    data = msgspec.structs.replace(data, prompts=source or data.prompts, on_bad_record="skip",
-                                   format="auto" if explicit else data.format)
+    data = msgspec.structs.replace(
+        data, prompts=source or data.prompts, on_bad_record="skip", format="auto" if explicit else data.format
+    )
     try:
         records = load_prompts(data, run.seed if run else 0, log=log)
     except (OSError, DataError) as e:
         if explicit:
             raise ReplayError(f"--prompts {source}: {e}") from None
-        print(f"replay: the run's prompts {data.prompts} are not readable here ({e}); re-scoring without "
-              "references (pass --prompts)", file=log)
+        print(
+            f"replay: the run's prompts {data.prompts} are not readable here ({e}); re-scoring without "
+            "references (pass --prompts)",
+            file=log,
+        )
         return {}
     return {r.prompt_id: r for r in records}
 

@@ -30,11 +30,20 @@ from contracts.schema import FINISH_REASONS
 from rollout.archive import read_run_metrics, read_table
 from rollout.driver.metrics import summary_lines
 
-STATS_COLUMNS = ["iteration", "policy_version", "response_ids", "reward", "reward_components", "kl",
-                 "finish_reason", "generated_at"]
+STATS_COLUMNS = [
+    "iteration",
+    "policy_version",
+    "response_ids",
+    "reward",
+    "reward_components",
+    "kl",
+    "finish_reason",
+    "generated_at",
+]
 
 
 # --- per-iteration figures -----------------------------------------------------------------------
+
 
 @dataclass
 class RunStats:
@@ -44,8 +53,11 @@ class RunStats:
 
     def to_json(self, last: int | None = None, every: int | None = None) -> dict[str, Any]:
         """Plain JSON: NaN and inf become null; the iterations `shown` picks."""
-        return {"archive": self.archive, "iterations": [_finite(d) for d in self.shown(last, every)],
-                "totals": _finite(self.totals)}
+        return {
+            "archive": self.archive,
+            "iterations": [_finite(d) for d in self.shown(last, every)],
+            "totals": _finite(self.totals),
+        }
 
     def shown(self, last: int | None = None, every: int | None = None) -> list[dict[str, Any]]:
         """The iterations a long table keeps: the `last` N, and of those every K-th (and the final one)."""
@@ -88,15 +100,17 @@ def compute_stats(archive: str | Path) -> RunStats:
 def _row_table(table: pa.Table) -> pa.Table:
     """One row per sample of the scalars the figures need; the sequence KL Σ_t kl_t included."""
     lengths = pc.list_value_length(table["response_ids"]).cast(pa.int64())
-    return pa.table({
-        "iteration": table["iteration"],
-        "policy_version": table["policy_version"],
-        "length": lengths,
-        "reward": table["reward"].cast(pa.float64()),
-        "kl": _row_sums(table["kl"]),
-        "finish_reason": table["finish_reason"],
-        "generated_at": table["generated_at"],
-    })
+    return pa.table(
+        {
+            "iteration": table["iteration"],
+            "policy_version": table["policy_version"],
+            "length": lengths,
+            "reward": table["reward"].cast(pa.float64()),
+            "kl": _row_sums(table["kl"]),
+            "finish_reason": table["finish_reason"],
+            "generated_at": table["generated_at"],
+        }
+    )
 
 
 def _row_sums(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -106,8 +120,9 @@ def _row_sums(column: pa.ChunkedArray) -> pa.ChunkedArray:
         offsets = np.asarray(chunk.offsets)  # absolute positions in chunk.values, slices included
         values = chunk.values.to_numpy(zero_copy_only=False).astype(np.float64)
         running = np.concatenate([[0.0], np.cumsum(values)])
-        sums.append(pa.array(running[offsets[1:]] - running[offsets[:-1]],
-                             mask=chunk.is_null().to_numpy(zero_copy_only=False)))
+        sums.append(
+            pa.array(running[offsets[1:]] - running[offsets[:-1]], mask=chunk.is_null().to_numpy(zero_copy_only=False))
+        )
     return pa.chunked_array(sums, type=pa.float64())
 
 
@@ -115,29 +130,53 @@ _NULLS = pc.CountOptions(mode="only_null")
 
 
 def _aggregate_iterations(rows: pa.Table) -> pa.Table:
-    aggregated = rows.group_by("iteration").aggregate([
-        ("length", "count"), ("length", "sum"), ("length", "mean"),
-        ("reward", "mean"), ("reward", "stddev"),
-        ("kl", "sum"), ("kl", "count", _NULLS),
-        ("policy_version", "max"), ("policy_version", "mean"),
-        ("generated_at", "min"), ("generated_at", "max"),
-    ]).sort_by("iteration")
-    return aggregated.rename_columns({
-        "length_count": "samples", "length_sum": "tokens", "length_mean": "length_mean",
-        "reward_mean": "reward_mean", "reward_stddev": "reward_std",
-        "kl_sum": "kl_sum", "kl_count": "missing_kl",
-        "policy_version_max": "version_max", "policy_version_mean": "version_mean",
-        "generated_at_min": "first_at", "generated_at_max": "last_at",
-    })
-
+    aggregated = (
+        rows.group_by("iteration")
+        .aggregate(
+            [
+                ("length", "count"),
+                ("length", "sum"),
+                ("length", "mean"),
+                ("reward", "mean"),
+                ("reward", "stddev"),
+                ("kl", "sum"),
+                ("kl", "count", _NULLS),
+                ("policy_version", "max"),
+                ("policy_version", "mean"),
+                ("generated_at", "min"),
+                ("generated_at", "max"),
+            ]
+        )
+        .sort_by("iteration")
+    )
+    return aggregated.rename_columns(
+        {
+            "length_count": "samples",
+            "length_sum": "tokens",
+            "length_mean": "length_mean",
+            "reward_mean": "reward_mean",
+            "reward_stddev": "reward_std",
+            "kl_sum": "kl_sum",
+            "kl_count": "missing_kl",
+            "policy_version_max": "version_max",
+            "policy_version_mean": "version_mean",
+            "generated_at_min": "first_at",
+            "generated_at_max": "last_at",
+        }
+    )
 
 
 def _finish_counts(rows: pa.Table) -> dict[tuple[int, str], int]:
     """{(iteration, finish_reason): samples}."""
     counted = rows.group_by(["iteration", "finish_reason"]).aggregate(
-        [("finish_reason", "count", pc.CountOptions(mode="all"))])
-    return dict(zip(zip(counted["iteration"].to_pylist(), counted["finish_reason"].to_pylist()),
-                    counted["finish_reason_count"].to_pylist()))
+        [("finish_reason", "count", pc.CountOptions(mode="all"))]
+    )
+    return dict(
+        zip(
+            zip(counted["iteration"].to_pylist(), counted["finish_reason"].to_pylist()),
+            counted["finish_reason_count"].to_pylist(),
+        )
+    )
 
 
 def _reasons(finish: dict[tuple, int]) -> list[str]:
@@ -156,14 +195,19 @@ def _component_table(table: pa.Table) -> pa.Table:
             present = child.is_valid()
             value = child.filter(present).cast(pa.float64())
             failed = pc.is_nan(value)
-            parts.append(pa.table({
-                "iteration": iteration_chunk.filter(present),
-                "key": pa.array([field.name] * len(value), pa.string()),
-                "value": pc.if_else(failed, None, value),  # null so that the mean skips failed components
-                "failed": failed.cast(pa.int64()),
-            }))
-    schema = pa.schema([("iteration", pa.int32()), ("key", pa.string()), ("value", pa.float64()),
-                        ("failed", pa.int64())])
+            parts.append(
+                pa.table(
+                    {
+                        "iteration": iteration_chunk.filter(present),
+                        "key": pa.array([field.name] * len(value), pa.string()),
+                        "value": pc.if_else(failed, None, value),  # null so that the mean skips failed components
+                        "failed": failed.cast(pa.int64()),
+                    }
+                )
+            )
+    schema = pa.schema(
+        [("iteration", pa.int32()), ("key", pa.string()), ("value", pa.float64()), ("failed", pa.int64())]
+    )
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
@@ -182,8 +226,11 @@ def _component_means(components: pa.Table, keys: list[str]) -> dict[Any, dict[st
 
 def _restarts(metrics: dict[str, Any] | None) -> int | None:
     """Actors restarted during the iteration (rollout, reward, learner), from the run's metrics."""
-    counts = [metrics[k] for k in ("restarts/rollout", "restarts/reward", "restarts/learner")
-              if metrics and metrics.get(k) is not None]
+    counts = [
+        metrics[k]
+        for k in ("restarts/rollout", "restarts/reward", "restarts/learner")
+        if metrics and metrics.get(k) is not None
+    ]
     return int(sum(counts)) if counts else None
 
 
@@ -194,8 +241,9 @@ def _tokens_per_s(row: dict[str, Any], metrics: dict[str, Any] | None) -> float 
     return row["tokens"] / seconds if seconds > 0 else None
 
 
-def _totals(rows: pa.Table, stats: list[dict[str, Any]], components: pa.Table,
-            finish: dict[tuple, int]) -> dict[str, Any]:
+def _totals(
+    rows: pa.Table, stats: list[dict[str, Any]], components: pa.Table, finish: dict[tuple, int]
+) -> dict[str, Any]:
     samples = rows.num_rows
     tokens = sum(s["tokens"] for s in stats)
     timed = [s for s in stats if s["tokens_per_s"]]
@@ -205,21 +253,23 @@ def _totals(rows: pa.Table, stats: list[dict[str, Any]], components: pa.Table,
         "samples": samples,
         "tokens": tokens,
         # Σ tokens / Σ generation seconds, over the iterations whose throughput is known.
-        "tokens_per_s": (sum(s["tokens"] for s in timed) / sum(s["tokens"] / s["tokens_per_s"] for s in timed)
-                         if timed else None),
+        "tokens_per_s": (
+            sum(s["tokens"] for s in timed) / sum(s["tokens"] / s["tokens_per_s"] for s in timed) if timed else None
+        ),
         "reward_mean": pc.mean(rows["reward"]).as_py(),
         "reward_std": pc.stddev(rows["reward"]).as_py(),
         "reward_min": pc.min(rows["reward"]).as_py(),
         "reward_max": pc.max(rows["reward"]).as_py(),
     }
     totals.update(_component_means(components, ["key"]).get(None, {}))
-    totals["kl"] = (sum(s["kl"] * s["samples"] for s in kl_known) / sum(s["samples"] for s in kl_known)
-                    if kl_known else None)
+    totals["kl"] = (
+        sum(s["kl"] * s["samples"] for s in kl_known) / sum(s["samples"] for s in kl_known) if kl_known else None
+    )
     totals["response_length_mean"] = tokens / samples if samples else None
-    totals.update({f"finish/{reason}": sum(n for (_, r), n in finish.items() if r == reason)
-                   for reason in _reasons(finish)})
-    totals["version_lag"] = (sum(s["version_lag"] * s["samples"] for s in stats) / samples
-                             if samples else None)
+    totals.update(
+        {f"finish/{reason}": sum(n for (_, r), n in finish.items() if r == reason) for reason in _reasons(finish)}
+    )
+    totals["version_lag"] = sum(s["version_lag"] * s["samples"] for s in stats) / samples if samples else None
     known = [s["restarts"] for s in stats if s["restarts"] is not None]
     totals["restarts"] = sum(known) if known else None
     return totals
@@ -232,10 +282,17 @@ def _finite(item: dict[str, Any]) -> dict[str, Any]:
 # --- output --------------------------------------------------------------------------------------
 
 _COLUMNS = [  # (header, key, format) in table order; components are inserted after the reward
-    ("iter", "iteration", "d"), ("samples", "samples", "d"), ("tokens", "tokens", "d"),
-    ("tok/s", "tokens_per_s", ".1f"), ("reward", "reward_mean", ".4f"), ("std", "reward_std", ".4f"),
-    ("kl", "kl", ".4f"), ("len", "response_length_mean", ".2f"),
-    ("stop", "finish/stop", "d"), ("length", "finish/length", "d"), ("error", "finish/error", "d"),
+    ("iter", "iteration", "d"),
+    ("samples", "samples", "d"),
+    ("tokens", "tokens", "d"),
+    ("tok/s", "tokens_per_s", ".1f"),
+    ("reward", "reward_mean", ".4f"),
+    ("std", "reward_std", ".4f"),
+    ("kl", "kl", ".4f"),
+    ("len", "response_length_mean", ".2f"),
+    ("stop", "finish/stop", "d"),
+    ("length", "finish/length", "d"),
+    ("error", "finish/error", "d"),
     ("lag", "version_lag", ".2f"),
 ]
 _COMPARE_KEYS = ["samples", "tokens_per_s", "reward_mean", "kl", "response_length_mean", "version_lag"]
@@ -258,8 +315,9 @@ def format_comparison(a: RunStats, b: RunStats) -> str:
     by_iteration = [{s["iteration"]: s for s in run.iterations} for run in (a, b)]
     keys = _COMPARE_KEYS + sorted({k for run in (a, b) for k in run.totals if k.startswith("reward/")})
     formats = {key: fmt for _, key, fmt in _COLUMNS} | {k: ".4f" for k in keys if k.startswith("reward/")}
-    names = {key: header for header, key, _ in _COLUMNS} | {k: "r/" + k[len("reward/"):] for k in keys
-                                                           if k.startswith("reward/")}
+    names = {key: header for header, key, _ in _COLUMNS} | {
+        k: "r/" + k[len("reward/") :] for k in keys if k.startswith("reward/")
+    }
     header = ["iter"] + [f"{names[k]} {side}" for k in keys for side in "AB"]
     lines = []
     for i in sorted(by_iteration[0].keys() | by_iteration[1].keys()):
@@ -272,11 +330,12 @@ def format_comparison(a: RunStats, b: RunStats) -> str:
 
 
 def _columns_with_components(run: RunStats) -> list[tuple[str, str, str]]:
-    names = sorted(k[len("reward/"):] for k in run.totals if k.startswith("reward/"))
+    names = sorted(k[len("reward/") :] for k in run.totals if k.startswith("reward/"))
     extra = [(f"r/{name}", f"reward/{name}", ".4f") for name in names]
     # A failure column only for components that ever failed: most runs have none.
-    extra += [(f"fail/{name}", f"reward_failed/{name}", "d") for name in names
-              if run.totals.get(f"reward_failed/{name}")]
+    extra += [
+        (f"fail/{name}", f"reward_failed/{name}", "d") for name in names if run.totals.get(f"reward_failed/{name}")
+    ]
     at = [key for _, key, _ in _COLUMNS].index("reward_std") + 1
     # A restarts column only for runs that had any.
     restarts = [("restarts", "restarts", "d")] if run.totals.get("restarts") else []
@@ -318,8 +377,14 @@ def plot_runs(runs: list[RunStats], png: str | Path, labels: list[str] | None = 
         reward_axis.plot(x, smoothed, color=colour, linewidth=2, label=label)
         low, high = _nan_if_none(run.totals.get("reward_min")), _nan_if_none(run.totals.get("reward_max"))
         band = smooth(std)
-        reward_axis.fill_between(x, np.clip(smoothed - band, low, high), np.clip(smoothed + band, low, high),
-                                 color=colour, alpha=0.15, linewidth=0)
+        reward_axis.fill_between(
+            x,
+            np.clip(smoothed - band, low, high),
+            np.clip(smoothed + band, low, high),
+            color=colour,
+            alpha=0.15,
+            linewidth=0,
+        )
         speed_axis.plot(x, speed, color=colour, alpha=0.35, linewidth=0.8, marker=marker)
         speed_axis.plot(x, smooth(speed), color=colour, linewidth=2, label=label)
     window = max(smoothing_window(len(run.iterations)) for run in runs) if runs else 1

@@ -25,8 +25,9 @@ from rollout.archive import iter_batches
 NEEDED = ("response_logprobs", "ref_logprobs", "values", "token_rewards", "advantages", "returns")
 
 
-def train_offline(archive: str | Path, cfg: JobConfig, out: Path, *, model: str | None = None,
-                  epochs: int = 1, log=None) -> Path:
+def train_offline(
+    archive: str | Path, cfg: JobConfig, out: Path, *, model: str | None = None, epochs: int = 1, log=None
+) -> Path:
     log = log or sys.stderr
     model_path = model or resolve_model_path(cfg.model.path)
     learner = Learner(cfg, model_path)
@@ -35,8 +36,10 @@ def train_offline(archive: str | Path, cfg: JobConfig, out: Path, *, model: str 
             records = from_record_batch(batch)
             missing = [c for c in NEEDED if any(getattr(r, c) is None for r in records)]
             if missing:
-                raise ValueError(f"{archive}: offline training needs the learner columns; {', '.join(missing)} "
-                                 "are null (a `rollout generate` archive? replay it with an estimator first)")
+                raise ValueError(
+                    f"{archive}: offline training needs the learner columns; {', '.join(missing)} "
+                    "are null (a `rollout generate` archive? replay it with an estimator first)"
+                )
             samples = SampleBatch.from_records(records)
 
             def column(name: str) -> torch.Tensor:
@@ -44,13 +47,21 @@ def train_offline(archive: str | Path, cfg: JobConfig, out: Path, *, model: str 
 
             mask = samples.padded(torch.ones(len(samples.response_ids)).numpy()).to(learner.device)
             behaviour, ref = column("response_logprobs"), column("ref_logprobs")
-            evaluated = Evaluated(mask=mask, old_logprobs=behaviour, ref_logprobs=ref, values=column("values"),
-                                  entropy=torch.zeros_like(mask), behaviour_logprobs=behaviour)
+            evaluated = Evaluated(
+                mask=mask,
+                old_logprobs=behaviour,
+                ref_logprobs=ref,
+                values=column("values"),
+                entropy=torch.zeros_like(mask),
+                behaviour_logprobs=behaviour,
+            )
             kl = kl_penalty(behaviour, ref, cfg.learner.kl.estimator) * mask
             stats = learner.update(samples, evaluated, column("advantages"), column("returns"), kl)
-            print(f"offline epoch {epoch + 1}/{epochs}, {len(records)} samples: policy loss "
-                  f"{stats['policy_loss']:+.4f}  clip frac {stats['clip_frac']:.3f}  approx kl {stats['approx_kl']:.4f}",
-                  file=log)
+            print(
+                f"offline epoch {epoch + 1}/{epochs}, {len(records)} samples: policy loss "
+                f"{stats['policy_loss']:+.4f}  clip frac {stats['clip_frac']:.3f}  approx kl {stats['approx_kl']:.4f}",
+                file=log,
+            )
     out.mkdir(parents=True, exist_ok=True)
     learner.policy.lm.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(out)

@@ -39,8 +39,13 @@ _CATEGORIES = (
 )
 
 
-def validate_files(paths: list[str], *, prompt_length: Callable[[PromptRecord], int] | None = None,
-                   max_prompt_tokens: int | None = None, out: TextIO | None = None) -> int:
+def validate_files(
+    paths: list[str],
+    *,
+    prompt_length: Callable[[PromptRecord], int] | None = None,
+    max_prompt_tokens: int | None = None,
+    out: TextIO | None = None,
+) -> int:
     """Check every record of every file and print the report to `out` (stdout); 0 if all valid, else 1.
 
     `prompt_length` (the rendered prompt's token count) with `max_prompt_tokens` also reports
@@ -59,8 +64,7 @@ def validate_files(paths: list[str], *, prompt_length: Callable[[PromptRecord], 
         records, bad = _check_file(file, prompt_length, max_prompt_tokens, out)
         reasons.update(bad)
         failed |= records == 0 or bad.total() > 0
-        summaries.append(f"{file}: no records" if records == 0 else
-                         f"{file}: {records} records, {bad.total()} bad")
+        summaries.append(f"{file}: no records" if records == 0 else f"{file}: {records} records, {bad.total()} bad")
     for line in summaries:
         print(line, file=out)
     if reasons:
@@ -101,8 +105,9 @@ def _unreadable(file: str) -> str | None:
     return None
 
 
-def _check_file(file: str, prompt_length: Callable[[PromptRecord], int] | None, max_prompt_tokens: int | None,
-                out: TextIO) -> tuple[int, Counter[str]]:
+def _check_file(
+    file: str, prompt_length: Callable[[PromptRecord], int] | None, max_prompt_tokens: int | None, out: TextIO
+) -> tuple[int, Counter[str]]:
     """Print the file's bad records; return its record count and bad records by category."""
     if detect_data_kind(file) == "preference":
         records: Iterable[object] = read_preferences(file)
@@ -119,8 +124,9 @@ def _check_file(file: str, prompt_length: Callable[[PromptRecord], int] | None, 
     return count, bad
 
 
-def _length_checked(records: Iterable[PromptRecord | BadRecord], prompt_length: Callable[[PromptRecord], int],
-                    max_tokens: int) -> Iterator[PromptRecord | BadRecord]:
+def _length_checked(
+    records: Iterable[PromptRecord | BadRecord], prompt_length: Callable[[PromptRecord], int], max_tokens: int
+) -> Iterator[PromptRecord | BadRecord]:
     """Pass records through, turning prompts longer than `max_tokens` into bad records."""
     for record in records:
         if isinstance(record, BadRecord):
@@ -135,7 +141,6 @@ def _length_checked(records: Iterable[PromptRecord | BadRecord], prompt_length: 
             yield BadRecord(file, int(line), f"prompt could not be rendered: {type(e).__name__}: {e}")
             continue
         if tokens > max_tokens:
-            yield BadRecord(file, int(line),
-                            f"prompt is {tokens} tokens, longer than the maximum {max_tokens}")
+            yield BadRecord(file, int(line), f"prompt is {tokens} tokens, longer than the maximum {max_tokens}")
         else:
             yield record

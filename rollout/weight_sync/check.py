@@ -20,6 +20,7 @@ class WeightSyncError(RuntimeError):
 
 class Served(msgspec.Struct):
     """What a worker serves after it loaded weights: their version, and its logprobs of `PROBE_IDS`."""
+
     version: int
     probe: list[float]
 
@@ -45,11 +46,14 @@ class ProbeCheck:
         if expected is None:
             return served.version
         # A NaN compares false against any limit: non-finite logprobs make the gap inf, which fails.
-        gap = max((abs(a - b) if math.isfinite(a - b) else math.inf for a, b in zip(served.probe, expected)),
-                  default=0.0)
+        gap = max(
+            (abs(a - b) if math.isfinite(a - b) else math.inf for a, b in zip(served.probe, expected)), default=0.0
+        )
         self.gap = max(gap, self.gap or 0.0)
         if self.max_gap is not None and gap > self.max_gap:
-            raise WeightSyncError(f"{name} serves version {served.version}, but its logprobs of the probe tokens "
-                                  f"differ from the learner's by up to {gap:.3g} (rollout.weight_sync_max_logprob_gap "
-                                  f"{self.max_gap:g}): the weights it loaded are not the ones sent")
+            raise WeightSyncError(
+                f"{name} serves version {served.version}, but its logprobs of the probe tokens "
+                f"differ from the learner's by up to {gap:.3g} (rollout.weight_sync_max_logprob_gap "
+                f"{self.max_gap:g}): the weights it loaded are not the ones sent"
+            )
         return served.version

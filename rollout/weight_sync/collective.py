@@ -37,8 +37,8 @@ class CollectiveSync:
         self.cfg = cfg
         self.workers, self.names = workers, names
         self.store = SyncStore(ray.util.get_node_ip_address())
-        self.epoch = 0          # the group's generation; 0: none formed yet
-        self.sync = 0           # syncs queued in this epoch
+        self.epoch = 0  # the group's generation; 0: none formed yet
+        self.sync = 0  # syncs queued in this epoch
         self.formed = False
         self.plan: SyncPlan | None = None
         self._pending: dict[ray.ObjectRef, tuple[str, str]] = {}
@@ -61,15 +61,29 @@ class CollectiveSync:
         pending: dict[ray.ObjectRef, tuple[str, str]] = {}  # ref -> (member, step)
         if not self.formed:
             self.epoch, self.sync, self.formed = self.epoch + 1, 0, True
-            address = GroupAddress(self.store.host, self.store.port, self.epoch, world_size=1 + len(self.workers),
-                                   arrive_timeout_s=rc.iteration_timeout_s, op_timeout_s=rc.weight_sync_timeout_s)
+            address = GroupAddress(
+                self.store.host,
+                self.store.port,
+                self.epoch,
+                world_size=1 + len(self.workers),
+                arrive_timeout_s=rc.iteration_timeout_s,
+                op_timeout_s=rc.weight_sync_timeout_s,
+            )
             pending.update({ref: (name, "open") for ref, name in learner.open_weight_group(address).items()})
-            pending.update({w.join_weight_group.remote(address, i + 1): (name, "open")
-                            for i, (w, name) in enumerate(zip(self.workers, self.names))})
+            pending.update(
+                {
+                    w.join_weight_group.remote(address, i + 1): (name, "open")
+                    for i, (w, name) in enumerate(zip(self.workers, self.names))
+                }
+            )
         self.sync += 1
         pending.update({ref: (name, "send") for ref, name in learner.broadcast_weights(self.plan, self.sync).items()})
-        pending.update({w.receive_weights.remote(version, self.plan, self.sync): (name, "receive")
-                        for w, name in zip(self.workers, self.names)})
+        pending.update(
+            {
+                w.receive_weights.remote(version, self.plan, self.sync): (name, "receive")
+                for w, name in zip(self.workers, self.names)
+            }
+        )
         self._pending, self._version, self._called_off = pending, version, False
 
     def confirm(self) -> dict[str, Served] | None:
@@ -92,9 +106,11 @@ class CollectiveSync:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
                 self.members_changed()
-                raise WeightSyncError(f"the weight sync to version {version} did not finish within "
-                                      f"rollout.weight_sync_timeout_s ({timeout:g}s){_died(died)}: still waiting on "
-                                      f"{_names(pending)}{self._absent()}")
+                raise WeightSyncError(
+                    f"the weight sync to version {version} did not finish within "
+                    f"rollout.weight_sync_timeout_s ({timeout:g}s){_died(died)}: still waiting on "
+                    f"{_names(pending)}{self._absent()}"
+                )
             name, step = pending.pop(done[0])
             try:
                 result = ray.get(done[0])
@@ -120,8 +136,7 @@ class CollectiveSync:
             self.members_changed()
         self._pending = {}
         if failures:
-            raise SyncFailed(f"the weight sync to version {version} failed{_died(died)}; {'; '.join(failures)}",
-                             broken)
+            raise SyncFailed(f"the weight sync to version {version} failed{_died(died)}; {'; '.join(failures)}", broken)
         return None if called_off else served
 
     def _began(self, step: str) -> bool:

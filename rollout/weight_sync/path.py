@@ -7,7 +7,7 @@ from contracts.device import resolve_device
 
 
 def weight_sync_path(cfg: JobConfig) -> str:
-    """"object_store" or "collective", `rollout.weight_sync` with auto resolved."""
+    """ "object_store" or "collective", `rollout.weight_sync` with auto resolved."""
     if cfg.rollout.weight_sync != "auto":
         return cfg.rollout.weight_sync
     on_gpu = resolve_device(cfg.rollout.device) == "cuda" and resolve_device(cfg.learner.device) == "cuda"

@@ -18,8 +18,11 @@ class WeightSender:
     def plan(self, dtype: str, bucket_bytes: int) -> SyncPlan:
         """The buckets of every sync (the shapes never change); a tied head is sent once, as the embedding."""
         learner = self.learner
-        shapes = [(name.removeprefix("lm."), tuple(tensor.shape)) for name, tensor in learner.policy.state_dict().items()
-                  if name.startswith("lm.") and not (learner.tied_head and name == "lm.lm_head.weight")]
+        shapes = [
+            (name.removeprefix("lm."), tuple(tensor.shape))
+            for name, tensor in learner.policy.state_dict().items()
+            if name.startswith("lm.") and not (learner.tied_head and name == "lm.lm_head.weight")
+        ]
         tied = ()
         if learner.tied_head:
             embedding = learner.policy.lm.get_input_embeddings().weight

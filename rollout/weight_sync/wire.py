@@ -43,13 +43,15 @@ class Bucket(msgspec.Struct, array_like=True, frozen=True):
 class SyncPlan(msgspec.Struct, frozen=True):
     """What every member needs to know to take part in one sync: the buckets, in order, the dtype, and
     tied tensors as (name, the name it is sent as): sent once, loaded under both names."""
+
     dtype: str
     buckets: tuple[Bucket, ...]
     tied: tuple[tuple[str, str], ...] = ()
 
 
-def plan_buckets(shapes: list[tuple[str, tuple[int, ...]]], dtype: str, bucket_bytes: int,
-                 tied: tuple[tuple[str, str], ...] = ()) -> SyncPlan:
+def plan_buckets(
+    shapes: list[tuple[str, tuple[int, ...]]], dtype: str, bucket_bytes: int, tied: tuple[tuple[str, str], ...] = ()
+) -> SyncPlan:
     """Tensors (name, shape), in order, packed into buckets of at most `bucket_bytes` bytes each."""
     width = getattr(torch, dtype).itemsize
     buckets: list[Bucket] = []
@@ -97,8 +99,13 @@ class WeightGroup:
     def __init__(self, address: GroupAddress, rank: int, device: torch.device):
         self.rank, self.world_size, self.device = rank, address.world_size, device
         self.arrive_timeout_s = address.arrive_timeout_s
-        store = dist.TCPStore(address.store_host, address.store_port, is_master=False, wait_for_workers=False,
-                              timeout=dt.timedelta(seconds=address.arrive_timeout_s))
+        store = dist.TCPStore(
+            address.store_host,
+            address.store_port,
+            is_master=False,
+            wait_for_workers=False,
+            timeout=dt.timedelta(seconds=address.arrive_timeout_s),
+        )
         self.store = dist.PrefixStore(f"weights/{address.epoch}", store)
         # Every member reaches the constructor below before any waits in it (it connects to all the
         # others), so its own timeout can be the short one.
@@ -160,8 +167,10 @@ class WeightGroup:
                 raise SyncAbandoned(f"weight sync step {step} was called off by the driver")
             if time.monotonic() > deadline:
                 here = sum(self.store.check([key]) for key in everyone)
-                raise TimeoutError(f"only {here} of {self.world_size} members of the weight-sync group arrived "
-                                   f"within {self.arrive_timeout_s:.0f}s")
+                raise TimeoutError(
+                    f"only {here} of {self.world_size} members of the weight-sync group arrived "
+                    f"within {self.arrive_timeout_s:.0f}s"
+                )
             time.sleep(0.02)
 
 
@@ -170,7 +179,7 @@ def _arrived(step: str, rank: int) -> str:
 
 
 def _view(buffer: torch.Tensor, spec: TensorSpec, dtype: torch.dtype) -> torch.Tensor:
-    return buffer[spec.offset:spec.offset + dtype.itemsize * math.prod(spec.shape)].view(dtype).view(spec.shape)
+    return buffer[spec.offset : spec.offset + dtype.itemsize * math.prod(spec.shape)].view(dtype).view(spec.shape)
 
 
 class SyncStore:
@@ -178,8 +187,7 @@ class SyncStore:
 
     def __init__(self, host: str):
         self.host = host
-        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                                   timeout=dt.timedelta(seconds=30))
+        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=dt.timedelta(seconds=30))
         self.port = self.store.port
 
     def abandon(self, epoch: int, step: str) -> None:

@@ -57,8 +57,11 @@ def _non_finite(node: Any, path: str = "") -> list[str]:
     if isinstance(node, float):
         return [] if math.isfinite(node) else [path]
     if isinstance(node, Struct):
-        return [bad for name in node.__struct_fields__
-                for bad in _non_finite(getattr(node, name), f"{path}.{name}" if path else name)]
+        return [
+            bad
+            for name in node.__struct_fields__
+            for bad in _non_finite(getattr(node, name), f"{path}.{name}" if path else name)
+        ]
     if isinstance(node, list):
         return [bad for i, item in enumerate(node) for bad in _non_finite(item, f"{path}.{i}")]
     if isinstance(node, dict):  # rule params
@@ -105,20 +108,24 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
     if cfg.learner.minibatch_size > samples:
         problems.append(
             f"learner.minibatch_size ({cfg.learner.minibatch_size}) exceeds the samples per iteration "
-            f"(rollout.prompts_per_iteration x rollout.n_samples = {samples}): lower it or raise those")
+            f"(rollout.prompts_per_iteration x rollout.n_samples = {samples}): lower it or raise those"
+        )
     if cfg.learner.estimator in ("grpo", "rloo") and cfg.rollout.n_samples < 2:
         problems.append(
             f"learner.estimator {cfg.learner.estimator} compares the samples of each prompt, so it needs "
-            f"rollout.n_samples >= 2 (it is {cfg.rollout.n_samples}): raise n_samples or use gae")
+            f"rollout.n_samples >= 2 (it is {cfg.rollout.n_samples}): raise n_samples or use gae"
+        )
     if cfg.learner.num_ranks > cfg.learner.minibatch_size:
         problems.append(
             f"learner.num_ranks ({cfg.learner.num_ranks}) exceeds learner.minibatch_size "
-            f"({cfg.learner.minibatch_size}): every rank needs samples in each minibatch; raise minibatch_size")
+            f"({cfg.learner.minibatch_size}): every rank needs samples in each minibatch; raise minibatch_size"
+        )
     problems.extend(_engine_rejects(cfg.rollout))
     if cfg.rollout.num_workers > cfg.rollout.prompts_per_iteration:
         problems.append(
             f"rollout.num_workers ({cfg.rollout.num_workers}) exceeds rollout.prompts_per_iteration "
-            f"({cfg.rollout.prompts_per_iteration}): some workers would idle; lower num_workers")
+            f"({cfg.rollout.prompts_per_iteration}): some workers would idle; lower num_workers"
+        )
     for i, rule in enumerate(cfg.reward.rules):
         if rule.name not in RULE_NAMES:
             problems.append(f"reward.rules.{i}.name: unknown rule {rule.name!r}; known: {', '.join(RULE_NAMES)}")
@@ -137,7 +144,8 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
         problems.append(
             f"model.max_prompt_tokens + rollout.sampling.max_tokens "
             f"({cfg.model.max_prompt_tokens} + {cfg.rollout.sampling.max_tokens}) exceeds "
-            f"rollout.max_model_len ({cfg.rollout.max_model_len}): raise max_model_len")
+            f"rollout.max_model_len ({cfg.rollout.max_model_len}): raise max_model_len"
+        )
     if cuda_available is False:
         for section in ("rollout", "learner"):
             if getattr(cfg, section).device == "cuda":
@@ -151,12 +159,16 @@ def _engine_rejects(rollout: RolloutConfig) -> list[str]:
     the error would surface only once generation began."""
     sampling, problems = rollout.sampling, []
     if sampling.temperature == 0 and rollout.n_samples > 1:
-        problems.append(f"rollout.sampling.temperature 0 is greedy decoding, which gives one completion per "
-                        f"prompt, but rollout.n_samples is {rollout.n_samples}: set n_samples to 1 or raise the "
-                        "temperature")
+        problems.append(
+            f"rollout.sampling.temperature 0 is greedy decoding, which gives one completion per "
+            f"prompt, but rollout.n_samples is {rollout.n_samples}: set n_samples to 1 or raise the "
+            "temperature"
+        )
     if 0 < sampling.temperature < 0.01:  # vLLM raises it to 0.01, and the learner would score at another one
-        problems.append(f"rollout.sampling.temperature {sampling.temperature:g} is below 0.01, which vLLM "
-                        "samples at instead: use 0 (greedy) or at least 0.01")
+        problems.append(
+            f"rollout.sampling.temperature {sampling.temperature:g} is below 0.01, which vLLM "
+            "samples at instead: use 0 (greedy) or at least 0.01"
+        )
     if any(not s for s in sampling.stop):
         problems.append("rollout.sampling.stop holds an empty string, which the engine refuses: remove it")
     return problems
@@ -179,7 +191,10 @@ def explain(struct: type[Struct] = JobConfig, prefix: str = "") -> list[str]:
         if isinstance(kind, msgspec.inspect.StructType):
             lines.extend(explain(kind.cls, path + "."))
             continue
-        default = f.default if f.default is not msgspec.NODEFAULT else (
-            f.default_factory() if f.default_factory is not msgspec.NODEFAULT else "(required)")
+        default = (
+            f.default
+            if f.default is not msgspec.NODEFAULT
+            else (f.default_factory() if f.default_factory is not msgspec.NODEFAULT else "(required)")
+        )
         lines.append(f"{path} = {msgspec.json.encode(msgspec.to_builtins(default)).decode()}  # {description}")
     return lines

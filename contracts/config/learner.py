@@ -1,0 +1,146 @@
+"""`learner`: the PPO update, its advantage estimator, policy loss and KL penalty."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from msgspec import Meta, field
+
+from contracts.config.base import Base, doc
+
+
+class KLConfig(Base):
+    coef: Annotated[float, doc("Initial KL penalty coefficient.", ge=0.0)] = 0.05
+    estimator: Annotated[
+        Literal["k1", "k3"],
+        doc("Per-token KL estimator: k1 = log p - log p_ref, k3 = (r - 1) - log r with r = p_ref / p."),
+    ] = "k1"
+    target: Annotated[
+        float | None, doc("Adaptive controller target KL per sequence; null keeps the coefficient fixed.")
+    ] = None
+    horizon: Annotated[int, doc("Adaptive controller horizon, in samples.", ge=1)] = 10000
+
+
+# The names of learner/estimators.py's ESTIMATORS and learner/losses.py's POLICY_LOSSES, which check at
+# import that they agree (contracts/ imports no learner code, so the registries cannot be read from here).
+EstimatorName = Literal["gae", "grpo", "rloo", "reinforce_pp"]
+PolicyLossName = Literal["ppo_clip", "dual_clip"]
+
+
+class LearnerConfig(Base):
+    device: Annotated[Literal["auto", "cpu", "cuda"], doc("Where the learner runs.")] = "auto"
+    num_ranks: Annotated[
+        int,
+        doc(
+            "Learner actors, one per GPU (or CPU process), joined by torch.distributed (NCCL on cuda, "
+            "gloo on cpu) with policy, critic and reference sharded by FSDP2. Each rank computes a "
+            "share of every pass; the update equals the one-rank update on the same samples.",
+            ge=1,
+        ),
+    ] = 1
+    num_cpus_per_rank: Annotated[float, doc("CPUs Ray reserves for each learner rank.", gt=0)] = 1.0
+    num_threads: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        doc(
+            "Torch threads of each rank on CPU. null: with rollout.max_staleness 0 the engines and reward "
+            "workers are idle while the learner works, so the ranks share the node's cores between them; "
+            "with generation running beside the learner, num_cpus_per_rank."
+        ),
+    ] = None
+    micro_batch_tokens: Annotated[
+        int,
+        doc(
+            "Token budget of one forward pass, padding included: the no-grad passes (old and reference "
+            "logprobs, values) and the training micro-batches (gradients accumulate up to "
+            "minibatch_size samples) run in length-sorted pieces of at most this many tokens, so "
+            "activation memory is bounded by it, not by the batch. A sample longer than the budget "
+            "runs alone.",
+            ge=1,
+        ),
+    ] = 8192
+    max_restarts: Annotated[
+        int,
+        doc(
+            "Times a learner group that lost a rank (its process died) is rebuilt from the newest checkpoint "
+            "during a run; the updates since that checkpoint are redone on later iterations.",
+            ge=0,
+        ),
+    ] = 3
+    stall_timeout_s: Annotated[
+        float,
+        doc(
+            "A learner rank that, while learning, finishes no micro-batch (or, in any call, does not answer) "
+            "for this long is killed, and the group rebuilt from the newest checkpoint as after a death.",
+            gt=0,
+        ),
+    ] = 120.0
+    call_timeout_s: Annotated[
+        float,
+        doc(
+            "Longest a learner call (a whole iteration's learning, a checkpoint) may take before the job "
+            "fails naming the rank that did not answer.",
+            gt=0,
+        ),
+    ] = 3600.0
+    gradient_checkpointing: Annotated[
+        bool,
+        doc(
+            "Recompute each layer's activations in the backward pass instead of keeping them: "
+            "less memory per micro-batch, about a third more compute."
+        ),
+    ] = False
+    estimator: Annotated[
+        EstimatorName,
+        doc(
+            "Advantage estimator. `gae` uses the critic; `grpo` and `rloo` compare each sample's "
+            "KL-penalised return with the other samples of its prompt (rollout.n_samples >= 2) and "
+            "`reinforce_pp` whitens the KL-penalised returns over the batch; those three build no "
+            "critic (archived values are 0)."
+        ),
+    ] = "gae"
+    lr: Annotated[float, doc("Policy learning rate.", gt=0)] = 1e-6
+    critic_lr: Annotated[float, doc("Critic learning rate.", gt=0)] = 1e-5
+    shared_critic: Annotated[
+        bool, doc("Value head on the policy backbone (true) or a separate critic backbone (false).")
+    ] = False
+    ppo_epochs: Annotated[int, doc("Passes over each iteration's samples.", ge=1)] = 2
+    minibatch_size: Annotated[int, doc("Samples per optimizer step.", ge=1)] = 64
+    gamma: Annotated[float, doc("Discount factor of GAE.", ge=0.0, le=1.0)] = 1.0
+    lam: Annotated[float, doc("GAE lambda.", ge=0.0, le=1.0)] = 0.95
+    clip_eps: Annotated[float, doc("PPO policy ratio clip range.", gt=0.0)] = 0.2
+    policy_loss: Annotated[
+        PolicyLossName,
+        doc(
+            "Policy objective. `ppo_clip`: PPO's clipped surrogate. `dual_clip`: the same, with the loss of a "
+            "negative-advantage token bounded by dual_clip_c·|A|, so a ratio far above 1 + clip_eps (a sample "
+            "from much older weights) cannot dominate a minibatch (Ye et al. 2020)."
+        ),
+    ] = "ppo_clip"
+    dual_clip_c: Annotated[float, doc("The bound c of `dual_clip`, more than 1.", gt=1.0)] = 3.0
+    behaviour_is_cap: Annotated[
+        float | None,
+        doc(
+            "Decoupled PPO: the clipped ratio is taken against the learner's own logprobs before the "
+            "update (the proximal policy), and each token is weighted by min(π_prox / π_behaviour, cap), "
+            "π_behaviour being the engine's logprob when it sampled (older weights with "
+            "rollout.max_staleness > 0, and numerically different ones always); more than 1. null: no weight."
+        ),
+    ] = 2.0
+    value_clip: Annotated[float, doc("Value prediction clip range around the old values.", gt=0.0)] = 0.2
+    vf_coef: Annotated[float, doc("Value loss coefficient (shared critic).", ge=0.0)] = 0.5
+    entropy_coef: Annotated[float, doc("Entropy bonus coefficient.", ge=0.0)] = 0.0
+    max_grad_norm: Annotated[float, doc("Gradient clipping norm.", gt=0.0)] = 1.0
+    max_nonfinite_steps: Annotated[
+        int,
+        doc(
+            "Optimizer steps in a row whose loss or gradient norm is inf or NaN before the job fails naming "
+            "the figure; each such step is skipped (no update) and counted in the metric skipped_steps.",
+            ge=1,
+        ),
+    ] = 3
+    whiten_advantages: Annotated[bool, doc("Normalise advantages over valid tokens.")] = True
+    loss_agg: Annotated[
+        Literal["token", "sequence"],
+        doc("Policy loss mean over all valid tokens, or per sequence then over sequences."),
+    ] = "token"
+    kl: Annotated[KLConfig, doc("KL penalty toward the reference model.")] = field(default_factory=KLConfig)

@@ -1,0 +1,56 @@
+"""`reward`: the rule functions and the reward model that score a sample."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from msgspec import field
+
+from contracts.config.base import Base, doc
+
+
+class RuleSpec(Base):
+    name: Annotated[str, doc("Rule function: arithmetic, similarity, safety, format or length.")]
+    weight: Annotated[float, doc("Weight of this component in the total reward.")] = 1.0
+    params: Annotated[dict[str, Any], doc("Keyword arguments of the rule.")] = field(default_factory=dict)
+
+
+class RewardModelConfig(Base):
+    path: Annotated[str, doc("Directory of a reward model trained by `reward train`.")]
+    weight: Annotated[float, doc("Weight of the model score in the total reward.")] = 1.0
+    batch_size: Annotated[int, doc("Samples scored per forward pass.", ge=1)] = 32
+    num_gpus: Annotated[
+        float,
+        doc(
+            "GPUs Ray reserves for each reward worker; with any, the reward model scores on its GPU (a 7B "
+            "reward model on CPU is far too slow), with 0 on CPU.",
+            ge=0,
+        ),
+    ] = 0.0
+
+
+class RewardConfig(Base):
+    rules: Annotated[list[RuleSpec], doc("Rule functions and their weights.")] = field(
+        default_factory=lambda: [RuleSpec(name="arithmetic")]
+    )
+    model: Annotated[RewardModelConfig | None, doc("Optional reward model.")] = None
+    num_workers: Annotated[int, doc("RewardWorker actors.", ge=1)] = 1
+    max_restarts: Annotated[
+        int,
+        doc("Times Ray restarts a reward worker whose process died; the batch it was scoring is scored again.", ge=0),
+    ] = 3
+    num_cpus_per_worker: Annotated[
+        float, doc("CPUs Ray reserves for each reward worker; rules are light, a reward model may want more.", gt=0)
+    ] = 0.5
+    timeout_s: Annotated[float, doc("A rule call slower than this marks that sample's component as failed.", gt=0)] = (
+        5.0
+    )
+    stall_timeout_s: Annotated[
+        float,
+        doc(
+            "A reward worker holding batches that scores nothing (or does not answer) for this long is killed "
+            "and restarted as if it had died, and the batch it held is scored again.",
+            gt=0,
+        ),
+    ] = 120.0
+    failed_value: Annotated[float, doc("Value a failed component contributes to the total.")] = 0.0
