@@ -16,52 +16,25 @@ FSDP2-sharded; master weights and optimizer state stay float32 whatever the comp
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from contracts.config import JobConfig
-from contracts.device import resolve_device
 from learner import checkpoint
 from learner import distributed as dist
 from learner.advantages import masked_mean, masked_whiten, token_rewards
 from learner.batch import TokenBatch
-from learner.checkpoint import NonFiniteError
 from learner.estimators import estimate, estimator
+from learner.evaluation import Evaluated, in_batch_order
+from learner.finite_steps import FiniteSteps
 from learner.kl_control import make_kl_controller
 from learner.losses import policy_loss, value_loss
 from learner.microbatch import plan
 from learner.models import DTYPES, CriticModel, PolicyModel, load_causal_lm
-from learner.samples import LearnerColumns, SampleBatch, token_spans
-
-
-@dataclass
-class Evaluated:
-    """Per-token outputs over the whole batch, (N, T) float32, zero on padding."""
-
-    mask: torch.Tensor
-    old_logprobs: torch.Tensor  # the learner's, before the update: PPO's proximal policy
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    entropy: torch.Tensor
-    behaviour_logprobs: torch.Tensor  # the engine's, when it sampled
-
-
-def cpu_threads(cfg: JobConfig) -> int:
-    """Torch threads of one CPU rank (learner.num_threads)."""
-    lc = cfg.learner
-    if lc.num_threads is not None:
-        return lc.num_threads
-    reserved = max(1, int(lc.num_cpus_per_rank))
-    if cfg.rollout.max_staleness > 0:  # generation runs beside the learner: only what Ray reserved
-        return reserved
-    # Generation and learning alternate: the cores the idle engines reserved are the learner's too.
-    return max(reserved, len(os.sched_getaffinity(0)) // lc.num_ranks)
+from learner.samples import LearnerColumns, SampleBatch
 
 
 class Learner:
@@ -70,12 +43,12 @@ class Learner:
     ):
         self.cfg = cfg
         lc = cfg.learner
-        self.device = _device(lc.device)
+        self.device = dist.local_device(lc.device)
         if world_size > 1:
             dist.init_process_group(rank, world_size, address, self.device)
         self.rank, self.world_size = rank, world_size
         if self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads(cfg))
+            torch.set_num_threads(dist.cpu_threads(cfg))
         torch.manual_seed(cfg.seed)
         self.compute_dtype = DTYPES[cfg.model.dtype]
         self.critic_free = not estimator(lc.estimator).needs_critic
@@ -98,7 +71,7 @@ class Learner:
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=lc.critic_lr) if self.critic else None
         self.kl_controller = make_kl_controller(lc.kl.coef, lc.kl.target, lc.kl.horizon)
         self.version = 0
-        self.nonfinite_in_a_row = 0  # optimizer steps skipped one after another
+        self.finite_steps = FiniteSteps(lc.max_nonfinite_steps, lc.lr)
         self.micro_batches_done = 0  # forward passes so far: what the driver's stall watch sees advance
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -157,15 +130,7 @@ class Learner:
                 ).cpu()
             )
         local = torch.cat(outputs) if outputs else torch.zeros((0, 4))
-        # Every rank's rows in rank order, then the tokens of each back to their place in the batch.
-        order = np.concatenate(
-            [np.concatenate([m.rows for m in p if not m.filler] or [np.zeros(0, np.int64)]) for p in plans]
-        )
-        counts = [int(sum(batch.response_lengths[m.rows].sum() for m in p if not m.filler)) for p in plans]
-        gathered = dist.gather_rows(local.to(self.device), counts).cpu().numpy()
-        _, destination, _ = token_spans(batch.response_offsets[order], batch.response_lengths[order])
-        flat = np.empty((len(batch.response_ids), 4), dtype=np.float32)
-        flat[destination] = gathered
+        flat = in_batch_order(batch, plans, local.to(self.device))
         columns = [batch.padded(flat[:, c]).to(self.device) for c in range(4)]
         mask = batch.padded(np.ones(len(batch.response_ids), dtype=np.float32)).to(self.device)
         return Evaluated(mask, *columns, batch.padded(batch.behaviour_logprobs).to(self.device))
@@ -298,14 +263,16 @@ class Learner:
         sums = dist.all_reduce_sum(sums)
         grad_norm = _clip(self.policy.parameters(), lc.max_grad_norm)
         critic_norm = _clip(self.critic.parameters(), lc.max_grad_norm) if self.critic_opt is not None else 0.0
-        if self._skip_non_finite(
-            {
-                "policy_loss": sums[0].item(),
-                "value_loss": sums[1].item(),
-                "grad_norm": grad_norm,
-                "critic_grad_norm": critic_norm,
-            }
-        ):
+        figures = {
+            "policy_loss": sums[0].item(),
+            "value_loss": sums[1].item(),
+            "grad_norm": grad_norm,
+            "critic_grad_norm": critic_norm,
+        }
+        if not self.finite_steps.finite(figures):  # this step's gradients are dropped
+            self.policy_opt.zero_grad(set_to_none=True)
+            if self.critic_opt is not None:
+                self.critic_opt.zero_grad(set_to_none=True)
             return None
         self.policy_opt.step()
         if self.critic_opt is not None:
@@ -319,27 +286,6 @@ class Learner:
         if not self.critic_free:
             stats.update(value_loss=sums[1].item(), value_clip_frac=sums[4].item() / n_tokens)
         return stats
-
-    def _skip_non_finite(self, figures: dict[str, float]) -> bool:
-        """True when a figure of this step is inf or NaN: its gradients are dropped, and the step
-        skipped; learner.max_nonfinite_steps such steps in a row fail the job, naming the figure."""
-        bad = [(name, value) for name, value in figures.items() if not math.isfinite(value)]
-        if not bad:
-            self.nonfinite_in_a_row = 0
-            return False
-        self.nonfinite_in_a_row += 1
-        limit = self.cfg.learner.max_nonfinite_steps
-        if self.nonfinite_in_a_row >= limit:
-            name, value = bad[0]
-            raise NonFiniteError(
-                f"{limit} optimizer steps in a row had a non-finite {name} ({value}); each was "
-                "skipped, so the weights are those before them (learner.max_nonfinite_steps): "
-                f"check the rewards, or lower learner.lr ({self.cfg.learner.lr:g})"
-            )
-        self.policy_opt.zero_grad(set_to_none=True)
-        if self.critic_opt is not None:
-            self.critic_opt.zero_grad(set_to_none=True)
-        return True
 
     def _values(self, tokens, policy) -> torch.Tensor:
         if self.critic is not None:
@@ -398,13 +344,6 @@ class Learner:
     def versioned_weights(self) -> tuple[int, list[tuple[str, torch.Tensor]] | None]:
         """(version, weights) read together, for an engine restarted between collective syncs."""
         return self.version, self.export_weights()
-
-
-def _device(setting: str) -> torch.device:
-    device = torch.device(resolve_device(setting))
-    if device.type == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())  # an explicit index: collectives compare devices
-    return device
 
 
 def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

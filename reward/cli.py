@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
-    from reward.train import DataError, train_reward_model
+    from reward.train import train_reward_model
     from reward.train_config import RewardTrainConfig
+    from reward.train_data import DataError
 
     overrides = list(args.overrides)
     # --data and --out go through the same override path, so they are checked like any other field.
@@ -93,7 +94,7 @@ def cmd_score(args) -> int:
         return 1
     from contracts.rendering import PromptRenderer
     from reward.scorer import RewardModelScorer
-    from reward.train import render_prompt
+    from reward.train_data import render_prompt
 
     try:
         scorer = RewardModelScorer(args.model, batch_size=args.batch_size, device=args.device)

@@ -344,13 +344,13 @@ def test_a_step_with_a_non_finite_loss_is_skipped_counted_and_leaves_the_weights
     learner = Learner(cfg, tiny_model_path)
     before = [t.clone() for _, t in learner.export_weights()]
     records, stats, _ = learn(learner, poisoned(make_records(8)))  # 8 samples, minibatch 8: 2 steps, both NaN
-    assert stats["skipped_steps"] == 2 and learner.nonfinite_in_a_row == 2
+    assert stats["skipped_steps"] == 2 and learner.finite_steps.in_a_row == 2
     for a, (name, b) in zip(before, learner.export_weights()):
         assert torch.equal(a, b), name
     assert learner.weights_finite()
     # A finite batch steps again, and resets the count.
     records, stats, _ = learn(learner, make_records(8, seed=1))
-    assert stats["skipped_steps"] == 0 and learner.nonfinite_in_a_row == 0
+    assert stats["skipped_steps"] == 0 and learner.finite_steps.in_a_row == 0
     assert any(not torch.equal(a, b) for a, (_, b) in zip(before, learner.export_weights()))
 
 

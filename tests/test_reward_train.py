@@ -14,7 +14,8 @@ from contracts.jsonl import BadRecord
 from reward.cli import main
 from reward.preferences import read_preferences
 from reward.synthetic import preference_records, write_jsonl
-from reward.train import lr_factor, split_records, weighted
+from reward.train import lr_factor
+from reward.train_data import split_records, weighted
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny-rm.yaml")
@@ -83,7 +84,7 @@ def test_held_out_accuracy_clears_the_bar(trained) -> None:
 
 def test_the_scorer_reproduces_the_held_out_accuracy(trained) -> None:
     from reward.scorer import RewardModelScorer
-    from reward.train import load_records
+    from reward.train_data import load_records
 
     fmt, out, report = trained
     scorer = RewardModelScorer(out / "model", device="cpu")

@@ -11,7 +11,8 @@ from contracts.schema import RolloutRecord
 from rollout.archive import ArchiveWriter
 from rollout.cli import main
 from rollout.offline.replay import replay
-from rollout.offline.stats import compute_stats, format_comparison, format_table, plot_runs
+from rollout.offline.stats import compute_stats
+from rollout.offline.stats_view import format_comparison, format_table, plot_runs
 
 T0 = dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)
 NAN = float("nan")
@@ -220,7 +221,7 @@ def test_a_long_table_keeps_its_last_rows_or_every_kth(tmp_path, capsys):
 
 
 def test_the_plot_smooths_a_long_run_and_its_band_stays_in_the_rewards_range(tmp_path):
-    from rollout.offline.stats import smooth, smoothing_window
+    from rollout.offline.stats_view import smooth, smoothing_window
 
     assert smoothing_window(500) == 21 and smoothing_window(20) == 1 and smoothing_window(50) == 3
     assert smooth(np.array([1.0, 2.0, 3.0])).tolist() == [1.0, 2.0, 3.0]  # short runs are drawn as they are

@@ -146,7 +146,7 @@ def two_worker_pool(tmp_path, *settings):
 def test_a_worker_killed_in_a_collective_sync_fails_it_within_the_timeout_naming_the_worker(local_ray, tmp_path):
     """Killed while the others wait for it in the sync: the sync is called off, and with no restarts
     left the pool fails naming the worker (with restarts, the next test: everyone gets the weights)."""
-    from rollout.generation.pool import WorkerStartError
+    from rollout.generation.actor import WorkerStartError
 
     pool, learner = two_worker_pool(
         tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=20", "ray.actor_start_timeout_s=60"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from tqdm import tqdm
 
 from contracts.config import JobConfig
 from reward.worker import reward_components
@@ -48,17 +47,15 @@ def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
     tokens, rewards = 0, []
     generation = pool.submit(tasks, run_id=run_id, iteration=0, scorers=scorers.workers, records=data.records_by_id)
     components = reward_components(cfg.reward)
-    with (
-        ArchiveWriter(
-            out / "rollouts",
-            metadata,
-            components,
-            batch_rows=cfg.archive.batch_rows,
-            rows_per_file=cfg.archive.rows_per_file,
-        ) as archive,
-        tqdm(total=len(tasks) * cfg.rollout.n_samples, unit="sample", file=log, desc="generate") as bar,
-    ):
-        for chunk in generation.chunks():
+    total = len(tasks) * cfg.rollout.n_samples
+    with ArchiveWriter(
+        out / "rollouts",
+        metadata,
+        components,
+        batch_rows=cfg.archive.batch_rows,
+        rows_per_file=cfg.archive.rows_per_file,
+    ) as archive:
+        for chunk in generation.chunks_with_progress(total, "generate", log, leave=True):
             [reward], _ = scorers.scores([chunk], timeout, "the rewards of `rollout generate`")
             archive.write_later(
                 lambda batch=chunk.batch, reward=reward: archive_batches(
@@ -67,8 +64,6 @@ def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
             )
             rewards.append(reward.column("reward").to_numpy(zero_copy_only=False))
             tokens += chunk.summary.generated_tokens
-            bar.update(chunk.summary.samples)
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
     pool.shutdown()
     scorers.shutdown()
     manifest.iteration(0, generated_by=[pool.version], policy_version=pool.version)

@@ -8,19 +8,15 @@ directory. A resumed run numbers its iterations after the last one already archi
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
-import pyarrow as pa
 import ray
-from tqdm import tqdm
 
 from contracts.config import JobConfig
 from contracts.config.load import to_yaml
@@ -32,47 +28,16 @@ from rollout.archive.columns import archive_batches
 from rollout.archive.manifest import RunManifest
 from rollout.archive.metadata import run_metadata
 from rollout.driver.checkpoints import AUTO, Checkpoints
+from rollout.driver.iteration import Launched, Learned, Samples
 from rollout.driver.learner_group import LearnerError, LearnerGroup
 from rollout.driver.metrics import MetricsLog, iteration_metrics
 from rollout.driver.prompts import PromptSampler
 from rollout.driver.reward_group import RewardGroup
-from rollout.driver.startup import lock_run_dir, read_data, start_cluster
+from rollout.driver.startup import lock_run_dir, read_data, run_id, start_cluster
 from rollout.driver.trackers import TrackedRun
 from rollout.driver.tracking import Tracking, sample_table
-from rollout.generation.launch import Chunk, Launch
 from rollout.generation.pool import WorkerPool
-from rollout.generation.worker import GenerationSummary
 from rollout.weight_sync.check import PROBE_IDS
-
-
-@dataclass
-class Launched:
-    """An iteration whose generation and scoring are queued."""
-
-    generation: Launch  # its chunks, handed to scorers as they complete
-    sampler: dict  # the data cursor after this iteration's prompts
-    after_sync: bool  # queued behind a weight sync that collect must confirm
-
-
-@dataclass
-class Samples:
-    """A collected iteration: the batches stay in the object store; summaries and rewards are here."""
-
-    iteration: int
-    chunks: list[Chunk]
-    rewards: list[pa.RecordBatch]  # one per chunk
-    sampler: dict
-    latency: dict[str, float]  # reward_latency/NAME: seconds scoring this iteration, in total and per rule
-
-    @property
-    def summaries(self) -> list[GenerationSummary]:
-        return [c.summary for c in self.chunks]
-
-
-@dataclass
-class Learned:
-    columns: ray.ObjectRef  # LearnerColumns, for the archive
-    stats: dict[str, float]
 
 
 class Session:
@@ -96,7 +61,7 @@ class Session:
 
     def _start(self) -> None:
         cfg, run_dir, log, data = self.cfg, self.run_dir, self.log, self.data
-        self.run_id = _run_id(run_dir, cfg.run_name)
+        self.run_id = run_id(run_dir, cfg.run_name)
         self.manifest = RunManifest(run_dir, self.run_id)
         self.cfg = cfg = start_cluster(cfg, run_dir, learner=True)
         model = data.base_model
@@ -242,7 +207,10 @@ class Session:
                 self.pool.confirm_weights()
             except ray.exceptions.RayActorError as e:  # the learner died in a collective sync: rebuilt, it resends
                 self._rebuild_learner(e, iteration)
-        chunks = self._collect_with_progress(iteration, launched.generation)
+        total = self.cfg.rollout.prompts_per_iteration * self.cfg.rollout.n_samples
+        chunks = list(
+            launched.generation.chunks_with_progress(total, f"iter {iteration} generate", self.log, leave=False)
+        )
         timings["generate"] = time.perf_counter() - start
         start = time.perf_counter()
         rewards, latency = self.rewards.scores(chunks, timeout, f"rewards of iteration {iteration}")
@@ -370,34 +338,3 @@ class Session:
         )
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
         return Launched(generation, msgspec.to_builtins(self.sampler), self.pool.has_queued_weights())
-
-    def _collect_with_progress(self, iteration: int, generation: Launch) -> list[Chunk]:
-        """The iteration's chunks, with a progress bar (samples, tokens/s) on a terminal."""
-        total = self.cfg.rollout.prompts_per_iteration * self.cfg.rollout.n_samples
-        interactive = hasattr(self.log, "isatty") and self.log.isatty()
-        chunks, tokens, start = [], 0, time.perf_counter()
-        with tqdm(
-            total=total,
-            unit="sample",
-            desc=f"iter {iteration} generate",
-            leave=False,
-            file=self.log,
-            disable=not interactive,
-            dynamic_ncols=True,
-        ) as bar:
-            for chunk in generation.chunks():
-                chunks.append(chunk)
-                tokens += chunk.summary.generated_tokens
-                bar.update(chunk.summary.samples)
-                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
-        return chunks
-
-
-def _run_id(run_dir: Path, name: str) -> str:
-    """Fixed at a run's first start and kept by resumes."""
-    path = run_dir / "run_id"
-    if path.exists():
-        return path.read_text().strip()
-    run_id = f"{name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
-    path.write_text(run_id)
-    return run_id

@@ -6,6 +6,7 @@ read_data (config rules, reward model, prompts rendered: bad input fails before 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import os
@@ -106,3 +107,13 @@ def init_ray(cfg: JobConfig, *, learner: bool) -> None:
         logging_level=logging.WARNING,
         _metrics_export_port=cfg.ray.metrics_export_port,
     )
+
+
+def run_id(run_dir: Path, name: str) -> str:
+    """Fixed at a run's first start and kept by resumes."""
+    path = run_dir / "run_id"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = f"{name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+    path.write_text(run_id)
+    return run_id

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import ray
+from tqdm import tqdm
 
 from contracts.rendering import PromptTask
 from rollout.actors.stall import POLL_S, Patience
@@ -88,6 +89,20 @@ class Launch:
 
     def collect(self) -> list[Chunk]:
         return list(self.chunks())
+
+    def chunks_with_progress(self, total: int, desc: str, log, *, leave: bool) -> Iterator[Chunk]:
+        """`chunks()`, with a progress bar of samples and tokens/s on `log` when it is a terminal."""
+        interactive = hasattr(log, "isatty") and log.isatty()
+        tokens, start = 0, time.perf_counter()
+        bar = tqdm(
+            total=total, unit="sample", desc=desc, leave=leave, file=log, disable=not interactive, dynamic_ncols=True
+        )
+        with bar:
+            for chunk in self.chunks():
+                tokens += chunk.summary.generated_tokens
+                bar.update(chunk.summary.samples)
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+                yield chunk
 
     def _timed_out(self) -> GenerationTimeout:
         return GenerationTimeout(

@@ -16,50 +16,20 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
-import pyarrow as pa
 import ray
 
 from contracts.config import JobConfig
-from contracts.console import actor_options, route_actor_output
+from contracts.console import actor_options
 from contracts.device import resolve_device
 from contracts.rendering import PromptTask
 from rollout.actors.stall import CONCURRENCY_GROUPS, StallWatch, stalled_message, wait_watched
-from rollout.actors.telemetry import announce_if_restarted, record_queue_depth
+from rollout.actors.telemetry import record_queue_depth
+from rollout.generation.actor import RolloutActor, WorkerStartError
 from rollout.generation.launch import Launch, Share
-from rollout.generation.worker import GenerationSummary, RolloutWorker
 from rollout.weight_sync.check import ProbeCheck, WeightSyncError
 from rollout.weight_sync.collective import CollectiveSync, SyncFailed
 from rollout.weight_sync.path import weight_sync_path
-
-
-class _RolloutActor(RolloutWorker):
-    """The Ray edge of a RolloutWorker: a streaming call that yields each chunk's batch, then its summary.
-
-    Both are plain values, so their object-store copies belong to the caller: refs the actor made
-    itself and nested in a yield are not reliably kept alive once the actor drops them (seen with
-    Ray 2.60: "The object has already been deleted by the reference counting protocol")."""
-
-    def __init__(self, *args, **kwargs):
-        route_actor_output()
-        super().__init__(*args, **kwargs)
-        announce_if_restarted("rollout", self.name)
-
-    def __repr__(self) -> str:  # Ray names the actor by it in its errors and log lines
-        return getattr(self, "name", type(self).__name__)  # asked for even when __init__ failed
-
-    def stream(
-        self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str, iteration: int
-    ) -> Iterator[pa.RecordBatch | tuple[int, GenerationSummary]]:
-        """Each chunk as it completes (in any order): its batch, then (its index, its summary)."""
-        for index, batch, summary in self.generate(chunks, seeds, run_id=run_id, iteration=iteration):
-            yield batch
-            yield index, summary
-
-
-class WorkerStartError(RuntimeError):
-    """A rollout worker did not start (or restart); the message names it and the resources it asked for."""
 
 
 class WorkerPool:
@@ -69,7 +39,7 @@ class WorkerPool:
         self.cfg = cfg
         rollout = cfg.rollout
         gpus = rollout.num_gpus_per_worker if resolve_device(rollout.device) == "cuda" else 0
-        actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(_RolloutActor)
+        actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutActor)
         self.names = [f"rollout-{i}" for i in range(rollout.num_workers)]
         self.workers = [
             actor.options(

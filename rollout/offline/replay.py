@@ -57,6 +57,7 @@ from learner.advantages import KLEstimator, kl_penalty, last_token_mask
 from learner.estimators import broadcast, estimate, estimator
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
 from rollout.archive.metadata import learner_settings
+from rollout.offline.ragged import floats, lengths_of, padded, ragged, required, required_column
 from rollout.offline.rescore import ReplayError, Rescorer, Scores, reward_config
 
 
@@ -213,7 +214,7 @@ def _replay_batch(
     batch: pa.RecordBatch, scores: Scores, plan: _Plan, group_advantages: np.ndarray | None, schema: pa.Schema
 ) -> tuple[pa.RecordBatch, float | None]:
     """The batch with new reward, token rewards, advantages and returns; and max |Δ returns|."""
-    lengths = _lengths(batch.column("response_ids"))
+    lengths = lengths_of(batch.column("response_ids"))
     width = max(1, int(lengths.max(initial=0)))
     mask = torch.arange(width) < torch.from_numpy(lengths).unsqueeze(1)  # (B, T)
     reward, components = scores
@@ -223,9 +224,9 @@ def _replay_batch(
         advantages = broadcast(torch.from_numpy(group_advantages), mask).float()
         returns = advantages
     else:
-        values = _padded(_required(batch, "values", lengths), width) if entry.needs_critic else None
+        values = padded(required(batch, "values", lengths), width) if entry.needs_critic else None
         if rewards is None:  # no stored token rewards and no KL to rebuild them: the score on the last token
-            score = torch.from_numpy(_floats(reward, "reward")).unsqueeze(1)
+            score = torch.from_numpy(floats(reward, "reward")).unsqueeze(1)
             token_rewards = torch.where(last_token_mask(mask), score, 0)
         else:
             token_rewards = rewards
@@ -234,9 +235,9 @@ def _replay_batch(
     columns.update(
         reward=reward,
         reward_components=components,
-        token_rewards=_ragged(rewards, mask) if rewards is not None else batch.column("token_rewards"),
-        advantages=_ragged(advantages, mask),
-        returns=_ragged(returns, mask),
+        token_rewards=ragged(rewards, mask) if rewards is not None else batch.column("token_rewards"),
+        advantages=ragged(advantages, mask),
+        returns=ragged(returns, mask),
     )
     if plan.kl_coef is not None:
         columns["kl_coef"] = pa.array(np.full(batch.num_rows, plan.kl_coef, dtype=np.float32))
@@ -256,16 +257,16 @@ def _token_rewards(
                 "`rollout generate` writes them): GAE needs them; use --estimator grpo or rloo"
             )
         return None
-    rewards = _padded(_required(batch, "token_rewards", lengths), mask.shape[1])
+    rewards = padded(required(batch, "token_rewards", lengths), mask.shape[1])
     if not plan.rescore and plan.kl_coef is None:
         return rewards
     last = last_token_mask(mask)
     if plan.kl_coef is None:
-        old_score = torch.from_numpy(_floats(batch.column("reward"), "reward")).unsqueeze(1)
+        old_score = torch.from_numpy(floats(batch.column("reward"), "reward")).unsqueeze(1)
         kl_part = rewards - torch.where(last, old_score, 0)  # −β·kl_t, as the run computed it
     else:
         kl_part = -plan.kl_coef * _kl(batch, plan, lengths, mask)
-    new_score = torch.from_numpy(_floats(reward, "reward")).unsqueeze(1)
+    new_score = torch.from_numpy(floats(reward, "reward")).unsqueeze(1)
     return torch.where(mask, kl_part, 0) + torch.where(last, new_score, 0)
 
 
@@ -274,7 +275,7 @@ def _kl(batch: pa.RecordBatch, plan: _Plan, lengths: np.ndarray, mask: torch.Ten
     column = batch.column("kl")
     missing = column.is_null().to_numpy(zero_copy_only=False)
     if not missing.any():
-        return _padded(_required_column(column, "kl", lengths), mask.shape[1])
+        return padded(required_column(column, "kl", lengths), mask.shape[1])
     coef = batch.column("kl_coef").to_numpy(zero_copy_only=False)  # NaN where unknown
     unknown = np.isnan(coef) & missing
     if unknown.any():
@@ -290,20 +291,20 @@ def _kl(batch: pa.RecordBatch, plan: _Plan, lengths: np.ndarray, mask: torch.Ten
     )
     width = mask.shape[1]
     estimated = kl_penalty(
-        _padded(_required(batch, "response_logprobs", lengths), width),
-        _padded(_required(batch, "ref_logprobs", lengths), width),
+        padded(required(batch, "response_logprobs", lengths), width),
+        padded(required(batch, "ref_logprobs", lengths), width),
         plan.kl_estimator,
     )
     if missing.all():
         return estimated
-    stored = _padded(column, width)
+    stored = padded(column, width)
     return torch.where(torch.from_numpy(missing).unsqueeze(1), estimated, stored)
 
 
 def _max_diff(stored: pa.Array, returns: torch.Tensor, lengths: np.ndarray, mask: torch.Tensor) -> float | None:
     if stored.null_count:
         return None
-    old = _padded(_required_column(stored, "returns", lengths), mask.shape[1])
+    old = padded(required_column(stored, "returns", lengths), mask.shape[1])
     return float(torch.where(mask, (returns - old).abs(), 0).max()) if mask.any() else 0.0
 
 
@@ -324,58 +325,7 @@ def _group_advantages(archive: str | Path, rewards: list[pa.Array], name: str) -
     joined = pc.binary_join_element_wise(keys["iteration"].cast(pa.string()), keys["prompt_id"], "\x1f")
     groups = pc.dictionary_encode(joined).combine_chunks().indices.to_numpy().astype(np.int64)
     try:
-        advantages = estimator(name).group(torch.from_numpy(_floats(reward, "reward")), torch.from_numpy(groups))
+        advantages = estimator(name).group(torch.from_numpy(floats(reward, "reward")), torch.from_numpy(groups))
     except ValueError as e:
         raise ReplayError(f"--estimator {name}: {e}") from None
     return advantages.numpy()
-
-
-# --- Arrow lists <-> padded tensors --------------------------------------------------------------
-
-
-def _lengths(column: pa.Array) -> np.ndarray:
-    """(B,) int64 list lengths."""
-    return np.diff(np.asarray(column.offsets)).astype(np.int64)
-
-
-def _required(batch: pa.RecordBatch, name: str, lengths: np.ndarray) -> pa.Array:
-    return _required_column(batch.column(name), name, lengths)
-
-
-def _required_column(column: pa.Array, name: str, lengths: np.ndarray) -> pa.Array:
-    """The list column, checked to be non-null with one entry per response token."""
-    if column.null_count:
-        raise ReplayError(f"column {name} is null in {column.null_count} rows; replay needs it")
-    mismatched = np.flatnonzero(_lengths(column) != lengths)
-    if mismatched.size:
-        raise ReplayError(
-            f"column {name} does not have one entry per response token in "
-            f"{mismatched.size} rows (first: batch row {mismatched[0]})"
-        )
-    return column
-
-
-def _padded(column: pa.Array, width: int) -> torch.Tensor:
-    """Ragged float lists -> (B, width) float32 tensor, zero-padded, from the list buffers."""
-    offsets = np.asarray(column.offsets).astype(np.int64)
-    lengths = np.diff(offsets)
-    values = column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
-    rows = np.repeat(np.arange(lengths.size), lengths)
-    cols = np.arange(values.size) - np.repeat(offsets[:-1] - offsets[0], lengths)  # t within the row
-    out = np.zeros((lengths.size, width), dtype=np.float32)
-    out[rows, cols] = values
-    return torch.from_numpy(out)
-
-
-def _ragged(x: torch.Tensor, mask: torch.Tensor) -> pa.Array:
-    """(B, T) tensor -> list<float32> of each row's valid prefix."""
-    lengths = mask.sum(dim=1).numpy()
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = x[mask].to(torch.float32).numpy()  # row-major: each row's prefix, rows in order
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
-
-
-def _floats(column: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
-    if column.null_count:
-        raise ReplayError(f"column {name} is null in {column.null_count} rows; replay needs it")
-    return column.to_numpy().astype(np.float32)

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 from rollout.archive import iter_batches, last_archived_iteration, read_run_metrics
 from rollout.driver.metrics import STAGES, summary_lines
 from rollout.driver.tracking import sample_table
-from rollout.offline.stats import compute_stats, smooth
+from rollout.offline.stats import compute_stats
+from rollout.offline.stats_view import smooth
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 480, 220, 60, 12, 12, 28

@@ -18,7 +18,8 @@ from contracts.builtin_model import resolve_model_path
 from contracts.config import JobConfig
 from contracts.schema import from_record_batch
 from learner.advantages import kl_penalty
-from learner.learner import Evaluated, Learner
+from learner.evaluation import Evaluated
+from learner.learner import Learner
 from learner.samples import SampleBatch
 from rollout.archive import iter_batches
 

@@ -1,0 +1,216 @@
+"""What each `rollout` command does, given its parsed arguments; `rollout.cli` parses them. Heavy
+imports (torch, Ray, vLLM) happen inside the command that needs them, so `--help` and the offline
+tools start fast."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from contracts.config import ConfigError
+from contracts.config.load import load_config
+
+
+def cmd_run(args) -> int:
+    from contracts.console import VERBOSE_ENV
+    from rollout.driver.checkpoints import AUTO, NEVER
+    from rollout.driver.job import run_job
+
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    cfg = load_config(args.config, args.overrides)
+    out = _local_out(args.out or Path("runs") / cfg.run_name)
+    run_job(cfg, out, resume=NEVER if args.no_resume else args.resume_from or AUTO)
+    print(f"run directory: {out}  (archive {out}/rollouts, metrics {out}/metrics.jsonl)", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from contracts.console import VERBOSE_ENV
+    from rollout.driver.generate import generate
+
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    cfg = load_config(args.config, [*args.overrides, f"data.prompts={args.prompts}"])
+    generate(cfg, _local_out(args.out))
+    return 0
+
+
+def _local_out(out: Path) -> Path:
+    """A run directory on this machine's disk. A URI (s3://, gs://: argparse has made it `s3:/...`) would
+    be a local folder named `s3:`; under `ray job submit` a relative path is inside Ray's temporary
+    copy of the working directory, which Ray deletes with the job."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(out)):
+        raise ConfigError(
+            f"--out {str(out).replace(':/', '://', 1)}: a URI; run storage on object stores is not supported yet: give a "
+            "local path (on a cluster, one every node mounts)"
+        )
+    if not out.is_absolute() and "runtime_resources" in Path.cwd().parts:
+        print(
+            f"rollout: warning: --out {out} is inside Ray's temporary copy of the working directory "
+            f"({Path.cwd()}), which Ray deletes with the job; give an absolute path",
+            file=sys.stderr,
+        )
+    return out
+
+
+def cmd_validate(args) -> int:
+    from rollout.offline.validate import validate_files
+
+    prompt_length, max_tokens = None, None
+    if not args.no_length_check:
+        cfg = load_config(args.config)
+        prompt_length = _prompt_length(cfg)
+        max_tokens = cfg.model.max_prompt_tokens
+    return validate_files(args.files, prompt_length=prompt_length, max_prompt_tokens=max_tokens)
+
+
+def _prompt_length(cfg):
+    from transformers import AutoTokenizer
+
+    from contracts.builtin_model import resolve_model_path
+    from contracts.rendering import PromptRenderer
+
+    renderer = PromptRenderer(
+        AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path)), cfg.model.max_prompt_tokens
+    )
+    return lambda record: len(renderer.tokenizer(renderer.text(record), add_special_tokens=False)["input_ids"])
+
+
+def cmd_config(args) -> int:
+    from contracts.config.load import check, explain, to_yaml
+
+    if args.explain:
+        print("\n".join(explain()))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    check(cfg)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from rollout.offline.replay import ReplayError, ReplayOptions, replay
+
+    options = ReplayOptions(
+        gamma=args.gamma,
+        lam=args.lam,
+        estimator=args.estimator,
+        kl_coef=args.kl_coef,
+        reward_config=args.reward_config,
+        prompts=args.prompts,
+    )
+    try:
+        report = replay(args.archive, args.out, options)
+    except (ReplayError, FileNotFoundError) as e:
+        print(f"replay: {e}", file=sys.stderr)
+        return 2
+    diff = "n/a" if report.max_return_diff is None else f"{report.max_return_diff:.3g}"
+    print(
+        f"replayed {report.rows} samples into {report.out}  (max |returns - stored returns| = {diff})", file=sys.stderr
+    )
+    if report.unmatched_prompts:
+        print(f"{report.unmatched_prompts} samples re-scored without their data record (no reference)", file=sys.stderr)
+    if args.train:
+        _train_offline(args)
+    return 0
+
+
+def _train_offline(args) -> None:
+    from rollout.archive import read_metadata
+    from rollout.offline.train import train_offline
+
+    metadata = read_metadata(args.archive)
+    config = args.config
+    if config is None:
+        config = args.out / "run-config.yaml"
+        config.write_text(metadata["config"])
+    cfg = load_config(config)
+    out = train_offline(
+        args.out / "rollouts",
+        cfg,
+        args.out / "policy",
+        model=args.model or metadata.get("model"),
+        epochs=args.train_epochs,
+    )
+    print(f"offline-trained policy: {out}", file=sys.stderr)
+
+
+def cmd_stats(args) -> int:
+    import json
+
+    from rollout.archive.manifest import format_manifest, read_manifest
+    from rollout.offline.stats import compute_stats
+    from rollout.offline.stats_view import format_comparison, format_table, plot_runs
+
+    if args.manifest:
+        try:
+            manifest = read_manifest(args.archive)
+        except FileNotFoundError as e:
+            print(f"stats: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(manifest, indent=1) if args.json else format_manifest(manifest), end="\n" if args.json else "")
+        return 0
+    try:
+        runs = [compute_stats(a) for a in [args.archive, *([args.compare] if args.compare else [])]]
+    except FileNotFoundError as e:
+        print(f"stats: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        shown = [r.to_json(args.last, args.every) for r in runs]
+        print(json.dumps(shown[0] if len(runs) == 1 else {"runs": shown}, indent=1))
+    else:
+        print(format_table(runs[0], args.last, args.every) if len(runs) == 1 else format_comparison(*runs), end="")
+    if args.plot:
+        labels = [f"{side}: {run.archive}" for side, run in zip("AB", runs)] if args.compare else None
+        plot_runs(runs, args.plot, labels)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from rollout.archive import run_dir_of
+    from rollout.offline.report import write_report
+
+    try:
+        out = args.out or run_dir_of(args.run_dir) / "report.html"
+        shown = write_report(args.run_dir, out, samples=args.samples)
+    except FileNotFoundError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {out} ({shown} iterations)", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from rollout.offline.plan import format_plan, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    cluster = nodes = None
+    if args.address:
+        import ray
+
+        from rollout.driver.resources import node_resources
+
+        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+        try:
+            cluster, nodes = ray.cluster_resources(), node_resources()
+        finally:
+            ray.shutdown()
+    plan = make_plan(cfg, cluster, args.gpu_memory_gb, nodes=nodes)
+    print(format_plan(plan), end="")
+    return 1 if plan.problems else 0
+
+
+COMMANDS = {
+    "plan": cmd_plan,
+    "run": cmd_run,
+    "generate": cmd_generate,
+    "validate": cmd_validate,
+    "config": cmd_config,
+    "replay": cmd_replay,
+    "stats": cmd_stats,
+    "report": cmd_report,
+}
