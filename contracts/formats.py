@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 
 from contracts.jsonl import BadRecord, FormatError, parse_records
+
+T = TypeVar("T")
 
 PROMPT_FORMATS = ("sft", "xtuner", "chat")
 ROLES = ("system", "user", "assistant")
@@ -69,7 +71,7 @@ def parse_prompt(obj: Any, fmt: str, source: str) -> PromptRecord:
         fmt = detect_prompt_format(record) or ""
         if not fmt:
             raise FormatError(UNKNOWN_PROMPT_SHAPE)
-    _check_format_name(fmt)
+    check_format_name(fmt, PROMPT_FORMATS, "prompt")
     parse, used_keys = _PARSERS[fmt]
     messages, reference = parse(record)
     return PromptRecord(record_id(record), messages, reference, _metadata(record, used_keys), source)
@@ -80,14 +82,22 @@ def read_prompts(path: str | os.PathLike[str], fmt: str = "auto") -> Iterator[Pr
 
     With "auto" each record's format is detected from its keys, so one file may mix formats.
     """
+    return read_records(path, fmt, PROMPT_FORMATS, "prompt", parse_prompt)
+
+
+def read_records(
+    path: str | os.PathLike[str], fmt: str, formats: Sequence[str], what: str, parse: Callable[[Any, str, str], T]
+) -> Iterator[T | BadRecord]:
+    """`parse(obj, fmt, "FILE:LINE")` over every record of `path`, for a data kind (`what`) whose
+    format names are `formats`; an unknown `fmt` is a ValueError before the file is opened."""
     if fmt != "auto":
-        _check_format_name(fmt)
-    return parse_records(path, lambda obj, source: parse_prompt(obj, fmt, source))
+        check_format_name(fmt, formats, what)
+    return parse_records(path, lambda obj, source: parse(obj, fmt, source))
 
 
-def _check_format_name(fmt: str) -> None:
-    if fmt not in PROMPT_FORMATS:
-        raise ValueError(f"unknown prompt format {fmt!r}; expected auto or one of {', '.join(PROMPT_FORMATS)}")
+def check_format_name(fmt: str, formats: Sequence[str], what: str) -> None:
+    if fmt not in formats:
+        raise ValueError(f"unknown {what} format {fmt!r}; expected auto or one of {', '.join(formats)}")
 
 
 def _parse_sft(record: dict[str, Any]) -> tuple[list[Message], str | None]:

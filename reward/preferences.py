@@ -18,8 +18,16 @@ from typing import Any
 
 import msgspec
 
-from contracts.formats import FormatError, field_names, require_object, text_field, type_name
-from contracts.jsonl import BadRecord, parse_records
+from contracts.formats import (
+    FormatError,
+    check_format_name,
+    field_names,
+    read_records,
+    require_object,
+    text_field,
+    type_name,
+)
+from contracts.jsonl import BadRecord
 
 PREFERENCE_FORMATS = ("pairwise", "multi", "scored")
 UNKNOWN_PREFERENCE_SHAPE = (
@@ -72,7 +80,7 @@ def parse_preference(obj: Any, fmt: str, source: str) -> PreferenceRecord:
         fmt = detect_preference_format(record) or ""
         if not fmt:
             raise FormatError(UNKNOWN_PREFERENCE_SHAPE)
-    _check_format_name(fmt)
+    check_format_name(fmt, PREFERENCE_FORMATS, "preference")
     return _PARSERS[fmt](record, source)
 
 
@@ -81,14 +89,7 @@ def read_preferences(path: str | os.PathLike[str], fmt: str = "auto") -> Iterato
 
     With "auto" each record's format is detected from its keys, so one file may mix formats.
     """
-    if fmt != "auto":
-        _check_format_name(fmt)
-    return parse_records(path, lambda obj, source: parse_preference(obj, fmt, source))
-
-
-def _check_format_name(fmt: str) -> None:
-    if fmt not in PREFERENCE_FORMATS:
-        raise ValueError(f"unknown preference format {fmt!r}; expected auto or one of {', '.join(PREFERENCE_FORMATS)}")
+    return read_records(path, fmt, PREFERENCE_FORMATS, "preference", parse_preference)
 
 
 def _parse_pairwise(record: dict[str, Any], source: str) -> PreferenceRecord:
