@@ -704,6 +704,50 @@ def _kill_session(session: int) -> None:
     subprocess.run(["pkill", "-9", "-s", str(session)], capture_output=True)
 
 
+LOST_IN_SYNC = """
+import json, sys
+from pathlib import Path
+
+import ray
+
+from contracts.config.load import load_config
+from rollout.driver.session import Session
+
+session = Session.open(load_config(sys.argv[1], ["iterations=4", "checkpoint_every=2"]), Path(sys.argv[2]))
+ran = []
+try:
+    for iteration in session.iterations():  # the job loop's steps, a learner rank killed between two
+        timings = {}
+        samples = session.collect(iteration, timings)
+        learned = session.learn(samples, timings)
+        if iteration == 2:  # its update learned, not yet synced: lost with the rank
+            ray.kill(session.learner.ranks[0], no_restart=True)
+        session.sync_weights()
+        session.archive_iteration(samples, learned)
+        session.record_metrics(samples, learned, timings)
+        session.checkpoint_if_due(samples)
+        ran.append(iteration)
+    print(json.dumps({"ran": ran, "version": session.learner.version()}))
+finally:
+    session.close()
+"""
+
+
+def test_a_learner_rank_lost_between_its_update_and_the_weight_sync_is_made_up_for(tmp_path):
+    """The rank dies holding an update the workers never got: the rebuilt learner (from the checkpoint
+    after iteration 1) redoes it on one more iteration, so the run still ends with `iterations` updates."""
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", LOST_IN_SYNC, SMOKE, str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"ran": [0, 1, 2, 3, 4], "version": 4}, done.stderr[-3000:]
+    assert "learner: a rank died in iteration 2" in done.stderr
+    keys = read_table(out, ["iteration", "prompt_id", "sample_index"]).to_pylist()
+    assert len(keys) == len({tuple(k.values()) for k in keys}) == 5 * 16 * 2
+
+
 def test_a_rollout_worker_a_reward_worker_and_the_learner_killed_in_turn_and_the_run_finishes(tmp_path):
     out = tmp_path / "run"
     log = open(tmp_path / "run.log", "w")

@@ -118,6 +118,7 @@ class Session:
         self.iterations_left = max(0, cfg.iterations - updates)
         self.last_iteration = self.first_iteration + self.iterations_left - 1
         self.version = self.pool.version
+        self.learned = updates  # updates the live learner's weights hold, synced to the workers or not
         self.launched: dict[int, Launched] = {}
         self.current_iteration = self.first_iteration
         self._last_recorded = time.perf_counter()
@@ -162,8 +163,10 @@ class Session:
             extra = self.learner.load(checkpoint)
             updates = self.learner.version()
             resumed_from = {"checkpoint": checkpoint.name, "iteration": extra["iteration"], "policy_version": updates}
-        # The lost updates are made again on iterations after the last one planned.
-        self.last_iteration += self.version - updates
+        # The lost updates are made again on iterations after the last one planned; an update learned
+        # but not yet synced (a rank lost in sync_weights) is lost too.
+        self.last_iteration += self.learned - updates
+        self.learned = updates
         self.manifest.start_run(self.cfg, self.model, resumed_from, reason=f"learner rebuilt in iteration {iteration}")
         self.pool.use_learner(self.learner)
         self.pool.queue_newest(updates)
@@ -225,6 +228,7 @@ class Session:
                 columns, stats, learn_timings = self.learner.learn(
                     [c.batch for c in samples.chunks], [c.rewards for c in samples.chunks]
                 )
+                self.learned += 1
                 break
             except ray.exceptions.RayActorError as e:
                 self._rebuild_learner(e, samples.iteration)
