@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from contracts.console import route_actor_output
 from contracts.rendering import PromptTask
+from rollout.actors.heap import trim_heap
 from rollout.actors.telemetry import announce_if_restarted
 from rollout.generation.worker import GenerationSummary, RolloutWorker
 
@@ -36,6 +37,7 @@ class _RolloutActor(RolloutWorker):
         for index, batch, summary in self.generate(chunks, seeds, run_id=run_id, iteration=iteration):
             yield batch
             yield index, summary
+        trim_heap()
 
 
 class WorkerStartError(RuntimeError):
