@@ -10,7 +10,7 @@ from typing import get_args
 
 from contracts.config import ConfigError, EstimatorName
 from rollout.commands import COMMANDS
-from rollout.driver.stopping import JobStopped
+from rollout.driver.stopping import JobStopped, stop_behind
 from rollout.driver.supervise import mark_finished, supervise, supervised
 from rollout.errors import exit_code, one_line
 
@@ -138,7 +138,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except JobStopped as e:
+    except (JobStopped, SystemError) as raised:
+        e = stop_behind(raised)
+        if e is None:
+            raise
         print(
             f"rollout {args.command}: {e}; every finished iteration is archived, the same command resumes",
             file=sys.stderr,

@@ -63,3 +63,20 @@ def _child(parent: int, timeout: float = 30.0) -> int:
             return int(found[0])
         time.sleep(0.05)
     raise AssertionError(f"no job process under {parent}")
+
+
+def test_a_stop_signal_that_lands_inside_a_c_call_is_still_a_stop():
+    """A handler raising inside `ray.wait`'s Cython code comes out as that call's SystemError."""
+    import signal
+
+    from rollout.driver.stopping import JobStopped, stop_behind
+
+    try:
+        try:
+            raise JobStopped(signal.SIGTERM)
+        except JobStopped:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set")
+    except SystemError as e:
+        found = stop_behind(e)
+    assert isinstance(found, JobStopped) and found.exit_code == 143
+    assert stop_behind(SystemError("a real one")) is None

@@ -27,6 +27,17 @@ class JobStopped(BaseException):
         return 128 + self.signum
 
 
+def stop_behind(error: BaseException) -> JobStopped | None:
+    """The JobStopped an error was raised while handling, if any. A signal that lands inside a C call
+    of Ray's (`ray.wait`) comes out as that call's SystemError, with the JobStopped as its context."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, JobStopped):
+            return seen
+        seen = seen.__context__
+    return None
+
+
 def _raise(signum, frame) -> None:
     for s in SIGNALS:  # a second signal during the clean stop gets the default behaviour
         signal.signal(s, signal.SIG_DFL)
