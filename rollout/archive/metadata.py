@@ -13,16 +13,14 @@ from contracts.config.load import to_yaml
 
 
 def learner_settings(
-    gamma: float, lam: float, kl_coef: float, kl_estimator: str, kl_target: float | None
+    gamma: float, lam: float, kl_coef: float | None, kl_estimator: str, kl_target: float | None
 ) -> dict[str, str]:
-    """What advantages and token rewards in the archive were computed with."""
-    return {
-        "gamma": repr(gamma),
-        "lam": repr(lam),
-        "kl_coef": repr(kl_coef),
-        "kl_estimator": kl_estimator,
-        "kl_target": repr(kl_target),
-    }
+    """What advantages and token rewards in the archive were computed with; `kl_coef` None leaves the
+    KL coefficient and target out (a replay that keeps each iteration's own)."""
+    settings = {"gamma": repr(gamma), "lam": repr(lam), "kl_estimator": kl_estimator}
+    if kl_coef is not None:
+        settings.update(kl_coef=repr(kl_coef), kl_target=repr(kl_target))
+    return settings
 
 
 def run_metadata(cfg: JobConfig, run_id: str, model: str, start: dict, *, learner: bool) -> dict[str, str]:

@@ -182,9 +182,7 @@ def _check_out(archive: str | Path, out: str | Path) -> Path:
 
 def _new_metadata(metadata: dict[str, str], plan: _Plan, archive: str | Path, options: ReplayOptions) -> dict[str, str]:
     new = {k: v for k, v in metadata.items() if k != "schema_version"}
-    settings = learner_settings(plan.gamma, plan.lam, plan.kl_coef or 0.0, plan.kl_estimator, kl_target=None)
-    if plan.kl_coef is None:  # each iteration keeps the β it was trained with
-        settings = {k: v for k, v in settings.items() if k not in ("kl_coef", "kl_target")}
+    settings = learner_settings(plan.gamma, plan.lam, plan.kl_coef, plan.kl_estimator, kl_target=None)
     new.update(settings, advantage_estimator=plan.estimator, replayed_from=str(Path(archive).resolve()))
     if plan.rescore:
         new["reward_config"] = str(Path(options.reward_config).resolve())
