@@ -11,7 +11,7 @@ from typing import get_args
 from contracts.config import ConfigError, EstimatorName
 from rollout.commands import COMMANDS
 from rollout.driver.stopping import JobStopped, stop_behind
-from rollout.driver.supervise import mark_finished, supervise, supervised
+from rollout.driver.supervise import mark_finished, say_last, supervise, supervised
 from rollout.errors import exit_code, one_line
 
 
@@ -136,22 +136,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        say_last(f"config error: {e}")
         return 2
     except (JobStopped, SystemError) as raised:
         e = stop_behind(raised)
         if e is None:
             raise
-        print(
-            f"rollout {args.command}: {e}; every finished iteration is archived, the same command resumes",
-            file=sys.stderr,
-        )
+        say_last(f"rollout {args.command}: {e}; every finished iteration is archived, the same command resumes")
         return e.exit_code
     except Exception as e:
         code = exit_code(e)
         if code is None or args.debug or os.environ.get("ROLLOUT_DEBUG", "") not in ("", "0"):
             raise
-        print(f"rollout {args.command}: {one_line(e)}", file=sys.stderr)
+        say_last(f"rollout {args.command}: {one_line(e)}")
         return code
 
 

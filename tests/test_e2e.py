@@ -746,6 +746,8 @@ def test_a_learner_rank_lost_between_its_update_and_the_weight_sync_is_made_up_f
     assert "learner: a rank died in iteration 2" in done.stderr
     keys = read_table(out, ["iteration", "prompt_id", "sample_index"]).to_pylist()
     assert len(keys) == len({tuple(k.values()) for k in keys}) == 5 * 16 * 2
+    manifest = json.loads((out / "manifest.json").read_text())  # the one lost update is labelled on its iteration
+    assert [it["iteration"] for it in manifest["iterations"] if it.get("update_lost")] == [2]
 
 
 def test_a_rollout_worker_a_reward_worker_and_the_learner_killed_in_turn_and_the_run_finishes(tmp_path):

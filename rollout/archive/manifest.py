@@ -170,17 +170,21 @@ class RunManifest:
             reason=reason,
         )
 
-    def iteration(self, iteration: int, *, generated_by: list[int], policy_version: int) -> None:
-        """An iteration was trained: its samples came from versions `generated_by`; the update made `policy_version`."""
-        self.data["iterations"].append(
-            {
-                "iteration": iteration,
-                "start": len(self.data["starts"]) - 1,
-                "generated_by": sorted(set(generated_by)),
-                "policy_version": policy_version,
-                "checkpoint": None,
-            }
-        )
+    def iteration(
+        self, iteration: int, *, generated_by: list[int], policy_version: int, update_lost: str | None = None
+    ) -> None:
+        """An iteration was trained: its samples came from versions `generated_by`; the update made
+        `policy_version`, or was lost before the iteration was recorded (`update_lost` says how)."""
+        entry = {
+            "iteration": iteration,
+            "start": len(self.data["starts"]) - 1,
+            "generated_by": sorted(set(generated_by)),
+            "policy_version": policy_version,
+            "checkpoint": None,
+        }
+        if update_lost:
+            entry["update_lost"] = update_lost
+        self.data["iterations"].append(entry)
         self.save()
 
     def checkpoint(self, iteration: int, name: str) -> None:

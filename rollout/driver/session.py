@@ -119,6 +119,7 @@ class Session:
         self.last_iteration = self.first_iteration + self.iterations_left - 1
         self.version = self.pool.version
         self.learned = updates  # updates the live learner's weights hold, synced to the workers or not
+        self.update_lost: str | None = None  # why the iteration being run lost its update, if it did
         self.launched: dict[int, Launched] = {}
         self.current_iteration = self.first_iteration
         self._last_recorded = time.perf_counter()
@@ -247,6 +248,8 @@ class Session:
             self.pool.queue_newest(version)
         except ray.exceptions.RayActorError as e:  # the rebuilt learner queues its own weights
             self._rebuild_learner(e, self.current_iteration)
+            # This iteration's update went with the rank, before the manifest recorded the iteration.
+            self.update_lost = f"learner rebuilt in iteration {self.current_iteration} before its weight sync"
             return
         self.version = version
 
@@ -290,8 +293,12 @@ class Session:
             table = sample_table(texts, samples.rewards[0], self.cfg.tracking.samples_rows)
         self.tracking.log_iteration(metrics, table)
         self.manifest.iteration(
-            samples.iteration, generated_by=[s.policy_version for s in samples.summaries], policy_version=self.version
+            samples.iteration,
+            generated_by=[s.policy_version for s in samples.summaries],
+            policy_version=self.version,
+            update_lost=self.update_lost,
         )
+        self.update_lost = None
         print(self.metrics.progress_line(metrics, self.last_iteration), file=self.log, flush=True)
         return metrics
 

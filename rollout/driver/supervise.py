@@ -6,6 +6,9 @@ of the job, waits for the job, and when the job exits without having said it fin
 one line the job could not (how it ended, that finished iterations are archived, that the same
 command resumes) and exits non-zero.
 
+A job that did report its end leaves its closing line for the parent to print after it, so that line
+is the last one a user sees even when Ray's threads log while the job's process exits.
+
 The job runs in a process group of its own, so a signal sent to the parent's group (Ctrl-C at a
 terminal, `ray job stop`, `kill`) reaches the job once, forwarded by the parent, never twice (a
 second signal would skip the job's clean stop).
@@ -22,6 +25,7 @@ from pathlib import Path
 
 FINISHED_FILE_ENV = "ROLLOUT_FINISHED_FILE"  # set in the job: where it writes that it finished
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_last_line: list[str] = []  # the job's closing line, held for the parent to print
 
 
 def supervised() -> bool:
@@ -29,11 +33,20 @@ def supervised() -> bool:
     return FINISHED_FILE_ENV in os.environ
 
 
+def say_last(line: str) -> None:
+    """The command's closing line (how it failed or stopped). In the job the parent prints it once the
+    job's process is gone, so nothing Ray's threads print while the process exits comes after it."""
+    if supervised():
+        _last_line[:] = [line]
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
 def mark_finished() -> None:
-    """The job's last act, whatever its exit code: it reported its end itself."""
+    """The job's last act, whatever its exit code: it reported its end itself (with its closing line)."""
     path = os.environ.get(FINISHED_FILE_ENV)
     if path:
-        Path(path).write_text("finished")
+        Path(path).write_text("\n".join(["finished", *_last_line]))
 
 
 def supervise(argv: list[str]) -> int:
@@ -46,6 +59,9 @@ def supervise(argv: list[str]) -> int:
             signal.signal(signum, lambda received, _frame: job.send_signal(received))
         code = job.wait()
         if finished.exists():
+            _, _, closing = finished.read_text().partition("\n")
+            if closing:
+                print(closing, file=sys.stderr, flush=True)
             return code
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
     print(
