@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
 
     run = sub.add_parser("run", help="the PPO job: generate, reward, learn, archive")
     _config_args(run)
-    run.add_argument("--out", type=Path, default=None, help="run directory (default runs/RUN_NAME)")
+    run.add_argument(
+        "--out",
+        default=None,
+        help="run directory (default runs/RUN_NAME), or a URI pyarrow opens (s3://bucket/run, gs://, file://)",
+    )
     run.add_argument(
         "--verbose",
         action="store_true",

@@ -17,12 +17,19 @@ def cmd_run(args) -> int:
     from contracts.console import VERBOSE_ENV
     from rollout.driver.checkpoints import AUTO, NEVER
     from rollout.driver.job import run_job
+    from rollout.driver.run_storage import RunStorage, is_uri
 
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     cfg = load_config(args.config, args.overrides)
-    out = _local_out(args.out or Path("runs") / cfg.run_name)
-    run_job(cfg, out, resume=NEVER if args.no_resume else args.resume_from or AUTO)
+    resume = NEVER if args.no_resume else args.resume_from or AUTO
+    if args.out and is_uri(args.out):
+        storage = RunStorage(args.out)
+        run_job(cfg, storage.staging, resume=resume, storage=storage)
+        out = storage.uri
+    else:
+        out = _local_out(Path(args.out) if args.out else Path("runs") / cfg.run_name)
+        run_job(cfg, out, resume=resume)
     print(f"run directory: {out}  (archive {out}/rollouts, metrics {out}/metrics.jsonl)", file=sys.stderr)
     return 0
 
@@ -44,8 +51,8 @@ def _local_out(out: Path) -> Path:
     copy of the working directory, which Ray deletes with the job."""
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(out)):
         raise ConfigError(
-            f"--out {str(out).replace(':/', '://', 1)}: a URI; run storage on object stores is not supported yet: give a "
-            "local path (on a cluster, one every node mounts)"
+            f"--out {str(out).replace(':/', '://', 1)}: a URI; only `rollout run` keeps its run on an object store "
+            "so far: give a local path (on a cluster, one every node mounts)"
         )
     if not out.is_absolute() and "runtime_resources" in Path.cwd().parts:
         print(

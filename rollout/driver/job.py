@@ -14,17 +14,21 @@ from contracts.config import JobConfig
 from rollout.driver import stopping
 from rollout.driver.checkpoints import AUTO
 from rollout.driver.metrics import print_summary
+from rollout.driver.run_storage import RunStorage
 from rollout.driver.session import Session
 
 
-def run_job(cfg: JobConfig, run_dir: Path, *, log=None, resume: str | Path = AUTO) -> list[dict]:
+def run_job(
+    cfg: JobConfig, run_dir: Path, *, log=None, resume: str | Path = AUTO, storage: RunStorage | None = None
+) -> list[dict]:
     """Train for `cfg.iterations`, resuming from the newest whole checkpoint in `run_dir` if there is
-    one (`resume`: checkpoints.AUTO, NEVER or a checkpoint directory).
+    one (`resume`: checkpoints.AUTO, NEVER or a checkpoint directory). With `storage`, `run_dir` is
+    its staging copy, pulled from the run's URI first and pushed back as the run goes.
 
     SIGTERM or SIGINT raise `stopping.JobStopped` out of here once the session is closed."""
     log = log or sys.stderr
     stopping.install()
-    session = Session.open(cfg, run_dir, log=log, resume=resume)
+    session = Session.open(cfg, run_dir, log=log, resume=resume, storage=storage)
     history: list[dict] = []
     try:
         for iteration in session.iterations():

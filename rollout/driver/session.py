@@ -20,7 +20,7 @@ import ray
 
 from contracts.config import JobConfig
 from contracts.config.load import to_yaml
-from learner.checkpoint import NonFiniteError
+from learner.checkpoint import STATE_FILE, CheckpointWriteError, NonFiniteError
 from reward.worker import reward_components
 from rollout.actors.telemetry import record_restart
 from rollout.archive import ArchiveWriter, last_archived_iteration
@@ -33,6 +33,7 @@ from rollout.driver.learner_group import LearnerError, LearnerGroup
 from rollout.driver.metrics import MetricsLog, iteration_metrics
 from rollout.driver.prompts import PromptSampler
 from rollout.driver.reward_group import RewardGroup
+from rollout.driver.run_storage import RunStorage
 from rollout.driver.startup import lock_run_dir, read_data, run_id, start_cluster
 from rollout.driver.trackers import TrackedRun
 from rollout.driver.tracking import Tracking, sample_table
@@ -41,18 +42,30 @@ from rollout.weight_sync.check import PROBE_IDS
 
 
 class Session:
-    def __init__(self, cfg: JobConfig, run_dir: Path, log):
-        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+    def __init__(self, cfg: JobConfig, run_dir: Path, log, storage: RunStorage | None):
+        self.cfg, self.run_dir, self.log, self.storage = cfg, run_dir, log, storage
 
     @classmethod
-    def open(cls, cfg: JobConfig, run_dir: Path, *, log=None, resume: str | Path = AUTO) -> Session:
-        """`resume`: checkpoints.AUTO (the newest whole checkpoint, if any), NEVER, or a checkpoint directory."""
-        self = cls(cfg, run_dir, log or sys.stderr)
+    def open(
+        cls,
+        cfg: JobConfig,
+        run_dir: Path,
+        *,
+        log=None,
+        resume: str | Path = AUTO,
+        storage: RunStorage | None = None,
+    ) -> Session:
+        """`resume`: checkpoints.AUTO (the newest whole checkpoint, if any), NEVER, or a checkpoint directory.
+        `storage`: the run's URI, of which `run_dir` is the staging copy."""
+        self = cls(cfg, run_dir, log or sys.stderr, storage)
         self.resume = resume
         self.data = read_data(cfg, self.log, prompts_needed=cfg.rollout.prompts_per_iteration)
         self.sampler = PromptSampler(size=len(self.data.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.lock = lock_run_dir(run_dir, self.log)
         try:
+            if storage:
+                storage.take_lease()
+                storage.pull(self.log)
             self._start()
         except BaseException:
             self._release()
@@ -64,6 +77,7 @@ class Session:
         self.run_id = run_id(run_dir, cfg.run_name)
         self.manifest = RunManifest(run_dir, self.run_id)
         self.cfg = cfg = start_cluster(cfg, run_dir, learner=True)
+        self._push(RunStorage.push_small)
         model = data.base_model
         if cfg.model.sft_warmup:
             from learner.sft import warm_start
@@ -181,6 +195,8 @@ class Session:
         for part in ("pool", "learner", "rewards"):
             if hasattr(self, part):
                 getattr(self, part).shutdown()
+        if self.storage:
+            self.storage.release()
         self.lock.release()
 
     # -- steps -----------------------------------------------------------------------------------
@@ -299,6 +315,7 @@ class Session:
             update_lost=self.update_lost,
         )
         self.update_lost = None
+        self._push(RunStorage.push_small)
         print(self.metrics.progress_line(metrics, self.last_iteration), file=self.log, flush=True)
         return metrics
 
@@ -321,19 +338,34 @@ class Session:
             shutil.rmtree(partial, ignore_errors=True)
             self._rebuild_learner(e, iteration)
             return
+        if not (partial / STATE_FILE).is_file():  # rank 0 saved on a disk this process does not see
+            raise CheckpointWriteError(
+                f"the learner saved checkpoint {partial.name} where the driver cannot see it ({partial} is not "
+                "on this node's disk): put --out on storage every node mounts, or keep the learner ranks on "
+                "the driver's node (checkpoints through object storage from other nodes are not built yet)"
+            )
         # The policy directory is a complete model: a resumed run's engines load it directly.
         self.data.tokenizer.save_pretrained(partial / "policy")
         self.restart_from = self.checkpoints.commit(partial)
         self.manifest.checkpoint(iteration, self.restart_from.name)
+        self._push(RunStorage.push_checkpoint, self.restart_from)
 
     def close(self, *, failed: bool = False) -> None:
         try:
             self.archive.close()
         finally:
             self.tracking.close(failed=failed)
-            self._release()
+            try:
+                self._push(RunStorage.push_all)
+            finally:
+                self._release()
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _push(self, step, *args) -> None:
+        """Mirror the staging copy to the run's URI (a step of RunStorage), when the run has one."""
+        if self.storage:
+            step(self.storage, *args)
 
     def _launch(self, iteration: int) -> Launched:
         """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it."""
