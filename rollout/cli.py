@@ -108,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     pln.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU size to check the memory estimates against")
 
+    env = sub.add_parser(
+        "runtime-env",
+        help="Ray's --runtime-env-json for `ray job submit`: this checkout's commit and the object store's settings",
+    )
+    env.add_argument(
+        "--with-credentials",
+        action="store_true",
+        help="also AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (shown in Ray's job details)",
+    )
+
     sta = sub.add_parser("stats", help="per-iteration throughput, reward, KL and lengths of an archive")
     sta.add_argument("archive", help="run directory, its rollouts/ directory, or one .arrow file")
     sta.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -211,8 +211,18 @@ def cmd_plan(args) -> int:
     return 1 if plan.problems else 0
 
 
+def cmd_runtime_env(args) -> int:
+    import json
+
+    from rollout.driver.submit_env import runtime_env
+
+    print(json.dumps(runtime_env(credentials=args.with_credentials)))
+    return 0
+
+
 COMMANDS = {
     "plan": cmd_plan,
+    "runtime-env": cmd_runtime_env,
     "run": cmd_run,
     "generate": cmd_generate,
     "validate": cmd_validate,

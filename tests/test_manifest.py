@@ -135,3 +135,25 @@ def test_stats_manifest_reads_the_run_directory_or_the_archive_metadata(tmp_path
     assert away["run_id"] == "run-1" and away["starts"][0]["config_sha256"] == start["config_sha256"]
     assert main(["stats", str(tmp_path / "part-00000.arrow"), "--manifest", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["starts"][0]["seeds"] == SEEDS
+
+
+def test_a_job_without_git_records_the_commit_its_submitter_passed(tmp_path, monkeypatch, capsys):
+    from rollout.archive.manifest import COMMIT_ENV, DIRTY_ENV, git_commit
+    from rollout.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    assert main(["runtime-env"]) == 0
+    env_vars = json.loads(capsys.readouterr().out)["env_vars"]
+    here = git_commit()
+    assert env_vars[COMMIT_ENV] == here["commit"] and env_vars[DIRTY_ENV] == ("1" if here["dirty"] else "0")
+    assert env_vars["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and "AWS_SECRET_ACCESS_KEY" not in env_vars
+    assert main(["runtime-env", "--with-credentials"]) == 0
+    assert json.loads(capsys.readouterr().out)["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+
+    # the job's side, in Ray's copy of the working directory (no .git): what the submitter passed
+    monkeypatch.setenv(COMMIT_ENV, "abc123")
+    monkeypatch.setenv(DIRTY_ENV, "1")
+    assert git_commit(tmp_path) == {"commit": "abc123", "dirty": True, "recorded_by": "submitter"}
+    monkeypatch.delenv(COMMIT_ENV)
+    assert git_commit(tmp_path) is None

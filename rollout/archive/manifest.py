@@ -42,8 +42,14 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+COMMIT_ENV, DIRTY_ENV = "ROLLOUT_GIT_COMMIT", "ROLLOUT_GIT_DIRTY"  # set by the submitting side
+
+
 def git_commit(root: Path = PROJECT_ROOT) -> dict[str, Any] | None:
-    """The project's commit and whether its tracked files differ from it; None outside a git checkout."""
+    """The project's commit and whether its tracked files differ from it. Outside a git checkout (`ray
+    job submit` uploads no `.git`) what the submitter recorded (`rollout runtime-env`), else None."""
+    if not (root / ".git").exists() and os.environ.get(COMMIT_ENV):
+        return {"commit": os.environ[COMMIT_ENV], "dirty": os.environ.get(DIRTY_ENV) == "1", "recorded_by": "submitter"}
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
