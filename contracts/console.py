@@ -21,6 +21,8 @@ import threading
 import warnings
 from pathlib import Path
 
+from contracts import storage
+
 VERBOSE_ENV = "ROLLOUT_VERBOSE"
 LOG_FILE_ENV = "ROLLOUT_ACTOR_LOG"
 LOGS = "logs"
@@ -74,8 +76,9 @@ class _DropNoise(logging.Filter):
 
 
 def actor_env(name: str) -> dict[str, str]:
-    """Environment variables for an actor's runtime_env: its log file, and verbosity."""
+    """Environment variables for an actor's runtime_env: its log file, verbosity and run storage."""
     env = {VERBOSE_ENV: "1"} if verbose() else {}
+    env.update(storage.actor_env())  # where the run's files are, for an actor that cannot see this disk
     if _log_dir is not None:
         env[LOG_FILE_ENV] = str(_log_dir / f"{name}.log")
     return env

@@ -9,6 +9,7 @@ import time
 
 import pyarrow as pa
 
+from contracts import storage
 from contracts.config import RewardConfig
 from contracts.schema import reward_batch
 from reward.scorer import RewardModelScorer, RewardResult, RuleScorer, rule_component_names
@@ -66,7 +67,8 @@ class RewardWorker:
         self.rules = RuleScorer(cfg.rules, timeout_s=cfg.timeout_s, failed_value=cfg.failed_value)
         self.model = None
         if cfg.model is not None:
-            self.model = RewardModelScorer(cfg.model.path, batch_size=cfg.model.batch_size)
+            path = storage.fetch(cfg.model.path)  # from the run's URI where this node cannot see the driver's disk
+            self.model = RewardModelScorer(path, batch_size=cfg.model.batch_size)
         self.seconds = 0.0
         self.scored = 0  # samples whose rules ran, plus reward-model batches: what a stall watch sees move
 

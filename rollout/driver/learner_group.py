@@ -17,6 +17,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from contracts import storage
 from contracts.config import JobConfig
 from contracts.console import actor_options, route_actor_output
 from contracts.device import resolve_device
@@ -50,6 +51,7 @@ class _Rank:
         from learner.learner import Learner
 
         self.rank = rank
+        model_path = storage.fetch(model_path)  # from the run's URI where this node cannot see the driver's disk
         self.learner = Learner(cfg, model_path, rank=rank, world_size=world_size, address=address)
         self.sender = WeightSender(self.learner)
 
@@ -76,9 +78,12 @@ class _Rank:
         return self._answer(columns), (stats, timings)
 
     def save(self, directory: Path, extra: dict) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)  # on a node that does not see the driver's disk, too
         self.learner.save(directory, extra)
+        storage.publish(directory)  # for a driver that cannot see this node's disk
 
     def load(self, directory: Path) -> dict:
+        storage.fetch(directory)
         return self._answer(self.learner.load(directory))
 
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:

@@ -24,14 +24,17 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import threading
 import time
 from pathlib import Path
 
+from contracts.storage import configure_driver, get_file, is_uri, list_tree, open_uri, put_file, sync_down
 from rollout.driver.run_lock import LOCK
 
-URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+__all__ = ["RunStorage", "RunStorageError", "is_uri", "staging_dir"]
+
 LEASE = "lease.json"
 LEASE_S = 120.0  # a driver that stops renewing (killed, its machine lost) frees the run after this
 RENEW_S = 30.0
@@ -40,10 +43,6 @@ SMALL = ("run_id", "config.yaml", "manifest.json", "metrics.jsonl")  # rewritten
 
 class RunStorageError(RuntimeError):
     """The run's URI cannot be read or written, or another driver holds it; the message says which."""
-
-
-def is_uri(location: str) -> bool:
-    return bool(URI.match(location))
 
 
 def staging_dir(uri: str) -> Path:
@@ -61,7 +60,7 @@ class RunStorage:
         self.uri = uri.rstrip("/")
         self.staging = staging or staging_dir(self.uri)
         try:
-            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+            self.fs, self.root = open_uri(self.uri)
             if self.fs.type_name in ("s3", "gcs"):
                 bucket = self.root.split("/", 1)[0]  # credentials, endpoint and bucket are tried once, here
                 found = self._info(bucket).type == pafs.FileType.Directory
@@ -83,25 +82,22 @@ class RunStorage:
 
     def pull(self, log) -> None:
         """Bring the staging copy up to the bucket's: a resume anywhere starts from what the bucket holds."""
-        import pyarrow.fs as pafs
-
         self.staging.mkdir(parents=True, exist_ok=True)
-        remote = self._list(self.root)
+        remote = list_tree(self.fs, self.root)
         fetched = 0
         for relative, size in remote.items():
             if relative == LEASE or relative.startswith("logs/"):
                 continue
             local = self.staging / relative
             if not (local.is_file() and local.stat().st_size == size):
-                local.parent.mkdir(parents=True, exist_ok=True)
-                pafs.copy_files(f"{self.root}/{relative}", str(local), source_filesystem=self.fs)
+                get_file(self.fs, f"{self.root}/{relative}", local)
                 fetched += size
             self._sizes[relative] = size
         # A staging copy may hold what the bucket lost or never got (a crash before a push, an earlier
         # run at the same URI): the bucket wins. The lock is this machine's; logs are only ever added to.
         for path in sorted(self.staging.rglob("*"), reverse=True):
             relative = path.relative_to(self.staging).as_posix()
-            if relative == LOCK or relative.split("/", 1)[0] == "logs":
+            if relative == LOCK or relative.split("/", 1)[0] == "logs" or relative.startswith(".driver-"):
                 continue
             if path.is_file() and relative not in remote:
                 path.unlink()
@@ -109,6 +105,26 @@ class RunStorage:
                 path.rmdir()
         if remote:
             print(f"run storage: {self.uri} pulled into {self.staging} ({fetched / 1e6:.1f} MB fetched)", file=log)
+        configure_driver(self.uri, self.staging)  # actors on nodes that cannot see this disk fetch from the URI
+
+    def stage_model(self, path: str) -> str:
+        """A model directory on this disk, copied into the staging copy (`models/NAME`) and pushed, so
+        that actors on any node can fetch it; a hub id (not a directory) is left to the hub."""
+        source = Path(path)
+        if not source.is_dir():
+            return path
+        staged = self.staging / "models" / source.name
+        if not staged.is_dir():
+            temporary = staged.with_name(f".{source.name}.copying")
+            shutil.rmtree(temporary, ignore_errors=True)
+            shutil.copytree(source, temporary)
+            temporary.rename(staged)
+        self.push_tree(f"models/{source.name}")
+        return str(staged)
+
+    def pull_tree(self, relative: str) -> None:
+        """What actors on other nodes published under `relative` (a checkpoint's shards), to the staging copy."""
+        sync_down(self.fs, f"{self.root}/{relative}", self.staging / relative)
 
     def take_lease(self) -> None:
         """Refuse a run another live driver holds; hold it ourselves until `release` (or LEASE_S after
@@ -144,13 +160,21 @@ class RunStorage:
         self.push_tree(f"checkpoints/{directory.name}")
         self.push_small()
         self._put("checkpoints/latest", force=True)
+        self._remove(f"checkpoints/{directory.name}.partial")  # what ranks on other nodes published
         kept = {p.name for p in (self.staging / "checkpoints").glob("iter-*")}
-        for relative in list(self._list(f"{self.root}/checkpoints")):
+        for relative in list(list_tree(self.fs, f"{self.root}/checkpoints")):
             name = relative.split("/", 1)[0]
-            if name.startswith("iter-") and name not in kept:
-                self.fs.delete_dir_contents(f"{self.root}/checkpoints/{name}", missing_dir_ok=True)
-                self.fs.delete_dir(f"{self.root}/checkpoints/{name}")
-                self._sizes = {r: s for r, s in self._sizes.items() if not r.startswith(f"checkpoints/{name}/")}
+            if name.startswith("iter-") and not name.endswith(".partial") and name not in kept:
+                self._remove(f"checkpoints/{name}")
+
+    def _remove(self, relative: str) -> None:
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(f"{self.root}/{relative}").type == pafs.FileType.NotFound:
+            return
+        self.fs.delete_dir_contents(f"{self.root}/{relative}", missing_dir_ok=True)
+        self.fs.delete_dir(f"{self.root}/{relative}")
+        self._sizes = {r: s for r, s in self._sizes.items() if not r.startswith(f"{relative}/")}
 
     def push_all(self) -> None:
         """Everything the staging copy holds that the bucket lacks (at the end of a run, failed or not)."""
@@ -181,9 +205,7 @@ class RunStorage:
         size = local.stat().st_size
         if not force and self._sizes.get(relative) == size:
             return
-        with open(local, "rb") as source, self.fs.open_output_stream(f"{self.root}/{relative}") as sink:
-            while chunk := source.read(16 << 20):
-                sink.write(chunk)
+        put_file(self.fs, local, f"{self.root}/{relative}")
         self._sizes[relative] = size
 
     def _renew(self) -> None:
@@ -199,19 +221,6 @@ class RunStorage:
             return None
         with self.fs.open_input_stream(path) as source:
             return json.loads(source.read() or b"null")
-
-    def _list(self, base: str) -> dict[str, int]:
-        """Every object under `base`, by path relative to it, with its size."""
-        import pyarrow.fs as pafs
-
-        if self._info(base).type == pafs.FileType.NotFound:
-            return {}
-        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-        return {
-            info.path[len(base) + 1 :]: info.size
-            for info in self.fs.get_file_info(selector)
-            if info.type == pafs.FileType.File
-        }
 
     def _info(self, path: str):
         return self.fs.get_file_info(path)

@@ -92,6 +92,15 @@ class Session:
                 log=log,
             )
 
+        if self.storage:  # actors on nodes that cannot see this disk fetch what they load from the URI
+            model = self.storage.stage_model(model)
+            if cfg.reward.model is not None:
+                reward_model = msgspec.structs.replace(
+                    cfg.reward.model, path=self.storage.stage_model(cfg.reward.model.path)
+                )
+                self.cfg = cfg = msgspec.structs.replace(
+                    cfg, reward=msgspec.structs.replace(cfg.reward, model=reward_model)
+                )
         self.checkpoints = Checkpoints(run_dir, cfg.checkpoint_keep_last)
         # What a rebuilt learner restarts from: this checkpoint, then each one this run commits.
         self.restart_from = checkpoint = self.checkpoints.resume_point(self.resume, log)
@@ -338,6 +347,8 @@ class Session:
             shutil.rmtree(partial, ignore_errors=True)
             self._rebuild_learner(e, iteration)
             return
+        if self.storage:  # ranks on nodes that cannot see this disk published their parts to the URI
+            self.storage.pull_tree(partial.relative_to(self.run_dir).as_posix())
         if not (partial / STATE_FILE).is_file():  # rank 0 saved on a disk this process does not see
             raise CheckpointWriteError(
                 f"the learner saved checkpoint {partial.name} where the driver cannot see it ({partial} is not "

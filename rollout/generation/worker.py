@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import msgspec
 import pyarrow as pa
 
+from contracts import storage
 from contracts.config import RolloutConfig
 from contracts.rendering import PromptTask
 from rollout.actors.telemetry import record_generation
@@ -39,7 +40,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.version = 0
         self.loading = False
-        self.engine = VLLMEngine(model_path, cfg, dtype=dtype, seed=seed)
+        self.engine = VLLMEngine(storage.fetch(model_path), cfg, dtype=dtype, seed=seed)
 
     def generate(
         self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str, iteration: int
