@@ -114,7 +114,9 @@ def fetch(path: str | Path) -> str:
         fs, base = remote
         fetched = sync_down(fs, base, Path(path))
         if fetched:
-            print(f"{path}: fetched {fetched / 1e6:.1f} MB from the run storage (this node cannot see the driver's disk)")
+            print(
+                f"{path}: fetched {fetched / 1e6:.1f} MB from the run storage (this node cannot see the driver's disk)"
+            )
     return str(path)
 
 
