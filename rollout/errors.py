@@ -15,6 +15,7 @@ def exit_code(error: BaseException) -> int | None:
     from rollout.driver.checkpoints import ResumeError
     from rollout.driver.prompts import DataError
     from rollout.driver.run_lock import RunDirBusy
+    from rollout.driver.run_storage import RunStorageError
 
     raised_in_actor = _actor(error) is not None
     error = _cause(error)
@@ -24,6 +25,7 @@ def exit_code(error: BaseException) -> int | None:
             DataError,
             FormatError,
             RunDirBusy,
+            RunStorageError,
             ResumeError,
             ArchiveCorruptError,
             FileNotFoundError,

@@ -5,8 +5,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -83,63 +85,92 @@ def _free_port():
         return probe.getsockname()[1]
 
 
-def _ray(*args, env, **kwargs):
-    return subprocess.Popen([str(Path(sys.executable).parent / "ray"), *args], env=env, **kwargs)
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+class Cluster:
+    """A head with no CPUs (the driver's node: it hosts no actor) and worker nodes, each in a mount
+    namespace of its own with a private tmpfs over ROLLOUT_CACHE: their processes see neither the
+    driver's cache (the built and SFT-warmed models) nor its staging copy of the run."""
+
+    def __init__(self, env, logs: Path):
+        self.env, self.logs, self.nodes = env, logs, []
+        self.address = f"127.0.0.1:{_free_port()}"
+        head = subprocess.run(
+            [RAY, "start", "--head", f"--port={self.address.split(':')[1]}", "--num-cpus=0"]
+            + ["--include-dashboard=false", "--node-ip-address=127.0.0.1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert head.returncode == 0, head.stderr[-2000:]
+        self.job_env = {**env, "RAY_ADDRESS": self.address, "PYTHONUNBUFFERED": "1"}
+
+    def add_node(self, cpus=3):
+        """A node of its own filesystem view; returns once the cluster counts its CPUs."""
+        before = self._cpus()
+        joined = (
+            f"mount -t tmpfs tmpfs {os.environ['ROLLOUT_CACHE']} && "
+            f"exec {RAY} start --address={self.address} --num-cpus={cpus} --block"
+        )
+        log = open(self.logs / f"node{len(self.nodes) + 2}.log", "w")
+        node = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", joined],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.nodes.append(node)
+        deadline = time.time() + 120
+        while self._cpus() < before + cpus:
+            assert time.time() < deadline and node.poll() is None, log.name
+            time.sleep(1)
+        return node
+
+    def kill(self, node):
+        """The node's raylet and every process on it, at once (as a lost machine)."""
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+    def _cpus(self) -> float:
+        status = subprocess.run(
+            [RAY, "status", f"--address={self.address}"], env=self.env, capture_output=True, text=True
+        )
+        used = re.search(r"([\d.]+)/([\d.]+) CPU", status.stdout)
+        return float(used.group(2)) if used else 0.0
+
+    def stop(self):
+        for node in self.nodes:
+            if node.poll() is None:
+                self.kill(node)
+        subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
 
 
 @pytest.fixture
-def two_nodes(s3_server, tmp_path):
-    """A head with no CPUs (the driver's node: it hosts no actor) and a second node in a mount namespace
-    of its own, a private tmpfs over ROLLOUT_CACHE: its processes see neither the driver's cache (the
-    built and SFT-warmed models) nor its staging copy of the run."""
+def cluster(s3_server, tmp_path):
     if shutil.which("unshare") is None or os.geteuid() != 0:
-        pytest.skip("needs root and unshare(1) to give the second node its own filesystem view")
-    cache = os.environ["ROLLOUT_CACHE"]
+        pytest.skip("needs root and unshare(1) to give each node its own filesystem view")
     env = {**os.environ, **s3_server, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    head = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=0"]
-        + ["--include-dashboard=false", "--node-ip-address=127.0.0.1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert head.returncode == 0, head.stderr[-2000:]
-    joined = f"mount -t tmpfs tmpfs {cache} && exec ray start --address={address} --num-cpus=3 --block"
-    node = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", joined],
-        env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
-        stdout=open(tmp_path / "node2.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    made = Cluster(env, tmp_path)
     try:
-        joined_up = (
-            "import ray, sys, time; ray.init(address=sys.argv[1]); deadline = time.time() + 120\n"
-            "while ray.cluster_resources().get('CPU', 0) < 3 and time.time() < deadline: time.sleep(0.5)\n"
-            "sys.exit(ray.cluster_resources().get('CPU', 0) < 3)"
-        )
-        waited = subprocess.run([sys.executable, "-c", joined_up, address], env=env, capture_output=True, timeout=180)
-        assert waited.returncode == 0, (tmp_path / "node2.log").read_text()[-2000:]
-        yield {**env, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+        made.add_node()
+        yield made
     finally:
-        os.killpg(node.pid, 9)
-        node.wait()
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True)
+        made.stop()
 
 
 def test_every_actor_on_a_node_that_cannot_see_the_drivers_disk_trains_and_resumes_through_the_bucket(
-    two_nodes, s3_server, tmp_path
+    cluster, s3_server, tmp_path
 ):
     uri = f"s3://runs/two-nodes-{tmp_path.name}"
-    first = _run(two_nodes, uri, 2)
+    first = _run(cluster.job_env, uri, 2)
     assert first.returncode == 0, first.stderr[-3000:]
     # the actors (stdout: Ray's stream of their output) loaded the SFT-warmed start model from the bucket
     assert re.search(r"models/sft-\w+: fetched .* from the run storage", first.stdout), first.stdout[-3000:]
     shutil.rmtree(staging_dir(uri))
-    second = _run(two_nodes, uri, 4)
+    second = _run(cluster.job_env, uri, 4)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from iter-000001" in second.stderr
     # the learner restored the checkpoint it published there, and the engine serves its policy
@@ -154,4 +185,55 @@ def test_every_actor_on_a_node_that_cannot_see_the_drivers_disk_trains_and_resum
     assert [it["policy_version"] for it in manifest["iterations"]] == [1, 2, 3, 4]
     objects = {i.path[len(root) + 1 :] for i in s3.get_file_info(pafs.FileSelector(root, recursive=True))}
     assert "checkpoints/iter-000003/learner.pt" in objects and not any(".partial" in o for o in objects)
+    shutil.rmtree(staging_dir(uri))
+
+
+def test_the_node_holding_every_actor_lost_mid_run_and_a_new_one_added_the_run_ends_exact(cluster, s3_server, tmp_path):
+    """All of the job's actors die with their node; on a fresh node (an empty disk too) the rollout and
+    reward workers restart and the learner is rebuilt from the bucket's checkpoint: `iterations`
+    updates, every iteration whole, no key twice."""
+    uri = f"s3://runs/node-lost-{tmp_path.name}"
+    metrics = staging_dir(uri) / "metrics.jsonl"
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", uri, "--set", "iterations=8"]
+        + ["--set", "checkpoint_every=2", "--set", "tracking.backends=[]"],
+        cwd=ROOT,
+        env=cluster.job_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.time() < deadline and proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.5)
+        cluster.kill(cluster.nodes[0])
+        cluster.add_node()
+        assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = (tmp_path / "run.log").read_text()
+    assert "learner: a rank died in iteration" in text
+    for name, value in s3_server.items():
+        os.environ[name] = value
+    s3, root = pafs.FileSystem.from_uri(uri)
+    with s3.open_input_stream(f"{root}/manifest.json") as source:
+        manifest = json.loads(source.read())
+    assert manifest["iterations"][-1]["policy_version"] == 8
+    objects = sorted(
+        i.path for i in s3.get_file_info(pafs.FileSelector(f"{root}/rollouts")) if i.path.endswith(".arrow")
+    )
+    tables = []
+    for part in objects:
+        with s3.open_input_file(part) as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    table = pa.concat_tables(tables)
+    keys = list(zip(*(table[c].to_pylist() for c in ("iteration", "prompt_id", "sample_index"))))
+    assert len(set(keys)) == len(keys)  # no key twice
+    counts = {c["values"]: c["counts"] for c in pc.value_counts(table["iteration"]).to_pylist()}
+    assert sorted(counts) == list(range(len(counts))) and set(counts.values()) == {32}  # whole, no gap
+    lost = sum(1 for it in manifest["iterations"] if it.get("update_lost"))
+    assert len(counts) == 8 + lost
     shutil.rmtree(staging_dir(uri))

@@ -229,8 +229,21 @@ def test_an_actor_that_fails_in_its_own_start_up_is_named_with_its_first_error()
     assert exit_code(raised.value) == 1
 
 
-def test_an_object_store_out_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+def test_an_object_store_out_is_refused_where_it_is_not_supported_and_a_missing_bucket_is_one_line(
+    tmp_path, monkeypatch, capsys, s3_server
+):
     monkeypatch.chdir(tmp_path)
-    assert main(["run", "--out", "s3://bucket/run"]) == 2
-    assert "--out s3://bucket/run: a URI; run storage on object stores is not supported yet" in capsys.readouterr().err
+    assert main(["generate", "--prompts", "p.jsonl", "--out", "s3://bucket/run"]) == 2
+    assert (
+        "--out s3://bucket/run: a URI; only `rollout run` keeps its run on an object store" in capsys.readouterr().err
+    )
     assert list(tmp_path.iterdir()) == []
+    for name, value in s3_server.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("ROLLOUT_CACHE", str(tmp_path / "cache"))
+    assert main(["run", "--out", "s3://no-such-bucket/run"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "rollout run: --out s3://no-such-bucket/run: no-such-bucket does not exist or cannot be listed with these "
+        "credentials (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...): create it, or pass another --out"
+    ]
+    assert list(tmp_path.iterdir()) == []  # nothing staged either
