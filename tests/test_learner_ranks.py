@@ -1,5 +1,7 @@
 """Learner ranks on a local Ray: FSDP2 over gloo gives the one-rank update, and resumes exactly."""
 
+import re
+
 import numpy as np
 import pytest
 import ray
@@ -8,7 +10,7 @@ from test_learner import make_records
 
 from contracts.config.load import load_config
 from learner.samples import SampleBatch
-from rollout.driver.learner_group import LearnerGroup
+from rollout.driver.learner_group import LearnerError, LearnerGroup
 
 # One optimizer step per update (see test_micro_batched_update_equals_the_whole_minibatch_update).
 ONE_STEP = [
@@ -81,3 +83,17 @@ def test_two_ranks_stopped_and_resumed_continue_exactly(local_ray, tiny_model_pa
     assert again_stats == straight_stats
     for name in straight:
         assert torch.equal(straight[name], again[name]), name
+
+
+def test_a_learner_that_cannot_be_placed_says_so_while_it_waits_then_fails_naming_what_is_free(
+    local_ray, monkeypatch, capsys
+):
+    from rollout.actors import placement
+
+    monkeypatch.setattr(placement, "NOTE_S", 0.5)
+    cfg = load_config(None, ["learner.num_cpus_per_rank=64", "ray.actor_start_timeout_s=2"])
+    with pytest.raises(LearnerError, match=r"could not be placed within ray.actor_start_timeout_s \(2s\)"):
+        LearnerGroup(cfg, "unused: never loaded")
+    notes = [line for line in capsys.readouterr().err.splitlines() if "not started yet" in line]
+    assert notes and notes[0].startswith("the learner's 1 rank(s): not started yet (")
+    assert re.search(r"of ray.actor_start_timeout_s 2s\); the cluster has [\d.]+ CPU free", notes[0]), notes

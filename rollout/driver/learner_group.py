@@ -22,6 +22,7 @@ from contracts.config import JobConfig
 from contracts.console import actor_options, route_actor_output
 from contracts.device import resolve_device
 from learner.samples import LearnerColumns, SampleBatch
+from rollout.actors.placement import wait_placed
 from rollout.actors.stall import CONCURRENCY_GROUPS, POLL_S, Patience, StallWatch, stalled_message
 from rollout.weight_sync.sender import WeightSender
 from rollout.weight_sync.wire import GroupAddress, SyncPlan
@@ -121,8 +122,7 @@ class LearnerGroup:
         gpus = 1 if resolve_device(lc.device) == "cuda" else 0
         bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": gpus} if gpus else {})}
         self.group = placement_group([bundle] * lc.num_ranks, strategy="PACK")
-        ready, _ = ray.wait([self.group.ready()], timeout=place_timeout_s)
-        if not ready:
+        if wait_placed([self.group.ready()], place_timeout_s, f"the learner's {lc.num_ranks} rank(s)"):
             remove_placement_group(self.group)
             raise LearnerError(
                 f"the learner's {lc.num_ranks} rank(s) x {bundle} could not be placed within "

@@ -23,7 +23,8 @@ from contracts.config import JobConfig
 from contracts.console import actor_options
 from contracts.device import resolve_device
 from contracts.rendering import PromptTask
-from rollout.actors.stall import CONCURRENCY_GROUPS, StallWatch, stalled_message, wait_watched
+from rollout.actors.placement import note_waiting, wait_placed
+from rollout.actors.stall import CONCURRENCY_GROUPS, NOTE_S, StallWatch, stalled_message, wait_watched
 from rollout.actors.telemetry import record_queue_depth
 from rollout.generation.actor import RolloutActor, WorkerStartError
 from rollout.generation.launch import Launch, Share
@@ -69,7 +70,7 @@ class WorkerPool:
     def wait_started(self) -> None:
         """Every engine up, or WorkerStartError naming the late ones and what they asked for."""
         ready, timeout = self._ready, self.cfg.ray.actor_start_timeout_s
-        _, late = ray.wait(list(ready), num_returns=len(ready), timeout=timeout)
+        late = wait_placed(list(ready), timeout, ", ".join(ready.values()))
         if late:
             raise WorkerStartError(
                 f"{', '.join(ready[r] for r in late)} did not start within "
@@ -165,6 +166,7 @@ class WorkerPool:
         name, worker = self.names[index], self.workers[index]
         timeout = self.cfg.ray.actor_start_timeout_s
         deadline = time.monotonic() + timeout
+        next_note = time.monotonic() + NOTE_S
         with self._restart_lock:
             while True:
                 try:
@@ -175,6 +177,9 @@ class WorkerPool:
                         raise WorkerStartError(
                             f"{name} died and was not back within ray.actor_start_timeout_s ({timeout:.0f}s)"
                         ) from None
+                    if time.monotonic() > next_note:  # a lost node's worker waits for room on another
+                        note_waiting(f"{name} (restarting)", timeout - (deadline - time.monotonic()), timeout)
+                        next_note += NOTE_S
                     time.sleep(0.5)
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                     raise WorkerStartError(
