@@ -115,6 +115,8 @@ def route_actor_output() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
+    if log is not None:
+        storage.ship_log(path)  # from a node the driver cannot see, to the run storage as it grows
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -12,8 +12,12 @@ Credentials and endpoint: the standard AWS_* variables, as pyarrow reads them.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import re
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -129,6 +133,41 @@ def publish(path: str | Path) -> None:
     root = Path(path)
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         put_file(fs, file, f"{base}/{file.relative_to(root).as_posix()}")
+
+
+SHIP_S = 10.0  # how often a log written where the driver cannot see it is uploaded, while it grows
+
+
+def ship_log(path: str | Path) -> None:
+    """Upload this process's log file to the run storage now, every SHIP_S while it grows and at exit,
+    when the driver cannot see this node's disk (the log would be lost with the node; a killed actor
+    loses the last SHIP_S of it)."""
+    remote = _remote(path)
+    if remote is None:
+        return
+    fs, target = remote
+    local = Path(path)
+    shipped = [-1]
+
+    def ship() -> None:
+        size = local.stat().st_size if local.exists() else -1
+        if size != shipped[0]:
+            put_file(fs, local, target)
+            shipped[0] = size
+
+    def keep_shipping() -> None:
+        while True:
+            with contextlib.suppress(OSError):  # the storage is unreachable for now: the next round tries again
+                ship()
+            time.sleep(SHIP_S)
+
+    threading.Thread(target=keep_shipping, name="log-shipper", daemon=True).start()
+    atexit.register(_quietly, ship)
+
+
+def _quietly(step) -> None:
+    with contextlib.suppress(OSError):
+        step()
 
 
 def _remote(path: str | Path):

@@ -185,6 +185,8 @@ def test_every_actor_on_a_node_that_cannot_see_the_drivers_disk_trains_and_resum
     assert [it["policy_version"] for it in manifest["iterations"]] == [1, 2, 3, 4]
     objects = {i.path[len(root) + 1 :] for i in s3.get_file_info(pafs.FileSelector(root, recursive=True))}
     assert "checkpoints/iter-000003/learner.pt" in objects and not any(".partial" in o for o in objects)
+    # the actors' logs, written on a node the driver cannot see, were shipped to the bucket
+    assert {"logs/learner-0.log", "logs/rollout-0.log", "logs/reward-0.log"} <= objects, sorted(objects)
     shutil.rmtree(staging_dir(uri))
 
 
