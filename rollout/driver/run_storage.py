@@ -38,7 +38,7 @@ __all__ = ["RunStorage", "RunStorageError", "is_uri", "staging_dir"]
 LEASE = "lease.json"
 LEASE_S = 120.0  # a driver that stops renewing (killed, its machine lost) frees the run after this
 RENEW_S = 30.0
-SMALL = ("run_id", "config.yaml", "manifest.json", "metrics.jsonl")  # rewritten whole, pushed every iteration
+SMALL = ("run_id", "config.yaml", "manifest.json", "metrics.jsonl")  # rewritten whole; pushed when changed
 
 
 class RunStorageError(RuntimeError):
@@ -74,7 +74,7 @@ class RunStorage:
                 f"--out {self.uri}: {bucket} does not exist or cannot be listed with these credentials "
                 "(AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...): create it, or pass another --out"
             )
-        self._sizes: dict[str, int] = {}  # relative path -> size last pushed or pulled
+        self._pushed: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime) last pushed or pulled
         self._owner = {"host": platform.node(), "pid": os.getpid(), "command": " ".join(sys.argv)}
         self._released = threading.Event()
 
@@ -92,7 +92,7 @@ class RunStorage:
             if not (local.is_file() and local.stat().st_size == size):
                 get_file(self.fs, f"{self.root}/{relative}", local)
                 fetched += size
-            self._sizes[relative] = size
+            self._pushed[relative] = _stamp(local)
         # A staging copy may hold what the bucket lost or never got (a crash before a push, an earlier
         # run at the same URI): the bucket wins. The lock is this machine's; logs are only ever added to.
         for path in sorted(self.staging.rglob("*"), reverse=True):
@@ -151,7 +151,7 @@ class RunStorage:
     def push_small(self) -> None:
         """The files rewritten whole every iteration (metrics, manifest, config, run id)."""
         for name in SMALL:
-            self._put(name, force=True)
+            self._put(name)
 
     def push_checkpoint(self, directory: Path) -> None:
         """A committed checkpoint, in the order a reader trusts: the archive it covers, its files,
@@ -159,7 +159,7 @@ class RunStorage:
         self.push_tree("rollouts")
         self.push_tree(f"checkpoints/{directory.name}")
         self.push_small()
-        self._put("checkpoints/latest", force=True)
+        self._put("checkpoints/latest")
         self._remove(f"checkpoints/{directory.name}.partial")  # what ranks on other nodes published
         kept = {p.name for p in (self.staging / "checkpoints").glob("iter-*")}
         for relative in list(list_tree(self.fs, f"{self.root}/checkpoints")):
@@ -174,7 +174,7 @@ class RunStorage:
             return
         self.fs.delete_dir_contents(f"{self.root}/{relative}", missing_dir_ok=True)
         self.fs.delete_dir(f"{self.root}/{relative}")
-        self._sizes = {r: s for r, s in self._sizes.items() if not r.startswith(f"{relative}/")}
+        self._pushed = {r: s for r, s in self._pushed.items() if not r.startswith(f"{relative}/")}
 
     def push_all(self) -> None:
         """Everything the staging copy holds that the bucket lacks (at the end of a run, failed or not)."""
@@ -197,16 +197,17 @@ class RunStorage:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _put(self, relative: str, *, force: bool = False) -> None:
-        """One object, written whole: S3 shows a put only once it completed."""
+    def _put(self, relative: str) -> None:
+        """One object, written whole (S3 shows a put only once it completed); skipped while the file is
+        as it was when last pushed or pulled."""
         local = self.staging / relative
         if not local.is_file():
             return
-        size = local.stat().st_size
-        if not force and self._sizes.get(relative) == size:
+        stamp = _stamp(local)
+        if self._pushed.get(relative) == stamp:
             return
         put_file(self.fs, local, f"{self.root}/{relative}")
-        self._sizes[relative] = size
+        self._pushed[relative] = stamp
 
     def _renew(self) -> None:
         lease = {"owner": self._owner, "expires": time.time() + LEASE_S}
@@ -224,6 +225,11 @@ class RunStorage:
 
     def _info(self, path: str):
         return self.fs.get_file_info(path)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _ours_or_ended(owner: dict) -> bool:
