@@ -29,13 +29,12 @@ def vllm_engine(tiny_model_path):
 def s3_server():
     """A real S3 API (moto's standalone server) on a free local port, for the session; yields the
     environment a client needs (the standard AWS_* variables) with one bucket, `runs`, created."""
+    import importlib.util
     import socket
     import subprocess
     import sys
     import time
     import urllib.request
-
-    import importlib.util
 
     # Not imported here: moto's server brings flask, whose context proxies vLLM's kernel dispatcher
     # trips over when it walks the loaded modules (the in-process engine tests would then fail).

@@ -218,6 +218,8 @@ def test_the_node_holding_every_actor_lost_mid_run_and_a_new_one_added_the_run_e
             proc.kill()
     text = (tmp_path / "run.log").read_text()
     assert "learner: a rank died in iteration" in text
+    assert re.search(r"ray: node [\d.]+ \(id \w+\) was lost; its actors restart", text), text[-3000:]
+    assert re.search(r"ray: node [\d.]+ \(id \w+\) joined", text)
     for name, value in s3_server.items():
         os.environ[name] = value
     s3, root = pafs.FileSystem.from_uri(uri)

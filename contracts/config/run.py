@@ -30,6 +30,15 @@ class RayConfig(Base):
             gt=0,
         ),
     ] = 300.0
+    node_wait_timeout_s: Annotated[
+        float,
+        doc(
+            "After an actor's process or node was lost: how long its restart (a rollout worker) or rebuild "
+            "(the learner ranks) waits for room on the cluster, a replacement node, before the job fails in "
+            "one line (the same command resumes). Said on the console every 30 s while it waits.",
+            gt=0,
+        ),
+    ] = 600.0
     address: Annotated[
         str | None,
         doc(

@@ -115,19 +115,26 @@ class _Rank:
 
 
 class LearnerGroup:
-    def __init__(self, cfg: JobConfig, model_path: str):
+    def __init__(self, cfg: JobConfig, model_path: str, *, rebuilt: bool = False):
+        """`rebuilt`: after ranks were lost, so placing the new ones waits `ray.node_wait_timeout_s` (for a
+        replacement node) rather than the start-up's `ray.actor_start_timeout_s`."""
         lc = cfg.learner
-        place_timeout_s = cfg.ray.actor_start_timeout_s
+        setting = "ray.node_wait_timeout_s" if rebuilt else "ray.actor_start_timeout_s"
+        place_timeout_s = cfg.ray.node_wait_timeout_s if rebuilt else cfg.ray.actor_start_timeout_s
         self.timeout = lc.call_timeout_s
         gpus = 1 if resolve_device(lc.device) == "cuda" else 0
         bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": gpus} if gpus else {})}
         self.group = placement_group([bundle] * lc.num_ranks, strategy="PACK")
-        if wait_placed([self.group.ready()], place_timeout_s, f"the learner's {lc.num_ranks} rank(s)"):
+        if wait_placed([self.group.ready()], place_timeout_s, f"the learner's {lc.num_ranks} rank(s)", setting):
             remove_placement_group(self.group)
+            fix = (
+                "add a node; the same command resumes from the newest checkpoint"
+                if rebuilt
+                else "lower learner.num_ranks or learner.num_cpus_per_rank, or add nodes"
+            )
             raise LearnerError(
                 f"the learner's {lc.num_ranks} rank(s) x {bundle} could not be placed within "
-                f"ray.actor_start_timeout_s ({place_timeout_s:.0f}s); the cluster has {ray.available_resources()} free: lower "
-                "learner.num_ranks or learner.num_cpus_per_rank, or add nodes"
+                f"{setting} ({place_timeout_s:.0f}s); the cluster has {ray.available_resources()} free: {fix}"
             )
         actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(_Rank)
         self.watch = StallWatch(lc.stall_timeout_s)

@@ -31,6 +31,7 @@ from rollout.driver.checkpoints import AUTO, Checkpoints
 from rollout.driver.iteration import Launched, Learned, Samples
 from rollout.driver.learner_group import LearnerError, LearnerGroup
 from rollout.driver.metrics import MetricsLog, iteration_metrics
+from rollout.driver.node_watch import NodeWatch
 from rollout.driver.prompts import PromptSampler
 from rollout.driver.reward_group import RewardGroup
 from rollout.driver.run_storage import RunStorage
@@ -77,6 +78,7 @@ class Session:
         self.run_id = run_id(run_dir, cfg.run_name)
         self.manifest = RunManifest(run_dir, self.run_id)
         self.cfg = cfg = start_cluster(cfg, run_dir, learner=True)
+        self.nodes = NodeWatch(log, cfg.ray.node_wait_timeout_s)
         self._push(RunStorage.push_small)
         model = data.base_model
         if cfg.model.sft_warmup:
@@ -181,7 +183,7 @@ class Session:
         )
         record_restart("learner")
         self.learner.shutdown()
-        self.learner = LearnerGroup(self.cfg, self.model)
+        self.learner = LearnerGroup(self.cfg, self.model, rebuilt=True)
         updates, resumed_from = 0, None
         if checkpoint:
             extra = self.learner.load(checkpoint)
@@ -201,6 +203,8 @@ class Session:
         run directory. Results still in flight die with their actors: Ray would report each as an
         "unhandled error", so it is told not to."""
         os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+        if hasattr(self, "nodes"):
+            self.nodes.close()
         for part in ("pool", "learner", "rewards"):
             if hasattr(self, part):
                 getattr(self, part).shutdown()

@@ -164,7 +164,7 @@ class WorkerPool:
         restores the worker, the other finds it serving the newest weights already. WorkerStartError
         when it does not come back (its restarts spent, or no room to place it)."""
         name, worker = self.names[index], self.workers[index]
-        timeout = self.cfg.ray.actor_start_timeout_s
+        timeout = self.cfg.ray.node_wait_timeout_s  # a lost node's worker waits for room on another
         deadline = time.monotonic() + timeout
         next_note = time.monotonic() + NOTE_S
         with self._restart_lock:
@@ -175,16 +175,18 @@ class WorkerPool:
                 except ray.exceptions.ActorUnavailableError:  # restarting: not up yet
                     if time.monotonic() > deadline:
                         raise WorkerStartError(
-                            f"{name} died and was not back within ray.actor_start_timeout_s ({timeout:.0f}s)"
+                            f"{name} died and was not back within ray.node_wait_timeout_s ({timeout:.0f}s): the "
+                            f"cluster has {ray.available_resources()} free and it needs {self._asked}"
                         ) from None
-                    if time.monotonic() > next_note:  # a lost node's worker waits for room on another
-                        note_waiting(f"{name} (restarting)", timeout - (deadline - time.monotonic()), timeout)
+                    if time.monotonic() > next_note:
+                        waited = timeout - (deadline - time.monotonic())
+                        note_waiting(f"{name} (restarting)", waited, timeout, "ray.node_wait_timeout_s")
                         next_note += NOTE_S
                     time.sleep(0.5)
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                     raise WorkerStartError(
                         f"{name} died and did not come back (rollout.max_restarts "
-                        f"{self.cfg.rollout.max_restarts}; ray.actor_start_timeout_s "
+                        f"{self.cfg.rollout.max_restarts}; ray.node_wait_timeout_s "
                         f"{timeout:.0f}s): {str(e).strip().splitlines()[0]}"
                     ) from None
             # A fresh engine loads the weights before it takes work: as long as it may take to start.
