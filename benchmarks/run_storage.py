@@ -20,42 +20,22 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from s3_server import start_s3_server  # noqa: E402
 
 from rollout.driver.run_storage import staging_dir  # noqa: E402
 
 SMOKE = ROOT / "configs" / "tiny-arith-smoke.yaml"
-
-
-def s3_server() -> tuple[subprocess.Popen, dict[str, str]]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(endpoint, timeout=2)
-            break
-        except OSError:
-            time.sleep(0.2)
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench", method="PUT"), timeout=10)
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
-    return server, {**env, "AWS_ENDPOINT_URL": endpoint}
 
 
 def run(out: str, iterations: int, every: int, env: dict[str, str]) -> tuple[float, str]:
@@ -86,7 +66,7 @@ def main() -> None:
     parser.add_argument("--more", type=int, default=4)
     args = parser.parse_args()
 
-    server, env = s3_server()
+    server, env = start_s3_server("bench")
     try:
         with tempfile.TemporaryDirectory(prefix="run-storage-") as tmp:
             local = Path(tmp) / "local"
