@@ -356,8 +356,8 @@ class Session:
         if not (partial / STATE_FILE).is_file():  # rank 0 saved on a disk this process does not see
             raise CheckpointWriteError(
                 f"the learner saved checkpoint {partial.name} where the driver cannot see it ({partial} is not "
-                "on this node's disk): put --out on storage every node mounts, or keep the learner ranks on "
-                "the driver's node (checkpoints through object storage from other nodes are not built yet)"
+                "on this node's disk): put --out on storage every node mounts, or in an object store "
+                "(--out s3://bucket/run), through which the ranks publish what they write"
             )
         # The policy directory is a complete model: a resumed run's engines load it directly.
         self.data.tokenizer.save_pretrained(partial / "policy")
