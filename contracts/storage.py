@@ -76,15 +76,19 @@ def get_file(fs, remote: str, local: Path) -> None:
     os.replace(partial, local)
 
 
-def sync_down(fs, base: str, local: Path) -> int:
-    """Every object under `base` that `local` lacks or holds at another size; the bytes fetched."""
+def sync_down(fs, base: str, local: Path, skip=lambda relative: False) -> tuple[int, dict[str, int]]:
+    """Every object under `base` (but those `skip` names) that `local` lacks or holds at another size;
+    (the bytes fetched, every object under `base` with its size)."""
     fetched = 0
-    for relative, size in list_tree(fs, base).items():
+    remote = list_tree(fs, base)
+    for relative, size in remote.items():
         path = local / relative
+        if skip(relative):
+            continue
         if not (path.is_file() and path.stat().st_size == size):
             get_file(fs, f"{base}/{relative}", path)
             fetched += size
-    return fetched
+    return fetched, remote
 
 
 # -- the driver's side ---------------------------------------------------------------------------
@@ -116,7 +120,7 @@ def fetch(path: str | Path) -> str:
     remote = _remote(path)
     if remote is not None:
         fs, base = remote
-        fetched = sync_down(fs, base, Path(path))
+        fetched, _ = sync_down(fs, base, Path(path))
         if fetched:
             print(
                 f"{path}: fetched {fetched / 1e6:.1f} MB from the run storage (this node cannot see the driver's disk)"

@@ -30,7 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-from contracts.storage import configure_driver, get_file, is_uri, list_tree, open_uri, put_file, sync_down
+from contracts.builtin_model import cache_dir
+from contracts.storage import configure_driver, is_uri, list_tree, open_uri, put_file, sync_down
 from rollout.driver.run_lock import LOCK
 
 __all__ = ["RunStorage", "RunStorageError", "is_uri", "staging_dir"]
@@ -48,7 +49,7 @@ class RunStorageError(RuntimeError):
 def staging_dir(uri: str) -> Path:
     """This machine's working copy of the run at `uri`, kept between starts (a resume here pulls only
     what changed)."""
-    cache = Path(os.environ.get("ROLLOUT_CACHE") or Path.home() / ".cache" / "rollout")
+    cache = cache_dir()
     name = re.sub(r"[^A-Za-z0-9]+", "-", uri.split("://", 1)[1]).strip("-")[-48:]
     return cache / "runs" / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
 
@@ -83,16 +84,12 @@ class RunStorage:
     def pull(self, log) -> None:
         """Bring the staging copy up to the bucket's: a resume anywhere starts from what the bucket holds."""
         self.staging.mkdir(parents=True, exist_ok=True)
-        remote = list_tree(self.fs, self.root)
-        fetched = 0
-        for relative, size in remote.items():
-            if relative == LEASE or relative.startswith("logs/"):
-                continue
-            local = self.staging / relative
-            if not (local.is_file() and local.stat().st_size == size):
-                get_file(self.fs, f"{self.root}/{relative}", local)
-                fetched += size
-            self._pushed[relative] = _stamp(local)
+        fetched, remote = sync_down(
+            self.fs, self.root, self.staging, skip=lambda relative: relative == LEASE or relative.startswith("logs/")
+        )
+        for relative in remote:
+            if (self.staging / relative).is_file():
+                self._pushed[relative] = _stamp(self.staging / relative)
         # A staging copy may hold what the bucket lost or never got (a crash before a push, an earlier
         # run at the same URI): the bucket wins. The lock is this machine's; logs are only ever added to.
         for path in sorted(self.staging.rglob("*"), reverse=True):
@@ -127,8 +124,8 @@ class RunStorage:
         sync_down(self.fs, f"{self.root}/{relative}", self.staging / relative)
 
     def take_lease(self) -> None:
-        """Refuse a run another live driver holds; hold it ourselves until `release` (or LEASE_S after
-        our last push)."""
+        """Refuse a run another live driver holds; hold it ourselves until `release`, renewed every RENEW_S
+        (a driver that dies frees it LEASE_S after its last renewal)."""
         held = self._read_json(LEASE)
         if held and held.get("expires", 0) > time.time() and not _ours_or_ended(held.get("owner", {})):
             raise RunStorageError(
