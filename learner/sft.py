@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from contracts.builtin_model import cache_dir
+from contracts.config import ModelConfig
 from contracts.formats import PromptRecord
 from contracts.rendering import PromptRenderer
 
@@ -86,17 +87,10 @@ def train_sft(
     return out
 
 
-def warm_start(
-    model_path: str,
-    records: list[PromptRecord],
-    *,
-    steps: int,
-    lr: float,
-    max_prompt_tokens: int,
-    seed: int,
-    log=sys.stderr,
-) -> str:
-    """The SFT-warmed model directory for these inputs, trained once and then reused from the cache."""
+def warm_start(model_path: str, records: list[PromptRecord], cfg: ModelConfig, *, seed: int, log=sys.stderr) -> str:
+    """The SFT-warmed model directory for these inputs and `cfg.sft_*` settings, trained once and then
+    reused from the cache."""
+    steps, lr, max_prompt_tokens = cfg.sft_steps, cfg.sft_lr, cfg.max_prompt_tokens
     key = hashlib.sha256(
         json.dumps(
             {

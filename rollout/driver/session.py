@@ -84,15 +84,7 @@ class Session:
         if cfg.model.sft_warmup:
             from learner.sft import warm_start
 
-            model = warm_start(
-                data.base_model,
-                data.records,
-                steps=cfg.model.sft_steps,
-                lr=cfg.model.sft_lr,
-                max_prompt_tokens=cfg.model.max_prompt_tokens,
-                seed=cfg.seed,
-                log=log,
-            )
+            model = warm_start(data.base_model, data.records, cfg.model, seed=cfg.seed, log=log)
 
         if self.storage:  # actors on nodes that cannot see this disk fetch what they load from the URI
             model = self.storage.stage_model(model)
