@@ -5,7 +5,11 @@ long-lived actor whose allocations vary in size from call to call (an engine's p
 buffers of different batch sizes) then holds more resident memory run after run though nothing live
 grows. `malloc_trim(0)` returns what is free to the OS; it takes about a millisecond. Measured on the
 rollout worker over 120 iterations of the default job (`benchmarks/soak.py --iterations 120`): RSS
-slope 44 MB per 100 iterations with the trim after each generation call, 68 without.
+slope 44 MB per 100 iterations with the trim after each generation call, 68 without. Most of what
+still grew was oneDNN's primitive cache, now bounded where the engine is imported
+(`rollout/generation/engine.py`); with that bound the trim still halves what is left: a rollout
+worker alone over 200 iterations, 4.9 vs 10.5 MB per 100 with and without it
+(`benchmarks/engine_memory.py`).
 """
 
 from __future__ import annotations
