@@ -28,18 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from job_watch import ROOT, mb_per_100, memory_mb  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 
 WARM = 10  # iterations before the slope starts: the engine's and the allocator's warm-up
 ONEDNN_DEFAULT_CAPACITY = 1024  # oneDNN's own default (its documentation: primitive cache)
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def run_worker(iterations: int, trim: bool) -> dict:
@@ -70,13 +66,14 @@ def run_worker(iterations: int, trim: bool) -> dict:
         seconds.append(time.perf_counter() - start)
         if trim:
             trim_heap()
+        # Fresh tensors each time, as a sync delivers them.
         worker.update_weights(iteration + 1, list(load_file(str(Path(model) / "model.safetensors")).items()))
-        rss.append(rss_mb())
+        rss.append(memory_mb(os.getpid())["VmRSS"])
     x, y = np.arange(WARM, iterations, dtype=float), np.array(rss[WARM:])
     late = x >= (x[0] + x[-1]) / 2
     return {
-        "mb_per_100_iterations": round(float(np.polyfit(x, y, 1)[0]) * 100, 2),
-        "second_half_mb_per_100_iterations": round(float(np.polyfit(x[late], y[late], 1)[0]) * 100, 2),
+        "mb_per_100_iterations": mb_per_100(x, y),
+        "second_half_mb_per_100_iterations": mb_per_100(x[late], y[late]),
         "rss_mb_at_warm": round(rss[WARM], 1),
         "rss_mb_at_end": round(rss[-1], 1),
         "generate_seconds_median": round(statistics.median(seconds[WARM:]), 4),

@@ -18,11 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"_RolloutActor": "rollout", "_RewardActor": "reward", "_Rank": "learner"}
 
 
-def _status(pid: int) -> dict[str, int]:
+def memory_mb(pid: int) -> dict[str, int]:
     """VmRSS, VmHWM and RssAnon of `pid` in MB; {} once it is gone."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
@@ -34,6 +36,11 @@ def _status(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM", "RssAnon"):
             out[key] = int(value.split()[0]) / 1024
     return out
+
+
+def mb_per_100(iterations, mb) -> float:
+    """Least-squares slope of memory (MB) against iteration, per 100 iterations."""
+    return round(float(np.polyfit(iterations, mb, 1)[0]) * 100, 2)
 
 
 def _session_pids(session: int) -> list[int]:
@@ -138,7 +145,7 @@ def watch_run(
                     if kind is None:
                         continue
                     watched.kinds[pid] = kind
-                status = _status(pid)
+                status = memory_mb(pid)
                 if status:
                     watched.peak_mb[pid] = max(watched.peak_mb.get(pid, 0.0), status["VmHWM"])
                     watched.samples.setdefault(pid, []).append((lines, status["VmRSS"], status["RssAnon"]))

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from job_watch import ROOT, metrics, watch_run  # noqa: E402
+from job_watch import ROOT, mb_per_100, metrics, watch_run  # noqa: E402
 
 WARM = 10  # iterations before the slope and the drift baseline start
 STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive")
@@ -40,13 +40,13 @@ def slopes(watched) -> dict[str, dict[str, float]]:
         if len(points) < 10 or points[-1][0] - points[0][0] < 50:
             continue  # a process that did not live through the run (a restart's predecessor)
         x, rss, private = np.array(points, dtype=float).T
-        slope = float(np.polyfit(x, rss, 1)[0]) * 100
+        slope = mb_per_100(x, rss)
         late = x >= (x[0] + x[-1]) / 2  # a growth that levels off shows here
         if kind not in out or slope > out[kind]["mb_per_100_iterations"]:
             out[kind] = {
-                "mb_per_100_iterations": round(slope, 2),
-                "private_mb_per_100_iterations": round(float(np.polyfit(x, private, 1)[0]) * 100, 2),
-                "second_half_mb_per_100_iterations": round(float(np.polyfit(x[late], rss[late], 1)[0]) * 100, 2),
+                "mb_per_100_iterations": slope,
+                "private_mb_per_100_iterations": mb_per_100(x, private),
+                "second_half_mb_per_100_iterations": mb_per_100(x[late], rss[late]),
                 "rss_mb_at_warm": round(float(rss[0]), 1),
                 "rss_mb_at_end": round(float(rss[-1]), 1),
             }
