@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 
 from contracts.config import RuleSpec
+from contracts.errors import JobFailure
 from reward.rules import RULES, Rule, check_params, get_rule
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class RewardResult(msgspec.Struct):
     failed: list[str]  # names of components that raised or timed out
 
 
-class ScorerStuckError(RuntimeError):
+class ScorerStuckError(JobFailure):
     """Too many timed-out rule calls are still running; scoring more would pile up threads."""
 
 

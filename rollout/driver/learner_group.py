@@ -8,6 +8,7 @@ rank 0's answer is the group's. Every wait has a timeout that names the rank it 
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -21,6 +22,7 @@ from contracts import storage
 from contracts.config import JobConfig
 from contracts.console import actor_options, route_actor_output
 from contracts.device import resolve_device
+from contracts.errors import JobFailure
 from learner.samples import LearnerColumns, SampleBatch
 from rollout.actors.placement import wait_placed
 from rollout.actors.stall import CONCURRENCY_GROUPS, POLL_S, Patience, StallWatch, stalled_message
@@ -28,7 +30,34 @@ from rollout.weight_sync.sender import WeightSender
 from rollout.weight_sync.wire import GroupAddress, SyncPlan
 
 
-class LearnerError(RuntimeError):
+def job_learner(cfg: JobConfig, model_path: str, **distributed):
+    """A `Learner` for this job: its section of the config, and the few values of the others it needs."""
+    from learner.learner import Learner
+
+    return Learner(
+        cfg.learner,
+        model_path,
+        dtype=cfg.model.dtype,
+        temperature=cfg.rollout.sampling.temperature,
+        seed=cfg.seed,
+        threads=cpu_threads(cfg),
+        **distributed,
+    )
+
+
+def cpu_threads(cfg: JobConfig) -> int:
+    """Torch threads of one CPU rank (learner.num_threads)."""
+    lc = cfg.learner
+    if lc.num_threads is not None:
+        return lc.num_threads
+    reserved = max(1, int(lc.num_cpus_per_rank))
+    if cfg.rollout.max_staleness > 0:  # generation runs beside the learner: only what Ray reserved
+        return reserved
+    # Generation and learning alternate: the cores the idle engines reserved are the learner's too.
+    return max(reserved, len(os.sched_getaffinity(0)) // lc.num_ranks)
+
+
+class LearnerError(JobFailure):
     """A learner rank could not be placed, failed or did not answer in time; the message names it."""
 
 
@@ -49,11 +78,9 @@ class _Rank:
         return f"{ray.util.get_node_ip_address()}:{port}"
 
     def start(self, cfg: JobConfig, model_path: str, rank: int, world_size: int, address: str) -> None:
-        from learner.learner import Learner
-
         self.rank = rank
         model_path = storage.fetch(model_path)  # from the run's URI where this node cannot see the driver's disk
-        self.learner = Learner(cfg, model_path, rank=rank, world_size=world_size, address=address)
+        self.learner = job_learner(cfg, model_path, rank=rank, world_size=world_size, address=address)
         self.sender = WeightSender(self.learner)
 
     def progress(self) -> int | None:

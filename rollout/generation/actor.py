@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 
 from contracts.console import route_actor_output
+from contracts.errors import JobFailure
 from contracts.rendering import PromptTask
 from rollout.actors.heap import trim_heap
 from rollout.actors.telemetry import announce_if_restarted
@@ -40,7 +41,7 @@ class _RolloutActor(RolloutWorker):
         trim_heap()
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(JobFailure):
     """A rollout worker did not start (or restart); the message names it and the resources it asked for."""
 
 

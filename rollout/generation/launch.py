@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import ray
 from tqdm import tqdm
 
+from contracts.errors import JobFailure
 from contracts.rendering import PromptTask
 from rollout.actors.stall import POLL_S, Patience
 from rollout.generation.worker import GenerationSummary
@@ -195,5 +196,5 @@ def _discard(ref: ray.ObjectRef) -> None:
         pass
 
 
-class GenerationTimeout(RuntimeError):
+class GenerationTimeout(JobFailure):
     """No chunk of an iteration came back in time; the message says which iteration."""
