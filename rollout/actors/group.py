@@ -16,7 +16,7 @@ import time
 
 import ray
 
-from rollout.runtime.failures import ActorStartError, first_line, raised
+from rollout.runtime.failures import ActorStartError, first_line, raised, start_failed
 from rollout.runtime.placement import free_resources, note_waiting, wait_placed
 from rollout.runtime.stall import NOTE_S, StallWatch, stalled_message
 
@@ -56,11 +56,7 @@ class ActorGroup:
             try:
                 ray.get(ref, timeout=timeout_s)
             except ray.exceptions.RayTaskError as e:
-                cause = raised(name, e).cause
-                raise ActorStartError(
-                    f"{name} failed in its start-up: {type(cause).__name__}: {first_line(cause)}; "
-                    "its log is under RUN_DIR/logs"
-                ) from None
+                raise start_failed(name, raised(name, e).cause) from None
 
     def wait_back(self, name: str, timeout_s: float, setting: str, asked: str) -> None:
         """Wait for Ray to restart `name`, saying so every NOTE_S; ActorStartError when it does not come

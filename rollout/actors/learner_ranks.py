@@ -5,11 +5,10 @@ The ranks are created empty so that rank 0 can name the process group's address 
 it; then all of them build their `Learner` at once. Calls go to every rank (FSDP's collectives need them
 all) and rank 0's answer is the group's. Every wait has a timeout that names the rank it waited on.
 
-Recovery is the group's own: a rank whose process died (or was killed for a stall) fails the call it
-was in; the group then builds new ranks from `restart_from` (the newest checkpoint, or the start model),
-counts the updates lost since it (`lost_updates`, which the job makes again on later iterations), tells
-`on_rebuilt`'s listeners, and runs the call again: `learn` on the same samples, reads (weights, probes)
-on the new ranks. A checkpoint a rank died in is not retried (`save` says False).
+Recovery is the group's own: a rank that died (or was killed for a stall) fails its call; the group builds
+new ranks from `restart_from` (the newest checkpoint, or the start model), counts the updates lost
+(`lost_updates`: the job makes them again), tells `on_rebuilt`'s listeners and runs the call again (`learn`
+on the same samples, reads on the new ranks); a checkpoint a rank died in is not retried.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from learner.samples import LearnerColumns, SampleBatch
 from rollout.actors.group import ActorGroup
 from rollout.actors.learner_spec import LearnerSpec
 from rollout.actors.member import CONCURRENCY_GROUPS, Member
-from rollout.runtime.failures import ActorRaised, ActorStartError, first_line
+from rollout.runtime.failures import ActorRaised, first_line, start_failed
 from rollout.runtime.placement import free_resources, wait_placed
 from rollout.runtime.stall import POLL_S, Patience
 from rollout.runtime.telemetry import record_restart
@@ -96,8 +95,7 @@ class LearnerRank(Member):
         storage.publish(directory)  # for a driver that cannot see this node's disk
 
     def load(self, directory: Path) -> dict:
-        storage.fetch(directory)
-        return self._answer(self.core.load(directory))
+        return self._answer(self.core.load(storage.fetch(directory)))
 
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
         return self._answer(self.core.probe_logprobs(token_ids))
@@ -188,10 +186,7 @@ class LearnerRanks(ActorGroup):
         try:
             self._finish([h.start.remote(self.spec, i, lc.num_ranks, address) for i, h in enumerate(self.handles)])
         except ActorRaised as e:
-            raise ActorStartError(
-                f"{e.member} failed in its start-up: {type(e.cause).__name__}: {first_line(e.cause)}; "
-                "its log is under RUN_DIR/logs"
-            ) from None
+            raise start_failed(e.member, e.cause) from None
 
     # -- the calls, each on every rank -------------------------------------------------------------
 

@@ -35,5 +35,12 @@ class ActorStartError(JobFailure):
     back; the message names it and what it asked for."""
 
 
+def start_failed(member: str, cause: BaseException) -> ActorStartError:
+    """`member`'s object failed to build, raising `cause`."""
+    return ActorStartError(
+        f"{member} failed in its start-up: {type(cause).__name__}: {first_line(cause)}; its log is under RUN_DIR/logs"
+    )
+
+
 class PipelineTimeout(JobFailure):
     """Generation or scoring of an iteration did not finish in time; the message says which."""
