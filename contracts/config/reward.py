@@ -10,7 +10,14 @@ from contracts.config.base import Base, doc
 
 
 class RuleSpec(Base):
-    name: Annotated[str, doc("Rule function: arithmetic, similarity, safety, format or length.")]
+    name: Annotated[
+        str,
+        doc(
+            "Rule function: a built-in (arithmetic, similarity, safety, format or length) or your own as "
+            "package.module:function, called as function(prompt, response, reference, **params) -> float, "
+            "importable on every node; it scores into the component named after the function."
+        ),
+    ]
     weight: Annotated[float, doc("Weight of this component in the total reward.")] = 1.0
     params: Annotated[dict[str, Any], doc("Keyword arguments of the rule.")] = field(default_factory=dict)
 
@@ -30,9 +37,13 @@ class RewardModelConfig(Base):
 
 
 class RewardConfig(Base):
-    rules: Annotated[list[RuleSpec], doc("Rule functions and their weights.")] = field(
-        default_factory=lambda: [RuleSpec(name="arithmetic")]
-    )
+    rules: Annotated[
+        list[RuleSpec],
+        doc(
+            "Rule functions and their weights, each {name, weight, params}: name is a built-in (arithmetic, "
+            "similarity, safety, format, length) or your own package.module:function."
+        ),
+    ] = field(default_factory=lambda: [RuleSpec(name="arithmetic")])
     model: Annotated[RewardModelConfig | None, doc("Optional reward model.")] = None
     num_workers: Annotated[int, doc("RewardWorker actors.", ge=1)] = 1
     max_restarts: Annotated[
