@@ -28,37 +28,6 @@ def reward_components(cfg: RewardConfig) -> tuple[str, ...]:
     return (*rule_component_names(cfg.rules), *([MODEL_COMPONENT] if cfg.model is not None else []))
 
 
-def check_reward_model(cfg: RewardConfig) -> None:
-    """A reward model given as a local path must be a saved model there: found before any actor starts."""
-    from pathlib import Path
-
-    from contracts.config import ConfigError
-
-    if cfg.model is None:
-        return
-    path = Path(cfg.model.path).expanduser()
-    looks_local = cfg.model.path.startswith(("/", ".", "~")) or path.exists() or cfg.model.path.count("/") != 1
-    if not looks_local:
-        return
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "holds no config.json (not a saved model)"
-        raise ConfigError(
-            f"reward.model.path: {cfg.model.path} {what}; point it at the model directory "
-            "`reward train` wrote (OUT/model)"
-        )
-    import json
-
-    config = json.loads((path / "config.json").read_text())
-    architectures = config.get("architectures") or []
-    labels = len(config.get("id2label") or {0: "score"})
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or labels != 1:
-        raise ConfigError(
-            f"reward.model.path: {cfg.model.path} holds {', '.join(architectures) or 'a model'} with "
-            f"{labels} label(s), not a reward model (a sequence-classification head with one label, "
-            "as `reward train` writes); a policy or causal LM cannot score"
-        )
-
-
 class RewardWorker:
     def __init__(self, cfg: RewardConfig, *, name: str = "reward-0"):
         self.name = name

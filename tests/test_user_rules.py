@@ -10,8 +10,9 @@ import textwrap
 import pyarrow as pa
 import pytest
 
-from contracts.config import RewardConfig, RuleSpec
+from contracts.config import ConfigError, RewardConfig, RuleSpec
 from contracts.formats import Message, PromptRecord
+from reward.checks import check_reward_config
 from reward.scorer import RuleScorer, rule_component_names
 from reward.worker import RewardWorker
 
@@ -74,6 +75,10 @@ SOURCE = textwrap.dedent(
 
     def two_args(prompt, response):
         return 1.0
+
+
+    def reward_model(prompt, response, reference):
+        return 0.0
     '''
 )
 
@@ -193,3 +198,51 @@ def test_the_reward_worker_scores_user_rules_into_the_archive_columns(verifiers:
     assert rewards.column("reward").to_pylist() == [2.0, 0.5, 0.0]
     assert set(seconds) == {"total", "exact", "prompt_echo", "arithmetic"}
     worker.close()
+
+
+# --- the start-up check -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        ([RuleSpec(name="length"), RuleSpec(name="no_such_module_anywhere:f")], "reward.rules.1.name: .*cannot import"),
+        ([user("missing")], f"reward.rules.0.name: {MODULE}:missing: module {MODULE} has no 'missing'"),
+        ([user("two_args")], r"reward.rules.0.name: .*cannot be called as two_args\(prompt, response, reference"),
+        ([user("exact", params={"colour": 1})], "reward.rules.0.params: reward rule .* has no parameter 'colour'"),
+        ([user("needs_threshold")], "reward.rules.0.params: .*needs parameter.*threshold"),
+        ([RuleSpec(name="format", params={"pattern": "["})], "reward.rules.0.params: .*invalid regular expression"),
+        ([user("reward_model")], "reward.rules.0.name: .* would score into the component 'reward_model'"),
+    ],
+)
+def test_a_bad_rule_is_a_config_error_naming_its_field(verifiers: str, rules, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_reward_config(RewardConfig(rules=rules))
+
+
+def test_every_bad_rule_is_listed_at_once(verifiers: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        check_reward_config(RewardConfig(rules=[user("missing"), user("exact"), user("exact", params={"x": 1})]))
+    lines = str(e.value).splitlines()
+    assert lines[0] == "the config needs changes:"
+    assert [line.split(":")[0] for line in lines[1:]] == ["  - reward.rules.0.name", "  - reward.rules.2.params"]
+
+
+def test_good_user_and_built_in_rules_pass(verifiers: str) -> None:
+    check_reward_config(
+        RewardConfig(
+            rules=[user("exact", params={"bonus": 1}), user("takes_any", params={"k": 1}), RuleSpec(name="safety")]
+        )
+    )
+
+
+def test_rollout_run_refuses_an_unimportable_rule_before_ray_starts(tmp_path, capfd) -> None:
+    from rollout.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--set", "reward.rules=[{name: no_such_module_anywhere:score}]", "--out", str(out)]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "reward.rules.0.name: no_such_module_anywhere:score: cannot import" in err, (
+        err
+    )
+    assert not out.exists()
