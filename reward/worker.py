@@ -1,10 +1,11 @@
-"""`RewardWorker`: scores a generation batch (Arrow columns) with the configured rules and reward
-model, reading each sample's data record (reference answer, metadata) by its prompt id. A plain
+"""`RewardWorker`: scores a generation batch (Arrow columns) with the configured rules, reward
+model and reward server, reading each sample's data record (reference answer, metadata) by its prompt id. A plain
 class; the job wraps it in a Ray actor. The data records of a batch's prompts come with the batch, so a
 worker holds no state but its scorers: Ray restarts a dead one and runs the lost call again there."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pyarrow as pa
 from contracts import storage
 from contracts.config import RewardConfig
 from contracts.schema import reward_batch
+from reward.remote import REMOTE_COMPONENT, RemoteScorer
 from reward.scorer import RewardModelScorer, RewardResult, RuleScorer, rule_component_names
 
 MODEL_COMPONENT = "reward_model"
@@ -24,8 +26,23 @@ def last_user_message(record) -> str:
 
 
 def reward_components(cfg: RewardConfig) -> tuple[str, ...]:
-    """The run's reward components, in archive order: each rule's, then the reward model's."""
-    return (*rule_component_names(cfg.rules), *([MODEL_COMPONENT] if cfg.model is not None else []))
+    """The run's reward components, in archive order: each rule's, then the reward model's, then the
+    reward server's."""
+    return (
+        *rule_component_names(cfg.rules),
+        *([MODEL_COMPONENT] if cfg.model is not None else []),
+        *([REMOTE_COMPONENT] if cfg.remote is not None else []),
+    )
+
+
+def wire_sample(record, response: str) -> dict:
+    """One sample as the reward server reads it (reward/remote.py's wire format)."""
+    return {
+        "prompt": last_user_message(record),
+        "response": response,
+        "reference": record.reference,
+        "metadata": record.metadata,
+    }
 
 
 class RewardWorker:
@@ -38,24 +55,42 @@ class RewardWorker:
         if cfg.model is not None:
             path = storage.fetch(cfg.model.path)  # from the run's URI where this node cannot see the driver's disk
             self.model = RewardModelScorer(path, batch_size=cfg.model.batch_size)
+        self.remote = RemoteScorer(cfg.remote) if cfg.remote is not None else None
         self.seconds = 0.0
         self.scored = 0  # samples whose rules ran, plus reward-model batches: what a stall watch sees move
 
     def progress(self) -> int:
-        return self.scored + (self.model.batches_done if self.model is not None else 0)
+        return (
+            self.scored
+            + (self.model.batches_done if self.model is not None else 0)
+            + (self.remote.requests if self.remote is not None else 0)
+        )
 
     def score(self, items: list[tuple[object, str, str]]) -> list[RewardResult]:
         """One result per (record, rendered prompt, response), every component kept."""
         start = time.perf_counter()
+        pending = None
+        if self.remote is not None:  # its requests go out first, to be answered while the rules and model score
+            pending = self.remote.submit([wire_sample(rec, response) for rec, _, response in items])
         results = self.rules.score_batch([(last_user_message(rec), response, rec) for rec, _, response in items])
         self.scored += len(items)
         if self.model is not None:
             scores = self.model.score([prompt + response for _, prompt, response in items])
-            for result, score in zip(results, scores):
-                result.components[MODEL_COMPONENT] = float(score)
-                result.total += self.cfg.model.weight * float(score)
+            self._add(results, MODEL_COMPONENT, scores, self.cfg.model.weight)
+        if pending is not None:
+            self._add(results, REMOTE_COMPONENT, self.remote.gather(pending), self.cfg.remote.weight)
         self.seconds += time.perf_counter() - start
         return results
+
+    def _add(self, results: list[RewardResult], name: str, scores: list[float], weight: float) -> None:
+        """A component scored outside the rules, weighted into each total; NaN fails it, as in a rule."""
+        for result, score in zip(results, scores):
+            result.components[name] = float(score)
+            if math.isnan(score):
+                result.failed.append(name)
+                result.total += self.cfg.failed_value
+            else:
+                result.total += weight * float(score)
 
     def score_batch(self, batch: pa.RecordBatch, records: list) -> tuple[pa.RecordBatch, dict[str, float]]:
         """The reward columns of a generation batch, row for row, and the seconds this call spent
@@ -71,7 +106,11 @@ class RewardWorker:
 
     def close(self) -> None:
         self.rules.close()
+        if self.remote is not None:
+            self.remote.close()
 
     def latency(self) -> dict[str, float]:
-        """Cumulative scoring seconds: the whole call (`total`) and each rule."""
-        return {"total": self.seconds, **self.rules.latency}
+        """Cumulative scoring seconds: the whole call (`total`), each rule and the server's requests
+        (summed: they overlap)."""
+        remote = {REMOTE_COMPONENT: self.remote.seconds} if self.remote is not None else {}
+        return {"total": self.seconds, **self.rules.latency, **remote}

@@ -79,6 +79,14 @@ SOURCE = textwrap.dedent(
 
     def reward_model(prompt, response, reference):
         return 0.0
+
+
+    def remote(prompt, response, reference):
+        return 0.0
+
+
+    def total(prompt, response, reference):
+        return 0.0
     '''
 )
 
@@ -213,6 +221,8 @@ def test_the_reward_worker_scores_user_rules_into_the_archive_columns(verifiers:
         ([user("needs_threshold")], "reward.rules.0.params: .*needs parameter.*threshold"),
         ([RuleSpec(name="format", params={"pattern": "["})], "reward.rules.0.params: .*invalid regular expression"),
         ([user("reward_model")], "reward.rules.0.name: .* would score into the component 'reward_model'"),
+        ([user("remote")], "reward.rules.0.name: .* 'remote', a name kept for the reward server's component"),
+        ([user("total")], "reward.rules.0.name: .* 'total', a name kept for the reward worker's whole-call latency"),
     ],
 )
 def test_a_bad_rule_is_a_config_error_naming_its_field(verifiers: str, rules, message) -> None:

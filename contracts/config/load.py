@@ -128,8 +128,8 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
     repeated = sorted({b for b in cfg.tracking.backends if cfg.tracking.backends.count(b) > 1})
     if repeated:
         problems.append(f"tracking.backends: {', '.join(repeated)} named twice; name each backend once")
-    if not cfg.reward.rules and cfg.reward.model is None:
-        problems.append("reward: no rules and no model; add reward.rules or reward.model")
+    if not cfg.reward.rules and cfg.reward.model is None and cfg.reward.remote is None:
+        problems.append("reward: no rules, no model and no server; add reward.rules, reward.model or reward.remote")
     if cfg.rollout.cpu_kv_cache_gb is not None and cfg.rollout.cpu_kv_cache_gb <= 0:
         problems.append("rollout.cpu_kv_cache_gb must be positive, or null to size it from the engine batch")
     if cfg.learner.behaviour_is_cap is not None and cfg.learner.behaviour_is_cap <= 1:
