@@ -66,6 +66,9 @@ class RemoteScorer:
     `cfg.batch_size` samples, at most `cfg.max_in_flight` of them open at once."""
 
     def __init__(self, cfg: RemoteRewardConfig):
+        problem = check_url(cfg.url)
+        if problem:  # start-up checks it first; this is for callers that skip them (replay's re-scoring)
+            raise ValueError(f"reward.remote.url: {problem}")
         self.cfg = cfg
         self._where = f"reward.remote.url {cfg.url}"
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_in_flight, thread_name_prefix="reward-remote")

@@ -255,5 +255,10 @@ def test_a_bad_server_setting_is_a_config_error_naming_its_field(fields, message
         check_reward_config(RewardConfig(remote=RemoteRewardConfig(**fields)))
 
 
+def test_a_scorer_built_without_the_start_up_check_refuses_a_bad_url_too() -> None:
+    with pytest.raises(ValueError, match="reward.remote.url: 'scorer:8000' is not an http"):
+        RemoteScorer(RemoteRewardConfig(url="scorer:8000"))
+
+
 def test_a_good_server_setting_passes() -> None:
     check_reward_config(RewardConfig(rules=[], remote=RemoteRewardConfig(url="https://scorer.internal:8443/v1/score")))
