@@ -1,7 +1,8 @@
-"""`RewardWorker`: scores a generation batch (Arrow columns) with the configured rules, reward
-model and reward server, reading each sample's data record (reference answer, metadata) by its prompt id. A plain
-class; the job wraps it in a Ray actor. The data records of a batch's prompts come with the batch, so a
-worker holds no state but its scorers: Ray restarts a dead one and runs the lost call again there."""
+"""`RewardWorker`: scores a generation batch (Arrow columns) with the configured rules, reward model
+and reward server, reading each sample's data record (reference answer, metadata) by its prompt id.
+A plain class; the job wraps it in a Ray actor. The data records of a batch's prompts come with the
+batch, so a worker holds no state but its scorers: Ray restarts a dead one and runs the lost call
+again there."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class RewardWorker:
             self.model = RewardModelScorer(path, batch_size=cfg.model.batch_size)
         self.remote = RemoteScorer(cfg.remote) if cfg.remote is not None else None
         self.seconds = 0.0
-        self.scored = 0  # samples whose rules ran, plus reward-model batches: what a stall watch sees move
+        self.scored = 0  # samples whose rules ran; progress() adds model batches and server requests
 
     def progress(self) -> int:
         return (
