@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from rollout.archive import read_table  # noqa: E402
 
 SMOKE = ROOT / "configs" / "tiny-arith-smoke.yaml"
-KINDS = {"rollout": "_RolloutActor", "reward": "_RewardActor", "learner": "_Rank"}
+KINDS = {"rollout": "RolloutActor", "reward": "RewardActor", "learner": "LearnerRank"}
 ROWS_PER_ITERATION = 16 * 2  # the smoke config's prompts_per_iteration x n_samples
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = {"_RolloutActor": "rollout", "_RewardActor": "reward", "_Rank": "learner"}
+KINDS = {"RolloutActor": "rollout", "RewardActor": "reward", "LearnerRank": "learner"}
 
 
 def memory_mb(pid: int) -> dict[str, int]:

@@ -69,7 +69,14 @@ def one_rank(args, rank: int = 0, world_size: int = 1, address: str | None = Non
         ],
     )  # the cores, shared out
     path = resolve_model_path(args.model)
-    learner = Learner(cfg, path, rank=rank, world_size=world_size, address=address)
+    learner = Learner(
+        cfg.learner,
+        path,
+        threads=max(1, (os.cpu_count() or 1) // world_size),
+        rank=rank,
+        world_size=world_size,
+        address=address,
+    )
     batch = synthetic_batch(
         args.samples_one, args.prompt_tokens, args.response_tokens, learner.policy.lm.config.vocab_size
     )

@@ -17,6 +17,8 @@ from typing import Any, BinaryIO, TextIO, TypeVar
 
 import msgspec
 
+from contracts.errors import UserError
+
 T = TypeVar("T")
 
 _CHUNK_BYTES = 1 << 16
@@ -166,7 +168,7 @@ class _TextStream:
         return self.line + self.buf.rstrip(" \t\r\n").count("\n", self.pos)
 
 
-class _Broken(Exception):
+class _Broken(UserError):
     """The array cannot be read past this point."""
 
     def __init__(self, record: BadRecord) -> None:
@@ -174,7 +176,7 @@ class _Broken(Exception):
         self.record = record
 
 
-class _Truncated(Exception):
+class _Truncated(UserError):
     """The file ended inside an array element."""
 
 
@@ -321,7 +323,7 @@ def _shown(char: str | None) -> str:
     return repr(char)
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A decoded record does not fit its format; the message is the reason shown after FILE:LINE."""
 
 

@@ -19,16 +19,18 @@ import shutil
 import warnings
 from pathlib import Path
 
+from contracts.errors import JobFailure
+
 STATE_FILE = "learner.pt"
 MANIFEST_FILE = "manifest.json"
 _HASH_BLOCK = 1 << 20
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(JobFailure, OSError):
     """A checkpoint could not be written (full disk, read-only or failing device); the message names it."""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(JobFailure):
     """Losses, gradients or weights hold inf or NaN: such weights are never saved or served."""
 
 

@@ -7,13 +7,11 @@ collective is the identity, so a single learner needs no process group.
 from __future__ import annotations
 
 import datetime as dt
-import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from contracts.config import JobConfig
 from contracts.device import resolve_device
 
 COLLECTIVE_TIMEOUT = dt.timedelta(minutes=10)  # a lost peer fails the collective instead of blocking forever
@@ -80,15 +78,3 @@ def local_device(setting: str) -> torch.device:
     if device.type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())  # an explicit index: collectives compare devices
     return device
-
-
-def cpu_threads(cfg: JobConfig) -> int:
-    """Torch threads of one CPU rank (learner.num_threads)."""
-    lc = cfg.learner
-    if lc.num_threads is not None:
-        return lc.num_threads
-    reserved = max(1, int(lc.num_cpus_per_rank))
-    if cfg.rollout.max_staleness > 0:  # generation runs beside the learner: only what Ray reserved
-        return reserved
-    # Generation and learning alternate: the cores the idle engines reserved are the learner's too.
-    return max(reserved, len(os.sched_getaffinity(0)) // lc.num_ranks)

@@ -1,30 +1,87 @@
-"""Advantage estimators, one registry for the job and `rollout replay`: `estimate(name, ...)`.
+"""Advantage estimators: one registry, `ESTIMATORS`, filled by the `register_estimator` decorator on
+each estimator, and read by the job (`learner.estimator`) and `rollout replay` (`--estimator`).
+
+Every estimator has one signature:
+
+    estimator(token_rewards, values, mask, groups, cfg) -> (advantages, returns)
+
+token_rewards, values, mask: (B, T) response tensors (values None for a critic-free estimator);
+groups: (B,) int64, the index in [0, G) of each row's prompt group (same prompt, same iteration);
+cfg: the `LearnerConfig` (gamma, lam, grpo_normalize_std). Both outputs are (B, T), zero on padding.
 
 - `gae`: generalised advantage estimation with the critic's values (`learner.advantages.gae`).
 - `grpo`, `rloo`: group baselines, critic-free. Each sample's return is its KL-penalised sequence
-  reward Σ_t r_t (score minus β·Σ kl), judged against the other samples of its prompt.
+  reward R_i = Σ_t r_t (score minus β·Σ kl), judged against the other samples of its prompt, so
+  they need a group of n > 1 samples per prompt (`grouped`). Their math runs in float64: the group
+  means are sums of thousands of rewards when a run's n and prompt count are large. Replay runs them
+  over a whole archive at once by passing each sample's reward as a one-token row.
 - `reinforce_pp`: REINFORCE++ (Hu 2025), critic-free: the discounted return-to-go of the
   KL-penalised token rewards, whitened over the whole batch by the update (`whiten_advantages`).
-
-GRPO and RLOO judge a completion against the other completions of the same prompt, so they need a group of
-n > 1 samples per prompt. They act on whole sequences: `rewards` and `groups` are (N,) tensors, N
-samples, `groups[i]` the index in [0, G) of sample i's prompt group, and they return (N,) sequence
-advantages; `broadcast` spreads those over the (N, T) response tokens. Math runs in float64: the
-group means are sums of thousands of rewards when a run's n and prompt count are large.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import get_args
 
 import torch
 
-from contracts.config import EstimatorName
+from contracts.config import ConfigError, LearnerConfig
 from learner.advantages import discounted_reverse_cumsum, gae
 
 GRPO_EPS = 1e-6  # keeps a group of identical rewards at advantage 0 instead of 0 / 0
+
+EstimatorFn = Callable[
+    [torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, LearnerConfig], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One registry entry: the function, whether it needs the critic's values, and whether it compares the
+    samples of a prompt group (then n > 1 samples per prompt, and replay runs it over the whole archive)."""
+
+    fn: EstimatorFn
+    needs_critic: bool
+    grouped: bool
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(name: str, *, needs_critic: bool = False, grouped: bool = False):
+    """Decorator: add an estimator of the signature above to `ESTIMATORS` under `name`."""
+
+    def register(fn: EstimatorFn) -> EstimatorFn:
+        if name in ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is registered twice")
+        ESTIMATORS[name] = Estimator(fn, needs_critic, grouped)
+        return fn
+
+    return register
+
+
+def estimator(name: str) -> Estimator:
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ConfigError(
+            f"learner.estimator: unknown advantage estimator {name!r}; registered: {', '.join(ESTIMATORS)}"
+        ) from None
+
+
+def estimate(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor | None,
+    mask: torch.Tensor,
+    groups: torch.Tensor,
+    cfg: LearnerConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) by the estimator `cfg.estimator`; shapes as in the module docstring."""
+    return estimator(cfg.estimator).fn(token_rewards, values, mask, groups, cfg)
+
+
+# --- group baselines ------------------------------------------------------------------------------
 
 
 def group_counts(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -49,17 +106,22 @@ def _group_sum(x: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Te
     return torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add_(0, groups, x)
 
 
-def grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = GRPO_EPS) -> torch.Tensor:
-    """GRPO (Shao et al. 2024): each reward standardised within its prompt group.
+def grpo_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, normalize_std: bool = True, eps: float = GRPO_EPS
+) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): each reward centred, and by default standardised, within its prompt group.
 
-    rewards: (N,), groups: (N,) int64 -> (N,) float64. A_i = (r_i − mean_g) / (std_g + eps), with
-    the unbiased (n − 1) standard deviation of the group, as torch.std and TRL's GRPO use.
+    rewards: (N,), groups: (N,) int64 -> (N,) float64. A_i = (r_i − mean_g) / (std_g + eps), with the
+    unbiased (n − 1) standard deviation of the group, as torch.std and TRL's GRPO use; with
+    `normalize_std` false, A_i = r_i − mean_g (Dr. GRPO: the division favours groups of low spread).
     """
     r = rewards.to(torch.float64)
     n_groups = int(groups.max()) + 1 if groups.numel() else 0
     counts = group_counts(groups, n_groups).to(torch.float64)
     mean = (_group_sum(r, groups, n_groups) / counts)[groups]
     centred = r - mean
+    if not normalize_std:
+        return centred
     variance = _group_sum(centred.square(), groups, n_groups) / (counts - 1)  # Σ (r − μ)² / (n − 1)
     return centred / (variance.sqrt()[groups] + eps)
 
@@ -83,66 +145,50 @@ def broadcast(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), advantages.unsqueeze(-1), 0)
 
 
-def reinforce_pp_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """REINFORCE++ returns. token_rewards, mask: (B, T) -> (B, T), zero on padding."""
+def sequence_returns(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """R_i = Σ_t r_t over each row's valid tokens (score − β·Σ kl). (B, T) -> (B,) float32."""
+    return torch.where(mask.bool(), token_rewards.float(), 0).sum(-1)
+
+
+# --- the registered estimators --------------------------------------------------------------------
+
+
+@register_estimator("gae", needs_critic=True)
+def gae_estimator(token_rewards, values, mask, groups, cfg: LearnerConfig):
+    return gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
+
+
+@register_estimator("grpo", grouped=True)
+def grpo_estimator(token_rewards, values, mask, groups, cfg: LearnerConfig):
+    returns = sequence_returns(token_rewards, mask)
+    advantages = broadcast(grpo_advantages(returns, groups, cfg.grpo_normalize_std), mask).float()
+    return advantages, advantages
+
+
+@register_estimator("rloo", grouped=True)
+def rloo_estimator(token_rewards, values, mask, groups, cfg: LearnerConfig):
+    advantages = broadcast(rloo_advantages(sequence_returns(token_rewards, mask), groups), mask).float()
+    return advantages, advantages
+
+
+@register_estimator("reinforce_pp")
+def reinforce_pp_estimator(token_rewards, values, mask, groups, cfg: LearnerConfig):
+    """REINFORCE++ returns, (B, T), zero on padding; the update whitens them into advantages."""
     keep = mask.bool()
     rewards = torch.where(keep, token_rewards.float(), 0)
-    return torch.where(keep, discounted_reverse_cumsum(rewards, gamma), 0)  # G_t = Σ_{k≥t} γ^(k−t) r_k
-
-
-GroupBaseline = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Estimator:
-    """One registry entry. `group` is set for a group-baseline estimator: (N,) sequence rewards and their
-    (N,) prompt-group indices -> (N,) advantages; replay calls it on a whole archive's rewards."""
-
-    needs_critic: bool
-    group: GroupBaseline | None = None
-
-
-ESTIMATORS: dict[str, Estimator] = {
-    "gae": Estimator(needs_critic=True),
-    "grpo": Estimator(needs_critic=False, group=grpo_advantages),
-    "rloo": Estimator(needs_critic=False, group=rloo_advantages),
-    "reinforce_pp": Estimator(needs_critic=False),
-}
-# The config (contracts/, which imports no learner code) spells the names as a Literal; the two must agree.
-if set(ESTIMATORS) != set(get_args(EstimatorName)):
-    raise ImportError(
-        f"learner.estimators {sorted(ESTIMATORS)} and contracts.config.EstimatorName "
-        f"{sorted(get_args(EstimatorName))} disagree: add the name to both"
-    )
-
-
-def estimator(name: str) -> Estimator:
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown advantage estimator {name!r}; expected one of {', '.join(ESTIMATORS)}") from None
-
-
-def estimate(
-    name: str,
-    token_rewards: torch.Tensor,
-    values: torch.Tensor | None,
-    mask: torch.Tensor,
-    groups: torch.Tensor,
-    gamma: float,
-    lam: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns), both (B, T) and zero on padding, by the estimator `name`.
-
-    token_rewards, values, mask: (B, T); groups: (B,) int64 prompt-group index of each row.
-    """
-    entry = estimator(name)
-    if entry.needs_critic:
-        return gae(token_rewards, values, mask, gamma, lam)
-    if entry.group is not None:
-        keep = mask.bool()
-        sequence_return = torch.where(keep, token_rewards.float(), 0).sum(-1)  # R_i = Σ_t r_t = score − β·Σ_t kl_t
-        advantages = broadcast(entry.group(sequence_return, groups), keep).float()
-        return advantages, advantages
-    returns = reinforce_pp_returns(token_rewards, mask, gamma)
+    returns = torch.where(keep, discounted_reverse_cumsum(rewards, cfg.gamma), 0)  # G_t = Σ_{k≥t} γ^(k−t) r_k
     return returns, returns
+
+
+def check_learner_names(cfg: LearnerConfig, n_samples: int) -> None:
+    """The config's estimator and policy loss are registered, and a grouped estimator has groups to compare;
+    ConfigError naming the field otherwise (called at start-up, before any actor)."""
+    from learner.losses import policy_loss_fn
+
+    entry = estimator(cfg.estimator)
+    policy_loss_fn(cfg.policy_loss)
+    if entry.grouped and n_samples < 2:
+        raise ConfigError(
+            f"learner.estimator {cfg.estimator} compares the samples of each prompt, so it needs "
+            f"rollout.n_samples >= 2 (it is {n_samples}): raise n_samples or use gae"
+        )

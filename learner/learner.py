@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contracts.config import JobConfig
+from contracts.config import LearnerConfig
 from learner import checkpoint
 from learner import distributed as dist
 from learner.advantages import masked_mean, masked_whiten, token_rewards
@@ -36,21 +36,45 @@ from learner.microbatch import plan
 from learner.models import DTYPES, CriticModel, PolicyModel, load_causal_lm
 from learner.samples import LearnerColumns, SampleBatch
 
+# What each optimizer step sums over its micro-batches and ranks (the last five weighted by tokens).
+STEP_FIGURES = (
+    "policy_loss",
+    "value_loss",
+    "clip_frac",
+    "clip_frac_high",
+    "clip_frac_low",
+    "approx_kl",
+    "value_clip_frac",
+)
+
 
 class Learner:
     def __init__(
-        self, cfg: JobConfig, model_path: str, *, rank: int = 0, world_size: int = 1, address: str | None = None
+        self,
+        cfg: LearnerConfig,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        temperature: float = 1.0,
+        seed: int = 0,
+        threads: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        address: str | None = None,
     ):
-        self.cfg = cfg
-        lc = cfg.learner
+        """`cfg` is the learner's section; besides it the learner needs the model it starts from, the
+        compute `dtype`, the sampling `temperature` the engines draw at (its logprobs must be those of
+        the same distribution; greedy decoding, 0, is scored at 1), the `seed` and, on CPU, its torch
+        `threads` (None: torch's own choice)."""
+        self.cfg = lc = cfg
         self.device = dist.local_device(lc.device)
         if world_size > 1:
             dist.init_process_group(rank, world_size, address, self.device)
-        self.rank, self.world_size = rank, world_size
-        if self.device.type == "cpu":
-            torch.set_num_threads(dist.cpu_threads(cfg))
-        torch.manual_seed(cfg.seed)
-        self.compute_dtype = DTYPES[cfg.model.dtype]
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        if self.device.type == "cpu" and threads is not None:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.compute_dtype = DTYPES[dtype]
         self.critic_free = not estimator(lc.estimator).needs_critic
         policy_lm = load_causal_lm(model_path, torch.float32)
         self.pad_id = policy_lm.config.pad_token_id or 0
@@ -65,8 +89,7 @@ class Learner:
         if lc.gradient_checkpointing:
             for backbone in filter(None, (policy_lm, self.critic and self.critic.backbone)):
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # Logprobs of the distribution the engine sampled from; greedy decoding is scored at T = 1.
-        self.temperature = cfg.rollout.sampling.temperature or 1.0
+        self.temperature = temperature or 1.0
         self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=lc.lr)
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=lc.critic_lr) if self.critic else None
         self.kl_controller = make_kl_controller(lc.kl.coef, lc.kl.target, lc.kl.horizon)
@@ -109,9 +132,7 @@ class Learner:
     def evaluate(self, batch: SampleBatch) -> Evaluated:
         """Old policy logprobs, reference logprobs, values and entropies of every response token."""
         rows = np.arange(len(batch))
-        plans = plan(
-            rows, batch.prompt_lengths, batch.response_lengths, self.cfg.learner.micro_batch_tokens, self.world_size
-        )
+        plans = plan(rows, batch.prompt_lengths, batch.response_lengths, self.cfg.micro_batch_tokens, self.world_size)
         mine, outputs = [], []
         for micro in plans[self.rank]:
             tokens = batch.collate(micro.rows, self.pad_id).to(self.device)
@@ -137,13 +158,13 @@ class Learner:
 
     def assign_advantages(self, batch: SampleBatch, ev: Evaluated):
         """(token rewards, kl, advantages, returns), each (N, T), by `learner.estimator`."""
-        lc = self.cfg.learner
+        lc = self.cfg
         scores = torch.tensor(batch.scores, dtype=torch.float32, device=self.device)
         rewards, kl = token_rewards(
             scores, ev.old_logprobs, ev.ref_logprobs, ev.mask, self.kl_controller.coef, lc.kl.estimator
         )
         groups = torch.tensor(batch.groups, device=self.device)
-        advantages, returns = estimate(lc.estimator, rewards, ev.values, ev.mask, groups, lc.gamma, lc.lam)
+        advantages, returns = estimate(rewards, ev.values, ev.mask, groups, lc)
         return rewards, kl, advantages, returns
 
     # -- learning --------------------------------------------------------------------------------
@@ -151,7 +172,7 @@ class Learner:
     def update(
         self, batch: SampleBatch, ev: Evaluated, advantages: torch.Tensor, returns: torch.Tensor, kl: torch.Tensor
     ) -> dict[str, float]:
-        lc = self.cfg.learner
+        lc = self.cfg
         m = ev.mask
         if lc.whiten_advantages:
             advantages = masked_whiten(advantages, m)
@@ -164,7 +185,7 @@ class Learner:
         skipped = 0
         for epoch in range(lc.ppo_epochs):
             # The same order on every rank, and after a resume: seeded by (seed, version, epoch).
-            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.version * 101 + epoch)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.version * 101 + epoch)
             order = torch.randperm(N, generator=generator).numpy()
             for start in range(0, N, lc.minibatch_size):
                 stats = self._step(batch, ev, advantages, returns, is_weights, order[start : start + lc.minibatch_size])
@@ -203,15 +224,16 @@ class Learner:
     ) -> dict[str, float] | None:
         """One optimizer step on the minibatch `rows`: this rank's share, in micro-batches. None when
         the step was skipped: its loss or gradient norm was not finite (the same on every rank)."""
-        lc = self.cfg.learner
+        lc = self.cfg
         lengths = batch.response_lengths[rows]
         n_tokens = max(1, int(lengths.sum()))
-        denominator = n_tokens if lc.loss_agg == "token" else max(1, int((lengths > 0).sum()))
+        denominator = n_tokens if lc.loss_agg_mode == "token_mean" else max(1, int((lengths > 0).sum()))
         self.policy_opt.zero_grad(set_to_none=True)
         if self.critic_opt is not None:
             self.critic_opt.zero_grad(set_to_none=True)
-        # Summed over micro-batches: losses (already shares of the minibatch), token-weighted stats.
-        sums = torch.zeros(6, dtype=torch.float64)
+        # Summed over micro-batches, on the device (read once per step): losses, already shares of the
+        # minibatch, and the clip and KL figures weighted by each piece's tokens.
+        sums = torch.zeros(len(STEP_FIGURES), dtype=torch.float64, device=self.device)
         for micro in plan(rows, batch.prompt_lengths, batch.response_lengths, lc.micro_batch_tokens, self.world_size)[
             self.rank
         ]:
@@ -231,12 +253,9 @@ class Learner:
                 old(ev.old_logprobs),
                 old(advantages),
                 keep,
-                lc.clip_eps,
-                lc.loss_agg,
+                lc,
                 denominator,
                 None if is_weights is None else old(is_weights),
-                lc.policy_loss,
-                lc.dual_clip_c,
             )
             vf_loss, vf_stats = value_loss(values, old(ev.values), old(returns), keep, lc.value_clip, n_tokens)
             loss = pg_loss
@@ -248,28 +267,20 @@ class Learner:
             # FSDP averages the ranks' gradients; each rank's loss is a share of the whole minibatch's.
             (weight * self.world_size * loss).backward()
             self.micro_batches_done += 1
-            local_tokens = weight * float(keep.sum())
-            sums += torch.tensor(
-                [
-                    weight * pg_loss.item(),
-                    weight * vf_loss.item(),
-                    local_tokens * pg_stats["clip_frac"].item(),
-                    local_tokens * pg_stats["approx_kl"].item(),
-                    local_tokens * vf_stats["value_clip_frac"].item(),
-                    0.0,
-                ],
-                dtype=torch.float64,
-            )
-        sums = dist.all_reduce_sum(sums)
+            local_tokens = keep.sum()
+            figures = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach()}
+            figures.update({k: local_tokens * v for k, v in (*pg_stats.items(), *vf_stats.items())})
+            sums += weight * torch.stack([figures[name].double() for name in STEP_FIGURES])
+        summed = dict(zip(STEP_FIGURES, dist.all_reduce_sum(sums).tolist()))
         grad_norm = _clip(self.policy.parameters(), lc.max_grad_norm)
         critic_norm = _clip(self.critic.parameters(), lc.max_grad_norm) if self.critic_opt is not None else 0.0
-        figures = {
-            "policy_loss": sums[0].item(),
-            "value_loss": sums[1].item(),
+        checked = {
+            "policy_loss": summed["policy_loss"],
+            "value_loss": summed["value_loss"],
             "grad_norm": grad_norm,
             "critic_grad_norm": critic_norm,
         }
-        if not self.finite_steps.finite(figures):  # this step's gradients are dropped
+        if not self.finite_steps.finite(checked):  # this step's gradients are dropped
             self.policy_opt.zero_grad(set_to_none=True)
             if self.critic_opt is not None:
                 self.critic_opt.zero_grad(set_to_none=True)
@@ -277,14 +288,11 @@ class Learner:
         self.policy_opt.step()
         if self.critic_opt is not None:
             self.critic_opt.step()
-        stats = {
-            "policy_loss": sums[0].item(),
-            "clip_frac": sums[2].item() / n_tokens,
-            "approx_kl": sums[3].item() / n_tokens,
-            "grad_norm": grad_norm,
-        }
+        stats = {"policy_loss": summed["policy_loss"], "grad_norm": grad_norm}
+        stats.update({name: summed[name] / n_tokens for name in ("clip_frac", "clip_frac_high", "clip_frac_low")})
+        stats["approx_kl"] = summed["approx_kl"] / n_tokens
         if not self.critic_free:
-            stats.update(value_loss=sums[1].item(), value_clip_frac=sums[4].item() / n_tokens)
+            stats.update(value_loss=summed["value_loss"], value_clip_frac=summed["value_clip_frac"] / n_tokens)
         return stats
 
     def _values(self, tokens, policy) -> torch.Tensor:

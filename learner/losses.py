@@ -1,9 +1,18 @@
-"""PPO objectives on (batch, time) response tensors: the policy losses (a registry, `POLICY_LOSSES`, keyed
-by `learner.policy_loss`) and the clipped value loss.
+"""PPO objectives on (batch, time) response tensors: the policy losses, a registry (`POLICY_LOSSES`, filled
+by the `register_policy_loss` decorator, keyed by `learner.policy_loss`), their aggregation over tokens
+and sequences (`learner.loss_agg_mode`), and the clipped value loss.
 
-Both reduce to a mean by default; given a `denominator` (the whole minibatch's count of valid
-tokens, or of non-empty sequences, across micro-batches and ranks) they return this piece's share
-of it, so the shares of every micro-batch on every rank add up to the minibatch's mean.
+Every policy loss has one signature:
+
+    policy_loss_fn(ratio, advantages, cfg) -> (per-token loss, clipped)
+
+ratio ρ = π / π_old and advantages: (B, T); cfg: the `LearnerConfig` (clip_eps, clip_eps_high,
+dual_clip_c); per-token loss (B, T), to be minimised; clipped (B, T) bool, true where a clip or bound
+is the active term.
+
+Given a `denominator` (the whole minibatch's count of valid tokens, or of non-empty sequences, across
+micro-batches and ranks) a loss returns this piece's share of the minibatch's loss, so the shares of
+every micro-batch on every rank add up to it; without one it is the piece's own mean.
 
 Masking follows `learner.advantages`: `mask` is (B, T), true on each row's valid response tokens.
 Inputs are zeroed on padding before any arithmetic, so garbage there (inf, nan) reaches neither the
@@ -13,47 +22,61 @@ loss nor its gradient.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, get_args
 
 import torch
 
-from contracts.config import PolicyLossName
+from contracts.config import ConfigError, LearnerConfig
 from learner.advantages import masked_mean
 
-Aggregation = Literal["token", "sequence"]
+PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, LearnerConfig], tuple[torch.Tensor, torch.Tensor]]
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
 
 
-def ppo_clip(
-    ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, dual_clip_c: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate (Schulman et al. 2017), per token, to be minimised.
+def register_policy_loss(name: str):
+    """Decorator: add a policy loss of the signature above to `POLICY_LOSSES` under `name`."""
 
-    ratio ρ = π / π_old, advantages: (B, T) -> (loss (B, T), (B, T) bool: the clipped term is the active one).
-    """
+    def register(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is registered twice")
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return register
+
+
+def policy_loss_fn(name: str) -> PolicyLossFn:
+    try:
+        return POLICY_LOSSES[name]
+    except KeyError:
+        raise ConfigError(
+            f"learner.policy_loss: unknown policy loss {name!r}; registered: {', '.join(POLICY_LOSSES)}"
+        ) from None
+
+
+def clip_range(cfg: LearnerConfig) -> tuple[float, float]:
+    """(1 − ε_low, 1 + ε_high): clip-higher (DAPO) raises only the upper bound; symmetric by default."""
+    high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+    return 1.0 - cfg.clip_eps, 1.0 + high
+
+
+@register_policy_loss("ppo_clip")
+def ppo_clip(ratio: torch.Tensor, advantages: torch.Tensor, cfg: LearnerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017), per token."""
+    low, high = clip_range(cfg)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    return torch.maximum(unclipped, clipped), clipped > unclipped  # L_t = max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))
+    clipped = -advantages * torch.clamp(ratio, low, high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped  # L_t = max(−A·ρ, −A·clip(ρ, 1−ε_l, 1+ε_h))
 
 
-def dual_clip(
-    ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, dual_clip_c: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+@register_policy_loss("dual_clip")
+def dual_clip(ratio: torch.Tensor, advantages: torch.Tensor, cfg: LearnerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Dual-clip PPO (Ye et al. 2020): where A < 0, the clipped loss is bounded by −c·A, so a huge ratio
-    (which the plain clip leaves unbounded for a negative advantage) adds at most c·|A|. Shapes as ppo_clip;
-    a token held at the bound counts as clipped."""
-    loss, clipped = ppo_clip(ratio, advantages, clip_eps, dual_clip_c)
-    bound = -dual_clip_c * advantages
+    (which the plain clip leaves unbounded for a negative advantage) adds at most c·|A|. A token held at
+    the bound counts as clipped."""
+    loss, clipped = ppo_clip(ratio, advantages, cfg)
+    bound = -cfg.dual_clip_c * advantages
     held = (advantages < 0) & (loss > bound)
     return torch.where(held, bound, loss), clipped | held  # L_t = min(L_t, −c·A) where A < 0
-
-
-PolicyLoss = Callable[[torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor]]
-POLICY_LOSSES: dict[str, PolicyLoss] = {"ppo_clip": ppo_clip, "dual_clip": dual_clip}
-if set(POLICY_LOSSES) != set(get_args(PolicyLossName)):
-    raise ImportError(
-        f"learner.losses {sorted(POLICY_LOSSES)} and contracts.config.PolicyLossName "
-        f"{sorted(get_args(PolicyLossName))} disagree: add the name to both"
-    )
 
 
 def policy_loss(
@@ -61,40 +84,72 @@ def policy_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps: float,
-    agg: Aggregation = "token",
+    cfg: LearnerConfig,
     denominator: float | None = None,
     weights: torch.Tensor | None = None,
-    kind: str = "ppo_clip",
-    dual_clip_c: float = 3.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The policy loss `kind` (a POLICY_LOSSES name; PPO's clipped surrogate by default), to be minimised.
+    """The policy loss `cfg.policy_loss`, aggregated by `cfg.loss_agg_mode`, to be minimised.
 
-    `weights` (B, T), detached, scale each token's term: decoupled PPO (Hilton et al. 2022) passes
-    the truncated importance weight min(π_old / π_behaviour, cap) of samples drawn by other weights.
-
-    logprobs (current policy), old_logprobs (the policy that sampled), advantages, mask: (B, T) ->
-    (0-dim loss, stats). `agg` "token" averages over all valid tokens, so long responses weigh more;
-    "sequence" averages within each response first, then over responses with at least one token.
-    stats (0-dim, detached): "clip_frac", the share of valid tokens where a clipped term is the
-    active one, and "approx_kl", the k3 estimate of KL(old || current).
+    logprobs (current policy), old_logprobs (the proximal policy), advantages, mask: (B, T) -> (0-dim
+    loss, stats). `weights` (B, T), detached, scale each token's term: decoupled PPO (Hilton et al.
+    2022) passes the truncated importance weight min(π_old / π_behaviour, cap) of samples drawn by
+    other weights. stats (0-dim, detached, shares of this piece's valid tokens): "clip_frac", where a
+    clip or bound is the active term, split into "clip_frac_high" (ratio above 1) and "clip_frac_low"
+    (below), and "approx_kl", the k3 estimate of KL(old || current).
     """
-    if kind not in POLICY_LOSSES:
-        raise ValueError(f"unknown policy loss {kind!r}; expected one of {', '.join(POLICY_LOSSES)}")
     keep = mask.bool()
     log_ratio = torch.where(keep, logprobs - old_logprobs, 0)
     advantages = torch.where(keep, advantages, 0)
     ratio = torch.exp(log_ratio)  # ρ_t = π(a_t) / π_old(a_t)
-    per_token, clipped = POLICY_LOSSES[kind](ratio, advantages, clip_eps, dual_clip_c)
+    per_token, clipped = policy_loss_fn(cfg.policy_loss)(ratio, advantages, cfg)
     if weights is not None:
         per_token = torch.where(keep, weights, 0) * per_token  # w_t·L_t
-    loss = _aggregate(per_token, keep, agg, denominator)
+    loss = aggregate(per_token, keep, cfg.loss_agg_mode, denominator, norm_tokens(cfg))
     with torch.no_grad():
+        dtype = per_token.dtype
         stats = {
-            "clip_frac": masked_mean(clipped.to(per_token.dtype), keep),
+            "clip_frac": masked_mean(clipped.to(dtype), keep),
+            "clip_frac_high": masked_mean((clipped & (ratio > 1)).to(dtype), keep),
+            "clip_frac_low": masked_mean((clipped & (ratio < 1)).to(dtype), keep),
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, keep),  # (ρ − 1) − log ρ
         }
     return loss, stats
+
+
+def norm_tokens(cfg: LearnerConfig) -> float:
+    """The constant C of `seq_mean_token_sum_norm`: learner.loss_agg_norm_tokens, which start-up resolves
+    to rollout.sampling.max_tokens when the config leaves it null."""
+    if cfg.loss_agg_norm_tokens is None:
+        if cfg.loss_agg_mode == "seq_mean_token_sum_norm":
+            raise ValueError("learner.loss_agg_norm_tokens is unresolved: set it (or load the job's config)")
+        return 1.0
+    return float(cfg.loss_agg_norm_tokens)
+
+
+def aggregate(
+    per_token: torch.Tensor, keep: torch.Tensor, mode: str, denominator: float | None = None, norm: float = 1.0
+) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to a 0-dim one (`learner.loss_agg_mode`).
+
+    `token_mean` weighs every valid token alike (long responses weigh more); the `seq_mean_*` modes
+    average over sequences with at least one token, each sequence's loss being the sum of its tokens'
+    (`_token_sum`), their mean (`_token_mean`) or their sum over a constant C (`_token_sum_norm`, Dr. GRPO:
+    no length bias either way). `denominator`: the minibatch's count of valid tokens (token_mean) or of
+    non-empty sequences (the others); None counts this piece's own.
+    """
+    masked = torch.where(keep, per_token, 0)
+    if mode == "token_mean":
+        count = keep.sum().clamp(min=1) if denominator is None else denominator
+        return masked.sum() / count  # Σ_i Σ_t m·L_it / N_tokens
+    per_sequence = masked.sum(-1)  # Σ_t m·L_it
+    if mode == "seq_mean_token_mean":
+        per_sequence = per_sequence / keep.sum(-1).clamp(min=1)  # Σ_t m·L_it / T_i
+    elif mode == "seq_mean_token_sum_norm":
+        per_sequence = per_sequence / norm  # Σ_t m·L_it / C
+    elif mode != "seq_mean_token_sum":
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    count = keep.any(-1).sum().clamp(min=1) if denominator is None else denominator
+    return per_sequence.sum() / count  # Σ_i L_i / N_sequences
 
 
 def value_loss(
@@ -120,26 +175,7 @@ def value_loss(
     unclipped = (values - returns).square()
     clipped = (values_clipped - returns).square()
     worst = torch.maximum(unclipped, clipped)
-    if denominator is None:
-        loss = 0.5 * masked_mean(worst, keep)  # ½ mean max((V−R)², (V_c−R)²)
-    else:
-        loss = 0.5 * torch.where(keep, worst, 0).sum() / denominator
+    loss = 0.5 * aggregate(worst, keep, "token_mean", denominator)  # ½ Σ m·max((V−R)², (V_c−R)²) / N_tokens
     with torch.no_grad():
         stats = {"value_clip_frac": masked_mean((clipped > unclipped).to(unclipped.dtype), keep)}
     return loss, stats
-
-
-def _aggregate(
-    per_token: torch.Tensor, keep: torch.Tensor, agg: Aggregation, denominator: float | None
-) -> torch.Tensor:
-    """Reduce a (B, T) per-token loss to a 0-dim one, by token or by sequence (see policy_loss)."""
-    if agg == "token":
-        if denominator is not None:
-            return torch.where(keep, per_token, 0).sum() / denominator  # Σ m·L / N_tokens
-        return masked_mean(per_token, keep)  # Σ m·L / Σ m
-    if agg == "sequence":
-        per_sequence = masked_mean(per_token, keep, dim=-1)  # (B,): Σ_t m·L / Σ_t m
-        if denominator is not None:
-            return torch.where(keep.any(-1), per_sequence, 0).sum() / denominator  # Σ_i L_i / N_sequences
-        return masked_mean(per_sequence, keep.any(-1))  # over rows with at least one token
-    raise ValueError(f"unknown aggregation {agg!r}: expected 'token' or 'sequence'")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+from contracts.errors import UserError
+
 MAX_DEPTH = 64  # nested parentheses; deeper input is rejected rather than risking RecursionError
 
 _TRANSLATE = str.maketrans({"×": "*", "÷": "/", "−": "-", "（": "(", "）": ")"})
@@ -39,7 +41,7 @@ _BINARY_OP = re.compile(r"[+*/]|[0-9)]\s*-")
 _PROSE = " \t\r\n.,"
 
 
-class ArithmeticSyntaxError(ValueError):
+class ArithmeticSyntaxError(UserError, ValueError):
     """Text is not an expression the grammar accepts; the message says where it went wrong."""
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from contracts.config import ConfigError
 from contracts.config.load import load_config
+from contracts.errors import UserError
 
 
-class ScoreDataError(ValueError):
+class ScoreDataError(UserError, ValueError):
     """The file to score has bad records; they are printed above."""
 
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_train(args) -> int:
     from reward.train import train_reward_model
     from reward.train_config import RewardTrainConfig
-    from reward.train_data import DataError
+    from reward.train_data import PreferenceDataError
 
     overrides = list(args.overrides)
     # --data and --out go through the same override path, so they are checked like any other field.
@@ -77,7 +78,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, overrides, root=RewardTrainConfig)
     try:
         train_reward_model(cfg)
-    except DataError as e:
+    except PreferenceDataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 1
     return 0

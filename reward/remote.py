@@ -34,18 +34,19 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from contracts.config import RemoteRewardConfig
+from contracts.errors import JobFailure
 
 log = logging.getLogger(__name__)
 
 REMOTE_COMPONENT = "remote"
 
 
-class RemoteRewardError(RuntimeError):
+class RemoteRewardError(JobFailure):
     """The reward server stayed down after its retries, or refused a batch: a failure of the job
     (not of one sample), its message one line naming `reward.remote.url` and the last error."""
 
 
-class _Retry(Exception):
+class _Retry(JobFailure):
     """One request failed in a way another try may mend; the message says how, in a few words."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from contracts.config import RuleSpec
+from contracts.errors import JobFailure
 from reward.rules import RULES, Rule, check_params, get_rule
 from reward.user_rules import component_name
 
@@ -40,7 +41,7 @@ class RewardResult(msgspec.Struct):
     failed: list[str]  # names of components that raised or timed out
 
 
-class ScorerStuckError(RuntimeError):
+class ScorerStuckError(JobFailure):
     """Too many timed-out rule calls are still running; scoring more would pile up threads."""
 
 

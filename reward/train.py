@@ -28,7 +28,7 @@ from contracts.builtin_model import resolve_model_path
 from contracts.config import ConfigError
 from contracts.rendering import PromptRenderer
 from reward.train_config import RewardTrainConfig, check, to_yaml
-from reward.train_data import DataError, TextPair, load_records, split_records, text_pairs, weighted
+from reward.train_data import PreferenceDataError, TextPair, load_records, split_records, text_pairs, weighted
 
 
 class EpochResult(msgspec.Struct):
@@ -41,7 +41,7 @@ class EpochResult(msgspec.Struct):
 def train_reward_model(cfg: RewardTrainConfig, *, log: TextIO | None = None) -> dict[str, Any]:
     """Train per `cfg` into `cfg.out_dir`; returns what is written to OUT/eval.json.
 
-    Raises ConfigError for a config that cannot run here, DataError for unusable data and
+    Raises ConfigError for a config that cannot run here, PreferenceDataError for unusable data and
     OSError for a data file or base model that cannot be read. Progress goes to `log`
     (default: stderr at call time).
     """
@@ -60,7 +60,7 @@ def train_reward_model(cfg: RewardTrainConfig, *, log: TextIO | None = None) -> 
         train_pairs = weighted(text_pairs(train_records, renderer), cfg.train.margin_weighting)
         heldout_pairs = weighted(text_pairs(heldout_records, renderer), margin_weighting=False)
         if not train_pairs or not heldout_pairs:
-            raise DataError(
+            raise PreferenceDataError(
                 f"no comparisons to {'train on' if not train_pairs else 'evaluate'}: every "
                 "record of that split is a tie; add data or change data.heldout_fraction"
             )

@@ -10,13 +10,14 @@ from typing import TextIO
 
 import msgspec
 
+from contracts.errors import UserError
 from contracts.formats import parse_prompt
 from contracts.jsonl import BadRecord, report_bad
 from contracts.rendering import PromptRenderer
 from reward.preferences import PreferenceRecord, read_preferences
 
 
-class DataError(ValueError):
+class PreferenceDataError(UserError, ValueError):
     """The preference data cannot be trained on: bad records with `stop`, or too little data."""
 
 
@@ -33,7 +34,7 @@ def load_records(
 ) -> tuple[list[PreferenceRecord], int]:
     """Every good record of `files`, and the number of bad ones (each printed as FILE:LINE: reason).
 
-    With `stop`, any bad record raises DataError after all of them are reported, so one pass
+    With `stop`, any bad record raises PreferenceDataError after all of them are reported, so one pass
     shows everything to fix.
     """
     log = log or sys.stderr
@@ -48,11 +49,11 @@ def load_records(
         source=", ".join(files),
         what="bad preference record(s)",
         fix="fix them",
-        error=DataError,
+        error=PreferenceDataError,
         log=log,
     )
     if len(records) < 2:
-        raise DataError(
+        raise PreferenceDataError(
             f"{', '.join(files)}: {len(records)} valid preference record(s); training "
             "and a held-out set need at least 2"
         )

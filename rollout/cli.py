@@ -6,9 +6,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import get_args
 
-from contracts.config import ConfigError, EstimatorName
+from contracts.config import ConfigError
 from rollout.commands import COMMANDS
 from rollout.driver.stopping import JobStopped, stop_behind
 from rollout.driver.supervise import mark_finished, say_last, supervise, supervised
@@ -71,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--lam", type=float, default=None, help="GAE lambda (default: the run's)")
     rep.add_argument(
         "--estimator",
-        choices=get_args(EstimatorName),
         default="gae",
-        help="advantage estimator (learner/estimators.py); grpo and rloo need n > 1 samples per prompt",
+        help="advantage estimator registered in learner/estimators.py (gae, grpo, rloo, reinforce_pp; "
+        "`rollout config --explain` lists them); grpo and rloo need n > 1 samples per prompt",
     )
     rep.add_argument("--kl-coef", type=float, default=None, help="new KL penalty coefficient (default: the run's)")
     rep.add_argument("--reward-config", default=None, help="YAML with a reward: section; re-score with its rules")

@@ -14,7 +14,7 @@ from rollout.driver.checkpoints import AUTO, NEVER, Checkpoints, ResumeError
 def two_checkpoints(tiny_model_path, tmp_path_factory):
     """A run directory with the checkpoints of iterations 4 and 9, written by a real learner."""
     run_dir = tmp_path_factory.mktemp("run")
-    learner = Learner(load_config(None, ["learner.device=cpu"]), tiny_model_path)
+    learner = Learner(load_config(None, ["learner.device=cpu"]).learner, tiny_model_path)
     checkpoints = Checkpoints(run_dir, keep_last=3)
     for iteration in (4, 9):
         partial = checkpoints.partial(iteration)
@@ -93,7 +93,7 @@ def test_nothing_whole_left_starts_from_the_model_and_says_why(two_checkpoints, 
 
 
 def test_pruning_keeps_the_newest(tiny_model_path, tmp_path):
-    learner = Learner(load_config(None, ["learner.device=cpu"]), tiny_model_path)
+    learner = Learner(load_config(None, ["learner.device=cpu"]).learner, tiny_model_path)
     checkpoints = Checkpoints(tmp_path, keep_last=2)
     for iteration in range(3):
         partial = checkpoints.partial(iteration)

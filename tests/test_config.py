@@ -11,8 +11,18 @@ ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_defaults_load_and_pass_checks():
     cfg = load_config()
-    assert cfg == JobConfig()
+    # Loading fills the one default that is another field's value; the rest are the tree's own.
+    assert cfg.learner.loss_agg_norm_tokens == cfg.rollout.sampling.max_tokens == 16
+    assert msgspec.structs.replace(cfg.learner, loss_agg_norm_tokens=None) == JobConfig().learner
+    assert msgspec.structs.replace(cfg, learner=JobConfig().learner) == JobConfig()
     check(cfg, cuda_available=False)
+
+
+def test_a_config_of_an_older_version_reads_with_its_settings_renamed(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("learner:\n  loss_agg: sequence\n")
+    assert load_config(old).learner.loss_agg_mode == "seq_mean_token_mean"
+    assert load_config(None, ["learner.loss_agg=token"]).learner.loss_agg_mode == "token_mean"
 
 
 @pytest.mark.parametrize(

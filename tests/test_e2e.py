@@ -721,13 +721,13 @@ try:
         samples = session.collect(iteration, timings)
         learned = session.learn(samples, timings)
         if iteration == 2:  # its update learned, not yet synced: lost with the rank
-            ray.kill(session.learner.ranks[0], no_restart=True)
+            ray.kill(session.learner.handles[0], no_restart=True)
         session.sync_weights()
         session.archive_iteration(samples, learned)
         session.record_metrics(samples, learned, timings)
         session.checkpoint_if_due(samples)
         ran.append(iteration)
-    print(json.dumps({"ran": ran, "version": session.learner.version()}))
+    print(json.dumps({"ran": ran, "version": session.learner.updates}))
 finally:
     session.close()
 """
@@ -776,7 +776,7 @@ def test_a_rollout_worker_a_reward_worker_and_the_learner_killed_in_turn_and_the
     )
 
     try:
-        for after, kind in ((3, "_RolloutActor"), (6, "_RewardActor"), (10, "_Rank")):
+        for after, kind in ((3, "RolloutActor"), (6, "RewardActor"), (10, "LearnerRank")):
             _wait_for_iterations(proc, out, after)
             os.kill(_actor_pid(kind, proc.pid), signal.SIGKILL)
         assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-3000:]
@@ -834,9 +834,9 @@ def test_a_stopped_rollout_worker_reward_worker_and_learner_rank_are_found_resta
     found = {}
     try:
         for after, kind, name in (
-            (2, "_RolloutActor", "rollout-0"),
-            (5, "_RewardActor", "reward-0"),
-            (8, "_Rank", "learner rank 0"),
+            (2, "RolloutActor", "rollout-0"),
+            (5, "RewardActor", "reward-0"),
+            (8, "LearnerRank", "learner rank 0"),
         ):
             _wait_for_iterations(proc, out, after)
             os.kill(_actor_pid(kind, proc.pid), signal.SIGSTOP)

@@ -44,6 +44,13 @@ def make_records(n=24, seed=0, vocab=300):
     return out
 
 
+def learner_for(cfg, model_path):
+    """A Learner with the job config's section and the few values of the others it takes."""
+    return Learner(
+        cfg.learner, model_path, dtype=cfg.model.dtype, temperature=cfg.rollout.sampling.temperature, seed=cfg.seed
+    )
+
+
 @pytest.fixture
 def cfg():
     return load_config(
@@ -91,7 +98,7 @@ def test_learn_fills_every_column_consistently_and_moves_the_policy(cfg, tiny_mo
             f"learner.shared_critic={str(shared).lower()}",
         ],
     )
-    learner = Learner(cfg, tiny_model_path)
+    learner = learner_for(cfg, tiny_model_path)
     before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
     records, stats, timings = learn(learner, make_records())
     assert learner.version == 1
@@ -116,8 +123,10 @@ def test_learn_fills_every_column_consistently_and_moves_the_policy(cfg, tiny_mo
 def test_no_grad_passes_in_tiny_micro_batches_equal_the_whole_batch(tiny_model_path):
     records = make_records(40, seed=3)
     batch = SampleBatch.from_records(records)
-    whole = Learner(load_config(None, ["learner.device=cpu", "learner.micro_batch_tokens=100000"]), tiny_model_path)
-    tiny = Learner(load_config(None, ["learner.device=cpu", "learner.micro_batch_tokens=24"]), tiny_model_path)
+    whole = Learner(
+        load_config(None, ["learner.device=cpu", "learner.micro_batch_tokens=100000"]).learner, tiny_model_path
+    )
+    tiny = Learner(load_config(None, ["learner.device=cpu", "learner.micro_batch_tokens=24"]).learner, tiny_model_path)
     assert len(plan(np.arange(len(batch)), batch.prompt_lengths, batch.response_lengths, 24, 1)[0]) > 10
     a, b = whole.evaluate(batch), tiny.evaluate(batch)
     for name in ("old_logprobs", "ref_logprobs", "values", "entropy"):
@@ -142,7 +151,7 @@ def test_micro_batched_update_equals_the_whole_minibatch_update(tiny_model_path)
                 f"learner.micro_batch_tokens={budget}",
             ],
         )
-        learner = Learner(cfg, tiny_model_path)
+        learner = learner_for(cfg, tiny_model_path)
         _, stats, _ = learner.learn(SampleBatch.from_records(records))
         results.append((dict(learner.export_weights()), stats))
     (w1, s1), (w2, s2) = results
@@ -165,7 +174,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_path):
                 f"learner.gradient_checkpointing={checkpointing}",
             ],
         )
-        learner = Learner(cfg, tiny_model_path)
+        learner = learner_for(cfg, tiny_model_path)
         batch = SampleBatch.from_records(records)
         saved = []  # bytes autograd keeps for the backward pass of one policy forward
 
@@ -198,7 +207,7 @@ def test_bfloat16_compute_keeps_float32_master_weights_that_move_like_float32(ti
                 f"model.dtype={dtype}",
             ],
         )
-        learner = Learner(cfg, tiny_model_path)
+        learner = learner_for(cfg, tiny_model_path)
         assert all(p.dtype == torch.float32 for p in learner.policy.parameters())
         assert all(p.dtype == getattr(torch, dtype) for p in learner.reference.parameters())
         before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
@@ -218,7 +227,7 @@ def test_critic_free_estimators_build_no_critic_and_learn(tiny_model_path, estim
     cfg = load_config(
         None, ["learner.device=cpu", "learner.minibatch_size=8", "learner.lr=1e-3", f"learner.estimator={estimator}"]
     )
-    learner = Learner(cfg, tiny_model_path)
+    learner = learner_for(cfg, tiny_model_path)
     assert learner.critic is None and learner.policy.value_head is None
     records, stats, _ = learn(learner, records)
     assert "value_loss" not in stats and stats["policy_loss"] == stats["policy_loss"]
@@ -230,11 +239,11 @@ def test_critic_free_estimators_build_no_critic_and_learn(tiny_model_path, estim
 
 
 def test_checkpoint_round_trip_restores_weights_optimiser_and_state(cfg, tiny_model_path, tmp_path):
-    learner = Learner(cfg, tiny_model_path)
+    learner = learner_for(cfg, tiny_model_path)
     learn(learner, make_records())
     learner.save(tmp_path / "ckpt", {"iteration": 7, "sampler": {"epoch": 1, "position": 3}})
     assert (tmp_path / "ckpt" / "policy" / "model.safetensors").exists()
-    fresh = Learner(cfg, tiny_model_path)
+    fresh = learner_for(cfg, tiny_model_path)
     extra = fresh.load(tmp_path / "ckpt")
     assert extra == {"iteration": 7, "sampler": {"epoch": 1, "position": 3}}
     assert fresh.version == learner.version
@@ -288,7 +297,7 @@ def test_offline_training_from_an_archive_moves_the_policy(cfg, tiny_model_path,
     from rollout.archive import ArchiveWriter
     from rollout.offline.train import train_offline
 
-    records, _, _ = learn(Learner(cfg, tiny_model_path), make_records())
+    records, _, _ = learn(learner_for(cfg, tiny_model_path), make_records())
     with ArchiveWriter(tmp_path / "rollouts", {}, ("arithmetic",)) as archive:
         archive.write(records)
     out = train_offline(
@@ -327,7 +336,7 @@ def test_behaviour_importance_weights_are_capped_and_scale_the_policy_gradient(t
                 f"learner.behaviour_is_cap={cap}",
             ],
         )
-        _, stats, _ = Learner(cfg, tiny_model_path).learn(SampleBatch.from_records(records))
+        _, stats, _ = learner_for(cfg, tiny_model_path).learn(SampleBatch.from_records(records))
         norms[cap] = stats["grad_norm"]
         assert stats["behaviour_logprob_mismatch"] > 40
     assert stats["behaviour_is_clip_frac"] == 1.0
@@ -341,7 +350,7 @@ def poisoned(records, bad=float("nan")):
 
 
 def test_a_step_with_a_non_finite_loss_is_skipped_counted_and_leaves_the_weights(cfg, tiny_model_path):
-    learner = Learner(cfg, tiny_model_path)
+    learner = learner_for(cfg, tiny_model_path)
     before = [t.clone() for _, t in learner.export_weights()]
     records, stats, _ = learn(learner, poisoned(make_records(8)))  # 8 samples, minibatch 8: 2 steps, both NaN
     assert stats["skipped_steps"] == 2 and learner.finite_steps.in_a_row == 2
@@ -361,7 +370,7 @@ def test_max_nonfinite_steps_in_a_row_fail_naming_the_figure_and_nothing_non_fin
         None,
         ["learner.minibatch_size=8", "learner.device=cpu", "learner.ppo_epochs=3", "learner.max_nonfinite_steps=3"],
     )
-    learner = Learner(cfg, tiny_model_path)
+    learner = learner_for(cfg, tiny_model_path)
     with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row had a non-finite policy_loss \(nan\)"):
         learn(learner, poisoned(make_records(8), float("inf")))
     with torch.no_grad():

@@ -1,7 +1,7 @@
 import pytest
 
 from contracts.config import DataConfig
-from rollout.driver.prompts import DataError, PromptSampler, arith_problems, load_prompts
+from rollout.driver.prompts import PromptDataError, PromptSampler, arith_problems, load_prompts
 
 
 def test_sampler_batches_are_distinct_and_cover_each_epoch():
@@ -39,7 +39,7 @@ def test_builtin_arith_has_unique_stable_ids_and_references():
 def test_bad_records_stop_by_default_and_are_skipped_when_allowed(tmp_path, capsys):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": ""}\n{"prompt": "2+2="}\n')
-    with pytest.raises(DataError, match="1 bad record"):
+    with pytest.raises(PromptDataError, match="1 bad record"):
         load_prompts(DataConfig(prompts=str(path)), seed=0)
     assert f"{path}:2:" in capsys.readouterr().err
     records = load_prompts(DataConfig(prompts=str(path), on_bad_record="skip"), seed=0)

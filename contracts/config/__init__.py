@@ -13,7 +13,7 @@ from typing import Annotated
 from msgspec import Meta, field
 
 from contracts.config.base import Base, ConfigError, doc
-from contracts.config.learner import EstimatorName, KLConfig, LearnerConfig, PolicyLossName
+from contracts.config.learner import KLConfig, LearnerConfig, LossAggMode
 from contracts.config.model import DataConfig, ModelConfig
 from contracts.config.reward import RemoteRewardConfig, RewardConfig, RewardModelConfig, RuleSpec
 from contracts.config.rollout import RolloutConfig, SamplingConfig
@@ -32,13 +32,12 @@ __all__ = [
     "Base",
     "ConfigError",
     "DataConfig",
-    "EstimatorName",
     "JobConfig",
     "KLConfig",
     "LearnerConfig",
+    "LossAggMode",
     "MlflowConfig",
     "ModelConfig",
-    "PolicyLossName",
     "RayConfig",
     "RemoteRewardConfig",
     "RewardConfig",

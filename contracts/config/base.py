@@ -6,8 +6,10 @@ from typing import Any
 
 from msgspec import Meta, Struct
 
+from contracts.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file, override or cross-field rule is wrong; the message says what to change."""
 
 

@@ -21,10 +21,7 @@ class KLConfig(Base):
     horizon: Annotated[int, doc("Adaptive controller horizon, in samples.", ge=1)] = 10000
 
 
-# The names of learner/estimators.py's ESTIMATORS and learner/losses.py's POLICY_LOSSES, which check at
-# import that they agree (contracts/ imports no learner code, so the registries cannot be read from here).
-EstimatorName = Literal["gae", "grpo", "rloo", "reinforce_pp"]
-PolicyLossName = Literal["ppo_clip", "dual_clip"]
+LossAggMode = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 
 
 class LearnerConfig(Base):
@@ -90,14 +87,21 @@ class LearnerConfig(Base):
         ),
     ] = False
     estimator: Annotated[
-        EstimatorName,
+        str,
         doc(
-            "Advantage estimator. `gae` uses the critic; `grpo` and `rloo` compare each sample's "
-            "KL-penalised return with the other samples of its prompt (rollout.n_samples >= 2) and "
-            "`reinforce_pp` whitens the KL-penalised returns over the batch; those three build no "
-            "critic (archived values are 0)."
+            "Advantage estimator, a name registered in learner/estimators.py. `gae` uses the critic; `grpo` "
+            "and `rloo` compare each sample's KL-penalised return with the other samples of its prompt "
+            "(rollout.n_samples >= 2) and `reinforce_pp` whitens the KL-penalised returns over the batch; "
+            "those three build no critic (archived values are 0)."
         ),
     ] = "gae"
+    grpo_normalize_std: Annotated[
+        bool,
+        doc(
+            "GRPO divides each group's centred rewards by the group's standard deviation; false only centres "
+            "them (Dr. GRPO: the division up-weights prompts whose samples barely differ)."
+        ),
+    ] = True
     lr: Annotated[float, doc("Policy learning rate.", gt=0)] = 1e-6
     critic_lr: Annotated[float, doc("Critic learning rate.", gt=0)] = 1e-5
     shared_critic: Annotated[
@@ -107,13 +111,24 @@ class LearnerConfig(Base):
     minibatch_size: Annotated[int, doc("Samples per optimizer step.", ge=1)] = 64
     gamma: Annotated[float, doc("Discount factor of GAE.", ge=0.0, le=1.0)] = 1.0
     lam: Annotated[float, doc("GAE lambda.", ge=0.0, le=1.0)] = 0.95
-    clip_eps: Annotated[float, doc("PPO policy ratio clip range.", gt=0.0)] = 0.2
-    policy_loss: Annotated[
-        PolicyLossName,
+    clip_eps: Annotated[
+        float, doc("PPO policy ratio clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps].", gt=0.0)
+    ] = 0.2
+    clip_eps_high: Annotated[
+        Annotated[float, Meta(gt=0.0)] | None,
         doc(
-            "Policy objective. `ppo_clip`: PPO's clipped surrogate. `dual_clip`: the same, with the loss of a "
-            "negative-advantage token bounded by dual_clip_c·|A|, so a ratio far above 1 + clip_eps (a sample "
-            "from much older weights) cannot dominate a minibatch (Ye et al. 2020)."
+            "Clip-higher (DAPO): the upper bound of the ratio clip is 1 + clip_eps_high, so tokens the policy "
+            "starts to favour can keep rising and exploration stays alive (DAPO uses 0.28 with clip_eps 0.2). "
+            "null: clip_eps, symmetric. The metrics clip_frac_high and clip_frac_low count each side."
+        ),
+    ] = None
+    policy_loss: Annotated[
+        str,
+        doc(
+            "Policy objective, a name registered in learner/losses.py. `ppo_clip`: PPO's clipped surrogate. "
+            "`dual_clip`: the same, with the loss of a negative-advantage token bounded by dual_clip_c·|A|, so "
+            "a ratio far above 1 + clip_eps (a sample from much older weights) cannot dominate a minibatch "
+            "(Ye et al. 2020)."
         ),
     ] = "ppo_clip"
     dual_clip_c: Annotated[float, doc("The bound c of `dual_clip`, more than 1.", gt=1.0)] = 3.0
@@ -139,8 +154,17 @@ class LearnerConfig(Base):
         ),
     ] = 3
     whiten_advantages: Annotated[bool, doc("Normalise advantages over valid tokens.")] = True
-    loss_agg: Annotated[
-        Literal["token", "sequence"],
-        doc("Policy loss mean over all valid tokens, or per sequence then over sequences."),
-    ] = "token"
+    loss_agg_mode: Annotated[
+        LossAggMode,
+        doc(
+            "How the policy loss of a minibatch's tokens is reduced. token_mean: Σ L / tokens (every token "
+            "alike; long responses weigh more). seq_mean_token_sum: Σ_i (Σ_t L) / sequences. "
+            "seq_mean_token_mean: Σ_i (Σ_t L / T_i) / sequences (every response alike). "
+            "seq_mean_token_sum_norm: Σ_i (Σ_t L / loss_agg_norm_tokens) / sequences (Dr. GRPO)."
+        ),
+    ] = "token_mean"
+    loss_agg_norm_tokens: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        doc("The constant of seq_mean_token_sum_norm; null: rollout.sampling.max_tokens."),
+    ] = None
     kl: Annotated[KLConfig, doc("KL penalty toward the reference model.")] = field(default_factory=KLConfig)

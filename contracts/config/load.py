@@ -38,6 +38,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     for item in overrides:
         _apply_override(tree, item)
         source += f" + --set {item}"
+    if root is JobConfig:
+        _renamed(tree)
     try:
         # strict=False: YAML reads "1e-4" as a string; numeric strings convert to the field type.
         cfg = msgspec.convert(tree, root, strict=False)
@@ -46,6 +48,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     infinite = _non_finite(cfg)
     if infinite:
         raise ConfigError(f"{source}: {', '.join(infinite)}: must be a finite number")
+    return _derived(cfg) if root is JobConfig else cfg
+
+
+# Settings an older version of the project wrote (a run's config.yaml, an archive's metadata): their key
+# and value today, so `rollout replay --train` and resumes read old runs' configs.
+_LOSS_AGG = {"token": "token_mean", "sequence": "seq_mean_token_mean"}
+
+
+def _renamed(tree: dict[str, Any]) -> None:
+    learner = tree.get("learner")
+    if isinstance(learner, dict) and "loss_agg" in learner and "loss_agg_mode" not in learner:
+        old = learner.pop("loss_agg")
+        learner["loss_agg_mode"] = _LOSS_AGG.get(old, old)
+
+
+def _derived(cfg: JobConfig) -> JobConfig:
+    """Defaults that are other fields' values, filled in once, here."""
+    if cfg.learner.loss_agg_norm_tokens is None:
+        learner = msgspec.structs.replace(cfg.learner, loss_agg_norm_tokens=cfg.rollout.sampling.max_tokens)
+        cfg = msgspec.structs.replace(cfg, learner=learner)
     return cfg
 
 
@@ -107,11 +129,6 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
         problems.append(
             f"learner.minibatch_size ({cfg.learner.minibatch_size}) exceeds the samples per iteration "
             f"(rollout.prompts_per_iteration x rollout.n_samples = {samples}): lower it or raise those"
-        )
-    if cfg.learner.estimator in ("grpo", "rloo") and cfg.rollout.n_samples < 2:
-        problems.append(
-            f"learner.estimator {cfg.learner.estimator} compares the samples of each prompt, so it needs "
-            f"rollout.n_samples >= 2 (it is {cfg.rollout.n_samples}): raise n_samples or use gae"
         )
     if cfg.learner.num_ranks > cfg.learner.minibatch_size:
         problems.append(
@@ -175,8 +192,11 @@ def to_yaml(cfg: JobConfig) -> str:
     return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)
 
 
-def explain(struct: type[Struct] = JobConfig, prefix: str = "") -> list[str]:
-    """One line per leaf field: `dotted.path = default  # description`, for `rollout config --explain`."""
+def explain(struct: type[Struct] = JobConfig, prefix: str = "", registered: dict[str, Any] | None = None) -> list[str]:
+    """One line per leaf field: `dotted.path = default  # description`, for `rollout config --explain`.
+    `registered`: the names a field may take, by dotted path, read from the registries that hold them
+    (the packages this one may not import)."""
+    registered = registered or {}
     lines = []
     for f in msgspec.inspect.type_info(struct).fields:
         kind, description = f.type, ""
@@ -185,8 +205,10 @@ def explain(struct: type[Struct] = JobConfig, prefix: str = "") -> list[str]:
             kind = kind.type
         path = prefix + f.name
         if isinstance(kind, msgspec.inspect.StructType):
-            lines.extend(explain(kind.cls, path + "."))
+            lines.extend(explain(kind.cls, path + ".", registered))
             continue
+        if path in registered:
+            description += f" Registered: {', '.join(registered[path])}."
         default = (
             f.default
             if f.default is not msgspec.NODEFAULT

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from contracts.errors import UserError
 from contracts.schema import (
     archive_schema,
     components_of,
@@ -28,7 +29,7 @@ class ArchiveCutWarning(UserWarning):
     """An archive file ended mid-batch; the complete batches before the cut were read."""
 
 
-class ArchiveCorruptError(ValueError):
+class ArchiveCorruptError(UserError, ValueError):
     """An archive file holds a record batch that is not valid Arrow data; the message names file and batch."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from contracts.errors import JobFailure
 from contracts.schema import (
     SCHEMA_VERSION,
     RolloutRecord,
@@ -26,7 +27,7 @@ FILE_PATTERN = "part-{:05d}.arrow"
 _CLOSE = object()
 
 
-class ArchiveWriteError(OSError):
+class ArchiveWriteError(JobFailure, OSError):
     """Writing the archive failed (a full disk, a read-only or failing device); the message names the file."""
 
 

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from contracts.errors import UserError
 from learner import checkpoint
 
 CHECKPOINTS = "checkpoints"
@@ -23,7 +24,7 @@ AUTO = "auto"  # resume from the newest whole checkpoint in the run directory, i
 NEVER = "never"  # start from the start model whatever the run directory holds
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """The checkpoint an operator asked to resume from is missing or not whole."""
 
 

@@ -14,13 +14,14 @@ from collections.abc import Iterator
 import msgspec
 
 from contracts.config import DataConfig
+from contracts.errors import UserError
 from contracts.formats import PromptRecord, parse_prompt, read_prompts
 from contracts.jsonl import BadRecord, report_bad
 
 BUILTIN_ARITH = "builtin:arith"
 
 
-class DataError(ValueError):
+class PromptDataError(UserError, ValueError):
     """The prompt data has bad records and the config says to stop."""
 
 
@@ -52,11 +53,11 @@ def load_prompts(cfg: DataConfig, seed: int, *, log=None) -> list[PromptRecord]:
         source=cfg.prompts,
         what="bad record(s)",
         fix="fix them",
-        error=DataError,
+        error=PromptDataError,
         log=log,
     )
     if not records:
-        raise DataError(f"{cfg.prompts}: no valid prompt records")
+        raise PromptDataError(f"{cfg.prompts}: no valid prompt records")
     return unique_ids(records)
 
 

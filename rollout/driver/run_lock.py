@@ -16,10 +16,12 @@ import platform
 import sys
 from pathlib import Path
 
+from contracts.errors import UserError
+
 LOCK = ".lock"
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(UserError):
     """Another live process holds the run directory; the message names it."""
 
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from contracts.builtin_model import cache_dir
+from contracts.errors import UserError
 from contracts.storage import configure_driver, is_uri, list_tree, open_uri, put_file, sync_down
 from rollout.driver.run_lock import LOCK
 
@@ -42,7 +43,7 @@ RENEW_S = 30.0
 SMALL = ("run_id", "config.yaml", "manifest.json", "metrics.jsonl")  # rewritten whole; pushed when changed
 
 
-class RunStorageError(RuntimeError):
+class RunStorageError(UserError):
     """The run's URI cannot be read or written, or another driver holds it; the message says which."""
 
 

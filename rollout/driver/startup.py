@@ -22,6 +22,7 @@ from contracts.config.load import check, to_yaml
 from contracts.console import configure_driver
 from contracts.formats import PromptRecord
 from contracts.rendering import PromptRenderer, PromptTask, render_prompts
+from learner.estimators import check_learner_names
 from reward.checks import check_reward_config
 from rollout.driver import stopping
 from rollout.driver.prompts import load_prompts
@@ -45,6 +46,7 @@ def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
     directory) and every prompt, checked before anything starts: bad data fails here, in seconds, and
     leaves nothing in the run directory."""
     check(cfg)  # devices are checked against the cluster once it is joined
+    check_learner_names(cfg.learner, cfg.rollout.n_samples)
     check_reward_config(cfg.reward)  # rule names and params, user rules imported, the reward model
     base_model = resolve_model_path(cfg.model.path)
     from transformers import AutoTokenizer  # slow to import: only the commands that start a job pay it

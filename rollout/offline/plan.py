@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from contracts.config import JobConfig
+from learner.estimators import estimator
 from learner.memory import GIB, QWEN25_05B, QWEN25_7B, Shape, estimate
 from rollout.driver.resources import actor_requests, check_fits, resolve_devices
 from rollout.generation.engine_sizing import engine_sizing
@@ -163,7 +164,7 @@ def _memory(cfg: JobConfig, shape: Shape, requests, gpu_memory_gb: float | None,
         num_ranks=lc.num_ranks,
         micro_batch_tokens=lc.micro_batch_tokens,
         compute_bytes=dtype,
-        separate_critic=lc.estimator == "gae",
+        separate_critic=estimator(lc.estimator).needs_critic and not lc.shared_critic,
         gradient_checkpointing=lc.gradient_checkpointing,
         samples=r.prompts_per_iteration * r.n_samples,
         response_tokens=r.sampling.max_tokens,

@@ -51,10 +51,10 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
-from contracts.config import RewardConfig
+from contracts.config import ConfigError, LearnerConfig, RewardConfig
 from contracts.schema import components_of
 from learner.advantages import KLEstimator, kl_penalty, last_token_mask
-from learner.estimators import broadcast, estimate, estimator
+from learner.estimators import estimator
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
 from rollout.archive.metadata import learner_settings
 from rollout.offline.ragged import floats, lengths_of, padded, ragged, required, required_column
@@ -90,6 +90,11 @@ class _Plan:
     kl_estimator: KLEstimator
     rescore: bool
 
+    @property
+    def settings(self) -> LearnerConfig:
+        """The learner settings the estimator reads."""
+        return LearnerConfig(estimator=self.estimator, gamma=self.gamma, lam=self.lam)
+
 
 def replay(
     archive: str | Path, out: str | Path, options: ReplayOptions = ReplayOptions(), *, log: TextIO | None = None
@@ -106,9 +111,9 @@ def replay(
         for b in iter_batches(archive, ["prompt_id", "prompt", "response", "reward", "reward_components"])
     )
     group_advantages = None
-    if estimator(plan.estimator).group is not None:
+    if estimator(plan.estimator).grouped:
         scores = list(scores)  # scored once, used twice: for the group baselines, then per batch
-        group_advantages = _group_advantages(archive, [reward for reward, _ in scores], plan.estimator)
+        group_advantages = _group_advantages(archive, [reward for reward, _ in scores], plan)
 
     rows, max_diff = 0, None
     # Written under a temporary name and renamed when whole: a failed replay leaves no partial archive.
@@ -141,8 +146,8 @@ def replay(
 def _plan(metadata: dict[str, str], options: ReplayOptions) -> _Plan:
     try:
         estimator(options.estimator)
-    except ValueError as e:
-        raise ReplayError(str(e)) from None
+    except ConfigError as e:
+        raise ReplayError(str(e).replace("learner.estimator:", "--estimator", 1)) from None
     gamma = options.gamma if options.gamma is not None else _metadata_float(metadata, "gamma", "--gamma")
     lam = options.lam if options.lam is not None else _metadata_float(metadata, "lam", "--lam")
     for name, value in (("gamma", gamma), ("lam", lam)):
@@ -218,8 +223,8 @@ def _replay_batch(
     reward, components = scores
     rewards = _token_rewards(batch, reward, plan, lengths, mask)
     entry = estimator(plan.estimator)
-    if entry.group is not None:
-        advantages = broadcast(torch.from_numpy(group_advantages), mask).float()
+    if entry.grouped:
+        advantages = torch.where(mask, torch.from_numpy(group_advantages).float().unsqueeze(1), 0)
         returns = advantages
     else:
         values = padded(required(batch, "values", lengths), width) if entry.needs_critic else None
@@ -228,7 +233,7 @@ def _replay_batch(
             token_rewards = torch.where(last_token_mask(mask), score, 0)
         else:
             token_rewards = rewards
-        advantages, returns = estimate(plan.estimator, token_rewards, values, mask, None, plan.gamma, plan.lam)
+        advantages, returns = entry.fn(token_rewards, values, mask, None, plan.settings)
     columns = {name: batch.column(name) for name in schema.names}
     columns.update(
         reward=reward,
@@ -313,8 +318,9 @@ def _stored_scores(batch: pa.RecordBatch) -> Scores:
     return batch.column("reward"), batch.column("reward_components")
 
 
-def _group_advantages(archive: str | Path, rewards: list[pa.Array], name: str) -> np.ndarray:
-    """(N,) sequence advantages over the whole archive, grouped by (iteration, prompt_id)."""
+def _group_advantages(archive: str | Path, rewards: list[pa.Array], plan: _Plan) -> np.ndarray:
+    """(N,) sequence advantages over the whole archive, grouped by (iteration, prompt_id): the estimator
+    runs on every sample at once, each reward a one-token row."""
     keys = read_table(archive, ["iteration", "prompt_id"])
     reward = pa.chunked_array(rewards, type=pa.float32())
     if reward.null_count:
@@ -322,8 +328,12 @@ def _group_advantages(archive: str | Path, rewards: list[pa.Array], name: str) -
     # One string key per (iteration, prompt_id) pair; its dictionary index is the group number.
     joined = pc.binary_join_element_wise(keys["iteration"].cast(pa.string()), keys["prompt_id"], "\x1f")
     groups = pc.dictionary_encode(joined).combine_chunks().indices.to_numpy().astype(np.int64)
+    sequence_rewards = torch.from_numpy(floats(reward, "reward")).unsqueeze(1)  # (N, 1)
+    one_token = torch.ones_like(sequence_rewards, dtype=torch.bool)
     try:
-        advantages = estimator(name).group(torch.from_numpy(floats(reward, "reward")), torch.from_numpy(groups))
+        advantages, _ = estimator(plan.estimator).fn(
+            sequence_rewards, None, one_token, torch.from_numpy(groups), plan.settings
+        )
     except ValueError as e:
-        raise ReplayError(f"--estimator {name}: {e}") from None
-    return advantages.numpy()
+        raise ReplayError(f"--estimator {plan.estimator}: {e}") from None
+    return advantages[:, 0].numpy()

@@ -12,12 +12,13 @@ import yaml
 
 from contracts.config import ConfigError, JobConfig, RewardConfig
 from contracts.config.load import load_config
+from contracts.errors import UserError
 from contracts.formats import Message, PromptRecord
 
 Scores = tuple[pa.Array, pa.Array]  # per batch: reward (float32), reward_components (struct)
 
 
-class ReplayError(ValueError):
+class ReplayError(UserError, ValueError):
     """The archive or the options do not allow this replay; the message says why and what to change."""
 
 
@@ -70,7 +71,7 @@ def reward_config(path: str | Path) -> RewardConfig:
 def load_prompt_records(source: str | None, metadata: dict[str, str], log: TextIO) -> dict[str, PromptRecord]:
     """Data records by prompt_id from `source` (a prompt file or builtin:arith), by default the
     run's own `data.prompts`; {} with a warning when the run's default cannot be read."""
-    from rollout.driver.prompts import DataError, load_prompts
+    from rollout.driver.prompts import PromptDataError, load_prompts
 
     run = run_config(metadata)
     data = run.data if run else JobConfig().data
@@ -80,7 +81,7 @@ def load_prompt_records(source: str | None, metadata: dict[str, str], log: TextI
     )
     try:
         records = load_prompts(data, run.seed if run else 0, log=log)
-    except (OSError, DataError) as e:
+    except (OSError, PromptDataError) as e:
         if explicit:
             raise ReplayError(f"--prompts {source}: {e}") from None
         print(

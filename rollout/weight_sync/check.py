@@ -11,10 +11,12 @@ import math
 
 import msgspec
 
+from contracts.errors import JobFailure
+
 PROBE_IDS = tuple(range(1, 17))  # the tokens whose logprobs check a weight sync (any vocabulary has them)
 
 
-class WeightSyncError(RuntimeError):
+class WeightSyncError(JobFailure):
     """A weight sync failed or timed out; the message names the workers and the setting to change."""
 
 

@@ -1,6 +1,6 @@
 """The learner's end of the collective weight sync: rank 0 of the learner sends, every rank gathers.
 
-It runs beside the `Learner` inside each learner rank's actor (rollout/driver/learner_group.py) and
+It runs beside the `Learner` inside each learner rank's actor (rollout/actors/learner_ranks.py) and
 reads only what the learner exports: `export_weights` (a collective when sharded) and the policy's
 parameter shapes, so the learner itself knows nothing of engines or of how weights travel.
 """

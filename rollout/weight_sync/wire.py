@@ -26,6 +26,8 @@ import msgspec
 import torch
 import torch.distributed as dist
 
+from contracts.errors import JobFailure
+
 ALIGN = 64  # byte offset of each tensor in a bucket: a multiple of every element size, so views are legal
 
 
@@ -70,7 +72,7 @@ def plan_buckets(
     return SyncPlan(dtype, tuple(buckets), tuple(tied))
 
 
-class SyncAbandoned(RuntimeError):
+class SyncAbandoned(JobFailure):
     """The driver called the sync off (a member died before it began); nothing was loaded."""
 
 

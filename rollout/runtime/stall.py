@@ -24,10 +24,6 @@ POLL_S = 5.0  # how often the waits that watch an actor look at it
 NOTE_S = 30.0  # a wait this long says on the console what it waits for, and again every NOTE_S x 2
 
 
-class PipelineTimeout(RuntimeError):
-    """Generation or scoring of an iteration did not finish in time; the message says which."""
-
-
 class StallWatch:
     """Watches actors while they hold work; `stalled` is called every few seconds by the waits. An
     actor not watched for a few polls (it held no work) starts its clock again when it next is."""
