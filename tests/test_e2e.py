@@ -652,8 +652,8 @@ try:
             ray.kill(session.learner.handles[0], no_restart=True)
         session.sync_weights()
         session.archive_iteration(samples, learned)
+        session.checkpoint_if_due(samples, timings)
         session.record_metrics(samples, learned, timings)
-        session.checkpoint_if_due(samples)
         ran.append(iteration)
     print(json.dumps({"ran": ran, "version": session.learner.updates}))
 finally:

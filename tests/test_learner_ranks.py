@@ -10,7 +10,7 @@ from test_learner import make_records
 
 from contracts.config.load import load_config
 from learner.samples import SampleBatch
-from rollout.actors.learner_ranks import LearnerError, LearnerRanks
+from rollout.actors.learner_ranks import LearnerRanks
 from rollout.actors.learner_spec import LearnerSpec
 
 # One optimizer step per update (see test_micro_batched_update_equals_the_whole_minibatch_update).
@@ -94,7 +94,9 @@ def test_a_learner_that_cannot_be_placed_says_so_while_it_waits_then_fails_namin
 
     monkeypatch.setattr(placement, "NOTE_S", 0.5)
     cfg = load_config(None, ["learner.num_cpus_per_rank=64", "ray.actor_start_timeout_s=2"])
-    with pytest.raises(LearnerError, match=r"could not be placed within ray.actor_start_timeout_s \(2s\)"):
+    from rollout.runtime.failures import ActorStartError
+
+    with pytest.raises(ActorStartError, match=r"could not be placed within ray.actor_start_timeout_s \(2s\)"):
         LearnerRanks(LearnerSpec.of_job(cfg, "unused: never loaded"), cfg.ray)
     notes = [line for line in capsys.readouterr().err.splitlines() if "not started yet" in line]
     assert notes and notes[0].startswith("the learner's 1 rank(s): not started yet (")

@@ -37,7 +37,7 @@ def _member(rank: int, world: int, port: int, plan, die_after: int | None, out) 
         if rank == 0:
             try:
                 group.arrive("sync1")
-                group.send(plan, _weights())
+                group.send(plan, _weights().items())
                 out.put((rank, "sent", None))
             except RuntimeError as e:
                 out.put((rank, "failed", str(e)))

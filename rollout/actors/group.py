@@ -15,10 +15,11 @@ import sys
 import time
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from rollout.runtime.failures import ActorStartError, first_line, raised, start_failed
 from rollout.runtime.placement import free_resources, note_waiting, wait_placed
-from rollout.runtime.stall import NOTE_S, StallWatch, stalled_message
+from rollout.runtime.stall import NOTE_S, POLL_S, Patience, StallWatch, stalled_message
 
 
 class ActorGroup:
@@ -34,6 +35,7 @@ class ActorGroup:
         self.watch = StallWatch(stall_timeout_s)
         self.log = log or sys.stderr
         self.restarts = 0  # members found dead and brought back
+        self.placement = None  # the placement group of members placed together, if they are
 
     def handle(self, name: str):
         return self.handles[self.names.index(name)]
@@ -57,6 +59,18 @@ class ActorGroup:
                 ray.get(ref, timeout=timeout_s)
             except ray.exceptions.RayTaskError as e:
                 raise start_failed(name, raised(name, e).cause) from None
+
+    def place_together(self, what: str, bundle: dict, count: int, timeout_s: float, setting: str, fix: str) -> None:
+        """Reserve `count` x `bundle` packed together (a placement group, `self.placement`), saying so while Ray
+        places them; ActorStartError naming what is free and `fix` when it cannot within `timeout_s`."""
+        self.placement = placement_group([bundle] * count, strategy="PACK")
+        if wait_placed([self.placement.ready()], timeout_s, what, setting):
+            remove_placement_group(self.placement)
+            self.placement = None
+            raise ActorStartError(
+                f"{what} x {bundle} could not be placed within {setting} ({timeout_s:.0f}s); the cluster has "
+                f"{free_resources()} free: {fix}"
+            )
 
     def wait_back(self, name: str, timeout_s: float, setting: str, asked: str) -> None:
         """Wait for Ray to restart `name`, saying so every NOTE_S; ActorStartError when it does not come
@@ -97,6 +111,23 @@ class ActorGroup:
         except ray.exceptions.GetTimeoutError:
             raise late() from None
 
+    def wait_all(self, pending: dict, timeout_s: float, late) -> None:
+        """Wait for every answer (ref -> member name), raising as soon as one fails: the others may be
+        blocked in a collective with it, and would only give up at the timeout. A member that makes no
+        progress meanwhile is killed; `late(names)` is the error when `timeout_s` passes first."""
+        left, patience = list(pending), Patience()
+        deadline = time.monotonic() + timeout_s
+        while left:
+            remaining = deadline - time.monotonic()
+            done, left = ray.wait(left, num_returns=1, timeout=max(0.0, min(POLL_S, remaining)))
+            if not done:
+                if remaining <= 0:
+                    raise late([pending[r] for r in left])
+                self.kill_stalled(pending[r] for r in left)
+                patience.note(lambda: ", ".join(pending[r] for r in left))
+                continue
+            self.get(done[0], pending[done[0]], timeout_s, lambda: late([pending[done[0]]]))
+
     # -- watching ----------------------------------------------------------------------------------
 
     def kill_stalled(self, busy) -> list[str]:
@@ -120,3 +151,6 @@ class ActorGroup:
     def release(self) -> None:
         for handle in self.handles:
             ray.kill(handle)
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+            self.placement = None

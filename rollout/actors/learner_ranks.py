@@ -1,9 +1,6 @@
-"""The learner's ranks: `LearnerRank`, the Ray edge of one `Learner`, and the group that places them, runs
-every call on every rank, and rebuilds them from the newest checkpoint when one is lost.
-
-The ranks are created empty so that rank 0 can name the process group's address before any rank joins
-it; then all of them build their `Learner` at once. Calls go to every rank (FSDP's collectives need them
-all) and rank 0's answer is the group's. Every wait has a timeout that names the rank it waited on.
+"""The learner's ranks: `LearnerRank`, the Ray edge of one `Learner`, and the group that places them (created
+empty, so rank 0 names the process group's address first), runs every call on every rank (FSDP's
+collectives need them all; rank 0's answer is the group's), each wait bounded and naming the rank.
 
 Recovery is the group's own: a rank that died (or was killed for a stall) fails its call; the group builds
 new ranks from `restart_from` (the newest checkpoint, or the start model), counts the updates lost
@@ -15,13 +12,11 @@ from __future__ import annotations
 
 import shutil
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from contracts import storage
@@ -35,8 +30,6 @@ from rollout.actors.group import ActorGroup
 from rollout.actors.learner_spec import LearnerSpec
 from rollout.actors.member import CONCURRENCY_GROUPS, Member
 from rollout.runtime.failures import ActorRaised, first_line, start_failed
-from rollout.runtime.placement import free_resources, wait_placed
-from rollout.runtime.stall import POLL_S, Patience
 from rollout.runtime.telemetry import record_restart
 from rollout.weight_sync.sender import WeightSender
 from rollout.weight_sync.wire import GroupAddress, SyncPlan
@@ -53,6 +46,7 @@ class LearnerRank(Member):
         super().__init__("learner")
         self.rank: int | None = None
         self.learning = False
+        self.pending = None  # the checkpoint being written in the background
 
     def address(self) -> str:
         """A free port on this node, for the process group rank 0 serves."""
@@ -90,9 +84,20 @@ class LearnerRank(Member):
         return self._answer(columns), (stats, timings)
 
     def save(self, directory: Path, extra: dict) -> None:
+        """Stage this rank's part of checkpoint `directory`; it is written in the background (`written`)."""
         Path(directory).mkdir(parents=True, exist_ok=True)  # on a node that does not see the driver's disk, too
-        self.core.save(directory, extra)
-        storage.publish(directory)  # for a driver that cannot see this node's disk
+        self.pending = self.core.save_async(directory, extra)
+
+    def written(self, wait: bool) -> float | None:
+        """The seconds the pending checkpoint took to write, once it is written (and published, for a
+        driver that cannot see this node's disk); None while it is still writing and not `wait`."""
+        pending = self.pending
+        if pending is None or not (wait or pending.done()):
+            return None if pending is not None else 0.0
+        seconds = pending.wait()
+        storage.publish(pending.directory)
+        self.pending = None
+        return seconds
 
     def load(self, directory: Path) -> dict:
         return self._answer(self.core.load(storage.fetch(directory)))
@@ -147,6 +152,7 @@ class LearnerRanks(ActorGroup):
         self.updates = 0  # PPO updates the live weights hold: the policy version
         self.lost_updates = 0  # updates lost to rebuilds, all told: the job makes them again
         self.on_rebuilt: list[Callable[[Rebuilt], None]] = []
+        self.writing: Path | None = None  # the checkpoint the ranks write in the background
         self._learned_iteration: int | None = None
         super().__init__([], [], stall_timeout_s=lc.stall_timeout_s, max_restarts=lc.max_restarts, log=log)
         self._start(rebuilt=False)
@@ -159,18 +165,12 @@ class LearnerRanks(ActorGroup):
         place_timeout_s = self.ray_cfg.node_wait_timeout_s if rebuilt else self.ray_cfg.actor_start_timeout_s
         gpus = 1 if resolve_device(lc.device) == "cuda" else 0
         bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": gpus} if gpus else {})}
-        self.group = placement_group([bundle] * lc.num_ranks, strategy="PACK")
-        if wait_placed([self.group.ready()], place_timeout_s, f"the learner's {lc.num_ranks} rank(s)", setting):
-            remove_placement_group(self.group)
-            fix = (
-                "add a node; the same command resumes from the newest checkpoint"
-                if rebuilt
-                else "lower learner.num_ranks or learner.num_cpus_per_rank, or add nodes"
-            )
-            raise LearnerError(
-                f"the learner's {lc.num_ranks} rank(s) x {bundle} could not be placed within "
-                f"{setting} ({place_timeout_s:.0f}s); the cluster has {free_resources()} free: {fix}"
-            )
+        fix = "lower learner.num_ranks or learner.num_cpus_per_rank, or add nodes"
+        if rebuilt:
+            fix = "add a node; the same command resumes from the newest checkpoint"
+        self.place_together(
+            f"the learner's {lc.num_ranks} rank(s)", bundle, lc.num_ranks, place_timeout_s, setting, fix
+        )
         actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(LearnerRank)
         self.names = [f"learner rank {i}" for i in range(lc.num_ranks)]
         self.handles = [
@@ -178,7 +178,7 @@ class LearnerRanks(ActorGroup):
                 num_cpus=lc.num_cpus_per_rank,
                 num_gpus=gpus,
                 **actor_options(f"learner-{i}"),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, i),
             ).remote()
             for i in range(lc.num_ranks)
         ]
@@ -214,22 +214,37 @@ class LearnerRanks(ActorGroup):
     def learn_samples(self, samples: SampleBatch) -> tuple[LearnerColumns, dict[str, float], dict[str, float]]:
         """`learn` on a batch already assembled (an archive's samples, a test's); no recovery."""
         ref = ray.put(samples)
-        columns, stats, timings = self._learned(
-            [h.learn_samples.options(num_returns=2).remote(ref) for h in self.handles]
-        )
+        pairs = [h.learn_samples.options(num_returns=2).remote(ref) for h in self.handles]
+        columns, stats, timings = self._learned(pairs)
         self.updates += 1
         return self._get(columns, "learner rank 0"), stats, timings
 
     def save(self, directory: Path, extra: dict) -> bool:
-        """Every rank writes its part of checkpoint `directory`; False when a rank died in it (the group
-        was rebuilt, the partial checkpoint removed)."""
+        """Every rank stages its part of checkpoint `directory` and writes it in the background (`written`);
+        False when a rank died first (the group rebuilt, the partial checkpoint removed)."""
+        self.writing = Path(directory)
         try:
             self._every(lambda h: h.save.remote(directory, extra))
             return True
         except ray.exceptions.RayActorError as e:
-            shutil.rmtree(directory, ignore_errors=True)
             self._rebuild(e)
             return False
+
+    def written(self, wait: bool) -> float | None:
+        """The seconds `save`'s checkpoint took to write, once every rank's part is written; None while one
+        writes, or when a rank died first (rebuilt, the partial checkpoint removed, `writing` None)."""
+        if self.writing is None:
+            return None
+        refs = [h.written.remote(wait) for h in self.handles]
+        try:
+            answers = [self._get(r, n) for r, n in zip(self._finish(refs), self.names)]
+        except ray.exceptions.RayActorError as e:
+            self._rebuild(e)
+            return None
+        if any(seconds is None for seconds in answers):
+            return None
+        self.writing = None
+        return max(answers)
 
     def load(self, directory: Path) -> dict:
         """Restore every rank from checkpoint `directory`; the job state saved with it."""
@@ -283,6 +298,9 @@ class LearnerRanks(ActorGroup):
             flush=True,
         )
         record_restart("learner")
+        if self.writing is not None:  # a write the lost rank was part of never becomes a checkpoint
+            shutil.rmtree(self.writing, ignore_errors=True)
+            self.writing = None
         self.release()
         self._start(rebuilt=True)
         before, resumed_from = self.updates, None
@@ -310,8 +328,7 @@ class LearnerRanks(ActorGroup):
         """Like `_every` for a call with two returns (answer, flag): rank 0's answer stays in the object
         store. Every rank's flag is read, so a rank that died raises here, not in whoever reads the answer."""
         pairs = [call(h) for h in self.handles]
-        flags = self._finish([flag for _, flag in pairs])
-        self._get(flags[0], "learner rank 0")
+        self._finish([flag for _, flag in pairs])
         return pairs[0][0]
 
     def _learned(self, pairs) -> tuple[ray.ObjectRef, dict[str, float], dict[str, float]]:
@@ -320,31 +337,12 @@ class LearnerRanks(ActorGroup):
         return pairs[0][0], stats, timings
 
     def _finish(self, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
-        """Wait for every rank, raising as soon as one fails: the others may be blocked in a collective
-        with it, and would only give up at the timeout."""
-        names = dict(zip(refs, self.names))
-        pending, patience = list(refs), Patience()
-        deadline = time.monotonic() + self.timeout
-        while pending:
-            left = deadline - time.monotonic()
-            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, min(POLL_S, left)))
-            if not done:
-                if left <= 0:
-                    late = ", ".join(names[r] for r in pending)
-                    raise LearnerError(f"{late} did not finish within learner.call_timeout_s ({self.timeout:.0f}s)")
-                self.kill_stalled(names[r] for r in pending)
-                patience.note(lambda: ", ".join(names[r] for r in pending))
-                continue
-            if done[0] is not refs[0]:
-                self._get(done[0], names[done[0]])
+        """Every rank's call done (raising as soon as one fails); the refs, in rank order."""
+        self.wait_all(dict(zip(refs, self.names)), self.timeout, self._late)
         return refs
 
     def _get(self, ref: ray.ObjectRef, name: str):
-        def late():
-            return LearnerError(f"{name} did not answer within learner.call_timeout_s ({self.timeout:.0f}s)")
+        return self.get(ref, name, self.timeout, lambda: self._late([name]))
 
-        return self.get(ref, name, self.timeout, late)
-
-    def release(self) -> None:
-        super().release()
-        remove_placement_group(self.group)
+    def _late(self, names: list[str]) -> LearnerError:
+        return LearnerError(f"{', '.join(names)} did not answer within learner.call_timeout_s ({self.timeout:.0f}s)")

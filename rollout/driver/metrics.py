@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from rollout.runtime.telemetry import metric_name, record_stages
 
-STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive")
+STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive", "checkpoint")
 
 
 def iteration_metrics(

@@ -51,6 +51,9 @@ class RunRecord:
             raise
         self.checkpoints = Checkpoints(run_dir, cfg.checkpoint_keep_last)
         self.model = ""  # the start model, once the session has it
+        self.tokenizer = None  # saved into each checkpoint's policy/, so that engines can load it
+        self._writing: tuple[int, Path] | None = None  # the checkpoint being written: (iteration, partial)
+        self._written_s: float | None = None  # how long the last one committed took to write, until reported
         self.update_lost: str | None = None  # why the iteration being run lost its update, if it did
         self._recorded_through = -1  # the last iteration whose metrics line and manifest entry are written
         self._last_recorded = time.perf_counter()
@@ -61,11 +64,11 @@ class RunRecord:
         if self.storage:
             step(self.storage, *args)
 
-    def begin(self, cfg: JobConfig, model: str, resumed_from: dict | None) -> int:
+    def begin(self, cfg: JobConfig, model: str, resumed_from: dict | None, tokenizer) -> int:
         """This start in the manifest, and the archive, metrics and trackers open; the first iteration to
         run. Iterations archived after the last checkpoint lost their updates but keep their rows: numbering
         continues after them, so no (iteration, prompt_id, sample_index) is ever archived twice."""
-        self.cfg, self.model = cfg, model
+        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         start = self.manifest.start_run(cfg, model, resumed_from)
         self.components = reward_components(cfg.reward)
         self.archive = ArchiveWriter(
@@ -86,6 +89,7 @@ class RunRecord:
         """A new start in the manifest; an update made in this iteration and lost before it was recorded
         is labelled so on the iteration's entry."""
         reason = f"learner rebuilt in iteration {rebuilt.iteration}"
+        self._writing = None  # a checkpoint the lost rank was writing is gone with it
         self.manifest.start_run(self.cfg, self.model, rebuilt.resumed_from, reason=reason)
         if rebuilt.after_update and rebuilt.iteration > self._recorded_through:
             self.update_lost = f"{reason} before its weight sync"
@@ -115,10 +119,11 @@ class RunRecord:
         sync_gap: float | None,
         restarts: dict[str, int],
         last_iteration: int,
+        learner,
     ) -> dict:
-        """The iteration's metrics line (and the trackers', and Prometheus'), its manifest entry and the
-        progress line; `restarts`: each kind's count so far (reward workers report theirs with the first
-        batch they score)."""
+        """The iteration's manifest entry, a checkpoint committed if its background write is done, then the
+        metrics line (and the trackers', and Prometheus') and the progress line; `restarts`: each kind's
+        count so far (reward workers report theirs with the first batch they score)."""
         metrics = iteration_metrics(
             samples.iteration,
             samples.summaries,
@@ -136,12 +141,6 @@ class RunRecord:
             metrics[f"restarts/{kind}"] = count - self._restarts_seen.get(kind, 0)
         metrics["restarts/reward"] = int(metrics.get("restarts/reward", 0))
         self._restarts_seen = restarts
-        self.metrics.write(metrics)
-        table = None
-        if self.tracking.wants_samples(samples.iteration):
-            texts = ray.get(samples.chunks[0].batch, timeout=self.cfg.rollout.iteration_timeout_s)
-            table = sample_table(texts, samples.rewards[0], self.cfg.tracking.samples_rows)
-        self.tracking.log_iteration(metrics, table)
         self.manifest.iteration(
             samples.iteration,
             generated_by=[s.policy_version for s in samples.summaries],
@@ -149,20 +148,45 @@ class RunRecord:
             update_lost=self.update_lost,
         )
         self.update_lost, self._recorded_through = None, samples.iteration
+        self.commit_written(learner, wait=False)
+        if self._written_s is not None:  # the background write of the checkpoint committed last
+            metrics["time/checkpoint_write"], self._written_s = self._written_s, None
+        self.metrics.write(metrics)
+        table = None
+        if self.tracking.wants_samples(samples.iteration):
+            texts = ray.get(samples.chunks[0].batch, timeout=self.cfg.rollout.iteration_timeout_s)
+            table = sample_table(texts, samples.rewards[0], self.cfg.tracking.samples_rows)
+        self.tracking.log_iteration(metrics, table)
         self.push(RunStorage.push_small)
         print(self.metrics.progress_line(metrics, last_iteration), file=self.log, flush=True)
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def checkpoint(self, iteration: int, extra: dict, learner, tokenizer) -> Path | None:
-        """The learner's checkpoint of `iteration`, written under a temporary name and renamed whole, so
-        `latest` never names half a checkpoint; then old ones pruned and the run storage updated. None when a
-        learner rank was lost in it (the learner is rebuilt; this iteration's update went with the rank)."""
+    def checkpoint(self, iteration: int, extra: dict, learner) -> None:
+        """Stage the learner's checkpoint of `iteration`, which is then written in the background: the loop
+        waits only for the archive to hold every trained iteration, the write before this one, and the
+        staging copy. It is committed, whole, by `commit_written`."""
         self.archive.flush()  # the archive holds every trained iteration before a checkpoint says they were trained
+        self.commit_written(learner, wait=True)  # one write at a time
         partial = self.checkpoints.partial(iteration)
-        if not learner.save(partial, {**extra, "iteration": iteration, "run_id": self.run_id}):
+        if learner.save(partial, {**extra, "iteration": iteration, "run_id": self.run_id}):
+            self._writing = (iteration, partial)
+
+    def commit_written(self, learner, *, wait: bool) -> float | None:
+        """The checkpoint being written, made whole once it is (with `wait`, once it is written): its files
+        pulled from ranks on other nodes, its tokenizer, its manifest, its final name, then `latest`, old ones
+        pruned, the run storage updated and the learner's restart point moved to it. The write's seconds, or
+        None when none was committed (still writing, or lost with a rank: the one before stays `latest`)."""
+        if self._writing is None:
             return None
+        seconds = learner.written(wait)
+        if seconds is None:
+            if learner.writing is None:
+                self._writing = None
+            return None
+        iteration, partial = self._writing
+        self._writing = None
         if self.storage:  # ranks on nodes that cannot see this disk published their parts to the URI
             self.storage.pull_tree(partial.relative_to(self.run_dir).as_posix())
         if not (partial / STATE_FILE).is_file():  # rank 0 saved on a disk this process does not see
@@ -171,18 +195,22 @@ class RunRecord:
                 "on this node's disk): put --out on storage every node mounts, or in an object store "
                 "(--out s3://bucket/run), through which the ranks publish what they write"
             )
-        tokenizer.save_pretrained(partial / "policy")  # the policy directory is a complete model: engines load it
+        self.tokenizer.save_pretrained(partial / "policy")  # the policy directory is a complete model: engines load it
         committed = self.checkpoints.commit(partial)
         self.manifest.checkpoint(iteration, committed.name)
         self.push(RunStorage.push_checkpoint, committed)
-        return committed
+        learner.restart_from = committed
+        self._written_s = seconds
+        return seconds
 
     # -- the end -----------------------------------------------------------------------------------
 
-    def close(self, *, failed: bool = False) -> None:
-        """Write what is queued, close the trackers and push everything (then `release`, once the actors
-        whose objects the archive reads are gone)."""
+    def close(self, learner, *, failed: bool = False) -> None:
+        """Commit the checkpoint being written (unless the job failed), write what is queued, close the
+        trackers and push everything (then `release`, once the actors whose objects the archive reads are gone)."""
         try:
+            if not failed and learner is not None:
+                self.commit_written(learner, wait=True)
             if self.archive is not None:
                 self.archive.close()
         finally:

@@ -106,7 +106,7 @@ class Session:
             resumed_from["policy_version"] = self.learner.updates
             self.weights.queue()
             self.weights.confirm()
-        self.first_iteration = record.begin(cfg, model, resumed_from)
+        self.first_iteration = record.begin(cfg, model, resumed_from, self.data.tokenizer)
         self.learner.on_rebuilt.append(record.learner_rebuilt)
         updates = self.learner.updates
         # The run goes on until the weights hold `iterations` updates, however many crashes came before.
@@ -201,23 +201,25 @@ class Session:
             sync_gap=self.weights.gap,
             restarts=restarts,
             last_iteration=self.last_iteration,
+            learner=self.learner,
         )
 
-    def checkpoint_if_due(self, samples: Samples) -> None:
-        """Every `checkpoint_every` iterations and after the last."""
+    def checkpoint_if_due(self, samples: Samples, timings: dict[str, float]) -> None:
+        """Every `checkpoint_every` iterations and after the last: staged while the loop waits, then written
+        in the background (`time/checkpoint` is the wait)."""
         iteration = samples.iteration
         if (iteration + 1) % self.cfg.checkpoint_every and iteration != self.last_iteration:
             return
+        start = time.perf_counter()
         # The next iteration's weights are queued already: its generation runs while the learner saves.
         if iteration + 1 <= self.last_iteration:
             self._launch(iteration + 1)
-        committed = self.record.checkpoint(iteration, {"sampler": samples.sampler}, self.learner, self.data.tokenizer)
-        if committed is not None:
-            self.learner.restart_from = committed
+        self.record.checkpoint(iteration, {"sampler": samples.sampler}, self.learner)
+        timings["checkpoint"] = time.perf_counter() - start
 
     def close(self, *, failed: bool = False) -> None:
         try:
-            self.record.close(failed=failed)
+            self.record.close(self.learner, failed=failed)
         finally:
             self._release()
 
