@@ -1,4 +1,5 @@
-"""The rollout record: one sample (prompt x completion), field for field the archive's schema v2.
+"""The rollout record: one sample (a prompt and its completion, or an episode), field for field the
+archive's schema v3.
 
 Generation fills the engine fields, reward fills `reward` and `reward_components`, the learner
 fills `ref_logprobs`, `values`, `kl`, `kl_coef`, `token_rewards`, `advantages` and `returns` (left
@@ -10,6 +11,15 @@ without a column there is a test failure, not a silent drop.
 reward config's rules, then the reward model), so the schema of a run is `archive_schema(names)`.
 Version 1 archives (a string -> float32 map, no `kl` / `kl_coef`) are converted on read
 (`rollout/archive/v1.py`).
+
+Version 3 keeps an episode (model turns, with an environment's turns between them) as one row:
+`response_ids` holds every token after the prompt, `response_mask` says which the model generated (1)
+and which the environment wrote (0), `num_turns` counts the model's turns, `final_turn` is the model's
+last turn (what the reward rules score), `turn_rewards` lands at the response token each
+`turn_reward_at` names (an environment's reward of a model turn, on the turn's last token), `env_error`
+is the first line of an environment's error (finish_reason `env_error`), and `trained` is false for a
+sample that was generated but left out of the update. A single completion has an all-ones mask, one
+turn, no turn rewards. Version 2 archives read as version 3 with those values (`rollout/archive/v2.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class RolloutRecord(msgspec.Struct, kw_only=True):
@@ -48,10 +58,27 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     token_rewards: list[float] | None = None
     advantages: list[float] | None = None
     returns: list[float] | None = None
+    response_mask: list[int] | None = None  # None: every response token is the model's
+    num_turns: int = 1
+    final_turn: str | None = None  # None: the response
+    turn_reward_at: list[int] = msgspec.field(default_factory=list)
+    turn_rewards: list[float] = msgspec.field(default_factory=list)
+    env_error: str | None = None
+    trained: bool = True
+
+    def filled(self, name: str):
+        """The field as the archive stores it: the defaults of a single completion written out."""
+        value = getattr(self, name)
+        if name == "response_mask" and value is None:
+            return [1] * len(self.response_ids)
+        if name == "final_turn" and value is None:
+            return self.response
+        return value
 
 
 _f32_list = pa.list_(pa.float32())
 _i32_list = pa.list_(pa.int32())
+_u8_list = pa.list_(pa.uint8())
 
 
 def components_type(components: Sequence[str]) -> pa.StructType:
@@ -62,7 +89,7 @@ def components_type(components: Sequence[str]) -> pa.StructType:
 
 
 def archive_schema(components: Sequence[str]) -> pa.Schema:
-    """Schema v2 of a run whose reward components are `components`."""
+    """Schema v3 of a run whose reward components are `components`."""
     return pa.schema(
         [
             pa.field("run_id", pa.string(), nullable=False),
@@ -87,16 +114,29 @@ def archive_schema(components: Sequence[str]) -> pa.Schema:
             pa.field("finish_reason", pa.string(), nullable=False),
             pa.field("worker", pa.string(), nullable=False),
             pa.field("generated_at", pa.timestamp("us", tz="UTC"), nullable=False),
+            *EPISODE_FIELDS,
         ]
     )
 
 
+# Version 3's columns: what an episode adds to a completion, and whether the update used the sample.
+EPISODE_FIELDS = (
+    pa.field("response_mask", _u8_list, nullable=False),
+    pa.field("num_turns", pa.int32(), nullable=False),
+    pa.field("final_turn", pa.string(), nullable=False),
+    pa.field("turn_reward_at", _i32_list, nullable=False),
+    pa.field("turn_rewards", _f32_list, nullable=False),
+    pa.field("env_error", pa.string()),
+    pa.field("trained", pa.bool_(), nullable=False),
+)
+
+
 def components_of(schema: pa.Schema) -> tuple[str, ...]:
-    """The reward component names of a v2 schema."""
+    """The reward component names of a v2 or v3 schema."""
     return tuple(f.name for f in schema.field("reward_components").type)
 
 
-FINISH_REASONS = ("stop", "length", "error")
+FINISH_REASONS = ("stop", "length", "error", "env_error", "max_turns")
 REWARD_FIELDS = ("reward", "reward_components")
 
 
@@ -133,7 +173,7 @@ def to_record_batch(records: list[RolloutRecord], components: Sequence[str]) -> 
     schema = archive_schema(components)
     columns = []
     for field in schema:
-        values = [getattr(r, field.name) for r in records]
+        values = [r.filled(field.name) for r in records]
         if field.name == "reward_components":
             columns.append(components_array(values, components))
         elif pa.types.is_list(field.type):
@@ -150,7 +190,7 @@ def _list_array(rows: list[list | None], kind: pa.ListType) -> pa.ListArray:
     lengths = np.fromiter((0 if r is None else len(r) for r in rows), dtype=np.int32, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    dtype = np.int32 if pa.types.is_int32(kind.value_type) else np.float32
+    dtype = kind.value_type.to_pandas_dtype()
     flat = np.fromiter(
         itertools.chain.from_iterable(r for r in rows if r is not None), dtype=dtype, count=int(offsets[-1])
     )
@@ -165,10 +205,10 @@ def from_record_batch(batch: pa.RecordBatch) -> list[RolloutRecord]:
     A batch with only some of the columns (a rollout worker's generation batch) leaves the rest None.
     """
     rows = batch.to_pylist()
-    names = msgspec.structs.fields(RolloutRecord)
+    optional = [f.name for f in msgspec.structs.fields(RolloutRecord) if f.default is None]
     for row in rows:
-        for field in names:
-            row.setdefault(field.name, None)
+        for name in optional:
+            row.setdefault(name, None)
         if row["reward_components"] is not None:
             row["reward_components"] = {k: v for k, v in row["reward_components"].items() if v is not None}
     return [RolloutRecord(**row) for row in rows]

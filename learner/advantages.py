@@ -103,6 +103,31 @@ def token_rewards(
     return rewards, kl
 
 
+def model_tokens_first(mask: torch.Tensor) -> torch.Tensor:
+    """The order that puts each row's valid positions first, keeping their order: an episode's model tokens
+    packed together, the environment's tokens between them (holes in `mask`) moved out of the way.
+
+    mask: (B, T) -> (B, T) int64 indices for `gather` (`compact`) and `scatter` (`expand`)."""
+    keep = mask.bool()
+    return torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # valid (0) before the rest (1), stable
+
+
+def compact(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x (B, T) with each row's valid positions moved to its front, in order (`model_tokens_first`)."""
+    return x.gather(-1, order)
+
+
+def expand(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The inverse of `compact`: x (B, T) back to its positions; what `compact` moved out is zero."""
+    return torch.zeros_like(x).scatter(-1, order, x)
+
+
+def has_holes(mask: torch.Tensor) -> bool:
+    """Whether some row's valid positions are not a prefix (an episode: the environment's turns are holes)."""
+    keep = mask.bool()
+    return bool(torch.any(keep[:, 1:] > keep[:, :-1]))
+
+
 def discounted_reverse_cumsum(x: torch.Tensor, discount: float, block: int = 64) -> torch.Tensor:
     """y_t = Σ_{k ≥ t} discount^(k − t) · x_k along the last dimension, exactly and without a loop
     over time steps.

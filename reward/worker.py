@@ -96,10 +96,12 @@ class RewardWorker:
     def score_batch(self, batch: pa.RecordBatch, records: list) -> tuple[pa.RecordBatch, dict[str, float]]:
         """The reward columns of a generation batch, row for row, and the seconds this call spent
         scoring it, in total and per rule (the caller adds them up per iteration). `records` are the
-        data records of the batch's prompts (reference answers, metadata)."""
+        data records of the batch's prompts (reference answers, metadata). An episode is scored on its
+        final turn, the model's answer (`final_turn`; a batch without it, on `response`)."""
         before = self.latency()
         by_id = {record.prompt_id: record for record in records}
-        ids, prompts, responses = (batch.column(name).to_pylist() for name in ("prompt_id", "prompt", "response"))
+        scored = "final_turn" if "final_turn" in batch.schema.names else "response"
+        ids, prompts, responses = (batch.column(name).to_pylist() for name in ("prompt_id", "prompt", scored))
         rewards = reward_batch(
             self.score([(by_id[i], p, r) for i, p, r in zip(ids, prompts, responses)]), self.components
         )

@@ -43,6 +43,14 @@ DESIGN_COLUMNS = {
     "returns": pa.list_(pa.float32()),
     "finish_reason": pa.string(),
     "worker": pa.string(),
+    # Version 3: episodes, and whether the update used the sample.
+    "response_mask": pa.list_(pa.uint8()),
+    "num_turns": pa.int32(),
+    "final_turn": pa.string(),
+    "turn_reward_at": pa.list_(pa.int32()),
+    "turn_rewards": pa.list_(pa.float32()),
+    "env_error": pa.string(),
+    "trained": pa.bool_(),
 }
 
 
@@ -80,9 +88,7 @@ def test_schema_has_every_design_column_with_its_type():
     assert ARCHIVE_SCHEMA.field("generated_at").type == pa.timestamp("us", tz="UTC")
     assert set(ARCHIVE_SCHEMA.names) == set(DESIGN_COLUMNS) | {"generated_at"}
     # The record type maps 1:1 to the schema.
-    assert set(msgspec.structs.fields(RolloutRecord)[i].name for i in range(len(ARCHIVE_SCHEMA))) == set(
-        ARCHIVE_SCHEMA.names
-    )
+    assert {f.name for f in msgspec.structs.fields(RolloutRecord)} == set(ARCHIVE_SCHEMA.names)
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -96,7 +102,7 @@ def test_round_trip_keeps_every_field(tmp_path):
         assert b.reward_components["arithmetic"] == 1.0 and math.isnan(b.reward_components["format"])
         assert b.advantages == a.advantages
     meta = read_metadata(tmp_path)
-    assert meta["schema_version"] == "2" and meta["gamma"] == "1.0" and meta["lam"] == "0.95"
+    assert meta["schema_version"] == "3" and meta["gamma"] == "1.0" and meta["lam"] == "0.95"
     # Record batches of batch_rows, the remainder flushed at close.
     assert [b.num_rows for b in iter_batches(tmp_path)] == [4, 4, 2]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from contracts.schema import archive_schema
+from contracts.schema import SCHEMA_VERSION, archive_schema
 from rollout.archive import iter_batches, read_metadata, read_schema, read_table
 from rollout.offline.replay import ReplayOptions, replay
 from rollout.offline.stats import compute_stats
@@ -77,7 +77,9 @@ def test_v1_replays_as_v1_computed_them(archive, tmp_path, name):
     table = read_table(tmp_path / "out")
     for column in ("reward", "token_rewards", "advantages", "returns"):
         assert close(table[column].to_pylist(), expected[column]), column
-    assert read_metadata(tmp_path / "out")["schema_version"] == "2"  # a replay writes the current schema
+    assert read_metadata(tmp_path / "out")["schema_version"] == str(
+        SCHEMA_VERSION
+    )  # a replay writes the current schema
 
 
 def test_a_v1_batch_without_its_runs_metrics_has_no_kl(tmp_path):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 import ray
 
-from contracts.config import RolloutConfig
+from contracts.config import EnvConfig, RolloutConfig
 from contracts.console import actor_options
 from contracts.device import resolve_device
 from contracts.rendering import PromptTask
@@ -40,14 +40,22 @@ class RolloutActor(Member):
 
     kind = "rollout"
 
-    def __init__(self, name: str, model_path: str, cfg: RolloutConfig, *, dtype: str, seed: int):
-        super().__init__(name, lambda: RolloutWorker(name, model_path, cfg, dtype=dtype, seed=seed))
+    def __init__(self, name: str, model_path: str, cfg: RolloutConfig, *, env: EnvConfig, dtype: str, seed: int):
+        super().__init__(name, lambda: RolloutWorker(name, model_path, cfg, env=env, dtype=dtype, seed=seed))
 
     def stream(
-        self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str, iteration: int
+        self,
+        chunks: list[list[PromptTask]],
+        seeds: list[int | None],
+        *,
+        run_id: str,
+        iteration: int,
+        records: list[list] | None = None,
     ) -> Iterator[pa.RecordBatch | tuple[int, GenerationSummary]]:
         """Each chunk as it completes (in any order): its batch, then (its index, its summary)."""
-        for index, batch, summary in self.core.generate(chunks, seeds, run_id=run_id, iteration=iteration):
+        for index, batch, summary in self.core.generate(
+            chunks, seeds, run_id=run_id, iteration=iteration, records=records
+        ):
             yield batch
             yield index, summary
         trim_heap()
@@ -78,6 +86,7 @@ class RolloutWorkers(ActorGroup):
         cfg: RolloutConfig,
         model_path: str,
         *,
+        env: EnvConfig | None = None,
         dtype: str,
         seed: int,
         start_timeout_s: float,
@@ -86,8 +95,10 @@ class RolloutWorkers(ActorGroup):
         wait: bool = True,
     ):
         """Spawn the workers; with `wait`, return once every engine is up (else call `wait_started`, so
-        the caller starts the learner while the engines load)."""
+        the caller starts the learner while the engines load). `env`: with a name, the workers roll out
+        episodes against that environment, which reads each prompt's data record."""
         self.cfg = cfg
+        self.episodes = env is not None and env.name is not None
         self.start_timeout_s, self.node_wait_timeout_s = start_timeout_s, node_wait_timeout_s
         gpus = cfg.num_gpus_per_worker if resolve_device(cfg.device) == "cuda" else 0
         self.asked = f"{cfg.num_cpus_per_worker} CPU and {gpus} GPU"
@@ -96,7 +107,7 @@ class RolloutWorkers(ActorGroup):
         handles = [
             actor.options(
                 num_cpus=cfg.num_cpus_per_worker, num_gpus=gpus, max_restarts=cfg.max_restarts, **actor_options(name)
-            ).remote(name, model_path, cfg, dtype=dtype, seed=seed + i)
+            ).remote(name, model_path, cfg, env=env, dtype=dtype, seed=seed + i)
             for i, name in enumerate(names)
         ]
         super().__init__(names, handles, stall_timeout_s=cfg.stall_timeout_s, max_restarts=cfg.max_restarts, log=log)
@@ -134,10 +145,11 @@ class RolloutWorkers(ActorGroup):
         record_queue_depth(sum(len(chunks) for chunks, _ in shares))
 
         def stream(share: Share) -> ray.ObjectRefGenerator:
+            chunk_records = [[records[t.prompt_id] for t in chunk] for chunk in share.chunks] if self.episodes else None
             return (
                 self.handles[share.worker]
                 .stream.options(num_returns="streaming")
-                .remote(share.chunks, share.seeds, run_id=run_id, iteration=iteration)
+                .remote(share.chunks, share.seeds, run_id=run_id, iteration=iteration, records=chunk_records)
             )
 
         def restart(share: Share) -> ray.ObjectRefGenerator:

@@ -23,7 +23,7 @@ from learner.samples import LearnerColumns, SampleBatch, flatten
 
 LEARNER_FIELDS = ("ref_logprobs", "values", "kl", "token_rewards", "advantages", "returns")  # per token
 GENERATION_SCHEMA = pa.schema(
-    [f for f in archive_schema(()) if f.name not in (*REWARD_FIELDS, *LEARNER_FIELDS, "kl_coef")]
+    [f for f in archive_schema(()) if f.name not in (*REWARD_FIELDS, *LEARNER_FIELDS, "kl_coef", "trained")]
 )
 
 
@@ -40,17 +40,23 @@ def generation_batch(
     """One row per (task, completion): `completions[i]` holds the engine's samples for `tasks[i]`."""
     pairs = [(task, i, c) for task, samples in zip(tasks, completions) for i, c in enumerate(samples)]
     n = len(pairs)
-    prompt_ids, prompt_offsets = flatten([t.prompt_ids for t, _, _ in pairs], np.int32)
+    prompt_ids, prompt_offsets = flatten([c.prompt_ids or t.prompt_ids for t, _, c in pairs], np.int32)
     response_ids, response_offsets = flatten([c.token_ids for _, _, c in pairs], np.int32)
     logprobs, _ = flatten([c.logprobs for _, _, c in pairs], np.float32)
     field = GENERATION_SCHEMA.field
+    if any(c.mask is not None for _, _, c in pairs):
+        mask, _ = flatten([c.mask if c.mask is not None else [1] * len(c.token_ids) for _, _, c in pairs], np.uint8)
+    else:
+        mask = np.ones(len(response_ids), dtype=np.uint8)
+    reward_at, reward_offsets = flatten([c.turn_reward_at for _, _, c in pairs], np.int32)
+    turn_rewards, _ = flatten([c.turn_rewards for _, _, c in pairs], np.float32)
     columns = {
         "run_id": pa.array([run_id] * n, pa.string()),
         "prompt_id": pa.array([t.prompt_id for t, _, _ in pairs], pa.string()),
         "iteration": pa.array(np.full(n, iteration, dtype=np.int32)),
         "policy_version": pa.array(np.full(n, policy_version, dtype=np.int32)),
         "sample_index": pa.array(np.fromiter((i for _, i, _ in pairs), dtype=np.int32, count=n)),
-        "prompt": pa.array([t.prompt for t, _, _ in pairs], pa.string()),
+        "prompt": pa.array([c.prompt or t.prompt for t, _, c in pairs], pa.string()),
         "response": pa.array([c.text for _, _, c in pairs], pa.string()),
         "prompt_ids": list_array(prompt_ids, prompt_offsets, field("prompt_ids").type),
         "response_ids": list_array(response_ids, response_offsets, field("response_ids").type),
@@ -58,6 +64,12 @@ def generation_batch(
         "finish_reason": pa.array([c.finish_reason for _, _, c in pairs], pa.string()),
         "worker": pa.array([worker] * n, pa.string()),
         "generated_at": pa.array([generated_at] * n, field("generated_at").type),
+        "response_mask": list_array(mask, response_offsets, field("response_mask").type),
+        "num_turns": pa.array(np.fromiter((c.num_turns for _, _, c in pairs), dtype=np.int32, count=n)),
+        "final_turn": pa.array([c.text if c.final_text is None else c.final_text for _, _, c in pairs], pa.string()),
+        "turn_reward_at": list_array(reward_at, reward_offsets, field("turn_reward_at").type),
+        "turn_rewards": list_array(turn_rewards, reward_offsets, field("turn_rewards").type),
+        "env_error": pa.array([c.env_error for _, _, c in pairs], pa.string()),
     }
     return pa.RecordBatch.from_arrays([columns[f.name] for f in GENERATION_SCHEMA], schema=GENERATION_SCHEMA)
 
@@ -136,6 +148,7 @@ def archive_batches(
             if learner is None
             else pa.array(np.full(gen.num_rows, learner.kl_coef, dtype=np.float32))
         )
+        columns["trained"] = pa.array(np.full(gen.num_rows, learner is not None, dtype=bool))
         token_base += tokens
         out.append(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
     if learner is not None and token_base != len(learner.returns):

@@ -23,6 +23,7 @@ from contracts.schema import (
     components_of,
 )
 from rollout.archive.v1 import V1Upgrade, is_v1, map_keys
+from rollout.archive.v2 import episode_columns, is_before_v3
 
 
 class ArchiveCutWarning(UserWarning):
@@ -106,7 +107,7 @@ def _tail(file: Path) -> bytes:
 
 
 class _Reader:
-    """One schema v2 view over an archive's files, whatever their version and reward components."""
+    """One schema v3 view over an archive's files, whatever their version and reward components."""
 
     def __init__(self, path: str | Path):
         self.path = path
@@ -138,9 +139,11 @@ class _Reader:
                 yield batch.select(columns) if columns else batch
 
     def _conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """The batch with the archive-wide `reward_components` fields, null where it lacks one."""
+        """The batch with the archive-wide `reward_components` fields, null where it lacks one, and the
+        columns of schema v3 (a file of an earlier version lacks them: `v2.py`)."""
         if batch.schema.equals(self.schema):
             return batch
+        filled = episode_columns(batch) if is_before_v3(batch.schema) else {}
         column = batch.column("reward_components")
         own = dict(zip((f.name for f in column.type), column.flatten()))
         fields = list(self.schema.field("reward_components").type)
@@ -150,12 +153,19 @@ class _Reader:
             if fields
             else pa.array([{}] * len(column), pa.struct([]))
         )
-        arrays = [components if f.name == "reward_components" else batch.column(f.name) for f in self.schema]
+        arrays = [
+            components
+            if f.name == "reward_components"
+            else filled[f.name]
+            if f.name in filled
+            else batch.column(f.name)
+            for f in self.schema
+        ]
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
 
 def read_schema(path: str | Path) -> pa.Schema:
-    """The archive's schema v2, as `iter_batches` yields it: every file's reward components."""
+    """The archive's schema v3, as `iter_batches` yields it: every file's reward components."""
     return _Reader(path).schema
 
 

@@ -22,10 +22,22 @@ ONEDNN_PRIMITIVE_CACHE_CAPACITY = 64
 
 
 class Completion(msgspec.Struct):
+    """One sample: a completion, or an episode of several model turns with an environment's between them
+    (then `mask` says which tokens are the model's, 1, and which the environment's, 0; `logprobs` are 0
+    at the environment's)."""
+
     token_ids: list[int]
     logprobs: list[float]
     text: str
     finish_reason: str
+    mask: list[int] | None = None  # None: every token is the model's
+    num_turns: int = 1
+    final_text: str | None = None  # the model's last turn; None: `text`
+    turn_reward_at: list[int] = msgspec.field(default_factory=list)  # token index of a rewarded turn's end
+    turn_rewards: list[float] = msgspec.field(default_factory=list)
+    env_error: str | None = None  # the first line of the environment's error, if it ended the episode
+    prompt_ids: list[int] | None = None  # the episode's own prompt, where `reset` added a turn; None: the task's
+    prompt: str | None = None
 
 
 def _import_vllm(device: str):

@@ -16,11 +16,12 @@ import msgspec
 import pyarrow as pa
 
 from contracts import storage
-from contracts.config import RolloutConfig
+from contracts.config import EnvConfig, RolloutConfig
 from contracts.rendering import PromptTask
 from rollout.archive.columns import generation_batch
 from rollout.generation.engine import VLLMEngine
-from rollout.runtime.telemetry import record_generation
+from rollout.generation.episodes import EpisodeRunner
+from rollout.runtime.telemetry import record_environment, record_generation
 from rollout.weight_sync.check import PROBE_IDS, Served
 from rollout.weight_sync.wire import GroupAddress, SyncPlan
 
@@ -29,30 +30,62 @@ class GenerationSummary(msgspec.Struct):
     worker: str
     seconds: float
     samples: int
-    generated_tokens: int
+    generated_tokens: int  # the model's: an environment's tokens in an episode are not counted
     stopped: int  # samples that ended on a stop token or string (the rest hit max_tokens)
     policy_version: int
+    turns: int = 0  # model turns, over the chunk's episodes (0: single completions)
+    env_errors: int = 0  # episodes an environment's error or time-out ended
+    first_env_error: str | None = None
+    env_step_seconds: float = 0.0  # the environment calls' wall time, summed
 
 
 class RolloutWorker:
-    def __init__(self, name: str, model_path: str, cfg: RolloutConfig, *, dtype: str = "float32", seed: int = 0):
+    def __init__(
+        self,
+        name: str,
+        model_path: str,
+        cfg: RolloutConfig,
+        *,
+        env: EnvConfig | None = None,
+        dtype: str = "float32",
+        seed: int = 0,
+    ):
+        """`env`: the environment section; with a `name`, every sample is an episode (`episodes.py`)."""
         self.name = name
         self.cfg = cfg
         self.version = 0
         self.loading = False
-        self.engine = VLLMEngine(storage.fetch(model_path), cfg, dtype=dtype, seed=seed)
+        episodes = env is not None and env.name is not None
+        # An episode's later turns start with its earlier ones: their KV cache is kept and reused.
+        extra = {"enable_prefix_caching": True} if episodes else None
+        self.engine = VLLMEngine(storage.fetch(model_path), cfg, dtype=dtype, seed=seed, extra_args=extra)
+        self.episodes = None
+        if episodes:
+            from rollout.episodes.registry import environment_class
+
+            tokenizer = self.engine.llm.get_tokenizer()
+            self.episodes = EpisodeRunner(self.engine, environment_class(env.name), env, tokenizer)
 
     def generate(
-        self, chunks: list[list[PromptTask]], seeds: list[int | None], *, run_id: str, iteration: int
+        self,
+        chunks: list[list[PromptTask]],
+        seeds: list[int | None],
+        *,
+        run_id: str,
+        iteration: int,
+        records: list[list] | None = None,
     ) -> Iterator[tuple[int, pa.RecordBatch, GenerationSummary]]:
-        """`n_samples` completions per task of every chunk, all in the engine at once; yields (chunk
-        index, generation batch, summary) as each chunk completes. Seeds should differ per chunk."""
+        """`n_samples` completions (or episodes, whose environments read `records`, the chunks' data records)
+        per task of every chunk, all in the engine at once; yields (chunk index, generation batch, summary)
+        as each chunk completes. Seeds should differ per chunk."""
         start = time.perf_counter()
-        for index, outputs in self.engine.stream(
-            [([t.prompt_ids for t in chunk], seed) for chunk, seed in zip(chunks, seeds)],
-            self.cfg.sampling,
-            self.cfg.n_samples,
-        ):
+        ids = [[t.prompt_ids for t in chunk] for chunk in chunks]
+        if self.episodes is not None:
+            steps_before = len(self.episodes.env_seconds)
+            source = self.episodes.stream(list(zip(records, ids, seeds)), self.cfg.sampling, self.cfg.n_samples)
+        else:
+            source = self.engine.stream(list(zip(ids, seeds)), self.cfg.sampling, self.cfg.n_samples)
+        for index, outputs in source:
             batch = generation_batch(
                 chunks[index],
                 outputs,
@@ -62,11 +95,25 @@ class RolloutWorker:
                 worker=self.name,
                 generated_at=dt.datetime.now(dt.timezone.utc),
             )
-            tokens = sum(len(c.token_ids) for samples in outputs for c in samples)
-            stopped = sum(c.finish_reason == "stop" for samples in outputs for c in samples)
+            samples = [c for chunk_samples in outputs for c in chunk_samples]
+            tokens = sum(len(c.token_ids) if c.mask is None else sum(c.mask) for c in samples)
+            stopped = sum(c.finish_reason == "stop" for c in samples)
             seconds, start = time.perf_counter() - start, time.perf_counter()  # the engine's time since the last chunk
             record_generation(self.name, tokens, batch.num_rows, seconds, self.version)
-            yield index, batch, GenerationSummary(self.name, seconds, batch.num_rows, tokens, stopped, self.version)
+            summary = GenerationSummary(self.name, seconds, batch.num_rows, tokens, stopped, self.version)
+            if self.episodes is not None:
+                errors = [c.env_error for c in samples if c.env_error is not None]
+                steps = self.episodes.env_seconds[steps_before:]
+                steps_before = len(self.episodes.env_seconds)
+                record_environment(self.name, steps, len(errors))
+                summary = msgspec.structs.replace(
+                    summary,
+                    turns=sum(c.num_turns for c in samples),
+                    env_errors=len(errors),
+                    first_env_error=errors[0] if errors else None,
+                    env_step_seconds=sum(steps),
+                )
+            yield index, batch, summary
 
     def update_weights(self, version: int, weights: list[tuple[str, object]]) -> Served:
         """Load new policy weights (Hugging Face names)."""

@@ -65,6 +65,33 @@ def record_generation(worker: str, tokens: int, samples: int, seconds: float, ve
 
 
 @cache
+def _environment_metrics():
+    from ray.util.metrics import Counter, Histogram
+
+    return {
+        "seconds": Histogram(
+            "rollout_env_step_seconds",
+            description="Seconds per environment call (reset or step) of an episode.",
+            boundaries=STAGE_BOUNDARIES,
+            tag_keys=("worker",),
+        ),
+        "errors": Counter(
+            "rollout_env_errors", description="Episodes an environment's error or time-out ended.", tag_keys=("worker",)
+        ),
+    }
+
+
+def record_environment(worker: str, step_seconds: list[float], errors: int) -> None:
+    if not _ray_ready():
+        return
+    m, tags = _environment_metrics(), {"worker": worker}
+    for seconds in step_seconds:
+        m["seconds"].observe(seconds, tags=tags)
+    if errors:
+        m["errors"].inc(errors, tags=tags)
+
+
+@cache
 def _queue_gauge():
     from ray.util.metrics import Gauge
 

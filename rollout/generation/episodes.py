@@ -1,0 +1,213 @@
+"""Episodes: model turns with an environment's turns between them, many in flight in one engine.
+
+`EpisodeRunner.stream` is `VLLMEngine.stream` for episodes: every (prompt, sample) of the batches is an
+episode with an environment instance of its own; each model turn is one engine request, and the
+environment's `reset` and `step` run on a thread pool, off the engine loop. While an episode waits for
+its environment, the engine keeps stepping the others, and a waiting one re-enters as soon as its
+environment answers: the engine drains only when every episode in flight waits. Each later turn's
+prompt is the episode so far, whose earlier turns' KV cache prefix caching keeps.
+
+An episode ends when the environment says `done` (finish_reason `stop`, or `length` for a cut turn), at
+`env.max_turns` model turns (`max_turns`), at `env.max_episode_tokens` (`length`), or when its
+environment raises or runs past `env.step_timeout_s` (`env_error`, the error's first line kept).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from contracts.config import SamplingConfig
+from contracts.environment import StepResult
+from rollout.generation.engine import Completion, VLLMEngine
+from rollout.generation.turns import TurnRenderer
+
+
+@dataclass
+class Episode:
+    place: tuple[int, int, int]  # (batch, prompt, sample)
+    record: Any
+    prompt_ids: list[int]
+    seed: int | None
+    env: Any = None
+    prompt_text: str | None = None  # set when `reset` added a turn to the task's prompt
+    own_prompt: bool = False
+    response: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    turns: int = 0
+    final_text: str = ""
+    last_finish: str = "stop"
+    reward_at: list[int] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    finish: str | None = None
+    error: str | None = None
+
+
+class EpisodeRunner:
+    def __init__(self, engine: VLLMEngine, env_class: type, cfg, tokenizer):
+        """`env_class`: the configured `Environment`; `cfg`: the `env` config section."""
+        self.engine, self.env_class, self.cfg = engine, env_class, cfg
+        self.turns = TurnRenderer(tokenizer, cfg.observation_role)
+        self.pool = ThreadPoolExecutor(max_workers=cfg.num_threads, thread_name_prefix="env-step")
+        self.step_seconds = 0.0  # the engine's own time, for its busy fraction
+        self.env_seconds: list[float] = []  # each environment call's wall time, for the metrics
+        self.env_errors = 0
+
+    def stream(self, batches: list[tuple[list[Any], list[list[int]], int | None]], sampling: SamplingConfig, n: int):
+        """Every batch's episodes ((records, prompt ids, seed) each; n per prompt) through the engine; yields
+        (batch index, [n Completions per prompt, in prompt order]) as each batch's episodes all end."""
+        from vllm.inputs import TokensPrompt
+
+        results = [[[None] * n for _ in ids] for _, ids, _ in batches]
+        left = [len(ids) * n for _, ids, _ in batches]
+        for b in [b for b, count in enumerate(left) if count == 0]:
+            yield b, []
+        starting: deque[Episode] = deque(
+            Episode((b, i, j), records[i], list(ids[i]), _seed(seed, i, j))
+            for b, (records, ids, seed) in enumerate(batches)
+            for i in range(len(ids))
+            for j in range(n)
+        )
+        ready: deque[Episode] = deque()  # to generate their next turn
+        in_env: dict[Future, tuple[Episode, float]] = {}  # waiting for their environment
+        in_engine: dict[str, Episode] = {}
+        llm, engine = self.engine.llm, self.engine.llm.llm_engine
+        while starting or ready or in_env or in_engine:
+            # New episodes start as room frees up, so the environments made stay those in flight.
+            while starting and len(in_env) + len(in_engine) + len(ready) < 2 * self.engine.window:
+                episode = starting.popleft()
+                in_env[self.pool.submit(self._reset, episode)] = (episode, time.monotonic())
+            feed = [ready.popleft() for _ in range(min(len(ready), max(0, self.engine.window - len(in_engine))))]
+            if feed:
+                ids = llm.enqueue(
+                    [TokensPrompt(prompt_token_ids=e.prompt_ids + e.response) for e in feed],
+                    [self._params(sampling, e) for e in feed],
+                    use_tqdm=False,
+                )
+                in_engine.update({request.split("-")[0]: e for request, e in zip(ids, feed)})
+            if in_engine:
+                start = time.perf_counter()
+                outputs = engine.step()
+                self.step_seconds += time.perf_counter() - start
+                self.engine.steps += 1  # what the driver's stall watch sees advance
+                for out in outputs:
+                    if out.finished:
+                        episode = in_engine.pop(out.request_id)
+                        self._model_turn(episode, out.outputs[0])
+                        in_env[self.pool.submit(episode.env.step, episode.final_text)] = (episode, time.monotonic())
+            elif in_env:  # every episode waits on its environment: nothing for the engine to do
+                wait(list(in_env), timeout=0.05, return_when=FIRST_COMPLETED)
+            for future in [f for f in in_env if f.done() or self._late(in_env[f][1])]:
+                episode, started = in_env.pop(future)
+                self.env_seconds.append(time.monotonic() - started)
+                self._environment_turn(episode, future)
+                if episode.finish is None:
+                    ready.append(episode)
+                    continue
+                b, i, j = episode.place
+                results[b][i][j] = self._completion(episode)
+                left[b] -= 1
+                if left[b] == 0:
+                    yield b, results[b]
+                    results[b] = None
+
+    # -- one episode's turns ------------------------------------------------------------------------
+
+    def _reset(self, episode: Episode) -> StepResult | None:
+        """In the pool: the episode's environment made, and reset; its turn, if any, as an observation."""
+        episode.env = self.env_class(**self.cfg.params)
+        extra = episode.env.reset(episode.record)
+        return None if extra is None else StepResult(observation=extra)
+
+    def _model_turn(self, episode: Episode, output) -> None:
+        episode.response += output.token_ids
+        episode.logprobs += [entry[t].logprob for entry, t in zip(output.logprobs or [], output.token_ids)]
+        episode.mask += [1] * len(output.token_ids)
+        episode.turns += 1
+        episode.final_text = output.text
+        episode.last_finish = output.finish_reason if output.finish_reason in ("stop", "length") else "error"
+
+    def _environment_turn(self, episode: Episode, future: Future) -> None:
+        """The environment's answer (to `reset` or to the model's last turn), applied: the episode ends, or
+        takes the observation's tokens and is ready for its next turn."""
+        if not future.done():
+            self._fail(episode, f"{self._name()} took more than env.step_timeout_s ({self.cfg.step_timeout_s:g}s)")
+            return
+        try:
+            result = future.result()
+        except Exception as e:  # noqa: BLE001 - an environment's error ends its episode, not the run
+            self._fail(episode, f"{self._name()} raised {type(e).__name__}: {_first_line(e)}")
+            return
+        if episode.turns == 0:  # reset: a turn added to the prompt, or the prompt as it is
+            if result is not None:
+                messages = [{"role": m.role, "content": m.content} for m in self.env_class.opening(episode.record)]
+                text, ids = self.turns.prompt(
+                    [*messages, {"role": self.cfg.observation_role, "content": result.observation}]
+                )
+                episode.prompt_text, episode.prompt_ids, episode.own_prompt = text, ids, True
+            return
+        if result.reward is not None:  # on the last token of the turn it judges
+            episode.reward_at.append(len(episode.response) - 1)
+            episode.rewards.append(float(result.reward))
+        if result.done:
+            episode.finish = episode.last_finish
+        elif episode.turns >= self.cfg.max_turns:
+            episode.finish = "max_turns"
+        else:
+            ended = bool(episode.response) and episode.response[-1] == self.turns.eos_id
+            ids = self.turns.observation_ids(result.observation or "", ended)
+            if len(episode.response) + len(ids) >= self.cfg.max_episode_tokens:
+                episode.finish = "length"  # no room for the observation and a model turn after it
+                return
+            episode.response += ids
+            episode.logprobs += [0.0] * len(ids)
+            episode.mask += [0] * len(ids)
+
+    def _fail(self, episode: Episode, error: str) -> None:
+        episode.finish, episode.error = "env_error", error
+        self.env_errors += 1
+
+    def _params(self, sampling: SamplingConfig, episode: Episode):
+        """One sample of the next turn, within what is left of the episode's tokens, seeded per turn."""
+        room = min(sampling.max_tokens, self.cfg.max_episode_tokens - len(episode.response))
+        seed = None if episode.seed is None else episode.seed + episode.turns
+        return self.engine.sampling_params(msgspec.structs.replace(sampling, max_tokens=room), 1, seed)
+
+    def _completion(self, episode: Episode) -> Completion:
+        return Completion(
+            token_ids=episode.response,
+            logprobs=episode.logprobs,
+            text=self.turns.decode(episode.response),
+            finish_reason=episode.finish,
+            mask=episode.mask,
+            num_turns=episode.turns,
+            final_text=episode.final_text,
+            turn_reward_at=episode.reward_at,
+            turn_rewards=episode.rewards,
+            env_error=episode.error,
+            prompt_ids=episode.prompt_ids if episode.own_prompt else None,
+            prompt=episode.prompt_text,
+        )
+
+    def _late(self, started: float) -> bool:
+        return time.monotonic() - started > self.cfg.step_timeout_s
+
+    def _name(self) -> str:
+        return f"environment {self.cfg.name}"
+
+
+def _seed(base: int | None, prompt: int, sample: int) -> int | None:
+    """Each episode samples with a seed of its own (its turns add their number to it): n requests of one
+    seed would sample the same tokens."""
+    return None if base is None else (base * 1_000_003 + prompt * 1_009 + sample * 101) % 2**31
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
