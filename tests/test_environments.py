@@ -300,3 +300,59 @@ def test_params_the_class_refuses_are_a_config_error_naming_env_params(user_modu
     with pytest.raises(ConfigError, match="^env.params: ") as e:
         check_environment(EnvConfig(name=name, params=params))
     assert message in str(e.value)
+
+
+# --- start-up: the prompt an episode opens with --------------------------------------------------
+
+
+def test_with_an_environment_the_prompt_length_check_sees_the_opening_not_the_whole_record(tmp_path, tiny_model_path):
+    import io
+    import json
+
+    from transformers import AutoTokenizer
+
+    from contracts.config.load import load_config
+    from contracts.formats import FormatError
+    from contracts.rendering import PromptRenderer
+    from rollout.driver.startup import read_data
+
+    long_turns = [{"input": "tell me more " * 20, "output": "there is more " * 20}] * 2
+    prompts = tmp_path / "talk.jsonl"
+    prompts.write_text(json.dumps({**XTUNER, "conversation": XTUNER["conversation"] + long_turns}) + "\n")
+    record = parse_prompt(json.loads(prompts.read_text()), "xtuner", "x:1")
+    renderer = PromptRenderer(AutoTokenizer.from_pretrained(tiny_model_path), 10_000)
+    opening = renderer.render(record, Conversation.opening(record)).prompt_ids
+    assert len(renderer.render(record).prompt_ids) > 2 * len(opening)
+    overrides = [f"model.path={tiny_model_path}", f"data.prompts={prompts}", f"model.max_prompt_tokens={len(opening)}"]
+
+    with pytest.raises(FormatError, match="1 prompt\\(s\\) longer than model.max_prompt_tokens"):
+        read_data(load_config(None, overrides), io.StringIO())  # single turn: the whole record is the prompt
+    data = read_data(load_config(None, [*overrides, "env.name=conversation"]), io.StringIO())
+    task = data.tasks[record.prompt_id]
+    assert task.prompt_ids == opening and task.prompt == renderer.text(record, Conversation.opening(record))
+    assert task.prompt.endswith("<|user|>hi there\n<|assistant|>")
+
+
+def test_an_unknown_environment_stops_rollout_run_in_one_line_before_ray_starts(tmp_path, capfd):
+    import ray
+
+    from rollout.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--set", "env.name=nope", "--out", str(out)]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("config error: env.name: unknown environment 'nope'") and len(err.splitlines()) == 1, err
+    assert not ray.is_initialized() and not out.exists()
+
+
+def test_bad_env_params_stop_rollout_run_in_one_line_before_ray_starts(tmp_path, capfd):
+    import ray
+
+    from rollout.cli import main
+
+    out = tmp_path / "run"
+    argv = ["run", "--set", "env.name=calculator", "--set", "env.params={max_calls: 0}", "--out", str(out)]
+    assert main(argv) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("config error: env.params: calculator: ") and len(err.splitlines()) == 1, err
+    assert not ray.is_initialized() and not out.exists()
