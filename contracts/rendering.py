@@ -1,5 +1,6 @@
 """Prompt rendering, a contract shared by the service and the learner's SFT warm-start: a record's
-messages through the model's chat template into token ids, checked against the prompt budget."""
+messages through the model's chat template into token ids, checked against the prompt budget, and
+the template's text between an episode's turns (`PromptRenderer.observation_text`)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,22 @@ class PromptRenderer:
                 f"{self.max_prompt_tokens} (model.max_prompt_tokens)"
             )
         return PromptTask(prompt_id=record.prompt_id, prompt=text, prompt_ids=ids)
+
+    def observation_text(self, history: list[Message], reply: str, observation: Message) -> str:
+        """The text the chat template puts between the model's `reply` to `history` and its next turn:
+        from just after the reply's eos (the model wrote that) through `observation` to the generation
+        prompt of the next model turn. Raises ValueError when the template does not render the reply as
+        written after the generation prompt of `history` (a template that rewrites earlier turns)."""
+        head = self._template(history, generation_prompt=True) + reply
+        whole = self._template([*history, Message("assistant", reply), observation], generation_prompt=True)
+        if not whole.startswith(head):
+            raise ValueError(
+                "the chat template does not render an assistant turn as the text the model wrote after the "
+                "generation prompt, so an episode's turns cannot be joined; use a template that keeps earlier turns"
+            )
+        rest = whole[len(head) :]
+        eos = self.tokenizer.eos_token or ""
+        return rest[len(eos) :] if eos and rest.startswith(eos) else rest
 
     def _template(self, messages: list[Message], *, generation_prompt: bool) -> str:
         turns = [{"role": m.role, "content": m.content} for m in messages]

@@ -57,7 +57,7 @@ def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     renderer = PromptRenderer(tokenizer, cfg.model.max_prompt_tokens)
     records, tasks = render_prompts(
-        load_prompts(cfg.data, cfg.seed, log=log),
+        load_prompts(cfg.data, cfg.seed, log=log, observation_role=cfg.env.observation_role),
         renderer,
         on_bad_record=cfg.data.on_bad_record,
         source=cfg.data.prompts,
