@@ -4,6 +4,7 @@ An episode is a conversation between the model and one `Environment` instance, m
 alone with the config's `env.params` as keyword arguments:
 
     env = Environment(**params)
+    prompt = render(env.opening(record)) # the messages the first turn answers (a classmethod)
     extra = env.reset(record)            # text added to the prompt as a user turn, or None
     while True:
         text = <the model's next turn>
@@ -24,6 +25,8 @@ from typing import Any
 
 import msgspec
 
+from contracts.formats import Message
+
 
 class StepResult(msgspec.Struct, kw_only=True):
     """The environment's answer to one model turn."""
@@ -41,6 +44,14 @@ class Environment:
     def __init__(self, **params: Any):
         if params:
             raise TypeError(f"{type(self).__name__} takes no params, got {', '.join(sorted(params))}")
+
+    @classmethod
+    def opening(cls, record: Any) -> list[Message]:
+        """The messages the episode's prompt is rendered from (its first turn answers them); by default
+        the whole record's `messages`. An environment that plays the record's later turns itself
+        (`conversation`) opens with fewer. Called on the class, before any instance exists: the
+        prompt-length check at start-up renders it too."""
+        return list(record.messages)
 
     def reset(self, record: Any) -> str | None:
         """Start the episode of `record`; text to add to the prompt as a user turn, or None to leave it."""

@@ -1,8 +1,12 @@
 """Supervised warm-start on prompt/completion records (the seeds' SFT format).
 
 The prompt is rendered with the chat template and the loss covers the completion and the eos that
-ends it, so the policy learns both the answer and when to stop. The result is a model directory,
-cached by its inputs: a second run with the same model, data and settings reuses it.
+ends it, so the policy learns both the answer and when to stop. A record carrying
+`metadata["demonstration"]` (chat messages after the prompt, as `builtin:calc` writes: a tool call,
+the environment's answer, the final answer) is one example of the whole episode, joined as an episode
+is (`PromptRenderer.observation_text`), with the loss on the model's turns and their eos only, none on
+the environment's. The result is a model directory, cached by its inputs: a second run with the same
+model, data and settings reuses it.
 """
 
 from __future__ import annotations
@@ -20,15 +24,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from contracts.builtin_model import cache_dir
 from contracts.config import ModelConfig
-from contracts.formats import PromptRecord
+from contracts.formats import Message, PromptRecord
 from contracts.rendering import PromptRenderer
 
+DEMONSTRATION = "demonstration"  # the metadata key of a record's demonstrated episode
 
-def sft_examples(records: list[PromptRecord], tokenizer, max_prompt_tokens: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids + eos) for every record with a reference completion."""
+# (prompt ids, completion ids) or, for a demonstrated episode, (prompt ids, completion ids, loss mask):
+# the completion is every token after the prompt, and the mask is 1 where the model wrote the token.
+SFTExample = tuple[list[int], ...]
+
+
+def sft_examples(records: list[PromptRecord], tokenizer, max_prompt_tokens: int) -> list[SFTExample]:
+    """(prompt ids, completion ids + eos) for every record with a reference completion, and
+    (prompt ids, episode ids, loss mask) for every record with a demonstration (`demonstration_example`)."""
     renderer = PromptRenderer(tokenizer, max_prompt_tokens)
-    examples = []
+    examples: list[SFTExample] = []
     for record in records:
+        if DEMONSTRATION in record.metadata:
+            examples.append(demonstration_example(record, renderer))
+            continue
         if record.reference is None:
             continue
         prompt = renderer.render(record).prompt_ids
@@ -39,16 +53,69 @@ def sft_examples(records: list[PromptRecord], tokenizer, max_prompt_tokens: int)
     return examples
 
 
-def sft_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input ids, attention mask and labels (-100 on prompt and padding)."""
-    width = max(len(p) + len(c) for p, c in examples)
+def demonstration_example(record: PromptRecord, renderer: PromptRenderer) -> SFTExample:
+    """(prompt ids, episode ids, loss mask) of `record`'s demonstrated episode, joined turn by turn as the
+    rollout joins one: each assistant message is the model's turn (its tokens and eos, mask 1), each
+    other message the environment's, as the chat template renders it between the turns (mask 0).
+    ValueError naming the record when the demonstration is not a list of {role, content} messages
+    alternating from an assistant turn to an assistant turn."""
+    tokenizer = renderer.tokenizer
+    history = list(record.messages)
+    prompt = renderer.render(record, history).prompt_ids
+    ids: list[int] = []
+    mask: list[int] = []
+    messages = _demonstration(record)
+    for i, message in enumerate(messages):
+        if message.role != "assistant":
+            continue  # rendered with the model's turn before it, which the template's text depends on
+        turn = tokenizer(message.content, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids += turn
+        mask += [1] * len(turn)
+        if i + 1 < len(messages):
+            observation = renderer.observation_text(history, message.content, messages[i + 1])
+            between = tokenizer(observation, add_special_tokens=False)["input_ids"]
+            ids += between
+            mask += [0] * len(between)
+            history += [message, messages[i + 1]]
+    return (prompt, ids, mask)
+
+
+def _demonstration(record: PromptRecord) -> list[Message]:
+    """The record's demonstration as messages, its shape checked."""
+    items = record.metadata[DEMONSTRATION]
+    where = f'{record.source}: metadata "{DEMONSTRATION}"'
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{where} must be a non-empty list of {{role, content}} messages")
+    messages = []
+    for i, item in enumerate(items):
+        if not (isinstance(item, dict) and isinstance(item.get("role"), str) and isinstance(item.get("content"), str)):
+            raise ValueError(f"{where}[{i}] must be an object with string role and content, got {item!r}")
+        expected_model = i % 2 == 0
+        if (item["role"] == "assistant") != expected_model:
+            raise ValueError(
+                f"{where}[{i}] has role {item['role']!r}: the turns alternate, the model's (assistant) first "
+                "and last, the environment's (any other role) between them"
+            )
+        messages.append(Message(item["role"], item["content"]))
+    if messages[-1].role != "assistant":
+        raise ValueError(f"{where} must end with the model's (assistant) final answer")
+    return messages
+
+
+def sft_batch(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels (-100 on prompt and padding, and on the
+    environment's tokens of a demonstrated episode, where its loss mask is 0)."""
+    width = max(len(example[0]) + len(example[1]) for example in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (p, c) in enumerate(examples):
+    for i, (p, c, *mask) in enumerate(examples):
         ids = p + c
         input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, len(p) : len(ids)] = torch.tensor(c)
+        target = torch.tensor(c)
+        if mask:
+            target[torch.tensor(mask[0]) == 0] = -100
+        labels[i, len(p) : len(ids)] = target
         attention[i, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
@@ -96,6 +163,7 @@ def warm_start(model_path: str, records: list[PromptRecord], cfg: ModelConfig, *
             {
                 "model": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
                 "data": [r.prompt_id for r in records],
+                **_demonstrations(records),
                 "steps": steps,
                 "lr": lr,
                 "seed": seed,
@@ -117,3 +185,13 @@ def warm_start(model_path: str, records: list[PromptRecord], cfg: ModelConfig, *
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def _demonstrations(records: list[PromptRecord]) -> dict[str, str]:
+    """The part of the cache key the records' demonstrations make: a prompt id names a problem, not how
+    its episode is shown (the observation role may differ); nothing when no record has one, so the keys
+    of warm-ups without demonstrations stay as they were."""
+    shown = [r.metadata[DEMONSTRATION] for r in records if DEMONSTRATION in r.metadata]
+    if not shown:
+        return {}
+    return {"demonstrations": hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()}

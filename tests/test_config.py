@@ -233,3 +233,41 @@ def test_actors_are_checked_node_by_node_where_the_totals_fit():
         )
         is not None
     )
+
+
+def test_an_episode_and_its_prompt_must_fit_the_engine_together():
+    base = ["model.max_prompt_tokens=32", "env.max_episode_tokens=64", "rollout.max_model_len=64"]
+    with pytest.raises(ConfigError) as e:
+        check(load_config(None, [*base, "env.name=calculator"]))
+    assert (
+        "model.max_prompt_tokens + env.max_episode_tokens (32 + 64) exceeds rollout.max_model_len (64): "
+        "every turn's prompt holds the episode so far; raise max_model_len or lower max_episode_tokens"
+    ) in str(e.value)
+    check(load_config(None, [*base, "env.name=calculator", "rollout.max_model_len=96"]))
+    check(load_config(None, base))  # single-turn rollouts (env.name null) do not play episodes
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("env.max_turns=0", "env.max_turns: expected int >= 1"),
+        ("env.max_episode_tokens=0", "env.max_episode_tokens: expected int >= 1"),
+        ("env.step_timeout_s=0", "env.step_timeout_s: expected float > 0"),
+        ("env.max_error_fraction=1.5", "env.max_error_fraction: expected float <= 1.0"),
+        ("env.num_threads=0", "env.num_threads: expected int >= 1"),
+        ("env.observation_role=system", "env.observation_role: invalid enum value 'system'"),
+        ("env.params=[1]", "env.params: expected object, got array"),
+        ("env.turns=3", "env.turns: unknown key"),
+    ],
+)
+def test_bad_env_values_name_their_path(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_the_env_section_has_its_defaults():
+    env = load_config(None, ["env.name=calculator", "env.params={max_calls: 2}"]).env
+    assert (env.name, env.params, env.max_turns, env.max_episode_tokens) == ("calculator", {"max_calls": 2}, 4, 256)
+    assert (env.step_timeout_s, env.max_error_fraction, env.num_threads, env.observation_role) == (10.0, 0.5, 8, "user")
+    assert load_config().env.name is None

@@ -1,4 +1,4 @@
-"""The job's one typed config tree, a section per file (base, model, rollout, reward, learner, run).
+"""The job's one typed config tree, a section per file (base, model, rollout, env, reward, learner, run).
 
 Every field has a default and a description; constraints are checked when a file is loaded and
 cross-field rules once at start-up (`contracts.config.load`, which reads YAML files and `--set a.b=v`
@@ -13,6 +13,7 @@ from typing import Annotated
 from msgspec import Meta, field
 
 from contracts.config.base import Base, ConfigError, doc
+from contracts.config.env import EnvConfig
 from contracts.config.learner import KLConfig, LearnerConfig, LossAggMode
 from contracts.config.model import DataConfig, ModelConfig
 from contracts.config.reward import RemoteRewardConfig, RewardConfig, RewardModelConfig, RuleSpec
@@ -32,6 +33,7 @@ __all__ = [
     "Base",
     "ConfigError",
     "DataConfig",
+    "EnvConfig",
     "JobConfig",
     "KLConfig",
     "LearnerConfig",
@@ -69,6 +71,7 @@ class JobConfig(Base):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)

@@ -159,12 +159,30 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
             f"({cfg.model.max_prompt_tokens} + {cfg.rollout.sampling.max_tokens}) exceeds "
             f"rollout.max_model_len ({cfg.rollout.max_model_len}): raise max_model_len"
         )
+    problems.extend(_episode_problems(cfg))
     if cuda_available is False:
         for section in ("rollout", "learner"):
             if getattr(cfg, section).device == "cuda":
                 problems.append(f"{section}.device is cuda but no GPU is visible: set it to auto or cpu")
     if problems:
         raise ConfigError("the config needs changes:\n  - " + "\n  - ".join(problems))
+
+
+def _episode_problems(cfg: JobConfig) -> list[str]:
+    """Rules of multi-turn episodes (`env.name` set); the name and params themselves need the registry
+    in rollout/, which checks them (`rollout.episodes.registry.check_environment`)."""
+    if cfg.env.name is None:
+        return []
+    problems = []
+    # Each turn is generated from a prompt holding everything before it: the episode's first prompt
+    # and every token of the episode so far, so the longest turn's prompt is the two together.
+    if cfg.model.max_prompt_tokens + cfg.env.max_episode_tokens > cfg.rollout.max_model_len:
+        problems.append(
+            f"model.max_prompt_tokens + env.max_episode_tokens ({cfg.model.max_prompt_tokens} + "
+            f"{cfg.env.max_episode_tokens}) exceeds rollout.max_model_len ({cfg.rollout.max_model_len}): "
+            "every turn's prompt holds the episode so far; raise max_model_len or lower max_episode_tokens"
+        )
+    return problems
 
 
 def _engine_rejects(rollout: RolloutConfig) -> list[str]:

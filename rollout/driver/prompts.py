@@ -1,6 +1,8 @@
 """Prompt data for a job: load and check the configured source, render, and sample batches.
 
-`builtin:arith` generates `a+b=` problems with reference answers; anything else is a file in one
+`builtin:arith` generates `a+b=` problems with reference answers; `builtin:calc` generates harder
+ones (`a*b=`, `a-b=`, `a+b=` with operands up to `data.builtin_max_operand`) for the `calculator`
+environment, each with a demonstration of the tool for the SFT warm-up; anything else is a file in one
 of the seed formats. Every bad record is reported as `FILE:LINE: reason`; the job then stops or
 skips them as `data.on_bad_record` says.
 """
@@ -19,6 +21,8 @@ from contracts.formats import PromptRecord, parse_prompt, read_prompts
 from contracts.jsonl import BadRecord, report_bad
 
 BUILTIN_ARITH = "builtin:arith"
+BUILTIN_CALC = "builtin:calc"
+CALC_OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
 class PromptDataError(UserError, ValueError):
@@ -33,8 +37,37 @@ def arith_problems(count: int, max_operand: int, seed: int) -> Iterator[dict]:
         yield {"prompt": f"{a}+{b}=", "completion": str(a + b)}
 
 
-def load_prompts(cfg: DataConfig, seed: int, *, log=None) -> list[PromptRecord]:
-    """All records of the configured source; bad ones reported (to stderr), then stop or skip per config."""
+def calc_problems(count: int, max_operand: int, seed: int) -> Iterator[tuple[str, int, int, int]]:
+    """(operator, a, b, answer) of `a+b=`, `a-b=` and `a*b=` problems, operands in [0, max_operand];
+    the same (count, max_operand, seed) gives the same list."""
+    rng = random.Random(seed)
+    operators = list(CALC_OPERATORS)
+    for _ in range(count):
+        op, a, b = rng.choice(operators), rng.randint(0, max_operand), rng.randint(0, max_operand)
+        yield op, a, b, CALC_OPERATORS[op](a, b)
+
+
+def calc_records(count: int, max_operand: int, seed: int, observation_role: str = "user") -> list[PromptRecord]:
+    """`builtin:calc` records: the prompt `a*b=`, the answer as reference, and in
+    `metadata["demonstration"]` the episode that uses the calculator well, as chat messages: the call
+    `<calc>a*b</calc>`, its `<result>` (as `observation_role`, the role observations are rendered as)
+    and the answer. The prompt id is the problem's alone, whatever the role, so a run's archive finds
+    its records again."""
+    records = []
+    for i, (op, a, b, answer) in enumerate(calc_problems(count, max_operand, seed)):
+        record = parse_prompt({"prompt": f"{a}{op}{b}=", "completion": str(answer)}, "sft", f"{BUILTIN_CALC}:{i + 1}")
+        demonstration = [
+            {"role": "assistant", "content": f"<calc>{a}{op}{b}</calc>"},
+            {"role": observation_role, "content": f"<result>{answer}</result>"},
+            {"role": "assistant", "content": str(answer)},
+        ]
+        records.append(msgspec.structs.replace(record, metadata={"demonstration": demonstration}))
+    return unique_ids(records)
+
+
+def load_prompts(cfg: DataConfig, seed: int, *, log=None, observation_role: str = "user") -> list[PromptRecord]:
+    """All records of the configured source; bad ones reported (to stderr), then stop or skip per config.
+    `observation_role` is the role of the environment's turns in `builtin:calc` demonstrations."""
     log = log or sys.stderr
     if cfg.prompts == BUILTIN_ARITH:
         return unique_ids(
@@ -43,6 +76,8 @@ def load_prompts(cfg: DataConfig, seed: int, *, log=None) -> list[PromptRecord]:
                 for i, obj in enumerate(arith_problems(cfg.builtin_size, cfg.builtin_max_operand, seed))
             ]
         )
+    if cfg.prompts == BUILTIN_CALC:
+        return calc_records(cfg.builtin_size, cfg.builtin_max_operand, seed, observation_role)
     records: list[PromptRecord] = []
     bad: list[BadRecord] = []
     for item in read_prompts(cfg.prompts, cfg.format):

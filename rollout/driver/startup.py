@@ -1,6 +1,6 @@
 """The start-up steps `rollout run` and `rollout generate` share, in the order they take them.
 
-read_data (config rules, the reward section, prompts rendered: bad input fails before Ray starts)
+read_data (config rules, the reward and env sections, prompts rendered: bad input fails before Ray starts)
 -> lock the run directory -> start_cluster (driver log, config.yaml, Ray, devices, fit check)
 """
 
@@ -28,6 +28,7 @@ from rollout.driver import stopping
 from rollout.driver.prompts import load_prompts
 from rollout.driver.resources import actor_requests, check_fits, node_resources, resolve_devices
 from rollout.driver.run_lock import RunLock
+from rollout.episodes.registry import check_environment
 
 
 @dataclass
@@ -43,22 +44,25 @@ class RunData:
 
 def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
     """Config rules, the reward section (rule names and params, users' rule modules, the reward model's
-    directory) and every prompt, checked before anything starts: bad data fails here, in seconds, and
-    leaves nothing in the run directory."""
+    directory), the environment (`env.name` and `env.params`) and every prompt, checked before anything
+    starts: bad data fails here, in seconds, and leaves nothing in the run directory. With an environment,
+    each prompt is the one its episode opens with (`Environment.opening`)."""
     check(cfg)  # devices are checked against the cluster once it is joined
     check_learner_names(cfg.learner, cfg.rollout.n_samples)
     check_reward_config(cfg.reward)  # rule names and params, user rules imported, the reward model
+    environment = check_environment(cfg.env)  # the class imported and one instance made from env.params
     base_model = resolve_model_path(cfg.model.path)
     from transformers import AutoTokenizer  # slow to import: only the commands that start a job pay it
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     renderer = PromptRenderer(tokenizer, cfg.model.max_prompt_tokens)
     records, tasks = render_prompts(
-        load_prompts(cfg.data, cfg.seed, log=log),
+        load_prompts(cfg.data, cfg.seed, log=log, observation_role=cfg.env.observation_role),
         renderer,
         on_bad_record=cfg.data.on_bad_record,
         source=cfg.data.prompts,
         log=log,
+        opening=None if environment is None else environment.opening,
     )
     if prompts_needed > len(records):
         raise ConfigError(

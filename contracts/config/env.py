@@ -1,0 +1,56 @@
+"""`env`: multi-turn episodes against an environment (`contracts.environment`); null name = single turn."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from msgspec import field
+
+from contracts.config.base import Base, doc
+
+
+class EnvConfig(Base):
+    name: Annotated[
+        str | None,
+        doc(
+            "The environment each rollout is an episode against: a built-in (calculator, conversation) or your "
+            "own class as package.module:ClassName (a subclass of contracts.environment.Environment, "
+            "importable on every node). null: single-turn rollouts, one completion per prompt."
+        ),
+    ] = None
+    params: Annotated[
+        dict[str, Any],
+        doc("Keyword arguments of the environment's constructor; one instance is made per episode."),
+    ] = field(default_factory=dict)
+    max_turns: Annotated[int, doc("Model turns per episode, at most; the episode ends after the last one.", ge=1)] = 4
+    max_episode_tokens: Annotated[
+        int,
+        doc(
+            "Tokens after the prompt, the model's and the environment's together; an episode reaching it ends "
+            "with finish_reason `length`. model.max_prompt_tokens + this must fit rollout.max_model_len.",
+            ge=1,
+        ),
+    ] = 256
+    step_timeout_s: Annotated[
+        float, doc("Longest one environment step may take; a slower step fails its episode.", gt=0)
+    ] = 10.0
+    max_error_fraction: Annotated[
+        float,
+        doc(
+            "Fraction of an iteration's episodes that may fail (their environment raised, or a step ran past "
+            "step_timeout_s) before the job fails.",
+            ge=0.0,
+            le=1.0,
+        ),
+    ] = 0.5
+    num_threads: Annotated[
+        int,
+        doc("Threads each rollout worker runs environment steps on, off the engine's loop.", ge=1),
+    ] = 8
+    observation_role: Annotated[
+        Literal["user", "tool"],
+        doc(
+            "The chat role an environment's observation is rendered as; the model's chat template must know "
+            "it (the built-in tiny models know user only)."
+        ),
+    ] = "user"
