@@ -47,11 +47,14 @@ class PromptRenderer:
             )
         return PromptTask(prompt_id=record.prompt_id, prompt=text, prompt_ids=ids)
 
-    def observation_text(self, history: list[Message], reply: str, observation: Message) -> str:
+    def observation_text(
+        self, history: list[Message], reply: str, observation: Message, *, reply_ended: bool = True
+    ) -> str:
         """The text the chat template puts between the model's `reply` to `history` and its next turn:
-        from just after the reply's eos (the model wrote that) through `observation` to the generation
-        prompt of the next model turn. Raises ValueError when the template does not render the reply as
-        written after the generation prompt of `history` (a template that rewrites earlier turns)."""
+        from just after the reply (after its eos where the model wrote one, `reply_ended`; a reply cut at
+        its token limit gets the eos here) through `observation` to the generation prompt of the next
+        model turn. Raises ValueError when the template does not render the reply as written after the
+        generation prompt of `history` (a template that rewrites earlier turns)."""
         head = self._template(history, generation_prompt=True) + reply
         whole = self._template([*history, Message("assistant", reply), observation], generation_prompt=True)
         if not whole.startswith(head):
@@ -61,7 +64,7 @@ class PromptRenderer:
             )
         rest = whole[len(head) :]
         eos = self.tokenizer.eos_token or ""
-        return rest[len(eos) :] if eos and rest.startswith(eos) else rest
+        return rest[len(eos) :] if reply_ended and eos and rest.startswith(eos) else rest
 
     def _template(self, messages: list[Message], *, generation_prompt: bool) -> str:
         turns = [{"role": m.role, "content": m.content} for m in messages]

@@ -42,6 +42,7 @@ def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
     pool = RolloutWorkers(
         cfg.rollout,
         model,
+        env=cfg.env,
         dtype=cfg.model.dtype,
         seed=cfg.seed,
         start_timeout_s=cfg.ray.actor_start_timeout_s,

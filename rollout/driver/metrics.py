@@ -45,6 +45,12 @@ def iteration_metrics(
         "policy_version": version,
         "version_lag": version - 1 - min(s.policy_version for s in summaries),
     }
+    turns = sum(s.turns for s in summaries)
+    if turns:  # episodes: their turns, and the environment's between them (one fewer each)
+        metrics["episode/turns_mean"] = turns / max(samples, 1)
+        metrics["episode/env_turns_mean"] = (turns - samples) / max(samples, 1)
+        metrics["episode/env_errors"] = sum(s.env_errors for s in summaries)
+        metrics["episode/env_step_seconds"] = sum(s.env_step_seconds for s in summaries)
     for name, values in _components(rewards).items():
         ok = values[~np.isnan(values)]
         metrics[f"reward/{name}"] = float(ok.mean()) if ok.size else float("nan")

@@ -25,6 +25,7 @@ from rollout.actors.learner_spec import LearnerSpec
 from rollout.actors.reward_workers import RewardWorkers
 from rollout.actors.rollout_workers import RolloutWorkers
 from rollout.driver.checkpoints import AUTO
+from rollout.driver.episodes import check_episodes
 from rollout.driver.iteration import Launched, Learned, Samples
 from rollout.driver.node_watch import NodeWatch
 from rollout.driver.prompts import PromptSampler
@@ -79,6 +80,7 @@ class Session:
         self.workers = RolloutWorkers(
             cfg.rollout,
             str(checkpoint / "policy") if checkpoint else model,
+            env=cfg.env,
             dtype=cfg.model.dtype,
             seed=cfg.seed,
             start_timeout_s=cfg.ray.actor_start_timeout_s,
@@ -169,6 +171,7 @@ class Session:
         )
         chunks = list(progress)
         timings["generate"] = time.perf_counter() - start
+        check_episodes(self.cfg.env, iteration, [c.summary for c in chunks])
         start = time.perf_counter()
         rewards, latency = self.rewards.scores(
             chunks, self.cfg.rollout.iteration_timeout_s, f"rewards of iteration {iteration}"

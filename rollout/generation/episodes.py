@@ -24,8 +24,9 @@ import msgspec
 
 from contracts.config import SamplingConfig
 from contracts.environment import StepResult
+from contracts.formats import Message
+from contracts.rendering import PromptRenderer
 from rollout.generation.engine import Completion, VLLMEngine
-from rollout.generation.turns import TurnRenderer
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Episode:
     prompt_ids: list[int]
     seed: int | None
     env: Any = None
+    history: list[Message] = field(default_factory=list)  # the conversation so far, as messages
     prompt_text: str | None = None  # set when `reset` added a turn to the task's prompt
     own_prompt: bool = False
     response: list[int] = field(default_factory=list)
@@ -53,7 +55,8 @@ class EpisodeRunner:
     def __init__(self, engine: VLLMEngine, env_class: type, cfg, tokenizer):
         """`env_class`: the configured `Environment`; `cfg`: the `env` config section."""
         self.engine, self.env_class, self.cfg = engine, env_class, cfg
-        self.turns = TurnRenderer(tokenizer, cfg.observation_role)
+        self.tokenizer = tokenizer
+        self.renderer = PromptRenderer(tokenizer, max_prompt_tokens=2**31)
         self.pool = ThreadPoolExecutor(max_workers=cfg.num_threads, thread_name_prefix="env-step")
         self.step_seconds = 0.0  # the engine's own time, for its busy fraction
         self.env_seconds: list[float] = []  # each environment call's wall time, for the metrics
@@ -122,6 +125,7 @@ class EpisodeRunner:
     def _reset(self, episode: Episode) -> StepResult | None:
         """In the pool: the episode's environment made, and reset; its turn, if any, as an observation."""
         episode.env = self.env_class(**self.cfg.params)
+        episode.history = list(self.env_class.opening(episode.record))
         extra = episode.env.reset(episode.record)
         return None if extra is None else StepResult(observation=extra)
 
@@ -160,8 +164,17 @@ class EpisodeRunner:
         elif episode.turns >= self.cfg.max_turns:
             episode.finish = "max_turns"
         else:
-            ended = bool(episode.response) and episode.response[-1] == self.turns.eos_id
-            ids = self.turns.observation_ids(result.observation or "", ended)
+            observation = Message(self.cfg.observation_role, result.observation or "")
+            try:
+                ended = episode.response[-1] == self.tokenizer.eos_token_id  # the model wrote its turn's eos
+                text = self.renderer.observation_text(
+                    episode.history, episode.final_text, observation, reply_ended=ended
+                )
+            except ValueError as e:
+                self._fail(episode, str(e))
+                return
+            episode.history += [Message("assistant", episode.final_text), observation]
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(episode.response) + len(ids) >= self.cfg.max_episode_tokens:
                 episode.finish = "length"  # no room for the observation and a model turn after it
                 return
@@ -183,7 +196,7 @@ class EpisodeRunner:
         return Completion(
             token_ids=episode.response,
             logprobs=episode.logprobs,
-            text=self.turns.decode(episode.response),
+            text=self.tokenizer.decode(episode.response, skip_special_tokens=False),  # whose turn is whose, shown
             finish_reason=episode.finish,
             mask=episode.mask,
             num_turns=episode.turns,
