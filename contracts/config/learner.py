@@ -61,7 +61,10 @@ class LearnerConfig(Base):
             "Run each micro-batch as one row of its sequences back to back, no padding, attention kept "
             "within each sequence (torch's varlen attention on CUDA, else flash-attn's; per-sequence SDPA "
             "on CPU), and budget micro_batch_tokens in real tokens. false: padded, length-sorted rows. "
-            "On CUDA without a varlen kernel, or in float32 there, micro-batches are padded with a warning."
+            "On CUDA without a varlen kernel, or in float32 there, micro-batches are padded with a warning. "
+            "On by default: it skips the padding's compute for the same results (to 1e-5); the tiny model "
+            "on CPU, 128 samples, one thread, took 0.71x the padded seconds per iteration on mixed lengths "
+            "(9.7 vs 13.6 s) and 0.82x on uniform ones (benchmarks/learner_packing.py)."
         ),
     ] = True
     max_restarts: Annotated[
