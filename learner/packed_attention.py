@@ -74,7 +74,7 @@ def _torch_varlen():
 def _flash_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
-    except ImportError:
+    except (ImportError, OSError):  # not installed, or built for another torch or CUDA
         return None
     return flash_attn_varlen_func
 

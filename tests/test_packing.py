@@ -180,6 +180,66 @@ def test_a_padded_batch_of_several_rows_is_refused_by_a_packed_model(tiny_model_
         model(batch.collate(np.arange(len(batch)), 0), temperature=1.0)
 
 
+def varlen_reference(q, k, v, cu_seq, scale, causal, gqa):
+    """What the varlen kernels compute, by their documented contract: (L, H, D) tokens-first inputs,
+    attention within each cu_seq segment."""
+    assert q.dim() == 3 and q.is_contiguous() and k.is_contiguous() and causal
+    if k.shape[1] != q.shape[1] and not gqa:
+        raise ValueError("key-value heads differ from query heads without GQA")
+    starts = cu_seq.tolist()
+    pieces = [
+        torch.nn.functional.scaled_dot_product_attention(
+            *(x[s:e].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale, enable_gqa=gqa
+        ).transpose(0, 1)
+        for s, e in zip(starts[:-1], starts[1:])
+    ]
+    return torch.cat(pieces)
+
+
+# torch's varlen_attn as each release spells it, and flash-attn's varlen function.
+def torch_2_10(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, return_aux=None, scale=None):
+    return varlen_reference(q, k, v, cu_q, scale, is_causal, gqa=False)
+
+
+def torch_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    return varlen_reference(q, k, v, cu_q, scale, tuple(window_size) == (-1, 0), gqa=False)
+
+
+def torch_2_13(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    return varlen_reference(q, k, v, cu_q, scale, tuple(window_size) == (-1, 0), gqa=enable_gqa)
+
+
+def flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+    return varlen_reference(q, k, v, cu_q, softmax_scale, causal, gqa=True)
+
+
+@pytest.mark.parametrize(
+    "kernel, name",
+    [
+        (torch_2_10, packed_attention.TORCH_VARLEN),
+        (torch_2_11, packed_attention.TORCH_VARLEN),
+        (torch_2_13, packed_attention.TORCH_VARLEN),
+        (flash_attn, packed_attention.FLASH_ATTN_VARLEN),
+    ],
+)
+def test_the_cuda_varlen_paths_hand_the_kernels_what_they_take(monkeypatch, kernel, name):
+    """On CPU, with a stand-in of each kernel's contract: layout, causality, grouped-query heads and the
+    signature of each torch release reach the kernel right; outputs and gradients equal the padded ones."""
+    monkeypatch.setattr(packed_attention, "_torch_varlen", lambda: kernel)
+    monkeypatch.setattr(packed_attention, "_flash_varlen", lambda: kernel)
+    model = PolicyModel(load_causal_lm(str(build_builtin("tiny-qwen2")), torch.float32), value_head=True).train()
+    randomise(model.value_head, 1)
+    batch = samples(seed=7)
+    rows = np.arange(len(batch))
+    weights = [torch.randn(batch.collate(rows, 0).mask.shape, generator=torch.Generator().manual_seed(3))] * 3
+    want, want_grads = outputs_and_gradients(model, model.lm, batch.collate(rows, 0), weights, "sdpa")
+    got, got_grads = outputs_and_gradients(model, model.lm, batch.collate(rows, 0, packed=True), weights, name)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch's varlen attention")
 @pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-llama"])
 def test_cuda_varlen_packed_logprobs_match_padded_ones_in_bfloat16(family):
