@@ -72,7 +72,8 @@ def test_packed_and_padded_give_the_same_outputs_and_gradients(family, network):
     padded, packed = batch.collate(rows, pad_id=0), batch.collate(rows, pad_id=0, packed=True)
     assert packed.input_ids.shape == (1, sum(PROMPTS) + sum(RESPONSES))
     gen = torch.Generator().manual_seed(2)
-    weights = [torch.randn(padded.mask.shape, generator=gen) for _ in range(n_out)]
+    # Means over the tokens, as the losses take them: gradients of order 1, where float32 keeps 1e-5.
+    weights = [torch.randn(padded.mask.shape, generator=gen) / padded.mask.sum() for _ in range(n_out)]
     want, want_grads = outputs_and_gradients(model, backbone, padded, weights, "sdpa")
     got, got_grads = outputs_and_gradients(model, backbone, packed, weights, packed_attention.SEGMENTS)
     for g, w in zip(got, want):
@@ -231,7 +232,8 @@ def test_the_cuda_varlen_paths_hand_the_kernels_what_they_take(monkeypatch, kern
     randomise(model.value_head, 1)
     batch = samples(seed=7)
     rows = np.arange(len(batch))
-    weights = [torch.randn(batch.collate(rows, 0).mask.shape, generator=torch.Generator().manual_seed(3))] * 3
+    mask = batch.collate(rows, 0).mask
+    weights = [torch.randn(mask.shape, generator=torch.Generator().manual_seed(3)) / mask.sum()] * 3
     want, want_grads = outputs_and_gradients(model, model.lm, batch.collate(rows, 0), weights, "sdpa")
     got, got_grads = outputs_and_gradients(model, model.lm, batch.collate(rows, 0, packed=True), weights, name)
     for g, w in zip(got, want):
