@@ -63,8 +63,8 @@ class LearnerConfig(Base):
             "on CPU), and budget micro_batch_tokens in real tokens. false: padded, length-sorted rows. "
             "On CUDA without a varlen kernel, or in float32 there, micro-batches are padded with a warning. "
             "On by default: it skips the padding's compute for the same results (to 1e-5); the tiny model "
-            "on CPU, 128 samples, one thread, took 0.71x the padded seconds per iteration on mixed lengths "
-            "(9.7 vs 13.6 s) and 0.82x on uniform ones (benchmarks/learner_packing.py)."
+            "on CPU, 128 samples, one thread, took 0.69x the padded seconds per iteration on mixed lengths "
+            "(8.3 vs 12.0 s) and 0.85x on uniform ones (benchmarks/learner_packing.py)."
         ),
     ] = True
     max_restarts: Annotated[
