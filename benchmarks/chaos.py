@@ -25,7 +25,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,10 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from job_process import RolloutProcess, logged_iterations, run_args  # noqa: E402
+
 from rollout.archive import read_table  # noqa: E402
 
-SMOKE = ROOT / "configs" / "tiny-arith-smoke.yaml"
-KINDS = {"rollout": "_RolloutActor", "reward": "_RewardActor", "learner": "_Rank"}
+KINDS = {"rollout": "RolloutActor", "reward": "RewardActor", "learner": "LearnerRank"}
 ROWS_PER_ITERATION = 16 * 2  # the smoke config's prompts_per_iteration x n_samples
 
 
@@ -51,34 +51,9 @@ def run(
     more iterations are logged."""
     log = out.with_suffix(".log")
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rollout",
-            "run",
-            "--config",
-            str(SMOKE),
-            "--out",
-            str(out),
-            "--set",
-            f"iterations={iterations}",
-            "--set",
-            "checkpoint_every=5",
-            # Enough restarts for any draw of kinds: the bound is not what is measured here.
-            "--set",
-            "rollout.max_restarts=20",
-            "--set",
-            "reward.max_restarts=20",
-            "--set",
-            "learner.max_restarts=20",
-            *(a for kv in settings for a in ("--set", kv)),
-        ],
-        cwd=ROOT,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # Enough restarts for any draw of kinds: the bound is not what is measured here.
+    restarts = [f"{section}.max_restarts=20" for section in ("rollout", "reward", "learner")]
+    proc = RolloutProcess(run_args(out, f"iterations={iterations}", "checkpoint_every=5", *restarts, *settings), log)
     kills: collections.Counter[str] = collections.Counter()
     next_kill = kill_every
     stopped_at: float | None = None  # a SIGSTOP not found yet
@@ -91,18 +66,17 @@ def run(
                     detection.append(round(time.perf_counter() - stopped_at, 1))
                     stopped_at = None
                 continue  # one hang at a time
-            logged = _lines(out / "metrics.jsonl")
+            logged = logged_iterations(out)
             if kill_every and logged >= next_kill and logged < iterations - 2:
                 kind = rng.choice(sorted(KINDS))
-                pid = _pid(KINDS[kind], proc.pid)
-                if pid is not None:
+                for pid in proc.session_pids(f"ray::{KINDS[kind]}")[:1]:
                     os.kill(pid, signal.SIGSTOP if fault == "stop" else signal.SIGKILL)
                     stopped_at = time.perf_counter() if fault == "stop" else None
                     kills[kind] += 1
                 next_kill = logged + kill_every
         code = proc.wait(timeout=900)
     finally:
-        subprocess.run(["pkill", "-9", "-s", str(proc.pid)], capture_output=True)  # Ray's workers included
+        proc.kill_session()  # Ray's workers included
     seconds = time.perf_counter() - start
     text = log.read_text()
     if code != 0:
@@ -135,21 +109,6 @@ def _check(out: Path) -> dict:
         "updates": manifest["iterations"][-1]["policy_version"],
         "updates_lost_and_redone": sum(1 for it in manifest["iterations"] if it.get("update_lost")),
     }
-
-
-def _lines(path: Path) -> int:
-    try:
-        return len(path.read_text().splitlines())
-    except FileNotFoundError:
-        return 0
-
-
-def _pid(kind: str, session: int) -> int | None:
-    """The run's `kind` actor: Ray's processes stay in the session of the driver that started them."""
-    pids = subprocess.run(
-        ["pgrep", "-s", str(session), "-f", f"ray::{kind}"], capture_output=True, text=True
-    ).stdout.split()
-    return int(pids[0]) if pids else None
 
 
 def main() -> None:

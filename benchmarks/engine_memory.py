@@ -44,10 +44,10 @@ def run_worker(iterations: int, trim: bool) -> dict:
 
     from contracts.config.load import load_config
     from learner.sft import warm_start
-    from rollout.actors.heap import trim_heap
     from rollout.driver.prompts import PromptSampler
     from rollout.driver.startup import read_data
     from rollout.generation.worker import RolloutWorker
+    from rollout.runtime.heap import trim_heap
 
     cfg = load_config(ROOT / "configs" / "tiny-arith.yaml")
     data = read_data(cfg, sys.stderr)

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from job_process import RolloutProcess, run_args
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = {"_RolloutActor": "rollout", "_RewardActor": "reward", "_Rank": "learner"}
+KINDS = {"RolloutActor": "rollout", "RewardActor": "reward", "LearnerRank": "learner"}
 
 
 def memory_mb(pid: int) -> dict[str, int]:
@@ -107,31 +106,13 @@ def watch_run(
     """`rollout run --config CONFIG --out OUT --set ...` to its end, sampling every process's memory."""
     log = out.with_suffix(".log")
     start = time.perf_counter()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rollout",
-            "run",
-            "--config",
-            str(config),
-            "--out",
-            str(out),
-            *(a for kv in settings for a in ("--set", kv)),
-        ],
-        cwd=ROOT,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=env,
-    )
+    proc = RolloutProcess(run_args(out, *settings, config=config), log)
     watched = Watched(returncode=-1, seconds=0.0, log=log)
     lines = 0
     try:
         while proc.poll() is None:
             if time.perf_counter() - start > timeout_s:
-                proc.kill()
+                proc.kill_session()
                 raise TimeoutError(f"{out}: the run took over {timeout_s:.0f}s (log: {log})")
             metrics_path = out / "metrics.jsonl"
             if metrics_path.exists():
@@ -152,7 +133,7 @@ def watch_run(
             time.sleep(every_s if lines else min(every_s, 0.2))  # the first line's time is the start-up's
     finally:
         if proc.poll() is None:
-            proc.kill()
-    watched.returncode = proc.wait()
+            proc.kill_session()
+    watched.returncode = proc.wait(timeout=60)
     watched.seconds = time.perf_counter() - start
     return watched

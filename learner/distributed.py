@@ -68,6 +68,12 @@ def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
+def checkpoint_group():
+    """A gloo group of every rank for the checkpoint writer's collectives, which run in its thread beside
+    the learner's own: on the default group they could interleave with FSDP's. A collective to make."""
+    return dist.new_group(backend="gloo")
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from learner import checkpoint, evaluation, packed_attention, update
 from learner import distributed as dist
 from learner.advantages import token_rewards
 from learner.batch import TokenBatch
+from learner.checkpoint_writer import CheckpointWriter, PendingCheckpoint
 from learner.estimators import estimate, estimator
 from learner.evaluation import Evaluated
 from learner.finite_steps import FiniteSteps
@@ -93,6 +95,8 @@ class Learner:
         self.version = 0
         self.finite_steps = FiniteSteps(lc.max_nonfinite_steps, lc.lr)
         self.micro_batches_done = 0  # forward passes so far: what the driver's stall watch sees advance
+        self.checkpoint_group = dist.checkpoint_group() if world_size > 1 else None
+        self.checkpoints = CheckpointWriter(self)
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.to(self.device)
@@ -174,22 +178,38 @@ class Learner:
 
     # -- weights and checkpoints -----------------------------------------------------------------
 
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's weights with Hugging Face names, one whole tensor at a time, on this rank's device in
+        the learner's own dtype (callers cast as they copy). A sharded one is gathered as it comes: a
+        collective, so every rank iterates, in the same order; the extra memory is one tensor."""
+        for name, tensor in self.policy.state_dict().items():
+            if name.startswith("lm."):
+                whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                yield name.removeprefix("lm."), whole.detach()
+
     def export_weights(self) -> list[tuple[str, torch.Tensor]] | None:
-        """Policy weights with Hugging Face names, on CPU in the compute dtype: the full set on rank 0
-        (gathered once from the shards; every rank must call this), None on the others."""
-        state = _full_state_dict(self.policy)
-        if self.rank != 0:
-            return None
-        return [
-            (name.removeprefix("lm."), tensor.to(self.compute_dtype).contiguous())
-            for name, tensor in state.items()
-            if name.startswith("lm.")
-        ]
+        """Policy weights with Hugging Face names on CPU in the compute dtype, for the object store and the
+        checkpoint's loadable policy: cast on the device, then copied once (into pinned memory on cuda); the
+        full set on rank 0 (every rank must call this), None on the others."""
+        cuda = self.device.type == "cuda"
+        out = []
+        for name, tensor in self.named_weights():
+            if self.rank == 0:
+                cast = tensor.to(self.compute_dtype)
+                host = torch.empty(cast.shape, dtype=cast.dtype, pin_memory=cuda)
+                out.append((name, host.copy_(cast, non_blocking=cuda)))
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        return out if self.rank == 0 else None
 
     def save(self, directory: Path, extra: dict) -> None:
-        """Every rank: write its part of checkpoint `directory` (learner/checkpoint.py)."""
-        checkpoint.save(self, directory, extra)
+        """Every rank: write its part of checkpoint `directory` and wait for it (learner/checkpoint.py)."""
+        self.checkpoints.save_async(directory, extra).wait()
         dist.barrier()
+
+    def save_async(self, directory: Path, extra: dict) -> PendingCheckpoint:
+        """Every rank: stage its part of checkpoint `directory` and write it in the background."""
+        return self.checkpoints.save_async(directory, extra)
 
     def load(self, directory: Path) -> dict:
         """Restore from `save` (with any number of ranks); returns its `extra` (job state such as the data cursor)."""
@@ -215,12 +235,3 @@ class Learner:
     def versioned_weights(self) -> tuple[int, list[tuple[str, torch.Tensor]] | None]:
         """(version, weights) read together, for an engine restarted between collective syncs."""
         return self.version, self.export_weights()
-
-
-def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded, on CPU; a collective when the module is sharded (every rank calls it, rank 0 gets the tensors)."""
-    if dist.world_size() == 1:
-        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -9,6 +9,8 @@ record the prompt came from (a `contracts.formats.PromptRecord`); rules read onl
 and `metadata` attributes, so any object with those (or None, where a rule needs neither) will do.
 `params` are the rule's keyword arguments from the config's `reward.rules[].params`; a bad value
 raises ValueError, and `check_params` runs the same checks once, before any sample is scored.
+`RULES` is the one list of built-in names; `get_rule` also loads a user's `package.module:function`
+(`reward.user_rules`), adapted to this signature.
 
 User-supplied regular expressions (safety, format) run on the `regex` package with
 `concurrent=True` and a time limit: the stdlib `re` holds the GIL for the whole match, so a
@@ -28,6 +30,7 @@ from typing import Any
 import regex
 
 from reward.arith_parser import evaluate, final_number, find_expression
+from reward.user_rules import is_user_rule, load_user_rule
 
 Rule = Callable[..., float]
 
@@ -293,31 +296,45 @@ _PARAM_CHECKS: dict[str, Callable[..., object]] = {
 
 
 def get_rule(name: str, registry: dict[str, Rule] = RULES) -> Rule:
-    """The rule called `name`; ValueError listing the known names when there is none."""
+    """The rule called `name`: a built-in from `registry`, or a user's `package.module:function`
+    imported (see `reward.user_rules`). ValueError saying why when there is none."""
+    if is_user_rule(name):
+        return load_user_rule(name)
     try:
         return registry[name]
     except KeyError:
-        raise ValueError(f"unknown reward rule {name!r}; known: {', '.join(registry)}") from None
+        raise ValueError(
+            f"unknown reward rule {name!r}; known: {', '.join(registry)}, or your own as package.module:function"
+        ) from None
 
 
 def check_params(name: str, rule: Rule, params: dict[str, Any]) -> None:
     """ValueError naming the rule and the parameter when `rule` does not accept `params`.
 
-    Names are checked against the rule's signature and each value against the kind of its
+    Names are checked against the rule's signature (any name goes where it takes **params), a
+    parameter without a default must be given, and each value is checked against the kind of its
     default (a number where the default is a number, ...); for the built-in rules the values are
     checked further (regexes compile, methods and units are known), so a bad config fails at
     start-up rather than on every sample.
     """
     signature = inspect.signature(rule)
-    accepted = dict(list(signature.parameters.items())[3:])  # after prompt, response, record
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    after_three = list(signature.parameters.values())[3:]  # after prompt, response, record
+    accepted = {p.name: p for p in after_three if p.kind in named}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     for key, value in params.items():
         if key not in accepted:
+            if takes_any:
+                continue
             raise ValueError(
                 f"reward rule {name!r} has no parameter {key!r}; its parameters: {', '.join(accepted) or '(none)'}"
             )
         problem = _kind_problem(accepted[key].default, value)
         if problem:
             raise ValueError(f"reward rule {name!r}: parameter {key!r} {problem}")
+    missing = [key for key, p in accepted.items() if p.default is p.empty and key not in params]
+    if missing:  # a user rule's parameter without a default would fail every call
+        raise ValueError(f"reward rule {name!r} needs parameter(s) {', '.join(missing)}: set them in its params")
     check = _PARAM_CHECKS.get(name) if RULES.get(name) is rule else None
     if check is not None:
         bound = signature.bind_partial("", "", None, **params)

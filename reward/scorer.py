@@ -1,16 +1,19 @@
 """Scoring completions: weighted rule functions with a per-call timeout, and a reward model.
 
-`RuleScorer` runs the configured rules (`reward.rules`) on each sample and keeps every
-component: a rule that raises or runs past the timeout marks its component failed (NaN in
-`components`, its name in `failed`) and the rest of the sample is still scored. `RewardModelScorer`
-scores rendered prompt + response texts with a sequence classifier trained by `reward train`.
-Both are plain classes; the `RewardWorker` actor wraps them for Ray.
+`RuleScorer` runs the configured rules (`reward.rules`: built-ins, or a user's
+`package.module:function`, loaded once when the scorer is built) on each sample and keeps every
+component: a rule that raises, runs past the timeout or returns anything but a finite number
+marks its component failed (NaN in `components`, its name in `failed`) and the rest of the sample
+is still scored. `RewardModelScorer` scores rendered prompt + response texts with a sequence
+classifier trained by `reward train`. Both are plain classes; the `RewardWorker` actor wraps them
+for Ray.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +28,7 @@ import msgspec
 from contracts.config import RuleSpec
 from contracts.errors import JobFailure
 from reward.rules import RULES, Rule, check_params, get_rule
+from reward.user_rules import component_name
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +164,20 @@ def _bind(rules: Sequence[RuleSpec], registry: dict[str, Rule]) -> list[_Compone
 
 
 def rule_component_names(rules: Sequence[RuleSpec]) -> list[str]:
-    """The component each rule scores into: its name, then `name#1`, `name#2`, ... for repeats."""
+    """The component each rule scores into: its name (a user rule's function name, the part after
+    the colon), then `name#1`, `name#2`, ... where the name repeats."""
     names, seen = [], {}
     for spec in rules:
-        count = seen.get(spec.name, 0)
-        seen[spec.name] = count + 1
-        names.append(spec.name if count == 0 else f"{spec.name}#{count}")
+        base = component_name(spec.name)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        names.append(base if count == 0 else f"{base}#{count}")
     return names
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    # numbers.Real, not (int, float): a user's verifier may well return a numpy float32.
+    return isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 class RewardModelScorer:

@@ -1,10 +1,12 @@
-"""`RewardWorker`: scores a generation batch (Arrow columns) with the configured rules and reward
-model, reading each sample's data record (reference answer, metadata) by its prompt id. A plain
-class; the job wraps it in a Ray actor. The data records of a batch's prompts come with the batch, so a
-worker holds no state but its scorers: Ray restarts a dead one and runs the lost call again there."""
+"""`RewardWorker`: scores a generation batch (Arrow columns) with the configured rules, reward model
+and reward server, reading each sample's data record (reference answer, metadata) by its prompt id.
+A plain class; the job wraps it in a Ray actor. The data records of a batch's prompts come with the
+batch, so a worker holds no state but its scorers: Ray restarts a dead one and runs the lost call
+again there."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pyarrow as pa
@@ -12,6 +14,7 @@ import pyarrow as pa
 from contracts import storage
 from contracts.config import RewardConfig
 from contracts.schema import reward_batch
+from reward.remote import REMOTE_COMPONENT, RemoteScorer
 from reward.scorer import RewardModelScorer, RewardResult, RuleScorer, rule_component_names
 
 MODEL_COMPONENT = "reward_model"
@@ -24,39 +27,23 @@ def last_user_message(record) -> str:
 
 
 def reward_components(cfg: RewardConfig) -> tuple[str, ...]:
-    """The run's reward components, in archive order: each rule's, then the reward model's."""
-    return (*rule_component_names(cfg.rules), *([MODEL_COMPONENT] if cfg.model is not None else []))
+    """The run's reward components, in archive order: each rule's, then the reward model's, then the
+    reward server's."""
+    return (
+        *rule_component_names(cfg.rules),
+        *([MODEL_COMPONENT] if cfg.model is not None else []),
+        *([REMOTE_COMPONENT] if cfg.remote is not None else []),
+    )
 
 
-def check_reward_model(cfg: RewardConfig) -> None:
-    """A reward model given as a local path must be a saved model there: found before any actor starts."""
-    from pathlib import Path
-
-    from contracts.config import ConfigError
-
-    if cfg.model is None:
-        return
-    path = Path(cfg.model.path).expanduser()
-    looks_local = cfg.model.path.startswith(("/", ".", "~")) or path.exists() or cfg.model.path.count("/") != 1
-    if not looks_local:
-        return
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "holds no config.json (not a saved model)"
-        raise ConfigError(
-            f"reward.model.path: {cfg.model.path} {what}; point it at the model directory "
-            "`reward train` wrote (OUT/model)"
-        )
-    import json
-
-    config = json.loads((path / "config.json").read_text())
-    architectures = config.get("architectures") or []
-    labels = len(config.get("id2label") or {0: "score"})
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or labels != 1:
-        raise ConfigError(
-            f"reward.model.path: {cfg.model.path} holds {', '.join(architectures) or 'a model'} with "
-            f"{labels} label(s), not a reward model (a sequence-classification head with one label, "
-            "as `reward train` writes); a policy or causal LM cannot score"
-        )
+def wire_sample(record, response: str) -> dict:
+    """One sample as the reward server reads it (reward/remote.py's wire format)."""
+    return {
+        "prompt": last_user_message(record),
+        "response": response,
+        "reference": record.reference,
+        "metadata": record.metadata,
+    }
 
 
 class RewardWorker:
@@ -69,24 +56,42 @@ class RewardWorker:
         if cfg.model is not None:
             path = storage.fetch(cfg.model.path)  # from the run's URI where this node cannot see the driver's disk
             self.model = RewardModelScorer(path, batch_size=cfg.model.batch_size)
+        self.remote = RemoteScorer(cfg.remote) if cfg.remote is not None else None
         self.seconds = 0.0
-        self.scored = 0  # samples whose rules ran, plus reward-model batches: what a stall watch sees move
+        self.scored = 0  # samples whose rules ran; progress() adds model batches and server requests
 
     def progress(self) -> int:
-        return self.scored + (self.model.batches_done if self.model is not None else 0)
+        return (
+            self.scored
+            + (self.model.batches_done if self.model is not None else 0)
+            + (self.remote.requests if self.remote is not None else 0)
+        )
 
     def score(self, items: list[tuple[object, str, str]]) -> list[RewardResult]:
         """One result per (record, rendered prompt, response), every component kept."""
         start = time.perf_counter()
+        pending = None
+        if self.remote is not None:  # its requests go out first, to be answered while the rules and model score
+            pending = self.remote.submit([wire_sample(rec, response) for rec, _, response in items])
         results = self.rules.score_batch([(last_user_message(rec), response, rec) for rec, _, response in items])
         self.scored += len(items)
         if self.model is not None:
             scores = self.model.score([prompt + response for _, prompt, response in items])
-            for result, score in zip(results, scores):
-                result.components[MODEL_COMPONENT] = float(score)
-                result.total += self.cfg.model.weight * float(score)
+            self._add(results, MODEL_COMPONENT, scores, self.cfg.model.weight)
+        if pending is not None:
+            self._add(results, REMOTE_COMPONENT, self.remote.gather(pending), self.cfg.remote.weight)
         self.seconds += time.perf_counter() - start
         return results
+
+    def _add(self, results: list[RewardResult], name: str, scores: list[float], weight: float) -> None:
+        """A component scored outside the rules, weighted into each total; NaN fails it, as in a rule."""
+        for result, score in zip(results, scores):
+            result.components[name] = float(score)
+            if math.isnan(score):
+                result.failed.append(name)
+                result.total += self.cfg.failed_value
+            else:
+                result.total += weight * float(score)
 
     def score_batch(self, batch: pa.RecordBatch, records: list) -> tuple[pa.RecordBatch, dict[str, float]]:
         """The reward columns of a generation batch, row for row, and the seconds this call spent
@@ -102,7 +107,11 @@ class RewardWorker:
 
     def close(self) -> None:
         self.rules.close()
+        if self.remote is not None:
+            self.remote.close()
 
     def latency(self) -> dict[str, float]:
-        """Cumulative scoring seconds: the whole call (`total`) and each rule."""
-        return {"total": self.seconds, **self.rules.latency}
+        """Cumulative scoring seconds: the whole call (`total`), each rule and the server's requests
+        (summed: they overlap)."""
+        remote = {REMOTE_COMPONENT: self.remote.seconds} if self.remote is not None else {}
+        return {"total": self.seconds, **self.rules.latency, **remote}

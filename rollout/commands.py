@@ -90,6 +90,7 @@ def cmd_config(args) -> int:
     from contracts.config.load import check, explain, to_yaml
     from learner.estimators import ESTIMATORS, check_learner_names
     from learner.losses import POLICY_LOSSES
+    from reward.checks import check_reward_config
 
     if args.explain:
         print("\n".join(explain(registered={"learner.estimator": ESTIMATORS, "learner.policy_loss": POLICY_LOSSES})))
@@ -97,6 +98,7 @@ def cmd_config(args) -> int:
     cfg = load_config(args.config, args.overrides)
     check(cfg)
     check_learner_names(cfg.learner, cfg.rollout.n_samples)
+    check_reward_config(cfg.reward)
     print(to_yaml(cfg), end="")
     return 0
 

@@ -1,112 +1,54 @@
-"""How a command that failed is reported: its exit code (2: fix what you passed; 1: the job failed on
-its way) and one line naming what failed and, for an actor, which one."""
+"""How a command that failed is reported: its exit code and one line naming what failed.
+
+The codes follow the two bases of `contracts.errors`, by type: 2 for a `UserError` (fix what you passed:
+files, data, options), 1 for a `JobFailure` (the job failed on its way: actors, timeouts, disks). An
+error an actor's own code raised is judged by what it raised (`ActorRaised.cause`, or Ray's
+`RayTaskError.cause`); anything else raised there is an error of the job. Python's own errors map as
+their meaning says (a missing file is the user's, a full disk the job's); any other exception is a bug,
+and the command shows its traceback.
+"""
 
 from __future__ import annotations
 
-import re
 import sys
+
+from contracts.errors import JobFailure, UserError
+from rollout.runtime.failures import ActorRaised, first_line
+
+# Python's own errors that mean a path the user passed is wrong.
+USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def exit_code(error: BaseException) -> int | None:
-    """2 for what the user must fix in what they passed (files, data, options), 1 for a job that
-    failed on its way (disk, actors, timeouts); None for anything else, which is a bug: traceback."""
-    from contracts.jsonl import FormatError
-    from rollout.archive import ArchiveCorruptError
-    from rollout.driver.checkpoints import ResumeError
-    from rollout.driver.prompts import DataError
-    from rollout.driver.run_lock import RunDirBusy
-    from rollout.driver.run_storage import RunStorageError
-
-    raised_in_actor = _actor(error) is not None
-    error = _cause(error)
-    if isinstance(
-        error,
-        (
-            DataError,
-            FormatError,
-            RunDirBusy,
-            RunStorageError,
-            ResumeError,
-            ArchiveCorruptError,
-            FileNotFoundError,
-            IsADirectoryError,
-            NotADirectoryError,
-            PermissionError,
-        ),
-    ):
+    """2 for what the user must fix, 1 for a job that failed on its way; None for a bug (traceback)."""
+    cause = _cause(error)
+    if isinstance(cause, (UserError, *USER_OS_ERRORS)):
         return 2
-    if isinstance(error, OSError):  # a full disk, a read-only or failing device
+    if isinstance(cause, (JobFailure, OSError)) or cause is not error:
+        return 1  # the job's failure, a full or failing disk, or whatever an actor's code raised
+    exceptions = sys.modules.get("ray.exceptions")  # not imported: no actor ran
+    if exceptions and isinstance(error, exceptions.RayError):  # an actor gone, an object lost
         return 1
-    exceptions = sys.modules.get("ray.exceptions")
-    if exceptions and isinstance(error, exceptions.RayActorError):  # an actor gone for good
-        return 1
-    failures = {
-        "LearnerError",
-        "GenerationTimeout",
-        "WorkerStartError",
-        "WeightSyncError",
-        "PipelineTimeout",
-        "ReplayError",
-        "CheckpointWriteError",
-        "ArchiveWriteError",
-        "NonFiniteError",
-    }
-    if any(kind.__name__ in failures for kind in type(error).__mro__):
-        return 2 if type(error).__name__ == "ReplayError" else 1
-    # Raised by an actor's code (the engine refusing a request, a rule's bug): an error of the job,
-    # shown with the actor's name and its own message, not retried.
-    return 1 if raised_in_actor else None
-
-
-def _actor(error: BaseException) -> str | None:
-    """The name of the actor whose code raised `error` (the actors' __repr__), if one did."""
-    exceptions = sys.modules.get("ray.exceptions")
-    if not (exceptions and isinstance(error, exceptions.RayTaskError)):
-        return None
-    # Ray's first line: "ray::_RolloutActor.stream() (pid=.., ip=.., actor_id=.., repr=rollout-0)".
-    header = str(error).split("\n", 1)[0]
-    method = re.search(r"ray::([\w.]+)\(", header)
-    return _repr_name(header) or (method.group(1) if method else "an actor")
-
-
-def _repr_name(text: str) -> str | None:
-    """The actor's own name from Ray's "repr=..." (None where __init__ failed before naming it)."""
-    named = re.search(r"repr=([^)]+)\)", text)
-    return named.group(1) if named and not named.group(1).startswith(("_", "<")) else None
-
-
-def _cause(error: BaseException) -> BaseException:
-    """An actor's error as raised there, not Ray's wrapper with the remote traceback."""
-    exceptions = sys.modules.get("ray.exceptions")  # not imported: no actor ran, nothing to unwrap
-    while exceptions and isinstance(error, exceptions.RayTaskError) and getattr(error, "cause", None) is not None:
-        error = error.cause
-    return error
+    return None
 
 
 def one_line(error: BaseException) -> str:
-    actor = _actor(error)
-    error = _cause(error)
-    text = str(error).strip()
-    if actor is not None and not isinstance(error, sys.modules["ray.exceptions"].RayError):
-        first = text.splitlines()[0] if text else ""
-        return f"{actor} raised {type(error).__name__}{': ' + first if first else ''}"
+    """The failure in one line: an actor's error named with the actor, anything else its own first line."""
+    if isinstance(error, ActorRaised):
+        return str(error)
+    cause = _cause(error)
+    if cause is not error:  # raised in an actor, but not by way of a group that names it
+        return f"an actor raised {type(cause).__name__}: {first_line(cause)}"
+    return first_line(error)
+
+
+def _cause(error: BaseException) -> BaseException:
+    """An actor's error as raised there, not the wrapper that carried it here."""
     exceptions = sys.modules.get("ray.exceptions")
-    if exceptions and isinstance(error, exceptions.RayActorError):
-        actor = re.search(r"class_name: (\w+)", text) or re.search(r"ray::(\w+)\.", text)
-        kind = {
-            "_RolloutActor": "a rollout worker (rollout",
-            "_RewardActor": "a reward worker (reward",
-            "_Rank": "a learner rank (learner",
-        }.get(actor.group(1) if actor else "", "an actor (")
-        if "error raised in its creation task" in text:  # its own start-up failed: say with what
-            raised = [line for line in text.splitlines() if re.match(r"^[\w.]+(Error|Exception)\w*: ", line)]
-            who = _repr_name(text) or kind.split(" (")[0]
-            return (
-                f"{who} failed in its start-up: {raised[-1] if raised else text.splitlines()[0]}; its log is "
-                "under RUN_DIR/logs"
-            )
-        return (
-            f"{kind}.max_restarts) died and was not restarted: its restarts are spent, or it could not be "
-            f"placed again; its log is under RUN_DIR/logs"
-        )
-    return text.splitlines()[0] if text else type(error).__name__
+    while True:
+        if isinstance(error, ActorRaised):
+            error = error.cause
+        elif exceptions and isinstance(error, exceptions.RayTaskError) and error.cause is not None:
+            error = error.cause
+        else:
+            return error

@@ -36,6 +36,13 @@ def test_a_config_of_an_older_version_reads_with_its_settings_renamed(tmp_path):
         ("rollout.engine=sglang", "rollout.engine: invalid enum value 'sglang'"),
         ("learner.lr=abc", "learner.lr: expected float, got str"),
         ("reward.rules=[{weight: 1}]", "reward.rules.0.name: required key missing"),
+        ("reward.remote={weight: 2}", "reward.remote.url: required key missing"),
+        ("reward.remote={url: 'http://h/s', max_in_flight: 0}", "reward.remote.max_in_flight: expected int >= 1"),
+        ("reward.remote={url: 'http://h/s', timeout_s: 0}", "reward.remote.timeout_s: expected float > 0"),
+        ("reward.remote={url: 'http://h/s', max_retries: -1}", "reward.remote.max_retries: expected int >= 0"),
+        ("reward.remote={url: 'http://h/s', backoff_s: -1}", "reward.remote.backoff_s: expected float >= 0"),
+        ("reward.remote={url: 'http://h/s', batch_size: 0}", "reward.remote.batch_size: expected int >= 1"),
+        ("reward.remote={url: ''}", "reward.remote.url: expected str of length >= 1"),
     ],
 )
 def test_bad_values_name_their_path(override, message):
@@ -79,7 +86,6 @@ def test_cross_field_checks_say_what_to_change():
             "rollout.n_samples=2",
             "learner.minibatch_size=16",
             "rollout.num_workers=8",
-            "reward.rules=[{name: nonsense}]",
             "learner.device=cuda",
         ],
     )
@@ -88,8 +94,23 @@ def test_cross_field_checks_say_what_to_change():
     text = str(e.value)
     assert "learner.minibatch_size (16) exceeds" in text
     assert "rollout.num_workers (8) exceeds" in text
-    assert "unknown rule 'nonsense'" in text
     assert "learner.device is cuda but no GPU" in text
+
+
+def test_a_reward_needs_rules_a_model_or_a_server():
+    with pytest.raises(ConfigError, match="reward: no rules, no model and no server; add reward.rules, reward.model"):
+        check(load_config(None, ["reward.rules=[]"]))
+    check(load_config(None, ["reward.rules=[]", "reward.remote={url: 'http://scorer:8000/score'}"]))
+    check(load_config(None, ["reward.rules=[]", "reward.model={path: /models/rm}"]))
+
+
+def test_the_reward_server_section_has_its_defaults():
+    remote = load_config(None, ["reward.remote.url=http://scorer:8000/score"]).reward.remote
+    assert (remote.weight, remote.timeout_s, remote.max_retries, remote.backoff_s) == (1.0, 30.0, 3, 0.5)
+    assert (remote.max_in_flight, remote.batch_size) == (4, 64)
+    fields = msgspec.inspect.type_info(type(remote)).fields
+    # `--explain` prints an optional section as one line, so its fields' docs are checked here.
+    assert all(f.type.extra_json_schema["description"] for f in fields)
 
 
 def test_resolved_config_round_trips(tmp_path):

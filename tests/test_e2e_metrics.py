@@ -7,7 +7,11 @@ import sys
 import time
 
 import pytest
-from test_e2e import ROOT, SMOKE, _env, _free_port
+from test_e2e import ROOT, _free_port
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from job_process import RolloutProcess, run_args  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
@@ -16,30 +20,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 def live_job(tmp_path_factory):
     """A smoke job that keeps running (no checkpoints) with its Ray metrics on a known port; killed at the end."""
     port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "rollout",
-        "run",
-        "--config",
-        SMOKE,
-        "--out",
-        str(tmp_path_factory.mktemp("live") / "run"),
-        "--set",
-        "iterations=100000",
-        "--set",
-        "checkpoint_every=100000",
-        "--set",
-        f"ray.metrics_export_port={port}",
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        yield proc, port
-    finally:
-        subprocess.run(["pkill", "-9", "-s", str(proc.pid)], capture_output=True)  # Ray's workers included
-        proc.wait()
+    out = tmp_path_factory.mktemp("live") / "run"
+    settings = ("iterations=100000", "checkpoint_every=100000", f"ray.metrics_export_port={port}")
+    with RolloutProcess(run_args(out, *settings), out.with_suffix(".log")) as job:
+        yield job, port
 
 
 def test_project_metrics_appear_on_the_local_ray_prometheus_endpoint(live_job):

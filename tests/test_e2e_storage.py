@@ -21,19 +21,15 @@ from rollout.driver.run_storage import staging_dir
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "tiny-arith-smoke.yaml")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from job_process import RolloutProcess, logged_iterations, rollout_cli, run_args  # noqa: E402
+
+SETTINGS = ("checkpoint_every=2", "tracking.backends=[]")
 
 
 def _run(env, uri, iterations):
-    return subprocess.run(
-        [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", uri, "--set", f"iterations={iterations}"]
-        + ["--set", "checkpoint_every=2", "--set", "tracking.backends=[]"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return rollout_cli(*run_args(uri, f"iterations={iterations}", *SETTINGS), env=env, timeout=900, check=False)
 
 
 def test_a_run_on_s3_lands_in_the_bucket_and_a_fresh_driver_resumes_from_it(s3_server, tmp_path):
@@ -196,26 +192,13 @@ def test_the_node_holding_every_actor_lost_mid_run_and_a_new_one_added_the_run_e
     updates, every iteration whole, no key twice."""
     uri = f"s3://runs/node-lost-{tmp_path.name}"
     metrics = staging_dir(uri) / "metrics.jsonl"
-    log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rollout", "run", "--config", SMOKE, "--out", uri, "--set", "iterations=8"]
-        + ["--set", "checkpoint_every=2", "--set", "tracking.backends=[]"],
-        cwd=ROOT,
-        env=cluster.job_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.time() + 300
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert time.time() < deadline and proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-            time.sleep(0.5)
+    # The cluster's processes are not the job's: it runs in the test's session, against the cluster's head.
+    args = run_args(uri, "iterations=8", *SETTINGS)
+    with RolloutProcess(args, tmp_path / "run.log", env=cluster.job_env, new_session=False) as job:
+        job.wait_for(lambda: logged_iterations(metrics.parent) >= 3, "iteration 2 was logged")
         cluster.kill(cluster.nodes[0])
         cluster.add_node()
-        assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        assert job.wait(timeout=600) == 0, job.tail()
     text = (tmp_path / "run.log").read_text()
     assert "learner: a rank died in iteration" in text
     assert re.search(r"ray: node [\d.]+ \(id \w+\) was lost; its actors restart", text), text[-3000:]

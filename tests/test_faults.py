@@ -4,7 +4,6 @@ the archive writer, and command-line errors as one line with a documented exit c
 import datetime as dt
 import json
 import os
-import time
 
 import pytest
 
@@ -57,7 +56,6 @@ def test_a_full_disk_fails_the_archive_writer_fast_and_close_does_not_hang(tmp_p
     os.symlink("/dev/full", tmp_path / "part-00000.arrow")
     monkeypatch.setattr(archive_module, "_next_file_index", lambda directory: 0)
     writer = ArchiveWriter(tmp_path, {}, ("arithmetic",), batch_rows=2)
-    start = time.monotonic()
     writer.write([record(i) for i in range(8)])
     with pytest.raises(ArchiveWriteError, match=r"archive write to .*part-00000.arrow failed: .*No space left"):
         writer.flush()
@@ -65,7 +63,7 @@ def test_a_full_disk_fails_the_archive_writer_fast_and_close_does_not_hang(tmp_p
         writer.write([record()])  # nothing more is accepted
     with pytest.raises(ArchiveWriteError):
         writer.close()  # the writer thread has ended: no wait on it
-    assert time.monotonic() - start < 10 and not writer._thread.is_alive()
+    assert not writer._thread.is_alive()
 
 
 @pytest.mark.parametrize(
@@ -111,14 +109,13 @@ def long_prompt_file(tmp_path):
 
 def test_a_prompt_too_long_for_the_model_stops_the_run_at_load_before_ray_starts(tmp_path, capfd):
     prompts = long_prompt_file(tmp_path)
-    started = time.monotonic()
     assert main(["run", "--set", f"data.prompts={prompts}", "--out", str(tmp_path / "run")]) == 2
     err = capfd.readouterr().err
     assert f"{prompts}:151: prompt is" in err and "longer than the maximum 1024" in err
     assert "1 prompt(s) longer than model.max_prompt_tokens" in err.splitlines()[-1]
     import ray
 
-    assert not ray.is_initialized() and time.monotonic() - started < 60
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
 
 
 def test_prompts_too_long_are_skipped_when_the_config_says_so(tmp_path, tiny_model_path, capsys):
@@ -141,11 +138,12 @@ def test_prompts_too_long_are_skipped_when_the_config_says_so(tmp_path, tiny_mod
 
 
 def test_a_missing_reward_model_fails_before_any_actor_starts(tmp_path, capfd):
-    started = time.monotonic()
+    import ray
+
     assert main(["run", "--set", f"reward.model.path={tmp_path / 'no-rm'}", "--out", str(tmp_path / "run")]) == 2
     err = capfd.readouterr().err.strip()
     assert f"reward.model.path: {tmp_path / 'no-rm'} does not exist" in err and len(err.splitlines()) == 1, err
-    assert time.monotonic() - started < 30
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
 
 
 def test_a_causal_lm_as_reward_model_is_refused_before_ray_starts(tmp_path, tiny_model_path, capfd):
@@ -204,27 +202,25 @@ def test_greedy_sampling_with_several_samples_is_refused_at_load(tmp_path, capfd
 
 
 def test_an_actor_that_fails_in_its_own_start_up_is_named_with_its_first_error():
+    """The member keeps its start-up error and raises it, by type, from `ready()`: the group names it and
+    the error, with nothing read out of Ray's text."""
     import ray
 
+    from contracts.config import RewardConfig, RewardModelConfig
+    from rollout.actors.reward_workers import RewardWorkers
     from rollout.errors import exit_code, one_line
+    from rollout.runtime.failures import ActorStartError
 
-    class _RewardActor:  # named as the job's, so the message says what kind of actor it was
-        def __init__(self):
-            raise ValueError("reward model /x holds LlamaForCausalLM, not a sequence classifier")
-
-        def ping(self):
-            return True
-
+    cfg = RewardConfig(model=RewardModelConfig(path="/x", batch_size=0))  # past the config's own checks
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        actor = ray.remote(_RewardActor).remote()
-        with pytest.raises(ray.exceptions.RayActorError) as raised:
-            ray.get(actor.ping.remote(), timeout=60)
+        group = RewardWorkers(cfg, start_timeout_s=60)
+        with pytest.raises(ActorStartError) as raised:
+            group.wait_started()
     finally:
         ray.shutdown()
     assert one_line(raised.value) == (
-        "a reward worker failed in its start-up: ValueError: reward model /x holds "
-        "LlamaForCausalLM, not a sequence classifier; its log is under RUN_DIR/logs"
+        "reward-0 failed in its start-up: ValueError: batch_size must be >= 1, got 0; its log is under RUN_DIR/logs"
     )
     assert exit_code(raised.value) == 1
 

@@ -10,7 +10,8 @@ from test_learner import make_records
 
 from contracts.config.load import load_config
 from learner.samples import SampleBatch
-from rollout.driver.learner_group import LearnerError, LearnerGroup
+from rollout.actors.learner_ranks import LearnerRanks
+from rollout.actors.learner_spec import LearnerSpec
 
 # One optimizer step per update (see test_micro_batched_update_equals_the_whole_minibatch_update).
 ONE_STEP = [
@@ -34,7 +35,8 @@ def local_ray():
 
 
 def group(tiny_model_path, ranks, *extra):
-    return LearnerGroup(load_config(None, [*ONE_STEP, f"learner.num_ranks={ranks}", *extra]), tiny_model_path)
+    cfg = load_config(None, [*ONE_STEP, f"learner.num_ranks={ranks}", *extra])
+    return LearnerRanks(LearnerSpec.of_job(cfg, tiny_model_path), cfg.ray)
 
 
 def learn_and_export(learners, batch):
@@ -53,9 +55,9 @@ def test_two_ranks_give_the_one_rank_update(local_ray, tiny_model_path):
         learners = group(tiny_model_path, ranks)
         try:
             columns, _, _ = learners.learn_samples(batch)
-            results.append((exported(learners), learners.version(), columns))
+            results.append((exported(learners), learners.updates, columns))
         finally:
-            learners.shutdown()
+            learners.release()
     (w1, v1, c1), (w2, v2, c2) = results
     assert v1 == v2 == 1
     np.testing.assert_allclose(c2.advantages, c1.advantages, atol=1e-5)
@@ -73,13 +75,13 @@ def test_two_ranks_stopped_and_resumed_continue_exactly(local_ray, tiny_model_pa
         learners.save(tmp_path / "ckpt", {"iteration": 0})
         straight, straight_stats = learn_and_export(learners, second)
     finally:
-        learners.shutdown()
+        learners.release()
     resumed = group(tiny_model_path, 2, "learner.ppo_epochs=2", "learner.minibatch_size=8")
     try:
         assert resumed.load(tmp_path / "ckpt") == {"iteration": 0}
         again, again_stats = learn_and_export(resumed, second)
     finally:
-        resumed.shutdown()
+        resumed.release()
     assert again_stats == straight_stats
     for name in straight:
         assert torch.equal(straight[name], again[name]), name
@@ -88,12 +90,14 @@ def test_two_ranks_stopped_and_resumed_continue_exactly(local_ray, tiny_model_pa
 def test_a_learner_that_cannot_be_placed_says_so_while_it_waits_then_fails_naming_what_is_free(
     local_ray, monkeypatch, capsys
 ):
-    from rollout.actors import placement
+    from rollout.runtime import placement
 
     monkeypatch.setattr(placement, "NOTE_S", 0.5)
     cfg = load_config(None, ["learner.num_cpus_per_rank=64", "ray.actor_start_timeout_s=2"])
-    with pytest.raises(LearnerError, match=r"could not be placed within ray.actor_start_timeout_s \(2s\)"):
-        LearnerGroup(cfg, "unused: never loaded")
+    from rollout.runtime.failures import ActorStartError
+
+    with pytest.raises(ActorStartError, match=r"could not be placed within ray.actor_start_timeout_s \(2s\)"):
+        LearnerRanks(LearnerSpec.of_job(cfg, "unused: never loaded"), cfg.ray)
     notes = [line for line in capsys.readouterr().err.splitlines() if "not started yet" in line]
     assert notes and notes[0].startswith("the learner's 1 rank(s): not started yet (")
     assert re.search(r"of ray.actor_start_timeout_s 2s\); the cluster has [\d.]+ CPU free", notes[0]), notes

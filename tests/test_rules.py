@@ -296,10 +296,24 @@ def test_length_bad_params() -> None:
 # --- the registry -------------------------------------------------------------------------------
 
 
-def test_registry_names_match_the_config() -> None:
-    from contracts.config.load import RULE_NAMES
+def test_the_registry_is_the_one_list_of_built_in_names() -> None:
+    import msgspec
 
-    assert set(rules.RULES) == set(RULE_NAMES) == {"arithmetic", "similarity", "safety", "format", "length"}
+    from contracts.config import ConfigError, RewardConfig, RuleSpec
+    from reward.checks import check_reward_config
+
+    assert set(rules.RULES) == {"arithmetic", "similarity", "safety", "format", "length"}
+    check_reward_config(RewardConfig(rules=[RuleSpec(name=name) for name in rules.RULES]))
+    with pytest.raises(ConfigError) as e:
+        check_reward_config(RewardConfig(rules=[RuleSpec(name="length"), RuleSpec(name="nonsense")]))
+    assert str(e.value) == (
+        "reward.rules.1.name: unknown reward rule 'nonsense'; known: arithmetic, similarity, safety, format, "
+        "length, or your own as package.module:function"
+    )
+    # `rollout config --explain` names every built-in (and nothing keeps a second list of them).
+    (rules_field,) = [f for f in msgspec.inspect.type_info(RewardConfig).fields if f.name == "rules"]
+    described = rules_field.type.extra_json_schema["description"]
+    assert all(name in described for name in rules.RULES), described
 
 
 def test_get_rule() -> None:

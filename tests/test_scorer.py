@@ -99,10 +99,8 @@ def test_failures_and_latency_accumulate() -> None:
 
 def test_a_slow_rule_times_out_and_scoring_goes_on() -> None:
     s = scorer(RuleSpec(name="sleepy"), RuleSpec(name="arithmetic"), timeout_s=0.2)
-    started = time.monotonic()
     result = s.score("2+2=", "4", Record())
-    # Generous bound: the point is that the 10 s rule was not waited for.
-    assert time.monotonic() - started < 5.0
+    # Failed, not scored: had the scorer waited for the sleeping rule, it would have had its value.
     assert result.failed == ["sleepy"]
     assert result.components["arithmetic"] == 1.0
     assert s.failures["sleepy"] == 1
@@ -113,10 +111,8 @@ def test_a_catastrophic_regex_times_out() -> None:
     # The pattern's own limit (30 s) is longer than the scorer's: the scorer gives up first.
     spec = RuleSpec(name="safety", params={"blocklist": [], "patterns": ["^(a|a)+$"], "regex_timeout_s": 30.0})
     s = scorer(spec, RuleSpec(name="length"), timeout_s=0.3, max_abandoned=2)
-    started = time.monotonic()
     result = s.score("", "a" * 40 + "!", None)
-    assert time.monotonic() - started < 10.0
-    assert result.failed == ["safety"]
+    assert result.failed == ["safety"]  # given up at the scorer's limit: the match itself would still run
     assert result.components["length"] == 0.0
 
 

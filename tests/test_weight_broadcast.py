@@ -35,13 +35,12 @@ def _member(rank: int, world: int, port: int, plan, die_after: int | None, out) 
         address = GroupAddress("127.0.0.1", port, 0, world, arrive_timeout_s=20, op_timeout_s=3)
         group = WeightGroup(address, rank, torch.device("cpu"))
         if rank == 0:
-            start = time.monotonic()
             try:
                 group.arrive("sync1")
-                group.send(plan, _weights())
+                group.send(plan, _weights().items())
                 out.put((rank, "sent", None))
-            except RuntimeError:
-                out.put((rank, "failed", time.monotonic() - start))
+            except RuntimeError as e:
+                out.put((rank, "failed", str(e)))
             return
         got = {}
         group.arrive("sync1")
@@ -89,13 +88,14 @@ def test_every_receiver_gets_the_senders_weights_in_the_engine_dtype():
             assert torch.equal(torch.tensor(got[name], dtype=torch.bfloat16), tensor.to(torch.bfloat16)), name
 
 
-def test_a_receiver_that_dies_mid_sync_fails_the_sender_within_the_op_timeout():
+def test_a_receiver_that_dies_mid_sync_fails_the_senders_collective():
+    """The sender's broadcast fails on the dead peer (its op timeout is 3 s, its arrival timeout 20 s: the
+    error is the collective's, not the arrival's)."""
     weights = _weights()
     plan = plan_buckets([(k, tuple(v.shape)) for k, v in weights.items()], "float32", bucket_bytes=64)
     results = _run(3, plan, {2: 1})  # rank 2 exits after its first tensor
-    what, seconds = results[0]
-    assert what == "failed"
-    assert seconds < 20  # the op timeout (3 s) plus start-up, far below the arrival timeout
+    what, error = results[0]
+    assert what == "failed" and "arrived" not in error, error
 
 
 def test_the_driver_can_call_off_a_sync_a_member_never_reaches():

@@ -16,9 +16,12 @@ from contracts.builtin_model import build_builtin
 from contracts.config.load import load_config
 from contracts.rendering import PromptTask
 from contracts.schema import from_record_batch
-from rollout.driver.learner_group import LearnerGroup
-from rollout.generation.pool import WorkerPool
-from rollout.weight_sync.check import PROBE_IDS, WeightSyncError
+from rollout.actors.learner_ranks import LearnerRanks
+from rollout.actors.learner_spec import LearnerSpec
+from rollout.actors.rollout_workers import RolloutWorkers
+from rollout.runtime.failures import ActorStartError
+from rollout.weight_sync.check import WeightSyncError
+from rollout.weight_sync.sync import WeightSync
 
 pytestmark = pytest.mark.vllm
 
@@ -40,6 +43,34 @@ def other_weights(path, tmp_path):
     }
     save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
     return str(copy)
+
+
+def start(cfg, learner_path, engine_path):
+    """The learner (holding `learner_path`'s weights), the engines (starting from `engine_path`'s) and the
+    weight sync between them, as the job starts them."""
+    learner = LearnerRanks(LearnerSpec.of_job(cfg, learner_path), cfg.ray)
+    workers = RolloutWorkers(
+        cfg.rollout,
+        engine_path,
+        dtype=cfg.model.dtype,
+        seed=cfg.seed,
+        start_timeout_s=cfg.ray.actor_start_timeout_s,
+        node_wait_timeout_s=cfg.ray.node_wait_timeout_s,
+    )
+    sync = WeightSync(
+        cfg.rollout,
+        cfg.rollout.weight_sync,
+        dtype=cfg.model.dtype,
+        workers=workers,
+        learner=learner,
+        node_wait_timeout_s=cfg.ray.node_wait_timeout_s,
+    )
+    return workers, learner, sync
+
+
+def release(*groups):
+    for group in groups:
+        group.release()
 
 
 def outputs(pool, iteration):
@@ -72,49 +103,49 @@ def test_a_collective_sync_gives_the_engine_outputs_of_an_object_store_sync(loca
             "rollout.weight_sync_timeout_s=60",
         ],
     )
-    learner = LearnerGroup(cfg, path)  # holds the builtin's weights
-    pool = WorkerPool(cfg, other_weights(path, tmp_path))
+    pool, learner, sync = start(cfg, path, other_weights(path, tmp_path))
     try:
         before = outputs(pool, 0)
-        pool.use_learner(learner)
-        probe = learner.probe_logprobs(list(PROBE_IDS))
-        pool.probe.expect(1, probe)
-        pool.queue_newest(1)
-        pool.confirm_weights()
-        assert pool.probe.gap < 1e-4  # the engine's logprobs of the probe tokens are the learner's
-        assert len(pool.collective.plan.buckets) > 3  # 50 KiB buckets: the weights went in several
+        learner.updates = 1  # as if the learner had made an update: the version the sync carries
+        sync.queue()
+        sync.confirm()
+        assert sync.gap < 1e-4  # the engine's logprobs of the probe tokens are the learner's
+        assert len(sync.collective.plan.buckets) > 3  # 50 KiB buckets: the weights went in several
         # A tied head (Qwen2) is sent once, as the embedding, and loaded under both names.
-        assert bool(pool.collective.plan.tied) == (family == "tiny-qwen2")
+        assert bool(sync.collective.plan.tied) == (family == "tiny-qwen2")
         collective = outputs(pool, 0)
-        pool.sync_weights(2, ray.get(learner.weights_ref(), timeout=120))
+        sync.queue_weights(2, ray.get(learner.weights_ref(), timeout=120))  # the object-store path
+        sync.confirm()
         object_store = outputs(pool, 0)
         assert [o[:3] for o in collective] == [o[:3] for o in object_store]
         assert [x for o in collective for x in o[3]] == pytest.approx([x for o in object_store for x in o[3]], abs=1e-6)
         assert collective != before
-        pool.queue_newest(3)  # the group formed once serves the next sync too
-        pool.confirm_weights()
-        assert pool.version == 3 and outputs(pool, 0) == collective
-        pool.probe.expect(4, [p + 1.0 for p in probe])  # as if the engine had loaded something else
-        pool.queue_newest(4)
+        learner.updates = 3
+        sync.queue()  # the group formed once serves the next sync too
+        sync.confirm()
+        assert sync.version == 3 and outputs(pool, 0) == collective
+        learner.updates = 4
+        sync.queue()
+        probe = sync.probe._expected[4]
+        sync.probe.expect(4, [p + 1.0 for p in probe])  # as if the engine had loaded something else
         with pytest.raises(
             WeightSyncError,
             match=r"rollout-0 serves version 4, but its logprobs of the probe tokens "
             r"differ from the learner's by up to 1 \(rollout.weight_sync_max",
         ):
-            pool.confirm_weights()
+            sync.confirm()
     finally:
-        pool.shutdown()
-        learner.shutdown()
+        release(pool, learner)
 
 
 def _pid(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
 
 
-def _wait_until_arrived(pool, step: str, count: int) -> None:
+def _wait_until_arrived(sync, step: str, count: int) -> None:
     """Until `count` of the 3 members (learner, rollout-0, rollout-1) have arrived at `step` of the current group."""
     deadline = time.monotonic() + 60
-    while pool.collective.store.arrived(pool.collective.epoch, step, 3) < count:
+    while sync.collective.store.arrived(sync.collective.epoch, step, 3) < count:
         assert time.monotonic() < deadline, f"{count} members never arrived at {step}"
         time.sleep(0.02)
 
@@ -137,84 +168,75 @@ def two_worker_pool(tmp_path, *settings):
             *settings,
         ],
     )
-    learner = LearnerGroup(cfg, path)
-    pool = WorkerPool(cfg, other_weights(path, tmp_path))
-    pool.use_learner(learner)
-    return pool, learner
+    return start(cfg, path, other_weights(path, tmp_path))
 
 
-def test_a_worker_killed_in_a_collective_sync_fails_it_within_the_timeout_naming_the_worker(local_ray, tmp_path):
+def test_a_worker_killed_in_a_collective_sync_fails_it_naming_the_worker(local_ray, tmp_path):
     """Killed while the others wait for it in the sync: the sync is called off, and with no restarts
-    left the pool fails naming the worker (with restarts, the next test: everyone gets the weights)."""
-    from rollout.generation.actor import WorkerStartError
-
-    pool, learner = two_worker_pool(
-        tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=20", "ray.actor_start_timeout_s=60"
+    left it fails naming the worker (with restarts, the last test: everyone gets the weights). The sync
+    timeout is far off: the error is the death's, not the timeout's."""
+    pool, learner, sync = two_worker_pool(
+        tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=600", "ray.actor_start_timeout_s=60"
     )
     try:
-        pid = _pid(pool.workers[1])
+        pid = _pid(pool.handle("rollout-1"))
         os.kill(pid, signal.SIGSTOP)  # hung first, so that the others are inside the sync when it dies
-        pool.queue_newest(1)
-        _wait_until_arrived(pool, "open", 2)
+        learner.updates = 1
+        sync.queue()
+        _wait_until_arrived(sync, "open", 2)
         os.kill(pid, signal.SIGKILL)
-        start = time.monotonic()
-        with pytest.raises(WorkerStartError, match=r"rollout-1 died and did not come back \(rollout.max_restarts 0"):
-            pool.confirm_weights()
-        assert time.monotonic() - start < 20
+        with pytest.raises(ActorStartError, match=r"rollout-1 died and did not come back \(rollout.max_restarts 0"):
+            sync.confirm()
     finally:
-        pool.shutdown()
-        learner.shutdown()
+        release(pool, learner)
 
 
 def test_a_worker_killed_inside_the_broadcast_fails_the_sync_naming_it(local_ray, tmp_path):
-    """Every member in the broadcast, then rollout-1 dies: the others' collective fails on it, and so
-    does the sync, naming it, well within the timeout."""
-    pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=30")
+    """Every member in the broadcast, then rollout-1 dies: the others' collective fails on it, and so does
+    the sync, naming it. Driven on the collective path itself (`CollectiveSync`), which queues nothing on
+    the learner but the broadcast, so the test can hold the learner back until the engines are in."""
+    pool, learner, sync = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=30")
     try:
-        pool.queue_newest(1)  # forms the group
-        pool.confirm_weights()
-        sender, worker = _pid(learner.ranks[0]), _pid(pool.workers[1])
+        learner.updates = 1
+        sync.queue()  # forms the group
+        sync.confirm()
+        sender, worker = _pid(learner.handles[0]), _pid(pool.handle("rollout-1"))
         os.kill(sender, signal.SIGSTOP)  # the engines arrive and wait for the learner
-        pool.queue_newest(2)
-        _wait_until_arrived(pool, "sync2", 2)
+        sync.collective.queue(2, learner)
+        _wait_until_arrived(sync, "sync2", 2)
         os.kill(worker, signal.SIGSTOP)
         os.kill(sender, signal.SIGCONT)  # every member is in: the broadcast starts, and stalls on rollout-1
-        _wait_until_arrived(pool, "sync2", 3)
+        _wait_until_arrived(sync, "sync2", 3)
         time.sleep(0.5)
         os.kill(worker, signal.SIGKILL)
-        start = time.monotonic()
         with pytest.raises(WeightSyncError, match=r"the weight sync to version 2 failed.*rollout-1"):
-            pool.confirm_weights()
-        assert time.monotonic() - start < 30
+            sync.collective.confirm()
     finally:
-        pool.shutdown()
-        learner.shutdown()
+        release(pool, learner)
 
 
-def test_a_hung_worker_fails_a_collective_sync_within_the_timeout_naming_it(local_ray, tmp_path):
-    pool, learner = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=5")
-    pid = _pid(pool.workers[0])
+def test_a_hung_worker_fails_a_collective_sync_at_its_timeout_naming_it(local_ray, tmp_path):
+    pool, learner, sync = two_worker_pool(tmp_path, "rollout.max_restarts=0", "rollout.weight_sync_timeout_s=5")
+    pid = _pid(pool.handle("rollout-0"))
     try:
         os.kill(pid, signal.SIGSTOP)
-        pool.queue_newest(1)
-        start = time.monotonic()
+        learner.updates = 1
+        sync.queue()
         with pytest.raises(
             WeightSyncError,
             match=r"within rollout.weight_sync_timeout_s \(5s\).*never joined the "
             r"group: rollout-0$",
         ):
-            pool.confirm_weights()
-        assert time.monotonic() - start < 15
+            sync.confirm()
     finally:
         os.kill(pid, signal.SIGKILL)
-        pool.shutdown()
-        learner.shutdown()
+        release(pool, learner)
 
 
 def test_a_worker_restarted_while_a_collective_sync_waits_gets_the_weights_and_the_group_forms_again(
     local_ray, tmp_path
 ):
-    pool, learner = two_worker_pool(
+    pool, learner, sync = two_worker_pool(
         tmp_path,
         "rollout.max_restarts=1",
         "rollout.weight_sync_timeout_s=120",
@@ -226,19 +248,19 @@ def test_a_worker_restarted_while_a_collective_sync_waits_gets_the_weights_and_t
             PromptTask(prompt_id=f"p{i}", prompt="x", prompt_ids=[1, 4, 27, 16, 27 + i % 7, 34, 204, 5])
             for i in range(64)
         ]
-        pid = _pid(pool.workers[1])  # asked first: the actor answers calls in order
+        pid = _pid(pool.handle("rollout-1"))  # asked first: the actor answers calls in order
         launch = pool.submit(tasks, run_id="r", iteration=0)
-        pool.queue_newest(1)  # behind the generation: called off when rollout-1 dies in it
+        sync.queue()  # behind the generation: called off when rollout-1 dies in it
         os.kill(pid, signal.SIGKILL)
         chunks = launch.collect()  # rollout-1's chunks come back from the restarted worker
         assert sum(c.summary.samples for c in chunks) == 128
-        pool.confirm_weights()
-        assert pool.restarts == 1 and pool.version == 0  # the learner's weights, read with their version
-        assert ray.get([w.serving_version.remote() for w in pool.workers], timeout=60) == [0, 0]
-        epoch = pool.collective.epoch
-        pool.queue_newest(1)
-        pool.confirm_weights()
-        assert pool.collective.epoch == epoch + 1 and pool.version == 1
+        sync.confirm()
+        assert pool.restarts == 1 and sync.version == 0  # the learner's weights, read with their version
+        assert [pool.serving(name, 60) for name in pool.names] == [0, 0]
+        epoch = sync.collective.epoch
+        learner.updates = 1
+        sync.queue()
+        sync.confirm()
+        assert sync.collective.epoch == epoch + 1 and sync.version == 1
     finally:
-        pool.shutdown()
-        learner.shutdown()
+        release(pool, learner)

@@ -15,7 +15,7 @@ from msgspec import Meta, field
 from contracts.config.base import Base, ConfigError, doc
 from contracts.config.learner import KLConfig, LearnerConfig, LossAggMode
 from contracts.config.model import DataConfig, ModelConfig
-from contracts.config.reward import RewardConfig, RewardModelConfig, RuleSpec
+from contracts.config.reward import RemoteRewardConfig, RewardConfig, RewardModelConfig, RuleSpec
 from contracts.config.rollout import RolloutConfig, SamplingConfig
 from contracts.config.run import (
     ArchiveConfig,
@@ -39,6 +39,7 @@ __all__ = [
     "MlflowConfig",
     "ModelConfig",
     "RayConfig",
+    "RemoteRewardConfig",
     "RewardConfig",
     "RewardModelConfig",
     "RolloutConfig",

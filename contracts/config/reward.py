@@ -1,4 +1,4 @@
-"""`reward`: the rule functions and the reward model that score a sample."""
+"""`reward`: the rule functions, the reward model and a reward server that score a sample."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from contracts.config.base import Base, doc
 
 
 class RuleSpec(Base):
-    name: Annotated[str, doc("Rule function: arithmetic, similarity, safety, format or length.")]
+    name: Annotated[
+        str,
+        doc(
+            "Rule function: a built-in (arithmetic, similarity, safety, format or length) or your own as "
+            "package.module:function, called as function(prompt, response, reference, **params) -> float, "
+            "importable on every node; it scores into the component named after the function."
+        ),
+    ]
     weight: Annotated[float, doc("Weight of this component in the total reward.")] = 1.0
     params: Annotated[dict[str, Any], doc("Keyword arguments of the rule.")] = field(default_factory=dict)
 
@@ -29,11 +36,53 @@ class RewardModelConfig(Base):
     ] = 0.0
 
 
+class RemoteRewardConfig(Base):
+    url: Annotated[
+        str,
+        doc(
+            "http(s) URL of a reward server of your own: batches of samples are POSTed to it as JSON and it "
+            "answers one score each (the wire format is in the README); scores into the component `remote`.",
+            min_length=1,
+        ),
+    ]
+    weight: Annotated[float, doc("Weight of the server's score in the total reward.")] = 1.0
+    timeout_s: Annotated[
+        float,
+        doc(
+            "Seconds a request waits for the server (to connect, for the answer, for its whole body) before it "
+            "counts as failed and is retried.",
+            gt=0,
+        ),
+    ] = 30.0
+    max_retries: Annotated[
+        int,
+        doc(
+            "Times a failed request (no connection, HTTP 5xx or 429, a time-out, a malformed answer) is sent again "
+            "before the job fails; another HTTP 4xx is not retried.",
+            ge=0,
+        ),
+    ] = 3
+    backoff_s: Annotated[float, doc("Wait before the first retry, doubled before each one after it.", ge=0)] = 0.5
+    max_in_flight: Annotated[int, doc("Requests one reward worker has open at once, at most.", ge=1)] = 4
+    batch_size: Annotated[int, doc("Samples per request.", ge=1)] = 64
+
+
 class RewardConfig(Base):
-    rules: Annotated[list[RuleSpec], doc("Rule functions and their weights.")] = field(
-        default_factory=lambda: [RuleSpec(name="arithmetic")]
-    )
+    rules: Annotated[
+        list[RuleSpec],
+        doc(
+            "Rule functions and their weights, each {name, weight, params}: name is a built-in (arithmetic, "
+            "similarity, safety, format, length) or your own package.module:function."
+        ),
+    ] = field(default_factory=lambda: [RuleSpec(name="arithmetic")])
     model: Annotated[RewardModelConfig | None, doc("Optional reward model.")] = None
+    remote: Annotated[
+        RemoteRewardConfig | None,
+        doc(
+            "Optional reward server of your own, over HTTP: {url, weight, timeout_s, max_retries, backoff_s, "
+            "max_in_flight, batch_size}; the README's 'Rewards of your own' has the wire format."
+        ),
+    ] = None
     num_workers: Annotated[int, doc("RewardWorker actors.", ge=1)] = 1
     max_restarts: Annotated[
         int,

@@ -14,14 +14,14 @@ import ray
 
 from contracts.config import JobConfig
 from reward.worker import reward_components
+from rollout.actors.reward_workers import RewardWorkers
+from rollout.actors.rollout_workers import RolloutWorkers
 from rollout.archive import ArchiveWriter
 from rollout.archive.columns import archive_batches
 from rollout.archive.manifest import RunManifest
 from rollout.archive.metadata import run_metadata
 from rollout.driver import stopping
-from rollout.driver.reward_group import RewardGroup
 from rollout.driver.startup import RunData, lock_run_dir, read_data, start_cluster
-from rollout.generation.pool import WorkerPool
 
 
 def generate(cfg: JobConfig, out: Path, *, log=None) -> dict:
@@ -38,14 +38,23 @@ def generate(cfg: JobConfig, out: Path, *, log=None) -> dict:
 def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
     run_id, model = f"{cfg.run_name}-generate", data.base_model
     tasks = [data.tasks[r.prompt_id] for r in data.records]
-    scorers = RewardGroup(cfg.reward, log)
-    pool = WorkerPool(cfg, model)
+    scorers = RewardWorkers(cfg.reward, start_timeout_s=cfg.ray.actor_start_timeout_s, log=log)
+    pool = RolloutWorkers(
+        cfg.rollout,
+        model,
+        dtype=cfg.model.dtype,
+        seed=cfg.seed,
+        start_timeout_s=cfg.ray.actor_start_timeout_s,
+        node_wait_timeout_s=cfg.ray.node_wait_timeout_s,
+        log=log,
+    )
+    scorers.wait_started()
     manifest = RunManifest(out, run_id)
     metadata = run_metadata(cfg, run_id, model, manifest.start_run(cfg, model), learner=False)
     timeout = cfg.rollout.iteration_timeout_s
     started = time.perf_counter()
     tokens, rewards = 0, []
-    generation = pool.submit(tasks, run_id=run_id, iteration=0, scorers=scorers.workers, records=data.records_by_id)
+    generation = pool.submit(tasks, run_id=run_id, iteration=0, scorers=scorers, records=data.records_by_id)
     components = reward_components(cfg.reward)
     total = len(tasks) * cfg.rollout.n_samples
     with ArchiveWriter(
@@ -64,9 +73,9 @@ def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
             )
             rewards.append(reward.column("reward").to_numpy(zero_copy_only=False))
             tokens += chunk.summary.generated_tokens
-    pool.shutdown()
-    scorers.shutdown()
-    manifest.iteration(0, generated_by=[pool.version], policy_version=pool.version)
+    pool.release()
+    scorers.release()
+    manifest.iteration(0, generated_by=[0], policy_version=0)
     seconds = time.perf_counter() - started
     all_rewards = np.concatenate(rewards) if rewards else np.zeros(0)
     summary = {

@@ -1,7 +1,8 @@
 """The PPO job (`rollout run`): the loop is a list of named steps; each step is a method of `Session`.
 
 launch generation ahead -> collect (generate, reward) -> learn (values, advantages, update)
--> weight sync (queued behind generation in flight) -> archive (streamed) -> metrics -> checkpoint
+-> weight sync (queued behind generation in flight) -> archive (streamed) -> checkpoint (staged, then
+written in the background) -> metrics
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def run_job(
             learned = session.learn(samples, timings)
             timed(timings, "weight_sync", session.sync_weights)
             timed(timings, "archive", session.archive_iteration, samples, learned)
+            session.checkpoint_if_due(samples, timings)
             history.append(session.record_metrics(samples, learned, timings))
-            session.checkpoint_if_due(samples)
     except BaseException:
         session.close(failed=True)
         raise

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from rollout.actors.telemetry import metric_name, record_stages
+from rollout.runtime.telemetry import metric_name, record_stages
 
-STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive")
+STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive", "checkpoint")
 
 
 def iteration_metrics(

@@ -1,6 +1,6 @@
 """The start-up steps `rollout run` and `rollout generate` share, in the order they take them.
 
-read_data (config rules, reward model, prompts rendered: bad input fails before Ray starts)
+read_data (config rules, the reward section, prompts rendered: bad input fails before Ray starts)
 -> lock the run directory -> start_cluster (driver log, config.yaml, Ray, devices, fit check)
 """
 
@@ -23,7 +23,7 @@ from contracts.console import configure_driver
 from contracts.formats import PromptRecord
 from contracts.rendering import PromptRenderer, PromptTask, render_prompts
 from learner.estimators import check_learner_names
-from reward.worker import check_reward_model
+from reward.checks import check_reward_config
 from rollout.driver import stopping
 from rollout.driver.prompts import load_prompts
 from rollout.driver.resources import actor_requests, check_fits, node_resources, resolve_devices
@@ -42,11 +42,12 @@ class RunData:
 
 
 def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
-    """Config rules, the reward model's directory and every prompt, checked before anything starts:
-    bad data fails here, in seconds, and leaves nothing in the run directory."""
+    """Config rules, the reward section (rule names and params, users' rule modules, the reward model's
+    directory) and every prompt, checked before anything starts: bad data fails here, in seconds, and
+    leaves nothing in the run directory."""
     check(cfg)  # devices are checked against the cluster once it is joined
     check_learner_names(cfg.learner, cfg.rollout.n_samples)
-    check_reward_model(cfg.reward)
+    check_reward_config(cfg.reward)  # rule names and params, user rules imported, the reward model
     base_model = resolve_model_path(cfg.model.path)
     from transformers import AutoTokenizer  # slow to import: only the commands that start a job pay it
 

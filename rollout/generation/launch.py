@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from contracts.errors import JobFailure
 from contracts.rendering import PromptTask
-from rollout.actors.stall import POLL_S, Patience
 from rollout.generation.worker import GenerationSummary
+from rollout.runtime.failures import raised
+from rollout.runtime.stall import POLL_S, Patience
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Launch:
                 self._last_item = time.monotonic()
                 patience.restart()
                 stream = ready[0]
+                name = self._names[streams[stream].worker]
                 try:
                     ref = next(stream)
                     if stream not in batches:
@@ -135,11 +137,13 @@ class Launch:
                     index, summary = ray.get(ref, timeout=self.timeout)
                 except StopIteration:
                     if stream in batches:  # a batch and no summary: the worker died or raised mid-chunk
-                        _raise_if_raised(batches[stream])
+                        _raise_if_raised(batches[stream], name)
                         self._replace(stream, streams, batches)
                     else:
                         del streams[stream]
                     continue
+                except ray.exceptions.RayTaskError as e:
+                    raise raised(name, e) from None
                 except ray.exceptions.RayActorError:
                     self._replace(stream, streams, batches)
                     continue
@@ -176,14 +180,14 @@ class Launch:
             self._queue.put(self._RESTARTED)  # the reader's deadline starts again
 
 
-def _raise_if_raised(ref: ray.ObjectRef) -> None:
+def _raise_if_raised(ref: ray.ObjectRef, worker: str) -> None:
     """Raise the exception the worker's code raised, if that is what `ref` holds: an error of the job,
     the same on any worker, so it is shown once instead of generated again. A death is not raised:
     the worker is restarted and its chunks redone."""
     try:
         ray.get(ref, timeout=10)
-    except ray.exceptions.RayTaskError:
-        raise
+    except ray.exceptions.RayTaskError as e:
+        raise raised(worker, e) from None
     except Exception:  # noqa: BLE001 - lost with the worker's process: the restart redoes it
         pass
 

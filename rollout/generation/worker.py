@@ -1,7 +1,7 @@
 """`RolloutWorker`: one engine, chunks of prompts in, generation batches (Arrow columns, no rewards
 yet) out, one per chunk as it completes.
 
-A plain class; `rollout.generation.pool` wraps it in a Ray actor. Every sample carries the version of the
+A plain class; `rollout.actors.rollout_workers` wraps it in a Ray actor. Every sample carries the version of the
 weights that generated it. All of a call's chunks go into the engine together, so its batch stays
 full across chunk boundaries, while each chunk is handed on (to scoring) as soon as it is done.
 """
@@ -18,9 +18,9 @@ import pyarrow as pa
 from contracts import storage
 from contracts.config import RolloutConfig
 from contracts.rendering import PromptTask
-from rollout.actors.telemetry import record_generation
 from rollout.archive.columns import generation_batch
 from rollout.generation.engine import VLLMEngine
+from rollout.runtime.telemetry import record_generation
 from rollout.weight_sync.check import PROBE_IDS, Served
 from rollout.weight_sync.wire import GroupAddress, SyncPlan
 

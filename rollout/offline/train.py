@@ -20,8 +20,8 @@ from contracts.schema import from_record_batch
 from learner.advantages import kl_penalty
 from learner.evaluation import Evaluated
 from learner.samples import SampleBatch
+from rollout.actors.learner_spec import LearnerSpec
 from rollout.archive import iter_batches
-from rollout.driver.learner_group import job_learner
 
 NEEDED = ("response_logprobs", "ref_logprobs", "values", "token_rewards", "advantages", "returns")
 
@@ -31,7 +31,7 @@ def train_offline(
 ) -> Path:
     log = log or sys.stderr
     model_path = model or resolve_model_path(cfg.model.path)
-    learner = job_learner(cfg, model_path)
+    learner = LearnerSpec.of_job(cfg, model_path).build()
     for epoch in range(epochs):
         for batch in iter_batches(archive):
             records = from_record_batch(batch)

@@ -16,7 +16,7 @@ import time
 
 import ray
 
-from contracts.config import JobConfig
+from contracts.config import RolloutConfig
 from rollout.weight_sync.check import Served, WeightSyncError
 from rollout.weight_sync.wire import GroupAddress, SyncPlan, SyncStore
 
@@ -31,10 +31,10 @@ class SyncFailed(WeightSyncError):
 
 
 class CollectiveSync:
-    """Group membership and the sync in flight; the workers are actors, the learner a `LearnerGroup`."""
+    """Group membership and the sync in flight; the workers are actors, the learner a `LearnerRanks`."""
 
-    def __init__(self, cfg: JobConfig, workers: list, names: list[str]):
-        self.cfg = cfg
+    def __init__(self, cfg: RolloutConfig, dtype: str, workers: list, names: list[str]):
+        self.cfg, self.dtype = cfg, dtype
         self.workers, self.names = workers, names
         self.store = SyncStore(ray.util.get_node_ip_address())
         self.epoch = 0  # the group's generation; 0: none formed yet
@@ -55,9 +55,9 @@ class CollectiveSync:
 
     def queue(self, version: int, learner) -> None:
         """Queue `version`'s broadcast on the learner and its receipt on every worker (behind their generation)."""
-        rc = self.cfg.rollout
+        rc = self.cfg
         if self.plan is None:
-            self.plan = learner.weight_plan(self.cfg.model.dtype, int(rc.weight_sync_bucket_mb * 2**20))
+            self.plan = learner.weight_plan(self.dtype, int(rc.weight_sync_bucket_mb * 2**20))
         pending: dict[ray.ObjectRef, tuple[str, str]] = {}  # ref -> (member, step)
         if not self.formed:
             self.epoch, self.sync, self.formed = self.epoch + 1, 0, True
@@ -95,7 +95,7 @@ class CollectiveSync:
         they fail (their collective times out on it), the sync fails naming it. Raises WeightSyncError
         naming who died, failed or is late."""
         pending, version = dict(self._pending), self._version
-        timeout = self.cfg.rollout.weight_sync_timeout_s
+        timeout = self.cfg.weight_sync_timeout_s
         deadline = time.monotonic() + timeout
         called_off = False
         served: dict[str, Served] = {}

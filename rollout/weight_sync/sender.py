@@ -1,6 +1,6 @@
 """The learner's end of the collective weight sync: rank 0 of the learner sends, every rank gathers.
 
-It runs beside the `Learner` inside each learner rank's actor (rollout/driver/learner_group.py) and
+It runs beside the `Learner` inside each learner rank's actor (rollout/actors/learner_ranks.py) and
 reads only what the learner exports: `export_weights` (a collective when sharded) and the policy's
 parameter shapes, so the learner itself knows nothing of engines or of how weights travel.
 """
@@ -38,12 +38,14 @@ class WeightSender:
         return self.group is not None
 
     def broadcast(self, plan: SyncPlan, sync: int) -> bool:
-        """Every rank gathers the weights (a collective when sharded); rank 0 sends them once every
-        engine has arrived. False if the driver called the sync off before it began."""
-        weights = self.learner.export_weights()
-        if self.learner.rank != 0:
-            return True
-        if self.group is None or not self.group.ready(sync):
-            return False
-        self.group.send(plan, dict(weights))
-        return True
+        """Rank 0 sends the weights once every engine has arrived, one tensor at a time from the device it
+        trains on into the buckets there (a sharded tensor gathered as it comes: every rank iterates, in
+        step). False if the driver called the sync off before it began."""
+        weights = self.learner.named_weights()
+        sending = self.learner.rank == 0 and self.group is not None and self.group.ready(sync)
+        if sending:
+            self.group.send(plan, weights)
+        else:
+            for _ in weights:  # the gathers are collectives: the other ranks take part in each
+                pass
+        return sending or self.learner.rank != 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import msgspec
 import torch
@@ -128,14 +128,20 @@ class WeightGroup:
             return False
         return True
 
-    def send(self, plan: SyncPlan, weights: dict[str, torch.Tensor]) -> None:
-        """Rank 0, after `arrive`: broadcast `weights` (name -> tensor, any dtype and device) bucket by bucket."""
+    def send(self, plan: SyncPlan, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Rank 0, after `arrive`: broadcast `weights` ((name, tensor) of any dtype, on any device, in the
+        plan's order; names the plan leaves out, such as a tied head, are passed over) bucket by bucket.
+        Each tensor is cast as it is copied into its bucket on this rank's device, so the extra memory is
+        one bucket, and nothing leaves the device."""
         dtype = getattr(torch, plan.dtype)
+        stream = iter(weights)
+        buffer = torch.empty(max(b.nbytes for b in plan.buckets), dtype=torch.uint8, device=self.device)
         for bucket in plan.buckets:
-            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
             for spec in bucket.tensors:
-                _view(buffer, spec, dtype).copy_(weights[spec.name].reshape(spec.shape))
-            self._broadcast(buffer)
+                _view(buffer, spec, dtype).copy_(_next_named(stream, spec.name).reshape(spec.shape))
+            self._broadcast(buffer[: bucket.nbytes])
+        for _ in stream:  # the rest: a sharded learner gathers each tensor with every rank
+            pass
 
     def receive(self, plan: SyncPlan) -> Iterator[tuple[str, torch.Tensor]]:
         """Ranks > 0, after `arrive`: (name, tensor) as each bucket arrives. Each bucket is a fresh
@@ -178,6 +184,14 @@ class WeightGroup:
 
 def _arrived(step: str, rank: int) -> str:
     return f"{step}/rank{rank}"
+
+
+def _next_named(stream: Iterator[tuple[str, torch.Tensor]], name: str) -> torch.Tensor:
+    """The tensor called `name` next in `stream`, passing over the ones before it."""
+    for found, tensor in stream:
+        if found == name:
+            return tensor
+    raise RuntimeError(f"the sync plan's {name} is not among the weights sent, or not in the plan's order")
 
 
 def _view(buffer: torch.Tensor, spec: TensorSpec, dtype: torch.dtype) -> torch.Tensor:

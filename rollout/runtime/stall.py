@@ -18,16 +18,10 @@ import time
 
 import ray
 
-from contracts.errors import JobFailure
-
 WATCH_GROUP = "watch"
 CONCURRENCY_GROUPS = {WATCH_GROUP: 1}  # for ray.remote(concurrency_groups=...) of a watched actor class
 POLL_S = 5.0  # how often the waits that watch an actor look at it
 NOTE_S = 30.0  # a wait this long says on the console what it waits for, and again every NOTE_S x 2
-
-
-class PipelineTimeout(JobFailure):
-    """Generation or scoring of an iteration did not finish in time; the message says which."""
 
 
 class StallWatch:

@@ -10,7 +10,7 @@ import time
 
 import ray
 
-from rollout.actors.stall import NOTE_S
+from rollout.runtime.stall import NOTE_S
 
 
 def wait_placed(refs: list, timeout_s: float, what: str, setting: str = "ray.actor_start_timeout_s") -> list:
@@ -31,13 +31,13 @@ def wait_placed(refs: list, timeout_s: float, what: str, setting: str = "ray.act
 
 def note_waiting(what: str, waited: float, timeout_s: float, setting: str) -> None:
     print(
-        f"{what}: not started yet ({waited:.0f}s of {setting} {timeout_s:.0f}s); the cluster has {_free()} free",
+        f"{what}: not started yet ({waited:.0f}s of {setting} {timeout_s:.0f}s); the cluster has {free_resources()} free",
         file=sys.stderr,
         flush=True,
     )
 
 
-def _free() -> str:
+def free_resources() -> str:
     free = ray.available_resources()
     shown = [f"{value:g} {name}" for name, value in sorted(free.items()) if name in ("CPU", "GPU")]
     return ", ".join(shown) or "no CPU or GPU"

@@ -1,0 +1,348 @@
+"""The learner's ranks: `LearnerRank`, the Ray edge of one `Learner`, and the group that places them (created
+empty, so rank 0 names the process group's address first), runs every call on every rank (FSDP's
+collectives need them all; rank 0's answer is the group's), each wait bounded and naming the rank.
+
+Recovery is the group's own: a rank that died (or was killed for a stall) fails its call; the group builds
+new ranks from `restart_from` (the newest checkpoint, or the start model), counts the updates lost
+(`lost_updates`: the job makes them again), tells `on_rebuilt`'s listeners and runs the call again (`learn`
+on the same samples, reads on the new ranks); a checkpoint a rank died in is not retried.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from contracts import storage
+from contracts.config import RayConfig
+from contracts.console import actor_options
+from contracts.device import resolve_device
+from contracts.errors import JobFailure
+from learner.checkpoint import NonFiniteError
+from learner.samples import LearnerColumns, SampleBatch
+from rollout.actors.group import ActorGroup
+from rollout.actors.learner_spec import LearnerSpec
+from rollout.actors.member import CONCURRENCY_GROUPS, Member
+from rollout.runtime.failures import ActorRaised, first_line, start_failed
+from rollout.runtime.telemetry import record_restart
+from rollout.weight_sync.sender import WeightSender
+from rollout.weight_sync.wire import GroupAddress, SyncPlan
+
+
+class LearnerError(JobFailure):
+    """A learner rank could not be placed, failed or did not answer in time; the message names it."""
+
+
+class LearnerRank(Member):
+    kind = "learner"
+
+    def __init__(self):
+        super().__init__("learner")
+        self.rank: int | None = None
+        self.learning = False
+        self.pending = None  # the checkpoint being written in the background
+
+    def address(self) -> str:
+        """A free port on this node, for the process group rank 0 serves."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"{ray.util.get_node_ip_address()}:{port}"
+
+    def start(self, spec: LearnerSpec, rank: int, world_size: int, address: str) -> None:
+        self.rank, self.name = rank, f"learner rank {rank}"
+        self.build(lambda: spec.build(rank=rank, world_size=world_size, address=address))
+        self.sender = WeightSender(self.core)
+
+    def progress(self) -> int | None:
+        """Micro-batches done while learning; None in the other calls, which are single library calls (a
+        checkpoint, a gather) whose answer is progress enough."""
+        return self.core.micro_batches_done if self.learning else None
+
+    # Every rank runs each call below (FSDP's collectives need them all); only rank 0's answer travels back.
+
+    def learn(self, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef], timeout: float):
+        """One iteration on the generation and reward batches (fetched here, from the object store):
+        (per-token columns, for the archive; (stats, stage seconds), for the driver)."""
+        from rollout.archive.columns import sample_batch
+
+        return self.learn_samples(sample_batch(ray.get(batches, timeout=timeout), ray.get(rewards, timeout=timeout)))
+
+    def learn_samples(self, samples: SampleBatch):
+        """`learn` on a batch already assembled (an archive's samples, a test's)."""
+        self.learning = True
+        try:
+            columns, stats, timings = self.core.learn(samples)
+        finally:
+            self.learning = False
+        return self._answer(columns), (stats, timings)
+
+    def save(self, directory: Path, extra: dict) -> None:
+        """Stage this rank's part of checkpoint `directory`; it is written in the background (`written`)."""
+        Path(directory).mkdir(parents=True, exist_ok=True)  # on a node that does not see the driver's disk, too
+        self.pending = self.core.save_async(directory, extra)
+
+    def written(self, wait: bool) -> float | None:
+        """The seconds the pending checkpoint took to write, once it is written (and published, for a
+        driver that cannot see this node's disk); None while it is still writing and not `wait`."""
+        pending = self.pending
+        if pending is None or not (wait or pending.done()):
+            return None if pending is not None else 0.0
+        seconds = pending.wait()
+        storage.publish(pending.directory)
+        self.pending = None
+        return seconds
+
+    def load(self, directory: Path) -> dict:
+        return self._answer(self.core.load(storage.fetch(directory)))
+
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        return self._answer(self.core.probe_logprobs(token_ids))
+
+    def export_weights(self):
+        """(weights, True): the flag is small, so a caller can wait on it and leave the weights in the store."""
+        return self._answer(self.core.export_weights()), True
+
+    def versioned_weights(self):
+        return self._answer(self.core.versioned_weights()), True
+
+    def weight_plan(self, dtype: str, bucket_bytes: int) -> SyncPlan:
+        return self._answer(self.sender.plan(dtype, bucket_bytes))
+
+    def open_weight_group(self, address: GroupAddress) -> bool:
+        return self.sender.open(address)
+
+    def broadcast_weights(self, plan: SyncPlan, sync: int) -> bool:
+        return self.sender.broadcast(plan, sync)
+
+    def version(self) -> int:
+        """Rank 0 alone: no collective."""
+        return self.core.version
+
+    def _answer(self, result):
+        return result if self.rank == 0 else None
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A rebuild, as `on_rebuilt`'s listeners hear of it."""
+
+    iteration: int  # the iteration it happened in
+    resumed_from: dict | None  # the checkpoint the new ranks loaded (its name, iteration, policy version)
+    after_update: bool  # the iteration's own update had been made, and went with the lost rank
+
+
+class LearnerRanks(ActorGroup):
+    kind = "learner"
+    stall_setting = "learner.stall_timeout_s"
+    on_stall = "killing it; the learner is rebuilt from the newest checkpoint"
+    restarted_by_ray = False
+
+    def __init__(self, spec: LearnerSpec, ray_cfg: RayConfig, *, restart_from: Path | None = None, log=None):
+        lc = spec.cfg
+        self.spec, self.ray_cfg, self.timeout = spec, ray_cfg, lc.call_timeout_s
+        self.restart_from = restart_from  # what a rebuild starts from: the newest committed checkpoint
+        self.iteration = 0  # the iteration being run, for the console and the listeners
+        self.updates = 0  # PPO updates the live weights hold: the policy version
+        self.lost_updates = 0  # updates lost to rebuilds, all told: the job makes them again
+        self.on_rebuilt: list[Callable[[Rebuilt], None]] = []
+        self.writing: Path | None = None  # the checkpoint the ranks write in the background
+        self._learned_iteration: int | None = None
+        super().__init__([], [], stall_timeout_s=lc.stall_timeout_s, max_restarts=lc.max_restarts, log=log)
+        self._start(rebuilt=False)
+
+    def _start(self, *, rebuilt: bool) -> None:
+        """Place the ranks and build their learners. `rebuilt`: after ranks were lost, so placing the new
+        ones waits `ray.node_wait_timeout_s` (for a replacement node) rather than the start-up's timeout."""
+        lc = self.spec.cfg
+        setting = "ray.node_wait_timeout_s" if rebuilt else "ray.actor_start_timeout_s"
+        place_timeout_s = self.ray_cfg.node_wait_timeout_s if rebuilt else self.ray_cfg.actor_start_timeout_s
+        gpus = 1 if resolve_device(lc.device) == "cuda" else 0
+        bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": gpus} if gpus else {})}
+        fix = "lower learner.num_ranks or learner.num_cpus_per_rank, or add nodes"
+        if rebuilt:
+            fix = "add a node; the same command resumes from the newest checkpoint"
+        self.place_together(
+            f"the learner's {lc.num_ranks} rank(s)", bundle, lc.num_ranks, place_timeout_s, setting, fix
+        )
+        actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(LearnerRank)
+        self.names = [f"learner rank {i}" for i in range(lc.num_ranks)]
+        self.handles = [
+            actor.options(
+                num_cpus=lc.num_cpus_per_rank,
+                num_gpus=gpus,
+                **actor_options(f"learner-{i}"),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, i),
+            ).remote()
+            for i in range(lc.num_ranks)
+        ]
+        address = self._get(self.handles[0].address.remote(), "learner rank 0")
+        try:
+            self._finish([h.start.remote(self.spec, i, lc.num_ranks, address) for i, h in enumerate(self.handles)])
+        except ActorRaised as e:
+            raise start_failed(e.member, e.cause) from None
+
+    # -- the calls, each on every rank -------------------------------------------------------------
+
+    def learn(
+        self, iteration: int, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef]
+    ) -> tuple[ray.ObjectRef, dict[str, float], dict[str, float]]:
+        """An iteration's learning: (ref to rank 0's LearnerColumns, stats, stage seconds). A rank lost in
+        it costs the updates since the newest checkpoint: the group is rebuilt and learns on these samples."""
+        self.iteration = iteration
+
+        def learn():
+            pairs = [h.learn.options(num_returns=2).remote(batches, rewards, self.timeout) for h in self.handles]
+            return self._learned(pairs)
+
+        try:
+            result = self._recovering(learn)
+        except ActorRaised as e:
+            if isinstance(e.cause, NonFiniteError):  # the learner cannot say which iteration it was
+                raise NonFiniteError(f"iteration {iteration}: {e.cause}") from None
+            raise
+        self.updates += 1
+        self._learned_iteration = iteration
+        return result
+
+    def learn_samples(self, samples: SampleBatch) -> tuple[LearnerColumns, dict[str, float], dict[str, float]]:
+        """`learn` on a batch already assembled (an archive's samples, a test's); no recovery."""
+        ref = ray.put(samples)
+        pairs = [h.learn_samples.options(num_returns=2).remote(ref) for h in self.handles]
+        columns, stats, timings = self._learned(pairs)
+        self.updates += 1
+        return self._get(columns, "learner rank 0"), stats, timings
+
+    def save(self, directory: Path, extra: dict) -> bool:
+        """Every rank stages its part of checkpoint `directory` and writes it in the background (`written`);
+        False when a rank died first (the group rebuilt, the partial checkpoint removed)."""
+        self.writing = Path(directory)
+        try:
+            self._every(lambda h: h.save.remote(directory, extra))
+            return True
+        except ray.exceptions.RayActorError as e:
+            self._rebuild(e)
+            return False
+
+    def written(self, wait: bool) -> float | None:
+        """The seconds `save`'s checkpoint took to write, once every rank's part is written; None while one
+        writes, or when a rank died first (rebuilt, the partial checkpoint removed, `writing` None)."""
+        if self.writing is None:
+            return None
+        refs = [h.written.remote(wait) for h in self.handles]
+        try:
+            answers = [self._get(r, n) for r, n in zip(self._finish(refs), self.names)]
+        except ray.exceptions.RayActorError as e:
+            self._rebuild(e)
+            return None
+        if any(seconds is None for seconds in answers):
+            return None
+        self.writing = None
+        return max(answers)
+
+    def load(self, directory: Path) -> dict:
+        """Restore every rank from checkpoint `directory`; the job state saved with it."""
+        extra = self._every(lambda h: h.load.remote(directory))
+        self.updates = self._every(lambda h: h.version.remote())
+        return extra
+
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        return self._recovering(lambda: self._every(lambda h: h.probe_logprobs.remote(token_ids)))
+
+    def weights_ref(self) -> ray.ObjectRef:
+        """The policy's weights, left in the object store (the workers fetch them from there)."""
+        return self._recovering(lambda: self._stored(lambda h: h.export_weights.options(num_returns=2).remote()))
+
+    def versioned_weights_ref(self) -> ray.ObjectRef:
+        """(version, weights) read together, left in the object store, for an engine that loads them whole."""
+        return self._recovering(lambda: self._stored(lambda h: h.versioned_weights.options(num_returns=2).remote()))
+
+    def weight_plan(self, dtype: str, bucket_bytes: int) -> SyncPlan:
+        return self._recovering(lambda: self._every(lambda h: h.weight_plan.remote(dtype, bucket_bytes)))
+
+    def open_weight_group(self, address: GroupAddress) -> dict[ray.ObjectRef, str]:
+        """Start joining the collective sync's group: each rank's pending answer, by name (rank 0 sends)."""
+        return dict(zip((h.open_weight_group.remote(address) for h in self.handles), self.names))
+
+    def broadcast_weights(self, plan: SyncPlan, sync: int) -> dict[ray.ObjectRef, str]:
+        """Start sync number `sync`: each rank's pending answer, by name."""
+        return dict(zip((h.broadcast_weights.remote(plan, sync) for h in self.handles), self.names))
+
+    # -- recovery ----------------------------------------------------------------------------------
+
+    def _recovering(self, call):
+        """`call()`, again on rebuilt ranks for as long as a rank dies in it (learner.max_restarts bounds it)."""
+        while True:
+            try:
+                return call()
+            except ray.exceptions.RayActorError as e:
+                self._rebuild(e)
+
+    def _rebuild(self, error: BaseException) -> None:
+        """New ranks from the newest checkpoint (or the start model); LearnerError once restarts are spent."""
+        self.restarts += 1
+        limit = self.max_restarts
+        if self.restarts > limit:
+            raise LearnerError(f"a learner rank died again ({first_line(error)}); learner.max_restarts ({limit}) spent")
+        checkpoint = self.restart_from
+        print(
+            f"learner: a rank died in iteration {self.iteration} ({first_line(error)}); rebuilding it from "
+            f"{checkpoint.name if checkpoint else 'the start model'} (restart {self.restarts} of {limit})",
+            file=self.log,
+            flush=True,
+        )
+        record_restart("learner")
+        if self.writing is not None:  # a write the lost rank was part of never becomes a checkpoint
+            shutil.rmtree(self.writing, ignore_errors=True)
+            self.writing = None
+        self.release()
+        self._start(rebuilt=True)
+        before, resumed_from = self.updates, None
+        self.updates = 0
+        if checkpoint:
+            extra = self.load(checkpoint)
+            resumed_from = {
+                "checkpoint": checkpoint.name,
+                "iteration": extra["iteration"],
+                "policy_version": self.updates,
+            }
+        self.lost_updates += before - self.updates
+        rebuilt = Rebuilt(self.iteration, resumed_from, after_update=self._learned_iteration == self.iteration)
+        for listener in self.on_rebuilt:
+            listener(rebuilt)
+
+    # -- waiting on the ranks ----------------------------------------------------------------------
+
+    def _every(self, call):
+        """`call(handle)` (a remote call) on every rank; rank 0's answer once all have finished."""
+        refs = self._finish([call(h) for h in self.handles])
+        return self._get(refs[0], "learner rank 0")
+
+    def _stored(self, call) -> ray.ObjectRef:
+        """Like `_every` for a call with two returns (answer, flag): rank 0's answer stays in the object
+        store. Every rank's flag is read, so a rank that died raises here, not in whoever reads the answer."""
+        pairs = [call(h) for h in self.handles]
+        self._finish([flag for _, flag in pairs])
+        return pairs[0][0]
+
+    def _learned(self, pairs) -> tuple[ray.ObjectRef, dict[str, float], dict[str, float]]:
+        summaries = self._finish([summary for _, summary in pairs])
+        stats, timings = self._get(summaries[0], "learner rank 0")
+        return pairs[0][0], stats, timings
+
+    def _finish(self, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """Every rank's call done (raising as soon as one fails); the refs, in rank order."""
+        self.wait_all(dict(zip(refs, self.names)), self.timeout, self._late)
+        return refs
+
+    def _get(self, ref: ray.ObjectRef, name: str):
+        return self.get(ref, name, self.timeout, lambda: self._late([name]))
+
+    def _late(self, names: list[str]) -> LearnerError:
+        return LearnerError(f"{', '.join(names)} did not answer within learner.call_timeout_s ({self.timeout:.0f}s)")

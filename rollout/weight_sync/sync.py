@@ -1,0 +1,204 @@
+"""Weight sync as one object: the learner's weights reach every engine by version, over either path.
+
+`queue()` sends the live learner's weights, with their version, behind the generation each worker already
+holds: exported through the object store (each worker fetches and reloads them), or broadcast over the
+collective group (`collective.py`), as `rollout.weight_sync` chooses (`path.py`). The generation in flight
+finishes on the weights it started with; every call queued after the sync uses the new ones; nothing is
+drained. `confirm()` waits for it with `rollout.weight_sync_timeout_s`, checks each engine's probe
+logprobs against the learner's (`check.py`), and falls back where the collective path cannot finish:
+engines left half-loaded are restarted, and every engine loads the learner's weights through the object
+store, with the version read alongside them. One sync is in flight at a time.
+
+The groups are the caller's: `workers` a `RolloutWorkers` (whose revived members this object brings up
+to date, `restore`), `learner` a `LearnerRanks` (whose rebuilds it follows), or None where every sync's
+weights are given (`queue_weights`: tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import ray
+
+from contracts.config import RolloutConfig
+from rollout.runtime.stall import wait_watched
+from rollout.weight_sync.check import PROBE_IDS, ProbeCheck, Served, WeightSyncError
+from rollout.weight_sync.collective import CollectiveSync, SyncFailed
+
+
+class WeightSync:
+    def __init__(self, cfg: RolloutConfig, path: str, *, dtype: str, workers, learner, node_wait_timeout_s: float):
+        """`path`: "object_store" or "collective" (`path.weight_sync_path`); `dtype`: the engines'."""
+        self.cfg, self.workers, self.learner = cfg, workers, learner
+        self.timeout_s = cfg.weight_sync_timeout_s
+        # A revived engine loads the weights before it takes work: as long as it may take to start.
+        self.restore_timeout_s = max(cfg.weight_sync_timeout_s, node_wait_timeout_s)
+        self.probe = ProbeCheck(cfg.weight_sync_max_logprob_gap)
+        self.collective = CollectiveSync(cfg, dtype, workers.handles, workers.names) if path == "collective" else None
+        self.version = 0  # what every engine serves, as of the last sync confirmed
+        self._queued: tuple[int, dict[ray.ObjectRef, str] | None] | None = None
+        self._newest: tuple[int, ray.ObjectRef] | None = None  # the last weights sent: what a revived worker loads
+        self._lock = threading.Lock()  # `restore` runs on collector threads
+        self._syncing = False
+        workers.on_revived = self.restore
+        if learner is not None:
+            learner.on_rebuilt.append(self._learner_rebuilt)
+
+    @property
+    def gap(self) -> float | None:
+        """The largest probe-logprob gap of the last sync confirmed (engines vs the learner)."""
+        return self.probe.gap
+
+    def queued(self) -> bool:
+        return self._queued is not None
+
+    def queue(self) -> None:
+        """Queue the live learner's weights, at their version, on every worker behind the chunks it holds."""
+        self.confirm()  # one sync in flight at a time: each is confirmed before the next
+        self._syncing = True
+        try:
+            probe = self.learner.probe_logprobs(list(PROBE_IDS))
+            version = self.learner.updates  # read after the probe: a rank lost in it leaves rebuilt ranks' weights
+            self.probe.expect(version, probe)
+            if self.collective is not None:
+                self.collective.queue(version, self.learner)
+                self._queued = (version, None)
+                return
+            self.queue_weights(version, self.learner.weights_ref())
+        finally:
+            self._syncing = False
+
+    def queue_weights(self, version: int, weights: list[tuple[str, object]] | ray.ObjectRef) -> None:
+        """Queue `version` (given weights, or an ObjectRef of the learner's export, which then goes from the
+        learner to the workers without a copy in the driver) through the object store."""
+        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        with self._lock:
+            self._newest = (version, ref)
+        self._queued = (version, {h.update_weights.remote(version, ref): n for h, n in self._members()})
+
+    def confirm(self) -> int:
+        """Wait for the queued sync, if any (it runs after the chunks queued before it); the version every
+        engine serves."""
+        if self._queued is None:
+            return self.version
+        version, pending = self._queued
+        self._queued = None
+        self.probe.start()
+        self._syncing = True
+        try:
+            if pending is not None:
+                self._await(pending, version)
+            else:
+                self._confirm_collective(version)
+        finally:
+            self._syncing = False
+        return self.version
+
+    def restore(self, name: str) -> bool:
+        """Worker `name` came back from a restart: load the newest weights into it. False when it serves them
+        already (the collector thread and a sync may both find the same death: the first one back restores it)."""
+        handle = self.workers.handle(name)
+        if self.collective is not None:  # the group lost a member: the newest weights come another way
+            self.collective.members_changed()
+            _say(f"{name}: back after a restart; loading the learner's weights, then generating its lost chunks again")
+            served = ray.get(
+                handle.load_versioned.remote(self.learner.versioned_weights_ref()), timeout=self.restore_timeout_s
+            )
+            self.probe.check(name, served)
+            return True
+        with self._lock:
+            newest = self._newest
+        version, weights = newest if newest is not None else (0, None)
+        if self.workers.serving(name, self.restore_timeout_s) == version:
+            return newest is None  # nothing to load: a restart before the first sync
+        _say(f"{name}: back after a restart; loading weights version {version}, then generating its lost chunks again")
+        served = ray.get(handle.update_weights.remote(version, weights), timeout=self.restore_timeout_s)
+        if self.probe.check(name, served) != version:
+            raise WeightSyncError(f"{name} reports version {served.version} after a restart and a sync to {version}")
+        return True
+
+    # -- the two paths' confirmations --------------------------------------------------------------
+
+    def _confirm_collective(self, version: int) -> None:
+        try:
+            served = self.collective.confirm()
+        except SyncFailed as e:
+            if not e.broken or self.cfg.max_restarts == 0:
+                raise
+            # Half-loaded engines must not serve: restarted, they load the learner's weights.
+            _say(
+                f"{e}; restarting {', '.join(e.broken)} (rollout.max_restarts), whose engines were part-way through loading"
+            )
+            for name in e.broken:
+                self.workers.kill(name)
+            served = None
+        if served is not None:
+            for name, result in served.items():
+                if self.probe.check(name, result) != version:
+                    raise WeightSyncError(f"{name} reports version {result.version} after a sync to {version}")
+            self.version = version
+            return
+        # Called off because the group lost a member: every worker loads the learner's weights instead.
+        pair = self.learner.versioned_weights_ref()
+        self.version = min(self._await({h.load_versioned.remote(pair): n for h, n in self._members()}, None))
+
+    def _await(self, pending: dict[ray.ObjectRef, str], version: int | None) -> list[int]:
+        """Wait for each worker's load; `version`: the one each must report (None: any). The versions
+        reported (a worker restarted on the way reports its own)."""
+        # A stopped worker is killed at its stall timeout (restarted, it loads the newest weights) rather
+        # than waited on for the whole sync timeout.
+        wait_watched(
+            pending,
+            self.workers.by_name(),
+            self.workers.watch,
+            self.timeout_s,
+            self.workers.kill_stalled_member,
+            f"the weight sync to version {version}",
+        )
+        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        versions = []
+        for ref in late:  # stuck, or busier than the timeout allows: restarted, it loads the newest weights
+            name = pending[ref]
+            _say(
+                f"{name}: no answer to the weight sync to version {version} within "
+                f"rollout.weight_sync_timeout_s ({self.timeout_s:g}s); restarting it"
+            )
+            self.workers.kill(name)
+            versions.append(self._revived(name))
+        for ref in done:
+            name = pending[ref]
+            try:
+                got = self.probe.check(name, self.workers.get(ref, name, self.timeout_s, TimeoutError))
+            except ray.exceptions.RayActorError:  # it died: restarted, it loads the newest weights
+                versions.append(self._revived(name))
+                continue
+            if version is not None and got != version:
+                raise WeightSyncError(f"{name} reports version {got} after a sync to {version}")
+            versions.append(got)
+        if version is not None:
+            self.version = version
+        return versions
+
+    def _revived(self, name: str) -> int:
+        """Worker `name` back from a restart with the newest weights: the version it serves."""
+        self.workers.revive(name)
+        return self.workers.serving(name, self.timeout_s)
+
+    def _learner_rebuilt(self, rebuilt) -> None:
+        """The learner was rebuilt: the group forms again around its new rank 0, and the engines get its
+        weights now (a sync already under way, where the rank was lost, sends them itself)."""
+        if self.collective is not None:
+            self.collective.members_changed()
+        if not self._syncing:
+            self.queue()
+
+    def _members(self):
+        return zip(self.workers.handles, self.workers.names)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+__all__ = ["Served", "WeightSync"]
