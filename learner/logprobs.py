@@ -39,8 +39,10 @@ def token_logprobs(
     return logprobs, (entropy if with_entropy else None)
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    return (h @ weight.to(h.dtype).T).float() / temperature  # z = h·Wᵀ / τ
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
+    """h (c, H) and w (V, H) in one dtype -> (c, V) float32 logits."""
+    z = (h @ w.T).float()
+    return z if temperature == 1.0 else z.div_(temperature)  # z = h·Wᵀ / τ
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -50,16 +52,17 @@ class _ChunkedLogprobs(torch.autograd.Function):
         logprobs = hidden.new_empty(n, dtype=torch.float32)
         entropy = hidden.new_zeros(n, dtype=torch.float32)
         normalisers = hidden.new_empty(n, dtype=torch.float32)
+        w = weight.to(hidden.dtype)  # once: cast per chunk, the whole head would be read and written each time
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, n, chunk):
-                z = _chunk_logits(hidden[s : s + chunk], weight, temperature)
+                z = _chunk_logits(hidden[s : s + chunk], w, temperature)
                 lse = torch.logsumexp(z, dim=-1)
                 normalisers[s : s + chunk] = lse
                 logprobs[s : s + chunk] = (
                     z.gather(-1, tokens[s : s + chunk, None].long()).squeeze(-1) - lse
                 )  # z_a − log Σ e^z
                 if with_entropy:
-                    logp = z - lse[:, None]
+                    logp = z.sub_(lse[:, None])
                     entropy[s : s + chunk] = -(logp.exp() * logp).sum(-1)  # H = −Σ p·log p
         ctx.save_for_backward(hidden, weight, tokens, normalisers)
         ctx.set_materialize_grads(False)  # an unused entropy then costs nothing in the backward pass
@@ -68,31 +71,37 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
+        """Per chunk, with g and e the incoming gradients of log p_a and H:
+        ∂(g·log p_a + e·H)/∂z = g·onehot(a) − p·(g + e·(log p + H)), in as few passes over the
+        (chunk, V) logits as that takes, most of them in place."""
         hidden, weight, tokens, normalisers = ctx.saved_tensors
-        temperature = ctx.temperature
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        temperature, c = ctx.temperature, ctx.chunk
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         )
         w = weight.to(hidden.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, hidden.shape[0], ctx.chunk):
-                h = hidden[s : s + ctx.chunk]
-                logp = _chunk_logits(h, weight, temperature) - normalisers[s : s + ctx.chunk, None]
+            for s in range(0, hidden.shape[0], c):
+                h = hidden[s : s + c]
+                logp = _chunk_logits(h, w, temperature).sub_(normalisers[s : s + c, None])
                 p = torch.exp(logp)
-                grad_z = torch.zeros_like(p)
-                if grad_logprobs is not None:
-                    g = grad_logprobs[s : s + ctx.chunk, None]
-                    grad_z -= p * g  # ∂ log p_a / ∂z = onehot(a) − p
-                    grad_z.scatter_add_(-1, tokens[s : s + ctx.chunk, None].long(), g)
-                if grad_entropy is not None:
-                    H = -(p * logp).sum(-1, keepdim=True)
-                    grad_z -= grad_entropy[s : s + ctx.chunk, None] * p * (logp + H)  # ∂H/∂z = −p·(log p + H)
-                grad_z = (grad_z / temperature).to(h.dtype)  # z = h·Wᵀ / τ
+                g = None if grad_logprobs is None else grad_logprobs[s : s + c, None] / temperature
+                if grad_entropy is None:
+                    factor = -g
+                else:
+                    H = -(p * logp).sum(-1, keepdim=True)  # H = −Σ p·log p
+                    factor = logp.add_(H).mul_(-grad_entropy[s : s + c, None] / temperature)  # −e·(log p + H)
+                    if g is not None:
+                        factor.sub_(g)
+                grad_z = p.mul_(factor)  # −p·(g + e·(log p + H)), over τ: z = h·Wᵀ / τ
+                if g is not None:
+                    grad_z.scatter_add_(-1, tokens[s : s + c, None].long(), g)  # + g·onehot(a)
+                grad_z = grad_z.to(h.dtype)
                 if grad_hidden is not None:
-                    grad_hidden[s : s + ctx.chunk] = grad_z @ w
+                    grad_hidden[s : s + c] = grad_z @ w
                 if grad_weight is not None:
-                    grad_weight += (grad_z.T @ h).float()
+                    grad_weight.add_(grad_z.T @ h)  # float32 sum of the chunks' compute-dtype products
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None

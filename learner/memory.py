@@ -7,8 +7,11 @@ What one rank holds (P = policy parameters, R = learner.num_ranks, M = learner.m
 - gathered working set: FSDP2 unshards one transformer block at a time (plus one prefetched) and
   the root (embeddings, final norm, LM head) for the whole pass, in the compute dtype;
 - activations of one micro-batch of M tokens, kept for backward: per token and layer about
-  (10·h + 4·i) values in the compute dtype (attention by SDPA, so nothing grows with length²),
-  or only the layer input (h values) with gradient checkpointing, plus one layer recomputed;
+  (10·h + 4·i) values in the compute dtype (attention by SDPA or, packed, varlen kernels: nothing
+  grows with length²), or only the layer input (h values) with gradient checkpointing, plus one
+  layer recomputed. M counts padding when micro-batches are padded and only real tokens when they
+  are packed (`learner.pack_sequences`), so the same budget bounds both: packed micro-batches hold
+  more samples, not more memory;
 - LM head: one chunk of float32 logits (`LOGIT_CHUNK_BYTES`) about four times
   over in the backward pass (logits, probabilities, their gradient, a temporary);
 - the iteration's per-token columns (old and reference logprobs, values, entropy, rewards,

@@ -20,8 +20,8 @@ from learner.logprobs import token_logprobs
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_causal_lm(path: str, dtype: torch.dtype) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+def load_causal_lm(path: str, dtype: torch.dtype, attention: str = "sdpa") -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
 
 
 @dataclass
@@ -51,29 +51,19 @@ class PolicyModel(nn.Module):
         self.value_head = ValueHead(lm.config.hidden_size) if value_head else None
 
     def forward(self, batch: TokenBatch, temperature: float, with_entropy: bool = False) -> PolicyOutput:
-        hidden = self.lm.get_decoder()(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).last_hidden_state
-        keep = batch.mask.bool()
-        hidden = batch.response_slice(hidden)[keep]  # (n valid tokens, H): the LM head sees nothing else
+        hidden = self.lm.get_decoder()(**batch.backbone_inputs(), use_cache=False).last_hidden_state
+        hidden = batch.response_hidden(hidden)  # (n valid tokens, H): the LM head sees nothing else
         logprobs, entropy = token_logprobs(
-            hidden,
-            self.lm.get_output_embeddings().weight,
-            batch.responses[keep],
-            temperature,
-            with_entropy=with_entropy,
+            hidden, self.lm.get_output_embeddings().weight, batch.targets, temperature, with_entropy=with_entropy
         )
         values = self.value_head(hidden) if self.value_head is not None else None
-        return PolicyOutput(_scatter(logprobs, keep), _scatter(entropy, keep), _scatter(values, keep))
+        return PolicyOutput(batch.scatter(logprobs), batch.scatter(entropy), batch.scatter(values))
 
 
 class CriticModel(nn.Module):
     """A separate backbone (initialised from the policy's weights) with its own value head."""
 
-    def __init__(self, path: str, dtype: torch.dtype):
+    def __init__(self, path: str, dtype: torch.dtype, attention: str = "sdpa"):
         super().__init__()
         from transformers.utils import logging as hf_logging
 
@@ -82,26 +72,12 @@ class CriticModel(nn.Module):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            self.backbone = AutoModel.from_pretrained(path, dtype=dtype)
+            self.backbone = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attention)
         finally:
             hf_logging.set_verbosity(verbosity)
         self.head = ValueHead(self.backbone.config.hidden_size).to(dtype)
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         """(B, T) float32 values, zero on padding."""
-        hidden = self.backbone(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).last_hidden_state
-        keep = batch.mask.bool()
-        return _scatter(self.head(batch.response_slice(hidden)[keep]), keep)
-
-
-def _scatter(values: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
-    """(n,) values of the valid positions -> (B, T) float32, zero elsewhere."""
-    if values is None:
-        return None
-    out = values.new_zeros(keep.shape, dtype=torch.float32)
-    return out.masked_scatter(keep, values.float())
+        hidden = self.backbone(**batch.backbone_inputs(), use_cache=False).last_hidden_state
+        return batch.scatter(self.head(batch.response_hidden(hidden)))

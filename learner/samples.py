@@ -2,7 +2,7 @@
 
 A `SampleBatch` is what the rollout side hands the learner: token ids, behaviour logprobs, scores
 and prompt groups as numpy buffers with offsets (the archive's list columns, unpacked), cheap to
-pickle and to slice. The learner pads only the rows of one micro-batch at a time (`collate`).
+pickle and to slice. The learner lays out only the rows of one micro-batch at a time (`collate`).
 `LearnerColumns` is what comes back: per-token float32 columns aligned with `response_ids`.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from learner.batch import TokenBatch
+from learner.batch import TokenBatch, to_device
 
 
 def padded_width(lengths: np.ndarray) -> int:
@@ -70,35 +70,63 @@ class SampleBatch:
     def response_lengths(self) -> np.ndarray:
         return np.diff(self.response_offsets)
 
-    def collate(self, rows: np.ndarray, pad_id: int) -> TokenBatch:
-        """The given rows as one padded TokenBatch: prompts left-padded, responses right-padded.
+    def collate(self, rows: np.ndarray, pad_id: int, packed: bool = False) -> TokenBatch:
+        """The given rows as one TokenBatch: padded (prompts left-padded, responses right-padded) or
+        packed into one row (`learner.batch`).
 
-        Vectorised over tokens: every token's (row, column) is computed from the offsets at once.
+        Vectorised over tokens: every token's place is computed from the offsets at once.
         """
         rows = np.asarray(rows, dtype=np.int64)
         p = self.prompt_lengths[rows]
         t = self.response_lengths[rows]
-        P, T, B = int(p.max(initial=1)), padded_width(t), len(rows)
-        input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
-        attention = torch.zeros((B, P + T), dtype=torch.long)
+        T, B = padded_width(t), len(rows)
         responses = torch.zeros((B, T), dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.float32)
-
-        row, src, within = token_spans(self.prompt_offsets[rows], p)
-        col = torch.from_numpy(P - p[row] + within)
-        row = torch.from_numpy(row)
-        input_ids[row, col] = torch.from_numpy(self.prompt_ids[src].astype(np.int64))
-        attention[row, col] = 1
-
+        p_row, p_src, p_within = token_spans(self.prompt_offsets[rows], p)
         row, src, within = token_spans(self.response_offsets[rows], t)
         ids = torch.from_numpy(self.response_ids[src].astype(np.int64))
-        row, within = torch.from_numpy(row), torch.from_numpy(within)
+        responses[row, within] = ids  # numpy index arrays index a tensor as tensors would
+        mask[row, within] = 1.0
+        prompt_ids = torch.from_numpy(self.prompt_ids[p_src].astype(np.int64))
+        response_index = torch.from_numpy(row * T + within)
+        if packed:
+            starts = offsets_of(p + t)
+            input_ids = torch.empty(int(starts[-1]), dtype=torch.long)
+            input_ids[starts[p_row] + p_within] = prompt_ids
+            input_ids[starts[row] + p[row] + within] = ids
+            position_ids = np.arange(int(starts[-1]), dtype=np.int64) - np.repeat(starts[:-1], p + t)
+            return TokenBatch(
+                input_ids[None],
+                torch.from_numpy(position_ids)[None],
+                None,
+                responses,
+                mask,
+                hidden_index=torch.from_numpy(starts[row] + p[row] - 1 + within),
+                response_index=response_index,
+                targets=ids,
+                cu_seqlens=torch.from_numpy(starts.astype(np.int32)),
+                max_length=int((p + t).max(initial=1)),
+            )
+        P = int(p.max(initial=1))
+        input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+        attention = torch.zeros((B, P + T), dtype=torch.long)
+        col = P - p[p_row] + p_within
+        input_ids[p_row, col] = prompt_ids
+        attention[p_row, col] = 1
         input_ids[row, P + within] = ids
         attention[row, P + within] = 1
-        responses[row, within] = ids
-        mask[row, within] = 1.0
         position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
-        return TokenBatch(input_ids, attention, position_ids, responses, mask, P)
+        return TokenBatch(
+            input_ids,
+            position_ids,
+            attention,
+            responses,
+            mask,
+            hidden_index=torch.from_numpy(row * (P + T) + P - 1 + within),
+            response_index=response_index,
+            targets=ids,
+            prompt_width=P,
+        )
 
     def flatten_column(self, rows) -> np.ndarray:
         """Per-sample lists of a per-response-token column -> one flat float32 buffer aligned with response_ids."""
@@ -114,15 +142,28 @@ class SampleBatch:
         mask = torch.arange(padded_width(self.response_lengths)) < lengths[:, None]
         return mask.reshape(-1).nonzero().squeeze(1)
 
-    def padded(self, flat: np.ndarray) -> torch.Tensor:
-        """A per-response-token flat column -> (N, T) float32 tensor, zero-padded."""
-        out = torch.zeros((len(self), padded_width(self.response_lengths)), dtype=torch.float32)
-        out.view(-1)[self._token_positions] = torch.from_numpy(np.asarray(flat, dtype=np.float32))
+    def padded(self, flat: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A per-response-token flat column -> (N, T) float32 tensor, zero-padded; on the column's
+        device when it is a tensor."""
+        flat = torch.as_tensor(flat, dtype=torch.float32)
+        out = flat.new_zeros((len(self), padded_width(self.response_lengths)))
+        out.view(-1)[to_device(self._token_positions, flat.device)] = flat
         return out
 
     def flat(self, padded: torch.Tensor) -> np.ndarray:
         """The inverse of `padded`: (N, T) -> (sum T_i,) float32."""
         return padded.detach().float().cpu().reshape(-1)[self._token_positions].numpy()
+
+
+def single_sequence(token_ids: list[int]) -> SampleBatch:
+    """One sample of the given tokens: the first as its prompt, the rest as its response (what a
+    logprob probe scores)."""
+    ids = np.asarray(token_ids, dtype=np.int32)
+    n = len(ids) - 1
+    zero = np.zeros(1, np.float32)
+    return SampleBatch(
+        ids[:1], np.array([0, 1]), ids[1:], np.array([0, n]), np.zeros(n, np.float32), zero, np.zeros(1, np.int64)
+    )
 
 
 def token_spans(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -183,7 +183,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_path):
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            learner.policy(batch.collate(np.arange(len(batch)), learner.pad_id), 1.0)
+            learner.policy(learner.collate(batch, np.arange(len(batch))), 1.0)
         _, stats, _ = learner.learn(batch)
         results.append((dict(learner.export_weights()), stats["grad_norm"], sum(saved)))
     (w1, g1, kept), (w2, g2, kept_checkpointed) = results

@@ -47,14 +47,26 @@ class LearnerConfig(Base):
     micro_batch_tokens: Annotated[
         int,
         doc(
-            "Token budget of one forward pass, padding included: the no-grad passes (old and reference "
-            "logprobs, values) and the training micro-batches (gradients accumulate up to "
-            "minibatch_size samples) run in length-sorted pieces of at most this many tokens, so "
+            "Token budget of one forward pass (padding included, unless pack_sequences): the no-grad "
+            "passes (old and reference logprobs, values) and the training micro-batches (gradients "
+            "accumulate up to minibatch_size samples) run in length-sorted pieces of at most this many tokens, so "
             "activation memory is bounded by it, not by the batch. A sample longer than the budget "
             "runs alone.",
             ge=1,
         ),
     ] = 8192
+    pack_sequences: Annotated[
+        bool,
+        doc(
+            "Run each micro-batch as one row of its sequences back to back, no padding, attention kept "
+            "within each sequence (torch's varlen attention on CUDA, else flash-attn's; per-sequence SDPA "
+            "on CPU), and budget micro_batch_tokens in real tokens. false: padded, length-sorted rows. "
+            "On CUDA without a varlen kernel, or in float32 there, micro-batches are padded with a warning. "
+            "On by default: it skips the padding's compute for the same results (to 1e-5); the tiny model "
+            "on CPU, 128 samples, one thread, took 0.69x the padded seconds per iteration on mixed lengths "
+            "(8.3 vs 12.0 s) and 0.85x on uniform ones (benchmarks/learner_packing.py)."
+        ),
+    ] = True
     max_restarts: Annotated[
         int,
         doc(
