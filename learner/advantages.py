@@ -90,16 +90,21 @@ def token_rewards(
     mask: torch.Tensor,
     kl_coef: float,
     estimator: KLEstimator = "k1",
+    turn_rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reward GAE sees: a KL penalty on every valid token, the sequence score on the last one.
+    """The reward GAE sees: a KL penalty on every valid token, the sequence score on the last one, and
+    an episode's per-turn rewards (`turn_rewards`, (B, T), nonzero on each rewarded turn's last token).
 
-    scores: (B,); logprobs, ref_logprobs, mask: (B, T) -> (rewards (B, T), kl (B, T)), both zero
-    on padding. A row with an empty response has no token to carry its score, so it gets no reward.
+    scores: (B,); logprobs, ref_logprobs, mask: (B, T) -> (rewards (B, T), kl (B, T)), both zero on
+    padding and at an episode's environment tokens (holes in `mask`). A row with an empty response has
+    no token to carry its score, so it gets no reward.
     """
     keep = mask.bool()
     kl = torch.where(keep, kl_penalty(logprobs, ref_logprobs, estimator), 0)
     final_score = torch.where(last_token_mask(keep), scores.unsqueeze(-1), 0)
     rewards = -kl_coef * kl + final_score  # r_t = −β·kl_t + [t is last]·score
+    if turn_rewards is not None:
+        rewards = rewards + torch.where(keep, turn_rewards, 0)  # + the turn's reward on its last token
     return rewards, kl
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from contracts.config import ConfigError, LearnerConfig
-from learner.advantages import discounted_reverse_cumsum, gae
+from learner.advantages import compact, discounted_reverse_cumsum, expand, gae, has_holes, model_tokens_first
 
 GRPO_EPS = 1e-6  # keeps a group of identical rewards at advantage 0 instead of 0 / 0
 
@@ -77,8 +77,18 @@ def estimate(
     groups: torch.Tensor,
     cfg: LearnerConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) by the estimator `cfg.estimator`; shapes as in the module docstring."""
-    return estimator(cfg.estimator).fn(token_rewards, values, mask, groups, cfg)
+    """(advantages, returns) by the estimator `cfg.estimator`; shapes as in the module docstring.
+
+    An episode's environment tokens are holes in `mask`: the estimator runs over the model's tokens
+    alone, packed together (so GAE bootstraps across an environment's turn, and a discount counts the
+    model's tokens only), and its outputs go back to their places, zero at the holes."""
+    fn = estimator(cfg.estimator).fn
+    if not has_holes(mask):
+        return fn(token_rewards, values, mask, groups, cfg)
+    order = model_tokens_first(mask)
+    packed = [None if x is None else compact(x, order) for x in (token_rewards, values, mask)]
+    advantages, returns = fn(*packed[:2], packed[2], groups, cfg)
+    return expand(advantages, order), expand(returns, order)
 
 
 # --- group baselines ------------------------------------------------------------------------------

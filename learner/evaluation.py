@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Evaluated:
-    """Per-token outputs over the whole batch, (N, T) float32, zero on padding."""
+    """Per-token outputs over the whole batch, (N, T) float32, zero on padding and at an episode's
+    environment tokens (`mask` is 1 at the model's tokens only)."""
 
     mask: torch.Tensor
     old_logprobs: torch.Tensor  # the learner's, before the update: PPO's proximal policy
@@ -53,10 +54,11 @@ def evaluate(learner: Learner, batch: SampleBatch) -> Evaluated:
             outputs.append(torch.stack([tokens.gather(c) for c in columns], dim=1))
     local = torch.cat(outputs) if outputs else torch.zeros((0, 4), device=learner.device)
     flat = in_batch_order(batch, plans, local)
-    old, ref, values, entropy = (batch.padded(flat[:, c]) for c in range(4))
     device = learner.device
-    mask = to_device(batch.padded(np.ones(len(batch.response_ids), dtype=np.float32)), device)
-    return Evaluated(mask, old, ref, values, entropy, to_device(batch.padded(batch.behaviour_logprobs), device))
+    mask = to_device(batch.padded(batch.loss_mask), device)  # an episode's environment tokens are 0
+    old, ref, values, entropy = (batch.padded(flat[:, c]) * mask for c in range(4))
+    behaviour = to_device(batch.padded(batch.behaviour_logprobs), device) * mask
+    return Evaluated(mask, old, ref, values, entropy, behaviour)
 
 
 def in_batch_order(batch: SampleBatch, plans: list[list[MicroBatch]], local: torch.Tensor) -> torch.Tensor:

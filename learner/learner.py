@@ -153,8 +153,9 @@ class Learner:
         """(token rewards, kl, advantages, returns), each (N, T), by `learner.estimator`."""
         lc = self.cfg
         scores = torch.tensor(batch.scores, dtype=torch.float32, device=self.device)
+        turns = None if batch.turn_rewards is None else batch.padded(batch.turn_rewards).to(self.device)
         rewards, kl = token_rewards(
-            scores, ev.old_logprobs, ev.ref_logprobs, ev.mask, self.kl_controller.coef, lc.kl.estimator
+            scores, ev.old_logprobs, ev.ref_logprobs, ev.mask, self.kl_controller.coef, lc.kl.estimator, turns
         )
         groups = torch.tensor(batch.groups, device=self.device)
         advantages, returns = estimate(rewards, ev.values, ev.mask, groups, lc)

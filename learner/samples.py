@@ -46,6 +46,10 @@ class SampleBatch:
     behaviour_logprobs: np.ndarray  # (sum T_i,) float32, the engine's logprob of each response token
     scores: np.ndarray  # (N,) float32, the sequence reward
     groups: np.ndarray  # (N,) int64, index of the sample's prompt group (same prompt, same iteration)
+    # Episodes: 1 at the model's tokens, 0 at an environment's (which are context: no loss, KL or value
+    # at them); None when every response token is the model's.
+    response_mask: np.ndarray | None = None  # (sum T_i,) uint8
+    turn_rewards: np.ndarray | None = None  # (sum T_i,) float32: an environment's reward of a turn, at its last token
 
     @classmethod
     def from_records(cls, records) -> SampleBatch:
@@ -55,8 +59,27 @@ class SampleBatch:
         behaviour, _ = flatten([r.response_logprobs for r in records], np.float32)
         scores = np.array([np.nan if r.reward is None else r.reward for r in records], dtype=np.float32)
         _, groups = np.unique(np.array([r.prompt_id for r in records], dtype=object), return_inverse=True)
+        masks = [getattr(r, "response_mask", None) for r in records]
+        mask = (
+            None
+            if all(m is None for m in masks)
+            else flatten([[1] * len(r.response_ids) if m is None else m for r, m in zip(records, masks)], np.uint8)[0]
+        )
+        turn_rewards = None
+        if any(getattr(r, "turn_rewards", None) for r in records):
+            turn_rewards = np.zeros(len(response_ids), dtype=np.float32)
+            for start, r in zip(response_offsets, records):
+                np.add.at(turn_rewards, start + np.asarray(r.turn_reward_at, dtype=np.int64), r.turn_rewards)
         return cls(
-            prompt_ids, prompt_offsets, response_ids, response_offsets, behaviour, scores, groups.astype(np.int64)
+            prompt_ids,
+            prompt_offsets,
+            response_ids,
+            response_offsets,
+            behaviour,
+            scores,
+            groups.astype(np.int64),
+            mask,
+            turn_rewards,
         )
 
     def __len__(self) -> int:
@@ -69,6 +92,22 @@ class SampleBatch:
     @property
     def response_lengths(self) -> np.ndarray:
         return np.diff(self.response_offsets)
+
+    @functools.cached_property
+    def model_tokens(self) -> np.ndarray:
+        """(N,) int64: each sample's tokens the model wrote (its response tokens, but an episode's
+        environment turns): what its losses average over."""
+        if self.response_mask is None:
+            return self.response_lengths
+        running = offsets_of(self.response_mask.astype(np.int64))  # model tokens before each position
+        return running[self.response_offsets[1:]] - running[self.response_offsets[:-1]]
+
+    @functools.cached_property
+    def loss_mask(self) -> np.ndarray:
+        """(sum T_i,) float32: 1 at the model's response tokens."""
+        if self.response_mask is None:
+            return np.ones(len(self.response_ids), dtype=np.float32)
+        return self.response_mask.astype(np.float32)
 
     def collate(self, rows: np.ndarray, pad_id: int, packed: bool = False) -> TokenBatch:
         """The given rows as one TokenBatch: padded (prompts left-padded, responses right-padded) or
@@ -86,7 +125,7 @@ class SampleBatch:
         row, src, within = token_spans(self.response_offsets[rows], t)
         ids = torch.from_numpy(self.response_ids[src].astype(np.int64))
         responses[row, within] = ids  # numpy index arrays index a tensor as tensors would
-        mask[row, within] = 1.0
+        mask[row, within] = 1.0 if self.response_mask is None else torch.from_numpy(self.loss_mask[src])
         prompt_ids = torch.from_numpy(self.prompt_ids[p_src].astype(np.int64))
         response_index = torch.from_numpy(row * T + within)
         if packed:

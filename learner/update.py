@@ -97,7 +97,7 @@ def _step(
     """One optimizer step on the minibatch `rows`: this rank's share, in micro-batches. None when
     the step was skipped: its loss or gradient norm was not finite (the same on every rank)."""
     lc = learner.cfg
-    lengths = batch.response_lengths[rows]
+    lengths = batch.model_tokens[rows]  # an episode's environment tokens carry no loss
     n_tokens = max(1, int(lengths.sum()))
     denominator = n_tokens if lc.loss_agg_mode == "token_mean" else max(1, int((lengths > 0).sum()))
     learner.policy_opt.zero_grad(set_to_none=True)

@@ -10,7 +10,6 @@ on the same samples, reads on the new ranks); a checkpoint a rank died in is not
 
 from __future__ import annotations
 
-import shutil
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +152,9 @@ class LearnerRanks(ActorGroup):
         self.lost_updates = 0  # updates lost to rebuilds, all told: the job makes them again
         self.on_rebuilt: list[Callable[[Rebuilt], None]] = []
         self.writing: Path | None = None  # the checkpoint the ranks write in the background
+        # Called before a rebuild, while `writing` still names the checkpoint being written: keep it if its
+        # write finished (the run record commits it, so the rebuild starts from it), remove it otherwise.
+        self.before_rebuild: list[Callable[[], None]] = []
         self._learned_iteration: int | None = None
         super().__init__([], [], stall_timeout_s=lc.stall_timeout_s, max_restarts=lc.max_restarts, log=log)
         self._start(rebuilt=False)
@@ -298,9 +300,9 @@ class LearnerRanks(ActorGroup):
             flush=True,
         )
         record_restart("learner")
-        if self.writing is not None:  # a write the lost rank was part of never becomes a checkpoint
-            shutil.rmtree(self.writing, ignore_errors=True)
-            self.writing = None
+        for salvage in self.before_rebuild:  # a checkpoint the lost rank was writing: whole, or gone
+            salvage()
+        self.writing = None
         self.release()
         self._start(rebuilt=True)
         before, resumed_from = self.updates, None

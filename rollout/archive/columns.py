@@ -102,6 +102,7 @@ def sample_batch(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch
     )
     ids = pa.chunked_array([g.column("prompt_id") for g in generations], pa.string())
     groups = pc.dictionary_encode(ids).combine_chunks().indices.to_numpy().astype(np.int64)
+    mask, _ = _concat(generations, "response_mask")
     return SampleBatch(
         prompt_ids.astype(np.int32, copy=False),
         prompt_offsets,
@@ -110,7 +111,21 @@ def sample_batch(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch
         behaviour.astype(np.float32, copy=False),
         scores.astype(np.float32, copy=False),
         groups,
+        None if mask.all() else mask.astype(np.uint8, copy=False),
+        _turn_rewards(generations, response_offsets),
     )
+
+
+def _turn_rewards(generations: list[pa.RecordBatch], response_offsets: np.ndarray) -> np.ndarray | None:
+    """Each sample's turn rewards placed on their tokens, in one flat (sum T_i,) buffer; None without any."""
+    at, at_offsets = _concat(generations, "turn_reward_at")
+    if len(at) == 0:
+        return None
+    values, _ = _concat(generations, "turn_rewards")
+    rows = np.repeat(np.arange(len(at_offsets) - 1), np.diff(at_offsets))
+    flat = np.zeros(int(response_offsets[-1]), dtype=np.float32)
+    np.add.at(flat, response_offsets[rows] + at.astype(np.int64), values)
+    return flat
 
 
 def archive_batches(

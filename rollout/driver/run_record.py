@@ -10,6 +10,7 @@ run storage gets each after it is written.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -89,7 +90,6 @@ class RunRecord:
         """A new start in the manifest; an update made in this iteration and lost before it was recorded
         is labelled so on the iteration's entry."""
         reason = f"learner rebuilt in iteration {rebuilt.iteration}"
-        self._writing = None  # a checkpoint the lost rank was writing is gone with it
         self.manifest.start_run(self.cfg, self.model, rebuilt.resumed_from, reason=reason)
         if rebuilt.after_update and rebuilt.iteration > self._recorded_through:
             self.update_lost = f"{reason} before its weight sync"
@@ -170,8 +170,9 @@ class RunRecord:
         self.archive.flush()  # the archive holds every trained iteration before a checkpoint says they were trained
         self.commit_written(learner, wait=True)  # one write at a time
         partial = self.checkpoints.partial(iteration)
-        if learner.save(partial, {**extra, "iteration": iteration, "run_id": self.run_id}):
-            self._writing = (iteration, partial)
+        self._writing = (iteration, partial)  # before the call: a rank lost in it is salvaged from this
+        if not learner.save(partial, {**extra, "iteration": iteration, "run_id": self.run_id}):
+            self._writing = None
 
     def commit_written(self, learner, *, wait: bool) -> float | None:
         """The checkpoint being written, made whole once it is (with `wait`, once it is written): its files
@@ -185,6 +186,23 @@ class RunRecord:
             if learner.writing is None:
                 self._writing = None
             return None
+        self._commit(learner, seconds)
+        return seconds
+
+    def salvage(self, learner) -> None:
+        """Before the learner is rebuilt: the checkpoint its lost rank was writing is committed if its write
+        finished (rank 0 writes `learner.pt` last, once every rank's shards are in), so the new ranks start
+        from it; otherwise it is removed, and the one before stays `latest`."""
+        if self._writing is None:
+            return
+        _, partial = self._writing
+        if (partial / STATE_FILE).is_file():
+            self._commit(learner, None)
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+            self._writing = None
+
+    def _commit(self, learner, seconds: float | None) -> None:
         iteration, partial = self._writing
         self._writing = None
         if self.storage:  # ranks on nodes that cannot see this disk published their parts to the URI
@@ -201,7 +219,6 @@ class RunRecord:
         self.push(RunStorage.push_checkpoint, committed)
         learner.restart_from = committed
         self._written_s = seconds
-        return seconds
 
     # -- the end -----------------------------------------------------------------------------------
 

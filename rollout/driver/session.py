@@ -110,6 +110,7 @@ class Session:
             self.weights.confirm()
         self.first_iteration = record.begin(cfg, model, resumed_from, self.data.tokenizer)
         self.learner.on_rebuilt.append(record.learner_rebuilt)
+        self.learner.before_rebuild.append(lambda: record.salvage(self.learner))
         updates = self.learner.updates
         # The run goes on until the weights hold `iterations` updates, however many crashes came before.
         self.planned_last = self.first_iteration + max(0, cfg.iterations - updates) - 1

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from tqdm import tqdm
 
 from contracts.config import TrackingConfig
 from rollout.driver.trackers import BACKENDS, SampleTable, TrackedRun
@@ -114,7 +115,9 @@ class Tracking:
         return None
 
     def _warn(self, message: str) -> None:
-        print(f"tracking: {message}", file=self.log, flush=True)
+        # From this thread, while the loop may be drawing a progress bar on the same terminal: tqdm's write
+        # clears the bar, prints the line, and draws the bar again under it.
+        tqdm.write(f"tracking: {message}", file=self.log)
 
     def _read_state(self) -> dict[str, dict[str, Any]]:
         if not self.cfg.backends or not self._state_path.exists():

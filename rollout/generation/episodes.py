@@ -85,7 +85,7 @@ class EpisodeRunner:
             # New episodes start as room frees up, so the environments made stay those in flight.
             while starting and len(in_env) + len(in_engine) + len(ready) < 2 * self.engine.window:
                 episode = starting.popleft()
-                in_env[self.pool.submit(self._reset, episode)] = (episode, time.monotonic())
+                in_env[self.pool.submit(self._timed, self._reset, episode)] = (episode, time.monotonic())
             feed = [ready.popleft() for _ in range(min(len(ready), max(0, self.engine.window - len(in_engine))))]
             if feed:
                 ids = llm.enqueue(
@@ -103,12 +103,12 @@ class EpisodeRunner:
                     if out.finished:
                         episode = in_engine.pop(out.request_id)
                         self._model_turn(episode, out.outputs[0])
-                        in_env[self.pool.submit(episode.env.step, episode.final_text)] = (episode, time.monotonic())
+                        step = self.pool.submit(self._timed, episode.env.step, episode.final_text)
+                        in_env[step] = (episode, time.monotonic())
             elif in_env:  # every episode waits on its environment: nothing for the engine to do
                 wait(list(in_env), timeout=0.05, return_when=FIRST_COMPLETED)
             for future in [f for f in in_env if f.done() or self._late(in_env[f][1])]:
-                episode, started = in_env.pop(future)
-                self.env_seconds.append(time.monotonic() - started)
+                episode, _ = in_env.pop(future)
                 self._environment_turn(episode, future)
                 if episode.finish is None:
                     ready.append(episode)
@@ -121,6 +121,14 @@ class EpisodeRunner:
                     results[b] = None
 
     # -- one episode's turns ------------------------------------------------------------------------
+
+    def _timed(self, call, *args):
+        """In the pool: `call(*args)`, its wall time kept for the metrics (`env_step_seconds`)."""
+        start = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            self.env_seconds.append(time.perf_counter() - start)
 
     def _reset(self, episode: Episode) -> StepResult | None:
         """In the pool: the episode's environment made, and reset; its turn, if any, as an observation."""

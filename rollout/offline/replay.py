@@ -54,7 +54,7 @@ import yaml
 from contracts.config import ConfigError, LearnerConfig, RewardConfig
 from contracts.schema import components_of
 from learner.advantages import KLEstimator, kl_penalty, last_token_mask
-from learner.estimators import estimator
+from learner.estimators import estimate, estimator
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
 from rollout.archive.metadata import learner_settings
 from rollout.offline.ragged import floats, lengths_of, padded, ragged, required, required_column
@@ -220,20 +220,22 @@ def _replay_batch(
     lengths = lengths_of(batch.column("response_ids"))
     width = max(1, int(lengths.max(initial=0)))
     mask = torch.arange(width) < torch.from_numpy(lengths).unsqueeze(1)  # (B, T)
+    model = mask & (padded(batch.column("response_mask"), width) > 0)  # the model's tokens, not an environment's
     reward, components = scores
-    rewards = _token_rewards(batch, reward, plan, lengths, mask)
+    rewards = _token_rewards(batch, reward, plan, lengths, model)
     entry = estimator(plan.estimator)
     if entry.grouped:
-        advantages = torch.where(mask, torch.from_numpy(group_advantages).float().unsqueeze(1), 0)
+        advantages = torch.where(model, torch.from_numpy(group_advantages).float().unsqueeze(1), 0)
         returns = advantages
     else:
         values = padded(required(batch, "values", lengths), width) if entry.needs_critic else None
         if rewards is None:  # no stored token rewards and no KL to rebuild them: the score on the last token
             score = torch.from_numpy(floats(reward, "reward")).unsqueeze(1)
-            token_rewards = torch.where(last_token_mask(mask), score, 0)
+            token_rewards = torch.where(last_token_mask(model), score, 0) + turn_rewards(batch, width)
         else:
             token_rewards = rewards
-        advantages, returns = entry.fn(token_rewards, values, mask, None, plan.settings)
+        # An episode's environment tokens are holes in `model`: the estimator runs over the model's tokens.
+        advantages, returns = estimate(token_rewards, values, model, None, plan.settings)
     columns = {name: batch.column(name) for name in schema.names}
     columns.update(
         reward=reward,
@@ -251,7 +253,8 @@ def _replay_batch(
 def _token_rewards(
     batch: pa.RecordBatch, reward: pa.Array, plan: _Plan, lengths: np.ndarray, mask: torch.Tensor
 ) -> torch.Tensor | None:
-    """(B, T) token rewards: stored, or rebuilt as −β·kl_t plus the (new) score on the last token."""
+    """(B, T) token rewards: stored, or rebuilt as −β·kl_t plus the (new) score on the last token, and an
+    episode's turn rewards; `mask`: the model's tokens."""
     stored = batch.column("token_rewards")
     if stored.null_count:
         if estimator(plan.estimator).needs_critic:
@@ -268,9 +271,25 @@ def _token_rewards(
         old_score = torch.from_numpy(floats(batch.column("reward"), "reward")).unsqueeze(1)
         kl_part = rewards - torch.where(last, old_score, 0)  # −β·kl_t, as the run computed it
     else:
-        kl_part = -plan.kl_coef * _kl(batch, plan, lengths, mask)
+        kl_part = -plan.kl_coef * _kl(batch, plan, lengths, mask) + turn_rewards(batch, mask.shape[1])
     new_score = torch.from_numpy(floats(reward, "reward")).unsqueeze(1)
     return torch.where(mask, kl_part, 0) + torch.where(last, new_score, 0)
+
+
+def turn_rewards(batch: pa.RecordBatch, width: int) -> torch.Tensor:
+    """(B, T) an episode's turn rewards on the tokens they land on; zero for single completions."""
+    at = batch.column("turn_reward_at")
+    out = torch.zeros((batch.num_rows, width))
+    counts = lengths_of(at)
+    if counts.sum():
+        rows = torch.from_numpy(np.repeat(np.arange(batch.num_rows), counts))
+        columns = torch.from_numpy(at.flatten().to_numpy().astype(np.int64))
+        out.index_put_(
+            (rows, columns),
+            torch.from_numpy(floats(batch.column("turn_rewards").flatten(), "turn_rewards")),
+            accumulate=True,
+        )
+    return out
 
 
 def _kl(batch: pa.RecordBatch, plan: _Plan, lengths: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
@@ -320,15 +339,20 @@ def _stored_scores(batch: pa.RecordBatch) -> Scores:
 
 def _group_advantages(archive: str | Path, rewards: list[pa.Array], plan: _Plan) -> np.ndarray:
     """(N,) sequence advantages over the whole archive, grouped by (iteration, prompt_id): the estimator
-    runs on every sample at once, each reward a one-token row."""
-    keys = read_table(archive, ["iteration", "prompt_id"])
+    runs on every sample at once, each return (the reward, plus an episode's turn rewards) a one-token row."""
+    keys = read_table(archive, ["iteration", "prompt_id", "turn_rewards"])
     reward = pa.chunked_array(rewards, type=pa.float32())
     if reward.null_count:
         raise ReplayError(f"{reward.null_count} samples have no reward: score them (--reward-config) first")
     # One string key per (iteration, prompt_id) pair; its dictionary index is the group number.
     joined = pc.binary_join_element_wise(keys["iteration"].cast(pa.string()), keys["prompt_id"], "\x1f")
     groups = pc.dictionary_encode(joined).combine_chunks().indices.to_numpy().astype(np.int64)
-    sequence_rewards = torch.from_numpy(floats(reward, "reward")).unsqueeze(1)  # (N, 1)
+    turns = pc.list_value_length(keys["turn_rewards"]).to_numpy()
+    turn_sums = np.zeros(len(turns), dtype=np.float32)
+    if turns.sum():
+        rows = np.repeat(np.arange(len(turns)), turns)
+        np.add.at(turn_sums, rows, pc.list_flatten(keys["turn_rewards"]).to_numpy().astype(np.float32))
+    sequence_rewards = torch.from_numpy(floats(reward, "reward") + turn_sums).unsqueeze(1)  # (N, 1)
     one_token = torch.ones_like(sequence_rewards, dtype=torch.bool)
     try:
         advantages, _ = estimator(plan.estimator).fn(

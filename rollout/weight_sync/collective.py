@@ -53,6 +53,13 @@ class CollectiveSync:
             self._called_off = True
         self.formed = False
 
+    def drop(self) -> list[ray.ObjectRef]:
+        """Call the queued sync off and forget it (its learner is gone): the members' pending answers, for the
+        caller to discard."""
+        self.members_changed()
+        pending, self._pending = list(self._pending), {}
+        return pending
+
     def queue(self, version: int, learner) -> None:
         """Queue `version`'s broadcast on the learner and its receipt on every worker (behind their generation)."""
         rc = self.cfg

@@ -39,6 +39,8 @@ class WeightSync:
         self.version = 0  # what every engine serves, as of the last sync confirmed
         self._queued: tuple[int, dict[ray.ObjectRef, str] | None] | None = None
         self._newest: tuple[int, ray.ObjectRef] | None = None  # the last weights sent: what a revived worker loads
+        self._synced = False  # a sync was queued: a worker revived since must not keep its start weights
+        self._dropped: list[ray.ObjectRef] = []  # loads of a sync from a learner since lost, not waited for
         self._lock = threading.Lock()  # `restore` runs on collector threads
         self._syncing = False
         workers.on_revived = self.restore
@@ -75,11 +77,13 @@ class WeightSync:
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         with self._lock:
             self._newest = (version, ref)
+            self._synced = True
         self._queued = (version, {h.update_weights.remote(version, ref): n for h, n in self._members()})
 
     def confirm(self) -> int:
         """Wait for the queued sync, if any (it runs after the chunks queued before it); the version every
         engine serves."""
+        self._discard_dropped()
         if self._queued is None:
             return self.version
         version, pending = self._queued
@@ -99,16 +103,19 @@ class WeightSync:
         """Worker `name` came back from a restart: load the newest weights into it. False when it serves them
         already (the collector thread and a sync may both find the same death: the first one back restores it)."""
         handle = self.workers.handle(name)
-        if self.collective is not None:  # the group lost a member: the newest weights come another way
-            self.collective.members_changed()
+        with self._lock:
+            newest, synced = self._newest, self._synced
+        # The collective group lost a member; or the learner was rebuilt since the last weights were sent, which
+        # may be gone with it: either way the learner's own weights, read with their version, come another way.
+        if self.collective is not None or (newest is None and synced and self.learner is not None):
+            if self.collective is not None:
+                self.collective.members_changed()
             _say(f"{name}: back after a restart; loading the learner's weights, then generating its lost chunks again")
             served = ray.get(
                 handle.load_versioned.remote(self.learner.versioned_weights_ref()), timeout=self.restore_timeout_s
             )
             self.probe.check(name, served)
             return True
-        with self._lock:
-            newest = self._newest
         version, weights = newest if newest is not None else (0, None)
         if self.workers.serving(name, self.restore_timeout_s) == version:
             return newest is None  # nothing to load: a restart before the first sync
@@ -186,12 +193,31 @@ class WeightSync:
         return self.workers.serving(name, self.timeout_s)
 
     def _learner_rebuilt(self, rebuilt) -> None:
-        """The learner was rebuilt: the group forms again around its new rank 0, and the engines get its
-        weights now (a sync already under way, where the rank was lost, sends them itself)."""
+        """The learner was rebuilt: the weights of its lost ranks are no one's to serve. A sync of them still
+        queued is left to run (the workers apply it, then the new one) but not waited on, nor loaded into a
+        revived worker; the group forms again around the new rank 0, and the engines get the new weights
+        now (a sync already under way, where the rank was lost, sends them itself)."""
+        with self._lock:
+            self._newest = None
+        if self._queued is not None and self._queued[1] is not None:
+            self._dropped += list(self._queued[1])
+        self._queued = None
         if self.collective is not None:
-            self.collective.members_changed()
+            self._dropped += self.collective.drop()
         if not self._syncing:
             self.queue()
+
+    def _discard_dropped(self) -> None:
+        """Read the answers of dropped loads that came in (their errors are expected: their weights may be
+        gone), so that Ray does not report them as unhandled."""
+        done, self._dropped = (
+            ray.wait(self._dropped, num_returns=len(self._dropped), timeout=0) if self._dropped else ([], [])
+        )
+        for ref in done:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - a dropped load: nothing depends on it
+                pass
 
     def _members(self):
         return zip(self.workers.handles, self.workers.names)

@@ -1,0 +1,127 @@
+"""Multi-turn episodes against single completions, in one in-process CPU engine: does an environment that
+takes its time stall the engine?
+
+Every episode has `--turns` model turns of up to `--turn-tokens` tokens, with an environment between
+them that sleeps `--sleep-ms` (20) per step, as a tool call or a remote grader would; the same prompts
+are then generated as single completions of `--turns` x `--turn-tokens` tokens, so both make about the
+same number of model tokens. The tiny model is the builtin with random weights, which rarely ends a turn
+early. Prints one JSON object:
+
+- `engine_busy_fraction`: the engine's step time over the episodes' generation wall time (goal >= 0.9:
+  while episodes wait on their environment, the engine steps the others);
+- `tokens_per_s_ratio`: the model's tokens per second in episodes over single completions (goal >= 0.8);
+- the figures behind both, and the mean environment step.
+
+    .venv/bin/python benchmarks/multiturn.py [--prompts 64] [--n 4] [--turns 3] [--turn-tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from contracts.builtin_model import build_tiny_llama  # noqa: E402
+from contracts.config import EnvConfig, RolloutConfig, SamplingConfig  # noqa: E402
+from contracts.environment import Environment, StepResult  # noqa: E402
+from contracts.formats import Message, PromptRecord  # noqa: E402
+from rollout.generation.engine import VLLMEngine  # noqa: E402
+from rollout.generation.episodes import EpisodeRunner  # noqa: E402
+
+
+class Sleepy(Environment):
+    """Answers every turn after `delay_s`, as a slow tool; the episode ends after `turns` model turns."""
+
+    def __init__(self, delay_s: float = 0.02, turns: int = 3):
+        self.delay_s, self.turns, self.seen = delay_s, turns, 0
+
+    def step(self, text: str) -> StepResult:
+        time.sleep(self.delay_s)
+        self.seen += 1
+        return StepResult(observation="ok", done=self.seen >= self.turns)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--turn-tokens", type=int, default=16)
+    parser.add_argument("--sleep-ms", type=float, default=20.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    model = str(build_tiny_llama())
+    rollout = RolloutConfig(device="cpu", max_model_len=512, n_samples=args.n)
+    engine = VLLMEngine(model, rollout, seed=0, extra_args={"enable_prefix_caching": True})
+    tokenizer = engine.llm.get_tokenizer()
+    records = [PromptRecord(f"p{i}", [Message("user", f"{i}+{i}=")], None, {}, "bench") for i in range(args.prompts)]
+    ids = [
+        tokenizer.apply_chat_template([{"role": "user", "content": r.messages[0].content}], add_generation_prompt=True)
+        for r in records
+    ]
+    env = EnvConfig(
+        name="sleepy",
+        params={"delay_s": args.sleep_ms / 1000, "turns": args.turns},
+        max_turns=args.turns,
+        max_episode_tokens=args.turns * (args.turn_tokens + 8),
+        num_threads=32,
+    )
+    runner = EpisodeRunner(engine, Sleepy, env, tokenizer)
+    turn = SamplingConfig(max_tokens=args.turn_tokens, seed=0)
+    whole = SamplingConfig(max_tokens=args.turns * args.turn_tokens, seed=0)
+    engine.generate(ids[:4], turn, 1)  # warm-up: the first calls set up kernels
+
+    episodes, singles = [], []
+    for _ in range(args.repeats):  # alternating, so drift in the machine's speed hits both alike
+        runner.step_seconds, runner.env_seconds = 0.0, []
+        start = time.perf_counter()
+        outputs = [c for _, batch in runner.stream([(records, ids, 0)], turn, args.n) for cs in batch for c in cs]
+        wall = time.perf_counter() - start
+        tokens = sum(sum(c.mask) for c in outputs)
+        steps = runner.env_seconds
+        episodes.append(
+            {
+                "wall_s": wall,
+                "engine_s": runner.step_seconds,
+                "model_tokens": tokens,
+                "env_step_s": sum(steps) / len(steps),
+            }
+        )
+        start = time.perf_counter()
+        plain = engine.generate(ids, whole, args.n)
+        wall = time.perf_counter() - start
+        singles.append({"wall_s": wall, "model_tokens": sum(len(c.token_ids) for cs in plain for c in cs)})
+
+    def median(rows, key):
+        return sorted(r[key] for r in rows)[len(rows) // 2]
+
+    busy = median([{"f": e["engine_s"] / e["wall_s"]} for e in episodes], "f")
+    multi_tps = median([{"t": e["model_tokens"] / e["wall_s"]} for e in episodes], "t")
+    single_tps = median([{"t": s["model_tokens"] / s["wall_s"]} for s in singles], "t")
+    print(
+        json.dumps(
+            {
+                "benchmark": "multiturn",
+                "episodes": args.prompts * args.n,
+                "turns": args.turns,
+                "turn_tokens": args.turn_tokens,
+                "env_sleep_ms": args.sleep_ms,
+                "engine_busy_fraction": round(busy, 3),
+                "tokens_per_s_ratio": round(multi_tps / single_tps, 3),
+                "multi_turn_tokens_per_s": round(multi_tps, 1),
+                "single_turn_tokens_per_s": round(single_tps, 1),
+                "env_step_mean_s": round(median(episodes, "env_step_s"), 4),
+                "runs": {"episodes": episodes, "singles": singles},
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
