@@ -57,6 +57,8 @@ from learner import packed_attention  # noqa: E402
 from learner.learner import Learner  # noqa: E402
 from learner.memory import GIB, estimate  # noqa: E402
 from learner.samples import SampleBatch  # noqa: E402
+from rollout.weight_sync.sender import WeightSender  # noqa: E402
+from rollout.weight_sync.wire import fill_buckets  # noqa: E402
 
 MICRO_BATCH_TOKENS = {"tiny": 4096, "0.5b": 16384, "1.5b": 8192}
 PASSES = 2 * 3 + 6 * 2  # FLOPs per token and parameter: 3 no-grad passes, 2 training passes
@@ -81,25 +83,45 @@ def matmul_tflops(device: torch.device, size: int, dtype: torch.dtype) -> float:
     return 2 * size**3 / statistics.median(times) / 1e12
 
 
-def measure_export(learner: Learner) -> float:
-    """Seconds of `Learner.export_weights()`, the weights the engines are sent after an update."""
-    synchronize(learner.device)
-    start = time.perf_counter()
-    learner.export_weights()
-    synchronize(learner.device)
-    return time.perf_counter() - start
+def measure_export(learner: Learner, bucket_mb: float = 256.0) -> dict[str, float]:
+    """`export_s`: a collective sync's sender side without its peers: the policy streamed tensor by tensor
+    into broadcast buckets on the learner's device, cast there (`WeightSender`'s path, less the broadcast);
+    `object_store_export_s`: `Learner.export_weights()`, cast on the device and copied once to the host."""
+    plan = WeightSender(learner).plan(str(learner.compute_dtype).removeprefix("torch."), int(bucket_mb * 2**20))
+    timings = {}
+    for name, run in (
+        ("export_s", lambda: [None for _ in fill_buckets(plan, learner.named_weights(), learner.device)]),
+        ("object_store_export_s", learner.export_weights),
+    ):
+        run()  # warm-up: the first call allocates
+        synchronize(learner.device)
+        start = time.perf_counter()
+        run()
+        synchronize(learner.device)
+        timings[name] = time.perf_counter() - start
+    return timings
 
 
 def measure_checkpoint(learner: Learner, tmp_dir: Path) -> dict[str, float]:
-    """`checkpoint_blocked_s`: how long `Learner.save` holds the training loop; `checkpoint_write_s`:
-    until the checkpoint is whole on disk. Today's save writes everything before it returns: one call."""
-    directory = Path(tmp_dir) / "checkpoint"
-    start = time.perf_counter()
-    learner.save(directory, {"iteration": 0})
-    blocked = time.perf_counter() - start
-    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-    shutil.rmtree(directory)
-    return {"checkpoint_blocked_s": blocked, "checkpoint_write_s": blocked, "checkpoint_gib": size / GIB}
+    """`checkpoint_blocked_s`: how long a checkpoint holds the training loop (its states staged);
+    `checkpoint_write_s`: the background write after it. The second of two checkpoints, whose staging
+    memory the first made; the first's blocked time too."""
+    figures = {}
+    for attempt in ("first", "second"):
+        directory = Path(tmp_dir) / f"checkpoint-{attempt}"
+        start = time.perf_counter()
+        pending = learner.save_async(directory, {"iteration": 0})
+        blocked = time.perf_counter() - start
+        write = pending.wait()
+        figures[attempt] = (blocked, write, sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()))
+        shutil.rmtree(directory)
+    blocked, write, size = figures["second"]
+    return {
+        "checkpoint_blocked_s": blocked,
+        "checkpoint_write_s": write,
+        "checkpoint_blocked_first_s": figures["first"][0],
+        "checkpoint_gib": size / GIB,
+    }
 
 
 def host_syncs(learner: Learner, batch: SampleBatch) -> dict | None:
@@ -195,11 +217,11 @@ def learner_runs(args, shape: str, path: str, device: torch.device, batches: dic
                 out["runs"].append(run)
                 log(start, f"{shape} {mix} checkpointing={checkpointing} packed={learner.packed}: {seconds:.2f} s")
         if packed:
-            out["export_s"] = measure_export(learner)
+            out.update(measure_export(learner))
             if shape in args.checkpoint_shapes:
                 with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
                     out.update(measure_checkpoint(learner, Path(tmp)))
-            log(start, f"{shape} export {out['export_s']:.2f} s, checkpoint {out.get('checkpoint_blocked_s')}")
+            log(start, f"{shape} export {out['export_s']:.3f} s, checkpoint {out.get('checkpoint_blocked_s')}")
         del learner
         release(device)
     return out

@@ -129,19 +129,9 @@ class WeightGroup:
         return True
 
     def send(self, plan: SyncPlan, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Rank 0, after `arrive`: broadcast `weights` ((name, tensor) of any dtype, on any device, in the
-        plan's order; names the plan leaves out, such as a tied head, are passed over) bucket by bucket.
-        Each tensor is cast as it is copied into its bucket on this rank's device, so the extra memory is
-        one bucket, and nothing leaves the device."""
-        dtype = getattr(torch, plan.dtype)
-        stream = iter(weights)
-        buffer = torch.empty(max(b.nbytes for b in plan.buckets), dtype=torch.uint8, device=self.device)
-        for bucket in plan.buckets:
-            for spec in bucket.tensors:
-                _view(buffer, spec, dtype).copy_(_next_named(stream, spec.name).reshape(spec.shape))
-            self._broadcast(buffer[: bucket.nbytes])
-        for _ in stream:  # the rest: a sharded learner gathers each tensor with every rank
-            pass
+        """Rank 0, after `arrive`: broadcast `weights` bucket by bucket (`fill_buckets`)."""
+        for bucket in fill_buckets(plan, weights, self.device):
+            self._broadcast(bucket)
 
     def receive(self, plan: SyncPlan) -> Iterator[tuple[str, torch.Tensor]]:
         """Ranks > 0, after `arrive`: (name, tensor) as each bucket arrives. Each bucket is a fresh
@@ -184,6 +174,25 @@ class WeightGroup:
 
 def _arrived(step: str, rank: int) -> str:
     return f"{step}/rank{rank}"
+
+
+def fill_buckets(
+    plan: SyncPlan, weights: Iterable[tuple[str, torch.Tensor]], device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Each bucket of `plan`, filled from `weights` ((name, tensor) of any dtype, on any device, in the plan's
+    order; names the plan leaves out, such as a tied head, are passed over) in one buffer on `device`:
+    each tensor is cast as it is copied in, so the extra memory is one bucket and nothing leaves the
+    device. A bucket is valid until the next is asked for; the rest of `weights` is read to the end (a
+    sharded learner gathers each tensor with every rank)."""
+    dtype = getattr(torch, plan.dtype)
+    stream = iter(weights)
+    buffer = torch.empty(max(b.nbytes for b in plan.buckets), dtype=torch.uint8, device=device)
+    for bucket in plan.buckets:
+        for spec in bucket.tensors:
+            _view(buffer, spec, dtype).copy_(_next_named(stream, spec.name).reshape(spec.shape))
+        yield buffer[: bucket.nbytes]
+    for _ in stream:
+        pass
 
 
 def _next_named(stream: Iterator[tuple[str, torch.Tensor]], name: str) -> torch.Tensor:
