@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contracts.builtin_model import build_tiny_llama  # noqa: E402
 from contracts.config import EnvConfig, RolloutConfig, SamplingConfig  # noqa: E402
 from contracts.environment import Environment, StepResult  # noqa: E402
-from contracts.formats import Message, PromptRecord  # noqa: E402
+from contracts.formats import Message, PromptRecord
+from contracts.rendering import PromptRenderer  # noqa: E402
 from rollout.generation.engine import VLLMEngine  # noqa: E402
 from rollout.generation.episodes import EpisodeRunner  # noqa: E402
 
@@ -60,10 +61,8 @@ def main() -> None:
     engine = VLLMEngine(model, rollout, seed=0, extra_args={"enable_prefix_caching": True})
     tokenizer = engine.llm.get_tokenizer()
     records = [PromptRecord(f"p{i}", [Message("user", f"{i}+{i}=")], None, {}, "bench") for i in range(args.prompts)]
-    ids = [
-        tokenizer.apply_chat_template([{"role": "user", "content": r.messages[0].content}], add_generation_prompt=True)
-        for r in records
-    ]
+    renderer = PromptRenderer(tokenizer, 64)
+    ids = [renderer.render(r).prompt_ids for r in records]
     env = EnvConfig(
         name="sleepy",
         params={"delay_s": args.sleep_ms / 1000, "turns": args.turns},

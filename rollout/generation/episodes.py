@@ -158,11 +158,10 @@ class EpisodeRunner:
             return
         if episode.turns == 0:  # reset: a turn added to the prompt, or the prompt as it is
             if result is not None:
-                messages = [{"role": m.role, "content": m.content} for m in self.env_class.opening(episode.record)]
-                text, ids = self.turns.prompt(
-                    [*messages, {"role": self.cfg.observation_role, "content": result.observation}]
-                )
-                episode.prompt_text, episode.prompt_ids, episode.own_prompt = text, ids, True
+                episode.history.append(Message(self.cfg.observation_role, result.observation))
+                text = self.renderer.text(episode.record, episode.history)
+                episode.prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                episode.prompt_text, episode.own_prompt = text, True
             return
         if result.reward is not None:  # on the last token of the turn it judges
             episode.reward_at.append(len(episode.response) - 1)
