@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--turn-tokens", type=int, default=16)
     parser.add_argument("--sleep-ms", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="env.num_threads (default: the config's)")
     args = parser.parse_args()
 
     model = str(build_tiny_llama())
@@ -68,7 +69,7 @@ def main() -> None:
         params={"delay_s": args.sleep_ms / 1000, "turns": args.turns},
         max_turns=args.turns,
         max_episode_tokens=args.turns * (args.turn_tokens + 8),
-        num_threads=32,
+        **({"num_threads": args.threads} if args.threads else {}),
     )
     runner = EpisodeRunner(engine, Sleepy, env, tokenizer)
     turn = SamplingConfig(max_tokens=args.turn_tokens, seed=0)

@@ -45,8 +45,13 @@ class EnvConfig(Base):
     ] = 0.5
     num_threads: Annotated[
         int,
-        doc("Threads each rollout worker runs environment steps on, off the engine's loop.", ge=1),
-    ] = 8
+        doc(
+            "Threads each rollout worker runs environment steps on, off the engine's loop. Steps that wait (a "
+            "tool, a remote grader) overlap across threads: with 256 episodes whose steps sleep 20 ms, 32 "
+            "threads kept the engine 0.88 busy where 8 kept it 0.75 (benchmarks/multiturn.py).",
+            ge=1,
+        ),
+    ] = 32
     observation_role: Annotated[
         Literal["user", "tool"],
         doc(

@@ -14,6 +14,7 @@ environment raises or runs past `env.step_timeout_s` (`env_error`, the error's f
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -85,7 +86,7 @@ class EpisodeRunner:
             # New episodes start as room frees up, so the environments made stay those in flight.
             while starting and len(in_env) + len(in_engine) + len(ready) < 2 * self.engine.window:
                 episode = starting.popleft()
-                in_env[self.pool.submit(self._timed, self._reset, episode)] = (episode, time.monotonic())
+                in_env[self.pool.submit(self._reset, episode)] = (episode, time.monotonic())
             feed = [ready.popleft() for _ in range(min(len(ready), max(0, self.engine.window - len(in_engine))))]
             if feed:
                 ids = llm.enqueue(
@@ -103,8 +104,7 @@ class EpisodeRunner:
                     if out.finished:
                         episode = in_engine.pop(out.request_id)
                         self._model_turn(episode, out.outputs[0])
-                        step = self.pool.submit(self._timed, episode.env.step, episode.final_text)
-                        in_env[step] = (episode, time.monotonic())
+                        in_env[self.pool.submit(self._step, episode)] = (episode, time.monotonic())
             elif in_env:  # every episode waits on its environment: nothing for the engine to do
                 wait(list(in_env), timeout=0.05, return_when=FIRST_COMPLETED)
             for future in [f for f in in_env if f.done() or self._late(in_env[f][1])]:
@@ -123,19 +123,38 @@ class EpisodeRunner:
     # -- one episode's turns ------------------------------------------------------------------------
 
     def _timed(self, call, *args):
-        """In the pool: `call(*args)`, its wall time kept for the metrics (`env_step_seconds`)."""
+        """`call(*args)` (an environment's), its wall time kept for the metrics (`env_step_seconds`)."""
         start = time.perf_counter()
         try:
             return call(*args)
         finally:
             self.env_seconds.append(time.perf_counter() - start)
 
-    def _reset(self, episode: Episode) -> StepResult | None:
+    def _reset(self, episode: Episode) -> tuple[StepResult, None] | None:
         """In the pool: the episode's environment made, and reset; its turn, if any, as an observation."""
         episode.env = self.env_class(**self.cfg.params)
         episode.history = list(self.env_class.opening(episode.record))
-        extra = episode.env.reset(episode.record)
-        return None if extra is None else StepResult(observation=extra)
+        extra = self._timed(episode.env.reset, episode.record)
+        return None if extra is None else (StepResult(observation=extra), None)
+
+    def _step(self, episode: Episode) -> tuple[StepResult, list[int] | None]:
+        """In the pool: the environment's answer to the model's turn, and the tokens of its observation
+        when the episode goes on (rendered here, off the engine loop)."""
+        result = self._timed(episode.env.step, episode.final_text)
+        if result.done or episode.turns >= self.cfg.max_turns:
+            return result, None
+        ended = episode.response[-1] == self.tokenizer.eos_token_id  # the model wrote its turn's eos
+        return result, self._observation_ids(result.observation or "", ended)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one runner per worker, for the worker's life
+    def _observation_ids(self, observation: str, reply_ended: bool) -> tuple[int, ...]:
+        """The tokens after a model turn through `observation` to the next turn's opening. What the template
+        writes between two turns does not depend on what came before, so a two-turn conversation stands for
+        every episode's (and the same observation is rendered once)."""
+        text = self.renderer.observation_text(
+            _STAND_IN, "x", Message(self.cfg.observation_role, observation), reply_ended=reply_ended
+        )
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _model_turn(self, episode: Episode, output) -> None:
         episode.response += output.token_ids
@@ -157,12 +176,14 @@ class EpisodeRunner:
             self._fail(episode, f"{self._name()} raised {type(e).__name__}: {_first_line(e)}")
             return
         if episode.turns == 0:  # reset: a turn added to the prompt, or the prompt as it is
+            result = result[0] if result is not None else None
             if result is not None:
                 episode.history.append(Message(self.cfg.observation_role, result.observation))
                 text = self.renderer.text(episode.record, episode.history)
                 episode.prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
                 episode.prompt_text, episode.own_prompt = text, True
             return
+        result, ids = result
         if result.reward is not None:  # on the last token of the turn it judges
             episode.reward_at.append(len(episode.response) - 1)
             episode.rewards.append(float(result.reward))
@@ -171,21 +192,10 @@ class EpisodeRunner:
         elif episode.turns >= self.cfg.max_turns:
             episode.finish = "max_turns"
         else:
-            observation = Message(self.cfg.observation_role, result.observation or "")
-            try:
-                ended = episode.response[-1] == self.tokenizer.eos_token_id  # the model wrote its turn's eos
-                text = self.renderer.observation_text(
-                    episode.history, episode.final_text, observation, reply_ended=ended
-                )
-            except ValueError as e:
-                self._fail(episode, str(e))
-                return
-            episode.history += [Message("assistant", episode.final_text), observation]
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(episode.response) + len(ids) >= self.cfg.max_episode_tokens:
                 episode.finish = "length"  # no room for the observation and a model turn after it
                 return
-            episode.response += ids
+            episode.response += list(ids)
             episode.logprobs += [0.0] * len(ids)
             episode.mask += [0] * len(ids)
 
@@ -220,6 +230,9 @@ class EpisodeRunner:
 
     def _name(self) -> str:
         return f"environment {self.cfg.name}"
+
+
+_STAND_IN = [Message("user", "x")]  # the conversation an observation's tokens are rendered after
 
 
 def _seed(base: int | None, prompt: int, sample: int) -> int | None:
