@@ -270,10 +270,24 @@ def test_a_killed_run_resumes_without_duplicates(tmp_path):
     assert max(table["iteration"].to_pylist()) > done
 
 
-def test_two_learner_ranks_with_grpo_train_and_resume(tmp_path):
-    """FSDP2 over gloo inside the real job: two learner ranks, a critic-free estimator, then a resume."""
+def test_two_learner_ranks_with_grpo_and_dapo_objectives_train_and_resume(tmp_path):
+    """FSDP2 over gloo inside the real job: two learner ranks, a critic-free estimator with dynamic sampling,
+    clip-higher, Dr. GRPO's aggregation, truncated samples masked and the overlong rule, generation one
+    iteration ahead; then a resume."""
     out = tmp_path / "ranks"
-    ranks = ["--set", "learner.num_ranks=2", "--set", "learner.estimator=grpo", "--set", "checkpoint_every=1"]
+    settings = [
+        "learner.num_ranks=2",
+        "learner.estimator=grpo",
+        "checkpoint_every=1",
+        "rollout.n_samples=4",
+        "rollout.max_staleness=1",
+        "rollout.dynamic_sampling.enabled=true",
+        "learner.clip_eps_high=0.28",
+        "learner.loss_agg_mode=seq_mean_token_sum_norm",
+        "learner.mask_truncated=true",
+        "reward.rules=[{name: arithmetic}, {name: overlong, params: {buffer_tokens: 2}}]",
+    ]
+    ranks = [arg for setting in settings for arg in ("--set", setting)]
     rollout_cli("run", "--config", SMOKE, "--out", str(out), *ranks, "--set", "iterations=2")
     assert (out / "checkpoints" / "iter-000001" / "learner" / ".metadata").exists()
     proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), *ranks, "--set", "iterations=3")
@@ -284,6 +298,22 @@ def test_two_learner_ranks_with_grpo_train_and_resume(tmp_path):
     assert all(v == 0.0 for row in table["values"].to_pylist() for v in row)  # no critic
     for advantages in table["advantages"].to_pylist():
         assert len(set(advantages)) <= 1  # one sequence advantage on every token of a sample
+    # Trained: the samples of groups whose rewards differ (16 groups at most), less those cut at max_tokens.
+    groups = {}
+    for row in table.select(["iteration", "prompt_id", "reward", "trained", "finish_reason"]).to_pylist():
+        groups.setdefault((row["iteration"], row["prompt_id"]), []).append(row)
+    for rows in groups.values():
+        signal = len({r["reward"] for r in rows}) > 1
+        assert len(rows) == 4 and all(r["trained"] <= (signal and r["finish_reason"] != "length") for r in rows)
+    for iteration in (0, 1, 2):
+        kept = {key for key, rows in groups.items() if key[0] == iteration and any(r["trained"] for r in rows)}
+        assert len(kept) <= 16
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["dynamic_sampling/rounds"] >= 1 and "clip_frac_high" in line for line in lines)
+    assert all(
+        line["trained_samples"] == sum(r["trained"] for r in table.to_pylist() if r["iteration"] == line["iteration"])
+        for line in lines
+    )
 
 
 def test_a_killed_staleness_one_run_resumes_with_every_trained_iteration_whole(tmp_path):
