@@ -91,14 +91,21 @@ def cmd_config(args) -> int:
     from learner.estimators import ESTIMATORS, check_learner_names
     from learner.losses import POLICY_LOSSES
     from reward.checks import check_reward_config
+    from rollout.episodes.registry import builtin_environments, check_environment
 
     if args.explain:
-        print("\n".join(explain(registered={"learner.estimator": ESTIMATORS, "learner.policy_loss": POLICY_LOSSES})))
+        registered = {
+            "learner.estimator": ESTIMATORS,
+            "learner.policy_loss": POLICY_LOSSES,
+            "env.name": builtin_environments(),
+        }
+        print("\n".join(explain(registered=registered)))
         return 0
     cfg = load_config(args.config, args.overrides)
     check(cfg)
     check_learner_names(cfg.learner, cfg.rollout.n_samples)
     check_reward_config(cfg.reward)
+    check_environment(cfg.env)
     print(to_yaml(cfg), end="")
     return 0
 
