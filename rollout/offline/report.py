@@ -75,7 +75,7 @@ def write_report(run_dir: str | Path, out: str | Path, *, samples: int = 8) -> i
                 **{
                     s: _per_second(column("tokens"), column(f"time/{s}", "metrics"))
                     for s in STAGES
-                    if s not in ("generate", "weight_sync")
+                    if s not in ("generate", "weight_sync", "checkpoint")  # the last two run on their own cadence
                 },
             },
         ),
