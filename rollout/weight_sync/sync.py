@@ -41,6 +41,7 @@ class WeightSync:
         self._newest: tuple[int, ray.ObjectRef] | None = None  # the last weights sent: what a revived worker loads
         self._synced = False  # a sync was queued: a worker revived since must not keep its start weights
         self._dropped: list[ray.ObjectRef] = []  # loads of a sync from a learner since lost, not waited for
+        self._epoch = 0  # learner rebuilds so far: a version names other weights after each
         self._lock = threading.Lock()  # `restore` runs on collector threads
         self._syncing = False
         workers.on_revived = self.restore
@@ -60,14 +61,22 @@ class WeightSync:
         self.confirm()  # one sync in flight at a time: each is confirmed before the next
         self._syncing = True
         try:
-            probe = self.learner.probe_logprobs(list(PROBE_IDS))
-            version = self.learner.updates  # read after the probe: a rank lost in it leaves rebuilt ranks' weights
+            while True:
+                epoch = self._epoch
+                probe = self.learner.probe_logprobs(list(PROBE_IDS))
+                version = self.learner.updates  # read after the probe: a rank lost in it leaves rebuilt ranks' weights
+                if self.collective is not None:
+                    self.probe.expect(version, probe)
+                    self.collective.queue(version, self.learner)
+                    self._queued = (version, None)
+                    return
+                weights = self.learner.weights_ref()
+                if (
+                    self._epoch == epoch
+                ):  # else a rank was lost in the export: the rebuilt ranks' weights, version, probe
+                    break
             self.probe.expect(version, probe)
-            if self.collective is not None:
-                self.collective.queue(version, self.learner)
-                self._queued = (version, None)
-                return
-            self.queue_weights(version, self.learner.weights_ref())
+            self.queue_weights(version, weights)
         finally:
             self._syncing = False
 
@@ -102,6 +111,17 @@ class WeightSync:
     def restore(self, name: str) -> bool:
         """Worker `name` came back from a restart: load the newest weights into it. False when it serves them
         already (the collector thread and a sync may both find the same death: the first one back restores it)."""
+        while True:
+            with self._lock:
+                epoch = self._epoch
+            restored = self._restore(name, epoch)
+            with self._lock:
+                # A learner rebuilt while the worker came up and loaded (a node lost takes both): the weights it
+                # loaded were the lost ranks', whose version numbers the new ranks reuse. It loads again.
+                if self._epoch == epoch:
+                    return restored
+
+    def _restore(self, name: str, epoch: int) -> bool:
         handle = self.workers.handle(name)
         with self._lock:
             newest, synced = self._newest, self._synced
@@ -114,16 +134,22 @@ class WeightSync:
             served = ray.get(
                 handle.load_versioned.remote(self.learner.versioned_weights_ref()), timeout=self.restore_timeout_s
             )
-            self.probe.check(name, served)
+            self._check_restored(name, served, epoch)
             return True
         version, weights = newest if newest is not None else (0, None)
         if self.workers.serving(name, self.restore_timeout_s) == version:
             return newest is None  # nothing to load: a restart before the first sync
         _say(f"{name}: back after a restart; loading weights version {version}, then generating its lost chunks again")
         served = ray.get(handle.update_weights.remote(version, weights), timeout=self.restore_timeout_s)
-        if self.probe.check(name, served) != version:
+        if self._check_restored(name, served, epoch) not in (None, version):
             raise WeightSyncError(f"{name} reports version {served.version} after a restart and a sync to {version}")
         return True
+
+    def _check_restored(self, name: str, served: Served, epoch: int) -> int | None:
+        """The version `name` serves, checked against the learner's probe; None where the learner was rebuilt
+        since `epoch` (`restore` loads again: the new ranks' probe says nothing of the lost ranks' weights)."""
+        with self._lock:
+            return self.probe.check(name, served) if self._epoch == epoch else None
 
     # -- the two paths' confirmations --------------------------------------------------------------
 
@@ -199,6 +225,7 @@ class WeightSync:
         now (a sync already under way, where the rank was lost, sends them itself)."""
         with self._lock:
             self._newest = None
+            self._epoch += 1
         if self._queued is not None and self._queued[1] is not None:
             self._dropped += list(self._queued[1])
         self._queued = None
