@@ -146,6 +146,7 @@ class Learner:
         columns = LearnerColumns(
             *(batch.flat(x) for x in (ev.old_logprobs, ev.ref_logprobs, ev.values, kl, rewards, advantages, returns)),
             kl_coef=kl_coef,
+            trained=batch.trained_rows(self.cfg.mask_truncated),
         )
         return columns, stats, timings
 

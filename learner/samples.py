@@ -50,6 +50,16 @@ class SampleBatch:
     # at them); None when every response token is the model's.
     response_mask: np.ndarray | None = None  # (sum T_i,) uint8
     turn_rewards: np.ndarray | None = None  # (sum T_i,) float32: an environment's reward of a turn, at its last token
+    selected: np.ndarray | None = None  # (N,) bool: the rows the update may use (dynamic sampling); None: all
+    truncated: np.ndarray | None = None  # (N,) bool: the rows that hit max_tokens (learner.mask_truncated)
+
+    def trained_rows(self, mask_truncated: bool) -> np.ndarray:
+        """(N,) bool: the rows the update trains on: those selected, less those that hit max_tokens when
+        `mask_truncated` (they carry no loss, as DAPO's over-long filtering has it)."""
+        rows = np.ones(len(self), dtype=bool) if self.selected is None else self.selected.astype(bool)
+        if mask_truncated and self.truncated is not None:
+            rows = rows & ~self.truncated
+        return rows
 
     @classmethod
     def from_records(cls, records) -> SampleBatch:
@@ -80,6 +90,7 @@ class SampleBatch:
             groups.astype(np.int64),
             mask,
             turn_rewards,
+            truncated=np.array([getattr(r, "finish_reason", None) == "length" for r in records], dtype=bool),
         )
 
     def __len__(self) -> int:
@@ -226,6 +237,7 @@ class LearnerColumns:
     advantages: np.ndarray
     returns: np.ndarray
     kl_coef: float  # the KL coefficient β of token_rewards
+    trained: np.ndarray | None = None  # (N,) bool: the samples the update used; None: all of them
 
     def rows(self, offsets: np.ndarray) -> dict[str, list[list[float]]]:
         """Per-sample Python lists of each per-token column (for records and small tools, not the hot path)."""
@@ -233,5 +245,5 @@ class LearnerColumns:
         return {
             f.name: [a.tolist() for a in np.split(getattr(self, f.name), cut)]
             for f in fields(self)
-            if f.name != "kl_coef"
+            if f.name not in ("kl_coef", "trained")
         }

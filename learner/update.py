@@ -48,20 +48,22 @@ def update(
     step's stats, with the batch's kl, entropy and behaviour-logprob figures."""
     lc = learner.cfg
     m = ev.mask
-    if lc.whiten_advantages:
-        advantages = masked_whiten(advantages, m)
+    trained = batch.trained_rows(lc.mask_truncated)
+    if lc.whiten_advantages:  # over the samples the update uses: the others' advantages are not used
+        advantages = masked_whiten(advantages, m * to_device(torch.from_numpy(trained), m.device)[:, None])
     log_ratio = torch.where(m.bool(), ev.old_logprobs - ev.behaviour_logprobs, 0)
     is_weights = None
     if lc.behaviour_is_cap is not None:
         is_weights = torch.exp(log_ratio).clamp(max=lc.behaviour_is_cap)  # w = min(π_prox / π_behaviour, cap)
     N = len(batch)
+    rows = np.flatnonzero(trained)
     totals: dict[str, list[float]] = {}
     skipped = 0
     for epoch in range(lc.ppo_epochs):
         # The same order on every rank, and after a resume: seeded by (seed, version, epoch).
         generator = torch.Generator().manual_seed(learner.seed * 1_000_003 + learner.version * 101 + epoch)
-        order = torch.randperm(N, generator=generator).numpy()
-        for start in range(0, N, lc.minibatch_size):
+        order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+        for start in range(0, len(rows), lc.minibatch_size):
             stats = _step(learner, batch, ev, advantages, returns, is_weights, order[start : start + lc.minibatch_size])
             if stats is None:
                 skipped += 1
@@ -82,6 +84,7 @@ def update(
     learner.version += 1
     out = {k: float(np.mean(v)) for k, v in totals.items()}
     out.update(skipped_steps=skipped, kl_coef=learner.kl_controller.coef, **read)
+    out["trained_samples"] = int(len(rows))
     return out
 
 

@@ -9,6 +9,8 @@ record the prompt came from (a `contracts.formats.PromptRecord`); rules read onl
 and `metadata` attributes, so any object with those (or None, where a rule needs neither) will do.
 `params` are the rule's keyword arguments from the config's `reward.rules[].params`; a bad value
 raises ValueError, and `check_params` runs the same checks once, before any sample is scored.
+A rule that declares a keyword `response_tokens` is also given the response's length in tokens by
+the scorer (`overlong` does).
 `RULES` is the one list of built-in names; `get_rule` also loads a user's `package.module:function`
 (`reward.user_rules`), adapted to this signature.
 
@@ -275,6 +277,50 @@ def _check_length(target: int, unit: str, penalty_per_unit: float, max_penalty: 
             raise ValueError(f"length: {name} must be a finite number >= 0, got {value!r}")
 
 
+# --- overlong ----------------------------------------------------------------------------------
+
+# Supplied by the scorer, never by params: a rule that declares it gets the response's token count.
+RESPONSE_TOKENS = "response_tokens"
+
+
+def overlong(
+    prompt: str,
+    response: str,
+    record: Any,
+    *,
+    response_tokens: int | None = None,
+    max_tokens: int = 0,
+    buffer_tokens: int = 0,
+    penalty: float = 1.0,
+) -> float:
+    """A penalty that grows as the response nears the token limit, never positive (DAPO's
+    "overlong reward shaping": a truncated answer is penalised for its length, not its content).
+
+    With L = response_tokens, M = max_tokens and B = buffer_tokens (M // 4 when 0):
+    0 for L <= M - B, then -penalty * (L - (M - B)) / B, reaching -penalty at L = M. A job fills
+    `max_tokens` with its own limit (rollout.sampling.max_tokens, or env.max_episode_tokens for
+    episodes), so a config names only the buffer and the penalty, if anything.
+    """
+    if response_tokens is None:
+        raise ValueError("overlong: needs the response's token count (score through the RewardWorker)")
+    buffer = _check_overlong(max_tokens, buffer_tokens, penalty)
+    over = max(0, response_tokens - (max_tokens - buffer))
+    return 0.0 - penalty * min(1.0, over / buffer)
+
+
+def _check_overlong(max_tokens: int, buffer_tokens: int, penalty: float) -> int:
+    """The buffer in tokens; ValueError naming the bad parameter."""
+    if not (isinstance(max_tokens, int) and max_tokens > 0):
+        raise ValueError(f"overlong: max_tokens must be a whole number > 0, got {max_tokens!r}")
+    if not (isinstance(buffer_tokens, int) and 0 <= buffer_tokens <= max_tokens):
+        raise ValueError(
+            f"overlong: buffer_tokens must be a whole number in [0, max_tokens={max_tokens}], got {buffer_tokens!r}"
+        )
+    if not (math.isfinite(penalty) and penalty >= 0):
+        raise ValueError(f"overlong: penalty must be a finite number >= 0, got {penalty!r}")
+    return buffer_tokens or max(1, max_tokens // 4)
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 RULES: dict[str, Rule] = {
@@ -283,6 +329,7 @@ RULES: dict[str, Rule] = {
     "safety": safety,
     "format": format,
     "length": length,
+    "overlong": overlong,
 }
 
 # The value checks each rule runs per call, run once by `check_params` with the bound params.
@@ -292,6 +339,7 @@ _PARAM_CHECKS: dict[str, Callable[..., object]] = {
     "safety": _check_safety,
     "format": lambda pattern: _compile(pattern, "format"),
     "length": _check_length,
+    "overlong": _check_overlong,
 }
 
 
@@ -320,7 +368,9 @@ def check_params(name: str, rule: Rule, params: dict[str, Any]) -> None:
     signature = inspect.signature(rule)
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     after_three = list(signature.parameters.values())[3:]  # after prompt, response, record
-    accepted = {p.name: p for p in after_three if p.kind in named}
+    accepted = {p.name: p for p in after_three if p.kind in named and p.name != RESPONSE_TOKENS}
+    if RESPONSE_TOKENS in params:
+        raise ValueError(f"reward rule {name!r}: {RESPONSE_TOKENS} is counted by the scorer, not set in params")
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     for key, value in params.items():
         if key not in accepted:

@@ -11,6 +11,7 @@ for Ray.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import numbers
@@ -27,7 +28,7 @@ import msgspec
 
 from contracts.config import RuleSpec
 from contracts.errors import JobFailure
-from reward.rules import RULES, Rule, check_params, get_rule
+from reward.rules import RESPONSE_TOKENS, RULES, Rule, check_params, get_rule
 from reward.user_rules import component_name
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class ScorerStuckError(JobFailure):
 class _Component(msgspec.Struct, frozen=True):
     name: str
     weight: float
-    call: Callable[[str, str, Any], float]
+    call: Callable[..., float]
+    counts_tokens: bool  # the rule declares `response_tokens`
 
 
 class RuleScorer:
@@ -89,18 +91,20 @@ class RuleScorer:
         self.max_abandoned = max_abandoned
         self.latency: dict[str, float] = {c.name: 0.0 for c in self.components}  # cumulative seconds
         self.failures: dict[str, int] = {c.name: 0 for c in self.components}
+        self.counts_tokens = any(c.counts_tokens for c in self.components)  # score_batch wants token counts
         self._pool = ThreadPoolExecutor(max_workers=max_abandoned + 1, thread_name_prefix="reward-rule")
         self._abandoned: list[Future] = []
         self._lock = threading.Lock()
 
-    def score(self, prompt: str, response: str, record: Any) -> RewardResult:
-        """Every component of one sample, and their weighted total."""
+    def score(self, prompt: str, response: str, record: Any, response_tokens: int | None = None) -> RewardResult:
+        """Every component of one sample, and their weighted total. `response_tokens` (the response's
+        length in tokens) goes to the rules that declare it."""
         with self._lock:
             components: dict[str, float] = {}
             failed: list[str] = []
             total = 0.0
             for component in self.components:
-                value = self._run(component, prompt, response, record)
+                value = self._run(component, prompt, response, record, response_tokens)
                 components[component.name] = value
                 if math.isnan(value):
                     failed.append(component.name)
@@ -109,19 +113,25 @@ class RuleScorer:
                     total += component.weight * value
             return RewardResult(total=total, components=components, failed=failed)
 
-    def score_batch(self, items: Sequence[tuple[str, str, Any]]) -> list[RewardResult]:
-        """`score` for each (prompt, response, record), in order."""
-        return [self.score(prompt, response, record) for prompt, response, record in items]
+    def score_batch(
+        self, items: Sequence[tuple[str, str, Any]], response_tokens: Sequence[int] | None = None
+    ) -> list[RewardResult]:
+        """`score` for each (prompt, response, record), in order, with its response's token count."""
+        counts = response_tokens if response_tokens is not None else [None] * len(items)
+        return [self.score(prompt, response, record, n) for (prompt, response, record), n in zip(items, counts)]
 
     def close(self) -> None:
         """Stop taking work; abandoned calls are not waited for."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _run(self, component: _Component, prompt: str, response: str, record: Any) -> float:
+    def _run(
+        self, component: _Component, prompt: str, response: str, record: Any, response_tokens: int | None
+    ) -> float:
         """The component's value, or NaN when it raised, timed out or returned a non-number."""
         self._check_abandoned()
         started = time.perf_counter()
-        future = self._pool.submit(component.call, prompt, response, record)
+        counted = {RESPONSE_TOKENS: response_tokens} if component.counts_tokens else {}
+        future = self._pool.submit(component.call, prompt, response, record, **counted)
         try:
             value = future.result(timeout=self.timeout_s)
             if not _is_number(value):
@@ -159,7 +169,10 @@ def _bind(rules: Sequence[RuleSpec], registry: dict[str, Rule]) -> list[_Compone
     for spec, name in zip(rules, rule_component_names(rules)):
         rule = get_rule(spec.name, registry)
         check_params(spec.name, rule, spec.params)
-        components.append(_Component(name=name, weight=spec.weight, call=partial(rule, **spec.params)))
+        counts_tokens = RESPONSE_TOKENS in inspect.signature(rule).parameters
+        components.append(
+            _Component(name=name, weight=spec.weight, call=partial(rule, **spec.params), counts_tokens=counts_tokens)
+        )
     return components
 
 

@@ -10,6 +10,7 @@ import math
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from contracts import storage
 from contracts.config import RewardConfig
@@ -67,13 +68,18 @@ class RewardWorker:
             + (self.remote.requests if self.remote is not None else 0)
         )
 
-    def score(self, items: list[tuple[object, str, str]]) -> list[RewardResult]:
-        """One result per (record, rendered prompt, response), every component kept."""
+    def score(
+        self, items: list[tuple[object, str, str]], response_tokens: list[int] | None = None
+    ) -> list[RewardResult]:
+        """One result per (record, rendered prompt, response), every component kept; `response_tokens`
+        (each response's length in tokens) for the rules that read it."""
         start = time.perf_counter()
         pending = None
         if self.remote is not None:  # its requests go out first, to be answered while the rules and model score
             pending = self.remote.submit([wire_sample(rec, response) for rec, _, response in items])
-        results = self.rules.score_batch([(last_user_message(rec), response, rec) for rec, _, response in items])
+        results = self.rules.score_batch(
+            [(last_user_message(rec), response, rec) for rec, _, response in items], response_tokens
+        )
         self.scored += len(items)
         if self.model is not None:
             scores = self.model.score([prompt + response for _, prompt, response in items])
@@ -102,8 +108,9 @@ class RewardWorker:
         by_id = {record.prompt_id: record for record in records}
         scored = "final_turn" if "final_turn" in batch.schema.names else "response"
         ids, prompts, responses = (batch.column(name).to_pylist() for name in ("prompt_id", "prompt", scored))
+        lengths = pc.list_value_length(batch.column("response_ids")).to_pylist() if self.rules.counts_tokens else None
         rewards = reward_batch(
-            self.score([(by_id[i], p, r) for i, p, r in zip(ids, prompts, responses)]), self.components
+            self.score([(by_id[i], p, r) for i, p, r in zip(ids, prompts, responses)], lengths), self.components
         )
         return rewards, {name: seconds - before.get(name, 0.0) for name, seconds in self.latency().items()}
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from contracts.config import ConfigError
-from rollout.commands import COMMANDS
+from rollout.commands import COMMANDS, REPLAY_TRAINING
 from rollout.driver.stopping import JobStopped, stop_behind
 from rollout.driver.supervise import mark_finished, say_last, supervise, supervised
 from rollout.errors import exit_code, one_line
@@ -92,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--config", default=None, help="with --train: job config for the learner (default: the run's)")
     rep.add_argument("--model", default=None, help="with --train: starting policy (default: the run's model)")
     rep.add_argument("--train-epochs", type=int, default=1, help="with --train: passes over the archive")
+    rep.add_argument(
+        "--grpo-normalize-std",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="grpo: divide by the group's std (default: the run's learner.grpo_normalize_std)",
+    )
+    kinds = {"str": {}, "float": {"type": float}, "bool": {"action": argparse.BooleanOptionalAction}}
+    for flag, (key, kind) in REPLAY_TRAINING.items():  # `rollout config --explain` says what each does
+        rep.add_argument(flag, dest=key, default=None, **kinds[kind], help=f"with --train: {key} (default: the run's)")
 
     rpt = sub.add_parser("report", help="one self-contained HTML page of a run: its charts and a sample table")
     rpt.add_argument("run_dir", help="run directory (or its rollouts/ directory)")

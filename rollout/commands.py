@@ -91,21 +91,41 @@ def cmd_config(args) -> int:
     from learner.estimators import ESTIMATORS, check_learner_names
     from learner.losses import POLICY_LOSSES
     from reward.checks import check_reward_config
+    from rollout.episodes.registry import builtin_environments, check_environment
 
     if args.explain:
-        print("\n".join(explain(registered={"learner.estimator": ESTIMATORS, "learner.policy_loss": POLICY_LOSSES})))
+        registered = {
+            "learner.estimator": ESTIMATORS,
+            "learner.policy_loss": POLICY_LOSSES,
+            "env.name": builtin_environments(),
+        }
+        print("\n".join(explain(registered=registered)))
         return 0
     cfg = load_config(args.config, args.overrides)
     check(cfg)
     check_learner_names(cfg.learner, cfg.rollout.n_samples)
     check_reward_config(cfg.reward)
+    check_environment(cfg.env)
     print(to_yaml(cfg), end="")
     return 0
+
+
+# `rollout replay --train`'s flags for the settings of the objective it trains with: flag -> (key, kind).
+REPLAY_TRAINING = {
+    "--loss-agg-mode": ("learner.loss_agg_mode", "str"),
+    "--clip-eps-high": ("learner.clip_eps_high", "float"),
+    "--mask-truncated": ("learner.mask_truncated", "bool"),
+    "--dynamic-sampling": ("rollout.dynamic_sampling.enabled", "bool"),
+}
 
 
 def cmd_replay(args) -> int:
     from rollout.offline.replay import ReplayError, ReplayOptions, replay
 
+    given = [flag for flag, (key, _) in REPLAY_TRAINING.items() if getattr(args, key) is not None]
+    if given and not args.train:
+        print(f"replay: {', '.join(given)} set(s) how --train trains: add --train", file=sys.stderr)
+        return 2
     options = ReplayOptions(
         gamma=args.gamma,
         lam=args.lam,
@@ -113,6 +133,7 @@ def cmd_replay(args) -> int:
         kl_coef=args.kl_coef,
         reward_config=args.reward_config,
         prompts=args.prompts,
+        grpo_normalize_std=args.grpo_normalize_std,
     )
     try:
         report = replay(args.archive, args.out, options)
@@ -139,7 +160,14 @@ def _train_offline(args) -> None:
     if config is None:
         config = args.out / "run-config.yaml"
         config.write_text(metadata["config"])
-    cfg = load_config(config)
+    overrides = [
+        f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, _ in REPLAY_TRAINING.values()
+        if (value := getattr(args, key)) is not None
+    ]
+    if args.grpo_normalize_std is not None:
+        overrides.append(f"learner.grpo_normalize_std={str(args.grpo_normalize_std).lower()}")
+    cfg = load_config(config, overrides)
     out = train_offline(
         args.out / "rollouts",
         cfg,

@@ -269,5 +269,10 @@ def test_bad_env_values_name_their_path(override, message):
 def test_the_env_section_has_its_defaults():
     env = load_config(None, ["env.name=calculator", "env.params={max_calls: 2}"]).env
     assert (env.name, env.params, env.max_turns, env.max_episode_tokens) == ("calculator", {"max_calls": 2}, 4, 256)
-    assert (env.step_timeout_s, env.max_error_fraction, env.num_threads, env.observation_role) == (10.0, 0.5, 8, "user")
+    assert (env.step_timeout_s, env.max_error_fraction, env.num_threads, env.observation_role) == (
+        10.0,
+        0.5,
+        32,
+        "user",
+    )
     assert load_config().env.name is None

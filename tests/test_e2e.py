@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from learner.advantages import gae_reference
+from contracts.schema import SCHEMA_VERSION
 from rollout.archive import read_metadata, read_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +59,8 @@ def test_run_archives_every_column_and_logs_metrics(smoke_run):
     assert "summary over 3 iterations" in proc.stderr
     table = read_table(out)
     assert table.num_rows == 3 * 16 * 2
-    for column in table.column_names:
-        assert table[column].null_count == 0, column
+    for column in table.column_names:  # env_error is null unless an environment's error ended the episode
+        assert table[column].null_count == (table.num_rows if column == "env_error" else 0), column
     lengths = pc.list_value_length(table["response_ids"])
     for column in ("response_logprobs", *LEARNER_COLUMNS):
         assert pc.all(pc.equal(pc.list_value_length(table[column]), lengths)).as_py(), column
@@ -72,8 +73,8 @@ def test_run_archives_every_column_and_logs_metrics(smoke_run):
         assert lines[-1][f"time/{stage}"] > 0.0, stage
     assert lines[-1]["tokens_per_s"] > 0 and "reward/arithmetic" in lines[-1] and "kl" in lines[-1]
     assert table["policy_version"].to_pylist() == [i for i in range(3) for _ in range(32)]
-    # Schema v2: the learner's per-token KL and coefficient, the run's manifest.
-    assert meta["schema_version"] == "2" and json.loads(meta["manifest"])["start"] == 0
+    # Schema v2 on: the learner's per-token KL and coefficient, the run's manifest.
+    assert meta["schema_version"] == str(SCHEMA_VERSION) and json.loads(meta["manifest"])["start"] == 0
     coefs = {m["iteration"]: m["kl_coef"] for m in lines}
     for row in table.select(["iteration", "kl", "kl_coef", "token_rewards", "reward"]).to_pylist():
         if not row["kl"]:
@@ -270,10 +271,24 @@ def test_a_killed_run_resumes_without_duplicates(tmp_path):
     assert max(table["iteration"].to_pylist()) > done
 
 
-def test_two_learner_ranks_with_grpo_train_and_resume(tmp_path):
-    """FSDP2 over gloo inside the real job: two learner ranks, a critic-free estimator, then a resume."""
+def test_two_learner_ranks_with_grpo_and_dapo_objectives_train_and_resume(tmp_path):
+    """FSDP2 over gloo inside the real job: two learner ranks, a critic-free estimator with dynamic sampling,
+    clip-higher, Dr. GRPO's aggregation, truncated samples masked and the overlong rule, generation one
+    iteration ahead; then a resume."""
     out = tmp_path / "ranks"
-    ranks = ["--set", "learner.num_ranks=2", "--set", "learner.estimator=grpo", "--set", "checkpoint_every=1"]
+    settings = [
+        "learner.num_ranks=2",
+        "learner.estimator=grpo",
+        "checkpoint_every=1",
+        "rollout.n_samples=4",
+        "rollout.max_staleness=1",
+        "rollout.dynamic_sampling.enabled=true",
+        "learner.clip_eps_high=0.28",
+        "learner.loss_agg_mode=seq_mean_token_sum_norm",
+        "learner.mask_truncated=true",
+        "reward.rules=[{name: arithmetic}, {name: overlong, params: {buffer_tokens: 2}}]",
+    ]
+    ranks = [arg for setting in settings for arg in ("--set", setting)]
     rollout_cli("run", "--config", SMOKE, "--out", str(out), *ranks, "--set", "iterations=2")
     assert (out / "checkpoints" / "iter-000001" / "learner" / ".metadata").exists()
     proc = rollout_cli("run", "--config", SMOKE, "--out", str(out), *ranks, "--set", "iterations=3")
@@ -284,6 +299,22 @@ def test_two_learner_ranks_with_grpo_train_and_resume(tmp_path):
     assert all(v == 0.0 for row in table["values"].to_pylist() for v in row)  # no critic
     for advantages in table["advantages"].to_pylist():
         assert len(set(advantages)) <= 1  # one sequence advantage on every token of a sample
+    # Trained: the samples of groups whose rewards differ (16 groups at most), less those cut at max_tokens.
+    groups = {}
+    for row in table.select(["iteration", "prompt_id", "reward", "trained", "finish_reason"]).to_pylist():
+        groups.setdefault((row["iteration"], row["prompt_id"]), []).append(row)
+    for rows in groups.values():
+        signal = len({r["reward"] for r in rows}) > 1
+        assert len(rows) == 4 and all(r["trained"] <= (signal and r["finish_reason"] != "length") for r in rows)
+    for iteration in (0, 1, 2):
+        kept = {key for key, rows in groups.items() if key[0] == iteration and any(r["trained"] for r in rows)}
+        assert len(kept) <= 16
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["dynamic_sampling/rounds"] >= 1 and "clip_frac_high" in line for line in lines)
+    assert all(
+        line["trained_samples"] == sum(r["trained"] for r in table.to_pylist() if r["iteration"] == line["iteration"])
+        for line in lines
+    )
 
 
 def test_a_killed_staleness_one_run_resumes_with_every_trained_iteration_whole(tmp_path):
@@ -649,6 +680,7 @@ try:
         samples = session.collect(iteration, timings)
         learned = session.learn(samples, timings)
         if iteration == 2:  # its update learned, not yet synced: lost with the rank
+            session.record.commit_written(session.learner, wait=True)  # iteration 1's checkpoint whole first
             ray.kill(session.learner.handles[0], no_restart=True)
         session.sync_weights()
         session.archive_iteration(samples, learned)
@@ -703,7 +735,9 @@ def test_a_rollout_worker_a_reward_worker_and_the_learner_killed_in_turn_and_the
         "reward": 1,
         "learner": 1,
     }
-    assert rollout_cli("stats", str(out)).stdout.splitlines()[1].split()[-1] == "restarts"
+    shown = rollout_cli("stats", str(out)).stdout.splitlines()
+    header, total = shown[1].split(), next(line.split() for line in shown if line.split()[:1] == ["all"])
+    assert total[header.index("restarts")] == "3"
     assert len(iterations) == 14 + sum(1 for it in manifest["iterations"] if it.get("update_lost"))
 
 

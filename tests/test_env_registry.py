@@ -171,3 +171,13 @@ def test_bad_env_params_stop_rollout_run_in_one_line_before_ray_starts(tmp_path,
     err = capfd.readouterr().err.strip()
     assert err.startswith("config error: env.params: calculator: ") and len(err.splitlines()) == 1, err
     assert not ray.is_initialized() and not out.exists()
+
+
+def test_rollout_config_checks_the_environment_and_explain_lists_the_built_ins(capfd):
+    from rollout.cli import main
+
+    assert main(["config", "--set", "env.name=calculator", "--set", "env.params={max_calls: 0}"]) == 2
+    assert capfd.readouterr().err.startswith("config error: env.params: calculator: ")
+    assert main(["config", "--explain"]) == 0
+    (line,) = [line for line in capfd.readouterr().out.splitlines() if line.startswith("env.name =")]
+    assert line.endswith(f"Registered: {', '.join(ENVIRONMENTS)}.") and "calculator" in line

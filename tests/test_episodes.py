@@ -131,16 +131,16 @@ class Echo(Environment):
         return StepResult(observation="ok", reward=0.1 * self.seen, done=self.seen >= self.turns)
 
 
-def run_episodes(engine, n=2, prompts=3, **cfg):
+def run_episodes(engine, n=2, prompts=3, environment=Echo, **cfg):
     from rollout.generation.episodes import EpisodeRunner
 
     tokenizer = engine.llm.get_tokenizer()
     records = [PromptRecord(f"p{i}", [Message("user", f"{i}+1=")], "1", {}, "t") for i in range(prompts)]
     renderer = PromptRenderer(tokenizer, 64)
     ids = [renderer.render(r).prompt_ids for r in records]
-    params = {k: cfg.pop(k) for k in ("turns", "sleep_s", "fail_at", "extra") if k in cfg}
+    params = {k: cfg.pop(k) for k in ("turns", "sleep_s", "fail_at", "extra", "high") if k in cfg}
     env = EnvConfig(name="echo", params=params, **{"max_turns": 4, "max_episode_tokens": 60, **cfg})
-    runner = EpisodeRunner(engine, Echo, env, tokenizer)
+    runner = EpisodeRunner(engine, environment, env, tokenizer)
     out = list(runner.stream([(records, ids, 7)], SamplingConfig(max_tokens=6, seed=7), n))
     return [c for _, batch in out for samples in batch for c in samples], tokenizer, ids
 
@@ -187,3 +187,33 @@ def test_a_reset_turn_is_rendered_into_the_episodes_own_prompt(vllm_engine):
     assert c.prompt_ids is not None and c.prompt_ids != ids[0]
     assert c.prompt.endswith("<|user|>0+1=\n<|user|>use the tool\n<|assistant|>")
     assert tokenizer.decode(c.prompt_ids) == c.prompt
+
+
+@pytest.mark.vllm
+def test_the_readmes_own_environment_loads_by_name_and_plays(vllm_engine, tmp_path, monkeypatch):
+    """The number-guessing game the README shows, as a user would ship it (a module named in env.name)."""
+    from pathlib import Path
+
+    from rollout.episodes.registry import check_environment
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- the README's environment")[1].split("```python\n")[1].split("```")[0]
+    (tmp_path / "team").mkdir()
+    (tmp_path / "team" / "__init__.py").write_text("")
+    (tmp_path / "team" / "guess.py").write_text(block)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    guess = check_environment(EnvConfig(name="team.guess:Guess", params={"high": 50}))
+    episodes, tokenizer, _ = run_episodes(vllm_engine, environment=guess, high=50, max_turns=3)
+    assert len(episodes) == 6 and all(c.env_error is None for c in episodes)
+    for c in episodes:  # the random tiny model rarely guesses right: each wrong turn is answered
+        assert c.num_turns == 3 or c.finish_reason == "stop" or c.turn_rewards[-1] == 1.0
+        environment = tokenizer.decode([t for t, m in zip(c.token_ids, c.mask) if m == 0])
+        if c.finish_reason != "length":  # one environment turn between each two of the model's
+            assert environment.count("<|user|>") == c.num_turns - 1
+        assert all(word in ("higher", "lower", "A number, please.") for word in _observations(environment))
+    assert all(c.prompt.endswith("Answer with a number only.\n<|assistant|>") for c in episodes)
+
+
+def _observations(rendered: str) -> list[str]:
+    """The environment's texts in its rendered turns (`<|user|>TEXT\n<|assistant|>`)."""
+    return [part.split("\n")[0] for part in rendered.split("<|user|>")[1:]]

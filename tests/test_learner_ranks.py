@@ -48,11 +48,34 @@ def exported(learners):
     return dict(ray.get(learners.weights_ref(), timeout=120))
 
 
-def test_two_ranks_give_the_one_rank_update(local_ray, tiny_model_path):
-    batch = SampleBatch.from_records(make_records(32, seed=5))
+# The objectives of reasoning-model training, all at once: GRPO without the std, Dr. GRPO's aggregation,
+# clip-higher, truncated samples and a selection (dynamic sampling) left out.
+DAPO = [
+    "learner.estimator=grpo",
+    "learner.grpo_normalize_std=false",
+    "learner.loss_agg_mode=seq_mean_token_sum_norm",
+    "learner.clip_eps_high=0.28",
+    "learner.mask_truncated=true",
+]
+
+
+def dapo_batch():
+    records = make_records(32, seed=5)
+    for i, record in enumerate(records):
+        record.prompt_id = f"group-{i // 4}"
+        record.finish_reason = "length" if i % 7 == 3 else "stop"
+    batch = SampleBatch.from_records(records)
+    batch.selected = np.array([i // 4 != 2 for i in range(len(records))])  # group 2 filtered
+    return batch
+
+
+@pytest.mark.parametrize("objectives", ["default", "dapo"])
+def test_two_ranks_give_the_one_rank_update(local_ray, tiny_model_path, objectives):
+    dapo = objectives == "dapo"
+    batch = dapo_batch() if dapo else SampleBatch.from_records(make_records(32, seed=5))
     results = []
     for ranks in (1, 2):
-        learners = group(tiny_model_path, ranks)
+        learners = group(tiny_model_path, ranks, *(DAPO if dapo else []))
         try:
             columns, _, _ = learners.learn_samples(batch)
             results.append((exported(learners), learners.updates, columns))
@@ -65,6 +88,8 @@ def test_two_ranks_give_the_one_rank_update(local_ray, tiny_model_path):
     assert w1.keys() == w2.keys()
     moved = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert moved < 1e-5
+    if dapo:  # 32 rows less group 2 (rows 8-11) and the truncated 3, 17, 24, 31 (10 is in group 2)
+        assert c1.trained.tolist() == c2.trained.tolist() and int(c1.trained.sum()) == 32 - 4 - 4
 
 
 def test_two_ranks_stopped_and_resumed_continue_exactly(local_ray, tiny_model_path, tmp_path):

@@ -299,6 +299,7 @@ def test_rescoring_with_a_reward_config_changes_reward_and_components(tmp_path):
                         {"name": "arithmetic", "weight": 1.0},
                         {"name": "similarity", "weight": 0.5},
                         {"name": "length", "weight": 1.0, "params": {"target": 0, "penalty_per_unit": 0.1}},
+                        {"name": "overlong", "weight": 1.0, "params": {"max_tokens": 4, "buffer_tokens": 2}},
                     ]
                 }
             }
@@ -313,7 +314,8 @@ def test_rescoring_with_a_reward_config_changes_reward_and_components(tmp_path):
     assert [c["similarity"] for c in components[:3]] == [1.0, 0.0, 1.0]
     assert math.isnan(components[3]["similarity"])  # no reference: that component fails
     assert [c["length"] for c in components] == pytest.approx([-0.1, -0.1, -0.1, -0.1])
-    assert [r["reward"] for r in out] == pytest.approx([1.4, -0.1, 1.4, 0.9])
+    assert [c["overlong"] for c in components] == [0.0, -0.5, 0.0, -1.0]  # 2, 3, 1, 4 response tokens
+    assert [r["reward"] for r in out] == pytest.approx([1.4, -0.6, 1.4, -0.1])
     for old, new in zip(source, out):  # the KL part stays, the score on the last token moves
         want = list(old["token_rewards"])
         want[-1] += new["reward"] - old["reward"]
@@ -322,10 +324,11 @@ def test_rescoring_with_a_reward_config_changes_reward_and_components(tmp_path):
         "arithmetic",
         "similarity",
         "length",
+        "overlong",
     ]  # the re-scoring's own components
     meta = read_metadata(tmp_path / "out")
     rules = yaml.safe_load(meta["config"])["reward"]["rules"]
-    assert [r["name"] for r in rules] == ["arithmetic", "similarity", "length"]
+    assert [r["name"] for r in rules] == ["arithmetic", "similarity", "length", "overlong"]
 
 
 def test_a_reward_config_with_an_unknown_rule_is_a_clear_error(tmp_path):
@@ -355,3 +358,28 @@ def test_cli_replay(tmp_path, capsys):
     assert "n > 1" in capsys.readouterr().err
     assert main(["replay", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o3")]) == 2
     assert "no archive here" in capsys.readouterr().err
+
+
+def test_replay_trains_with_the_objective_flags(tmp_path, capsys, tiny_model_path):
+    """grpo without the std, then --train with dynamic sampling and mask_truncated: the groups whose rewards
+    are all the same and the truncated samples are left out (6 of 12 here, by hand)."""
+    gen = torch.Generator().manual_seed(3)
+    rewards = {"p0": [1, 1, 1, 1], "p1": [1, 0, 1, 0], "p2": [0, 0, 1, 1]}  # p0 carries no signal
+    records = [sample(0, p, i, 3, float(r), gen=gen) for p, rs in rewards.items() for i, r in enumerate(rs)]
+    records[4].finish_reason = records[11].finish_reason = "length"  # p1's first, p2's last: cut at max_tokens
+    fill_learner_columns(records, kl_coef=0.05, estimator="k1", gamma=1.0, lam=0.95, gen=gen)
+    run = write_run(tmp_path / "run", records)  # 7-row batches: p1 straddles two
+    out = tmp_path / "out"
+    training = ["--loss-agg-mode", "seq_mean_token_sum", "--clip-eps-high", "0.3", "--mask-truncated"]
+    assert main(["replay", str(run), "--out", str(out), "--estimator", "grpo", *training]) == 2
+    assert "--loss-agg-mode, --clip-eps-high, --mask-truncated set(s) how --train trains" in capsys.readouterr().err
+    replay_args = ["replay", str(run), "--out", str(out), "--estimator", "grpo", "--no-grpo-normalize-std"]
+    code = main([*replay_args, "--train", "--model", tiny_model_path, *training, "--dynamic-sampling"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "trained on 2 of 7 samples" in err and "trained on 4 of 5 samples" in err, err
+    advantages = [row[-1] for row in read_table(out)["advantages"].to_pylist()]
+    # reward minus the group's mean, not divided by its std
+    assert advantages == pytest.approx([0.0] * 4 + [0.5, -0.5, 0.5, -0.5] + [-0.5, -0.5, 0.5, 0.5])
+    assert yaml.safe_load(read_metadata(out)["config"])["learner"]["grpo_normalize_std"] is False
+    assert (out / "policy" / "model.safetensors").exists()

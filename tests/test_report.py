@@ -1,6 +1,7 @@
 """The run report's charts, without a run: every series drawn from its own points, gaps kept as gaps,
 a long run smoothed, and text escaped. The page in a real browser is checked end to end (test_e2e)."""
 
+import html
 import re
 
 from rollout.offline.report import _short, line_chart
@@ -64,3 +65,34 @@ def test_a_500_iteration_run_is_one_page_of_smoothed_lines(tmp_path):
     page = (tmp_path / "page.html").read_text()
     assert 'data-points="500"' in page and page.count('class="smoothed"') >= 5
     assert "Iteration 499, the first 3 samples." in page
+
+
+def test_an_episodes_environment_turns_are_marked_in_its_trajectory(tmp_path, tiny_model_path):
+    from test_stats import hand_records, write
+    from transformers import AutoTokenizer
+
+    from rollout.offline.report import trajectory, write_report
+
+    assert trajectory([5, 6, 7, 8, 9], [1, 0, 0, 1, 0]) == [(False, [5]), (True, [6, 7]), (False, [8]), (True, [9])]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    call, result, answer = (
+        tokenizer.encode(t, add_special_tokens=False) for t in ("<calc>2*3</calc>", "<result>6</result>", "6")
+    )
+    records = hand_records()
+    episode = records[3]  # the last iteration's first sample
+    episode.response_ids = call + result + answer
+    episode.response_mask = [1] * len(call) + [0] * len(result) + [1] * len(answer)
+    episode.response_logprobs = [-1.0] * len(episode.response_ids)
+    for name in ("ref_logprobs", "values", "advantages", "returns", "token_rewards", "kl"):
+        setattr(episode, name, [0.0] * len(episode.response_ids))
+    write_report(write(tmp_path / "run", records, model=tiny_model_path), tmp_path / "page.html")
+    page = (tmp_path / "page.html").read_text()
+    expected = (
+        f'<span class="model">{html.escape(tokenizer.decode(call))}</span>'
+        f'<span class="env">{html.escape(tokenizer.decode(result))}</span>'
+        f'<span class="model">{html.escape(tokenizer.decode(answer))}</span>'
+    )
+    assert expected in page and "the environment's turns" in page
+    # without the model on this machine, the response is shown whole
+    write_report(write(tmp_path / "elsewhere", records, model="/nowhere"), tmp_path / "plain.html")
+    assert '<span class="env">' not in (tmp_path / "plain.html").read_text().split("<body>")[1]

@@ -293,6 +293,53 @@ def test_length_bad_params() -> None:
         rules.length("", "x", NO_RECORD, penalty_per_unit=-1)
 
 
+# --- overlong -----------------------------------------------------------------------------------
+
+
+def test_overlong_is_zero_before_the_buffer_then_linear_to_the_penalty_at_the_limit() -> None:
+    def shaped(tokens: int, **params: Any) -> float:
+        return rules.overlong("", "", NO_RECORD, response_tokens=tokens, **params)
+
+    # max 100, buffer 20: free up to 80, then -(L - 80) / 20, -1 from 100 on
+    assert [shaped(n, max_tokens=100, buffer_tokens=20) for n in (0, 80, 81, 90, 100, 130)] == [
+        0.0,
+        0.0,
+        pytest.approx(-0.05),
+        pytest.approx(-0.5),
+        -1.0,
+        -1.0,
+    ]
+    # the buffer defaults to a quarter of the limit; the penalty scales it
+    assert shaped(85, max_tokens=100) == pytest.approx(-10 / 25)
+    assert shaped(90, max_tokens=100, buffer_tokens=20, penalty=0.5) == pytest.approx(-0.25)
+    assert shaped(100, max_tokens=100, buffer_tokens=100) == -1.0
+
+
+def test_overlong_bad_params_and_a_missing_count() -> None:
+    with pytest.raises(ValueError, match="needs the response's token count"):
+        rules.overlong("", "x", NO_RECORD, max_tokens=10)
+    with pytest.raises(ValueError, match="max_tokens must be a whole number > 0"):
+        rules.overlong("", "x", NO_RECORD, response_tokens=1)
+    with pytest.raises(ValueError, match=r"buffer_tokens must be a whole number in \[0, max_tokens=10\]"):
+        rules.overlong("", "x", NO_RECORD, response_tokens=1, max_tokens=10, buffer_tokens=11)
+    with pytest.raises(ValueError, match="penalty must be"):
+        rules.overlong("", "x", NO_RECORD, response_tokens=1, max_tokens=10, penalty=-1.0)
+    with pytest.raises(ValueError, match="response_tokens is counted by the scorer"):
+        rules.check_params("overlong", rules.overlong, {"response_tokens": 3, "max_tokens": 10})
+
+
+def test_a_job_fills_overlong_with_its_own_token_limit() -> None:
+    from contracts.config.load import load_config
+
+    def params(*overrides: str, rule: str = "{name: overlong}") -> dict[str, Any]:
+        return load_config(None, [f"reward.rules=[{rule}, {{name: length}}]", *overrides]).reward.rules[0].params
+
+    assert params("rollout.sampling.max_tokens=48") == {"max_tokens": 48}
+    given = "{name: overlong, params: {max_tokens: 32, buffer_tokens: 8}}"
+    assert params("rollout.sampling.max_tokens=48", rule=given) == {"max_tokens": 32, "buffer_tokens": 8}
+    assert params("env.name=calculator", "env.max_episode_tokens=200") == {"max_tokens": 200}  # episodes: its budget
+
+
 # --- the registry -------------------------------------------------------------------------------
 
 
@@ -302,13 +349,14 @@ def test_the_registry_is_the_one_list_of_built_in_names() -> None:
     from contracts.config import ConfigError, RewardConfig, RuleSpec
     from reward.checks import check_reward_config
 
-    assert set(rules.RULES) == {"arithmetic", "similarity", "safety", "format", "length"}
-    check_reward_config(RewardConfig(rules=[RuleSpec(name=name) for name in rules.RULES]))
+    assert set(rules.RULES) == {"arithmetic", "similarity", "safety", "format", "length", "overlong"}
+    limits = {"overlong": {"max_tokens": 64}}  # a job fills it in at load
+    check_reward_config(RewardConfig(rules=[RuleSpec(name=name, params=limits.get(name, {})) for name in rules.RULES]))
     with pytest.raises(ConfigError) as e:
         check_reward_config(RewardConfig(rules=[RuleSpec(name="length"), RuleSpec(name="nonsense")]))
     assert str(e.value) == (
         "reward.rules.1.name: unknown reward rule 'nonsense'; known: arithmetic, similarity, safety, format, "
-        "length, or your own as package.module:function"
+        "length, overlong, or your own as package.module:function"
     )
     # `rollout config --explain` names every built-in (and nothing keeps a second list of them).
     (rules_field,) = [f for f in msgspec.inspect.type_info(RewardConfig).fields if f.name == "rules"]

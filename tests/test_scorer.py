@@ -63,6 +63,32 @@ def test_weighted_total_and_components() -> None:
     assert result.failed == []
 
 
+def test_overlong_reads_each_response_token_count_and_the_rest_never_see_it() -> None:
+    s = scorer(
+        RuleSpec(name="length", params={"target": 100}),
+        RuleSpec(name="overlong", params={"max_tokens": 10, "buffer_tokens": 4}),
+    )
+    results = s.score_batch([("", "a", Record()), ("", "b", Record()), ("", "c", Record())], response_tokens=[6, 8, 12])
+    assert [r.components["overlong"] for r in results] == [0.0, pytest.approx(-0.5), -1.0]
+    assert s.counts_tokens and not scorer(RuleSpec(name="length")).counts_tokens
+
+
+def test_a_reward_worker_counts_the_response_tokens_of_the_batch() -> None:
+    import pyarrow as pa
+
+    from contracts.config import RewardConfig
+    from contracts.formats import Message, PromptRecord
+    from reward.worker import RewardWorker
+
+    worker = RewardWorker(RewardConfig(rules=[RuleSpec(name="overlong", params={"max_tokens": 4, "buffer_tokens": 2})]))
+    batch = pa.record_batch(
+        {"prompt_id": ["a", "a"], "prompt": ["p", "p"], "response": ["x", "y"], "response_ids": [[1, 2], [1, 2, 3]]}
+    )
+    rewards, _ = worker.score_batch(batch, [PromptRecord("a", [Message("user", "p")], None, {}, "t:1")])
+    assert rewards.column("reward").to_pylist() == [0.0, -0.5]
+    worker.close()
+
+
 def test_repeated_rules_get_numbered_names() -> None:
     s = scorer(
         RuleSpec(name="format"),

@@ -192,6 +192,38 @@ def test_restarts_per_iteration_come_from_the_runs_metrics(tmp_path):
     assert "restarts" not in calm[1]
 
 
+def test_episodes_training_and_dynamic_sampling_get_their_columns(tmp_path):
+    records = hand_records()
+    # iteration 0's first sample: model 2 tokens, environment 2, model 1, environment 1 (the mask's runs of 0)
+    records[0].response_ids, records[0].response_logprobs = [7] * 6, [-1.0] * 6
+    records[0].response_mask, records[0].num_turns = [1, 1, 0, 0, 1, 0], 2
+    records[0].env_error = "calculator: bad expression"
+    records[1].response_mask, records[1].num_turns = [0, 1, 1], 2  # an environment turn first (a reset)
+    for record in records:
+        for name in ("ref_logprobs", "values", "advantages", "returns", "token_rewards", "kl"):
+            setattr(record, name, [0.0] * len(record.response_ids))
+    records[3].trained = False  # a group dynamic sampling left out
+    metrics = [
+        {"iteration": 0, "clip_frac": 0.2, "clip_frac_high": 0.05, "clip_frac_low": 0.15},
+        {"iteration": 1, "clip_frac": 0.1, "clip_frac_high": 0.1, "clip_frac_low": 0.0}
+        | {"dynamic_sampling/filtered_groups": 3, "dynamic_sampling/rounds": 2},
+    ]
+    stats = compute_stats(write(tmp_path / "run", records, metrics))
+    first, second = stats.iterations
+    assert (first["turns_mean"], first["env_turns_mean"], first["env_errors"]) == (pytest.approx(5 / 3), 1.0, 1)
+    assert (second["trained"], second["env_turns_mean"], second["dynamic_sampling/rounds"]) == (1, 0.0, 2)
+    assert first["dynamic_sampling/filtered_groups"] is None and first["clip_frac_low"] == 0.15
+    totals = stats.totals
+    assert (totals["trained"], totals["env_errors"], totals["env_turns_mean"]) == (4, 1, pytest.approx(3 / 5))
+    assert (totals["clip_frac_high"], totals["dynamic_sampling/filtered_groups"]) == (pytest.approx(0.075), 3)
+    header = format_table(stats).splitlines()[1].split()
+    shown = ["trained", "turns", "env", "turns", "env", "err", "clip", "clip+", "clip-", "filtered", "rounds"]
+    assert header[-11:] == shown  # ("env turns" and "env err" are two words each)
+    # a plain run shows none of them
+    plain = format_table(compute_stats(write(tmp_path / "plain", hand_records()))).splitlines()[1]
+    assert not {"trained", "turns", "clip", "filtered"} & set(plain.split())
+
+
 def long_run(tmp_path, iterations=500):
     """A run of `iterations` iterations of a 0/1 reward that rises from 0.3 to 0.8, four samples each."""
     records = []

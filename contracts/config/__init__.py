@@ -17,7 +17,7 @@ from contracts.config.env import EnvConfig
 from contracts.config.learner import KLConfig, LearnerConfig, LossAggMode
 from contracts.config.model import DataConfig, ModelConfig
 from contracts.config.reward import RemoteRewardConfig, RewardConfig, RewardModelConfig, RuleSpec
-from contracts.config.rollout import RolloutConfig, SamplingConfig
+from contracts.config.rollout import DynamicSamplingConfig, RolloutConfig, SamplingConfig
 from contracts.config.run import (
     ArchiveConfig,
     MlflowConfig,
@@ -33,6 +33,7 @@ __all__ = [
     "Base",
     "ConfigError",
     "DataConfig",
+    "DynamicSamplingConfig",
     "EnvConfig",
     "JobConfig",
     "KLConfig",

@@ -13,8 +13,8 @@ class EnvConfig(Base):
     name: Annotated[
         str | None,
         doc(
-            "The environment each rollout is an episode against: a built-in (calculator, conversation) or your "
-            "own class as package.module:ClassName (a subclass of contracts.environment.Environment, "
+            "The environment each rollout is an episode against: a built-in (see Registered) or your own "
+            "class as package.module:ClassName (a subclass of contracts.environment.Environment, "
             "importable on every node). null: single-turn rollouts, one completion per prompt."
         ),
     ] = None

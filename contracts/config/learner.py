@@ -222,6 +222,14 @@ class LearnerConfig(Base):
             "seq_mean_token_sum_norm: Σ_i (Σ_t L / loss_agg_norm_tokens) / sequences (Dr. GRPO)."
         ),
     ] = "token_mean"
+    mask_truncated: Annotated[
+        bool,
+        doc(
+            "Samples that hit rollout.sampling.max_tokens (finish_reason length) carry no loss: cut, their "
+            "rewards judge an answer that was never finished (DAPO's over-long filtering). They still count "
+            "in their group's baseline and are archived with trained false."
+        ),
+    ] = False
     loss_agg_norm_tokens: Annotated[
         Annotated[int, Meta(ge=1)] | None,
         doc("The constant of seq_mean_token_sum_norm; null: rollout.sampling.max_tokens."),

@@ -51,6 +51,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     return _derived(cfg) if root is JobConfig else cfg
 
 
+OVERLONG_RULE = "overlong"  # reward.rules.overlong, whose max_tokens a job fills in
+
+
 # Settings an older version of the project wrote (a run's config.yaml, an archive's metadata): their key
 # and value today, so `rollout replay --train` and resumes read old runs' configs.
 _LOSS_AGG = {"token": "token_mean", "sequence": "seq_mean_token_mean"}
@@ -68,6 +71,16 @@ def _derived(cfg: JobConfig) -> JobConfig:
     if cfg.learner.loss_agg_norm_tokens is None:
         learner = msgspec.structs.replace(cfg.learner, loss_agg_norm_tokens=cfg.rollout.sampling.max_tokens)
         cfg = msgspec.structs.replace(cfg, learner=learner)
+    # The `overlong` rule's limit is the run's own: the most tokens a response (an episode) can hold.
+    limit = cfg.env.max_episode_tokens if cfg.env.name is not None else cfg.rollout.sampling.max_tokens
+    rules = [
+        msgspec.structs.replace(spec, params={"max_tokens": limit, **spec.params})
+        if spec.name == OVERLONG_RULE and "max_tokens" not in spec.params
+        else spec
+        for spec in cfg.reward.rules
+    ]
+    if rules != cfg.reward.rules:
+        cfg = msgspec.structs.replace(cfg, reward=msgspec.structs.replace(cfg.reward, rules=rules))
     return cfg
 
 
@@ -125,6 +138,11 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
     """Cross-field rules, once at start-up. Raises ConfigError listing every problem and its fix."""
     problems: list[str] = []
     samples = cfg.rollout.prompts_per_iteration * cfg.rollout.n_samples
+    if cfg.rollout.dynamic_sampling.enabled and cfg.rollout.n_samples < 2:
+        problems.append(
+            f"rollout.dynamic_sampling compares the samples of each prompt, so it needs rollout.n_samples >= 2 "
+            f"(it is {cfg.rollout.n_samples}): raise n_samples or turn it off"
+        )
     if cfg.learner.minibatch_size > samples:
         problems.append(
             f"learner.minibatch_size ({cfg.learner.minibatch_size}) exceeds the samples per iteration "

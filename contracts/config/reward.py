@@ -13,7 +13,7 @@ class RuleSpec(Base):
     name: Annotated[
         str,
         doc(
-            "Rule function: a built-in (arithmetic, similarity, safety, format or length) or your own as "
+            "Rule function: a built-in (arithmetic, similarity, safety, format, length or overlong) or your own as "
             "package.module:function, called as function(prompt, response, reference, **params) -> float, "
             "importable on every node; it scores into the component named after the function."
         ),
@@ -72,7 +72,7 @@ class RewardConfig(Base):
         list[RuleSpec],
         doc(
             "Rule functions and their weights, each {name, weight, params}: name is a built-in (arithmetic, "
-            "similarity, safety, format, length) or your own package.module:function."
+            "similarity, safety, format, length, overlong) or your own package.module:function."
         ),
     ] = field(default_factory=lambda: [RuleSpec(name="arithmetic")])
     model: Annotated[RewardModelConfig | None, doc("Optional reward model.")] = None

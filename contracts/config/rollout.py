@@ -26,6 +26,22 @@ class SamplingConfig(Base):
     seed: Annotated[int | None, doc("Sampling seed; null for nondeterministic sampling.")] = 0
 
 
+class DynamicSamplingConfig(Base):
+    enabled: Annotated[
+        bool,
+        doc(
+            "DAPO's dynamic sampling: a prompt whose samples all got the same reward carries no signal for a "
+            "group estimator (grpo, rloo: its advantages are 0), so it is not trained on, and more prompts are "
+            "generated until the iteration has rollout.prompts_per_iteration prompts with signal, or max_rounds "
+            "rounds were made. Every sample is archived; those left out with trained false."
+        ),
+    ] = False
+    max_rounds: Annotated[
+        int,
+        doc("Generation rounds per iteration at most, the first included; then it trains on what it has.", ge=1),
+    ] = 3
+
+
 class RolloutConfig(Base):
     engine: Annotated[
         Literal["vllm"],
@@ -56,6 +72,9 @@ class RolloutConfig(Base):
         ),
     ] = 2
     sampling: Annotated[SamplingConfig, doc("Sampling settings.")] = field(default_factory=SamplingConfig)
+    dynamic_sampling: Annotated[DynamicSamplingConfig, doc("Dynamic sampling (DAPO).")] = field(
+        default_factory=DynamicSamplingConfig
+    )
     gpu_memory_utilization: Annotated[float, doc("Fraction of GPU memory vLLM may take (cuda).", gt=0.0, le=1.0)] = 0.5
     cpu_kv_cache_gb: Annotated[
         float | None,

@@ -66,12 +66,14 @@ class LearnerRank(Member):
 
     # Every rank runs each call below (FSDP's collectives need them all); only rank 0's answer travels back.
 
-    def learn(self, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef], timeout: float):
-        """One iteration on the generation and reward batches (fetched here, from the object store):
-        (per-token columns, for the archive; (stats, stage seconds), for the driver)."""
+    def learn(self, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef], timeout: float, selected=None):
+        """One iteration on the generation and reward batches (fetched here; `selected`: per batch, the rows the
+        update uses): (per-token columns, for the archive; (stats, stage seconds), for the driver)."""
         from rollout.archive.columns import sample_batch
 
-        return self.learn_samples(sample_batch(ray.get(batches, timeout=timeout), ray.get(rewards, timeout=timeout)))
+        return self.learn_samples(
+            sample_batch(ray.get(batches, timeout=timeout), ray.get(rewards, timeout=timeout), selected)
+        )
 
     def learn_samples(self, samples: SampleBatch):
         """`learn` on a batch already assembled (an archive's samples, a test's)."""
@@ -120,8 +122,7 @@ class LearnerRank(Member):
     def broadcast_weights(self, plan: SyncPlan, sync: int) -> bool:
         return self.sender.broadcast(plan, sync)
 
-    def version(self) -> int:
-        """Rank 0 alone: no collective."""
+    def version(self) -> int:  # rank 0 alone: no collective
         return self.core.version
 
     def _answer(self, result):
@@ -129,9 +130,7 @@ class LearnerRank(Member):
 
 
 @dataclass(frozen=True)
-class Rebuilt:
-    """A rebuild, as `on_rebuilt`'s listeners hear of it."""
-
+class Rebuilt:  # a rebuild, as `on_rebuilt`'s listeners hear of it
     iteration: int  # the iteration it happened in
     resumed_from: dict | None  # the checkpoint the new ranks loaded (its name, iteration, policy version)
     after_update: bool  # the iteration's own update had been made, and went with the lost rank
@@ -152,8 +151,7 @@ class LearnerRanks(ActorGroup):
         self.lost_updates = 0  # updates lost to rebuilds, all told: the job makes them again
         self.on_rebuilt: list[Callable[[Rebuilt], None]] = []
         self.writing: Path | None = None  # the checkpoint the ranks write in the background
-        # Called before a rebuild, while `writing` still names the checkpoint being written: keep it if its
-        # write finished (the run record commits it, so the rebuild starts from it), remove it otherwise.
+        # Before a rebuild, while `writing` names the checkpoint being written: keep it if whole, else remove it.
         self.before_rebuild: list[Callable[[], None]] = []
         self._learned_iteration: int | None = None
         super().__init__([], [], stall_timeout_s=lc.stall_timeout_s, max_restarts=lc.max_restarts, log=log)
@@ -193,14 +191,16 @@ class LearnerRanks(ActorGroup):
     # -- the calls, each on every rank -------------------------------------------------------------
 
     def learn(
-        self, iteration: int, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef]
+        self, iteration: int, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef], selected=None
     ) -> tuple[ray.ObjectRef, dict[str, float], dict[str, float]]:
         """An iteration's learning: (ref to rank 0's LearnerColumns, stats, stage seconds). A rank lost in
         it costs the updates since the newest checkpoint: the group is rebuilt and learns on these samples."""
         self.iteration = iteration
 
         def learn():
-            pairs = [h.learn.options(num_returns=2).remote(batches, rewards, self.timeout) for h in self.handles]
+            pairs = [
+                h.learn.options(num_returns=2).remote(batches, rewards, self.timeout, selected) for h in self.handles
+            ]
             return self._learned(pairs)
 
         try:

@@ -90,8 +90,11 @@ def _concat(batches: list[pa.RecordBatch], name: str) -> tuple[np.ndarray, np.nd
     return np.concatenate(values) if values else np.zeros(0), np.concatenate(offsets)
 
 
-def sample_batch(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch]) -> SampleBatch:
-    """The learner's input: the generation batches' tokens in order, with their rewards and prompt groups."""
+def sample_batch(
+    generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch], selected: list[np.ndarray] | None = None
+) -> SampleBatch:
+    """The learner's input: the generation batches' tokens in order, with their rewards and prompt groups;
+    `selected`: per batch, the rows the update may use (dynamic sampling; None: all)."""
     prompt_ids, prompt_offsets = _concat(generations, "prompt_ids")
     response_ids, response_offsets = _concat(generations, "response_ids")
     behaviour, _ = _concat(generations, "response_logprobs")
@@ -103,6 +106,7 @@ def sample_batch(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch
     ids = pa.chunked_array([g.column("prompt_id") for g in generations], pa.string())
     groups = pc.dictionary_encode(ids).combine_chunks().indices.to_numpy().astype(np.int64)
     mask, _ = _concat(generations, "response_mask")
+    finish = pa.chunked_array([g.column("finish_reason") for g in generations], pa.string())
     return SampleBatch(
         prompt_ids.astype(np.int32, copy=False),
         prompt_offsets,
@@ -113,6 +117,8 @@ def sample_batch(generations: list[pa.RecordBatch], rewards: list[pa.RecordBatch
         groups,
         None if mask.all() else mask.astype(np.uint8, copy=False),
         _turn_rewards(generations, response_offsets),
+        None if selected is None else np.concatenate(selected),
+        pc.equal(finish, "length").to_numpy(zero_copy_only=False),
     )
 
 
@@ -141,7 +147,7 @@ def archive_batches(
     `rollout generate`) leaves the learner columns null, and so does `rewards` None for the reward columns.
     """
     schema = archive_schema(components)
-    out, token_base = [], 0
+    out, token_base, row_base = [], 0, 0
     for i, gen in enumerate(generations):
         columns = {name: gen.column(name) for name in GENERATION_SCHEMA.names}
         reward = rewards[i] if rewards is not None else None
@@ -163,7 +169,11 @@ def archive_batches(
             if learner is None
             else pa.array(np.full(gen.num_rows, learner.kl_coef, dtype=np.float32))
         )
-        columns["trained"] = pa.array(np.full(gen.num_rows, learner is not None, dtype=bool))
+        if learner is None or learner.trained is None:
+            columns["trained"] = pa.array(np.full(gen.num_rows, learner is not None, dtype=bool))
+        else:
+            columns["trained"] = pa.array(learner.trained[row_base : row_base + gen.num_rows])
+        row_base += gen.num_rows
         token_base += tokens
         out.append(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
     if learner is not None and token_base != len(learner.returns):

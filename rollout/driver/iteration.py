@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
+from rollout.driver.dynamic_sampling import Selection
 from rollout.generation.launch import Chunk, Launch
 from rollout.generation.worker import GenerationSummary
 
@@ -18,6 +19,7 @@ class Launched:
     generation: Launch  # its chunks, handed to scorers as they complete
     sampler: dict  # the data cursor after this iteration's prompts
     after_sync: bool  # queued behind a weight sync that collect must confirm
+    indices: list[int]  # the prompts' records
 
 
 @dataclass
@@ -29,6 +31,8 @@ class Samples:
     rewards: list[pa.RecordBatch]  # one per chunk
     sampler: dict
     latency: dict[str, float]  # reward_latency/NAME: seconds scoring this iteration, in total and per rule
+    selection: Selection | None = None  # dynamic sampling's: the rows trained on
+    rounds: int = 1  # generation rounds (dynamic sampling)
 
     @property
     def summaries(self) -> list[GenerationSummary]:

@@ -116,18 +116,19 @@ class PromptSampler(msgspec.Struct):
     epoch: int = 0
     position: int = 0
 
-    def next_batch(self, batch_size: int) -> list[int]:
-        """`batch_size` distinct record indices. Across an epoch boundary, records the batch already
-        holds are skipped in the new epoch: they were just seen at the end of the previous one."""
-        if batch_size > self.size:
+    def next_batch(self, batch_size: int, exclude: frozenset[int] = frozenset()) -> list[int]:
+        """`batch_size` distinct record indices, none of `exclude` (an iteration's earlier rounds). Across an
+        epoch boundary, records the batch already holds are skipped in the new epoch: they were just seen at
+        the end of the previous one."""
+        if batch_size + len(exclude) > self.size:
             raise ValueError(
-                f"rollout.prompts_per_iteration ({batch_size}) exceeds the {self.size} prompt "
-                "records: lower it or add data"
+                f"rollout.prompts_per_iteration ({batch_size}) exceeds the {self.size - len(exclude)} prompt "
+                "records left: lower it or add data"
             )
         indices: list[int] = []
         while len(indices) < batch_size:
             order = self._order()
-            taken = set(indices)
+            taken = set(indices) | exclude
             while len(indices) < batch_size and self.position < self.size:
                 index = order[self.position]
                 self.position += 1

@@ -59,6 +59,7 @@ class RunRecord:
         self._recorded_through = -1  # the last iteration whose metrics line and manifest entry are written
         self._last_recorded = time.perf_counter()
         self._restarts_seen: dict[str, int] = {}
+        self.said_short = False  # dynamic sampling's console line, said once per run
 
     def push(self, step, *args) -> None:
         """Mirror the staging copy to the run's URI (a step of RunStorage), when the run has one."""
@@ -137,6 +138,9 @@ class RunRecord:
         metrics["time/wall"], self._last_recorded = now - self._last_recorded, now
         if sync_gap is not None:  # of the last sync confirmed
             metrics["weight_sync/logprob_gap"] = sync_gap
+        if samples.selection is not None:
+            metrics["dynamic_sampling/filtered_groups"] = samples.selection.filtered
+            metrics["dynamic_sampling/rounds"] = samples.rounds
         for kind, count in restarts.items():
             metrics[f"restarts/{kind}"] = count - self._restarts_seen.get(kind, 0)
         metrics["restarts/reward"] = int(metrics.get("restarts/reward", 0))

@@ -25,6 +25,7 @@ from rollout.actors.learner_spec import LearnerSpec
 from rollout.actors.reward_workers import RewardWorkers
 from rollout.actors.rollout_workers import RolloutWorkers
 from rollout.driver.checkpoints import AUTO
+from rollout.driver.dynamic_sampling import round_size, select
 from rollout.driver.episodes import check_episodes
 from rollout.driver.iteration import Launched, Learned, Samples
 from rollout.driver.node_watch import NodeWatch
@@ -160,30 +161,66 @@ class Session:
             iteration += 1
 
     def collect(self, iteration: int, timings: dict[str, float]) -> Samples:
-        """Wait for the iteration's generation, then its rewards; only summaries and rewards come here."""
+        """Wait for the iteration's generation, then its rewards; only summaries and rewards come here. With
+        dynamic sampling, more rounds of prompts until enough groups carry a signal."""
         launched = self.launched.pop(iteration)
         self.learner.iteration = iteration  # what a rebuild in the steps after this one is reported in
-        start = time.perf_counter()
         if launched.after_sync:
+            start = time.perf_counter()
             self.weights.confirm()
-        total = self.cfg.rollout.prompts_per_iteration * self.cfg.rollout.n_samples
+            timings["generate"] = time.perf_counter() - start
+        chunks, rewards, latency = self._gathered(iteration, launched, timings)
+        sampling = self.cfg.rollout.dynamic_sampling
+        wanted, n = self.cfg.rollout.prompts_per_iteration, self.cfg.rollout.n_samples
+        selection, rounds, used = None, 1, set(launched.indices)
+        while sampling.enabled:
+            selection = select(rewards, n, wanted)
+            if selection.kept >= wanted or rounds == sampling.max_rounds:
+                break
+            size = round_size(wanted - selection.kept, selection.kept, len(used), len(self.data.records) - len(used))
+            extra = self._launched_round(iteration, self.sampler.next_batch(size, frozenset(used)))
+            used.update(extra.indices)
+            more = self._gathered(iteration, extra, timings)
+            chunks, rewards, rounds = chunks + more[0], rewards + more[1], rounds + 1
+            latency = {k: latency.get(k, 0.0) + more[2].get(k, 0.0) for k in {*latency, *more[2]}}
+        if selection is not None:
+            self._say_short_once(iteration, selection.kept, wanted, rounds)
+        sampler = msgspec.to_builtins(self.sampler) if rounds > 1 else launched.sampler
+        return Samples(iteration, chunks, rewards, sampler, latency, selection, rounds)
+
+    def _gathered(self, iteration: int, launched: Launched, timings: dict[str, float]):
+        """(chunks, reward batches, scoring seconds) of one round of the iteration's generation."""
+        start = time.perf_counter()
+        total = len(launched.indices) * self.cfg.rollout.n_samples
         progress = launched.generation.chunks_with_progress(
             total, f"iter {iteration} generate", self.record.log, leave=False
         )
         chunks = list(progress)
-        timings["generate"] = time.perf_counter() - start
+        timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - start
         check_episodes(self.cfg.env, iteration, [c.summary for c in chunks])
         start = time.perf_counter()
         rewards, latency = self.rewards.scores(
             chunks, self.cfg.rollout.iteration_timeout_s, f"rewards of iteration {iteration}"
         )
-        timings["reward"] = time.perf_counter() - start
-        return Samples(iteration, chunks, rewards, launched.sampler, latency)
+        timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - start
+        return chunks, rewards, latency
+
+    def _say_short_once(self, iteration: int, kept: int, wanted: int, rounds: int) -> None:
+        if kept < wanted and not self.record.said_short:
+            self.record.said_short = True
+            print(
+                f"dynamic sampling: iteration {iteration} has {kept} of {wanted} prompts whose samples' rewards "
+                f"differ after {rounds} rounds (rollout.dynamic_sampling.max_rounds); it trains on those, as "
+                "later iterations will when this happens again",
+                file=self.record.log,
+                flush=True,
+            )
 
     def learn(self, samples: Samples, timings: dict[str, float]) -> Learned:
         """One PPO update on the iteration's samples (a rank lost in it is rebuilt and learns them again)."""
+        selected = samples.selection.rows if samples.selection is not None else None
         columns, stats, learn_timings = self.learner.learn(
-            samples.iteration, [c.batch for c in samples.chunks], [c.rewards for c in samples.chunks]
+            samples.iteration, [c.batch for c in samples.chunks], [c.rewards for c in samples.chunks], selected
         )
         timings.update(learn_timings)
         return Learned(columns, stats)
@@ -231,12 +268,13 @@ class Session:
 
     def _launch(self, iteration: int) -> None:
         """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it."""
-        if iteration in self.launched:
-            return
-        tasks = [
-            self.data.tasks[self.data.records[i].prompt_id]
-            for i in self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration)
-        ]
+        if iteration not in self.launched:
+            indices = self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration)
+            self.launched[iteration] = self._launched_round(iteration, indices)
+
+    def _launched_round(self, iteration: int, indices: list[int]) -> Launched:
+        """The prompts `indices` (records) queued for generation, and each chunk's scoring behind it."""
+        tasks = [self.data.tasks[self.data.records[i].prompt_id] for i in indices]
         generation = self.workers.submit(
             tasks,
             run_id=self.record.run_id,
@@ -245,7 +283,7 @@ class Session:
             records=self.data.records_by_id,
         )
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
-        self.launched[iteration] = Launched(generation, msgspec.to_builtins(self.sampler), self.weights.queued())
+        return Launched(generation, msgspec.to_builtins(self.sampler), self.weights.queued(), indices)
 
     def _release(self) -> None:
         """Kill what was started (all of it, or what a start that failed half-way got to) and free the run

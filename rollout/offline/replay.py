@@ -58,7 +58,7 @@ from learner.estimators import estimate, estimator
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
 from rollout.archive.metadata import learner_settings
 from rollout.offline.ragged import floats, lengths_of, padded, ragged, required, required_column
-from rollout.offline.rescore import ReplayError, Rescorer, Scores, reward_config
+from rollout.offline.rescore import ReplayError, Rescorer, Scores, reward_config, run_config
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class ReplayOptions:
     kl_coef: float | None = None
     reward_config: str | Path | None = None
     prompts: str | None = None
+    grpo_normalize_std: bool | None = None  # grpo's division by the group's std
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,14 @@ class _Plan:
     kl_coef: float | None  # the new β, or None to keep each iteration's own
     kl_estimator: KLEstimator
     rescore: bool
+    grpo_normalize_std: bool
 
     @property
     def settings(self) -> LearnerConfig:
         """The learner settings the estimator reads."""
-        return LearnerConfig(estimator=self.estimator, gamma=self.gamma, lam=self.lam)
+        return LearnerConfig(
+            estimator=self.estimator, gamma=self.gamma, lam=self.lam, grpo_normalize_std=self.grpo_normalize_std
+        )
 
 
 def replay(
@@ -105,11 +109,10 @@ def replay(
     plan = _plan(metadata, options)
     target = _check_out(archive, out)
     rescorer = Rescorer.open(options.reward_config, options.prompts, metadata, log) if plan.rescore else None
-    components = rescorer.components if rescorer else components_of(read_schema(archive))
-    scores: Iterable[Scores] = (
-        rescorer(b) if rescorer else _stored_scores(b)
-        for b in iter_batches(archive, ["prompt_id", "prompt", "response", "reward", "reward_components"])
-    )
+    schema = read_schema(archive)
+    components = rescorer.components if rescorer else components_of(schema)
+    scored = rescorer.columns(schema.names) if rescorer else ["reward", "reward_components"]
+    scores: Iterable[Scores] = (rescorer(b) if rescorer else _stored_scores(b) for b in iter_batches(archive, scored))
     group_advantages = None
     if estimator(plan.estimator).grouped:
         scores = list(scores)  # scored once, used twice: for the group baselines, then per batch
@@ -165,7 +168,16 @@ def _plan(metadata: dict[str, str], options: ReplayOptions) -> _Plan:
         options.kl_coef,
         cast(KLEstimator, kl_estimator),
         rescore=options.reward_config is not None,
+        grpo_normalize_std=_run_setting(metadata, options.grpo_normalize_std, "grpo_normalize_std"),
     )
+
+
+def _run_setting(metadata: dict[str, str], given: bool | None, name: str) -> bool:
+    """`given`, or the run's own learner.`name` (its config in the metadata), or the default."""
+    if given is not None:
+        return given
+    run = run_config(metadata)
+    return getattr(run.learner if run is not None else LearnerConfig(), name)
 
 
 def _metadata_float(metadata: dict[str, str], key: str, flag: str) -> float:
@@ -193,7 +205,7 @@ def _new_metadata(metadata: dict[str, str], plan: _Plan, archive: str | Path, op
         new["reward_config"] = str(Path(options.reward_config).resolve())
     if "config" in new:
         new["config"] = _updated_config(
-            new["config"], plan, reward_config(options.reward_config) if plan.rescore else None
+            new["config"], plan, reward_config(options.reward_config, run_config(metadata)) if plan.rescore else None
         )
     return new
 
@@ -202,7 +214,7 @@ def _updated_config(text: str, plan: _Plan, reward: RewardConfig | None) -> str:
     """The run's config YAML with the replay's settings in place of the run's."""
     tree = yaml.safe_load(text) or {}
     learner = tree.setdefault("learner", {})
-    learner.update(gamma=plan.gamma, lam=plan.lam)
+    learner.update(gamma=plan.gamma, lam=plan.lam, grpo_normalize_std=plan.grpo_normalize_std)
     if plan.kl_coef is not None:
         learner.setdefault("kl", {}).update(coef=plan.kl_coef, target=None)
     if reward is not None:

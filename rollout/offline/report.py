@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rollout.archive import iter_batches, last_archived_iteration, read_run_metrics
+from rollout.archive import iter_batches, last_archived_iteration, read_metadata, read_run_metrics
 from rollout.driver.metrics import STAGES, summary_lines
 from rollout.driver.tracking import sample_table
 from rollout.offline.stats import compute_stats
@@ -36,6 +36,8 @@ SAMPLE_COLUMNS = [
     "finish_reason",
     "reward",
     "reward_components",
+    "response_ids",
+    "response_mask",
 ]
 
 
@@ -73,7 +75,7 @@ def write_report(run_dir: str | Path, out: str | Path, *, samples: int = 8) -> i
                 **{
                     s: _per_second(column("tokens"), column(f"time/{s}", "metrics"))
                     for s in STAGES
-                    if s not in ("generate", "weight_sync")
+                    if s not in ("generate", "weight_sync", "checkpoint")  # the last two run on their own cadence
                 },
             },
         ),
@@ -185,13 +187,50 @@ def _sample_html(run_dir: str | Path, rows: int) -> str:
             break
     if not kept:
         return '<p class="empty">no samples archived</p>'
-    table = sample_table(*[pa.Table.from_batches(kept)] * 2, rows)
+    samples = pa.Table.from_batches(kept)
+    table = sample_table(samples, samples, rows)
+    cells = [[html.escape(_cell(v)) for v in row] for row in table.rows]
+    decode = _decoder(run_dir)
+    at = table.columns.index("response")
+    episodes = False
+    for row, ids, mask in zip(
+        cells, samples.column("response_ids").to_pylist(), samples.column("response_mask").to_pylist()
+    ):
+        if decode is not None and 0 in mask:  # an episode: the environment's turns marked
+            row[at] = "".join(
+                f'<span class="{"env" if env else "model"}">{html.escape(decode(part))}</span>'
+                for env, part in trajectory(ids, mask)
+            )
+            episodes = True
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in table.rows)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in cells)
+    key = ' <span class="env">Shaded</span>: the environment\'s turns.' if episodes else ""
     return (
-        f"<p>Iteration {last}, the first {len(table.rows)} samples.</p>"
+        f"<p>Iteration {last}, the first {len(table.rows)} samples.{key}</p>"
         f'<table class="samples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
     )
+
+
+def trajectory(ids: list[int], mask: list[int]) -> list[tuple[bool, list[int]]]:
+    """An episode's response tokens cut into its turns: (written by the environment, tokens), in order."""
+    turns: list[tuple[bool, list[int]]] = []
+    for token, model in zip(ids, mask):
+        env = model == 0
+        if not turns or turns[-1][0] != env:
+            turns.append((env, []))
+        turns[-1][1].append(token)
+    return turns
+
+
+def _decoder(run_dir: str | Path):
+    """The run's tokenizer's decode, to show an episode's turns apart; None where the model is not on this
+    machine (the response text is shown whole)."""
+    model = read_metadata(run_dir).get("model")
+    if not model or not Path(model).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model).decode
 
 
 def _per_second(counts: list[Any], seconds: list[Any]) -> list[float | None]:
@@ -244,6 +283,7 @@ _PAGE = """<!DOCTYPE html>
   table.samples {{ border-collapse: collapse; font-size: 12px; }}
   .samples th, .samples td {{ border: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-align: top;
                               white-space: pre-wrap; max-width: 420px; }}
+  .env {{ background: #e8eefc; color: #35508a; }}
 </style>
 </head>
 <body>

@@ -41,6 +41,18 @@ class Rescorer:
         self.components = self.worker.components
         self.unmatched = 0
 
+    def columns(self, archived: list[str]) -> list[str]:
+        """The archive's columns a batch needs to be scored: an episode's final turn where the archive
+        has one (the part scored), its token ids where a rule counts them."""
+        wanted = [
+            "prompt_id",
+            "prompt",
+            "response",
+            "final_turn",
+            "response_ids" if self.worker.rules.counts_tokens else "",
+        ]
+        return [name for name in wanted if name in archived]
+
     def __call__(self, batch: pa.RecordBatch) -> Scores:
         records = []
         for prompt_id, rendered in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()):
@@ -55,15 +67,22 @@ class Rescorer:
     @classmethod
     def open(cls, config: str | Path, prompts: str | None, metadata: dict[str, str], log: TextIO) -> Rescorer:
         """From the reward config file `config` and the data records of `prompts` (by default the run's)."""
-        return cls(reward_config(config), load_prompt_records(prompts, metadata, log))
+        return cls(reward_config(config, run_config(metadata)), load_prompt_records(prompts, metadata, log))
 
     def close(self) -> None:
         self.worker.close()
 
 
-def reward_config(path: str | Path) -> RewardConfig:
+def reward_config(path: str | Path, run: JobConfig | None = None) -> RewardConfig:
+    """The reward section of the config file at `path`; rules whose defaults are the run's own limits
+    (overlong's max_tokens) take them from `run`, the archived run's config, where it is known."""
+    limits = []
+    if run is not None:
+        limits = [f"rollout.sampling.max_tokens={run.rollout.sampling.max_tokens}"]
+        if run.env.name is not None:
+            limits += [f"env.name={run.env.name}", f"env.max_episode_tokens={run.env.max_episode_tokens}"]
     try:
-        return load_config(path).reward
+        return load_config(path, limits).reward
     except ConfigError as e:
         raise ReplayError(f"--reward-config: {e}") from None
 

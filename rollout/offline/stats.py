@@ -2,8 +2,9 @@
 
 Per iteration: samples, generated tokens, generation tokens/s, reward mean/std and each component's
 mean (a NaN component is a failed rule: left out of the mean and counted), KL, response length,
-finish reasons, policy-version lag and actor restarts (from the run's metrics); plus the same over
-the whole archive. Everything is column
+finish reasons, policy-version lag, the samples trained on, an episode's model and environment
+turns and environment errors; from the run's metrics, actor restarts, clip fractions (each side) and
+dynamic sampling's filtered groups and rounds; plus the same over the whole archive. Everything is column
 arithmetic on the few columns it needs (pyarrow group_by, numpy over list offsets), never a Python
 loop over rows, so a million-row archive takes seconds.
 
@@ -38,7 +39,19 @@ STATS_COLUMNS = [
     "kl",
     "finish_reason",
     "generated_at",
+    "response_mask",
+    "num_turns",
+    "env_error",
+    "trained",
 ]
+# Figures of the learner and of dynamic sampling that only the run's metrics hold.
+METRIC_FIGURES = (
+    "clip_frac",
+    "clip_frac_high",
+    "clip_frac_low",
+    "dynamic_sampling/filtered_groups",
+    "dynamic_sampling/rounds",
+)
 
 
 # --- per-iteration figures -----------------------------------------------------------------------
@@ -92,6 +105,9 @@ def compute_stats(archive: str | Path) -> RunStats:
         item.update({f"finish/{reason}": finish.get((i, reason), 0) for reason in _reasons(finish)})
         item["version_lag"] = row["version_max"] - row["version_mean"]
         item["restarts"] = _restarts(run_metrics.get(i))
+        item.update(trained=row["trained"], turns_mean=row["turns_mean"], env_turns_mean=row["env_turns_mean"])
+        item["env_errors"] = row["env_errors"]
+        item.update({key: (run_metrics.get(i) or {}).get(key) for key in METRIC_FIGURES})
         stats.append(item)
     return RunStats(str(archive), stats, _totals(rows, stats, components, finish))
 
@@ -108,8 +124,27 @@ def _row_table(table: pa.Table) -> pa.Table:
             "kl": _row_sums(table["kl"]),
             "finish_reason": table["finish_reason"],
             "generated_at": table["generated_at"],
+            "turns": table["num_turns"],
+            "env_turns": _environment_turns(table["response_mask"]),
+            "env_error": table["env_error"].is_valid().cast(pa.int64()),
+            "trained": table["trained"].cast(pa.int64()),
         }
     )
+
+
+def _environment_turns(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Each row's environment turns: the runs of 0 in its `response_mask`. (N,) lists -> (N,) int64."""
+    counts = []
+    for chunk in column.chunks:
+        offsets = np.asarray(chunk.offsets)
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        starts = values == 0
+        starts[1:] &= values[:-1] != 0  # a 0 after a 0 continues its turn...
+        row_start = offsets[:-1][offsets[:-1] < offsets[1:]]
+        starts[row_start] = values[row_start] == 0  # ...but not across rows
+        running = np.concatenate([[0], np.cumsum(starts)])
+        counts.append(pa.array(running[offsets[1:]] - running[offsets[:-1]], pa.int64()))
+    return pa.chunked_array(counts, type=pa.int64())
 
 
 def _row_sums(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -144,6 +179,10 @@ def _aggregate_iterations(rows: pa.Table) -> pa.Table:
                 ("policy_version", "mean"),
                 ("generated_at", "min"),
                 ("generated_at", "max"),
+                ("turns", "mean"),
+                ("env_turns", "mean"),
+                ("env_error", "sum"),
+                ("trained", "sum"),
             ]
         )
         .sort_by("iteration")
@@ -161,6 +200,10 @@ def _aggregate_iterations(rows: pa.Table) -> pa.Table:
             "policy_version_mean": "version_mean",
             "generated_at_min": "first_at",
             "generated_at_max": "last_at",
+            "turns_mean": "turns_mean",
+            "env_turns_mean": "env_turns_mean",
+            "env_error_sum": "env_errors",
+            "trained_sum": "trained",
         }
     )
 
@@ -271,6 +314,13 @@ def _totals(
     totals["version_lag"] = sum(s["version_lag"] * s["samples"] for s in stats) / samples if samples else None
     known = [s["restarts"] for s in stats if s["restarts"] is not None]
     totals["restarts"] = sum(known) if known else None
+    totals["trained"] = sum(s["trained"] for s in stats)
+    totals["turns_mean"] = pc.mean(rows["turns"]).as_py()
+    totals["env_turns_mean"] = pc.mean(rows["env_turns"]).as_py()
+    totals["env_errors"] = sum(s["env_errors"] for s in stats)
+    for key in METRIC_FIGURES:  # filtered groups add up; fractions and rounds average over the iterations
+        known = [s[key] for s in stats if s[key] is not None]
+        totals[key] = (sum(known) if key.endswith("filtered_groups") else sum(known) / len(known)) if known else None
     return totals
 
 

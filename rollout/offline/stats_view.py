@@ -69,9 +69,29 @@ def _columns_with_components(run: RunStats) -> list[tuple[str, str, str]]:
         (f"fail/{name}", f"reward_failed/{name}", "d") for name in names if run.totals.get(f"reward_failed/{name}")
     ]
     at = [key for _, key, _ in _COLUMNS].index("reward_std") + 1
-    # A restarts column only for runs that had any.
-    restarts = [("restarts", "restarts", "d")] if run.totals.get("restarts") else []
-    return [*_COLUMNS[:at], *extra, *_COLUMNS[at:], *restarts]
+    # Columns of what a run used, shown only where it did: restarts, samples left out of the update,
+    # episodes (turns, environment turns, environment errors), the clip fractions, dynamic sampling.
+    optional = [("restarts", "restarts", "d")] if run.totals.get("restarts") else []
+    if run.totals.get("trained") not in (None, run.totals.get("samples")):
+        optional.append(("trained", "trained", "d"))
+    if run.totals.get("env_turns_mean"):
+        optional += [
+            ("turns", "turns_mean", ".2f"),
+            ("env turns", "env_turns_mean", ".2f"),
+            ("env err", "env_errors", "d"),
+        ]
+    if run.totals.get("clip_frac") is not None:
+        optional += [
+            ("clip", "clip_frac", ".3f"),
+            ("clip+", "clip_frac_high", ".3f"),
+            ("clip-", "clip_frac_low", ".3f"),
+        ]
+    if run.totals.get("dynamic_sampling/rounds") is not None:
+        optional += [
+            ("filtered", "dynamic_sampling/filtered_groups", "d"),
+            ("rounds", "dynamic_sampling/rounds", ".2f"),
+        ]
+    return [*_COLUMNS[:at], *extra, *_COLUMNS[at:], *optional]
 
 
 def _cell(value: Any, fmt: str) -> str:
