@@ -1,6 +1,8 @@
 """A learner checkpoint on disk, and how to tell a whole one from a broken one.
 
-    DIR/learner/            every rank's sharded training state (torch.distributed.checkpoint)
+    DIR/learner/            every rank's sharded training state (torch.distributed.checkpoint): the trainable
+                            weights (under LoRA the adapters and value heads, not the frozen base, which
+                            the model path gives again) and their optimizer state
     DIR/policy/             the policy as a loadable model (rank 0), which a resumed run's engines serve
     DIR/learner.pt          KL controller, policy version and the job's state (rank 0), written last
     DIR/manifest.json       every file above with its size and sha256, written once the rest is there
@@ -20,6 +22,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+from contracts.config.base import ConfigError
 from contracts.errors import JobFailure
 
 STATE_FILE = "learner.pt"
@@ -49,7 +52,13 @@ def load(learner, directory: Path) -> dict:
     """Restore what `save` wrote (with any number of ranks); returns its `extra`."""
     import torch
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from learner import lora
 
     directory = Path(directory)
     if not (directory / "learner").is_dir():
@@ -57,33 +66,56 @@ def load(learner, directory: Path) -> dict:
             f"{directory}: no learner/ training state (a checkpoint from before "
             "sharded checkpoints); start a new run directory"
         )
+    small = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    _check_lora(directory, small.get("lora"), lora.settings(learner.cfg.lora))
     state = training_state(learner)
     with single_process_note_quiet():
         dcp.load(state, checkpoint_id=str(directory / "learner"), no_dist=learner.world_size == 1)
-    set_model_state_dict(learner.policy, state["policy"])
+    # The state holds only trainable weights: the frozen ones (a LoRA base) are already the model's own.
+    options = StateDictOptions(strict=learner.lora is None)
+    set_model_state_dict(learner.policy, state["policy"], options=options)
     set_optimizer_state_dict(learner.policy, learner.policy_opt, state["policy_opt"])
     if learner.critic is not None:
-        set_model_state_dict(learner.critic, state["critic"])
+        set_model_state_dict(learner.critic, state["critic"], options=options)
         set_optimizer_state_dict(learner.critic, learner.critic_opt, state["critic_opt"])
-    small = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
     learner.kl_controller.load_state_dict(small["kl_controller"])
     learner.version = small["version"]
     return small["extra"]
 
 
 def training_state(learner) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    """What DCP saves and loads: the trainable weights of policy and critic (frozen ones, a LoRA base, come
+    from the model path) and their optimizers' state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
+    trained = StateDictOptions(ignore_frozen_params=True)
     state = {
-        "policy": get_model_state_dict(learner.policy),
+        "policy": get_model_state_dict(learner.policy, options=trained),
         "policy_opt": get_optimizer_state_dict(learner.policy, learner.policy_opt),
     }
     if learner.critic is not None:
         state.update(
-            critic=get_model_state_dict(learner.critic),
+            critic=get_model_state_dict(learner.critic, options=trained),
             critic_opt=get_optimizer_state_dict(learner.critic, learner.critic_opt),
         )
     return state
+
+
+def _check_lora(directory: Path, saved: dict | None, wanted: dict | None) -> None:
+    """A checkpoint's training state fits only a learner with the same LoRA settings (or none)."""
+    if saved != wanted:
+
+        def say(settings):
+            return "full fine-tuning" if settings is None else f"learner.lora {settings}"
+
+        raise ConfigError(
+            f"checkpoint {directory} was written with {say(saved)}, this run has {say(wanted)}: resume "
+            "with the same learner.lora, or start a new run directory (or --no-resume)"
+        )
 
 
 def save_policy(learner, directory: Path, weights: list[tuple[str, object]]) -> None:

@@ -21,7 +21,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from learner import checkpoint
+from learner import checkpoint, lora
 from learner.checkpoint import STATE_FILE, CheckpointWriteError, NonFiniteError
 
 # DCP warns from its upload thread that one process is "assumed" even when told so (no_dist): one rank
@@ -75,7 +75,12 @@ class CheckpointWriter:
             weights = learner.export_weights()  # rank 0 only; a collective when sharded
         except (OSError, RuntimeError) as e:
             raise checkpoint.write_failed(directory, e) from None
-        small = {"kl_controller": learner.kl_controller.state_dict(), "version": learner.version, "extra": extra}
+        small = {
+            "kl_controller": learner.kl_controller.state_dict(),
+            "version": learner.version,
+            "extra": extra,
+            "lora": lora.settings(learner.cfg.lora),  # what its adapters need to load (None: full fine-tuning)
+        }
         staged = time.perf_counter()
 
         def write() -> float:

@@ -39,19 +39,21 @@ class Evaluated:
 @torch.no_grad()
 def evaluate(learner: Learner, batch: SampleBatch) -> Evaluated:
     """The three forward passes (policy, reference, critic unless shared) of every micro-batch, this
-    rank's share of the rows, gathered from every rank."""
+    rank's share of the rows, gathered from every rank. Under LoRA the reference pass is the policy's
+    with its adapters off, and no pass has dropout (`Learner.scoring`)."""
     plans = learner.plan(batch, np.arange(len(batch)))
     outputs = []
-    for micro in plans[learner.rank]:
-        tokens = learner.collate(batch, micro.rows)
-        with learner.compute():
-            policy = learner.policy(tokens, learner.temperature, with_entropy=True)
-            ref = learner.reference(tokens, learner.temperature)
-            values = learner.values(tokens, policy)
-        learner.micro_batches_done += 1
-        if not micro.filler:
-            columns = (policy.logprobs, ref.logprobs, values, policy.entropy)
-            outputs.append(torch.stack([tokens.gather(c) for c in columns], dim=1))
+    with learner.scoring():
+        for micro in plans[learner.rank]:
+            tokens = learner.collate(batch, micro.rows)
+            with learner.compute():
+                policy = learner.policy(tokens, learner.temperature, with_entropy=True)
+                ref = learner.reference_pass(tokens)
+                values = learner.values(tokens, policy)
+            learner.micro_batches_done += 1
+            if not micro.filler:
+                columns = (policy.logprobs, ref.logprobs, values, policy.entropy)
+                outputs.append(torch.stack([tokens.gather(c) for c in columns], dim=1))
     local = torch.cat(outputs) if outputs else torch.zeros((0, 4), device=learner.device)
     flat = in_batch_order(batch, plans, local)
     device = learner.device

@@ -13,6 +13,10 @@ rows between the ranks and gather the results, so every rank holds the whole bat
 each minibatch is split between the ranks too, and its losses are normalised by the whole
 minibatch's counts, so the summed gradients equal one rank's. Policy, critic and reference are
 FSDP2-sharded; master weights and optimizer state stay float32 whatever the compute dtype.
+
+With `learner.lora.rank` the policy trains low-rank adapters on its frozen base (learner/lora.py): only
+they are in the optimizer and the checkpoint's training state, the reference is the policy with its
+adapters off (no reference module), and the exported weights are merged.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 from contracts.config import LearnerConfig
-from learner import checkpoint, evaluation, packed_attention, update
+from learner import checkpoint, evaluation, lora, packed_attention, update
 from learner import distributed as dist
 from learner.advantages import token_rewards
 from learner.batch import TokenBatch
@@ -75,21 +79,30 @@ class Learner:
         policy_lm = load_causal_lm(model_path, torch.float32, attention)
         self.pad_id = policy_lm.config.pad_token_id or 0
         self.tied_head = bool(getattr(policy_lm.config, "tie_word_embeddings", False))
+        # LoRA: adapters injected into the LM in place (a frozen base), before sharding.
+        self.lora = lora.Adapters(policy_lm, lc.lora, "CAUSAL_LM") if lc.lora.rank is not None else None
         # Training mode (transformers loads in eval mode): gradient checkpointing acts only in it.
         self.policy = self._place(PolicyModel(policy_lm, value_head=lc.shared_critic and not self.critic_free).train())
+        self.exports = lora.exports(self.policy) if self.lora else None
         self.critic = None
         if not (lc.shared_critic or self.critic_free):
-            self.critic = self._place(CriticModel(model_path, torch.float32, attention).train())
-        reference = PolicyModel(load_causal_lm(model_path, self.compute_dtype, attention))
-        self.reference = self._place(reference.eval().requires_grad_(False))
+            critic = CriticModel(model_path, torch.float32, attention)
+            if self.lora and lc.lora.critic == "lora":
+                lora.Adapters(critic.backbone, lc.lora, "FEATURE_EXTRACTION")
+            self.critic = self._place(critic.train())
+        self.reference = None  # under LoRA the policy with its adapters off: no second copy
+        if self.lora is None:
+            reference = PolicyModel(load_causal_lm(model_path, self.compute_dtype, attention))
+            self.reference = self._place(reference.eval().requires_grad_(False))
         if lc.gradient_checkpointing:
             for backbone in filter(None, (policy_lm, self.critic and self.critic.backbone)):
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.temperature = temperature or 1.0
         fused = self.device.type == "cuda"  # one kernel for the whole step, as plain training uses
-        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=lc.lr, fused=fused)
+        # Only what trains: everything without LoRA, the adapters (and a value head) with it.
+        self.policy_opt = torch.optim.AdamW(lora.trainable(self.policy), lr=lc.lr, fused=fused)
         self.critic_opt = (
-            torch.optim.AdamW(self.critic.parameters(), lr=lc.critic_lr, fused=fused) if self.critic else None
+            torch.optim.AdamW(lora.trainable(self.critic), lr=lc.critic_lr, fused=fused) if self.critic else None
         )
         self.kl_controller = make_kl_controller(lc.kl.coef, lc.kl.target, lc.kl.horizon)
         self.version = 0
@@ -150,6 +163,23 @@ class Learner:
         """Old policy logprobs, reference logprobs, values and entropies of every response token."""
         return evaluation.evaluate(self, batch)
 
+    def reference_pass(self, tokens: TokenBatch) -> PolicyOutput:
+        """The reference's outputs on `tokens` (in a no-grad pass): the frozen copy's, or under LoRA the
+        policy's with its adapters off."""
+        if self.lora is None:
+            return self.reference(tokens, self.temperature)
+        with self.lora.off():
+            return self.policy(tokens, self.temperature)
+
+    def scoring(self) -> contextlib.ExitStack:
+        """The context of the no-grad passes: under LoRA, policy and critic without dropout (the model
+        the engines serve); nothing changes without it."""
+        stack = contextlib.ExitStack()
+        if self.lora is not None:
+            for module in filter(None, (self.policy, self.critic)):
+                stack.enter_context(lora.no_dropout(module))
+        return stack
+
     def assign_advantages(self, batch: SampleBatch, ev: Evaluated):
         """(token rewards, kl, advantages, returns), each (N, T), by `learner.estimator`."""
         lc = self.cfg
@@ -183,11 +213,13 @@ class Learner:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The policy's weights with Hugging Face names, one whole tensor at a time, on this rank's device in
         the learner's own dtype (callers cast as they copy). A sharded one is gathered as it comes: a
-        collective, so every rank iterates, in the same order; the extra memory is one tensor."""
-        for name, tensor in self.policy.state_dict().items():
-            if name.startswith("lm."):
-                whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-                yield name.removeprefix("lm."), whole.detach()
+        collective, so every rank iterates, in the same order; the extra memory is one tensor (under LoRA,
+        the merged W + B·A·alpha/r of each adapted layer: learner/lora.py)."""
+        return lora.merged_weights(self.policy, self.exports)
+
+    def weight_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(Hugging Face name, shape) of each tensor `named_weights` yields, in its order; no collective."""
+        return lora.weight_shapes(self.policy, self.exports)
 
     def export_weights(self) -> list[tuple[str, torch.Tensor]] | None:
         """Policy weights with Hugging Face names on CPU in the compute dtype, for the object store and the
@@ -230,7 +262,7 @@ class Learner:
         """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the policy, at temperature 1 (every
         rank: the forward is a collective when sharded); the engines' must match after a sync."""
         one = single_sequence(token_ids)
-        with torch.no_grad(), self.compute():
+        with torch.no_grad(), self.compute(), self.scoring():
             logprobs = self.policy(self.collate(one, np.zeros(1)), temperature=1.0).logprobs
         return logprobs[0, : len(token_ids) - 1].tolist()
 

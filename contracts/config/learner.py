@@ -21,6 +21,53 @@ class KLConfig(Base):
     horizon: Annotated[int, doc("Adaptive controller horizon, in samples.", ge=1)] = 10000
 
 
+# The attention and MLP projections of Llama, Qwen2/3 and Mistral: LoRA's usual targets.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(Base):
+    rank: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        doc(
+            "LoRA rank r: the policy trains only low-rank adapters W + B·A·alpha/r (A: r x in, B: out x r, B "
+            "starting at 0) on target_modules, built with peft; the base weights stay frozen, the reference "
+            "is the same model with the adapters off (no second copy), and engines and the checkpoint's "
+            "policy/ get the merged weights. null: full fine-tuning."
+        ),
+    ] = None
+    alpha: Annotated[float, doc("LoRA alpha: the adapters' update is scaled by alpha / rank.", gt=0.0)] = 16.0
+    dropout: Annotated[
+        float,
+        doc(
+            "Dropout on each adapter's input in the update's forward passes; the no-grad passes (old and "
+            "reference logprobs, values, the post-sync probe) and the exported weights have none.",
+            ge=0.0,
+            lt=1.0,
+        ),
+    ] = 0.0
+    target_modules: Annotated[
+        list[str],
+        doc(
+            "Names (or name suffixes) of the linear layers inside the transformer blocks that get adapters; "
+            "the default is the attention and MLP projections of Llama, Qwen and Mistral."
+        ),
+    ] = field(default_factory=lambda: list(LORA_TARGETS))
+    critic: Annotated[
+        Literal["full", "lora"],
+        doc(
+            "The separate critic (estimator gae, shared_critic false): `full` trains its whole backbone, "
+            "`lora` adapters of the same shape on its frozen backbone (its value head is trained whole)."
+        ),
+    ] = "full"
+
+    def __post_init__(self):
+        # Raised here, msgspec reports it at load as `learner.lora: ...`, naming the section.
+        if self.rank is None and self.critic == "lora":
+            raise ValueError("critic is lora but rank is null (full fine-tuning): set a rank, or critic full")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty: name the layers that get adapters")
+
+
 LossAggMode = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 
 
@@ -188,3 +235,6 @@ class LearnerConfig(Base):
         doc("The constant of seq_mean_token_sum_norm; null: rollout.sampling.max_tokens."),
     ] = None
     kl: Annotated[KLConfig, doc("KL penalty toward the reference model.")] = field(default_factory=KLConfig)
+    lora: Annotated[LoraConfig, doc("Low-rank adapters instead of full fine-tuning.")] = field(
+        default_factory=LoraConfig
+    )

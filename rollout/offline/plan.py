@@ -8,7 +8,8 @@ machines that cannot reach the hub) and the job's settings:
   one engine batch (`rollout.generation.engine_sizing`: max_num_seqs sequences of `rollout.max_model_len` tokens)
   takes, and the batch and cache sizes the engine will use;
 - a learner rank holds what `learner.memory.estimate` counts (sharded states, the gathered working
-  set, one micro-batch of activations, a logit chunk, the iteration's per-token columns).
+  set, one micro-batch of activations, a logit chunk, the iteration's per-token columns), with LoRA
+  (`learner.lora`) a frozen base and the adapters' states, and no reference copy.
 With `--address`, the plan is also checked against the cluster's CPUs and GPUs; with
 `--gpu-memory-gb`, each GPU's estimate against that size. Either failing exits 1.
 """
@@ -168,6 +169,9 @@ def _memory(cfg: JobConfig, shape: Shape, requests, gpu_memory_gb: float | None,
         gradient_checkpointing=lc.gradient_checkpointing,
         samples=r.prompts_per_iteration * r.n_samples,
         response_tokens=r.sampling.max_tokens,
+        lora_rank=lc.lora.rank,
+        lora_targets=lc.lora.target_modules,
+        lora_critic=lc.lora.critic == "lora",
     )
     where = "per GPU" if learner_gpus else "CPU memory"
     parts = ", ".join(f"{k} {v:.2f}" for k, v in e.items() if k != "total")

@@ -1,8 +1,9 @@
 """The learner's end of the collective weight sync: rank 0 of the learner sends, every rank gathers.
 
 It runs beside the `Learner` inside each learner rank's actor (rollout/actors/learner_ranks.py) and
-reads only what the learner exports: `export_weights` (a collective when sharded) and the policy's
-parameter shapes, so the learner itself knows nothing of engines or of how weights travel.
+reads only what the learner exports: `export_weights` (a collective when sharded) and their shapes
+(`weight_shapes`: merged weights under LoRA), so the learner itself knows nothing of engines or of how
+weights travel.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ class WeightSender:
         """The buckets of every sync (the shapes never change); a tied head is sent once, as the embedding."""
         learner = self.learner
         shapes = [
-            (name.removeprefix("lm."), tuple(tensor.shape))
-            for name, tensor in learner.policy.state_dict().items()
-            if name.startswith("lm.") and not (learner.tied_head and name == "lm.lm_head.weight")
+            (name, shape)
+            for name, shape in learner.weight_shapes()
+            if not (learner.tied_head and name == "lm_head.weight")
         ]
         tied = ()
         if learner.tied_head:
