@@ -6,27 +6,24 @@ Dynamic sampling: `rollout run` of the default job (configs/tiny-arith.yaml) for
 archive and disk included). Seconds per iteration are the mean of `time/wall` in metrics.jsonl over the
 iterations after the first two (start-up and the engine's warm-up).
 
-LoRA: one learner per process (so each peak RSS is its own) on batches of the default job's shape (its
-prompts_per_iteration x n_samples samples, prompts and responses of its lengths), `--updates` PPO updates
-after one to warm up; the same with `learner.lora.rank` set. Also on `builtin:small-llama` (~21M), where
-the weights, not the activations, dominate.
+LoRA: `benchmarks/lora_cost.py` (its docstring says how: one learner per process, built as the default job
+builds it, fed batches of its shape; full against configs/tiny-arith-lora.yaml's learner, the kinds
+alternating for `--rounds`), on the default job's model and on `builtin:small-llama` (20.8M), where the
+weights and their optimizer state, not the libraries, make the learner's memory.
 
 Prints one JSON object: `dynamic_sampling_cost_ratio` (seconds per iteration on / off),
 `filtered_fraction` (groups without a signal / groups generated, with it on), `lora_update_ratio` and
 `lora_peak_rss_ratio` (LoRA / full, the default job's model; goals < 1), and the figures behind them.
 
-    .venv/bin/python benchmarks/objectives.py [--iterations 12] [--updates 5] [--skip-job]
+    .venv/bin/python benchmarks/objectives.py [--iterations 12] [--updates 3] [--rounds 2] [--skip-job] [--skip-lora]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,101 +61,34 @@ def job_figures(iterations: int) -> dict:
     }
 
 
-def learner_worker(model: str, lora: bool, updates: int) -> dict:
-    """In its own process: seconds per update and peak RSS of a learner, full or LoRA."""
-    import random
+def lora_figures(updates: int, rounds: int) -> dict:
+    """`lora_cost.py` on the default job's model (the issue's ratios) and on `builtin:small-llama`."""
+    from lora_cost import lora_cost
 
-    import numpy as np
-
-    from contracts.builtin_model import resolve_model_path
-    from contracts.config.load import load_config
-    from learner.learner import Learner
-    from learner.samples import SampleBatch, flatten
-
-    settings = [f"model.path={model}", "learner.device=cpu", *(["learner.lora.rank=8"] if lora else [])]
-    cfg = load_config(DEFAULT, settings)
-    learner = Learner(cfg.learner, resolve_model_path(model), dtype=cfg.model.dtype, seed=cfg.seed)
-    rng = random.Random(0)
-    n, prompts = cfg.rollout.n_samples, cfg.rollout.prompts_per_iteration
-    vocab = 200
-
-    def batch() -> SampleBatch:
-        prompt_ids, response_ids = [], []
-        for _ in range(prompts):
-            prompt = [1] + [rng.randrange(5, vocab) for _ in range(rng.randint(8, 14))]
-            for _ in range(n):
-                prompt_ids.append(prompt)
-                response_ids.append(
-                    [rng.randrange(5, vocab) for _ in range(rng.randint(2, cfg.rollout.sampling.max_tokens))]
-                )
-        (p, po), (r, ro) = flatten(prompt_ids, np.int32), flatten(response_ids, np.int32)
-        rewards = np.array([rng.random() < 0.3 for _ in response_ids], dtype=np.float32)
-        groups = np.repeat(np.arange(prompts), n).astype(np.int64)
-        return SampleBatch(p, po, r, ro, np.full(len(r), -1.0, np.float32), rewards, groups)
-
-    learner.learn(batch())  # warm-up: allocations, the optimizer's state
-    start = time.perf_counter()
-    for _ in range(updates):
-        learner.learn(batch())
-    seconds = (time.perf_counter() - start) / updates
-    trainable = (
-        sum(p.numel() for p in learner.trainable_parameters()) if hasattr(learner, "trainable_parameters") else None
-    )
+    tiny = lora_cost("builtin:tiny-llama", updates, rounds)
+    small = lora_cost("builtin:small-llama", updates, rounds)
     return {
-        "s_per_update": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "trainable_parameters": trainable,
-    }
-
-
-def lora_figures(updates: int) -> dict:
-    rows = {}
-    for model in ("builtin:tiny-llama", "builtin:small-llama"):
-        for lora in (False, True):
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--learner-worker",
-                    model,
-                    *(["--lora"] if lora else []),
-                    "--updates",
-                    str(updates),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=3600,
-                check=True,
-            )
-            rows[f"{model.split(':')[1]}/{'lora' if lora else 'full'}"] = json.loads(proc.stdout.splitlines()[-1])
-    full, lora = rows["tiny-llama/full"], rows["tiny-llama/lora"]
-    small_full, small_lora = rows["small-llama/full"], rows["small-llama/lora"]
-    return {
-        "lora_update_ratio": lora["s_per_update"] / full["s_per_update"],
-        "lora_peak_rss_ratio": lora["peak_rss_mb"] / full["peak_rss_mb"],
-        "small_llama_lora_update_ratio": small_lora["s_per_update"] / small_full["s_per_update"],
-        "small_llama_lora_peak_rss_ratio": small_lora["peak_rss_mb"] / small_full["peak_rss_mb"],
-        "learner": rows,
+        "lora_update_ratio": tiny["lora_update_ratio"],
+        "lora_peak_rss_ratio": tiny["lora_peak_rss_ratio"],
+        "small_llama_lora_update_ratio": small["lora_update_ratio"],
+        "small_llama_lora_peak_rss_ratio": small["lora_peak_rss_ratio"],
+        "lora": {"tiny-llama": tiny, "small-llama": small},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=12)
-    parser.add_argument("--updates", type=int, default=5)
+    parser.add_argument("--updates", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="LoRA: each kind's processes, alternating")
     parser.add_argument("--skip-job", action="store_true", help="the LoRA figures only")
     parser.add_argument("--skip-lora", action="store_true", help="the dynamic sampling figures only")
-    parser.add_argument("--learner-worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.learner_worker:
-        print(json.dumps(learner_worker(args.learner_worker, args.lora, args.updates)))
-        return
     out = {}
     if not args.skip_job:
         out.update(job_figures(args.iterations))
     if not args.skip_lora:
-        out.update(lora_figures(args.updates))
+        out.update(lora_figures(args.updates, args.rounds))
     print(json.dumps(out, indent=2))
 
 
