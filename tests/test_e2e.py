@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from learner.advantages import gae_reference
 from contracts.schema import SCHEMA_VERSION
+from learner.advantages import gae_reference
 from rollout.archive import read_metadata, read_table
 
 ROOT = Path(__file__).resolve().parents[1]
