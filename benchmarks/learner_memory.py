@@ -27,26 +27,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def synthetic_batch(samples: int, prompt_tokens: int, response_tokens: int, vocab: int, seed: int = 0):
     """Samples of 3/4 to all of the given lengths, four per prompt, random tokens and scores."""
     import numpy as np
-
-    from learner.samples import SampleBatch, offsets_of
+    from learner_workload import random_batch
 
     rng = np.random.default_rng(seed)
     p = rng.integers(prompt_tokens * 3 // 4, prompt_tokens + 1, samples)
     t = rng.integers(response_tokens * 3 // 4, response_tokens + 1, samples)
-    return SampleBatch(
-        prompt_ids=rng.integers(6, vocab, int(p.sum())).astype(np.int32),
-        prompt_offsets=offsets_of(p),
-        response_ids=rng.integers(6, vocab, int(t.sum())).astype(np.int32),
-        response_offsets=offsets_of(t),
-        behaviour_logprobs=np.full(int(t.sum()), -5.0, dtype=np.float32),
-        scores=rng.random(samples).astype(np.float32),
-        groups=np.arange(samples) // 4,
-    )
+    return random_batch(p, t, vocab, rng)
 
 
 def one_rank(args, rank: int = 0, world_size: int = 1, address: str | None = None, out=None) -> dict:

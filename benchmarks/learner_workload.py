@@ -52,7 +52,12 @@ def lengths(mix: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.
 
 def sample_batch(mix: str, n: int, vocab: int, seed: int = 0) -> SampleBatch:
     rng = np.random.default_rng(seed)
-    p, t = lengths(mix, n, rng)
+    return random_batch(*lengths(mix, n, rng), vocab, rng)
+
+
+def random_batch(p: np.ndarray, t: np.ndarray, vocab: int, rng: np.random.Generator) -> SampleBatch:
+    """Samples of prompt lengths `p` and response lengths `t`: random tokens and scores, four per prompt."""
+    n = len(p)
     return SampleBatch(
         prompt_ids=rng.integers(6, vocab, int(p.sum())).astype(np.int32),
         prompt_offsets=offsets_of(p),

@@ -41,3 +41,16 @@ def s3_server():
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 4 CPUs for a module's tests (or the one already started)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

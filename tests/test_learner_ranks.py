@@ -24,16 +24,6 @@ ONE_STEP = [
 ]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def group(tiny_model_path, ranks, *extra):
     cfg = load_config(None, [*ONE_STEP, f"learner.num_ranks={ranks}", *extra])
     return LearnerRanks(LearnerSpec.of_job(cfg, tiny_model_path), cfg.ray)

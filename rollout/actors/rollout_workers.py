@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 import ray
 
-from contracts.config import EnvConfig, RolloutConfig
+from contracts.config import EnvConfig, JobConfig, RolloutConfig
 from contracts.console import actor_options
 from contracts.device import resolve_device
 from contracts.rendering import PromptTask
@@ -118,6 +118,22 @@ class RolloutWorkers(ActorGroup):
         self.on_revived: Callable[[str], bool] = lambda name: True
         if wait:
             self.wait_started()
+
+    @classmethod
+    def of_job(cls, cfg: JobConfig, model_path: str, *, log=None, wait: bool = True) -> RolloutWorkers:
+        """The job's workers (`cfg.rollout` and `cfg.env`) on `model_path`, with the job's dtype, seed and
+        Ray timeouts."""
+        return cls(
+            cfg.rollout,
+            model_path,
+            env=cfg.env,
+            dtype=cfg.model.dtype,
+            seed=cfg.seed,
+            start_timeout_s=cfg.ray.actor_start_timeout_s,
+            node_wait_timeout_s=cfg.ray.node_wait_timeout_s,
+            log=log,
+            wait=wait,
+        )
 
     def wait_started(self) -> None:
         """Every engine up, or ActorStartError naming the late or failed ones and what they asked for."""

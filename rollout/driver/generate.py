@@ -39,16 +39,7 @@ def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
     run_id, model = f"{cfg.run_name}-generate", data.base_model
     tasks = [data.tasks[r.prompt_id] for r in data.records]
     scorers = RewardWorkers(cfg.reward, start_timeout_s=cfg.ray.actor_start_timeout_s, log=log)
-    pool = RolloutWorkers(
-        cfg.rollout,
-        model,
-        env=cfg.env,
-        dtype=cfg.model.dtype,
-        seed=cfg.seed,
-        start_timeout_s=cfg.ray.actor_start_timeout_s,
-        node_wait_timeout_s=cfg.ray.node_wait_timeout_s,
-        log=log,
-    )
+    pool = RolloutWorkers.of_job(cfg, model, log=log)
     scorers.wait_started()
     manifest = RunManifest(out, run_id)
     metadata = run_metadata(cfg, run_id, model, manifest.start_run(cfg, model), learner=False)

@@ -78,16 +78,8 @@ class Session:
             file=log,
         )
         # The engines load while the learner builds: neither start waits for the other.
-        self.workers = RolloutWorkers(
-            cfg.rollout,
-            str(checkpoint / "policy") if checkpoint else model,
-            env=cfg.env,
-            dtype=cfg.model.dtype,
-            seed=cfg.seed,
-            start_timeout_s=cfg.ray.actor_start_timeout_s,
-            node_wait_timeout_s=cfg.ray.node_wait_timeout_s,
-            log=log,
-            wait=False,
+        self.workers = RolloutWorkers.of_job(
+            cfg, str(checkpoint / "policy") if checkpoint else model, log=log, wait=False
         )
         self.rewards = RewardWorkers(cfg.reward, start_timeout_s=cfg.ray.actor_start_timeout_s, log=log)
         self.learner = LearnerRanks(LearnerSpec.of_job(cfg, model), cfg.ray, restart_from=checkpoint, log=log)
