@@ -16,7 +16,7 @@ from pathlib import Path
 
 from contracts.config import ConfigError, RewardConfig
 from reward.remote import REMOTE_COMPONENT, check_url
-from reward.rules import check_params, get_rule
+from reward.rule_registry import check_params, get_rule
 from reward.scorer import rule_component_names
 from reward.worker import MODEL_COMPONENT, RESTARTED
 

@@ -11,8 +11,9 @@ and `metadata` attributes, so any object with those (or None, where a rule needs
 raises ValueError, and `check_params` runs the same checks once, before any sample is scored.
 A rule that declares a keyword `response_tokens` is also given the response's length in tokens by
 the scorer (`overlong` does).
-`RULES` is the one list of built-in names; `get_rule` also loads a user's `package.module:function`
-(`reward.user_rules`), adapted to this signature.
+`RULES` is the one list of built-in names, each added by the `rule` decorator;
+`reward.rule_registry.get_rule` also loads a user's `package.module:function` (`reward.user_rules`), adapted to
+this signature.
 
 User-supplied regular expressions (safety, format) run on the `regex` package with
 `concurrent=True` and a time limit: the stdlib `re` holds the GIL for the whole match, so a
@@ -21,7 +22,6 @@ catastrophic pattern would freeze the scorer's timeout along with everything els
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -32,9 +32,22 @@ from typing import Any
 import regex
 
 from reward.arith_parser import evaluate, final_number, find_expression
-from reward.user_rules import is_user_rule, load_user_rule
 
 Rule = Callable[..., float]
+
+RULES: dict[str, Rule] = {}  # the built-ins by name, each added by `rule`
+PARAM_CHECKS: dict[str, Callable[..., object]] = {}  # their value checks, run once by `check_params`
+
+
+def rule(name: str) -> Callable[[Rule], Rule]:
+    """Register a built-in rule under `name`."""
+    return lambda function: RULES.setdefault(name, function)
+
+
+def param_check(name: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """Register the value checks rule `name` runs on each call, to be run once with the config's params."""
+    return lambda check: PARAM_CHECKS.setdefault(name, check)
+
 
 REGEX_TIMEOUT_S = 2.0
 
@@ -55,6 +68,7 @@ _SPACE = regex.compile(r"\s+")
 # --- arithmetic --------------------------------------------------------------------------------
 
 
+@rule("arithmetic")
 def arithmetic(
     prompt: str,
     response: str,
@@ -82,6 +96,7 @@ def arithmetic(
     return correct if abs(got - expected) <= Fraction(tolerance) else wrong
 
 
+@param_check("arithmetic")
 def _check_arithmetic(tolerance: float) -> None:
     if not tolerance >= 0:
         raise ValueError(f"arithmetic: tolerance must be >= 0, got {tolerance!r}")
@@ -107,6 +122,7 @@ def _expected_answer(prompt: str, record: Any) -> Fraction:
 SIMILARITY_METHODS = ("token_f1", "char_ngram")
 
 
+@rule("similarity")
 def similarity(prompt: str, response: str, record: Any, method: str = "token_f1", n: int = 3) -> float:
     """Overlap of the response with `record.reference`, in [0, 1].
 
@@ -124,6 +140,7 @@ def similarity(prompt: str, response: str, record: Any, method: str = "token_f1"
     return _f1(_char_ngrams(response, n), _char_ngrams(reference, n))
 
 
+@param_check("similarity")
 def _check_similarity(method: str, n: int) -> None:
     if method not in SIMILARITY_METHODS:
         raise ValueError(f"similarity: unknown method {method!r}; known: {', '.join(SIMILARITY_METHODS)}")
@@ -157,6 +174,7 @@ def _f1(predicted: Counter[str], reference: Counter[str]) -> float:
 # --- safety ------------------------------------------------------------------------------------
 
 
+@rule("safety")
 def safety(
     prompt: str,
     response: str,
@@ -180,6 +198,7 @@ def safety(
     return penalty if found else 0.0
 
 
+@param_check("safety")
 def _check_safety(blocklist: Sequence[str], patterns: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The lists as tuples (hashable, for the compiled-matcher cache), after checking their shape."""
     for label, items in (("blocklist", blocklist), ("patterns", patterns)):
@@ -208,6 +227,7 @@ def _phrase_pattern(phrase: str) -> str:
 # --- format ------------------------------------------------------------------------------------
 
 
+@rule("format")
 def format(
     prompt: str,
     response: str,
@@ -239,6 +259,11 @@ def _compile(pattern: str, rule: str) -> regex.Pattern:
         raise ValueError(f"{rule}: invalid regular expression {pattern!r}: {e}") from None
 
 
+@param_check("format")
+def _check_format(pattern: str) -> None:
+    _compile(pattern, "format")
+
+
 @lru_cache(maxsize=256)
 def _compile_cached(pattern: str) -> regex.Pattern:
     return regex.compile(pattern)
@@ -249,6 +274,7 @@ def _compile_cached(pattern: str) -> regex.Pattern:
 LENGTH_UNITS = ("chars", "words")
 
 
+@rule("length")
 def length(
     prompt: str,
     response: str,
@@ -269,6 +295,7 @@ def length(
     return 0.0 - min(max_penalty, penalty_per_unit * max(0, size - target))
 
 
+@param_check("length")
 def _check_length(target: int, unit: str, penalty_per_unit: float, max_penalty: float) -> None:
     if unit not in LENGTH_UNITS:
         raise ValueError(f"length: unknown unit {unit!r}; known: {', '.join(LENGTH_UNITS)}")
@@ -283,6 +310,7 @@ def _check_length(target: int, unit: str, penalty_per_unit: float, max_penalty: 
 RESPONSE_TOKENS = "response_tokens"
 
 
+@rule("overlong")
 def overlong(
     prompt: str,
     response: str,
@@ -308,6 +336,7 @@ def overlong(
     return 0.0 - penalty * min(1.0, over / buffer)
 
 
+@param_check("overlong")
 def _check_overlong(max_tokens: int, buffer_tokens: int, penalty: float) -> int:
     """The buffer in tokens; ValueError naming the bad parameter."""
     if not (isinstance(max_tokens, int) and max_tokens > 0):
@@ -319,94 +348,3 @@ def _check_overlong(max_tokens: int, buffer_tokens: int, penalty: float) -> int:
     if not (math.isfinite(penalty) and penalty >= 0):
         raise ValueError(f"overlong: penalty must be a finite number >= 0, got {penalty!r}")
     return buffer_tokens or max(1, max_tokens // 4)
-
-
-# --- registry ----------------------------------------------------------------------------------
-
-RULES: dict[str, Rule] = {
-    "arithmetic": arithmetic,
-    "similarity": similarity,
-    "safety": safety,
-    "format": format,
-    "length": length,
-    "overlong": overlong,
-}
-
-# The value checks each rule runs per call, run once by `check_params` with the bound params.
-_PARAM_CHECKS: dict[str, Callable[..., object]] = {
-    "arithmetic": _check_arithmetic,
-    "similarity": _check_similarity,
-    "safety": _check_safety,
-    "format": lambda pattern: _compile(pattern, "format"),
-    "length": _check_length,
-    "overlong": _check_overlong,
-}
-
-
-def get_rule(name: str, registry: dict[str, Rule] = RULES) -> Rule:
-    """The rule called `name`: a built-in from `registry`, or a user's `package.module:function`
-    imported (see `reward.user_rules`). ValueError saying why when there is none."""
-    if is_user_rule(name):
-        return load_user_rule(name)
-    try:
-        return registry[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown reward rule {name!r}; known: {', '.join(registry)}, or your own as package.module:function"
-        ) from None
-
-
-def check_params(name: str, rule: Rule, params: dict[str, Any]) -> None:
-    """ValueError naming the rule and the parameter when `rule` does not accept `params`.
-
-    Names are checked against the rule's signature (any name goes where it takes **params), a
-    parameter without a default must be given, and each value is checked against the kind of its
-    default (a number where the default is a number, ...); for the built-in rules the values are
-    checked further (regexes compile, methods and units are known), so a bad config fails at
-    start-up rather than on every sample.
-    """
-    signature = inspect.signature(rule)
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    after_three = list(signature.parameters.values())[3:]  # after prompt, response, record
-    accepted = {p.name: p for p in after_three if p.kind in named and p.name != RESPONSE_TOKENS}
-    if RESPONSE_TOKENS in params:
-        raise ValueError(f"reward rule {name!r}: {RESPONSE_TOKENS} is counted by the scorer, not set in params")
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
-    for key, value in params.items():
-        if key not in accepted:
-            if takes_any:
-                continue
-            raise ValueError(
-                f"reward rule {name!r} has no parameter {key!r}; its parameters: {', '.join(accepted) or '(none)'}"
-            )
-        problem = _kind_problem(accepted[key].default, value)
-        if problem:
-            raise ValueError(f"reward rule {name!r}: parameter {key!r} {problem}")
-    missing = [key for key, p in accepted.items() if p.default is p.empty and key not in params]
-    if missing:  # a user rule's parameter without a default would fail every call
-        raise ValueError(f"reward rule {name!r} needs parameter(s) {', '.join(missing)}: set them in its params")
-    check = _PARAM_CHECKS.get(name) if RULES.get(name) is rule else None
-    if check is not None:
-        bound = signature.bind_partial("", "", None, **params)
-        bound.apply_defaults()
-        wanted = inspect.signature(check).parameters
-        check(**{key: value for key, value in bound.arguments.items() if key in wanted})
-
-
-def _kind_problem(default: Any, value: Any) -> str | None:
-    """Why `value` cannot stand where `default` is the default; None when it can."""
-    if isinstance(default, bool):
-        ok, kind = isinstance(value, bool), "true or false"
-    elif isinstance(default, (int, float)):
-        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-    elif isinstance(default, str):
-        ok, kind = isinstance(value, str), "a string"
-    elif isinstance(default, tuple):
-        ok, kind = isinstance(value, (list, tuple)), "a list"
-    else:
-        return None
-    if ok:
-        return None
-    # YAML reads 1e-6 (no dot) as text, a common way for a number to arrive as a string.
-    hint = " (YAML reads 1e-6 as text: write 1.0e-6)" if kind == "a number" and isinstance(value, str) else ""
-    return f"must be {kind}, got {value!r}{hint}"

@@ -28,7 +28,8 @@ import msgspec
 
 from contracts.config import RuleSpec
 from contracts.errors import JobFailure
-from reward.rules import RESPONSE_TOKENS, RULES, Rule, check_params, get_rule
+from reward.rule_registry import check_params, get_rule
+from reward.rules import RESPONSE_TOKENS, RULES, Rule
 from reward.user_rules import component_name
 
 log = logging.getLogger(__name__)

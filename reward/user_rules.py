@@ -38,7 +38,7 @@ def load_user_rule(name: str) -> Callable[..., float]:
     Raises ValueError saying what is wrong: the name is not `package.module:function`, the module
     does not import, it has no such attribute, the attribute is not callable, or its signature cannot
     take (prompt, response, reference) positionally. The returned rule's signature (what
-    `inspect.signature` and so `rules.check_params` read) is the user function's own.
+    `inspect.signature` and so `rule_registry.check_params` read) is the user function's own.
     """
     module_name, _, attribute = name.partition(SEPARATOR)
     if not (all(part.isidentifier() for part in module_name.split(".")) and attribute.isidentifier()):

@@ -10,6 +10,7 @@ import pytest
 
 from reward import rules
 from reward.arith_parser import ArithmeticSyntaxError, evaluate, final_number, find_expression, numbers_in
+from reward.rule_registry import check_params, get_rule
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,7 @@ def test_overlong_bad_params_and_a_missing_count() -> None:
     with pytest.raises(ValueError, match="penalty must be"):
         rules.overlong("", "x", NO_RECORD, response_tokens=1, max_tokens=10, penalty=-1.0)
     with pytest.raises(ValueError, match="response_tokens is counted by the scorer"):
-        rules.check_params("overlong", rules.overlong, {"response_tokens": 3, "max_tokens": 10})
+        check_params("overlong", rules.overlong, {"response_tokens": 3, "max_tokens": 10})
 
 
 def test_a_job_fills_overlong_with_its_own_token_limit() -> None:
@@ -365,9 +366,9 @@ def test_the_registry_is_the_one_list_of_built_in_names() -> None:
 
 
 def test_get_rule() -> None:
-    assert rules.get_rule("length") is rules.length
+    assert get_rule("length") is rules.length
     with pytest.raises(ValueError, match="unknown reward rule 'bleu'; known: arithmetic, similarity"):
-        rules.get_rule("bleu")
+        get_rule("bleu")
 
 
 def test_rules_accept_a_real_prompt_record() -> None:
@@ -393,9 +394,9 @@ def test_rules_accept_a_real_prompt_record() -> None:
 )
 def test_check_params_rejects(name: str, params: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        rules.check_params(name, rules.RULES[name], params)
+        check_params(name, rules.RULES[name], params)
 
 
 def test_check_params_accepts_good_params() -> None:
-    rules.check_params("safety", rules.safety, {"blocklist": ["a"], "patterns": [r"\d+"], "penalty": -2})
-    rules.check_params("length", rules.length, {"target": 5, "unit": "words", "max_penalty": 0.5})
+    check_params("safety", rules.safety, {"blocklist": ["a"], "patterns": [r"\d+"], "penalty": -2})
+    check_params("length", rules.length, {"target": 5, "unit": "words", "max_penalty": 0.5})

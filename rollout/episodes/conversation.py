@@ -19,7 +19,7 @@ import msgspec
 
 from contracts.environment import Environment, StepResult
 from contracts.formats import Message
-from reward.rules import check_params, get_rule
+from reward.rule_registry import check_params, get_rule
 from rollout.episodes.registry import register_environment
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +52,13 @@ import yaml
 
 from contracts.config import ConfigError, LearnerConfig, RewardConfig
 from contracts.schema import components_of
-from learner.advantages import KLEstimator, kl_penalty, last_token_mask
+from learner.advantages import KLEstimator, last_token_mask
 from learner.estimators import estimate, estimator
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
 from rollout.archive.metadata import learner_settings
 from rollout.offline.ragged import floats, lengths_of, padded, ragged, required, required_column
 from rollout.offline.rescore import ReplayError, Rescorer, Scores, reward_config, run_config
+from rollout.offline.token_rewards import rebuilt_token_rewards, turn_rewards
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def _replay_batch(
     mask = torch.arange(width) < torch.from_numpy(lengths).unsqueeze(1)  # (B, T)
     model = mask & (padded(batch.column("response_mask"), width) > 0)  # the model's tokens, not an environment's
     reward, components = scores
-    rewards = _token_rewards(batch, reward, plan, lengths, model)
+    rewards = rebuilt_token_rewards(batch, reward, plan, lengths, model)
     entry = estimator(plan.estimator)
     if entry.grouped:
         advantages = torch.where(model, torch.from_numpy(group_advantages).float().unsqueeze(1), 0)
@@ -260,79 +260,6 @@ def _replay_batch(
         columns["kl_coef"] = pa.array(np.full(batch.num_rows, plan.kl_coef, dtype=np.float32))
     replayed = pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema.remove_metadata())
     return replayed, _max_diff(batch.column("returns"), returns, lengths, mask)
-
-
-def _token_rewards(
-    batch: pa.RecordBatch, reward: pa.Array, plan: _Plan, lengths: np.ndarray, mask: torch.Tensor
-) -> torch.Tensor | None:
-    """(B, T) token rewards: stored, or rebuilt as −β·kl_t plus the (new) score on the last token, and an
-    episode's turn rewards; `mask`: the model's tokens."""
-    stored = batch.column("token_rewards")
-    if stored.null_count:
-        if estimator(plan.estimator).needs_critic:
-            raise ReplayError(
-                "the archive has no learner columns (token_rewards, values are null, as "
-                "`rollout generate` writes them): GAE needs them; use --estimator grpo or rloo"
-            )
-        return None
-    rewards = padded(required(batch, "token_rewards", lengths), mask.shape[1])
-    if not plan.rescore and plan.kl_coef is None:
-        return rewards
-    last = last_token_mask(mask)
-    if plan.kl_coef is None:
-        old_score = torch.from_numpy(floats(batch.column("reward"), "reward")).unsqueeze(1)
-        kl_part = rewards - torch.where(last, old_score, 0)  # −β·kl_t, as the run computed it
-    else:
-        kl_part = -plan.kl_coef * _kl(batch, plan, lengths, mask) + turn_rewards(batch, mask.shape[1])
-    new_score = torch.from_numpy(floats(reward, "reward")).unsqueeze(1)
-    return torch.where(mask, kl_part, 0) + torch.where(last, new_score, 0)
-
-
-def turn_rewards(batch: pa.RecordBatch, width: int) -> torch.Tensor:
-    """(B, T) an episode's turn rewards on the tokens they land on; zero for single completions."""
-    at = batch.column("turn_reward_at")
-    out = torch.zeros((batch.num_rows, width))
-    counts = lengths_of(at)
-    if counts.sum():
-        rows = torch.from_numpy(np.repeat(np.arange(batch.num_rows), counts))
-        columns = torch.from_numpy(at.flatten().to_numpy().astype(np.int64))
-        out.index_put_(
-            (rows, columns),
-            torch.from_numpy(floats(batch.column("turn_rewards").flatten(), "turn_rewards")),
-            accumulate=True,
-        )
-    return out
-
-
-def _kl(batch: pa.RecordBatch, plan: _Plan, lengths: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) per-token KL: the `kl` column; estimated from the logprobs where the run's β was 0."""
-    column = batch.column("kl")
-    missing = column.is_null().to_numpy(zero_copy_only=False)
-    if not missing.any():
-        return padded(required_column(column, "kl", lengths), mask.shape[1])
-    coef = batch.column("kl_coef").to_numpy(zero_copy_only=False)  # NaN where unknown
-    unknown = np.isnan(coef) & missing
-    if unknown.any():
-        iterations = sorted(set(batch.column("iteration").to_numpy()[unknown].tolist()))
-        raise ReplayError(
-            f"the KL coefficient the run used in iteration(s) {iterations[:5]} is unknown (a v1 archive of an "
-            "adaptive controller, and no metrics.jsonl beside it to read it from): cannot rebuild its KL"
-        )
-    warnings.warn(
-        "the run's KL coefficient was 0, so its token rewards hold no KL: estimating it "
-        "from the behaviour response_logprobs and ref_logprobs instead",
-        stacklevel=4,
-    )
-    width = mask.shape[1]
-    estimated = kl_penalty(
-        padded(required(batch, "response_logprobs", lengths), width),
-        padded(required(batch, "ref_logprobs", lengths), width),
-        plan.kl_estimator,
-    )
-    if missing.all():
-        return estimated
-    stored = padded(column, width)
-    return torch.where(torch.from_numpy(missing).unsqueeze(1), estimated, stored)
 
 
 def _max_diff(stored: pa.Array, returns: torch.Tensor, lengths: np.ndarray, mask: torch.Tensor) -> float | None:
