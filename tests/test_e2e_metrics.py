@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from test_e2e import ROOT, _free_port
+from e2e_common import ROOT, free_port
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 @pytest.fixture(scope="module")
 def live_job(tmp_path_factory):
     """A smoke job that keeps running (no checkpoints) with its Ray metrics on a known port; killed at the end."""
-    port = _free_port()
+    port = free_port()
     out = tmp_path_factory.mktemp("live") / "run"
     settings = ("iterations=100000", "checkpoint_every=100000", f"ray.metrics_export_port={port}")
     with RolloutProcess(run_args(out, *settings), out.with_suffix(".log")) as job:
@@ -69,7 +69,7 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(live_jo
     if binary is None:
         pytest.skip("no prometheus binary: install Debian's package (apt-get install prometheus) to run this test")
     proc, port = live_job
-    web = _free_port()
+    web = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}]\n"

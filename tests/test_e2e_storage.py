@@ -20,9 +20,7 @@ from rollout.driver.run_storage import staging_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
+from e2e_common import free_port  # noqa: E402 - it puts benchmarks/ on the path
 from job_process import RolloutProcess, logged_iterations, rollout_cli, run_args  # noqa: E402
 
 SETTINGS = ("checkpoint_every=2", "tracking.backends=[]")
@@ -73,14 +71,6 @@ def test_a_run_on_s3_lands_in_the_bucket_and_a_fresh_driver_resumes_from_it(s3_s
     shutil.rmtree(staging_dir(uri))
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -91,7 +81,7 @@ class Cluster:
 
     def __init__(self, env, logs: Path):
         self.env, self.logs, self.nodes = env, logs, []
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"
         head = subprocess.run(
             [RAY, "start", "--head", f"--port={self.address.split(':')[1]}", "--num-cpus=0"]
             + ["--include-dashboard=false", "--node-ip-address=127.0.0.1"],
