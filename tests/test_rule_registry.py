@@ -1,0 +1,68 @@
+"""The reward rules' registry: the one list of built-in names, lookup by name, params checked at start-up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from reward import rules
+from reward.rule_registry import check_params, get_rule
+
+
+def test_the_registry_is_the_one_list_of_built_in_names() -> None:
+    import msgspec
+
+    from contracts.config import ConfigError, RewardConfig, RuleSpec
+    from reward.checks import check_reward_config
+
+    assert set(rules.RULES) == {"arithmetic", "similarity", "safety", "format", "length", "overlong"}
+    limits = {"overlong": {"max_tokens": 64}}  # a job fills it in at load
+    check_reward_config(RewardConfig(rules=[RuleSpec(name=name, params=limits.get(name, {})) for name in rules.RULES]))
+    with pytest.raises(ConfigError) as e:
+        check_reward_config(RewardConfig(rules=[RuleSpec(name="length"), RuleSpec(name="nonsense")]))
+    assert str(e.value) == (
+        "reward.rules.1.name: unknown reward rule 'nonsense'; known: arithmetic, similarity, safety, format, "
+        "length, overlong, or your own as package.module:function"
+    )
+    # `rollout config --explain` names every built-in (and nothing keeps a second list of them).
+    (rules_field,) = [f for f in msgspec.inspect.type_info(RewardConfig).fields if f.name == "rules"]
+    described = rules_field.type.extra_json_schema["description"]
+    assert all(name in described for name in rules.RULES), described
+
+
+def test_get_rule() -> None:
+    assert get_rule("length") is rules.length
+    with pytest.raises(ValueError, match="unknown reward rule 'bleu'; known: arithmetic, similarity"):
+        get_rule("bleu")
+
+
+def test_rules_accept_a_real_prompt_record() -> None:
+    from contracts import formats
+
+    record = formats.PromptRecord(prompt_id="p", messages=[], reference="19", metadata={}, source="x:1")
+    assert rules.arithmetic("12+7=", "19", record) == 1.0
+    assert rules.similarity("", "19", record) == 1.0
+
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("format", {"colour": 1}, "reward rule 'format' has no parameter 'colour'"),
+        ("format", {"full": "yes"}, "parameter 'full' must be true or false"),
+        ("arithmetic", {"tolerance": "1e-6"}, "must be a number.*write 1.0e-6"),
+        ("safety", {"blocklist": "kill"}, "parameter 'blocklist' must be a list"),
+        ("safety", {"patterns": ["("]}, r"invalid regular expression '\('"),
+        ("similarity", {"method": "bleu"}, "unknown method"),
+        ("length", {"unit": "tokens"}, "unknown unit"),
+        ("arithmetic", {"tolerance": -1.0}, "tolerance must be >= 0"),
+    ],
+)
+def test_check_params_rejects(name: str, params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_params(name, rules.RULES[name], params)
+
+
+def test_check_params_accepts_good_params() -> None:
+    check_params("safety", rules.safety, {"blocklist": ["a"], "patterns": [r"\d+"], "penalty": -2})
+    check_params("length", rules.length, {"target": 5, "unit": "words", "max_penalty": 0.5})
