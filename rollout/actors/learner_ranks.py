@@ -1,16 +1,17 @@
-"""The learner's ranks: `LearnerRank`, the Ray edge of one `Learner`, and the group that places them (created
+"""The learner's ranks: the group that places its `LearnerRank`s (`learner_rank.py`; created
 empty, so rank 0 names the process group's address first), runs every call on every rank (FSDP's
 collectives need them all; rank 0's answer is the group's), each wait bounded and naming the rank.
 
 Recovery is the group's own: a rank that died (or was killed for a stall) fails its call; the group builds
 new ranks from `restart_from` (the newest checkpoint, or the start model), counts the updates lost
 (`lost_updates`: the job makes them again), tells `on_rebuilt`'s listeners and runs the call again (`learn`
-on the same samples, reads on the new ranks); a checkpoint a rank died in is not retried.
+on the same samples, reads on the new ranks), holding `lock` (a collector thread may need the weights); a
+checkpoint a rank died in is not retried.
 """
 
 from __future__ import annotations
 
-import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from contracts import storage
 from contracts.config import RayConfig
 from contracts.console import actor_options
 from contracts.device import resolve_device
@@ -26,107 +26,16 @@ from contracts.errors import JobFailure
 from learner.checkpoint import NonFiniteError
 from learner.samples import LearnerColumns, SampleBatch
 from rollout.actors.group import ActorGroup
+from rollout.actors.learner_rank import LearnerRank
 from rollout.actors.learner_spec import LearnerSpec
-from rollout.actors.member import CONCURRENCY_GROUPS, Member
+from rollout.actors.member import CONCURRENCY_GROUPS
 from rollout.runtime.failures import ActorRaised, first_line, start_failed
 from rollout.runtime.telemetry import record_restart
-from rollout.weight_sync.sender import WeightSender
 from rollout.weight_sync.wire import GroupAddress, SyncPlan
 
 
 class LearnerError(JobFailure):
     """A learner rank could not be placed, failed or did not answer in time; the message names it."""
-
-
-class LearnerRank(Member):
-    kind = "learner"
-
-    def __init__(self):
-        super().__init__("learner")
-        self.rank: int | None = None
-        self.learning = False
-        self.pending = None  # the checkpoint being written in the background
-
-    def address(self) -> str:
-        """A free port on this node, for the process group rank 0 serves."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return f"{ray.util.get_node_ip_address()}:{port}"
-
-    def start(self, spec: LearnerSpec, rank: int, world_size: int, address: str) -> None:
-        self.rank, self.name = rank, f"learner rank {rank}"
-        self.build(lambda: spec.build(rank=rank, world_size=world_size, address=address))
-        self.sender = WeightSender(self.core)
-
-    def progress(self) -> int | None:
-        """Micro-batches done while learning; None in the other calls, which are single library calls (a
-        checkpoint, a gather) whose answer is progress enough."""
-        return self.core.micro_batches_done if self.learning else None
-
-    # Every rank runs each call below (FSDP's collectives need them all); only rank 0's answer travels back.
-
-    def learn(self, batches: list[ray.ObjectRef], rewards: list[ray.ObjectRef], timeout: float, selected=None):
-        """One iteration on the generation and reward batches (fetched here; `selected`: per batch, the rows the
-        update uses): (per-token columns, for the archive; (stats, stage seconds), for the driver)."""
-        from rollout.archive.columns import sample_batch
-
-        return self.learn_samples(
-            sample_batch(ray.get(batches, timeout=timeout), ray.get(rewards, timeout=timeout), selected)
-        )
-
-    def learn_samples(self, samples: SampleBatch):
-        """`learn` on a batch already assembled (an archive's samples, a test's)."""
-        self.learning = True
-        try:
-            columns, stats, timings = self.core.learn(samples)
-        finally:
-            self.learning = False
-        return self._answer(columns), (stats, timings)
-
-    def save(self, directory: Path, extra: dict) -> None:
-        """Stage this rank's part of checkpoint `directory`; it is written in the background (`written`)."""
-        Path(directory).mkdir(parents=True, exist_ok=True)  # on a node that does not see the driver's disk, too
-        self.pending = self.core.save_async(directory, extra)
-
-    def written(self, wait: bool) -> float | None:
-        """The seconds the pending checkpoint took to write, once it is written (and published, for a
-        driver that cannot see this node's disk); None while it is still writing and not `wait`."""
-        pending = self.pending
-        if pending is None or not (wait or pending.done()):
-            return None if pending is not None else 0.0
-        seconds = pending.wait()
-        storage.publish(pending.directory)
-        self.pending = None
-        return seconds
-
-    def load(self, directory: Path) -> dict:
-        return self._answer(self.core.load(storage.fetch(directory)))
-
-    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
-        return self._answer(self.core.probe_logprobs(token_ids))
-
-    def export_weights(self):
-        """(weights, True): the flag is small, so a caller can wait on it and leave the weights in the store."""
-        return self._answer(self.core.export_weights()), True
-
-    def versioned_weights(self):
-        return self._answer(self.core.versioned_weights()), True
-
-    def weight_plan(self, dtype: str, bucket_bytes: int) -> SyncPlan:
-        return self._answer(self.sender.plan(dtype, bucket_bytes))
-
-    def open_weight_group(self, address: GroupAddress) -> bool:
-        return self.sender.open(address)
-
-    def broadcast_weights(self, plan: SyncPlan, sync: int) -> bool:
-        return self.sender.broadcast(plan, sync)
-
-    def version(self) -> int:  # rank 0 alone: no collective
-        return self.core.version
-
-    def _answer(self, result):
-        return result if self.rank == 0 else None
 
 
 @dataclass(frozen=True)
@@ -154,6 +63,7 @@ class LearnerRanks(ActorGroup):
         # Before a rebuild, while `writing` names the checkpoint being written: keep it if whole, else remove it.
         self.before_rebuild: list[Callable[[], None]] = []
         self._learned_iteration: int | None = None
+        self.lock = threading.RLock()
         super().__init__([], [], stall_timeout_s=lc.stall_timeout_s, max_restarts=lc.max_restarts, log=log)
         self._start(rebuilt=False)
 
@@ -203,15 +113,16 @@ class LearnerRanks(ActorGroup):
             ]
             return self._learned(pairs)
 
-        try:
-            result = self._recovering(learn)
-        except ActorRaised as e:
-            if isinstance(e.cause, NonFiniteError):  # the learner cannot say which iteration it was
-                raise NonFiniteError(f"iteration {iteration}: {e.cause}") from None
-            raise
-        self.updates += 1
-        self._learned_iteration = iteration
-        return result
+        with self.lock:
+            try:
+                result = self._recovering(learn)
+            except ActorRaised as e:
+                if isinstance(e.cause, NonFiniteError):  # the learner cannot say which iteration it was
+                    raise NonFiniteError(f"iteration {iteration}: {e.cause}") from None
+                raise
+            self.updates += 1
+            self._learned_iteration = iteration
+            return result
 
     def learn_samples(self, samples: SampleBatch) -> tuple[LearnerColumns, dict[str, float], dict[str, float]]:
         """`learn` on a batch already assembled (an archive's samples, a test's); no recovery."""
@@ -224,12 +135,12 @@ class LearnerRanks(ActorGroup):
     def save(self, directory: Path, extra: dict) -> bool:
         """Every rank stages its part of checkpoint `directory` and writes it in the background (`written`);
         False when a rank died first (the group rebuilt, the partial checkpoint removed)."""
-        self.writing = Path(directory)
+        self.writing, handles = Path(directory), self.handles
         try:
             self._every(lambda h: h.save.remote(directory, extra))
             return True
         except ray.exceptions.RayActorError as e:
-            self._rebuild(e)
+            self._rebuild(e, handles)
             return False
 
     def written(self, wait: bool) -> float | None:
@@ -237,11 +148,12 @@ class LearnerRanks(ActorGroup):
         writes, or when a rank died first (rebuilt, the partial checkpoint removed, `writing` None)."""
         if self.writing is None:
             return None
-        refs = [h.written.remote(wait) for h in self.handles]
+        handles = self.handles
+        refs = [h.written.remote(wait) for h in handles]
         try:
             answers = [self._get(r, n) for r, n in zip(self._finish(refs), self.names)]
         except ray.exceptions.RayActorError as e:
-            self._rebuild(e)
+            self._rebuild(e, handles)
             return None
         if any(seconds is None for seconds in answers):
             return None
@@ -280,14 +192,22 @@ class LearnerRanks(ActorGroup):
 
     def _recovering(self, call):
         """`call()`, again on rebuilt ranks for as long as a rank dies in it (learner.max_restarts bounds it)."""
-        while True:
-            try:
-                return call()
-            except ray.exceptions.RayActorError as e:
-                self._rebuild(e)
+        with self.lock:
+            while True:
+                handles = self.handles
+                try:
+                    return call()
+                except ray.exceptions.RayActorError as e:
+                    self._rebuild(e, handles)
 
-    def _rebuild(self, error: BaseException) -> None:
-        """New ranks from the newest checkpoint (or the start model); LearnerError once restarts are spent."""
+    def _rebuild(self, error: BaseException, failed: list) -> None:
+        """New ranks from the newest checkpoint (or the start model), unless the `failed` ranks were replaced
+        already (by another thread); LearnerError once restarts are spent."""
+        with self.lock:
+            if failed is self.handles:
+                self._replace(error)
+
+    def _replace(self, error: BaseException) -> None:
         self.restarts += 1
         limit = self.max_restarts
         if self.restarts > limit:

@@ -140,7 +140,18 @@ class WeightSync:
         if self.workers.serving(name, self.restore_timeout_s) == version:
             return newest is None  # nothing to load: a restart before the first sync
         _say(f"{name}: back after a restart; loading weights version {version}, then generating its lost chunks again")
-        served = ray.get(handle.update_weights.remote(version, weights), timeout=self.restore_timeout_s)
+        try:
+            served = ray.get(handle.update_weights.remote(version, weights), timeout=self.restore_timeout_s)
+        except ray.exceptions.RayError as e:
+            if self.learner is None or not _object_lost(e):
+                raise
+            # The weights were in the object store of a node since lost, with the learner rank that made them:
+            # the learner's own instead (the learner rebuilt first, if it was lost: `restore` then loads again).
+            _say(f"{name}: weights version {version} were lost with their node; loading the learner's")
+            pair = self.learner.versioned_weights_ref()
+            served = ray.get(handle.load_versioned.remote(pair), timeout=self.restore_timeout_s)
+            self._check_restored(name, served, epoch)
+            return True
         if self._check_restored(name, served, epoch) not in (None, version):
             raise WeightSyncError(f"{name} reports version {served.version} after a restart and a sync to {version}")
         return True
@@ -248,6 +259,12 @@ class WeightSync:
 
     def _members(self):
         return zip(self.workers.handles, self.workers.names)
+
+
+def _object_lost(error: BaseException) -> bool:
+    """An object an actor call needed was lost with its node (raised as such, or as the actor's error)."""
+    lost = ray.exceptions.ObjectLostError
+    return isinstance(error, lost) or isinstance(getattr(error, "cause", None), lost)
 
 
 def _say(line: str) -> None:
