@@ -8,7 +8,7 @@ the learner needs from them.
 - `Adapters.off()`: the same modules with the adapters skipped, i.e. the base model. It is the policy's
   reference: no second copy of the weights, and the pass runs as the policy's does (autocast or FSDP's
   mixed precision in the compute dtype).
-- `Adapters.no_dropout()`: the no-grad passes (old logprobs, reference, probe) score the model the
+- `no_dropout(module)`: the no-grad passes (old logprobs, reference, probe) score the model the
   engines serve, which has no dropout.
 - `merged_weights(policy, exports)`: the policy's weights as engines and `policy/` take them, each
   adapted layer's W + B·A·alpha/r computed per tensor into new memory (the training weights are never

@@ -41,7 +41,9 @@ class WeightSync:
         self._newest: tuple[int, ray.ObjectRef] | None = None  # the last weights sent: what a revived worker loads
         self._synced = False  # a sync was queued: a worker revived since must not keep its start weights
         self._dropped: list[ray.ObjectRef] = []  # loads of a sync from a learner since lost, not waited for
-        self._epoch = 0  # learner rebuilds so far: a version names other weights after each
+        # Learner rebuilds heard of, moved with `_newest` under the lock (the learner's own count moves as a
+        # rebuild starts, before `_newest` is cleared): a version names other weights after each.
+        self._epoch = 0
         self._lock = threading.Lock()  # `restore` runs on collector threads
         self._syncing = False
         workers.on_revived = self.restore
@@ -71,9 +73,8 @@ class WeightSync:
                     self._queued = (version, None)
                     return
                 weights = self.learner.weights_ref()
-                if (
-                    self._epoch == epoch
-                ):  # else a rank was lost in the export: the rebuilt ranks' weights, version, probe
+                # A rank lost in the export: the probe and version were the lost ranks'; read all three again.
+                if self._epoch == epoch:
                     break
             self.probe.expect(version, probe)
             self.queue_weights(version, weights)
@@ -131,11 +132,7 @@ class WeightSync:
             if self.collective is not None:
                 self.collective.members_changed()
             _say(f"{name}: back after a restart; loading the learner's weights, then generating its lost chunks again")
-            served = ray.get(
-                handle.load_versioned.remote(self.learner.versioned_weights_ref()), timeout=self.restore_timeout_s
-            )
-            self._check_restored(name, served, epoch)
-            return True
+            return self._load_learners(name, epoch)
         version, weights = newest if newest is not None else (0, None)
         if self.workers.serving(name, self.restore_timeout_s) == version:
             return newest is None  # nothing to load: a restart before the first sync
@@ -145,15 +142,19 @@ class WeightSync:
         except ray.exceptions.RayError as e:
             if self.learner is None or not _object_lost(e):
                 raise
-            # The weights were in the object store of a node since lost, with the learner rank that made them:
-            # the learner's own instead (the learner rebuilt first, if it was lost: `restore` then loads again).
+            # The weights were in the object store of a node since lost, with the learner rank that made them.
             _say(f"{name}: weights version {version} were lost with their node; loading the learner's")
-            pair = self.learner.versioned_weights_ref()
-            served = ray.get(handle.load_versioned.remote(pair), timeout=self.restore_timeout_s)
-            self._check_restored(name, served, epoch)
-            return True
+            return self._load_learners(name, epoch)
         if self._check_restored(name, served, epoch) not in (None, version):
             raise WeightSyncError(f"{name} reports version {served.version} after a restart and a sync to {version}")
+        return True
+
+    def _load_learners(self, name: str, epoch: int) -> bool:
+        """The learner's own weights, read with their version, into `name` (the learner rebuilt first if it was
+        lost, in which case `restore` loads again)."""
+        pair = self.learner.versioned_weights_ref()
+        served = ray.get(self.workers.handle(name).load_versioned.remote(pair), timeout=self.restore_timeout_s)
+        self._check_restored(name, served, epoch)
         return True
 
     def _check_restored(self, name: str, served: Served, epoch: int) -> int | None:
