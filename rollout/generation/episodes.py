@@ -45,6 +45,7 @@ class Episode:
     mask: list[int] = field(default_factory=list)
     turns: int = 0
     final_text: str = ""
+    last_turn: tuple[str, list[int]] = ("", [])  # the model's last turn: the engine's text (if any), tokens
     last_finish: str = "stop"
     reward_at: list[int] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
@@ -140,6 +141,7 @@ class EpisodeRunner:
     def _step(self, episode: Episode) -> tuple[StepResult, list[int] | None]:
         """In the pool: the environment's answer to the model's turn, and the tokens of its observation
         when the episode goes on (rendered here, off the engine loop)."""
+        episode.final_text = self.engine.completion_text(*episode.last_turn)  # decoded here, off the engine loop
         result = self._timed(episode.env.step, episode.final_text)
         if result.done or episode.turns >= self.cfg.max_turns:
             return result, None
@@ -161,7 +163,7 @@ class EpisodeRunner:
         episode.logprobs += [entry[t].logprob for entry, t in zip(output.logprobs or [], output.token_ids)]
         episode.mask += [1] * len(output.token_ids)
         episode.turns += 1
-        episode.final_text = output.text
+        episode.last_turn = (output.text, list(output.token_ids))
         episode.last_finish = output.finish_reason if output.finish_reason in ("stop", "length") else "error"
 
     def _environment_turn(self, episode: Episode, future: Future) -> None:

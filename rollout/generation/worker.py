@@ -57,14 +57,12 @@ class RolloutWorker:
         self.loading = False
         episodes = env is not None and env.name is not None
         # An episode's later turns start with its earlier ones: their KV cache is kept and reused.
-        extra = {"enable_prefix_caching": True} if episodes else None
-        self.engine = VLLMEngine(storage.fetch(model_path), cfg, dtype=dtype, seed=seed, extra_args=extra)
+        self.engine = VLLMEngine(storage.fetch(model_path), cfg, dtype=dtype, seed=seed, prefix_caching=episodes)
         self.episodes = None
         if episodes:
             from rollout.episodes.registry import environment_class
 
-            tokenizer = self.engine.llm.get_tokenizer()
-            self.episodes = EpisodeRunner(self.engine, environment_class(env.name), env, tokenizer)
+            self.episodes = EpisodeRunner(self.engine, environment_class(env.name), env, self.engine.tokenizer)
 
     def generate(
         self,
