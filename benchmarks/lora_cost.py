@@ -20,13 +20,14 @@ state for the base, no reference copy) are below the noise there. At 20.8M the s
 weight-gradient matmuls a third of the backward pass, as they are for real models. `--model
 builtin:tiny-llama` measures the default job's model itself.
 
-Peak RSS on CPU is glibc's as much as the learner's: peft's adapter adds three output-sized temporaries
-per adapted layer (B·A·x, its scaling, the sum), and glibc keeps what they leave free in its heap (its
-mmap threshold rises to the largest block freed, up to 32 MB, so these come from the heap). At this
-model and shape that free memory is about what LoRA saves in weights, gradients and optimizer state.
-`--mmap-threshold` (glibc's MALLOC_MMAP_THRESHOLD_ in the measured processes) fixes the threshold, so
-blocks above it go back to the OS when freed and RSS follows the live memory; the figures are given
-with the default allocator unless it is set.
+Peak RSS on CPU is glibc's as much as the learner's: freed temporaries stay in its heap (its mmap threshold
+rises to the largest block freed, up to 32 MB). peft's own adapter forward made three output-sized
+temporaries per adapted layer (B·A·x, its scaling, the sum), as much free memory as LoRA saved at these
+sizes; the learner's adapted layers make none (one addmm, `learner/lora.py`), and on the default job's model
+what is left over full fine-tuning is peft's import, about 12 MB, against the whole model's weights,
+gradients and AdamW states of about 13 MB. `--mmap-threshold` (glibc's MALLOC_MMAP_THRESHOLD_ in the
+measured processes) fixes the threshold, so blocks above it go back to the OS when freed and RSS follows
+the live memory; the figures are given with the default allocator unless it is set.
 
 Prints one JSON object: `lora_update_ratio` (LoRA / full seconds per `learn`: values, advantages and the
 update), `lora_peak_rss_ratio` (LoRA / full peak RSS of the process), both goals < 1, the same two for the

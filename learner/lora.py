@@ -4,7 +4,8 @@ the learner needs from them.
 - `Adapters(network, cfg, task_type)` injects peft's LoRA layers into `network` in place (its names and
   class stay; each target `x_proj` becomes `x_proj.base_layer` plus `x_proj.lora_A/B.default`) and
   freezes everything else in it: only the adapters train (and whatever trainable modules the caller
-  keeps outside `network`, such as a value head).
+  keeps outside `network`, such as a value head). The adapted layers stay peft's, with a forward of
+  fewer operators (one addmm for the adapter's term and the sum).
 - `Adapters.off()`: the same modules with the adapters skipped, i.e. the base model. It is the policy's
   reference: no second copy of the weights, and the pass runs as the policy's does (autocast or FSDP's
   mixed precision in the compute dtype).
@@ -18,6 +19,7 @@ the learner needs from them.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -54,6 +56,9 @@ class Adapters:
         except ValueError as e:
             raise ConfigError(f"learner.lora.target_modules: {e}") from None
         self.layers = [m for m in network.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in self.layers:
+            if type(layer) is LoraLinear:
+                layer.__class__ = _fused_linear_class()
         for name, module in network.named_modules():
             if isinstance(module, BaseTunerLayer) and not isinstance(module, LoraLinear):
                 raise ConfigError(
@@ -76,6 +81,39 @@ class Adapters:
         finally:
             for layer in self.layers:
                 layer.enable_adapters(True)
+
+
+@functools.cache
+def _fused_linear_class() -> type:
+    """peft's LoRA linear layer with its forward in fewer operators (everything else, names and state
+    included, is peft's)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    class FusedLoraLinear(LoraLinear):
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            """y = x·Wᵀ + bias + (x·Aᵀ)·(s·B)ᵀ: the scaling s folded into B (out x r) and the sum into one addmm,
+            where peft multiplies and adds output-sized tensors (two more operators forward and two backward
+            per layer, and their temporaries). Disabled or merged adapters, dropout in training and peft's
+            call options go through peft's own forward."""
+            dropout = self.lora_dropout[ADAPTER]
+            if (
+                self.disable_adapters
+                or self.merged
+                or args
+                or kwargs
+                or self.active_adapters != [ADAPTER]
+                or (self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0)
+            ):
+                return super().forward(x, *args, **kwargs)
+            base = self.base_layer(x)
+            a, b = self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight
+            down = nn.functional.linear(x.to(a.dtype), a)  # (..., r)
+            out = torch.addmm(
+                base.reshape(-1, base.shape[-1]), down.reshape(-1, a.shape[0]), (b * self.scaling[ADAPTER]).t()
+            )
+            return out.view(base.shape)
+
+    return FusedLoraLinear
 
 
 @contextlib.contextmanager

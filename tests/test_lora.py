@@ -70,6 +70,40 @@ def test_a_shared_value_head_and_a_lora_critic_train_with_the_adapters(tiny_mode
     assert any(".lora_A." in n for n in trained)
 
 
+def test_the_fused_adapter_forward_is_peft_s_in_outputs_and_gradients(tiny_model_path):
+    """The adapted layers' forward (one addmm, the scaling folded into B) against peft's own."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    lm = learner(tiny_model_path).policy.lm
+    layers = [m for m in lm.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(type(m) is not LoraLinear for m in layers)  # the fused class is in place
+    torch.manual_seed(0)
+    for m in layers:
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.1)  # B starts at 0: make the adapter count
+    ids = torch.randint(5, lm.config.vocab_size, (1, 9))  # one row: the learner sets the model up for packed rows
+
+    def run(peft_forward: bool):
+        originals = {m: type(m) for m in layers}
+        if peft_forward:
+            for m in layers:
+                m.__class__ = LoraLinear
+        try:
+            lm.zero_grad()
+            logits = lm(input_ids=ids).logits
+            logits.float().square().mean().backward()
+            grads = [p.grad.clone() for p in lm.parameters() if p.requires_grad]
+        finally:
+            for m, cls in originals.items():
+                m.__class__ = cls
+        return logits.detach(), grads
+
+    (fused, fused_grads), (plain, plain_grads) = run(False), run(True)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    assert len(fused_grads) == len(plain_grads) == 2 * 14
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_the_reference_is_the_base_model_and_the_policy_before_any_update(tiny_model_path):
     lora, full = learner(tiny_model_path), learner(tiny_model_path, lora=False)
     samples = batch()
