@@ -102,25 +102,27 @@ def measure_export(learner: Learner, bucket_mb: float = 256.0) -> dict[str, floa
     return timings
 
 
-def measure_checkpoint(learner: Learner, tmp_dir: Path) -> dict[str, float]:
+def measure_checkpoint(learner: Learner, tmp_dir: Path, count: int = 6) -> dict[str, float]:
     """`checkpoint_blocked_s`: how long a checkpoint holds the training loop (its states staged);
-    `checkpoint_write_s`: the background write after it. The second of two checkpoints, whose staging
-    memory the first made; the first's blocked time too."""
-    figures = {}
-    for attempt in ("first", "second"):
+    `checkpoint_write_s`: the background write after it. Medians over `count` - 1 checkpoints after the
+    first, which makes the staging memory (its blocked time is given too): one checkpoint's figures vary
+    by 2x on a busy CPU."""
+    runs = []
+    for attempt in range(count):
         directory = Path(tmp_dir) / f"checkpoint-{attempt}"
         start = time.perf_counter()
         pending = learner.save_async(directory, {"iteration": 0})
         blocked = time.perf_counter() - start
         write = pending.wait()
-        figures[attempt] = (blocked, write, sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()))
+        runs.append((blocked, write, sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())))
         shutil.rmtree(directory)
-    blocked, write, size = figures["second"]
+    later = runs[1:]
     return {
-        "checkpoint_blocked_s": blocked,
-        "checkpoint_write_s": write,
-        "checkpoint_blocked_first_s": figures["first"][0],
-        "checkpoint_gib": size / GIB,
+        "checkpoint_blocked_s": statistics.median(r[0] for r in later),
+        "checkpoint_write_s": statistics.median(r[1] for r in later),
+        "checkpoint_blocked_to_write": statistics.median(r[0] / r[1] for r in later),
+        "checkpoint_blocked_first_s": runs[0][0],
+        "checkpoint_gib": runs[0][2] / GIB,
     }
 
 
