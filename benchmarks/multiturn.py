@@ -10,7 +10,8 @@ early. Prints one JSON object:
 - `engine_busy_fraction`: the engine's step time over the episodes' generation wall time (goal >= 0.9:
   while episodes wait on their environment, the engine steps the others);
 - `tokens_per_s_ratio`: the model's tokens per second in episodes over single completions (goal >= 0.8);
-- the figures behind both, and the mean environment step.
+- the figures behind both, the mean environment step, and `prefix_cached_fraction`: of the later turns'
+  prompts (the episode so far), the tokens the prefix cache served rather than computed again.
 
     .venv/bin/python benchmarks/multiturn.py [--prompts 64] [--n 4] [--turns 3] [--turn-tokens 16]
 """
@@ -78,7 +79,7 @@ def main() -> None:
 
     episodes, singles = [], []
     for _ in range(args.repeats):  # alternating, so drift in the machine's speed hits both alike
-        runner.step_seconds, runner.env_seconds = 0.0, []
+        runner.step_seconds, runner.env_seconds, runner.resumed_tokens, runner.cached_tokens = 0.0, [], 0, 0
         engine.llm.reset_prefix_cache()  # a repeat's episodes are the same: the last run's cache would serve them
         start = time.perf_counter()
         outputs = [c for _, batch in runner.stream([(records, ids, 0)], turn, args.n) for cs in batch for c in cs]
@@ -91,6 +92,7 @@ def main() -> None:
                 "engine_s": runner.step_seconds,
                 "model_tokens": tokens,
                 "env_step_s": sum(steps) / len(steps),
+                "prefix_cached_fraction": runner.cached_tokens / max(1, runner.resumed_tokens),
             }
         )
         start = time.perf_counter()
@@ -117,6 +119,7 @@ def main() -> None:
                 "multi_turn_tokens_per_s": round(multi_tps, 1),
                 "single_turn_tokens_per_s": round(single_tps, 1),
                 "env_step_mean_s": round(median(episodes, "env_step_s"), 4),
+                "prefix_cached_fraction": round(median(episodes, "prefix_cached_fraction"), 3),
                 "runs": {"episodes": episodes, "singles": singles},
             },
             indent=1,

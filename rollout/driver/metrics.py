@@ -51,6 +51,9 @@ def iteration_metrics(
         metrics["episode/env_turns_mean"] = (turns - samples) / max(samples, 1)
         metrics["episode/env_errors"] = sum(s.env_errors for s in summaries)
         metrics["episode/env_step_seconds"] = sum(s.env_step_seconds for s in summaries)
+        resumed = sum(s.resumed_tokens for s in summaries)
+        if resumed:  # the earlier turns' KV cache reused: how much of a later turn's prompt was not computed again
+            metrics["episode/prefix_cached_fraction"] = sum(s.cached_tokens for s in summaries) / resumed
     for name, values in _components(rewards).items():
         ok = values[~np.isnan(values)]
         metrics[f"reward/{name}"] = float(ok.mean()) if ok.size else float("nan")

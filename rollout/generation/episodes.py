@@ -63,6 +63,9 @@ class EpisodeRunner:
         self.step_seconds = 0.0  # the engine's own time, for its busy fraction
         self.env_seconds: list[float] = []  # each environment call's wall time, for the metrics
         self.env_errors = 0
+        # Later turns' prompts (the episode so far) in tokens, and how many of them the prefix cache served.
+        self.resumed_tokens = 0
+        self.cached_tokens = 0
 
     def stream(self, batches: list[tuple[list[Any], list[list[int]], int | None]], sampling: SamplingConfig, n: int):
         """Every batch's episodes ((records, prompt ids, seed) each; n per prompt) through the engine; yields
@@ -104,6 +107,9 @@ class EpisodeRunner:
                 for out in outputs:
                     if out.finished:
                         episode = in_engine.pop(out.request_id)
+                        if episode.turns:
+                            self.resumed_tokens += len(out.prompt_token_ids)
+                            self.cached_tokens += out.num_cached_tokens or 0
                         self._model_turn(episode, out.outputs[0])
                         in_env[self.pool.submit(self._step, episode)] = (episode, time.monotonic())
             elif in_env:  # every episode waits on its environment: nothing for the engine to do

@@ -37,6 +37,8 @@ class GenerationSummary(msgspec.Struct):
     env_errors: int = 0  # episodes an environment's error or time-out ended
     first_env_error: str | None = None
     env_step_seconds: float = 0.0  # the environment calls' wall time, summed
+    resumed_tokens: int = 0  # episodes' later turns: their prompts' tokens (the episode so far)
+    cached_tokens: int = 0  # of those, the ones the engine's prefix cache served
 
 
 class RolloutWorker:
@@ -80,6 +82,7 @@ class RolloutWorker:
         ids = [[t.prompt_ids for t in chunk] for chunk in chunks]
         if self.episodes is not None:
             steps_before = len(self.episodes.env_seconds)
+            resumed_before, cached_before = self.episodes.resumed_tokens, self.episodes.cached_tokens
             source = self.episodes.stream(list(zip(records, ids, seeds)), self.cfg.sampling, self.cfg.n_samples)
         else:
             source = self.engine.stream(list(zip(ids, seeds)), self.cfg.sampling, self.cfg.n_samples)
@@ -110,7 +113,10 @@ class RolloutWorker:
                     env_errors=len(errors),
                     first_env_error=errors[0] if errors else None,
                     env_step_seconds=sum(steps),
+                    resumed_tokens=self.episodes.resumed_tokens - resumed_before,
+                    cached_tokens=self.episodes.cached_tokens - cached_before,
                 )
+                resumed_before, cached_before = self.episodes.resumed_tokens, self.episodes.cached_tokens
             yield index, batch, summary
 
     def update_weights(self, version: int, weights: list[tuple[str, object]]) -> Served:
