@@ -22,6 +22,7 @@ import threading
 import ray
 
 from contracts.config import RolloutConfig
+from rollout.runtime.failures import ActorRaised
 from rollout.runtime.stall import wait_watched
 from rollout.weight_sync.check import PROBE_IDS, ProbeCheck, Served, WeightSyncError
 from rollout.weight_sync.collective import CollectiveSync, SyncFailed
@@ -202,7 +203,7 @@ class WeightSync:
             f"the weight sync to version {version}",
         )
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-        versions = []
+        versions, lost = [], []
         for ref in late:  # stuck, or busier than the timeout allows: restarted, it loads the newest weights
             name = pending[ref]
             _say(
@@ -218,11 +219,34 @@ class WeightSync:
             except ray.exceptions.RayActorError:  # it died: restarted, it loads the newest weights
                 versions.append(self._revived(name))
                 continue
+            except (ray.exceptions.RayError, ActorRaised) as e:
+                if self.learner is None or not _object_lost(e):
+                    raise
+                lost.append(name)  # the weights died with their node before it had them
+                continue
             if version is not None and got != version:
                 raise WeightSyncError(f"{name} reports version {got} after a sync to {version}")
             versions.append(got)
+        if lost:
+            return self._reload_lost(lost, version, versions)
         if version is not None:
             self.version = version
+        return versions
+
+    def _reload_lost(self, lost: list[str], version: int | None, versions: list[int]) -> list[int]:
+        """The weights of `version` were lost (with the node that held them) before the workers `lost` loaded
+        them: those load the learner's own, read with their version. Where the learner's ranks were on that node
+        too, it is rebuilt first, and every worker loads: the others serve weights no rank has any more."""
+        with self._lock:
+            epoch = self._epoch
+        _say(f"{', '.join(lost)}: weights version {version} were lost with their node; loading the learner's")
+        pair = self.learner.versioned_weights_ref()
+        with self._lock:
+            rebuilt = self._epoch != epoch
+        names = self.workers.names if rebuilt else lost
+        reloaded = self._await({self.workers.handle(n).load_versioned.remote(pair): n for n in names}, None)
+        versions = reloaded if rebuilt else versions + reloaded
+        self.version = min(versions)
         return versions
 
     def _revived(self, name: str) -> int:
