@@ -9,6 +9,8 @@ import time
 import pytest
 from e2e_common import ROOT, free_port
 
+CALC = ROOT / "configs" / "tiny-calc.yaml"
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from job_process import RolloutProcess, run_args  # noqa: E402
@@ -18,11 +20,18 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
 @pytest.fixture(scope="module")
 def live_job(tmp_path_factory):
-    """A smoke job that keeps running (no checkpoints) with its Ray metrics on a known port; killed at the end."""
+    """A job that keeps running (no checkpoints) with its Ray metrics on a known port; killed at the end. It
+    plays calculator episodes (configs/tiny-calc.yaml, whose SFT warm-up test_e2e_episodes.py has cached), so
+    the episode panels have data as well as the rest, which single completions fill alike."""
     port = free_port()
     out = tmp_path_factory.mktemp("live") / "run"
-    settings = ("iterations=100000", "checkpoint_every=100000", f"ray.metrics_export_port={port}")
-    with RolloutProcess(run_args(out, *settings), out.with_suffix(".log")) as job:
+    settings = (
+        "iterations=100000",
+        "checkpoint_every=100000",
+        "rollout.prompts_per_iteration=16",
+        f"ray.metrics_export_port={port}",
+    )
+    with RolloutProcess(run_args(out, *settings, config=CALC), out.with_suffix(".log")) as job:
         yield job, port
 
 
@@ -39,6 +48,8 @@ def test_project_metrics_appear_on_the_local_ray_prometheus_endpoint(live_job):
         "ray_rollout_queue_depth",
         "ray_rollout_version_lag",
         "ray_rollout_behaviour_logprob_mismatch",
+        "ray_rollout_env_step_seconds_bucket",
+        "ray_rollout_episode_prefix_cached_fraction",
     }
     found: set[str] = set()
     deadline = time.time() + 300
