@@ -45,7 +45,8 @@ class Episode:
     mask: list[int] = field(default_factory=list)
     turns: int = 0
     final_text: str = ""
-    last_turn: tuple[str, list[int]] = ("", [])  # the model's last turn: the engine's text (if any), tokens
+    last_turn_start: int = 0  # where the model's last turn begins in `response`
+    last_turn_text: str = ""  # the engine's text of it, where it writes one (stop strings)
     last_finish: str = "stop"
     reward_at: list[int] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
@@ -147,7 +148,8 @@ class EpisodeRunner:
     def _step(self, episode: Episode) -> tuple[StepResult, list[int] | None]:
         """In the pool: the environment's answer to the model's turn, and the tokens of its observation
         when the episode goes on (rendered here, off the engine loop)."""
-        episode.final_text = self.engine.completion_text(*episode.last_turn)  # decoded here, off the engine loop
+        turn = episode.response[episode.last_turn_start :]
+        episode.final_text = self.engine.completion_text(episode.last_turn_text, turn)  # decoded off the engine loop
         result = self._timed(episode.env.step, episode.final_text)
         if result.done or episode.turns >= self.cfg.max_turns:
             return result, None
@@ -165,11 +167,11 @@ class EpisodeRunner:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _model_turn(self, episode: Episode, output) -> None:
+        episode.last_turn_start, episode.last_turn_text = len(episode.response), output.text
         episode.response += output.token_ids
         episode.logprobs += [entry[t].logprob for entry, t in zip(output.logprobs or [], output.token_ids)]
         episode.mask += [1] * len(output.token_ids)
         episode.turns += 1
-        episode.last_turn = (output.text, list(output.token_ids))
         episode.last_finish = output.finish_reason if output.finish_reason in ("stop", "length") else "error"
 
     def _environment_turn(self, episode: Episode, future: Future) -> None:
