@@ -1,12 +1,16 @@
 """End to end with an environment: `rollout run --config configs/tiny-calc.yaml`, as a user runs it (its SFT
 warm-up, the calculator on the rollout worker's threads, rewards, the learner, the archive), then
-`rollout stats` on the run. The SFT'd model writes a `<calc>` call first, so most episodes have two turns."""
+`rollout stats` on the run. The SFT'd model writes a `<calc>` call first, so most episodes have two turns.
+The rollout worker is killed once the first iteration is logged, amid later iterations' episodes: they are
+redone whole, never archived half-played."""
 
 import json
+import os
+import signal
 
 import pytest
 from e2e_common import LEARNER_COLUMNS, ROOT
-from job_process import rollout_cli, run_args
+from job_process import RolloutProcess, rollout_cli, run_args
 from transformers import AutoTokenizer
 
 from contracts.builtin_model import resolve_model_path
@@ -15,15 +19,33 @@ from rollout.archive import read_table
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
 CALC = ROOT / "configs" / "tiny-calc.yaml"
-ITERATIONS, PROMPTS, SAMPLES = 3, 16, 4
+ITERATIONS, PROMPTS, SAMPLES = 4, 16, 4
 
 
 @pytest.fixture(scope="module")
 def calc_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("calc") / "run"
     settings = (f"iterations={ITERATIONS}", f"rollout.prompts_per_iteration={PROMPTS}")
-    rollout_cli(*run_args(out, *settings, config=CALC), timeout=900)
+    with RolloutProcess(run_args(out, *settings, config=CALC), out.parent / "run.log") as job:
+        job.wait_for_iterations(out, 1, timeout=600)
+        os.kill(job.actor_pid("RolloutActor"), signal.SIGKILL)
+        assert job.wait(timeout=600) == 0, job.tail()
+        assert "rollout-0: restarted after its process died" in job.text()
     return out
+
+
+def test_a_killed_workers_episodes_are_redone_whole(calc_run):
+    columns = ["iteration", "prompt_id", "sample_index", "response_ids", "response_mask", "num_turns"]
+    rows = read_table(calc_run, columns).to_pylist()
+    keys = [(r["iteration"], r["prompt_id"], r["sample_index"]) for r in rows]
+    assert len(keys) == len(set(keys)) == ITERATIONS * PROMPTS * SAMPLES  # each once, none missing
+    for row in rows:
+        mask = row["response_mask"]
+        assert len(mask) == len(row["response_ids"]) and mask[0] == 1
+        model_turns = sum(1 for i, m in enumerate(mask) if m == 1 and (i == 0 or mask[i - 1] == 0))
+        assert model_turns == row["num_turns"]  # every turn the row counts is in it, model and environment alike
+    lines = [json.loads(line) for line in (calc_run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(m["restarts/rollout"] for m in lines) == 1
 
 
 def test_episodes_are_archived_with_the_calculators_turns_as_context(calc_run):

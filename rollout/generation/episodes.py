@@ -217,7 +217,9 @@ class EpisodeRunner:
         """One sample of the next turn, within what is left of the episode's tokens, seeded per turn."""
         room = min(sampling.max_tokens, self.cfg.max_episode_tokens - len(episode.response))
         seed = None if episode.seed is None else episode.seed + episode.turns
-        return self.engine.sampling_params(msgspec.structs.replace(sampling, max_tokens=room), 1, seed)
+        return self.engine.sampling_params(
+            msgspec.structs.replace(sampling, max_tokens=room), 1, seed, one_request=True
+        )
 
     def _completion(self, episode: Episode) -> Completion:
         return Completion(
