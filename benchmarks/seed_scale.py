@@ -9,8 +9,11 @@ first), the stage breakdown (medians, same iterations), `peak_rss_mb` per proces
 kernel's VmHWM of the driver, each rollout worker, reward worker and learner rank; the largest of
 each kind) and `seconds_per_sample`; then the ratios the issue's bars are stated in, against the
 1,000 x 4 run: seconds per sample at 20K samples over that at 4K, and the largest process's peak.
+`--config configs/tiny-calc.yaml` runs the same sizes as calculator episodes (an environment instance per
+episode, the worker's environment threads, the turns' prompts) instead of single completions.
 
     .venv/bin/python benchmarks/seed_scale.py [--sizes 250,1000,5000] [--n 4] [--iterations 3] [--set K=V ...]
+        [--config configs/tiny-arith.yaml]
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def one_size(prompts: int, args, root: Path) -> dict:
         f"iterations={args.iterations}",
         *args.set,
     ]
-    watched = watch_run(out, ROOT / "configs" / "tiny-arith.yaml", settings)
+    watched = watch_run(out, args.config, settings)
     if watched.returncode != 0:
         tail = watched.log.read_text()[-3000:]
         raise SystemExit(f"{prompts} x {args.n}: exit {watched.returncode}\n{tail}")
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="setting for every run")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny-arith.yaml", help="the job to scale")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="seed-scale-") as tmp:
