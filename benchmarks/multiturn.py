@@ -5,7 +5,9 @@ Every episode has `--turns` model turns of up to `--turn-tokens` tokens, with an
 them that sleeps `--sleep-ms` (20) per step, as a tool call or a remote grader would; the same prompts
 are then generated as single completions of `--turns` x `--turn-tokens` tokens, so both make about the
 same number of model tokens. The tiny model is the builtin with random weights, which rarely ends a turn
-early. Prints one JSON object:
+early. `--busy` makes the environment compute in Python for its `--sleep-ms` instead (a grader's parsing,
+a simulator), which holds the interpreter lock; `--processes N` runs the environments in N processes of
+their own (`env.num_processes`). Prints one JSON object:
 
 - `engine_busy_fraction`: the engine's step time over the episodes' generation wall time (goal >= 0.9:
   while episodes wait on their environment, the engine steps the others);
@@ -14,6 +16,7 @@ early. Prints one JSON object:
   prompts (the episode so far), the tokens the prefix cache served rather than computed again.
 
     .venv/bin/python benchmarks/multiturn.py [--prompts 64] [--n 4] [--turns 3] [--turn-tokens 16]
+        [--sleep-ms 20] [--busy] [--processes 0]
 """
 
 from __future__ import annotations
@@ -36,13 +39,19 @@ from rollout.generation.episodes import EpisodeRunner  # noqa: E402
 
 
 class Sleepy(Environment):
-    """Answers every turn after `delay_s`, as a slow tool; the episode ends after `turns` model turns."""
+    """Answers every turn after `delay_s`, waiting as a slow tool does or (`busy`) computing in Python; the
+    episode ends after `turns` model turns."""
 
-    def __init__(self, delay_s: float = 0.02, turns: int = 3):
-        self.delay_s, self.turns, self.seen = delay_s, turns, 0
+    def __init__(self, delay_s: float = 0.02, turns: int = 3, busy: bool = False):
+        self.delay_s, self.turns, self.busy, self.seen = delay_s, turns, busy, 0
 
     def step(self, text: str) -> StepResult:
-        time.sleep(self.delay_s)
+        if self.busy:
+            end = time.perf_counter() + self.delay_s
+            while time.perf_counter() < end:
+                pass
+        else:
+            time.sleep(self.delay_s)
         self.seen += 1
         return StepResult(observation="ok", done=self.seen >= self.turns)
 
@@ -56,6 +65,8 @@ def main() -> None:
     parser.add_argument("--sleep-ms", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="env.num_threads (default: the config's)")
+    parser.add_argument("--busy", action="store_true", help="the environment computes instead of waiting")
+    parser.add_argument("--processes", type=int, default=0, help="env.num_processes")
     args = parser.parse_args()
 
     model = str(build_tiny_llama())
@@ -67,7 +78,8 @@ def main() -> None:
     ids = [renderer.render(r).prompt_ids for r in records]
     env = EnvConfig(
         name="sleepy",
-        params={"delay_s": args.sleep_ms / 1000, "turns": args.turns},
+        params={"delay_s": args.sleep_ms / 1000, "turns": args.turns, "busy": args.busy},
+        num_processes=args.processes,
         max_turns=args.turns,
         max_episode_tokens=args.turns * (args.turn_tokens + 8),
         **({"num_threads": args.threads} if args.threads else {}),
@@ -100,6 +112,8 @@ def main() -> None:
         wall = time.perf_counter() - start
         singles.append({"wall_s": wall, "model_tokens": sum(len(c.token_ids) for cs in plain for c in cs)})
 
+    runner.close()
+
     def median(rows, key):
         return sorted(r[key] for r in rows)[len(rows) // 2]
 
@@ -114,6 +128,8 @@ def main() -> None:
                 "turns": args.turns,
                 "turn_tokens": args.turn_tokens,
                 "env_sleep_ms": args.sleep_ms,
+                "env_busy": args.busy,
+                "env_processes": args.processes,
                 "engine_busy_fraction": round(busy, 3),
                 "tokens_per_s_ratio": round(multi_tps / single_tps, 3),
                 "multi_turn_tokens_per_s": round(multi_tps, 1),

@@ -141,13 +141,17 @@ def run_episodes(engine, n=2, prompts=3, environment=Echo, **cfg):
     params = {k: cfg.pop(k) for k in ("turns", "sleep_s", "fail_at", "extra", "high") if k in cfg}
     env = EnvConfig(name="echo", params=params, **{"max_turns": 4, "max_episode_tokens": 60, **cfg})
     runner = EpisodeRunner(engine, environment, env, tokenizer)
-    out = list(runner.stream([(records, ids, 7)], SamplingConfig(max_tokens=6, seed=7), n))
+    try:
+        out = list(runner.stream([(records, ids, 7)], SamplingConfig(max_tokens=6, seed=7), n))
+    finally:
+        runner.close()
     return [c for _, batch in out for samples in batch for c in samples], tokenizer, ids
 
 
 @pytest.mark.vllm
-def test_an_episode_interleaves_the_models_turns_with_the_environments_tokens(vllm_engine):
-    episodes, tokenizer, _ = run_episodes(vllm_engine, turns=2)
+@pytest.mark.parametrize("processes", [0, 2], ids=["worker_threads", "host_processes"])
+def test_an_episode_interleaves_the_models_turns_with_the_environments_tokens(vllm_engine, processes):
+    episodes, tokenizer, _ = run_episodes(vllm_engine, turns=2, num_processes=processes)
     assert len(episodes) == 6
     for c in episodes:
         assert c.num_turns == 2 and c.finish_reason in ("stop", "length") and c.env_error is None
@@ -171,13 +175,48 @@ def test_an_episode_ends_at_max_turns_and_at_its_token_budget(vllm_engine):
 
 
 @pytest.mark.vllm
-def test_an_environment_that_raises_or_runs_late_ends_its_episode_and_the_others_go_on(vllm_engine):
-    episodes, _, _ = run_episodes(vllm_engine, turns=3, fail_at=2)
+@pytest.mark.parametrize("processes", [0, 2], ids=["worker_threads", "host_processes"])
+def test_an_environment_that_raises_or_runs_late_ends_its_episode_and_the_others_go_on(vllm_engine, processes):
+    episodes, _, _ = run_episodes(vllm_engine, turns=3, fail_at=2, num_processes=processes)
     assert {c.finish_reason for c in episodes} == {"env_error"}
     assert {c.env_error for c in episodes} == {"environment echo raised ValueError: the tool broke"}
-    episodes, _, _ = run_episodes(vllm_engine, n=1, prompts=2, turns=2, sleep_s=1.0, step_timeout_s=0.2)
+    episodes, _, _ = run_episodes(
+        vllm_engine, n=1, prompts=2, turns=2, sleep_s=1.0, step_timeout_s=0.2, num_processes=processes
+    )
     assert {c.finish_reason for c in episodes} == {"env_error"}
     assert all("took more than env.step_timeout_s (0.2s)" in c.env_error for c in episodes)
+
+
+class Crashing(Echo):
+    """Its host process dies in the episode of prompt 1 (a segfault in a simulator, the OOM killer)."""
+
+    def reset(self, record):
+        self.prompt = record.prompt_id
+        return None
+
+    def step(self, text: str) -> StepResult:
+        if self.prompt == "p1":
+            import os
+
+            os._exit(3)
+        return super().step(text)
+
+
+@pytest.mark.vllm
+def test_a_host_process_that_dies_ends_the_episodes_it_held_and_no_others(vllm_engine):
+    """Three hosts, one episode's environment in each (in turn): the crash ends that episode only. With one
+    host, every episode whose environment it held ends, each saying why, and the stream still ends."""
+    episodes, _, _ = run_episodes(vllm_engine, n=1, prompts=3, environment=Crashing, turns=2, num_processes=3)
+    assert [c.finish_reason == "env_error" for c in episodes] == [False, True, False]
+    assert episodes[1].env_error == "environment echo raised EnvironmentLost: environment process 1 exited with code 3"
+    assert [c.num_turns for c in episodes] == [2, 1, 2]
+    episodes, _, _ = run_episodes(vllm_engine, n=1, prompts=3, environment=Crashing, turns=2, num_processes=1)
+    assert episodes[1].finish_reason == "env_error"
+    reasons = {
+        "environment echo raised EnvironmentLost: environment process 0 exited with code 3",  # in flight then
+        "environment echo raised EnvironmentLost: its environment was in environment process 0, which exited",
+    }
+    assert all(c.env_error is None or c.env_error in reasons for c in episodes)
 
 
 @pytest.mark.vllm

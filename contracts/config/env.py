@@ -54,6 +54,20 @@ class EnvConfig(Base):
             ge=1,
         ),
     ] = 256
+    num_processes: Annotated[
+        int,
+        doc(
+            "0: environments run in the rollout worker's own process, their steps on its threads. N: in N "
+            "processes of their own per worker, each stepping its environments on its share of num_threads "
+            "(the worker's threads then only wait), for environments whose steps compute in Python: in the "
+            "worker's process that work holds the interpreter lock the engine's loop needs. With 5 ms of "
+            "Python per step on this 2-core machine, the engine's busy fraction went from 0.53-0.58 to 0.87 "
+            "with 2 processes, and tokens per second 1.4x (benchmarks/multiturn.py --busy); steps that wait "
+            "(a tool, a remote grader) lose to the inter-process calls, 0.49 vs 0.60 of single completions' "
+            "speed. A step past step_timeout_s stops its process, and the episodes it held fail (env_error).",
+            ge=0,
+        ),
+    ] = 0
     observation_role: Annotated[
         Literal["user", "tool"],
         doc(

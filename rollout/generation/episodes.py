@@ -28,6 +28,7 @@ from contracts.environment import StepResult
 from contracts.formats import Message
 from contracts.rendering import PromptRenderer
 from rollout.generation.engine import Completion, VLLMEngine
+from rollout.generation.env_processes import EnvironmentHosts
 
 
 @dataclass
@@ -61,6 +62,8 @@ class EpisodeRunner:
         self.tokenizer = tokenizer
         self.renderer = PromptRenderer(tokenizer, max_prompt_tokens=2**31)
         self.pool = ThreadPoolExecutor(max_workers=cfg.num_threads, thread_name_prefix="env-step")
+        # With env.num_processes, the environments live in host processes; the threads wait on them.
+        self.hosts = EnvironmentHosts(env_class, cfg) if cfg.num_processes else None
         self.step_seconds = 0.0  # the engine's own time, for its busy fraction
         self.env_seconds: list[float] = []  # each environment call's wall time, for the metrics
         self.env_errors = 0
@@ -87,46 +90,58 @@ class EpisodeRunner:
         in_env: dict[Future, tuple[Episode, float]] = {}  # waiting for their environment
         in_engine: dict[str, Episode] = {}
         llm, engine = self.engine.llm, self.engine.llm.llm_engine
-        while starting or ready or in_env or in_engine:
-            # New episodes start as room frees up, so the environments made stay those in flight.
-            while starting and len(in_env) + len(in_engine) + len(ready) < 2 * self.engine.window:
-                episode = starting.popleft()
-                in_env[self.pool.submit(self._reset, episode)] = (episode, time.monotonic())
-            feed = [ready.popleft() for _ in range(min(len(ready), max(0, self.engine.window - len(in_engine))))]
-            if feed:
-                ids = llm.enqueue(
-                    [TokensPrompt(prompt_token_ids=e.prompt_ids + e.response) for e in feed],
-                    [self._params(sampling, e) for e in feed],
-                    use_tqdm=False,
-                )
-                in_engine.update({request.split("-")[0]: e for request, e in zip(ids, feed)})
-            if in_engine:
-                start = time.perf_counter()
-                outputs = engine.step()
-                self.step_seconds += time.perf_counter() - start
-                self.engine.steps += 1  # what the driver's stall watch sees advance
-                for out in outputs:
-                    if out.finished:
-                        episode = in_engine.pop(out.request_id)
-                        if episode.turns:
-                            self.resumed_tokens += len(out.prompt_token_ids)
-                            self.cached_tokens += out.num_cached_tokens or 0
-                        self._model_turn(episode, out.outputs[0])
-                        in_env[self.pool.submit(self._step, episode)] = (episode, time.monotonic())
-            elif in_env:  # every episode waits on its environment: nothing for the engine to do
-                wait(list(in_env), timeout=0.05, return_when=FIRST_COMPLETED)
-            for future in [f for f in in_env if f.done() or self._late(in_env[f][1])]:
-                episode, _ = in_env.pop(future)
-                self._environment_turn(episode, future)
-                if episode.finish is None:
-                    ready.append(episode)
-                    continue
-                b, i, j = episode.place
-                results[b][i][j] = self._completion(episode)
-                left[b] -= 1
-                if left[b] == 0:
-                    yield b, results[b]
-                    results[b] = None
+        try:
+            while starting or ready or in_env or in_engine:
+                # New episodes start as room frees up, so the environments made stay those in flight.
+                while starting and len(in_env) + len(in_engine) + len(ready) < 2 * self.engine.window:
+                    episode = starting.popleft()
+                    if self.hosts is not None:  # given out here, in the episodes' order, not the threads'
+                        episode.env = self.hosts.make()
+                    in_env[self.pool.submit(self._reset, episode)] = (episode, time.monotonic())
+                feed = [ready.popleft() for _ in range(min(len(ready), max(0, self.engine.window - len(in_engine))))]
+                if feed:
+                    ids = llm.enqueue(
+                        [TokensPrompt(prompt_token_ids=e.prompt_ids + e.response) for e in feed],
+                        [self._params(sampling, e) for e in feed],
+                        use_tqdm=False,
+                    )
+                    in_engine.update({request.split("-")[0]: e for request, e in zip(ids, feed)})
+                if in_engine:
+                    start = time.perf_counter()
+                    outputs = engine.step()
+                    self.step_seconds += time.perf_counter() - start
+                    self.engine.steps += 1  # what the driver's stall watch sees advance
+                    for out in outputs:
+                        if out.finished:
+                            episode = in_engine.pop(out.request_id)
+                            if episode.turns:
+                                self.resumed_tokens += len(out.prompt_token_ids)
+                                self.cached_tokens += out.num_cached_tokens or 0
+                            self._model_turn(episode, out.outputs[0])
+                            in_env[self.pool.submit(self._step, episode)] = (episode, time.monotonic())
+                elif in_env:  # every episode waits on its environment: nothing for the engine to do
+                    wait(list(in_env), timeout=0.05, return_when=FIRST_COMPLETED)
+                for future in [f for f in in_env if f.done() or self._late(in_env[f][1])]:
+                    episode, _ = in_env.pop(future)
+                    self._environment_turn(episode, future)
+                    if episode.finish is None:
+                        ready.append(episode)
+                        continue
+                    b, i, j = episode.place
+                    results[b][i][j] = self._completion(episode)
+                    self._release(episode)
+                    left[b] -= 1
+                    if left[b] == 0:
+                        yield b, results[b]
+                        results[b] = None
+        finally:  # episodes left unfinished (the stream was closed, or raised) let their environments go
+            for episode in [*ready, *(e for e, _ in in_env.values()), *in_engine.values()]:
+                self._release(episode)
+
+    def close(self) -> None:
+        """Stop the environments' host processes, if any (they also stop when this process ends)."""
+        if self.hosts is not None:
+            self.hosts.close()
 
     # -- one episode's turns ------------------------------------------------------------------------
 
@@ -140,7 +155,8 @@ class EpisodeRunner:
 
     def _reset(self, episode: Episode) -> tuple[StepResult, None] | None:
         """In the pool: the episode's environment made, and reset; its turn, if any, as an observation."""
-        episode.env = self.env_class(**self.cfg.params)
+        if episode.env is None:
+            episode.env = self.env_class(**self.cfg.params)
         episode.history = list(self.env_class.opening(episode.record))
         extra = self._timed(episode.env.reset, episode.record)
         return None if extra is None else (StepResult(observation=extra), None)
@@ -183,7 +199,8 @@ class EpisodeRunner:
         try:
             result = future.result()
         except Exception as e:  # noqa: BLE001 - an environment's error ends its episode, not the run
-            self._fail(episode, f"{self._name()} raised {type(e).__name__}: {_first_line(e)}")
+            kind = getattr(e, "kind", type(e).__name__)  # a hosted environment's, by its own class
+            self._fail(episode, f"{self._name()} raised {kind}: {_first_line(e)}")
             return
         if episode.turns == 0:  # reset: a turn added to the prompt, or the prompt as it is
             result = result[0] if result is not None else None
@@ -208,6 +225,11 @@ class EpisodeRunner:
             episode.response += list(ids)
             episode.logprobs += [0.0] * len(ids)
             episode.mask += [0] * len(ids)
+
+    def _release(self, episode: Episode) -> None:
+        """A hosted environment is let go when its episode ends (one made here goes with the episode)."""
+        if self.hosts is not None and episode.env is not None:
+            episode.env.close()
 
     def _fail(self, episode: Episode, error: str) -> None:
         episode.finish, episode.error = "env_error", error
