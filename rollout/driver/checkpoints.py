@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from contracts.errors import UserError
+from contracts.files import write_atomically
 from learner import checkpoint
 
 CHECKPOINTS = "checkpoints"
@@ -46,7 +47,7 @@ class Checkpoints:
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(partial, directory)
-        _write_atomically(self.root / LATEST, directory.name)
+        write_atomically(self.root / LATEST, directory.name)
         if self.keep_last is not None:
             for old in self._whole_or_not()[self.keep_last :]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -86,9 +87,3 @@ class Checkpoints:
     def _whole_or_not(self) -> list[Path]:
         """Every committed checkpoint directory, newest first."""
         return sorted((p for p in self.root.glob("iter-*") if p.is_dir() and p.suffix != ".partial"), reverse=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from contracts.files import append_text
 from rollout.runtime.telemetry import metric_name, record_stages
 
 STAGES = ("generate", "reward", "values", "advantages", "update", "weight_sync", "archive", "checkpoint")
@@ -81,13 +82,8 @@ class MetricsLog:
         self._gauges: dict[str, object] = {}
 
     def write(self, metrics: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(
-                json.dumps(
-                    {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-                )
-                + "\n"
-            )
+        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        append_text(self.path, json.dumps(finite) + "\n")
         self._export(metrics)
 
     def _export(self, metrics: dict) -> None:

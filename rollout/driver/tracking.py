@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
 import threading
 from typing import Any
@@ -25,6 +24,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from contracts.config import TrackingConfig
+from contracts.files import write_atomically
 from rollout.driver.trackers import BACKENDS, SampleTable, TrackedRun
 
 STATE_FILE = "tracking.json"
@@ -132,9 +132,7 @@ class Tracking:
         return {}
 
     def _save_state(self) -> None:
-        temporary = self._state_path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(self._state, indent=1))
-        os.replace(temporary, self._state_path)
+        write_atomically(self._state_path, json.dumps(self._state, indent=1))
 
 
 def figures_of(metrics: dict[str, Any]) -> dict[str, float]:

@@ -29,6 +29,9 @@ from typing import Any
 from contracts.environment import StepResult
 
 _HEADER = struct.Struct("<I")
+# A host answers this call id once it has imported the environment's class; its start is not a step's time.
+READY = -1
+START_TIMEOUT_S = 120.0
 # A stuck step is the runner's to report first (`env.step_timeout_s`, polled on its loop); its host is stopped
 # this much later.
 KILL_GRACE_S = 1.0
@@ -97,8 +100,9 @@ class EnvironmentHost:
                 _send(self._process.stdin, (call_id, operation, key, argument))
             except (BrokenPipeError, OSError):
                 self._pending.pop(call_id, None)
-                self._stop(f"environment process {self.index} exited")
-                raise EnvironmentLost(f"environment process {self.index} exited") from None
+                why = self._exited(self._process)
+                self._stop(why)
+                raise EnvironmentLost(why) from None
         try:
             return future.result(timeout=timeout_s), started
         except TimeoutError:
@@ -107,6 +111,11 @@ class EnvironmentHost:
                     self._stop(f"environment process {self.index} was stopped: a step ran past env.step_timeout_s")
             raise
 
+    def start(self) -> None:
+        with self._lock:
+            if self._process is None:
+                self._start()
+
     def send(self, operation: str, key: int) -> None:
         """`operation` without waiting for its answer (an episode's environment let go)."""
         with self._lock:
@@ -114,7 +123,7 @@ class EnvironmentHost:
                 try:
                     _send(self._process.stdin, (next(self._ids), operation, key, None))
                 except (BrokenPipeError, OSError):
-                    self._stop(f"environment process {self.index} exited")
+                    self._stop(self._exited(self._process))
 
     def close(self) -> None:
         with self._lock:
@@ -131,12 +140,21 @@ class EnvironmentHost:
             env=env,
         )
         self.generation += 1
-        self._pending: dict[int, Future] = {}
-        _send(self._process.stdin, (module, qualname, self.params, self.threads))
+        ready: Future = Future()
+        self._pending: dict[int, Future] = {READY: ready}
         reader = threading.Thread(
             target=self._read, args=(self._process, self._pending), name=f"env-host-{self.index}", daemon=True
         )
         reader.start()
+        try:
+            _send(self._process.stdin, (module, qualname, self.params, self.threads))
+            ready.result(timeout=START_TIMEOUT_S)
+        except (OSError, EnvironmentLost, TimeoutError) as e:
+            self._stop(str(e))
+            raise EnvironmentLost(
+                f"environment process {self.index} did not start ({e or 'no answer'}; its own error, if any, is in "
+                f"the rollout worker's log): {module}.{qualname} must be importable in a new Python process"
+            ) from None
 
     def _read(self, process: subprocess.Popen, pending: dict[int, Future]) -> None:
         """The answers, each to its call, until the process ends; then every call still waiting fails."""
@@ -146,16 +164,24 @@ class EnvironmentHost:
                 future = pending.pop(call_id, None)
                 if future is not None:
                     future.set_result(value) if ok else future.set_exception(EnvironmentRaised(*value))
-        except Exception:  # noqa: BLE001 - the end of the stream, or an answer that did not unpickle: the host is done
+        except (EOFError, OSError):
+            pass  # the host exited
+        except Exception:  # noqa: BLE001 - an answer that did not unpickle: the host is done
             process.kill()
-        code = process.wait()
+        why = self._exited(process)
+        for future in list(pending.values()):  # before the lock: a start that holds it may wait on one of them
+            if not future.done():
+                future.set_exception(EnvironmentLost(why))
+        pending.clear()
         with self._lock:
             if self._process is process:
                 self._process = None
-        for future in list(pending.values()):
-            if not future.done():
-                future.set_exception(EnvironmentLost(f"environment process {self.index} exited with code {code}"))
-        pending.clear()
+
+    def _exited(self, process: subprocess.Popen) -> str:
+        try:
+            return f"environment process {self.index} exited with code {process.wait(timeout=5)}"
+        except subprocess.TimeoutExpired:
+            return f"environment process {self.index} stopped answering"
 
     def _stop(self, why: str) -> None:
         process, self._process = self._process, None
@@ -189,11 +215,14 @@ class EnvironmentHosts:
     on first use."""
 
     def __init__(self, env_class: type, cfg):
+        """Starts the hosts, and waits for them: a class they cannot import fails here, before any episode."""
         address = class_address(env_class)
         threads = max(1, cfg.num_threads // cfg.num_processes)
         self.hosts = [EnvironmentHost(i, address, dict(cfg.params), threads) for i in range(cfg.num_processes)]
         self.timeout_s = cfg.step_timeout_s + KILL_GRACE_S
         self._keys = itertools.count()
+        for host in self.hosts:
+            host.start()
 
     def make(self) -> HostedEnvironment:
         key = next(self._keys)
@@ -216,6 +245,7 @@ def _serve() -> None:
         cls = getattr(cls, part)
     environments: dict[int, Any] = {}
     sending = threading.Lock()
+    _send(answers, (READY, True, None))
 
     def run(call_id: int, operation: str, key: int, argument: Any) -> None:
         try:
