@@ -5,12 +5,18 @@ Every episode has `--turns` model turns of up to `--turn-tokens` tokens, with an
 them that sleeps `--sleep-ms` (20) per step, as a tool call or a remote grader would; the same prompts
 are then generated as single completions of `--turns` x `--turn-tokens` tokens, so both make about the
 same number of model tokens. The tiny model is the builtin with random weights, which rarely ends a turn
-early. `--busy` makes the environment compute in Python for its `--sleep-ms` instead (a grader's parsing,
+early. With the default 64 x 4 episodes, one engine batch, the episodes move in lockstep: each turn
+ends for all of them at once, and the engine waits out one environment step per turn; `--prompts 256`
+(more episodes than the engine holds, as a rollout worker streaming thousands has) measures the steady
+state, where other episodes' turns fill those waits. `--busy` makes the environment compute in Python for its `--sleep-ms` instead (a grader's parsing,
 a simulator), which holds the interpreter lock; `--processes N` runs the environments in N processes of
 their own (`env.num_processes`). Prints one JSON object:
 
 - `engine_busy_fraction`: the engine's step time over the episodes' generation wall time (goal >= 0.9:
   while episodes wait on their environment, the engine steps the others);
+- `engine_intake_fraction`: of that wall time, vLLM taking in the turns' requests (`LLM.enqueue`, ~0.1 ms
+  a request here: each later turn is a new request), and `engine_idle_fraction`: waiting with every
+  episode at its environment; what is left is the loop's own bookkeeping;
 - `tokens_per_s_ratio`: the model's tokens per second in episodes over single completions (goal >= 0.8);
 - the figures behind both, the mean environment step, and `prefix_cached_fraction`: of the later turns'
   prompts (the episode so far), the tokens the prefix cache served rather than computed again.
@@ -92,6 +98,7 @@ def main() -> None:
     episodes, singles = [], []
     for _ in range(args.repeats):  # alternating, so drift in the machine's speed hits both alike
         runner.step_seconds, runner.env_seconds, runner.resumed_tokens, runner.cached_tokens = 0.0, [], 0, 0
+        runner.intake_seconds = runner.idle_seconds = 0.0
         engine.llm.reset_prefix_cache()  # a repeat's episodes are the same: the last run's cache would serve them
         start = time.perf_counter()
         outputs = [c for _, batch in runner.stream([(records, ids, 0)], turn, args.n) for cs in batch for c in cs]
@@ -102,6 +109,8 @@ def main() -> None:
             {
                 "wall_s": wall,
                 "engine_s": runner.step_seconds,
+                "intake_s": runner.intake_seconds,
+                "idle_s": runner.idle_seconds,
                 "model_tokens": tokens,
                 "env_step_s": sum(steps) / len(steps),
                 "prefix_cached_fraction": runner.cached_tokens / max(1, runner.resumed_tokens),
@@ -131,6 +140,8 @@ def main() -> None:
                 "env_busy": args.busy,
                 "env_processes": args.processes,
                 "engine_busy_fraction": round(busy, 3),
+                "engine_intake_fraction": round(median([{"f": e["intake_s"] / e["wall_s"]} for e in episodes], "f"), 3),
+                "engine_idle_fraction": round(median([{"f": e["idle_s"] / e["wall_s"]} for e in episodes], "f"), 3),
                 "tokens_per_s_ratio": round(multi_tps / single_tps, 3),
                 "multi_turn_tokens_per_s": round(multi_tps, 1),
                 "single_turn_tokens_per_s": round(single_tps, 1),
