@@ -79,8 +79,6 @@ class EpisodeRunner:
     def stream(self, batches: list[tuple[list[Any], list[list[int]], int | None]], sampling: SamplingConfig, n: int):
         """Every batch's episodes ((records, prompt ids, seed) each; n per prompt) through the engine; yields
         (batch index, [n Completions per prompt, in prompt order]) as each batch's episodes all end."""
-        from vllm.inputs import TokensPrompt
-
         results = [[[None] * n for _ in ids] for _, ids, _ in batches]
         left = [len(ids) * n for _, ids, _ in batches]
         for b in [b for b, count in enumerate(left) if count == 0]:
@@ -94,7 +92,6 @@ class EpisodeRunner:
         ready: deque[Episode] = deque()  # to generate their next turn
         in_env = _EnvironmentCalls(self.pool)  # waiting for their environment
         in_engine: dict[str, Episode] = {}
-        llm, engine = self.engine.llm, self.engine.llm.llm_engine
         try:
             while starting or ready or in_env or in_engine:
                 # New episodes start as room frees up, so the environments made stay those in flight.
@@ -103,29 +100,9 @@ class EpisodeRunner:
                     if self.hosts is not None:  # given out here, in the episodes' order, not the threads'
                         episode.env = self.hosts.make()
                     in_env.submit(self._reset, episode)
-                feed = [ready.popleft() for _ in range(min(len(ready), max(0, self.engine.window - len(in_engine))))]
-                if feed:
-                    start = time.perf_counter()
-                    ids = llm.enqueue(
-                        [TokensPrompt(prompt_token_ids=e.prompt_ids + e.response) for e in feed],
-                        [self._params(sampling, e) for e in feed],
-                        use_tqdm=False,
-                    )
-                    in_engine.update({request.split("-")[0]: e for request, e in zip(ids, feed)})
-                    self.intake_seconds += time.perf_counter() - start
+                self._feed(ready, in_engine, sampling)
                 if in_engine:
-                    start = time.perf_counter()
-                    outputs = engine.step()
-                    self.step_seconds += time.perf_counter() - start
-                    self.engine.steps += 1  # what the driver's stall watch sees advance
-                    for out in outputs:
-                        if out.finished:
-                            episode = in_engine.pop(out.request_id)
-                            if episode.turns:
-                                self.resumed_tokens += len(out.prompt_token_ids)
-                                self.cached_tokens += out.num_cached_tokens or 0
-                            self._model_turn(episode, out.outputs[0])
-                            in_env.submit(self._step, episode)
+                    self._step_engine(in_engine, in_env)
                 elif in_env:  # every episode waits on its environment: nothing for the engine to do
                     start = time.perf_counter()
                     in_env.wait(timeout=0.05)
@@ -145,6 +122,38 @@ class EpisodeRunner:
         finally:  # episodes left unfinished (the stream was closed, or raised) let their environments go
             for episode in [*ready, *in_env.episodes(), *in_engine.values()]:
                 self._release(episode)
+
+    def _feed(self, ready: deque[Episode], in_engine: dict[str, Episode], sampling: SamplingConfig) -> None:
+        """Ready episodes' next turns into the engine, as many as its window has room for; each turn is a
+        request whose prompt is the episode so far."""
+        from vllm.inputs import TokensPrompt
+
+        feed = [ready.popleft() for _ in range(min(len(ready), max(0, self.engine.window - len(in_engine))))]
+        if not feed:
+            return
+        start = time.perf_counter()
+        ids = self.engine.llm.enqueue(
+            [TokensPrompt(prompt_token_ids=e.prompt_ids + e.response) for e in feed],
+            [self._params(sampling, e) for e in feed],
+            use_tqdm=False,
+        )
+        in_engine.update({request.split("-")[0]: e for request, e in zip(ids, feed)})
+        self.intake_seconds += time.perf_counter() - start
+
+    def _step_engine(self, in_engine: dict[str, Episode], in_env: _EnvironmentCalls) -> None:
+        """One engine step; each episode whose turn it ended goes to its environment."""
+        start = time.perf_counter()
+        outputs = self.engine.llm.llm_engine.step()
+        self.step_seconds += time.perf_counter() - start
+        self.engine.steps += 1  # what the driver's stall watch sees advance
+        for out in outputs:
+            if out.finished:
+                episode = in_engine.pop(out.request_id)
+                if episode.turns:
+                    self.resumed_tokens += len(out.prompt_token_ids)
+                    self.cached_tokens += out.num_cached_tokens or 0
+                self._model_turn(episode, out.outputs[0])
+                in_env.submit(self._step, episode)
 
     def close(self) -> None:
         """Stop the environments' host processes, if any (they also stop when this process ends)."""
