@@ -50,7 +50,7 @@ test: setup tools lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests selected"; exit 0; fi; exit $$rc
 
 test-fast: setup lint
-	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not e2e and not cluster" $(PYTEST_ARGS)
 
 bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b; done

@@ -23,7 +23,7 @@ from rollout.runtime.failures import ActorStartError
 from rollout.weight_sync.check import WeightSyncError
 from rollout.weight_sync.sync import WeightSync
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.cluster]
 
 
 # One engine and the learner on this CPU, syncing over the collective path in small buckets.

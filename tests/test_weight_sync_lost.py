@@ -9,7 +9,7 @@ from test_weight_sync import release, two_worker_pool
 
 from rollout.weight_sync.check import PROBE_IDS
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.cluster]
 
 
 @pytest.fixture(scope="module")
