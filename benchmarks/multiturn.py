@@ -8,8 +8,8 @@ same number of model tokens. The tiny model is the builtin with random weights, 
 early. With the default 64 x 4 episodes, one engine batch, the episodes move in lockstep: each turn
 ends for all of them at once, and the engine waits out one environment step per turn; `--prompts 256`
 (more episodes than the engine holds, as a rollout worker streaming thousands has) measures the steady
-state, where other episodes' turns fill those waits. `--busy` makes the environment compute in Python for its `--sleep-ms` instead (a grader's parsing,
-a simulator), which holds the interpreter lock; `--processes N` runs the environments in N processes of
+state, where other episodes' turns fill those waits. `--busy` makes the environment compute in Python for
+its `--sleep-ms` instead (a grader's parsing, a simulator), which holds the interpreter lock; `--processes N` runs the environments in N processes of
 their own (`env.num_processes`). Prints one JSON object:
 
 - `engine_busy_fraction`: the engine's step time over the episodes' generation wall time (goal >= 0.9:
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,13 @@ class Sleepy(Environment):
         return StepResult(observation="ok", done=self.seen >= self.turns)
 
 
+def prompts(tokenizer, count: int) -> tuple[list[PromptRecord], list[list[int]]]:
+    """`count` short sums as prompt records, and their rendered token ids."""
+    records = [PromptRecord(f"p{i}", [Message("user", f"{i}+{i}=")], None, {}, "bench") for i in range(count)]
+    renderer = PromptRenderer(tokenizer, 64)
+    return records, [renderer.render(r).prompt_ids for r in records]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=64)
@@ -79,9 +87,7 @@ def main() -> None:
     rollout = RolloutConfig(device="cpu", max_model_len=512, n_samples=args.n)
     engine = VLLMEngine(model, rollout, seed=0, prefix_caching=True)
     tokenizer = engine.tokenizer
-    records = [PromptRecord(f"p{i}", [Message("user", f"{i}+{i}=")], None, {}, "bench") for i in range(args.prompts)]
-    renderer = PromptRenderer(tokenizer, 64)
-    ids = [renderer.render(r).prompt_ids for r in records]
+    records, ids = prompts(tokenizer, args.prompts)
     env = EnvConfig(
         name="sleepy",
         params={"delay_s": args.sleep_ms / 1000, "turns": args.turns, "busy": args.busy},
@@ -123,12 +129,12 @@ def main() -> None:
 
     runner.close()
 
-    def median(rows, key):
-        return sorted(r[key] for r in rows)[len(rows) // 2]
+    def median(rows, key, per_second=False):
+        return statistics.median(r[key] / r["wall_s"] if per_second else r[key] for r in rows)
 
-    busy = median([{"f": e["engine_s"] / e["wall_s"]} for e in episodes], "f")
-    multi_tps = median([{"t": e["model_tokens"] / e["wall_s"]} for e in episodes], "t")
-    single_tps = median([{"t": s["model_tokens"] / s["wall_s"]} for s in singles], "t")
+    busy = median(episodes, "engine_s", per_second=True)
+    multi_tps = median(episodes, "model_tokens", per_second=True)
+    single_tps = median(singles, "model_tokens", per_second=True)
     print(
         json.dumps(
             {
@@ -140,8 +146,8 @@ def main() -> None:
                 "env_busy": args.busy,
                 "env_processes": args.processes,
                 "engine_busy_fraction": round(busy, 3),
-                "engine_intake_fraction": round(median([{"f": e["intake_s"] / e["wall_s"]} for e in episodes], "f"), 3),
-                "engine_idle_fraction": round(median([{"f": e["idle_s"] / e["wall_s"]} for e in episodes], "f"), 3),
+                "engine_intake_fraction": round(median(episodes, "intake_s", per_second=True), 3),
+                "engine_idle_fraction": round(median(episodes, "idle_s", per_second=True), 3),
                 "tokens_per_s_ratio": round(multi_tps / single_tps, 3),
                 "multi_turn_tokens_per_s": round(multi_tps, 1),
                 "single_turn_tokens_per_s": round(single_tps, 1),

@@ -42,27 +42,34 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # as the worker's engine: 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from multiturn import prompts  # noqa: E402
+
 from contracts.builtin_model import build_tiny_llama  # noqa: E402
-from contracts.formats import Message, PromptRecord  # noqa: E402
+from contracts.formats import Message  # noqa: E402
 from contracts.rendering import PromptRenderer  # noqa: E402
+
+
+def sampling(max_tokens: int, seed: int):
+    """As the worker samples (the sampled token's logprob, no text), each output a delta: streaming input
+    takes no other kind."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=max_tokens, seed=seed, logprobs=0, detokenize=False, output_kind=RequestOutputKind.DELTA
+    )
 
 
 async def episode(engine, prompt_ids, observation_ids, request_id, seed, args, pool) -> int:
     """One episode as one resumable request: a turn, the environment's step on a thread, its observation
     appended, and so on for `args.turns` turns; the model's token count."""
-    from vllm import SamplingParams
     from vllm.engine.protocol import StreamingInput
     from vllm.inputs import TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
 
     def turn_params(turn: int):
-        return SamplingParams(
-            max_tokens=args.turn_tokens,
-            seed=seed + turn,
-            logprobs=0,
-            detokenize=False,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        return sampling(args.turn_tokens, seed + turn)
 
     turn_over = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -87,17 +94,9 @@ async def episode(engine, prompt_ids, observation_ids, request_id, seed, args, p
 
 
 async def single(engine, prompt_ids, request_id, seed, args) -> int:
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
 
-    params = SamplingParams(
-        max_tokens=args.turns * args.turn_tokens,
-        seed=seed,
-        logprobs=0,
-        detokenize=False,
-        output_kind=RequestOutputKind.DELTA,
-    )
+    params = sampling(args.turns * args.turn_tokens, seed)
     tokens = 0
     async for output in engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
         tokens += len(output.outputs[0].token_ids)
@@ -123,12 +122,10 @@ async def resumable(args) -> dict:
     pool = ThreadPoolExecutor(max_workers=256)  # env.num_threads' default: one per sequence of the batch
     try:
         tokenizer = engine.tokenizer
-        renderer = PromptRenderer(tokenizer, 64)
-        records = [
-            PromptRecord(f"p{i}", [Message("user", f"{i}+{i}=")], None, {}, "bench") for i in range(args.prompts)
-        ]
-        ids = [renderer.render(r).prompt_ids for r in records]
-        text = renderer.observation_text([Message("user", "x")], "x", Message("user", "ok"), reply_ended=False)
+        _, ids = prompts(tokenizer, args.prompts)
+        text = PromptRenderer(tokenizer, 64).observation_text(
+            [Message("user", "x")], "x", Message("user", "ok"), reply_ended=False
+        )
         observation = tokenizer(text, add_special_tokens=False)["input_ids"]
         await asyncio.gather(*(single(engine, ids[i], f"warm{i}", i, args) for i in range(4)))
         rates: dict[str, list[float]] = {"episodes": [], "singles": []}
