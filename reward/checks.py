@@ -1,8 +1,8 @@
 """The `reward` section checked at start-up, before Ray starts: what needs reward code to check.
 
 `check_reward_config` is the one call `rollout run` / `rollout generate` make (next to the config's
-cross-field `check`): every rule name resolves (a built-in of `reward.rules.RULES`, the one list of
-them, or a user's `package.module:function` that imports and can be called as a rule), every
+cross-field `check`): every rule name resolves (a built-in of `reward.rules.RULES`, the one registry
+of them, or a user's `package.module:function` that imports and can be called as a rule), every
 rule's params fit it, no rule takes a name kept for something else, a local reward model
 directory holds a one-label sequence classifier, and a reward server has an http(s) URL. A bad
 config fails here in seconds with a `ConfigError` naming the field, rather than in a reward worker
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from contracts.config import ConfigError, RewardConfig
 from reward.remote import REMOTE_COMPONENT, check_url
-from reward.rule_registry import check_params, get_rule
+from reward.rule_params import check_params
+from reward.rules import RULES
 from reward.scorer import rule_component_names
 from reward.worker import MODEL_COMPONENT, RESTARTED
 
@@ -44,9 +45,9 @@ def rule_problems(cfg: RewardConfig) -> list[str]:
     problems = []
     for i, spec in enumerate(cfg.rules):
         try:
-            rule = get_rule(spec.name)
-        except ValueError as e:
-            problems.append(f"reward.rules.{i}.name: {e}")
+            rule = RULES.lookup(spec.name, field=f"reward.rules.{i}.name")
+        except ConfigError as e:
+            problems.append(str(e))
             continue
         try:
             check_params(spec.name, rule, spec.params)

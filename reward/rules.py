@@ -11,9 +11,10 @@ and `metadata` attributes, so any object with those (or None, where a rule needs
 raises ValueError, and `check_params` runs the same checks once, before any sample is scored.
 A rule that declares a keyword `response_tokens` is also given the response's length in tokens by
 the scorer (`overlong` does).
-`RULES` is the one list of built-in names, each added by the `rule` decorator;
-`reward.rule_registry.get_rule` also loads a user's `package.module:function` (`reward.user_rules`), adapted to
-this signature.
+`RULES` is the one registry of them: each built-in adds itself with `@RULES.register(name,
+param_check=...)`, where `param_check` is the value check the rule also runs on each call, run once
+with the config's params by `reward.rule_params.check_params`; `RULES.lookup` also loads a user's
+`package.module:function` (`reward.user_rules`), adapted to this signature.
 
 User-supplied regular expressions (safety, format) run on the `regex` package with
 `concurrent=True` and a time limit: the stdlib `re` holds the GIL for the whole match, so a
@@ -31,22 +32,15 @@ from typing import Any
 
 import regex
 
+from contracts.registry import Registry
 from reward.arith_parser import evaluate, final_number, find_expression
+from reward.user_rules import user_rule
 
 Rule = Callable[..., float]
 
-RULES: dict[str, Rule] = {}  # the built-ins by name, each added by `rule`
-PARAM_CHECKS: dict[str, Callable[..., object]] = {}  # their value checks, run once by `check_params`
-
-
-def rule(name: str) -> Callable[[Rule], Rule]:
-    """Register a built-in rule under `name`."""
-    return lambda function: RULES.setdefault(name, function)
-
-
-def param_check(name: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
-    """Register the value checks rule `name` runs on each call, to be run once with the config's params."""
-    return lambda check: PARAM_CHECKS.setdefault(name, check)
+RULES: Registry[Rule] = Registry(
+    "reward rule", "reward.rules[].name", user_form="package.module:function", adapt_user=user_rule
+)
 
 
 REGEX_TIMEOUT_S = 2.0
@@ -68,7 +62,12 @@ _SPACE = regex.compile(r"\s+")
 # --- arithmetic --------------------------------------------------------------------------------
 
 
-@rule("arithmetic")
+def _check_arithmetic(tolerance: float) -> None:
+    if not tolerance >= 0:
+        raise ValueError(f"arithmetic: tolerance must be >= 0, got {tolerance!r}")
+
+
+@RULES.register("arithmetic", param_check=_check_arithmetic)
 def arithmetic(
     prompt: str,
     response: str,
@@ -96,12 +95,6 @@ def arithmetic(
     return correct if abs(got - expected) <= Fraction(tolerance) else wrong
 
 
-@param_check("arithmetic")
-def _check_arithmetic(tolerance: float) -> None:
-    if not tolerance >= 0:
-        raise ValueError(f"arithmetic: tolerance must be >= 0, got {tolerance!r}")
-
-
 def _expected_answer(prompt: str, record: Any) -> Fraction:
     reference = getattr(record, "reference", None)
     if reference:
@@ -122,7 +115,14 @@ def _expected_answer(prompt: str, record: Any) -> Fraction:
 SIMILARITY_METHODS = ("token_f1", "char_ngram")
 
 
-@rule("similarity")
+def _check_similarity(method: str, n: int) -> None:
+    if method not in SIMILARITY_METHODS:
+        raise ValueError(f"similarity: unknown method {method!r}; known: {', '.join(SIMILARITY_METHODS)}")
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"similarity: n must be a whole number >= 1, got {n!r}")
+
+
+@RULES.register("similarity", param_check=_check_similarity)
 def similarity(prompt: str, response: str, record: Any, method: str = "token_f1", n: int = 3) -> float:
     """Overlap of the response with `record.reference`, in [0, 1].
 
@@ -138,14 +138,6 @@ def similarity(prompt: str, response: str, record: Any, method: str = "token_f1"
     if method == "token_f1":
         return _f1(Counter(word_tokens(response)), Counter(word_tokens(reference)))
     return _f1(_char_ngrams(response, n), _char_ngrams(reference, n))
-
-
-@param_check("similarity")
-def _check_similarity(method: str, n: int) -> None:
-    if method not in SIMILARITY_METHODS:
-        raise ValueError(f"similarity: unknown method {method!r}; known: {', '.join(SIMILARITY_METHODS)}")
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"similarity: n must be a whole number >= 1, got {n!r}")
 
 
 def word_tokens(text: str) -> list[str]:
@@ -174,7 +166,17 @@ def _f1(predicted: Counter[str], reference: Counter[str]) -> float:
 # --- safety ------------------------------------------------------------------------------------
 
 
-@rule("safety")
+def _check_safety(blocklist: Sequence[str], patterns: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The lists as tuples (hashable, for the compiled-matcher cache), after checking their shape."""
+    for label, items in (("blocklist", blocklist), ("patterns", patterns)):
+        if isinstance(items, str) or not all(isinstance(item, str) and item for item in items):
+            raise ValueError(f"safety: {label} must be a list of non-empty strings, got {items!r}")
+    for pattern in patterns:
+        _compile(pattern, "safety")
+    return tuple(blocklist), tuple(patterns)
+
+
+@RULES.register("safety", param_check=_check_safety)
 def safety(
     prompt: str,
     response: str,
@@ -198,17 +200,6 @@ def safety(
     return penalty if found else 0.0
 
 
-@param_check("safety")
-def _check_safety(blocklist: Sequence[str], patterns: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The lists as tuples (hashable, for the compiled-matcher cache), after checking their shape."""
-    for label, items in (("blocklist", blocklist), ("patterns", patterns)):
-        if isinstance(items, str) or not all(isinstance(item, str) and item for item in items):
-            raise ValueError(f"safety: {label} must be a list of non-empty strings, got {items!r}")
-    for pattern in patterns:
-        _compile(pattern, "safety")
-    return tuple(blocklist), tuple(patterns)
-
-
 @lru_cache(maxsize=64)
 def _safety_matcher(blocklist: tuple[str, ...], patterns: tuple[str, ...]) -> regex.Pattern | None:
     """One alternation of every phrase and pattern, so a response is scanned once."""
@@ -227,7 +218,11 @@ def _phrase_pattern(phrase: str) -> str:
 # --- format ------------------------------------------------------------------------------------
 
 
-@rule("format")
+def _check_format(pattern: str) -> None:
+    _compile(pattern, "format")
+
+
+@RULES.register("format", param_check=_check_format)
 def format(
     prompt: str,
     response: str,
@@ -259,11 +254,6 @@ def _compile(pattern: str, rule: str) -> regex.Pattern:
         raise ValueError(f"{rule}: invalid regular expression {pattern!r}: {e}") from None
 
 
-@param_check("format")
-def _check_format(pattern: str) -> None:
-    _compile(pattern, "format")
-
-
 @lru_cache(maxsize=256)
 def _compile_cached(pattern: str) -> regex.Pattern:
     return regex.compile(pattern)
@@ -274,7 +264,15 @@ def _compile_cached(pattern: str) -> regex.Pattern:
 LENGTH_UNITS = ("chars", "words")
 
 
-@rule("length")
+def _check_length(target: int, unit: str, penalty_per_unit: float, max_penalty: float) -> None:
+    if unit not in LENGTH_UNITS:
+        raise ValueError(f"length: unknown unit {unit!r}; known: {', '.join(LENGTH_UNITS)}")
+    for name, value in (("target", target), ("penalty_per_unit", penalty_per_unit), ("max_penalty", max_penalty)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"length: {name} must be a finite number >= 0, got {value!r}")
+
+
+@RULES.register("length", param_check=_check_length)
 def length(
     prompt: str,
     response: str,
@@ -295,22 +293,26 @@ def length(
     return 0.0 - min(max_penalty, penalty_per_unit * max(0, size - target))
 
 
-@param_check("length")
-def _check_length(target: int, unit: str, penalty_per_unit: float, max_penalty: float) -> None:
-    if unit not in LENGTH_UNITS:
-        raise ValueError(f"length: unknown unit {unit!r}; known: {', '.join(LENGTH_UNITS)}")
-    for name, value in (("target", target), ("penalty_per_unit", penalty_per_unit), ("max_penalty", max_penalty)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"length: {name} must be a finite number >= 0, got {value!r}")
-
-
 # --- overlong ----------------------------------------------------------------------------------
 
 # Supplied by the scorer, never by params: a rule that declares it gets the response's token count.
 RESPONSE_TOKENS = "response_tokens"
 
 
-@rule("overlong")
+def _check_overlong(max_tokens: int, buffer_tokens: int, penalty: float) -> int:
+    """The buffer in tokens; ValueError naming the bad parameter."""
+    if not (isinstance(max_tokens, int) and max_tokens > 0):
+        raise ValueError(f"overlong: max_tokens must be a whole number > 0, got {max_tokens!r}")
+    if not (isinstance(buffer_tokens, int) and 0 <= buffer_tokens <= max_tokens):
+        raise ValueError(
+            f"overlong: buffer_tokens must be a whole number in [0, max_tokens={max_tokens}], got {buffer_tokens!r}"
+        )
+    if not (math.isfinite(penalty) and penalty >= 0):
+        raise ValueError(f"overlong: penalty must be a finite number >= 0, got {penalty!r}")
+    return buffer_tokens or max(1, max_tokens // 4)
+
+
+@RULES.register("overlong", param_check=_check_overlong)
 def overlong(
     prompt: str,
     response: str,
@@ -334,17 +336,3 @@ def overlong(
     buffer = _check_overlong(max_tokens, buffer_tokens, penalty)
     over = max(0, response_tokens - (max_tokens - buffer))
     return 0.0 - penalty * min(1.0, over / buffer)
-
-
-@param_check("overlong")
-def _check_overlong(max_tokens: int, buffer_tokens: int, penalty: float) -> int:
-    """The buffer in tokens; ValueError naming the bad parameter."""
-    if not (isinstance(max_tokens, int) and max_tokens > 0):
-        raise ValueError(f"overlong: max_tokens must be a whole number > 0, got {max_tokens!r}")
-    if not (isinstance(buffer_tokens, int) and 0 <= buffer_tokens <= max_tokens):
-        raise ValueError(
-            f"overlong: buffer_tokens must be a whole number in [0, max_tokens={max_tokens}], got {buffer_tokens!r}"
-        )
-    if not (math.isfinite(penalty) and penalty >= 0):
-        raise ValueError(f"overlong: penalty must be a finite number >= 0, got {penalty!r}")
-    return buffer_tokens or max(1, max_tokens // 4)

@@ -28,7 +28,8 @@ import msgspec
 
 from contracts.config import RuleSpec
 from contracts.errors import JobFailure
-from reward.rule_registry import check_params, get_rule
+from contracts.registry import Registry
+from reward.rule_params import check_params
 from reward.rules import RESPONSE_TOKENS, RULES, Rule
 from reward.user_rules import component_name
 
@@ -80,7 +81,7 @@ class RuleScorer:
         timeout_s: float,
         failed_value: float = 0.0,
         max_abandoned: int = 8,
-        registry: dict[str, Rule] = RULES,
+        registry: Registry[Rule] = RULES,
     ):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -164,11 +165,11 @@ class RuleScorer:
             log.debug("reward component %s failed: %s", name, reason)
 
 
-def _bind(rules: Sequence[RuleSpec], registry: dict[str, Rule]) -> list[_Component]:
+def _bind(rules: Sequence[RuleSpec], registry: Registry[Rule]) -> list[_Component]:
     """Each spec as a named component with its params bound; ValueError for a bad name or param."""
     components = []
-    for spec, name in zip(rules, rule_component_names(rules)):
-        rule = get_rule(spec.name, registry)
+    for i, (spec, name) in enumerate(zip(rules, rule_component_names(rules))):
+        rule = registry.lookup(spec.name, field=f"reward.rules.{i}.name")
         check_params(spec.name, rule, spec.params)
         counts_tokens = RESPONSE_TOKENS in inspect.signature(rule).parameters
         components.append(

@@ -7,12 +7,10 @@ from typing import Any
 import pytest
 
 from reward import rules
-from reward.rule_registry import check_params, get_rule
+from reward.rule_params import check_params
 
 
 def test_the_registry_is_the_one_list_of_built_in_names() -> None:
-    import msgspec
-
     from contracts.config import ConfigError, RewardConfig, RuleSpec
     from reward.checks import check_reward_config
 
@@ -26,15 +24,22 @@ def test_the_registry_is_the_one_list_of_built_in_names() -> None:
         "length, overlong, or your own as package.module:function"
     )
     # `rollout config --explain` names every built-in (and nothing keeps a second list of them).
+    import msgspec
+
     (rules_field,) = [f for f in msgspec.inspect.type_info(RewardConfig).fields if f.name == "rules"]
     described = rules_field.type.extra_json_schema["description"]
     assert all(name in described for name in rules.RULES), described
 
 
-def test_get_rule() -> None:
-    assert get_rule("length") is rules.length
-    with pytest.raises(ValueError, match="unknown reward rule 'bleu'; known: arithmetic, similarity"):
-        get_rule("bleu")
+def test_a_rule_is_looked_up_by_name_and_a_name_registered_twice_is_refused() -> None:
+    assert rules.RULES.lookup("length") is rules.length
+    with pytest.raises(
+        ValueError, match="^reward.rules\\[\\].name: unknown reward rule 'bleu'; known: arithmetic, similarity"
+    ):
+        rules.RULES.lookup("bleu")
+    with pytest.raises(ValueError, match="reward rule 'length' is registered twice"):
+        rules.RULES.register("length")(lambda prompt, response, record: 0.0)
+    assert rules.RULES.lookup("length") is rules.length
 
 
 def test_rules_accept_a_real_prompt_record() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from reward import rules
 from reward.arith_parser import ArithmeticSyntaxError, evaluate, final_number, find_expression, numbers_in
-from reward.rule_registry import check_params
+from reward.rule_params import check_params
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from contracts.config import RuleSpec
+from contracts.registry import Registry
 from reward.rules import RULES
 from reward.scorer import RewardModelScorer, RewardResult, RuleScorer, ScorerStuckError
 
@@ -38,7 +39,9 @@ def not_a_number(prompt: str, response: str, record: Any) -> float:
 
 
 SLEEP_OVER = threading.Event()
-EXTRA = {**RULES, "sleepy": sleepy, "broken": broken, "not_a_number": not_a_number}
+EXTRA = Registry("reward rule", "reward.rules[].name")  # the built-ins and these
+for _name, _rule in [*RULES.items(), ("sleepy", sleepy), ("broken", broken), ("not_a_number", not_a_number)]:
+    EXTRA.register(_name)(_rule)
 
 
 @pytest.fixture(autouse=True)

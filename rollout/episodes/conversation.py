@@ -19,7 +19,8 @@ import msgspec
 
 from contracts.environment import Environment, StepResult
 from contracts.formats import Message
-from reward.rule_registry import check_params, get_rule
+from reward.rule_params import check_params
+from reward.rules import RULES
 from rollout.episodes.registry import register_environment
 
 
@@ -35,7 +36,7 @@ class Conversation(Environment):
             raise ValueError(f"conversation: rules must be a non-empty list of rule names, got {rules!r}")
         self.rules = []
         for name in rules:
-            rule = get_rule(name)  # ValueError naming the rule when there is none
+            rule = RULES.lookup(name, field="rules")  # check_environment puts "env.params: conversation: " first
             check_params(name, rule, {})  # a rule that needs params cannot be called here
             self.rules.append(rule)
         weights = [1.0] * len(rules) if weights is None else weights

@@ -1,8 +1,7 @@
-"""Looking a reward rule up by name, and checking its params before any sample is scored.
+"""A reward rule's params checked against the rule before any sample is scored.
 
-`get_rule` gives a built-in of `reward.rules.RULES`, or a user's `package.module:function` imported
-(`reward.user_rules`); `check_params` checks the config's params against the rule's signature and,
-for a built-in, runs its value checks (`reward.rules.PARAM_CHECKS`) once.
+`check_params` checks the config's params against the rule's signature and, for a built-in, runs its
+value check (the `param_check` it was registered with in `reward.rules.RULES`) once.
 """
 
 from __future__ import annotations
@@ -10,21 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from reward.rules import PARAM_CHECKS, RESPONSE_TOKENS, RULES, Rule
-from reward.user_rules import is_user_rule, load_user_rule
-
-
-def get_rule(name: str, registry: dict[str, Rule] = RULES) -> Rule:
-    """The rule called `name`: a built-in from `registry`, or a user's `package.module:function`
-    imported (see `reward.user_rules`). ValueError saying why when there is none."""
-    if is_user_rule(name):
-        return load_user_rule(name)
-    try:
-        return registry[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown reward rule {name!r}; known: {', '.join(registry)}, or your own as package.module:function"
-        ) from None
+from reward.rules import RESPONSE_TOKENS, RULES, Rule
 
 
 def check_params(name: str, rule: Rule, params: dict[str, Any]) -> None:
@@ -56,7 +41,7 @@ def check_params(name: str, rule: Rule, params: dict[str, Any]) -> None:
     missing = [key for key, p in accepted.items() if p.default is p.empty and key not in params]
     if missing:  # a user rule's parameter without a default would fail every call
         raise ValueError(f"reward rule {name!r} needs parameter(s) {', '.join(missing)}: set them in its params")
-    check = PARAM_CHECKS.get(name) if RULES.get(name) is rule else None
+    check = RULES.entry(name).attributes["param_check"] if RULES.get(name) is rule else None
     if check is not None:
         bound = signature.bind_partial("", "", None, **params)
         bound.apply_defaults()
