@@ -19,7 +19,8 @@ from reward.remote import REMOTE_COMPONENT, check_url
 from reward.rule_params import check_params
 from reward.rules import RULES
 from reward.scorer import rule_component_names
-from reward.worker import MODEL_COMPONENT, RESTARTED
+from reward.sources import MODEL_COMPONENT
+from reward.worker import RESTARTED
 
 # Names a rule's component may not take: the archive's struct holds each name once, and the worker's
 # latency figures (`total`, `restarted`) share a dict with the rules'.

@@ -49,7 +49,7 @@ class Rescorer:
             "prompt",
             "response",
             "final_turn",
-            "response_ids" if self.worker.rules.counts_tokens else "",
+            "response_ids" if self.worker.counts_tokens else "",
         ]
         return [name for name in wanted if name in archived]
 
