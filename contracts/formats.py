@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from contracts.jsonl import BadRecord, FormatError, parse_records
+from contracts.data_sources import parse_records
+from contracts.jsonl import BadRecord, FormatError
 
 T = TypeVar("T")
 

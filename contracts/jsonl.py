@@ -1,8 +1,8 @@
 """Line-numbered streaming of JSON records from JSONL files and JSON-array files.
 
-Every data file the service reads (prompts, preferences) goes through `iter_json_records`, so a
-bad record is always reported the same way: `FILE:LINE: reason`. Files are read in constant
-memory: JSONL line by line, a JSON array one element at a time (the array may be pretty-printed
+The JSON data source (`contracts.data_sources`): a data file whose path no other source claims is
+read by `iter_json_records`, which reports a bad record as every source does: `FILE:LINE: reason`.
+Files are read in constant memory: JSONL line by line, a JSON array one element at a time (the array may be pretty-printed
 over many lines; each element is reported at the line where it starts).
 """
 
@@ -12,14 +12,12 @@ import codecs
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, BinaryIO, TextIO, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO, TextIO
 
 import msgspec
 
 from contracts.errors import UserError
-
-T = TypeVar("T")
 
 _CHUNK_BYTES = 1 << 16
 _JSON_WHITESPACE = b" \t\r\n"
@@ -325,17 +323,3 @@ def _shown(char: str | None) -> str:
 
 class FormatError(UserError, ValueError):
     """A decoded record does not fit its format; the message is the reason shown after FILE:LINE."""
-
-
-def parse_records(path: str | os.PathLike[str], parse: Callable[[Any, str], T]) -> Iterator[T | BadRecord]:
-    """Each record of a JSON/JSONL file through `parse(obj, "FILE:LINE")`; unreadable records and
-    those `parse` rejects with FormatError come back as BadRecord, in file order."""
-    file = os.fspath(path)
-    for line, obj in iter_json_records(file):
-        if isinstance(obj, BadRecord):
-            yield obj
-            continue
-        try:
-            yield parse(obj, f"{file}:{line}")
-        except FormatError as e:
-            yield BadRecord(file, line, str(e))

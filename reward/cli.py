@@ -118,12 +118,13 @@ def cmd_score(args) -> int:
 
 def read_samples(path: str) -> list[tuple[str, str, str]]:
     """(prompt, response, "FILE:LINE") per record; every bad record printed, then ScoreDataError."""
+    from contracts.data_sources import read_data
     from contracts.formats import FormatError, require_object, text_field
-    from contracts.jsonl import BadRecord, iter_json_records
+    from contracts.jsonl import BadRecord
 
     samples: list[tuple[str, str, str]] = []
     bad: list[BadRecord] = []
-    for line, obj in iter_json_records(path):
+    for line, obj in read_data(path):
         if isinstance(obj, BadRecord):
             bad.append(obj)
             continue

@@ -320,3 +320,35 @@ def test_prompt_id_is_the_hash_of_the_canonical_record():
     assert record_id(record) == record_id(reordered) == expected
     assert parse_prompt(record, "auto", "f:1").prompt_id == expected
     assert record_id({**record, "completion": "y"}) != expected
+
+
+# --- data sources: the reader chosen by the path ------------------------------------------------
+
+
+def test_the_json_source_reads_json_jsonl_and_any_suffix_no_other_source_claims(tmp_path):
+    from contracts.data_sources import DATA_SOURCES, DEFAULT, data_source, read_data
+
+    assert DATA_SOURCES.names() == ("json",) and DEFAULT == "json"
+    assert [data_source(p) for p in ("a.jsonl", "a.JSON", "a.txt", "no_suffix", "s3://b/k.jsonl")] == ["json"] * 5
+    path = tmp_path / "prompts.data"
+    path.write_text('[\n  {"prompt": "a"},\n  {"prompt": "b"}\n]\n')
+    assert list(read_data(path)) == [(2, {"prompt": "a"}), (3, {"prompt": "b"})]
+    assert [r.reference for r in read_prompts(path)] == [None, None]
+
+
+def test_a_new_format_is_one_entry_chosen_by_its_suffix(tmp_path, monkeypatch):
+    from contracts.data_sources import DATA_SOURCES, data_source
+
+    def tsv_records(path):  # a toy reader: one prompt per line
+        with open(path) as f:
+            yield from ((n, {"prompt": line.rstrip("\n")}) for n, line in enumerate(f, start=1))
+
+    monkeypatch.setattr(DATA_SOURCES, "_entries", dict(DATA_SOURCES._entries))  # the test's entry goes with it
+    DATA_SOURCES.register("tsv", suffixes=(".tsv",))(tsv_records)
+    assert data_source("p.TSV") == "tsv" and data_source("p.jsonl") == "json"
+    path = tmp_path / "p.tsv"
+    path.write_text("1+1=\n2+2=\n")
+    assert [(r.messages[0].content, r.source) for r in read_prompts(path)] == [
+        ("1+1=", f"{path}:1"),
+        ("2+2=", f"{path}:2"),
+    ]

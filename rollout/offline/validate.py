@@ -12,8 +12,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO
 
+from contracts.data_sources import read_data
 from contracts.formats import PromptRecord, detect_prompt_format, read_prompts
-from contracts.jsonl import BadRecord, iter_json_records
+from contracts.jsonl import BadRecord
 from reward.preferences import detect_preference_format, read_preferences
 
 # First match wins: the more specific phrases come before the generic "must be" / "is empty".
@@ -80,7 +81,7 @@ def detect_data_kind(file: str) -> str:
     Preference records carry a "prompt" too, so their keys are checked first. A file with no
     recognisable record is treated as prompt data (its records are then reported as unknown).
     """
-    for _, obj in iter_json_records(file):
+    for _, obj in read_data(file):
         if detect_preference_format(obj):
             return "preference"
         if detect_prompt_format(obj):
