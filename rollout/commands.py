@@ -88,18 +88,12 @@ def _prompt_length(cfg):
 
 def cmd_config(args) -> int:
     from contracts.config.load import check, explain, to_yaml
-    from learner.estimators import ESTIMATORS, check_learner_names
-    from learner.losses import POLICY_LOSSES
+    from learner.estimators import check_learner_names
     from reward.checks import check_reward_config
-    from rollout.episodes.registry import builtin_environments, check_environment
+    from rollout.episodes.registry import check_environment
 
     if args.explain:
-        registered = {
-            "learner.estimator": ESTIMATORS,
-            "learner.policy_loss": POLICY_LOSSES,
-            "env.name": builtin_environments(),
-        }
-        print("\n".join(explain(registered=registered)))
+        print("\n".join(explain(registered=registered_names())))
         return 0
     cfg = load_config(args.config, args.overrides)
     check(cfg)
@@ -108,6 +102,21 @@ def cmd_config(args) -> int:
     check_environment(cfg.env)
     print(to_yaml(cfg), end="")
     return 0
+
+
+def registered_names() -> dict[str, tuple[str, ...]]:
+    """The built-in names of each registry a config field names, by the field's line in `--explain`
+    (a list's field, such as `reward.rules[].name`, on its list's line)."""
+    from contracts.data_sources import DATA_SOURCES
+    from learner.estimators import ESTIMATORS
+    from learner.losses import POLICY_LOSSES
+    from reward.rules import RULES
+    from rollout.episodes.registry import ENVIRONMENTS
+
+    names = {"learner.estimator": tuple(ESTIMATORS), "learner.policy_loss": tuple(POLICY_LOSSES)}
+    for registry in (RULES, ENVIRONMENTS, DATA_SOURCES):
+        names[registry.field.partition("[]")[0]] = registry.names()
+    return names
 
 
 # `rollout replay --train`'s flags for the settings of the objective it trains with: flag -> (key, kind).

@@ -86,7 +86,10 @@ def test_a_users_class_is_loaded_by_module_and_name_and_played(user_module):
 @pytest.mark.parametrize(
     "name, message",
     [
-        ("nope", "env.name: unknown environment 'nope'; the built-ins are calculator, conversation"),
+        (
+            "nope",
+            "env.name: unknown environment 'nope'; known: calculator, conversation, or your own as package.module:ClassName",
+        ),
         ("no_such_module_at_all:Env", "env.name: no_such_module_at_all:Env: cannot import no_such_module_at_all"),
         ("broken_envs:Env", "env.name: broken_envs:Env: importing broken_envs raised RuntimeError: no licence"),
         ("my_envs:Missing", "env.name: my_envs:Missing: module my_envs has no 'Missing'"),

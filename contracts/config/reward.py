@@ -71,8 +71,8 @@ class RewardConfig(Base):
     rules: Annotated[
         list[RuleSpec],
         doc(
-            "Rule functions and their weights, each {name, weight, params}: name is a built-in (arithmetic, "
-            "similarity, safety, format, length, overlong) or your own package.module:function."
+            "Rule functions and their weights, each {name, weight, params}: name is a built-in (see Registered) "
+            "or your own package.module:function."
         ),
     ] = field(default_factory=lambda: [RuleSpec(name="arithmetic")])
     model: Annotated[RewardModelConfig | None, doc("Optional reward model.")] = None

@@ -28,7 +28,7 @@ from typing import Any
 
 from contracts.environment import Environment, StepResult
 from reward.arith_parser import ArithmeticSyntaxError, evaluate
-from rollout.episodes.registry import register_environment
+from rollout.episodes.registry import ENVIRONMENTS
 
 MAX_EXPRESSION_CHARS = 200  # a longer expression is refused: it bounds the parser's work and the answer's size
 SIGNIFICANT_DIGITS = 12  # a value that is not a whole number is shown to this many significant digits
@@ -38,7 +38,7 @@ OPEN, CLOSE = "<calc>", "</calc>"
 _CALL = re.compile(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|\Z)", re.DOTALL)
 
 
-@register_environment("calculator")
+@ENVIRONMENTS.register("calculator")
 class Calculator(Environment):
     """Evaluates the model's `<calc>` calls; params: `max_calls`, the calls an episode may make (None: any)."""
 

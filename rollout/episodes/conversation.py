@@ -21,10 +21,10 @@ from contracts.environment import Environment, StepResult
 from contracts.formats import Message
 from reward.rule_params import check_params
 from reward.rules import RULES
-from rollout.episodes.registry import register_environment
+from rollout.episodes.registry import ENVIRONMENTS
 
 
-@register_environment("conversation")
+@ENVIRONMENTS.register("conversation")
 class Conversation(Environment):
     """Params: `rules`, the reward rules each turn but the last is scored with (built-in names such as
     similarity or arithmetic, or your own package.module:function, called with no params), and
