@@ -42,7 +42,7 @@ from reward.scorer import RewardResult  # noqa: E402
 from rollout.archive import ArchiveWriter  # noqa: E402
 from rollout.archive.columns import archive_batches, generation_batch, sample_batch  # noqa: E402
 from rollout.driver.metrics import iteration_metrics  # noqa: E402
-from rollout.generation.engine import Completion  # noqa: E402
+from rollout.generation.completions import Completion  # noqa: E402
 
 COMPONENTS = ("arithmetic", "length")
 from contracts.rendering import PromptTask  # noqa: E402

@@ -14,7 +14,7 @@ their own (`env.num_processes`). Prints one JSON object:
 
 - `engine_busy_fraction`: the engine's step time over the episodes' generation wall time (goal >= 0.9:
   while episodes wait on their environment, the engine steps the others);
-- `engine_intake_fraction`: of that wall time, vLLM taking in the turns' requests (`LLM.enqueue`, ~0.1 ms
+- `engine_intake_fraction`: of that wall time, vLLM taking in the turns' requests (`VLLMEngine.submit`, ~0.1 ms
   a request here: each later turn is a new request), and `engine_idle_fraction`: waiting with every
   episode at its environment; what is left is the loop's own bookkeeping;
 - `tokens_per_s_ratio`: the model's tokens per second in episodes over single completions (goal >= 0.8);
@@ -41,6 +41,7 @@ from contracts.config import EnvConfig, RolloutConfig, SamplingConfig  # noqa: E
 from contracts.environment import Environment, StepResult  # noqa: E402
 from contracts.formats import Message, PromptRecord
 from contracts.rendering import PromptRenderer  # noqa: E402
+from rollout.generation.completions import generate_completions  # noqa: E402
 from rollout.generation.engine import VLLMEngine  # noqa: E402
 from rollout.generation.episodes import EpisodeRunner  # noqa: E402
 
@@ -99,12 +100,12 @@ def main() -> None:
     runner = EpisodeRunner(engine, Sleepy, env, tokenizer)
     turn = SamplingConfig(max_tokens=args.turn_tokens, seed=0)
     whole = SamplingConfig(max_tokens=args.turns * args.turn_tokens, seed=0)
-    engine.generate(ids[:4], turn, 1)  # warm-up: the first calls set up kernels
+    generate_completions(engine, ids[:4], turn, 1)  # warm-up: the first calls set up kernels
 
     episodes, singles = [], []
     for _ in range(args.repeats):  # alternating, so drift in the machine's speed hits both alike
-        runner.step_seconds, runner.env_seconds, runner.resumed_tokens, runner.cached_tokens = 0.0, [], 0, 0
-        runner.intake_seconds = runner.idle_seconds = 0.0
+        runner.env_seconds, runner.resumed_tokens, runner.cached_tokens, runner.idle_seconds = [], 0, 0, 0.0
+        engine.step_seconds = engine.intake_seconds = 0.0
         engine.llm.reset_prefix_cache()  # a repeat's episodes are the same: the last run's cache would serve them
         start = time.perf_counter()
         outputs = [c for _, batch in runner.stream([(records, ids, 0)], turn, args.n) for cs in batch for c in cs]
@@ -114,8 +115,8 @@ def main() -> None:
         episodes.append(
             {
                 "wall_s": wall,
-                "engine_s": runner.step_seconds,
-                "intake_s": runner.intake_seconds,
+                "engine_s": engine.step_seconds,
+                "intake_s": engine.intake_seconds,
                 "idle_s": runner.idle_seconds,
                 "model_tokens": tokens,
                 "env_step_s": sum(steps) / len(steps),
@@ -123,7 +124,7 @@ def main() -> None:
             }
         )
         start = time.perf_counter()
-        plain = engine.generate(ids, whole, args.n)
+        plain = generate_completions(engine, ids, whole, args.n)
         wall = time.perf_counter() - start
         singles.append({"wall_s": wall, "model_tokens": sum(len(c.token_ids) for cs in plain for c in cs)})
 

@@ -33,6 +33,7 @@ from rollout.actors.rollout_workers import RolloutWorkers  # noqa: E402
 from rollout.archive import ArchiveWriter  # noqa: E402
 from rollout.archive.columns import archive_batches  # noqa: E402
 from rollout.driver.prompts import load_prompts  # noqa: E402
+from rollout.generation.completions import generate_completions  # noqa: E402
 from rollout.generation.engine import VLLMEngine  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def main() -> None:
     ids = [t.prompt_ids for t in tasks]
 
     engine = VLLMEngine(model, cfg.rollout, seed=0)
-    engine.generate(ids, cfg.rollout.sampling, args.n)  # warm-up: the first call compiles kernels
+    generate_completions(engine, ids, cfg.rollout.sampling, args.n)  # warm-up: the first call compiles kernels
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     pool = RolloutWorkers(cfg.rollout, model, dtype="float32", seed=0, start_timeout_s=600, node_wait_timeout_s=600)
     pool.submit(tasks, run_id="bench", iteration=0).collect()  # warm-up
@@ -71,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):  # alternating, so drift in the machine's speed hits both alike
             start = time.perf_counter()
-            outputs = engine.generate(ids, cfg.rollout.sampling, args.n)
+            outputs = generate_completions(engine, ids, cfg.rollout.sampling, args.n)
             seconds = time.perf_counter() - start
             raw.append(sum(len(c.token_ids) for cs in outputs for c in cs) / seconds)
             with ArchiveWriter(Path(tmp) / str(i), {}, reward_components(cfg.reward)) as archive:

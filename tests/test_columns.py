@@ -9,7 +9,7 @@ from contracts.schema import archive_schema, from_record_batch, reward_batch
 from learner.samples import LearnerColumns
 from reward.scorer import RewardResult
 from rollout.archive.columns import GENERATION_SCHEMA, archive_batches, generation_batch, sample_batch
-from rollout.generation.engine import Completion
+from rollout.generation.completions import Completion
 
 COMPONENTS = ("a", "b")
 from contracts.rendering import PromptTask

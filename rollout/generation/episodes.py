@@ -1,6 +1,6 @@
 """Episodes: model turns with an environment's turns between them, many in flight in one engine.
 
-`EpisodeRunner.stream` is `VLLMEngine.stream` for episodes: every (prompt, sample) of the batches is an
+`EpisodeRunner.stream` is `completions.stream_completions` for episodes: every (prompt, sample) of the batches is an
 episode with an environment instance of its own; each model turn is one engine request, and the
 environment's `reset` and `step` run on a thread pool, off the engine loop. While an episode waits for
 its environment, the engine keeps stepping the others, and a waiting one re-enters as soon as its
@@ -28,7 +28,8 @@ from contracts.config import SamplingConfig
 from contracts.environment import StepResult
 from contracts.formats import Message
 from contracts.rendering import PromptRenderer
-from rollout.generation.engine import Completion, VLLMEngine
+from rollout.generation.completions import Completion
+from rollout.generation.engine import SampleOutput, VLLMEngine
 from rollout.generation.env_processes import EnvironmentHosts
 
 
@@ -65,10 +66,8 @@ class EpisodeRunner:
         self.pool = ThreadPoolExecutor(max_workers=cfg.num_threads, thread_name_prefix="env-step")
         # With env.num_processes, the environments live in host processes; the threads wait on them.
         self.hosts = EnvironmentHosts(env_class, cfg) if cfg.num_processes else None
-        self.step_seconds = 0.0  # the engine's own time, for its busy fraction
-        # What else the loop's time went to: vLLM taking in the turns' requests, and waiting with every
-        # episode at its environment (the stall the thread pool is there to avoid).
-        self.intake_seconds = 0.0
+        # Beside the engine's own step and intake time (`engine.step_seconds`, `engine.intake_seconds`): waiting
+        # with every episode at its environment, the stall the thread pool is there to avoid.
         self.idle_seconds = 0.0
         self.env_seconds: list[float] = []  # each environment call's wall time, for the metrics
         self.env_errors = 0
@@ -91,7 +90,7 @@ class EpisodeRunner:
         )
         ready: deque[Episode] = deque()  # to generate their next turn
         in_env = _EnvironmentCalls(self.pool)  # waiting for their environment
-        in_engine: dict[str, Episode] = {}
+        in_engine: dict[str, Episode] = {}  # by request id
         try:
             while starting or ready or in_env or in_engine:
                 # New episodes start as room frees up, so the environments made stay those in flight.
@@ -120,40 +119,29 @@ class EpisodeRunner:
                         yield b, results[b]
                         results[b] = None
         finally:  # episodes left unfinished (the stream was closed, or raised) let their environments go
+            self.engine.abort(list(in_engine))
             for episode in [*ready, *in_env.episodes(), *in_engine.values()]:
                 self._release(episode)
 
     def _feed(self, ready: deque[Episode], in_engine: dict[str, Episode], sampling: SamplingConfig) -> None:
         """Ready episodes' next turns into the engine, as many as its window has room for; each turn is a
         request whose prompt is the episode so far."""
-        from vllm.inputs import TokensPrompt
-
-        feed = [ready.popleft() for _ in range(min(len(ready), max(0, self.engine.window - len(in_engine))))]
-        if not feed:
-            return
-        start = time.perf_counter()
-        ids = self.engine.llm.enqueue(
-            [TokensPrompt(prompt_token_ids=e.prompt_ids + e.response) for e in feed],
-            [self._params(sampling, e) for e in feed],
-            use_tqdm=False,
-        )
-        in_engine.update({request.split("-")[0]: e for request, e in zip(ids, feed)})
-        self.intake_seconds += time.perf_counter() - start
+        for _ in range(min(len(ready), max(0, self.engine.window - len(in_engine)))):
+            episode = ready.popleft()
+            request = self.engine.submit(
+                episode.prompt_ids + episode.response, self._params(sampling, episode), episode
+            )
+            in_engine[request] = episode
 
     def _step_engine(self, in_engine: dict[str, Episode], in_env: _EnvironmentCalls) -> None:
         """One engine step; each episode whose turn it ended goes to its environment."""
-        start = time.perf_counter()
-        outputs = self.engine.llm.llm_engine.step()
-        self.step_seconds += time.perf_counter() - start
-        self.engine.steps += 1  # what the driver's stall watch sees advance
-        for out in outputs:
-            if out.finished:
-                episode = in_engine.pop(out.request_id)
-                if episode.turns:
-                    self.resumed_tokens += len(out.prompt_token_ids)
-                    self.cached_tokens += out.num_cached_tokens or 0
-                self._model_turn(episode, out.outputs[0])
-                in_env.submit(self._step, episode)
+        for out in self.engine.step():
+            episode = in_engine.pop(out.id)
+            if episode.turns:
+                self.resumed_tokens += out.prompt_tokens
+                self.cached_tokens += out.cached_tokens
+            self._model_turn(episode, out.samples[0])
+            in_env.submit(self._step, episode)
 
     def close(self) -> None:
         """Stop the environments' host processes, if any (they also stop when this process ends)."""
@@ -199,13 +187,13 @@ class EpisodeRunner:
         )
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _model_turn(self, episode: Episode, output) -> None:
-        episode.last_turn_start, episode.last_turn_text = len(episode.response), output.text
-        episode.response += output.token_ids
-        episode.logprobs += [entry[t].logprob for entry, t in zip(output.logprobs or [], output.token_ids)]
-        episode.mask += [1] * len(output.token_ids)
+    def _model_turn(self, episode: Episode, turn: SampleOutput) -> None:
+        episode.last_turn_start, episode.last_turn_text = len(episode.response), turn.text
+        episode.response += turn.token_ids
+        episode.logprobs += turn.logprobs
+        episode.mask += [1] * len(turn.token_ids)
         episode.turns += 1
-        episode.last_finish = output.finish_reason if output.finish_reason in ("stop", "length") else "error"
+        episode.last_finish = turn.finish_reason or "error"
 
     def _environment_turn(self, episode: Episode, future: Future) -> None:
         """The environment's answer (to `reset` or to the model's last turn), applied: the episode ends, or

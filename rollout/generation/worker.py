@@ -19,6 +19,7 @@ from contracts import storage
 from contracts.config import EnvConfig, RolloutConfig
 from contracts.rendering import PromptTask
 from rollout.archive.columns import generation_batch
+from rollout.generation.completions import stream_completions
 from rollout.generation.engine import VLLMEngine
 from rollout.generation.episodes import EpisodeRunner
 from rollout.runtime.telemetry import record_environment, record_generation
@@ -85,7 +86,7 @@ class RolloutWorker:
             resumed_before, cached_before = self.episodes.resumed_tokens, self.episodes.cached_tokens
             source = self.episodes.stream(list(zip(records, ids, seeds)), self.cfg.sampling, self.cfg.n_samples)
         else:
-            source = self.engine.stream(list(zip(ids, seeds)), self.cfg.sampling, self.cfg.n_samples)
+            source = stream_completions(self.engine, list(zip(ids, seeds)), self.cfg.sampling, self.cfg.n_samples)
         for index, outputs in source:
             batch = generation_batch(
                 chunks[index],
