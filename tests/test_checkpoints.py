@@ -100,3 +100,66 @@ def test_pruning_keeps_the_newest(tiny_model_path, tmp_path):
         learner.save(partial, {"iteration": iteration})
         checkpoints.commit(partial)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter-000001", "iter-000002", "latest"]
+
+
+class SavingLearner:
+    """Stands in for the learner's ranks: `save` writes `learner.pt` once `finished`; `written` says when."""
+
+    def __init__(self):
+        self.finished = False
+
+    def save(self, directory, extra):
+        directory.mkdir(parents=True)
+        (directory / "shard").write_text(str(extra))
+        if self.finished:
+            (directory / "learner.pt").write_text("state")
+
+    def written(self, wait):
+        return 2.5 if self.finished or wait else None
+
+
+class Tokenizer:
+    def save_pretrained(self, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "tokenizer.json").write_text("{}")
+
+
+def lifecycle(tmp_path):
+    from rollout.archive.manifest import RunManifest
+
+    manifest = RunManifest(tmp_path, "r")
+    manifest.data["iterations"] = [{"iteration": i, "checkpoint": None} for i in range(3)]
+    checkpoints = Checkpoints(tmp_path, keep_last=None, manifest=manifest, tokenizer=Tokenizer())
+    assert checkpoints.resume_point(AUTO, io.StringIO()) is None
+    return checkpoints, manifest
+
+
+def test_a_write_is_committed_once_the_learner_says_it_is_done_and_becomes_the_restart_point(tmp_path):
+    checkpoints, manifest = lifecycle(tmp_path)
+    learner = SavingLearner()
+    learner.finished = True
+    checkpoints.save(1, {"sampler": {}}, learner)
+    assert (tmp_path / "checkpoints" / "iter-000001.partial" / "learner.pt").is_file()
+    checkpoints.commit_written(learner, wait=False)
+    whole = tmp_path / "checkpoints" / "iter-000001"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "iter-000001"
+    assert (whole / "policy" / "tokenizer.json").is_file() and problem(whole) is None
+    assert [it["checkpoint"] for it in manifest.data["iterations"]] == [None, "iter-000001", None]
+    assert checkpoints.write_seconds() == 2.5 and checkpoints.write_seconds() is None  # said once
+    assert checkpoints.restart_point() == whole
+
+
+def test_a_rank_lost_mid_write_removes_the_partial_and_one_lost_after_it_commits_it(tmp_path):
+    checkpoints, manifest = lifecycle(tmp_path)
+    learner = SavingLearner()
+    checkpoints.save(0, {}, learner)
+    checkpoints.commit_written(learner, wait=False)  # still writing
+    assert not (tmp_path / "checkpoints" / "iter-000000").exists()
+    assert checkpoints.restart_point() is None  # the rank was lost before rank 0 wrote learner.pt
+    assert not (tmp_path / "checkpoints" / "iter-000000.partial").exists()
+    learner.finished = True
+    checkpoints.save(2, {}, learner)
+    assert checkpoints.restart_point() == tmp_path / "checkpoints" / "iter-000002"  # whole: the new ranks load it
+    assert manifest.data["iterations"][2]["checkpoint"] == "iter-000002" and checkpoints.write_seconds() is None
+    checkpoints.commit_written(learner, wait=True)  # nothing left in flight
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter-000002", "latest"]

@@ -64,7 +64,7 @@ try:
         samples = session.collect(iteration, timings)
         learned = session.learn(samples, timings)
         if iteration == 2:  # its update learned, not yet synced: lost with the rank
-            session.record.commit_written(session.learner, wait=True)  # iteration 1's checkpoint whole first
+            session.checkpoints.commit_written(session.learner, wait=True)  # iteration 1's checkpoint whole first
             ray.kill(session.learner.handles[0], no_restart=True)
         session.sync_weights()
         session.archive_iteration(samples, learned)

@@ -3,10 +3,13 @@ empty, so rank 0 names the process group's address first), runs every call on ev
 collectives need them all; rank 0's answer is the group's), each wait bounded and naming the rank.
 
 Recovery is the group's own: a rank that died (or was killed for a stall) fails its call; the group builds
-new ranks from `restart_from` (the newest checkpoint, or the start model), counts the updates lost
-(`lost_updates`: the job makes them again), tells `on_rebuilt`'s listeners and runs the call again (`learn`
-on the same samples, reads on the new ranks), holding `lock` (a collector thread may need the weights); a
-checkpoint a rank died in is not retried.
+new ranks from the restart point its `checkpoints` give (the newest checkpoint, or the start model), counts the
+updates lost (`lost_updates`: the job makes them again), keeps the rebuild for the job to record (`rebuilds`),
+tells `on_rebuilt`'s listeners (the weight sync) and runs the call again (`learn` on the same samples, reads
+on the new ranks), holding `lock` (a collector thread may need the weights); a checkpoint a rank died in is
+not retried.
+
+Checkpoints are the driver's: the group saves one when asked and says when its write is done (`written`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -38,8 +42,14 @@ class LearnerError(JobFailure):
     """A learner rank could not be placed, failed or did not answer in time; the message names it."""
 
 
+class RestartPoint(Protocol):
+    def restart_point(self) -> Path | None:
+        """The checkpoint new ranks load (None: the start model); asked as ranks are lost, before they are
+        replaced, so that the checkpoint they were writing is settled first."""
+
+
 @dataclass(frozen=True)
-class Rebuilt:  # a rebuild, as `on_rebuilt`'s listeners hear of it
+class Rebuilt:  # a rebuild, as `on_rebuilt`'s listeners and `rebuilds` tell it
     iteration: int  # the iteration it happened in
     resumed_from: dict | None  # the checkpoint the new ranks loaded (its name, iteration, policy version)
     after_update: bool  # the iteration's own update had been made, and went with the lost rank
@@ -51,17 +61,16 @@ class LearnerRanks(ActorGroup):
     on_stall = "killing it; the learner is rebuilt from the newest checkpoint"
     restarted_by_ray = False
 
-    def __init__(self, spec: LearnerSpec, ray_cfg: RayConfig, *, restart_from: Path | None = None, log=None):
+    def __init__(self, spec: LearnerSpec, ray_cfg: RayConfig, *, checkpoints: RestartPoint | None = None, log=None):
+        """`checkpoints`: what a rebuild starts from (without them, the start model)."""
         lc = spec.cfg
         self.spec, self.ray_cfg, self.timeout = spec, ray_cfg, lc.call_timeout_s
-        self.restart_from = restart_from  # what a rebuild starts from: the newest committed checkpoint
+        self.checkpoints = checkpoints
         self.iteration = 0  # the iteration being run, for the console and the listeners
         self.updates = 0  # PPO updates the live weights hold: the policy version
         self.lost_updates = 0  # updates lost to rebuilds, all told: the job makes them again
         self.on_rebuilt: list[Callable[[Rebuilt], None]] = []
-        self.writing: Path | None = None  # the checkpoint the ranks write in the background
-        # Before a rebuild, while `writing` names the checkpoint being written: keep it if whole, else remove it.
-        self.before_rebuild: list[Callable[[], None]] = []
+        self._rebuilds: list[Rebuilt] = []  # since `rebuilds` was last asked
         self._learned_iteration: int | None = None
         self.lock = threading.RLock()
         super().__init__([], [], stall_timeout_s=lc.stall_timeout_s, max_restarts=lc.max_restarts, log=log)
@@ -132,22 +141,18 @@ class LearnerRanks(ActorGroup):
         self.updates += 1
         return self._get(columns, "learner rank 0"), stats, timings
 
-    def save(self, directory: Path, extra: dict) -> bool:
-        """Every rank stages its part of checkpoint `directory` and writes it in the background (`written`);
-        False when a rank died first (the group rebuilt, the partial checkpoint removed)."""
-        self.writing, handles = Path(directory), self.handles
+    def save(self, directory: Path, extra: dict) -> None:
+        """Every rank stages its part of checkpoint `directory` and writes it in the background (`written`).
+        A rank that dies first is rebuilt; the checkpoint is not retried."""
+        handles = self.handles
         try:
             self._every(lambda h: h.save.remote(directory, extra))
-            return True
         except ray.exceptions.RayActorError as e:
             self._rebuild(e, handles)
-            return False
 
     def written(self, wait: bool) -> float | None:
         """The seconds `save`'s checkpoint took to write, once every rank's part is written; None while one
-        writes, or when a rank died first (rebuilt, the partial checkpoint removed, `writing` None)."""
-        if self.writing is None:
-            return None
+        writes, or when a rank died first (rebuilt)."""
         handles = self.handles
         refs = [h.written.remote(wait) for h in handles]
         try:
@@ -157,7 +162,6 @@ class LearnerRanks(ActorGroup):
             return None
         if any(seconds is None for seconds in answers):
             return None
-        self.writing = None
         return max(answers)
 
     def load(self, directory: Path) -> dict:
@@ -188,6 +192,12 @@ class LearnerRanks(ActorGroup):
         """Start sync number `sync`: each rank's pending answer, by name."""
         return dict(zip((h.broadcast_weights.remote(plan, sync) for h in self.handles), self.names))
 
+    def rebuilds(self) -> list[Rebuilt]:
+        """The rebuilds since the last call, oldest first: the job records each as a start of the run."""
+        with self.lock:
+            rebuilds, self._rebuilds = self._rebuilds, []
+        return rebuilds
+
     # -- recovery ----------------------------------------------------------------------------------
 
     def _recovering(self, call):
@@ -212,7 +222,7 @@ class LearnerRanks(ActorGroup):
         limit = self.max_restarts
         if self.restarts > limit:
             raise LearnerError(f"a learner rank died again ({first_line(error)}); learner.max_restarts ({limit}) spent")
-        checkpoint = self.restart_from
+        checkpoint = self.checkpoints.restart_point() if self.checkpoints is not None else None
         print(
             f"learner: a rank died in iteration {self.iteration} ({first_line(error)}); rebuilding it from "
             f"{checkpoint.name if checkpoint else 'the start model'} (restart {self.restarts} of {limit})",
@@ -220,9 +230,6 @@ class LearnerRanks(ActorGroup):
             flush=True,
         )
         record_restart("learner")
-        for salvage in self.before_rebuild:  # a checkpoint the lost rank was writing: whole, or gone
-            salvage()
-        self.writing = None
         self.release()
         self._start(rebuilt=True)
         before, resumed_from = self.updates, None
@@ -236,6 +243,7 @@ class LearnerRanks(ActorGroup):
             }
         self.lost_updates += before - self.updates
         rebuilt = Rebuilt(self.iteration, resumed_from, after_update=self._learned_iteration == self.iteration)
+        self._rebuilds.append(rebuilt)
         for listener in self.on_rebuilt:
             listener(rebuilt)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,20 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = path
         self._gauges: dict[str, object] = {}
+        self._last_line = time.perf_counter()  # the first line's wall time counts from the run's start
+        self._restarts_seen: dict[str, int] = {}
+
+    def add_wall_time(self, metrics: dict) -> None:
+        """`time/wall`: seconds since the last line (the stages overlap, so it is not their sum)."""
+        now = time.perf_counter()
+        metrics["time/wall"], self._last_line = now - self._last_line, now
+
+    def add_restarts(self, metrics: dict, restarts: dict[str, int]) -> None:
+        """`restarts/KIND`: each kind's restarts since the last line, from `restarts`, its count so far."""
+        for kind, count in restarts.items():
+            metrics[f"restarts/{kind}"] = count - self._restarts_seen.get(kind, 0)
+        metrics["restarts/reward"] = int(metrics.get("restarts/reward", 0))
+        self._restarts_seen = restarts
 
     def write(self, metrics: dict) -> None:
         finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

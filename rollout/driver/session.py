@@ -3,9 +3,10 @@
 `Session.open` reads the data, takes the run directory (`RunRecord`), starts or joins Ray, prepares the
 start model (the builtin, SFT warm-up, staged into the run storage), starts the three groups of actors
 (rollout workers, reward workers, learner ranks; each recovers its own members) and the weight sync
-between them, and resumes from the newest whole checkpoint. Each step below is a few calls on those
-objects; none catches an actor's error: the groups and the weight sync deal with deaths and hangs, and
-what they cannot mend ends the job with one line.
+between them, and resumes from the newest whole checkpoint (`Checkpoints`, which also keeps the write in
+flight and where a rebuilt learner restarts). Each step below is a few calls on those objects; none
+catches an actor's error: the groups and the weight sync deal with deaths and hangs, and what they cannot
+mend ends the job with one line.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from rollout.actors.learner_ranks import LearnerRanks
 from rollout.actors.learner_spec import LearnerSpec
 from rollout.actors.reward_workers import RewardWorkers
 from rollout.actors.rollout_workers import RolloutWorkers
-from rollout.driver.checkpoints import AUTO
+from rollout.driver.checkpoints import AUTO, Checkpoints
 from rollout.driver.dynamic_sampling import round_size, select
 from rollout.driver.episodes import check_episodes
 from rollout.driver.iteration import Launched, Learned, Samples
@@ -40,6 +41,13 @@ from rollout.weight_sync.sync import WeightSync
 class Session:
     def __init__(self, cfg: JobConfig, data: RunData, record: RunRecord):
         self.cfg, self.data, self.record = cfg, data, record
+        self.checkpoints = Checkpoints(
+            record.run_dir,
+            cfg.checkpoint_keep_last,
+            manifest=record.manifest,
+            storage=record.storage,
+            tokenizer=data.tokenizer,
+        )
         self.sampler = PromptSampler(size=len(data.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.nodes: NodeWatch | None = None
         self.workers: RolloutWorkers | None = None
@@ -71,7 +79,7 @@ class Session:
         self.nodes = NodeWatch(log, cfg.ray.node_wait_timeout_s)
         record.push(RunStorage.push_small)
         model = self._start_model()
-        checkpoint = record.checkpoints.resume_point(resume, log)
+        checkpoint = self.checkpoints.resume_point(resume, log)
         print(
             f"run {record.run_id}: {len(self.data.records)} prompts, model {model}, "
             f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}",
@@ -82,7 +90,7 @@ class Session:
             cfg, str(checkpoint / "policy") if checkpoint else model, log=log, wait=False
         )
         self.rewards = RewardWorkers(cfg.reward, start_timeout_s=cfg.ray.actor_start_timeout_s, log=log)
-        self.learner = LearnerRanks(LearnerSpec.of_job(cfg, model), cfg.ray, restart_from=checkpoint, log=log)
+        self.learner = LearnerRanks(LearnerSpec.of_job(cfg, model), cfg.ray, checkpoints=self.checkpoints, log=log)
         self.workers.wait_started()
         self.rewards.wait_started()
         self.weights = WeightSync(
@@ -101,9 +109,7 @@ class Session:
             resumed_from["policy_version"] = self.learner.updates
             self.weights.queue()
             self.weights.confirm()
-        self.first_iteration = record.begin(cfg, model, resumed_from, self.data.tokenizer)
-        self.learner.on_rebuilt.append(record.learner_rebuilt)
-        self.learner.before_rebuild.append(lambda: record.salvage(self.learner))
+        self.first_iteration = record.begin(cfg, model, resumed_from)
         updates = self.learner.updates
         # The run goes on until the weights hold `iterations` updates, however many crashes came before.
         self.planned_last = self.first_iteration + max(0, cfg.iterations - updates) - 1
@@ -225,16 +231,21 @@ class Session:
         self.record.archive_iteration(samples, learned)
 
     def record_metrics(self, samples: Samples, learned: Learned, timings: dict[str, float]) -> dict:
+        """The iteration's manifest entry (after a start for each learner rebuild), then a checkpoint committed
+        if its background write is done (its manifest entry names the iteration's), then the metrics line."""
+        version = self.learner.updates  # what the sync just queued (a rebuilt learner's, if it was)
+        self.record.trained(samples, version, self.learner.rebuilds())
+        self.checkpoints.commit_written(self.learner, wait=False)
         restarts = {"rollout": self.workers.restarts, "learner": self.learner.restarts}
         return self.record.record(
             samples,
             learned,
             timings,
-            version=self.learner.updates,  # what the sync just queued (a rebuilt learner's, if it was)
+            version=version,
             sync_gap=self.weights.gap,
             restarts=restarts,
             last_iteration=self.last_iteration,
-            learner=self.learner,
+            checkpoint_write_s=self.checkpoints.write_seconds(),
         )
 
     def checkpoint_if_due(self, samples: Samples, timings: dict[str, float]) -> None:
@@ -247,14 +258,22 @@ class Session:
         # The next iteration's weights are queued already: its generation runs while the learner saves.
         if iteration + 1 <= self.last_iteration:
             self._launch(iteration + 1)
-        self.record.checkpoint(iteration, {"sampler": samples.sampler}, self.learner)
+        self.record.flush_archive()  # every trained iteration archived before a checkpoint says it was trained
+        self.checkpoints.save(iteration, {"sampler": samples.sampler, "run_id": self.record.run_id}, self.learner)
         timings["checkpoint"] = time.perf_counter() - start
 
     def close(self, *, failed: bool = False) -> None:
+        """Commit the checkpoint being written (unless the job failed) and close the run's files, then release
+        the actors."""
         try:
-            self.record.close(self.learner, failed=failed)
+            if not failed and self.learner is not None:
+                self.checkpoints.commit_written(self.learner, wait=True)
+                self.record.learner_rebuilt(self.learner.rebuilds())  # a rank lost in that last wait
         finally:
-            self._release()
+            try:
+                self.record.close(failed=failed)
+            finally:
+                self._release()
 
     # -- helpers -----------------------------------------------------------------------------------
 
