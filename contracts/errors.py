@@ -18,3 +18,9 @@ class UserError(Exception):
 
 class JobFailure(Exception):
     """The job failed on its way (actors, timeouts, disks, numbers); the same command resumes: exit 1."""
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message on one line, as a console line or a metric quotes it (its class where it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -32,8 +32,8 @@ from typing import Any
 
 import regex
 
+from contracts.arith_parser import evaluate, final_number, find_expression
 from contracts.registry import Registry
-from reward.arith_parser import evaluate, final_number, find_expression
 from reward.user_rules import user_rule
 
 Rule = Callable[..., float]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from contracts.arith_parser import evaluate
 from contracts.config import DataConfig
 from contracts.formats import Message, parse_prompt
 from contracts.rendering import PromptRenderer
 from learner.sft import sft_batch, sft_examples
-from reward.arith_parser import evaluate
 from reward.rules import arithmetic
 from rollout.driver.prompts import calc_records, load_prompts
 from rollout.episodes.calculator import Calculator

@@ -108,7 +108,7 @@ def test_calls_past_max_calls_are_refused_and_the_episode_goes_on():
 def test_values_are_written_as_the_parser_reads_them_back():
     from fractions import Fraction
 
-    from reward.arith_parser import evaluate
+    from contracts.arith_parser import evaluate
 
     for value in (Fraction(7), Fraction(-12), Fraction(5, 2), Fraction(1, 10**9), Fraction(-2, 3), Fraction(10**40)):
         text = format_number(value)

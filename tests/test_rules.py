@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from contracts.arith_parser import ArithmeticSyntaxError, evaluate, final_number, find_expression, numbers_in
 from reward import rules
-from reward.arith_parser import ArithmeticSyntaxError, evaluate, final_number, find_expression, numbers_in
 from reward.rule_params import check_params
 
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from contracts.builtin_model import cache_dir
-from contracts.errors import UserError
+from contracts.errors import UserError, first_line
 from contracts.storage import configure_driver, is_uri, list_tree, open_uri, put_file, sync_down
 from rollout.driver.run_lock import LOCK
 
@@ -70,7 +70,7 @@ class RunStorage:
                 bucket, found = self.root, True
                 self.fs.create_dir(self.root, recursive=True)
         except (OSError, ValueError) as e:
-            raise RunStorageError(f"--out {self.uri}: cannot open the run storage ({_first_line(e)})") from None
+            raise RunStorageError(f"--out {self.uri}: cannot open the run storage ({first_line(e)})") from None
         if not found:
             raise RunStorageError(
                 f"--out {self.uri}: {bucket} does not exist or cannot be listed with these credentials "
@@ -142,7 +142,7 @@ class RunStorage:
             try:
                 self._renew()
             except OSError as e:  # the next push says it loudly if the storage is gone
-                print(f"run storage: renewing the lease on {self.uri} failed ({_first_line(e)})", file=sys.stderr)
+                print(f"run storage: renewing the lease on {self.uri} failed ({first_line(e)})", file=sys.stderr)
 
     # -- during the run --------------------------------------------------------------------------
 
@@ -241,10 +241,6 @@ def _ours_or_ended(owner: dict) -> bool:
     except (PermissionError, KeyError, ValueError):
         return False
     return owner["pid"] == os.getpid()
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _utc(timestamp: float) -> str:

@@ -15,7 +15,7 @@ Choices the contract leaves open:
 - After `max_calls` calls, a further call is answered `<result>error: no calls left</result>` and the
   episode goes on, so the model can still give its answer; `env.max_turns` bounds the episode anyway.
 
-The expression goes through `reward.arith_parser.evaluate`, a recursive-descent parser over numbers,
+The expression goes through `contracts.arith_parser.evaluate`, a recursive-descent parser over numbers,
 + - * / and parentheses, exact in fractions: nothing the model writes is run as code.
 """
 
@@ -26,8 +26,8 @@ from decimal import Decimal, localcontext
 from fractions import Fraction
 from typing import Any
 
+from contracts.arith_parser import ArithmeticSyntaxError, evaluate
 from contracts.environment import Environment, StepResult
-from reward.arith_parser import ArithmeticSyntaxError, evaluate
 from rollout.episodes.registry import ENVIRONMENTS
 
 MAX_EXPRESSION_CHARS = 200  # a longer expression is refused: it bounds the parser's work and the answer's size

@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from contracts.environment import StepResult
+from contracts.errors import JobFailure, UserError
 
 _HEADER = struct.Struct("<I")
 # A host answers this call id once it has imported the environment's class; its start is not a step's time.
@@ -37,12 +38,13 @@ START_TIMEOUT_S = 120.0
 KILL_GRACE_S = 1.0
 
 
-class EnvironmentLost(Exception):
+class EnvironmentLost(JobFailure):
     """The host process holding an episode's environment exited (or was stopped) before answering."""
 
 
-class EnvironmentRaised(Exception):
-    """An environment's exception in its host, by its class name and text (any exception pickles this way)."""
+class EnvironmentRaised(UserError):
+    """An environment's exception in its host, by its class name and text (any exception pickles this way):
+    the environment's code is the user's."""
 
     def __init__(self, kind: str, text: str):
         super().__init__(text)

@@ -26,6 +26,7 @@ import msgspec
 
 from contracts.config import SamplingConfig
 from contracts.environment import StepResult
+from contracts.errors import first_line
 from contracts.formats import Message
 from contracts.rendering import PromptRenderer
 from rollout.generation.completions import Completion
@@ -205,7 +206,7 @@ class EpisodeRunner:
             result = future.result()
         except Exception as e:  # noqa: BLE001 - an environment's error ends its episode, not the run
             kind = getattr(e, "kind", type(e).__name__)  # a hosted environment's, by its own class
-            self._fail(episode, f"{self._name()} raised {kind}: {_first_line(e)}")
+            self._fail(episode, f"{self._name()} raised {kind}: {first_line(e)}")
             return
         if episode.turns == 0:  # reset: a turn added to the prompt, or the prompt as it is
             result = result[0] if result is not None else None
@@ -323,8 +324,3 @@ def _seed(base: int | None, prompt: int, sample: int) -> int | None:
     """Each episode samples with a seed of its own (its turns add their number to it): n requests of one
     seed would sample the same tokens."""
     return None if base is None else (base * 1_000_003 + prompt * 1_009 + sample * 101) % 2**31
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

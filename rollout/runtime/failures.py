@@ -7,12 +7,7 @@ downstream reads Ray's text to find out who raised what.
 
 from __future__ import annotations
 
-from contracts.errors import JobFailure
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+from contracts.errors import JobFailure, first_line
 
 
 class ActorRaised(JobFailure):

@@ -17,6 +17,7 @@ import time
 import ray
 
 from contracts.config import RolloutConfig
+from contracts.errors import first_line
 from rollout.weight_sync.check import Served, WeightSyncError
 from rollout.weight_sync.wire import GroupAddress, SyncPlan, SyncStore
 
@@ -125,14 +126,14 @@ class CollectiveSync:
                 if self._called_off or not self._began(step):
                     self.members_changed()  # the others are waiting for it: released
                 else:  # the others are in the broadcast with it, and fail or finish on their own
-                    died.append(f"{name} ({_first_line(e)})")
+                    died.append(f"{name} ({_as_raised(e)})")
                     broken += [name] if name in self.names else []
                 called_off = True
                 continue
             except ray.exceptions.RayTaskError as e:
                 # The others' collectives fail on the same cause within the timeout: wait for them, so
                 # that every engine left half-loaded is known.
-                failures.append(f"{name}: {_first_line(e)}")
+                failures.append(f"{name}: {_as_raised(e)}")
                 broken += [name] if step == "receive" else []
                 continue
             if result is False or (result is None and step == "receive"):
@@ -169,12 +170,8 @@ def _names(pending: dict[ray.ObjectRef, tuple[str, str]]) -> str:
     return ", ".join(dict.fromkeys(name for name, _ in pending.values()))
 
 
-def _first_line(error: BaseException) -> str:
+def _as_raised(error: BaseException) -> str:
     """The error as raised in the actor (a task error's own text is Ray's traceback), on one line."""
     if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
-        error = error.cause
-        prefix = f"{type(error).__name__}: "
-    else:
-        prefix = ""
-    text = str(error).strip()
-    return prefix + (text.splitlines()[0] if text else type(error).__name__)
+        return f"{type(error.cause).__name__}: {first_line(error.cause)}"
+    return first_line(error)

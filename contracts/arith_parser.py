@@ -1,7 +1,7 @@
 """A small arithmetic reader: numbers in free text, and expressions over + - * / and parentheses.
 
-Used by the `arithmetic` reward rule to find a response's final number and to work out a
-prompt's expected answer. Text is never evaluated by Python: expressions go through the
+Shared by the `arithmetic` reward rule (a response's final number, a prompt's expected answer) and the
+`calculator` environment (the expressions the model asks it to work out). Text is never evaluated by Python: expressions go through the
 recursive-descent parser below, over exact `Fraction`s so that 0.1 + 0.2 is 0.3.
 
 Grammar (the usual precedence; unary signs bind tighter than * and /):
