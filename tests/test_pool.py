@@ -64,16 +64,18 @@ def test_chunks_come_back_scored_when_scorers_are_given(pool):
     from contracts.formats import parse_prompt
     from rollout.actors.reward_workers import RewardWorkers
 
-    records = [
-        msgspec.structs.replace(parse_prompt({"prompt": "x"}, "sft", f"t:{i}"), prompt_id=f"p{i}") for i in range(2)
-    ]
+    records = {
+        f"p{i}": msgspec.structs.replace(parse_prompt({"prompt": "x"}, "sft", f"t:{i}"), prompt_id=f"p{i}")
+        for i in range(2)
+    }
     scorers = RewardWorkers(RewardConfig(rules=[RuleSpec(name="length", params={"target": 3})]), start_timeout_s=120)
-    chunks = collect(
-        pool,
-        pool.submit(tasks(2), run_id="r", iteration=9, scorers=scorers, records={r.prompt_id: r for r in records}),
-    )
+
+    def score(batch, prompts):
+        return scorers.score(batch, [records[t.prompt_id] for t in prompts])
+
+    chunks = collect(pool, pool.submit(tasks(2), run_id="r", iteration=9, score=score))
     for chunk in chunks:
-        rewards, latency = ray.get([chunk.rewards, chunk.latency], timeout=120)
+        rewards, latency = ray.get([chunk.scoring.rewards, chunk.scoring.latency], timeout=120)
         assert rewards.num_rows == chunk.summary.samples and set(latency) == {"total", "length"}
     assert sum(c.summary.samples for c in chunks) == 4
     scorers.release()

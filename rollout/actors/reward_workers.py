@@ -1,5 +1,5 @@
 """The reward workers: `RewardActor`, the Ray edge of a `RewardWorker` (rules and a reward model), and the
-group whose members score the chunks a `Launch` hands them.
+group whose members score the chunks a `Launch` hands them, in turn.
 
 A worker whose process dies is restarted by Ray and runs the lost call again there (it holds no state
 but its scorers). One that holds a chunk and scores nothing for `reward.stall_timeout_s` is killed so
@@ -7,6 +7,9 @@ that Ray restarts it the same way.
 """
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
 
 import pyarrow as pa
 import ray
@@ -16,7 +19,6 @@ from contracts.console import actor_options
 from reward.worker import RESTARTED, RewardWorker
 from rollout.actors.group import ActorGroup
 from rollout.actors.member import CONCURRENCY_GROUPS, Member
-from rollout.generation.launch import Chunk
 from rollout.runtime.failures import ActorStartError, PipelineTimeout, first_line
 from rollout.runtime.stall import wait_watched
 
@@ -34,6 +36,15 @@ class RewardActor(Member):
         if self.restarted:
             seconds, self.restarted = {**seconds, RESTARTED: 1.0}, False
         return rewards, seconds
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A batch's scoring under way (`RewardWorkers.score`)."""
+
+    rewards: ray.ObjectRef  # its reward columns
+    latency: ray.ObjectRef  # the scorer's seconds, per rule
+    scorer: int  # which reward worker scores it
 
 
 class RewardWorkers(ActorGroup):
@@ -58,21 +69,31 @@ class RewardWorkers(ActorGroup):
         super().__init__(names, handles, stall_timeout_s=cfg.stall_timeout_s, max_restarts=cfg.max_restarts, log=log)
         self.start_timeout_s = start_timeout_s
         self.asked = f"{cfg.num_cpus_per_worker} CPU and {gpus} GPU"
+        self._turns = itertools.count()  # whose turn it is to score: batches go round the workers
 
     def wait_started(self) -> None:
         pending = {h.ready.remote(): name for h, name in zip(self.handles, self.names)}
         super().wait_started(pending, self.start_timeout_s, "ray.actor_start_timeout_s", self.asked)
 
-    def scores(self, chunks: list[Chunk], timeout: float, what: str) -> tuple[list[pa.RecordBatch], dict[str, float]]:
-        """Every chunk's reward columns, and the scoring seconds summed over chunks (`reward_latency/NAME`)
+    def score(self, batch: ray.ObjectRef, records: list) -> Scoring:
+        """Queue a generation batch's scoring on the next worker in turn; `records`: the data records of its
+        prompts, in order."""
+        scorer = next(self._turns) % len(self.handles)
+        rewards, latency = self.handles[scorer].score_batch.options(num_returns=2).remote(batch, records)
+        return Scoring(rewards, latency, scorer)
+
+    def scores(
+        self, scorings: list[Scoring], timeout: float, what: str
+    ) -> tuple[list[pa.RecordBatch], dict[str, float]]:
+        """Every scoring's reward columns, and the scoring seconds summed over them (`reward_latency/NAME`)
         with the restarts seen (`restarts/reward`)."""
-        pending = {c.rewards: self.names[c.scorer] for c in chunks}
+        pending = {s.rewards: self.names[s.scorer] for s in scorings}
         if not wait_watched(pending, self.by_name(), self.watch, timeout, self.kill_stalled_member, what):
             raise PipelineTimeout(f"{what} did not finish within rollout.iteration_timeout_s ({timeout:.0f}s)")
-        rewards = [self._get(c.rewards, self.names[c.scorer], timeout, what) for c in chunks]
+        rewards = [self._get(s.rewards, self.names[s.scorer], timeout, what) for s in scorings]
         latency: dict[str, float] = {}
-        for chunk in chunks:
-            for name, value in self._get(chunk.latency, self.names[chunk.scorer], timeout, what).items():
+        for scoring in scorings:
+            for name, value in self._get(scoring.latency, self.names[scoring.scorer], timeout, what).items():
                 key = "restarts/reward" if name == RESTARTED else f"reward_latency/{name}"
                 latency[key] = latency.get(key, 0.0) + value
         return rewards, latency

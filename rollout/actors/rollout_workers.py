@@ -22,8 +22,9 @@ from contracts.console import actor_options
 from contracts.device import resolve_device
 from contracts.rendering import PromptTask
 from rollout.actors.group import ActorGroup
+from rollout.actors.launch import Launch, Share
 from rollout.actors.member import CONCURRENCY_GROUPS, Member
-from rollout.generation.launch import Launch, Share
+from rollout.actors.reward_workers import Scoring
 from rollout.generation.worker import GenerationSummary, RolloutWorker
 from rollout.runtime.heap import trim_heap
 from rollout.runtime.telemetry import record_queue_depth
@@ -145,11 +146,12 @@ class RolloutWorkers(ActorGroup):
         *,
         run_id: str,
         iteration: int,
-        scorers=None,
+        score: Callable[[ray.ObjectRef, list[PromptTask]], Scoring] | None = None,
         records: dict | None = None,
     ) -> Launch:
         """Queue the iteration's chunks, one streaming call per worker; the Launch collects them and hands
-        each to a scorer (a RewardWorkers group) with the data records (`records`, by prompt id) of its prompts."""
+        each to `score` with its prompts as it completes. `records`: the data records by prompt id, which
+        episodes' environments read."""
         r = self.cfg
         size = max(1, min(r.max_chunk_prompts, math.ceil(len(tasks) / (len(self.handles) * r.chunks_per_worker))))
         base_seed = r.sampling.seed
@@ -179,8 +181,7 @@ class RolloutWorkers(ActorGroup):
         }
         return Launch(
             streams,
-            scorers.handles if scorers is not None else [],
-            records or {},
+            score,
             r.iteration_timeout_s,
             f"generation of iteration {iteration}",
             restart,

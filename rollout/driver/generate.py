@@ -1,6 +1,8 @@
 """`rollout generate`: prompts -> rollout workers -> reward workers -> archive, no learning.
 
-Chunks are scored and archived as they complete; learner columns stay null.
+The job's collector streams one pass over the prompts; chunks are scored and archived as they complete
+(learner columns stay null), and the run fails, as `rollout run` does, when its environment fails more
+than `env.max_error_fraction` of the episodes. The workers are released however it ends.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from rollout.archive.columns import archive_batches
 from rollout.archive.manifest import RunManifest
 from rollout.archive.metadata import run_metadata
 from rollout.driver import stopping
+from rollout.driver.collector import Collector
 from rollout.driver.startup import RunData, lock_run_dir, read_data, start_cluster
 
 
@@ -37,18 +40,35 @@ def generate(cfg: JobConfig, out: Path, *, log=None) -> dict:
 
 def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
     run_id, model = f"{cfg.run_name}-generate", data.base_model
-    tasks = [data.tasks[r.prompt_id] for r in data.records]
-    scorers = RewardWorkers(cfg.reward, start_timeout_s=cfg.ray.actor_start_timeout_s, log=log)
-    pool = RolloutWorkers.of_job(cfg, model, log=log)
-    scorers.wait_started()
-    manifest = RunManifest(out, run_id)
+    rewards = RewardWorkers(cfg.reward, start_timeout_s=cfg.ray.actor_start_timeout_s, log=log)
+    workers = None
+    try:
+        workers = RolloutWorkers.of_job(cfg, model, log=log)
+        rewards.wait_started()
+        collector = Collector(cfg, data, workers, rewards, run_id=run_id, log=log)
+        summary = _archived(cfg, out, data, collector, run_id)
+    finally:
+        for group in (workers, rewards):
+            if group is not None:
+                group.release()
+    print(
+        f"generated {summary['samples']} samples ({summary['prompts']} prompts x {cfg.rollout.n_samples}), "
+        f"{summary['generated_tokens']} tokens in {summary['seconds']:.1f}s ({summary['tokens_per_s']:.0f} tok/s), "
+        f"mean reward {summary['reward_mean']:.3f} -> {out / 'rollouts'}",
+        file=log,
+    )
+    return summary
+
+
+def _archived(cfg: JobConfig, out: Path, data: RunData, collector: Collector, run_id: str) -> dict:
+    """Every prompt's samples archived with their rewards as their chunks are scored; the manifest's
+    iteration 0 once all are in; the figures `rollout generate` prints."""
+    model, manifest = data.base_model, RunManifest(out, run_id)
     metadata = run_metadata(cfg, run_id, model, manifest.start_run(cfg, model), learner=False)
     timeout = cfg.rollout.iteration_timeout_s
     started = time.perf_counter()
     tokens, rewards = 0, []
-    generation = pool.submit(tasks, run_id=run_id, iteration=0, scorers=scorers, records=data.records_by_id)
     components = reward_components(cfg.reward)
-    total = len(tasks) * cfg.rollout.n_samples
     with ArchiveWriter(
         out / "rollouts",
         metadata,
@@ -56,8 +76,7 @@ def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
         batch_rows=cfg.archive.batch_rows,
         rows_per_file=cfg.archive.rows_per_file,
     ) as archive:
-        for chunk in generation.chunks_with_progress(total, "generate", log, leave=True):
-            [reward], _ = scorers.scores([chunk], timeout, "the rewards of `rollout generate`")
+        for chunk, reward in collector.stream("generate", "the rewards of `rollout generate`"):
             archive.write_later(
                 lambda batch=chunk.batch, reward=reward: archive_batches(
                     [ray.get(batch, timeout=timeout)], [reward], None, components
@@ -65,23 +84,14 @@ def _generate(cfg: JobConfig, out: Path, data: RunData, log) -> dict:
             )
             rewards.append(reward.column("reward").to_numpy(zero_copy_only=False))
             tokens += chunk.summary.generated_tokens
-    pool.release()
-    scorers.release()
     manifest.iteration(0, generated_by=[0], policy_version=0)
     seconds = time.perf_counter() - started
     all_rewards = np.concatenate(rewards) if rewards else np.zeros(0)
-    summary = {
+    return {
         "samples": len(all_rewards),
-        "prompts": len(tasks),
+        "prompts": len(data.records),
         "generated_tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "reward_mean": float(all_rewards.mean()) if len(all_rewards) else 0.0,
     }
-    print(
-        f"generated {summary['samples']} samples ({len(tasks)} prompts x {cfg.rollout.n_samples}), "
-        f"{tokens} tokens in {seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s), "
-        f"mean reward {summary['reward_mean']:.3f} -> {out / 'rollouts'}",
-        file=log,
-    )
-    return summary

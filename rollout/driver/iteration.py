@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
+from rollout.actors.launch import Chunk, Launch
 from rollout.driver.dynamic_sampling import Selection
-from rollout.generation.launch import Chunk, Launch
 from rollout.generation.worker import GenerationSummary
 
 

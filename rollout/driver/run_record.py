@@ -46,7 +46,6 @@ class RunRecord:
             raise
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.model = ""  # the start model, once the session has it
-        self.said_short = False  # dynamic sampling's console line, said once per run
 
     def push(self, step, *args) -> None:
         """Mirror the staging copy to the run's URI (a step of RunStorage), when the run has one."""

@@ -2,11 +2,11 @@
 
 `Session.open` reads the data, takes the run directory (`RunRecord`), starts or joins Ray, prepares the
 start model (the builtin, SFT warm-up, staged into the run storage), starts the three groups of actors
-(rollout workers, reward workers, learner ranks; each recovers its own members) and the weight sync
-between them, and resumes from the newest whole checkpoint (`Checkpoints`, which also keeps the write in
-flight and where a rebuilt learner restarts). Each step below is a few calls on those objects; none
-catches an actor's error: the groups and the weight sync deal with deaths and hangs, and what they cannot
-mend ends the job with one line.
+(rollout workers, reward workers, learner ranks; each recovers its own members), the weight sync between
+them and the collector that feeds the learner, and resumes from the newest whole checkpoint
+(`Checkpoints`, which also keeps the write in flight and where a rebuilt learner restarts). Each step
+below is a few calls on those objects; none catches an actor's error: the groups and the weight sync deal
+with deaths and hangs, and what they cannot mend ends the job with one line.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from rollout.actors.learner_spec import LearnerSpec
 from rollout.actors.reward_workers import RewardWorkers
 from rollout.actors.rollout_workers import RolloutWorkers
 from rollout.driver.checkpoints import AUTO, Checkpoints
-from rollout.driver.dynamic_sampling import round_size, select
-from rollout.driver.episodes import check_episodes
-from rollout.driver.iteration import Launched, Learned, Samples
+from rollout.driver.collector import Collector
+from rollout.driver.iteration import Learned, Samples
 from rollout.driver.node_watch import NodeWatch
 from rollout.driver.prompts import PromptSampler
 from rollout.driver.run_record import RunRecord
@@ -48,13 +47,12 @@ class Session:
             storage=record.storage,
             tokenizer=data.tokenizer,
         )
-        self.sampler = PromptSampler(size=len(data.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.nodes: NodeWatch | None = None
         self.workers: RolloutWorkers | None = None
         self.rewards: RewardWorkers | None = None
         self.learner: LearnerRanks | None = None
         self.weights: WeightSync | None = None
-        self.launched: dict[int, Launched] = {}  # iterations whose generation is queued, not yet collected
+        self.collector: Collector | None = None
         self.first_iteration = self.planned_last = 0
 
     @classmethod
@@ -102,13 +100,24 @@ class Session:
             node_wait_timeout_s=cfg.ray.node_wait_timeout_s,
         )
         resumed_from = None
+        sampler = PromptSampler(size=len(self.data.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
         if checkpoint:
             extra = self.learner.load(checkpoint)
-            self.sampler = msgspec.convert(extra["sampler"], PromptSampler)
+            sampler = msgspec.convert(extra["sampler"], PromptSampler)
             resumed_from = {"checkpoint": checkpoint.name, "iteration": extra["iteration"]}
             resumed_from["policy_version"] = self.learner.updates
             self.weights.queue()
             self.weights.confirm()
+        self.collector = Collector(
+            cfg,
+            self.data,
+            self.workers,
+            self.rewards,
+            run_id=record.run_id,
+            log=log,
+            sampler=sampler,
+            weights=self.weights,
+        )
         self.first_iteration = record.begin(cfg, model, resumed_from)
         updates = self.learner.updates
         # The run goes on until the weights hold `iterations` updates, however many crashes came before.
@@ -154,71 +163,20 @@ class Session:
         iteration = self.first_iteration
         while iteration <= self.last_iteration:
             for later in range(iteration, min(iteration + self.cfg.rollout.max_staleness, self.last_iteration) + 1):
-                self._launch(later)
+                self.collector.launch(later)
             yield iteration
             iteration += 1
 
     def collect(self, iteration: int, timings: dict[str, float]) -> Samples:
-        """Wait for the iteration's generation, then its rewards; only summaries and rewards come here. With
-        dynamic sampling, more rounds of prompts until enough groups carry a signal."""
-        launched = self.launched.pop(iteration)
+        """The iteration's samples (`Collector.collect`): its generation, its rewards, dynamic sampling's rounds."""
         self.learner.iteration = iteration  # what a rebuild in the steps after this one is reported in
-        if launched.after_sync:
-            start = time.perf_counter()
-            self.weights.confirm()
-            timings["generate"] = time.perf_counter() - start
-        chunks, rewards, latency = self._gathered(iteration, launched, timings)
-        sampling = self.cfg.rollout.dynamic_sampling
-        wanted, n = self.cfg.rollout.prompts_per_iteration, self.cfg.rollout.n_samples
-        selection, rounds, used = None, 1, set(launched.indices)
-        while sampling.enabled:
-            selection = select(rewards, n, wanted)
-            if selection.kept >= wanted or rounds == sampling.max_rounds:
-                break
-            size = round_size(wanted - selection.kept, selection.kept, len(used), len(self.data.records) - len(used))
-            extra = self._launched_round(iteration, self.sampler.next_batch(size, frozenset(used)))
-            used.update(extra.indices)
-            more = self._gathered(iteration, extra, timings)
-            chunks, rewards, rounds = chunks + more[0], rewards + more[1], rounds + 1
-            latency = {k: latency.get(k, 0.0) + more[2].get(k, 0.0) for k in {*latency, *more[2]}}
-        if selection is not None:
-            self._say_short_once(iteration, selection.kept, wanted, rounds)
-        sampler = msgspec.to_builtins(self.sampler) if rounds > 1 else launched.sampler
-        return Samples(iteration, chunks, rewards, sampler, latency, selection, rounds)
-
-    def _gathered(self, iteration: int, launched: Launched, timings: dict[str, float]):
-        """(chunks, reward batches, scoring seconds) of one round of the iteration's generation."""
-        start = time.perf_counter()
-        total = len(launched.indices) * self.cfg.rollout.n_samples
-        progress = launched.generation.chunks_with_progress(
-            total, f"iter {iteration} generate", self.record.log, leave=False
-        )
-        chunks = list(progress)
-        timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - start
-        check_episodes(self.cfg.env, iteration, [c.summary for c in chunks])
-        start = time.perf_counter()
-        rewards, latency = self.rewards.scores(
-            chunks, self.cfg.rollout.iteration_timeout_s, f"rewards of iteration {iteration}"
-        )
-        timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - start
-        return chunks, rewards, latency
-
-    def _say_short_once(self, iteration: int, kept: int, wanted: int, rounds: int) -> None:
-        if kept < wanted and not self.record.said_short:
-            self.record.said_short = True
-            print(
-                f"dynamic sampling: iteration {iteration} has {kept} of {wanted} prompts whose samples' rewards "
-                f"differ after {rounds} rounds (rollout.dynamic_sampling.max_rounds); it trains on those, as "
-                "later iterations will when this happens again",
-                file=self.record.log,
-                flush=True,
-            )
+        return self.collector.collect(iteration, timings)
 
     def learn(self, samples: Samples, timings: dict[str, float]) -> Learned:
         """One PPO update on the iteration's samples (a rank lost in it is rebuilt and learns them again)."""
         selected = samples.selection.rows if samples.selection is not None else None
         columns, stats, learn_timings = self.learner.learn(
-            samples.iteration, [c.batch for c in samples.chunks], [c.rewards for c in samples.chunks], selected
+            samples.iteration, [c.batch for c in samples.chunks], [c.scoring.rewards for c in samples.chunks], selected
         )
         timings.update(learn_timings)
         return Learned(columns, stats)
@@ -257,7 +215,7 @@ class Session:
         start = time.perf_counter()
         # The next iteration's weights are queued already: its generation runs while the learner saves.
         if iteration + 1 <= self.last_iteration:
-            self._launch(iteration + 1)
+            self.collector.launch(iteration + 1)
         self.record.flush_archive()  # every trained iteration archived before a checkpoint says it was trained
         self.checkpoints.save(iteration, {"sampler": samples.sampler, "run_id": self.record.run_id}, self.learner)
         timings["checkpoint"] = time.perf_counter() - start
@@ -276,25 +234,6 @@ class Session:
                 self._release()
 
     # -- helpers -----------------------------------------------------------------------------------
-
-    def _launch(self, iteration: int) -> None:
-        """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it."""
-        if iteration not in self.launched:
-            indices = self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration)
-            self.launched[iteration] = self._launched_round(iteration, indices)
-
-    def _launched_round(self, iteration: int, indices: list[int]) -> Launched:
-        """The prompts `indices` (records) queued for generation, and each chunk's scoring behind it."""
-        tasks = [self.data.tasks[self.data.records[i].prompt_id] for i in indices]
-        generation = self.workers.submit(
-            tasks,
-            run_id=self.record.run_id,
-            iteration=iteration,
-            scorers=self.rewards,
-            records=self.data.records_by_id,
-        )
-        # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
-        return Launched(generation, msgspec.to_builtins(self.sampler), self.weights.queued(), indices)
 
     def _release(self) -> None:
         """Kill what was started (all of it, or what a start that failed half-way got to) and free the run

@@ -1,5 +1,5 @@
-"""An iteration's generation in flight: each worker's stream of chunks read as they complete, each
-chunk handed to a scorer at once, and a worker that died, raised or stalled told apart.
+"""An iteration's generation in flight on the rollout workers: each worker's stream of chunks read as they
+complete, each chunk handed to its scoring at once, and a worker that died, raised or stalled told apart.
 """
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import ray
-from tqdm import tqdm
 
 from contracts.errors import JobFailure
 from contracts.rendering import PromptTask
+from rollout.actors.reward_workers import Scoring
 from rollout.generation.worker import GenerationSummary
 from rollout.runtime.failures import raised
 from rollout.runtime.stall import POLL_S, Patience
@@ -25,10 +25,8 @@ class Chunk:
     """One chunk's results: refs to what stays in the object store, and its small summary."""
 
     batch: ray.ObjectRef  # the generation batch (Arrow), for the scorer, the learner and the archive
-    rewards: ray.ObjectRef | None  # its reward columns, when the chunk was sent to a scorer
-    latency: ray.ObjectRef | None  # and the scorer's seconds, per rule
     summary: GenerationSummary
-    scorer: int | None = None  # which reward worker scores it
+    scoring: Scoring | None = None  # its rewards under way, when the launch was given a `score`
 
 
 @dataclass
@@ -43,8 +41,9 @@ class Share:
 
 class Launch:
     """An iteration's generation in flight. A daemon thread reads the workers' streams as chunks
-    complete and hands each batch to a scorer at once, so scoring overlaps whatever the driver is
-    waiting on (the learner, with rollout.max_staleness > 0); `chunks` yields them as they come.
+    complete and hands each batch to `score` (with the chunk's prompts) at once, so scoring overlaps
+    whatever the driver is waiting on (the learner, with rollout.max_staleness > 0); `chunks` yields
+    them as they come.
 
     A stream whose worker died is replaced: `restart(share)` waits for Ray to restart the worker,
     gives it the newest weights and streams the share's unfinished chunks from there. A chunk is
@@ -58,8 +57,7 @@ class Launch:
     def __init__(
         self,
         streams: dict[ray.ObjectRefGenerator, Share],
-        scorers: list,
-        records: dict,
+        score: Callable[[ray.ObjectRef, list[PromptTask]], Scoring] | None,
         timeout: float,
         what: str,
         restart,
@@ -68,11 +66,11 @@ class Launch:
     ):
         self.timeout, self.what = timeout, what
         self._names = names
-        self._records = records
+        self._score = score
         self._restart = restart
         self._kill_stalled = kill_stalled
         self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._pump, args=(streams, scorers), daemon=True, name=f"collect {what}")
+        self._thread = threading.Thread(target=self._pump, args=(streams,), daemon=True, name=f"collect {what}")
         self._thread.start()
 
     def chunks(self) -> Iterator[Chunk]:
@@ -92,29 +90,14 @@ class Launch:
     def collect(self) -> list[Chunk]:
         return list(self.chunks())
 
-    def chunks_with_progress(self, total: int, desc: str, log, *, leave: bool) -> Iterator[Chunk]:
-        """`chunks()`, with a progress bar of samples and tokens/s on `log` when it is a terminal."""
-        interactive = hasattr(log, "isatty") and log.isatty()
-        tokens, start = 0, time.perf_counter()
-        bar = tqdm(
-            total=total, unit="sample", desc=desc, leave=leave, file=log, disable=not interactive, dynamic_ncols=True
-        )
-        with bar:
-            for chunk in self.chunks():
-                tokens += chunk.summary.generated_tokens
-                bar.update(chunk.summary.samples)
-                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
-                yield chunk
-
     def _timed_out(self) -> GenerationTimeout:
         return GenerationTimeout(
             f"{self.what}: no chunk finished within rollout.iteration_timeout_s ({self.timeout:.0f}s)"
         )
 
-    def _pump(self, streams: dict[ray.ObjectRefGenerator, Share], scorers: list) -> None:
+    def _pump(self, streams: dict[ray.ObjectRefGenerator, Share]) -> None:
         try:
             batches: dict[ray.ObjectRefGenerator, ray.ObjectRef] = {}  # a chunk's batch, until its summary
-            scored = 0
             self._last_item = time.monotonic()
             patience = Patience()
             while streams:
@@ -147,15 +130,10 @@ class Launch:
                 except ray.exceptions.RayActorError:
                     self._replace(stream, streams, batches)
                     continue
-                rewards = latency = scorer = None
                 batch, share = batches.pop(stream), streams[stream]
-                if scorers:
-                    records = [self._records[i] for i in dict.fromkeys(t.prompt_id for t in share.chunks[index])]
-                    scorer = scored % len(scorers)
-                    rewards, latency = scorers[scorer].score_batch.options(num_returns=2).remote(batch, records)
-                    scored += 1
+                scoring = self._score(batch, share.chunks[index]) if self._score is not None else None
                 share.done.add(index)
-                self._queue.put(Chunk(batch, rewards, latency, summary, scorer))
+                self._queue.put(Chunk(batch, summary, scoring))
             self._queue.put(self._DONE)
         except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
             self._queue.put(e)

@@ -1,0 +1,159 @@
+"""Collection, launch -> score -> select: prompts queued on the rollout workers, each chunk handed to the
+reward workers as it completes, the episodes checked against `env.max_error_fraction` and, with dynamic
+sampling, more rounds of prompts until enough groups carry a signal.
+
+`rollout run` launches iterations ahead and collects one at a time (`launch`, `collect`); `rollout generate`
+streams one pass over every prompt (`stream`). Each round's generation recovers its own workers (`Launch`);
+what it cannot mend, and an environment that failed too many episodes, ends the job with one line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import msgspec
+import pyarrow as pa
+import ray
+from tqdm import tqdm
+
+from contracts.config import JobConfig
+from contracts.rendering import PromptTask
+from rollout.actors.launch import Chunk
+from rollout.actors.reward_workers import RewardWorkers, Scoring
+from rollout.actors.rollout_workers import RolloutWorkers
+from rollout.driver.dynamic_sampling import round_size, select
+from rollout.driver.episodes import check_episodes
+from rollout.driver.iteration import Launched, Samples
+from rollout.driver.prompts import PromptSampler
+from rollout.driver.startup import RunData
+from rollout.weight_sync.sync import WeightSync
+
+
+class Collector:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        data: RunData,
+        workers: RolloutWorkers,
+        rewards: RewardWorkers,
+        *,
+        run_id: str,
+        log,
+        sampler: PromptSampler | None = None,
+        weights: WeightSync | None = None,
+    ):
+        """`sampler`: picks each iteration's prompts (`launch`); `weights`: the sync a launch is queued behind,
+        confirmed before its chunks are read."""
+        self.cfg, self.data, self.log, self.run_id = cfg, data, log, run_id
+        self.workers, self.rewards, self.weights = workers, rewards, weights
+        self.sampler = sampler
+        self.launched: dict[int, Launched] = {}  # iterations whose generation is queued, not yet collected
+        self.said_short = False  # dynamic sampling's console line, said once per run
+
+    def launch(self, iteration: int) -> None:
+        """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it
+        (once: an iteration launched already is left as it is)."""
+        if iteration not in self.launched:
+            indices = self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration)
+            self.launched[iteration] = self._round(iteration, indices)
+
+    def collect(self, iteration: int, timings: dict[str, float]) -> Samples:
+        """Wait for the iteration's generation, then its rewards; only summaries and rewards come here. With
+        dynamic sampling, more rounds of prompts until enough groups carry a signal."""
+        launched = self.launched.pop(iteration)
+        if launched.after_sync:
+            start = time.perf_counter()
+            self.weights.confirm()
+            timings["generate"] = time.perf_counter() - start
+        chunks, rewards, latency = self._gathered(iteration, launched, timings)
+        sampling = self.cfg.rollout.dynamic_sampling
+        wanted, n = self.cfg.rollout.prompts_per_iteration, self.cfg.rollout.n_samples
+        selection, rounds, used = None, 1, set(launched.indices)
+        while sampling.enabled:
+            selection = select(rewards, n, wanted)
+            if selection.kept >= wanted or rounds == sampling.max_rounds:
+                break
+            size = round_size(wanted - selection.kept, selection.kept, len(used), len(self.data.records) - len(used))
+            extra = self._round(iteration, self.sampler.next_batch(size, frozenset(used)))
+            used.update(extra.indices)
+            more = self._gathered(iteration, extra, timings)
+            chunks, rewards, rounds = chunks + more[0], rewards + more[1], rounds + 1
+            latency = {k: latency.get(k, 0.0) + more[2].get(k, 0.0) for k in {*latency, *more[2]}}
+        if selection is not None:
+            self._say_short_once(iteration, selection.kept, wanted, rounds)
+        sampler = msgspec.to_builtins(self.sampler) if rounds > 1 else launched.sampler
+        return Samples(iteration, chunks, rewards, sampler, latency, selection, rounds)
+
+    def stream(self, desc: str, what: str) -> Iterator[tuple[Chunk, pa.RecordBatch]]:
+        """Every prompt's samples once, as iteration 0 (`rollout generate`): each chunk with its reward columns,
+        as it is scored (`desc`: the progress bar's; `what`: what a scoring time-out names). Once all are back,
+        EnvironmentFailure if more than `env.max_error_fraction` of the episodes failed in their environment."""
+        launched = self._round(0, list(range(len(self.data.records))))
+        summaries = []
+        for chunk in self._with_progress(launched, desc, leave=True):
+            [rewards], _ = self.rewards.scores([chunk.scoring], self.cfg.rollout.iteration_timeout_s, what)
+            summaries.append(chunk.summary)
+            yield chunk, rewards
+        check_episodes(self.cfg.env, 0, summaries)
+
+    def _round(self, iteration: int, indices: list[int]) -> Launched:
+        """The prompts `indices` (records) queued for generation, and each chunk's scoring behind it."""
+        tasks = [self.data.tasks[self.data.records[i].prompt_id] for i in indices]
+        generation = self.workers.submit(
+            tasks, run_id=self.run_id, iteration=iteration, score=self._score, records=self.data.records_by_id
+        )
+        # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
+        after_sync = self.weights is not None and self.weights.queued()
+        return Launched(generation, msgspec.to_builtins(self.sampler), after_sync, indices)
+
+    def _score(self, batch: ray.ObjectRef, tasks: list[PromptTask]) -> Scoring:
+        """A chunk's scoring, queued as it completes: the reward workers read its prompts' data records."""
+        records = [self.data.records_by_id[i] for i in dict.fromkeys(t.prompt_id for t in tasks)]
+        return self.rewards.score(batch, records)
+
+    def _gathered(self, iteration: int, launched: Launched, timings: dict[str, float]):
+        """(chunks, reward batches, scoring seconds) of one round of the iteration's generation."""
+        start = time.perf_counter()
+        chunks = list(self._with_progress(launched, f"iter {iteration} generate", leave=False))
+        timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - start
+        check_episodes(self.cfg.env, iteration, [c.summary for c in chunks])
+        start = time.perf_counter()
+        rewards, latency = self.rewards.scores(
+            [c.scoring for c in chunks], self.cfg.rollout.iteration_timeout_s, f"rewards of iteration {iteration}"
+        )
+        timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - start
+        return chunks, rewards, latency
+
+    def _with_progress(self, launched: Launched, desc: str, *, leave: bool) -> Iterator[Chunk]:
+        """The round's chunks as they come, with a progress bar of samples and tokens/s when the log is a
+        terminal."""
+        interactive = hasattr(self.log, "isatty") and self.log.isatty()
+        total = len(launched.indices) * self.cfg.rollout.n_samples
+        tokens, start = 0, time.perf_counter()
+        bar = tqdm(
+            total=total,
+            unit="sample",
+            desc=desc,
+            leave=leave,
+            file=self.log,
+            disable=not interactive,
+            dynamic_ncols=True,
+        )
+        with bar:
+            for chunk in launched.generation.chunks():
+                tokens += chunk.summary.generated_tokens
+                bar.update(chunk.summary.samples)
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+                yield chunk
+
+    def _say_short_once(self, iteration: int, kept: int, wanted: int, rounds: int) -> None:
+        if kept < wanted and not self.said_short:
+            self.said_short = True
+            print(
+                f"dynamic sampling: iteration {iteration} has {kept} of {wanted} prompts whose samples' rewards "
+                f"differ after {rounds} rounds (rollout.dynamic_sampling.max_rounds); it trains on those, as "
+                "later iterations will when this happens again",
+                file=self.log,
+                flush=True,
+            )
