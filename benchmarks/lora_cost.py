@@ -106,11 +106,7 @@ def worker(kind: str, model: str, updates: int) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "baseline_rss_mb": baseline_mb,
         "trained_parameters": sum(
-            p.numel()
-            for opt in (learner.policy_opt, learner.critic_opt)
-            if opt
-            for g in opt.param_groups
-            for p in g["params"]
+            p.numel() for trained in learner.trained for g in trained.optimizer.param_groups for p in g["params"]
         ),
         "threads": torch.get_num_threads(),
     }

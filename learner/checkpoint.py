@@ -20,10 +20,14 @@ import json
 import shutil
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from contracts.config.base import ConfigError
 from contracts.errors import JobFailure
 from contracts.files import write_atomically
+
+if TYPE_CHECKING:  # the driver reads this module's names and files without torch
+    from learner.models import Trained
 
 STATE_FILE = "learner.pt"
 MANIFEST_FILE = "manifest.json"
@@ -48,17 +52,10 @@ def write_failed(directory: Path, error: BaseException) -> CheckpointWriteError:
     )
 
 
-def load(learner, directory: Path) -> dict:
-    """Restore what `save` wrote (with any number of ranks); returns its `extra`."""
+def load_small(directory: Path, lora_settings: dict | None) -> dict:
+    """`learner.pt` of checkpoint `directory` (KL controller, version, the job's `extra`), once its training state
+    is there and was written with `lora_settings` (None: full fine-tuning)."""
     import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    from learner import lora
 
     directory = Path(directory)
     if not (directory / "learner").is_dir():
@@ -67,41 +64,43 @@ def load(learner, directory: Path) -> dict:
             "sharded checkpoints); start a new run directory"
         )
     small = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-    _check_lora(directory, small.get("lora"), lora.settings(learner.cfg.lora))
-    state = training_state(learner)
+    _check_lora(directory, small.get("lora"), lora_settings)
+    return small
+
+
+def load_training_state(trained: list[Trained], directory: Path, *, strict: bool, no_dist: bool) -> None:
+    """Every trained network's weights and optimizer state from checkpoint `directory`, in place; `strict`
+    unless the state leaves out frozen weights (a LoRA base)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = training_state(trained)
     with single_process_note_quiet():
-        dcp.load(state, checkpoint_id=str(directory / "learner"), no_dist=learner.world_size == 1)
-    # The state holds only trainable weights: the frozen ones (a LoRA base) are already the model's own.
-    options = StateDictOptions(strict=learner.lora is None)
-    set_model_state_dict(learner.policy, state["policy"], options=options)
-    set_optimizer_state_dict(learner.policy, learner.policy_opt, state["policy_opt"])
-    if learner.critic is not None:
-        set_model_state_dict(learner.critic, state["critic"], options=options)
-        set_optimizer_state_dict(learner.critic, learner.critic_opt, state["critic_opt"])
-    learner.kl_controller.load_state_dict(small["kl_controller"])
-    learner.version = small["version"]
-    return small["extra"]
+        dcp.load(state, checkpoint_id=str(Path(directory) / "learner"), no_dist=no_dist)
+    options = StateDictOptions(strict=strict)
+    for t in trained:
+        set_model_state_dict(t.model, state[t.name], options=options)
+        set_optimizer_state_dict(t.model, t.optimizer, state[f"{t.name}_opt"])
 
 
-def training_state(learner) -> dict:
-    """What DCP saves and loads: the trainable weights of policy and critic (frozen ones, a LoRA base, come
-    from the model path) and their optimizers' state."""
+def training_state(trained: list[Trained]) -> dict:
+    """What DCP saves and loads: the trainable weights of each trained network (frozen ones, a LoRA base, come
+    from the model path) and its optimizer's state, under its name and its name with `_opt`."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    trained = StateDictOptions(ignore_frozen_params=True)
-    state = {
-        "policy": get_model_state_dict(learner.policy, options=trained),
-        "policy_opt": get_optimizer_state_dict(learner.policy, learner.policy_opt),
-    }
-    if learner.critic is not None:
-        state.update(
-            critic=get_model_state_dict(learner.critic, options=trained),
-            critic_opt=get_optimizer_state_dict(learner.critic, learner.critic_opt),
-        )
+    options = StateDictOptions(ignore_frozen_params=True)
+    state = {}
+    for t in trained:
+        state[t.name] = get_model_state_dict(t.model, options=options)
+        state[f"{t.name}_opt"] = get_optimizer_state_dict(t.model, t.optimizer)
     return state
 
 
@@ -118,18 +117,18 @@ def _check_lora(directory: Path, saved: dict | None, wanted: dict | None) -> Non
         )
 
 
-def save_policy(learner, directory: Path, weights: list[tuple[str, object]]) -> None:
-    """The policy as a loadable model (config, generation config, safetensors) from its exported weights."""
+def save_policy(lm, tied_head: bool, directory: Path, weights: list[tuple[str, object]]) -> None:
+    """The policy as a loadable model (config, generation config, safetensors) from its exported weights;
+    `lm` gives the configs, and a `tied_head` is left out (loading restores it from the embedding)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    lm = learner.policy.lm
     lm.config.save_pretrained(directory)
     if lm.generation_config is not None:
         lm.generation_config.save_pretrained(directory)
     tensors = dict(weights)
-    if learner.tied_head:
-        tensors.pop("lm_head.weight", None)  # tied to the embedding, which loading restores it from
+    if tied_head:
+        tensors.pop("lm_head.weight", None)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 

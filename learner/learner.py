@@ -1,12 +1,17 @@
 """The PPO learner, one rank of it: trainable policy (and critic), frozen reference, optimisers.
 
-One iteration is `learn(batch)` on a columnar `SampleBatch`, in three timed stages:
-    evaluated = self.evaluate(batch)        # values: old logprobs, reference logprobs, values (evaluation.py)
+One iteration is `learn(batch)` on a columnar `SampleBatch`, in three timed stages, each a method below:
+    evaluated = self.evaluate(batch)        # values: old logprobs, reference logprobs, values (no grad)
     self.assign_advantages(...)             # advantages: KL-penalised token rewards, the estimator
-    stats = self.update(...)                # update: ppo_epochs x minibatches x micro-batches (update.py)
+    stats = self.update(...)                # update: ppo_epochs x minibatches x micro-batches
 and returns `LearnerColumns`, the per-token results, with the stats and stage seconds. Each stage
 runs in micro-batches of the token budget, padded or packed into one row (`learner.pack_sequences`,
-with an attention that keeps within each sequence: packed_attention.py).
+with an attention that keeps within each sequence: packed_attention.py). The math of each stage is
+small pure functions on (batch, time) tensors in their own modules (advantages.py, estimators.py,
+losses.py).
+
+What trains is `self.trained`: the policy and, with a separate critic, the critic, each with its own
+optimizer (`Trained`); the update zeroes, clips, steps and checkpoints every entry alike.
 
 With `learner.num_ranks` > 1 every rank runs `learn` on the same batch: the no-grad passes split the
 rows between the ranks and gather the results, so every rank holds the whole batch's advantages;
@@ -17,6 +22,11 @@ FSDP2-sharded; master weights and optimizer state stay float32 whatever the comp
 With `learner.lora.rank` the policy trains low-rank adapters on its frozen base (learner/lora.py): only
 they are in the optimizer and the checkpoint's training state, the reference is the policy with its
 adapters off (no reference module), and the exported weights are merged.
+
+The update reads the device once per optimizer step: the losses and clip and KL figures summed over
+its micro-batches (on the device), and the gradient norms, in one transfer after the backward passes;
+nothing in a micro-batch loop waits for the device, so on a GPU the host lays out the next micro-batch
+while the last one runs.
 """
 
 from __future__ import annotations
@@ -30,18 +40,33 @@ import numpy as np
 import torch
 
 from contracts.config import LearnerConfig
-from learner import checkpoint, evaluation, lora, packed_attention, update
+from learner import checkpoint, lora, packed_attention
 from learner import distributed as dist
-from learner.advantages import token_rewards
-from learner.batch import TokenBatch
+from learner.advantages import masked_mean, masked_whiten, token_rewards
+from learner.batch import TokenBatch, to_device
+from learner.checkpoint import NonFiniteError
 from learner.checkpoint_writer import CheckpointWriter, PendingCheckpoint
 from learner.estimators import estimate, estimator
-from learner.evaluation import Evaluated
+from learner.evaluation import Evaluated, in_batch_order
 from learner.finite_steps import FiniteSteps
 from learner.kl_control import make_kl_controller
+from learner.losses import policy_loss, value_loss
 from learner.microbatch import MicroBatch, plan
-from learner.models import DTYPES, CriticModel, PolicyModel, PolicyOutput, load_causal_lm
+from learner.models import DTYPES, CriticModel, PolicyModel, PolicyOutput, Trained, load_causal_lm
 from learner.samples import LearnerColumns, SampleBatch, single_sequence
+
+# What each optimizer step sums over its micro-batches and ranks (the last five weighted by tokens).
+STEP_FIGURES = (
+    "policy_loss",
+    "value_loss",
+    "clip_frac",
+    "clip_frac_high",
+    "clip_frac_low",
+    "approx_kl",
+    "value_clip_frac",
+)
+# The stat of each trained network's gradient norm, in `trained`'s order.
+GRAD_NORMS = ("grad_norm", "critic_grad_norm")
 
 
 class Learner:
@@ -98,18 +123,23 @@ class Learner:
             for backbone in filter(None, (policy_lm, self.critic and self.critic.backbone)):
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.temperature = temperature or 1.0
+        # A shared value head trains with the policy's loss, weighed by vf_coef; a separate critic has
+        # its own optimizer, so its loss is taken whole.
+        self.value_coef = lc.vf_coef if self.critic is None else 1.0
         fused = self.device.type == "cuda"  # one kernel for the whole step, as plain training uses
         # Only what trains: everything without LoRA, the adapters (and a value head) with it.
-        self.policy_opt = torch.optim.AdamW(lora.trainable(self.policy), lr=lc.lr, fused=fused)
-        self.critic_opt = (
-            torch.optim.AdamW(lora.trainable(self.critic), lr=lc.critic_lr, fused=fused) if self.critic else None
-        )
+        self.trained = [
+            Trained("policy", self.policy, torch.optim.AdamW(lora.trainable(self.policy), lr=lc.lr, fused=fused))
+        ]
+        if self.critic is not None:
+            critic_opt = torch.optim.AdamW(lora.trainable(self.critic), lr=lc.critic_lr, fused=fused)
+            self.trained.append(Trained("critic", self.critic, critic_opt))
         self.kl_controller = make_kl_controller(lc.kl.coef, lc.kl.target, lc.kl.horizon)
         self.version = 0
         self.finite_steps = FiniteSteps(lc.max_nonfinite_steps, lc.lr)
         self.micro_batches_done = 0  # forward passes so far: what the driver's stall watch sees advance
-        self.checkpoint_group = dist.checkpoint_group() if world_size > 1 else None
-        self.checkpoints = CheckpointWriter(self)
+        checkpoint_group = dist.checkpoint_group() if world_size > 1 else None
+        self.checkpoints = CheckpointWriter(rank, world_size, checkpoint_group, cuda=self.device.type == "cuda")
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.to(self.device)
@@ -157,11 +187,33 @@ class Learner:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
-    # -- scoring ---------------------------------------------------------------------------------
+    # -- values: the no-grad passes ----------------------------------------------------------------
 
+    @torch.no_grad()
     def evaluate(self, batch: SampleBatch) -> Evaluated:
-        """Old policy logprobs, reference logprobs, values and entropies of every response token."""
-        return evaluation.evaluate(self, batch)
+        """Old policy logprobs, reference logprobs, values and entropies of every response token: the three
+        forward passes (policy, reference, critic unless shared) of every micro-batch of this rank's share
+        of the rows, gathered from every rank. Under LoRA the reference pass is the policy's with its
+        adapters off, and no pass has dropout (`scoring`)."""
+        plans = self.plan(batch, np.arange(len(batch)))
+        outputs = []
+        with self.scoring():
+            for micro in plans[self.rank]:
+                tokens = self.collate(batch, micro.rows)
+                with self.compute():
+                    policy = self.policy(tokens, self.temperature, with_entropy=True)
+                    ref = self.reference_pass(tokens)
+                    values = self.values(tokens, policy)
+                self.micro_batches_done += 1
+                if not micro.filler:
+                    columns = (policy.logprobs, ref.logprobs, values, policy.entropy)
+                    outputs.append(torch.stack([tokens.gather(c) for c in columns], dim=1))
+        local = torch.cat(outputs) if outputs else torch.zeros((0, 4), device=self.device)
+        flat = in_batch_order(batch, plans, local)
+        mask = to_device(batch.padded(batch.loss_mask), self.device)  # an episode's environment tokens are 0
+        old, ref, values, entropy = (batch.padded(flat[:, c]) * mask for c in range(4))
+        behaviour = to_device(batch.padded(batch.behaviour_logprobs), self.device) * mask
+        return Evaluated(mask, old, ref, values, entropy, behaviour)
 
     def reference_pass(self, tokens: TokenBatch) -> PolicyOutput:
         """The reference's outputs on `tokens` (in a no-grad pass): the frozen copy's, or under LoRA the
@@ -171,14 +223,24 @@ class Learner:
         with self.lora.off():
             return self.policy(tokens, self.temperature)
 
+    def values(self, tokens: TokenBatch, policy: PolicyOutput) -> torch.Tensor:
+        """(B, T) values: the separate critic's, the shared head's, or zeros without a critic."""
+        if self.critic is not None:
+            return self.critic(tokens)
+        if policy.values is not None:
+            return policy.values
+        return torch.zeros_like(policy.logprobs)
+
     def scoring(self) -> contextlib.ExitStack:
         """The context of the no-grad passes: under LoRA, policy and critic without dropout (the model
         the engines serve); nothing changes without it."""
         stack = contextlib.ExitStack()
         if self.lora is not None:
-            for module in filter(None, (self.policy, self.critic)):
-                stack.enter_context(lora.no_dropout(module))
+            for trained in self.trained:
+                stack.enter_context(lora.no_dropout(trained.model))
         return stack
+
+    # -- advantages ----------------------------------------------------------------------------------
 
     def assign_advantages(self, batch: SampleBatch, ev: Evaluated):
         """(token rewards, kl, advantages, returns), each (N, T), by `learner.estimator`."""
@@ -192,23 +254,129 @@ class Learner:
         advantages, returns = estimate(rewards, ev.values, ev.mask, groups, lc)
         return rewards, kl, advantages, returns
 
-    # -- learning --------------------------------------------------------------------------------
+    # -- update: ppo_epochs x minibatches x micro-batches ------------------------------------------
 
     def update(
         self, batch: SampleBatch, ev: Evaluated, advantages: torch.Tensor, returns: torch.Tensor, kl: torch.Tensor
     ) -> dict[str, float]:
-        """ppo_epochs x minibatches x micro-batches (learner/update.py); the iteration's stats."""
-        return update.update(self, batch, ev, advantages, returns, kl)
+        """`ppo_epochs` passes over the batch's trained rows in random minibatches, one optimizer step per
+        minibatch (`step`), on (N, T) advantages, returns and kl; then the KL controller and the policy
+        version move. The mean of each step's stats, with the batch's kl, entropy and behaviour-logprob
+        figures."""
+        lc = self.cfg
+        m = ev.mask
+        trained = batch.trained_rows(lc.mask_truncated)
+        if lc.whiten_advantages:  # over the samples the update uses: the others' advantages are not used
+            advantages = masked_whiten(advantages, m * to_device(torch.from_numpy(trained), m.device)[:, None])
+        log_ratio = torch.where(m.bool(), ev.old_logprobs - ev.behaviour_logprobs, 0)
+        is_weights = None
+        if lc.behaviour_is_cap is not None:
+            is_weights = torch.exp(log_ratio).clamp(max=lc.behaviour_is_cap)  # w = min(π_prox / π_behaviour, cap)
+        rows = np.flatnonzero(trained)
+        totals: dict[str, list[float]] = {}
+        skipped = 0
+        for epoch in range(lc.ppo_epochs):
+            # The same order on every rank, and after a resume: seeded by (seed, version, epoch).
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.version * 101 + epoch)
+            order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+            for start in range(0, len(rows), lc.minibatch_size):
+                stats = self.step(batch, ev, advantages, returns, is_weights, order[start : start + lc.minibatch_size])
+                if stats is None:
+                    skipped += 1
+                    continue
+                for k, v in stats.items():
+                    totals.setdefault(k, []).append(v)
+        figures = {
+            "kl": (kl * m).sum(dim=1).mean(),
+            "entropy": masked_mean(ev.entropy, m),
+            # How far the engine's logprobs are from the learner's for the same tokens and weights
+            # (or older weights, with staleness), and how much the IS cap cut.
+            "behaviour_logprob_mismatch": masked_mean(log_ratio.abs(), m),
+        }
+        if is_weights is not None:
+            figures["behaviour_is_clip_frac"] = masked_mean((log_ratio.exp() > lc.behaviour_is_cap).float(), m)
+        read = dict(zip(figures, torch.stack(list(figures.values())).tolist()))  # one host sync
+        self.kl_controller.update(read["kl"], len(batch))
+        self.version += 1
+        out = {k: float(np.mean(v)) for k, v in totals.items()}
+        out.update(skipped_steps=skipped, kl_coef=self.kl_controller.coef, **read)
+        out["trained_samples"] = int(len(rows))
+        return out
 
-    def values(self, tokens: TokenBatch, policy: PolicyOutput) -> torch.Tensor:
-        """(B, T) values: the separate critic's, the shared head's, or zeros without a critic."""
-        if self.critic is not None:
-            return self.critic(tokens)
-        if policy.values is not None:
-            return policy.values
-        return torch.zeros_like(policy.logprobs)
+    def step(
+        self,
+        batch: SampleBatch,
+        ev: Evaluated,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        is_weights: torch.Tensor | None,
+        rows: np.ndarray,
+    ) -> dict[str, float] | None:
+        """One optimizer step on the minibatch `rows`: this rank's share, in micro-batches. None when
+        the step was skipped: its loss or gradient norm was not finite (the same on every rank)."""
+        lc = self.cfg
+        lengths = batch.model_tokens[rows]  # an episode's environment tokens carry no loss
+        n_tokens = max(1, int(lengths.sum()))
+        denominator = n_tokens if lc.loss_agg_mode == "token_mean" else max(1, int((lengths > 0).sum()))
+        for trained in self.trained:
+            trained.optimizer.zero_grad(set_to_none=True)
+        # Summed over micro-batches, on the device (read once per step): losses, already shares of the
+        # minibatch, and the clip and KL figures weighted by each piece's tokens.
+        sums = torch.zeros(len(STEP_FIGURES), dtype=torch.float64, device=self.device)
+        for micro in self.plan(batch, rows)[self.rank]:
+            tokens = self.collate(batch, micro.rows)
+            index = to_device(torch.from_numpy(micro.rows), self.device)
+            T = tokens.mask.shape[1]
+            keep = tokens.mask
 
-    # -- weights and checkpoints -----------------------------------------------------------------
+            def old(x: torch.Tensor) -> torch.Tensor:
+                return x[index, :T]
+
+            with self.compute():
+                policy = self.policy(tokens, self.temperature, with_entropy=lc.entropy_coef > 0)
+                values = self.values(tokens, policy)
+            pg_loss, pg_stats = policy_loss(
+                policy.logprobs,
+                old(ev.old_logprobs),
+                old(advantages),
+                keep,
+                lc,
+                denominator,
+                None if is_weights is None else old(is_weights),
+            )
+            vf_loss, vf_stats = value_loss(values, old(ev.values), old(returns), keep, lc.value_clip, n_tokens)
+            loss = pg_loss
+            if policy.entropy is not None:
+                loss = loss - lc.entropy_coef * torch.where(keep.bool(), policy.entropy, 0).sum() / n_tokens
+            if not self.critic_free:
+                loss = loss + self.value_coef * vf_loss
+            weight = 0.0 if micro.filler else 1.0  # a filler only keeps the ranks' collectives in step
+            # FSDP averages the ranks' gradients; each rank's loss is a share of the whole minibatch's.
+            (weight * self.world_size * loss).backward()
+            self.micro_batches_done += 1
+            local_tokens = keep.sum()
+            figures = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach()}
+            figures.update({k: local_tokens * v for k, v in (*pg_stats.items(), *vf_stats.items())})
+            sums += weight * torch.stack([figures[name].double() for name in STEP_FIGURES])
+        norms = torch.stack([clip_gradients(t.model.parameters(), lc.max_grad_norm) for t in self.trained])
+        read = torch.cat([dist.all_reduce_sum(sums), norms.double()]).tolist()  # the step's one host sync
+        summed = dict(zip(STEP_FIGURES, read))
+        grad_norms = dict(zip(GRAD_NORMS, read[len(STEP_FIGURES) :]))
+        checked = {"policy_loss": summed["policy_loss"], "value_loss": summed["value_loss"], **grad_norms}
+        if not self.finite_steps.finite(checked):
+            for trained in self.trained:  # this step's gradients are dropped
+                trained.optimizer.zero_grad(set_to_none=True)
+            return None
+        for trained in self.trained:
+            trained.optimizer.step()
+        stats = {"policy_loss": summed["policy_loss"], "grad_norm": grad_norms["grad_norm"]}
+        stats.update({name: summed[name] / n_tokens for name in ("clip_frac", "clip_frac_high", "clip_frac_low")})
+        stats["approx_kl"] = summed["approx_kl"] / n_tokens
+        if not self.critic_free:
+            stats.update(value_loss=summed["value_loss"], value_clip_frac=summed["value_clip_frac"] / n_tokens)
+        return stats
+
+    # -- weights -----------------------------------------------------------------------------------
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The policy's weights with Hugging Face names, one whole tensor at a time, on this rank's device in
@@ -236,25 +404,16 @@ class Learner:
             torch.cuda.synchronize(self.device)
         return out if self.rank == 0 else None
 
-    def save(self, directory: Path, extra: dict) -> None:
-        """Every rank: write its part of checkpoint `directory` and wait for it (learner/checkpoint.py)."""
-        self.checkpoints.save_async(directory, extra).wait()
-        dist.barrier()
-
-    def save_async(self, directory: Path, extra: dict) -> PendingCheckpoint:
-        """Every rank: stage its part of checkpoint `directory` and write it in the background."""
-        return self.checkpoints.save_async(directory, extra)
-
-    def load(self, directory: Path) -> dict:
-        """Restore from `save` (with any number of ranks); returns its `extra` (job state such as the data cursor)."""
-        return checkpoint.load(self, directory)
+    def versioned_weights(self) -> tuple[int, list[tuple[str, torch.Tensor]] | None]:
+        """(version, weights) read together, for an engine restarted between collective syncs."""
+        return self.version, self.export_weights()
 
     def weights_finite(self) -> bool:
         """Every trainable weight finite, on every rank (a collective when sharded)."""
         local = [
             p.detach().to_local() if hasattr(p, "to_local") else p.detach()
-            for module in filter(None, (self.policy, self.critic))
-            for p in module.parameters()
+            for trained in self.trained
+            for p in trained.model.parameters()
         ]
         # Each tensor's largest |w| (inf or NaN where any weight is one, and never an overflow): on CPU 7x faster
         # than counting isfinite's falses, and one host sync for all of them.
@@ -270,6 +429,41 @@ class Learner:
             logprobs = self.policy(self.collate(one, np.zeros(1)), temperature=1.0).logprobs
         return logprobs[0, : len(token_ids) - 1].tolist()
 
-    def versioned_weights(self) -> tuple[int, list[tuple[str, torch.Tensor]] | None]:
-        """(version, weights) read together, for an engine restarted between collective syncs."""
-        return self.version, self.export_weights()
+    # -- checkpoints (their layout: learner/checkpoint.py; the background write: checkpoint_writer.py) --
+
+    def save(self, directory: Path, extra: dict) -> None:
+        """Every rank: write its part of checkpoint `directory` and wait for it."""
+        self.save_async(directory, extra).wait()
+        dist.barrier()
+
+    def save_async(self, directory: Path, extra: dict) -> PendingCheckpoint:
+        """Every rank: stage its part of checkpoint `directory` (the trained networks and their optimizers,
+        the policy as a loadable model, and `extra`, the job's state such as the data cursor) and write it
+        in the background. NonFiniteError, writing nothing, when a weight is inf or NaN."""
+        directory = Path(directory)
+        if not self.weights_finite():
+            raise NonFiniteError(f"not writing checkpoint {directory.name}: the learner's weights hold inf or NaN")
+        small = {
+            "kl_controller": self.kl_controller.state_dict(),
+            "version": self.version,
+            "extra": extra,
+            "lora": lora.settings(self.cfg.lora),  # what its adapters need to load (None: full fine-tuning)
+        }
+        return self.checkpoints.save_async(
+            directory, self.trained, small, self.export_weights, self.policy.lm, self.tied_head
+        )
+
+    def load(self, directory: Path) -> dict:
+        """Restore from `save` (with any number of ranks); returns its `extra`."""
+        small = checkpoint.load_small(directory, lora.settings(self.cfg.lora))
+        # The training state holds only trainable weights: the frozen ones (a LoRA base) are already the model's.
+        checkpoint.load_training_state(self.trained, directory, strict=self.lora is None, no_dist=self.world_size == 1)
+        self.kl_controller.load_state_dict(small["kl_controller"])
+        self.version = small["version"]
+        return small["extra"]
+
+
+def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to `max_norm`; their norm before, a 0-dim tensor left on the device."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -4,6 +4,7 @@
 takes token logprobs through the chunked LM head (`learner.logprobs`): no full-vocabulary logits.
 With a shared critic it also carries the value head. `CriticModel` is a separate backbone with a
 value head. Being one module each, they are what FSDP2 shards (per decoder layer, then the root).
+`Trained` pairs a network that trains with its optimizer.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ class PolicyOutput:
     logprobs: torch.Tensor  # (B, T) float32, zero on padding
     entropy: torch.Tensor | None  # (B, T) float32, when asked
     values: torch.Tensor | None  # (B, T) float32, shared critic only
+
+
+@dataclass
+class Trained:
+    """A network the update trains, with its optimizer: the policy, and the separate critic where there is one."""
+
+    name: str  # its key in the checkpoint's training state
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
 
 
 class ValueHead(nn.Module):

@@ -48,7 +48,8 @@ def test_only_the_adapters_train_and_only_they_are_in_the_optimizer(tiny_model_p
     trainable = {name for name, p in lora.policy.named_parameters() if p.requires_grad}
     assert trainable and all(re.search(r"\.lora_[AB]\.default\.weight$", name) for name in trainable)
     assert sum(p.numel() for name, p in lora.policy.named_parameters() if name in trainable) == TINY_ADAPTER_PARAMS
-    in_optimizer = {id(p) for group in lora.policy_opt.param_groups for p in group["params"]}
+    [policy] = lora.trained  # grpo: no critic
+    in_optimizer = {id(p) for group in policy.optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for name, p in lora.policy.named_parameters() if name in trainable}
     assert lora.reference is None  # no second copy of the weights
     frozen = {k: v.clone() for k, v in lora.policy.state_dict().items() if ".lora_" not in k}
