@@ -15,7 +15,7 @@ alone with the config's `env.params` as keyword arguments:
 `record` is the data record the prompt came from (`contracts.formats.PromptRecord`: its messages,
 reference and metadata). A reward in a `StepResult` lands on the model turn it answers; the episode's
 own reward (the rules, a reward model) lands on its last turn. An environment never runs what the model
-wrote as code: it parses it. Built-in environments are registered by name in `rollout/episodes/`; a
+wrote as code: it parses it. Built-in environments are registered by name in `rollout/environments/`; a
 user's own class is named `package.module:ClassName` and must be importable on every node.
 """
 

@@ -90,7 +90,7 @@ def cmd_config(args) -> int:
     from contracts.config.load import check, explain, to_yaml
     from learner.estimators import check_learner_names
     from reward.checks import check_reward_config
-    from rollout.episodes.registry import check_environment
+    from rollout.environments.registry import check_environment
 
     if args.explain:
         print("\n".join(explain(registered=registered_names())))
@@ -111,7 +111,7 @@ def registered_names() -> dict[str, tuple[str, ...]]:
     from learner.estimators import ESTIMATORS
     from learner.losses import POLICY_LOSSES
     from reward.rules import RULES
-    from rollout.episodes.registry import ENVIRONMENTS
+    from rollout.environments.registry import ENVIRONMENTS
 
     names = {"learner.estimator": tuple(ESTIMATORS), "learner.policy_loss": tuple(POLICY_LOSSES)}
     for registry in (RULES, ENVIRONMENTS, DATA_SOURCES):

@@ -16,7 +16,7 @@ from contracts.rendering import PromptRenderer
 from learner.sft import sft_batch, sft_examples
 from reward.rules import arithmetic
 from rollout.driver.prompts import calc_records, load_prompts
-from rollout.episodes.calculator import Calculator
+from rollout.environments.calculator import Calculator
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -142,7 +142,7 @@ def test_a_malformed_demonstration_is_an_error_naming_the_record(tokenizer, demo
 
 def test_the_tiny_calculator_config_passes_the_start_up_checks(tokenizer):
     from contracts.config.load import check, load_config
-    from rollout.episodes.registry import check_environment
+    from rollout.environments.registry import check_environment
 
     cfg = load_config(CONFIGS / "tiny-calc.yaml")
     check(cfg, cuda_available=False)

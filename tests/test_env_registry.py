@@ -11,9 +11,9 @@ import pytest
 from contracts.config import ConfigError, EnvConfig
 from contracts.environment import Environment, StepResult
 from contracts.formats import parse_prompt
-from rollout.episodes.calculator import Calculator
-from rollout.episodes.conversation import Conversation
-from rollout.episodes.registry import ENVIRONMENTS, check_environment, environment_class
+from rollout.environments.calculator import Calculator
+from rollout.environments.conversation import Conversation
+from rollout.environments.registry import ENVIRONMENTS, check_environment, environment_class
 
 XTUNER = {
     "system": "Be kind.",

@@ -10,9 +10,9 @@ import pytest
 from contracts.config import ConfigError, EnvConfig
 from contracts.environment import StepResult
 from contracts.formats import Message, parse_prompt
-from rollout.episodes.calculator import MAX_EXPRESSION_CHARS, Calculator, format_number
-from rollout.episodes.conversation import Conversation
-from rollout.episodes.registry import check_environment
+from rollout.environments.calculator import MAX_EXPRESSION_CHARS, Calculator, format_number
+from rollout.environments.conversation import Conversation
+from rollout.environments.registry import check_environment
 
 # --- calculator --------------------------------------------------------------------------------
 

@@ -188,7 +188,7 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
 
 def _episode_problems(cfg: JobConfig) -> list[str]:
     """Rules of multi-turn episodes (`env.name` set); the name and params themselves need the registry
-    in rollout/, which checks them (`rollout.episodes.registry.check_environment`)."""
+    in rollout/, which checks them (`rollout.environments.registry.check_environment`)."""
     if cfg.env.name is None:
         return []
     problems = []

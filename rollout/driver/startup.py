@@ -28,7 +28,7 @@ from rollout.driver import stopping
 from rollout.driver.prompts import load_prompts
 from rollout.driver.resources import actor_requests, check_fits, node_resources, resolve_devices
 from rollout.driver.run_lock import RunLock
-from rollout.episodes.registry import check_environment
+from rollout.environments.registry import check_environment
 
 
 @dataclass

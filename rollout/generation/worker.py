@@ -63,7 +63,7 @@ class RolloutWorker:
         self.engine = VLLMEngine(storage.fetch(model_path), cfg, dtype=dtype, seed=seed, prefix_caching=episodes)
         self.episodes = None
         if episodes:
-            from rollout.episodes.registry import environment_class
+            from rollout.environments.registry import environment_class
 
             self.episodes = EpisodeRunner(self.engine, environment_class(env.name), env, self.engine.tokenizer)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from contracts.arith_parser import ArithmeticSyntaxError, evaluate
 from contracts.environment import Environment, StepResult
-from rollout.episodes.registry import ENVIRONMENTS
+from rollout.environments.registry import ENVIRONMENTS
 
 MAX_EXPRESSION_CHARS = 200  # a longer expression is refused: it bounds the parser's work and the answer's size
 SIGNIFICANT_DIGITS = 12  # a value that is not a whole number is shown to this many significant digits

@@ -21,7 +21,7 @@ from contracts.environment import Environment, StepResult
 from contracts.formats import Message
 from reward.rule_params import check_params
 from reward.rules import RULES
-from rollout.episodes.registry import ENVIRONMENTS
+from rollout.environments.registry import ENVIRONMENTS
 
 
 @ENVIRONMENTS.register("conversation")

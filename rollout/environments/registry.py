@@ -36,7 +36,7 @@ def _checked(name: str, cls: object, field: str) -> type[Environment]:
 ENVIRONMENTS: Registry[type[Environment]] = Registry(
     "environment",
     "env.name",
-    modules=("rollout.episodes.calculator", "rollout.episodes.conversation"),
+    modules=("rollout.environments.calculator", "rollout.environments.conversation"),
     user_form="package.module:ClassName",
     adapt_user=_checked,
 )
