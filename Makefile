@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export ROLLOUT_CACHE ?= $(CURDIR)/.cache
 PYTEST_ARGS ?=
 
-.PHONY: setup tools lint run test test-fast bench clean
+.PHONY: setup tools lint docs run test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -46,7 +46,12 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-test: setup tools lint
+# The documentation site (mkdocs.yml, docs/): --strict turns a broken link, a page missing from the
+# nav or a config field the reference cannot read into a failure, so `make test` runs it.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
+
+test: setup tools lint docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests selected"; exit 0; fi; exit $$rc
 
 test-fast: setup lint
@@ -56,4 +61,4 @@ bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b; done
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs site
