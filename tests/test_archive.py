@@ -175,7 +175,7 @@ def test_duckdb_queries_the_files(tmp_path):
     with ArchiveWriter(tmp_path, {}, COMPONENTS, rows_per_file=5) as w:
         w.write(make_records(8, iteration=0))
         w.write(make_records(4, iteration=1))
-    # The README's recipe: every file's stream as one Arrow reader, which DuckDB scans.
+    # The recipe in docs/archive.md: every file's stream as one Arrow reader, which DuckDB scans.
     rollouts = pa.RecordBatchReader.from_batches(read_schema(tmp_path), iter_batches(tmp_path))  # noqa: F841 (scanned by name)
     rows = duckdb.sql(
         "SELECT iteration, avg(reward) AS reward, count(*) AS n, "

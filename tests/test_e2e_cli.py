@@ -50,7 +50,7 @@ def test_ray_job_submit_fails_fast_on_a_small_head_then_runs_with_the_suggested_
     ray_bin = Path(sys.executable).with_name("ray")
     env = rollout_env()
     # Ray >= 2.52 turns on token auth for `ray start`; the client sends the token it wrote to
-    # ~/.ray/auth_token only when told to (see README, "Running on a cluster").
+    # ~/.ray/auth_token only when told to (docs/cluster.md, "Token authentication").
     env["RAY_AUTH_MODE"] = "token"
     env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"
     dashboard = free_port()

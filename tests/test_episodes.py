@@ -229,14 +229,14 @@ def test_a_reset_turn_is_rendered_into_the_episodes_own_prompt(vllm_engine):
 
 
 @pytest.mark.vllm
-def test_the_readmes_own_environment_loads_by_name_and_plays(vllm_engine, tmp_path, monkeypatch):
-    """The number-guessing game the README shows, as a user would ship it (a module named in env.name)."""
+def test_the_docs_own_environment_loads_by_name_and_plays(vllm_engine, tmp_path, monkeypatch):
+    """The number-guessing game docs/environments.md shows, as a user would ship it (a module named in env.name)."""
     from pathlib import Path
 
-    from rollout.episodes.registry import check_environment
+    from rollout.environments.registry import check_environment
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("<!-- the README's environment")[1].split("```python\n")[1].split("```")[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "environments.md").read_text()
+    block = page.split("<!-- tests/test_episodes.py loads this environment")[1].split("```python\n")[1].split("```")[0]
     (tmp_path / "team").mkdir()
     (tmp_path / "team" / "__init__.py").write_text("")
     (tmp_path / "team" / "guess.py").write_text(block)
