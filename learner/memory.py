@@ -21,7 +21,7 @@ What one rank holds (P = policy parameters, R = learner.num_ranks, M = learner.m
 - the iteration's per-token columns (old and reference logprobs, values, entropy, rewards,
   advantages, returns) for `samples` x `response_tokens`, float32, on every rank.
 Framework overhead (CUDA context, allocator fragmentation, NCCL buffers) is not included: leave
-10-20% headroom. `python -m learner.memory` prints the README's table.
+10-20% headroom. `python -m learner.memory` prints the table in docs/cluster.md ("Learner memory per GPU").
 """
 
 from __future__ import annotations

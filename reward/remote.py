@@ -2,7 +2,7 @@
 with the standard library only (urllib and a thread pool).
 
 The wire format, one POST of `Content-Type: application/json` per batch of up to `batch_size`
-samples (the README's "A reward server of your own" shows it too):
+samples (docs/rewards.md, "A reward server of your own", shows it too):
 
     request   {"samples": [{"prompt": str, "response": str, "reference": str | null, "metadata": {...}}]}
     answer    HTTP 200, {"scores": [number | null, ...]}   one per sample, in the same order
@@ -157,7 +157,7 @@ class RemoteScorer:
                 raise _Retry(f"HTTP {e.code} {e.reason}") from None
             raise RemoteRewardError(
                 f"{self._where}: the server refused a batch with HTTP {e.code} {e.reason} "
-                f"({_one_line(detail) or 'no detail'}); not retried: check the wire format in the README"
+                f"({_one_line(detail) or 'no detail'}); not retried: check the wire format in docs/rewards.md"
             ) from None
         except urllib.error.URLError as e:
             raise _Retry(self._reason(e.reason)) from None

@@ -41,7 +41,7 @@ class RemoteRewardConfig(Base):
         str,
         doc(
             "http(s) URL of a reward server of your own: batches of samples are POSTed to it as JSON and it "
-            "answers one score each (the wire format is in the README); scores into the component `remote`.",
+            "answers one score each (the wire format is in docs/rewards.md, 'A reward server of your own'); scores into the component `remote`.",
             min_length=1,
         ),
     ]
@@ -80,7 +80,7 @@ class RewardConfig(Base):
         RemoteRewardConfig | None,
         doc(
             "Optional reward server of your own, over HTTP: {url, weight, timeout_s, max_retries, backoff_s, "
-            "max_in_flight, batch_size}; the README's 'Rewards of your own' has the wire format."
+            "max_in_flight, batch_size}; docs/rewards.md ('A reward server of your own') has the wire format."
         ),
     ] = None
     num_workers: Annotated[int, doc("RewardWorker actors.", ge=1)] = 1

@@ -1,5 +1,5 @@
 """The rollout archive: the writer the job streams to, and the reader offline tools and users read with
-(`from rollout.archive import read_table`, as the README shows)."""
+(`from rollout.archive import read_table`, as docs/archive.md shows)."""
 
 from rollout.archive.reader import (
     ArchiveCorruptError,

@@ -1,6 +1,6 @@
 """The archive's file metadata: which keys a run, a generation and a replay write, in one place.
 
-README ("Archive") lists them. The writer adds `schema_version`; replay and `rollout train-offline`
+docs/archive.md lists them. The writer adds `schema_version`; replay and `rollout train-offline`
 read `gamma`, `lam`, the KL settings, `model` and `config` back.
 """
 
