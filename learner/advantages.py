@@ -9,11 +9,15 @@ math runs in at least float32 because bf16 cannot hold a discounted sum over hun
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
 
 import torch
 
-KLEstimator = Literal["k1", "k3"]
+from contracts.registry import Registry
+
+KLEstimator = str  # a name in KL_ESTIMATORS
+# Each entry: the per-token KL estimate from the log-ratio log p − log p_ref, (B, T) -> (B, T).
+KL_ESTIMATORS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("KL estimator", "learner.kl.estimator")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -57,20 +61,27 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return torch.where(mask.bool(), whitened, 0)
 
 
+@KL_ESTIMATORS.register("k1")
+def k1(log_ratio: torch.Tensor) -> torch.Tensor:
+    """The plain log-ratio: unbiased, signed per token."""
+    return log_ratio  # k1 = log p − log p_ref
+
+
+@KL_ESTIMATORS.register("k3")
+def k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """Non-negative per token, and also unbiased."""
+    log_r = -log_ratio  # log r, with r = p_ref / p
+    return torch.expm1(log_r) - log_r  # k3 = (r − 1) − log r; expm1 keeps precision near r = 1
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probabilities.
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probabilities, by the
+    estimator of `KL_ESTIMATORS` named `estimator` (`learner.kl.estimator`).
 
     logprobs, ref_logprobs: (B, T) -> (B, T). Elementwise and unmasked: the caller zeroes padding
     (`token_rewards` does), which keeps this usable on any shape.
-    k1 is the plain log-ratio (unbiased, signed per token); k3 is non-negative and also unbiased.
     """
-    log_ratio = logprobs - ref_logprobs
-    if estimator == "k1":
-        return log_ratio  # k1 = log p − log p_ref
-    if estimator == "k3":
-        log_r = -log_ratio  # log r, with r = p_ref / p
-        return torch.expm1(log_r) - log_r  # k3 = (r − 1) − log r; expm1 keeps precision near r = 1
-    raise ValueError(f"unknown KL estimator {estimator!r}: expected 'k1' or 'k3'")
+    return KL_ESTIMATORS.lookup(estimator)(logprobs - ref_logprobs)
 
 
 def last_token_mask(mask: torch.Tensor) -> torch.Tensor:

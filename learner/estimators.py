@@ -1,5 +1,6 @@
-"""Advantage estimators: one registry, `ESTIMATORS`, filled by the `register_estimator` decorator on
-each estimator, and read by the job (`learner.estimator`) and `rollout replay` (`--estimator`).
+"""Advantage estimators: the registry `ESTIMATORS` (`contracts.registry`), each estimator added by its
+decorator with whether it needs the critic's values and whether it compares a prompt group's samples,
+and read by the job (`learner.estimator`) and `rollout replay` (`--estimator`).
 
 Every estimator has one signature:
 
@@ -27,7 +28,17 @@ from dataclasses import dataclass
 import torch
 
 from contracts.config import ConfigError, LearnerConfig
-from learner.advantages import compact, discounted_reverse_cumsum, expand, gae, has_holes, model_tokens_first
+from contracts.registry import Registry
+from learner.advantages import (
+    KL_ESTIMATORS,
+    compact,
+    discounted_reverse_cumsum,
+    expand,
+    gae,
+    has_holes,
+    model_tokens_first,
+)
+from learner.losses import LOSS_AGGREGATIONS, POLICY_LOSSES
 
 GRPO_EPS = 1e-6  # keeps a group of identical rewards at advantage 0 instead of 0 / 0
 
@@ -35,39 +46,25 @@ EstimatorFn = Callable[
     [torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, LearnerConfig], tuple[torch.Tensor, torch.Tensor]
 ]
 
+# Each entry's attributes: needs_critic (it reads the critic's values) and grouped (it compares the samples of
+# a prompt group: then n > 1 samples per prompt, and replay runs it over the whole archive).
+ESTIMATORS: Registry[EstimatorFn] = Registry("advantage estimator", "learner.estimator")
+
 
 @dataclass(frozen=True)
 class Estimator:
     """One registry entry: the function, whether it needs the critic's values, and whether it compares the
-    samples of a prompt group (then n > 1 samples per prompt, and replay runs it over the whole archive)."""
+    samples of a prompt group."""
 
     fn: EstimatorFn
     needs_critic: bool
     grouped: bool
 
 
-ESTIMATORS: dict[str, Estimator] = {}
-
-
-def register_estimator(name: str, *, needs_critic: bool = False, grouped: bool = False):
-    """Decorator: add an estimator of the signature above to `ESTIMATORS` under `name`."""
-
-    def register(fn: EstimatorFn) -> EstimatorFn:
-        if name in ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is registered twice")
-        ESTIMATORS[name] = Estimator(fn, needs_critic, grouped)
-        return fn
-
-    return register
-
-
 def estimator(name: str) -> Estimator:
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise ConfigError(
-            f"learner.estimator: unknown advantage estimator {name!r}; registered: {', '.join(ESTIMATORS)}"
-        ) from None
+    """The estimator `name`; ConfigError naming `learner.estimator` and the known names when there is none."""
+    entry = ESTIMATORS.entry(name)
+    return Estimator(entry.value, **entry.attributes)
 
 
 def estimate(
@@ -163,25 +160,25 @@ def sequence_returns(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.T
 # --- the registered estimators --------------------------------------------------------------------
 
 
-@register_estimator("gae", needs_critic=True)
+@ESTIMATORS.register("gae", needs_critic=True, grouped=False)
 def gae_estimator(token_rewards, values, mask, groups, cfg: LearnerConfig):
     return gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
 
 
-@register_estimator("grpo", grouped=True)
+@ESTIMATORS.register("grpo", needs_critic=False, grouped=True)
 def grpo_estimator(token_rewards, values, mask, groups, cfg: LearnerConfig):
     returns = sequence_returns(token_rewards, mask)
     advantages = broadcast(grpo_advantages(returns, groups, cfg.grpo_normalize_std), mask).float()
     return advantages, advantages
 
 
-@register_estimator("rloo", grouped=True)
+@ESTIMATORS.register("rloo", needs_critic=False, grouped=True)
 def rloo_estimator(token_rewards, values, mask, groups, cfg: LearnerConfig):
     advantages = broadcast(rloo_advantages(sequence_returns(token_rewards, mask), groups), mask).float()
     return advantages, advantages
 
 
-@register_estimator("reinforce_pp")
+@ESTIMATORS.register("reinforce_pp", needs_critic=False, grouped=False)
 def reinforce_pp_estimator(token_rewards, values, mask, groups, cfg: LearnerConfig):
     """REINFORCE++ returns, (B, T), zero on padding; the update whitens them into advantages."""
     keep = mask.bool()
@@ -191,12 +188,13 @@ def reinforce_pp_estimator(token_rewards, values, mask, groups, cfg: LearnerConf
 
 
 def check_learner_names(cfg: LearnerConfig, n_samples: int) -> None:
-    """The config's estimator and policy loss are registered, and a grouped estimator has groups to compare;
-    ConfigError naming the field otherwise (called at start-up, before any actor)."""
-    from learner.losses import policy_loss_fn
-
+    """The config's estimator, policy loss, loss aggregation and KL estimator are registered, and a grouped
+    estimator has groups to compare; ConfigError naming the field otherwise (called at start-up, before any
+    actor)."""
     entry = estimator(cfg.estimator)
-    policy_loss_fn(cfg.policy_loss)
+    POLICY_LOSSES.entry(cfg.policy_loss)
+    LOSS_AGGREGATIONS.entry(cfg.loss_agg_mode)
+    KL_ESTIMATORS.entry(cfg.kl.estimator)
     if entry.grouped and n_samples < 2:
         raise ConfigError(
             f"learner.estimator {cfg.estimator} compares the samples of each prompt, so it needs "

@@ -50,7 +50,7 @@ from learner.estimators import estimate, estimator
 from learner.evaluation import Evaluated, in_batch_order
 from learner.finite_steps import FiniteSteps
 from learner.kl_control import make_kl_controller
-from learner.losses import policy_loss, value_loss
+from learner.losses import loss_denominator, policy_loss, value_loss
 from learner.microbatch import MicroBatch, plan
 from learner.models import DTYPES, CriticModel, PolicyModel, PolicyOutput, Trained, load_causal_lm
 from learner.samples import LearnerColumns, SampleBatch, single_sequence
@@ -317,7 +317,7 @@ class Learner:
         lc = self.cfg
         lengths = batch.model_tokens[rows]  # an episode's environment tokens carry no loss
         n_tokens = max(1, int(lengths.sum()))
-        denominator = n_tokens if lc.loss_agg_mode == "token_mean" else max(1, int((lengths > 0).sum()))
+        denominator = max(1, int(loss_denominator(lc.loss_agg_mode, lengths)))  # tokens or sequences
         for trained in self.trained:
             trained.optimizer.zero_grad(set_to_none=True)
         # Summed over micro-batches, on the device (read once per step): losses, already shares of the

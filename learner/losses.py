@@ -1,18 +1,21 @@
-"""PPO objectives on (batch, time) response tensors: the policy losses, a registry (`POLICY_LOSSES`, filled
-by the `register_policy_loss` decorator, keyed by `learner.policy_loss`), their aggregation over tokens
-and sequences (`learner.loss_agg_mode`), and the clipped value loss.
+"""PPO objectives on (batch, time) response tensors: the policy losses (the registry `POLICY_LOSSES`, keyed by
+`learner.policy_loss`), their aggregation over tokens and sequences (the registry `LOSS_AGGREGATIONS`, keyed
+by `learner.loss_agg_mode`), and the clipped value loss. Both registries are `contracts.registry`'s.
 
 Every policy loss has one signature:
 
-    policy_loss_fn(ratio, advantages, cfg) -> (per-token loss, clipped)
+    @POLICY_LOSSES.register("name")
+    def name(ratio, advantages, cfg) -> (per-token loss, clipped)
 
 ratio ρ = π / π_old and advantages: (B, T); cfg: the `LearnerConfig` (clip_eps, clip_eps_high,
 dual_clip_c); per-token loss (B, T), to be minimised; clipped (B, T) bool, true where a clip or bound
 is the active term.
 
-Given a `denominator` (the whole minibatch's count of valid tokens, or of non-empty sequences, across
-micro-batches and ranks) a loss returns this piece's share of the minibatch's loss, so the shares of
-every micro-batch on every rank add up to it; without one it is the piece's own mean.
+A loss aggregation is a sum over a (B, T) per-token loss, and the count it is divided by, its entry's
+`denominator`: of valid tokens, or of non-empty sequences. Given a `denominator` (the whole minibatch's
+count across micro-batches and ranks, `loss_denominator`, which the update takes once per step) a loss
+returns this piece's share of the minibatch's loss, so the shares of every micro-batch on every rank add
+up to it; without one it is the piece's own mean.
 
 Masking follows `learner.advantages`: `mask` is (B, T), true on each row's valid response tokens.
 Inputs are zeroed on padding before any arithmetic, so garbage there (inf, nan) reaches neither the
@@ -25,32 +28,17 @@ from collections.abc import Callable
 
 import torch
 
-from contracts.config import ConfigError, LearnerConfig
+from contracts.config import LearnerConfig
+from contracts.registry import Registry
 from learner.advantages import masked_mean
 
 PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, LearnerConfig], tuple[torch.Tensor, torch.Tensor]]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss", "learner.policy_loss")
 
-
-def register_policy_loss(name: str):
-    """Decorator: add a policy loss of the signature above to `POLICY_LOSSES` under `name`."""
-
-    def register(fn: PolicyLossFn) -> PolicyLossFn:
-        if name in POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is registered twice")
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return register
-
-
-def policy_loss_fn(name: str) -> PolicyLossFn:
-    try:
-        return POLICY_LOSSES[name]
-    except KeyError:
-        raise ConfigError(
-            f"learner.policy_loss: unknown policy loss {name!r}; registered: {', '.join(POLICY_LOSSES)}"
-        ) from None
+# (masked per-token loss (B, T), keep (B, T) bool, C) -> the 0-dim sum its denominator divides. Each entry's
+# attribute `denominator` counts what the sum is divided by from the rows' valid tokens (B,) (numpy or torch).
+AggregationFn = Callable[[torch.Tensor, torch.Tensor, float | None], torch.Tensor]
+LOSS_AGGREGATIONS: Registry[AggregationFn] = Registry("loss aggregation", "learner.loss_agg_mode")
 
 
 def clip_range(cfg: LearnerConfig) -> tuple[float, float]:
@@ -59,7 +47,7 @@ def clip_range(cfg: LearnerConfig) -> tuple[float, float]:
     return 1.0 - cfg.clip_eps, 1.0 + high
 
 
-@register_policy_loss("ppo_clip")
+@POLICY_LOSSES.register("ppo_clip")
 def ppo_clip(ratio: torch.Tensor, advantages: torch.Tensor, cfg: LearnerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017), per token."""
     low, high = clip_range(cfg)
@@ -68,7 +56,7 @@ def ppo_clip(ratio: torch.Tensor, advantages: torch.Tensor, cfg: LearnerConfig) 
     return torch.maximum(unclipped, clipped), clipped > unclipped  # L_t = max(−A·ρ, −A·clip(ρ, 1−ε_l, 1+ε_h))
 
 
-@register_policy_loss("dual_clip")
+@POLICY_LOSSES.register("dual_clip")
 def dual_clip(ratio: torch.Tensor, advantages: torch.Tensor, cfg: LearnerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Dual-clip PPO (Ye et al. 2020): where A < 0, the clipped loss is bounded by −c·A, so a huge ratio
     (which the plain clip leaves unbounded for a negative advantage) adds at most c·|A|. A token held at
@@ -101,10 +89,10 @@ def policy_loss(
     log_ratio = torch.where(keep, logprobs - old_logprobs, 0)
     advantages = torch.where(keep, advantages, 0)
     ratio = torch.exp(log_ratio)  # ρ_t = π(a_t) / π_old(a_t)
-    per_token, clipped = policy_loss_fn(cfg.policy_loss)(ratio, advantages, cfg)
+    per_token, clipped = POLICY_LOSSES.lookup(cfg.policy_loss)(ratio, advantages, cfg)
     if weights is not None:
         per_token = torch.where(keep, weights, 0) * per_token  # w_t·L_t
-    loss = aggregate(per_token, keep, cfg.loss_agg_mode, denominator, norm_tokens(cfg))
+    loss = aggregate(per_token, keep, cfg.loss_agg_mode, denominator, cfg.loss_agg_norm_tokens)
     with torch.no_grad():
         dtype = per_token.dtype
         stats = {
@@ -116,40 +104,64 @@ def policy_loss(
     return loss, stats
 
 
-def norm_tokens(cfg: LearnerConfig) -> float:
-    """The constant C of `seq_mean_token_sum_norm`: learner.loss_agg_norm_tokens, which start-up resolves
-    to rollout.sampling.max_tokens when the config leaves it null."""
-    if cfg.loss_agg_norm_tokens is None:
-        if cfg.loss_agg_mode == "seq_mean_token_sum_norm":
-            raise ValueError("learner.loss_agg_norm_tokens is unresolved: set it (or load the job's config)")
-        return 1.0
-    return float(cfg.loss_agg_norm_tokens)
+def tokens(lengths):
+    """N_tokens = Σ_i T_i: every valid token. lengths: (B,) valid tokens per row, numpy or torch."""
+    return lengths.sum()
+
+
+def sequences(lengths):
+    """N_sequences = #{i : T_i > 0}: the sequences with at least one valid token. lengths: (B,)."""
+    return (lengths > 0).sum()
+
+
+@LOSS_AGGREGATIONS.register("token_mean", denominator=tokens)
+def token_mean(masked: torch.Tensor, keep: torch.Tensor, norm: float | None) -> torch.Tensor:
+    """Every valid token alike: long responses weigh more."""
+    return masked.sum()  # Σ_i Σ_t m·L_it
+
+
+@LOSS_AGGREGATIONS.register("seq_mean_token_sum", denominator=sequences)
+def seq_mean_token_sum(masked: torch.Tensor, keep: torch.Tensor, norm: float | None) -> torch.Tensor:
+    """Each sequence's loss the sum of its tokens'."""
+    return masked.sum(-1).sum()  # Σ_i Σ_t m·L_it
+
+
+@LOSS_AGGREGATIONS.register("seq_mean_token_mean", denominator=sequences)
+def seq_mean_token_mean(masked: torch.Tensor, keep: torch.Tensor, norm: float | None) -> torch.Tensor:
+    """Each sequence's loss the mean of its tokens'."""
+    return (masked.sum(-1) / keep.sum(-1).clamp(min=1)).sum()  # Σ_i Σ_t m·L_it / T_i
+
+
+@LOSS_AGGREGATIONS.register("seq_mean_token_sum_norm", denominator=sequences)
+def seq_mean_token_sum_norm(masked: torch.Tensor, keep: torch.Tensor, norm: float | None) -> torch.Tensor:
+    """Each sequence's loss the sum of its tokens' over a constant C, `learner.loss_agg_norm_tokens` (Dr. GRPO:
+    no length bias either way), which start-up resolves to rollout.sampling.max_tokens when the config
+    leaves it null."""
+    if norm is None:
+        raise ValueError("learner.loss_agg_norm_tokens is unresolved: set it (or load the job's config)")
+    return (masked.sum(-1) / float(norm)).sum()  # Σ_i Σ_t m·L_it / C
+
+
+def loss_denominator(mode: str, lengths):
+    """What a `mode` loss is divided by, from each row's valid tokens `lengths` (B,), numpy or torch: its
+    valid tokens (token_mean) or its non-empty sequences (the seq_mean_* modes)."""
+    return LOSS_AGGREGATIONS.entry(mode).attributes["denominator"](lengths)
 
 
 def aggregate(
-    per_token: torch.Tensor, keep: torch.Tensor, mode: str, denominator: float | None = None, norm: float = 1.0
+    per_token: torch.Tensor,
+    keep: torch.Tensor,
+    mode: str,
+    denominator: float | None = None,
+    norm: float | None = None,
 ) -> torch.Tensor:
-    """Reduce a (B, T) per-token loss to a 0-dim one (`learner.loss_agg_mode`).
-
-    `token_mean` weighs every valid token alike (long responses weigh more); the `seq_mean_*` modes
-    average over sequences with at least one token, each sequence's loss being the sum of its tokens'
-    (`_token_sum`), their mean (`_token_mean`) or their sum over a constant C (`_token_sum_norm`, Dr. GRPO:
-    no length bias either way). `denominator`: the minibatch's count of valid tokens (token_mean) or of
-    non-empty sequences (the others); None counts this piece's own.
-    """
+    """Reduce a (B, T) per-token loss to a 0-dim one by the aggregation `mode` (`learner.loss_agg_mode`):
+    its sum over `denominator`, the minibatch's count of valid tokens (token_mean) or of non-empty
+    sequences (the others); None counts this piece's own. `norm`: C of `seq_mean_token_sum_norm`."""
     masked = torch.where(keep, per_token, 0)
-    if mode == "token_mean":
-        count = keep.sum().clamp(min=1) if denominator is None else denominator
-        return masked.sum() / count  # Σ_i Σ_t m·L_it / N_tokens
-    per_sequence = masked.sum(-1)  # Σ_t m·L_it
-    if mode == "seq_mean_token_mean":
-        per_sequence = per_sequence / keep.sum(-1).clamp(min=1)  # Σ_t m·L_it / T_i
-    elif mode == "seq_mean_token_sum_norm":
-        per_sequence = per_sequence / norm  # Σ_t m·L_it / C
-    elif mode != "seq_mean_token_sum":
-        raise ValueError(f"unknown loss aggregation {mode!r}")
-    count = keep.any(-1).sum().clamp(min=1) if denominator is None else denominator
-    return per_sequence.sum() / count  # Σ_i L_i / N_sequences
+    total = LOSS_AGGREGATIONS.lookup(mode)(masked, keep, norm)
+    count = loss_denominator(mode, keep.sum(-1)).clamp(min=1) if denominator is None else denominator
+    return total / count  # Σ L / N
 
 
 def value_loss(

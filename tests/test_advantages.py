@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from contracts.config import ConfigError
 from learner.advantages import (
     discounted_reverse_cumsum,
     gae,
@@ -103,7 +104,7 @@ def test_kl_estimators_are_unbiased_for_the_true_kl() -> None:
 
 
 def test_unknown_kl_estimator_is_rejected() -> None:
-    with pytest.raises(ValueError, match="k2"):
+    with pytest.raises(ConfigError, match="learner.kl.estimator: unknown KL estimator 'k2'; known: k1, k3"):
         kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k2")  # type: ignore[arg-type]
 
 

@@ -164,24 +164,37 @@ def test_dual_clip_bounds_a_negative_advantages_loss_and_leaves_the_rest_alone()
 
 def test_an_unknown_policy_loss_is_refused_naming_the_registered_ones() -> None:
     with pytest.raises(
-        ConfigError, match="learner.policy_loss: unknown policy loss 'ppo2'; registered: ppo_clip, dual_clip"
+        ConfigError, match="learner.policy_loss: unknown policy loss 'ppo2'; known: ppo_clip, dual_clip"
     ):
         policy_loss(OLD_LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK, settings(policy_loss="ppo2"))
 
 
 def test_the_config_names_are_checked_against_the_registries_at_start_up() -> None:
+    from contracts.config.learner import KLConfig
+    from learner.advantages import KL_ESTIMATORS
     from learner.estimators import ESTIMATORS, check_learner_names
-    from learner.losses import POLICY_LOSSES
+    from learner.losses import LOSS_AGGREGATIONS, POLICY_LOSSES
 
-    assert list(ESTIMATORS) == ["gae", "grpo", "rloo", "reinforce_pp"]
-    assert list(POLICY_LOSSES) == ["ppo_clip", "dual_clip"]
+    assert ESTIMATORS.names() == ("gae", "grpo", "rloo", "reinforce_pp")
+    assert POLICY_LOSSES.names() == ("ppo_clip", "dual_clip")
+    assert LOSS_AGGREGATIONS.names() == (
+        "token_mean",
+        "seq_mean_token_sum",
+        "seq_mean_token_mean",
+        "seq_mean_token_sum_norm",
+    )
+    assert KL_ESTIMATORS.names() == ("k1", "k3")
     check_learner_names(LearnerConfig(estimator="grpo", policy_loss="dual_clip"), n_samples=2)
-    with pytest.raises(
-        ConfigError, match="learner.estimator: unknown advantage estimator 'gea'; registered: gae, grpo"
-    ):
+    with pytest.raises(ConfigError, match="learner.estimator: unknown advantage estimator 'gea'; known: gae, grpo"):
         check_learner_names(LearnerConfig(estimator="gea"), n_samples=2)
     with pytest.raises(ConfigError, match="learner.policy_loss: unknown policy loss"):
         check_learner_names(LearnerConfig(policy_loss="ppo3"), n_samples=2)
+    with pytest.raises(
+        ConfigError, match="learner.loss_agg_mode: unknown loss aggregation 'seq_mean'; known: token_mean"
+    ):
+        check_learner_names(LearnerConfig(loss_agg_mode="seq_mean"), n_samples=2)
+    with pytest.raises(ConfigError, match="learner.kl.estimator: unknown KL estimator 'k2'; known: k1, k3"):
+        check_learner_names(LearnerConfig(kl=KLConfig(estimator="k2")), n_samples=2)
     with pytest.raises(ConfigError, match="needs rollout.n_samples >= 2"):
         check_learner_names(LearnerConfig(estimator="rloo"), n_samples=1)
 
@@ -199,6 +212,22 @@ def test_the_config_names_are_checked_against_the_registries_at_start_up() -> No
 def test_each_loss_aggregation_mode_against_hand_values(mode, expected) -> None:
     loss, _ = policy_loss(logprobs_for(RATIOS), OLD_LOGPROBS, ADVANTAGES, MASK, settings(mode, loss_agg_norm_tokens=4))
     assert loss.item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "mode, count",
+    [("token_mean", 4), ("seq_mean_token_sum", 2), ("seq_mean_token_mean", 2), ("seq_mean_token_sum_norm", 2)],
+)
+def test_each_loss_aggregation_carries_its_denominator_and_a_given_one_replaces_its_own(mode, count) -> None:
+    from learner.losses import loss_denominator
+
+    lengths = MASK.sum(-1)  # valid tokens per row: 3, 1, 0
+    assert int(loss_denominator(mode, lengths)) == int(loss_denominator(mode, lengths.numpy())) == count
+    own, _ = policy_loss(logprobs_for(RATIOS), OLD_LOGPROBS, ADVANTAGES, MASK, settings(mode, loss_agg_norm_tokens=4))
+    halved, _ = policy_loss(
+        logprobs_for(RATIOS), OLD_LOGPROBS, ADVANTAGES, MASK, settings(mode, loss_agg_norm_tokens=4), 2 * count
+    )
+    assert halved.item() == pytest.approx(own.item() / 2)
 
 
 def test_clip_higher_raises_only_the_upper_bound_and_counts_each_side() -> None:
