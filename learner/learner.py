@@ -65,8 +65,8 @@ STEP_FIGURES = (
     "approx_kl",
     "value_clip_frac",
 )
-# The stat of each trained network's gradient norm, in `trained`'s order.
-GRAD_NORMS = ("grad_norm", "critic_grad_norm")
+# What each trained network's gradient norm is called in the stats and the non-finite check.
+GRAD_NORM_STATS = {"policy": "grad_norm", "critic": "critic_grad_norm"}
 
 
 class Learner:
@@ -361,7 +361,7 @@ class Learner:
         norms = torch.stack([clip_gradients(t.model.parameters(), lc.max_grad_norm) for t in self.trained])
         read = torch.cat([dist.all_reduce_sum(sums), norms.double()]).tolist()  # the step's one host sync
         summed = dict(zip(STEP_FIGURES, read))
-        grad_norms = dict(zip(GRAD_NORMS, read[len(STEP_FIGURES) :]))
+        grad_norms = {GRAD_NORM_STATS[t.name]: norm for t, norm in zip(self.trained, read[len(STEP_FIGURES) :])}
         checked = {"policy_loss": summed["policy_loss"], "value_loss": summed["value_loss"], **grad_norms}
         if not self.finite_steps.finite(checked):
             for trained in self.trained:  # this step's gradients are dropped
