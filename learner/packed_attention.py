@@ -4,11 +4,12 @@ A packed micro-batch (`learner.batch`) is one row of sequences back to back, wit
 its boundaries reach every attention call as the kwargs transformers passes through its models,
 `cu_seq_lens_q/k` ((N + 1,) int32 starts) and `max_length_q/k` (int), the ones its own
 flash-attention path reads. Left to transformers' SDPA, a packed row gets one dense (Σ L)² block mask
-(twice the time of a padded pass on an H200 at 16K tokens); these cost Σ L_i² instead:
+(twice the time of a padded pass on an H200 at 16K tokens); these cost Σ L_i² instead (the CPU one a
+little more: the padding within its groups):
 
 - `ppo_varlen_torch`: torch's `varlen_attn` (CUDA, bfloat16 / float16), torch >= 2.10;
 - `ppo_varlen_fa`: flash-attn's `flash_attn_varlen_func`, where torch has no `varlen_attn`;
-- `ppo_varlen_segments`: SDPA on each sequence, causal (CPU).
+- `ppo_varlen_segments`: SDPA on the sequences grouped by length, one causal call per group (CPU).
 
 Each is registered in transformers' `AttentionInterface` under its name, with no mask function:
 transformers then builds no mask for these names, and skips its own scan of the position ids for
@@ -21,7 +22,9 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -101,7 +104,7 @@ def _varlen(attend):
         if cu_seq_lens_q is None:
             if query.shape[0] != 1:
                 raise ValueError("a padded batch of several rows reached a model set up for packed sequences")
-            return _segments(module, query, key, value, (_whole(query),), scaling, dropout), None
+            return _single(module, query, key, value, scaling, dropout), None
         if sliding_window is not None and max_length_q > sliding_window:
             raise ValueError(
                 f"a packed sequence of {max_length_q} tokens exceeds the model's sliding window ({sliding_window}); "
@@ -113,27 +116,108 @@ def _varlen(attend):
     return attention
 
 
-def _whole(query: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([0, query.shape[2]], dtype=torch.int32)
+def _single(module, query, key, value, scaling, dropout):
+    """query (1, Hq, L, D), key and value (1, Hkv, L, D) of one sequence -> (1, L, Hq, D): causal SDPA."""
+    out = F.scaled_dot_product_attention(
+        query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.transpose(1, 2).contiguous()
 
 
-def _segments(module, query, key, value, bounds, scaling, dropout):
-    """query (1, Hq, L, D), key and value (1, Hkv, L, D) -> (1, L, Hq, D): causal SDPA per sequence."""
-    starts = bounds[0].tolist()  # a host tensor: this path runs on CPU
-    gqa = query.shape[1] != key.shape[1]
-    pieces = [
+# Bucket widths: a bucket takes sequences, shortest first, while its longest is at most
+# max(GROWTH x its shortest, its shortest + SLACK) tokens, so at most about a fifth of a grid is padding
+# (a few tokens more among the shortest), while lengths 1 to 512 need ~25 SDPA calls, not one per sequence.
+GROWTH = 1.25
+SLACK = 8
+
+
+@dataclass(frozen=True)
+class Grids:
+    """A packed row's sequences grouped by length into right-padded grids, one SDPA call each.
+
+    `gather` (Σ_b N_b·W_b,) long: the packed position each grid cell reads, row-major per grid, grids
+    one after another (a padding cell reads its own sequence's last token: finite, and never seen by a
+    valid query, which under causal attention sees only earlier cells of its own row).
+    `shapes`: (N_b, W_b) per grid, sequences by width. `scatter` (Σ L_i,) long: each packed position's cell.
+    """
+
+    gather: torch.Tensor
+    shapes: tuple[tuple[int, int], ...]
+    scatter: torch.Tensor
+
+
+def buckets(lengths: np.ndarray) -> list[np.ndarray]:
+    """(N,) sequence lengths -> the sequences of each bucket (indices, shortest first), buckets by width."""
+    order = np.argsort(lengths, kind="stable")
+    groups, first = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or lengths[order[i]] > max(GROWTH * lengths[order[first]], lengths[order[first]] + SLACK):
+            groups.append(order[first:i])
+            first = i
+    return groups
+
+
+def grids(cu_seq_lens: np.ndarray) -> Grids:
+    """(N + 1,) sequence starts in a packed row -> its `Grids`."""
+    starts, lengths = cu_seq_lens[:-1], np.diff(cu_seq_lens)
+    gather, shapes, scatter, cells = [], [], np.empty(int(cu_seq_lens[-1]), dtype=np.int64), 0
+    for members in buckets(lengths):
+        n, width = len(members), int(lengths[members].max())
+        column = np.arange(width)[None]
+        own = lengths[members][:, None]
+        gather.append((starts[members][:, None] + np.minimum(column, own - 1)).ravel())
+        valid = column < own
+        scatter[(starts[members][:, None] + column)[valid]] = (cells + np.arange(n * width).reshape(n, width))[valid]
+        shapes.append((n, width))
+        cells += n * width
+    return Grids(torch.from_numpy(np.concatenate(gather)), tuple(shapes), torch.from_numpy(scatter))
+
+
+class _LastGrids:
+    """The grids of the packed rows seen last, by the identity of their bounds tensor: every layer and
+    every pass over a micro-batch gets the same tensor, so its grids are built once. Holding the tensor
+    keeps its id from being reused by another."""
+
+    size = 8
+
+    def __init__(self):
+        self.entries: dict[int, tuple[torch.Tensor, Grids]] = {}
+
+    def __call__(self, cu_seq_lens: torch.Tensor) -> Grids:
+        entry = self.entries.get(id(cu_seq_lens))
+        if entry is not None and entry[0] is cu_seq_lens:
+            return entry[1]
+        if len(self.entries) >= self.size:
+            del self.entries[next(iter(self.entries))]
+        built = grids(cu_seq_lens.cpu().numpy().astype(np.int64))
+        self.entries[id(cu_seq_lens)] = (cu_seq_lens, built)
+        return built
+
+
+_grids_of = _LastGrids()
+
+
+def _bucketed(module, query, key, value, bounds, scaling, dropout):
+    """query (1, Hq, L, D), key and value (1, Hkv, L, D) -> (1, L, Hq, D): causal SDPA within each
+    sequence, one call per bucket of similar lengths (`Grids`); right padding makes is_causal exact."""
+    layout = _grids_of(bounds[0])
+    gather = layout.gather.to(query.device)
+    sizes = [n * width for n, width in layout.shapes]
+    # split, not slices: its backward is one concatenation, where each slice's would fill a whole zero gradient
+    q, k, v = (x[0].transpose(0, 1).index_select(0, gather).split(sizes) for x in (query, key, value))  # (cells, H, D)
+    outs = [
         F.scaled_dot_product_attention(
-            query[:, :, s:e],
-            key[:, :, s:e],
-            value[:, :, s:e],
+            *(x.unflatten(0, shape).transpose(1, 2) for x in (qb, kb, vb)),
             dropout_p=dropout,
             is_causal=True,
             scale=scaling,
-            enable_gqa=gqa,
+            enable_gqa=query.shape[1] != key.shape[1],
         )
-        for s, e in zip(starts[:-1], starts[1:])
+        .transpose(1, 2)
+        .flatten(0, 1)
+        for shape, qb, kb, vb in zip(layout.shapes, q, k, v)
     ]
-    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous()
+    return torch.cat(outs).index_select(0, layout.scatter.to(query.device))[None]
 
 
 @functools.cache
@@ -188,6 +272,6 @@ def _flash_attn_attend(module, query, key, value, bounds, scaling, dropout):
 for _name, _attend in (
     (TORCH_VARLEN, _torch_varlen_attend),
     (FLASH_ATTN_VARLEN, _flash_attn_attend),
-    (SEGMENTS, _segments),
+    (SEGMENTS, _bucketed),
 ):
     AttentionInterface.register(_name, _varlen(_attend))

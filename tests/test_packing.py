@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from transformers import AttentionInterface
 
 from contracts.builtin_model import build_builtin
 from contracts.config.load import load_config
@@ -179,6 +180,90 @@ def test_a_padded_batch_of_several_rows_is_refused_by_a_packed_model(tiny_model_
     batch = samples()
     with pytest.raises(ValueError, match="padded batch of several rows"):
         model(batch.collate(np.arange(len(batch)), 0), temperature=1.0)
+
+
+def per_sequence_attention(query, key, value, cu_seq, scale=None):
+    """The reference: (1, H, L, D) packed -> (1, L, Hq, D), causal SDPA on each sequence alone."""
+    starts = cu_seq.tolist()
+    pieces = [
+        torch.nn.functional.scaled_dot_product_attention(
+            *(x[:, :, s:e] for x in (query, key, value)),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        for s, e in zip(starts[:-1], starts[1:])
+    ]
+    return torch.cat(pieces, dim=2).transpose(1, 2)
+
+
+def padded_attention(query, key, value, cu_seq, scale=None):
+    """The padded layout's attention: sequences right-padded to the longest, a causal and key-padding
+    mask, the valid positions put back in packed order."""
+    lengths = cu_seq.diff().tolist()
+    width = max(lengths)
+    rows = [
+        torch.nn.functional.pad(x[0, :, s : s + n], (0, 0, 0, width - n))
+        for x in (query, key, value)
+        for s, n in zip(cu_seq.tolist(), lengths)
+    ]
+    q, k, v = (torch.stack(rows[i * len(lengths) : (i + 1) * len(lengths)]) for i in range(3))
+    valid = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
+    mask = torch.ones(width, width).tril().bool()[None, None] & valid[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return torch.cat([out[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])[None]
+
+
+PACKED_ROWS = {
+    "short": [3, 1, 17, 9, 4, 12, 2, 30, 8, 8, 5],
+    "one long among short": [5, 2, 300, 7, 1, 11, 6],
+    "sorted, as micro-batches come": sorted(np.random.default_rng(0).integers(4, 41, 60).tolist()),
+    "all one length": [16] * 9,
+    "one sequence": [23],
+}
+
+
+@pytest.mark.parametrize("lengths", PACKED_ROWS.values(), ids=PACKED_ROWS.keys())
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=["mha", "gqa"])
+def test_bucketed_attention_equals_each_sequence_alone_and_the_padded_layout(lengths, heads):
+    gen = torch.Generator().manual_seed(len(lengths))
+    cu_seq = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    total, (hq, hkv) = int(cu_seq[-1]), heads
+    # (1, H, L, D) views of (1, L, H, D) tensors, as transformers' attention layers hand them over.
+    inputs = [torch.randn(1, total, h, 8, generator=gen).transpose(1, 2).requires_grad_() for h in (hq, hkv, hkv)]
+    weight = torch.randn(1, total, hq, 8, generator=gen)
+    attention = AttentionInterface()[packed_attention.SEGMENTS]
+    results = []
+    for attend in (
+        lambda q, k, v: attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu_seq, max_length_q=max(lengths))[0],
+        lambda q, k, v: per_sequence_attention(q, k, v, cu_seq, scale=0.3),
+        lambda q, k, v: padded_attention(q, k, v, cu_seq, scale=0.3),
+    ):
+        out = attend(*inputs)
+        assert out.shape == (1, total, hq, 8)
+        results.append((out.detach(), torch.autograd.grad((out * weight).sum(), inputs)))
+    (got, got_grads), *references = results
+    for want, want_grads in references:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_buckets_are_few_and_waste_little():
+    rng = np.random.default_rng(1)
+    lengths = np.concatenate([rng.integers(4, 41, 1000), rng.integers(41, 513, 24)])
+    cu_seq = np.concatenate([[0], np.cumsum(lengths)])
+    layout = packed_attention.grids(cu_seq)
+    assert len(layout.shapes) < 30
+    cells = sum(n * width for n, width in layout.shapes)
+    assert layout.gather.shape == (cells,) and cells < 1.25 * lengths.sum()
+    # Every packed position is read from its own place and written back from one cell.
+    assert torch.equal(layout.gather[layout.scatter], torch.arange(lengths.sum()))
+    for members in packed_attention.buckets(lengths):
+        shortest, longest = lengths[members].min(), lengths[members].max()
+        assert longest <= max(packed_attention.GROWTH * shortest, shortest + packed_attention.SLACK)
 
 
 def varlen_reference(q, k, v, cu_seq, scale, causal, gqa):
