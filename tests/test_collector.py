@@ -10,8 +10,7 @@ import pytest
 from contracts.config.load import load_config
 from rollout.actors.launch import Chunk
 from rollout.actors.reward_workers import Scoring
-from rollout.driver.collector import Collector
-from rollout.driver.episodes import EnvironmentFailure
+from rollout.driver.collector import Collector, EnvironmentFailure
 from rollout.driver.prompts import PromptSampler
 from rollout.generation.worker import GenerationSummary
 

@@ -17,13 +17,13 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from contracts.config import JobConfig
+from contracts.config import EnvConfig, JobConfig
+from contracts.errors import JobFailure
 from contracts.rendering import PromptTask
 from rollout.actors.launch import Chunk
 from rollout.actors.reward_workers import RewardWorkers, Scoring
 from rollout.actors.rollout_workers import RolloutWorkers
 from rollout.driver.dynamic_sampling import round_size, select
-from rollout.driver.episodes import check_episodes
 from rollout.driver.iteration import Launched, Samples
 from rollout.driver.prompts import PromptSampler
 from rollout.driver.startup import RunData
@@ -157,3 +157,21 @@ class Collector:
                 file=self.log,
                 flush=True,
             )
+
+
+class EnvironmentFailure(JobFailure):
+    """More of an iteration's episodes than `env.max_error_fraction` ended on their environment's error."""
+
+
+def check_episodes(cfg: EnvConfig, iteration: int, summaries) -> None:
+    """EnvironmentFailure naming the environment and its first error when more than `env.max_error_fraction`
+    of the iteration's episodes failed in it (each one alone just ends, `finish_reason: env_error`)."""
+    errors = sum(s.env_errors for s in summaries)
+    samples = sum(s.samples for s in summaries)
+    if cfg.name is None or errors <= cfg.max_error_fraction * samples:
+        return
+    first = next(s.first_env_error for s in summaries if s.first_env_error)
+    raise EnvironmentFailure(
+        f"{errors} of {samples} episodes of iteration {iteration} failed in environment {cfg.name}, more than "
+        f"env.max_error_fraction ({cfg.max_error_fraction:g}); the first: {first}"
+    )
