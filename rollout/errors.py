@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from contracts.errors import JobFailure, UserError
-from rollout.runtime.failures import ActorRaised, first_line
+from contracts.errors import JobFailure, UserError, first_line
+from rollout.runtime.failures import ActorRaised
 
 # Python's own errors that mean a path the user passed is wrong.
 USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)

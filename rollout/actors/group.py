@@ -17,7 +17,8 @@ import time
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from rollout.runtime.failures import ActorStartError, first_line, raised, start_failed
+from contracts.errors import first_line
+from rollout.runtime.failures import ActorStartError, raised, start_failed
 from rollout.runtime.placement import free_resources, note_waiting, wait_placed
 from rollout.runtime.stall import NOTE_S, POLL_S, Patience, StallWatch, stalled_message
 

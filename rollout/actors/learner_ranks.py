@@ -26,14 +26,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from contracts.config import RayConfig
 from contracts.console import actor_options
 from contracts.device import resolve_device
-from contracts.errors import JobFailure
+from contracts.errors import JobFailure, first_line
 from learner.checkpoint import NonFiniteError
 from learner.samples import LearnerColumns, SampleBatch
 from rollout.actors.group import ActorGroup
 from rollout.actors.learner_rank import LearnerRank
 from rollout.actors.learner_spec import LearnerSpec
 from rollout.actors.member import CONCURRENCY_GROUPS
-from rollout.runtime.failures import ActorRaised, first_line, start_failed
+from rollout.runtime.failures import ActorRaised, start_failed
 from rollout.runtime.telemetry import record_restart
 from rollout.weight_sync.wire import GroupAddress, SyncPlan
 

@@ -16,10 +16,11 @@ import ray
 
 from contracts.config import RewardConfig
 from contracts.console import actor_options
+from contracts.errors import first_line
 from reward.worker import RESTARTED, RewardWorker
 from rollout.actors.group import ActorGroup
 from rollout.actors.member import CONCURRENCY_GROUPS, Member
-from rollout.runtime.failures import ActorStartError, PipelineTimeout, first_line
+from rollout.runtime.failures import ActorStartError, PipelineTimeout
 from rollout.runtime.stall import wait_watched
 
 
