@@ -52,7 +52,7 @@ def write_failed(directory: Path, error: BaseException) -> CheckpointWriteError:
     )
 
 
-def load_small(directory: Path, lora_settings: dict | None) -> dict:
+def load_state_file(directory: Path, lora_settings: dict | None) -> dict:
     """`learner.pt` of checkpoint `directory` (KL controller, version, the job's `extra`), once its training state
     is there and was written with `lora_settings` (None: full fine-tuning)."""
     import torch
@@ -63,9 +63,9 @@ def load_small(directory: Path, lora_settings: dict | None) -> dict:
             f"{directory}: no learner/ training state (a checkpoint from before "
             "sharded checkpoints); start a new run directory"
         )
-    small = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-    _check_lora(directory, small.get("lora"), lora_settings)
-    return small
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    _check_lora(directory, state.get("lora"), lora_settings)
+    return state
 
 
 def load_training_state(trained: list[Trained], directory: Path, *, strict: bool, no_dist: bool) -> None:

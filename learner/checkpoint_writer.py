@@ -65,13 +65,13 @@ class CheckpointWriter:
         self,
         directory: Path,
         trained: list[Trained],
-        small: dict,
+        state_file: dict,
         export: Callable[[], list[tuple[str, object]] | None],
         lm,
         tied_head: bool,
     ) -> PendingCheckpoint:
         """Stage the `trained` networks' training state and `export()`'s weights (the policy, rank 0's; a
-        collective when sharded), then write them, with `small` (rank 0's `learner.pt`) last, in the
+        collective when sharded), then write them, with `state_file` (rank 0's `learner.pt`) last, in the
         background; `lm` and `tied_head` make the weights a loadable model (`checkpoint.save_policy`)."""
         import torch
         import torch.distributed.checkpoint as dcp
@@ -98,7 +98,7 @@ class CheckpointWriter:
             _result(shards)
             if self.rank == 0:
                 checkpoint.save_policy(lm, tied_head, directory / "policy", weights)
-                torch.save(small, directory / STATE_FILE)  # last: it marks the checkpoint written
+                torch.save(state_file, directory / STATE_FILE)  # last: it marks the checkpoint written
             return time.perf_counter() - staged  # the write alone: what ran beside the learner
 
         self.pending = PendingCheckpoint(directory, staged - start, self._threads.submit(write))

@@ -443,24 +443,24 @@ class Learner:
         directory = Path(directory)
         if not self.weights_finite():
             raise NonFiniteError(f"not writing checkpoint {directory.name}: the learner's weights hold inf or NaN")
-        small = {
+        state = {  # learner.pt, written by rank 0
             "kl_controller": self.kl_controller.state_dict(),
             "version": self.version,
             "extra": extra,
             "lora": lora.settings(self.cfg.lora),  # what its adapters need to load (None: full fine-tuning)
         }
         return self.checkpoints.save_async(
-            directory, self.trained, small, self.export_weights, self.policy.lm, self.tied_head
+            directory, self.trained, state, self.export_weights, self.policy.lm, self.tied_head
         )
 
     def load(self, directory: Path) -> dict:
         """Restore from `save` (with any number of ranks); returns its `extra`."""
-        small = checkpoint.load_small(directory, lora.settings(self.cfg.lora))
+        state = checkpoint.load_state_file(directory, lora.settings(self.cfg.lora))
         # The training state holds only trainable weights: the frozen ones (a LoRA base) are already the model's.
         checkpoint.load_training_state(self.trained, directory, strict=self.lora is None, no_dist=self.world_size == 1)
-        self.kl_controller.load_state_dict(small["kl_controller"])
-        self.version = small["version"]
-        return small["extra"]
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.version = state["version"]
+        return state["extra"]
 
 
 def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
