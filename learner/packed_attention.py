@@ -139,11 +139,14 @@ class Grids:
     one after another (a padding cell reads its own sequence's last token: finite, and never seen by a
     valid query, which under causal attention sees only earlier cells of its own row).
     `shapes`: (N_b, W_b) per grid, sequences by width. `scatter` (Σ L_i,) long: each packed position's cell.
+    `in_place`: the grids are the packed row itself (each grid's sequences of one length, in the row's
+    order, as a micro-batch of equal lengths comes): no gather or scatter needed.
     """
 
     gather: torch.Tensor
     shapes: tuple[tuple[int, int], ...]
     scatter: torch.Tensor
+    in_place: bool
 
 
 def buckets(lengths: np.ndarray) -> list[np.ndarray]:
@@ -170,7 +173,9 @@ def grids(cu_seq_lens: np.ndarray) -> Grids:
         scatter[(starts[members][:, None] + column)[valid]] = (cells + np.arange(n * width).reshape(n, width))[valid]
         shapes.append((n, width))
         cells += n * width
-    return Grids(torch.from_numpy(np.concatenate(gather)), tuple(shapes), torch.from_numpy(scatter))
+    gather = np.concatenate(gather)
+    in_place = len(gather) == len(scatter) and bool((gather == np.arange(len(gather))).all())
+    return Grids(torch.from_numpy(gather), tuple(shapes), torch.from_numpy(scatter), in_place)
 
 
 class _LastGrids:
@@ -201,10 +206,15 @@ def _bucketed(module, query, key, value, bounds, scaling, dropout):
     """query (1, Hq, L, D), key and value (1, Hkv, L, D) -> (1, L, Hq, D): causal SDPA within each
     sequence, one call per bucket of similar lengths (`Grids`); right padding makes is_causal exact."""
     layout = _grids_of(bounds[0])
-    gather = layout.gather.to(query.device)
     sizes = [n * width for n, width in layout.shapes]
-    # split, not slices: its backward is one concatenation, where each slice's would fill a whole zero gradient
-    q, k, v = (x[0].transpose(0, 1).index_select(0, gather).split(sizes) for x in (query, key, value))  # (cells, H, D)
+
+    def cells(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(1, H, L, D) -> per grid (N_b·W_b, H, D). Split, not sliced: a split's backward is one
+        concatenation, where each slice's would fill a whole zero gradient."""
+        tokens = x[0].transpose(0, 1)
+        return (tokens if layout.in_place else tokens.index_select(0, layout.gather.to(x.device))).split(sizes)
+
+    q, k, v = (cells(x) for x in (query, key, value))
     outs = [
         F.scaled_dot_product_attention(
             *(x.unflatten(0, shape).transpose(1, 2) for x in (qb, kb, vb)),
@@ -217,7 +227,8 @@ def _bucketed(module, query, key, value, bounds, scaling, dropout):
         .flatten(0, 1)
         for shape, qb, kb, vb in zip(layout.shapes, q, k, v)
     ]
-    return torch.cat(outs).index_select(0, layout.scatter.to(query.device))[None]
+    out = torch.cat(outs)
+    return (out if layout.in_place else out.index_select(0, layout.scatter.to(out.device)))[None]
 
 
 @functools.cache
