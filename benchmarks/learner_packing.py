@@ -1,96 +1,119 @@
-"""Packed against padded micro-batches (`learner.pack_sequences`) on this machine: seconds per PPO
-iteration of the same samples, the two learners alternating so that other load on the machine falls
-on both alike.
+"""Packed against padded micro-batches (`learner.pack_sequences`) on this machine, over a grid of batch
+sizes, length mixes and thread counts: seconds per PPO iteration of the same samples with packing
+forced on, forced off, and left at the project's default, the three learners taking turns (in a
+rotating order) so that other load on the machine falls on all alike.
 
-    python benchmarks/learner_packing.py [--model builtin:tiny-llama] [--samples 128] [--mix realistic]
-        [--iterations 5] [--threads 1] [--micro-batch-tokens 4096]
+    python benchmarks/learner_packing.py [--model builtin:tiny-llama] [--samples 64 256 1024 2048]
+        [--mixes short-uniform ...] [--threads 1 2] [--iterations 3] [--large-tokens 20000]
+        [--max-tokens 50000]
+        [--micro-batch-tokens 8192] [--minibatch-size 64] [--epochs 1]
 
-Each learner (gae with a separate critic, one epoch, float32 on CPU) runs one warm-up iteration, then
-`--iterations` timed ones, alternating; per stage the median wall seconds and process CPU seconds
-(all threads; less disturbed by other processes than wall time) of each, and packed over padded.
-Mixes as in `learner_workload.py`. Prints one JSON object. No assertions on time.
+Mixes as in `learner_workload.py` (default: the grid's, `<short|medium|long>-<uniform|tailed|equal>`).
+Each learner (gae with a separate critic, float32 on CPU) runs one warm-up iteration on the point's
+first 64 samples, then `--iterations` timed ones; a point of more than `--large-tokens` tokens runs
+one timed iteration fewer, and one of more than `--max-tokens` is skipped (a line saying so), which
+keeps the default grid within about 20 minutes on two cores with the tiny model. Prints one JSON object per point: per learner the least wall seconds and
+process CPU seconds (all threads; less disturbed by other processes than wall time) of its timed
+iterations (on a shared machine the least disturbed), and `default_over_best`, the default's seconds over the faster of packed and padded (wall, and CPU).
+No assertions on time.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learner_workload import sample_batch  # noqa: E402
+from learner_workload import GRID_MIXES, sample_batch  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
 from contracts.builtin_model import resolve_model_path  # noqa: E402
 from contracts.config.load import load_config  # noqa: E402
 from learner.learner import Learner  # noqa: E402
 
+LAYOUTS = {"packed": ["learner.pack_sequences=true"], "padded": ["learner.pack_sequences=false"], "default": []}
 
-def learner(args, packed: bool) -> Learner:
+
+def learner(args, layout: str, threads: int) -> Learner:
     overrides = [
         "learner.device=cpu",
         f"learner.micro_batch_tokens={args.micro_batch_tokens}",
         f"learner.minibatch_size={args.minibatch_size}",
-        f"learner.pack_sequences={str(packed).lower()}",
-        "learner.ppo_epochs=1",
+        f"learner.ppo_epochs={args.epochs}",
         "learner.shared_critic=false",
+        *LAYOUTS[layout],
     ]
-    return Learner(load_config(None, overrides).learner, resolve_model_path(args.model), threads=args.threads)
+    return Learner(load_config(None, overrides).learner, resolve_model_path(args.model), threads=threads)
 
 
-def timed(learner: Learner, batch) -> dict[str, float]:
+def timed(learner: Learner, batch) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
-    _, _, stages = learner.learn(batch)
-    return {**stages, "iteration": time.perf_counter() - wall, "iteration_cpu": time.process_time() - cpu}
+    learner.learn(batch)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def over_best(seconds: dict[str, float]) -> float:
+    return seconds["default"] / min(seconds["packed"], seconds["padded"])
+
+
+def point(args, samples: int, mix: str, threads: int) -> dict:
+    vocab = AutoConfig.from_pretrained(resolve_model_path(args.model)).vocab_size
+    batch = sample_batch(mix, samples, vocab)
+    tokens = int(batch.prompt_lengths.sum() + batch.response_lengths.sum())
+    where = {"samples": samples, "mix": mix, "threads": threads, "tokens": tokens}
+    if tokens > args.max_tokens:
+        return {**where, "skipped": f"more than --max-tokens {args.max_tokens}"}
+    learners = {layout: learner(args, layout, threads) for layout in LAYOUTS}
+    warm_up = sample_batch(mix, min(samples, 64), vocab, seed=1)
+    for one in learners.values():
+        one.learn(warm_up)
+    iterations = args.iterations - (tokens > args.large_tokens) if args.iterations > 1 else 1
+    runs = {layout: [] for layout in LAYOUTS}
+    order = list(LAYOUTS)
+    for i in range(iterations):
+        for layout in order[i % len(order) :] + order[: i % len(order)]:
+            runs[layout].append(timed(learners[layout], batch))
+    wall = {layout: min(w for w, _ in rs) for layout, rs in runs.items()}
+    cpu = {layout: min(c for _, c in rs) for layout, rs in runs.items()}
+    return {
+        **where,
+        "longest": int((batch.prompt_lengths + batch.response_lengths).max()),
+        "iterations": iterations,
+        "wall_seconds": {k: round(v, 4) for k, v in wall.items()},
+        "cpu_seconds": {k: round(v, 4) for k, v in cpu.items()},
+        "packed_over_padded": round(wall["packed"] / wall["padded"], 3),
+        "default_over_best": round(over_best(wall), 3),
+        "default_over_best_cpu": round(over_best(cpu), 3),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:tiny-llama")
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--mix", choices=("uniform", "realistic"), default="realistic")
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--micro-batch-tokens", type=int, default=4096)
+    parser.add_argument("--samples", type=int, nargs="+", default=[64, 256, 1024, 2048])
+    parser.add_argument("--mixes", nargs="+", default=list(GRID_MIXES))
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--large-tokens", type=int, default=20_000)
+    parser.add_argument("--max-tokens", type=int, default=50_000)
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192)
     parser.add_argument("--minibatch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
-    learners = {packed: learner(args, packed) for packed in (True, False)}
-    vocab = learners[True].policy.lm.config.vocab_size
-    batch = sample_batch(args.mix, args.samples, vocab)
-    for one in learners.values():
-        one.learn(sample_batch(args.mix, 16, vocab, seed=1))  # warm-up
-    runs = {True: [], False: []}
-    for i in range(args.iterations):
-        for packed, one in learners.items():
-            runs[packed].append(timed(one, batch))
-            print(f"iteration {i} packed={packed}: {runs[packed][-1]}", file=sys.stderr, flush=True)
-    median = {
-        "packed" if packed else "padded": {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-        for packed, rs in runs.items()
-    }
-    tokens = int(batch.prompt_lengths.sum() + batch.response_lengths.sum())
-    padded_tokens = sum(
-        len(m.rows) * (batch.prompt_lengths[m.rows].max() + max(1, batch.response_lengths[m.rows].max()))
-        for m in learners[False].plan(batch, np.arange(len(batch)))[0]
-    )
-    out = {
+    common = {
         "model": args.model,
-        "mix": args.mix,
-        "samples": args.samples,
-        "threads": args.threads,
         "micro_batch_tokens": args.micro_batch_tokens,
-        "tokens": tokens,
-        "padded_tokens_in_the_no_grad_passes": int(padded_tokens),
-        "median_seconds": median,
-        "packed_over_padded": {k: median["packed"][k] / median["padded"][k] for k in median["packed"]},
+        "minibatch_size": args.minibatch_size,
+        "epochs": args.epochs,
     }
-    print(json.dumps(out))
+    for threads, mix, samples in itertools.product(args.threads, args.mixes, args.samples):
+        print(json.dumps({**common, **point(args, samples, mix, threads)}), flush=True)
 
 
 if __name__ == "__main__":

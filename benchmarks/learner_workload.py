@@ -5,6 +5,10 @@ Shapes: Qwen2.5-0.5B (hidden 896, 24 layers, intermediate 4864, 14 heads, 2 kv h
 transformers config (no download); `tiny`, the builtin tiny Llama. Mixes: `uniform`, prompts and
 responses of 192-256 tokens each; `realistic`, prompts of 32-256 and responses 30% 1-32, 50% 32-256,
 20% at max_tokens (512), where random minibatches pad far more than a sorted batch.
+Grid mixes (`learner_packing.py`), `<scale>-<spread>`: sequence lengths (prompt and response together)
+of scale `short` 4-40, `medium` 48-80, `long` 256-512; spread `uniform` over the scale's range, `tailed`
+mostly near its shortest with a long tail and a twentieth at its longest (responses cut at max_tokens),
+`equal` all one length (the scale's middle), where padding wastes nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +46,30 @@ def build_model(shape: str, device: torch.device, directory: Path) -> str:
     return str(directory)
 
 
+SCALES = {"short": (4, 40), "medium": (48, 80), "long": (256, 512)}
+SPREADS = ("uniform", "tailed", "equal")
+GRID_MIXES = tuple(f"{scale}-{spread}" for scale in SCALES for spread in SPREADS)
+
+
+def grid_lengths(mix: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt and response lengths of a grid mix: each sequence split at 30-70% into prompt and response."""
+    scale, spread = mix.split("-")
+    shortest, longest = SCALES[scale]
+    if spread == "uniform":
+        total = rng.integers(shortest, longest + 1, n)
+    elif spread == "tailed":
+        tail = rng.exponential((longest - shortest) / 8, n)
+        total = np.where(rng.random(n) < 0.05, longest, np.minimum(longest, shortest + tail).astype(np.int64))
+    else:
+        total = np.full(n, (shortest + longest) // 2)
+        return total // 2, total - total // 2
+    prompt = np.clip(np.round(total * rng.uniform(0.3, 0.7, n)).astype(np.int64), 1, total - 1)
+    return prompt, total - prompt
+
+
 def lengths(mix: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    if mix in GRID_MIXES:
+        return grid_lengths(mix, n, rng)
     if mix == "uniform":
         return rng.integers(192, 257, n), rng.integers(192, 257, n)
     kind = rng.random(n)
