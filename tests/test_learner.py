@@ -97,7 +97,8 @@ def test_learn_fills_every_column_consistently_and_moves_the_policy(cfg, tiny_mo
         ],
     )
     learner = learner_for(cfg, tiny_model_path)
-    before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
+    assert [t.name for t in learner.trained] == (["policy"] if shared else ["policy", "critic"])
+    before = {t.name: {k: v.clone() for k, v in t.model.state_dict().items()} for t in learner.trained}
     records, stats, timings = learn(learner, make_records())
     assert learner.version == 1
     assert set(timings) == {"values", "advantages", "update"}
@@ -112,8 +113,9 @@ def test_learn_fills_every_column_consistently_and_moves_the_policy(cfg, tiny_mo
             assert torch.allclose(torch.tensor(r.returns) - values[0], expected[0], atol=1e-5)
             # The sequence score sits on the last token, on top of the KL penalty.
             assert abs(r.token_rewards[-1] - r.reward) < 1.0
-    after = learner.policy.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for trained in learner.trained:  # every network with an optimizer has stepped
+        after = trained.model.state_dict()
+        assert any(not torch.equal(v, after[k]) for k, v in before[trained.name].items()), trained.name
     names = [n for n, _ in learner.export_weights()]
     assert "model.embed_tokens.weight" in names and "lm_head.weight" in names
 
