@@ -108,13 +108,14 @@ def registered_names() -> dict[str, tuple[str, ...]]:
     """The built-in names of each registry a config field names, by the field's line in `--explain`
     (a list's field, such as `reward.rules[].name`, on its list's line)."""
     from contracts.data_sources import DATA_SOURCES
+    from learner.advantages import KL_ESTIMATORS
     from learner.estimators import ESTIMATORS
-    from learner.losses import POLICY_LOSSES
+    from learner.losses import LOSS_AGGREGATIONS, POLICY_LOSSES
     from reward.rules import RULES
     from rollout.environments.registry import ENVIRONMENTS
 
-    names = {"learner.estimator": tuple(ESTIMATORS), "learner.policy_loss": tuple(POLICY_LOSSES)}
-    for registry in (RULES, ENVIRONMENTS, DATA_SOURCES):
+    names = {}
+    for registry in (ESTIMATORS, POLICY_LOSSES, LOSS_AGGREGATIONS, KL_ESTIMATORS, RULES, ENVIRONMENTS, DATA_SOURCES):
         names[registry.field.partition("[]")[0]] = registry.names()
     return names
 

@@ -14,7 +14,7 @@ from msgspec import Meta, field
 
 from contracts.config.base import Base, ConfigError, doc
 from contracts.config.env import EnvConfig
-from contracts.config.learner import KLConfig, LearnerConfig, LossAggMode
+from contracts.config.learner import KLConfig, LearnerConfig
 from contracts.config.model import DataConfig, ModelConfig
 from contracts.config.reward import RemoteRewardConfig, RewardConfig, RewardModelConfig, RuleSpec
 from contracts.config.rollout import DynamicSamplingConfig, RolloutConfig, SamplingConfig
@@ -38,7 +38,6 @@ __all__ = [
     "JobConfig",
     "KLConfig",
     "LearnerConfig",
-    "LossAggMode",
     "MlflowConfig",
     "ModelConfig",
     "RayConfig",

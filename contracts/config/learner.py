@@ -12,8 +12,11 @@ from contracts.config.base import Base, doc
 class KLConfig(Base):
     coef: Annotated[float, doc("Initial KL penalty coefficient.", ge=0.0)] = 0.05
     estimator: Annotated[
-        Literal["k1", "k3"],
-        doc("Per-token KL estimator: k1 = log p - log p_ref, k3 = (r - 1) - log r with r = p_ref / p."),
+        str,
+        doc(
+            "Per-token KL estimator, a name registered in learner/advantages.py: k1 = log p - log p_ref, "
+            "k3 = (r - 1) - log r with r = p_ref / p."
+        ),
     ] = "k1"
     target: Annotated[
         float | None, doc("Adaptive controller target KL per sequence; null keeps the coefficient fixed.")
@@ -66,9 +69,6 @@ class LoraConfig(Base):
             raise ValueError("critic is lora but rank is null (full fine-tuning): set a rank, or critic full")
         if not self.target_modules:
             raise ValueError("target_modules is empty: name the layers that get adapters")
-
-
-LossAggMode = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 
 
 class LearnerConfig(Base):
@@ -214,9 +214,9 @@ class LearnerConfig(Base):
     ] = 3
     whiten_advantages: Annotated[bool, doc("Normalise advantages over valid tokens.")] = True
     loss_agg_mode: Annotated[
-        LossAggMode,
+        str,
         doc(
-            "How the policy loss of a minibatch's tokens is reduced. token_mean: Σ L / tokens (every token "
+            "How the policy loss of a minibatch's tokens is reduced, a name registered in learner/losses.py. token_mean: Σ L / tokens (every token "
             "alike; long responses weigh more). seq_mean_token_sum: Σ_i (Σ_t L) / sequences. "
             "seq_mean_token_mean: Σ_i (Σ_t L / T_i) / sequences (every response alike). "
             "seq_mean_token_sum_norm: Σ_i (Σ_t L / loss_agg_norm_tokens) / sequences (Dr. GRPO)."

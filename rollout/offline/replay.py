@@ -52,7 +52,7 @@ import yaml
 
 from contracts.config import ConfigError, LearnerConfig, RewardConfig
 from contracts.schema import components_of
-from learner.advantages import KLEstimator, last_token_mask
+from learner.advantages import KL_ESTIMATORS, KLEstimator, last_token_mask
 from learner.estimators import estimate, estimator
 from rollout.archive import ArchiveWriter, archive_files, iter_batches, read_metadata, read_schema, read_table
 from rollout.archive.metadata import learner_settings
@@ -159,8 +159,8 @@ def _plan(metadata: dict[str, str], options: ReplayOptions) -> _Plan:
     if options.kl_coef is not None and options.kl_coef < 0:
         raise ReplayError(f"--kl-coef must be >= 0, got {options.kl_coef}")
     kl_estimator = metadata.get("kl_estimator", "k1")
-    if kl_estimator not in ("k1", "k3"):
-        raise ReplayError(f"the archive's kl_estimator {kl_estimator!r} is neither k1 nor k3")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ReplayError(f"the archive's kl_estimator {kl_estimator!r} is not one of {', '.join(KL_ESTIMATORS)}")
     return _Plan(
         gamma,
         lam,
