@@ -24,7 +24,7 @@ class Evaluated:
     old_logprobs: torch.Tensor  # the learner's, before the update: PPO's proximal policy
     ref_logprobs: torch.Tensor
     values: torch.Tensor
-    entropy: torch.Tensor
+    entropy: torch.Tensor | None  # None: no policy pass measured it (learner.old_logprobs behaviour)
     behaviour_logprobs: torch.Tensor  # the engine's, when it sampled
 
 

@@ -196,23 +196,29 @@ class Learner:
         of the rows, gathered from every rank. Under LoRA the reference pass is the policy's with its
         adapters off, and no pass has dropout (`scoring`)."""
         plans = self.plan(batch, np.arange(len(batch)))
+        # With the engine's logprobs as the old ones, the policy's pass is needed only for a shared value head.
+        policy_pass = self.cfg.old_logprobs == "recompute" or self.policy.value_head is not None
         outputs = []
         with self.scoring():
             for micro in plans[self.rank]:
                 tokens = self.collate(batch, micro.rows)
                 with self.compute():
-                    policy = self.policy(tokens, self.temperature, with_entropy=True)
+                    policy = self.policy(tokens, self.temperature, with_entropy=True) if policy_pass else None
                     ref = self.reference_pass(tokens)
-                    values = self.values(tokens, policy)
+                    values = self.values(tokens, policy or ref)  # the reference's output has no value head
                 self.micro_batches_done += 1
                 if not micro.filler:
-                    columns = (policy.logprobs, ref.logprobs, values, policy.entropy)
+                    columns = (ref.logprobs, values)
+                    if policy is not None:
+                        columns += (policy.logprobs, policy.entropy)
                     outputs.append(torch.stack([tokens.gather(c) for c in columns], dim=1))
-        local = torch.cat(outputs) if outputs else torch.zeros((0, 4), device=self.device)
+        width = 4 if policy_pass else 2
+        local = torch.cat(outputs) if outputs else torch.zeros((0, width), device=self.device)
         flat = in_batch_order(batch, plans, local)
         mask = to_device(batch.padded(batch.loss_mask), self.device)  # an episode's environment tokens are 0
-        old, ref, values, entropy = (batch.padded(flat[:, c]) * mask for c in range(4))
+        ref, values, *policy_columns = (batch.padded(flat[:, c]) * mask for c in range(width))
         behaviour = to_device(batch.padded(batch.behaviour_logprobs), self.device) * mask
+        old, entropy = policy_columns if policy_columns else (behaviour, None)
         return Evaluated(mask, old, ref, values, entropy, behaviour)
 
     def reference_pass(self, tokens: TokenBatch) -> PolicyOutput:
@@ -288,11 +294,12 @@ class Learner:
                     totals.setdefault(k, []).append(v)
         figures = {
             "kl": (kl * m).sum(dim=1).mean(),
-            "entropy": masked_mean(ev.entropy, m),
             # How far the engine's logprobs are from the learner's for the same tokens and weights
             # (or older weights, with staleness), and how much the IS cap cut.
             "behaviour_logprob_mismatch": masked_mean(log_ratio.abs(), m),
         }
+        if ev.entropy is not None:
+            figures["entropy"] = masked_mean(ev.entropy, m)
         if is_weights is not None:
             figures["behaviour_is_clip_frac"] = masked_mean((log_ratio.exp() > lc.behaviour_is_cap).float(), m)
         read = dict(zip(figures, torch.stack(list(figures.values())).tolist()))  # one host sync

@@ -347,3 +347,52 @@ def test_max_nonfinite_steps_in_a_row_fail_naming_the_figure_and_nothing_non_fin
     with pytest.raises(NonFiniteError, match="not writing checkpoint ckpt"):
         learner.save(tmp_path / "ckpt", {})
     assert not (tmp_path / "ckpt" / "policy").exists()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_behaviour_old_logprobs_skip_the_policy_pass_and_train_as_recomputed_ones_equal_to_them(
+    tiny_model_path, shared
+):
+    """learner.old_logprobs behaviour: the engine's logprobs are the old ones. Where they equal what the
+    policy's pass would give, the iteration is the same as with the pass, which runs only for a shared
+    value head."""
+    overrides = [
+        "learner.minibatch_size=8",
+        "learner.lr=1e-3",
+        "learner.device=cpu",
+        f"learner.shared_critic={str(shared).lower()}",
+    ]
+    records = make_records(16, seed=5)
+    recompute = Learner(load_config(None, overrides).learner, tiny_model_path, seed=3)
+    own = recompute.evaluate(SampleBatch.from_records(records))
+    for i, r in enumerate(records):  # the engine's logprobs as the learner's own: what a faithful engine gives
+        r.response_logprobs = own.old_logprobs[i, : len(r.response_ids)].tolist()
+    behaviour = Learner(
+        load_config(None, [*overrides, "learner.old_logprobs=behaviour"]).learner, tiny_model_path, seed=3
+    )
+    calls = []
+    behaviour.policy.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    batch = SampleBatch.from_records(records)
+    evaluated = behaviour.evaluate(batch)
+    assert calls == ([False] * len(calls) if shared else [])  # the policy ran in evaluate only for its value head
+    assert (evaluated.entropy is None) != shared
+    columns, stats, _ = behaviour.learn(batch)
+    reference_columns, reference_stats, _ = recompute.learn(SampleBatch.from_records(records))
+    for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "returns"):
+        torch.testing.assert_close(
+            getattr(columns, name), getattr(reference_columns, name), atol=1e-6, rtol=0, msg=name
+        )
+    assert ("entropy" in stats) == shared and stats["behaviour_logprob_mismatch"] < 1e-6
+    for key in ("policy_loss", "value_loss", "clip_frac", "approx_kl", "kl", "grad_norm"):
+        assert stats[key] == pytest.approx(reference_stats[key], abs=1e-6), key
+    for (name, weight), (_, expected) in zip(behaviour.export_weights(), recompute.export_weights()):
+        torch.testing.assert_close(weight, expected, atol=1e-6, rtol=0, msg=name)
+
+
+def test_behaviour_old_logprobs_need_fresh_weights():
+    from contracts.config import ConfigError
+    from contracts.config.load import check
+
+    check(load_config(None, ["learner.old_logprobs=behaviour"]), cuda_available=False)
+    with pytest.raises(ConfigError, match="learner.old_logprobs behaviour .* rollout.max_staleness 0"):
+        check(load_config(None, ["learner.old_logprobs=behaviour", "rollout.max_staleness=1"]), cuda_available=False)

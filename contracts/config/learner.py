@@ -191,6 +191,17 @@ class LearnerConfig(Base):
         ),
     ] = "ppo_clip"
     dual_clip_c: Annotated[float, doc("The bound c of `dual_clip`, more than 1.", gt=1.0)] = 3.0
+    old_logprobs: Annotated[
+        Literal["recompute", "behaviour"],
+        doc(
+            "Where PPO's old logprobs (the ratio's denominator, and the KL penalty's policy side) come from. "
+            "`recompute`: a no-grad pass of the policy before the update. `behaviour`: the engine's own "
+            "logprobs of the tokens it sampled, which saves that pass; they come from the same weights only "
+            "at rollout.max_staleness 0, and differ from the learner's by the engine's numerics (the "
+            "iteration's behaviour_logprob_mismatch is then 0, and the entropy figure is not measured, "
+            "as no pass computes it)."
+        ),
+    ] = "recompute"
     behaviour_is_cap: Annotated[
         float | None,
         doc(

@@ -169,6 +169,11 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
         problems.append("rollout.cpu_kv_cache_gb must be positive, or null to size it from the engine batch")
     if cfg.learner.behaviour_is_cap is not None and cfg.learner.behaviour_is_cap <= 1:
         problems.append("learner.behaviour_is_cap must be more than 1 (it caps π_prox / π_behaviour), or null")
+    if cfg.learner.old_logprobs == "behaviour" and cfg.rollout.max_staleness > 0:
+        problems.append(
+            f"learner.old_logprobs behaviour takes the engine's logprobs as the weights before the update, which "
+            f"they are only at rollout.max_staleness 0 (it is {cfg.rollout.max_staleness}): set one of them back"
+        )
     if cfg.learner.kl.target is not None and cfg.learner.kl.target <= 0:
         problems.append("learner.kl.target must be positive, or null for a fixed coefficient")
     if cfg.model.max_prompt_tokens + cfg.rollout.sampling.max_tokens > cfg.rollout.max_model_len:
