@@ -4,14 +4,15 @@ forced on, forced off, and left at the project's default, the three learners tak
 rotating order) so that other load on the machine falls on all alike.
 
     python benchmarks/learner_packing.py [--model builtin:tiny-llama] [--samples 64 256 1024 2048]
-        [--mixes short-uniform ...] [--threads 1 2] [--iterations 3] [--large-tokens 20000]
-        [--max-tokens 50000]
+        [--mixes short-uniform ...] [--threads 1 2] [--iterations 3] [--small-tokens 8000]
+        [--large-tokens 20000] [--max-tokens 50000]
         [--micro-batch-tokens 8192] [--minibatch-size 64] [--epochs 1]
 
 Mixes as in `learner_workload.py` (default: the grid's, `<short|medium|long>-<uniform|tailed|equal>`).
 Each learner (gae with a separate critic, float32 on CPU) runs one warm-up iteration on the point's
-first 64 samples, then `--iterations` timed ones; a point of more than `--large-tokens` tokens runs
-one timed iteration fewer, and one of more than `--max-tokens` is skipped (a line saying so), which
+first 64 samples, then `--iterations` timed ones; a point of fewer than `--small-tokens` tokens
+(under a second an iteration, where a moment's load elsewhere weighs most) runs twice as many, one
+of more than `--large-tokens` one fewer, and one of more than `--max-tokens` is skipped (a line saying so), which
 keeps the default grid within about 20 minutes on two cores with the tiny model. Prints one JSON object per point: per learner the least wall seconds and
 process CPU seconds (all threads; less disturbed by other processes than wall time) of its timed
 iterations (on a shared machine the least disturbed), and `default_over_best`, the default's seconds over the faster of packed and padded (wall, and CPU).
@@ -73,7 +74,7 @@ def point(args, samples: int, mix: str, threads: int) -> dict:
     warm_up = sample_batch(mix, min(samples, 64), vocab, seed=1)
     for one in learners.values():
         one.learn(warm_up)
-    iterations = args.iterations - (tokens > args.large_tokens) if args.iterations > 1 else 1
+    iterations = max(1, args.iterations * (1 + (tokens < args.small_tokens)) - (tokens > args.large_tokens))
     runs = {layout: [] for layout in LAYOUTS}
     order = list(LAYOUTS)
     for i in range(iterations):
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--mixes", nargs="+", default=list(GRID_MIXES))
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--small-tokens", type=int, default=8_000)
     parser.add_argument("--large-tokens", type=int, default=20_000)
     parser.add_argument("--max-tokens", type=int, default=50_000)
     parser.add_argument("--micro-batch-tokens", type=int, default=8192)
