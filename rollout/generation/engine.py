@@ -7,6 +7,7 @@ This is the one module that imports vLLM, so any version gate lives here. On CPU
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import time
@@ -149,7 +150,12 @@ class VLLMEngine:
         args["worker_extension_cls"] = "rollout.weight_sync.receiver.WeightReceiver"  # the collective sync's receiver
         args.update(extra_args or {})
         self._vllm = vllm
-        self.llm = vllm.LLM(**args)
+        llm_class = vllm.LLM  # imports the engine's modules: most of its start
+        # vLLM collects garbage as it builds (twice while loading the model, again before freezing its heap,
+        # as it does after its start anyway), each pass walking every object those imports made, a second or
+        # two on CPU: frozen first, the passes skip them.
+        gc.freeze()
+        self.llm = llm_class(**args)
         self.tokenizer = self.llm.get_tokenizer()
         self._llm_engine = self.llm.llm_engine
         self._renderer = self._llm_engine.renderer
