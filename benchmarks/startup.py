@@ -10,24 +10,28 @@ model.sft_warmup=false` into a fresh directory. A `plain` run is exactly that co
 takes (`Session.open`'s calls) with timers before it calls the CLI, and watches each actor group's
 `ready()` from a thread, so an engine that is up while the learner still builds is seen when it is up.
 
-Stages, in seconds (`stages`, each from the end of the one before, in the order the driver takes them;
-`ready`, since the process started, when each group's members were all up):
-  python_imports   interpreter start and the driver's imports, up to `run_job`
-  read_data        config checks, tokenizer, prompts rendered
-  run_record       run directory locked, manifest
-  ray_start        driver log, config.yaml, `ray.init` and the fit check
-  start_model      the builtin model (cached after the first run), SFT warm-up when asked
-  actors_spawned   rollout and reward workers asked for (they build in their own processes)
-  learner          the learner ranks placed and their models built (waited on)
-  rollout_workers  what was left of the engines' start once the learner was built
-  reward_workers   the same for the reward workers
-  weight_sync      the weight sync between the learner and the engines set up
-  collector        prompt sampler, collector, manifest start, archive and trackers opened
-  first_iteration  generation, reward, learning, weight sync of iteration 0
-  rest             the other iterations
-  close            the checkpoint's write committed, the run's files closed, actors and Ray released
+Stages, in seconds (`stages`, each from the end of the one before, in the order the driver takes them):
+  python_imports           interpreter start and the driver's imports (torch among them), up to `run_job`
+  read_data_and_ray_start  config checks, tokenizer and prompts, and `ray.init` (at the same time, where the
+                           job reads its data while Ray starts; `durations` has each one's own seconds)
+  run_record               run directory locked, manifest
+  ray_start                config.yaml, Ray (when it is not up yet), devices and the fit check
+  start_model              the builtin model (cached after the first run), SFT warm-up when asked
+  actors_spawned           rollout and reward workers asked for (they build in their own processes)
+  learner                  the learner ranks placed and their models built (waited on)
+  rollout_workers          what was left of the engines' start once the learner was built
+  reward_workers           the same for the reward workers
+  weight_sync              the weight sync between the learner and the engines set up
+  collector                prompt sampler, collector, manifest start, archive and trackers opened
+  first_iteration          generation, reward, learning, weight sync of iteration 0
+  rest                     the other iterations
+  close                    the checkpoint's write committed, the run's files closed, actors released
+  exit                     the process's end after that (Ray's shutdown)
+  until_first_iteration    the sum of the stages before `first_iteration`
+`ready`: seconds since the process started when each group's members were all up. `durations`: the
+seconds of `read_data` and of `init_ray` themselves.
 
-Each line: {"run", "mode", "process_wall_s", "stages": {...}, "ready": {...}}; then one line of medians.
+Each line: {"run", "mode", "process_wall_s", "stages", "ready", "durations"}; then one line of medians.
 """
 
 from __future__ import annotations
@@ -82,7 +86,10 @@ def run_stages(out: Path, settings: list[str], timeout_s: float) -> dict:
     wall = time.time() - start
     if proc.returncode:
         raise SystemExit(f"the job exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return {"process_wall_s": round(wall, 2), **json.loads(report.read_text())}
+    result = json.loads(report.read_text())
+    stages = result["stages"]
+    stages["exit"] = round(wall - sum(v for k, v in stages.items() if k != "until_first_iteration"), 2)
+    return {"process_wall_s": round(wall, 2), **result}
 
 
 def _iteration_seconds(out: Path) -> list[float]:
@@ -100,6 +107,7 @@ class Timeline:
         self.spawned_at = spawned_at
         self.marks: dict[str, float] = {}
         self.ready: dict[str, float] = {}
+        self.durations: dict[str, float] = {}
 
     def now(self) -> float:
         return time.time() - self.spawned_at
@@ -116,6 +124,20 @@ class Timeline:
             result = original(*args, **kwargs)
             timeline.mark(name)
             return result
+
+        setattr(owner, attribute, timed)
+
+    def duration(self, owner, attribute: str, name: str) -> None:
+        """The seconds of the first call of `owner.attribute`, in `durations` (it may overlap others)."""
+        original = getattr(owner, attribute)
+        timeline = self
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                timeline.durations.setdefault(name, round(time.perf_counter() - start, 2))
 
         setattr(owner, attribute, timed)
 
@@ -145,20 +167,25 @@ class Timeline:
         for name, at in self.marks.items():
             out[name] = round(at - last, 2)
             last = at
-        out["to_first_iteration"] = round(self.marks.get("first_iteration", 0.0) - self.marks["collector"], 2)
+        out["until_first_iteration"] = round(self.marks["collector"], 2)
         return out
 
 
 def child(report: Path, argv: list[str]) -> int:
     timeline = Timeline(float(os.environ[SPAWNED_AT_ENV]))
     from rollout.actors import learner_ranks, reward_workers, rollout_workers
-    from rollout.driver import job, session
+    from rollout.driver import job, session, startup
     from rollout.weight_sync import sync
 
     timeline.before(job, "run_job", "python_imports")
-    timeline.after(session, "read_data", "read_data")
+    if hasattr(session, "read_data_starting_ray"):  # the data read while Ray starts
+        timeline.after(session, "read_data_starting_ray", "read_data_and_ray_start")
+    else:
+        timeline.after(session, "read_data", "read_data_and_ray_start")
     timeline.after(session.RunRecord, "__init__", "run_record")
     timeline.after(session, "start_cluster", "ray_start")
+    timeline.duration(startup, "read_data", "read_data")
+    timeline.duration(startup, "init_ray", "ray_init")
     timeline.after(session.Session, "_start_model", "start_model")
     timeline.after(reward_workers.RewardWorkers, "__init__", "actors_spawned")
     timeline.after(learner_ranks.LearnerRanks, "__init__", "learner")
@@ -195,7 +222,9 @@ def child(report: Path, argv: list[str]) -> int:
 
     code = main(argv)
     timeline.mark("close")
-    report.write_text(json.dumps({"stages": timeline.stages(), "ready": timeline.ready}))
+    stages = timeline.stages()
+    stages["exit"] = 0.0  # the parent knows the process's end
+    report.write_text(json.dumps({"stages": stages, "ready": timeline.ready, "durations": timeline.durations}))
     return code
 
 

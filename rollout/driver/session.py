@@ -1,6 +1,6 @@
 """The PPO run as a recipe: what it holds between iterations, and the steps the job loop names.
 
-`Session.open` reads the data, takes the run directory (`RunRecord`), starts or joins Ray, prepares the
+`Session.open` reads the data while it starts or joins Ray, takes the run directory (`RunRecord`), prepares the
 start model (the builtin, SFT warm-up, staged into the run storage), starts the three groups of actors
 (rollout workers, reward workers, learner ranks; each recovers its own members), the weight sync between
 them and the collector that feeds the learner, and resumes from the newest whole checkpoint
@@ -32,7 +32,7 @@ from rollout.driver.node_watch import NodeWatch
 from rollout.driver.prompts import PromptSampler
 from rollout.driver.run_record import RunRecord
 from rollout.driver.run_storage import RunStorage
-from rollout.driver.startup import RunData, read_data, start_cluster
+from rollout.driver.startup import RunData, read_data_starting_ray, start_cluster
 from rollout.weight_sync.path import weight_sync_path
 from rollout.weight_sync.sync import WeightSync
 
@@ -62,7 +62,7 @@ class Session:
         """`resume`: checkpoints.AUTO (the newest whole checkpoint, if any), NEVER, or a checkpoint directory.
         `storage`: the run's URI, of which `run_dir` is the staging copy."""
         log = log or sys.stderr
-        data = read_data(cfg, log, prompts_needed=cfg.rollout.prompts_per_iteration)
+        data = read_data_starting_ray(cfg, run_dir, log, learner=True, prompts_needed=cfg.rollout.prompts_per_iteration)
         self = cls(cfg, data, RunRecord(cfg, run_dir, log, storage))
         try:
             self._start(resume)

@@ -2,6 +2,9 @@
 
 read_data (config rules, the reward and env sections, prompts rendered: bad input fails before Ray starts)
 -> lock the run directory -> start_cluster (driver log, config.yaml, Ray, devices, fit check)
+
+`rollout run` reads its data while Ray starts (`read_data_starting_ray`): the config's rules still fail before
+Ray starts, bad data once it is up (and stopped again), and nothing is written to the run directory first.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import datetime as dt
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +74,53 @@ def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
             f"prompts of data.prompts ({cfg.data.prompts}): lower it, or give more prompts"
         )
     return RunData(base_model, tokenizer, records, tasks, {record.prompt_id: record for record in records})
+
+
+def read_data_starting_ray(cfg: JobConfig, run_dir: Path, log, *, learner: bool, prompts_needed: int = 0) -> RunData:
+    """`read_data` in a thread while Ray starts (`init_ray`): the data's imports (transformers), tokenizer and
+    prompts take seconds of this process, Ray's start mostly waits on its own processes, and the two import
+    no module in common. The thread first configures the driver's logging (which imports transformers
+    too), and Ray starts once that is done, its filters in place.
+
+    The config's own rules are checked first, so a bad config fails before Ray starts; bad data fails once
+    Ray is up, with the Ray started here stopped, and its error comes before Ray's own if both failed.
+    Writes nothing in `run_dir`."""
+    check(cfg)  # what sizes Ray's start
+    configured = threading.Event()
+    outcome: list = []
+
+    def read() -> None:
+        try:
+            configure_driver(run_dir)
+            configured.set()
+            outcome.append(read_data(cfg, log, prompts_needed=prompts_needed))
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            outcome.append(e)
+        finally:
+            configured.set()
+
+    reading = threading.Thread(target=read, daemon=True, name="read data")
+    started_here = not ray.is_initialized()
+    reading.start()
+    try:
+        configured.wait()
+        if not any(isinstance(o, BaseException) for o in outcome):  # failed already: no Ray to start
+            init_ray(cfg, learner=learner)
+            stopping.install()  # again: ray.init installs its own SIGTERM handler
+    except Exception:
+        reading.join()
+        _raise_if_failed(outcome, started_here)
+        raise
+    reading.join()
+    _raise_if_failed(outcome, started_here)
+    return outcome[0]
+
+
+def _raise_if_failed(outcome: list, stop_ray: bool) -> None:
+    if isinstance(outcome[0], BaseException):
+        if stop_ray and ray.is_initialized():
+            ray.shutdown()
+        raise outcome[0]
 
 
 def lock_run_dir(run_dir: Path, log) -> RunLock:
