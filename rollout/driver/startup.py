@@ -78,9 +78,10 @@ def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
 
 def read_data_starting_ray(cfg: JobConfig, run_dir: Path, log, *, learner: bool, prompts_needed: int = 0) -> RunData:
     """`read_data` in a thread while Ray starts (`init_ray`): the data's imports (transformers), tokenizer and
-    prompts take seconds of this process, Ray's start mostly waits on its own processes, and the two import
-    no module in common. The thread first configures the driver's logging (which imports transformers
-    too), and Ray starts once that is done, its filters in place.
+    prompts take seconds of this process, Ray's start mostly waits on its own processes. The thread first
+    configures the driver's logging, which imports transformers too: Ray starts once that is done, its
+    filters in place, and from there the two import no module in common (a lazy package such as
+    transformers, imported from both threads at once, can fail with "cannot import name").
 
     The config's own rules are checked first, so a bad config fails before Ray starts; bad data fails once
     Ray is up, with the Ray started here stopped, and its error comes before Ray's own if both failed.
