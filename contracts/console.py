@@ -59,9 +59,9 @@ def configure_driver(run_dir: Path | None) -> None:
     _log_dir = (Path(run_dir) / LOGS).resolve() if run_dir is not None else None
     if verbose():
         return
-    logging.getLogger("ray").addFilter(_DropNoise())
-    for handler in logging.getLogger("ray").handlers:
-        handler.addFilter(_DropNoise())
+    for target in (logging.getLogger("ray"), *logging.getLogger("ray").handlers):
+        if not any(isinstance(f, _DropNoise) for f in target.filters):  # called again as Ray starts
+            target.addFilter(_DropNoise())
     try:
         from transformers.utils import logging as hf_logging
 
