@@ -81,6 +81,7 @@ class Cluster:
 
     def __init__(self, env, logs: Path):
         self.env, self.logs, self.nodes = env, logs, []
+        self.node_cpus: dict[int, float] = {}  # by the node's process id
         self.address = f"127.0.0.1:{free_port()}"
         head = subprocess.run(
             [RAY, "start", "--head", f"--port={self.address.split(':')[1]}", "--num-cpus=0"]
@@ -109,6 +110,7 @@ class Cluster:
             start_new_session=True,
         )
         self.nodes.append(node)
+        self.node_cpus[node.pid] = cpus
         deadline = time.time() + 120
         while self._cpus() < before + cpus:
             assert time.time() < deadline and node.poll() is None, log.name
@@ -119,6 +121,16 @@ class Cluster:
         """The node's raylet and every process on it, at once (as a lost machine)."""
         os.killpg(node.pid, signal.SIGKILL)
         node.wait()
+
+    def lose(self, node):
+        """`kill`, then wait until the cluster no longer counts the node's CPUs: a node added before that
+        would be counted against a total that still holds the dead one."""
+        before = self._cpus()
+        self.kill(node)
+        deadline = time.time() + 120
+        while self._cpus() > before - self.node_cpus[node.pid]:
+            assert time.time() < deadline, "the cluster still counts a killed node's CPUs after 120 s"
+            time.sleep(1)
 
     def _cpus(self) -> float:
         status = subprocess.run(
@@ -188,7 +200,7 @@ def test_the_node_holding_every_actor_lost_mid_run_and_a_new_one_added_the_run_e
     args = run_args(uri, f"iterations={iterations}", *SETTINGS)
     with RolloutProcess(args, tmp_path / "run.log", env=cluster.job_env, new_session=False) as job:
         job.wait_for(lambda: logged_iterations(metrics.parent) >= 3, "iteration 2 was logged")
-        cluster.kill(cluster.nodes[0])
+        cluster.lose(cluster.nodes[0])
         cluster.add_node()
         assert job.wait(timeout=600) == 0, job.tail()
     text = (tmp_path / "run.log").read_text()
