@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[cpu,dev,tracking]'
+	$(BIN)/pip install --quiet -e '.[cpu,dev,tracking,tasks]'
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	$(BIN)/python -c "import vllm, torch, ray; print('engine ready: vllm', vllm.__version__, 'torch', torch.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)

@@ -1,62 +1,126 @@
-"""Data sources: how a data file's records are read, chosen by the file's path.
+"""Data sources: how the records `data.prompts` (and the other data settings) names are read.
 
-A data source reads a path into its decoded records in file order, each as `(line, record)`, or
-`(line, BadRecord)` for one that cannot be read, so that every reader reports a bad record the same
-way (`FILE:LINE: reason`). `DATA_SOURCES` holds them, each registered with the path suffixes it reads;
-a path whose suffix none claims is read by `DEFAULT`, the JSON reader, which tells JSONL from one JSON
-array by the file's first character. Prompt files (`data.prompts`), preference files, `rollout
-validate` and `reward score` all read through `read_data`.
+A source is a registry entry chosen by the spec it is given: a scheme prefix (`hf:NAME`,
+`reasoning_gym:TASK`), a directory or glob, or a file's suffix; a path nothing else claims is read by
+`DEFAULT`, the JSON reader, which tells JSONL from one JSON array by the file's first character.
+There are two shapes of reader, named by the entry's `columnar` attribute:
+
+- a row reader, `reader(spec, params) -> Iterator[(n, record)]`, yields each decoded record (a
+  dict) with its line or row number, or `(n, BadRecord)` for one that cannot be read, in order;
+- a columnar reader, `reader(spec, params) -> pyarrow.Table`, reads the whole table at once, row
+  numbers counting from 0 as `datasets` and pandas index them.
+
+`params` are the source's settings (`data.source_params`). Prompt files, preference files, `rollout
+validate` and `reward score` read every source through `read_data`, which gives both shapes as rows; the
+job's prompts keep a columnar source's table as it is (`rollout.driver.prompts`). A source that cannot
+read its spec at all raises `DataSourceError`, one line naming the spec and what to change.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import PurePath
 from typing import Any, TypeVar
 
+from contracts.errors import UserError
 from contracts.jsonl import BadRecord, FormatError, iter_json_records
 from contracts.registry import Registry
 
 T = TypeVar("T")
 
-DataReader = Callable[[str], Iterator[tuple[int, Any]]]
+DataReader = Callable[[str, Mapping[str, Any]], Any]
 
 DATA_SOURCES: Registry[DataReader] = Registry("data source", "data.prompts")
 
+ROW_BATCH = 4096  # rows converted to Python at a time when a table is read row by row
 
-@DATA_SOURCES.register("json", suffixes=(".jsonl", ".json"))
-def json_records(path: str) -> Iterator[tuple[int, Any]]:
+
+class DataSourceError(UserError, ValueError):
+    """A data source cannot read what it was given (no such file, a file that is not what its name says,
+    an unknown dataset or task): the message is one line naming the spec and what to change."""
+
+
+@DATA_SOURCES.register("json", suffixes=(".jsonl", ".json"), prefix=None, columnar=False)
+def json_records(path: str, params: Mapping[str, Any]) -> Iterator[tuple[int, Any]]:
     """JSONL, or one JSON array, read in constant memory (`contracts.jsonl.iter_json_records`)."""
     return iter_json_records(path)
 
 
-DEFAULT = "json"  # reads a path no source claims by its suffix
+DEFAULT = "json"  # reads a path no source claims
 
 
-def data_source(path: str | os.PathLike[str]) -> str:
-    """The name of the source that reads `path`: the one registered with its suffix (any case), else
-    `DEFAULT`."""
-    suffix = PurePath(path).suffix.lower()
-    return next((e.name for e in map(DATA_SOURCES.entry, DATA_SOURCES) if suffix in e.attributes["suffixes"]), DEFAULT)
+def data_source(spec: str | os.PathLike[str]) -> str:
+    """The name of the source that reads `spec`: the one whose prefix it starts with, else the one that
+    claims directories (for a directory) or globs (for a pattern), else the one registered with its
+    suffix (any case), else `DEFAULT`."""
+    text = os.fspath(spec)
+    entries = [DATA_SOURCES.entry(name) for name in DATA_SOURCES]
+    for entry in entries:
+        prefix = entry.attributes.get("prefix")
+        if prefix and text.startswith(prefix):
+            return entry.name
+    for claim, applies in (("directories", os.path.isdir), ("globs", _is_glob)):
+        if applies(text):
+            named = [e.name for e in entries if e.attributes.get(claim)]
+            if named:
+                return named[0]
+    suffix = PurePath(text).suffix.lower()
+    return next((e.name for e in entries if suffix in e.attributes.get("suffixes", ())), DEFAULT)
 
 
-def read_data(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
-    """`(line, record)` for each record of the file at `path`, or `(line, BadRecord)`, by its source.
-    Raises OSError if the file cannot be opened."""
-    file = os.fspath(path)
-    return DATA_SOURCES[data_source(file)](file)
+def is_columnar(spec: str | os.PathLike[str]) -> bool:
+    """Whether the source reading `spec` reads it as one Arrow table."""
+    return bool(DATA_SOURCES.entry(data_source(spec)).attributes.get("columnar"))
 
 
-def parse_records(path: str | os.PathLike[str], parse: Callable[[Any, str], T]) -> Iterator[T | BadRecord]:
-    """Each record of a data file through `parse(obj, "FILE:LINE")`; unreadable records and those
-    `parse` rejects with FormatError come back as BadRecord, in file order."""
-    file = os.fspath(path)
-    for line, obj in read_data(file):
+def read_table(spec: str | os.PathLike[str], params: Mapping[str, Any] | None = None):
+    """The whole of a columnar source's `spec` as a `pyarrow.Table`. DataSourceError if it cannot be read."""
+    text = os.fspath(spec)
+    name = data_source(text)
+    if not DATA_SOURCES.entry(name).attributes.get("columnar"):
+        raise ValueError(f"{text}: the {name} source reads rows, not a table")
+    return DATA_SOURCES[name](text, params or {})
+
+
+def read_data(spec: str | os.PathLike[str], params: Mapping[str, Any] | None = None) -> Iterator[tuple[int, Any]]:
+    """`(n, record)` for each record `spec` names, or `(n, BadRecord)`, by its source: a line number for a
+    JSON file, a row number (from 0) for a table. Raises OSError if a file cannot be opened, DataSourceError
+    if the source cannot read `spec` at all."""
+    text = os.fspath(spec)
+    name = data_source(text)
+    reader = DATA_SOURCES[name]
+    if not DATA_SOURCES.entry(name).attributes.get("columnar"):
+        return reader(text, params or {})
+    return table_rows(reader(text, params or {}))
+
+
+def table_rows(table) -> Iterator[tuple[int, Any]]:
+    """A table's rows as `(row, dict)`, converted a batch at a time."""
+    row = 0
+    for batch in table.to_batches(max_chunksize=ROW_BATCH):
+        for record in batch.to_pylist():
+            yield row, record
+            row += 1
+
+
+def parse_records(
+    spec: str | os.PathLike[str],
+    parse: Callable[[Any, str], T],
+    params: Mapping[str, Any] | None = None,
+) -> Iterator[T | BadRecord]:
+    """Each record of a data source through `parse(obj, "SPEC:N")`; unreadable records and those `parse`
+    rejects with FormatError come back as BadRecord, in order."""
+    text = os.fspath(spec)
+    for line, obj in read_data(text, params):
         if isinstance(obj, BadRecord):
             yield obj
             continue
         try:
-            yield parse(obj, f"{file}:{line}")
+            yield parse(obj, f"{text}:{line}")
         except FormatError as e:
-            yield BadRecord(file, line, str(e))
+            yield BadRecord(text, line, str(e))
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")

@@ -339,7 +339,7 @@ def test_the_json_source_reads_json_jsonl_and_any_suffix_no_other_source_claims(
 def test_a_new_format_is_one_entry_chosen_by_its_suffix(tmp_path, monkeypatch):
     from contracts.data_sources import DATA_SOURCES, data_source
 
-    def tsv_records(path):  # a toy reader: one prompt per line
+    def tsv_records(path, params):  # a toy reader: one prompt per line
         with open(path) as f:
             yield from ((n, {"prompt": line.rstrip("\n")}) for n, line in enumerate(f, start=1))
 

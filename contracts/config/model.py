@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from contracts.config.base import Base, doc
 
@@ -42,8 +42,10 @@ class DataConfig(Base):
     prompts: Annotated[
         str,
         doc(
-            "Prompt file (SFT JSONL, XTuner JSON/JSONL or chat JSONL), or `builtin:arith`, "
-            "generated `a+b=` problems with reference answers."
+            "Prompt source: a JSONL/JSON file (SFT, XTuner or chat records), a Parquet or Arrow IPC file, a "
+            "directory or glob of them, a directory written by `datasets`' `save_to_disk`, `hf:NAME[:SPLIT]` "
+            "(`datasets.load_dataset`), `reasoning_gym:TASK[,TASK...]` (the `tasks` extra), or `builtin:arith`, "
+            "generated `a+b=` problems with reference answers (`builtin:calc`: harder ones for the calculator)."
         ),
     ] = "builtin:arith"
     format: Annotated[
@@ -60,3 +62,31 @@ class DataConfig(Base):
     builtin_size: Annotated[int, doc("Number of records `builtin:arith` generates.", ge=1)] = 2000
     builtin_max_operand: Annotated[int, doc("Largest operand of `builtin:arith` problems.", ge=1)] = 9
     shuffle: Annotated[bool, doc("Shuffle prompts each pass over the data.")] = True
+    source_params: Annotated[
+        dict[str, Any],
+        doc(
+            "Settings of the data source that `prompts` names, for sources that take any: `reasoning_gym:` "
+            "(`size`, `seed`, `tasks`), `hf:` (`name`, the dataset's configuration; `revision`)."
+        ),
+    ] = {}
+    prompt_key: Annotated[
+        str | None,
+        doc(
+            "The column holding the prompt, for a layout none of the known ones fits: a text column (one user "
+            "turn) or a column of chat messages. Null: detect the layout per row."
+        ),
+    ] = None
+    reference_key: Annotated[
+        str | None,
+        doc(
+            "With `prompt_key`: the column holding the reference answer, a dotted path into nested columns "
+            "(`reward_model.ground_truth`). Null: no reference."
+        ),
+    ] = None
+    metadata_keys: Annotated[
+        list[str] | None,
+        doc(
+            "With `prompt_key`: the columns kept as the record's metadata (what rules with a `metadata` "
+            "parameter read). Null: every column other than the prompt and reference."
+        ),
+    ] = None
