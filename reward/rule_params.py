@@ -10,23 +10,32 @@ import inspect
 from typing import Any
 
 from reward.rules import RESPONSE_TOKENS, RULES, Rule
+from reward.user_rules import METADATA
+
+# Arguments the scorer fills for a rule that declares them; a config can never set them.
+FILLED_BY_SCORER = {
+    RESPONSE_TOKENS: "is counted by the scorer",
+    METADATA: "is the record's metadata, given by the scorer",
+}
 
 
 def check_params(name: str, rule: Rule, params: dict[str, Any]) -> None:
     """ValueError naming the rule and the parameter when `rule` does not accept `params`.
 
-    Names are checked against the rule's signature (any name goes where it takes **params), a
-    parameter without a default must be given, and each value is checked against the kind of its
-    default (a number where the default is a number, ...); for the built-in rules the values are
+    Names are checked against the rule's signature (any name goes where it takes **params, but never
+    one the scorer fills: `response_tokens`, `metadata`), a parameter without a default must be
+    given, and each value is checked against the kind of its default (a number where the default is
+    a number, ...); for the built-in rules the values are
     checked further (regexes compile, methods and units are known), so a bad config fails at
     start-up rather than on every sample.
     """
     signature = inspect.signature(rule)
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     after_three = list(signature.parameters.values())[3:]  # after prompt, response, record
-    accepted = {p.name: p for p in after_three if p.kind in named and p.name != RESPONSE_TOKENS}
-    if RESPONSE_TOKENS in params:
-        raise ValueError(f"reward rule {name!r}: {RESPONSE_TOKENS} is counted by the scorer, not set in params")
+    accepted = {p.name: p for p in after_three if p.kind in named and p.name not in FILLED_BY_SCORER}
+    for key, why in FILLED_BY_SCORER.items():
+        if key in params:
+            raise ValueError(f"reward rule {name!r}: {key} {why}, not set in params")
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     for key, value in params.items():
         if key not in accepted:

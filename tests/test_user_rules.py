@@ -87,6 +87,31 @@ SOURCE = textwrap.dedent(
 
     def total(prompt, response, reference):
         return 0.0
+
+
+    def by_source(prompt, response, reference, metadata):
+        return {"gsm8k": 1.0, "math": 2.0}.get(metadata.get("data_source"), 0.0)
+
+
+    def counts_metadata(prompt, response, reference, *, metadata, scale=1.0):
+        return scale * len(metadata)
+
+
+    def pops_metadata(prompt, response, reference, metadata):
+        metadata.pop("topic", None)
+        return float(len(metadata))
+
+
+    def any_keywords_only(prompt, response, reference, **metadata):
+        return float(len(metadata))
+
+
+    def metadata_third(prompt, response, metadata):
+        return 0.0
+
+
+    def metadata_positional(prompt, response, reference, metadata, /):
+        return 0.0
     '''
 )
 
@@ -206,6 +231,88 @@ def test_the_reward_worker_scores_user_rules_into_the_archive_columns(verifiers:
     assert rewards.column("reward").to_pylist() == [2.0, 0.5, 0.0]
     assert set(seconds) == {"total", "exact", "prompt_echo", "arithmetic"}
     worker.close()
+
+
+# --- rules that read the record's metadata -----------------------------------------------------
+
+
+def verl_record(metadata: dict, prompt_id: str = "v0") -> PromptRecord:
+    return PromptRecord(prompt_id, [Message("user", "1+1=")], "2", metadata, "test:1")
+
+
+def test_a_rule_declaring_metadata_gets_the_records_metadata(verifiers: str) -> None:
+    s = RuleScorer([user("by_source"), user("counts_metadata", params={"scale": 0.5})], timeout_s=5.0)
+    result = s.score("1+1=", "2", verl_record({"data_source": "math", "ability": "arith", "extra_info": {"i": 3}}))
+    assert result.components == {"by_source": 2.0, "counts_metadata": 1.5}
+    # No record, or a record without metadata: an empty dict, never None.
+    assert s.score("", "", None).components == {"by_source": 0.0, "counts_metadata": 0.0}
+    assert s.score("", "", verl_record({})).components == {"by_source": 0.0, "counts_metadata": 0.0}
+
+
+def test_a_rule_changing_its_metadata_leaves_the_record_as_it_was(verifiers: str) -> None:
+    shared = verl_record({"topic": "sums", "data_source": "gsm8k"})
+    s = RuleScorer([user("pops_metadata")], timeout_s=5.0)
+    assert [r.components["pops_metadata"] for r in s.score_batch([("", "a", shared), ("", "b", shared)])] == [1.0, 1.0]
+    assert shared.metadata == {"topic": "sums", "data_source": "gsm8k"}
+
+
+def test_only_a_parameter_named_metadata_asks_for_it(verifiers: str) -> None:
+    # **metadata collects params; the record's metadata goes only to a rule that names the parameter.
+    s = RuleScorer([user("any_keywords_only"), user("exact")], timeout_s=5.0)
+    assert s.score("", "2", verl_record({"data_source": "gsm8k"})).components == {
+        "any_keywords_only": 0.0,
+        "exact": 1.0,
+    }
+
+
+def test_the_job_gives_user_rules_the_metadata_its_data_source_read(verifiers: str, tmp_path) -> None:
+    """The config as `rollout run` loads it, the records as the job parses them, and both the scorer and
+    the reward worker the job runs: each record's metadata reaches the rule."""
+    from contracts.config.load import load_config
+    from contracts.formats import parse_prompt
+
+    config = tmp_path / "job.yaml"
+    config.write_text(f"reward:\n  rules:\n    - {{name: '{MODULE}:by_source', weight: 3}}\n")
+    cfg = load_config(config)
+    records = [
+        parse_prompt({"prompt": "1+1=", "completion": "2", "metadata": {"data_source": source}}, "sft", f"p:{i}")
+        for i, source in enumerate(["math", "gsm8k", "other"])
+    ]
+    assert [r.metadata for r in records] == [{"data_source": s} for s in ["math", "gsm8k", "other"]]
+    scorer = RuleScorer(cfg.reward.rules, timeout_s=cfg.reward.timeout_s, failed_value=cfg.reward.failed_value)
+    assert [r.total for r in scorer.score_batch([("1+1=", "2", r) for r in records])] == [6.0, 3.0, 0.0]
+    worker = RewardWorker(cfg.reward)
+    batch = pa.record_batch(
+        {"prompt_id": [r.prompt_id for r in records], "prompt": ["1+1="] * 3, "response": ["2"] * 3}
+    )
+    rewards, _ = worker.score_batch(batch, records)
+    assert rewards.column("reward").to_pylist() == [6.0, 3.0, 0.0]
+    worker.close()
+
+
+@pytest.mark.parametrize(
+    "rule, params, message",
+    [
+        ("by_source", {"metadata": {"data_source": "math"}}, "metadata is the record's metadata, given by the scorer"),
+        ("takes_any", {"metadata": {}}, "metadata is the record's metadata, given by the scorer"),
+        ("exact", {"metadata": {}}, "metadata is the record's metadata, given by the scorer"),
+    ],
+)
+def test_metadata_is_never_a_param_a_config_sets(verifiers: str, rule, params, message) -> None:
+    with pytest.raises(ConfigError, match=f"reward.rules.0.params: reward rule '{MODULE}:{rule}': {message}"):
+        check_reward_config(RewardConfig(rules=[user(rule, params=params)]))
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        ("metadata_third", r"its metadata parameter takes one of \(prompt, response, reference\); declare it after"),
+        ("metadata_positional", "its metadata parameter is positional-only; .* passed by keyword"),
+    ],
+)
+def test_a_metadata_parameter_where_it_cannot_be_given_is_refused(verifiers: str, rule, message) -> None:
+    with pytest.raises(ConfigError, match=f"reward.rules.0.name: {MODULE}:{rule}: {message}"):
+        check_reward_config(RewardConfig(rules=[user(rule)]))
 
 
 # --- the start-up check -------------------------------------------------------------------------
