@@ -39,7 +39,11 @@ from reward.user_rules import user_rule
 Rule = Callable[..., float]
 
 RULES: Registry[Rule] = Registry(
-    "reward rule", "reward.rules[].name", user_form="package.module:function", adapt_user=user_rule
+    "reward rule",
+    "reward.rules[].name",
+    modules=("reward.reasoning_gym_rule",),
+    user_form="package.module:function",
+    adapt_user=user_rule,
 )
 
 
