@@ -36,7 +36,11 @@ def _checked(name: str, cls: object, field: str) -> type[Environment]:
 ENVIRONMENTS: Registry[type[Environment]] = Registry(
     "environment",
     "env.name",
-    modules=("rollout.environments.calculator", "rollout.environments.conversation"),
+    modules=(
+        "rollout.environments.calculator",
+        "rollout.environments.conversation",
+        "rollout.environments.reasoning_gym",
+    ),
     user_form="package.module:ClassName",
     adapt_user=_checked,
 )
