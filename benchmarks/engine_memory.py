@@ -51,13 +51,13 @@ def run_worker(iterations: int, trim: bool) -> dict:
 
     cfg = load_config(ROOT / "configs" / "tiny-arith.yaml")
     data = read_data(cfg, sys.stderr)
-    model = warm_start(data.base_model, data.records, cfg.model, seed=cfg.seed, log=sys.stderr)
+    model = warm_start(data.base_model, data.prompts.records(), cfg.model, seed=cfg.seed, log=sys.stderr)
     worker = RolloutWorker("rollout-0", model, cfg.rollout, seed=cfg.seed)
-    sampler = PromptSampler(size=len(data.records), seed=cfg.seed)
+    sampler = PromptSampler(size=len(data.prompts), seed=cfg.seed)
     per_chunk = -(-cfg.rollout.prompts_per_iteration // cfg.rollout.chunks_per_worker)
     rss, seconds = [], []
     for iteration in range(iterations):
-        picked = [data.tasks[data.records[i].prompt_id] for i in sampler.next_batch(cfg.rollout.prompts_per_iteration)]
+        picked = [data.prompts.task(i) for i in data.prompts.draw(sampler, cfg.rollout.prompts_per_iteration)]
         chunks = [picked[i : i + per_chunk] for i in range(0, len(picked), per_chunk)]
         seeds = [cfg.seed + iteration * len(chunks) + c for c in range(len(chunks))]
         start = time.perf_counter()

@@ -31,7 +31,10 @@ T = TypeVar("T")
 
 DataReader = Callable[[str, Mapping[str, Any]], Any]
 
-DATA_SOURCES: Registry[DataReader] = Registry("data source", "data.prompts")
+# The built-ins beyond JSON live in the modules named here, which import this one to register themselves.
+DATA_SOURCES: Registry[DataReader] = Registry(
+    "data source", "data.prompts", modules=("contracts.table_sources", "contracts.reasoning_gym_source")
+)
 
 ROW_BATCH = 4096  # rows converted to Python at a time when a table is read row by row
 
@@ -43,8 +46,17 @@ class DataSourceError(UserError, ValueError):
 
 @DATA_SOURCES.register("json", suffixes=(".jsonl", ".json"), prefix=None, columnar=False)
 def json_records(path: str, params: Mapping[str, Any]) -> Iterator[tuple[int, Any]]:
-    """JSONL, or one JSON array, read in constant memory (`contracts.jsonl.iter_json_records`)."""
+    """JSONL, or one JSON array, read in constant memory (`contracts.jsonl.iter_json_records`). A binary
+    file under a JSON name (a Parquet or Arrow file) is DataSourceError, not a bad record per line."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    for magic, kind, suffix in _BINARY_FORMATS:
+        if head.startswith(magic):
+            raise DataSourceError(f"{path}: is {kind} file, not JSON or JSONL: name it {suffix}")
     return iter_json_records(path)
+
+
+_BINARY_FORMATS = ((b"PAR1", "a Parquet", ".parquet"), (b"ARROW1", "an Arrow IPC", ".arrow"))
 
 
 DEFAULT = "json"  # reads a path no source claims

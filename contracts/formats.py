@@ -1,4 +1,4 @@
-"""Prompt data formats: SFT JSONL, XTuner/InternLM conversations and chat messages.
+"""Prompt data formats: SFT JSONL, XTuner/InternLM conversations, chat messages and verl's layout.
 
 Each record becomes a `PromptRecord`: the messages to render with the model's chat template (an
 optional system message, earlier turns as user/assistant pairs, then the final user turn), the
@@ -14,19 +14,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 
-from contracts.data_sources import parse_records
+from contracts.data_sources import is_columnar, parse_records, read_data
 from contracts.jsonl import BadRecord, FormatError
 
 T = TypeVar("T")
 
-PROMPT_FORMATS = ("sft", "xtuner", "chat")
+PROMPT_FORMATS = ("sft", "xtuner", "chat", "verl")
 ROLES = ("system", "user", "assistant")
-UNKNOWN_PROMPT_SHAPE = "unknown record shape: expected one of prompt / conversation / messages"
+UNKNOWN_PROMPT_SHAPE = (
+    "unknown record shape: expected one of prompt / conversation / messages, or set data.prompt_key to the "
+    "column that holds the prompt"
+)
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -52,14 +55,67 @@ def detect_prompt_format(obj: Any) -> str | None:
         return None
     for key, fmt in (("conversation", "xtuner"), ("messages", "chat"), ("prompt", "sft")):
         if key in obj:
-            return fmt
+            return "verl" if fmt == "sft" and isinstance(obj["prompt"], list) else fmt
     return None
 
 
 def record_id(obj: Any) -> str:
-    """A stable id for a data record: sha256 of its canonical JSON, first 16 hex characters."""
-    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """A stable id for a data record: sha256 of its canonical JSON, first 16 hex characters. Values JSON has
+    no type for (a table's timestamps, bytes) count by their text."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+class Columns(msgspec.Struct, frozen=True):
+    """A layout named by its columns (`data.prompt_key`, `data.reference_key`, `data.metadata_keys`), for
+    records none of the known formats fits."""
+
+    prompt: str  # a text column (one user turn) or a column of chat messages
+    reference: str | None = None  # a dotted path into nested columns: "reward_model.ground_truth"
+    metadata: tuple[str, ...] | None = None  # None: every column but the prompt (and a top-level reference)
+
+
+def parse_columns(obj: Any, columns: Columns, source: str) -> PromptRecord:
+    """A record read by the columns its layout names. FormatError naming the column when one is missing or
+    holds the wrong type."""
+    record = require_object(obj)
+    value = record.get(columns.prompt)
+    if value is None:
+        raise FormatError(f"missing field {columns.prompt!r} (data.prompt_key)")
+    if isinstance(value, list):
+        messages = [_chat_message(item, f"{columns.prompt}[{i}]") for i, item in enumerate(value)]
+        _check_turn_order(messages)
+        reference = messages.pop().content if messages[-1].role == "assistant" else None
+    else:
+        messages, reference = [Message("user", text_field(record, columns.prompt))], None
+    if columns.reference is not None:
+        reference = _answer_text(dotted(record, columns.reference), columns.reference)
+    if columns.metadata is None:
+        skipped = {columns.prompt} | ({columns.reference} if columns.reference else set())
+        metadata = {k: v for k, v in record.items() if k not in skipped}
+    else:
+        metadata = {k: record.get(k) for k in columns.metadata}
+    return PromptRecord(record_id(record), messages, reference, metadata, source)
+
+
+def dotted(record: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path into nested objects (`reward_model.ground_truth`); None where any part is
+    missing."""
+    value: Any = record
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _answer_text(value: Any, where: str) -> str | None:
+    """A reference answer as text: strings as they are, numbers written out, None for none."""
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FormatError(f"{where} must be a string or a number, got {type_name(value)}")
+    return str(value)
 
 
 def parse_prompt(obj: Any, fmt: str, source: str) -> PromptRecord:
@@ -78,12 +134,45 @@ def parse_prompt(obj: Any, fmt: str, source: str) -> PromptRecord:
     return PromptRecord(record_id(record), messages, reference, _metadata(record, used_keys), source)
 
 
-def read_prompts(path: str | os.PathLike[str], fmt: str = "auto") -> Iterator[PromptRecord | BadRecord]:
-    """Stream a prompt file: a PromptRecord for each good record, a BadRecord for each bad one.
+def prompt_record(obj: Any, fmt: str, columns: Columns | None, source: str, *, row: int | None = None) -> PromptRecord:
+    """One decoded record as a PromptRecord: by `columns` where the data names its layout, else by `fmt`
+    (a format, or "auto" to detect it). A table's row (`row`, its index) gets an id over the row and its
+    index: rows of a table may repeat, and their ids must not, without hashing every row up front."""
+    if columns is not None:
+        record = parse_columns(obj, columns, source)
+    else:
+        record = parse_prompt(obj, fmt, source)
+    if row is None:
+        return record
+    return msgspec.structs.replace(record, prompt_id=record_id({"row": row, "record": obj}))
 
-    With "auto" each record's format is detected from its keys, so one file may mix formats.
-    """
-    return read_records(path, fmt, PROMPT_FORMATS, "prompt", parse_prompt)
+
+def read_prompts(
+    path: str | os.PathLike[str],
+    fmt: str = "auto",
+    params: Mapping[str, Any] | None = None,
+    columns: Columns | None = None,
+) -> Iterator[PromptRecord | BadRecord]:
+    """Stream a prompt source (`params`: its `data.source_params`): a PromptRecord for each good record, a
+    BadRecord for each bad one. With "auto" each record's format is detected from its keys, so one file may
+    mix formats; `columns` names the layout instead."""
+    if fmt != "auto":
+        check_format_name(fmt, PROMPT_FORMATS, "prompt")
+    return _prompt_records(os.fspath(path), fmt, params, columns)
+
+
+def _prompt_records(
+    spec: str, fmt: str, params: Mapping[str, Any] | None, columns: Columns | None
+) -> Iterator[PromptRecord | BadRecord]:
+    columnar = is_columnar(spec)
+    for n, obj in read_data(spec, params):
+        if isinstance(obj, BadRecord):
+            yield obj
+            continue
+        try:
+            yield prompt_record(obj, fmt, columns, f"{spec}:{n}", row=n if columnar else None)
+        except FormatError as e:
+            yield BadRecord(spec, n, str(e))
 
 
 def read_records(
@@ -105,6 +194,18 @@ def _parse_sft(record: dict[str, Any]) -> tuple[list[Message], str | None]:
     # The seed data embeds "<|SYSTEM|>...<|USER|>..." markers in the prompt; they stay as written.
     prompt = text_field(record, "prompt")
     return [Message("user", prompt)], text_field(record, "completion", required=False)
+
+
+def _parse_verl(record: dict[str, Any]) -> tuple[list[Message], str | None]:
+    # verl's Parquet: chat messages in "prompt", the answer in reward_model.ground_truth; data_source,
+    # ability, extra_info and reward_model stay in the metadata, where verl-style rules read them.
+    items = list_field(record, "prompt")
+    messages = [_chat_message(item, f"prompt[{i}]") for i, item in enumerate(items)]
+    _check_turn_order(messages)
+    reward_model = record.get("reward_model")
+    if reward_model is not None and not isinstance(reward_model, dict):
+        raise FormatError(f'field "reward_model" must be an object, got {type_name(reward_model)}')
+    return messages, _answer_text((reward_model or {}).get("ground_truth"), "reward_model.ground_truth")
 
 
 def _parse_xtuner(record: dict[str, Any]) -> tuple[list[Message], str | None]:
@@ -186,6 +287,7 @@ _PARSERS: dict[str, tuple[Callable[[dict[str, Any]], tuple[list[Message], str | 
     "sft": (_parse_sft, frozenset({"prompt", "completion"})),
     "xtuner": (_parse_xtuner, frozenset({"system", "conversation"})),
     "chat": (_parse_chat, frozenset({"messages"})),
+    "verl": (_parse_verl, frozenset({"prompt"})),
 }
 
 

@@ -67,11 +67,11 @@ def cmd_validate(args) -> int:
     from rollout.offline.validate import validate_files
 
     prompt_length, max_tokens = None, None
+    cfg = load_config(args.config)
     if not args.no_length_check:
-        cfg = load_config(args.config)
         prompt_length = _prompt_length(cfg)
         max_tokens = cfg.model.max_prompt_tokens
-    return validate_files(args.files, prompt_length=prompt_length, max_prompt_tokens=max_tokens)
+    return validate_files(args.files, prompt_length=prompt_length, max_prompt_tokens=max_tokens, data=cfg.data)
 
 
 def _prompt_length(cfg):

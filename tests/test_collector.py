@@ -11,7 +11,7 @@ from contracts.config.load import load_config
 from rollout.actors.launch import Chunk
 from rollout.actors.reward_workers import Scoring
 from rollout.driver.collector import Collector, EnvironmentFailure
-from rollout.driver.prompts import PromptSampler
+from rollout.driver.prompts import Prompts, PromptSampler
 from rollout.generation.worker import GenerationSummary
 
 
@@ -46,13 +46,16 @@ class Rewards:
         return [s.rewards for s in scorings], {"reward_latency/total": sum(s.latency["total"] for s in scorings)}
 
 
+class Renderer:
+    max_prompt_tokens = 100
+
+    def render(self, record, messages=None):
+        return SimpleNamespace(prompt_id=record.prompt_id)
+
+
 def data(prompts: int):
     records = [SimpleNamespace(prompt_id=f"p{i}") for i in range(prompts)]
-    return SimpleNamespace(
-        records=records,
-        records_by_id={r.prompt_id: r for r in records},
-        tasks={r.prompt_id: SimpleNamespace(prompt_id=r.prompt_id) for r in records},
-    )
+    return SimpleNamespace(prompts=Prompts("test", prompts, records.__getitem__, Renderer()))
 
 
 def generate_collector(errors: dict[int, int], *overrides: str):

@@ -146,7 +146,8 @@ def test_with_an_environment_the_prompt_length_check_sees_the_opening_not_the_wh
     with pytest.raises(FormatError, match="1 prompt\\(s\\) longer than model.max_prompt_tokens"):
         read_data(load_config(None, overrides), io.StringIO())  # single turn: the whole record is the prompt
     data = read_data(load_config(None, [*overrides, "env.name=conversation"]), io.StringIO())
-    task = data.tasks[record.prompt_id]
+    task = data.prompts.task(0)
+    assert data.prompts.record(0).prompt_id == record.prompt_id
     assert task.prompt_ids == opening and task.prompt == renderer.text(record, Conversation.opening(record))
     assert task.prompt.endswith("<|user|>hi there\n<|assistant|>")
 

@@ -90,7 +90,7 @@ def test_a_bad_prompt_file_is_one_line_and_exit_2(tmp_path, capsys):
     empty.write_text("")
     for prompts, message in (
         (empty, "no valid prompt records"),
-        (tmp_path, "Is a directory"),
+        (tmp_path, "a directory with no Parquet or Arrow files"),
         (tmp_path / "missing.jsonl", "No such file"),
     ):
         assert main(["run", "--set", f"data.prompts={prompts}", "--out", str(tmp_path / "run")]) == 2

@@ -8,6 +8,7 @@ import pytest
 
 import contracts.jsonl
 from contracts.formats import (
+    UNKNOWN_PROMPT_SHAPE,
     FormatError,
     Message,
     PromptRecord,
@@ -278,7 +279,7 @@ def test_each_kind_of_bad_prompt_record_is_reported_at_its_line():
         f"{f}:15: messages[2].role must be user, got assistant (turns alternate user/assistant, starting with user)",
         f'{f}:16: field "messages" has no user message',
         f"{f}:17: messages[1].role is system: a system message is only allowed first",
-        f"{f}:18: unknown record shape: expected one of prompt / conversation / messages",
+        f"{f}:18: {UNKNOWN_PROMPT_SHAPE}",
         f"{f}:19: record must be a JSON object, got list",
         f"{f}:20: invalid JSON: Unterminated string starting at (column 12)",
         f"{f}:23: messages[0].content must be a string, got null",
@@ -328,7 +329,7 @@ def test_prompt_id_is_the_hash_of_the_canonical_record():
 def test_the_json_source_reads_json_jsonl_and_any_suffix_no_other_source_claims(tmp_path):
     from contracts.data_sources import DATA_SOURCES, DEFAULT, data_source, read_data
 
-    assert DATA_SOURCES.names() == ("json",) and DEFAULT == "json"
+    assert DATA_SOURCES.names()[0] == DEFAULT == "json"
     assert [data_source(p) for p in ("a.jsonl", "a.JSON", "a.txt", "no_suffix", "s3://b/k.jsonl")] == ["json"] * 5
     path = tmp_path / "prompts.data"
     path.write_text('[\n  {"prompt": "a"},\n  {"prompt": "b"}\n]\n')

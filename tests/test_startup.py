@@ -27,8 +27,10 @@ def test_with_ray_up_the_data_is_read_as_alone_and_ray_left_running(tmp_path, lo
     cfg = load_config(None, ["model.sft_warmup=false"])
     data = read_data_starting_ray(cfg, tmp_path / "run", io.StringIO(), learner=True, prompts_needed=64)
     alone = read_data(cfg, io.StringIO(), prompts_needed=64)
-    assert [r.prompt_id for r in data.records] == [r.prompt_id for r in alone.records]
-    assert data.tasks == alone.tasks
+    assert [r.prompt_id for r in data.prompts.records()] == [r.prompt_id for r in alone.prompts.records()]
+    assert [data.prompts.task(i) for i in range(len(data.prompts))] == [
+        alone.prompts.task(i) for i in range(len(alone.prompts))
+    ]
     assert ray.is_initialized()
     with pytest.raises(ConfigError, match="exceeds the 8 usable prompts"):
         read_data_starting_ray(

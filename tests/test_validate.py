@@ -130,9 +130,10 @@ def test_missing_and_empty_files_fail_but_the_others_are_still_checked(tmp_path)
     assert lines == [f"{missing}: no such file", f"{empty}: no records", f"{data('scored.jsonl')}: 3 records, 0 bad"]
 
 
-def test_a_directory_is_not_a_data_file(tmp_path):
+def test_a_directory_without_data_files_says_what_it_can_read(tmp_path):
     code, lines = run([str(tmp_path)])
-    assert (code, lines) == (1, [f"{tmp_path}: is a directory, not a data file"])
+    assert code == 1 and len(lines) == 1
+    assert lines[0].startswith(f"{tmp_path}: a directory with no Parquet or Arrow files")
 
 
 def characters(record: PromptRecord) -> int:

@@ -49,7 +49,7 @@ class DataConfig(Base):
         ),
     ] = "builtin:arith"
     format: Annotated[
-        Literal["auto", "sft", "xtuner", "chat"],
+        Literal["auto", "sft", "xtuner", "chat", "verl"],
         doc("Prompt file format; `auto` detects it per record, so a file may mix formats."),
     ] = "auto"
     on_bad_record: Annotated[

@@ -55,7 +55,7 @@ class Collector:
         """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it
         (once: an iteration launched already is left as it is)."""
         if iteration not in self.launched:
-            indices = self.sampler.next_batch(self.cfg.rollout.prompts_per_iteration)
+            indices = self.data.prompts.draw(self.sampler, self.cfg.rollout.prompts_per_iteration)
             self.launched[iteration] = self._round(iteration, indices)
 
     def collect(self, iteration: int, timings: dict[str, float]) -> Samples:
@@ -74,8 +74,8 @@ class Collector:
             selection = select(rewards, n, wanted)
             if selection.kept >= wanted or rounds == sampling.max_rounds:
                 break
-            size = round_size(wanted - selection.kept, selection.kept, len(used), len(self.data.records) - len(used))
-            extra = self._round(iteration, self.sampler.next_batch(size, frozenset(used)))
+            size = round_size(wanted - selection.kept, selection.kept, len(used), len(self.data.prompts) - len(used))
+            extra = self._round(iteration, self.data.prompts.draw(self.sampler, size, frozenset(used)))
             used.update(extra.indices)
             more = self._gathered(iteration, extra, timings)
             chunks, rewards, rounds = chunks + more[0], rewards + more[1], rounds + 1
@@ -89,7 +89,7 @@ class Collector:
         """Every prompt's samples once, as iteration 0 (`rollout generate`): each chunk with its reward columns,
         as it is scored (`desc`: the progress bar's; `what`: what a scoring time-out names). Once all are back,
         EnvironmentFailure if more than `env.max_error_fraction` of the episodes failed in their environment."""
-        launched = self._round(0, list(range(len(self.data.records))))
+        launched = self._round(0, self.data.prompts.usable())
         summaries = []
         for chunk in self._with_progress(launched, desc, leave=True):
             [rewards], _ = self.rewards.scores([chunk.scoring], self.cfg.rollout.iteration_timeout_s, what)
@@ -99,9 +99,11 @@ class Collector:
 
     def _round(self, iteration: int, indices: list[int]) -> Launched:
         """The prompts `indices` (records) queued for generation, and each chunk's scoring behind it."""
-        tasks = [self.data.tasks[self.data.records[i].prompt_id] for i in indices]
+        prompts = self.data.prompts
+        tasks = [prompts.task(i) for i in indices]
+        records = {prompts.record(i).prompt_id: prompts.record(i) for i in indices}
         generation = self.workers.submit(
-            tasks, run_id=self.run_id, iteration=iteration, score=self._score, records=self.data.records_by_id
+            tasks, run_id=self.run_id, iteration=iteration, score=self._score, records=records
         )
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
         after_sync = self.weights is not None and self.weights.queued()
@@ -109,7 +111,7 @@ class Collector:
 
     def _score(self, batch: ray.ObjectRef, tasks: list[PromptTask]) -> Scoring:
         """A chunk's scoring, queued as it completes: the reward workers read its prompts' data records."""
-        records = [self.data.records_by_id[i] for i in dict.fromkeys(t.prompt_id for t in tasks)]
+        records = [self.data.prompts.by_id(i) for i in dict.fromkeys(t.prompt_id for t in tasks)]
         return self.rewards.score(batch, records)
 
     def _gathered(self, iteration: int, launched: Launched, timings: dict[str, float]):

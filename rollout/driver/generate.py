@@ -89,7 +89,7 @@ def _archived(cfg: JobConfig, out: Path, data: RunData, collector: Collector, ru
     all_rewards = np.concatenate(rewards) if rewards else np.zeros(0)
     return {
         "samples": len(all_rewards),
-        "prompts": len(data.records),
+        "prompts": len(data.prompts),
         "generated_tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,

@@ -2,23 +2,46 @@
 
 `builtin:arith` generates `a+b=` problems with reference answers; `builtin:calc` generates harder
 ones (`a*b=`, `a-b=`, `a+b=` with operands up to `data.builtin_max_operand`) for the `calculator`
-environment, each with a demonstration of the tool for the SFT warm-up; anything else is a file in one
-of the seed formats. Every bad record is reported as `FILE:LINE: reason`; the job then stops or
-skips them as `data.on_bad_record` says.
+environment, each with a demonstration of the tool for the SFT warm-up; anything else is read by its data
+source (`contracts.data_sources`). Every bad record is reported as `SOURCE:N: reason`; the job then stops
+or skips them as `data.on_bad_record` says.
+
+`Prompts` holds them in data order. A row source (JSON, generated records) is read and rendered whole at
+load, as it is small enough to hold as Python objects; a columnar source (Parquet, Arrow, `datasets`, `hf:`)
+stays one Arrow table, and a row becomes a record and a rendered prompt only when a batch draws it, so a
+table of millions of rows is ready in seconds. A table of up to `CHECK_ROWS` rows is still checked whole at
+load; in a larger one a bad row is found when drawn, then reported and stopped on, or skipped and another
+drawn in its place.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import sys
-from collections.abc import Iterator
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 
 import msgspec
 
 from contracts.config import DataConfig
+from contracts.data_sources import is_columnar, read_table
 from contracts.errors import UserError
-from contracts.formats import PromptRecord, parse_prompt, read_prompts
+from contracts.formats import (
+    Columns,
+    FormatError,
+    Message,
+    PromptRecord,
+    parse_prompt,
+    prompt_record,
+    read_prompts,
+)
 from contracts.jsonl import BadRecord, report_bad
+from contracts.rendering import PromptRenderer, PromptTask, render_prompts
+
+CHECK_ROWS = 50_000  # a table this small is read and rendered whole at load, so bad rows fail before Ray
+CACHED_ROWS = 100_000  # rows of a large table kept read and rendered, the most recently drawn
 
 BUILTIN_ARITH = "builtin:arith"
 BUILTIN_CALC = "builtin:calc"
@@ -66,8 +89,8 @@ def calc_records(count: int, max_operand: int, seed: int, observation_role: str 
 
 
 def load_prompts(cfg: DataConfig, seed: int, *, log=None, observation_role: str = "user") -> list[PromptRecord]:
-    """All records of the configured source; bad ones reported (to stderr), then stop or skip per config.
-    `observation_role` is the role of the environment's turns in `builtin:calc` demonstrations."""
+    """All records of the configured source, as a list; bad ones reported (to stderr), then stop or skip per
+    config. `observation_role` is the role of the environment's turns in `builtin:calc` demonstrations."""
     log = log or sys.stderr
     if cfg.prompts == BUILTIN_ARITH:
         return unique_ids(
@@ -80,7 +103,7 @@ def load_prompts(cfg: DataConfig, seed: int, *, log=None, observation_role: str 
         return calc_records(cfg.builtin_size, cfg.builtin_max_operand, seed, observation_role)
     records: list[PromptRecord] = []
     bad: list[BadRecord] = []
-    for item in read_prompts(cfg.prompts, cfg.format):
+    for item in read_prompts(cfg.prompts, cfg.format, cfg.source_params, columns(cfg)):
         (bad if isinstance(item, BadRecord) else records).append(item)
     report_bad(
         bad,
@@ -94,6 +117,216 @@ def load_prompts(cfg: DataConfig, seed: int, *, log=None, observation_role: str 
     if not records:
         raise PromptDataError(f"{cfg.prompts}: no valid prompt records")
     return unique_ids(records)
+
+
+def columns(cfg: DataConfig) -> Columns | None:
+    """The layout `data.prompt_key` names, or None to detect each record's."""
+    if cfg.prompt_key is None:
+        return None
+    keys = None if cfg.metadata_keys is None else tuple(cfg.metadata_keys)
+    return Columns(cfg.prompt_key, cfg.reference_key, keys)
+
+
+def job_prompts(
+    cfg: DataConfig,
+    seed: int,
+    renderer: PromptRenderer,
+    *,
+    log,
+    opening: Callable[[PromptRecord], list[Message]] | None = None,
+    observation_role: str = "user",
+) -> Prompts:
+    """The job's prompts, checked as far as their size allows before anything starts: a row source read and
+    rendered whole, a table's columns checked against its layout and, up to `CHECK_ROWS` rows, every row."""
+    if cfg.prompts.startswith("builtin:") or not is_columnar(cfg.prompts):
+        records, tasks = render_prompts(
+            load_prompts(cfg, seed, log=log, observation_role=observation_role),
+            renderer,
+            on_bad_record=cfg.on_bad_record,
+            source=cfg.prompts,
+            log=log,
+            opening=opening,
+        )
+        return Prompts(cfg.prompts, len(records), records.__getitem__, renderer, opening=opening, log=log).filled(
+            records, tasks
+        )
+    table = read_table(cfg.prompts, cfg.source_params)
+    layout = columns(cfg)
+    check_layout(cfg.prompts, table.column_names, layout, cfg.format)
+    if table.num_rows == 0:
+        raise PromptDataError(f"{cfg.prompts}: no rows")
+    rows = TableRows(table)
+    prompts = Prompts(
+        cfg.prompts,
+        table.num_rows,
+        lambda row: prompt_record(rows[row], cfg.format, layout, f"{cfg.prompts}:{row}", row=row),
+        renderer,
+        opening=opening,
+        on_bad_record=cfg.on_bad_record,
+        log=log,
+        cached=None if table.num_rows <= CHECK_ROWS else CACHED_ROWS,
+    )
+    if table.num_rows <= CHECK_ROWS:
+        prompts.check_all()
+    return prompts
+
+
+def check_layout(source: str, names: list[str], layout: Columns | None, fmt: str) -> None:
+    """PromptDataError, in one line, when a table's columns fit neither a known layout nor `data.prompt_key`."""
+    if layout is not None:
+        for key, field in ((layout.prompt, "data.prompt_key"), (layout.reference, "data.reference_key")):
+            if key is not None and key.split(".")[0] not in names:
+                raise PromptDataError(f"{source}: {field} {key!r} is not a column; its columns: {', '.join(names)}")
+        missing = [k for k in layout.metadata or () if k not in names]
+        if missing:
+            raise PromptDataError(
+                f"{source}: data.metadata_keys {missing} are not columns; its columns: {', '.join(names)}"
+            )
+        return
+    if fmt == "auto" and not {"prompt", "conversation", "messages"} & set(names):
+        raise PromptDataError(
+            f"{source}: no prompt / conversation / messages column; set data.prompt_key to the column holding "
+            f"the prompt (its columns: {', '.join(names)})"
+        )
+
+
+class TableRows:
+    """A table's rows as dicts by index, converted a slice at a time."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __getitem__(self, row: int) -> dict:
+        return self.table.slice(row, 1).to_pylist()[0]
+
+
+class Prompts:
+    """The job's prompt records in data order, each rendered for generation once and kept while drawn.
+
+    `read_row(i)` gives record `i` (FormatError for a bad one); `opening` the messages an episode opens with.
+    `cached`: how many rows stay read and rendered (the most recently drawn), None for all."""
+
+    def __init__(
+        self,
+        source: str,
+        size: int,
+        read_row: Callable[[int], PromptRecord],
+        renderer: PromptRenderer,
+        *,
+        opening: Callable[[PromptRecord], list[Message]] | None = None,
+        on_bad_record: str = "stop",
+        log=None,
+        cached: int | None = None,
+    ):
+        self.source = source
+        self.size = size
+        self._read_row = read_row
+        self._renderer = renderer
+        self._opening = opening
+        self._on_bad_record = on_bad_record
+        self._log = log or sys.stderr
+        self._cached = cached
+        self._rows: OrderedDict[int, tuple[PromptRecord, PromptTask]] = OrderedDict()
+        self._by_id: dict[str, int] = {}
+        self.bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def filled(self, records: list[PromptRecord], tasks: dict[str, PromptTask]) -> Prompts:
+        """These prompts with every record already read and rendered (`tasks` by prompt id)."""
+        for row, record in enumerate(records):
+            self._keep(row, record, tasks[record.prompt_id])
+        return self
+
+    def check_all(self) -> None:
+        """Every row read and rendered now, the bad ones reported together: stop, or skip them when drawn."""
+        bad = []
+        for row in range(self.size):
+            try:
+                self._entry(row)
+            except FormatError as e:
+                bad.append(str(e))
+                self.bad.add(row)
+        report_bad(
+            bad,
+            on_bad_record=self._on_bad_record,
+            source=self.source,
+            what="bad record(s)",
+            fix="fix them",
+            error=PromptDataError,
+            log=self._log,
+            listed=20,
+        )
+        if len(self.bad) == self.size:
+            raise PromptDataError(f"{self.source}: no valid prompt records")
+
+    def draw(self, sampler: PromptSampler, size: int, exclude: frozenset[int] = frozenset()) -> list[int]:
+        """`size` rows from `sampler`, none of `exclude`, each read and rendered; a bad row is reported, then
+        stops the job or is left out and another drawn in its place, as `data.on_bad_record` says."""
+        picked: list[int] = []
+        while len(picked) < size:
+            for row in sampler.next_batch(size - len(picked), exclude | frozenset(picked) | frozenset(self.bad)):
+                if self._usable(row):
+                    picked.append(row)
+        return picked
+
+    def usable(self) -> list[int]:
+        """Every row that reads and renders, in order (`rollout generate` takes them all)."""
+        return [row for row in range(self.size) if self._usable(row)]
+
+    def task(self, row: int) -> PromptTask:
+        return self._entry(row)[1]
+
+    def record(self, row: int) -> PromptRecord:
+        return self._entry(row)[0]
+
+    def by_id(self, prompt_id: str) -> PromptRecord:
+        """The record of a drawn prompt, by its id."""
+        return self.record(self._by_id[prompt_id])
+
+    def records(self) -> list[PromptRecord]:
+        """Every good record in order (the SFT warm-up reads them all)."""
+        return [self.record(row) for row in self.usable()]
+
+    def _usable(self, row: int) -> bool:
+        if row in self.bad:
+            return False
+        try:
+            self._entry(row)
+            return True
+        except FormatError as e:
+            self.bad.add(row)
+            print(e, file=self._log)
+            if self._on_bad_record == "stop":
+                raise PromptDataError(
+                    f"{self.source}: a bad record, above; fix it, or set data.on_bad_record=skip to train on the rest"
+                ) from None
+            if len(self.bad) == self.size:
+                raise PromptDataError(f"{self.source}: no valid prompt records") from None
+            return False
+
+    def _entry(self, row: int) -> tuple[PromptRecord, PromptTask]:
+        entry = self._rows.get(row)
+        if entry is not None:
+            self._rows.move_to_end(row)
+            return entry
+        if not 0 <= row < self.size:
+            raise IndexError(f"row {row} of {self.size}")
+        try:
+            record = self._read_row(row)
+        except FormatError as e:
+            raise FormatError(f"{self.source}:{row}: {e}") from None
+        task = self._renderer.render(record, None if self._opening is None else self._opening(record))
+        self._keep(row, record, task)
+        return record, task
+
+    def _keep(self, row: int, record: PromptRecord, task: PromptTask) -> None:
+        self._rows[row] = (record, task)
+        self._by_id[record.prompt_id] = row
+        if self._cached is not None and len(self._rows) > self._cached:
+            old_row, (old, _) = self._rows.popitem(last=False)
+            self._by_id.pop(old.prompt_id, None)
 
 
 def unique_ids(records: list[PromptRecord]) -> list[PromptRecord]:
@@ -138,8 +371,15 @@ class PromptSampler(msgspec.Struct):
                 self.epoch, self.position = self.epoch + 1, 0
         return indices
 
-    def _order(self) -> list[int]:
-        order = list(range(self.size))
-        if self.shuffle:
-            random.Random(self.seed * 7919 + self.epoch).shuffle(order)
-        return order
+    def _order(self) -> array:
+        return _epoch_order(self.size, self.seed, self.epoch, self.shuffle)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(size: int, seed: int, epoch: int, shuffle: bool) -> array:
+    """An epoch's order of record indices, built once per epoch rather than per batch (a million rows take
+    a second to shuffle), and kept as machine integers: a list of a million ints holds 36 MB."""
+    order = list(range(size))
+    if shuffle:
+        random.Random(seed * 7919 + epoch).shuffle(order)
+    return array("q", order)

@@ -79,7 +79,7 @@ class Session:
         model = self._start_model()
         checkpoint = self.checkpoints.resume_point(resume, log)
         print(
-            f"run {record.run_id}: {len(self.data.records)} prompts, model {model}, "
+            f"run {record.run_id}: {len(self.data.prompts)} prompts, model {model}, "
             f"{cfg.rollout.num_workers} rollout worker(s), ray {ray.get_runtime_context().gcs_address}",
             file=log,
         )
@@ -100,7 +100,7 @@ class Session:
             node_wait_timeout_s=cfg.ray.node_wait_timeout_s,
         )
         resumed_from = None
-        sampler = PromptSampler(size=len(self.data.records), seed=cfg.seed, shuffle=cfg.data.shuffle)
+        sampler = PromptSampler(size=len(self.data.prompts), seed=cfg.seed, shuffle=cfg.data.shuffle)
         if checkpoint:
             extra = self.learner.load(checkpoint)
             sampler = msgspec.convert(extra["sampler"], PromptSampler)
@@ -136,7 +136,7 @@ class Session:
         if cfg.model.sft_warmup:
             from learner.sft import warm_start
 
-            model = warm_start(model, self.data.records, cfg.model, seed=cfg.seed, log=self.record.log)
+            model = warm_start(model, self.data.prompts.records(), cfg.model, seed=cfg.seed, log=self.record.log)
         storage = self.record.storage
         if storage:  # actors on nodes that cannot see this disk fetch what they load from the URI
             model = storage.stage_model(model)

@@ -24,12 +24,11 @@ from contracts.builtin_model import resolve_model_path
 from contracts.config import ConfigError, JobConfig
 from contracts.config.load import check, to_yaml
 from contracts.console import configure_driver
-from contracts.formats import PromptRecord
-from contracts.rendering import PromptRenderer, PromptTask, render_prompts
+from contracts.rendering import PromptRenderer
 from learner.estimators import check_learner_names
 from reward.checks import check_reward_config
 from rollout.driver import stopping
-from rollout.driver.prompts import load_prompts
+from rollout.driver.prompts import Prompts, job_prompts
 from rollout.driver.resources import actor_requests, check_fits, node_resources, resolve_devices
 from rollout.driver.run_lock import RunLock
 from rollout.environments.registry import check_environment
@@ -37,19 +36,18 @@ from rollout.environments.registry import check_environment
 
 @dataclass
 class RunData:
-    """The job's prompts, rendered once by the tokenizer of the model it starts from."""
+    """The job's prompts, rendered by the tokenizer of the model it starts from."""
 
     base_model: str  # a directory: the builtin tiny model is built on first use
     tokenizer: Any
-    records: list[PromptRecord]  # in data order
-    tasks: dict[str, PromptTask]  # by prompt_id
-    records_by_id: dict[str, PromptRecord]
+    prompts: Prompts  # in data order
 
 
 def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
     """Config rules, the reward section (rule names and params, users' rule modules, the reward model's
-    directory), the environment (`env.name` and `env.params`) and every prompt, checked before anything
-    starts: bad data fails here, in seconds, and leaves nothing in the run directory. With an environment,
+    directory), the environment (`env.name` and `env.params`) and the prompts, checked before anything
+    starts: bad data fails here, in seconds, and leaves nothing in the run directory (a table too large to
+    read whole at load has its columns checked here, its rows as they are drawn). With an environment,
     each prompt is the one its episode opens with (`Environment.opening`)."""
     check(cfg)  # devices are checked against the cluster once it is joined
     check_learner_names(cfg.learner, cfg.rollout.n_samples)
@@ -59,21 +57,21 @@ def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
     from transformers import AutoTokenizer  # slow to import: only the commands that start a job pay it
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    renderer = PromptRenderer(tokenizer, cfg.model.max_prompt_tokens)
-    records, tasks = render_prompts(
-        load_prompts(cfg.data, cfg.seed, log=log, observation_role=cfg.env.observation_role),
-        renderer,
-        on_bad_record=cfg.data.on_bad_record,
-        source=cfg.data.prompts,
+    prompts = job_prompts(
+        cfg.data,
+        cfg.seed,
+        PromptRenderer(tokenizer, cfg.model.max_prompt_tokens),
         log=log,
         opening=None if environment is None else environment.opening,
+        observation_role=cfg.env.observation_role,
     )
-    if prompts_needed > len(records):
+    usable = len(prompts) - len(prompts.bad)
+    if prompts_needed > usable:
         raise ConfigError(
-            f"rollout.prompts_per_iteration ({prompts_needed}) exceeds the {len(records)} usable "
+            f"rollout.prompts_per_iteration ({prompts_needed}) exceeds the {usable} usable "
             f"prompts of data.prompts ({cfg.data.prompts}): lower it, or give more prompts"
         )
-    return RunData(base_model, tokenizer, records, tasks, {record.prompt_id: record for record in records})
+    return RunData(base_model, tokenizer, prompts)
 
 
 def read_data_starting_ray(cfg: JobConfig, run_dir: Path, log, *, learner: bool, prompts_needed: int = 0) -> RunData:

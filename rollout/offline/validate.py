@@ -1,21 +1,25 @@
-"""`rollout validate`: check data files, report every bad record as `FILE:LINE: reason`.
+"""`rollout validate`: check data sources, report every bad record as `SOURCE:N: reason`.
 
-Each file is prompt data or preference data, told apart by the keys of its first record whose
+Each source is any that `data.prompts` takes (a file, a directory or glob, `hf:`, `reasoning_gym:`). Each is
+prompt data or preference data, told apart by the keys of its first record whose
 shape is recognised; every record is then checked against that kind's formats. The report is
 one line per bad record as it is found, then a summary per file and a count per reason category.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from typing import TextIO
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TextIO
 
-from contracts.data_sources import read_data
+from contracts.config import DataConfig
+from contracts.data_sources import DataSourceError, data_source, read_data
 from contracts.formats import PromptRecord, detect_prompt_format, read_prompts
 from contracts.jsonl import BadRecord
 from reward.preferences import detect_preference_format, read_preferences
+from rollout.driver.prompts import columns
 
 # First match wins: the more specific phrases come before the generic "must be" / "is empty".
 _CATEGORIES = (
@@ -46,13 +50,16 @@ def validate_files(
     prompt_length: Callable[[PromptRecord], int] | None = None,
     max_prompt_tokens: int | None = None,
     out: TextIO | None = None,
+    data: DataConfig | None = None,
 ) -> int:
-    """Check every record of every file and print the report to `out` (stdout); 0 if all valid, else 1.
+    """Check every record of every source and print the report to `out` (stdout); 0 if all valid, else 1.
 
     `prompt_length` (the rendered prompt's token count) with `max_prompt_tokens` also reports
-    prompts that are too long. A file that is missing, unreadable or has no records fails too.
+    prompts that are too long. `data` (a job's data section) gives the sources' params and the layout
+    `data.prompt_key` names. A source that is missing, unreadable or has no records fails too.
     """
     out = out or sys.stdout
+    data = data or DataConfig()
     summaries: list[str] = []
     reasons: Counter[str] = Counter()
     failed = False
@@ -62,7 +69,12 @@ def validate_files(
             print(f"{file}: {problem}", file=out)
             failed = True
             continue
-        records, bad = _check_file(file, prompt_length, max_prompt_tokens, out)
+        try:
+            records, bad = _check_file(file, prompt_length, max_prompt_tokens, out, data)
+        except DataSourceError as e:
+            print(e, file=out)
+            failed = True
+            continue
         reasons.update(bad)
         failed |= records == 0 or bad.total() > 0
         summaries.append(f"{file}: no records" if records == 0 else f"{file}: {records} records, {bad.total()} bad")
@@ -75,13 +87,13 @@ def validate_files(
     return 1 if failed else 0
 
 
-def detect_data_kind(file: str) -> str:
+def detect_data_kind(file: str, params: Mapping[str, Any] | None = None) -> str:
     """The kind of data in a file, "preference" or "prompt", from its first recognised record.
 
     Preference records carry a "prompt" too, so their keys are checked first. A file with no
     recognisable record is treated as prompt data (its records are then reported as unknown).
     """
-    for _, obj in read_data(file):
+    for _, obj in read_data(file, params):
         if detect_preference_format(obj):
             return "preference"
         if detect_prompt_format(obj):
@@ -95,6 +107,8 @@ def reason_category(reason: str) -> str:
 
 
 def _unreadable(file: str) -> str | None:
+    if data_source(file) in ("directory", "glob") or not os.path.exists(file) and ":" in file:
+        return None  # not one file: its source says what it cannot read
     try:
         open(file, "rb").close()
     except FileNotFoundError:
@@ -107,13 +121,17 @@ def _unreadable(file: str) -> str | None:
 
 
 def _check_file(
-    file: str, prompt_length: Callable[[PromptRecord], int] | None, max_prompt_tokens: int | None, out: TextIO
+    file: str,
+    prompt_length: Callable[[PromptRecord], int] | None,
+    max_prompt_tokens: int | None,
+    out: TextIO,
+    data: DataConfig,
 ) -> tuple[int, Counter[str]]:
-    """Print the file's bad records; return its record count and bad records by category."""
-    if detect_data_kind(file) == "preference":
+    """Print the source's bad records; return its record count and bad records by category."""
+    if data.prompt_key is None and detect_data_kind(file, data.source_params) == "preference":
         records: Iterable[object] = read_preferences(file)
     else:
-        records = read_prompts(file)
+        records = read_prompts(file, data.format, data.source_params, columns(data))
         if prompt_length is not None and max_prompt_tokens is not None:
             records = _length_checked(records, prompt_length, max_prompt_tokens)
     count, bad = 0, Counter[str]()
