@@ -41,7 +41,7 @@ Rule = Callable[..., float]
 RULES: Registry[Rule] = Registry(
     "reward rule",
     "reward.rules[].name",
-    modules=("reward.reasoning_gym_rule",),
+    modules=("reward.reasoning_gym_rule", "reward.math_rule"),
     user_form="package.module:function",
     adapt_user=user_rule,
 )

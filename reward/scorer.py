@@ -169,8 +169,12 @@ def _bind(rules: Sequence[RuleSpec], registry: Registry[Rule]) -> list[_Componen
     """Each spec as a named component with its params bound; ValueError for a bad name or param."""
     components = []
     for i, (spec, name) in enumerate(zip(rules, rule_component_names(rules))):
-        rule = registry.lookup(spec.name, field=f"reward.rules.{i}.name")
+        entry = registry.entry(spec.name, field=f"reward.rules.{i}.name")
+        rule = entry.value
         check_params(spec.name, rule, spec.params)
+        prepare = entry.attributes.get("prepare")
+        if prepare is not None:  # a rule's own set-up (the `math` rule's verifier), done before any sample's timeout
+            prepare()
         counts_tokens = RESPONSE_TOKENS in inspect.signature(rule).parameters
         components.append(
             _Component(name=name, weight=spec.weight, call=partial(rule, **spec.params), counts_tokens=counts_tokens)

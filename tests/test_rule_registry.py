@@ -14,14 +14,23 @@ def test_the_registry_is_the_one_list_of_built_in_names() -> None:
     from contracts.config import ConfigError, RewardConfig, RuleSpec
     from reward.checks import check_reward_config
 
-    assert set(rules.RULES) == {"arithmetic", "similarity", "safety", "format", "length", "overlong", "reasoning_gym"}
+    assert set(rules.RULES) == {
+        "arithmetic",
+        "similarity",
+        "safety",
+        "format",
+        "length",
+        "overlong",
+        "reasoning_gym",
+        "math",
+    }
     limits = {"overlong": {"max_tokens": 64}}  # a job fills it in at load
     check_reward_config(RewardConfig(rules=[RuleSpec(name=name, params=limits.get(name, {})) for name in rules.RULES]))
     with pytest.raises(ConfigError) as e:
         check_reward_config(RewardConfig(rules=[RuleSpec(name="length"), RuleSpec(name="nonsense")]))
     assert str(e.value) == (
         "reward.rules.1.name: unknown reward rule 'nonsense'; known: arithmetic, similarity, safety, format, "
-        "length, overlong, reasoning_gym, or your own as package.module:function"
+        "length, overlong, reasoning_gym, math, or your own as package.module:function"
     )
     # `rollout config --explain` names every built-in, read from the registry (no second list of them).
     from contracts.config.load import explain
