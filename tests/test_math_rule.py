@@ -252,3 +252,17 @@ def test_the_scorer_counts_a_record_without_a_reference_as_failed() -> None:
     assert failed.failed == ["math"] and math.isnan(failed.components["math"])
     scorer.close()
 
+
+def test_the_example_in_the_docs_scores_as_shown() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "rewards.md").read_text()
+    section = page.split("## The math rule", 1)[1].split("\n## ", 1)[0]
+    records = [json.loads(line) for line in re.search(r"```json\n(.*?)```", section, re.DOTALL)[1].splitlines()]
+    shown = re.findall(r'\{"reward": .*?"math": ([0-9.]+)\}\}', section)
+    assert len(records) == len(shown) == 5
+    for record, score in zip(records, shown):
+        got = math_answer(record["prompt"], record["response"], Record(record["reference"]), format_score=0.1)
+        assert got == float(score), record
