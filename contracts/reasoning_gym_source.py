@@ -83,7 +83,7 @@ def check_task(name: str, known: list[str], spec: str) -> None:
     if name in known:
         return
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(close)}?" if close else f"its tasks: {', '.join(known)}"
+    hint = f"did you mean {_either(close)}?" if close else f"its tasks: {', '.join(known)}"
     raise DataSourceError(f"data.prompts: {spec}: reasoning-gym has no task {name!r}; {hint}")
 
 
@@ -200,6 +200,10 @@ def reasoning_gym_records(spec: str, params: Mapping[str, Any]) -> Iterator[tupl
 def _records(generated, spec: str) -> Iterator[tuple[int, dict[str, Any]]]:
     for i in range(len(generated)):
         yield i, entry_record(generated[i], f"{spec}:{i}")
+
+
+def _either(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _whole(value: Any, name: str, *, minimum: int) -> int:
