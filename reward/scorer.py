@@ -15,10 +15,11 @@ import inspect
 import logging
 import math
 import numbers
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from pathlib import Path
@@ -53,6 +54,37 @@ class _Component(msgspec.Struct, frozen=True):
     weight: float
     call: Callable[..., float]
     counts_tokens: bool  # the rule declares `response_tokens`
+
+
+class _DaemonPool:
+    """Threads that run rule calls. They are daemon threads: a call abandoned past its time limit must not
+    hold up the process's exit, where a ThreadPoolExecutor joins every thread it started, stuck ones too."""
+
+    def __init__(self, workers: int):
+        self._workers = workers
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(workers):
+            threading.Thread(target=self._work, daemon=True, name=f"reward-rule-{i}").start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self) -> None:
+        """Idle threads end; one still in a call ends with it, or with the process."""
+        for _ in range(self._workers):
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - the caller reads it from the future
+                future.set_exception(e)
 
 
 class RuleScorer:
@@ -94,7 +126,7 @@ class RuleScorer:
         self.latency: dict[str, float] = {c.name: 0.0 for c in self.components}  # cumulative seconds
         self.failures: dict[str, int] = {c.name: 0 for c in self.components}
         self.counts_tokens = any(c.counts_tokens for c in self.components)  # score_batch wants token counts
-        self._pool = ThreadPoolExecutor(max_workers=max_abandoned + 1, thread_name_prefix="reward-rule")
+        self._pool = _DaemonPool(max_abandoned + 1)
         self._abandoned: list[Future] = []
         self._lock = threading.Lock()
 
@@ -124,7 +156,7 @@ class RuleScorer:
 
     def close(self) -> None:
         """Stop taking work; abandoned calls are not waited for."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
     def _run(
         self, component: _Component, prompt: str, response: str, record: Any, response_tokens: int | None

@@ -420,3 +420,25 @@ def test_the_command_imports_no_ray_torch_or_vllm(modules, tmp_path) -> None:
         {"reward": 0.0, "components": {"by_source": 0.0}}
     ] * 3
     assert result.stderr.strip() == "scored 3 records"
+
+
+def test_a_rule_that_never_returns_is_abandoned_and_the_command_still_exits(tmp_path) -> None:
+    """The rule's thread outlives its time limit; the process ends anyway, with the component failed."""
+    (tmp_path / "stuck_rules.py").write_text(
+        "import time\n\ndef never(prompt, response, reference):\n    time.sleep(3600)\n"
+    )
+    config = tmp_path / "job.yaml"
+    config.write_text("reward:\n  timeout_s: 1\n  rules:\n    - name: stuck_rules:never\n")
+    data = write_records(tmp_path / "records.jsonl", SUMS[:1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    result = subprocess.run(
+        [sys.executable, "-m", "reward", "score", "--config", str(config), "--data", str(data)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"reward": 0.0, "components": {"never": None}}
+    assert "timed out after 1" in result.stderr

@@ -13,8 +13,9 @@ class RuleSpec(Base):
     name: Annotated[
         str,
         doc(
-            "Rule function: a built-in (arithmetic, similarity, safety, format, length or overlong) or your own as "
-            "package.module:function, called as function(prompt, response, reference, **params) -> float, "
+            "Rule function: a built-in (arithmetic, math, similarity, safety, format, length, overlong or "
+            "reasoning_gym) or your own as package.module:function, called as function(prompt, response, "
+            "reference, **params) -> float (declare a `metadata` parameter to get the record's metadata), "
             "importable on every node; it scores into the component named after the function."
         ),
     ]
