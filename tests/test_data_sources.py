@@ -270,3 +270,42 @@ def test_rollout_run_stops_on_a_table_without_a_layout_with_exit_2(tmp_path):
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"{path}: no prompt / conversation / messages column; set data.prompt_key" in done.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.vllm
+def test_a_job_trains_on_a_verl_parquet_with_the_math_rule_and_a_rule_reading_metadata(tmp_path):
+    """verl's layout end to end: only data.prompts set, the reference its ground truth, and a team's rule given
+    the row's data_source and extra_info."""
+    from e2e_common import ROOT as E2E_ROOT  # noqa: F401 - puts benchmarks/ on the path
+    from job_process import rollout_cli, rollout_env, run_args
+
+    from rollout.archive import read_table as read_archive
+
+    rows = [
+        {
+            "data_source": "arith" if i % 2 else "other",
+            "prompt": [{"role": "user", "content": f"{i % 10}+{i // 10}="}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": str(i % 10 + i // 10)},
+            "extra_info": {"index": i},
+        }
+        for i in range(40)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    (tmp_path / "team_rules.py").write_text(
+        "def by_source(prompt, response, reference, metadata):\n"
+        "    return float(metadata['data_source'] == 'arith') + metadata['extra_info']['index'] / 1000\n"
+    )
+    rules = '[{"name": "math", "params": {"last_number_fallback": true}}, {"name": "team_rules:by_source"}]'
+    out = tmp_path / "run"
+    settings = (f"data.prompts={tmp_path / 'train.parquet'}", f"reward.rules={rules}", "iterations=2")
+    env = rollout_env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    rollout_cli(*run_args(out, *settings, "model.sft_warmup=false"), env=env, timeout=900)
+    archived = read_archive(out).to_pylist()
+    assert len(archived) == 2 * 16 * 2
+    for sample in archived:
+        components = sample["reward_components"]
+        assert set(components) == {"math", "by_source"} and components["math"] in (0.0, 1.0)
+        assert 0.0 <= components["by_source"] < 1.04
+    assert len({round(s["reward_components"]["by_source"], 3) for s in archived}) > 2  # each row's own metadata
