@@ -34,12 +34,17 @@ from reward.reasoning_gym_rule import (  # noqa: E402
 )
 from reward.rules import RULES  # noqa: E402
 from reward.scorer import RuleScorer  # noqa: E402
-from rollout.environments.reasoning_gym import ReasoningGym  # noqa: E402
 from rollout.environments.registry import ENVIRONMENTS, check_environment  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny-rg.yaml"
 ADDITION = {"min_terms": 2, "max_terms": 2, "max_digits": 1, "operators": ["+"], "allow_parentheses": False}
 ONE_TASK = "reasoning_gym:basic_arithmetic"
+
+
+def environment(**params):
+    """The environment as a job makes one, by name: importing its module here would register it ahead of the
+    other built-ins, and change the order the registry lists them in."""
+    return ENVIRONMENTS.lookup("reasoning_gym")(**params)
 
 
 def records(spec: str, **params) -> list[dict]:
@@ -265,7 +270,7 @@ def test_the_rules_params_are_checked_at_start_up():
 
 
 def test_a_wrong_answer_gets_the_verdict_and_another_turn_and_a_right_one_ends(sum_record):
-    env = ReasoningGym()
+    env = environment()
     assert env.reset(sum_record) is None
     wrong = env.step("<answer>5</answer>")
     assert not wrong.done and wrong.reward is None
@@ -277,20 +282,21 @@ def test_a_wrong_answer_gets_the_verdict_and_another_turn_and_a_right_one_ends(s
 
 
 def test_the_environment_can_penalise_each_retry_and_take_partial_credit(sum_record):
-    env = ReasoningGym(threshold=0.5, retry_penalty=0.1)
+    env = environment(threshold=0.5, retry_penalty=0.1)
     env.reset(sum_record)
     assert env.step("7").reward == -0.1
     assert env.step("14").done  # 0.5: right enough at this threshold
 
 
 def test_the_environment_is_a_built_in_with_its_params_checked_at_start_up(sum_record):
-    assert ENVIRONMENTS.lookup("reasoning_gym") is ReasoningGym
-    assert check_environment(EnvConfig(name="reasoning_gym", params={"retry_penalty": 0.5})) is ReasoningGym
+    cls = ENVIRONMENTS.lookup("reasoning_gym")
+    assert cls.__module__ == "rollout.environments.reasoning_gym" and cls.__name__ == "ReasoningGym"
+    assert check_environment(EnvConfig(name="reasoning_gym", params={"retry_penalty": 0.5})) is cls
     with pytest.raises(ConfigError, match="env.params: reasoning_gym: reasoning_gym: retry_penalty must be"):
         check_environment(EnvConfig(name="reasoning_gym", params={"retry_penalty": -1}))
     with pytest.raises(ConfigError, match="env.params: reasoning_gym: .*unexpected keyword argument 'tries'"):
         check_environment(EnvConfig(name="reasoning_gym", params={"tries": 3}))
-    env = ReasoningGym()
+    env = environment()
     with pytest.raises(ValueError, match="no reasoning-gym entry"):
         env.reset(parse_prompt({"prompt": "1+1="}, "auto", "x:0"))
 
