@@ -5,62 +5,32 @@ tools start fast."""
 from __future__ import annotations
 
 import os
-import re
 import sys
-from pathlib import Path
 
-from contracts.config import ConfigError
 from contracts.config.load import load_config
 
 
 def cmd_run(args) -> int:
     from contracts.console import VERBOSE_ENV
-    from rollout.driver.checkpoints import AUTO, NEVER
-    from rollout.driver.job import run_job
-    from rollout.driver.run_storage import RunStorage, is_uri
+    from rollout import api
 
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
-    cfg = load_config(args.config, args.overrides)
-    resume = NEVER if args.no_resume else args.resume_from or AUTO
-    if args.out and is_uri(args.out):
-        storage = RunStorage(args.out)
-        run_job(cfg, storage.staging, resume=resume, storage=storage)
-        out = storage.uri
-    else:
-        out = _local_out(Path(args.out) if args.out else Path("runs") / cfg.run_name)
-        run_job(cfg, out, resume=resume)
+    resume = False if args.no_resume else args.resume_from or True
+    run = api.run(args.config, out=args.out, overrides=args.overrides, resume=resume)
+    out = run.uri or run.path
     print(f"run directory: {out}  (archive {out}/rollouts, metrics {out}/metrics.jsonl)", file=sys.stderr)
     return 0
 
 
 def cmd_generate(args) -> int:
     from contracts.console import VERBOSE_ENV
-    from rollout.driver.generate import generate
+    from rollout import api
 
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
-    cfg = load_config(args.config, [*args.overrides, f"data.prompts={args.prompts}"])
-    generate(cfg, _local_out(args.out))
+    api.generate(args.config, out=args.out, prompts=args.prompts, overrides=args.overrides)
     return 0
-
-
-def _local_out(out: Path) -> Path:
-    """A run directory on this machine's disk. A URI (s3://, gs://: argparse has made it `s3:/...`) would
-    be a local folder named `s3:`; under `ray job submit` a relative path is inside Ray's temporary
-    copy of the working directory, which Ray deletes with the job."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(out)):
-        raise ConfigError(
-            f"--out {str(out).replace(':/', '://', 1)}: a URI; only `rollout run` keeps its run on an object store "
-            "so far: give a local path (on a cluster, one every node mounts)"
-        )
-    if not out.is_absolute() and "runtime_resources" in Path.cwd().parts:
-        print(
-            f"rollout: warning: --out {out} is inside Ray's temporary copy of the working directory "
-            f"({Path.cwd()}), which Ray deletes with the job; give an absolute path",
-            file=sys.stderr,
-        )
-    return out
 
 
 def cmd_validate(args) -> int:
@@ -130,32 +100,39 @@ REPLAY_TRAINING = {
 
 
 def cmd_replay(args) -> int:
-    from rollout.offline.replay import ReplayError, ReplayOptions, replay
+    from rollout import api
+    from rollout.offline.rescore import ReplayError
 
     given = [flag for flag, (key, _) in REPLAY_TRAINING.items() if getattr(args, key) is not None]
     if given and not args.train:
         print(f"replay: {', '.join(given)} set(s) how --train trains: add --train", file=sys.stderr)
         return 2
-    options = ReplayOptions(
-        gamma=args.gamma,
-        lam=args.lam,
-        estimator=args.estimator,
-        kl_coef=args.kl_coef,
-        reward_config=args.reward_config,
-        prompts=args.prompts,
-        grpo_normalize_std=args.grpo_normalize_std,
-    )
     try:
-        report = replay(args.archive, args.out, options)
-    except (ReplayError, FileNotFoundError) as e:
+        run = api.replay(
+            args.archive,
+            args.out,
+            gamma=args.gamma,
+            lam=args.lam,
+            estimator=args.estimator,
+            kl_coef=args.kl_coef,
+            reward_config=args.reward_config,
+            prompts=args.prompts,
+            grpo_normalize_std=args.grpo_normalize_std,
+        )
+    except ReplayError as e:
         print(f"replay: {e}", file=sys.stderr)
         return 2
-    diff = "n/a" if report.max_return_diff is None else f"{report.max_return_diff:.3g}"
+    report = run.summary
+    diff = "n/a" if report["max_return_diff"] is None else f"{report['max_return_diff']:.3g}"
     print(
-        f"replayed {report.rows} samples into {report.out}  (max |returns - stored returns| = {diff})", file=sys.stderr
+        f"replayed {report['rows']} samples into {run.path}  (max |returns - stored returns| = {diff})",
+        file=sys.stderr,
     )
-    if report.unmatched_prompts:
-        print(f"{report.unmatched_prompts} samples re-scored without their data record (no reference)", file=sys.stderr)
+    if report["unmatched_prompts"]:
+        print(
+            f"{report['unmatched_prompts']} samples re-scored without their data record (no reference)",
+            file=sys.stderr,
+        )
     if args.train:
         _train_offline(args)
     return 0

@@ -5,8 +5,10 @@ and the tree written back (`to_yaml`) or described field by field (`explain`).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +19,19 @@ from msgspec import Struct
 from contracts.config import Base, ConfigError, JobConfig, RolloutConfig
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), root: type[Base] = JobConfig):
-    """Defaults, then the YAML file at `path`, then `a.b=v` overrides; field constraints checked.
+def load_config(
+    path: str | os.PathLike | Mapping[str, Any] | None = None, overrides: list[str] = (), root: type[Base] = JobConfig
+):
+    """Defaults, then the YAML file at `path` (or a mapping of its sections), then `a.b=v` overrides; field
+    constraints checked.
 
     `root` is the tree's type: `JobConfig` for jobs, other roots (reward training) reuse the rules.
     """
     tree: dict[str, Any] = {}
     source = "defaults"
-    if path is not None:
+    if isinstance(path, Mapping):
+        source, tree = "the config dict", copy.deepcopy(dict(path))
+    elif path is not None:
         source = str(path)
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from contracts.config import JobConfig
@@ -20,11 +21,18 @@ from rollout.driver.session import Session
 
 
 def run_job(
-    cfg: JobConfig, run_dir: Path, *, log=None, resume: str | Path = AUTO, storage: RunStorage | None = None
+    cfg: JobConfig,
+    run_dir: Path,
+    *,
+    log=None,
+    resume: str | Path = AUTO,
+    storage: RunStorage | None = None,
+    on_iteration: Callable[[dict], bool | None] | None = None,
 ) -> list[dict]:
     """Train for `cfg.iterations`, resuming from the newest whole checkpoint in `run_dir` if there is
     one (`resume`: checkpoints.AUTO, NEVER or a checkpoint directory). With `storage`, `run_dir` is
-    its staging copy, pulled from the run's URI first and pushed back as the run goes.
+    its staging copy, pulled from the run's URI first and pushed back as the run goes. `on_iteration(metrics)`
+    is called after each iteration's metrics line; False ends the run there, as a finished one, checkpointed.
 
     SIGTERM or SIGINT raise `stopping.JobStopped` out of here once the session is closed."""
     log = log or sys.stderr
@@ -40,6 +48,9 @@ def run_job(
             timed(timings, "archive", session.archive_iteration, samples, learned)
             session.checkpoint_if_due(samples, timings)
             history.append(session.record_metrics(samples, learned, timings))
+            if on_iteration is not None and on_iteration(dict(history[-1])) is False:
+                session.stop_after(samples)
+                break
     except BaseException:
         session.close(failed=True)
         raise

@@ -220,6 +220,15 @@ class Session:
         self.checkpoints.save(iteration, {"sampler": samples.sampler, "run_id": self.record.run_id}, self.learner)
         timings["checkpoint"] = time.perf_counter() - start
 
+    def stop_after(self, samples: Samples) -> None:
+        """The caller ends the run after this iteration: its checkpoint saved (unless it was due and is), and
+        the generation launched for later iterations left to die with the workers."""
+        iteration = samples.iteration
+        if (iteration + 1) % self.cfg.checkpoint_every and iteration != self.last_iteration:
+            self.record.flush_archive()
+            self.checkpoints.save(iteration, {"sampler": samples.sampler, "run_id": self.record.run_id}, self.learner)
+        print(f"stopped after iteration {iteration}: on_iteration returned False", file=self.record.log, flush=True)
+
     def close(self, *, failed: bool = False) -> None:
         """Commit the checkpoint being written (unless the job failed) and close the run's files, then release
         the actors."""
