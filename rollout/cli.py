@@ -102,6 +102,24 @@ def main(argv: list[str] | None = None) -> int:
     for flag, (key, kind) in REPLAY_TRAINING.items():  # `rollout config --explain` says what each does
         rep.add_argument(flag, dest=key, default=None, **kinds[kind], help=f"with --train: {key} (default: the run's)")
 
+    evl = sub.add_parser("eval", help="held-out evaluation (pass@k, mean@k, reward) of a checkpoint or a model")
+    target = evl.add_mutually_exclusive_group(required=True)
+    target.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint directory (RUN/checkpoints/iter-N)")
+    target.add_argument("--run", default=None, help="a run directory: its newest whole checkpoint, with its config")
+    target.add_argument("--model", default=None, help="a model directory, Hugging Face id or builtin: (a base model)")
+    _config_args(evl)
+    evl.add_argument("--prompts", default=None, help="any data source (default: the config's eval.prompts)")
+    evl.add_argument("--n-samples", type=_positive, default=None, metavar="K", help="samples per prompt (pass@K)")
+    evl.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="score with this rule (repeatable; default: the run's reward)",
+    )
+    evl.add_argument("--out", type=Path, default=None, help="where OUT/eval goes (default RUN/evals/CHECKPOINT)")
+    evl.add_argument("--json", action="store_true", help="print the figures as JSON")
+
     rpt = sub.add_parser("report", help="one self-contained HTML page of a run: its charts and a sample table")
     rpt.add_argument("run_dir", help="run directory (or its rollouts/ directory)")
     rpt.add_argument(

@@ -197,6 +197,51 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """`rollout eval`: one held-out evaluation of a checkpoint (a run's newest by default) or a model."""
+    import json
+    from pathlib import Path
+
+    from contracts.config import ConfigError
+    from rollout.driver.evaluation import checkpoint_of, evaluate, version_at
+
+    overrides, iteration, version = list(args.overrides), -1, None
+    if args.model:
+        cfg_path, model, default_out = args.config, args.model, Path("runs") / f"eval-{Path(args.model).name}"
+    else:
+        checkpoint, run = checkpoint_of(Path(args.run) if args.run else None, args.checkpoint)
+        cfg_path = args.config or (run / "config.yaml" if run else None)
+        model = str(checkpoint / "policy")
+        default_out = (run or checkpoint.parent) / "evals" / checkpoint.name
+        number = checkpoint.name.split("-")[-1]
+        iteration = int(number) if number.isdigit() else -1
+        version = version_at(run, iteration)
+    if args.prompts:
+        overrides.append(f"eval.prompts={args.prompts}")
+    if args.n_samples:
+        overrides.append(f"eval.n_samples={args.n_samples}")
+    if args.rule:
+        overrides.append("eval.rules=[" + ", ".join(f"{{name: '{r}'}}" for r in args.rule) + "]")
+    cfg = load_config(cfg_path, overrides)
+    if cfg.eval.prompts is None:
+        raise ConfigError("rollout eval: no prompts: give --prompts SOURCE (or a config with eval.prompts)")
+    out = Path(args.out or default_out)
+    figures = evaluate(cfg, model, out, log=sys.stderr, iteration=iteration, policy_version=version)
+    if args.json:
+        print(json.dumps(figures, indent=1))
+    else:
+        width = max(len(k) for k in figures)
+        print(
+            "".join(
+                f"{k:{width}s}  {v:.4f}\n" if isinstance(v, float) else f"{k:{width}s}  {v}\n"
+                for k, v in figures.items()
+            ),
+            end="",
+        )
+    print(f"eval archive: {out / 'eval'}", file=sys.stderr)
+    return 0
+
+
 def cmd_report(args) -> int:
     from rollout.archive import run_dir_of
     from rollout.offline.report import write_report
@@ -250,4 +295,5 @@ COMMANDS = {
     "replay": cmd_replay,
     "stats": cmd_stats,
     "report": cmd_report,
+    "eval": cmd_eval,
 }

@@ -29,6 +29,9 @@ def live_job(tmp_path_factory):
         "iterations=100000",
         "checkpoint_every=100000",
         "rollout.prompts_per_iteration=16",
+        "eval.prompts=builtin:calc",  # the held-out evaluation's panel
+        "eval.every=2",
+        "eval.max_prompts=8",
         f"ray.metrics_export_port={port}",
     )
     with RolloutProcess(run_args(out, *settings, config=CALC), out.with_suffix(".log")) as job:

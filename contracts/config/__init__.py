@@ -14,6 +14,7 @@ from msgspec import Meta, field
 
 from contracts.config.base import Base, ConfigError, doc
 from contracts.config.env import EnvConfig
+from contracts.config.evaluation import EvalConfig
 from contracts.config.learner import KLConfig, LearnerConfig
 from contracts.config.model import DataConfig, ModelConfig
 from contracts.config.reward import RemoteRewardConfig, RewardConfig, RewardModelConfig, RuleSpec
@@ -35,6 +36,7 @@ __all__ = [
     "DataConfig",
     "DynamicSamplingConfig",
     "EnvConfig",
+    "EvalConfig",
     "JobConfig",
     "KLConfig",
     "LearnerConfig",
@@ -74,6 +76,7 @@ class JobConfig(Base):
     env: EnvConfig = field(default_factory=EnvConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

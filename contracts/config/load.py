@@ -17,6 +17,7 @@ import yaml
 from msgspec import Struct
 
 from contracts.config import Base, ConfigError, JobConfig, RolloutConfig
+from contracts.config.evaluation import eval_sampling
 
 
 def load_config(
@@ -88,6 +89,19 @@ def _derived(cfg: JobConfig) -> JobConfig:
     ]
     if rules != cfg.reward.rules:
         cfg = msgspec.structs.replace(cfg, reward=msgspec.structs.replace(cfg.reward, rules=rules))
+    if cfg.eval.rules:  # the same for the evaluation's own rules, at its own length
+        limit = (
+            cfg.env.max_episode_tokens
+            if cfg.env.name is not None
+            else eval_sampling(cfg.eval, cfg.rollout.sampling).max_tokens
+        )
+        rules = [
+            msgspec.structs.replace(spec, params={"max_tokens": limit, **spec.params})
+            if spec.name == OVERLONG_RULE and "max_tokens" not in spec.params
+            else spec
+            for spec in cfg.eval.rules
+        ]
+        cfg = msgspec.structs.replace(cfg, eval=msgspec.structs.replace(cfg.eval, rules=rules))
     return cfg
 
 
@@ -190,6 +204,7 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
             f"rollout.max_model_len ({cfg.rollout.max_model_len}): raise max_model_len"
         )
     problems.extend(_episode_problems(cfg))
+    problems.extend(_eval_problems(cfg))
     if cuda_available is False:
         for section in ("rollout", "learner"):
             if getattr(cfg, section).device == "cuda":
@@ -212,6 +227,32 @@ def _episode_problems(cfg: JobConfig) -> list[str]:
             f"{cfg.env.max_episode_tokens}) exceeds rollout.max_model_len ({cfg.rollout.max_model_len}): "
             "every turn's prompt holds the episode so far; raise max_model_len or lower max_episode_tokens"
         )
+    return problems
+
+
+def _eval_problems(cfg: JobConfig) -> list[str]:
+    """The eval section's rules, where `eval.prompts` turns it on."""
+    ev = cfg.eval
+    if ev.prompts is None:
+        return []
+    problems = []
+    sampling = eval_sampling(ev, cfg.rollout.sampling)
+    if sampling.temperature == 0 and ev.n_samples > 1:
+        problems.append(
+            f"eval.sampling.temperature 0 is greedy decoding, one completion per prompt, but eval.n_samples is "
+            f"{ev.n_samples}: set n_samples to 1 or raise eval.sampling.temperature"
+        )
+    if 0 < sampling.temperature < 0.01:
+        problems.append(f"eval.sampling.temperature {sampling.temperature:g} is below 0.01: use 0 or at least 0.01")
+    if any(not s for s in sampling.stop):
+        problems.append("eval.sampling.stop holds an empty string, which the engine refuses: remove it")
+    if cfg.env.name is None and cfg.model.max_prompt_tokens + sampling.max_tokens > cfg.rollout.max_model_len:
+        problems.append(
+            f"model.max_prompt_tokens + eval.sampling.max_tokens ({cfg.model.max_prompt_tokens} + "
+            f"{sampling.max_tokens}) exceeds rollout.max_model_len ({cfg.rollout.max_model_len}): raise max_model_len"
+        )
+    if ev.rules is not None and not ev.rules:
+        problems.append("eval.rules is an empty list: give rules, or null to score with the run's reward")
     return problems
 
 

@@ -53,10 +53,11 @@ class RewardWorkers(ActorGroup):
     stall_setting = "reward.stall_timeout_s"
     on_stall = "killing it; restarted, it scores its batches again"
 
-    def __init__(self, cfg: RewardConfig, *, start_timeout_s: float, log=None):
+    def __init__(self, cfg: RewardConfig, *, start_timeout_s: float, log=None, name: str = "reward"):
+        """`name`: the members' (`NAME-0`, ...), in logs and log files."""
         actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RewardActor)
         gpus = cfg.model.num_gpus if cfg.model is not None else 0.0
-        names = [f"reward-{i}" for i in range(cfg.num_workers)]
+        names = [f"{name}-{i}" for i in range(cfg.num_workers)]
         handles = [
             actor.options(
                 num_cpus=cfg.num_cpus_per_worker,

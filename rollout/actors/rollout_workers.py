@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 import ray
 
-from contracts.config import EnvConfig, JobConfig, RolloutConfig
+from contracts.config import EnvConfig, JobConfig, RolloutConfig, SamplingConfig
 from contracts.console import actor_options
 from contracts.device import resolve_device
 from contracts.rendering import PromptTask
@@ -52,10 +52,12 @@ class RolloutActor(Member):
         run_id: str,
         iteration: int,
         records: list[list] | None = None,
+        sampling: SamplingConfig | None = None,
+        n_samples: int | None = None,
     ) -> Iterator[pa.RecordBatch | tuple[int, GenerationSummary]]:
         """Each chunk as it completes (in any order): its batch, then (its index, its summary)."""
         for index, batch, summary in self.core.generate(
-            chunks, seeds, run_id=run_id, iteration=iteration, records=records
+            chunks, seeds, run_id=run_id, iteration=iteration, records=records, sampling=sampling, n_samples=n_samples
         ):
             yield batch
             yield index, summary
@@ -148,13 +150,17 @@ class RolloutWorkers(ActorGroup):
         iteration: int,
         score: Callable[[ray.ObjectRef, list[PromptTask]], Scoring] | None = None,
         records: dict | None = None,
+        sampling: SamplingConfig | None = None,
+        n_samples: int | None = None,
+        what: str | None = None,
     ) -> Launch:
         """Queue the iteration's chunks, one streaming call per worker; the Launch collects them and hands
         each to `score` with its prompts as it completes. `records`: the data records by prompt id, which
-        episodes' environments read."""
+        episodes' environments read. `sampling`, `n_samples`: in place of the rollout's (an evaluation);
+        `what`: what a time-out names."""
         r = self.cfg
         size = max(1, min(r.max_chunk_prompts, math.ceil(len(tasks) / (len(self.handles) * r.chunks_per_worker))))
-        base_seed = r.sampling.seed
+        base_seed = (sampling or r.sampling).seed
         shares: list[tuple[list, list]] = [([], []) for _ in self.handles]
         for n, start in enumerate(range(0, len(tasks), size)):
             chunks, seeds = shares[n % len(self.handles)]
@@ -167,7 +173,15 @@ class RolloutWorkers(ActorGroup):
             return (
                 self.handles[share.worker]
                 .stream.options(num_returns="streaming")
-                .remote(share.chunks, share.seeds, run_id=run_id, iteration=iteration, records=chunk_records)
+                .remote(
+                    share.chunks,
+                    share.seeds,
+                    run_id=run_id,
+                    iteration=iteration,
+                    records=chunk_records,
+                    sampling=sampling,
+                    n_samples=n_samples,
+                )
             )
 
         def restart(share: Share) -> ray.ObjectRefGenerator:
@@ -183,7 +197,7 @@ class RolloutWorkers(ActorGroup):
             streams,
             score,
             r.iteration_timeout_s,
-            f"generation of iteration {iteration}",
+            what or f"generation of iteration {iteration}",
             restart,
             lambda busy: self.kill_stalled(self.names[i] for i in busy),
             self.names,

@@ -1,8 +1,8 @@
 """The PPO job (`rollout run`): the loop is a list of named steps; each step is a method of `Session`.
 
 launch generation ahead -> collect (generate, reward) -> learn (values, advantages, update)
--> weight sync (queued behind generation in flight) -> archive (streamed) -> checkpoint (staged, then
-written in the background) -> metrics
+-> weight sync (queued behind generation in flight) -> held-out evaluation when due (queued behind the sync)
+-> archive (streamed) -> checkpoint (staged, then written in the background) -> metrics (with the evaluation's)
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def run_job(
             samples = session.collect(iteration, timings)
             learned = session.learn(samples, timings)
             timed(timings, "weight_sync", session.sync_weights)
+            session.evaluate_if_due(iteration)
             timed(timings, "archive", session.archive_iteration, samples, learned)
             session.checkpoint_if_due(samples, timings)
             history.append(session.record_metrics(samples, learned, timings))

@@ -46,6 +46,8 @@ def actor_requests(cfg: JobConfig, *, learner: bool = True) -> list[tuple[str, i
             },
         ),
     ]
+    if cfg.eval.prompts is not None and cfg.eval.rules is not None:  # the evaluation's own rules
+        requests.append(("eval reward worker", 1, {"CPU": cfg.reward.num_cpus_per_worker, "GPU": 0.0}))
     if learner:
         learner_gpus = 1.0 if resolve_device(cfg.learner.device) == "cuda" else 0.0
         requests.append(

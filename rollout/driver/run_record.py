@@ -57,7 +57,7 @@ class RunRecord:
         run. Iterations archived after the last checkpoint lost their updates but keep their rows: numbering
         continues after them, so no (iteration, prompt_id, sample_index) is ever archived twice."""
         self.cfg, self.model = cfg, model
-        start = self.manifest.start_run(cfg, model, resumed_from)
+        self.start = start = self.manifest.start_run(cfg, model, resumed_from)
         self.archive = ArchiveWriter(
             self.run_dir / "rollouts",
             run_metadata(cfg, self.run_id, model, start, learner=True),
@@ -119,6 +119,7 @@ class RunRecord:
         restarts: dict[str, int],
         last_iteration: int,
         checkpoint_write_s: float | None,
+        evaluation: dict | None = None,
     ) -> dict:
         """The metrics line (and the trackers', and Prometheus') and the progress line; `restarts`: each kind's
         count so far (reward workers report theirs with the first batch they score); `checkpoint_write_s`:
@@ -140,6 +141,8 @@ class RunRecord:
         self.metrics.add_restarts(metrics, restarts)
         if checkpoint_write_s is not None:
             metrics["time/checkpoint_write"] = checkpoint_write_s
+        if evaluation is not None:  # the evaluation collected in this iteration (`eval/*`)
+            metrics.update(evaluation)
         self.metrics.write(metrics)
         table = None
         if self.tracking.wants_samples(samples.iteration):

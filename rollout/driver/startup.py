@@ -41,9 +41,10 @@ class RunData:
     base_model: str  # a directory: the builtin tiny model is built on first use
     tokenizer: Any
     prompts: Prompts  # in data order
+    eval_prompts: Prompts | None = None  # the held-out ones (`eval.prompts`), when asked for
 
 
-def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
+def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0, evaluation: bool = False) -> RunData:
     """Config rules, the reward section (rule names and params, users' rule modules, the reward model's
     directory), the environment (`env.name` and `env.params`) and the prompts, checked before anything
     starts: bad data fails here, in seconds, and leaves nothing in the run directory (a table too large to
@@ -71,7 +72,12 @@ def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0) -> RunData:
             f"rollout.prompts_per_iteration ({prompts_needed}) exceeds the {usable} usable "
             f"prompts of data.prompts ({cfg.data.prompts}): lower it, or give more prompts"
         )
-    return RunData(base_model, tokenizer, prompts)
+    held_out = None
+    if evaluation and cfg.eval.prompts is not None:
+        from rollout.driver.evaluation import eval_prompts
+
+        held_out = eval_prompts(cfg, tokenizer, log)
+    return RunData(base_model, tokenizer, prompts, held_out)
 
 
 def read_data_starting_ray(cfg: JobConfig, run_dir: Path, log, *, learner: bool, prompts_needed: int = 0) -> RunData:
@@ -92,7 +98,7 @@ def read_data_starting_ray(cfg: JobConfig, run_dir: Path, log, *, learner: bool,
         try:
             configure_driver(run_dir)
             configured.set()
-            outcome.append(read_data(cfg, log, prompts_needed=prompts_needed))
+            outcome.append(read_data(cfg, log, prompts_needed=prompts_needed, evaluation=learner))
         except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
             outcome.append(e)
         finally:

@@ -153,7 +153,8 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(name, value, now, step) for name, value in figures.items()]
+        # MLflow's names allow [/\w.\- :] only: eval/pass@k is logged as eval/pass_at_k.
+        metrics = [Metric(name.replace("@", "_at_"), value, now, step) for name, value in figures.items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         if samples is not None:

@@ -16,7 +16,7 @@ import msgspec
 import pyarrow as pa
 
 from contracts import storage
-from contracts.config import EnvConfig, RolloutConfig
+from contracts.config import EnvConfig, RolloutConfig, SamplingConfig
 from contracts.rendering import PromptTask
 from rollout.archive.columns import generation_batch
 from rollout.generation.completions import stream_completions
@@ -75,18 +75,23 @@ class RolloutWorker:
         run_id: str,
         iteration: int,
         records: list[list] | None = None,
+        sampling: SamplingConfig | None = None,
+        n_samples: int | None = None,
     ) -> Iterator[tuple[int, pa.RecordBatch, GenerationSummary]]:
         """`n_samples` completions (or episodes, whose environments read `records`, the chunks' data records)
         per task of every chunk, all in the engine at once; yields (chunk index, generation batch, summary)
-        as each chunk completes. Seeds should differ per chunk."""
+        as each chunk completes. Seeds should differ per chunk. `sampling`, `n_samples`: this call's, in place
+        of the rollout's (an evaluation's)."""
         start = time.perf_counter()
+        sampling = sampling or self.cfg.sampling
+        n_samples = n_samples or self.cfg.n_samples
         ids = [[t.prompt_ids for t in chunk] for chunk in chunks]
         if self.episodes is not None:
             steps_before = len(self.episodes.env_seconds)
             resumed_before, cached_before = self.episodes.resumed_tokens, self.episodes.cached_tokens
-            source = self.episodes.stream(list(zip(records, ids, seeds)), self.cfg.sampling, self.cfg.n_samples)
+            source = self.episodes.stream(list(zip(records, ids, seeds)), sampling, n_samples)
         else:
-            source = stream_completions(self.engine, list(zip(ids, seeds)), self.cfg.sampling, self.cfg.n_samples)
+            source = stream_completions(self.engine, list(zip(ids, seeds)), sampling, n_samples)
         for index, outputs in source:
             batch = generation_batch(
                 chunks[index],

@@ -18,6 +18,8 @@ the run's coefficient is unknown or 0, which leaves the iteration's KL null).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from contracts.schema import FINISH_REASONS
-from rollout.archive import read_run_metrics, read_table
+from rollout.archive import read_run_metrics, read_table, run_dir_of
+from rollout.driver.eval_metrics import EVAL_FILE
 
 STATS_COLUMNS = [
     "iteration",
@@ -62,14 +65,18 @@ class RunStats:
     archive: str
     iterations: list[dict[str, Any]]
     totals: dict[str, Any]
+    evaluations: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # RUN/eval/metrics.jsonl, in order
 
     def to_json(self, last: int | None = None, every: int | None = None) -> dict[str, Any]:
-        """Plain JSON: NaN and inf become null; the iterations `shown` picks."""
-        return {
+        """Plain JSON: NaN and inf become null; the iterations `shown` picks; every held-out evaluation."""
+        shown = {
             "archive": self.archive,
             "iterations": [_finite(d) for d in self.shown(last, every)],
             "totals": _finite(self.totals),
         }
+        if self.evaluations:
+            shown["evaluations"] = [_finite(d) for d in self.evaluations]
+        return shown
 
     def shown(self, last: int | None = None, every: int | None = None) -> list[dict[str, Any]]:
         """The iterations a long table keeps: the `last` N, and of those every K-th (and the final one)."""
@@ -109,7 +116,25 @@ def compute_stats(archive: str | Path) -> RunStats:
         item["env_errors"] = row["env_errors"]
         item.update({key: (run_metrics.get(i) or {}).get(key) for key in METRIC_FIGURES})
         stats.append(item)
-    return RunStats(str(archive), stats, _totals(rows, stats, components, finish))
+    return RunStats(str(archive), stats, _totals(rows, stats, components, finish), read_evaluations(archive))
+
+
+def read_evaluations(archive: str | Path) -> list[dict[str, Any]]:
+    """The run's held-out evaluations, one dict each (`eval/...` figures, `eval/iteration`: after which
+    iteration, -1 at the start), from RUN/eval/metrics.jsonl; [] when it has none."""
+    try:
+        path = run_dir_of(archive) / "eval" / EVAL_FILE
+    except FileNotFoundError:
+        return []
+    if not path.is_file():
+        return []
+    found = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            found.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash mid-write
+            continue
+    return found
 
 
 def _row_table(table: pa.Table) -> pa.Table:

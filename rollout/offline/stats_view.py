@@ -39,7 +39,35 @@ def format_table(run: RunStats, last: int | None = None, every: int | None = Non
     totals = [_cell(run.totals.get(key), fmt) for _, key, fmt in columns]
     totals[0] = "all"
     summary = "\n".join(summary_lines(run.iterations)) + "\n" if run.iterations else ""
-    return f"{run.archive}\n" + _render(header, [*body, totals]) + "\n" + summary
+    return f"{run.archive}\n" + _render(header, [*body, totals]) + "\n" + summary + format_evaluations(run.evaluations)
+
+
+def format_evaluations(evaluations: list[dict[str, Any]]) -> str:
+    """The held-out evaluations, one line each: after which iteration (`start`: before any update), the
+    weights' version, pass@k, mean@k, the reward and each component, the response length."""
+    if not evaluations:
+        return ""
+    k = evaluations[-1].get("eval/k", 1)
+    components = sorted(
+        {key for e in evaluations for key in e if key.endswith("/mean") and key.count("/") == 2}, key=str
+    )
+    columns = [
+        ("after", "eval/iteration", "d"),
+        ("version", "eval/policy_version", "d"),
+        ("prompts", "eval/prompts", "d"),
+        (f"pass@{k}", "eval/pass@k", ".4f"),
+        (f"mean@{k}", "eval/mean@k", ".4f"),
+        ("reward", "eval/reward_mean", ".4f"),
+        *((f"r/{c[5:-5]}", c, ".4f") for c in components),
+        ("len", "eval/response_tokens", ".2f"),
+        ("s", "time/eval", ".1f"),
+    ]
+    rows = [
+        ["start" if e.get("eval/iteration") == -1 else _cell(e.get(key), fmt) for _, key, fmt in columns[:1]]
+        + [_cell(e.get(key), fmt) for _, key, fmt in columns[1:]]
+        for e in evaluations
+    ]
+    return f"\nheld-out evaluations ({len(evaluations)}):\n" + _render([h for h, _, _ in columns], rows)
 
 
 def format_comparison(a: RunStats, b: RunStats) -> str:
