@@ -158,14 +158,25 @@ def replay(
     reward_config: str | os.PathLike | None = None,
     prompts: str | None = None,
     grpo_normalize_std: bool | None = None,
+    train: bool = False,
+    config: ConfigLike = None,
+    overrides: Overrides = None,
+    model: str | None = None,
+    train_epochs: int = 1,
 ) -> Run:
     """Recompute token rewards, advantages and returns of an archive (`rollout replay`; a run directory, its
     rollouts/ or one .arrow file) into OUT/rollouts; None keeps the run's own setting. The returned `Run`'s
-    `summary` holds `rows`, `max_return_diff` and `unmatched_prompts`."""
+    `summary` holds `rows`, `max_return_diff` and `unmatched_prompts`.
+
+    With `train` (`--train`), PPO updates on the replayed archive follow, saved to OUT/policy (`summary`'s
+    `policy`): `config` is the learner's job config (default: the run's), with `overrides` (e.g.
+    `{"learner.loss_agg_mode": "token_mean"}`), from `model` (default: the run's) for `train_epochs` passes."""
     from rollout.offline.replay import ReplayOptions
     from rollout.offline.replay import replay as _replay
     from rollout.offline.rescore import ReplayError
 
+    if not train and (config is not None or overrides or model is not None or train_epochs != 1):
+        raise ReplayError("config, overrides, model and train_epochs set how train=True trains: add train=True")
     options = ReplayOptions(
         gamma=gamma,
         lam=lam,
@@ -180,9 +191,26 @@ def replay(
             report = _replay(archive, out, options)
         except FileNotFoundError as e:  # the archive or a file its options name
             raise ReplayError(str(e)) from e
-    summary = {"rows": report.rows, "max_return_diff": report.max_return_diff}
-    summary["unmatched_prompts"] = report.unmatched_prompts
-    return Run(Path(report.out), summary=summary)
+        summary = {"rows": report.rows, "max_return_diff": report.max_return_diff}
+        summary["unmatched_prompts"] = report.unmatched_prompts
+        if train:
+            items = _override_items(overrides)
+            if grpo_normalize_std is not None:
+                items.append(f"learner.grpo_normalize_std={str(grpo_normalize_std).lower()}")
+            summary["policy"] = _train_offline(archive, Path(out), config, items, model, train_epochs)
+    return Run(Path(report.out).parent, summary=summary)  # report.out: OUT/rollouts
+
+
+def _train_offline(archive, out: Path, config: ConfigLike, overrides: list[str], model, epochs: int) -> Path:
+    from rollout.archive import read_metadata
+    from rollout.offline.train import train_offline
+
+    metadata = read_metadata(archive)
+    if config is None:
+        config = out / "run-config.yaml"
+        config.write_text(metadata["config"])
+    cfg = load_config(config, overrides)
+    return train_offline(out / "rollouts", cfg, out / "policy", model=model or metadata.get("model"), epochs=epochs)
 
 
 def open_run(path: str | os.PathLike) -> Run:

@@ -107,6 +107,11 @@ def cmd_replay(args) -> int:
     if given and not args.train:
         print(f"replay: {', '.join(given)} set(s) how --train trains: add --train", file=sys.stderr)
         return 2
+    training = {}
+    if args.train:
+        overrides = {key: value for key, _ in REPLAY_TRAINING.values() if (value := getattr(args, key)) is not None}
+        training = {"config": args.config, "overrides": overrides, "model": args.model}
+        training["train_epochs"] = args.train_epochs
     try:
         run = api.replay(
             args.archive,
@@ -118,6 +123,8 @@ def cmd_replay(args) -> int:
             reward_config=args.reward_config,
             prompts=args.prompts,
             grpo_normalize_std=args.grpo_normalize_std,
+            train=args.train,
+            **training,
         )
     except ReplayError as e:
         print(f"replay: {e}", file=sys.stderr)
@@ -125,7 +132,7 @@ def cmd_replay(args) -> int:
     report = run.summary
     diff = "n/a" if report["max_return_diff"] is None else f"{report['max_return_diff']:.3g}"
     print(
-        f"replayed {report['rows']} samples into {run.path}  (max |returns - stored returns| = {diff})",
+        f"replayed {report['rows']} samples into {run.path / 'rollouts'}  (max |returns - stored returns| = {diff})",
         file=sys.stderr,
     )
     if report["unmatched_prompts"]:
@@ -134,35 +141,8 @@ def cmd_replay(args) -> int:
             file=sys.stderr,
         )
     if args.train:
-        _train_offline(args)
+        print(f"offline-trained policy: {report['policy']}", file=sys.stderr)
     return 0
-
-
-def _train_offline(args) -> None:
-    from rollout.archive import read_metadata
-    from rollout.offline.train import train_offline
-
-    metadata = read_metadata(args.archive)
-    config = args.config
-    if config is None:
-        config = args.out / "run-config.yaml"
-        config.write_text(metadata["config"])
-    overrides = [
-        f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-        for key, _ in REPLAY_TRAINING.values()
-        if (value := getattr(args, key)) is not None
-    ]
-    if args.grpo_normalize_std is not None:
-        overrides.append(f"learner.grpo_normalize_std={str(args.grpo_normalize_std).lower()}")
-    cfg = load_config(config, overrides)
-    out = train_offline(
-        args.out / "rollouts",
-        cfg,
-        args.out / "policy",
-        model=args.model or metadata.get("model"),
-        epochs=args.train_epochs,
-    )
-    print(f"offline-trained policy: {out}", file=sys.stderr)
 
 
 def cmd_stats(args) -> int:

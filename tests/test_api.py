@@ -73,6 +73,15 @@ def test_the_api_raises_no_system_exit_and_says_what_the_cli_says(tmp_path, caps
     assert capsys.readouterr().err.strip() == f"replay: {raised.value}"
     with pytest.raises(UserError, match="a URI; only `rollout run`"):
         rollout.generate(None, out="s3://bucket/gen")
+    with pytest.raises(UserError, match="add train=True"):
+        rollout.replay(tmp_path / "nowhere", tmp_path / "out", overrides={"learner.clip_eps_high": 0.3})
+
+
+def test_replay_returns_the_replayed_run(tmp_path):
+    run_dir, _ = synthetic_run(tmp_path / "run", iterations=2)
+    replayed = rollout.replay(run_dir, tmp_path / "out", gamma=0.99, estimator="rloo")
+    assert replayed.path == tmp_path / "out" and replayed.summary["rows"] == 24
+    assert replayed.archive(columns=["advantages"]).num_rows == 24
 
 
 # -- a run directory, read back ------------------------------------------------------------------
