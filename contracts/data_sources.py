@@ -3,7 +3,9 @@
 A source is a registry entry chosen by the spec it is given: a scheme prefix (`hf:NAME`,
 `reasoning_gym:TASK`), a directory or glob, or a file's suffix; a path nothing else claims is read by
 `DEFAULT`, the JSON reader, which tells JSONL from one JSON array by the file's first character.
-There are two shapes of reader, named by the entry's `columnar` attribute:
+A source may also register `check(spec, params)`, its checks that take a moment (the file there, the task
+known), and a columnar one `columns(spec, params)`, its column names read from the schema alone: a job runs
+both before it starts Ray. There are two shapes of reader, named by the entry's `columnar` attribute:
 
 - a row reader, `reader(spec, params) -> Iterator[(n, record)]`, yields each decoded record (a
   dict) with its line or row number, or `(n, BadRecord)` for one that cannot be read, in order;
@@ -44,15 +46,20 @@ class DataSourceError(UserError, ValueError):
     an unknown dataset or task): the message is one line naming the spec and what to change."""
 
 
-@DATA_SOURCES.register("json", suffixes=(".jsonl", ".json"), prefix=None, columnar=False)
-def json_records(path: str, params: Mapping[str, Any]) -> Iterator[tuple[int, Any]]:
-    """JSONL, or one JSON array, read in constant memory (`contracts.jsonl.iter_json_records`). A binary
-    file under a JSON name (a Parquet or Arrow file) is DataSourceError, not a bad record per line."""
+def check_json(path: str, params: Mapping[str, Any]) -> None:
+    """The file opens and is not a binary format under a JSON name (a Parquet or Arrow file), which would
+    otherwise be a bad record per line. OSError or DataSourceError."""
     with open(path, "rb") as f:
         head = f.read(8)
     for magic, kind, suffix in _BINARY_FORMATS:
         if head.startswith(magic):
             raise DataSourceError(f"{path}: is {kind} file, not JSON or JSONL: name it {suffix}")
+
+
+@DATA_SOURCES.register("json", suffixes=(".jsonl", ".json"), prefix=None, columnar=False, check=check_json)
+def json_records(path: str, params: Mapping[str, Any]) -> Iterator[tuple[int, Any]]:
+    """JSONL, or one JSON array, read in constant memory (`contracts.jsonl.iter_json_records`)."""
+    check_json(path, params)
     return iter_json_records(path)
 
 

@@ -42,7 +42,16 @@ ARROW_FILE_MAGIC = b"ARROW1"
 ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
 
 
-@DATA_SOURCES.register("parquet", suffixes=PARQUET_SUFFIXES, prefix=None, columnar=True)
+def parquet_columns(path: str, params: Mapping[str, Any]) -> list[str]:
+    """A Parquet file's column names, from its footer alone."""
+    _check_exists(path)
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataSourceError(f"{path}: not a Parquet file ({_first(e)}){_looks_like(path)}") from None
+
+
+@DATA_SOURCES.register("parquet", suffixes=PARQUET_SUFFIXES, prefix=None, columnar=True, columns=parquet_columns)
 def parquet_table(path: str, params: Mapping[str, Any]) -> pa.Table:
     """A Parquet file's table (every row group)."""
     _check_exists(path)
@@ -55,45 +64,62 @@ def parquet_table(path: str, params: Mapping[str, Any]) -> pa.Table:
         raise DataSourceError(f"{path}: not a Parquet file ({_first(e)}){_looks_like(path)}") from None
 
 
-@DATA_SOURCES.register("arrow", suffixes=ARROW_SUFFIXES, prefix=None, columnar=True)
+def arrow_columns(path: str, params: Mapping[str, Any]) -> list[str]:
+    """An Arrow IPC file's column names, from its schema alone."""
+    return _read_arrow(path, lambda reader: reader.schema.names)
+
+
+@DATA_SOURCES.register("arrow", suffixes=ARROW_SUFFIXES, prefix=None, columnar=True, columns=arrow_columns)
 def arrow_table(path: str, params: Mapping[str, Any]) -> pa.Table:
     """An Arrow IPC file, in the file format or the stream format, told apart by its first bytes."""
+    return _read_arrow(path, lambda reader: reader.read_all())
+
+
+def _read_arrow(path: str, read):
     _check_exists(path)
     with open(path, "rb") as f:
         head = f.read(8)
     try:
-        if head.startswith(ARROW_FILE_MAGIC):
-            with pa.memory_map(path) as source:
-                return ipc.open_file(source).read_all()
         with pa.memory_map(path) as source:
-            return ipc.open_stream(source).read_all()
+            return read(ipc.open_file(source) if head.startswith(ARROW_FILE_MAGIC) else ipc.open_stream(source))
     except (pa.ArrowInvalid, OSError) as e:
         raise DataSourceError(f"{path}: not an Arrow IPC file or stream ({_first(e)}){_looks_like(path)}") from None
 
 
-@DATA_SOURCES.register("directory", prefix=None, columnar=True, directories=True)
-def directory_table(path: str, params: Mapping[str, Any]) -> pa.Table:
-    """A `datasets` `save_to_disk` directory (its `state.json` lists the Arrow files), else every Parquet and
-    Arrow file in the directory, by name."""
+def directory_files(path: str) -> list[str]:
+    """The files a directory source reads, in order: those a `datasets` `state.json` lists, else every Parquet
+    and Arrow file in it, by name."""
     state = Path(path) / "state.json"
     if state.is_file():
         try:
-            files = [Path(path) / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+            return [str(Path(path) / f["filename"]) for f in json.loads(state.read_text())["_data_files"]]
         except (ValueError, KeyError, TypeError) as e:
             raise DataSourceError(f"{state}: not a `datasets` state file ({e}); save the dataset again") from None
-        return _concat([arrow_table(str(f), params) for f in files], path)
-    files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in PARQUET_SUFFIXES + ARROW_SUFFIXES)
+    files = sorted(str(p) for p in Path(path).iterdir() if p.suffix.lower() in PARQUET_SUFFIXES + ARROW_SUFFIXES)
     if not files:
         raise DataSourceError(
             f"{path}: a directory with no Parquet or Arrow files and no `datasets` state.json; "
             "point data.prompts at a data file, or at a directory of .parquet/.arrow files"
         )
-    return _concat([_table_file(str(f), params) for f in files], path)
+    return files
 
 
-@DATA_SOURCES.register("glob", prefix=None, columnar=True, globs=True)
-def glob_table(pattern: str, params: Mapping[str, Any]) -> pa.Table:
-    """Every Parquet or Arrow file the pattern matches, by name."""
+@DATA_SOURCES.register(
+    "directory",
+    prefix=None,
+    columnar=True,
+    directories=True,
+    columns=lambda path, params: _file_columns(directory_files(path)[0], params),
+)
+def directory_table(path: str, params: Mapping[str, Any]) -> pa.Table:
+    """A `datasets` `save_to_disk` directory (its `state.json` lists the Arrow files, which `datasets` writes
+    whatever their names), else every Parquet and Arrow file in the directory, by name."""
+    read = arrow_table if (Path(path) / "state.json").is_file() else _table_file
+    return _concat([read(f, params) for f in directory_files(path)], path)
+
+
+def glob_files(pattern: str) -> list[str]:
+    """The Parquet or Arrow files a glob matches, by name."""
     files = sorted(glob.glob(pattern))
     if not files:
         raise DataSourceError(f"{pattern}: no files match; check the pattern in data.prompts")
@@ -103,7 +129,19 @@ def glob_table(pattern: str, params: Mapping[str, Any]) -> pa.Table:
             f"{pattern}: matches {others[0]}, which is not a Parquet or Arrow file; a glob reads those only "
             "(name one JSONL file, or narrow the pattern)"
         )
-    return _concat([_table_file(f, params) for f in files], pattern)
+    return files
+
+
+@DATA_SOURCES.register(
+    "glob",
+    prefix=None,
+    columnar=True,
+    globs=True,
+    columns=lambda spec, params: _file_columns(glob_files(spec)[0], params),
+)
+def glob_table(pattern: str, params: Mapping[str, Any]) -> pa.Table:
+    """Every Parquet or Arrow file the pattern matches, by name."""
+    return _concat([_table_file(f, params) for f in glob_files(pattern)], pattern)
 
 
 @DATA_SOURCES.register("hf", prefix="hf:", columnar=True)
@@ -143,6 +181,11 @@ def hub_table(spec: str, params: Mapping[str, Any]) -> pa.Table:
         offline = " (HF_HUB_OFFLINE is set: only cached datasets load)" if _hub_offline() else ""
         raise DataSourceError(f"{spec}: cannot load dataset {name!r}{offline}: {_first(outcome[0])}") from None
     return outcome[0].combine_chunks() if outcome[0].num_rows else outcome[0]
+
+
+def _file_columns(path: str, params: Mapping[str, Any]) -> list[str]:
+    suffix = Path(path).suffix.lower()
+    return parquet_columns(path, params) if suffix in PARQUET_SUFFIXES else arrow_columns(path, params)
 
 
 def _table_file(path: str, params: Mapping[str, Any]) -> pa.Table:

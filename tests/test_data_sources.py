@@ -309,3 +309,27 @@ def test_a_job_trains_on_a_verl_parquet_with_the_math_rule_and_a_rule_reading_me
         assert set(components) == {"math", "by_source"} and components["math"] in (0.0, 1.0)
         assert 0.0 <= components["by_source"] < 1.04
     assert len({round(s["reward_components"]["by_source"], 3) for s in archived}) > 2  # each row's own metadata
+
+
+def test_a_bad_source_fails_before_ray_starts(tmp_path, monkeypatch):
+    """No layout, a missing prompt_key column, a file that is not what its name says, an unknown task: the
+    job's quick source checks run before `init_ray` is called."""
+    from contracts.config.load import load_config
+    from rollout.driver import startup
+
+    started = []
+    monkeypatch.setattr(startup, "init_ray", lambda *a, **k: started.append(1))
+    odd = tmp_path / "odd.parquet"
+    pq.write_table(pa.table({"question": ["q"] * 4}), odd)
+    misnamed = tmp_path / "rows.jsonl"
+    pq.write_table(pa.table({"prompt": ["q"] * 4}), misnamed)
+    for settings, error, message in (
+        ([f"data.prompts={odd}"], PromptDataError, "no prompt / conversation / messages column"),
+        ([f"data.prompts={odd}", "data.prompt_key=text"], PromptDataError, "data.prompt_key 'text' is not a column"),
+        ([f"data.prompts={misnamed}"], DataSourceError, "is a Parquet file, not JSON or JSONL"),
+        ([f"data.prompts={tmp_path / 'none.parquet'}"], DataSourceError, "no such file"),
+    ):
+        cfg = load_config(None, settings)
+        with pytest.raises(error, match=message):
+            startup.read_data_starting_ray(cfg, tmp_path / "run", io.StringIO(), learner=True)
+    assert started == [] and not (tmp_path / "run").exists()

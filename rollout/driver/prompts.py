@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import msgspec
 
 from contracts.config import DataConfig
-from contracts.data_sources import is_columnar, read_table
+from contracts.data_sources import DATA_SOURCES, data_source, is_columnar, read_table
 from contracts.errors import UserError
 from contracts.formats import (
     Columns,
@@ -169,6 +169,21 @@ def job_prompts(
     if table.num_rows <= CHECK_ROWS:
         prompts.check_all()
     return prompts
+
+
+def check_source(cfg: DataConfig) -> None:
+    """What of `data.prompts` can be checked in a moment, before Ray starts: the source can read the spec
+    (the file is there and is what its name says, a task is known, its params right), and a table's columns
+    fit a layout. PromptDataError or DataSourceError in one line; the rows are read later."""
+    if cfg.prompts.startswith("builtin:"):
+        return
+    entry = DATA_SOURCES.entry(data_source(cfg.prompts))
+    quick_check = entry.attributes.get("check")
+    if quick_check is not None:
+        quick_check(cfg.prompts, cfg.source_params)
+    column_names = entry.attributes.get("columns")
+    if column_names is not None:
+        check_layout(cfg.prompts, column_names(cfg.prompts, cfg.source_params), columns(cfg), cfg.format)
 
 
 def check_layout(source: str, names: list[str], layout: Columns | None, fmt: str) -> None:
