@@ -28,7 +28,7 @@ from contracts.rendering import PromptRenderer
 from learner.estimators import check_learner_names
 from reward.checks import check_reward_config
 from rollout.driver import stopping
-from rollout.driver.prompts import Prompts, job_prompts
+from rollout.driver.prompts import Prompts, check_source, job_prompts
 from rollout.driver.resources import actor_requests, check_fits, node_resources, resolve_devices
 from rollout.driver.run_lock import RunLock
 from rollout.environments.registry import check_environment
@@ -87,10 +87,12 @@ def read_data_starting_ray(cfg: JobConfig, run_dir: Path, log, *, learner: bool,
     filters in place, and from there the two import no module in common (a lazy package such as
     transformers, imported from both threads at once, can fail with "cannot import name").
 
-    The config's own rules are checked first, so a bad config fails before Ray starts; bad data fails once
-    Ray is up, with the Ray started here stopped, and its error comes before Ray's own if both failed.
+    The config's own rules and the data source's quick checks (the file there and what its name says, a
+    table's columns, a task known) come first, so a bad config or source fails before Ray starts; bad rows
+    fail once Ray is up, with the Ray started here stopped, and their error comes before Ray's own if both failed.
     Writes nothing in `run_dir`."""
     check(cfg)  # what sizes Ray's start
+    check_source(cfg.data)  # the data source's quick checks: a missing file or unknown task fails before Ray
     configured = threading.Event()
     outcome: list = []
 
