@@ -175,12 +175,18 @@ def startup_note(rows: list[dict], metrics: dict[int, dict], startup: list[int])
     """The stage charts' keyword arguments for leaving the start-up iterations out, with the note saying so."""
     if not startup or len(startup) >= len(rows) or not metrics:
         return {}
-    took = ", ".join(f"{i} ({_short(metrics.get(i, {}).get('time/iteration', math.nan))} s)" for i in startup)
-    steady = [m["time/iteration"] for i, m in metrics.items() if i not in startup and _finite(m.get("time/iteration"))]
-    median = f", against a median {_short(float(np.median(steady)))} s" if steady else ""
+
+    def seconds(i: int) -> str:
+        value = metrics.get(i, {}).get("time/iteration")
+        return f" ({_short(value)} s)" if _finite(value) else ""
+
+    took = ", ".join(f"{i}{seconds(i)}" for i in startup)
+    steady = _median([m.get("time/iteration") for i, m in metrics.items() if i not in startup])
+    median = f", against a median {_short(steady)} s" if steady is not None else ""
     return dict(
         apart=startup,
-        note=f"Start-up left out: iteration {took}{median}. It is drawn apart in the start-up chart.",
+        note=f"Start-up left out: iteration{'s' if len(startup) > 1 else ''} {took}{median}. "
+        "Drawn apart in the start-up chart.",
     )
 
 
