@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import msgspec
 import pyarrow as pa
@@ -29,6 +30,9 @@ from rollout.driver.prompts import PromptSampler
 from rollout.driver.startup import RunData
 from rollout.weight_sync.sync import WeightSync
 
+if TYPE_CHECKING:
+    from rollout.driver.evaluation import Evaluations
+
 
 class Collector:
     def __init__(
@@ -42,14 +46,17 @@ class Collector:
         log,
         sampler: PromptSampler | None = None,
         weights: WeightSync | None = None,
+        evaluations: Evaluations | None = None,
     ):
         """`sampler`: picks each iteration's prompts (`launch`); `weights`: the sync a launch is queued behind,
-        confirmed before its chunks are read."""
+        confirmed before its chunks are read; `evaluations`: the held-out evaluations queued on the same
+        workers (`rollout.driver.evaluation`)."""
         self.cfg, self.data, self.log, self.run_id = cfg, data, log, run_id
         self.workers, self.rewards, self.weights = workers, rewards, weights
         self.sampler = sampler
         self.launched: dict[int, Launched] = {}  # iterations whose generation is queued, not yet collected
         self.said_short = False  # dynamic sampling's console line, said once per run
+        self.evaluations = evaluations
 
     def launch(self, iteration: int) -> None:
         """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it

@@ -98,13 +98,11 @@ class Evaluator:
         """`rewards`: the run's reward workers; with `eval.rules` the evaluator starts its own (one worker).
         `start`: the manifest entry of this start, for the eval archive's metadata."""
         self.cfg, self.prompts, self.workers, self.weights, self.log = cfg, prompts, workers, weights, log
-        self.run_id, self.directory = run_id, run_dir / "eval"
+        self.run_id = run_id
         self.rows = prompts.usable()[: cfg.eval.max_prompts]
         self.sampling = eval_sampling(cfg.eval, cfg.rollout.sampling)
-        self.k = cfg.eval.n_samples
-        self.own_rewards = cfg.eval.rules is not None
         reward = eval_reward(cfg)
-        if self.own_rewards:
+        if cfg.eval.rules is not None:
             rewards = RewardWorkers(reward, start_timeout_s=cfg.ray.actor_start_timeout_s, log=log, name="eval-reward")
             rewards.wait_started()
         self.rewards = rewards
@@ -112,7 +110,7 @@ class Evaluator:
             cfg, reward=reward, rollout=msgspec.structs.replace(cfg.rollout, sampling=self.sampling)
         )
         self.archive = ArchiveWriter(
-            self.directory,
+            run_dir / "eval",
             {**run_metadata(archived, run_id, model, start, learner=False), "eval": "true"},
             reward_components(reward),
             batch_rows=cfg.archive.batch_rows,
@@ -136,7 +134,7 @@ class Evaluator:
             score=score,
             records=records,
             sampling=self.sampling,
-            n_samples=self.k,
+            n_samples=self.cfg.eval.n_samples,
             what=self._what(iteration),
         )
         after_sync = self.weights is not None and self.weights.queued()
@@ -158,7 +156,8 @@ class Evaluator:
         prompt_ids = [p for b in batches for p in b.column("prompt_id").to_pylist()]
         total, components = reward_arrays(rewards)
         tokens = sum(c.summary.generated_tokens for c in chunks)
-        figures = eval_figures(prompt_ids, total, components, tokens, self.k, self.cfg.eval.correct_threshold)
+        ev = self.cfg.eval
+        figures = eval_figures(prompt_ids, total, components, tokens, ev.n_samples, ev.correct_threshold)
         versions = [c.summary.policy_version for c in chunks]
         figures["eval/iteration"] = pending.iteration
         figures["eval/policy_version"] = int(min(versions)) if versions else 0
@@ -169,8 +168,7 @@ class Evaluator:
     def write(self, figures: dict) -> None:
         """RUN/eval/metrics.jsonl's line and the console's."""
         finite = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in figures.items()}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        append_text(self.directory / EVAL_FILE, json.dumps(finite) + "\n")
+        append_text(self.archive.directory / EVAL_FILE, json.dumps(finite) + "\n")
         print(eval_line(figures), file=self.log, flush=True)
 
     def flush(self) -> None:
@@ -181,11 +179,65 @@ class Evaluator:
         try:
             self.archive.close()
         finally:
-            if self.own_rewards:
+            if self.cfg.eval.rules is not None:  # its own reward workers
                 self.rewards.release()
 
     def _what(self, iteration: int) -> str:
         return "the evaluation at the start" if iteration == START else f"the evaluation after iteration {iteration}"
+
+
+class Evaluations:
+    """When the job evaluates, and on which metrics line each evaluation lands; nothing while `evaluator` is
+    None (no eval section)."""
+
+    def __init__(self, cfg: JobConfig, evaluator: Evaluator | None = None):
+        self.cfg, self.evaluator = cfg, evaluator
+        self.pending: list[Pending] = []  # launched, not yet collected, oldest first
+
+    def at_start(self, iteration: int) -> None:
+        """Before any update (a fresh run, `eval.at_start`): queued behind iteration 0's generation, on the same
+        weights, so it runs while the learner makes its first update."""
+        if self.evaluator is not None and iteration == 0 and self.cfg.eval.at_start:
+            self.pending.append(self.evaluator.launch(START))
+
+    def after(self, iteration: int, last_iteration: int) -> None:
+        """After the iterations `eval.every` names and the last: queued right behind the weight sync of the
+        iteration's update."""
+        if self.evaluator is not None and is_due(self.cfg, iteration, last_iteration):
+            self.pending.append(self.evaluator.launch(iteration))
+
+    def take(self, iteration: int, last_iteration: int, timings: dict[str, float]) -> dict | None:
+        """The oldest evaluation this iteration's line takes (at most one): the start's on iteration 0's, the
+        one after iteration i on i's or, with rollout.max_staleness >= 1, on i + 1's when that line has none of
+        its own (it ran behind the generation already in flight, while the learner updated on i + 1). Two due
+        on one line (the start's and eval.every 1's) each move one line on; one left after the last line is
+        in RUN/eval/metrics.jsonl only (`finish`). `timings["eval_wait"]`: how long the loop waited for it."""
+        if not self.pending:
+            return None
+        pending = self.pending[0]
+        later = pending.iteration + 1
+        ahead = (
+            self.cfg.rollout.max_staleness > 0
+            and pending.iteration != START
+            and later <= last_iteration
+            and not is_due(self.cfg, later, last_iteration)
+        )
+        if ahead and pending.iteration == iteration:
+            return None
+        self.pending.pop(0)
+        start = time.perf_counter()
+        figures = self.evaluator.collect(pending)
+        timings["eval_wait"] = figures["time/eval_wait"] = time.perf_counter() - start
+        return figures
+
+    def finish(self) -> None:
+        """Collect what no line took (the run ended well)."""
+        while self.pending:
+            self.evaluator.collect(self.pending.pop(0))
+
+    def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
 
 
 def evaluate(

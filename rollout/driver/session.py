@@ -27,7 +27,7 @@ from rollout.actors.reward_workers import RewardWorkers
 from rollout.actors.rollout_workers import RolloutWorkers
 from rollout.driver.checkpoints import AUTO, Checkpoints
 from rollout.driver.collector import Collector
-from rollout.driver.evaluation import START, Evaluator, Pending, is_due
+from rollout.driver.evaluation import Evaluations, Evaluator
 from rollout.driver.iteration import Learned, Samples
 from rollout.driver.node_watch import NodeWatch
 from rollout.driver.prompts import PromptSampler
@@ -54,8 +54,6 @@ class Session:
         self.learner: LearnerRanks | None = None
         self.weights: WeightSync | None = None
         self.collector: Collector | None = None
-        self.evaluator: Evaluator | None = None
-        self.evaluations: list[Pending] = []  # launched, not yet collected, oldest first
         self.first_iteration = self.planned_last = 0
 
     @classmethod
@@ -111,19 +109,10 @@ class Session:
             resumed_from["policy_version"] = self.learner.updates
             self.weights.queue()
             self.weights.confirm()
-        self.collector = Collector(
-            cfg,
-            self.data,
-            self.workers,
-            self.rewards,
-            run_id=record.run_id,
-            log=log,
-            sampler=sampler,
-            weights=self.weights,
-        )
         self.first_iteration = record.begin(cfg, model, resumed_from)
-        if self.data.eval_prompts is not None:
-            self.evaluator = Evaluator(
+        evaluator = None
+        if self.data.eval_prompts is not None:  # the eval section's held-out prompts, on the same workers
+            evaluator = Evaluator(
                 cfg,
                 self.data.eval_prompts,
                 self.workers,
@@ -135,6 +124,17 @@ class Session:
                 log=log,
                 weights=self.weights,
             )
+        self.collector = Collector(
+            cfg,
+            self.data,
+            self.workers,
+            self.rewards,
+            run_id=record.run_id,
+            log=log,
+            sampler=sampler,
+            weights=self.weights,
+            evaluations=Evaluations(cfg, evaluator),
+        )
         updates = self.learner.updates
         # The run goes on until the weights hold `iterations` updates, however many crashes came before.
         self.planned_last = self.first_iteration + max(0, cfg.iterations - updates) - 1
@@ -180,9 +180,7 @@ class Session:
         while iteration <= self.last_iteration:
             for later in range(iteration, min(iteration + self.cfg.rollout.max_staleness, self.last_iteration) + 1):
                 self.collector.launch(later)
-            if iteration == 0 and self.evaluator is not None and self.cfg.eval.at_start:
-                # Behind iteration 0's generation, on the same weights: it runs while the learner updates.
-                self.evaluations.append(self.evaluator.launch(START))
+            self.collector.evaluations.at_start(iteration)
             yield iteration
             iteration += 1
 
@@ -207,33 +205,7 @@ class Session:
     def evaluate_if_due(self, iteration: int) -> None:
         """After the iterations `eval.every` names and the last: the held-out prompts queued on the workers
         right behind the weights this iteration's update made (collected by `record_metrics`)."""
-        if self.evaluator is not None and is_due(self.cfg, iteration, self.last_iteration):
-            self.evaluations.append(self.evaluator.launch(iteration))
-
-    def _collect_evaluation(self, iteration: int, timings: dict[str, float]) -> dict | None:
-        """The oldest evaluation this iteration's line takes (at most one): the start's on iteration 0's, the
-        one after iteration i on i's or, with rollout.max_staleness >= 1, on i + 1's when that line has none of
-        its own (it ran behind the generation already in flight, while the learner updated on i + 1). Two due
-        on one line (the start's and eval.every 1's) each move one line on; one left after the last line is
-        in RUN/eval/metrics.jsonl only."""
-        if not self.evaluations:
-            return None
-        pending = self.evaluations[0]
-        later = pending.iteration + 1
-        ahead = (
-            self.cfg.rollout.max_staleness > 0
-            and pending.iteration != START
-            and later <= self.last_iteration
-            and not is_due(self.cfg, later, self.last_iteration)
-        )
-        if ahead and pending.iteration == iteration:
-            return None
-        self.evaluations.pop(0)
-        start = time.perf_counter()
-        figures = self.evaluator.collect(pending)
-        timings["eval_wait"] = time.perf_counter() - start
-        figures["time/eval_wait"] = timings["eval_wait"]
-        return figures
+        self.collector.evaluations.after(iteration, self.last_iteration)
 
     def archive_iteration(self, samples: Samples, learned: Learned) -> None:
         self.record.archive_iteration(samples, learned)
@@ -242,7 +214,7 @@ class Session:
         """The iteration's manifest entry (after a start for each learner rebuild), then a checkpoint committed
         if its background write is done (its manifest entry names the iteration's), then the metrics line."""
         version = self.learner.updates  # what the sync just queued (a rebuilt learner's, if it was)
-        evaluation = self._collect_evaluation(samples.iteration, timings)
+        evaluation = self.collector.evaluations.take(samples.iteration, self.last_iteration, timings)
         self.record.trained(samples, version, self.learner.rebuilds())
         self.checkpoints.commit_written(self.learner, wait=False)
         restarts = {"rollout": self.workers.restarts, "learner": self.learner.restarts}
@@ -288,12 +260,12 @@ class Session:
             if not failed and self.learner is not None:
                 self.checkpoints.commit_written(self.learner, wait=True)
                 self.record.learner_rebuilt(self.learner.rebuilds())  # a rank lost in that last wait
-            while not failed and self.evaluations:  # two due on one line: the later one on no line
-                self.evaluator.collect(self.evaluations.pop(0))
+            if not failed and self.collector is not None:
+                self.collector.evaluations.finish()
         finally:
             try:
-                if self.evaluator is not None:
-                    self.evaluator.close()
+                if self.collector is not None:
+                    self.collector.evaluations.close()
             finally:
                 try:
                     self.record.close(failed=failed)
