@@ -62,7 +62,16 @@ class RolloutConfig(Base):
     num_cpus_per_worker: Annotated[float, doc("CPUs Ray reserves for each worker.", gt=0)] = 1.0
     num_gpus_per_worker: Annotated[float, doc("GPUs Ray reserves for each worker on cuda.", ge=0)] = 1.0
     prompts_per_iteration: Annotated[int, doc("Prompts sampled per iteration.", ge=1)] = 64
-    n_samples: Annotated[int, doc("Completions per prompt.", ge=1, le=4)] = 4
+    n_samples: Annotated[
+        int,
+        doc(
+            "Completions per prompt, 1 to 64 (GRPO and DAPO recipes take 8 to 16). A prompt's completions are "
+            "one engine request: with more of them than the engine schedules at once (max_num_seqs) they "
+            "take several steps, and every prompt's group is n_samples rows of the learner's batch.",
+            ge=1,
+            le=64,
+        ),
+    ] = 4
     chunks_per_worker: Annotated[
         int,
         doc(
@@ -113,7 +122,7 @@ class RolloutConfig(Base):
         doc(
             "Iterations generated ahead of the learner: 0 alternates generation and learning; k >= 1 "
             "generates iteration i + k while the learner updates on i, so samples are up to k policy "
-            "versions old (the learner corrects for it, learner.behaviour_is_cap).",
+            "versions old (the learner corrects for it, learner.rollout_correction).",
             ge=0,
         ),
     ] = 0
