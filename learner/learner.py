@@ -50,7 +50,7 @@ from learner.estimators import estimate, estimator
 from learner.evaluation import Evaluated, in_batch_order
 from learner.finite_steps import FiniteSteps
 from learner.kl_control import make_kl_controller
-from learner.losses import loss_denominator, policy_loss, value_loss
+from learner.losses import loss_denominator, mismatch, policy_loss, rollout_correction, value_loss
 from learner.microbatch import MicroBatch, plan
 from learner.models import DTYPES, CriticModel, PolicyModel, PolicyOutput, Trained, load_causal_lm
 from learner.samples import LearnerColumns, SampleBatch, single_sequence
@@ -64,7 +64,15 @@ STEP_FIGURES = (
     "clip_frac_low",
     "approx_kl",
     "value_clip_frac",
+    "clipped_sequences",
 )
+# What the metrics call the share of tokens or sequences each rollout correction capped or masked.
+CORRECTION_STATS = {
+    "token_tis": "capped_tokens",
+    "sequence_tis": "capped_sequences",
+    "token_mask": "masked_tokens",
+    "sequence_mask": "masked_sequences",
+}
 # What each trained network's gradient norm is called in the stats and the non-finite check.
 GRAD_NORM_STATS = {"policy": "grad_norm", "critic": "critic_grad_norm"}
 
@@ -275,9 +283,8 @@ class Learner:
         if lc.whiten_advantages:  # over the samples the update uses: the others' advantages are not used
             advantages = masked_whiten(advantages, m * to_device(torch.from_numpy(trained), m.device)[:, None])
         log_ratio = torch.where(m.bool(), ev.old_logprobs - ev.behaviour_logprobs, 0)
-        is_weights = None
-        if lc.behaviour_is_cap is not None:
-            is_weights = torch.exp(log_ratio).clamp(max=lc.behaviour_is_cap)  # w = min(π_prox / π_behaviour, cap)
+        rc = lc.rollout_correction
+        is_weights, corrected = rollout_correction(log_ratio, m.bool(), rc.mode, rc.lower_bound, rc.upper)
         rows = np.flatnonzero(trained)
         totals: dict[str, list[float]] = {}
         skipped = 0
@@ -300,8 +307,17 @@ class Learner:
         }
         if ev.entropy is not None:
             figures["entropy"] = masked_mean(ev.entropy, m)
-        if is_weights is not None:
-            figures["behaviour_is_clip_frac"] = masked_mean((log_ratio.exp() > lc.behaviour_is_cap).float(), m)
+        if rc.mode in CORRECTION_STATS:
+            by_sequence = rc.mode.startswith("sequence")
+            share = (
+                masked_mean(corrected.any(-1).float(), m.any(-1)) if by_sequence else masked_mean(corrected.float(), m)
+            )
+            figures[f"rollout_correction/{CORRECTION_STATS[rc.mode]}"] = share
+        # The engine's numerics against the learner's, over the samples drawn with the weights the learner holds.
+        current = m.bool() & to_device(torch.from_numpy(batch.current_rows(self.version)), m.device)[:, None]
+        measured = mismatch(log_ratio, current)
+        if measured is not None:
+            figures.update({f"mismatch/{k}": v for k, v in measured.items()})
         read = dict(zip(figures, torch.stack(list(figures.values())).tolist()))  # one host sync
         self.kl_controller.update(read["kl"], len(batch))
         self.version += 1
@@ -363,7 +379,8 @@ class Learner:
             self.micro_batches_done += 1
             local_tokens = keep.sum()
             figures = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach()}
-            figures.update({k: local_tokens * v for k, v in (*pg_stats.items(), *vf_stats.items())})
+            counts = {"clipped_sequences": pg_stats.pop("clipped_sequences")}  # summed as they are
+            figures.update({k: local_tokens * v for k, v in (*pg_stats.items(), *vf_stats.items())}, **counts)
             sums += weight * torch.stack([figures[name].double() for name in STEP_FIGURES])
         norms = torch.stack([clip_gradients(t.model.parameters(), lc.max_grad_norm) for t in self.trained])
         read = torch.cat([dist.all_reduce_sum(sums), norms.double()]).tolist()  # the step's one host sync
@@ -378,6 +395,7 @@ class Learner:
             trained.optimizer.step()
         stats = {"policy_loss": summed["policy_loss"], "grad_norm": grad_norms["grad_norm"]}
         stats.update({name: summed[name] / n_tokens for name in ("clip_frac", "clip_frac_high", "clip_frac_low")})
+        stats["clipped_sequences"] = summed["clipped_sequences"] / max(1, int((lengths > 0).sum()))
         stats["approx_kl"] = summed["approx_kl"] / n_tokens
         if not self.critic_free:
             stats.update(value_loss=summed["value_loss"], value_clip_frac=summed["value_clip_frac"] / n_tokens)

@@ -24,6 +24,7 @@ loss nor its gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -88,7 +89,10 @@ def policy_loss(
     keep = mask.bool()
     log_ratio = torch.where(keep, logprobs - old_logprobs, 0)
     advantages = torch.where(keep, advantages, 0)
-    ratio = torch.exp(log_ratio)  # ρ_t = π(a_t) / π_old(a_t)
+    if cfg.ratio_level == "sequence":
+        ratio = torch.exp(gspo_log_ratio(logprobs, log_ratio, keep))  # s_i,t = sg[s_i]·π_t / sg[π_t]
+    else:
+        ratio = torch.exp(log_ratio)  # ρ_t = π(a_t) / π_old(a_t)
     per_token, clipped = POLICY_LOSSES.lookup(cfg.policy_loss)(ratio, advantages, cfg)
     if weights is not None:
         per_token = torch.where(keep, weights, 0) * per_token  # w_t·L_t
@@ -100,8 +104,75 @@ def policy_loss(
             "clip_frac_high": masked_mean((clipped & (ratio > 1)).to(dtype), keep),
             "clip_frac_low": masked_mean((clipped & (ratio < 1)).to(dtype), keep),
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, keep),  # (ρ − 1) − log ρ
+            # A count, not a share: the update divides the minibatch's sum by its sequences.
+            "clipped_sequences": (clipped & keep).any(-1).sum().to(dtype),
         }
     return loss, stats
+
+
+def sequence_log_ratio(log_ratio: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, T) token log ratios, zero off `keep` -> (B,) log of their geometric mean, 0 for an empty row."""
+    return log_ratio.sum(-1) / keep.sum(-1).clamp(min=1)  # log s_i = (1/|y_i|) Σ_t log ρ_t
+
+
+def gspo_log_ratio(logprobs: torch.Tensor, log_ratio: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """GSPO-token (Zheng et al. 2025): every token's log ratio is its sequence's length-normalised one, log s_i,
+    while its gradient is that of its own logprob, so ∇ s_i,t = s_i·∇ log π_t, GSPO's gradient for a sequence-level
+    advantage. logprobs (current policy, with grad), log_ratio (log π − log π_old, zero off keep), keep: (B, T) ->
+    (B, T), zero off keep."""
+    sequence = sequence_log_ratio(log_ratio.detach(), keep)
+    return torch.where(keep, sequence[:, None] + logprobs - logprobs.detach(), 0)  # log s_i + log π_t − sg[log π_t]
+
+
+def rollout_correction(
+    log_ratio: torch.Tensor, keep: torch.Tensor, mode: str, lower: float, upper: float
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Weights that correct for the engine sampling from π_behaviour rather than the learner's π_old
+    (`learner.rollout_correction`): log_ratio = log π_old − log π_behaviour, keep: (B, T) -> (weights (B, T)
+    detached, or None for mode `none`; affected (B, T) bool, the tokens whose weight was capped or masked).
+    `token_tis`: min(ρ_t, upper); `sequence_tis`: min(Π_t ρ_t, upper) on every token of the sequence;
+    `token_mask` (IcePop): 1 where lower ≤ ρ_t ≤ upper, else 0; `sequence_mask`: 1 where the geometric mean
+    s_i = exp(mean_t log ρ_t) is within [lower, upper], else 0 on the whole sequence."""
+    log_ratio = torch.where(keep, log_ratio, 0).detach()
+    log_lower, log_upper = math.log(lower), math.log(upper)
+    if mode == "none":
+        return None, torch.zeros_like(keep)
+    if mode == "token_tis":
+        weights = torch.exp(log_ratio.clamp(max=log_upper))  # w_t = min(ρ_t, U)
+        return torch.where(keep, weights, 0), keep & (log_ratio > log_upper)
+    if mode == "sequence_tis":
+        total = log_ratio.sum(-1, keepdim=True)  # log Π_t ρ_t, capped before exp so it cannot overflow
+        weights = torch.exp(total.clamp(max=log_upper)).expand_as(log_ratio)  # w_i = min(Π_t ρ_t, U)
+        return torch.where(keep, weights, 0), keep & (total > log_upper)
+    if mode == "token_mask":
+        inside = (log_ratio >= log_lower) & (log_ratio <= log_upper)  # L ≤ ρ_t ≤ U
+        return (inside & keep).to(log_ratio.dtype), keep & ~inside
+    if mode == "sequence_mask":
+        mean = sequence_log_ratio(log_ratio, keep)[:, None]
+        inside = (mean >= log_lower) & (mean <= log_upper)  # L ≤ s_i ≤ U
+        return (inside & keep).to(log_ratio.dtype), keep & ~inside
+    raise ValueError(f"learner.rollout_correction.mode {mode!r}: one of {', '.join(ROLLOUT_CORRECTIONS)}")
+
+
+ROLLOUT_CORRECTIONS = ("none", "token_tis", "sequence_tis", "token_mask", "sequence_mask")
+
+
+def mismatch(log_ratio: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """How far the learner's logprobs are from the engine's for the same weights: log_ratio = log π_old −
+    log π_behaviour, keep: (B, T), true on the tokens of samples from the learner's current weights -> 0-dim
+    figures, None without any such token. "kl": the k3 estimate of KL(π_behaviour ‖ π_old) per token, mean;
+    "log_ratio_abs_max": the largest |log ρ_t|; "ppl_ratio": each sequence's perplexity under the learner over
+    the engine's, mean over sequences."""
+    if not bool(keep.any()):
+        return None
+    log_ratio = torch.where(keep, log_ratio, 0)
+    rows = keep.any(-1)
+    ppl = torch.exp(-sequence_log_ratio(log_ratio, keep))  # exp(−mean_t log π_old) / exp(−mean_t log π_behaviour)
+    return {
+        "kl": masked_mean(torch.expm1(log_ratio) - log_ratio, keep),  # (ρ − 1) − log ρ
+        "log_ratio_abs_max": log_ratio.abs().max(),
+        "ppl_ratio": ppl[rows].mean(),
+    }
 
 
 def tokens(lengths):

@@ -52,6 +52,13 @@ class SampleBatch:
     turn_rewards: np.ndarray | None = None  # (sum T_i,) float32: an environment's reward of a turn, at its last token
     selected: np.ndarray | None = None  # (N,) bool: the rows the update may use (dynamic sampling); None: all
     truncated: np.ndarray | None = None  # (N,) bool: the rows that hit max_tokens (learner.mask_truncated)
+    policy_versions: np.ndarray | None = None  # (N,) int64: the weights' version each row was drawn with; None: current
+
+    def current_rows(self, version: int) -> np.ndarray:
+        """(N,) bool: the rows drawn with the weights of `version` (every row where versions are unknown)."""
+        if self.policy_versions is None:
+            return np.ones(len(self), dtype=bool)
+        return self.policy_versions == version
 
     def trained_rows(self, mask_truncated: bool) -> np.ndarray:
         """(N,) bool: the rows the update trains on: those selected, less those that hit max_tokens when

@@ -294,7 +294,7 @@ def test_behaviour_importance_weights_are_capped_and_scale_the_policy_gradient(t
     for r in records:
         r.response_logprobs = [-50.0] * len(r.response_ids)
     norms = {}
-    for cap in ("null", "2.0"):
+    for mode in ("none", "token_tis"):
         cfg = load_config(
             None,
             [
@@ -302,14 +302,14 @@ def test_behaviour_importance_weights_are_capped_and_scale_the_policy_gradient(t
                 "learner.minibatch_size=16",
                 "learner.ppo_epochs=1",
                 "learner.shared_critic=false",
-                f"learner.behaviour_is_cap={cap}",
+                f"learner.rollout_correction.mode={mode}",
             ],
         )
         _, stats, _ = learner_for(cfg, tiny_model_path).learn(SampleBatch.from_records(records))
-        norms[cap] = stats["grad_norm"]
+        norms[mode] = stats["grad_norm"]
         assert stats["behaviour_logprob_mismatch"] > 40
-    assert stats["behaviour_is_clip_frac"] == 1.0
-    assert norms["2.0"] == pytest.approx(2 * norms["null"], rel=1e-4)
+    assert stats["rollout_correction/capped_tokens"] == 1.0
+    assert norms["token_tis"] == pytest.approx(2 * norms["none"], rel=1e-4)
 
 
 def poisoned(records, bad=float("nan")):

@@ -24,6 +24,30 @@ class KLConfig(Base):
     horizon: Annotated[int, doc("Adaptive controller horizon, in samples.", ge=1)] = 10000
 
 
+class RolloutCorrectionConfig(Base):
+    mode: Annotated[
+        Literal["none", "token_tis", "sequence_tis", "token_mask", "sequence_mask"],
+        doc(
+            "How each token's loss is weighted by ρ = π_old / π_behaviour. `token_tis` (decoupled PPO, Hilton "
+            "et al. 2022): min(ρ_t, upper). `sequence_tis`: the sequence's ratio Π_t ρ_t, capped at upper, on "
+            "every token of it. `token_mask` (IcePop): tokens whose ρ_t is outside [lower, upper] carry no "
+            "loss. `sequence_mask`: a sequence whose geometric-mean ratio exp(mean_t log ρ_t) is outside "
+            "[lower, upper] carries none. Masked tokens still count in the loss's denominator. `none`: no "
+            "weight. Metrics rollout_correction/capped_tokens, capped_sequences, masked_tokens or "
+            "masked_sequences: the share capped or masked."
+        ),
+    ] = "token_tis"
+    lower: Annotated[
+        Annotated[float, Meta(gt=0.0, lt=1.0)] | None,
+        doc("Lower bound of the mask modes' ratio, less than 1; null: 1 / upper. The TIS modes cap only above."),
+    ] = None
+    upper: Annotated[float, doc("Cap of the TIS modes and upper bound of the mask modes, more than 1.", gt=1.0)] = 2.0
+
+    @property
+    def lower_bound(self) -> float:
+        return 1.0 / self.upper if self.lower is None else self.lower
+
+
 # The attention and MLP projections of Llama, Qwen2/3 and Mistral: LoRA's usual targets.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -203,15 +227,24 @@ class LearnerConfig(Base):
             "as no pass computes it)."
         ),
     ] = "recompute"
-    behaviour_is_cap: Annotated[
-        float | None,
+    ratio_level: Annotated[
+        Literal["token", "sequence"],
         doc(
-            "Decoupled PPO: the clipped ratio is taken against the learner's own logprobs before the "
-            "update (the proximal policy), and each token is weighted by min(π_prox / π_behaviour, cap), "
-            "π_behaviour being the engine's logprob when it sampled (older weights with "
-            "rollout.max_staleness > 0, and numerically different ones always); more than 1. null: no weight."
+            "The importance ratio the policy loss clips. `token`: each token's π / π_old (PPO). `sequence` "
+            "(GSPO, Zheng et al. 2025): the sequence's length-normalised ratio s_i = exp(mean_t(log π - log "
+            "π_old)) on every token of it, clipped at sequence level by clip_eps/clip_eps_high (GSPO's ranges "
+            "are small: 3e-4 and 4e-4), each token's gradient s_i·∇log π_t (GSPO-token); a sequence-level "
+            "advantage (grpo, rloo) makes it GSPO's. The metric clipped_sequences is the share of sequences "
+            "clipped."
         ),
-    ] = 2.0
+    ] = "token"
+    rollout_correction: Annotated[
+        RolloutCorrectionConfig,
+        doc(
+            "Correction for the engine sampling from π_behaviour (older weights with rollout.max_staleness > 0, "
+            "and the engine's numerics always) while the loss is taken against the learner's π_old."
+        ),
+    ] = field(default_factory=RolloutCorrectionConfig)
     value_clip: Annotated[float, doc("Value prediction clip range around the old values.", gt=0.0)] = 0.2
     vf_coef: Annotated[float, doc("Value loss coefficient (shared critic).", ge=0.0)] = 0.5
     entropy_coef: Annotated[float, doc("Entropy bonus coefficient.", ge=0.0)] = 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,14 @@ def _renamed(tree: dict[str, Any]) -> None:
     if isinstance(learner, dict) and "loss_agg" in learner and "loss_agg_mode" not in learner:
         old = learner.pop("loss_agg")
         learner["loss_agg_mode"] = _LOSS_AGG.get(old, old)
+    if isinstance(learner, dict) and "behaviour_is_cap" in learner and "rollout_correction" not in learner:
+        cap = learner.pop("behaviour_is_cap")
+        learner["rollout_correction"] = {"mode": "none"} if cap is None else {"mode": "token_tis", "upper": cap}
+        was = "null" if cap is None else cap
+        print(
+            f"note: learner.behaviour_is_cap {was} is now learner.rollout_correction {learner['rollout_correction']}",
+            file=sys.stderr,
+        )
 
 
 def _derived(cfg: JobConfig) -> JobConfig:
@@ -188,8 +197,6 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
         problems.append("reward: no rules, no model and no server; add reward.rules, reward.model or reward.remote")
     if cfg.rollout.cpu_kv_cache_gb is not None and cfg.rollout.cpu_kv_cache_gb <= 0:
         problems.append("rollout.cpu_kv_cache_gb must be positive, or null to size it from the engine batch")
-    if cfg.learner.behaviour_is_cap is not None and cfg.learner.behaviour_is_cap <= 1:
-        problems.append("learner.behaviour_is_cap must be more than 1 (it caps π_prox / π_behaviour), or null")
     if cfg.learner.old_logprobs == "behaviour" and cfg.rollout.max_staleness > 0:
         problems.append(
             f"learner.old_logprobs behaviour takes the engine's logprobs as the weights before the update, which "

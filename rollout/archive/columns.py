@@ -119,6 +119,9 @@ def sample_batch(
         _turn_rewards(generations, response_offsets),
         None if selected is None else np.concatenate(selected),
         pc.equal(finish, "length").to_numpy(zero_copy_only=False),
+        np.concatenate([g.column("policy_version").to_numpy() for g in generations]).astype(np.int64)
+        if generations
+        else None,
     )
 
 
