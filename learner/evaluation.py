@@ -26,6 +26,7 @@ class Evaluated:
     values: torch.Tensor
     entropy: torch.Tensor | None  # None: no policy pass measured it (learner.old_logprobs behaviour)
     behaviour_logprobs: torch.Tensor  # the engine's, when it sampled
+    teacher_logprobs: torch.Tensor | None = None  # learner.teacher's of the sampled tokens; None: no teacher
 
 
 def in_batch_order(batch: SampleBatch, plans: list[list[MicroBatch]], local: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ from learner.advantages import masked_mean, masked_whiten, token_rewards
 from learner.batch import TokenBatch, to_device
 from learner.checkpoint import NonFiniteError
 from learner.checkpoint_writer import CheckpointWriter, PendingCheckpoint
+from learner.distill import distill_rewards, load_teacher
 from learner.estimators import estimate, estimator
 from learner.evaluation import Evaluated, in_batch_order
 from learner.finite_steps import FiniteSteps
@@ -90,11 +91,12 @@ class Learner:
         rank: int = 0,
         world_size: int = 1,
         address: str | None = None,
+        teacher_path: str | None = None,
     ):
         """`cfg` is the learner's section; besides it the learner needs the model it starts from, the
         compute `dtype`, the sampling `temperature` the engines draw at (its logprobs must be those of
         the same distribution; greedy decoding, 0, is scored at 1), the `seed` and, on CPU, its torch
-        `threads` (None: torch's own choice)."""
+        `threads` (None: torch's own choice), and with `learner.teacher` the teacher's model directory."""
         self.cfg = lc = cfg
         self.device = dist.local_device(lc.device)
         if world_size > 1:
@@ -127,6 +129,10 @@ class Learner:
         if self.lora is None:
             reference = PolicyModel(load_causal_lm(model_path, self.compute_dtype, attention))
             self.reference = self._place(reference.eval().requires_grad_(False))
+        self.teacher = None  # learner.teacher: frozen, in the compute dtype, sharded as the reference is
+        if teacher_path is not None:
+            teacher = load_teacher(teacher_path, policy_lm, self.compute_dtype, attention)
+            self.teacher = self._place(teacher.eval().requires_grad_(False))
         if lc.gradient_checkpointing:
             for backbone in filter(None, (policy_lm, self.critic and self.critic.backbone)):
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -147,6 +153,7 @@ class Learner:
         self.finite_steps = FiniteSteps(lc.max_nonfinite_steps, lc.lr)
         self.micro_batches_done = 0  # forward passes so far: what the driver's stall watch sees advance
         checkpoint_group = dist.checkpoint_group() if world_size > 1 else None
+        self.distill_stats: dict[str, float] = {}  # this iteration's distill/ figures (learner.teacher)
         self.checkpoints = CheckpointWriter(rank, world_size, checkpoint_group, cuda=self.device.type == "cuda")
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -180,6 +187,7 @@ class Learner:
         timings["advantages"] = self._since(start)
         start = time.perf_counter()
         stats = self.update(batch, ev, advantages, returns, kl)
+        stats.update(self.distill_stats)
         timings["update"] = self._since(start)
         columns = LearnerColumns(
             *(batch.flat(x) for x in (ev.old_logprobs, ev.ref_logprobs, ev.values, kl, rewards, advantages, returns)),
@@ -200,7 +208,7 @@ class Learner:
     @torch.no_grad()
     def evaluate(self, batch: SampleBatch) -> Evaluated:
         """Old policy logprobs, reference logprobs, values and entropies of every response token: the three
-        forward passes (policy, reference, critic unless shared) of every micro-batch of this rank's share
+        forward passes (policy, reference, critic unless shared; the teacher's with learner.teacher) of every micro-batch of this rank's share
         of the rows, gathered from every rank. Under LoRA the reference pass is the policy's with its
         adapters off, and no pass has dropout (`scoring`)."""
         plans = self.plan(batch, np.arange(len(batch)))
@@ -213,21 +221,25 @@ class Learner:
                 with self.compute():
                     policy = self.policy(tokens, self.temperature, with_entropy=True) if policy_pass else None
                     ref = self.reference_pass(tokens)
+                    teacher = self.teacher(tokens, self.temperature) if self.teacher is not None else None
                     values = self.values(tokens, policy or ref)  # the reference's output has no value head
                 self.micro_batches_done += 1
                 if not micro.filler:
                     columns = (ref.logprobs, values)
                     if policy is not None:
                         columns += (policy.logprobs, policy.entropy)
+                    if teacher is not None:
+                        columns += (teacher.logprobs,)
                     outputs.append(torch.stack([tokens.gather(c) for c in columns], dim=1))
-        width = 4 if policy_pass else 2
+        width = (4 if policy_pass else 2) + (self.teacher is not None)
         local = torch.cat(outputs) if outputs else torch.zeros((0, width), device=self.device)
         flat = in_batch_order(batch, plans, local)
         mask = to_device(batch.padded(batch.loss_mask), self.device)  # an episode's environment tokens are 0
         ref, values, *policy_columns = (batch.padded(flat[:, c]) * mask for c in range(width))
+        teacher_logprobs = policy_columns.pop() if self.teacher is not None else None
         behaviour = to_device(batch.padded(batch.behaviour_logprobs), self.device) * mask
         old, entropy = policy_columns if policy_columns else (behaviour, None)
-        return Evaluated(mask, old, ref, values, entropy, behaviour)
+        return Evaluated(mask, old, ref, values, entropy, behaviour, teacher_logprobs)
 
     def reference_pass(self, tokens: TokenBatch) -> PolicyOutput:
         """The reference's outputs on `tokens` (in a no-grad pass): the frozen copy's, or under LoRA the
@@ -264,6 +276,10 @@ class Learner:
         rewards, kl = token_rewards(
             scores, ev.old_logprobs, ev.ref_logprobs, ev.mask, self.kl_controller.coef, lc.kl.estimator, turns
         )
+        if ev.teacher_logprobs is not None:  # on-policy distillation: learner/distill.py
+            distilled, reverse_kl = distill_rewards(ev.old_logprobs, ev.teacher_logprobs, ev.mask, lc.teacher.coef)
+            rewards = rewards + distilled
+            self.distill_stats = {"distill/reverse_kl": masked_mean(reverse_kl, ev.mask).item()}
         groups = torch.tensor(batch.groups, device=self.device)
         advantages, returns = estimate(rewards, ev.values, ev.mask, groups, lc)
         return rewards, kl, advantages, returns

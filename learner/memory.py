@@ -4,6 +4,7 @@ What one rank holds (P = policy parameters, R = learner.num_ranks, M = learner.m
 - policy: float32 master weights, gradients and two AdamW moments, sharded: 16·P / R bytes;
 - critic (gae with a separate critic): the same for its backbone and value head;
 - reference: compute-dtype weights, sharded, no optimizer: 2·P / R bytes (bfloat16);
+- teacher (`learner.teacher`, Pt parameters): the same as the reference, of its own size: 2·Pt / R bytes;
 - with LoRA (`learner.lora.rank` r, A adapter parameters: r·(in + out) for each target layer of each
   block): the policy's base frozen in float32 (4·P / R: no gradients, no optimizer state), the adapters
   16·A / R, no reference (the policy with its adapters off); a `lora` critic likewise; activations gain
@@ -96,9 +97,10 @@ def estimate(
     lora_rank: int | None = None,
     lora_targets: Sequence[str] = LORA_TARGETS,
     lora_critic: bool = False,
+    teacher_params: int = 0,
 ) -> dict[str, float]:
     """GiB per rank by part, and their total. `lora_rank` None: full fine-tuning; else LoRA of that rank
-    on `lora_targets`, on the critic too with `lora_critic`."""
+    on `lora_targets`, on the critic too with `lora_critic`; `teacher_params`: the teacher's (0: none)."""
     P = shape.params
     critic = P - shape.vocab * shape.hidden * (0 if shape.tied else 1)  # a backbone: no LM head of its own
     M, h, i = micro_batch_tokens, shape.hidden, shape.intermediate
@@ -118,6 +120,7 @@ def estimate(
         "policy_states": policy_states / num_ranks,
         "critic_states": critic_states / num_ranks if separate_critic else 0.0,
         "reference": 0.0 if lora_rank else compute_bytes * P / num_ranks,
+        "teacher": compute_bytes * teacher_params / num_ranks,
         "gathered_weights": compute_bytes * (2 * shape.block_params + shape.root_params) * (1 if num_ranks > 1 else 0),
         "activations": activations * (2 if separate_critic else 1) + adapter_activations,
         "lm_head_chunk": 4 * LOGIT_CHUNK_BYTES,

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from msgspec import Meta, field
 
 from contracts.config.base import Base, doc
+from contracts.config.distill import TeacherConfig
 
 
 class KLConfig(Base):
@@ -283,3 +284,13 @@ class LearnerConfig(Base):
     lora: Annotated[LoraConfig, doc("Low-rank adapters instead of full fine-tuning.")] = field(
         default_factory=LoraConfig
     )
+    teacher: Annotated[
+        TeacherConfig | None,
+        doc(
+            "On-policy distillation {path, coef}: a frozen teacher (path: a model directory, a checkpoint, a "
+            "run directory meaning its latest checkpoint's policy, or builtin:) scores the sampled tokens "
+            "beside the reference (sharded alike), and −coef·(log π − log π_teacher) (coef default 1.0) is "
+            "added to each token's reward (metric distill/reverse_kl); reward.rules may then be empty. null: "
+            "no teacher."
+        ),
+    ] = None

@@ -193,8 +193,13 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
     repeated = sorted({b for b in cfg.tracking.backends if cfg.tracking.backends.count(b) > 1})
     if repeated:
         problems.append(f"tracking.backends: {', '.join(repeated)} named twice; name each backend once")
-    if not cfg.reward.rules and cfg.reward.model is None and cfg.reward.remote is None:
-        problems.append("reward: no rules, no model and no server; add reward.rules, reward.model or reward.remote")
+    # A teacher's per-token reward is a signal of its own (on-policy distillation): then no reward is needed.
+    no_reward = not cfg.reward.rules and cfg.reward.model is None and cfg.reward.remote is None
+    if no_reward and cfg.learner.teacher is None:
+        problems.append(
+            "reward: no rules, no model, no server and no learner.teacher; add reward.rules, reward.model, "
+            "reward.remote or a teacher to distil from"
+        )
     if cfg.rollout.cpu_kv_cache_gb is not None and cfg.rollout.cpu_kv_cache_gb <= 0:
         problems.append("rollout.cpu_kv_cache_gb must be positive, or null to size it from the engine batch")
     if cfg.learner.old_logprobs == "behaviour" and cfg.rollout.max_staleness > 0:

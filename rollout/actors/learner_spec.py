@@ -20,11 +20,19 @@ class LearnerSpec:
     temperature: float
     seed: int
     threads: int
+    teacher_path: str | None = None  # learner.teacher's model directory, resolved by the driver
 
     @classmethod
-    def of_job(cls, cfg: JobConfig, model_path: str) -> LearnerSpec:
+    def of_job(cls, cfg: JobConfig, model_path: str, teacher_path: str | None = None) -> LearnerSpec:
+        """`teacher_path`: `learner.teacher.path` resolved to a model directory (rollout.driver.teacher)."""
         return cls(
-            cfg.learner, model_path, cfg.model.dtype, cfg.rollout.sampling.temperature, cfg.seed, cpu_threads(cfg)
+            cfg.learner,
+            model_path,
+            cfg.model.dtype,
+            cfg.rollout.sampling.temperature,
+            cfg.seed,
+            cpu_threads(cfg),
+            teacher_path,
         )
 
     def build(self, **distributed):
@@ -37,6 +45,7 @@ class LearnerSpec:
             temperature=self.temperature,
             seed=self.seed,
             threads=self.threads,
+            teacher_path=None if self.teacher_path is None else storage.fetch(self.teacher_path),
             **distributed,
         )
 

@@ -35,4 +35,6 @@ def run_metadata(cfg: JobConfig, run_id: str, model: str, start: dict, *, learne
     if learner:
         lc = cfg.learner
         metadata.update(learner_settings(lc.gamma, lc.lam, lc.kl.coef, lc.kl.estimator, lc.kl.target))
+        if lc.teacher is not None:  # its per-token reward is in token_rewards: replay keeps it
+            metadata["distill_coef"] = repr(lc.teacher.coef)
     return metadata

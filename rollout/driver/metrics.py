@@ -122,6 +122,7 @@ class MetricsLog:
     def progress_line(m: dict, last_iteration: int) -> str:
         parts = [f"iter {m['iteration']}/{last_iteration}", f"reward {m['reward_mean']:+.3f}"]
         parts += [f"{k[7:]} {v:.3f}" for k, v in m.items() if k.startswith("reward/") and v == v]
+        parts += [f"{k[8:]} {v:.3f}" for k, v in m.items() if k.startswith("distill/")]  # learner.teacher
         parts += [
             f"kl {m.get('kl', 0.0):.4f}",
             f"{m['tokens_per_s']:.0f} tok/s",
@@ -143,10 +144,10 @@ def print_summary(history: list[dict], log) -> None:
 
 
 def summary_lines(history: list[dict]) -> list[str]:
-    """First vs last iteration and first vs last fifth, of the reward and each component: what `run`
-    ends with, and `rollout stats` too (its per-iteration items carry the same names)."""
+    """First vs last iteration and first vs last fifth, of the reward, each component and the distillation's
+    reverse KL (learner.teacher): what `run` ends with, and `rollout stats` too (its per-iteration items carry the same names)."""
     fifth = max(1, len(history) // 5)
-    keys = ["reward_mean"] + sorted({k for h in history for k in h if k.startswith("reward/")})
+    keys = ["reward_mean"] + sorted({k for h in history for k in h if k.startswith(("reward/", "distill/"))})
     lines = [f"summary over {len(history)} iterations (first fifth = {fifth} iterations):"]
     for key in keys:
         values = [h.get(key) for h in history]

@@ -34,6 +34,7 @@ from rollout.driver.prompts import PromptSampler
 from rollout.driver.run_record import RunRecord
 from rollout.driver.run_storage import RunStorage
 from rollout.driver.startup import RunData, read_data_starting_ray, start_cluster
+from rollout.driver.teacher import teacher_model_path
 from rollout.weight_sync.path import weight_sync_path
 from rollout.weight_sync.sync import WeightSync
 
@@ -89,7 +90,8 @@ class Session:
             cfg, str(checkpoint / "policy") if checkpoint else model, log=log, wait=False
         )
         self.rewards = RewardWorkers(cfg.reward, start_timeout_s=cfg.ray.actor_start_timeout_s, log=log)
-        self.learner = LearnerRanks(LearnerSpec.of_job(cfg, model), cfg.ray, checkpoints=self.checkpoints, log=log)
+        spec = LearnerSpec.of_job(cfg, model, teacher_model_path(cfg))
+        self.learner = LearnerRanks(spec, cfg.ray, checkpoints=self.checkpoints, log=log)
         self.workers.wait_started()
         self.rewards.wait_started()
         self.weights = WeightSync(

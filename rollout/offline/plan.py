@@ -136,6 +136,11 @@ def _memory(cfg: JobConfig, shape: Shape, requests, gpu_memory_gb: float | None,
         f"{r.max_model_len} tokens {kv:.2f} ({kv_per_token / 2**10:.0f} KiB per token)"
     )
     lines.append(f"    {sizing.describe(device)}")
+    if r.n_samples > sequences:
+        lines.append(
+            f"    rollout.n_samples {r.n_samples} exceeds the engine batch ({sequences} sequences): each prompt's "
+            "completions take several engine steps; raise rollout.max_num_seqs to run them side by side"
+        )
     if rollout_gpus and gpu_memory_gb:
         budget = r.gpu_memory_utilization * gpu_memory_gb
         verdict = "fits" if weights < budget else "does not fit"
@@ -172,6 +177,7 @@ def _memory(cfg: JobConfig, shape: Shape, requests, gpu_memory_gb: float | None,
         lora_rank=lc.lora.rank,
         lora_targets=lc.lora.target_modules,
         lora_critic=lc.lora.critic == "lora",
+        teacher_params=_teacher_params(cfg, shape, lines),
     )
     where = "per GPU" if learner_gpus else "CPU memory"
     parts = ", ".join(f"{k} {v:.2f}" for k, v in e.items() if k != "total")
@@ -186,6 +192,28 @@ def _memory(cfg: JobConfig, shape: Shape, requests, gpu_memory_gb: float | None,
                 "learner.gradient_checkpointing"
             )
     return lines
+
+
+def _teacher_params(cfg: JobConfig, policy: Shape, lines: list[str]) -> int:
+    """The teacher's parameters (learner.teacher), 0 without one; its line added to `lines`. A teacher whose
+    config.json is out of reach is counted at the policy's size."""
+    if cfg.learner.teacher is None:
+        return 0
+    from contracts.config import ConfigError
+    from rollout.driver.teacher import teacher_model_path
+
+    try:
+        shape = model_shape(teacher_model_path(cfg) or "")
+    except ConfigError as e:
+        lines.append(f"  teacher: {e}")
+        shape = None
+    if shape is None:
+        lines.append("  teacher: no config.json reachable; counted at the policy's size")
+        return policy.params
+    lines.append(
+        f"  teacher {cfg.learner.teacher.path}: {shape.params / 1e9:.3f}B parameters, frozen like the reference"
+    )
+    return shape.params
 
 
 def format_plan(plan: Plan) -> str:

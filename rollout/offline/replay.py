@@ -11,7 +11,9 @@ What is recomputed, and from what:
   token. With --kl-coef, β is the new coefficient and kl_t the learner's per-token KL (`kl`); with
   --reward-config alone, the KL part of the stored token rewards (r_t − [t last]·old score) is
   kept as it is. Where `kl` is null because the run's β was 0 (a v1 archive), kl_t is estimated
-  from `response_logprobs` and `ref_logprobs` instead, with a warning.
+  from `response_logprobs` and `ref_logprobs` instead, with a warning. A run with a teacher
+  (`learner.teacher`, metadata `distill_coef`) keeps its per-token distillation reward, which only the
+  stored token rewards hold: r_t − [t last]·old score + (β_run − β)·kl_t.
 - --reward-config FILE re-scores every sample with the rule functions of the file's `reward:`
   section (rules only: a reward model is not loaded). Rules read the sample's data record
   (reference answer, metadata), looked up by `prompt_id` in --prompts (a prompt file or
@@ -91,6 +93,7 @@ class _Plan:
     kl_estimator: KLEstimator
     rescore: bool
     grpo_normalize_std: bool
+    distilled: bool = False  # the run had learner.teacher: its token rewards hold the teacher's reward
 
     @property
     def settings(self) -> LearnerConfig:
@@ -169,6 +172,7 @@ def _plan(metadata: dict[str, str], options: ReplayOptions) -> _Plan:
         cast(KLEstimator, kl_estimator),
         rescore=options.reward_config is not None,
         grpo_normalize_std=_run_setting(metadata, options.grpo_normalize_std, "grpo_normalize_std"),
+        distilled="distill_coef" in metadata,
     )
 
 

@@ -115,6 +115,7 @@ def compute_stats(archive: str | Path) -> RunStats:
         item.update(trained=row["trained"], turns_mean=row["turns_mean"], env_turns_mean=row["env_turns_mean"])
         item["env_errors"] = row["env_errors"]
         item.update({key: (run_metrics.get(i) or {}).get(key) for key in METRIC_FIGURES})
+        item.update({k: v for k, v in (run_metrics.get(i) or {}).items() if k.startswith("distill/")})  # a teacher's
         stats.append(item)
     return RunStats(str(archive), stats, _totals(rows, stats, components, finish), read_evaluations(archive))
 

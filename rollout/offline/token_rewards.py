@@ -36,9 +36,13 @@ def rebuilt_token_rewards(
     if not plan.rescore and plan.kl_coef is None:
         return rewards
     last = last_token_mask(mask)
+    old_score = torch.from_numpy(floats(batch.column("reward"), "reward")).unsqueeze(1)
     if plan.kl_coef is None:
-        old_score = torch.from_numpy(floats(batch.column("reward"), "reward")).unsqueeze(1)
         kl_part = rewards - torch.where(last, old_score, 0)  # −β·kl_t, as the run computed it
+    elif plan.distilled:  # a teacher's per-token reward is in the stored ones, and nowhere else: kept
+        coef = torch.from_numpy(floats(batch.column("kl_coef"), "kl_coef")).unsqueeze(1)
+        kl = _kl(batch, plan, lengths, mask)
+        kl_part = rewards - torch.where(last, old_score, 0) + (coef - plan.kl_coef) * kl  # r_t − score + (β − β')·kl_t
     else:
         kl_part = -plan.kl_coef * _kl(batch, plan, lengths, mask) + turn_rewards(batch, mask.shape[1])
     new_score = torch.from_numpy(floats(reward, "reward")).unsqueeze(1)

@@ -38,6 +38,7 @@ def train_offline(
     all the same; the policy saved to `out`."""
     log = log or sys.stderr
     model_path = model or resolve_model_path(cfg.model.path)
+    # No teacher loaded (learner.teacher): its reward is in the archive's token rewards, so in the advantages.
     learner = LearnerSpec.of_job(cfg, model_path).build()
     signal = _with_signal(archive) if cfg.rollout.dynamic_sampling.enabled else None
     for epoch in range(epochs):
@@ -60,7 +61,7 @@ def train_offline(
                 + (
                     f"samples, policy loss {stats['policy_loss']:+.4f}  clip frac {stats['clip_frac']:.3f} "
                     f"(high {stats['clip_frac_high']:.3f}, low {stats['clip_frac_low']:.3f})  "
-                    f"approx kl {stats['approx_kl']:.4f}"
+                    f"approx kl {stats['approx_kl']:.4f}  clipped sequences {stats['clipped_sequences']:.3f}"
                     if "policy_loss" in stats
                     else "samples"
                 ),
