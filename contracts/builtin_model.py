@@ -8,7 +8,7 @@ measuring the learner at a size where activations, not the interpreter, dominate
 of the other families users bring (`builtin:tiny-qwen2`, `builtin:tiny-qwen3`,
 `builtin:tiny-mistral`; a Llama spec names no family, so its cache key is unchanged). All are
 saved with `save_pretrained` into one directory that transformers and
-vLLM load. The build is cached under `cache_dir()` and keyed by its spec, so it happens once.
+vLLM load. The build is cached under `cache_dir()` and keyed by its spec and chat template, so it happens once.
 """
 
 from __future__ import annotations
@@ -60,13 +60,26 @@ BUILTINS = {
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
-# Roles are marked by special tokens; an assistant turn ends with eos so generation stops there.
+# Roles are marked by special tokens; an assistant turn ends with eos so generation stops there. Tools
+# (OpenAI `tools`) are listed in a system line, `name(param,...)`, short enough for the tiny model's
+# context; a tool call is written Hermes/Qwen style, `<tool_call>{"name": ..., "arguments": ...}</tool_call>`
+# (what the `hermes` tool-call parser reads back), and a tool's result is a user turn in `<tool_response>`.
+# Messages with only role and content render as version 1's template did.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|system|>tools:"
+    "{% for tool in tools %}{% set f = tool['function'] if tool['function'] is defined else tool %}"
+    " {{ f['name'] }}({{ ((f['parameters'] or {})['properties'] or {}) | list | join(',') }})"
+    "{% endfor %}{{ '\\n' }}{% endif %}"  # a newline right after a block tag is trimmed
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}<|system|>{{ message['content'] }}\n"
     "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}\n"
-    "{% else %}<|assistant|>{{ message['content'] }}{{ eos_token }}\n"
+    "{% elif message['role'] == 'tool' %}<|user|><tool_response>{{ message['content'] }}</tool_response>\n"
+    "{% else %}<|assistant|>{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}{% set f = call['function'] %}"
+    '<tool_call>{"name": "{{ f[\'name\'] }}", "arguments": '
+    "{{ f['arguments'] if f['arguments'] is string else f['arguments'] | tojson }}}</tool_call>"
+    "{% endfor %}{{ eos_token }}\n"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -98,7 +111,8 @@ def build_tiny_llama(root: Path | None = None) -> Path:
 def build_builtin(name: str, root: Path | None = None) -> Path:
     """Build (once) and return the directory of a builtin model; safe to call from many processes."""
     spec = BUILTINS[name]
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    # The template is saved with the tokenizer, so a changed template is a new build.
+    key = hashlib.sha256((json.dumps(spec, sort_keys=True) + CHAT_TEMPLATE).encode()).hexdigest()[:12]
     target = (root or cache_dir()) / f"{name}-{key}"
     if (target / "config.json").exists():
         return target

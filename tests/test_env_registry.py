@@ -88,7 +88,7 @@ def test_a_users_class_is_loaded_by_module_and_name_and_played(user_module):
     [
         (
             "nope",
-            "env.name: unknown environment 'nope'; known: calculator, conversation, reasoning_gym, or your own as package.module:ClassName",
+            "env.name: unknown environment 'nope'; known: calculator, conversation, openai_agent, reasoning_gym, or your own as package.module:ClassName",
         ),
         ("no_such_module_at_all:Env", "env.name: no_such_module_at_all:Env: cannot import no_such_module_at_all"),
         ("broken_envs:Env", "env.name: broken_envs:Env: importing broken_envs raised RuntimeError: no licence"),

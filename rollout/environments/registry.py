@@ -39,6 +39,7 @@ ENVIRONMENTS: Registry[type[Environment]] = Registry(
     modules=(
         "rollout.environments.calculator",
         "rollout.environments.conversation",
+        "rollout.environments.openai_agent",
         "rollout.environments.reasoning_gym",
     ),
     user_form="package.module:ClassName",

@@ -65,7 +65,15 @@ class RolloutWorker:
         if episodes:
             from rollout.environments.registry import environment_class
 
-            self.episodes = EpisodeRunner(self.engine, environment_class(env.name), env, self.engine.tokenizer)
+            env_class = environment_class(env.name)
+            if getattr(env_class, "serves_agents", False):  # openai_agent: the agents call this worker's endpoint
+                from rollout.generation.agents import AgentRunner
+
+                self.episodes = AgentRunner(
+                    self.engine, env, self.engine.tokenizer, worker=name, max_model_len=cfg.max_model_len
+                )
+            else:
+                self.episodes = EpisodeRunner(self.engine, env_class, env, self.engine.tokenizer)
 
     def generate(
         self,

@@ -1,0 +1,492 @@
+"""`openai_agent` episodes: the user's agent runs against an OpenAI-compatible endpoint on this worker, and
+every call it makes is a request in the engine's loop (`VLLMEngine.submit/step/abort`, as episodes' turns are).
+
+Two threads share the work. The endpoint (aiohttp) and the agents (asyncio tasks; a plain function on a
+thread of its own) run on an event loop thread; a call is rendered and recorded there (`agent_capture`),
+and handed to the engine loop, which runs in the worker's generation thread (`AgentRunner.stream`) as
+`EpisodeRunner`'s does: it submits the calls, steps the engine and hands each finished sample back.
+One endpoint per worker, on a free port of 127.0.0.1 (the agents run in this process), started with the
+worker and stopped with it; each episode's client is bound to its own URL, `/episodes/ID/v1`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+
+from contracts.config import SamplingConfig
+from contracts.errors import first_line
+from rollout.environments.openai_agent import OpenAIAgent, takes_base_url
+from rollout.generation.agent_capture import (
+    AgentEpisode,
+    ChatRendering,
+    RequestError,
+    extends,
+    normalize_messages,
+    record_dict,
+)
+from rollout.generation.completions import Completion
+from rollout.generation.engine import SampleOutput, VLLMEngine
+
+MODEL_NAME = "policy"  # what /v1/models lists; any name is accepted in a request
+START_TIMEOUT_S = 30.0
+_episode_numbers = itertools.count()
+
+
+class AgentRunner:
+    """The endpoint, the agents and the engine loop of one worker's `openai_agent` episodes."""
+
+    def __init__(self, engine: VLLMEngine, cfg, tokenizer, *, worker: str = "rollout", max_model_len: int):
+        """`cfg`: the `env` config section."""
+        self.engine, self.cfg, self.tokenizer = engine, cfg, tokenizer
+        self.settings = OpenAIAgent(**cfg.params)
+        self.is_async = asyncio.iscoroutinefunction(self.settings.function)
+        self.base_url_only = takes_base_url(self.settings.function)
+        self.rendering = ChatRendering(tokenizer)
+        self.worker, self.max_model_len = worker, max_model_len
+        self.episodes: dict[str, AgentEpisode] = {}  # by id; touched on the event loop only
+        self.calls: deque = deque()  # (episode, prompt ids, params, future): to the engine loop
+        self.ended: deque[AgentEpisode] = deque()  # to the engine loop
+        self.wake = threading.Event()
+        self.threads = ThreadPoolExecutor(max_workers=cfg.num_threads, thread_name_prefix="agent")
+        self.sampling: SamplingConfig | None = None  # the running stream's
+        self.idle_seconds = 0.0
+        self.env_errors = 0
+        self.call_seconds: list[float] = []  # each call's endpoint time outside the engine (added latency)
+        self.resumed_tokens = self.cached_tokens = 0
+        self.env_seconds: list[float] = []  # kept for the worker's summary (agents have no steps)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="agent-endpoint", daemon=True)
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start_server(), self.loop).result(START_TIMEOUT_S)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    # -- the engine loop (the worker's generation thread) -------------------------------------------
+
+    def stream(self, batches, sampling: SamplingConfig, n: int):
+        """Every batch's episodes ((records, prompt ids, seed) each; n per prompt) run by the agent; yields
+        (batch index, [n Completions per prompt, in prompt order]) as each batch's episodes all end."""
+        self.sampling = sampling
+        results = [[[None] * n for _ in ids] for _, ids, _ in batches]
+        left = [len(ids) * n for _, ids, _ in batches]
+        for b in [b for b, count in enumerate(left) if count == 0]:
+            yield b, []
+        starting = deque(
+            ((b, i, j), records[i], None if seed is None else (seed * 1_000_003 + i * 1_009 + j * 101) % 2**31)
+            for b, (records, ids, seed) in enumerate(batches)
+            for i in range(len(ids))
+            for j in range(n)
+        )
+        running: set[AgentEpisode] = set()
+        queued: deque = deque()  # calls waiting for room in the engine's window
+        in_engine: dict[str, tuple[AgentEpisode, asyncio.Future, float]] = {}
+        try:
+            while starting or running:
+                while starting and len(running) < 2 * self.engine.window:
+                    place, record, seed = starting.popleft()
+                    episode = AgentEpisode(place, record, seed, f"{self.worker}-{next(_episode_numbers)}")
+                    running.add(episode)
+                    self.loop.call_soon_threadsafe(self._start_episode, episode)
+                while self.calls:
+                    queued.append(self.calls.popleft())
+                while queued and len(in_engine) < self.engine.window:
+                    episode, ids, params, future = queued.popleft()
+                    if episode.finish is None and not future.done():
+                        in_engine[self.engine.submit(ids, params, episode)] = (episode, future, time.perf_counter())
+                if in_engine:
+                    for out in self.engine.step():
+                        episode, future, _ = in_engine.pop(out.id)
+                        if out.prompt_tokens and episode.calls:
+                            self.resumed_tokens += out.prompt_tokens
+                            self.cached_tokens += out.cached_tokens
+                        self.loop.call_soon_threadsafe(_resolve, future, out.samples[0])
+                else:
+                    start = time.perf_counter()
+                    self.wake.wait(0.05)
+                    self.wake.clear()
+                    self.idle_seconds += time.perf_counter() - start
+                while self.ended:
+                    episode = self.ended.popleft()
+                    running.discard(episode)
+                    self.engine.abort([rid for rid, (e, _, _) in in_engine.items() if e is episode])
+                    for rid in [rid for rid, (e, _, _) in in_engine.items() if e is episode]:
+                        del in_engine[rid]
+                    b, i, j = episode.place
+                    results[b][i][j] = self._completion(episode)
+                    left[b] -= 1
+                    if left[b] == 0:
+                        yield b, results[b]
+                        results[b] = None
+        finally:  # episodes left unfinished (the stream was closed, or raised): their agents are stopped
+            self.engine.abort(list(in_engine))
+            for episode in running:
+                self.loop.call_soon_threadsafe(self._cancel, episode)
+
+    def close(self) -> None:
+        """Stop the endpoint and the event loop (the worker is going away)."""
+        if self.loop.is_closed():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop_server(), self.loop).result(START_TIMEOUT_S)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(START_TIMEOUT_S)
+            self.threads.shutdown(wait=False, cancel_futures=True)
+
+    def _completion(self, episode: AgentEpisode) -> Completion:
+        reward_at, rewards = [], []
+        if episode.reward is not None and episode.response:
+            reward_at, rewards = [len(episode.response) - 1], [episode.reward]
+        if episode.finish == "env_error":
+            self.env_errors += 1
+        return Completion(
+            token_ids=episode.response,
+            logprobs=episode.logprobs,
+            text=self.tokenizer.decode(episode.response, skip_special_tokens=False),
+            finish_reason=episode.finish or "error",
+            mask=episode.mask,
+            num_turns=episode.calls,
+            final_text=episode.final_text,
+            turn_reward_at=reward_at,
+            turn_rewards=rewards,
+            env_error=episode.error,
+            prompt_ids=episode.prompt_ids,
+            prompt=episode.prompt_text if episode.prompt_ids is not None else None,
+        )
+
+    # -- the agents (event loop) --------------------------------------------------------------------
+
+    def _start_episode(self, episode: AgentEpisode) -> None:
+        self.episodes[episode.id] = episode
+        episode.task = self.loop.create_task(self._run_agent(episode))
+
+    def _cancel(self, episode: AgentEpisode) -> None:
+        episode.end("error", "the episode was stopped before its agent finished")
+        if episode.task is not None:
+            episode.task.cancel()
+        self.episodes.pop(episode.id, None)
+
+    async def _run_agent(self, episode: AgentEpisode) -> None:
+        name = self.settings.agent_name
+        timeout = self.settings.episode_timeout_s
+        try:
+            reward = await asyncio.wait_for(self._call_agent(episode), timeout)
+        except asyncio.TimeoutError:
+            episode.end("env_error", f"agent {name} took more than env.params.episode_timeout_s ({timeout:g}s)")
+        except asyncio.CancelledError:
+            episode.end("error", "the episode was stopped before its agent finished")
+            raise
+        except Exception as e:  # noqa: BLE001 - an agent's error ends its episode, not the run
+            episode.end("env_error", f"agent {name} raised {type(e).__name__}: {first_line(e)}")
+        else:
+            if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))):
+                episode.end("env_error", f"agent {name} returned {type(reward).__name__}, not a number or None")
+            elif episode.calls == 0:
+                episode.end("env_error", f"agent {name} made no call to the model")
+            else:
+                episode.reward = None if reward is None else float(reward)
+                episode.end(episode.last_finish)
+        finally:
+            self.episodes.pop(episode.id, None)
+            self.ended.append(episode)
+            self.wake.set()
+
+    async def _call_agent(self, episode: AgentEpisode):
+        url = f"{self.url}/episodes/{episode.id}/v1"
+        function, record = self.settings.function, record_dict(episode.record)
+        params = self.settings.agent_params
+        if self.is_async:
+            client = url if self.base_url_only else self._async_client(url)
+            return await function(client, record, **params)
+        client = url if self.base_url_only else self._client(url)
+        return await self.loop.run_in_executor(self.threads, functools.partial(function, client, record, **params))
+
+    def _async_client(self, url: str):
+        import openai
+
+        # No retries: a refused call (409 after the episode ended, 400) is the agent's to see, at once.
+        return openai.AsyncOpenAI(
+            base_url=url,
+            api_key="rollout",
+            max_retries=0,
+            timeout=self.settings.episode_timeout_s,
+            http_client=self._http_async,
+        )
+
+    def _client(self, url: str):
+        import openai
+
+        return openai.OpenAI(
+            base_url=url,
+            api_key="rollout",
+            max_retries=0,
+            timeout=self.settings.episode_timeout_s,
+            http_client=self._http,
+        )
+
+    # -- the endpoint (event loop) ------------------------------------------------------------------
+
+    async def _start_server(self) -> int:
+        import httpx
+        from aiohttp import web
+
+        # One connection pool for every episode's client: a client each would open connections of its own.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
+        self._http_async = httpx.AsyncClient(limits=limits, timeout=None)
+        self._http = httpx.Client(limits=limits, timeout=None)
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_post("/episodes/{episode}/v1/chat/completions", self._chat)
+        app.router.add_post("/episodes/{episode}/v1/completions", self._text_completion)
+        app.router.add_get("/episodes/{episode}/v1/models", self._models)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._no_episode)
+        app.router.add_post("/v1/completions", self._no_episode)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
+
+    async def _stop_server(self) -> None:
+        for episode in list(self.episodes.values()):
+            self._cancel(episode)
+        await self._runner.cleanup()
+        await self._http_async.aclose()
+        self._http.close()
+
+    async def _models(self, request):
+        from aiohttp import web
+
+        return web.json_response(
+            {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "rollout"}]}
+        )
+
+    async def _no_episode(self, request):
+        return _error(RequestError(404, "calls go to an episode's base_url (/episodes/ID/v1), given to its agent"))
+
+    async def _chat(self, request):
+        return await self._serve(request, chat=True)
+
+    async def _text_completion(self, request):
+        return await self._serve(request, chat=False)
+
+    async def _serve(self, request, *, chat: bool):
+        from aiohttp import web
+
+        start = time.perf_counter()
+        try:
+            episode = self.episodes.get(request.match_info["episode"])
+            if episode is None:
+                raise RequestError(404, f"unknown episode {request.match_info['episode']!r}", "not_found_error")
+            try:
+                body = await request.json(loads=json.loads)
+            except ValueError:
+                raise RequestError(400, "the request body is not JSON") from None
+            if not isinstance(body, dict):
+                raise RequestError(400, "the request body must be a JSON object")
+            self._check_open(episode)
+            if episode.busy:
+                raise RequestError(409, "this episode has a call in flight; an episode's calls are made one at a time")
+            if episode.calls >= self.cfg.max_turns:
+                episode.end(
+                    "env_error",
+                    f"agent {self.settings.agent_name} made more than env.max_turns ({self.cfg.max_turns}) calls",
+                )
+                raise RequestError(409, f"this episode ended: more than env.max_turns ({self.cfg.max_turns}) calls")
+            call = self._chat_call(episode, body) if chat else self._text_call(episode, body)
+            ids, added, params, history, tools_key = call
+            future = self.loop.create_future()
+            episode.busy, episode.pending = True, future
+            try:
+                self.call_seconds.append(time.perf_counter() - start)
+                self.calls.append((episode, ids, params, future))
+                self.wake.set()
+                sample: SampleOutput = await future
+                start = time.perf_counter()
+            finally:
+                episode.busy, episode.pending = False, None
+            self._check_open(episode)  # it ended while the engine ran this call (time-out): not recorded
+            text = self._record(episode, ids, added, sample, history, tools_key, chat)
+            payload = self._payload(episode, body, ids, sample, text, chat)
+            response = web.json_response(payload)
+            self.call_seconds[-1] += time.perf_counter() - start
+            return response
+        except RequestError as e:
+            return _error(e)
+
+    def _check_open(self, episode: AgentEpisode) -> None:
+        if episode.finish is not None:
+            raise RequestError(
+                409, f"this episode ended ({episode.finish}); start a new episode for more calls", "conflict"
+            )
+
+    def _sampling(self, body: dict, room: int):
+        """The call's sampling: the rollout's, with the request's temperature, top_p and stop; its
+        max_tokens capped by the rollout's and by what is left of the episode's tokens."""
+        sampling = self.sampling
+        if body.get("n", 1) != 1:
+            raise RequestError(400, "n must be 1: each call is one sample of the episode")
+        if body.get("stream"):
+            raise RequestError(400, "stream is not served: make the call with stream false")
+        changes: dict[str, Any] = {}
+        asked = body.get("max_completion_tokens", body.get("max_tokens"))
+        if asked is not None:
+            if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+                raise RequestError(400, f"max_tokens must be a whole number >= 1, got {asked!r}")
+        changes["max_tokens"] = min(sampling.max_tokens, room, asked or sampling.max_tokens)
+        for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+            value = body.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise RequestError(400, f"{key} must be a number in [{low:g}, {high:g}], got {value!r}")
+            if key == "top_p" and value == 0:
+                raise RequestError(400, "top_p must be > 0")
+            changes[key] = float(value)
+        stop = body.get("stop")
+        if stop is not None:
+            stop = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+                raise RequestError(400, "stop must be a string or a list of up to 4 non-empty strings")
+            changes["stop"] = [*sampling.stop, *stop]
+        return msgspec.structs.replace(sampling, **changes)
+
+    def _params(self, episode: AgentEpisode, body: dict, prompt_len: int, added: int):
+        room = min(
+            self.cfg.max_episode_tokens - len(episode.response) - added,
+            self.max_model_len - prompt_len,
+        )
+        if room < 1:
+            if episode.calls:
+                episode.end("length")
+            raise RequestError(
+                400,
+                f"this call's prompt is {prompt_len} tokens: no room left to generate (rollout.max_model_len "
+                f"{self.max_model_len}, env.max_episode_tokens {self.cfg.max_episode_tokens})",
+                "context_length_exceeded",
+            )
+        sampling = self._sampling(body, room)
+        seed = None if episode.seed is None else episode.seed + episode.calls
+        return self.engine.sampling_params(sampling, 1, seed, one_request=True)
+
+    def _chat_call(self, episode: AgentEpisode, body: dict):
+        messages = normalize_messages(body.get("messages"))
+        tools = body.get("tools") or None
+        if tools is not None and not isinstance(tools, list):
+            raise RequestError(400, "tools must be a list")
+        if body.get("tool_choice") == "none":
+            tools = None  # the model is not told of tools it may not call
+        tools_key = json.dumps(tools, sort_keys=True)
+        if episode.history is None:
+            ids = self.rendering.ids(self.rendering.text(messages, tools, generation=True))
+            added: list[int] = []
+        else:
+            text = None
+            if tools_key == episode.tools_key and extends(episode.history, messages):
+                text = self.rendering.added(episode.history, messages, tools, episode.reply_ended)
+            if text is None:
+                self._not_extending(episode)
+            added = self.rendering.ids(text)
+            ids = episode.prompt_ids + episode.response + added
+        params = self._params(episode, body, len(ids), len(added))
+        return ids, added, params, messages, tools_key
+
+    def _text_call(self, episode: AgentEpisode, body: dict):
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError(400, "prompt must be a non-empty string (one prompt per call)")
+        if episode.history is None:
+            ids = self.tokenizer(prompt)["input_ids"]
+            added: list[int] = []
+        else:
+            if not (isinstance(episode.history, str) and prompt.startswith(episode.history)):
+                self._not_extending(episode)
+            added = self.tokenizer(prompt[len(episode.history) :], add_special_tokens=False)["input_ids"]
+            ids = episode.prompt_ids + episode.response + added
+        params = self._params(episode, body, len(ids), len(added))
+        return ids, added, params, prompt, ""
+
+    def _not_extending(self, episode: AgentEpisode) -> None:
+        # Segments (a new row of the episode for a fresh context) are not built yet: the episode ends
+        # rather than train on a row that is not what the model saw.
+        episode.end(
+            "env_error",
+            f"agent {self.settings.agent_name} made a call that does not extend its conversation "
+            "(a fresh context); one conversation per episode is served",
+        )
+        raise RequestError(409, "this call does not extend the episode's conversation; the episode ended", "conflict")
+
+    def _record(self, episode, ids, added, sample: SampleOutput, history, tools_key, chat: bool) -> str:
+        """The call captured: its prompt (the first call's) or the added context (mask 0), then the sampled
+        tokens as they were sampled (mask 1). Returns the reply's text."""
+        if episode.prompt_ids is None:
+            episode.prompt_ids = list(ids)
+            episode.prompt_text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        episode.response += added
+        episode.logprobs += [0.0] * len(added)
+        episode.mask += [0] * len(added)
+        episode.response += sample.token_ids
+        episode.logprobs += sample.logprobs
+        episode.mask += [1] * len(sample.token_ids)
+        episode.calls += 1
+        episode.last_finish = sample.finish_reason or "error"
+        eos = self.tokenizer.eos_token_id
+        episode.reply_ended = bool(sample.token_ids) and sample.token_ids[-1] == eos
+        text = self.engine.completion_text(sample.text, sample.token_ids)
+        episode.final_text = text
+        episode.tools_key = tools_key
+        if chat:
+            episode.history = history  # the reply is added by `_payload`, as the agent gets it
+        else:
+            episode.history = history + text
+        return text
+
+    def _payload(self, episode, body, ids, sample: SampleOutput, text: str, chat: bool) -> dict:
+        usage = {
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(sample.token_ids),
+            "total_tokens": len(ids) + len(sample.token_ids),
+        }
+        finish = "length" if sample.finish_reason == "length" else "stop"
+        common = {
+            "id": f"{episode.id}-{episode.calls}",
+            "created": int(time.time()),
+            "model": body.get("model") or MODEL_NAME,
+        }
+        if not chat:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            return {**common, "object": "text_completion", "choices": [choice], "usage": usage}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if body.get("tools") and body.get("tool_choice") != "none":
+            content, calls = self.settings.parse_tool_calls(text)
+            if calls:
+                for k, call in enumerate(calls):
+                    call["id"] = f"call_{episode.calls}_{k}"  # unique in the episode
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish = "tool_calls"
+        episode.history = [*episode.history, normalize_messages([message])[0]]
+        choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+        return {**common, "object": "chat.completion", "choices": [choice], "usage": usage}
+
+
+def _resolve(future: asyncio.Future, sample: SampleOutput) -> None:
+    if not future.done():
+        future.set_result(sample)
+
+
+def _error(error: RequestError):
+    from aiohttp import web
+
+    body = {"error": {"message": error.message, "type": error.kind, "param": None, "code": error.status}}
+    return web.json_response(body, status=error.status)

@@ -1,0 +1,130 @@
+"""`openai_agent`: agents written against the OpenAI API run against the worker's endpoint, on the real
+in-process engine, with the real `openai` client; every call captured token by token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from contracts.config import EnvConfig, SamplingConfig
+from contracts.formats import Message, PromptRecord
+from contracts.rendering import PromptRenderer
+
+pytest.importorskip("openai")
+
+
+def run_agents(engine, agent: str, n=2, prompts=2, **cfg):
+    from rollout.generation.agents import AgentRunner
+
+    tokenizer = engine.llm.get_tokenizer()
+    records = [PromptRecord(f"p{i}", [Message("user", f"{i}+1=")], "1", {"k": i}, "t") for i in range(prompts)]
+    ids = [PromptRenderer(tokenizer, 64).render(r).prompt_ids for r in records]
+    params = {"agent": f"agent_examples:{agent}", **cfg.pop("params", {})}
+    env = EnvConfig(name="openai_agent", params=params, **{"max_turns": 4, "max_episode_tokens": 60, **cfg})
+    runner = AgentRunner(engine, env, tokenizer, max_model_len=128)
+    try:
+        out = list(runner.stream([(records, ids, 7)], SamplingConfig(max_tokens=6, seed=7), n))
+    finally:
+        runner.close()
+    return [c for _, batch in out for samples in batch for c in samples], tokenizer, runner
+
+
+@pytest.mark.vllm
+def test_an_extending_call_is_stitched_onto_the_row_with_the_sampled_tokens_verbatim(vllm_engine):
+    import agent_examples
+
+    agent_examples.SEEN.clear()
+    episodes, tokenizer, _ = run_agents(vllm_engine, "two_calls")
+    assert len(episodes) == 4
+    for episode in episodes:
+        assert episode.env_error is None and episode.num_turns == 2
+        assert episode.turn_rewards == [0.5] and episode.turn_reward_at == [len(episode.token_ids) - 1]
+        assert len(episode.mask) == len(episode.token_ids) == len(episode.logprobs)
+        # model | context (the agent's added message) | model
+        runs = [episode.mask[0]]
+        for a, b in zip(episode.mask, episode.mask[1:]):
+            if a != b:
+                runs.append(b)
+        assert runs == [1, 0, 1]
+        assert all(lp == 0.0 for lp, m in zip(episode.logprobs, episode.mask) if m == 0)
+        assert all(lp <= 0.0 for lp in episode.logprobs)
+        context = tokenizer.decode([t for t, m in zip(episode.token_ids, episode.mask) if m == 0])
+        assert "<|user|>and then?" in context and context.endswith("<|assistant|>")
+    for (first, second), episode in zip(agent_examples.SEEN["two_calls"], episodes):
+        assert first.choices[0].finish_reason in ("stop", "length")
+        # The second call's prompt is the first's, its sampled tokens and the context: the row is exactly
+        # what the engine saw, prompt and all.
+        assert len(episode.prompt_ids) == first.usage.prompt_tokens
+        assert second.usage.prompt_tokens + second.usage.completion_tokens == len(episode.prompt_ids) + len(
+            episode.token_ids
+        )
+        assert episode.mask[: first.usage.completion_tokens] == [1] * first.usage.completion_tokens
+
+
+@pytest.mark.vllm
+def test_a_plain_function_runs_on_a_thread_with_a_blocking_client(vllm_engine):
+    episodes, _, _ = run_agents(vllm_engine, "plain", n=1)
+    assert [e.env_error for e in episodes] == [None, None]
+    assert all(e.turn_rewards == [1.0] and e.num_turns == 1 and all(e.mask) for e in episodes)
+
+
+@pytest.mark.vllm
+def test_an_agent_asking_for_base_url_gets_openai_shaped_answers_and_errors(vllm_engine):
+    import agent_examples
+
+    agent_examples.SEEN.clear()
+    episodes, _, _ = run_agents(vllm_engine, "by_url", n=1, prompts=1)
+    assert episodes[0].env_error is None and episodes[0].num_turns == 1
+    models, bad_status, bad, ok_status, unknown_status = agent_examples.SEEN["by_url"][0]
+    assert models["object"] == "list" and models["data"][0]["object"] == "model"
+    assert bad_status == 400 and "n must be 1" in bad["error"]["message"]
+    assert ok_status == 200 and unknown_status == 404
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(
+    "agent, params, expected",
+    [
+        ("raises", {}, "agent agent_examples:raises raised ValueError: the agent broke"),
+        ("sleeps", {"episode_timeout_s": 0.5}, "took more than env.params.episode_timeout_s (0.5s)"),
+        ("chatty", {}, "made more than env.max_turns (4) calls"),
+        ("two_calls", {"fresh": True}, "does not extend its conversation"),
+    ],
+)
+def test_an_agents_fault_ends_its_episode_with_env_error(vllm_engine, agent, params, expected):
+    episodes, _, runner = run_agents(vllm_engine, agent, n=1, params=params)
+    assert all(e.finish_reason == "env_error" and expected in e.env_error for e in episodes), episodes[0].env_error
+    assert runner.env_errors == 2
+
+
+def test_the_hermes_parser_reads_tool_calls_back_as_json_only():
+    from rollout.environments.tool_calls import TOOL_PARSERS
+
+    parse = TOOL_PARSERS["hermes"]
+    content, calls = parse('ok <tool_call>{"name": "calc", "arguments": {"x": "2*3"}}</tool_call>')
+    assert content == "ok" and calls[0]["function"] == {"name": "calc", "arguments": json.dumps({"x": "2*3"})}
+    assert parse("<tool_call>__import__('os')</tool_call>") == ("<tool_call>__import__('os')</tool_call>", [])
+
+
+def test_the_builtin_template_renders_tools_tool_calls_and_results(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from rollout.environments.calculator_agent import CALC_TOOL
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    call = {"id": "c", "type": "function", "function": {"name": "calc", "arguments": '{"x": "2*3"}'}}
+    messages = [
+        {"role": "user", "content": "2*3="},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c", "content": "6"},
+    ]
+    text = tokenizer.apply_chat_template(messages, tools=[CALC_TOOL], tokenize=False, add_generation_prompt=True)
+    assert text == (
+        '<s><|system|>tools: calc(x)\n<|user|>2*3=\n<|assistant|><tool_call>{"name": "calc", "arguments": '
+        '{"x": "2*3"}}</tool_call></s>\n<|user|><tool_response>6</tool_response>\n<|assistant|>'
+    )
+    plain = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a"}], tokenize=False, add_generation_prompt=True
+    )
+    assert plain == "<s><|user|>a\n<|assistant|>"  # messages without tools render as before
