@@ -39,7 +39,7 @@ from rollout.errors import exit_code, one_line
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["Run", "generate", "load_config", "open_run", "replay", "run"]
+__all__ = ["Run", "evaluate", "generate", "load_config", "open_run", "replay", "run"]
 
 ConfigLike = str | os.PathLike | Mapping[str, Any] | JobConfig | None
 Overrides = Mapping[str, Any] | Sequence[str] | None
@@ -121,7 +121,7 @@ def run(
 
     cfg = load_config(config, overrides)
     start = AUTO if resume is True else NEVER if resume is False else Path(resume)
-    with _errors_as_the_cli_says(), _own_ray(), _signals_kept():
+    with _errors_as_the_cli_says(), _signals_kept(), _own_ray():
         if out is not None and is_uri(str(out)):
             storage = RunStorage(str(out))
             run_job(cfg, storage.staging, resume=start, storage=storage, on_iteration=on_iteration)
@@ -142,7 +142,7 @@ def generate(
     items = _override_items(overrides) + ([f"data.prompts={prompts}"] if prompts is not None else [])
     cfg = load_config(config, items)
     path = local_out(Path(out))
-    with _errors_as_the_cli_says(), _own_ray(), _signals_kept():
+    with _errors_as_the_cli_says(), _signals_kept(), _own_ray():
         summary = _generate(cfg, path)
     return Run(path, summary=summary)
 
@@ -213,6 +213,61 @@ def _train_offline(archive, out: Path, config: ConfigLike, overrides: list[str],
     return train_offline(out / "rollouts", cfg, out / "policy", model=model or metadata.get("model"), epochs=epochs)
 
 
+def evaluate(
+    run: str | os.PathLike | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    model: str | None = None,
+    config: ConfigLike = None,
+    overrides: Overrides = None,
+    prompts: str | None = None,
+    n_samples: int | None = None,
+    rules: Sequence[str] | None = None,
+    out: str | os.PathLike | None = None,
+) -> Run:
+    """One held-out evaluation (`rollout eval`) of exactly one of: `run`'s newest whole checkpoint (a run
+    directory or a `Run`), a `checkpoint` directory, or a `model` (a directory, Hugging Face id or builtin:).
+
+    The config is `config` (default: the checkpoint's run's config.yaml, else the defaults) with `overrides`;
+    `prompts` (any data source), `n_samples` (k of pass@k) and `rules` (rule names) set its `eval` section.
+    The rows are archived in OUT/eval (default RUN/evals/CHECKPOINT, or runs/eval-MODEL); the returned `Run`
+    is OUT, its `summary` the figures `rollout eval` prints (`eval/pass@k`, `eval/mean@k`, `eval/reward_mean`,
+    ...), its `eval_archive()` the rows. Ray as `run` starts and stops it."""
+    from rollout.driver.evaluation import checkpoint_of, version_at
+    from rollout.driver.evaluation import evaluate as _evaluate
+
+    given = [name for name, value in (("run", run), ("checkpoint", checkpoint), ("model", model)) if value is not None]
+    if len(given) != 1:
+        raise UserError(f"evaluate: give one of run, checkpoint or model{f', not {given}' if given else ''}")
+    items, iteration, version = _override_items(overrides), -1, None
+    with _errors_as_the_cli_says():
+        if model is not None:
+            default_out = Path("runs") / f"eval-{Path(model).name}"
+        else:
+            found, run_dir = checkpoint_of(Path(run) if run is not None else None, checkpoint)
+            config = config if config is not None else run_dir / "config.yaml" if run_dir else None
+            model = str(found / "policy")
+            default_out = (run_dir or found.parent) / "evals" / found.name
+            number = found.name.split("-")[-1]
+            iteration = int(number) if number.isdigit() else -1
+            version = version_at(run_dir, iteration)
+        if prompts is not None:
+            items.append(f"eval.prompts={prompts}")
+        if n_samples is not None:
+            items.append(f"eval.n_samples={n_samples}")
+        if rules:
+            items += _override_items({"eval.rules": [{"name": str(rule)} for rule in rules]})
+        cfg = load_config(config, items)
+        if cfg.eval.prompts is None:
+            raise ConfigError(
+                "rollout eval: no prompts: give --prompts SOURCE (prompts= in Python) or a config with eval.prompts"
+            )
+        path = Path(out) if out is not None else default_out
+        with _signals_kept(), _own_ray():
+            figures = _evaluate(cfg, model, path, log=sys.stderr, iteration=iteration, policy_version=version)
+    return Run(path, summary=figures)
+
+
 def open_run(path: str | os.PathLike) -> Run:
     """A run directory written by `rollout run` (or `generate`, `replay`), to read: its metrics, archive and
     checkpoints. A UserError if `path` holds none of a run's files."""
@@ -265,6 +320,8 @@ class Run:
             for m in sorted(self._metric_lines().values(), key=lambda m: m["iteration"])
             if any(k.startswith("eval/") for k in m)
         ]
+        if not rows:  # `rollout eval`'s directory: the evaluations' own lines
+            rows = list(_json_lines(self.path / EVAL / METRICS).values())
         return _table(rows)
 
     def archive(self, columns: Sequence[str] | None = None, iterations: Iterable[int] | int | None = None) -> pa.Table:
@@ -298,22 +355,29 @@ class Run:
         return whole[-1] if whole else None
 
     def _metric_lines(self) -> dict[int, dict]:
-        path = self.path / METRICS
-        if not path.is_file():
-            return {}
-        lines: dict[int, dict] = {}
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
+        """metrics.jsonl's lines by iteration, the last written for each."""
+        lines = _json_lines(self.path / METRICS)
+        return {int(m["iteration"]): m for m in lines.values() if "iteration" in m}
+
+
+def _json_lines(path: Path) -> dict[int, dict]:
+    """A JSON-lines file's objects by line number ({} when there is none); a last line cut by a crash is left out."""
+    if not path.is_file():
+        return {}
+    texts = path.read_text(encoding="utf-8").splitlines()
+    lines: dict[int, dict] = {}
+    for number, line in enumerate(texts, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(texts):
                 continue
-            try:
-                metrics = json.loads(line)
-            except json.JSONDecodeError:
-                if number == len(path.read_text(encoding="utf-8").splitlines()):
-                    continue  # the last line, cut by a crash mid-write
-                raise UserError(f"{path}:{number}: not a JSON line") from None
-            if isinstance(metrics, dict) and "iteration" in metrics:
-                lines[int(metrics["iteration"])] = metrics
-        return lines
+            raise UserError(f"{path}:{number}: not a JSON line") from None
+        if isinstance(value, dict):
+            lines[number] = value
+    return lines
 
 
 def _table(rows: list[dict]) -> pa.Table:

@@ -96,6 +96,8 @@ REPLAY_TRAINING = {
     "--clip-eps-high": ("learner.clip_eps_high", "float"),
     "--mask-truncated": ("learner.mask_truncated", "bool"),
     "--dynamic-sampling": ("rollout.dynamic_sampling.enabled", "bool"),
+    "--ratio-level": ("learner.ratio_level", "str"),
+    "--rollout-correction": ("learner.rollout_correction.mode", "str"),
 }
 
 
@@ -180,33 +182,21 @@ def cmd_stats(args) -> int:
 def cmd_eval(args) -> int:
     """`rollout eval`: one held-out evaluation of a checkpoint (a run's newest by default) or a model."""
     import json
-    from pathlib import Path
 
-    from contracts.config import ConfigError
-    from rollout.driver.evaluation import checkpoint_of, evaluate, version_at
+    from rollout import api
 
-    overrides, iteration, version = list(args.overrides), -1, None
-    if args.model:
-        cfg_path, model, default_out = args.config, args.model, Path("runs") / f"eval-{Path(args.model).name}"
-    else:
-        checkpoint, run = checkpoint_of(Path(args.run) if args.run else None, args.checkpoint)
-        cfg_path = args.config or (run / "config.yaml" if run else None)
-        model = str(checkpoint / "policy")
-        default_out = (run or checkpoint.parent) / "evals" / checkpoint.name
-        number = checkpoint.name.split("-")[-1]
-        iteration = int(number) if number.isdigit() else -1
-        version = version_at(run, iteration)
-    if args.prompts:
-        overrides.append(f"eval.prompts={args.prompts}")
-    if args.n_samples:
-        overrides.append(f"eval.n_samples={args.n_samples}")
-    if args.rule:
-        overrides.append("eval.rules=[" + ", ".join(f"{{name: '{r}'}}" for r in args.rule) + "]")
-    cfg = load_config(cfg_path, overrides)
-    if cfg.eval.prompts is None:
-        raise ConfigError("rollout eval: no prompts: give --prompts SOURCE (or a config with eval.prompts)")
-    out = Path(args.out or default_out)
-    figures = evaluate(cfg, model, out, log=sys.stderr, iteration=iteration, policy_version=version)
+    result = api.evaluate(
+        args.run,
+        checkpoint=args.checkpoint,
+        model=args.model,
+        config=args.config,
+        overrides=args.overrides,
+        prompts=args.prompts,
+        n_samples=args.n_samples,
+        rules=args.rule,
+        out=args.out,
+    )
+    figures = result.summary
     if args.json:
         print(json.dumps(figures, indent=1))
     else:
@@ -218,7 +208,7 @@ def cmd_eval(args) -> int:
             ),
             end="",
         )
-    print(f"eval archive: {out / 'eval'}", file=sys.stderr)
+    print(f"eval archive: {result.path / 'eval'}", file=sys.stderr)
     return 0
 
 

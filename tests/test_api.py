@@ -94,10 +94,10 @@ def metrics_line(iteration, **more):
 def test_open_run_reads_metrics_eval_metrics_archives_and_checkpoints(tmp_path):
     run_dir, _ = synthetic_run(tmp_path / "run", iterations=3)
     (run_dir / "metrics.jsonl").write_text(
-        metrics_line(0, **{"eval/pass@1": 0.25, "eval/reward_mean": 0.5})
+        metrics_line(0, **{"eval/pass@k": 0.25, "eval/reward_mean": 0.5})
         + metrics_line(1)
         + metrics_line(1, **{"time/wall": 2.0})  # a resume wrote iteration 1 again: the last line wins
-        + metrics_line(2, **{"eval/pass@1": 0.5, "eval/reward_mean": 0.75})
+        + metrics_line(2, **{"eval/pass@k": 0.5, "eval/reward_mean": 0.75})
         + '{"iteration": 3, "rew'  # a crash cut the last line
     )
     for name in ("iter-000001", "iter-000002", "iter-000003.partial"):
@@ -111,8 +111,8 @@ def test_open_run_reads_metrics_eval_metrics_archives_and_checkpoints(tmp_path):
     assert metrics["time/wall"].to_pylist() == [None, 2.0, None]
     assert metrics["reward_mean"].to_pylist() == pytest.approx([0.0, 0.1, 0.2])
     evals = run.eval_metrics
-    assert evals.column_names == ["iteration", "eval/pass@1", "eval/reward_mean"]
-    assert evals["iteration"].to_pylist() == [0, 2] and evals["eval/pass@1"].to_pylist() == [0.25, 0.5]
+    assert evals.column_names == ["iteration", "eval/pass@k", "eval/reward_mean"]
+    assert evals["iteration"].to_pylist() == [0, 2] and evals["eval/pass@k"].to_pylist() == [0.25, 0.5]
 
     whole = run.archive()
     assert whole.num_rows == 36 and "response_ids" in whole.column_names
@@ -210,9 +210,8 @@ def test_the_docs_script_runs_as_a_script(tmp_path):
     """docs/python-api.md's complete script, in a process of its own (a script's main thread), made short."""
     text = (ROOT / "docs" / "python-api.md").read_text()
     script = text.split("## A complete script", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    short = {"iterations": 8, "checkpoint_every": 4}
     for old, new in (
-        (repr(short), repr({**short, "iterations": 2, "model.sft_warmup": False})),
+        ('{"iterations": 8, "checkpoint_every": 4}', '{"iterations": 2, "model.sft_warmup": False}'),
         ('"runs/api-demo"', repr(str(tmp_path / "demo"))),
     ):
         assert old in script, old
@@ -223,3 +222,42 @@ def test_the_docs_script_runs_as_a_script(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "iteration 1: reward" in proc.stdout and "latest: " in proc.stdout
     assert (tmp_path / "demo" / "reward.png").stat().st_size > 0
+
+
+@pytest.mark.e2e
+@pytest.mark.vllm
+def test_evaluate_the_latest_checkpoint_of_a_run(api_run, tmp_path):
+    import ray
+
+    run, _ = api_run
+    result = rollout.evaluate(
+        run.path, prompts="builtin:arith", overrides={"eval.max_prompts": 8}, out=tmp_path / "evaluated"
+    )
+    assert not ray.is_initialized()
+    figures = result.summary
+    assert 0 <= figures["eval/mean@k"] <= figures["eval/pass@k"] <= 1
+    assert figures["eval/iteration"] == 1 and figures["eval/policy_version"] == 2
+    assert result.eval_archive(columns=["prompt_id", "reward"]).num_rows == 8
+    assert result.eval_metrics.num_rows == 1 and result.eval_metrics["eval/pass@k"][0].as_py() == figures["eval/pass@k"]
+    with pytest.raises(UserError, match="give one of run, checkpoint or model"):
+        rollout.evaluate(run.path, model="builtin:tiny-llama")
+
+
+@pytest.mark.e2e
+@pytest.mark.vllm
+def test_a_ray_the_caller_connected_is_joined_and_left_running(tmp_path):
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        result = rollout.evaluate(
+            model="builtin:tiny-llama",
+            config=SMOKE,
+            prompts="builtin:arith",
+            overrides={"eval.max_prompts": 4},
+            out=tmp_path / "base",
+        )
+        assert ray.is_initialized()
+        assert result.summary["eval/prompts"] == 4 and result.eval_archive().num_rows == 4
+    finally:
+        ray.shutdown()
