@@ -59,19 +59,52 @@ def dapo_batch():
     return batch
 
 
-@pytest.mark.parametrize("objectives", ["default", "dapo"])
+# GSPO's sequence ratio with its small clip range over two epochs (the second's ratios move, some clip), and
+# sequences masked by their mismatch with the engine.
+GSPO = [
+    "learner.estimator=grpo",
+    "learner.ratio_level=sequence",
+    "learner.clip_eps=3e-4",
+    "learner.clip_eps_high=4e-4",
+    "learner.ppo_epochs=2",
+    "learner.minibatch_size=16",
+    "learner.rollout_correction.mode=sequence_mask",
+    "learner.rollout_correction.lower=0.01",
+]
+
+
+def gspo_batch():
+    """Groups of 4; half the rows' engine logprobs near the learner's (log 1/300), half far from them."""
+    records = make_records(32, seed=5)
+    for i, record in enumerate(records):
+        record.prompt_id = f"group-{i // 4}"
+        record.response_logprobs = [-1.0 if i % 2 else -5.5] * len(record.response_ids)
+    return SampleBatch.from_records(records)
+
+
+OBJECTIVES = {"default": ([], lambda: SampleBatch.from_records(make_records(32, seed=5))), "dapo": (DAPO, dapo_batch)}
+OBJECTIVES["gspo"] = (GSPO, gspo_batch)
+
+
+@pytest.mark.parametrize("objectives", list(OBJECTIVES))
 def test_two_ranks_give_the_one_rank_update(local_ray, tiny_model_path, objectives):
     dapo = objectives == "dapo"
-    batch = dapo_batch() if dapo else SampleBatch.from_records(make_records(32, seed=5))
+    settings, make_batch = OBJECTIVES[objectives]
+    batch = make_batch()
     results = []
     for ranks in (1, 2):
-        learners = group(tiny_model_path, ranks, *(DAPO if dapo else []))
+        learners = group(tiny_model_path, ranks, *settings)
         try:
-            columns, _, _ = learners.learn_samples(batch)
-            results.append((exported(learners), learners.updates, columns))
+            columns, stats, _ = learners.learn_samples(batch)
+            results.append((exported(learners), learners.updates, columns, stats))
         finally:
             learners.release()
-    (w1, v1, c1), (w2, v2, c2) = results
+    (w1, v1, c1, s1), (w2, v2, c2, s2) = results
+    for name in ("clipped_sequences", "rollout_correction/masked_sequences", "mismatch/kl", "mismatch/ppl_ratio"):
+        if name in s1:
+            assert s2[name] == pytest.approx(s1[name], abs=1e-5), name
+    if objectives == "gspo":
+        assert 0 < s1["rollout_correction/masked_sequences"] < 1 and s1["clipped_sequences"] > 0, s1
     assert v1 == v2 == 1
     np.testing.assert_allclose(c2.advantages, c1.advantages, atol=1e-5)
     np.testing.assert_allclose(c2.values, c1.values, atol=1e-6)

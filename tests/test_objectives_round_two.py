@@ -4,6 +4,7 @@ hand-worked values; then in the learner, with a known mismatch injected into the
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -179,3 +180,34 @@ def test_mismatch_is_measured_over_the_current_weights_samples_only(tiny_model_p
     batch.policy_versions = np.full(len(batch), 7)  # drawn with other weights than the learner's (version 0)
     _, stats, _ = learner.learn(batch)
     assert not any(k.startswith("mismatch/") for k in stats)
+
+
+def test_replay_trains_with_gspo_and_a_rollout_correction(tmp_path, capsys, monkeypatch, tiny_model_path):
+    """`rollout replay --train --ratio-level sequence --rollout-correction sequence_mask`: the update takes
+    its policy loss at sequence level and its weights from that mode, and says how many sequences clipped."""
+    from test_replay import fill_learner_columns, sample, write_run
+
+    import learner.learner as learner_module
+    from rollout.cli import main
+
+    seen = []
+
+    def spy(name, fn, setting):
+        def wrapped(*args, **kwargs):
+            seen.append((name, setting(args)))
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(learner_module, name, wrapped)
+
+    spy("policy_loss", learner_module.policy_loss, lambda args: args[4].ratio_level)
+    spy("rollout_correction", learner_module.rollout_correction, lambda args: args[2])
+    gen = torch.Generator().manual_seed(3)
+    records = [sample(0, f"p{i // 4}", i % 4, 3, float(i % 2), gen=gen) for i in range(8)]
+    fill_learner_columns(records, kl_coef=0.05, estimator="k1", gamma=1.0, lam=0.95, gen=gen)
+    run = write_run(tmp_path / "run", records)
+    training = ["--ratio-level", "sequence", "--rollout-correction", "sequence_mask"]
+    args = ["replay", str(run), "--out", str(tmp_path / "out"), "--estimator", "grpo", "--train"]
+    assert main([*args, "--model", tiny_model_path, *training]) == 0
+    assert re.search(r"clipped sequences [\d.]+", capsys.readouterr().err)
+    assert {s for s in seen if s[0] == "policy_loss"} == {("policy_loss", "sequence")}
+    assert {s for s in seen if s[0] == "rollout_correction"} == {("rollout_correction", "sequence_mask")}
