@@ -149,3 +149,68 @@ def test_the_reports_eval_chart_puts_held_out_figures_beside_the_training_reward
     assert spec["series"]["eval pass@4"] == [0.5, None, 0.75, None]  # never carried forward
     assert "pass@4" in spec["title"]
     assert joined([None, 1.0, None, 3.0, None]) == [None, 1.0, 2.0, 3.0, None]
+
+
+class _FakeEvaluator:
+    """Launches and collects nothing: an evaluation's figures are just which iteration it followed."""
+
+    def __init__(self):
+        self.collected = []
+
+    def launch(self, iteration):
+        from rollout.driver.evaluation import Pending
+
+        return Pending(iteration, None, False, 0.0)
+
+    def collect(self, pending):
+        self.collected.append(pending.iteration)
+        return {"eval/iteration": pending.iteration, "time/eval": 0.0}
+
+
+def _lines(overrides, last):
+    """{metrics line: eval/iteration} as the job's loop takes them, and the evaluations no line took."""
+    from rollout.driver.evaluation import Evaluations
+
+    cfg = load_config(None, ["eval.prompts=builtin:arith", *overrides])
+    evaluator = _FakeEvaluator()
+    evaluations, lines = Evaluations(cfg, evaluator), {}
+    for iteration in range(last + 1):
+        evaluations.at_start(iteration)
+        evaluations.after(iteration, last)
+        timings = {}
+        taken = evaluations.take(iteration, last, timings)
+        if taken is not None:
+            lines[iteration] = taken["eval/iteration"]
+            assert "eval_wait" in timings and taken["time/eval_wait"] == timings["eval_wait"]
+    before = len(evaluator.collected)
+    evaluations.finish()
+    return lines, evaluator.collected[before:]
+
+
+def test_each_evaluation_lands_on_the_line_of_the_iteration_it_ran_after():
+    assert _lines(["eval.every=2"], 5) == ({0: -1, 1: 1, 3: 3, 5: 5}, [])
+    assert _lines(["eval.every=0"], 5) == ({0: -1, 5: 5}, [])
+    assert _lines(["eval.every=0", "eval.at_start=false", "eval.at_end=false"], 5) == ({}, [])
+    assert _lines(["eval.every=4", "eval.at_end=false"], 9) == ({0: -1, 3: 3, 7: 7}, [])
+
+
+def test_with_max_staleness_an_evaluation_lands_on_the_next_line_unless_that_one_has_its_own():
+    staleness = "rollout.max_staleness=1"
+    # after 1 on 2's line (it ran while the learner updated on 2); after 3 (the last) on its own
+    assert _lines([staleness, "eval.every=2"], 3) == ({0: -1, 2: 1, 3: 3}, [])
+    # after 2, with 3 due too (the last): on its own line, the overlap given up
+    assert _lines([staleness, "eval.every=3"], 3) == ({0: -1, 2: 2, 3: 3}, [])
+
+
+def test_two_evaluations_due_on_one_line_each_move_one_line_on():
+    lines, left = _lines(["eval.every=1"], 2)
+    assert lines == {0: -1, 1: 0, 2: 1} and left == [2]  # the last only in RUN/eval/metrics.jsonl
+
+
+def test_a_resumed_run_does_not_evaluate_at_the_start_again():
+    from rollout.driver.evaluation import Evaluations
+
+    evaluator = _FakeEvaluator()
+    evaluations = Evaluations(load_config(None, ["eval.prompts=builtin:arith"]), evaluator)
+    evaluations.at_start(7)
+    assert evaluations.pending == []
