@@ -6,6 +6,16 @@ import asyncio
 import time
 
 SEEN: dict[str, list] = {}  # what the agents saw, by test key
+PARSED = [0]
+
+
+def every_other_call_is_calc(text: str):
+    """A tool-call parser (env.params.tool_parser) that reads the random model's first reply of an episode
+    as `calc(2*3)` and its second as the answer: the SDK's tool round trip without a trained model."""
+    PARSED[0] += 1
+    if PARSED[0] % 2:
+        return None, [{"id": "c", "type": "function", "function": {"name": "calc", "arguments": '{"x": "2*3"}'}}]
+    return text, []
 
 
 async def two_calls(client, record, key: str = "two_calls", fresh: bool = False):
@@ -61,4 +71,30 @@ async def by_url(base_url, record):
         )
         unknown = await http.post(base_url.rsplit("/episodes/", 1)[0] + "/episodes/nope/v1/chat/completions", json={})
     SEEN.setdefault("by_url", []).append((models, bad.status_code, bad.json(), ok.status_code, unknown.status_code))
+    return None
+
+
+async def agents_sdk(client, record):
+    """An agent written with the OpenAI Agents SDK: its chat-completions model class on the episode's
+    client, a function tool, tracing off (nothing leaves the machine)."""
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)
+
+    @function_tool
+    def calc(x: str) -> str:
+        """The value of an arithmetic expression."""
+        from rollout.environments.calculator import calculate
+
+        return calculate(x)[0]
+
+    agent = Agent(
+        name="calculator",
+        instructions="Use calc for arithmetic.",
+        tools=[calc],
+        model=OpenAIChatCompletionsModel(model="policy", openai_client=client),
+        model_settings=ModelSettings(max_tokens=6, temperature=1.0),
+    )
+    result = await Runner.run(agent, record["messages"][-1]["content"], max_turns=3)
+    SEEN.setdefault("agents_sdk", []).append(result.final_output)
     return None

@@ -128,3 +128,21 @@ def test_the_builtin_template_renders_tools_tool_calls_and_results(tiny_model_pa
         [{"role": "user", "content": "a"}], tokenize=False, add_generation_prompt=True
     )
     assert plain == "<s><|user|>a\n<|assistant|>"  # messages without tools render as before
+
+
+@pytest.mark.vllm
+def test_an_agent_written_with_the_openai_agents_sdk_trains_unchanged(vllm_engine):
+    pytest.importorskip("agents")
+    import agent_examples
+
+    agent_examples.SEEN.clear()
+    agent_examples.PARSED[0] = 0
+    parser = {"tool_parser": "agent_examples:every_other_call_is_calc"}
+    (episode,), tokenizer, _ = run_agents(vllm_engine, "agents_sdk", n=1, prompts=1, params=parser)
+    assert episode.env_error is None, episode.env_error
+    prompt = tokenizer.decode(episode.prompt_ids)
+    assert prompt.startswith("<s><|system|>tools: calc(x)\n<|system|>Use calc for arithmetic.\n<|user|>")
+    # The SDK ran the tool and sent its result back with the conversation: one row, two calls.
+    assert episode.num_turns == 2 and episode.final_text == agent_examples.SEEN["agents_sdk"][0]
+    context = tokenizer.decode([t for t, m in zip(episode.token_ids, episode.mask) if m == 0])
+    assert "<|user|><tool_response>6</tool_response>" in context

@@ -14,11 +14,22 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from contracts.config import ConfigError
 from contracts.registry import Registry
 
 ToolCallParser = Callable[[str], tuple[str | None, list[dict[str, Any]]]]
 
-TOOL_PARSERS: Registry[ToolCallParser] = Registry("tool-call parser", "env.params.tool_parser")
+
+def _callable(name: str, parser: object, field: str) -> ToolCallParser:
+    if not callable(parser):
+        raise ConfigError(f"{field}: {name} is not a function but {type(parser).__name__}")
+    return parser
+
+
+# A model family whose calls look otherwise brings its own parser as package.module:function.
+TOOL_PARSERS: Registry[ToolCallParser] = Registry(
+    "tool-call parser", "env.params.tool_parser", user_form="package.module:function", adapt_user=_callable
+)
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
