@@ -331,10 +331,10 @@ class Learner:
             figures[f"rollout_correction/{CORRECTION_STATS[rc.mode]}"] = share
         # The engine's numerics against the learner's, over the samples drawn with the weights the learner holds.
         current = m.bool() & to_device(torch.from_numpy(batch.current_rows(self.version)), m.device)[:, None]
-        measured = mismatch(log_ratio, current)
-        if measured is not None:
-            figures.update({f"mismatch/{k}": v for k, v in measured.items()})
+        figures.update({f"mismatch/{k}": v for k, v in mismatch(log_ratio, current).items()})
         read = dict(zip(figures, torch.stack(list(figures.values())).tolist()))  # one host sync
+        if not read.pop("mismatch/tokens"):  # no sample of the current weights: nothing was measured
+            read = {k: v for k, v in read.items() if not k.startswith("mismatch/")}
         self.kl_controller.update(read["kl"], len(batch))
         self.version += 1
         out = {k: float(np.mean(v)) for k, v in totals.items()}

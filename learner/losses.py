@@ -157,21 +157,19 @@ def rollout_correction(
 ROLLOUT_CORRECTIONS = ("none", "token_tis", "sequence_tis", "token_mask", "sequence_mask")
 
 
-def mismatch(log_ratio: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor] | None:
+def mismatch(log_ratio: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """How far the learner's logprobs are from the engine's for the same weights: log_ratio = log π_old −
     log π_behaviour, keep: (B, T), true on the tokens of samples from the learner's current weights -> 0-dim
-    figures, None without any such token. "kl": the k3 estimate of KL(π_behaviour ‖ π_old) per token, mean;
+    figures, computed without a host sync. "kl": the k3 estimate of KL(π_behaviour ‖ π_old) per token, mean;
     "log_ratio_abs_max": the largest |log ρ_t|; "ppl_ratio": each sequence's perplexity under the learner over
-    the engine's, mean over sequences."""
-    if not bool(keep.any()):
-        return None
+    the engine's, mean over sequences; "tokens": how many tokens they are over (0: the figures mean nothing)."""
     log_ratio = torch.where(keep, log_ratio, 0)
-    rows = keep.any(-1)
     ppl = torch.exp(-sequence_log_ratio(log_ratio, keep))  # exp(−mean_t log π_old) / exp(−mean_t log π_behaviour)
     return {
         "kl": masked_mean(torch.expm1(log_ratio) - log_ratio, keep),  # (ρ − 1) − log ρ
-        "log_ratio_abs_max": log_ratio.abs().max(),
-        "ppl_ratio": ppl[rows].mean(),
+        "log_ratio_abs_max": torch.cat([log_ratio.abs().flatten(), log_ratio.new_zeros(1)]).amax(),  # 0 if empty
+        "ppl_ratio": masked_mean(ppl, keep.any(-1)),
+        "tokens": keep.sum().to(log_ratio.dtype),
     }
 
 

@@ -111,7 +111,8 @@ def test_mismatch_figures_by_hand():
     # per sequence exp(−mean_t log ρ): 0.75^(−1/3), 1.8^(−1/2), 1 / 2.5
     ppl = (0.75 ** (-1 / 3) + 1.8 ** (-1 / 2) + 1 / 2.5) / 3
     assert figures["ppl_ratio"].item() == pytest.approx(ppl)
-    assert mismatch(LOG_RATIO, torch.zeros_like(KEEP)) is None
+    assert figures["tokens"].item() == 6
+    assert mismatch(LOG_RATIO, torch.zeros_like(KEEP))["tokens"].item() == 0
 
 
 def test_an_old_configs_behaviour_is_cap_is_mapped_with_a_note(capsys):
