@@ -61,7 +61,9 @@ class AgentRunner:
         self.sampling: SamplingConfig | None = None  # the running stream's
         self.idle_seconds = 0.0
         self.env_errors = 0
-        self.call_seconds: list[float] = []  # each call's endpoint time outside the engine (added latency)
+        # Each call's time in the engine's loop (taken in, queued for room, submitted, finished), by response
+        # id: what a client's time for the call adds on top is the endpoint's cost (benchmarks/agent_server.py).
+        self.engine_waits: dict[str, float] = {}
         self.resumed_tokens = self.cached_tokens = 0
         self.env_seconds: list[float] = []  # kept for the worker's summary (agents have no steps)
         self.loop = asyncio.new_event_loop()
@@ -97,18 +99,19 @@ class AgentRunner:
                     running.add(episode)
                     self.loop.call_soon_threadsafe(self._start_episode, episode)
                 while self.calls:
-                    queued.append(self.calls.popleft())
+                    queued.append((*self.calls.popleft(), time.perf_counter()))
                 while queued and len(in_engine) < self.engine.window:
-                    episode, ids, params, future = queued.popleft()
+                    episode, ids, params, future, taken = queued.popleft()
                     if episode.finish is None and not future.done():
-                        in_engine[self.engine.submit(ids, params, episode)] = (episode, future, time.perf_counter())
+                        in_engine[self.engine.submit(ids, params, episode)] = (episode, future, taken)
                 if in_engine:
                     for out in self.engine.step():
-                        episode, future, _ = in_engine.pop(out.id)
+                        episode, future, taken = in_engine.pop(out.id)
                         if out.prompt_tokens and episode.calls:
                             self.resumed_tokens += out.prompt_tokens
                             self.cached_tokens += out.cached_tokens
-                        self.loop.call_soon_threadsafe(_resolve, future, out.samples[0])
+                        waited = time.perf_counter() - taken  # in the engine, and queued for room in it
+                        self.loop.call_soon_threadsafe(_resolve, future, (out.samples[0], waited))
                 else:
                     start = time.perf_counter()
                     self.wake.wait(0.05)
@@ -282,7 +285,6 @@ class AgentRunner:
     async def _serve(self, request, *, chat: bool):
         from aiohttp import web
 
-        start = time.perf_counter()
         try:
             episode = self.episodes.get(request.match_info["episode"])
             if episode is None:
@@ -307,19 +309,17 @@ class AgentRunner:
             future = self.loop.create_future()
             episode.busy, episode.pending = True, future
             try:
-                self.call_seconds.append(time.perf_counter() - start)
                 self.calls.append((episode, ids, params, future))
                 self.wake.set()
-                sample: SampleOutput = await future
-                start = time.perf_counter()
+                sample, wait = await future
             finally:
                 episode.busy, episode.pending = False, None
             self._check_open(episode)  # it ended while the engine ran this call (time-out): not recorded
             text = self._record(episode, ids, added, sample, history, tools_key, chat)
             payload = self._payload(episode, body, ids, sample, text, chat)
-            response = web.json_response(payload)
-            self.call_seconds[-1] += time.perf_counter() - start
-            return response
+            if len(self.engine_waits) < 100_000:  # bounded: a long-lived worker keeps only the first
+                self.engine_waits[payload["id"]] = wait
+            return web.json_response(payload)
         except RequestError as e:
             return _error(e)
 
@@ -480,9 +480,9 @@ class AgentRunner:
         return {**common, "object": "chat.completion", "choices": [choice], "usage": usage}
 
 
-def _resolve(future: asyncio.Future, sample: SampleOutput) -> None:
+def _resolve(future: asyncio.Future, result: tuple[SampleOutput, float]) -> None:
     if not future.done():
-        future.set_result(sample)
+        future.set_result(result)
 
 
 def _error(error: RequestError):
