@@ -212,3 +212,20 @@ def test_replay_trains_with_gspo_and_a_rollout_correction(tmp_path, capsys, monk
     assert re.search(r"clipped sequences [\d.]+", capsys.readouterr().err)
     assert {s for s in seen if s[0] == "policy_loss"} == {("policy_loss", "sequence")}
     assert {s for s in seen if s[0] == "rollout_correction"} == {("rollout_correction", "sequence_mask")}
+
+
+def test_stats_show_clipped_sequences_and_the_mismatch(tmp_path):
+    from test_stats import hand_records, write
+
+    from rollout.offline.stats import compute_stats
+    from rollout.offline.stats_view import format_table
+
+    metrics = [
+        {"iteration": 0, "clip_frac": 0.2, "clipped_sequences": 0.5, "mismatch/kl": 2e-13},
+        {"iteration": 1, "clip_frac": 0.1, "clipped_sequences": 0.25, "mismatch/kl": 4e-13},
+    ]
+    stats = compute_stats(write(tmp_path / "run", hand_records(), metrics))
+    assert stats.totals["clipped_sequences"] == pytest.approx(0.375)
+    assert stats.totals["mismatch/kl"] == pytest.approx(3e-13)
+    header = format_table(stats).splitlines()[1].split()
+    assert header[-4:] == ["clip", "seq", "mismatch", "kl"]

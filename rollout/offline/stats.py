@@ -52,6 +52,8 @@ METRIC_FIGURES = (
     "clip_frac",
     "clip_frac_high",
     "clip_frac_low",
+    "clipped_sequences",
+    "mismatch/kl",
     "dynamic_sampling/filtered_groups",
     "dynamic_sampling/rounds",
 )

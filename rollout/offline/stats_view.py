@@ -114,6 +114,10 @@ def _columns_with_components(run: RunStats) -> list[tuple[str, str, str]]:
             ("clip+", "clip_frac_high", ".3f"),
             ("clip-", "clip_frac_low", ".3f"),
         ]
+    if run.totals.get("clipped_sequences") is not None:
+        optional.append(("clip seq", "clipped_sequences", ".3f"))
+    if run.totals.get("mismatch/kl") is not None:
+        optional.append(("mismatch kl", "mismatch/kl", ".1e"))
     if run.totals.get("dynamic_sampling/rounds") is not None:
         optional += [
             ("filtered", "dynamic_sampling/filtered_groups", "d"),
