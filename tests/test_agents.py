@@ -146,3 +146,28 @@ def test_an_agent_written_with_the_openai_agents_sdk_trains_unchanged(vllm_engin
     assert episode.num_turns == 2 and episode.final_text == agent_examples.SEEN["agents_sdk"][0]
     context = tokenizer.decode([t for t, m in zip(episode.token_ids, episode.mask) if m == 0])
     assert "<|user|><tool_response>6</tool_response>" in context
+
+
+def test_calc_tools_demonstrations_are_what_the_calculator_agent_will_see(tiny_model_path):
+    """`builtin:calc-tools` (tiny-agent's SFT warm-up): its prompt is the one the agent's first call
+    renders (the tool list as the template writes it), and its demonstrated call is what `hermes` reads."""
+    from transformers import AutoTokenizer
+
+    from learner.sft import demonstration_example
+    from rollout.driver.prompts import calc_records
+    from rollout.environments.calculator_agent import CALC_TOOL, tool_result
+    from rollout.environments.tool_calls import TOOL_PARSERS
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    renderer = PromptRenderer(tokenizer, 64)
+    for record in calc_records(5, 999, 0, tools=True):
+        question = [{"role": "user", "content": record.messages[-1].content}]
+        agent_prompt = tokenizer.apply_chat_template(
+            question, tools=[CALC_TOOL], tokenize=False, add_generation_prompt=True
+        )
+        assert renderer.text(record) == agent_prompt
+        call = record.metadata["demonstration"][0]["content"]
+        _, (parsed,) = TOOL_PARSERS["hermes"](call)
+        assert tool_result(parsed["function"]["arguments"]) == record.reference
+        _, ids, mask = demonstration_example(record, renderer)
+        assert "<|user|><tool_response>" in tokenizer.decode([t for t, m in zip(ids, mask) if m == 0])

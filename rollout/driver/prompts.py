@@ -45,6 +45,10 @@ CACHED_ROWS = 100_000  # rows of a large table kept read and rendered, the most 
 
 BUILTIN_ARITH = "builtin:arith"
 BUILTIN_CALC = "builtin:calc"
+# `builtin:calc` for an agent with a `calc(x)` function tool (`configs/tiny-agent.yaml`): the tool listed
+# in a system message as the built-in template lists `tools`, the call as Hermes JSON, its result a tool turn.
+BUILTIN_CALC_TOOLS = "builtin:calc-tools"
+CALC_TOOLS_LINE = "tools: calc(x)"
 CALC_OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -70,7 +74,9 @@ def calc_problems(count: int, max_operand: int, seed: int) -> Iterator[tuple[str
         yield op, a, b, CALC_OPERATORS[op](a, b)
 
 
-def calc_records(count: int, max_operand: int, seed: int, observation_role: str = "user") -> list[PromptRecord]:
+def calc_records(
+    count: int, max_operand: int, seed: int, observation_role: str = "user", *, tools: bool = False
+) -> list[PromptRecord]:
     """`builtin:calc` records: the prompt `a*b=`, the answer as reference, and in
     `metadata["demonstration"]` the episode that uses the calculator well, as chat messages: the call
     `<calc>a*b</calc>`, its `<result>` (as `observation_role`, the role observations are rendered as)
@@ -78,6 +84,20 @@ def calc_records(count: int, max_operand: int, seed: int, observation_role: str 
     its records again."""
     records = []
     for i, (op, a, b, answer) in enumerate(calc_problems(count, max_operand, seed)):
+        if tools:
+            system = {"role": "system", "content": CALC_TOOLS_LINE}
+            obj = {"messages": [system, {"role": "user", "content": f"{a}{op}{b}="}], "completion": str(answer)}
+            record = parse_prompt(obj, "chat", f"{BUILTIN_CALC_TOOLS}:{i + 1}")
+            call = f'<tool_call>{{"name": "calc", "arguments": {{"x": "{a}{op}{b}"}}}}</tool_call>'
+            demonstration = [
+                {"role": "assistant", "content": call},
+                {"role": "tool", "content": str(answer)},
+                {"role": "assistant", "content": str(answer)},
+            ]
+            records.append(
+                msgspec.structs.replace(record, reference=str(answer), metadata={"demonstration": demonstration})
+            )
+            continue
         record = parse_prompt({"prompt": f"{a}{op}{b}=", "completion": str(answer)}, "sft", f"{BUILTIN_CALC}:{i + 1}")
         demonstration = [
             {"role": "assistant", "content": f"<calc>{a}{op}{b}</calc>"},
@@ -99,8 +119,9 @@ def load_prompts(cfg: DataConfig, seed: int, *, log=None, observation_role: str 
                 for i, obj in enumerate(arith_problems(cfg.builtin_size, cfg.builtin_max_operand, seed))
             ]
         )
-    if cfg.prompts == BUILTIN_CALC:
-        return calc_records(cfg.builtin_size, cfg.builtin_max_operand, seed, observation_role)
+    if cfg.prompts in (BUILTIN_CALC, BUILTIN_CALC_TOOLS):
+        tools = cfg.prompts == BUILTIN_CALC_TOOLS
+        return calc_records(cfg.builtin_size, cfg.builtin_max_operand, seed, observation_role, tools=tools)
     records: list[PromptRecord] = []
     bad: list[BadRecord] = []
     for item in read_prompts(cfg.prompts, cfg.format, cfg.source_params, columns(cfg)):
