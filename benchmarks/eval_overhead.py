@@ -4,7 +4,8 @@ evaluated at the start, every 5 iterations and at the end.
 
 The run's wall time is every metrics line's `time/wall` but the first's, which holds the start-up (model, SFT
 warm-up, engines: the same with and without), plus the first iteration's own stages (`time/iteration`, the
-start's evaluation included). Prints JSON: per run that wall, the command's seconds and the evaluations seen;
+start's evaluation included). Prints JSON: per run that wall, the command's seconds and the evaluations seen
+(`eval_s`: each one's seconds from launch to its figures, `eval_wait_s`: what the loop waited for them);
 `wall_ratio` (with / without; the issue's bound is 1.15). `--max-staleness 1` runs both at
 rollout.max_staleness 1, where an evaluation overlaps the learner.
 
@@ -38,6 +39,7 @@ def measure(out: Path, iterations: int, settings: list[str]) -> dict:
         "command_s": round(watched.seconds, 1),
         "evaluations": len(evaluations),
         "eval_wait_s": round(sum(r.get("time/eval_wait", 0.0) for r in evaluations), 2),
+        "eval_s": [round(r["time/eval"], 2) for r in evaluations],
         "eval_pass@1": [round(r["eval/pass@k"], 3) for r in evaluations],
     }
 
