@@ -30,7 +30,7 @@ def test_a_config_of_an_older_version_reads_with_its_settings_renamed(tmp_path):
     [
         ("learner.lr_typo=1", "learner.lr_typo: unknown key"),
         ("rollout.sampling.nope=1", "rollout.sampling.nope: unknown key"),
-        ("rollout.n_samples=5", "rollout.n_samples: expected int <= 4"),
+        ("rollout.n_samples=65", "rollout.n_samples: expected int <= 64"),
         ("rollout.n_samples=0", "rollout.n_samples: expected int >= 1"),
         ("rollout.sampling.top_p=1.5", "rollout.sampling.top_p: expected float <= 1.0"),
         ("rollout.engine=sglang", "rollout.engine: invalid enum value 'sglang'"),
@@ -98,7 +98,9 @@ def test_cross_field_checks_say_what_to_change():
 
 
 def test_a_reward_needs_rules_a_model_or_a_server():
-    with pytest.raises(ConfigError, match="reward: no rules, no model and no server; add reward.rules, reward.model"):
+    with pytest.raises(
+        ConfigError, match="reward: no rules, no model, no server and no learner.teacher; add reward.rules"
+    ):
         check(load_config(None, ["reward.rules=[]"]))
     check(load_config(None, ["reward.rules=[]", "reward.remote={url: 'http://scorer:8000/score'}"]))
     check(load_config(None, ["reward.rules=[]", "reward.model={path: /models/rm}"]))
