@@ -150,8 +150,10 @@ def test_grafana_dashboard_queries_only_metrics_the_service_exports():
     source = "".join(p.read_text() for d in ("contracts", "rollout", "learner") for p in (root / d).rglob("*.py"))
     for name in names:
         base = re.sub(r"_(bucket|total)$", "", name.removeprefix("ray_"))
-        if base.startswith(("rollout_time_", "rollout_reward_", "rollout_episode_", "rollout_eval_")):
-            continue  # mirrored from metrics.jsonl keys (time/STAGE, reward/NAME, episode/..., eval/...) by MetricsLog
+        if base.startswith(
+            ("rollout_time_", "rollout_reward_", "rollout_episode_", "rollout_eval_", "rollout_mismatch_")
+        ):
+            continue  # mirrored from metrics.jsonl keys (time/STAGE, reward/NAME, episode/..., eval/..., mismatch/...)
         key = base.removeprefix("rollout_")
         assert f'"{base}"' in source or f'"{key}"' in source, f"{name} is not exported by rollout/"
 
