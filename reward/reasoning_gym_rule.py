@@ -127,8 +127,9 @@ def task_scorer(task: str) -> Callable[[str, Mapping[str, Any]], float]:
 
 
 def literal_only(source: Any, *args: Any, **kwargs: Any) -> Any:
-    """What `eval(source)` gives when `source` is a Python literal (a list, a string, a number...); ValueError
-    for anything else, which the scorers that call it treat as an unreadable answer."""
+    """The value `source` spells when it is a Python literal (a list, a string, a number...), read by
+    `ast.literal_eval`, which runs nothing; ValueError for anything else, which the scorers that call it
+    treat as an unreadable answer."""
     if not isinstance(source, str) or len(source) > MAX_LITERAL_CHARS:
         raise ValueError("not a Python literal of a readable size")
     return ast.literal_eval(source)

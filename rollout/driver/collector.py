@@ -108,7 +108,7 @@ class Collector:
         """The prompts `indices` (records) queued for generation, and each chunk's scoring behind it."""
         prompts = self.data.prompts
         tasks = [prompts.task(i) for i in indices]
-        records = {prompts.record(i).prompt_id: prompts.record(i) for i in indices}
+        records = {record.prompt_id: record for record in map(prompts.record, indices)}
         generation = self.workers.submit(
             tasks, run_id=self.run_id, iteration=iteration, score=self._score, records=records
         )

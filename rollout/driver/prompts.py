@@ -126,18 +126,24 @@ def load_prompts(cfg: DataConfig, seed: int, *, log=None, observation_role: str 
     bad: list[BadRecord] = []
     for item in read_prompts(cfg.prompts, cfg.format, cfg.source_params, columns(cfg)):
         (bad if isinstance(item, BadRecord) else records).append(item)
+    report_bad_records(bad, cfg.on_bad_record, cfg.prompts, log)
+    if not records:
+        raise PromptDataError(f"{cfg.prompts}: no valid prompt records")
+    return unique_ids(records)
+
+
+def report_bad_records(bad: list, on_bad_record: str, source: str, log, *, listed: int | None = None) -> None:
+    """The bad prompt records found at load, reported; PromptDataError once all are listed, unless skipped."""
     report_bad(
         bad,
-        on_bad_record=cfg.on_bad_record,
-        source=cfg.prompts,
+        on_bad_record=on_bad_record,
+        source=source,
         what="bad record(s)",
         fix="fix them",
         error=PromptDataError,
         log=log,
+        listed=listed,
     )
-    if not records:
-        raise PromptDataError(f"{cfg.prompts}: no valid prompt records")
-    return unique_ids(records)
 
 
 def columns(cfg: DataConfig) -> Columns | None:
@@ -284,16 +290,7 @@ class Prompts:
             except FormatError as e:
                 bad.append(str(e))
                 self.bad.add(row)
-        report_bad(
-            bad,
-            on_bad_record=self._on_bad_record,
-            source=self.source,
-            what="bad record(s)",
-            fix="fix them",
-            error=PromptDataError,
-            log=self._log,
-            listed=20,
-        )
+        report_bad_records(bad, self._on_bad_record, self.source, self._log, listed=20)
         if len(self.bad) == self.size:
             raise PromptDataError(f"{self.source}: no valid prompt records")
 
