@@ -1,5 +1,5 @@
 """The rollout record: one sample (a prompt and its completion, or an episode), field for field the
-archive's schema v3.
+archive's schema v4.
 
 Generation fills the engine fields, reward fills `reward` and `reward_components`, the learner
 fills `ref_logprobs`, `values`, `kl`, `kl_coef`, `token_rewards`, `advantages` and `returns` (left
@@ -20,6 +20,14 @@ last turn (what the reward rules score), `turn_rewards` lands at the response to
 is the first line of an environment's error (finish_reason `env_error`), and `trained` is false for a
 sample that was generated but left out of the update. A single completion has an all-ones mask, one
 turn, no turn rewards. Version 2 archives read as version 3 with those values (`rollout/archive/v2.py`).
+
+Version 4 keeps where a sample's weights changed and which segment of an agent's episode a row is. With
+partial rollouts a sample may be cut when new weights load and resumed under them: `policy_version` is
+its first token's version, `policy_version_last` its last token's, and `resumed_at[j]` is the response
+token a resume began at, sampled from then on by `resumed_versions[j]`. An agent's episode whose calls
+do not all extend one conversation is several rows: `episode_id` (unique in the run; null for a sample
+that is not an agent's episode) and `segment` (0, 1, ...). A version 3 row reads as version 4 with one
+version throughout, no resume, no episode id and segment 0 (`rollout/archive/v3.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class RolloutRecord(msgspec.Struct, kw_only=True):
@@ -65,6 +73,11 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     turn_rewards: list[float] = msgspec.field(default_factory=list)
     env_error: str | None = None
     trained: bool = True
+    policy_version_last: int | None = None  # None: `policy_version`
+    resumed_at: list[int] = msgspec.field(default_factory=list)
+    resumed_versions: list[int] = msgspec.field(default_factory=list)
+    episode_id: str | None = None
+    segment: int = 0
 
     def filled(self, name: str):
         """The field as the archive stores it: the defaults of a single completion written out."""
@@ -73,6 +86,8 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
             return [1] * len(self.response_ids)
         if name == "final_turn" and value is None:
             return self.response
+        if name == "policy_version_last" and value is None:
+            return self.policy_version
         return value
 
 
@@ -89,7 +104,7 @@ def components_type(components: Sequence[str]) -> pa.StructType:
 
 
 def archive_schema(components: Sequence[str]) -> pa.Schema:
-    """Schema v3 of a run whose reward components are `components`."""
+    """Schema v4 of a run whose reward components are `components`."""
     return pa.schema(
         [
             pa.field("run_id", pa.string(), nullable=False),
@@ -115,6 +130,7 @@ def archive_schema(components: Sequence[str]) -> pa.Schema:
             pa.field("worker", pa.string(), nullable=False),
             pa.field("generated_at", pa.timestamp("us", tz="UTC"), nullable=False),
             *EPISODE_FIELDS,
+            *V4_FIELDS,
         ]
     )
 
@@ -131,8 +147,18 @@ EPISODE_FIELDS = (
 )
 
 
+# Version 4's columns: where a sample's weights changed (partial rollouts), and an agent episode's segments.
+V4_FIELDS = (
+    pa.field("policy_version_last", pa.int32(), nullable=False),
+    pa.field("resumed_at", _i32_list, nullable=False),
+    pa.field("resumed_versions", _i32_list, nullable=False),
+    pa.field("episode_id", pa.string()),
+    pa.field("segment", pa.int32(), nullable=False),
+)
+
+
 def components_of(schema: pa.Schema) -> tuple[str, ...]:
-    """The reward component names of a v2 or v3 schema."""
+    """The reward component names of a v2, v3 or v4 schema."""
     return tuple(f.name for f in schema.field("reward_components").type)
 
 

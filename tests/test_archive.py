@@ -51,6 +51,12 @@ DESIGN_COLUMNS = {
     "turn_rewards": pa.list_(pa.float32()),
     "env_error": pa.string(),
     "trained": pa.bool_(),
+    # Version 4: where the weights changed in a sample (partial rollouts), an agent episode's segments.
+    "policy_version_last": pa.int32(),
+    "resumed_at": pa.list_(pa.int32()),
+    "resumed_versions": pa.list_(pa.int32()),
+    "episode_id": pa.string(),
+    "segment": pa.int32(),
 }
 
 
@@ -102,7 +108,7 @@ def test_round_trip_keeps_every_field(tmp_path):
         assert b.reward_components["arithmetic"] == 1.0 and math.isnan(b.reward_components["format"])
         assert b.advantages == a.advantages
     meta = read_metadata(tmp_path)
-    assert meta["schema_version"] == "3" and meta["gamma"] == "1.0" and meta["lam"] == "0.95"
+    assert meta["schema_version"] == "4" and meta["gamma"] == "1.0" and meta["lam"] == "0.95"
     # Record batches of batch_rows, the remainder flushed at close.
     assert [b.num_rows for b in iter_batches(tmp_path)] == [4, 4, 2]
 
@@ -215,3 +221,23 @@ def test_files_of_other_reward_components_read_as_their_union(tmp_path):
     components = read_table(tmp_path)["reward_components"].to_pylist()
     assert components[0]["length"] is None and math.isnan(components[0]["format"])
     assert components[3] == {"arithmetic": 0.5, "format": None, "length": -1.0}
+
+
+def test_a_v3_file_reads_as_v4_with_one_version_throughout(tmp_path):
+    """A v3 file has no version or segment columns: each row was generated whole by its policy_version."""
+    from contracts.schema import V4_FIELDS
+
+    records = make_records(4)
+    batch = to_record_batch(records, COMPONENTS)
+    v4 = {f.name for f in V4_FIELDS}
+    v3_schema = pa.schema([f for f in batch.schema if f.name not in v4]).with_metadata({"schema_version": "3"})
+    v3_batch = pa.RecordBatch.from_arrays([batch.column(f.name) for f in v3_schema], schema=v3_schema)
+    (tmp_path / "rollouts").mkdir()
+    with pa.OSFile(str(tmp_path / "rollouts" / "part-00000.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, v3_schema) as writer:
+            writer.write_batch(v3_batch)
+    table = read_table(tmp_path)
+    assert table.schema.equals(archive_schema(COMPONENTS))
+    assert table["policy_version_last"].to_pylist() == [r.policy_version for r in records]
+    assert table["resumed_at"].to_pylist() == [[]] * 4 and table["resumed_versions"].to_pylist() == [[]] * 4
+    assert table["episode_id"].to_pylist() == [None] * 4 and table["segment"].to_pylist() == [0] * 4

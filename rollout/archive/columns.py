@@ -49,12 +49,16 @@ def generation_batch(
     else:
         mask = np.ones(len(response_ids), dtype=np.uint8)
     reward_at, reward_offsets = flatten([c.turn_reward_at for _, _, c in pairs], np.int32)
+    resumed_at, resumed_offsets = flatten([c.resumed_at for _, _, c in pairs], np.int32)
+    resumed_versions, _ = flatten([c.resumed_versions for _, _, c in pairs], np.int32)
+    first = [policy_version if c.policy_version is None else c.policy_version for _, _, c in pairs]
+    last = [c.resumed_versions[-1] if c.resumed_versions else v for (_, _, c), v in zip(pairs, first)]
     turn_rewards, _ = flatten([c.turn_rewards for _, _, c in pairs], np.float32)
     columns = {
         "run_id": pa.array([run_id] * n, pa.string()),
         "prompt_id": pa.array([t.prompt_id for t, _, _ in pairs], pa.string()),
         "iteration": pa.array(np.full(n, iteration, dtype=np.int32)),
-        "policy_version": pa.array(np.full(n, policy_version, dtype=np.int32)),
+        "policy_version": pa.array(np.array(first, dtype=np.int32)),
         "sample_index": pa.array(np.fromiter((i for _, i, _ in pairs), dtype=np.int32, count=n)),
         "prompt": pa.array([c.prompt or t.prompt for t, _, c in pairs], pa.string()),
         "response": pa.array([c.text for _, _, c in pairs], pa.string()),
@@ -70,6 +74,11 @@ def generation_batch(
         "turn_reward_at": list_array(reward_at, reward_offsets, field("turn_reward_at").type),
         "turn_rewards": list_array(turn_rewards, reward_offsets, field("turn_rewards").type),
         "env_error": pa.array([c.env_error for _, _, c in pairs], pa.string()),
+        "policy_version_last": pa.array(np.array(last, dtype=np.int32)),
+        "resumed_at": list_array(resumed_at, resumed_offsets, field("resumed_at").type),
+        "resumed_versions": list_array(resumed_versions, resumed_offsets, field("resumed_versions").type),
+        "episode_id": pa.array([c.episode_id for _, _, c in pairs], pa.string()),
+        "segment": pa.array(np.fromiter((c.segment for _, _, c in pairs), dtype=np.int32, count=n)),
     }
     return pa.RecordBatch.from_arrays([columns[f.name] for f in GENERATION_SCHEMA], schema=GENERATION_SCHEMA)
 

@@ -24,6 +24,7 @@ from contracts.schema import (
 )
 from rollout.archive.v1 import V1Upgrade, is_v1, map_keys
 from rollout.archive.v2 import episode_columns, is_before_v3
+from rollout.archive.v3 import is_before_v4, version_columns
 
 
 class ArchiveCutWarning(UserWarning):
@@ -140,10 +141,12 @@ class _Reader:
 
     def _conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """The batch with the archive-wide `reward_components` fields, null where it lacks one, and the
-        columns of schema v3 (a file of an earlier version lacks them: `v2.py`)."""
+        columns of schemas v3 and v4 (a file of an earlier version lacks them: `v2.py`, `v3.py`)."""
         if batch.schema.equals(self.schema):
             return batch
         filled = episode_columns(batch) if is_before_v3(batch.schema) else {}
+        if is_before_v4(batch.schema):
+            filled.update(version_columns(batch))
         column = batch.column("reward_components")
         own = dict(zip((f.name for f in column.type), column.flatten()))
         fields = list(self.schema.field("reward_components").type)

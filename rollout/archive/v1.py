@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from contracts.schema import EPISODE_FIELDS, archive_schema
+from contracts.schema import EPISODE_FIELDS, V4_FIELDS, archive_schema
 
 KL_COEFS_KEY = "kl_coef_by_iteration"  # v1 replay metadata: {iteration: β} as JSON
 
@@ -65,12 +65,12 @@ def kl_coefs(
 
 
 class V1Upgrade:
-    """Converts v1 record batches of one archive to v2 (`archive_schema(components)` without the v3 columns,
-    which `v2.py` adds)."""
+    """Converts v1 record batches of one archive to v2 (`archive_schema(components)` without the v3 and v4
+    columns, which `v2.py` and `v3.py` add)."""
 
     def __init__(self, components: list[str], metadata: dict[str, str], run_metrics: dict[int, dict[str, Any]]):
-        v3 = {f.name for f in EPISODE_FIELDS}
-        self.schema = pa.schema([f for f in archive_schema(components) if f.name not in v3])
+        later = {f.name for f in (*EPISODE_FIELDS, *V4_FIELDS)}
+        self.schema = pa.schema([f for f in archive_schema(components) if f.name not in later])
         self.components = components
         self.metadata = metadata
         self.run_metrics = run_metrics

@@ -34,6 +34,16 @@ class Completion(msgspec.Struct):
     env_error: str | None = None  # the first line of the environment's error, if it ended the episode
     prompt_ids: list[int] | None = None  # the episode's own prompt, where `reset` added a turn; None: the task's
     prompt: str | None = None
+    policy_version: int | None = None  # of the first token, where it differs from the worker's now; None: the same
+    resumed_at: list[int] = msgspec.field(default_factory=list)  # response token each resume began at
+    resumed_versions: list[int] = msgspec.field(default_factory=list)  # the weights' version from each resume on
+    episode_id: str | None = None  # an agent's episode that is several rows; None: not one
+    segment: int = 0
+    # An agent's episode (`openai_agent`): the reward its function returned (component `agent`), whether
+    # this row takes the episode's reward (`env.params.reward_to`), and its segments before this one.
+    agent_reward: float | None = None
+    takes_reward: bool = True
+    earlier_segments: list[Completion] = msgspec.field(default_factory=list)
 
 
 def stream_completions(
