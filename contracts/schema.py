@@ -228,9 +228,11 @@ def _list_array(rows: list[list | None], kind: pa.ListType) -> pa.ListArray:
 def from_record_batch(batch: pa.RecordBatch) -> list[RolloutRecord]:
     """The inverse of `to_record_batch` (for tests and small archives; the service works on columns).
 
-    A batch with only some of the columns (a rollout worker's generation batch) leaves the rest None.
+    A batch with only some of the columns (a rollout worker's generation batch) leaves the rest None; columns
+    that are no field of the record (those a generation batch carries to the reward workers only) are left out.
     """
-    rows = batch.to_pylist()
+    fields = {f.name for f in msgspec.structs.fields(RolloutRecord)}
+    rows = batch.select([name for name in batch.schema.names if name in fields]).to_pylist()
     optional = [f.name for f in msgspec.structs.fields(RolloutRecord) if f.default is None]
     for row in rows:
         for name in optional:

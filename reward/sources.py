@@ -9,7 +9,7 @@ others (a reward server) has its requests out while the rest score. `progress` i
 watch sees move, `latency` cumulative seconds by name, `close` lets go of threads and connections.
 
 `REWARD_SOURCES` holds them by the `reward` field that configures each, in the order their components
-are archived: the rules, then the reward model, then the reward server. A fourth source is one class
+are archived: the rules, then the reward model, then the reward server, then an agent's own reward. A fourth source is one class
 here, registered, and the config field that sets it.
 """
 
@@ -32,12 +32,14 @@ MODEL_COMPONENT = "reward_model"
 
 class Sample(msgspec.Struct, frozen=True):
     """One completion to score: the data record its prompt came from (reference answer, metadata), the
-    rendered prompt, the response and, where a source counts them, the response's length in tokens."""
+    rendered prompt, the response and, where a source counts them, the response's length in tokens; for an
+    agent's episode (`openai_agent`), the reward its function returned (None: it returned none)."""
 
     record: Any
     prompt: str
     response: str
     response_tokens: int | None = None
+    agent_reward: float | None = None
 
 
 def last_user_message(record: Any) -> str:
@@ -176,6 +178,34 @@ class RewardServer(RewardSource):
 
     def close(self) -> None:
         self.scorer.close()
+
+
+AGENT_COMPONENT = "agent"
+
+
+@REWARD_SOURCES.register("agent_weight")
+class AgentReward(RewardSource):
+    """`reward.agent_weight`: the reward an `openai_agent` episode's agent function returned, as component
+    `agent` (no component where it returned None)."""
+
+    @staticmethod
+    def configured(cfg: RewardConfig) -> bool:
+        return cfg.agent_weight is not None
+
+    @staticmethod
+    def component_names(cfg: RewardConfig) -> tuple[str, ...]:
+        return (AGENT_COMPONENT,)
+
+    def begin(self, samples: Sequence[Sample]) -> Callable[[], list[RewardResult]]:
+        def finish() -> list[RewardResult]:
+            return [
+                RewardResult(total=0.0, components={}, failed=[])
+                if s.agent_reward is None
+                else weighted(AGENT_COMPONENT, [s.agent_reward], self.cfg.agent_weight, self.cfg.failed_value)[0]
+                for s in samples
+            ]
+
+        return finish
 
 
 def wire_sample(record: Any, response: str) -> dict:

@@ -3,13 +3,16 @@ in-process engine, with the real `openai` client; every call captured token by t
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import pytest
 
 from contracts.config import EnvConfig, SamplingConfig
 from contracts.formats import Message, PromptRecord
-from contracts.rendering import PromptRenderer
+from contracts.rendering import PromptRenderer, PromptTask
+
+NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 
 pytest.importorskip("openai")
 
@@ -30,6 +33,31 @@ def run_agents(engine, agent: str, n=2, prompts=2, **cfg):
     return [c for _, batch in out for samples in batch for c in samples], tokenizer, runner
 
 
+def agent_run_rows(engine, agent: str, reward_to: str, tmp_path):
+    """`agent`'s episodes (2 prompts, 1 sample each) through generation, the reward workers' scoring (the
+    arithmetic rule and the agent's component) and the archive, read back as records."""
+    from contracts.config import RewardConfig, RuleSpec
+    from contracts.schema import from_record_batch
+    from reward.worker import RewardWorker
+    from rollout.archive.columns import archive_batches, generation_batch
+    from rollout.archive.reader import read_table
+    from rollout.archive.writer import ArchiveWriter
+
+    episodes, _, _ = run_agents(engine, agent, n=1, params={"fresh": True, "reward_to": reward_to})
+    records = [PromptRecord(f"p{i}", [Message("user", f"{i}+1=")], "1", {"k": i}, "t") for i in range(2)]
+    tasks = [PromptTask(r.prompt_id, r.messages[-1].content, [1, 2]) for r in records]
+    gen = generation_batch(
+        tasks, [[e] for e in episodes], run_id="r", iteration=0, policy_version=0, worker="w", generated_at=NOW
+    )
+    worker = RewardWorker(RewardConfig(rules=[RuleSpec(name="arithmetic", weight=2.0)], agent_weight=0.5))
+    rewards, _ = worker.score_batch(gen, records)
+    writer = ArchiveWriter(tmp_path, {}, worker.components)
+    for batch in archive_batches([gen], [rewards], None, worker.components):
+        writer.write_batch(batch)
+    writer.close()
+    return from_record_batch(read_table(tmp_path).to_batches()[0]), worker.components
+
+
 @pytest.mark.vllm
 def test_an_extending_call_is_stitched_onto_the_row_with_the_sampled_tokens_verbatim(vllm_engine):
     import agent_examples
@@ -39,7 +67,9 @@ def test_an_extending_call_is_stitched_onto_the_row_with_the_sampled_tokens_verb
     assert len(episodes) == 4
     for episode in episodes:
         assert episode.env_error is None and episode.num_turns == 2
-        assert episode.turn_rewards == [0.5] and episode.turn_reward_at == [len(episode.token_ids) - 1]
+        # The agent's reward is its own component (the reward workers'), not a turn reward of the row.
+        assert episode.agent_reward == 0.5 and episode.turn_rewards == []
+        assert episode.segment == 0 and episode.earlier_segments == [] and episode.episode_id.startswith("rollout-")
         assert len(episode.mask) == len(episode.token_ids) == len(episode.logprobs)
         # model | context (the agent's added message) | model
         runs = [episode.mask[0]]
@@ -66,7 +96,7 @@ def test_an_extending_call_is_stitched_onto_the_row_with_the_sampled_tokens_verb
 def test_a_plain_function_runs_on_a_thread_with_a_blocking_client(vllm_engine):
     episodes, _, _ = run_agents(vllm_engine, "plain", n=1)
     assert [e.env_error for e in episodes] == [None, None]
-    assert all(e.turn_rewards == [1.0] and e.num_turns == 1 and all(e.mask) for e in episodes)
+    assert all(e.agent_reward == 1.0 and e.num_turns == 1 and all(e.mask) for e in episodes)
 
 
 @pytest.mark.vllm
@@ -89,13 +119,72 @@ def test_an_agent_asking_for_base_url_gets_openai_shaped_answers_and_errors(vllm
         ("raises", {}, "agent agent_examples:raises raised ValueError: the agent broke"),
         ("sleeps", {"episode_timeout_s": 0.5}, "took more than env.params.episode_timeout_s (0.5s)"),
         ("chatty", {}, "made more than env.max_turns (4) calls"),
-        ("two_calls", {"fresh": True}, "does not extend its conversation"),
     ],
 )
 def test_an_agents_fault_ends_its_episode_with_env_error(vllm_engine, agent, params, expected):
     episodes, _, runner = run_agents(vllm_engine, agent, n=1, params=params)
     assert all(e.finish_reason == "env_error" and expected in e.env_error for e in episodes), episodes[0].env_error
     assert runner.env_errors == 2
+
+
+@pytest.mark.vllm
+def test_a_fresh_context_call_starts_a_second_segment_of_the_episode(vllm_engine):
+    import agent_examples
+
+    agent_examples.SEEN.clear()
+    episodes, tokenizer, runner = run_agents(vllm_engine, "two_calls", n=1, params={"fresh": True})
+    assert runner.env_errors == 0 and len({e.episode_id for e in episodes}) == 2
+    for last, (first_call, second_call) in zip(episodes, agent_examples.SEEN["two_calls"]):
+        (first,) = last.earlier_segments
+        assert (first.segment, last.segment) == (0, 1) and first.episode_id == last.episode_id
+        assert first.env_error is None and last.finish_reason in ("stop", "length")
+        # Each segment is its own call's prompt and sampled tokens: nothing of the other one's context.
+        assert len(first.prompt_ids) == first_call.usage.prompt_tokens
+        assert len(first.token_ids) == first_call.usage.completion_tokens
+        assert len(last.prompt_ids) == second_call.usage.prompt_tokens
+        assert len(last.token_ids) == second_call.usage.completion_tokens
+        assert tokenizer.decode(last.prompt_ids).endswith("<|user|>again\n<|assistant|>")
+        assert all(first.mask) and all(last.mask) and first.num_turns == last.num_turns == 1
+        assert first.agent_reward == last.agent_reward == 0.5
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("reward_to", ["all_segments", "last_segment"])
+def test_the_episodes_reward_lands_on_its_segments_and_component_agent_is_archived(vllm_engine, tmp_path, reward_to):
+    rows, components = agent_run_rows(vllm_engine, "two_calls", reward_to, tmp_path)
+    assert components == ("arithmetic", "agent")
+    assert [(r.prompt_id, r.sample_index, r.segment) for r in rows] == [
+        ("p0", 0, 0),
+        ("p0", 0, 1),
+        ("p1", 0, 0),
+        ("p1", 0, 1),
+    ]
+    for first, last in (rows[:2], rows[2:]):
+        assert first.episode_id == last.episode_id is not None
+        # The rules score the episode's last answer; the agent's 0.5 is component `agent`, weighted 0.5.
+        arithmetic = last.reward_components["arithmetic"]
+        assert last.reward_components["agent"] == 0.5
+        assert last.reward == pytest.approx(2.0 * arithmetic + 0.5 * 0.5)
+        if reward_to == "all_segments":
+            assert first.reward == last.reward and first.reward_components == last.reward_components
+        else:
+            assert first.reward == 0.0 and first.reward_components == {}
+
+
+def test_reward_to_and_the_agent_component_are_checked_and_set_at_load():
+    from contracts.config import ConfigError
+    from contracts.config.load import check, load_config
+    from rollout.environments.registry import check_environment
+
+    env = {"name": "openai_agent", "params": {"agent": "agent_examples:two_calls", "reward_to": "every_segment"}}
+    cfg = load_config({"env": env})
+    with pytest.raises(ConfigError, match="env.params.reward_to must be one of all_segments, last_segment"):
+        check_environment(cfg.env)
+    assert cfg.reward.agent_weight == 1.0  # the agent's reward counts, unless the config says otherwise
+    assert load_config({"env": env, "reward": {"agent_weight": 0.3}}).reward.agent_weight == 0.3
+    assert load_config({}).reward.agent_weight is None
+    with pytest.raises(ConfigError, match="rollout.dynamic_sampling with env.name openai_agent"):
+        check(load_config({"env": env, "rollout": {"dynamic_sampling": {"enabled": True}}}), cuda_available=False)
 
 
 def test_the_hermes_parser_reads_tool_calls_back_as_json_only():

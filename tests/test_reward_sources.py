@@ -17,7 +17,7 @@ from reward.worker import RewardWorker, reward_components
 
 
 def test_the_built_in_sources_in_archive_order() -> None:
-    assert REWARD_SOURCES.names() == ("rules", "model", "remote")
+    assert REWARD_SOURCES.names() == ("rules", "model", "remote", "agent_weight")
     assert reward_components(RewardConfig(rules=[RuleSpec(name="length"), RuleSpec(name="length")])) == (
         "length",
         "length#1",

@@ -61,6 +61,7 @@ def load_config(
 
 
 OVERLONG_RULE = "overlong"  # reward.rules.overlong, whose max_tokens a job fills in
+AGENT_ENV = "openai_agent"  # its agent function's reward is component `agent` (reward.agent_weight)
 
 
 # Settings an older version of the project wrote (a run's config.yaml, an archive's metadata): their key
@@ -85,6 +86,8 @@ def _renamed(tree: dict[str, Any]) -> None:
 
 def _derived(cfg: JobConfig) -> JobConfig:
     """Defaults that are other fields' values, filled in once, here."""
+    if cfg.env.name == AGENT_ENV and cfg.reward.agent_weight is None:
+        cfg = msgspec.structs.replace(cfg, reward=msgspec.structs.replace(cfg.reward, agent_weight=1.0))
     if cfg.learner.loss_agg_norm_tokens is None:
         learner = msgspec.structs.replace(cfg.learner, loss_agg_norm_tokens=cfg.rollout.sampling.max_tokens)
         cfg = msgspec.structs.replace(cfg, learner=learner)
@@ -231,6 +234,11 @@ def _episode_problems(cfg: JobConfig) -> list[str]:
     if cfg.env.name is None:
         return []
     problems = []
+    if cfg.env.name == AGENT_ENV and cfg.rollout.dynamic_sampling.enabled:
+        problems.append(
+            "rollout.dynamic_sampling with env.name openai_agent: an agent's episode may be several rows "
+            "(segments), and dynamic sampling counts rollout.n_samples rows per prompt; turn it off"
+        )
     # Each turn is generated from a prompt holding everything before it: the episode's first prompt
     # and every token of the episode so far, so the longest turn's prompt is the two together.
     if cfg.model.max_prompt_tokens + cfg.env.max_episode_tokens > cfg.rollout.max_model_len:

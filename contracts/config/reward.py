@@ -104,3 +104,11 @@ class RewardConfig(Base):
         ),
     ] = 120.0
     failed_value: Annotated[float, doc("Value a failed component contributes to the total.")] = 0.0
+    agent_weight: Annotated[
+        float | None,
+        doc(
+            "Weight of component `agent`: the reward an `openai_agent` episode's agent function returned "
+            "(docs/agents.md), added to the rules' weighted sum. null: 1.0 with env.name openai_agent, and no "
+            "such component otherwise."
+        ),
+    ] = None

@@ -22,8 +22,12 @@ from contracts.schema import REWARD_FIELDS, archive_schema
 from learner.samples import LearnerColumns, SampleBatch, flatten
 
 LEARNER_FIELDS = ("ref_logprobs", "values", "kl", "token_rewards", "advantages", "returns")  # per token
+# What only the reward workers read, not archived: an agent's returned reward (archived as component `agent`)
+# and whether the row takes its episode's reward (`env.params.reward_to`).
+AGENT_FIELDS = (pa.field("agent_reward", pa.float32()), pa.field("takes_reward", pa.bool_(), nullable=False))
 GENERATION_SCHEMA = pa.schema(
     [f for f in archive_schema(()) if f.name not in (*REWARD_FIELDS, *LEARNER_FIELDS, "kl_coef", "trained")]
+    + list(AGENT_FIELDS)
 )
 
 
@@ -37,8 +41,14 @@ def list_array(flat: np.ndarray, offsets: np.ndarray, kind: pa.ListType) -> pa.L
 def generation_batch(
     tasks, completions, *, run_id: str, iteration: int, policy_version: int, worker: str, generated_at: dt.datetime
 ) -> pa.RecordBatch:
-    """One row per (task, completion): `completions[i]` holds the engine's samples for `tasks[i]`."""
-    pairs = [(task, i, c) for task, samples in zip(tasks, completions) for i, c in enumerate(samples)]
+    """One row per (task, completion), an agent's episode one per segment: `completions[i]` holds the
+    engine's samples for `tasks[i]`."""
+    pairs = [
+        (task, i, row)
+        for task, samples in zip(tasks, completions)
+        for i, c in enumerate(samples)
+        for row in (*c.earlier_segments, c)
+    ]
     n = len(pairs)
     prompt_ids, prompt_offsets = flatten([c.prompt_ids or t.prompt_ids for t, _, c in pairs], np.int32)
     response_ids, response_offsets = flatten([c.token_ids for _, _, c in pairs], np.int32)
@@ -79,6 +89,8 @@ def generation_batch(
         "resumed_versions": list_array(resumed_versions, resumed_offsets, field("resumed_versions").type),
         "episode_id": pa.array([c.episode_id for _, _, c in pairs], pa.string()),
         "segment": pa.array(np.fromiter((c.segment for _, _, c in pairs), dtype=np.int32, count=n)),
+        "agent_reward": pa.array([c.agent_reward for _, _, c in pairs], pa.float32()),
+        "takes_reward": pa.array([c.takes_reward for _, _, c in pairs], pa.bool_()),
     }
     return pa.RecordBatch.from_arrays([columns[f.name] for f in GENERATION_SCHEMA], schema=GENERATION_SCHEMA)
 

@@ -48,7 +48,7 @@ class OpenAIAgent(Environment):
         if not (math.isfinite(episode_timeout_s) and episode_timeout_s > 0):
             raise ValueError(f"openai_agent: episode_timeout_s must be > 0, got {episode_timeout_s!r}")
         if reward_to not in REWARD_TO:
-            raise ValueError(f"openai_agent: reward_to must be one of {', '.join(REWARD_TO)}, got {reward_to!r}")
+            raise ValueError(f"env.params.reward_to must be one of {', '.join(REWARD_TO)}, got {reward_to!r}")
         from rollout.environments.tool_calls import TOOL_PARSERS
 
         self.parse_tool_calls = TOOL_PARSERS.lookup(tool_parser, field="env.params.tool_parser")

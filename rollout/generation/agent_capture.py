@@ -4,7 +4,8 @@ Each call's prompt is rendered by the model's chat template, and what the engine
 was sampled: tokens and their logprobs. A call whose conversation extends the previous one (the previous
 call's messages, then the assistant message it returned, then more) is stitched onto the episode's row:
 the sampled tokens stay as they were, never re-tokenized, and only the messages the agent added are
-rendered, as context (mask 0). A call that does not extend the previous one is not stitched.
+rendered, as context (mask 0). A call that does not extend the previous one (a fresh context, a
+summarized history) starts a new segment of the episode: a row of its own, whose prompt is that call's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,20 @@ class RequestError(UserError):
         self.status, self.message, self.kind = status, message, kind
 
 
+@dataclass(slots=True)
+class Segment:
+    """A finished segment of an episode: one conversation's calls, stitched into one row."""
+
+    prompt_ids: list[int]
+    prompt_text: str
+    response: list[int]
+    logprobs: list[float]
+    mask: list[int]
+    calls: int
+    final_text: str
+    finish: str
+
+
 @dataclass(slots=True, eq=False)  # by identity: episodes are kept in sets
 class AgentEpisode:
     place: tuple[int, int, int]  # (batch, prompt, sample)
@@ -37,7 +52,9 @@ class AgentEpisode:
     response: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
-    calls: int = 0
+    calls: int = 0  # the episode's, every segment's
+    segment_calls: int = 0  # the current segment's
+    segments: list[Segment] = field(default_factory=list)  # the finished ones, in order
     history: Any = None  # what the next call must start with to extend: normalized messages, or text
     tools_key: str = ""  # the tools the conversation was rendered with: other tools do not extend it
     reply_ended: bool = True  # the last reply ended with the model's eos
@@ -49,6 +66,24 @@ class AgentEpisode:
     error: str | None = None
     task: Any = None  # the agent's asyncio task
     pending: Any = None  # the future of the call in the engine, failed if the episode ends first
+
+    def new_segment(self) -> None:
+        """The current segment is finished (the next call starts a fresh context): kept, and a new one begun."""
+        self.segments.append(
+            Segment(
+                self.prompt_ids,
+                self.prompt_text,
+                self.response,
+                self.logprobs,
+                self.mask,
+                self.segment_calls,
+                self.final_text,
+                self.last_finish,
+            )
+        )
+        self.prompt_ids, self.prompt_text, self.final_text = None, "", ""
+        self.response, self.logprobs, self.mask = [], [], []
+        self.segment_calls = 0
 
     def end(self, finish: str, error: str | None = None) -> bool:
         """The episode ends (once: the first cause is kept); True if this call ended it."""

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import json
 import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -39,7 +39,6 @@ from rollout.generation.engine import SampleOutput, VLLMEngine
 
 MODEL_NAME = "policy"  # what /v1/models lists; any name is accepted in a request
 START_TIMEOUT_S = 30.0
-_episode_numbers = itertools.count()
 
 
 class AgentRunner:
@@ -95,7 +94,7 @@ class AgentRunner:
             while starting or running:
                 while starting and len(running) < 2 * self.engine.window:
                     place, record, seed = starting.popleft()
-                    episode = AgentEpisode(place, record, seed, f"{self.worker}-{next(_episode_numbers)}")
+                    episode = AgentEpisode(place, record, seed, f"{self.worker}-{uuid.uuid4().hex[:16]}")
                     running.add(episode)
                     self.loop.call_soon_threadsafe(self._start_episode, episode)
                 while self.calls:
@@ -146,24 +145,44 @@ class AgentRunner:
             self.threads.shutdown(wait=False, cancel_futures=True)
 
     def _completion(self, episode: AgentEpisode) -> Completion:
-        reward_at, rewards = [], []
-        if episode.reward is not None and episode.response:
-            reward_at, rewards = [len(episode.response) - 1], [episode.reward]
+        """The episode's last segment, its earlier ones in `earlier_segments`; the agent's reward goes to the
+        reward workers (component `agent`), on every segment or the last one's (`reward_to`)."""
         if episode.finish == "env_error":
             self.env_errors += 1
+        every = self.settings.reward_to == "all_segments"
+        earlier = [
+            Completion(
+                token_ids=s.response,
+                logprobs=s.logprobs,
+                text=self.tokenizer.decode(s.response, skip_special_tokens=False),
+                finish_reason=s.finish,
+                mask=s.mask,
+                num_turns=s.calls,
+                final_text=s.final_text,
+                prompt_ids=s.prompt_ids,
+                prompt=s.prompt_text,
+                episode_id=episode.id,
+                segment=k,
+                agent_reward=episode.reward,
+                takes_reward=every,
+            )
+            for k, s in enumerate(episode.segments)
+        ]
         return Completion(
             token_ids=episode.response,
             logprobs=episode.logprobs,
             text=self.tokenizer.decode(episode.response, skip_special_tokens=False),
             finish_reason=episode.finish or "error",
             mask=episode.mask,
-            num_turns=episode.calls,
+            num_turns=episode.segment_calls,
             final_text=episode.final_text,
-            turn_reward_at=reward_at,
-            turn_rewards=rewards,
             env_error=episode.error,
             prompt_ids=episode.prompt_ids,
             prompt=episode.prompt_text if episode.prompt_ids is not None else None,
+            episode_id=episode.id,
+            segment=len(earlier),
+            agent_reward=episode.reward,
+            earlier_segments=earlier,
         )
 
     # -- the agents (event loop) --------------------------------------------------------------------
@@ -360,9 +379,10 @@ class AgentRunner:
             changes["stop"] = [*sampling.stop, *stop]
         return msgspec.structs.replace(sampling, **changes)
 
-    def _params(self, episode: AgentEpisode, body: dict, prompt_len: int, added: int):
+    def _params(self, episode: AgentEpisode, body: dict, prompt_len: int, added: int, *, fresh: bool = False):
+        """`fresh`: the call starts a new segment, whose row holds none of the episode's tokens so far."""
         room = min(
-            self.cfg.max_episode_tokens - len(episode.response) - added,
+            self.cfg.max_episode_tokens - (0 if fresh else len(episode.response) + added),
             self.max_model_len - prompt_len,
         )
         if room < 1:
@@ -386,18 +406,16 @@ class AgentRunner:
         if body.get("tool_choice") == "none":
             tools = None  # the model is not told of tools it may not call
         tools_key = json.dumps(tools, sort_keys=True)
-        if episode.history is None:
+        text = None
+        if episode.history is not None and tools_key == episode.tools_key and extends(episode.history, messages):
+            text = self.rendering.added(episode.history, messages, tools, episode.reply_ended)
+        if text is None:  # the episode's first call, or a fresh context: a new segment (`_record`)
             ids = self.rendering.ids(self.rendering.text(messages, tools, generation=True))
-            added: list[int] = []
+            added = None
         else:
-            text = None
-            if tools_key == episode.tools_key and extends(episode.history, messages):
-                text = self.rendering.added(episode.history, messages, tools, episode.reply_ended)
-            if text is None:
-                self._not_extending(episode)
             added = self.rendering.ids(text)
             ids = episode.prompt_ids + episode.response + added
-        params = self._params(episode, body, len(ids), len(added))
+        params = self._params(episode, body, len(ids), len(added or ()), fresh=added is None)
         return ids, added, params, messages, tools_key
 
     def _text_call(self, episode: AgentEpisode, body: dict):
@@ -406,40 +424,33 @@ class AgentRunner:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise RequestError(400, "prompt must be a non-empty string (one prompt per call)")
-        if episode.history is None:
-            ids = self.tokenizer(prompt)["input_ids"]
-            added: list[int] = []
-        else:
-            if not (isinstance(episode.history, str) and prompt.startswith(episode.history)):
-                self._not_extending(episode)
-            added = self.tokenizer(prompt[len(episode.history) :], add_special_tokens=False)["input_ids"]
+        history = episode.history
+        if isinstance(history, str) and prompt.startswith(history):
+            added = self.tokenizer(prompt[len(history) :], add_special_tokens=False)["input_ids"]
             ids = episode.prompt_ids + episode.response + added
-        params = self._params(episode, body, len(ids), len(added))
+        else:  # the episode's first call, or a fresh context: a new segment (`_record`)
+            ids = self.tokenizer(prompt)["input_ids"]
+            added = None
+        params = self._params(episode, body, len(ids), len(added or ()), fresh=added is None)
         return ids, added, params, prompt, ""
 
-    def _not_extending(self, episode: AgentEpisode) -> None:
-        # Segments (a new row of the episode for a fresh context) are not built yet: the episode ends
-        # rather than train on a row that is not what the model saw.
-        episode.end(
-            "env_error",
-            f"agent {self.settings.agent_name} made a call that does not extend its conversation "
-            "(a fresh context); one conversation per episode is served",
-        )
-        raise RequestError(409, "this call does not extend the episode's conversation; the episode ended", "conflict")
-
     def _record(self, episode, ids, added, sample: SampleOutput, history, tools_key, chat: bool) -> str:
-        """The call captured: its prompt (the first call's) or the added context (mask 0), then the sampled
-        tokens as they were sampled (mask 1). Returns the reply's text."""
-        if episode.prompt_ids is None:
+        """The call captured: its prompt (a segment's first call; `added` None) or the added context (mask 0),
+        then the sampled tokens as they were sampled (mask 1). Returns the reply's text."""
+        if added is None:
+            if episode.prompt_ids is not None:  # a fresh context: the segment so far is a row of its own
+                episode.new_segment()
             episode.prompt_ids = list(ids)
             episode.prompt_text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        episode.response += added
-        episode.logprobs += [0.0] * len(added)
-        episode.mask += [0] * len(added)
+        else:
+            episode.response += added
+            episode.logprobs += [0.0] * len(added)
+            episode.mask += [0] * len(added)
         episode.response += sample.token_ids
         episode.logprobs += sample.logprobs
         episode.mask += [1] * len(sample.token_ids)
         episode.calls += 1
+        episode.segment_calls += 1
         episode.last_finish = sample.finish_reason or "error"
         eos = self.tokenizer.eos_token_id
         episode.reply_ended = bool(sample.token_ids) and sample.token_ids[-1] == eos

@@ -111,7 +111,8 @@ class RolloutWorker:
                 generated_at=dt.datetime.now(dt.timezone.utc),
             )
             samples = [c for chunk_samples in outputs for c in chunk_samples]
-            tokens = sum(len(c.token_ids) if c.mask is None else sum(c.mask) for c in samples)
+            rows = [row for c in samples for row in (*c.earlier_segments, c)]  # an agent's episode: its segments
+            tokens = sum(len(c.token_ids) if c.mask is None else sum(c.mask) for c in rows)
             stopped = sum(c.finish_reason == "stop" for c in samples)
             seconds, start = time.perf_counter() - start, time.perf_counter()  # the engine's time since the last chunk
             record_generation(self.name, tokens, batch.num_rows, seconds, self.version)
