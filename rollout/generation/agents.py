@@ -1,10 +1,12 @@
 """`openai_agent` episodes: the user's agent runs against an OpenAI-compatible endpoint on this worker, and
 every call it makes is a request in the engine's loop (`VLLMEngine.submit/step/abort`, as episodes' turns are).
 
-Two threads share the work. The endpoint (aiohttp) and the agents (asyncio tasks; a plain function on a
-thread of its own) run on an event loop thread; a call is rendered and recorded there (`agent_capture`),
-and handed to the engine loop, which runs in the worker's generation thread (`AgentRunner.stream`) as
-`EpisodeRunner`'s does: it submits the calls, steps the engine and hands each finished sample back.
+One thread does the work: the endpoint (aiohttp), the agents (asyncio tasks; a plain function runs on a
+thread of its own) and the engine's loop all run on an event loop thread. A call is rendered and recorded
+there (`agent_capture`) and queued for the engine's loop, a task of the same loop (`AgentRunner._episodes`),
+which submits the calls, steps the engine, hands each finished sample back, and between steps lets the
+agents run until each answered one has made its next call. The worker's generation thread waits on the
+finished batches (`AgentRunner.stream`).
 One endpoint per worker, on a free port of 127.0.0.1 (the agents run in this process), started with the
 worker and stopped with it; each episode's client is bound to its own URL, `/episodes/ID/v1`.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import queue
 import threading
 import time
 import uuid
@@ -39,6 +42,8 @@ from rollout.generation.engine import SampleOutput, VLLMEngine
 
 MODEL_NAME = "policy"  # what /v1/models lists; any name is accepted in a request
 START_TIMEOUT_S = 30.0
+IDLE_WAIT_S = 0.05  # the engine's loop, with nothing in the engine, looks again at least this often
+SETTLE_PASSES = 64
 
 
 class AgentRunner:
@@ -55,7 +60,7 @@ class AgentRunner:
         self.episodes: dict[str, AgentEpisode] = {}  # by id; touched on the event loop only
         self.calls: deque = deque()  # (episode, prompt ids, params, future): to the engine loop
         self.ended: deque[AgentEpisode] = deque()  # to the engine loop
-        self.wake = threading.Event()
+        self.wake = asyncio.Event()  # the engine's loop waits on it with nothing in the engine
         self.threads = ThreadPoolExecutor(max_workers=cfg.num_threads, thread_name_prefix="agent")
         self.sampling: SamplingConfig | None = None  # the running stream's
         self.idle_seconds = 0.0
@@ -65,18 +70,58 @@ class AgentRunner:
         self.engine_waits: dict[str, float] = {}
         self.resumed_tokens = self.cached_tokens = 0
         self.env_seconds: list[float] = []  # kept for the worker's summary (agents have no steps)
+        self._free_async_http: list = []  # httpx clients of episodes that ended, for the next ones (`_call_agent`)
+        self._free_http: list = []
+        self._ssl = None  # the clients' TLS context, shared (`_new_http`)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="agent-endpoint", daemon=True)
         self._thread.start()
         self.port = asyncio.run_coroutine_threadsafe(self._start_server(), self.loop).result(START_TIMEOUT_S)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    # -- the engine loop (the worker's generation thread) -------------------------------------------
+    # -- the engine loop (a task on the event loop, beside the agents and the endpoint) ---------------
 
     def stream(self, batches, sampling: SamplingConfig, n: int):
         """Every batch's episodes ((records, prompt ids, seed) each; n per prompt) run by the agent; yields
-        (batch index, [n Completions per prompt, in prompt order]) as each batch's episodes all end."""
+        (batch index, [n Completions per prompt, in prompt order]) as each batch's episodes all end.
+
+        The engine's loop runs on the event loop's thread (`_drive`), not the caller's: with the agents and
+        the endpoint on one thread, a call reaches the engine and its sample reaches the agent without a
+        thread's wake-up, and the two loops never take the interpreter from each other mid-step. The
+        caller's thread waits on the finished batches."""
         self.sampling = sampling
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+        driver = asyncio.run_coroutine_threadsafe(self._drive(batches, n, finished), self.loop)
+        kind = None
+        try:
+            while kind != "done":
+                try:
+                    kind, item = finished.get(timeout=1.0)
+                except queue.Empty:
+                    if driver.done() and finished.empty():  # ended without a word: cancelled from elsewhere
+                        driver.result(0)
+                    continue
+                if kind == "batch":
+                    yield item
+                elif kind == "error":
+                    raise item
+        finally:  # closed early, or raised: the driver stops its episodes, and no longer steps the engine
+            if kind != "done":
+                driver.cancel()
+                _until_done(finished)
+
+    async def _drive(self, batches, n: int, finished: queue.SimpleQueue) -> None:
+        try:
+            async for item in self._episodes(batches, n):
+                finished.put(("batch", item))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the caller's thread raises it
+            finished.put(("error", e))
+        finally:
+            finished.put(("done", None))
+
+    async def _episodes(self, batches, n: int):
         results = [[[None] * n for _ in ids] for _, ids, _ in batches]
         left = [len(ids) * n for _, ids, _ in batches]
         for b in [b for b, count in enumerate(left) if count == 0]:
@@ -96,31 +141,39 @@ class AgentRunner:
                     place, record, seed = starting.popleft()
                     episode = AgentEpisode(place, record, seed, f"{self.worker}-{uuid.uuid4().hex[:16]}")
                     running.add(episode)
-                    self.loop.call_soon_threadsafe(self._start_episode, episode)
+                    self._start_episode(episode)
+                now = time.perf_counter()
                 while self.calls:
-                    queued.append((*self.calls.popleft(), time.perf_counter()))
+                    queued.append((*self.calls.popleft(), now))
                 while queued and len(in_engine) < self.engine.window:
                     episode, ids, params, future, taken = queued.popleft()
                     if episode.finish is None and not future.done():
                         in_engine[self.engine.submit(ids, params, episode)] = (episode, future, taken)
                 if in_engine:
-                    for out in self.engine.step():
+                    outputs = self.engine.step()
+                    now = time.perf_counter()
+                    for out in outputs:
                         episode, future, taken = in_engine.pop(out.id)
                         if out.prompt_tokens and episode.calls:
                             self.resumed_tokens += out.prompt_tokens
                             self.cached_tokens += out.cached_tokens
-                        waited = time.perf_counter() - taken  # in the engine, and queued for room in it
-                        self.loop.call_soon_threadsafe(_resolve, future, (out.samples[0], waited))
-                else:
+                        if not future.done():  # in the engine, and queued for room in it
+                            future.set_result((out.samples[0], now - taken))
+                    await self._settle()
+                elif not self.calls and not self.ended:
                     start = time.perf_counter()
-                    self.wake.wait(0.05)
                     self.wake.clear()
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), IDLE_WAIT_S)
+                    except asyncio.TimeoutError:
+                        pass
                     self.idle_seconds += time.perf_counter() - start
                 while self.ended:
                     episode = self.ended.popleft()
                     running.discard(episode)
-                    self.engine.abort([rid for rid, (e, _, _) in in_engine.items() if e is episode])
-                    for rid in [rid for rid, (e, _, _) in in_engine.items() if e is episode]:
+                    mine = [rid for rid, (e, _, _) in in_engine.items() if e is episode]
+                    self.engine.abort(mine)
+                    for rid in mine:
                         del in_engine[rid]
                     b, i, j = episode.place
                     results[b][i][j] = self._completion(episode)
@@ -131,7 +184,18 @@ class AgentRunner:
         finally:  # episodes left unfinished (the stream was closed, or raised): their agents are stopped
             self.engine.abort(list(in_engine))
             for episode in running:
-                self.loop.call_soon_threadsafe(self._cancel, episode)
+                self._cancel(episode)
+
+    async def _settle(self) -> None:
+        """After an engine step: the agents and the endpoint run until the loop has nothing ready, so the
+        answered calls' agents make their next calls before the engine steps again (the next step takes
+        them in together, as `EpisodeRunner`'s takes the environments' answers). Bounded, so that agents
+        that keep the loop busy cannot hold the engine back."""
+        ready = getattr(self.loop, "_ready", None)  # asyncio's own run queue: CPython's loops have one
+        for _ in range(SETTLE_PASSES):
+            await asyncio.sleep(0)  # one pass of the loop: its I/O polled without blocking, its callbacks run
+            if ready is not None and not ready:  # nothing polled, nothing scheduled: the loop is idle
+                return
 
     def close(self) -> None:
         """Stop the endpoint and the event loop (the worker is going away)."""
@@ -226,13 +290,34 @@ class AgentRunner:
         url = f"{self.url}/episodes/{episode.id}/v1"
         function, record = self.settings.function, record_dict(episode.record)
         params = self.settings.agent_params
-        if self.is_async:
-            client = url if self.base_url_only else self._async_client(url)
-            return await function(client, record, **params)
-        client = url if self.base_url_only else self._client(url)
-        return await self.loop.run_in_executor(self.threads, functools.partial(function, client, record, **params))
+        if self.base_url_only:
+            if self.is_async:
+                return await function(url, record, **params)
+            return await self.loop.run_in_executor(self.threads, functools.partial(function, url, record, **params))
+        # Each running episode has a connection pool of its own, kept for a later episode when it ends: httpx
+        # looks through every connection of a pool for each request it sends (twice over for its idle ones),
+        # so one pool shared by hundreds of agents took most of the endpoint's time.
+        free = self._free_async_http if self.is_async else self._free_http
+        http = free.pop() if free else self._new_http()
+        try:
+            if self.is_async:
+                return await function(self._async_client(url, http), record, **params)
+            client = self._client(url, http)
+            return await self.loop.run_in_executor(self.threads, functools.partial(function, client, record, **params))
+        finally:
+            free.append(http)
 
-    def _async_client(self, url: str):
+    def _new_http(self):
+        import httpx
+
+        if self._ssl is None:  # made once: loading the CA certificates is most of making a client
+            self._ssl = httpx.create_ssl_context()
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=8)
+        # trust_env off: the endpoint is this process's own, never reached through a proxy or with .netrc's auth.
+        kind = httpx.AsyncClient if self.is_async else httpx.Client
+        return kind(limits=limits, timeout=None, verify=self._ssl, trust_env=False)
+
+    def _async_client(self, url: str, http):
         import openai
 
         # No retries: a refused call (409 after the episode ended, 400) is the agent's to see, at once.
@@ -241,10 +326,10 @@ class AgentRunner:
             api_key="rollout",
             max_retries=0,
             timeout=self.settings.episode_timeout_s,
-            http_client=self._http_async,
+            http_client=http,
         )
 
-    def _client(self, url: str):
+    def _client(self, url: str, http):
         import openai
 
         return openai.OpenAI(
@@ -252,19 +337,14 @@ class AgentRunner:
             api_key="rollout",
             max_retries=0,
             timeout=self.settings.episode_timeout_s,
-            http_client=self._http,
+            http_client=http,
         )
 
     # -- the endpoint (event loop) ------------------------------------------------------------------
 
     async def _start_server(self) -> int:
-        import httpx
         from aiohttp import web
 
-        # One connection pool for every episode's client: a client each would open connections of its own.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
-        self._http_async = httpx.AsyncClient(limits=limits, timeout=None)
-        self._http = httpx.Client(limits=limits, timeout=None)
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_post("/episodes/{episode}/v1/chat/completions", self._chat)
         app.router.add_post("/episodes/{episode}/v1/completions", self._text_completion)
@@ -282,8 +362,10 @@ class AgentRunner:
         for episode in list(self.episodes.values()):
             self._cancel(episode)
         await self._runner.cleanup()
-        await self._http_async.aclose()
-        self._http.close()
+        while self._free_async_http:
+            await self._free_async_http.pop().aclose()
+        while self._free_http:
+            self._free_http.pop().close()
 
     async def _models(self, request):
         from aiohttp import web
@@ -491,9 +573,16 @@ class AgentRunner:
         return {**common, "object": "chat.completion", "choices": [choice], "usage": usage}
 
 
-def _resolve(future: asyncio.Future, result: tuple[SampleOutput, float]) -> None:
-    if not future.done():
-        future.set_result(result)
+def _until_done(finished: queue.SimpleQueue) -> None:
+    """Until a cancelled driver has put its last word (its `finally` ran): the engine is the caller's again."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            if finished.get(timeout=0.1)[0] == "done":
+                return
+        except queue.Empty:
+            pass
+    raise RuntimeError(f"the agents' engine loop did not stop within {START_TIMEOUT_S:g}s")
 
 
 def _error(error: RequestError):
