@@ -59,6 +59,23 @@ BUILTINS = {
 }
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Hermes tool calls' markers and JSON scaffolding, one token each (added after the byte-level BPE, as text
+# that decodes as written): a call `<tool_call>{"name": "calc", "arguments": {"x": "2*3"}}</tool_call>` is
+# 18 tokens instead of 63, near enough for the tiny model to copy the question's operands into it. The
+# model's earlier rows keep their weights (the embeddings are grown after the random init), and text
+# without these strings tokenizes as before.
+TOOL_TOKENS = [
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    '{"name": "',
+    '", "arguments": ',
+    '{"',
+    '": "',
+    '"}}',
+    '"}',
+]
 
 # Roles are marked by special tokens; an assistant turn ends with eos so generation stops there. Tools
 # (OpenAI `tools`) are listed in a system line, `name(param,...)`, short enough for the tiny model's
@@ -112,7 +129,8 @@ def build_builtin(name: str, root: Path | None = None) -> Path:
     """Build (once) and return the directory of a builtin model; safe to call from many processes."""
     spec = BUILTINS[name]
     # The template is saved with the tokenizer, so a changed template is a new build.
-    key = hashlib.sha256((json.dumps(spec, sort_keys=True) + CHAT_TEMPLATE).encode()).hexdigest()[:12]
+    key = hashlib.sha256((json.dumps(spec, sort_keys=True) + CHAT_TEMPLATE + json.dumps(TOOL_TOKENS)).encode())
+    key = key.hexdigest()[:12]
     target = (root or cache_dir()) / f"{name}-{key}"
     if (target / "config.json").exists():
         return target
@@ -150,7 +168,7 @@ def _corpus(rng: random.Random) -> list[str]:
 
 
 def _train_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token=None))
@@ -175,6 +193,7 @@ def _train_tokenizer():
         pad_token="<pad>",
         additional_special_tokens=SPECIAL_TOKENS[3:],
     )
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in TOOL_TOKENS])
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.model_max_length = SPEC["max_position_embeddings"]
     return tokenizer
@@ -191,7 +210,7 @@ def _random_model(tokenizer, spec: dict):
         extra["sliding_window"] = None  # full attention at these lengths, as vLLM's CPU path expects
     config = AutoConfig.for_model(
         spec.get("family", "llama"),
-        vocab_size=len(tokenizer),
+        vocab_size=tokenizer.vocab_size,  # the BPE's: the tool tokens' rows are added below
         hidden_size=spec["hidden_size"],
         intermediate_size=spec["intermediate_size"],
         num_hidden_layers=spec["num_hidden_layers"],
@@ -206,6 +225,7 @@ def _random_model(tokenizer, spec: dict):
         **extra,
     )
     model = AutoModelForCausalLM.from_config(config)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 

@@ -217,6 +217,11 @@ def test_the_builtin_template_renders_tools_tool_calls_and_results(tiny_model_pa
         [{"role": "user", "content": "a"}], tokenize=False, add_generation_prompt=True
     )
     assert plain == "<s><|user|>a\n<|assistant|>"  # messages without tools render as before
+    # The Hermes markers and JSON scaffolding are a token each: a call is near tiny-calc's `<calc>` in length,
+    # and decodes to the text the `hermes` parser reads.
+    written = '<tool_call>{"name": "calc", "arguments": {"x": "123*456"}}</tool_call>'
+    ids = tokenizer(written, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 18 and tokenizer.decode(ids) == written
 
 
 @pytest.mark.vllm

@@ -210,6 +210,16 @@ def check(cfg: JobConfig, *, cuda_available: bool | None = None) -> None:
             f"learner.old_logprobs behaviour takes the engine's logprobs as the weights before the update, which "
             f"they are only at rollout.max_staleness 0 (it is {cfg.rollout.max_staleness}): set one of them back"
         )
+    if cfg.rollout.partial_rollouts and cfg.rollout.max_staleness < 1:
+        problems.append(
+            "rollout.partial_rollouts carries unfinished groups into the next iteration, which trains them one "
+            "policy version later: set rollout.max_staleness to 1 or more"
+        )
+    if cfg.rollout.partial_rollouts and cfg.env.name is not None:
+        problems.append(
+            f"rollout.partial_rollouts resumes single completions, not episodes (env.name is {cfg.env.name}): "
+            "turn one of them off"
+        )
     if cfg.learner.kl.target is not None and cfg.learner.kl.target <= 0:
         problems.append("learner.kl.target must be positive, or null for a fixed coefficient")
     if cfg.model.max_prompt_tokens + cfg.rollout.sampling.max_tokens > cfg.rollout.max_model_len:

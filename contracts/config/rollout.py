@@ -126,6 +126,16 @@ class RolloutConfig(Base):
             ge=0,
         ),
     ] = 0
+    partial_rollouts: Annotated[
+        bool,
+        doc(
+            "Iterations do not wait for their longest answers: each takes the first prompts_per_iteration "
+            "groups to finish; the rest carry over, keep generating while the learner updates, are cut at a "
+            "weight load (their tokens and logprobs kept) and resumed under the new weights. Needs "
+            "max_staleness >= 1: a carried group trains one version later; an iteration waits only for "
+            "groups that would otherwise train too stale. Single completions only (not env episodes).",
+        ),
+    ] = False
     stall_timeout_s: Annotated[
         float,
         doc(

@@ -38,6 +38,64 @@ class Share:
     seeds: list[int | None]
     done: set[int] = field(default_factory=set)
 
+    def tasks(self, index: int, summary: GenerationSummary) -> list[PromptTask]:
+        """The prompts of the chunk that came back as `index` with `summary`."""
+        return self.chunks[index]
+
+    def returned(self, index: int, summary: GenerationSummary) -> None:
+        self.done.add(index)
+
+    def left(self) -> Share:
+        """What a replacement of the worker must generate: the chunks that did not come back."""
+        todo = [i for i in range(len(self.chunks)) if i not in self.done]
+        return Share(self.worker, [self.chunks[i] for i in todo], [self.seeds[i] for i in todo])
+
+    def has_work(self) -> bool:
+        return bool(self.chunks)
+
+    def progress(self) -> str:
+        return f"{len(self.done)} of {len(self.chunks)} chunks back"
+
+
+@dataclass
+class PartialShare:
+    """One worker's part of an iteration with partial rollouts: fresh prompts, how many groups to hand out,
+    the oldest version whose groups must be handed out now, and `held`, every prompt the worker holds (given
+    by this launch or an earlier one), which this call's chunks take out as they come back. One such call
+    runs on a worker at a time."""
+
+    worker: int
+    tasks_given: list[PromptTask]
+    seeds: list[int | None]
+    quota: int
+    oldest: int
+    held: dict[str, list[PromptTask]]
+    back: int = 0
+
+    def tasks(self, index: int, summary: GenerationSummary) -> list[PromptTask]:
+        return [self.held[i][0] for i in summary.prompt_ids]
+
+    def returned(self, index: int, summary: GenerationSummary) -> None:
+        for prompt_id in summary.prompt_ids:  # a prompt the data holds twice may be held twice
+            self.held[prompt_id].pop()
+            if not self.held[prompt_id]:
+                del self.held[prompt_id]
+        self.back += len(summary.prompt_ids)
+
+    def left(self) -> PartialShare:
+        """The worker died with everything it held: what it was given and did not hand back is generated
+        again, whole, by its replacement (which holds it from then on)."""
+        redo = [task for tasks in self.held.values() for task in tasks]
+        return PartialShare(
+            self.worker, redo, [None] * len(redo), max(0, self.quota - self.back), self.oldest, self.held
+        )
+
+    def has_work(self) -> bool:
+        return bool(self.tasks_given) or self.quota > 0
+
+    def progress(self) -> str:
+        return f"{self.back} of {self.quota} groups back"
+
 
 class Launch:
     """An iteration's generation in flight. A daemon thread reads the workers' streams as chunks
@@ -56,7 +114,7 @@ class Launch:
 
     def __init__(
         self,
-        streams: dict[ray.ObjectRefGenerator, Share],
+        streams: dict[ray.ObjectRefGenerator, Share | PartialShare],
         score: Callable[[ray.ObjectRef, list[PromptTask]], Scoring] | None,
         timeout: float,
         what: str,
@@ -131,8 +189,8 @@ class Launch:
                     self._replace(stream, streams, batches)
                     continue
                 batch, share = batches.pop(stream), streams[stream]
-                scoring = self._score(batch, share.chunks[index]) if self._score is not None else None
-                share.done.add(index)
+                scoring = self._score(batch, share.tasks(index, summary)) if self._score is not None else None
+                share.returned(index, summary)
                 self._queue.put(Chunk(batch, summary, scoring))
             self._queue.put(self._DONE)
         except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
@@ -140,18 +198,15 @@ class Launch:
 
     def _waiting_for(self, streams: dict) -> str:
         shares = list(streams.values())
-        return f"{self.what}: " + ", ".join(
-            f"{self._names[s.worker]} ({len(s.done)} of {len(s.chunks)} chunks back)" for s in shares
-        )
+        return f"{self.what}: " + ", ".join(f"{self._names[s.worker]} ({s.progress()})" for s in shares)
 
     def _replace(self, stream, streams: dict, batches: dict) -> None:
         share = streams.pop(stream)
         lost = batches.pop(stream, None)
         if lost is not None:
             _discard(lost)
-        todo = [i for i in range(len(share.chunks)) if i not in share.done]
-        left = Share(share.worker, [share.chunks[i] for i in todo], [share.seeds[i] for i in todo])
-        if left.chunks:
+        left = share.left()
+        if left.has_work():
             self._queue.put(self._RESTARTED)  # a restart may take a while: no deadline runs out meanwhile
             streams[self._restart(left)] = left
             self._last_item = time.monotonic()

@@ -22,7 +22,7 @@ from contracts.console import actor_options
 from contracts.device import resolve_device
 from contracts.rendering import PromptTask
 from rollout.actors.group import ActorGroup
-from rollout.actors.launch import Launch, Share
+from rollout.actors.launch import Launch, PartialShare, Share
 from rollout.actors.member import CONCURRENCY_GROUPS, Member
 from rollout.actors.reward_workers import Scoring
 from rollout.generation.worker import GenerationSummary, RolloutWorker
@@ -61,6 +61,18 @@ class RolloutActor(Member):
         ):
             yield batch
             yield index, summary
+        trim_heap()
+
+    def stream_partial(
+        self, tasks: list[PromptTask], seeds: list[int | None], *, quota: int, oldest: int, run_id: str, iteration: int
+    ) -> Iterator[pa.RecordBatch | tuple[int, GenerationSummary]]:
+        """Partial rollouts: each chunk of completed groups as it is handed out: its batch, then (-1, its
+        summary, which names its prompts)."""
+        for batch, summary in self.core.generate_partial(
+            tasks, seeds, quota=quota, oldest=oldest, run_id=run_id, iteration=iteration
+        ):
+            yield batch
+            yield -1, summary
         trim_heap()
 
     def update_weights(self, version: int, weights: list[tuple[str, object]]) -> Served:
@@ -115,6 +127,9 @@ class RolloutWorkers(ActorGroup):
         ]
         super().__init__(names, handles, stall_timeout_s=cfg.stall_timeout_s, max_restarts=cfg.max_restarts, log=log)
         self._ready = {h.ready.remote(): name for h, name in zip(handles, names)}
+        # Partial rollouts: the prompts each worker holds (given and not handed back), by id: what is generated
+        # again if the worker dies.
+        self.held: list[dict[str, list[PromptTask]]] = [{} for _ in handles]
         self._revive_lock = threading.Lock()  # the collector thread and a weight sync may find the same death
         # Called with a revived worker's name: brings it up to date; True if it counted as a restart (the
         # weight sync's `restore`; here, with no weights to load, every revival counts).
@@ -202,6 +217,67 @@ class RolloutWorkers(ActorGroup):
             lambda busy: self.kill_stalled(self.names[i] for i in busy),
             self.names,
         )
+
+    def submit_partial(
+        self,
+        tasks: list[PromptTask],
+        quota: int,
+        *,
+        oldest: int,
+        run_id: str,
+        iteration: int,
+        score: Callable[[ray.ObjectRef, list[PromptTask]], Scoring],
+    ) -> Launch:
+        """Partial rollouts: `tasks` dealt round robin, one call per worker (each, holding groups from earlier
+        iterations, takes part even with no new prompt); the workers hand out `quota` completed groups in all,
+        in proportion, and every group started before version `oldest`."""
+        r, count = self.cfg, len(self.handles)
+        base_seed = r.sampling.seed
+        shares = []
+        for w in range(count):
+            mine = tasks[w::count]
+            seeds = [
+                None if base_seed is None else (base_seed * 1_000_003 + iteration) * 10_007 + w * 65_537 + k
+                for k in range(len(mine))
+            ]
+            for t in mine:
+                self.held[w].setdefault(t.prompt_id, []).append(t)
+            share_quota = quota // count + (1 if w < quota % count else 0)
+            shares.append(PartialShare(w, mine, seeds, share_quota, oldest, self.held[w]))
+        record_queue_depth(len(tasks))
+
+        def stream(share: PartialShare) -> ray.ObjectRefGenerator:
+            return (
+                self.handles[share.worker]
+                .stream_partial.options(num_returns="streaming")
+                .remote(
+                    share.tasks_given,
+                    share.seeds,
+                    quota=share.quota,
+                    oldest=share.oldest,
+                    run_id=run_id,
+                    iteration=iteration,
+                )
+            )
+
+        def restart(share: PartialShare) -> ray.ObjectRefGenerator:
+            self.revive(self.names[share.worker])
+            self.watch.reset(self.names[share.worker])
+            return stream(share)
+
+        return Launch(
+            {stream(share): share for share in shares},
+            score,
+            r.iteration_timeout_s,
+            f"generation of iteration {iteration}",
+            restart,
+            lambda busy: self.kill_stalled(self.names[i] for i in busy),
+            self.names,
+        )
+
+    def held_groups(self) -> int:
+        """Prompts the workers hold for later iterations (partial rollouts)."""
+        return sum(len(tasks) for held in self.held for tasks in held.values())
 
     def revive(self, name: str) -> None:
         """`name` died: wait for Ray to restart it (as long as a lost node's replacement may take), then

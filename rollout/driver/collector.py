@@ -3,17 +3,22 @@ reward workers as it completes, the episodes checked against `env.max_error_frac
 sampling, more rounds of prompts until enough groups carry a signal.
 
 `rollout run` launches iterations ahead and collects one at a time (`launch`, `collect`); `rollout generate`
-streams one pass over every prompt (`stream`). Each round's generation recovers its own workers (`Launch`);
+streams one pass over every prompt (`stream`). With partial rollouts each launch gives the workers the
+iteration's fresh prompts (the first one a spare half more, which the workers keep in flight from then on)
+and takes back the first groups to complete; a row whose first token is too old for
+`rollout.max_staleness` by the time it trains is left out and counted. Each round's generation recovers its own workers (`Launch`);
 what it cannot mend, and an environment that failed too many episodes, ends the job with one line.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import ray
 from tqdm import tqdm
@@ -24,7 +29,7 @@ from contracts.rendering import PromptTask
 from rollout.actors.launch import Chunk
 from rollout.actors.reward_workers import RewardWorkers, Scoring
 from rollout.actors.rollout_workers import RolloutWorkers
-from rollout.driver.dynamic_sampling import round_size, select
+from rollout.driver.dynamic_sampling import Selection, round_size, select
 from rollout.driver.iteration import Launched, Samples
 from rollout.driver.prompts import PromptSampler
 from rollout.driver.startup import RunData
@@ -57,13 +62,25 @@ class Collector:
         self.launched: dict[int, Launched] = {}  # iterations whose generation is queued, not yet collected
         self.said_short = False  # dynamic sampling's console line, said once per run
         self.evaluations = evaluations
+        self.partial_started = False
 
-    def launch(self, iteration: int) -> None:
+    def launch(self, iteration: int, trains_at: int | None = None) -> None:
         """Sample the iteration's prompts and queue their generation, and each chunk's scoring behind it
-        (once: an iteration launched already is left as it is)."""
-        if iteration not in self.launched:
-            indices = self.data.prompts.draw(self.sampler, self.cfg.rollout.prompts_per_iteration)
-            self.launched[iteration] = self._round(iteration, indices)
+        (once: an iteration launched already is left as it is). `trains_at`: the policy version that will
+        train it (partial rollouts hand out, and keep, groups by it)."""
+        if iteration in self.launched:
+            return
+        wanted = self.cfg.rollout.prompts_per_iteration
+        if not self.cfg.rollout.partial_rollouts:
+            self.launched[iteration] = self._round(iteration, self.data.prompts.draw(self.sampler, wanted))
+            return
+        if trains_at is None:
+            raise ValueError("partial rollouts launch an iteration with the version that will train it")
+        size = wanted + (0 if self.partial_started else math.ceil(wanted * PARTIAL_SPARE))
+        self.partial_started = True
+        held = self.data.prompts.rows_of(i for held in self.workers.held for i in held)
+        indices = self.data.prompts.draw(self.sampler, size, held)
+        self.launched[iteration] = self._round(iteration, indices, quota=wanted, trains_at=trains_at)
 
     def collect(self, iteration: int, timings: dict[str, float]) -> Samples:
         """Wait for the iteration's generation, then its rewards; only summaries and rewards come here. With
@@ -82,7 +99,8 @@ class Collector:
             if selection.kept >= wanted or rounds == sampling.max_rounds:
                 break
             size = round_size(wanted - selection.kept, selection.kept, len(used), len(self.data.prompts) - len(used))
-            extra = self._round(iteration, self.data.prompts.draw(self.sampler, size, frozenset(used)))
+            indices = self.data.prompts.draw(self.sampler, size, frozenset(used))
+            extra = self._round(iteration, indices, quota=len(indices), trains_at=launched.trains_at)
             used.update(extra.indices)
             more = self._gathered(iteration, extra, timings)
             chunks, rewards, rounds = chunks + more[0], rewards + more[1], rounds + 1
@@ -90,7 +108,13 @@ class Collector:
         if selection is not None:
             self._say_short_once(iteration, selection.kept, wanted, rounds)
         sampler = msgspec.to_builtins(self.sampler) if rounds > 1 else launched.sampler
-        return Samples(iteration, chunks, rewards, sampler, latency, selection, rounds)
+        samples = Samples(iteration, chunks, rewards, sampler, latency, selection, rounds)
+        if launched.trains_at is not None:
+            samples.selection, samples.dropped_stale = without_stale(
+                chunks, selection, launched.trains_at - self.cfg.rollout.max_staleness
+            )
+            samples.carried_over = self.workers.held_groups()
+        return samples
 
     def stream(self, desc: str, what: str) -> Iterator[tuple[Chunk, pa.RecordBatch]]:
         """Every prompt's samples once, as iteration 0 (`rollout generate`): each chunk with its reward columns,
@@ -104,17 +128,26 @@ class Collector:
             yield chunk, rewards
         check_episodes(self.cfg.env, 0, summaries)
 
-    def _round(self, iteration: int, indices: list[int]) -> Launched:
-        """The prompts `indices` (records) queued for generation, and each chunk's scoring behind it."""
+    def _round(
+        self, iteration: int, indices: list[int], *, quota: int | None = None, trains_at: int | None = None
+    ) -> Launched:
+        """The prompts `indices` (records) queued for generation, and each chunk's scoring behind it; with
+        partial rollouts (`trains_at`), `quota` groups to take back, whichever complete first."""
         prompts = self.data.prompts
         tasks = [prompts.task(i) for i in indices]
-        records = {record.prompt_id: record for record in map(prompts.record, indices)}
-        generation = self.workers.submit(
-            tasks, run_id=self.run_id, iteration=iteration, score=self._score, records=records
-        )
+        if trains_at is not None:
+            oldest = trains_at - self.cfg.rollout.max_staleness + 1  # older groups would be too stale next time
+            generation = self.workers.submit_partial(
+                tasks, quota, oldest=oldest, run_id=self.run_id, iteration=iteration, score=self._score
+            )
+        else:
+            records = {record.prompt_id: record for record in map(prompts.record, indices)}
+            generation = self.workers.submit(
+                tasks, run_id=self.run_id, iteration=iteration, score=self._score, records=records
+            )
         # The data cursor after this iteration's prompts: what a checkpoint of this iteration resumes from.
         after_sync = self.weights is not None and self.weights.queued()
-        return Launched(generation, msgspec.to_builtins(self.sampler), after_sync, indices)
+        return Launched(generation, msgspec.to_builtins(self.sampler), after_sync, indices, trains_at)
 
     def _score(self, batch: ray.ObjectRef, tasks: list[PromptTask]) -> Scoring:
         """A chunk's scoring, queued as it completes: the reward workers read its prompts' data records."""
@@ -138,7 +171,10 @@ class Collector:
         """The round's chunks as they come, with a progress bar of samples and tokens/s when the log is a
         terminal."""
         interactive = hasattr(self.log, "isatty") and self.log.isatty()
-        total = len(launched.indices) * self.cfg.rollout.n_samples
+        partial = launched.trains_at is not None
+        total = (
+            self.cfg.rollout.prompts_per_iteration if partial else len(launched.indices)
+        ) * self.cfg.rollout.n_samples
         tokens, start = 0, time.perf_counter()
         bar = tqdm(
             total=total,
@@ -166,6 +202,26 @@ class Collector:
                 file=self.log,
                 flush=True,
             )
+
+
+PARTIAL_SPARE = 0.5  # partial rollouts: prompts in flight beyond an iteration's, as a fraction of them
+
+
+def without_stale(chunks: list[Chunk], selection: Selection | None, oldest: int) -> tuple[Selection, int]:
+    """The rows to train on: `selection`'s (all, without one), less those whose first token's version is older
+    than `oldest`; and how many of the selected were left out for it."""
+    rows, dropped = [], 0
+    for c, chunk in enumerate(chunks):
+        versions = np.asarray(chunk.summary.row_versions, dtype=np.int64)
+        chosen = np.ones(len(versions), dtype=bool) if selection is None else selection.rows[c]
+        fresh = versions >= oldest
+        dropped += int((chosen & ~fresh).sum())
+        rows.append(chosen & fresh)
+    if not dropped:
+        return selection, 0
+    if selection is None:  # every group kept but for the stale rows
+        return Selection(rows, len({i for c in chunks for i in c.summary.prompt_ids}), 0), dropped
+    return Selection(rows, selection.kept, selection.filtered), dropped
 
 
 class EnvironmentFailure(JobFailure):

@@ -20,6 +20,7 @@ class Launched:
     sampler: dict  # the data cursor after this iteration's prompts
     after_sync: bool  # queued behind a weight sync that collect must confirm
     indices: list[int]  # the prompts' records
+    trains_at: int | None = None  # partial rollouts: the policy version that will train the iteration
 
 
 @dataclass
@@ -31,8 +32,10 @@ class Samples:
     rewards: list[pa.RecordBatch]  # one per chunk
     sampler: dict
     latency: dict[str, float]  # reward_latency/NAME: seconds scoring this iteration, in total and per rule
-    selection: Selection | None = None  # dynamic sampling's: the rows trained on
+    selection: Selection | None = None  # the rows trained on: dynamic sampling's, less those too stale
     rounds: int = 1  # generation rounds (dynamic sampling)
+    dropped_stale: int = 0  # partial rollouts: rows whose first token is older than rollout.max_staleness allows
+    carried_over: int = 0  # partial rollouts: groups the workers hold for later iterations
 
     @property
     def summaries(self) -> list[GenerationSummary]:

@@ -318,6 +318,10 @@ class Prompts:
         """The record of a drawn prompt, by its id."""
         return self.record(self._by_id[prompt_id])
 
+    def rows_of(self, prompt_ids) -> frozenset[int]:
+        """The rows of drawn prompts, by their ids."""
+        return frozenset(self._by_id[i] for i in prompt_ids)
+
     def records(self) -> list[PromptRecord]:
         """Every good record in order (the SFT warm-up reads them all)."""
         return [self.record(row) for row in self.usable()]

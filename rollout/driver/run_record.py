@@ -135,9 +135,11 @@ class RunRecord:
         self.metrics.add_wall_time(metrics)
         if sync_gap is not None:  # of the last sync confirmed
             metrics["weight_sync/logprob_gap"] = sync_gap
-        if samples.selection is not None:
+        if samples.selection is not None and self.cfg.rollout.dynamic_sampling.enabled:
             metrics["dynamic_sampling/filtered_groups"] = samples.selection.filtered
             metrics["dynamic_sampling/rounds"] = samples.rounds
+        if self.cfg.rollout.partial_rollouts:
+            metrics.update(partial_metrics(samples))
         self.metrics.add_restarts(metrics, restarts)
         if checkpoint_write_s is not None:
             metrics["time/checkpoint_write"] = checkpoint_write_s
@@ -171,3 +173,18 @@ class RunRecord:
         if self.storage:
             self.storage.release()
         self.lock.release()
+
+
+def partial_metrics(samples: Samples) -> dict[str, int]:
+    """Partial rollouts' figures of an iteration: rows resumed after a weight load, rows left out as too stale,
+    groups carried over to later iterations, and the versions its tokens span (newest last token's minus the
+    oldest first token's)."""
+    summaries = samples.summaries
+    first = min((v for s in summaries for v in s.row_versions or ()), default=0)
+    last = max((s.last_version for s in summaries if s.last_version is not None), default=first)
+    return {
+        "partial/resumed_samples": sum(s.resumed_samples for s in summaries),
+        "partial/dropped_stale": samples.dropped_stale,
+        "partial/carried_over": samples.carried_over,
+        "partial/version_spread": last - first,
+    }

@@ -176,12 +176,16 @@ class Session:
         """The iterations to run; generation for up to `rollout.max_staleness` later ones is kept in flight.
 
         Each iteration is launched after the weight sync that precedes it in the loop, so its samples are
-        at most `max_staleness` policy versions behind the learner that trains on them.
+        at most `max_staleness` policy versions behind the learner that trains on them (with partial
+        rollouts, the collector leaves out any row that is older).
         """
         iteration = self.first_iteration
+        # Partial rollouts spend the staleness on carrying groups over instead: the workers keep generating
+        # between calls, so each iteration is launched only once the sync before it is queued.
+        ahead = 0 if self.cfg.rollout.partial_rollouts else self.cfg.rollout.max_staleness
         while iteration <= self.last_iteration:
-            for later in range(iteration, min(iteration + self.cfg.rollout.max_staleness, self.last_iteration) + 1):
-                self.collector.launch(later)
+            for later in range(iteration, min(iteration + ahead, self.last_iteration) + 1):
+                self.collector.launch(later, trains_at=self.learner.updates + later - iteration)
             self.collector.evaluations.at_start(iteration)
             yield iteration
             iteration += 1
@@ -241,7 +245,7 @@ class Session:
         start = time.perf_counter()
         # The next iteration's weights are queued already: its generation runs while the learner saves.
         if iteration + 1 <= self.last_iteration:
-            self.collector.launch(iteration + 1)
+            self.collector.launch(iteration + 1, trains_at=self.learner.updates)
         self.record.flush_archive()  # every trained iteration archived before a checkpoint says it was trained
         self.checkpoints.save(iteration, {"sampler": samples.sampler, "run_id": self.record.run_id}, self.learner)
         timings["checkpoint"] = time.perf_counter() - start

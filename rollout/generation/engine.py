@@ -166,18 +166,29 @@ class VLLMEngine:
         self._requests: dict[str, _Request] = {}
         self._request_ids = itertools.count()
         self.steps = 0  # what the driver's stall watch sees advance
+        self.batch_seqs = self._llm_engine.vllm_config.scheduler_config.max_num_seqs  # most sequences in one step
+        self.generated_tokens = 0  # sampled by every step so far: with `steps`, how full the engine's steps ran
         self.step_seconds = 0.0  # in vLLM's step
         self.intake_seconds = 0.0  # in vLLM taking requests in
 
-    def sampling_params(self, sampling: SamplingConfig, n: int, seed: int | None = None, *, one_request=False):
+    def sampling_params(
+        self,
+        sampling: SamplingConfig,
+        n: int,
+        seed: int | None = None,
+        *,
+        one_request=False,
+        max_tokens: int | None = None,
+    ):
         """`one_request`: these params go with one request only, so vLLM may take them as they are: it
-        deep-copies shared ones per request, a third of its time to add an episode's turn."""
+        deep-copies shared ones per request, a third of its time to add an episode's turn. `max_tokens`: in
+        place of the sampling config's (a resumed sample's remainder)."""
         return self._vllm.SamplingParams(
             n=n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else 0,
-            max_tokens=sampling.max_tokens,
+            max_tokens=sampling.max_tokens if max_tokens is None else max_tokens,
             stop=list(sampling.stop) or None,
             seed=seed if seed is not None else sampling.seed,
             logprobs=0,  # the sampled token's own logprob only
@@ -225,9 +236,12 @@ class VLLMEngine:
                 continue
             if request.samples is None:
                 samples = [self._sample(o) for o in out.outputs]
+                self.generated_tokens += sum(len(s.token_ids) for s in samples)
             else:
                 for o in out.outputs:
-                    _extend(request.samples[o.index], self._sample(o))
+                    delta = self._sample(o)
+                    self.generated_tokens += len(delta.token_ids)
+                    _extend(request.samples[o.index], delta)
                 samples = request.samples
             if out.finished:
                 del self._requests[out.request_id]
