@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 
 import pytest
 
@@ -265,3 +266,23 @@ def test_calc_tools_demonstrations_are_what_the_calculator_agent_will_see(tiny_m
         assert tool_result(parsed["function"]["arguments"]) == record.reference
         _, ids, mask = demonstration_example(record, renderer)
         assert "<|user|><tool_response>" in tokenizer.decode([t for t, m in zip(ids, mask) if m == 0])
+
+
+def test_an_agent_that_returns_no_reward_is_no_failed_component():
+    """An agent's None leaves component `agent` null: the iteration's metrics count it apart from a failed
+    (NaN) score."""
+    from contracts.schema import reward_batch
+    from reward.scorer import RewardResult
+    from rollout.driver.metrics import iteration_metrics
+    from rollout.generation.worker import GenerationSummary
+
+    results = [
+        RewardResult(total=1.5, components={"arithmetic": 1.0, "agent": 0.5}, failed=[]),
+        RewardResult(total=0.0, components={"arithmetic": 0.0}, failed=[]),
+        RewardResult(total=0.0, components={"arithmetic": 0.0, "agent": math.nan}, failed=["agent"]),
+    ]
+    rewards = reward_batch(results, ("arithmetic", "agent"))
+    summary = GenerationSummary("rollout-0", 1.0, 3, 30, 3, 0, turns=6)
+    metrics = iteration_metrics(0, [summary], [rewards], {}, {}, 1)
+    assert metrics["reward/agent"] == 0.5 and metrics["reward_failed/agent"] == 1
+    assert metrics["reward_failed/arithmetic"] == 0

@@ -56,21 +56,23 @@ def iteration_metrics(
         resumed = sum(s.resumed_tokens for s in summaries)
         if resumed:  # the earlier turns' KV cache reused: how much of a later turn's prompt was not computed again
             metrics["episode/prefix_cached_fraction"] = sum(s.cached_tokens for s in summaries) / resumed
-    for name, values in _components(rewards).items():
+    for name, (values, absent) in _components(rewards).items():
         ok = values[~np.isnan(values)]
         metrics[f"reward/{name}"] = float(ok.mean()) if ok.size else float("nan")
-        metrics[f"reward_failed/{name}"] = int(np.isnan(values).sum())
+        # A failed score is NaN; a component a sample has none of (an agent that returned None) is null.
+        metrics[f"reward_failed/{name}"] = int(np.isnan(values).sum()) - absent
     metrics.update({k: float(v) for k, v in learn.items()})
     metrics.update({f"time/{stage}": float(timings.get(stage, 0.0)) for stage in STAGES})
     metrics["time/iteration"] = total_seconds
     return metrics
 
 
-def _components(rewards: list[pa.RecordBatch]) -> dict[str, np.ndarray]:
-    """Each reward component's values over the iteration, from the struct columns."""
+def _components(rewards: list[pa.RecordBatch]) -> dict[str, tuple[np.ndarray, int]]:
+    """Each reward component's values over the iteration (NaN where null), from the struct columns, and
+    how many of them are null."""
     structs = pa.chunked_array([r.column("reward_components") for r in rewards]).combine_chunks()
     return {
-        field.name: child.to_numpy(zero_copy_only=False).astype(np.float64)
+        field.name: (child.to_numpy(zero_copy_only=False).astype(np.float64), child.null_count)
         for field, child in zip(structs.type, structs.flatten())
     }
 
