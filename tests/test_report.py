@@ -348,3 +348,16 @@ def test_each_starts_first_iteration_is_start_up(tmp_path):
     (run_dir / "manifest.json").write_text(json.dumps({"run_id": "hand", "starts": [], "iterations": entries}))
     assert startup_iterations(run_dir, x) == [0, 5]
     assert startup_iterations(run_dir, [5, 6, 7]) == [5]  # a run shown from iteration 5 on
+
+
+def test_partial_rollouts_get_the_version_spread_and_resumed_charts(tmp_path):
+    from test_stats import hand_records, partial_records, write
+
+    from rollout.offline.report import write_report
+
+    write_report(write(tmp_path / "run", partial_records()), tmp_path / "page.html")
+    page = (tmp_path / "page.html").read_text()
+    assert "Policy versions of the samples (partial rollouts)" in page and "Samples resumed under newer weights" in page
+    assert 'data-series="last token, newest"' in page and 'data-series="resumed"' in page
+    write_report(write(tmp_path / "plain", hand_records()), tmp_path / "plain.html")
+    assert "partial rollouts" not in (tmp_path / "plain.html").read_text()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from contracts.schema import RolloutRecord
-from rollout.archive import ArchiveWriter
+from rollout.archive import ArchiveWriter, read_table
 from rollout.cli import main
 from rollout.offline.replay import replay
 from rollout.offline.stats import compute_stats
@@ -273,3 +273,52 @@ def test_the_plot_smooths_a_long_run_and_its_band_stays_in_the_rewards_range(tmp
     assert line[-25:].mean() - line[:25].mean() > 0.3
     raw = np.array([s["reward_mean"] for s in run.iterations])
     assert np.abs(np.diff(line)).mean() < 0.5 * np.abs(np.diff(raw)).mean()
+
+
+def partial_records():
+    """Partial rollouts: iteration 0 plain at version 0; iteration 1 holds a sample started under 0 and
+    resumed under 1 at token 1 and under 2 at token 3, one started under 1 and resumed under 2, one fresh at 2."""
+    records = [record(0, 0, [0.1], 1.0, {"arithmetic": 1.0, "format": 1.0}, "stop", 0)]
+    for k, (version, at, versions) in enumerate([(0, [1, 3], [1, 2]), (1, [2], [2]), (2, [], [])]):
+        rec = record(1, version, [0.1] * 4, 0.0, {"arithmetic": 0.0, "format": 1.0}, "stop", 5)
+        rec.sample_index = k
+        rec.resumed_at, rec.resumed_versions = at, versions
+        rec.policy_version_last = versions[-1] if versions else version
+        records.append(rec)
+    return records
+
+
+def test_partial_rollouts_show_each_iterations_version_spread_and_resumed_rows(tmp_path):
+    stats = compute_stats(write(tmp_path / "run", partial_records()))
+    first, second = stats.iterations
+    assert (first["version_min"], first["version_max"], first["version_last_max"]) == (0, 0, 0)
+    assert (first["resumed"], first["multi_version"], first["version_spread"]) == (0, 0, 0)
+    assert (second["version_min"], second["version_max"], second["version_last_max"]) == (0, 2, 2)
+    assert (second["resumed"], second["multi_version"], second["version_spread"]) == (2, 2, 2)
+    totals = stats.totals
+    assert (totals["resumed"], totals["version_min"], totals["version_last_max"], totals["version_spread"]) == (
+        2,
+        0,
+        2,
+        2,
+    )
+    lines = format_table(stats).splitlines()
+    header = lines[1].split()
+    assert header[-7:] == ["v", "min", "v", "max", "v", "last", "resumed"]  # "v min" etc. are two words each
+    cells = dict(zip(["v min", "v max", "v last", "resumed"], lines[3].split()[-4:]))
+    assert cells == {"v min": "0", "v max": "2", "v last": "2", "resumed": "2"}  # iteration 1's line
+    # A run whose rows each have one version shows none of it.
+    plain = format_table(compute_stats(write(tmp_path / "plain", hand_records()))).splitlines()[1]
+    assert "resumed" not in plain.split() and "last" not in plain.split()
+    shown = json.loads(json.dumps(stats.to_json()))
+    assert shown["iterations"][1]["version_spread"] == 2 and shown["totals"]["resumed"] == 2
+
+
+def test_replay_keeps_each_rows_versions_and_resumes(tmp_path):
+    """A replayed archive is trained off-policy from each token's own behaviour logprob; the versions
+    that sampled those tokens go with the rows, so its stats show the same spread."""
+    run = write(tmp_path / "run", partial_records())
+    replay(run, tmp_path / "replayed")
+    columns = ["sample_index", "policy_version", "policy_version_last", "resumed_at", "resumed_versions"]
+    assert read_table(tmp_path / "replayed", columns).to_pylist() == read_table(run, columns).to_pylist()
+    assert compute_stats(tmp_path / "replayed").iterations == compute_stats(run).iterations

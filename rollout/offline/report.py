@@ -2,7 +2,8 @@
 
 The charts are SVG drawn here, with no script and nothing fetched: reward and each component, KL
 and its coefficient, response length and finish reasons, tokens/s and seconds per stage,
-policy-version lag and restarts, and the start-up; then the run's summary and a table of its last
+policy-version lag (with partial rollouts, each iteration's version spread and resumed samples) and
+restarts, and the start-up; then the run's summary and a table of its last
 iteration's first samples. The per-iteration figures are `rollout stats`' (from the archive alone);
 the KL coefficient, stage times and restarts come from the run's metrics.jsonl where it has one.
 
@@ -137,6 +138,7 @@ def chart_specs(rows: list[dict], metrics: dict[int, dict], startup: list[int]) 
             series={"lag": column("version_lag")},
             zero_based=True,
         ),
+        *version_specs(rows),
         dict(
             title="Actor restarts (cumulative)",
             y_title="restarts",
@@ -147,6 +149,36 @@ def chart_specs(rows: list[dict], metrics: dict[int, dict], startup: list[int]) 
             integer=True,
         ),
         *eval_chart_specs(rows, metrics),  # held-out evaluation, when the run has one
+    ]
+
+
+def version_specs(rows: list[dict]) -> list[dict[str, Any]]:
+    """With partial rollouts (rows resumed, or spanning versions): each iteration's oldest and newest
+    first-token version, its newest last-token version, and the samples resumed."""
+    if not any(row.get("resumed") or row.get("multi_version") for row in rows):
+        return []
+
+    def column(key: str) -> list[float | None]:
+        return [row.get(key) for row in rows]
+
+    return [
+        dict(
+            title="Policy versions of the samples (partial rollouts)",
+            y_title="policy version",
+            series={
+                "first token, oldest": column("version_min"),
+                "first token, newest": column("version_max"),
+                "last token, newest": column("version_last_max"),
+            },
+            integer=True,
+        ),
+        dict(
+            title="Samples resumed under newer weights",
+            y_title="samples",
+            series={"resumed": column("resumed")},
+            zero_based=True,
+            integer=True,
+        ),
     ]
 
 

@@ -2,7 +2,7 @@
 
 Per iteration: samples, generated tokens, generation tokens/s, reward mean/std and each component's
 mean (a NaN component is a failed rule: left out of the mean and counted), KL, response length,
-finish reasons, policy-version lag, the samples trained on, an episode's model and environment
+finish reasons, policy-version lag and spread, the samples trained on, an episode's model and environment
 turns and environment errors; from the run's metrics, actor restarts, clip fractions (each side) and
 dynamic sampling's filtered groups and rounds; plus the same over the whole archive. Everything is column
 arithmetic on the few columns it needs (pyarrow group_by, numpy over list offsets), never a Python
@@ -14,6 +14,14 @@ came back, not when generation started, so `tokens_per_s` from the run's `metric
 (last − first `generated_at`) of the iteration. KL is the mean over samples of Σ_t kl_t, the
 learner's per-token KL (`kl` column; null in `rollout generate` archives, and in v1 archives where
 the run's coefficient is unknown or 0, which leaves the iteration's KL null).
+
+Versions: with partial rollouts a sample can be cut by a weight load and resumed under newer weights, so
+an iteration's rows span versions. `version_min`/`version_max` are the oldest and newest first-token
+version (`policy_version`, the one staleness is judged by), `version_last_max` the newest last-token
+version (`policy_version_last`), `resumed` the rows resumed at least once and `multi_version` the rows
+whose last token's version is newer than their first's; `version_spread` is
+version_last_max − version_min, what the run's `partial/version_spread` reports. Over the whole archive
+the spread is the widest of one iteration's.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from rollout.driver.eval_metrics import EVAL_FILE
 STATS_COLUMNS = [
     "iteration",
     "policy_version",
+    "policy_version_last",
+    "resumed_versions",
     "response_ids",
     "reward",
     "reward_components",
@@ -113,6 +123,14 @@ def compute_stats(archive: str | Path) -> RunStats:
         item["response_length_mean"] = row["length_mean"]
         item.update({f"finish/{reason}": finish.get((i, reason), 0) for reason in _reasons(finish)})
         item["version_lag"] = row["version_max"] - row["version_mean"]
+        item.update(
+            version_min=row["version_min"],
+            version_max=row["version_max"],
+            version_last_max=row["version_last_max"],
+            version_spread=row["version_last_max"] - row["version_min"],
+            resumed=row["resumed"],
+            multi_version=row["multi_version"],
+        )
         item["restarts"] = _restarts(run_metrics.get(i))
         item.update(trained=row["trained"], turns_mean=row["turns_mean"], env_turns_mean=row["env_turns_mean"])
         item["env_errors"] = row["env_errors"]
@@ -147,6 +165,9 @@ def _row_table(table: pa.Table) -> pa.Table:
         {
             "iteration": table["iteration"],
             "policy_version": table["policy_version"],
+            "policy_version_last": table["policy_version_last"],
+            "resumed": pc.greater(pc.list_value_length(table["resumed_versions"]), 0).cast(pa.int64()),
+            "multi_version": pc.greater(table["policy_version_last"], table["policy_version"]).cast(pa.int64()),
             "length": lengths,
             "reward": table["reward"].cast(pa.float64()),
             "kl": _row_sums(table["kl"]),
@@ -205,6 +226,10 @@ def _aggregate_iterations(rows: pa.Table) -> pa.Table:
                 ("kl", "count", _NULLS),
                 ("policy_version", "max"),
                 ("policy_version", "mean"),
+                ("policy_version", "min"),
+                ("policy_version_last", "max"),
+                ("resumed", "sum"),
+                ("multi_version", "sum"),
                 ("generated_at", "min"),
                 ("generated_at", "max"),
                 ("turns", "mean"),
@@ -226,6 +251,10 @@ def _aggregate_iterations(rows: pa.Table) -> pa.Table:
             "kl_count": "missing_kl",
             "policy_version_max": "version_max",
             "policy_version_mean": "version_mean",
+            "policy_version_min": "version_min",
+            "policy_version_last_max": "version_last_max",
+            "resumed_sum": "resumed",
+            "multi_version_sum": "multi_version",
             "generated_at_min": "first_at",
             "generated_at_max": "last_at",
             "turns_mean": "turns_mean",
@@ -340,6 +369,10 @@ def _totals(
         {f"finish/{reason}": sum(n for (_, r), n in finish.items() if r == reason) for reason in _reasons(finish)}
     )
     totals["version_lag"] = sum(s["version_lag"] * s["samples"] for s in stats) / samples if samples else None
+    for key, pick in (("version_min", min), ("version_max", max), ("version_last_max", max), ("version_spread", max)):
+        totals[key] = pick(s[key] for s in stats) if stats else None
+    totals["resumed"] = sum(s["resumed"] for s in stats)
+    totals["multi_version"] = sum(s["multi_version"] for s in stats)
     known = [s["restarts"] for s in stats if s["restarts"] is not None]
     totals["restarts"] = sum(known) if known else None
     totals["trained"] = sum(s["trained"] for s in stats)

@@ -97,9 +97,17 @@ def _columns_with_components(run: RunStats) -> list[tuple[str, str, str]]:
         (f"fail/{name}", f"reward_failed/{name}", "d") for name in names if run.totals.get(f"reward_failed/{name}")
     ]
     at = [key for _, key, _ in _COLUMNS].index("reward_std") + 1
-    # Columns of what a run used, shown only where it did: restarts, samples left out of the update,
+    # Columns of what a run used, shown only where it did: restarts, the versions of resumed samples
+    # (first token's oldest and newest, last token's newest), samples left out of the update,
     # episodes (turns, environment turns, environment errors), the clip fractions, dynamic sampling.
     optional = [("restarts", "restarts", "d")] if run.totals.get("restarts") else []
+    if run.totals.get("resumed") or run.totals.get("multi_version"):  # partial rollouts: the versions' spread
+        optional += [
+            ("v min", "version_min", "d"),
+            ("v max", "version_max", "d"),
+            ("v last", "version_last_max", "d"),
+            ("resumed", "resumed", "d"),
+        ]
     if run.totals.get("trained") not in (None, run.totals.get("samples")):
         optional.append(("trained", "trained", "d"))
     if run.totals.get("env_turns_mean"):
