@@ -190,6 +190,7 @@ class ChatRendering:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's own (`tokenizers`)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the model's tokenizer has no chat template; openai_agent needs one")
         # What the template writes after an assistant turn's text (its eos and separator, for most
@@ -207,6 +208,11 @@ class ChatRendering:
 
     def ids(self, text: str) -> list[int]:
         # The template writes the special tokens (bos) itself; adding them again would double them.
+        backend = self.backend
+        # The same ids, without the wrapper's per-call work (half the call's time); not while a caller has left
+        # truncation or padding set on it, which the wrapper would reset first.
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            return backend.encode(text, add_special_tokens=False).ids
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def added(

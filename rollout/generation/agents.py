@@ -168,8 +168,11 @@ class AgentRunner:
                     except asyncio.TimeoutError:
                         pass
                     self.idle_seconds += time.perf_counter() - start
+                    await self._settle()  # the other agents' calls too, not the first one's alone
                 while self.ended:
                     episode = self.ended.popleft()
+                    if episode not in running:  # an earlier stream's, stopped when that stream was closed
+                        continue
                     running.discard(episode)
                     mine = [rid for rid, (e, _, _) in in_engine.items() if e is episode]
                     self.engine.abort(mine)
