@@ -14,6 +14,9 @@ object:
   included) less the call's time in the engine's loop (taken in until its sample was out), over
   `--probe-episodes` (32) episodes run one at a time (goal p50 <= 2 ms); `_in_batch`: the same over the
   throughput run's calls, where a batch's calls finish in one engine step and are answered in turn;
+- `client_round_trip_ms_p50`: the same openai client's call to a bare aiohttp server in this process that
+  answers at once with a canned completion: the part of the added latency that is the client's and HTTP's,
+  which any endpoint adds (on a loaded machine it grows with the load, as the added latency does);
 - the figures behind them.
 
     .venv/bin/python benchmarks/agent_server.py [--prompts 256] [--turn-tokens 32] [--repeats 1] [--probe-episodes 32]
@@ -22,6 +25,7 @@ object:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
@@ -86,6 +90,47 @@ def percentile(values: list[float], q: float) -> float:
     return round(statistics.quantiles(values, n=100, method="inclusive")[int(100 * q) - 1], 3)
 
 
+async def bare_round_trips(count: int) -> list[float]:
+    """The openai client's calls to a server that does nothing but answer, in ms, sorted."""
+    import openai
+    from aiohttp import web
+
+    reply = {
+        "id": "bare",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "policy",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "12"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10},
+    }
+
+    async def answer(request):
+        await request.json()
+        return web.json_response(reply)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    times = []
+    try:
+        messages = [{"role": "user", "content": "3*6="}]
+        for _ in range(count + 4):  # the first calls open the connection
+            start = time.perf_counter()
+            out = await client.chat.completions.create(model="policy", messages=messages, max_tokens=32)
+            times.append(1000 * (time.perf_counter() - start))
+            messages = [*messages[:1], {"role": "assistant", "content": out.choices[0].message.content}]
+            messages.append({"role": "user", "content": "go on"})
+    finally:
+        await client.close()
+        await runner.cleanup()
+    return sorted(times[4:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=256)
@@ -128,6 +173,7 @@ def main() -> None:
         for k in range(args.probe_episodes):
             run(agents, records[k : k + 1], ids[k : k + 1], sampling)
         alone = added_ms(CALL_TIMES, agents.engine_waits)
+        bare = asyncio.run(bare_round_trips(2 * args.probe_episodes))
     finally:
         agents.close()
         episodes.close()
@@ -148,6 +194,7 @@ def main() -> None:
                 "added_latency_ms_p50": percentile(alone, 0.5),
                 "added_latency_ms_p90": percentile(alone, 0.9),
                 "calls_measured": len(alone),
+                "client_round_trip_ms_p50": percentile(bare, 0.5),
                 # The same over the batch's calls, which finish together and are answered one after another.
                 "added_latency_ms_p50_in_batch": percentile(loaded, 0.5),
                 "added_latency_ms_p90_in_batch": percentile(loaded, 0.9),
