@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -20,9 +21,23 @@ def run_and_kill(out, *settings, after_iterations):
         job.wait_for_iterations(out, after_iterations)
 
 
-def test_a_killed_run_resumes_without_duplicates(tmp_path):
-    out = tmp_path / "killed"
-    run_and_kill(out, "checkpoint_every=1", after_iterations=3)
+@pytest.fixture(scope="module")
+def killed_once(tmp_path_factory):
+    """One run SIGKILLed once 4 iterations are logged, its checkpoints every 3: what it archived after its
+    newest checkpoint a resume redoes and must not archive twice. Each test resumes a copy of it, so the
+    two pay for one killed start, not one each."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    run_and_kill(out, "checkpoint_every=3", after_iterations=4)
+    return out
+
+
+def copy_of(run, to):
+    shutil.copytree(run, to)
+    return to
+
+
+def test_a_killed_run_resumes_without_duplicates(killed_once, tmp_path):
+    out = copy_of(killed_once, tmp_path / "killed")
     archived = read_table(out)
     done = max(archived["iteration"].to_pylist())
     rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", f"iterations={done + 3}")
@@ -139,9 +154,8 @@ def test_a_second_run_is_refused_and_sigterm_stops_the_first_cleanly_then_it_res
     assert json.loads((out / "manifest.json").read_text())["iterations"][-1]["policy_version"] == stopped_at + 2
 
 
-def test_two_crashes_and_two_resumes_end_with_exactly_the_configured_updates(tmp_path):
-    out = tmp_path / "crashy"
-    run_and_kill(out, "checkpoint_every=3", after_iterations=4)
+def test_two_crashes_and_two_resumes_end_with_exactly_the_configured_updates(killed_once, tmp_path):
+    out = copy_of(killed_once, tmp_path / "crashy")  # the first crash
     logged = len((out / "metrics.jsonl").read_text().splitlines())
     run_and_kill(out, "checkpoint_every=3", after_iterations=logged + 4)
     rollout_cli("run", "--config", SMOKE, "--out", str(out), "--set", "iterations=12", "--set", "checkpoint_every=3")
