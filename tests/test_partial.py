@@ -116,3 +116,30 @@ def test_a_call_finishes_the_groups_that_would_be_too_stale_later(vllm_engine, t
         assert all(g.version == 0 for g in second)
     finally:
         pool.close()
+
+
+def test_a_failed_weight_load_leaves_the_cut_samples_waiting_until_a_load_succeeds(vllm_engine, tiny_model_path):
+    pool = PartialRollouts(vllm_engine, SamplingConfig(max_tokens=40, seed=9), 2, lambda: 0)
+    try:
+        tasks = _tasks(tiny_model_path)
+        out = []
+        start = vllm_engine.steps
+        reader = threading.Thread(
+            target=lambda: out.extend(g for c in pool.take(tasks, [None] * 6, 6, 0, 6) for g in c)
+        )
+        reader.start()
+        deadline = time.monotonic() + 60
+        while vllm_engine.steps < start + 4 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with pytest.raises(RuntimeError, match="load failed"):
+            with pool.paused():
+                raise RuntimeError("load failed")
+        steps = vllm_engine.steps
+        time.sleep(0.5)
+        assert vllm_engine.steps == steps and not out and len(pool.held()) == len(tasks)
+        with pool.paused():  # the sync's retry
+            pass
+        reader.join(timeout=120)
+        assert len(out) == len(tasks) and vllm_engine.steps > steps
+    finally:
+        pool.close()

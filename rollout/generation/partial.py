@@ -8,7 +8,7 @@ hands out the first `quota` groups to complete; those still running stay in the 
 Anything else that needs the engine (a weight load, an evaluation's generation, the weights probe) runs
 inside `paused()`: the loop stops between two steps, every request in flight is aborted with its tokens
 and their logprobs kept, and once the block ends each unfinished sample is submitted again as its prompt
-plus its tokens so far, with the tokens left of `max_tokens`. The engine recomputes that prefix under the
+plus its tokens so far (once a block ends well: after one that raised, a weight load that failed, they wait), with the tokens left of `max_tokens`. The engine recomputes that prefix under the
 weights it serves then (no KV cache of the old weights is used), and no token is sampled twice. Each
 sample records where it was resumed and under which version (`resumed_at`, `resumed_versions`).
 
@@ -80,6 +80,7 @@ class PartialRollouts:
         self._in_flight = 0  # sequences in the engine
         self._pausing = 0  # paused() blocks waiting for the lock: the loop lets them in
         self._paused = 0
+        self._failed_load = False
         self._closed = False
         self._error: BaseException | None = None
         self.resumed = 0  # samples submitted again after a pause, so far
@@ -129,6 +130,12 @@ class PartialRollouts:
             try:
                 self._cut_running()
                 yield
+                self._failed_load = False
+            except BaseException:
+                # A weight load that failed half way leaves the engine's weights unknown: the cut samples wait,
+                # resumable, until a later block (the sync's retry, a restore) ends well.
+                self._failed_load = True
+                raise
             finally:
                 self._paused -= 1
                 self._lock.notify_all()
@@ -164,7 +171,7 @@ class PartialRollouts:
                 self._lock.notify_all()
 
     def _can_step(self) -> bool:
-        return not self._paused and self._has_work()
+        return not self._paused and not self._failed_load and self._has_work()
 
     def _has_work(self) -> bool:
         return bool(self._running or self._cut or self._waiting)
