@@ -35,8 +35,8 @@ def run_agents(engine, agent: str, n=2, prompts=2, **cfg):
 
 
 def agent_run_rows(engine, agent: str, reward_to: str, tmp_path):
-    """`agent`'s episodes (2 prompts, 1 sample each) through generation, the reward workers' scoring (the
-    arithmetic rule and the agent's component) and the archive, read back as records."""
+    """`agent`'s episodes (2 prompts, 1 sample each) through generation, the reward workers' scoring (a
+    length rule, 0.01 per character, and the agent's component) and the archive, read back as records."""
     from contracts.config import RewardConfig, RuleSpec
     from contracts.schema import from_record_batch
     from reward.worker import RewardWorker
@@ -50,7 +50,8 @@ def agent_run_rows(engine, agent: str, reward_to: str, tmp_path):
     gen = generation_batch(
         tasks, [[e] for e in episodes], run_id="r", iteration=0, policy_version=0, worker="w", generated_at=NOW
     )
-    worker = RewardWorker(RewardConfig(rules=[RuleSpec(name="arithmetic", weight=2.0)], agent_weight=0.5))
+    rule = RuleSpec(name="length", weight=2.0, params={"target": 0})
+    worker = RewardWorker(RewardConfig(rules=[rule], agent_weight=0.5))
     rewards, _ = worker.score_batch(gen, records)
     writer = ArchiveWriter(tmp_path, {}, worker.components)
     for batch in archive_batches([gen], [rewards], None, worker.components):
@@ -153,7 +154,7 @@ def test_a_fresh_context_call_starts_a_second_segment_of_the_episode(vllm_engine
 @pytest.mark.parametrize("reward_to", ["all_segments", "last_segment"])
 def test_the_episodes_reward_lands_on_its_segments_and_component_agent_is_archived(vllm_engine, tmp_path, reward_to):
     rows, components = agent_run_rows(vllm_engine, "two_calls", reward_to, tmp_path)
-    assert components == ("arithmetic", "agent")
+    assert components == ("length", "agent")
     assert [(r.prompt_id, r.sample_index, r.segment) for r in rows] == [
         ("p0", 0, 0),
         ("p0", 0, 1),
@@ -163,9 +164,10 @@ def test_the_episodes_reward_lands_on_its_segments_and_component_agent_is_archiv
     for first, last in (rows[:2], rows[2:]):
         assert first.episode_id == last.episode_id is not None
         # The rules score the episode's last answer; the agent's 0.5 is component `agent`, weighted 0.5.
-        arithmetic = last.reward_components["arithmetic"]
+        length = last.reward_components["length"]
+        assert length == pytest.approx(-min(1.0, 0.01 * len(last.final_turn)))
         assert last.reward_components["agent"] == 0.5
-        assert last.reward == pytest.approx(2.0 * arithmetic + 0.5 * 0.5)
+        assert last.reward == pytest.approx(2.0 * length + 0.5 * 0.5)
         if reward_to == "all_segments":
             assert first.reward == last.reward and first.reward_components == last.reward_components
         else:
