@@ -11,7 +11,8 @@ takes (`Session.open`'s calls) with timers before it calls the CLI, and watches 
 `ready()` from a thread, so an engine that is up while the learner still builds is seen when it is up.
 
 Stages, in seconds (`stages`, each from the end of the one before, in the order the driver takes them):
-  python_imports           interpreter start and the driver's imports (torch among them), up to `run_job`
+  python_imports           interpreter start and the driver's imports, up to `run_job` (no torch: the data's
+                           thread imports it while Ray starts)
   read_data_and_ray_start  config checks, tokenizer and prompts, and `ray.init` (at the same time, where the
                            job reads its data while Ray starts; `durations` has each one's own seconds)
   run_record               run directory locked, manifest

@@ -11,11 +11,14 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from learner.batch import TokenBatch, to_device
+if TYPE_CHECKING:  # torch is imported where a tensor is made: the driver unpickles these columns without it
+    import torch
+
+    from learner.batch import TokenBatch
 
 
 def padded_width(lengths: np.ndarray) -> int:
@@ -133,6 +136,10 @@ class SampleBatch:
 
         Vectorised over tokens: every token's place is computed from the offsets at once.
         """
+        import torch
+
+        from learner.batch import TokenBatch
+
         rows = np.asarray(rows, dtype=np.int64)
         p = self.prompt_lengths[rows]
         t = self.response_lengths[rows]
@@ -195,6 +202,8 @@ class SampleBatch:
     @functools.cached_property
     def _token_positions(self) -> torch.Tensor:
         """Each response token's index into the row-major (N, T) padded layout, in flat order."""
+        import torch
+
         lengths = torch.from_numpy(self.response_lengths)
         mask = torch.arange(padded_width(self.response_lengths)) < lengths[:, None]
         return mask.reshape(-1).nonzero().squeeze(1)
@@ -202,6 +211,10 @@ class SampleBatch:
     def padded(self, flat: np.ndarray | torch.Tensor) -> torch.Tensor:
         """A per-response-token flat column -> (N, T) float32 tensor, zero-padded; on the column's
         device when it is a tensor."""
+        import torch
+
+        from learner.batch import to_device
+
         flat = torch.as_tensor(flat, dtype=torch.float32)
         out = flat.new_zeros((len(self), padded_width(self.response_lengths)))
         out.view(-1)[to_device(self._token_positions, flat.device)] = flat

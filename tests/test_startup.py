@@ -2,6 +2,9 @@
 directory, and a Ray started for data that failed is stopped again."""
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -38,3 +41,59 @@ def test_with_ray_up_the_data_is_read_as_alone_and_ray_left_running(tmp_path, lo
         )
     assert ray.is_initialized()  # not this call's to stop
     assert not (tmp_path / "run").exists()
+
+
+def test_the_driver_imports_no_torch_transformers_or_vllm_before_it_reads_the_data():
+    """Torch's import costs the driver seconds before Ray starts; it belongs in the data's thread, where
+    the learner's names are checked while Ray starts, and in the actors."""
+    probe = "import sys, rollout.cli, rollout.commands, rollout.driver.job; print(sorted(set(sys.modules) & {M}))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe.replace("{M}", "{'torch', 'transformers', 'vllm'}")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+IDLE_WORKERS = """
+import os, subprocess
+import ray
+from contracts.config.load import load_config
+from rollout.driver.startup import init_ray
+
+init_ray(load_config(None, ["ray.num_cpus=2"]), learner=True)
+
+@ray.remote(num_cpus=1)
+class Member:
+    def ready(self):
+        return True
+
+ray.get(Member.options(runtime_env={"env_vars": {"LOG": "x"}}).remote().ready.remote(), timeout=300)
+rows = [line.split(None, 2) for line in subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
+        text=True).stdout.splitlines()]
+parent = {int(pid): int(ppid) for pid, ppid, *_ in rows}
+
+def mine(pid):
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        pid = parent.get(pid, 0)
+    return False
+
+print("WORKERS", sum(1 for pid, _, *args in rows if mine(int(pid)) and args and args[0].startswith("ray::")))
+print("IDLE", sum(1 for pid, _, *args in rows if mine(int(pid)) and args and args[0].startswith("ray::IDLE")))
+ray.shutdown()
+"""
+
+
+def test_a_ray_the_run_starts_prestarts_no_idle_workers():
+    """Every actor has a runtime env of its own (its log file), so no idle worker Ray starts ahead could host
+    one: the run's Ray starts none (each would take a core for a second or more while the engines load)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", IDLE_WORKERS], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = dict(line.split() for line in done.stdout.splitlines() if line.startswith(("WORKERS", "IDLE")))
+    assert int(counts["WORKERS"]) >= 1  # the member's process is seen, so an idle one would be too
+    assert counts["IDLE"] == "0"

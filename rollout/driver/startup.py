@@ -25,7 +25,6 @@ from contracts.config import ConfigError, JobConfig
 from contracts.config.load import check, to_yaml
 from contracts.console import configure_driver
 from contracts.rendering import PromptRenderer
-from learner.estimators import check_learner_names
 from reward.checks import check_reward_config
 from rollout.driver import stopping
 from rollout.driver.prompts import Prompts, check_source, job_prompts
@@ -51,6 +50,9 @@ def read_data(cfg: JobConfig, log, *, prompts_needed: int = 0, evaluation: bool 
     read whole at load has its columns checked here, its rows as they are drawn). With an environment,
     each prompt is the one its episode opens with (`Environment.opening`)."""
     check(cfg)  # devices are checked against the cluster once it is joined
+    # The learner's registries import torch (seconds): `rollout run` pays it here, while Ray starts.
+    from learner.estimators import check_learner_names
+
     check_learner_names(cfg.learner, cfg.rollout.n_samples)
     check_reward_config(cfg.reward)  # rule names and params, user rules imported, the reward model
     environment = check_environment(cfg.env)  # the class imported and one instance made from env.params
@@ -171,6 +173,10 @@ def init_ray(cfg: JobConfig, *, learner: bool) -> None:
         log_to_driver=True,
         logging_level=logging.WARNING,
         _metrics_export_port=cfg.ray.metrics_export_port,
+        # No idle workers started ahead: every actor has a runtime env of its own (its log file,
+        # `contracts.console.actor_options`), so none could take one, and each would spend a second or
+        # more of the cores the engines and the learner start on.
+        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
     )
 
 

@@ -21,12 +21,15 @@ import datetime as dt
 import math
 import time
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import msgspec
-import torch
-import torch.distributed as dist
 
 from contracts.errors import JobFailure
+
+if TYPE_CHECKING:  # torch is imported where it is used: the driver takes this file's structs on every job,
+    import torch  # and torch's import (seconds) only where the sync is collective
+
 
 ALIGN = 64  # byte offset of each tensor in a bucket: a multiple of every element size, so views are legal
 
@@ -55,6 +58,8 @@ def plan_buckets(
     shapes: list[tuple[str, tuple[int, ...]]], dtype: str, bucket_bytes: int, tied: tuple[tuple[str, str], ...] = ()
 ) -> SyncPlan:
     """Tensors (name, shape), in order, packed into buckets of at most `bucket_bytes` bytes each."""
+    import torch
+
     width = getattr(torch, dtype).itemsize
     buckets: list[Bucket] = []
     current: list[TensorSpec] = []
@@ -99,6 +104,8 @@ class WeightGroup:
     """One member of the sync group. Rank 0 sends, the others receive."""
 
     def __init__(self, address: GroupAddress, rank: int, device: torch.device):
+        import torch.distributed as dist
+
         self.rank, self.world_size, self.device = rank, address.world_size, device
         self.arrive_timeout_s = address.arrive_timeout_s
         store = dist.TCPStore(
@@ -136,6 +143,8 @@ class WeightGroup:
     def receive(self, plan: SyncPlan) -> Iterator[tuple[str, torch.Tensor]]:
         """Ranks > 0, after `arrive`: (name, tensor) as each bucket arrives. Each bucket is a fresh
         buffer, since a loader may hold a layer's tensors until the layer is complete."""
+        import torch
+
         dtype = getattr(torch, plan.dtype)
         for bucket in plan.buckets:
             buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
@@ -148,6 +157,9 @@ class WeightGroup:
                 yield from ((name, tensor) for name, source in plan.tied if source == spec.name)
 
     def _broadcast(self, buffer: torch.Tensor) -> None:
+        import torch
+        import torch.distributed as dist
+
         options = dist.BroadcastOptions()
         options.rootRank = 0
         self.group.broadcast([buffer], options).wait()
@@ -184,6 +196,8 @@ def fill_buckets(
     each tensor is cast as it is copied in, so the extra memory is one bucket and nothing leaves the
     device. A bucket is valid until the next is asked for; the rest of `weights` is read to the end (a
     sharded learner gathers each tensor with every rank)."""
+    import torch
+
     dtype = getattr(torch, plan.dtype)
     stream = iter(weights)
     buffer = torch.empty(max(b.nbytes for b in plan.buckets), dtype=torch.uint8, device=device)
@@ -211,6 +225,8 @@ class SyncStore:
     """The driver's end: hosts the TCPStore every member connects to, and can call a step off."""
 
     def __init__(self, host: str):
+        import torch.distributed as dist
+
         self.host = host
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=dt.timedelta(seconds=30))
         self.port = self.store.port
