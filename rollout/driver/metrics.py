@@ -85,6 +85,7 @@ class MetricsLog:
         self._gauges: dict[str, object] = {}
         self._last_line = time.perf_counter()  # the first line's wall time counts from the run's start
         self._restarts_seen: dict[str, int] = {}
+        self._engine_counts: dict[str, tuple[int, int]] = {}  # each worker's engine steps and tokens, as last seen
 
     def add_wall_time(self, metrics: dict) -> None:
         """`time/wall`: seconds since the last line (the stages overlap, so it is not their sum)."""
@@ -97,6 +98,25 @@ class MetricsLog:
             metrics[f"restarts/{kind}"] = count - self._restarts_seen.get(kind, 0)
         metrics["restarts/reward"] = int(metrics.get("restarts/reward", 0))
         self._restarts_seen = restarts
+
+    def add_step_fill(self, metrics: dict, summaries) -> None:
+        """`engine/step_fill`: how full the engines' steps ran since the last line, the tokens they sampled over
+        steps x the sequences a step holds (1: every step a full batch; a tail of long answers leaves the rest
+        idle). Left out until a worker has reported twice, and for a worker whose engine restarted."""
+        tokens = capacity = 0
+        for worker in {s.worker for s in summaries}:
+            mine = [s for s in summaries if s.worker == worker and s.batch_seqs]
+            if not mine:
+                continue
+            last = max(mine, key=lambda s: s.engine_steps)
+            before = self._engine_counts.get(worker)
+            self._engine_counts[worker] = (last.engine_steps, last.engine_tokens)
+            if before is None or last.engine_steps < before[0]:
+                continue
+            tokens += last.engine_tokens - before[1]
+            capacity += (last.engine_steps - before[0]) * last.batch_seqs
+        if capacity:
+            metrics["engine/step_fill"] = tokens / capacity
 
     def write(self, metrics: dict) -> None:
         finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

@@ -46,7 +46,6 @@ class RunRecord:
             raise
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.model = ""  # the start model, once the session has it
-        self.engine_counts: dict[str, tuple[int, int]] = {}  # each worker's engine steps and tokens, as last seen
 
     def push(self, step, *args) -> None:
         """Mirror the staging copy to the run's URI (a step of RunStorage), when the run has one."""
@@ -141,9 +140,7 @@ class RunRecord:
             metrics["dynamic_sampling/rounds"] = samples.rounds
         if self.cfg.rollout.partial_rollouts:
             metrics.update(partial_metrics(samples))
-        fill = step_fill(samples.summaries, self.engine_counts)
-        if fill is not None:
-            metrics["engine/step_fill"] = fill
+        self.metrics.add_step_fill(metrics, samples.summaries)
         self.metrics.add_restarts(metrics, restarts)
         if checkpoint_write_s is not None:
             metrics["time/checkpoint_write"] = checkpoint_write_s
@@ -177,25 +174,6 @@ class RunRecord:
         if self.storage:
             self.storage.release()
         self.lock.release()
-
-
-def step_fill(summaries, counts: dict[str, tuple[int, int]]) -> float | None:
-    """How full the engines' steps ran since the last iteration: tokens sampled over steps x the batch a step
-    holds (1: every step ran a full batch; the rest is what a tail of long answers leaves idle). `counts`:
-    each worker's (steps, tokens) as last seen, updated here. None before a worker reported twice."""
-    tokens = capacity = 0
-    for worker in {s.worker for s in summaries}:
-        mine = [s for s in summaries if s.worker == worker and s.batch_seqs]
-        if not mine:
-            continue
-        last = max(mine, key=lambda s: s.engine_steps)
-        before = counts.get(worker)
-        counts[worker] = (last.engine_steps, last.engine_tokens)
-        if before is None or last.engine_steps < before[0]:  # its first report, or a restarted engine
-            continue
-        tokens += last.engine_tokens - before[1]
-        capacity += (last.engine_steps - before[0]) * last.batch_seqs
-    return tokens / capacity if capacity else None
 
 
 def partial_metrics(samples: Samples) -> dict[str, int]:
