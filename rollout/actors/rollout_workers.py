@@ -199,23 +199,11 @@ class RolloutWorkers(ActorGroup):
                 )
             )
 
-        def restart(share: Share) -> ray.ObjectRefGenerator:
-            self.revive(self.names[share.worker])
-            self.watch.reset(self.names[share.worker])
-            return stream(share)
-
-        streams = {
-            stream(share): share
-            for share in (Share(i, chunks, seeds) for i, (chunks, seeds) in enumerate(shares) if chunks)
-        }
-        return Launch(
-            streams,
+        return self._launch(
+            [Share(i, chunks, seeds) for i, (chunks, seeds) in enumerate(shares) if chunks],
+            stream,
             score,
-            r.iteration_timeout_s,
             what or f"generation of iteration {iteration}",
-            restart,
-            lambda busy: self.kill_stalled(self.names[i] for i in busy),
-            self.names,
         )
 
     def submit_partial(
@@ -260,7 +248,12 @@ class RolloutWorkers(ActorGroup):
                 )
             )
 
-        def restart(share: PartialShare) -> ray.ObjectRefGenerator:
+        return self._launch(shares, stream, score, f"generation of iteration {iteration}")
+
+    def _launch(self, shares: list, stream: Callable, score, what: str) -> Launch:
+        """The shares' streams read by one Launch, which restarts a dead worker's and streams its share again."""
+
+        def restart(share) -> ray.ObjectRefGenerator:
             self.revive(self.names[share.worker])
             self.watch.reset(self.names[share.worker])
             return stream(share)
@@ -268,8 +261,8 @@ class RolloutWorkers(ActorGroup):
         return Launch(
             {stream(share): share for share in shares},
             score,
-            r.iteration_timeout_s,
-            f"generation of iteration {iteration}",
+            self.cfg.iteration_timeout_s,
+            what,
             restart,
             lambda busy: self.kill_stalled(self.names[i] for i in busy),
             self.names,

@@ -123,15 +123,7 @@ class RolloutWorker:
         else:
             source = stream_completions(self.engine, list(zip(ids, seeds)), sampling, n_samples)
         for index, outputs in source:
-            batch = generation_batch(
-                chunks[index],
-                outputs,
-                run_id=run_id,
-                iteration=iteration,
-                policy_version=self.version,
-                worker=self.name,
-                generated_at=dt.datetime.now(dt.timezone.utc),
-            )
+            batch = self._batch(chunks[index], outputs, run_id, iteration)
             samples = [c for chunk_samples in outputs for c in chunk_samples]
             rows = [row for c in samples for row in (*c.earlier_segments, c)]  # an agent's episode: its segments
             tokens = sum(len(c.token_ids) if c.mask is None else sum(c.mask) for c in rows)
@@ -176,15 +168,7 @@ class RolloutWorker:
         start = time.perf_counter()
         for groups in self.partial.take(tasks, seeds, quota, oldest, size):
             outputs = completions(self.engine, groups)
-            batch = generation_batch(
-                [g.task for g in groups],
-                outputs,
-                run_id=run_id,
-                iteration=iteration,
-                policy_version=self.version,
-                worker=self.name,
-                generated_at=dt.datetime.now(dt.timezone.utc),
-            )
+            batch = self._batch([g.task for g in groups], outputs, run_id, iteration)
             rows = [c for samples in outputs for c in samples]
             tokens = sum(len(c.token_ids) for c in rows)
             seconds, start = time.perf_counter() - start, time.perf_counter()
@@ -206,6 +190,17 @@ class RolloutWorker:
                 batch_seqs=self.engine.batch_seqs,
             )
             yield batch, summary
+
+    def _batch(self, tasks: list[PromptTask], outputs, run_id: str, iteration: int) -> pa.RecordBatch:
+        return generation_batch(
+            tasks,
+            outputs,
+            run_id=run_id,
+            iteration=iteration,
+            policy_version=self.version,
+            worker=self.name,
+            generated_at=dt.datetime.now(dt.timezone.utc),
+        )
 
     def _engine_alone(self):
         return self.partial.paused() if self.partial is not None else contextlib.nullcontext()
