@@ -39,8 +39,10 @@ def test_run_archives_every_column_and_logs_metrics(smoke_run):
     assert "summary over 3 iterations" in proc.stderr
     table = read_table(out)
     assert table.num_rows == 3 * 16 * 2
-    for column in table.column_names:  # env_error is null unless an environment's error ended the episode
-        assert table[column].null_count == (table.num_rows if column == "env_error" else 0), column
+    # env_error is null unless an environment's error ended the episode, episode_id unless an agent's episode
+    # made the row
+    for column in table.column_names:
+        assert table[column].null_count == (table.num_rows if column in ("env_error", "episode_id") else 0), column
     lengths = pc.list_value_length(table["response_ids"])
     for column in ("response_logprobs", *LEARNER_COLUMNS):
         assert pc.all(pc.equal(pc.list_value_length(table[column]), lengths)).as_py(), column
