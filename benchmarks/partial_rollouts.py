@@ -10,7 +10,7 @@ engine's step fill: the tokens its steps sampled over steps x the sequences a st
 length profile, and with partial rollouts the version spread and the resumed, carried and dropped counts.
 Prints one JSON object: `speedup` (samples/s with / without; the issue's goal is 1.3) and each run's figures.
 
-    .venv/bin/python benchmarks/partial_rollouts.py [--iterations 8] [--max-tokens 128] [--sft-steps 60]
+    .venv/bin/python benchmarks/partial_rollouts.py [--iterations 8] [--max-tokens 128] [--sft-steps 60] [--set K=V ...]
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="setting for both runs")
     parser.add_argument(
         "--sft-steps", type=int, default=60, help="the warm-up's steps (the long answers are learnt by 60)"
     )
@@ -100,6 +101,7 @@ def main() -> None:
             "checkpoint_every=1000",
             f"rollout.sampling.max_tokens={args.max_tokens}",
             f"rollout.max_model_len={args.max_tokens + 64}",
+            *args.set,
         ]
         without = measure(Path(tmp) / "without", args.iterations, common)
         with_partial = measure(Path(tmp) / "with", args.iterations, [*common, "rollout.partial_rollouts=true"])
