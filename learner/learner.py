@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from contracts.config import LearnerConfig
+from contracts.device import fused_adamw
 from learner import checkpoint, lora, packed_attention
 from learner import distributed as dist
 from learner.advantages import masked_mean, masked_whiten, token_rewards
@@ -140,7 +141,7 @@ class Learner:
         # A shared value head trains with the policy's loss, weighed by vf_coef; a separate critic has
         # its own optimizer, so its loss is taken whole.
         self.value_coef = lc.vf_coef if self.critic is None else 1.0
-        fused = self.device.type == "cuda"  # one kernel for the whole step, as plain training uses
+        fused = fused_adamw(self.device.type)
         # Only what trains: everything without LoRA, the adapters (and a value head) with it.
         self.trained = [
             Trained("policy", self.policy, torch.optim.AdamW(lora.trainable(self.policy), lr=lc.lr, fused=fused))

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from contracts.builtin_model import cache_dir
 from contracts.config import ModelConfig
+from contracts.device import fused_adamw
 from contracts.formats import Message, PromptRecord
 from contracts.rendering import PromptRenderer
 
@@ -136,7 +137,7 @@ def train_sft(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
     examples = sft_examples(records, tokenizer, max_prompt_tokens)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused_adamw(model.device.type))
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for step in range(1, steps + 1):

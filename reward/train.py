@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from contracts.builtin_model import resolve_model_path
 from contracts.config import ConfigError
+from contracts.device import fused_adamw
 from contracts.rendering import PromptRenderer
 from reward.train_config import RewardTrainConfig, check, to_yaml
 from reward.train_data import PreferenceDataError, TextPair, load_records, split_records, text_pairs, weighted
@@ -219,7 +220,12 @@ def fit(
     log = log or sys.stderr
     t = cfg.train
     total = math.ceil(len(train_pairs) / t.batch_size) * t.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        fused=fused_adamw(next(model.parameters()).device.type),
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=t.warmup_steps, total=total))
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[EpochResult] = []
