@@ -78,9 +78,18 @@ def fill_learner_columns(records, *, kl_coef, estimator, gamma, lam, gen):
 
 
 def write_run(
-    run_dir, records, *, gamma=1.0, lam=0.95, kl_coef=0.05, estimator="k1", batch_rows=7, prompts="builtin:arith"
+    run_dir,
+    records,
+    *,
+    gamma=1.0,
+    lam=0.95,
+    kl_coef=0.05,
+    estimator="k1",
+    batch_rows=7,
+    prompts="builtin:arith",
+    cfg=None,
 ):
-    cfg = JobConfig()
+    cfg = cfg or JobConfig()
     cfg.data.prompts = prompts
     metadata = {
         "run_id": "synthetic",
@@ -328,6 +337,50 @@ def test_rescoring_with_a_reward_config_changes_reward_and_components(tmp_path):
     meta = read_metadata(tmp_path / "out")
     rules = yaml.safe_load(meta["config"])["reward"]["rules"]
     assert [r["name"] for r in rules] == ["arithmetic", "similarity", "length", "overlong"]
+
+
+@pytest.mark.parametrize("reward_to", ["all_segments", "last_segment"])
+def test_rescoring_an_agent_run_keeps_what_its_agents_returned(reward_to, tmp_path):
+    """An agent's own reward cannot be asked again offline: the archived `agent` component is kept, the
+    rules score each episode on its last segment, and the episode's reward goes to the segments the run
+    gave it to, also where an episode's segments straddle two archive batches."""
+    data = [{"prompt": "2+3=", "completion": "5"}, {"prompt": "4+4=", "completion": "8"}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(d) + "\n" for d in data))
+    ids = [record_id(d) for d in data]
+    gen = torch.Generator().manual_seed(1)
+    # (prompt, response, episode, segment, what the agent returned); batches of 2 rows cut episode "b" in two.
+    rows = [
+        (0, "5", "a", 0, 1.0),
+        (1, "7", "b", 0, 0.5),
+        (1, "8", "b", 1, 0.5),
+        (0, "6", "c", 0, None),
+    ]
+    records = []
+    for k, (p, response, episode, segment, agent) in enumerate(rows):
+        record = sample(0, ids[p], k, 2, 0.0, prompt=data[p]["prompt"], response=response, gen=gen)
+        record.episode_id, record.segment = episode, segment
+        record.reward_components = {"agent": agent}
+        records.append(record)
+    fill_learner_columns(records, kl_coef=0.1, estimator="k1", gamma=1.0, lam=0.95, gen=gen)
+    cfg = JobConfig()
+    cfg.env.name = "openai_agent"
+    cfg.env.params = {"agent": "agents:solve", "reward_to": reward_to}
+    run = write_run(tmp_path / "run", records, kl_coef=0.1, batch_rows=2, cfg=cfg)
+    config = tmp_path / "reward.yaml"
+    config.write_text(yaml.safe_dump({"reward": {"rules": [{"name": "arithmetic", "weight": 2.0}]}}))
+
+    replay(run, tmp_path / "out", ReplayOptions(reward_config=config, prompts=str(prompts)))
+    out = read_table(tmp_path / "out").to_pylist()
+    components = [r["reward_components"] for r in out]
+    assert components[0] == {"arithmetic": 1.0, "agent": 1.0}
+    assert components[2] == {"arithmetic": 1.0, "agent": 0.5}  # "8" is right
+    assert components[3] == {"arithmetic": 0.0, "agent": None}  # the agent returned None: no component
+    assert [r["reward"] for r in out[2:]] == pytest.approx([2.5, 0.0])
+    if reward_to == "all_segments":  # the first segment scored on the last one's answer
+        assert components[1] == components[2] and out[1]["reward"] == pytest.approx(2.5)
+    else:
+        assert components[1] == {"arithmetic": None, "agent": None} and out[1]["reward"] == 0.0
 
 
 def test_a_reward_config_with_an_unknown_rule_is_a_clear_error(tmp_path):

@@ -37,7 +37,7 @@ class OpenAIAgent(Environment):
         self,
         agent: str | None = None,
         episode_timeout_s: float = DEFAULT_EPISODE_TIMEOUT_S,
-        reward_to: str = "all_segments",
+        reward_to: str = REWARD_TO[0],
         tool_parser: str = "hermes",
         **agent_params: Any,
     ):

@@ -115,7 +115,8 @@ def replay(
     schema = read_schema(archive)
     components = rescorer.components if rescorer else components_of(schema)
     scored = rescorer.columns(schema.names) if rescorer else ["reward", "reward_components"]
-    scores: Iterable[Scores] = (rescorer(b) if rescorer else _stored_scores(b) for b in iter_batches(archive, scored))
+    batches = iter_batches(archive, scored)
+    scores: Iterable[Scores] = rescorer.scores(batches) if rescorer else (_stored_scores(b) for b in batches)
     group_advantages = None
     if estimator(plan.estimator).grouped:
         scores = list(scores)  # scored once, used twice: for the group baselines, then per batch

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -14,6 +15,7 @@ from contracts.config import ConfigError, JobConfig, RewardConfig
 from contracts.config.load import load_config
 from contracts.errors import UserError
 from contracts.formats import Message, PromptRecord
+from rollout.environments.openai_agent import REWARD_TO
 
 Scores = tuple[pa.Array, pa.Array]  # per batch: reward (float32), reward_components (struct)
 
@@ -25,7 +27,10 @@ class ReplayError(UserError, ValueError):
 class Rescorer:
     """Scores archived samples again, as the job's reward workers do, with the rules of a reward config."""
 
-    def __init__(self, cfg: RewardConfig, prompts: dict[str, PromptRecord]):
+    def __init__(self, cfg: RewardConfig, prompts: dict[str, PromptRecord], *, reward_to: str = REWARD_TO[0]):
+        """`reward_to`: the archived run's `env.params.reward_to`, which of an agent's segments took its
+        episode's reward."""
+        from reward.sources import AGENT_COMPONENT
         from reward.worker import RewardWorker
 
         if cfg.model is not None:
@@ -39,6 +44,9 @@ class Rescorer:
             raise ReplayError(f"reward config: {e}") from None
         self.prompts = prompts
         self.components = self.worker.components
+        # An agent's own reward cannot be asked again offline: the archived `agent` component is what it returned.
+        self.reads_agent = AGENT_COMPONENT in self.components
+        self.reward_to = reward_to
         self.unmatched = 0
 
     def columns(self, archived: list[str]) -> list[str]:
@@ -50,6 +58,9 @@ class Rescorer:
             "response",
             "final_turn",
             "response_ids" if self.worker.counts_tokens else "",
+            "episode_id",
+            "segment",
+            "reward_components" if self.reads_agent else "",
         ]
         return [name for name in wanted if name in archived]
 
@@ -61,16 +72,64 @@ class Rescorer:
                 self.unmatched += 1
                 record = PromptRecord(prompt_id, [Message("user", rendered)], None, {}, "archive")
             records.append(record)
-        rewards, _ = self.worker.score_batch(batch, records)
+        rewards, _ = self.worker.score_batch(self._with_agent_columns(batch), records)
         return rewards.column("reward"), rewards.column("reward_components")
+
+    def scores(self, batches: Iterable[pa.RecordBatch]) -> Iterator[Scores]:
+        """Per archive batch, its rows' scores. An agent's episode whose segments straddle two batches is
+        scored whole (on its last segment, as the job scored it): a batch is held until the next one
+        starts another episode."""
+        held: list[pa.RecordBatch] = []
+        for batch in batches:
+            if held and not _continues(held[-1], batch):
+                yield from self._score_together(held)
+                held = []
+            held.append(batch)
+        if held:
+            yield from self._score_together(held)
+
+    def _score_together(self, batches: list[pa.RecordBatch]) -> Iterator[Scores]:
+        reward, components = self(batches[0] if len(batches) == 1 else pa.concat_batches(batches))
+        start = 0
+        for batch in batches:
+            yield reward.slice(start, batch.num_rows), components.slice(start, batch.num_rows)
+            start += batch.num_rows
+
+    def _with_agent_columns(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The columns an agent's rows are scored by, as the job gave them: `agent_reward` (the archived
+        `agent` component) and, for rows of several segments, `takes_reward` (which of them take the
+        episode's reward)."""
+        from reward.sources import AGENT_COMPONENT
+        from reward.worker import last_segments
+
+        names = batch.schema.names
+        if self.reads_agent and "reward_components" in names:
+            components = batch.column("reward_components")
+            if components.type.get_field_index(AGENT_COMPONENT) >= 0:
+                batch = batch.append_column("agent_reward", components.field(AGENT_COMPONENT))
+        last = last_segments(batch)
+        if last is not None:
+            takes = [self.reward_to == REWARD_TO[0] or k == row for k, row in enumerate(last)]
+            batch = batch.append_column("takes_reward", pa.array(takes, pa.bool_()))
+        return batch
 
     @classmethod
     def open(cls, config: str | Path, prompts: str | None, metadata: dict[str, str], log: TextIO) -> Rescorer:
         """From the reward config file `config` and the data records of `prompts` (by default the run's)."""
-        return cls(reward_config(config, run_config(metadata)), load_prompt_records(prompts, metadata, log))
+        run = run_config(metadata)
+        reward_to = run.env.params.get("reward_to", REWARD_TO[0]) if run is not None else REWARD_TO[0]
+        return cls(reward_config(config, run), load_prompt_records(prompts, metadata, log), reward_to=reward_to)
 
     def close(self) -> None:
         self.worker.close()
+
+
+def _continues(batch: pa.RecordBatch, after: pa.RecordBatch) -> bool:
+    """Whether `after` begins with more segments of the agent's episode that `batch` ends with."""
+    if "episode_id" not in batch.schema.names or batch.num_rows == 0 or after.num_rows == 0:
+        return False
+    last = batch.column("episode_id")[-1].as_py()
+    return last is not None and last == after.column("episode_id")[0].as_py()
 
 
 def reward_config(path: str | Path, run: JobConfig | None = None) -> RewardConfig:
