@@ -168,8 +168,8 @@ class Collector:
         return chunks, rewards, latency
 
     def _with_progress(self, launched: Launched, desc: str, *, leave: bool) -> Iterator[Chunk]:
-        """The round's chunks as they come, with a progress bar of samples and tokens/s when the log is a
-        terminal."""
+        """The round's chunks as they come, with a progress bar of samples (an agent's episode of several
+        segments counted once) and tokens/s when the log is a terminal."""
         interactive = hasattr(self.log, "isatty") and self.log.isatty()
         partial = launched.trains_at is not None
         total = (
@@ -188,7 +188,7 @@ class Collector:
         with bar:
             for chunk in launched.generation.chunks():
                 tokens += chunk.summary.generated_tokens
-                bar.update(chunk.summary.samples)
+                bar.update(chunk.summary.samples - chunk.summary.earlier_segments)
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
                 yield chunk
 

@@ -43,6 +43,7 @@ class GenerationSummary(msgspec.Struct):
     env_step_seconds: float = 0.0  # the environment calls' wall time, summed
     resumed_tokens: int = 0  # episodes' later turns: their prompts' tokens (the episode so far)
     cached_tokens: int = 0  # of those, the ones the engine's prefix cache served
+    earlier_segments: int = 0  # rows of agents' episodes before their last segment: `samples` less these, episodes
     # Partial rollouts (`generate_partial`): which prompts the chunk holds, each row's version at its first
     # token, the newest version at any last token, the rows resumed after a weight load.
     prompt_ids: list[str] | None = None
@@ -140,6 +141,7 @@ class RolloutWorker:
                 engine_steps=self.engine.steps,
                 engine_tokens=self.engine.generated_tokens,
                 batch_seqs=self.engine.batch_seqs,
+                earlier_segments=len(rows) - len(samples),
             )
             if self.episodes is not None:
                 errors = [c.env_error for c in samples if c.env_error is not None]
