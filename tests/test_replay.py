@@ -283,11 +283,16 @@ def test_group_estimators_group_by_iteration_and_prompt_across_batches(estimator
 # --- re-scoring -----------------------------------------------------------------------------------
 
 
-def test_rescoring_with_a_reward_config_changes_reward_and_components(tmp_path):
+def two_prompts(tmp_path):
+    """A prompt file of two problems with their reference answers: (its path, the records, their ids)."""
     data = [{"prompt": "2+3=", "completion": "5"}, {"prompt": "4+4=", "completion": "8"}]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(d) + "\n" for d in data))
-    ids = [record_id(d) for d in data]
+    return prompts, data, [record_id(d) for d in data]
+
+
+def test_rescoring_with_a_reward_config_changes_reward_and_components(tmp_path):
+    prompts, data, ids = two_prompts(tmp_path)
     gen = torch.Generator().manual_seed(1)
     # Rewards as archived (all 0); responses right, wrong, and one from a prompt not in the file.
     records = [
@@ -344,10 +349,7 @@ def test_rescoring_an_agent_run_keeps_what_its_agents_returned(reward_to, tmp_pa
     """An agent's own reward cannot be asked again offline: the archived `agent` component is kept, the
     rules score each episode on its last segment, and the episode's reward goes to the segments the run
     gave it to, also where an episode's segments straddle two archive batches."""
-    data = [{"prompt": "2+3=", "completion": "5"}, {"prompt": "4+4=", "completion": "8"}]
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(d) + "\n" for d in data))
-    ids = [record_id(d) for d in data]
+    prompts, data, ids = two_prompts(tmp_path)
     gen = torch.Generator().manual_seed(1)
     # (prompt, response, episode, segment, what the agent returned); batches of 2 rows cut episode "b" in two.
     rows = [
