@@ -8,6 +8,9 @@ from msgspec import field
 
 from contracts.config.base import Base, doc
 
+# `openai_agent`'s `env.params.reward_to`: which of an episode's segments take its reward (the first: the default).
+REWARD_TO = ("all_segments", "last_segment")
+
 
 class EnvConfig(Base):
     name: Annotated[

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 from contracts.config import ConfigError
+from contracts.config.env import REWARD_TO
 from contracts.environment import Environment, StepResult
 from contracts.registry import import_entry
 from rollout.environments.registry import ENVIRONMENTS
 
-REWARD_TO = ("all_segments", "last_segment")
 DEFAULT_EPISODE_TIMEOUT_S = 300.0
 
 

@@ -12,10 +12,10 @@ import pyarrow as pa
 import yaml
 
 from contracts.config import ConfigError, JobConfig, RewardConfig
+from contracts.config.env import REWARD_TO
 from contracts.config.load import load_config
 from contracts.errors import UserError
 from contracts.formats import Message, PromptRecord
-from rollout.environments.openai_agent import REWARD_TO
 
 Scores = tuple[pa.Array, pa.Array]  # per batch: reward (float32), reward_components (struct)
 
@@ -27,9 +27,9 @@ class ReplayError(UserError, ValueError):
 class Rescorer:
     """Scores archived samples again, as the job's reward workers do, with the rules of a reward config."""
 
-    def __init__(self, cfg: RewardConfig, prompts: dict[str, PromptRecord], *, reward_to: str = REWARD_TO[0]):
+    def __init__(self, cfg: RewardConfig, prompts: dict[str, PromptRecord], *, reward_to: str | None = None):
         """`reward_to`: the archived run's `env.params.reward_to`, which of an agent's segments took its
-        episode's reward."""
+        episode's reward (None: the default, every segment)."""
         from reward.sources import AGENT_COMPONENT
         from reward.worker import RewardWorker
 
@@ -46,7 +46,7 @@ class Rescorer:
         self.components = self.worker.components
         # An agent's own reward cannot be asked again offline: the archived `agent` component is what it returned.
         self.reads_agent = AGENT_COMPONENT in self.components
-        self.reward_to = reward_to
+        self.every_segment = (reward_to or REWARD_TO[0]) == REWARD_TO[0]
         self.unmatched = 0
 
     def columns(self, archived: list[str]) -> list[str]:
@@ -109,7 +109,7 @@ class Rescorer:
                 batch = batch.append_column("agent_reward", components.field(AGENT_COMPONENT))
         last = last_segments(batch)
         if last is not None:
-            takes = [self.reward_to == REWARD_TO[0] or k == row for k, row in enumerate(last)]
+            takes = [self.every_segment or k == row for k, row in enumerate(last)]
             batch = batch.append_column("takes_reward", pa.array(takes, pa.bool_()))
         return batch
 
@@ -117,7 +117,7 @@ class Rescorer:
     def open(cls, config: str | Path, prompts: str | None, metadata: dict[str, str], log: TextIO) -> Rescorer:
         """From the reward config file `config` and the data records of `prompts` (by default the run's)."""
         run = run_config(metadata)
-        reward_to = run.env.params.get("reward_to", REWARD_TO[0]) if run is not None else REWARD_TO[0]
+        reward_to = run.env.params.get("reward_to") if run is not None else None
         return cls(reward_config(config, run), load_prompt_records(prompts, metadata, log), reward_to=reward_to)
 
     def close(self) -> None:
