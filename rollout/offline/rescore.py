@@ -45,7 +45,7 @@ class Rescorer:
         self.prompts = prompts
         self.components = self.worker.components
         # An agent's own reward cannot be asked again offline: the archived `agent` component is what it returned.
-        self.reads_agent = AGENT_COMPONENT in self.components
+        self.agent_component = AGENT_COMPONENT if AGENT_COMPONENT in self.components else None
         self.every_segment = (reward_to or REWARD_TO[0]) == REWARD_TO[0]
         self.unmatched = 0
 
@@ -60,7 +60,7 @@ class Rescorer:
             "response_ids" if self.worker.counts_tokens else "",
             "episode_id",
             "segment",
-            "reward_components" if self.reads_agent else "",
+            "reward_components" if self.agent_component else "",
         ]
         return [name for name in wanted if name in archived]
 
@@ -99,14 +99,12 @@ class Rescorer:
         """The columns an agent's rows are scored by, as the job gave them: `agent_reward` (the archived
         `agent` component) and, for rows of several segments, `takes_reward` (which of them take the
         episode's reward)."""
-        from reward.sources import AGENT_COMPONENT
         from reward.worker import last_segments
 
-        names = batch.schema.names
-        if self.reads_agent and "reward_components" in names:
+        if self.agent_component and "reward_components" in batch.schema.names:
             components = batch.column("reward_components")
-            if components.type.get_field_index(AGENT_COMPONENT) >= 0:
-                batch = batch.append_column("agent_reward", components.field(AGENT_COMPONENT))
+            if components.type.get_field_index(self.agent_component) >= 0:
+                batch = batch.append_column("agent_reward", components.field(self.agent_component))
         last = last_segments(batch)
         if last is not None:
             takes = [self.every_segment or k == row for k, row in enumerate(last)]
