@@ -121,6 +121,33 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+def load_tokenizer(path: str):
+    """The tokenizer of a config's `model.path`: the one `AutoTokenizer` loads. A builtin model's is loaded by
+    the class AutoTokenizer chose for it, recorded beside the build (with the transformers version that chose)
+    the first time: AutoTokenizer's map of every model family costs 4-5 s of imports on 2 cores, which every
+    job's driver spent at start-up to find that same class."""
+    import transformers
+
+    directory = resolve_model_path(path)
+    if not path.startswith(BUILTIN_PREFIX):
+        return transformers.AutoTokenizer.from_pretrained(directory)
+    recorded = Path(directory) / "tokenizer_class"
+    if recorded.exists():
+        name, _, version = recorded.read_text().strip().partition(" ")
+        chosen = getattr(transformers, name, None) if version == transformers.__version__ else None
+        if chosen is not None:
+            return chosen.from_pretrained(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    if getattr(transformers, type(tokenizer).__name__, None) is type(tokenizer):
+        try:  # atomic: another process reads the whole line or none
+            staging = recorded.with_name(f".tokenizer_class.{os.getpid()}")
+            staging.write_text(f"{type(tokenizer).__name__} {transformers.__version__}\n")
+            staging.replace(recorded)
+        except OSError:  # a read-only cache: loaded through AutoTokenizer each time
+            pass
+    return tokenizer
+
+
 def build_tiny_llama(root: Path | None = None) -> Path:
     return build_builtin("tiny-llama", root)
 

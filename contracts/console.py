@@ -76,7 +76,10 @@ class _DropNoise(logging.Filter):
 
 
 def actor_env(name: str) -> dict[str, str]:
-    """Environment variables for an actor's runtime_env: its log file, verbosity and run storage."""
+    """Environment variables an actor sets first thing (`set_actor_env`): its log file, verbosity and run
+    storage. They travel as a constructor argument, not as a Ray runtime env: an actor with a runtime env
+    of its own is started through Ray's runtime-env setup (a second Python process per actor, about a
+    second of a core each), which on a small machine is start-up time the engines and the learner wait on."""
     env = {VERBOSE_ENV: "1"} if verbose() else {}
     env.update(storage.actor_env())  # where the run's files are, for an actor that cannot see this disk
     if _log_dir is not None:
@@ -84,10 +87,10 @@ def actor_env(name: str) -> dict[str, str]:
     return env
 
 
-def actor_options(name: str) -> dict:
-    """`.options(...)` for an actor: its runtime env (merged by Ray with the job's)."""
-    env = actor_env(name)
-    return {"runtime_env": {"env_vars": env}} if env else {}
+def set_actor_env(env: dict[str, str]) -> None:
+    """In an actor, first thing: the environment the driver gave it (`actor_env`), for this process and any it
+    starts."""
+    os.environ.update(env)
 
 
 def route_actor_output() -> None:

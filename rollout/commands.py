@@ -45,14 +45,10 @@ def cmd_validate(args) -> int:
 
 
 def _prompt_length(cfg):
-    from transformers import AutoTokenizer
-
-    from contracts.builtin_model import resolve_model_path
+    from contracts.builtin_model import load_tokenizer
     from contracts.rendering import PromptRenderer
 
-    renderer = PromptRenderer(
-        AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path)), cfg.model.max_prompt_tokens
-    )
+    renderer = PromptRenderer(load_tokenizer(cfg.model.path), cfg.model.max_prompt_tokens)
     return lambda record: len(renderer.tokenizer(renderer.text(record), add_special_tokens=False)["input_ids"])
 
 

@@ -2,6 +2,7 @@
 directory, and a Ray started for data that failed is stopped again."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -70,7 +71,7 @@ class Member:
     def ready(self):
         return True
 
-ray.get(Member.options(runtime_env={"env_vars": {"LOG": "x"}}).remote().ready.remote(), timeout=300)
+ray.get(Member.remote().ready.remote(), timeout=300)
 rows = [line.split(None, 2) for line in subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
         text=True).stdout.splitlines()]
 parent = {int(pid): int(ppid) for pid, ppid, *_ in rows}
@@ -89,11 +90,47 @@ ray.shutdown()
 
 
 def test_a_ray_the_run_starts_prestarts_no_idle_workers():
-    """Every actor has a runtime env of its own (its log file), so no idle worker Ray starts ahead could host
-    one: the run's Ray starts none (each would take a core for a second or more while the engines load)."""
+    """The run's Ray starts no idle workers ahead: each would take a core for a second or more while the
+    engines load, for no earlier start of the run's actors on a small machine."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", IDLE_WORKERS], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     counts = dict(line.split() for line in done.stdout.splitlines() if line.startswith(("WORKERS", "IDLE")))
     assert int(counts["WORKERS"]) >= 1  # the member's process is seen, so an idle one would be too
     assert counts["IDLE"] == "0"
+
+
+LOAD_TWICE = """
+import json, sys
+from contracts.builtin_model import load_tokenizer
+conversation = [{"role": "user", "content": "What is 12 plus 30?"}, {"role": "assistant", "content": "42"}]
+first = load_tokenizer(sys.argv[1])
+print(json.dumps([type(first).__name__, first.apply_chat_template(conversation, tokenize=False),
+                  first("12+30= <tool_call></s>")["input_ids"], first.all_special_ids]))
+"""
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen2"])
+def test_a_builtin_tokenizer_loads_as_autotokenizer_loads_it_without_its_class_map(family, tmp_path):
+    """The class AutoTokenizer picks (the generic one for a Llama, Qwen2's own for a Qwen2) is recorded the
+    first time and loaded by name after: the same tokenizer, without the seconds of AutoTokenizer's imports."""
+    from transformers import AutoTokenizer
+
+    from contracts.builtin_model import build_builtin
+
+    directory = build_builtin(family)
+    (directory / "tokenizer_class").unlink(missing_ok=True)
+    runs = []
+    for _ in range(2):
+        probe = LOAD_TWICE + "print(json.dumps('transformers.models.auto.tokenization_auto' in sys.modules))"
+        done = subprocess.run(
+            [sys.executable, "-c", probe, f"builtin:{family}"], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append([json.loads(line) for line in done.stdout.splitlines()])
+    (first, auto_imported), (second, auto_imported_again) = runs
+    assert auto_imported and not auto_imported_again
+    assert first == second
+    auto = AutoTokenizer.from_pretrained(directory)
+    assert first[0] == type(auto).__name__ == (directory / "tokenizer_class").read_text().split()[0]
+    assert first[2] == auto("12+30= <tool_call></s>")["input_ids"]

@@ -19,8 +19,8 @@ from rollout.weight_sync.wire import GroupAddress, SyncPlan
 class LearnerRank(Member):
     kind = "learner"
 
-    def __init__(self):
-        super().__init__("learner")
+    def __init__(self, process_env: dict[str, str]):
+        super().__init__("learner", process_env)
         self.rank: int | None = None
         self.learning = False
         self.pending = None  # the checkpoint being written in the background

@@ -24,7 +24,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from contracts.config import RayConfig
-from contracts.console import actor_options
+from contracts.console import actor_env
 from contracts.device import resolve_device
 from contracts.errors import JobFailure, first_line
 from learner.checkpoint import NonFiniteError
@@ -96,9 +96,8 @@ class LearnerRanks(ActorGroup):
             actor.options(
                 num_cpus=lc.num_cpus_per_rank,
                 num_gpus=gpus,
-                **actor_options(f"learner-{i}"),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, i),
-            ).remote()
+            ).remote(actor_env(f"learner-{i}"))
             for i in range(lc.num_ranks)
         ]
         address = self._get(self.handles[0].address.remote(), "learner rank 0")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from contracts.console import route_actor_output
+from contracts.console import route_actor_output, set_actor_env
 from rollout.runtime.stall import CONCURRENCY_GROUPS
 from rollout.runtime.telemetry import announce_if_restarted
 
@@ -22,7 +22,10 @@ __all__ = ["CONCURRENCY_GROUPS", "Member"]
 class Member:
     kind = "actor"  # rollout, reward, learner: in log lines and the restart counter
 
-    def __init__(self, name: str, build: Callable[[], Any] | None = None):
+    def __init__(self, name: str, process_env: dict[str, str], build: Callable[[], Any] | None = None):
+        """`process_env`: the environment the driver gives its actors (`contracts.console.actor_env`), set
+        before anything else."""
+        set_actor_env(process_env)
         route_actor_output()
         self.name = name
         self._core: Any = None

@@ -15,7 +15,7 @@ import pyarrow as pa
 import ray
 
 from contracts.config import RewardConfig
-from contracts.console import actor_options
+from contracts.console import actor_env
 from contracts.errors import first_line
 from reward.worker import RESTARTED, RewardWorker
 from rollout.actors.group import ActorGroup
@@ -27,8 +27,8 @@ from rollout.runtime.stall import wait_watched
 class RewardActor(Member):
     kind = "reward"
 
-    def __init__(self, cfg: RewardConfig, *, name: str):
-        super().__init__(name, lambda: RewardWorker(cfg, name=name))
+    def __init__(self, cfg: RewardConfig, *, name: str, process_env: dict[str, str]):
+        super().__init__(name, process_env, lambda: RewardWorker(cfg, name=name))
 
     def score_batch(self, batch: pa.RecordBatch, records: list) -> tuple[pa.RecordBatch, dict[str, float]]:
         """The batch's reward columns and the seconds spent (RewardWorker.score_batch); the first call after a
@@ -64,8 +64,7 @@ class RewardWorkers(ActorGroup):
                 num_gpus=gpus,
                 max_restarts=cfg.max_restarts,
                 max_task_retries=cfg.max_restarts,
-                **actor_options(name),
-            ).remote(cfg, name=name)
+            ).remote(cfg, name=name, process_env=actor_env(name))
             for name in names
         ]
         super().__init__(names, handles, stall_timeout_s=cfg.stall_timeout_s, max_restarts=cfg.max_restarts, log=log)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import ray
 
 from contracts.config import EnvConfig, JobConfig, RolloutConfig, SamplingConfig
-from contracts.console import actor_options
+from contracts.console import actor_env
 from contracts.device import resolve_device
 from contracts.rendering import PromptTask
 from rollout.actors.group import ActorGroup
@@ -41,8 +41,20 @@ class RolloutActor(Member):
 
     kind = "rollout"
 
-    def __init__(self, name: str, model_path: str, cfg: RolloutConfig, *, env: EnvConfig, dtype: str, seed: int):
-        super().__init__(name, lambda: RolloutWorker(name, model_path, cfg, env=env, dtype=dtype, seed=seed))
+    def __init__(
+        self,
+        name: str,
+        model_path: str,
+        cfg: RolloutConfig,
+        *,
+        env: EnvConfig,
+        dtype: str,
+        seed: int,
+        process_env: dict[str, str],
+    ):
+        super().__init__(
+            name, process_env, lambda: RolloutWorker(name, model_path, cfg, env=env, dtype=dtype, seed=seed)
+        )
 
     def stream(
         self,
@@ -120,9 +132,9 @@ class RolloutWorkers(ActorGroup):
         actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutActor)
         names = [f"rollout-{i}" for i in range(cfg.num_workers)]
         handles = [
-            actor.options(
-                num_cpus=cfg.num_cpus_per_worker, num_gpus=gpus, max_restarts=cfg.max_restarts, **actor_options(name)
-            ).remote(name, model_path, cfg, env=env, dtype=dtype, seed=seed + i)
+            actor.options(num_cpus=cfg.num_cpus_per_worker, num_gpus=gpus, max_restarts=cfg.max_restarts).remote(
+                name, model_path, cfg, env=env, dtype=dtype, seed=seed + i, process_env=actor_env(name)
+            )
             for i, name in enumerate(names)
         ]
         super().__init__(names, handles, stall_timeout_s=cfg.stall_timeout_s, max_restarts=cfg.max_restarts, log=log)

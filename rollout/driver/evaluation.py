@@ -256,14 +256,12 @@ def evaluate(
     `iteration`: the one the weights were saved after (a checkpoint's), START for a base model;
     `policy_version`: the weights' (a checkpoint's, from its run's manifest). Starts (or
     joins) Ray; the workers are released however it ends."""
-    from contracts.builtin_model import resolve_model_path
+    from contracts.builtin_model import load_tokenizer, resolve_model_path
     from rollout.driver.startup import start_cluster
 
     path = resolve_model_path(model)
     if prompts is None:
-        from transformers import AutoTokenizer
-
-        prompts = eval_prompts(cfg, tokenizer or AutoTokenizer.from_pretrained(path), log)
+        prompts = eval_prompts(cfg, tokenizer or load_tokenizer(model), log)
     out.mkdir(parents=True, exist_ok=True)
     cfg = start_cluster(cfg, out, learner=False)  # the driver's log, config.yaml, Ray, devices resolved
     run_id = f"{cfg.run_name}-eval"
